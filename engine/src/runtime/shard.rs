@@ -1,0 +1,902 @@
+//! One shard's state machine: actor table, mailboxes, run queue, credits, the
+//! directory replica and migration. No threads and no I/O here: the executor loop
+//! in `runtime::executor` moves `Packet`s between this core and the rings, and a
+//! test can drive several cores by hand with a manual clock (see `sim` tests).
+//!
+//! # Delivery and order
+//!
+//! Every message travels on a *channel* `(sender actor, target actor)` and carries
+//! the channel's sequence number, assigned when the shard admits the send. The
+//! target accepts sequence numbers in order and holds early arrivals aside, so
+//! per-sender order survives any path a message takes: direct, through a ring,
+//! forwarded by an old owner, or delivered after the sender itself moved. A
+//! sequence number at or below the last one accepted is a duplicate, which the
+//! protocol never produces; it is asserted, because processing it would corrupt
+//! state.
+//!
+//! # Credits (back-pressure)
+//!
+//! A send is admitted only if the target has room: for a target on this shard, its
+//! mailbox holds fewer than `mailbox_credit_messages`; for a target elsewhere, this
+//! shard has fewer than that many messages to it that the target has not yet
+//! handled (the target acknowledges them in batches, one `Ack` per turn per sending
+//! shard). A send without credit stays in the *sender's* `blocked` queue (with
+//! every later send of that turn), and the sender does not run until the queue has
+//! drained. Credits are per target actor, not per ring, and rings are always
+//! drained, so a full actor never blocks traffic to other actors (no head-of-line
+//! blocking), and in an acyclic dataflow a blocked sender always waits on a target
+//! that can run: no deadlock. Memory is bounded by credits times senders.
+//!
+//! # Migration
+//!
+//! `migrate_out` runs between two turns of the actor: the slot (actor object,
+//! mailbox, channel sequence tables, blocked sends) is removed and handed to the
+//! new shard as one `Handoff` packet: within a node state moves by ownership,
+//! nothing is serialised. The old owner bumps the actor's placement epoch, applies
+//! it to its own directory and broadcasts it. Messages that still reach the old
+//! owner are forwarded along its directory. A message that reaches a shard whose
+//! directory is older than the sender's (`route_epoch` ahead) waits there in
+//! `pending` until the handoff or the placement update arrives. Because the old
+//! owner updates its own directory before anything else, a message is forwarded at
+//! most to a shard that knows more: every message reaches the owner exactly once.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use crate::actor::{ActorFactory, BoxActor, Context, Outgoing, SchedCtx};
+use crate::clock::Clock;
+use crate::ids::{ActorId, IdMap, ShardId};
+
+use super::directory::{Directory, Placement};
+use super::sched::{make_policy, Policy, PolicyKind, RunQueue};
+use super::stats::{new_histogram, record_us, ActorReport, Counters, JobTable, ShardReport};
+use super::store::StateStore;
+
+/// Limits and policy of one shard.
+#[derive(Clone, Debug)]
+pub struct ShardConfig {
+    /// Messages a target accepts from one shard before that shard must wait for
+    /// acknowledgements (and the local mailbox bound).
+    pub mailbox_credit_messages: u32,
+    /// Messages one turn handles at most before the actor yields the core.
+    pub turn_messages_max: u32,
+    /// Time one turn runs at most (checked every `TURN_CLOCK_EVERY` messages).
+    pub turn_ns_max: u64,
+    /// A turn longer than this counts as a stall.
+    pub stall_ns: u64,
+    /// Deactivate an actor idle this long; `None` keeps actors active.
+    pub idle_timeout_ns: Option<u64>,
+    pub policy: PolicyKind,
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        ShardConfig {
+            mailbox_credit_messages: 256,
+            turn_messages_max: 128,
+            turn_ns_max: 200_000,
+            stall_ns: 10_000_000,
+            idle_timeout_ns: Some(30_000_000_000),
+            policy: PolicyKind::Edf,
+        }
+    }
+}
+
+/// Messages handled between two reads of the clock inside a turn.
+const TURN_CLOCK_EVERY: u32 = 16;
+
+/// Marks an envelope that took no remote credit.
+const NO_SHARD: u16 = u16::MAX;
+
+/// A message on its way, with everything delivery needs.
+pub struct Envelope<M> {
+    pub(crate) to: ActorId,
+    pub(crate) from: ActorId,
+    /// Position on the channel `(from, to)`, from 1.
+    pub(crate) seq: u64,
+    /// The shard whose credit this message holds (`NO_SHARD` if none).
+    pub(crate) credit_shard: u16,
+    /// The placement epoch of `to` the last router believed in.
+    pub(crate) route_epoch: u64,
+    pub(crate) sched: SchedCtx,
+    pub(crate) enqueued_ns: u64,
+    pub(crate) arrival: u64,
+    pub(crate) message: M,
+}
+
+/// What shards send each other through the rings.
+pub enum Packet<M> {
+    Message(Envelope<M>),
+    /// `messages` sent by the receiving shard to `actor` have been handled.
+    Ack {
+        actor: ActorId,
+        messages: u32,
+    },
+    /// An actor moving in, with its new placement epoch.
+    Handoff(Box<Slot<M>>, u64),
+    Placement {
+        actor: ActorId,
+        placement: Placement,
+    },
+    /// Move `actor` to `to`; routed like a message until it reaches the owner.
+    Migrate {
+        actor: ActorId,
+        to: ShardId,
+    },
+}
+
+/// A request from outside the runtime, queued to one shard.
+pub enum External<M> {
+    Send(Outgoing<M>),
+    Migrate { actor: ActorId, to: ShardId },
+    Report(std::sync::mpsc::Sender<ShardReport>),
+}
+
+/// An actor as a shard holds it.
+pub struct Slot<M> {
+    id: ActorId,
+    actor: Option<BoxActor<M>>,
+    mailbox: VecDeque<Envelope<M>>,
+    /// Last sequence number accepted, per sender.
+    in_seq: IdMap<ActorId, u64>,
+    /// Early arrivals, per sender, waiting for the gap before them to fill.
+    reorder: IdMap<ActorId, BTreeMap<u64, Envelope<M>>>,
+    /// Last sequence number assigned, per target.
+    out_seq: IdMap<ActorId, u64>,
+    /// Sends waiting for credit, in order; the actor does not run while non-empty.
+    blocked: VecDeque<Outgoing<M>>,
+    queued: bool,
+    last_active_ns: u64,
+    last_handled_ns: u64,
+    /// Set by a handoff: when the old owner last handled a message.
+    pause_from_ns: Option<u64>,
+    counters: Counters,
+}
+
+impl<M> Slot<M> {
+    fn new(id: ActorId, actor: Option<BoxActor<M>>, now_ns: u64) -> Box<Self> {
+        Box::new(Slot {
+            id,
+            actor,
+            mailbox: VecDeque::new(),
+            in_seq: IdMap::default(),
+            reorder: IdMap::default(),
+            out_seq: IdMap::default(),
+            blocked: VecDeque::new(),
+            queued: false,
+            last_active_ns: now_ns,
+            last_handled_ns: now_ns,
+            pause_from_ns: None,
+            counters: Counters::default(),
+        })
+    }
+
+    /// Accept an envelope in channel order; returns how many entered the mailbox.
+    fn accept(&mut self, mut env: Envelope<M>, now_ns: u64, arrivals: &mut u64) -> usize {
+        let last = self.in_seq.entry(env.from).or_insert(0);
+        if env.seq != *last + 1 {
+            assert!(
+                env.seq > *last,
+                "duplicate delivery to {}: seq {} from {} after {}",
+                self.id,
+                env.seq,
+                env.from,
+                last
+            );
+            self.reorder
+                .entry(env.from)
+                .or_default()
+                .insert(env.seq, env);
+            return 0;
+        }
+        *last += 1;
+        *arrivals += 1;
+        env.enqueued_ns = now_ns;
+        env.arrival = *arrivals;
+        let from = env.from;
+        self.mailbox.push_back(env);
+        let mut accepted = 1;
+        if let Some(early) = self.reorder.get_mut(&from) {
+            while let Some(mut next) = early.remove(&(*last + 1)) {
+                *last += 1;
+                *arrivals += 1;
+                next.enqueued_ns = now_ns;
+                next.arrival = *arrivals;
+                self.mailbox.push_back(next);
+                accepted += 1;
+            }
+            if early.is_empty() {
+                self.reorder.remove(&from);
+            }
+        }
+        accepted
+    }
+
+    fn next_seq(&mut self, to: ActorId) -> u64 {
+        let seq = self.out_seq.entry(to).or_insert(0);
+        *seq += 1;
+        *seq
+    }
+
+    fn is_idle(&self) -> bool {
+        self.mailbox.is_empty()
+            && self.blocked.is_empty()
+            && self.reorder.is_empty()
+            && !self.queued
+    }
+}
+
+/// A deactivated actor as the state store keeps it.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct Saved {
+    state: Option<Vec<u8>>,
+    in_seq: Vec<(ActorId, u64)>,
+    out_seq: Vec<(ActorId, u64)>,
+}
+
+pub struct ShardCore<M> {
+    id: ShardId,
+    config: ShardConfig,
+    clock: Clock,
+    /// The clock as read at the last turn or input drain.
+    now_ns: u64,
+    directory: Directory,
+    policy: Box<dyn Policy>,
+    run_queue: RunQueue,
+    slots: Vec<Option<Box<Slot<M>>>>,
+    generations: Vec<u32>,
+    free: Vec<u32>,
+    index: IdMap<ActorId, u32>,
+    /// Packets for actors on their way to this shard.
+    pending: IdMap<ActorId, Vec<Packet<M>>>,
+    /// Remote sends not yet acknowledged, per target actor.
+    credits: IdMap<ActorId, u32>,
+    /// Senders blocked on each target.
+    waiters: IdMap<ActorId, Vec<ActorId>>,
+    /// Sender identity (and blocked queue) of sends from outside the runtime.
+    injector: Box<Slot<M>>,
+    /// Outgoing packets per target shard, flushed into the rings by the executor.
+    staging: Vec<VecDeque<Packet<M>>>,
+    ack_counts: Vec<u32>,
+    scratch: Vec<Outgoing<M>>,
+    turn_delays_ns: Vec<u64>,
+    arrivals: u64,
+    factory: Arc<dyn ActorFactory<M>>,
+    store: Arc<dyn StateStore>,
+    jobs: JobTable,
+    report: ShardReport,
+}
+
+impl<M: Send + 'static> ShardCore<M> {
+    pub fn new(
+        id: ShardId,
+        shards: u16,
+        config: ShardConfig,
+        clock: Clock,
+        factory: Arc<dyn ActorFactory<M>>,
+        store: Arc<dyn StateStore>,
+    ) -> Self {
+        assert!(id.0 < shards, "{id} out of {shards} shards");
+        assert!(config.mailbox_credit_messages > 0 && config.turn_messages_max > 0);
+        let now_ns = clock.now_ns();
+        ShardCore {
+            id,
+            policy: make_policy(&config.policy),
+            config,
+            clock,
+            now_ns,
+            directory: Directory::new(shards),
+            run_queue: RunQueue::default(),
+            slots: Vec::new(),
+            generations: Vec::new(),
+            free: Vec::new(),
+            index: IdMap::default(),
+            pending: IdMap::default(),
+            credits: IdMap::default(),
+            waiters: IdMap::default(),
+            injector: Slot::new(ActorId::injector(id), None, now_ns),
+            staging: (0..shards).map(|_| VecDeque::new()).collect(),
+            ack_counts: vec![0; shards as usize],
+            scratch: Vec::new(),
+            turn_delays_ns: Vec::new(),
+            arrivals: 0,
+            factory,
+            store,
+            jobs: JobTable::default(),
+            report: ShardReport {
+                shard: id,
+                turns: 0,
+                messages: 0,
+                stalls: 0,
+                parks: 0,
+                migrations_out: 0,
+                migrations_in: 0,
+                forwarded: 0,
+                activations: 0,
+                deactivations: 0,
+                migration_pause_us: new_histogram(),
+                actors: Vec::new(),
+                jobs: Vec::new(),
+            },
+        }
+    }
+
+    pub fn id(&self) -> ShardId {
+        self.id
+    }
+
+    pub fn directory(&self) -> &Directory {
+        &self.directory
+    }
+
+    /// Read the clock; the executor calls this before draining inputs.
+    pub fn tick(&mut self) {
+        self.now_ns = self.clock.now_ns();
+    }
+
+    /// Packets waiting to go to `shard`.
+    pub fn staging(&mut self, shard: ShardId) -> &mut VecDeque<Packet<M>> {
+        &mut self.staging[shard.index()]
+    }
+
+    pub fn has_staged(&self) -> bool {
+        self.staging.iter().any(|s| !s.is_empty())
+    }
+
+    pub fn has_runnable(&self) -> bool {
+        !self.run_queue.is_empty()
+    }
+
+    /// Whether sends from outside may be taken now (else they wait in their queue).
+    pub fn injector_ready(&self) -> bool {
+        self.injector.blocked.is_empty()
+    }
+
+    pub fn is_active(&self, id: ActorId) -> bool {
+        self.index.contains_key(&id)
+    }
+
+    pub fn active_actors(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn count_park(&mut self) {
+        self.report.parks += 1;
+    }
+
+    // ---- inputs ----------------------------------------------------------------
+
+    /// A packet from another shard.
+    pub fn receive(&mut self, packet: Packet<M>) {
+        match packet {
+            Packet::Message(env) => self.deliver(env),
+            Packet::Ack { actor, messages } => self.on_ack(actor, messages),
+            Packet::Handoff(slot, epoch) => self.install(slot, epoch),
+            Packet::Placement { actor, placement } => {
+                self.directory.apply(actor, placement);
+                self.reroute_pending(actor);
+            }
+            Packet::Migrate { actor, to } => self.route_migrate(actor, to),
+        }
+    }
+
+    /// A request from outside.
+    pub fn external(&mut self, request: External<M>) {
+        match request {
+            External::Send(out) => {
+                let mut injector = std::mem::replace(
+                    &mut self.injector,
+                    Slot::new(ActorId::injector(self.id), None, 0),
+                );
+                self.send_from(&mut injector, out);
+                self.injector = injector;
+            }
+            External::Migrate { actor, to } => self.route_migrate(actor, to),
+            External::Report(reply) => {
+                // The caller may have stopped waiting; nothing to do then.
+                let _ = reply.send(self.report());
+            }
+        }
+    }
+
+    // ---- turns -----------------------------------------------------------------
+
+    /// Run one turn of the most urgent runnable actor; false if none was runnable.
+    pub fn run_turn(&mut self) -> bool {
+        let Some((index, generation)) = self.run_queue.pop() else {
+            return false;
+        };
+        let i = index as usize;
+        if self.generations[i] != generation || self.slots[i].is_none() {
+            return true; // the actor left this shard after it was queued
+        }
+        let mut slot = self.slots[i].take().expect("checked above");
+        slot.queued = false;
+        let start_ns = self.clock.now_ns();
+        self.now_ns = start_ns;
+        if let Some(from_ns) = slot.pause_from_ns.take() {
+            record_us(
+                &mut self.report.migration_pause_us,
+                start_ns.saturating_sub(from_ns),
+                1,
+            );
+        }
+        let handled = self.handle_messages(&mut slot, start_ns);
+        let end_ns = self.clock.now_ns();
+        self.now_ns = end_ns;
+        self.account_turn(&mut slot, handled, start_ns, end_ns);
+        let id = slot.id;
+        let runnable = !slot.mailbox.is_empty() && slot.blocked.is_empty();
+        let room = slot.mailbox.len() < self.config.mailbox_credit_messages as usize;
+        self.slots[i] = Some(slot);
+        if runnable {
+            self.enqueue_run(index);
+        }
+        self.send_acks(id);
+        if room && self.waiters.contains_key(&id) {
+            self.wake_waiters(id);
+        }
+        true
+    }
+
+    fn handle_messages(&mut self, slot: &mut Slot<M>, start_ns: u64) -> u32 {
+        let mut actor = slot.actor.take().expect("a queued actor is active");
+        let mut out = std::mem::take(&mut self.scratch);
+        let mut handled = 0u32;
+        let mut misses = 0u64;
+        while handled < self.config.turn_messages_max {
+            let Some(env) = slot.mailbox.pop_front() else {
+                break;
+            };
+            handled += 1;
+            self.turn_delays_ns
+                .push(start_ns.saturating_sub(env.enqueued_ns));
+            misses += (env.sched.deadline_ns < start_ns) as u64;
+            if env.credit_shard != NO_SHARD {
+                self.ack_counts[env.credit_shard as usize] += 1;
+            }
+            let mut ctx = Context {
+                me: slot.id,
+                shard: self.id,
+                now_ns: start_ns,
+                sched: env.sched,
+                out: &mut out,
+            };
+            actor.handle(env.message, &mut ctx);
+            for send in out.drain(..) {
+                self.send_from(slot, send);
+            }
+            if !slot.blocked.is_empty() {
+                break;
+            }
+            if handled % TURN_CLOCK_EVERY == 0
+                && self.clock.now_ns().saturating_sub(start_ns) > self.config.turn_ns_max
+            {
+                break;
+            }
+        }
+        slot.actor = Some(actor);
+        self.scratch = out;
+        slot.counters.deadline_misses += misses;
+        self.jobs.get(slot.id.job).deadline_misses += misses;
+        handled
+    }
+
+    fn account_turn(&mut self, slot: &mut Slot<M>, handled: u32, start_ns: u64, end_ns: u64) {
+        let duration_ns = end_ns.saturating_sub(start_ns);
+        let job = self.jobs.get(slot.id.job);
+        for counters in [&mut slot.counters, job] {
+            counters.turns += 1;
+            counters.messages += handled as u64;
+            counters.cpu_ns += duration_ns;
+            if handled > 0 {
+                record_us(
+                    &mut counters.service_us,
+                    duration_ns / handled as u64,
+                    handled as u64,
+                );
+            }
+            for &delay_ns in &self.turn_delays_ns {
+                record_us(&mut counters.queue_us, delay_ns, 1);
+            }
+        }
+        self.turn_delays_ns.clear();
+        self.policy.charge(slot.id.job, duration_ns);
+        self.report.turns += 1;
+        self.report.messages += handled as u64;
+        if duration_ns > self.config.stall_ns {
+            self.report.stalls += 1;
+        }
+        slot.last_active_ns = end_ns;
+        if handled > 0 {
+            slot.last_handled_ns = end_ns;
+        }
+    }
+
+    fn send_acks(&mut self, actor: ActorId) {
+        for shard in 0..self.ack_counts.len() {
+            let messages = std::mem::take(&mut self.ack_counts[shard]);
+            if messages == 0 {
+                continue;
+            }
+            if shard == self.id.index() {
+                self.on_ack(actor, messages);
+            } else {
+                self.staging[shard].push_back(Packet::Ack { actor, messages });
+            }
+        }
+    }
+
+    // ---- sending ---------------------------------------------------------------
+
+    /// Admit `send` from `sender`, or queue it in the sender's blocked list.
+    fn send_from(&mut self, sender: &mut Slot<M>, send: Outgoing<M>) {
+        if !sender.blocked.is_empty() {
+            sender.blocked.push_back(send);
+            return;
+        }
+        if let Err(send) = self.admit(sender, send) {
+            self.waiters.entry(send.to).or_default().push(sender.id);
+            sender.blocked.push_back(send);
+        }
+    }
+
+    fn admit(&mut self, sender: &mut Slot<M>, send: Outgoing<M>) -> Result<(), Outgoing<M>> {
+        let credit_max = self.config.mailbox_credit_messages;
+        if send.to == sender.id {
+            // A self-send needs no credit: the sender is running, so it drains.
+            let env = self.envelope(sender, send, NO_SHARD, 0);
+            sender.accept(env, self.now_ns, &mut self.arrivals);
+            return Ok(());
+        }
+        let placement = self.directory.lookup(send.to);
+        if placement.shard == self.id {
+            if let Some(&index) = self.index.get(&send.to) {
+                if let Some(target) = self.slots[index as usize].as_ref() {
+                    if target.mailbox.len() >= credit_max as usize {
+                        return Err(send);
+                    }
+                }
+            }
+            let env = self.envelope(sender, send, NO_SHARD, placement.epoch);
+            self.deliver(env);
+        } else {
+            let used = self.credits.entry(send.to).or_insert(0);
+            if *used >= credit_max {
+                return Err(send);
+            }
+            *used += 1;
+            let env = self.envelope(sender, send, self.id.0, placement.epoch);
+            self.staging[placement.shard.index()].push_back(Packet::Message(env));
+        }
+        Ok(())
+    }
+
+    fn envelope(
+        &self,
+        sender: &mut Slot<M>,
+        send: Outgoing<M>,
+        credit_shard: u16,
+        route_epoch: u64,
+    ) -> Envelope<M> {
+        Envelope {
+            to: send.to,
+            from: sender.id,
+            seq: sender.next_seq(send.to),
+            credit_shard,
+            route_epoch,
+            sched: send.sched,
+            enqueued_ns: self.now_ns,
+            arrival: 0,
+            message: send.message,
+        }
+    }
+
+    fn on_ack(&mut self, actor: ActorId, messages: u32) {
+        if let Some(used) = self.credits.get_mut(&actor) {
+            debug_assert!(*used >= messages, "more acks than sends to {actor}");
+            *used = used.saturating_sub(messages);
+            if *used == 0 {
+                self.credits.remove(&actor);
+            }
+        }
+        if self.waiters.contains_key(&actor) {
+            self.wake_waiters(actor);
+        }
+    }
+
+    /// Retry the blocked sends of every sender waiting on `target`.
+    fn wake_waiters(&mut self, target: ActorId) {
+        let Some(senders) = self.waiters.remove(&target) else {
+            return;
+        };
+        for sender in senders {
+            if sender == self.injector.id {
+                let mut injector =
+                    std::mem::replace(&mut self.injector, Slot::new(sender, None, 0));
+                self.retry_blocked(&mut injector);
+                self.injector = injector;
+                continue;
+            }
+            let Some(&index) = self.index.get(&sender) else {
+                continue; // moved or deactivated since
+            };
+            let Some(mut slot) = self.slots[index as usize].take() else {
+                continue;
+            };
+            self.retry_blocked(&mut slot);
+            let runnable = slot.blocked.is_empty() && !slot.mailbox.is_empty() && !slot.queued;
+            self.slots[index as usize] = Some(slot);
+            if runnable {
+                self.enqueue_run(index);
+            }
+        }
+    }
+
+    fn retry_blocked(&mut self, sender: &mut Slot<M>) {
+        while let Some(send) = sender.blocked.pop_front() {
+            if let Err(send) = self.admit(sender, send) {
+                self.waiters.entry(send.to).or_default().push(sender.id);
+                sender.blocked.push_front(send);
+                return;
+            }
+        }
+    }
+
+    // ---- delivery --------------------------------------------------------------
+
+    fn deliver(&mut self, env: Envelope<M>) {
+        if let Some(&index) = self.index.get(&env.to) {
+            self.accept_into(index, env);
+            return;
+        }
+        let placement = self.directory.lookup(env.to);
+        if placement.shard == self.id {
+            let index = self.activate(env.to);
+            self.accept_into(index, env);
+        } else if env.route_epoch > placement.epoch {
+            self.pending
+                .entry(env.to)
+                .or_default()
+                .push(Packet::Message(env));
+        } else {
+            self.forward(placement, Packet::Message(env));
+        }
+    }
+
+    fn forward(&mut self, placement: Placement, packet: Packet<M>) {
+        let packet = match packet {
+            Packet::Message(mut env) => {
+                env.route_epoch = placement.epoch;
+                self.report.forwarded += 1;
+                Packet::Message(env)
+            }
+            other => other,
+        };
+        self.staging[placement.shard.index()].push_back(packet);
+    }
+
+    fn accept_into(&mut self, index: u32, env: Envelope<M>) {
+        let slot = self.slots[index as usize]
+            .as_mut()
+            .expect("indexed actors are in their slot outside their own turn");
+        let accepted = slot.accept(env, self.now_ns, &mut self.arrivals);
+        if accepted > 0 && !slot.queued && slot.blocked.is_empty() {
+            self.enqueue_run(index);
+        }
+    }
+
+    fn enqueue_run(&mut self, index: u32) {
+        let slot = self.slots[index as usize]
+            .as_mut()
+            .expect("enqueue of an empty slot");
+        debug_assert!(!slot.queued && !slot.mailbox.is_empty());
+        let head = slot
+            .mailbox
+            .front()
+            .expect("runnable actors have a message");
+        let key = self.policy.key(&head.sched, head.arrival);
+        slot.queued = true;
+        self.run_queue
+            .push(key, index, self.generations[index as usize]);
+    }
+
+    // ---- actor table -----------------------------------------------------------
+
+    fn insert(&mut self, slot: Box<Slot<M>>) -> u32 {
+        let id = slot.id;
+        let index = match self.free.pop() {
+            Some(index) => index,
+            None => {
+                self.slots.push(None);
+                self.generations.push(0);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.generations[index as usize] = self.generations[index as usize].wrapping_add(1);
+        self.slots[index as usize] = Some(slot);
+        let previous = self.index.insert(id, index);
+        assert!(previous.is_none(), "{id} active twice on {}", self.id);
+        index
+    }
+
+    fn remove(&mut self, id: ActorId) -> Option<Box<Slot<M>>> {
+        let index = self.index.remove(&id)?;
+        let mut slot = self.slots[index as usize]
+            .take()
+            .expect("indexed slot present");
+        self.generations[index as usize] = self.generations[index as usize].wrapping_add(1);
+        self.free.push(index);
+        slot.queued = false;
+        Some(slot)
+    }
+
+    fn activate(&mut self, id: ActorId) -> u32 {
+        let saved = self.store.take(id).map(|bytes| {
+            crate::actor::decode_state::<Saved>(&bytes)
+                .unwrap_or_else(|error| panic!("saved state of {id} is corrupt: {error}"))
+        });
+        let mut slot = Slot::new(id, None, self.now_ns);
+        let state = match saved {
+            Some(saved) => {
+                slot.in_seq.extend(saved.in_seq);
+                slot.out_seq.extend(saved.out_seq);
+                saved.state
+            }
+            None => None,
+        };
+        slot.actor = Some(self.factory.activate(id, state.as_deref()));
+        self.report.activations += 1;
+        self.insert(slot)
+    }
+
+    /// Deactivate every actor idle for longer than the timeout; returns how many.
+    pub fn deactivate_idle(&mut self) -> usize {
+        let Some(timeout_ns) = self.config.idle_timeout_ns else {
+            return 0;
+        };
+        let now_ns = self.clock.now_ns();
+        let idle: Vec<ActorId> = self
+            .index
+            .iter()
+            .filter_map(|(&id, &index)| {
+                let slot = self.slots[index as usize].as_ref()?;
+                (slot.is_idle() && now_ns.saturating_sub(slot.last_active_ns) >= timeout_ns)
+                    .then_some(id)
+            })
+            .collect();
+        for &id in &idle {
+            self.deactivate(id);
+        }
+        idle.len()
+    }
+
+    fn deactivate(&mut self, id: ActorId) {
+        let slot = self.remove(id).expect("deactivating an active actor");
+        let saved = Saved {
+            state: slot
+                .actor
+                .as_ref()
+                .and_then(|a| a.snapshot())
+                .map(|s| s.to_vec()),
+            in_seq: slot.in_seq.into_iter().collect(),
+            out_seq: slot.out_seq.into_iter().collect(),
+        };
+        self.store
+            .put(id, crate::actor::encode_state(&saved).to_vec());
+        self.report.deactivations += 1;
+    }
+
+    // ---- migration -------------------------------------------------------------
+
+    /// Move `actor` to `to`, or pass the request on towards the actor's owner.
+    pub fn route_migrate(&mut self, actor: ActorId, to: ShardId) {
+        if self.index.contains_key(&actor) {
+            self.migrate_out(actor, to);
+            return;
+        }
+        let placement = self.directory.lookup(actor);
+        if placement.shard != self.id {
+            if let Some(waiting) = self.pending.get_mut(&actor) {
+                waiting.push(Packet::Migrate { actor, to });
+            } else {
+                self.forward(placement, Packet::Migrate { actor, to });
+            }
+        } else if to != self.id {
+            // Owned here but deactivated: the state is in the store, move the name.
+            let placement = Placement {
+                shard: to,
+                epoch: placement.epoch + 1,
+            };
+            self.directory.apply(actor, placement);
+            self.broadcast_placement(actor, placement, None);
+            self.report.migrations_out += 1;
+        }
+    }
+
+    fn migrate_out(&mut self, actor: ActorId, to: ShardId) {
+        if to == self.id {
+            return;
+        }
+        let mut slot = self.remove(actor).expect("migrating an active actor");
+        slot.pause_from_ns = Some(slot.last_handled_ns);
+        let placement = Placement {
+            shard: to,
+            epoch: self.directory.lookup(actor).epoch + 1,
+        };
+        self.directory.apply(actor, placement);
+        self.staging[to.index()].push_back(Packet::Handoff(slot, placement.epoch));
+        self.broadcast_placement(actor, placement, Some(to));
+        self.report.migrations_out += 1;
+        // Local senders blocked on its full mailbox now send remotely, with credits.
+        if self.waiters.contains_key(&actor) {
+            self.wake_waiters(actor);
+        }
+    }
+
+    fn broadcast_placement(&mut self, actor: ActorId, placement: Placement, skip: Option<ShardId>) {
+        for shard in 0..self.staging.len() {
+            if shard == self.id.index() || Some(ShardId(shard as u16)) == skip {
+                continue;
+            }
+            self.staging[shard].push_back(Packet::Placement { actor, placement });
+        }
+    }
+
+    fn install(&mut self, mut slot: Box<Slot<M>>, epoch: u64) {
+        let id = slot.id;
+        self.directory.apply(
+            id,
+            Placement {
+                shard: self.id,
+                epoch,
+            },
+        );
+        debug_assert!(slot.actor.is_some(), "only active actors are handed off");
+        let blocked = std::mem::take(&mut slot.blocked);
+        let index = self.insert(slot);
+        self.report.migrations_in += 1;
+        let mut slot = self.slots[index as usize].take().expect("just inserted");
+        for send in blocked {
+            self.send_from(&mut slot, send);
+        }
+        let runnable = !slot.mailbox.is_empty() && slot.blocked.is_empty();
+        self.slots[index as usize] = Some(slot);
+        if runnable {
+            self.enqueue_run(index);
+        }
+        self.reroute_pending(id);
+    }
+
+    fn reroute_pending(&mut self, actor: ActorId) {
+        let Some(waiting) = self.pending.remove(&actor) else {
+            return;
+        };
+        for packet in waiting {
+            match packet {
+                Packet::Message(env) => self.deliver(env),
+                Packet::Migrate { actor, to } => self.route_migrate(actor, to),
+                other => self.receive(other),
+            }
+        }
+    }
+
+    // ---- reporting -------------------------------------------------------------
+
+    pub fn report(&self) -> ShardReport {
+        let mut report = self.report.clone();
+        report.actors = self
+            .index
+            .values()
+            .filter_map(|&index| self.slots[index as usize].as_ref())
+            .map(|slot| ActorReport {
+                id: slot.id,
+                mailbox: slot.mailbox.len(),
+                counters: slot.counters.clone(),
+            })
+            .collect();
+        report.actors.sort_by_key(|a| a.id);
+        report.jobs = self.jobs.report();
+        report
+    }
+}

@@ -1,0 +1,141 @@
+//! Accounting, per actor, per job and per shard: queueing delay and service time in
+//! HDR histograms, deadline misses, CPU time, stalls and migration pauses. These
+//! feed `status` and the autoscaler.
+//!
+//! Costs: histograms are recorded in microseconds with two significant digits (about
+//! 11 KiB each, allocated when the actor activates), the queueing delay once per
+//! message (a subtraction and one record) and the service time once per turn (the
+//! turn's duration spread over its messages with `record_n`).
+
+use hdrhistogram::Histogram;
+
+use crate::ids::{ActorId, IdMap, JobId, ShardId};
+
+/// Highest value a histogram tracks: 100 s in microseconds; larger values saturate.
+pub const HISTOGRAM_US_MAX: u64 = 100_000_000;
+
+pub fn new_histogram() -> Histogram<u32> {
+    Histogram::new_with_bounds(1, HISTOGRAM_US_MAX, 2).expect("static histogram bounds are valid")
+}
+
+#[inline]
+pub fn record_us(histogram: &mut Histogram<u32>, ns: u64, count: u64) {
+    let us = (ns / 1_000).clamp(1, HISTOGRAM_US_MAX);
+    // Saturating counters never fail; an out-of-range value was clamped above.
+    let _ = histogram.record_n(us, count as u32);
+}
+
+/// What is measured of one actor (or of one job: the same fields, summed).
+#[derive(Clone)]
+pub struct Counters {
+    pub messages: u64,
+    pub turns: u64,
+    pub cpu_ns: u64,
+    pub deadline_misses: u64,
+    pub queue_us: Histogram<u32>,
+    pub service_us: Histogram<u32>,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            messages: 0,
+            turns: 0,
+            cpu_ns: 0,
+            deadline_misses: 0,
+            queue_us: new_histogram(),
+            service_us: new_histogram(),
+        }
+    }
+}
+
+impl Counters {
+    pub fn merge(&mut self, other: &Counters) {
+        self.messages += other.messages;
+        self.turns += other.turns;
+        self.cpu_ns += other.cpu_ns;
+        self.deadline_misses += other.deadline_misses;
+        // Same bounds on both sides: adding cannot fail.
+        let _ = self.queue_us.add(&other.queue_us);
+        let _ = self.service_us.add(&other.service_us);
+    }
+}
+
+/// One shard's accounting, as reported to `Runtime::stats`.
+#[derive(Clone)]
+pub struct ShardReport {
+    pub shard: ShardId,
+    pub turns: u64,
+    pub messages: u64,
+    /// Turns that ran past the stall threshold.
+    pub stalls: u64,
+    pub parks: u64,
+    pub migrations_out: u64,
+    pub migrations_in: u64,
+    /// Messages that reached this shard for an actor living elsewhere.
+    pub forwarded: u64,
+    pub activations: u64,
+    pub deactivations: u64,
+    /// Pause of each migration that completed here: last message handled at the old
+    /// owner to first message handled here.
+    pub migration_pause_us: Histogram<u32>,
+    pub actors: Vec<ActorReport>,
+    pub jobs: Vec<(JobId, Counters)>,
+}
+
+#[derive(Clone)]
+pub struct ActorReport {
+    pub id: ActorId,
+    pub mailbox: usize,
+    pub counters: Counters,
+}
+
+/// Per-job counters kept by a shard.
+#[derive(Default)]
+pub struct JobTable {
+    jobs: IdMap<JobId, Counters>,
+}
+
+impl JobTable {
+    pub fn get(&mut self, job: JobId) -> &mut Counters {
+        self.jobs.entry(job).or_default()
+    }
+
+    pub fn report(&self) -> Vec<(JobId, Counters)> {
+        let mut jobs: Vec<_> = self.jobs.iter().map(|(j, c)| (*j, c.clone())).collect();
+        jobs.sort_by_key(|(j, _)| *j);
+        jobs
+    }
+}
+
+/// The whole runtime's accounting: every shard's report.
+pub struct RuntimeStats {
+    pub shards: Vec<ShardReport>,
+}
+
+impl RuntimeStats {
+    /// A job's counters summed over shards.
+    pub fn job(&self, job: JobId) -> Counters {
+        let mut total = Counters::default();
+        for shard in &self.shards {
+            for (j, counters) in &shard.jobs {
+                if *j == job {
+                    total.merge(counters);
+                }
+            }
+        }
+        total
+    }
+
+    pub fn migration_pause_us(&self) -> Histogram<u32> {
+        let mut total = new_histogram();
+        for shard in &self.shards {
+            let _ = total.add(&shard.migration_pause_us);
+        }
+        total
+    }
+
+    pub fn stalls(&self) -> u64 {
+        self.shards.iter().map(|s| s.stalls).sum()
+    }
+}
