@@ -1,1 +1,43 @@
-//! placeholder
+//! Durable state for one shard: append-only logs, atomically committed small
+//! files (checkpoint manifests, snapshots), and a directory-backed blob store.
+//!
+//! # Boundary
+//!
+//! This crate owns every file system call Dirigo makes: opening, writing,
+//! fsyncing, renaming, truncating and listing files. It knows nothing of
+//! actors, operators, checkpoints or dataflow: a log record is a `kind: u8`
+//! and opaque payload bytes, a manifest is a named byte string, a blob is a
+//! key and bytes. `engine` gives those bytes their meaning and reaches the
+//! disk only through the types below.
+//!
+//! - [`log`]: framed append-only log, with recovery that detects and cuts a
+//!   torn or corrupt tail and reports what it cut.
+//! - [`manifest`]: write-temp, fsync, rename, fsync-directory commit of a
+//!   whole small file.
+//! - [`blob`]: key → bytes, one file per key, each put committed atomically.
+//!   The engine's `StateStore` for deactivated actors will wrap it.
+//!
+//! # Bounds
+//!
+//! Every read and write is bounded: `LogConfig::record_bytes_max`,
+//! [`manifest::MANIFEST_BYTES_MAX`], `BlobConfig::blob_bytes_max` and
+//! `BlobConfig::blobs_max`. Input over a bound, and any corrupt input, is a
+//! [`StorageError`] naming the file and offset, never a panic.
+//!
+//! # Back-end
+//!
+//! For now the implementation is blocking `std::fs`. The planned back-end is
+//! direct I/O on io_uring (glommio `DmaFile`), one file set per shard. That
+//! change will make the calls `async` and buffer appends into aligned
+//! blocks; the on-disk formats, the offsets returned by `append`, the
+//! recovery report and the error values stay the same.
+
+pub mod blob;
+mod error;
+pub mod log;
+pub mod manifest;
+
+pub use blob::{BlobConfig, BlobKey, BlobStore};
+pub use error::{CutReason, StorageError};
+pub use log::{recover, LogConfig, LogReader, LogWriter, Record, Recovered, TailCut};
+pub use manifest::{commit_atomic, read};
