@@ -82,7 +82,7 @@ impl FrameConfig {
             "smaller than a frame header"
         } else if frame_bytes_max > FRAME_BYTES_LIMIT {
             "larger than FRAME_BYTES_LIMIT"
-        } else if frame_bytes_max % FRAME_ALIGNMENT_BYTES != 0 {
+        } else if !frame_bytes_max.is_multiple_of(FRAME_ALIGNMENT_BYTES) {
             "not a multiple of FRAME_ALIGNMENT_BYTES"
         } else {
             return Ok(FrameConfig { frame_bytes_max });

@@ -218,7 +218,7 @@ fn transfer_in_order(count: u64, capacity: usize, batch_items: usize) {
         let mut batch = VecDeque::with_capacity(batch_items);
         let mut spins = 0;
         while next < count {
-            if next % 2 == 0 {
+            if next.is_multiple_of(2) {
                 match producer.push(next) {
                     Ok(()) => next += 1,
                     Err(_) => backoff(&mut spins),
@@ -239,7 +239,7 @@ fn transfer_in_order(count: u64, capacity: usize, batch_items: usize) {
     let mut expected = 0u64;
     let mut spins = 0;
     while expected < count {
-        let taken = if expected % 3 == 0 {
+        let taken = if expected.is_multiple_of(3) {
             consumer.pop().map_or(0, |value| {
                 assert_eq!(value, expected);
                 expected += 1;

@@ -469,7 +469,7 @@ impl<M: Send + 'static> ShardCore<M> {
             if !slot.blocked.is_empty() {
                 break;
             }
-            if handled % TURN_CLOCK_EVERY == 0
+            if handled.is_multiple_of(TURN_CLOCK_EVERY)
                 && self.clock.now_ns().saturating_sub(start_ns) > self.config.turn_ns_max
             {
                 break;
