@@ -1,2 +1,3 @@
 //! placeholder
+pub mod ring;
 pub mod sync;
