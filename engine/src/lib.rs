@@ -1,3 +1,4 @@
 //! placeholder
+pub mod doorbell;
 pub mod ring;
 pub mod sync;
