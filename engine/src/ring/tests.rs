@@ -217,10 +217,15 @@ fn transfer_in_order(count: u64, capacity: usize, batch_items: usize) {
         let mut next = 0u64;
         let mut batch = VecDeque::with_capacity(batch_items);
         let mut spins = 0;
+        let mut single = true;
         while next < count {
-            if next.is_multiple_of(2) {
+            single = !single;
+            if single {
                 match producer.push(next) {
-                    Ok(()) => next += 1,
+                    Ok(()) => {
+                        next += 1;
+                        spins = 0;
+                    }
                     Err(_) => backoff(&mut spins),
                 }
                 continue;
@@ -233,13 +238,17 @@ fn transfer_in_order(count: u64, capacity: usize, batch_items: usize) {
             batch.clear();
             if moved == 0 {
                 backoff(&mut spins);
+            } else {
+                spins = 0;
             }
         }
     });
     let mut expected = 0u64;
     let mut spins = 0;
+    let mut single = true;
     while expected < count {
-        let taken = if expected.is_multiple_of(3) {
+        single = !single;
+        let taken = if single {
             consumer.pop().map_or(0, |value| {
                 assert_eq!(value, expected);
                 expected += 1;
@@ -253,6 +262,8 @@ fn transfer_in_order(count: u64, capacity: usize, batch_items: usize) {
         };
         if taken == 0 {
             backoff(&mut spins);
+        } else {
+            spins = 0;
         }
     }
     sender.join().unwrap();
