@@ -62,6 +62,8 @@ pub struct Outgoing<M> {
     pub to: ActorId,
     pub sched: SchedCtx,
     pub message: M,
+    /// Deliver no earlier than this clock time (0: now).
+    pub due_ns: u64,
 }
 
 /// What an actor may do during its turn.
@@ -97,13 +99,35 @@ impl<M> Context<'_, M> {
     /// Send `message` to `to`, inheriting the deadline of the message being handled.
     pub fn send(&mut self, to: ActorId, message: M) {
         let sched = self.sched;
-        self.out.push(Outgoing { to, sched, message });
+        self.out.push(Outgoing {
+            to,
+            sched,
+            message,
+            due_ns: 0,
+        });
     }
 
     /// Send with an explicit scheduling context (a source stamping a new deadline,
     /// or an operator refining it).
     pub fn send_with(&mut self, to: ActorId, message: M, sched: SchedCtx) {
-        self.out.push(Outgoing { to, sched, message });
+        self.out.push(Outgoing {
+            to,
+            sched,
+            message,
+            due_ns: 0,
+        });
+    }
+
+    /// A timer: `message` comes back to this actor (wherever it lives then) once the
+    /// shard clock reaches `due_ns`. Timers fire in due order; a shard with only
+    /// timers pending sleeps until the first one is due.
+    pub fn send_self_at(&mut self, due_ns: u64, message: M, sched: SchedCtx) {
+        self.out.push(Outgoing {
+            to: self.me,
+            sched,
+            message,
+            due_ns: due_ns.max(1),
+        });
     }
 }
 

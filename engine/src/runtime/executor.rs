@@ -52,6 +52,7 @@ impl<M: Send + 'static> ShardThread<M> {
         loop {
             core.tick();
             let mut progress = self.drain_inputs(&mut core);
+            progress |= core.fire_timers() > 0;
             for _ in 0..TURNS_PER_PASS {
                 if !core.run_turn() {
                     break;
@@ -81,7 +82,8 @@ impl<M: Send + 'static> ShardThread<M> {
                     || shared.external[me].len.load(Ordering::Acquire) > 0
                     || inputs.iter().flatten().any(|c| !c.is_empty())
             });
-            let wait = Duration::from_nanos(next_housekeeping_ns.saturating_sub(now_ns).max(1));
+            let wake_ns = core.next_timer_ns().map_or(next_housekeeping_ns, |t| t.min(next_housekeeping_ns));
+            let wait = Duration::from_nanos(wake_ns.saturating_sub(now_ns).max(1));
             // A timeout is the housekeeping tick, not an error.
             let _ = glommio::timer::timeout(wait, async {
                 park.await;

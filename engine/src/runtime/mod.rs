@@ -214,7 +214,12 @@ impl<M: Send + 'static> Runtime<M> {
     /// Send from outside. Waits while the receiving shard's queue is full; every
     /// message sent by one thread to one actor arrives in order.
     pub fn send(&self, to: ActorId, message: M, sched: SchedCtx) {
-        let out = Outgoing { to, sched, message };
+        let out = Outgoing {
+            to,
+            sched,
+            message,
+            due_ns: 0,
+        };
         self.shared
             .push_external(self.homes.home(to), External::Send(out));
     }

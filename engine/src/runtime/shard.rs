@@ -40,7 +40,8 @@
 //! owner updates its own directory before anything else, a message is forwarded at
 //! most to a shard that knows more: every message reaches the owner exactly once.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::cmp::Ordering as CmpOrdering;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::sync::Arc;
 
 use crate::actor::{ActorFactory, BoxActor, Context, Outgoing, SchedCtx};
@@ -226,6 +227,30 @@ impl<M> Slot<M> {
     }
 }
 
+/// A timer: a send held back until its due time.
+struct Timer<M> {
+    seq: u64,
+    send: Outgoing<M>,
+}
+
+impl<M> PartialEq for Timer<M> {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == CmpOrdering::Equal
+    }
+}
+impl<M> Eq for Timer<M> {}
+impl<M> PartialOrd for Timer<M> {
+    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
+        Some(self.cmp(other))
+    }
+}
+impl<M> Ord for Timer<M> {
+    /// Reversed, so the max-heap yields the earliest due time first.
+    fn cmp(&self, other: &Self) -> CmpOrdering {
+        (other.send.due_ns, other.seq).cmp(&(self.send.due_ns, self.seq))
+    }
+}
+
 /// A deactivated actor as the state store keeps it.
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 struct Saved {
@@ -259,6 +284,9 @@ pub struct ShardCore<M> {
     staging: Vec<VecDeque<Packet<M>>>,
     ack_counts: Vec<u32>,
     scratch: Vec<Outgoing<M>>,
+    /// Self-sends waiting for their due time; fired through the injector channel.
+    timers: BinaryHeap<Timer<M>>,
+    timers_set: u64,
     turn_delays_ns: Vec<u64>,
     arrivals: u64,
     factory: Arc<dyn ActorFactory<M>>,
@@ -298,6 +326,8 @@ impl<M: Send + 'static> ShardCore<M> {
             staging: (0..shards).map(|_| VecDeque::new()).collect(),
             ack_counts: vec![0; shards as usize],
             scratch: Vec::new(),
+            timers: BinaryHeap::new(),
+            timers_set: 0,
             turn_delays_ns: Vec::new(),
             arrivals: 0,
             factory,
@@ -345,6 +375,24 @@ impl<M: Send + 'static> ShardCore<M> {
 
     pub fn has_runnable(&self) -> bool {
         !self.run_queue.is_empty()
+    }
+
+    /// When the earliest timer is due, if any.
+    pub fn next_timer_ns(&self) -> Option<u64> {
+        self.timers.peek().map(|t| t.send.due_ns)
+    }
+
+    /// Send every timer that is due; returns how many fired.
+    pub fn fire_timers(&mut self) -> usize {
+        let now_ns = self.clock.now_ns();
+        let mut fired = 0;
+        while self.timers.peek().is_some_and(|t| t.send.due_ns <= now_ns) {
+            let mut timer = self.timers.pop().expect("peeked");
+            timer.send.due_ns = 0;
+            self.external(External::Send(timer.send));
+            fired += 1;
+        }
+        fired
     }
 
     /// Whether sends from outside may be taken now (else they wait in their queue).
@@ -464,7 +512,13 @@ impl<M: Send + 'static> ShardCore<M> {
             };
             actor.handle(env.message, &mut ctx);
             for send in out.drain(..) {
-                self.send_from(slot, send);
+                if send.due_ns > 0 {
+                    self.timers_set += 1;
+                    let seq = self.timers_set;
+                    self.timers.push(Timer { seq, send });
+                } else {
+                    self.send_from(slot, send);
+                }
             }
             if !slot.blocked.is_empty() {
                 break;

@@ -90,7 +90,12 @@ impl<M: Send + 'static> Sim<M> {
     pub fn send(&mut self, via: ShardId, to: ActorId, message: M, sched: SchedCtx) {
         let core = &mut self.cores[via.index()];
         core.tick();
-        core.external(External::Send(Outgoing { to, sched, message }));
+        core.external(External::Send(Outgoing {
+            to,
+            sched,
+            message,
+            due_ns: 0,
+        }));
     }
 
     pub fn migrate(&mut self, via: ShardId, actor: ActorId, to: ShardId) {
@@ -123,7 +128,7 @@ impl<M: Send + 'static> Sim<M> {
                         continue;
                     }
                     self.cores[core].tick();
-                    self.cores[core].run_turn()
+                    self.cores[core].fire_timers() > 0 || self.cores[core].run_turn()
                 }
                 1 => self.flush(core, other),
                 _ => self.receive(core, other),
@@ -145,9 +150,15 @@ impl<M: Send + 'static> Sim<M> {
                 }
             }
             self.cores[core].tick();
-            if self.cores[core].run_turn() {
+            if self.cores[core].fire_timers() > 0 || self.cores[core].run_turn() {
                 return true;
             }
+        }
+        // Quiet but for timers: jump the clock to the earliest one.
+        let next = self.cores.iter().filter_map(|c| c.next_timer_ns()).min();
+        if let Some(due_ns) = next {
+            self.clock.set(self.clock.get().max(due_ns));
+            return true;
         }
         false
     }
