@@ -1,1 +1,3 @@
-//! placeholder
+//! Dirigo's engine: the thread-per-core runtime, its sources and its built-in jobs.
+
+pub mod nexmark;
