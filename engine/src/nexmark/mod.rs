@@ -7,5 +7,5 @@ pub mod generator;
 pub mod json;
 
 pub use event::{Auction, Bid, Event, Person, Text};
-pub use generator::{Generator, GeneratorConfig, GeneratorConfigError};
+pub use generator::{interleaved_chunks, split, Generator, GeneratorConfig, GeneratorConfigError};
 pub use json::{write_json_line, EventReader, EventWriter, ParseError, ParseErrorKind};
