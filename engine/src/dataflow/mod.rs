@@ -132,7 +132,7 @@ impl Default for DataflowConfig {
 type Plans<R> = Arc<RwLock<IdMap<JobId, Arc<graph::Plan<R>>>>>;
 
 /// A dataflow engine: a runtime whose actors are the stages of submitted jobs.
-pub struct Dataflow<R: Send + 'static> {
+pub struct Dataflow<R: Clone + Send + 'static> {
     runtime: Runtime<DataMsg<R>>,
     plans: Plans<R>,
     next_job: u32,
@@ -194,7 +194,7 @@ impl JobHandle {
     }
 }
 
-impl<R: Send + 'static> Dataflow<R> {
+impl<R: Clone + Send + 'static> Dataflow<R> {
     pub fn start(config: DataflowConfig) -> Result<Self, StartError> {
         let plans: Plans<R> = Arc::new(RwLock::new(IdMap::default()));
         let lookup = plans.clone();

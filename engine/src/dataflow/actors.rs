@@ -1,0 +1,362 @@
+//! The actors a plan runs as: one kind per stage kind. Each keeps what its stage
+//! needs (the source position, the operator's state, the sink writer) and the
+//! watermark bookkeeping of its inputs, and hands its outputs to an `Emitter`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::actor::{Actor, BoxActor, Context, SchedCtx};
+use crate::clock::monotonic_ns;
+use crate::ids::ActorId;
+
+use super::graph::{Operator, Output, Partitioner, Plan, Sink, Source, SourceBatch, StageKind, Step};
+use super::{key_group, partition_of_group, DataMsg, END_OF_INPUT};
+
+pub(crate) fn activate<R: Clone + Send + 'static>(plan: Arc<Plan<R>>, id: ActorId) -> BoxActor<DataMsg<R>> {
+    let stage = id.operator;
+    let partition = id.partition;
+    let stage_plan = &plan.stages[stage as usize];
+    assert!(partition < stage_plan.parallelism, "{id} beyond its stage's parallelism");
+    match &stage_plan.kind {
+        StageKind::Source(factory) => {
+            let source = factory(partition, stage_plan.parallelism);
+            let rate_per_partition = plan
+                .rate_records_per_s
+                .map(|r| (r / stage_plan.parallelism as u64).max(1));
+            Box::new(SourceActor {
+                emitter: Emitter::new(&plan, stage, partition),
+                source,
+                batch: Vec::new(),
+                rate_per_partition,
+                started_ns: 0,
+                produced: 0,
+                last_watermark_ms: i64::MIN,
+                done: false,
+                plan,
+            })
+        }
+        StageKind::Operator(factory) => Box::new(StageActor {
+            operator: factory(partition),
+            inputs: Watermarks::new(&stage_plan.inputs),
+            emitter: Emitter::new(&plan, stage, partition),
+            out: Vec::new(),
+            plan,
+        }),
+        StageKind::Sink(factory) => Box::new(SinkActor {
+            sink: factory(partition),
+            inputs: Watermarks::new(&stage_plan.inputs),
+            stage,
+            finished: false,
+            plan,
+        }),
+    }
+}
+
+/// Per input, per upstream partition, the last watermark received.
+struct Watermarks {
+    per_input: Vec<Vec<i64>>,
+    current_ms: i64,
+}
+
+impl Watermarks {
+    fn new(inputs: &[u32]) -> Self {
+        Watermarks {
+            per_input: inputs.iter().map(|&n| vec![i64::MIN; n as usize]).collect(),
+            current_ms: i64::MIN,
+        }
+    }
+
+    /// Record a watermark; returns the new minimum if it advanced.
+    fn update(&mut self, input: u8, from: u32, watermark_ms: i64) -> Option<i64> {
+        let slot = &mut self.per_input[input as usize][from as usize];
+        debug_assert!(watermark_ms >= *slot, "watermark went back on input {input} from {from}");
+        *slot = (*slot).max(watermark_ms);
+        let minimum = self.per_input.iter().flatten().copied().min().unwrap_or(END_OF_INPUT);
+        if minimum > self.current_ms {
+            self.current_ms = minimum;
+            Some(minimum)
+        } else {
+            None
+        }
+    }
+}
+
+/// Applies a stage's fused steps to its output and sends it, partitioned, to the
+/// next stages; also broadcasts watermarks.
+struct Emitter<R> {
+    stage: u32,
+    partition: u32,
+    /// Per output: a buffer per target partition, reused.
+    buffers: Vec<Vec<Vec<R>>>,
+    scratch: Vec<R>,
+}
+
+impl<R: Send + 'static> Emitter<R> {
+    fn new(plan: &Plan<R>, stage: u32, partition: u32) -> Self {
+        let buffers = plan.stages[stage as usize]
+            .outputs
+            .iter()
+            .map(|o| (0..plan.stages[o.target as usize].parallelism).map(|_| Vec::new()).collect())
+            .collect();
+        Emitter {
+            stage,
+            partition,
+            buffers,
+            scratch: Vec::new(),
+        }
+    }
+
+    fn emit(&mut self, plan: &Plan<R>, records: Vec<R>, ctx: &mut Context<'_, DataMsg<R>>)
+    where
+        R: Clone,
+    {
+        if records.is_empty() {
+            return;
+        }
+        let outputs = &plan.stages[self.stage as usize].outputs;
+        let last = outputs.len() - 1;
+        let mut records = Some(records);
+        for (o, output) in outputs.iter().enumerate() {
+            let batch = if o == last {
+                records.take().expect("moved once, at the last output")
+            } else {
+                records.as_ref().expect("still here").clone()
+            };
+            self.scratch.clear();
+            apply_steps(&output.steps, batch, &mut self.scratch);
+            self.partition_out(plan, o, output, ctx);
+        }
+    }
+
+    fn partition_out(&mut self, plan: &Plan<R>, o: usize, output: &Output<R>, ctx: &mut Context<'_, DataMsg<R>>) {
+        let targets = self.buffers[o].len() as u32;
+        match &output.partitioner {
+            Partitioner::Key(key) => {
+                for record in self.scratch.drain(..) {
+                    let p = partition_of_group(key_group(key(&record)), targets);
+                    self.buffers[o][p as usize].push(record);
+                }
+            }
+            Partitioner::Forward => {
+                let p = self.partition % targets;
+                self.buffers[o][p as usize].append(&mut self.scratch);
+            }
+        }
+        let sched = stamp(plan, ctx.sched(), output.target);
+        for (p, buffer) in self.buffers[o].iter_mut().enumerate() {
+            if buffer.is_empty() {
+                continue;
+            }
+            let records = std::mem::take(buffer);
+            let to = ActorId::new(plan.id, output.target, p as u32);
+            ctx.send_with(to, DataMsg::Records { input: output.input, records }, sched);
+        }
+    }
+
+    fn watermark(&self, plan: &Plan<R>, watermark_ms: i64, ctx: &mut Context<'_, DataMsg<R>>) {
+        for output in &plan.stages[self.stage as usize].outputs {
+            let sched = stamp(plan, ctx.sched(), output.target);
+            for p in 0..plan.stages[output.target as usize].parallelism {
+                let to = ActorId::new(plan.id, output.target, p);
+                let message = DataMsg::Watermark {
+                    input: output.input,
+                    from: self.partition,
+                    watermark_ms,
+                };
+                ctx.send_with(to, message, sched);
+            }
+        }
+    }
+}
+
+fn stamp<R>(plan: &Plan<R>, sched: SchedCtx, target: u32) -> SchedCtx {
+    SchedCtx {
+        deadline_ns: plan.deadline_ns(&sched, target),
+        ..sched
+    }
+}
+
+/// Run `records` through the fused steps into `out`.
+fn apply_steps<R>(steps: &[Step<R>], records: Vec<R>, out: &mut Vec<R>) {
+    if steps.is_empty() {
+        out.extend(records);
+        return;
+    }
+    let mut expanded = Vec::new();
+    'records: for record in records {
+        let mut record = record;
+        for (i, step) in steps.iter().enumerate() {
+            match step {
+                Step::Map(f) => record = f(record),
+                Step::Filter(f) => {
+                    if !f(&record) {
+                        continue 'records;
+                    }
+                }
+                Step::FlatMap(f) => {
+                    expanded.clear();
+                    f(record, &mut expanded);
+                    for produced in expanded.drain(..) {
+                        apply_steps_rest(&steps[i + 1..], produced, out);
+                    }
+                    continue 'records;
+                }
+            }
+        }
+        out.push(record);
+    }
+}
+
+fn apply_steps_rest<R>(steps: &[Step<R>], record: R, out: &mut Vec<R>) {
+    apply_steps(steps, vec![record], out);
+}
+
+struct SourceActor<R> {
+    plan: Arc<Plan<R>>,
+    source: Box<dyn Source<R>>,
+    emitter: Emitter<R>,
+    batch: Vec<R>,
+    rate_per_partition: Option<u64>,
+    started_ns: u64,
+    produced: u64,
+    last_watermark_ms: i64,
+    done: bool,
+}
+
+impl<R: Send + Clone + 'static> SourceActor<R> {
+    /// Records this turn may produce under the rate limit; 0 means wait.
+    fn allowance(&mut self, now_ns: u64, ctx: &mut Context<'_, DataMsg<R>>) -> usize {
+        let max = self.plan.source_batch_records;
+        let Some(rate) = self.rate_per_partition else {
+            return max;
+        };
+        let elapsed_ns = now_ns.saturating_sub(self.started_ns) as u128;
+        let allowed = (elapsed_ns * rate as u128 / 1_000_000_000) as u64;
+        if allowed > self.produced {
+            return ((allowed - self.produced) as usize).min(max);
+        }
+        // Come back when the next record is due.
+        let due_ns = self.started_ns + ((self.produced + 1) as u128 * 1_000_000_000 / rate as u128) as u64;
+        ctx.send_self_at(due_ns, DataMsg::Tick, ctx.sched());
+        0
+    }
+}
+
+impl<R: Send + Clone + 'static> Actor for SourceActor<R> {
+    type Message = DataMsg<R>;
+
+    fn handle(&mut self, message: DataMsg<R>, ctx: &mut Context<'_, DataMsg<R>>) {
+        let DataMsg::Tick = message else {
+            return; // sources have no inputs
+        };
+        if self.done {
+            return;
+        }
+        let now_ns = monotonic_ns();
+        if self.started_ns == 0 {
+            self.started_ns = now_ns;
+        }
+        let max = self.allowance(now_ns, ctx);
+        if max == 0 {
+            return;
+        }
+        // The input enters now: this is the origin every result of it is timed from.
+        let plan = self.plan.clone();
+        let origin = SchedCtx {
+            job: plan.id,
+            origin_ns: now_ns,
+            deadline_ns: now_ns + plan.slo_ns,
+        };
+        ctx.sched = origin;
+        let mut batch = std::mem::take(&mut self.batch);
+        let status = self.source.next_batch(max, &mut batch);
+        self.produced += batch.len() as u64;
+        plan.metrics.source_records.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.emitter.emit(&plan, batch, ctx);
+        match status {
+            SourceBatch::More { watermark_ms } => {
+                // Watermarks at most once per millisecond of event time.
+                if watermark_ms > self.last_watermark_ms {
+                    self.last_watermark_ms = watermark_ms;
+                    self.emitter.watermark(&plan, watermark_ms, ctx);
+                }
+                ctx.send_with(ctx.me(), DataMsg::Tick, origin);
+            }
+            SourceBatch::Done => {
+                self.done = true;
+                self.emitter.watermark(&plan, END_OF_INPUT, ctx);
+            }
+        }
+        plan.metrics.observe_cost(self.emitter.stage, monotonic_ns().saturating_sub(now_ns));
+    }
+}
+
+struct StageActor<R> {
+    plan: Arc<Plan<R>>,
+    operator: Box<dyn Operator<R>>,
+    inputs: Watermarks,
+    emitter: Emitter<R>,
+    out: Vec<R>,
+}
+
+impl<R: Send + Clone + 'static> Actor for StageActor<R> {
+    type Message = DataMsg<R>;
+
+    fn handle(&mut self, message: DataMsg<R>, ctx: &mut Context<'_, DataMsg<R>>) {
+        let start_ns = monotonic_ns();
+        let plan = self.plan.clone();
+        match message {
+            DataMsg::Tick => return,
+            DataMsg::Records { input, records } => {
+                self.operator.on_records(input, records, &mut self.out);
+                let out = std::mem::take(&mut self.out);
+                self.emitter.emit(&plan, out, ctx);
+            }
+            DataMsg::Watermark { input, from, watermark_ms } => {
+                if let Some(current) = self.inputs.update(input, from, watermark_ms) {
+                    self.operator.on_watermark(current, &mut self.out);
+                    let out = std::mem::take(&mut self.out);
+                    self.emitter.emit(&plan, out, ctx);
+                    self.emitter.watermark(&plan, current, ctx);
+                }
+            }
+        }
+        plan.metrics.observe_cost(self.emitter.stage, monotonic_ns().saturating_sub(start_ns));
+    }
+}
+
+struct SinkActor<R> {
+    plan: Arc<Plan<R>>,
+    sink: Box<dyn Sink<R>>,
+    inputs: Watermarks,
+    stage: u32,
+    finished: bool,
+}
+
+impl<R: Send + 'static> Actor for SinkActor<R> {
+    type Message = DataMsg<R>;
+
+    fn handle(&mut self, message: DataMsg<R>, ctx: &mut Context<'_, DataMsg<R>>) {
+        let start_ns = monotonic_ns();
+        match message {
+            DataMsg::Tick => {}
+            DataMsg::Records { records, .. } => {
+                self.sink.write(&records);
+                let metrics = &self.plan.metrics;
+                metrics.outputs.fetch_add(records.len() as u64, Ordering::Relaxed);
+                let latency_ns = start_ns.saturating_sub(ctx.sched().origin_ns);
+                let mut histogram = metrics.latency_us.lock().expect("latency lock poisoned");
+                crate::runtime::stats::record_us(&mut histogram, latency_ns, records.len() as u64);
+            }
+            DataMsg::Watermark { input, from, watermark_ms } => {
+                let advanced = self.inputs.update(input, from, watermark_ms);
+                if advanced == Some(END_OF_INPUT) && !self.finished {
+                    self.finished = true;
+                    self.sink.finish();
+                    self.plan.metrics.sinks_done.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+        }
+        self.plan.metrics.observe_cost(self.stage, monotonic_ns().saturating_sub(start_ns));
+    }
+}

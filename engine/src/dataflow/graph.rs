@@ -1,0 +1,436 @@
+//! Building a job: sources, stateless steps, keyed stages, joins and sinks, and the
+//! `Plan` the actors run from.
+//!
+//! ```
+//! use std::sync::{Arc, Mutex};
+//! use std::time::Duration;
+//! use dirigo_engine::dataflow::{Dataflow, DataflowConfig, Job, Operator, Sink, Source, SourceBatch};
+//!
+//! /// Numbers 0..1000 with event time = the number, as two partitions.
+//! struct Numbers { next: u64, step: u64 }
+//! impl Source<u64> for Numbers {
+//!     fn next_batch(&mut self, max: usize, out: &mut Vec<u64>) -> SourceBatch {
+//!         for _ in 0..max {
+//!             if self.next >= 1000 { return SourceBatch::Done; }
+//!             out.push(self.next);
+//!             self.next += self.step;
+//!         }
+//!         SourceBatch::More { watermark_ms: self.next as i64 - self.step as i64 }
+//!     }
+//! }
+//! /// Sums what it sees per key and emits the sums at the end of input.
+//! #[derive(Default)]
+//! struct Sum(std::collections::BTreeMap<u64, u64>);
+//! impl Operator<u64> for Sum {
+//!     fn on_records(&mut self, _input: u8, records: Vec<u64>, _out: &mut Vec<u64>) {
+//!         for r in records { *self.0.entry(r % 10).or_default() += r; }
+//!     }
+//!     fn on_watermark(&mut self, watermark_ms: i64, out: &mut Vec<u64>) {
+//!         if watermark_ms == i64::MAX { out.extend(self.0.values()); }
+//!     }
+//! }
+//! struct Collect(Arc<Mutex<Vec<u64>>>);
+//! impl Sink<u64> for Collect {
+//!     fn write(&mut self, records: &[u64]) { self.0.lock().unwrap().extend_from_slice(records); }
+//! }
+//!
+//! let mut config = DataflowConfig::default();
+//! config.runtime.shards = 2;
+//! let mut dataflow = Dataflow::start(config).unwrap();
+//! let rows = Arc::new(Mutex::new(Vec::new()));
+//! let mut job = Job::new("sum-by-last-digit", Duration::from_millis(10));
+//! let collected = rows.clone();
+//! job.source("numbers", 2, Arc::new(|p, n| Box::new(Numbers { next: p as u64, step: n as u64 })))
+//!     .filter(|n| n % 2 == 0)
+//!     .key_by(|n| n % 10)
+//!     .process("sum", 4, Arc::new(|_| Box::new(Sum::default())))
+//!     .sink("collect", 1, Arc::new(move |_| Box::new(Collect(collected.clone()))));
+//! let handle = dataflow.submit(job).unwrap();
+//! handle.wait(Duration::from_secs(30)).unwrap();
+//! let mut sums = rows.lock().unwrap().clone();
+//! sums.sort();
+//! // Even numbers below 1000 by last digit 0, 2, 4, 6, 8.
+//! assert_eq!(sums, vec![49500, 49600, 49700, 49800, 49900]);
+//! dataflow.shutdown();
+//! ```
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::actor::SchedCtx;
+use crate::ids::{ActorId, JobId};
+
+use super::JobMetrics;
+
+/// What a source produced.
+pub enum SourceBatch {
+    /// Records were appended; none will follow with an earlier time than this.
+    More { watermark_ms: i64 },
+    /// The input is exhausted (records may have been appended too).
+    Done,
+}
+
+/// A partition of a source: produces batches on demand.
+pub trait Source<R>: Send + 'static {
+    fn next_batch(&mut self, max_records: usize, out: &mut Vec<R>) -> SourceBatch;
+}
+
+/// A partition of a keyed (or global) stage.
+pub trait Operator<R>: Send + 'static {
+    /// Records arrived on `input` (0, or 1 for the second side of a join).
+    fn on_records(&mut self, input: u8, records: Vec<R>, out: &mut Vec<R>);
+    /// The stage's watermark (the minimum over its inputs) advanced; `i64::MAX` at
+    /// the end of input, when everything still held must be emitted.
+    fn on_watermark(&mut self, _watermark_ms: i64, _out: &mut Vec<R>) {}
+}
+
+/// A partition of a sink.
+pub trait Sink<R>: Send + 'static {
+    fn write(&mut self, records: &[R]);
+    /// The end of input reached this partition.
+    fn finish(&mut self) {}
+}
+
+pub type SourceFactory<R> = Arc<dyn Fn(u32, u32) -> Box<dyn Source<R>> + Send + Sync>;
+pub type OperatorFactory<R> = Arc<dyn Fn(u32) -> Box<dyn Operator<R>> + Send + Sync>;
+pub type SinkFactory<R> = Arc<dyn Fn(u32) -> Box<dyn Sink<R>> + Send + Sync>;
+pub type KeyFn<R> = Arc<dyn Fn(&R) -> u64 + Send + Sync>;
+/// Refines a message's deadline for the stage it goes to.
+pub type DeadlineHook = Arc<dyn Fn(&SchedCtx, u32) -> u64 + Send + Sync>;
+
+/// A stateless step fused into the stage that produces its input.
+pub(crate) enum Step<R> {
+    Map(Arc<dyn Fn(R) -> R + Send + Sync>),
+    Filter(Arc<dyn Fn(&R) -> bool + Send + Sync>),
+    FlatMap(Arc<dyn Fn(R, &mut Vec<R>) + Send + Sync>),
+}
+
+impl<R> Clone for Step<R> {
+    fn clone(&self) -> Self {
+        match self {
+            Step::Map(f) => Step::Map(f.clone()),
+            Step::Filter(f) => Step::Filter(f.clone()),
+            Step::FlatMap(f) => Step::FlatMap(f.clone()),
+        }
+    }
+}
+
+/// How records are spread over the partitions of the next stage.
+pub(crate) enum Partitioner<R> {
+    /// By key: key -> key group -> partition.
+    Key(KeyFn<R>),
+    /// Partition i sends to partition i modulo the target's parallelism.
+    Forward,
+}
+
+pub(crate) struct Output<R> {
+    pub steps: Vec<Step<R>>,
+    pub target: u32,
+    pub input: u8,
+    pub partitioner: Partitioner<R>,
+}
+
+pub(crate) enum StageKind<R> {
+    Source(SourceFactory<R>),
+    Operator(OperatorFactory<R>),
+    Sink(SinkFactory<R>),
+}
+
+pub(crate) struct StagePlan<R> {
+    pub name: String,
+    pub parallelism: u32,
+    pub kind: StageKind<R>,
+    pub outputs: Vec<Output<R>>,
+    /// Parallelism of the upstream stage(s) feeding each input.
+    pub inputs: Vec<u32>,
+}
+
+/// A job ready to run.
+pub struct Plan<R> {
+    pub name: String,
+    pub id: JobId,
+    pub slo_ns: u64,
+    pub(crate) stages: Vec<StagePlan<R>>,
+    pub(crate) metrics: Arc<JobMetrics>,
+    pub(crate) deadline_hook: Option<DeadlineHook>,
+    /// Records a source partition produces per turn at most.
+    pub source_batch_records: usize,
+    /// Records per second over all source partitions; `None`: as fast as it goes.
+    pub rate_records_per_s: Option<u64>,
+}
+
+impl<R> Plan<R> {
+    pub(crate) fn source_stages(&self) -> Vec<(u32, u32)> {
+        self.stages
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| matches!(s.kind, StageKind::Source(_)))
+            .map(|(i, s)| (i as u32, s.parallelism))
+            .collect()
+    }
+
+    pub(crate) fn sink_partitions(&self) -> u64 {
+        self.stages
+            .iter()
+            .filter(|s| matches!(s.kind, StageKind::Sink(_)))
+            .map(|s| s.parallelism as u64)
+            .sum()
+    }
+
+    pub(crate) fn actor_ids(&self, job: JobId) -> Vec<ActorId> {
+        let mut ids = Vec::new();
+        for (stage, plan) in self.stages.iter().enumerate() {
+            for partition in 0..plan.parallelism {
+                ids.push(ActorId::new(job, stage as u32, partition));
+            }
+        }
+        ids
+    }
+
+    pub(crate) fn sched_now(&self) -> SchedCtx {
+        let now_ns = crate::clock::monotonic_ns();
+        SchedCtx {
+            job: self.id,
+            deadline_ns: now_ns + self.slo_ns,
+            origin_ns: now_ns,
+        }
+    }
+
+    /// Estimated cost of everything after `stage` on its longest path, in ns.
+    fn rest_cost_ns(&self, stage: u32) -> u64 {
+        self.stages[stage as usize]
+            .outputs
+            .iter()
+            .map(|o| self.metrics.cost_from(&[o.target]) + self.rest_cost_ns(o.target))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The deadline of a message going to `stage`: it must be done there in time for
+    /// the rest of the path to finish within the SLO.
+    pub(crate) fn deadline_ns(&self, sched: &SchedCtx, stage: u32) -> u64 {
+        if let Some(hook) = &self.deadline_hook {
+            return hook(sched, stage);
+        }
+        (sched.origin_ns + self.slo_ns).saturating_sub(self.rest_cost_ns(stage))
+    }
+}
+
+struct Builder<R> {
+    stages: Vec<StagePlan<R>>,
+}
+
+/// A job under construction.
+pub struct Job<R> {
+    name: String,
+    slo: Duration,
+    graph: Rc<RefCell<Builder<R>>>,
+    deadline_hook: Option<DeadlineHook>,
+    source_batch_records: usize,
+    rate_records_per_s: Option<u64>,
+}
+
+/// A stream of records produced by a stage, with the stateless steps applied so far.
+pub struct Stream<R> {
+    graph: Rc<RefCell<Builder<R>>>,
+    stage: u32,
+    steps: Vec<Step<R>>,
+}
+
+/// A stream partitioned by key, ready for a keyed stage.
+pub struct KeyedStream<R> {
+    stream: Stream<R>,
+    key: KeyFn<R>,
+}
+
+impl<R: Send + 'static> Job<R> {
+    pub fn new(name: &str, slo: Duration) -> Self {
+        Job {
+            name: name.to_string(),
+            slo,
+            graph: Rc::new(RefCell::new(Builder { stages: Vec::new() })),
+            deadline_hook: None,
+            source_batch_records: 1024,
+            rate_records_per_s: None,
+        }
+    }
+
+    /// Pace the sources: `records_per_s` in total, split evenly over source partitions.
+    pub fn rate(&mut self, records_per_s: Option<u64>) -> &mut Self {
+        self.rate_records_per_s = records_per_s;
+        self
+    }
+
+    pub fn source_batch_records(&mut self, records: usize) -> &mut Self {
+        self.source_batch_records = records.max(1);
+        self
+    }
+
+    /// Replace the default deadline rule (origin + SLO - cost of the rest of the path).
+    pub fn deadline_hook(&mut self, hook: DeadlineHook) -> &mut Self {
+        self.deadline_hook = Some(hook);
+        self
+    }
+
+    pub fn source(&mut self, name: &str, parallelism: u32, factory: SourceFactory<R>) -> Stream<R> {
+        let stage = add_stage(&self.graph, name, parallelism, StageKind::Source(factory), vec![]);
+        Stream {
+            graph: self.graph.clone(),
+            stage,
+            steps: Vec::new(),
+        }
+    }
+
+    pub(crate) fn into_plan(self, id: JobId) -> Result<Plan<R>, String> {
+        let graph = Rc::try_unwrap(self.graph)
+            .map_err(|_| format!("job {}: a stream of it is still in use", self.name))?
+            .into_inner();
+        let stages = graph.stages;
+        if stages.is_empty() {
+            return Err(format!("job {} has no stages", self.name));
+        }
+        for stage in &stages {
+            if stage.parallelism == 0 {
+                return Err(format!("stage {} of job {} has parallelism 0", stage.name, self.name));
+            }
+            let is_sink = matches!(stage.kind, StageKind::Sink(_));
+            if !is_sink && stage.outputs.is_empty() {
+                return Err(format!(
+                    "stage {} of job {} has no consumer: end every stream in a sink",
+                    stage.name, self.name
+                ));
+            }
+        }
+        let slo_ns = self.slo.as_nanos().min(u64::MAX as u128) as u64;
+        Ok(Plan {
+            name: self.name,
+            id,
+            slo_ns,
+            metrics: Arc::new(JobMetrics::new(stages.len())),
+            stages,
+            deadline_hook: self.deadline_hook,
+            source_batch_records: self.source_batch_records,
+            rate_records_per_s: self.rate_records_per_s,
+        })
+    }
+}
+
+fn add_stage<R>(
+    graph: &Rc<RefCell<Builder<R>>>,
+    name: &str,
+    parallelism: u32,
+    kind: StageKind<R>,
+    inputs: Vec<u32>,
+) -> u32 {
+    let mut graph = graph.borrow_mut();
+    graph.stages.push(StagePlan {
+        name: name.to_string(),
+        parallelism,
+        kind,
+        outputs: Vec::new(),
+        inputs,
+    });
+    (graph.stages.len() - 1) as u32
+}
+
+impl<R: Send + 'static> Stream<R> {
+    fn with(&self, step: Step<R>) -> Stream<R> {
+        let mut steps = self.steps.clone();
+        steps.push(step);
+        Stream {
+            graph: self.graph.clone(),
+            stage: self.stage,
+            steps,
+        }
+    }
+
+    pub fn map(&self, f: impl Fn(R) -> R + Send + Sync + 'static) -> Stream<R> {
+        self.with(Step::Map(Arc::new(f)))
+    }
+
+    pub fn filter(&self, f: impl Fn(&R) -> bool + Send + Sync + 'static) -> Stream<R> {
+        self.with(Step::Filter(Arc::new(f)))
+    }
+
+    pub fn flat_map(&self, f: impl Fn(R, &mut Vec<R>) + Send + Sync + 'static) -> Stream<R> {
+        self.with(Step::FlatMap(Arc::new(f)))
+    }
+
+    pub fn key_by(&self, key: impl Fn(&R) -> u64 + Send + Sync + 'static) -> KeyedStream<R> {
+        KeyedStream {
+            stream: self.with_nothing(),
+            key: Arc::new(key),
+        }
+    }
+
+    fn with_nothing(&self) -> Stream<R> {
+        Stream {
+            graph: self.graph.clone(),
+            stage: self.stage,
+            steps: self.steps.clone(),
+        }
+    }
+
+    fn upstream_parallelism(&self) -> u32 {
+        self.graph.borrow().stages[self.stage as usize].parallelism
+    }
+
+    fn connect(&self, target: u32, input: u8, partitioner: Partitioner<R>) {
+        self.graph.borrow_mut().stages[self.stage as usize].outputs.push(Output {
+            steps: self.steps.clone(),
+            target,
+            input,
+            partitioner,
+        });
+    }
+
+    /// End the stream in a sink; upstream partition i feeds sink partition
+    /// i modulo `parallelism`.
+    pub fn sink(&self, name: &str, parallelism: u32, factory: SinkFactory<R>) {
+        let inputs = vec![self.upstream_parallelism()];
+        let stage = add_stage(&self.graph, name, parallelism, StageKind::Sink(factory), inputs);
+        self.connect(stage, 0, Partitioner::Forward);
+    }
+}
+
+impl<R: Send + 'static> KeyedStream<R> {
+    /// A keyed stage: each partition owns a range of key groups and sees every
+    /// record whose key falls in it, in order per upstream partition.
+    pub fn process(&self, name: &str, parallelism: u32, factory: OperatorFactory<R>) -> Stream<R> {
+        let inputs = vec![self.stream.upstream_parallelism()];
+        let graph = self.stream.graph.clone();
+        let stage = add_stage(&graph, name, parallelism, StageKind::Operator(factory), inputs);
+        self.stream.connect(stage, 0, Partitioner::Key(self.key.clone()));
+        Stream {
+            graph,
+            stage,
+            steps: Vec::new(),
+        }
+    }
+
+    /// A keyed stage with two inputs, this stream as input 0 and `other` as input 1,
+    /// partitioned alike so that equal keys meet in one partition.
+    pub fn join(
+        &self,
+        other: &KeyedStream<R>,
+        name: &str,
+        parallelism: u32,
+        factory: OperatorFactory<R>,
+    ) -> Stream<R> {
+        let inputs = vec![
+            self.stream.upstream_parallelism(),
+            other.stream.upstream_parallelism(),
+        ];
+        let graph = self.stream.graph.clone();
+        let stage = add_stage(&graph, name, parallelism, StageKind::Operator(factory), inputs);
+        self.stream.connect(stage, 0, Partitioner::Key(self.key.clone()));
+        other.stream.connect(stage, 1, Partitioner::Key(other.key.clone()));
+        Stream {
+            graph,
+            stage,
+            steps: Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! Event-time windows: assignment of a time to tumbling and sliding windows,
+//! aligned to the epoch and half-open `[start, end)`. A window is complete when the
+//! watermark reaches its end (no later record can have a time before it).
+
+/// The window of size `size_ms` that holds `time_ms`, as `(start, end)`.
+#[inline]
+pub fn tumbling(time_ms: i64, size_ms: i64) -> (i64, i64) {
+    let start = time_ms - time_ms.rem_euclid(size_ms);
+    (start, start + size_ms)
+}
+
+/// Every sliding window (size `size_ms`, a new one every `slide_ms`) that holds
+/// `time_ms`, earliest first.
+pub fn sliding(time_ms: i64, size_ms: i64, slide_ms: i64) -> impl Iterator<Item = (i64, i64)> {
+    let last_start = time_ms - time_ms.rem_euclid(slide_ms);
+    let count = (size_ms + slide_ms - 1) / slide_ms;
+    (0..count)
+        .rev()
+        .map(move |k| last_start - k * slide_ms)
+        .filter(move |&start| start + size_ms > time_ms)
+        .map(move |start| (start, start + size_ms))
+}
+
+/// Whether a window ending at `end_ms` may fire at `watermark_ms`.
+#[inline]
+pub fn complete(end_ms: i64, watermark_ms: i64) -> bool {
+    watermark_ms >= end_ms
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_are_aligned_and_half_open() {
+        let cases: &[(i64, i64, i64, &[(i64, i64)])] = &[
+            // time, size, slide, windows
+            (0, 10, 10, &[(0, 10)]),
+            (9, 10, 10, &[(0, 10)]),
+            (10, 10, 10, &[(10, 20)]),
+            (-1, 10, 10, &[(-10, 0)]),
+            (10_000, 10_000, 2_000, &[(2_000, 12_000), (4_000, 14_000), (6_000, 16_000), (8_000, 18_000), (10_000, 20_000)]),
+            (11_999, 10_000, 2_000, &[(2_000, 12_000), (4_000, 14_000), (6_000, 16_000), (8_000, 18_000), (10_000, 20_000)]),
+            (12_000, 10_000, 2_000, &[(4_000, 14_000), (6_000, 16_000), (8_000, 18_000), (10_000, 20_000), (12_000, 22_000)]),
+        ];
+        for &(time, size, slide, expected) in cases {
+            let got: Vec<_> = sliding(time, size, slide).collect();
+            assert_eq!(got, expected, "time {time} size {size} slide {slide}");
+            if size == slide {
+                assert_eq!(vec![tumbling(time, size)], expected);
+            }
+        }
+        assert!(complete(10, 10) && !complete(10, 9));
+    }
+}

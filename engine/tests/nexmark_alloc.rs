@@ -1,0 +1,77 @@
+//! Checks the allocation claims of the Nexmark module with a counting allocator (its
+//! own test binary, so no other test sees the allocator): generating events into a
+//! reserved Vec allocates nothing, and reading JSON Lines allocates at most one buffer
+//! per string field of the events read.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+use dirigo_engine::nexmark::{write_json_line, Event, EventReader, Generator, GeneratorConfig};
+
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocations() -> u64 {
+    ALLOCATIONS.with(Cell::get)
+}
+
+fn string_fields(e: &Event) -> u64 {
+    match e {
+        Event::Person(_) => 6,
+        Event::Auction(_) => 3,
+        Event::Bid(_) => 3,
+    }
+}
+
+#[test]
+fn nexmark_fill_and_read_allocate_only_event_strings() {
+    let g = Generator::new(GeneratorConfig::default()).expect("valid config");
+    let mut events = Vec::with_capacity(100_000);
+    g.fill(0..10, &mut events); // builds the static pools
+    events.clear();
+    let before = allocations();
+    g.fill(0..100_000, &mut events);
+    assert_eq!(allocations() - before, 0, "generating events allocated");
+
+    let mut text = Vec::new();
+    for e in &events {
+        write_json_line(e, &mut text);
+    }
+    let budget: u64 = events.iter().map(string_fields).sum();
+    let mut reader = EventReader::new(&text[..]);
+    let first = reader.next();
+    assert!(matches!(first, Some(Ok(_))));
+    let before = allocations();
+    let mut read = 1;
+    for event in reader.by_ref() {
+        assert!(event.is_ok());
+        read += 1;
+    }
+    let used = allocations() - before;
+    assert_eq!(read, events.len());
+    assert!(
+        used <= budget,
+        "reading allocated {used} times for {budget} string fields"
+    );
+    println!("nexmark_alloc: reading allocated {used} times for {budget} string fields");
+}
