@@ -9,14 +9,22 @@ use crate::actor::{Actor, BoxActor, Context, SchedCtx};
 use crate::clock::monotonic_ns;
 use crate::ids::ActorId;
 
-use super::graph::{Operator, Output, Partitioner, Plan, Sink, Source, SourceBatch, StageKind, Step};
+use super::graph::{
+    Operator, Output, Partitioner, Plan, Sink, Source, SourceBatch, StageKind, Step,
+};
 use super::{key_group, partition_of_group, DataMsg, END_OF_INPUT};
 
-pub(crate) fn activate<R: Clone + Send + 'static>(plan: Arc<Plan<R>>, id: ActorId) -> BoxActor<DataMsg<R>> {
+pub(crate) fn activate<R: Clone + Send + 'static>(
+    plan: Arc<Plan<R>>,
+    id: ActorId,
+) -> BoxActor<DataMsg<R>> {
     let stage = id.operator;
     let partition = id.partition;
     let stage_plan = &plan.stages[stage as usize];
-    assert!(partition < stage_plan.parallelism, "{id} beyond its stage's parallelism");
+    assert!(
+        partition < stage_plan.parallelism,
+        "{id} beyond its stage's parallelism"
+    );
     match &stage_plan.kind {
         StageKind::Source(factory) => {
             let source = factory(partition, stage_plan.parallelism);
@@ -69,9 +77,18 @@ impl Watermarks {
     /// Record a watermark; returns the new minimum if it advanced.
     fn update(&mut self, input: u8, from: u32, watermark_ms: i64) -> Option<i64> {
         let slot = &mut self.per_input[input as usize][from as usize];
-        debug_assert!(watermark_ms >= *slot, "watermark went back on input {input} from {from}");
+        debug_assert!(
+            watermark_ms >= *slot,
+            "watermark went back on input {input} from {from}"
+        );
         *slot = (*slot).max(watermark_ms);
-        let minimum = self.per_input.iter().flatten().copied().min().unwrap_or(END_OF_INPUT);
+        let minimum = self
+            .per_input
+            .iter()
+            .flatten()
+            .copied()
+            .min()
+            .unwrap_or(END_OF_INPUT);
         if minimum > self.current_ms {
             self.current_ms = minimum;
             Some(minimum)
@@ -96,7 +113,11 @@ impl<R: Send + 'static> Emitter<R> {
         let buffers = plan.stages[stage as usize]
             .outputs
             .iter()
-            .map(|o| (0..plan.stages[o.target as usize].parallelism).map(|_| Vec::new()).collect())
+            .map(|o| {
+                (0..plan.stages[o.target as usize].parallelism)
+                    .map(|_| Vec::new())
+                    .collect()
+            })
             .collect();
         Emitter {
             stage,
@@ -128,7 +149,13 @@ impl<R: Send + 'static> Emitter<R> {
         }
     }
 
-    fn partition_out(&mut self, plan: &Plan<R>, o: usize, output: &Output<R>, ctx: &mut Context<'_, DataMsg<R>>) {
+    fn partition_out(
+        &mut self,
+        plan: &Plan<R>,
+        o: usize,
+        output: &Output<R>,
+        ctx: &mut Context<'_, DataMsg<R>>,
+    ) {
         let targets = self.buffers[o].len() as u32;
         match &output.partitioner {
             Partitioner::Key(key) => {
@@ -149,7 +176,14 @@ impl<R: Send + 'static> Emitter<R> {
             }
             let records = std::mem::take(buffer);
             let to = ActorId::new(plan.id, output.target, p as u32);
-            ctx.send_with(to, DataMsg::Records { input: output.input, records }, sched);
+            ctx.send_with(
+                to,
+                DataMsg::Records {
+                    input: output.input,
+                    records,
+                },
+                sched,
+            );
         }
     }
 
@@ -236,7 +270,8 @@ impl<R: Send + Clone + 'static> SourceActor<R> {
             return ((allowed - self.produced) as usize).min(max);
         }
         // Come back when the next record is due.
-        let due_ns = self.started_ns + ((self.produced + 1) as u128 * 1_000_000_000 / rate as u128) as u64;
+        let due_ns =
+            self.started_ns + ((self.produced + 1) as u128 * 1_000_000_000 / rate as u128) as u64;
         ctx.send_self_at(due_ns, DataMsg::Tick, ctx.sched());
         0
     }
@@ -271,7 +306,9 @@ impl<R: Send + Clone + 'static> Actor for SourceActor<R> {
         let mut batch = std::mem::take(&mut self.batch);
         let status = self.source.next_batch(max, &mut batch);
         self.produced += batch.len() as u64;
-        plan.metrics.source_records.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        plan.metrics
+            .source_records
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
         self.emitter.emit(&plan, batch, ctx);
         match status {
             SourceBatch::More { watermark_ms } => {
@@ -286,8 +323,14 @@ impl<R: Send + Clone + 'static> Actor for SourceActor<R> {
                 self.done = true;
                 self.emitter.watermark(&plan, END_OF_INPUT, ctx);
             }
+            SourceBatch::Failed(message) => {
+                self.done = true;
+                plan.metrics.fail(message);
+                self.emitter.watermark(&plan, END_OF_INPUT, ctx);
+            }
         }
-        plan.metrics.observe_cost(self.emitter.stage, monotonic_ns().saturating_sub(now_ns));
+        plan.metrics
+            .observe_cost(self.emitter.stage, monotonic_ns().saturating_sub(now_ns));
     }
 }
 
@@ -312,7 +355,11 @@ impl<R: Send + Clone + 'static> Actor for StageActor<R> {
                 let out = std::mem::take(&mut self.out);
                 self.emitter.emit(&plan, out, ctx);
             }
-            DataMsg::Watermark { input, from, watermark_ms } => {
+            DataMsg::Watermark {
+                input,
+                from,
+                watermark_ms,
+            } => {
                 if let Some(current) = self.inputs.update(input, from, watermark_ms) {
                     self.operator.on_watermark(current, &mut self.out);
                     let out = std::mem::take(&mut self.out);
@@ -321,7 +368,8 @@ impl<R: Send + Clone + 'static> Actor for StageActor<R> {
                 }
             }
         }
-        plan.metrics.observe_cost(self.emitter.stage, monotonic_ns().saturating_sub(start_ns));
+        plan.metrics
+            .observe_cost(self.emitter.stage, monotonic_ns().saturating_sub(start_ns));
     }
 }
 
@@ -343,12 +391,18 @@ impl<R: Send + 'static> Actor for SinkActor<R> {
             DataMsg::Records { records, .. } => {
                 self.sink.write(&records);
                 let metrics = &self.plan.metrics;
-                metrics.outputs.fetch_add(records.len() as u64, Ordering::Relaxed);
+                metrics
+                    .outputs
+                    .fetch_add(records.len() as u64, Ordering::Relaxed);
                 let latency_ns = start_ns.saturating_sub(ctx.sched().origin_ns);
                 let mut histogram = metrics.latency_us.lock().expect("latency lock poisoned");
                 crate::runtime::stats::record_us(&mut histogram, latency_ns, records.len() as u64);
             }
-            DataMsg::Watermark { input, from, watermark_ms } => {
+            DataMsg::Watermark {
+                input,
+                from,
+                watermark_ms,
+            } => {
                 let advanced = self.inputs.update(input, from, watermark_ms);
                 if advanced == Some(END_OF_INPUT) && !self.finished {
                     self.finished = true;
@@ -357,6 +411,8 @@ impl<R: Send + 'static> Actor for SinkActor<R> {
                 }
             }
         }
-        self.plan.metrics.observe_cost(self.stage, monotonic_ns().saturating_sub(start_ns));
+        self.plan
+            .metrics
+            .observe_cost(self.stage, monotonic_ns().saturating_sub(start_ns));
     }
 }

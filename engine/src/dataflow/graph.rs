@@ -50,7 +50,7 @@
 //! let mut sums = rows.lock().unwrap().clone();
 //! sums.sort();
 //! // Even numbers below 1000 by last digit 0, 2, 4, 6, 8.
-//! assert_eq!(sums, vec![49500, 49600, 49700, 49800, 49900]);
+//! assert_eq!(sums, vec![49500, 49700, 49900, 50100, 50300]);
 //! dataflow.shutdown();
 //! ```
 
@@ -70,6 +70,9 @@ pub enum SourceBatch {
     More { watermark_ms: i64 },
     /// The input is exhausted (records may have been appended too).
     Done,
+    /// The input is bad; the job ends with this error (records appended before it
+    /// are processed).
+    Failed(String),
 }
 
 /// A partition of a source: produces batches on demand.
@@ -100,11 +103,15 @@ pub type KeyFn<R> = Arc<dyn Fn(&R) -> u64 + Send + Sync>;
 /// Refines a message's deadline for the stage it goes to.
 pub type DeadlineHook = Arc<dyn Fn(&SchedCtx, u32) -> u64 + Send + Sync>;
 
+type MapFn<R> = Arc<dyn Fn(R) -> R + Send + Sync>;
+type FilterFn<R> = Arc<dyn Fn(&R) -> bool + Send + Sync>;
+type FlatMapFn<R> = Arc<dyn Fn(R, &mut Vec<R>) + Send + Sync>;
+
 /// A stateless step fused into the stage that produces its input.
 pub(crate) enum Step<R> {
-    Map(Arc<dyn Fn(R) -> R + Send + Sync>),
-    Filter(Arc<dyn Fn(&R) -> bool + Send + Sync>),
-    FlatMap(Arc<dyn Fn(R, &mut Vec<R>) + Send + Sync>),
+    Map(MapFn<R>),
+    Filter(FilterFn<R>),
+    FlatMap(FlatMapFn<R>),
 }
 
 impl<R> Clone for Step<R> {
@@ -275,7 +282,13 @@ impl<R: Send + 'static> Job<R> {
     }
 
     pub fn source(&mut self, name: &str, parallelism: u32, factory: SourceFactory<R>) -> Stream<R> {
-        let stage = add_stage(&self.graph, name, parallelism, StageKind::Source(factory), vec![]);
+        let stage = add_stage(
+            &self.graph,
+            name,
+            parallelism,
+            StageKind::Source(factory),
+            vec![],
+        );
         Stream {
             graph: self.graph.clone(),
             stage,
@@ -293,7 +306,10 @@ impl<R: Send + 'static> Job<R> {
         }
         for stage in &stages {
             if stage.parallelism == 0 {
-                return Err(format!("stage {} of job {} has parallelism 0", stage.name, self.name));
+                return Err(format!(
+                    "stage {} of job {} has parallelism 0",
+                    stage.name, self.name
+                ));
             }
             let is_sink = matches!(stage.kind, StageKind::Sink(_));
             if !is_sink && stage.outputs.is_empty() {
@@ -378,19 +394,27 @@ impl<R: Send + 'static> Stream<R> {
     }
 
     fn connect(&self, target: u32, input: u8, partitioner: Partitioner<R>) {
-        self.graph.borrow_mut().stages[self.stage as usize].outputs.push(Output {
-            steps: self.steps.clone(),
-            target,
-            input,
-            partitioner,
-        });
+        self.graph.borrow_mut().stages[self.stage as usize]
+            .outputs
+            .push(Output {
+                steps: self.steps.clone(),
+                target,
+                input,
+                partitioner,
+            });
     }
 
     /// End the stream in a sink; upstream partition i feeds sink partition
     /// i modulo `parallelism`.
     pub fn sink(&self, name: &str, parallelism: u32, factory: SinkFactory<R>) {
         let inputs = vec![self.upstream_parallelism()];
-        let stage = add_stage(&self.graph, name, parallelism, StageKind::Sink(factory), inputs);
+        let stage = add_stage(
+            &self.graph,
+            name,
+            parallelism,
+            StageKind::Sink(factory),
+            inputs,
+        );
         self.connect(stage, 0, Partitioner::Forward);
     }
 }
@@ -401,8 +425,15 @@ impl<R: Send + 'static> KeyedStream<R> {
     pub fn process(&self, name: &str, parallelism: u32, factory: OperatorFactory<R>) -> Stream<R> {
         let inputs = vec![self.stream.upstream_parallelism()];
         let graph = self.stream.graph.clone();
-        let stage = add_stage(&graph, name, parallelism, StageKind::Operator(factory), inputs);
-        self.stream.connect(stage, 0, Partitioner::Key(self.key.clone()));
+        let stage = add_stage(
+            &graph,
+            name,
+            parallelism,
+            StageKind::Operator(factory),
+            inputs,
+        );
+        self.stream
+            .connect(stage, 0, Partitioner::Key(self.key.clone()));
         Stream {
             graph,
             stage,
@@ -424,9 +455,18 @@ impl<R: Send + 'static> KeyedStream<R> {
             other.stream.upstream_parallelism(),
         ];
         let graph = self.stream.graph.clone();
-        let stage = add_stage(&graph, name, parallelism, StageKind::Operator(factory), inputs);
-        self.stream.connect(stage, 0, Partitioner::Key(self.key.clone()));
-        other.stream.connect(stage, 1, Partitioner::Key(other.key.clone()));
+        let stage = add_stage(
+            &graph,
+            name,
+            parallelism,
+            StageKind::Operator(factory),
+            inputs,
+        );
+        self.stream
+            .connect(stage, 0, Partitioner::Key(self.key.clone()));
+        other
+            .stream
+            .connect(stage, 1, Partitioner::Key(other.key.clone()));
         Stream {
             graph,
             stage,

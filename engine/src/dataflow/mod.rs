@@ -78,6 +78,8 @@ pub struct JobMetrics {
     pub source_records: AtomicU64,
     sinks_done: AtomicU64,
     latency_us: Mutex<Histogram<u32>>,
+    /// The first error a source reported; the job then ends early.
+    error: Mutex<Option<String>>,
     /// Average handling time per message of each stage, in ns (exponential average).
     stage_cost_ns: Vec<AtomicU64>,
 }
@@ -89,6 +91,7 @@ impl JobMetrics {
             source_records: AtomicU64::new(0),
             sinks_done: AtomicU64::new(0),
             latency_us: Mutex::new(crate::runtime::stats::new_histogram()),
+            error: Mutex::new(None),
             stage_cost_ns: (0..stages).map(|_| AtomicU64::new(0)).collect(),
         }
     }
@@ -104,12 +107,28 @@ impl JobMetrics {
     fn observe_cost(&self, stage: u32, cost_ns: u64) {
         let slot = &self.stage_cost_ns[stage as usize];
         let old = slot.load(Ordering::Relaxed);
-        let new = if old == 0 { cost_ns } else { (old * 7 + cost_ns) / 8 };
+        let new = if old == 0 {
+            cost_ns
+        } else {
+            (old * 7 + cost_ns) / 8
+        };
         slot.store(new, Ordering::Relaxed);
     }
 
+    fn fail(&self, message: String) {
+        let mut error = self.error.lock().expect("error lock poisoned");
+        error.get_or_insert(message);
+    }
+
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().expect("error lock poisoned").clone()
+    }
+
     pub fn latency_us(&self) -> Histogram<u32> {
-        self.latency_us.lock().expect("latency lock poisoned").clone()
+        self.latency_us
+            .lock()
+            .expect("latency lock poisoned")
+            .clone()
     }
 }
 
@@ -180,7 +199,10 @@ impl JobHandle {
             std::thread::sleep(Duration::from_micros(pause_us));
             pause_us = (pause_us * 2).min(2_000);
         }
-        Ok(self.report())
+        match self.metrics.error() {
+            Some(error) => Err(format!("job {}: {error}", self.name)),
+            None => Ok(self.report()),
+        }
     }
 
     pub fn report(&self) -> JobReport {

@@ -5,6 +5,7 @@
 pub mod event;
 pub mod generator;
 pub mod json;
+pub mod queries;
 
 pub use event::{Auction, Bid, Event, Person, Text};
 pub use generator::{interleaved_chunks, split, Generator, GeneratorConfig, GeneratorConfigError};

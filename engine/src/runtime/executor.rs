@@ -82,7 +82,9 @@ impl<M: Send + 'static> ShardThread<M> {
                     || shared.external[me].len.load(Ordering::Acquire) > 0
                     || inputs.iter().flatten().any(|c| !c.is_empty())
             });
-            let wake_ns = core.next_timer_ns().map_or(next_housekeeping_ns, |t| t.min(next_housekeeping_ns));
+            let wake_ns = core
+                .next_timer_ns()
+                .map_or(next_housekeeping_ns, |t| t.min(next_housekeeping_ns));
             let wait = Duration::from_nanos(wake_ns.saturating_sub(now_ns).max(1));
             // A timeout is the housekeeping tick, not an error.
             let _ = glommio::timer::timeout(wait, async {

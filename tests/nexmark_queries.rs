@@ -1,0 +1,265 @@
+//! Every Nexmark query, run by the engine, against the plain reference
+//! implementation in `tests/reference`: several seeds, input sizes and event rates,
+//! 1 and 2 shards, the generator and the file source, all queries of a round as
+//! concurrent jobs on one engine, and runs where actors are migrated while they work.
+
+mod reference;
+
+use std::io::BufReader;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dirigo_engine::dataflow::{Dataflow, DataflowConfig, JobHandle};
+use dirigo_engine::nexmark::queries::{
+    build, CollectSink, EventSource, QueryOptions, Row, QUERIES,
+};
+use dirigo_engine::nexmark::{write_json_line, Event, Generator, GeneratorConfig};
+use dirigo_engine::ShardId;
+use serde_json::Value;
+
+fn engine(shards: usize) -> Dataflow<Row> {
+    let mut config = DataflowConfig::default();
+    config.runtime.shards = shards;
+    Dataflow::start(config).expect("engine starts")
+}
+
+fn events(config: &GeneratorConfig, n: u64) -> Vec<Event> {
+    let mut out = Vec::new();
+    Generator::new(config.clone())
+        .expect("valid config")
+        .fill(0..n, &mut out);
+    out
+}
+
+struct Submitted {
+    query: &'static str,
+    handle: JobHandle,
+    rows: Arc<Mutex<Vec<Row>>>,
+}
+
+fn submit(
+    dataflow: &mut Dataflow<Row>,
+    query: &'static str,
+    source: EventSource,
+    rate: Option<u64>,
+) -> Submitted {
+    let rows = Arc::new(Mutex::new(Vec::new()));
+    let collected = rows.clone();
+    let shards = dataflow.shards() as u32;
+    let options = QueryOptions {
+        source,
+        source_parallelism: shards,
+        parallelism: 2 * shards + 1,
+        slo: Duration::from_millis(50),
+        rate_events_per_s: rate,
+        sink: Arc::new(move |_| Box::new(CollectSink(collected.clone()))),
+        sink_parallelism: shards,
+    };
+    let job = build(query, &options).expect("query builds");
+    let handle = dataflow.submit(job).expect("job submits");
+    Submitted {
+        query,
+        handle,
+        rows,
+    }
+}
+
+/// The engine's rows in the reference's terms: q4 keeps the last update per category.
+fn comparable(query: &str, rows: &[Row]) -> Vec<Value> {
+    let json: Vec<Value> = rows.iter().map(Row::to_json).collect();
+    if query != "q4" {
+        return json;
+    }
+    let mut last = std::collections::BTreeMap::new();
+    for row in json {
+        last.insert(row["category"].as_u64().expect("category"), row);
+    }
+    last.into_values().collect()
+}
+
+fn check(submitted: Vec<Submitted>, input: &[Event], context: &str) {
+    for s in submitted {
+        s.handle
+            .wait(Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("{context}: {e}"));
+        let expected = reference::query(s.query, input);
+        let actual = comparable(s.query, &s.rows.lock().unwrap());
+        eprintln!("{context} {}: {} rows", s.query, actual.len());
+        let outcome = std::panic::catch_unwind(|| reference::assert_same_rows(&expected, &actual));
+        if let Err(e) = outcome {
+            let message = e.downcast_ref::<String>().cloned().unwrap_or_default();
+            panic!("{context} {}: {message}", s.query);
+        }
+    }
+}
+
+#[test]
+fn every_query_matches_the_reference_on_generated_input() {
+    for shards in [1, 2] {
+        let mut dataflow = engine(shards);
+        for seed in [1u64, 2, 3] {
+            for (events_n, rate) in [(5_000u64, 1_000u64), (60_000, 2_000), (40_000, 10_000_000)] {
+                let config = GeneratorConfig {
+                    seed,
+                    events_per_second: rate,
+                    ..GeneratorConfig::default()
+                };
+                let input = events(&config, events_n);
+                let submitted = QUERIES
+                    .iter()
+                    .map(|q| {
+                        submit(
+                            &mut dataflow,
+                            q,
+                            EventSource::Generator {
+                                config: config.clone(),
+                                events: events_n,
+                            },
+                            None,
+                        )
+                    })
+                    .collect();
+                check(
+                    submitted,
+                    &input,
+                    &format!("shards {shards} seed {seed} events {events_n} rate {rate}"),
+                );
+            }
+        }
+        dataflow.shutdown();
+    }
+}
+
+#[test]
+fn every_query_matches_the_reference_from_a_file() {
+    let config = GeneratorConfig {
+        seed: 9,
+        events_per_second: 1_500,
+        ..GeneratorConfig::default()
+    };
+    let input = events(&config, 30_000);
+    let mut lines = Vec::new();
+    for event in &input {
+        write_json_line(event, &mut lines);
+    }
+    let lines = Arc::new(lines);
+    let mut dataflow = engine(2);
+    let submitted = QUERIES
+        .iter()
+        .map(|q| {
+            let bytes = lines.clone();
+            let open = Arc::new(move || -> Box<dyn std::io::BufRead + Send> {
+                Box::new(BufReader::new(std::io::Cursor::new(bytes.as_ref().clone())))
+            });
+            submit(
+                &mut dataflow,
+                q,
+                EventSource::Reader {
+                    open,
+                    skip_malformed: false,
+                },
+                None,
+            )
+        })
+        .collect();
+    check(submitted, &input, "file source");
+    dataflow.shutdown();
+}
+
+#[test]
+fn every_query_matches_the_reference_while_actors_move() {
+    for seed in [4u64, 5] {
+        let shards = 2;
+        let mut dataflow = engine(shards);
+        let events_n = 40_000;
+        let config = GeneratorConfig {
+            seed,
+            events_per_second: 2_000,
+            ..GeneratorConfig::default()
+        };
+        let input = events(&config, events_n);
+        // Paced so that the jobs run long enough (about 0.4 s) to be moved around.
+        let submitted: Vec<Submitted> = QUERIES
+            .iter()
+            .map(|q| {
+                submit(
+                    &mut dataflow,
+                    q,
+                    EventSource::Generator {
+                        config: config.clone(),
+                        events: events_n,
+                    },
+                    Some(100_000),
+                )
+            })
+            .collect();
+        let actors: Vec<_> = submitted
+            .iter()
+            .flat_map(|s| dataflow.actors(s.handle.id))
+            .collect();
+        let mut rng = dirigo_engine::runtime::sim::SimRng::new(seed);
+        let mut migrations = 0;
+        while !submitted.iter().all(|s| s.handle.is_done()) && migrations < 5_000 {
+            let actor = actors[rng.below(actors.len() as u64) as usize];
+            dataflow.migrate(actor, ShardId(rng.below(shards as u64) as u16));
+            migrations += 1;
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let moved: u64 = dataflow
+            .stats()
+            .shards
+            .iter()
+            .map(|s| s.migrations_in)
+            .sum();
+        assert!(moved > 50, "seed {seed}: only {moved} actors moved");
+        check(
+            submitted,
+            &input,
+            &format!("migrating seed {seed} ({moved} moves)"),
+        );
+        dataflow.shutdown();
+    }
+}
+
+#[test]
+fn a_malformed_line_fails_the_job_with_its_line_number() {
+    let text = "{\"type\":\"person\",\"id\":1000,\"name\":\"a\",\"email_address\":\"b\",\"credit_card\":\"c\",\"city\":\"d\",\"state\":\"OR\",\"date_time\":1,\"extra\":\"\"}\n{\"type\":\"bid\",\"auction\":1000}\n";
+    let mut dataflow = engine(1);
+    let open = Arc::new(move || -> Box<dyn std::io::BufRead + Send> {
+        Box::new(std::io::Cursor::new(text.as_bytes().to_vec()))
+    });
+    let s = submit(
+        &mut dataflow,
+        "q0",
+        EventSource::Reader {
+            open,
+            skip_malformed: false,
+        },
+        None,
+    );
+    let error = s
+        .handle
+        .wait(Duration::from_secs(30))
+        .err()
+        .expect("the job fails");
+    assert!(error.contains("line 2"), "{error}");
+    dataflow.shutdown();
+}
+
+#[test]
+fn an_unknown_query_is_a_clear_error() {
+    let options = QueryOptions {
+        source: EventSource::Generator {
+            config: GeneratorConfig::default(),
+            events: 1,
+        },
+        source_parallelism: 1,
+        parallelism: 1,
+        slo: Duration::from_millis(10),
+        rate_events_per_s: None,
+        sink: Arc::new(|_| Box::new(dirigo_engine::nexmark::queries::NullSink)),
+        sink_parallelism: 1,
+    };
+    let error = build("q6", &options).err().expect("q6 is not built");
+    assert!(error.contains("q6") && error.contains("q5"), "{error}");
+}
