@@ -1,1 +1,73 @@
-//! placeholder
+//! Dirigo's benchmark workloads, each measured against its baseline in the same
+//! run. The `dirigo bench <name>` subcommands of the binary call these; nothing
+//! here is a test, and no timing here decides whether anything passes.
+//!
+//! - [`actors`]: messages per second between two actors on one shard, across two
+//!   shards (one payload per message, and 64 per message as the dataflow sends
+//!   them), against glommio's raw channel mesh between the same two cores.
+//! - [`migrate`]: the pause of a live migration of an actor with 1 MiB of state,
+//!   under a steady stream of messages from both shards, and the exactly-once,
+//!   in-order check of every message across 1000 moves.
+//!
+//! Each workload has a `Config` and a `run(&Config) -> Result<Report, BenchError>`;
+//! the `Report` serializes to the JSON object the CLI prints with `--json`, and
+//! `Display` renders it as a table. Progress goes to stderr, figures to stdout.
+//!
+//! Method: every figure is the median of `runs` measurements (3 by default), each
+//! on a freshly started runtime, so one noisy run on a shared machine does not
+//! decide the figure. The individual samples are in the report too.
+
+pub mod actors;
+pub mod machine;
+pub mod migrate;
+
+use std::fmt;
+
+/// Why a benchmark could not produce its figures (a runtime that did not start,
+/// or a workload that made no progress within its time limit).
+#[derive(Debug)]
+pub struct BenchError(pub String);
+
+impl fmt::Display for BenchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BenchError {}
+
+/// The median of `samples` (the mean of the two middle ones for an even count).
+pub fn median(samples: &[f64]) -> f64 {
+    assert!(!samples.is_empty(), "median of no samples");
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let middle = sorted.len() / 2;
+    if sorted.len() % 2 == 1 {
+        sorted[middle]
+    } else {
+        (sorted[middle - 1] + sorted[middle]) / 2.0
+    }
+}
+
+/// Progress line on stderr, when asked for.
+pub(crate) fn progress(enabled: bool, line: fmt::Arguments<'_>) {
+    if enabled {
+        eprintln!("dirigo bench: {line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        for (samples, expected) in [
+            (&[3.0][..], 3.0),
+            (&[5.0, 1.0, 3.0][..], 3.0),
+            (&[4.0, 1.0, 3.0, 2.0][..], 2.5),
+        ] {
+            assert_eq!(median(samples), expected, "{samples:?}");
+        }
+    }
+}

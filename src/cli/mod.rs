@@ -1,0 +1,48 @@
+//! The command line: argument parsing (clap derive) and dispatch to one file per
+//! subcommand. Conventions every subcommand keeps: progress on stderr, figures
+//! on stdout, and with `--json` the last line of stdout is one JSON object. A bad
+//! flag or value is clap's error (naming it) and exit status 2; a failure while
+//! running is a one-line error on stderr and exit status 1.
+
+mod bench;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "dirigo",
+    version,
+    about = "Serverless, thread-per-core stream processor on virtual actors"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the version.
+    Version,
+    /// Run a benchmark against its baseline, measured in the same run.
+    Bench(bench::BenchArgs),
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Version => {
+            println!("dirigo {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Command::Bench(args) => bench::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("dirigo: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
