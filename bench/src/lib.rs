@@ -20,6 +20,7 @@
 pub mod actors;
 pub mod machine;
 pub mod migrate;
+pub mod nexmark;
 
 use std::fmt;
 

@@ -4,7 +4,7 @@
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
-use dirigo_bench::{actors, migrate, BenchError};
+use dirigo_bench::{actors, migrate, nexmark, BenchError};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -36,6 +36,25 @@ enum BenchName {
         /// Moves of the actor between shard 0 and shard 1.
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
         migrations: u64,
+    },
+    /// Each Nexmark query at full speed (events/s, per core, against the bare
+    /// generator) and paced at half that rate for latency.
+    Nexmark {
+        /// Print the report as one JSON object on the last line of stdout.
+        #[arg(long)]
+        json: bool,
+        /// Events per full-speed run.
+        #[arg(long, default_value_t = 20_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+        events: u64,
+        /// Shards (cores); default: every online core.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+        cores: Option<u64>,
+        /// Queries to run, comma-separated.
+        #[arg(long, default_value = "q0,q1,q2,q3,q4,q5,q7,q8", value_delimiter = ',')]
+        queries: Vec<String>,
+        /// Seconds of paced input for the latency figures.
+        #[arg(long, default_value_t = 2.0)]
+        latency_seconds: f64,
     },
 }
 
@@ -69,6 +88,45 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
                     report.lost, report.duplicated, report.out_of_order
                 )))
             }
+        }
+        BenchName::Nexmark {
+            json,
+            events,
+            cores,
+            queries,
+            latency_seconds,
+        } => {
+            let config = nexmark::SuiteConfig {
+                cores: cores.map_or_else(dirigo_engine::runtime::online_cores, |n| n as usize),
+                events,
+                queries,
+                latency_seconds: latency_seconds.clamp(0.1, 600.0),
+            };
+            let report = nexmark::run_suite(&config)?;
+            if json {
+                let line = serde_json::to_string(&report).expect("a report serializes to JSON");
+                println!("{line}");
+            } else {
+                println!("machine: {} ({} cores used)", report.machine, report.cores);
+                println!(
+                    "baseline: bare generator {:.2}M events/s",
+                    report.generator_events_per_s / 1e6
+                );
+                println!("query  events/s     per core     vs generator  latency@50%: p50    p99    p99.9    max (us)");
+                for (query, f) in &report.queries {
+                    println!(
+                        "{query:<6} {:>11.0}  {:>11.0}  {:>11.3}   {:>10} {:>6} {:>8} {:>6}",
+                        f.events_per_s,
+                        f.events_per_s_per_core,
+                        f.generator_ratio,
+                        f.latency_us_p50,
+                        f.latency_us_p99,
+                        f.latency_us_p999,
+                        f.latency_us_max
+                    );
+                }
+            }
+            Ok(())
         }
     }
 }

@@ -5,6 +5,8 @@
 //! running is a one-line error on stderr and exit status 1.
 
 mod bench;
+mod gen;
+mod run;
 
 use std::process::ExitCode;
 
@@ -25,6 +27,10 @@ struct Cli {
 enum Command {
     /// Print the version.
     Version,
+    /// Run a Nexmark query on an embedded single-node engine.
+    Run(run::RunArgs),
+    /// Write Nexmark events as JSON Lines.
+    Gen(gen::GenArgs),
     /// Run a benchmark against its baseline, measured in the same run.
     Bench(bench::BenchArgs),
 }
@@ -36,7 +42,9 @@ pub fn main() -> ExitCode {
             println!("dirigo {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
-        Command::Bench(args) => bench::run(args),
+        Command::Run(args) => run::run(args),
+        Command::Gen(args) => gen::run(args),
+        Command::Bench(args) => bench::run(args).map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
