@@ -27,8 +27,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use dirigo_engine::runtime::stats::{new_histogram, record_us};
 use dirigo_engine::runtime::MemoryStateStore;
 use dirigo_engine::{
     encode_state, Actor, ActorId, BoxActor, Context, JobId, Runtime, SchedCtx, ShardId, StateBytes,
@@ -88,7 +90,17 @@ pub struct Report {
     pub pause_us_max: u64,
     /// Pauses recorded in the histogram.
     pub pauses: u64,
+    /// Seen from the bench thread: `Runtime::migrate` called to the first
+    /// message handled on the new shard (includes the external queue and the
+    /// bench thread's 20 µs polling).
+    pub request_us_p50: u64,
+    pub request_us_p99: u64,
+    pub request_us_max: u64,
     pub elapsed_s: f64,
+    /// Turns that took over 10 ms (`RuntimeStats::stalls`). The bench's turns
+    /// take microseconds, so a stall means the OS took the core from a shard
+    /// (another process on a shared machine): pauses then include that time.
+    pub stalls: u64,
     pub sent: u64,
     /// Messages the state actor handled.
     pub messages: u64,
@@ -244,7 +256,7 @@ pub fn run(config: &Config) -> Result<Report, BenchError> {
     let result = drive(config, &runtime, &shared, state_actor, &senders);
     let stats = runtime.stats();
     runtime.shutdown();
-    let elapsed_s = result?;
+    let (elapsed_s, requests) = result?;
     let pauses = stats.migration_pause_us();
     let sent: u64 = shared.sent.iter().map(|s| s.load(Ordering::Acquire)).sum();
     let messages = shared.handled.load(Ordering::Acquire);
@@ -258,7 +270,11 @@ pub fn run(config: &Config) -> Result<Report, BenchError> {
         pause_us_p99: pauses.value_at_quantile(0.99),
         pause_us_max: pauses.max(),
         pauses: pauses.len(),
+        request_us_p50: requests.value_at_quantile(0.5),
+        request_us_p99: requests.value_at_quantile(0.99),
+        request_us_max: requests.max(),
         elapsed_s,
+        stalls: stats.stalls(),
         sent,
         messages,
         lost: sent.saturating_sub(messages),
@@ -269,14 +285,15 @@ pub fn run(config: &Config) -> Result<Report, BenchError> {
 }
 
 /// Start the senders, migrate, stop and drain; returns the seconds the
-/// migrations took.
+/// migrations took and how long each took as seen from this thread.
 fn drive(
     config: &Config,
     runtime: &Runtime<Msg>,
     shared: &Shared,
     state_actor: ActorId,
     senders: &[ActorId],
-) -> Result<f64, BenchError> {
+) -> Result<(f64, Histogram<u32>), BenchError> {
+    let mut requests = new_histogram();
     for &sender in senders {
         runtime.send(sender, Msg::Tick, sched());
     }
@@ -288,12 +305,14 @@ fn drive(
     let mut shard = 0u32;
     for migration in 1..=config.migrations {
         let to = 1 - shard;
+        let asked = Instant::now();
         runtime.migrate(state_actor, ShardId(to as u16));
         wait_until(
             config.migration_time_max,
             &format!("migration {migration} to shard {to}"),
             || shared.shard.load(Ordering::Acquire) == to,
         )?;
+        record_us(&mut requests, asked.elapsed().as_nanos() as u64, 1);
         shard = to;
         if migration % 100 == 0 {
             progress(
@@ -312,7 +331,7 @@ fn drive(
     let _ = wait_until(config.drain_time_max, "draining", || {
         shared.handled.load(Ordering::Acquire) >= sent
     });
-    Ok(elapsed_s)
+    Ok((elapsed_s, requests))
 }
 
 /// Poll `done` every 20 µs (the bench thread shares the cores with the shards,
@@ -345,8 +364,14 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "migrations: {} asked, {} completed in {:.2} s",
-            self.migrations, self.migrations_completed, self.elapsed_s
+            "migrate request to first message on the new shard (us): p50 {}  p99 {}  max {}",
+            self.request_us_p50, self.request_us_p99, self.request_us_max
+        )?;
+        writeln!(
+            f,
+            "migrations: {} asked, {} completed in {:.2} s; {} turns stalled over 10 ms \
+             (a shard lost its core to another process)",
+            self.migrations, self.migrations_completed, self.elapsed_s, self.stalls
         )?;
         writeln!(
             f,
