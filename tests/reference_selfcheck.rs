@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 const W: i64 = 1_700_000_000_000;
 
 fn person(id: u64, name: &'static str, state: &'static str, date_time: i64) -> Event {
-    Event::Person(Person {
+    Event::Person(Box::new(Person {
         id,
         name: Cow::Borrowed(name),
         email_address: Cow::Borrowed("x@y.com"),
@@ -23,11 +23,11 @@ fn person(id: u64, name: &'static str, state: &'static str, date_time: i64) -> E
         state: Cow::Borrowed(state),
         date_time,
         extra: Cow::Borrowed(""),
-    })
+    }))
 }
 
 fn auction(id: u64, seller: u64, category: u64, date_time: i64, expires: i64) -> Event {
-    Event::Auction(Auction {
+    Event::Auction(Box::new(Auction {
         id,
         item_name: Cow::Borrowed("item"),
         description: Cow::Borrowed("desc"),
@@ -38,7 +38,7 @@ fn auction(id: u64, seller: u64, category: u64, date_time: i64, expires: i64) ->
         seller,
         category,
         extra: Cow::Borrowed(""),
-    })
+    }))
 }
 
 fn bid(auction: u64, bidder: u64, price: u64, date_time: i64) -> Event {

@@ -47,14 +47,14 @@ fn bids(events: &[Event]) -> impl Iterator<Item = &Bid> {
 
 fn auctions(events: &[Event]) -> impl Iterator<Item = &Auction> {
     events.iter().filter_map(|e| match e {
-        Event::Auction(a) => Some(a),
+        Event::Auction(a) => Some(&**a),
         _ => None,
     })
 }
 
 fn people(events: &[Event]) -> impl Iterator<Item = &Person> {
     events.iter().filter_map(|e| match e {
-        Event::Person(p) => Some(p),
+        Event::Person(p) => Some(&**p),
         _ => None,
     })
 }

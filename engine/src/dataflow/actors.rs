@@ -34,7 +34,6 @@ pub(crate) fn activate<R: Clone + Send + 'static>(
             Box::new(SourceActor {
                 emitter: Emitter::new(&plan, stage, partition),
                 source,
-                batch: Vec::new(),
                 rate_per_partition,
                 started_ns: 0,
                 produced: 0,
@@ -105,7 +104,6 @@ struct Emitter<R> {
     partition: u32,
     /// Per output: a buffer per target partition, reused.
     buffers: Vec<Vec<Vec<R>>>,
-    scratch: Vec<R>,
 }
 
 impl<R: Send + 'static> Emitter<R> {
@@ -123,7 +121,6 @@ impl<R: Send + 'static> Emitter<R> {
             stage,
             partition,
             buffers,
-            scratch: Vec::new(),
         }
     }
 
@@ -143,9 +140,10 @@ impl<R: Send + 'static> Emitter<R> {
             } else {
                 records.as_ref().expect("still here").clone()
             };
-            self.scratch.clear();
-            apply_steps(&output.steps, batch, &mut self.scratch);
-            self.partition_out(plan, o, output, ctx);
+            let batch = run_steps(&output.steps, batch);
+            if !batch.is_empty() {
+                self.partition_out(plan, o, output, batch, ctx);
+            }
         }
     }
 
@@ -154,28 +152,13 @@ impl<R: Send + 'static> Emitter<R> {
         plan: &Plan<R>,
         o: usize,
         output: &Output<R>,
+        batch: Vec<R>,
         ctx: &mut Context<'_, DataMsg<R>>,
     ) {
         let targets = self.buffers[o].len() as u32;
-        match &output.partitioner {
-            Partitioner::Key(key) => {
-                for record in self.scratch.drain(..) {
-                    let p = partition_of_group(key_group(key(&record)), targets);
-                    self.buffers[o][p as usize].push(record);
-                }
-            }
-            Partitioner::Forward => {
-                let p = self.partition % targets;
-                self.buffers[o][p as usize].append(&mut self.scratch);
-            }
-        }
         let sched = stamp(plan, ctx.sched(), output.target);
-        for (p, buffer) in self.buffers[o].iter_mut().enumerate() {
-            if buffer.is_empty() {
-                continue;
-            }
-            let records = std::mem::take(buffer);
-            let to = ActorId::new(plan.id, output.target, p as u32);
+        let send = |ctx: &mut Context<'_, DataMsg<R>>, p: u32, records: Vec<R>| {
+            let to = ActorId::new(plan.id, output.target, p);
             ctx.send_with(
                 to,
                 DataMsg::Records {
@@ -184,6 +167,26 @@ impl<R: Send + 'static> Emitter<R> {
                 },
                 sched,
             );
+        };
+        match &output.partitioner {
+            Partitioner::Forward => send(ctx, self.partition % targets, batch),
+            Partitioner::Key(key) => {
+                let expected = batch.len() / targets as usize + 16;
+                for record in batch {
+                    let p = partition_of_group(key_group(key(&record)), targets) as usize;
+                    let buffer = &mut self.buffers[o][p];
+                    if buffer.capacity() == 0 {
+                        buffer.reserve(expected);
+                    }
+                    buffer.push(record);
+                }
+                for p in 0..targets {
+                    let buffer = &mut self.buffers[o][p as usize];
+                    if !buffer.is_empty() {
+                        send(ctx, p, std::mem::take(buffer));
+                    }
+                }
+            }
         }
     }
 
@@ -210,46 +213,67 @@ fn stamp<R>(plan: &Plan<R>, sched: SchedCtx, target: u32) -> SchedCtx {
     }
 }
 
-/// Run `records` through the fused steps into `out`.
-fn apply_steps<R>(steps: &[Step<R>], records: Vec<R>, out: &mut Vec<R>) {
+/// Run `records` through the fused steps. Maps and filters run in place, reusing
+/// the batch's allocation (each record is moved once); a flat_map builds a new batch.
+fn run_steps<R>(steps: &[Step<R>], records: Vec<R>) -> Vec<R> {
     if steps.is_empty() {
-        out.extend(records);
-        return;
+        return records;
     }
-    let mut expanded = Vec::new();
-    'records: for record in records {
-        let mut record = record;
-        for (i, step) in steps.iter().enumerate() {
-            match step {
-                Step::Map(f) => record = f(record),
-                Step::Filter(f) => {
-                    if !f(&record) {
-                        continue 'records;
-                    }
-                }
-                Step::FlatMap(f) => {
-                    expanded.clear();
-                    f(record, &mut expanded);
-                    for produced in expanded.drain(..) {
-                        apply_steps_rest(&steps[i + 1..], produced, out);
-                    }
-                    continue 'records;
-                }
-            }
-        }
-        out.push(record);
+    if !steps.iter().any(|s| matches!(s, Step::FlatMap(_))) {
+        return records
+            .into_iter()
+            .filter_map(|r| map_filter(steps, r))
+            .collect();
     }
+    let mut out = Vec::with_capacity(records.len());
+    for record in records {
+        expand(steps, record, &mut out);
+    }
+    out
 }
 
-fn apply_steps_rest<R>(steps: &[Step<R>], record: R, out: &mut Vec<R>) {
-    apply_steps(steps, vec![record], out);
+#[inline]
+fn map_filter<R>(steps: &[Step<R>], mut record: R) -> Option<R> {
+    for step in steps {
+        match step {
+            Step::Map(f) => record = f(record),
+            Step::Filter(f) => {
+                if !f(&record) {
+                    return None;
+                }
+            }
+            Step::FlatMap(_) => unreachable!("batches with flat_map take the other path"),
+        }
+    }
+    Some(record)
+}
+
+fn expand<R>(steps: &[Step<R>], mut record: R, out: &mut Vec<R>) {
+    for (i, step) in steps.iter().enumerate() {
+        match step {
+            Step::Map(f) => record = f(record),
+            Step::Filter(f) => {
+                if !f(&record) {
+                    return;
+                }
+            }
+            Step::FlatMap(f) => {
+                let mut produced = Vec::new();
+                f(record, &mut produced);
+                for next in produced {
+                    expand(&steps[i + 1..], next, out);
+                }
+                return;
+            }
+        }
+    }
+    out.push(record);
 }
 
 struct SourceActor<R> {
     plan: Arc<Plan<R>>,
     source: Box<dyn Source<R>>,
     emitter: Emitter<R>,
-    batch: Vec<R>,
     rate_per_partition: Option<u64>,
     started_ns: u64,
     produced: u64,
@@ -303,7 +327,7 @@ impl<R: Send + Clone + 'static> Actor for SourceActor<R> {
             deadline_ns: now_ns + plan.slo_ns,
         };
         ctx.sched = origin;
-        let mut batch = std::mem::take(&mut self.batch);
+        let mut batch = Vec::with_capacity(max);
         let status = self.source.next_batch(max, &mut batch);
         self.produced += batch.len() as u64;
         plan.metrics

@@ -63,11 +63,15 @@ pub struct Bid {
 }
 
 /// One Nexmark event. Serializes as `{"type":"person"|"auction"|"bid", ...fields}`.
+///
+/// Persons and auctions are boxed: they are 4 in 50 events but up to 1.5 times a bid's
+/// size, and every event of a batch is moved a few times on its way through a
+/// query, so a bid-sized `Event` (112 bytes, not 160) saves a third of that copying.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Event {
-    Person(Person),
-    Auction(Auction),
+    Person(Box<Person>),
+    Auction(Box<Auction>),
     Bid(Bid),
 }
 
@@ -129,13 +133,13 @@ impl Event {
 
 impl From<Person> for Event {
     fn from(p: Person) -> Self {
-        Event::Person(p)
+        Event::Person(Box::new(p))
     }
 }
 
 impl From<Auction> for Event {
     fn from(a: Auction) -> Self {
-        Event::Auction(a)
+        Event::Auction(Box::new(a))
     }
 }
 
@@ -387,7 +391,7 @@ impl Slots {
                 ] {
                     reject(set, name, kind)?;
                 }
-                Ok(Event::Person(Person {
+                Ok(Event::Person(Box::new(Person {
                     id: need(self.id, "id")?,
                     name: need(self.name, "name")?,
                     email_address: need(self.email_address, "email_address")?,
@@ -396,7 +400,7 @@ impl Slots {
                     state: need(self.state, "state")?,
                     date_time: need(self.date_time, "date_time")?,
                     extra: need(self.extra, "extra")?,
-                }))
+                })))
             }
             Kind::Auction => {
                 for (set, name) in [
@@ -413,7 +417,7 @@ impl Slots {
                 ] {
                     reject(set, name, kind)?;
                 }
-                Ok(Event::Auction(Auction {
+                Ok(Event::Auction(Box::new(Auction {
                     id: need(self.id, "id")?,
                     item_name: need(self.item_name, "item_name")?,
                     description: need(self.description, "description")?,
@@ -424,7 +428,7 @@ impl Slots {
                     seller: need(self.seller, "seller")?,
                     category: need(self.category, "category")?,
                     extra: need(self.extra, "extra")?,
-                }))
+                })))
             }
             Kind::Bid => {
                 for (set, name) in [

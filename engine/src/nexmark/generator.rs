@@ -124,13 +124,20 @@ impl Generator {
     /// Appends events `range` to `out` (does not clear it), in order.
     /// Same events as calling [`Generator::event`] for each number, only faster.
     pub fn fill(&self, range: Range<u64>, out: &mut Vec<Event>) {
+        out.reserve((range.end - range.start).try_into().unwrap_or(0));
+        self.fill_with(range, |event| out.push(event));
+    }
+
+    /// Hands events `range` to `f`, in order: lets a caller build its own record
+    /// around each event without an intermediate vector.
+    #[inline]
+    pub fn fill_with(&self, range: Range<u64>, mut f: impl FnMut(Event)) {
         if range.is_empty() {
             return;
         }
-        out.reserve((range.end - range.start).try_into().unwrap_or(0));
         let mut clock = EventClock::new(self, range.start);
         for n in range {
-            out.push(self.make(n, clock.now_ms()));
+            f(self.make(n, clock.now_ms()));
             clock.advance();
         }
     }
@@ -138,8 +145,8 @@ impl Generator {
     fn make(&self, n: u64, date_time: i64) -> Event {
         let key = mix64(self.seed_key ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         match n % EVENTS_PER_BLOCK {
-            0 => Event::Person(self.person(n, key, date_time)),
-            1..=3 => Event::Auction(self.auction(n, key, date_time)),
+            0 => Event::Person(Box::new(self.person(n, key, date_time))),
+            1..=3 => Event::Auction(Box::new(self.auction(n, key, date_time))),
             _ => Event::Bid(self.bid(n, key, date_time)),
         }
     }

@@ -281,7 +281,6 @@ fn source(spec: &EventSource, parallelism: u32) -> Result<(SourceFactory, u32), 
                     generator: generator.clone(),
                     chunks: Box::new(chunks),
                     current: 0..0,
-                    events: Vec::new(),
                 })
             });
             Ok((factory, parallelism.max(1)))
@@ -307,7 +306,6 @@ struct GeneratorSource {
     generator: Arc<Generator>,
     chunks: Box<dyn Iterator<Item = std::ops::Range<u64>> + Send>,
     current: std::ops::Range<u64>,
-    events: Vec<Event>,
 }
 
 impl Source<Row> for GeneratorSource {
@@ -322,10 +320,9 @@ impl Source<Row> for GeneratorSource {
             }
             let take = (max_records - out.len()) as u64;
             let end = self.current.end.min(self.current.start + take);
-            self.events.clear();
+            out.reserve((end - self.current.start) as usize);
             self.generator
-                .fill(self.current.start..end, &mut self.events);
-            out.extend(self.events.drain(..).map(Row::Event));
+                .fill_with(self.current.start..end, |e| out.push(Row::Event(e)));
             last = Some(end - 1);
             self.current.start = end;
         }

@@ -1,9 +1,10 @@
 //! The directory: which shard owns each virtual actor.
 //!
-//! Placement is a hash of the operator plus the partition, so the partitions of
-//! one operator are spread round-robin over the shards (an even spread, where a
-//! hash of the whole id would pile two of three partitions on one shard), with an
-//! override table for actors that have been migrated. Every override carries the
+//! Placement is by partition: partition p of every operator starts on shard
+//! p modulo the shard count. The partitions of one operator are spread evenly (a
+//! hash of the whole id would pile two of three on one shard), and partition p of
+//! consecutive stages share a shard, so a forward edge of a dataflow stays on its
+//! core. An override table holds the actors that have been migrated. Every override carries the
 //! actor's placement *epoch*, bumped by each migration; an update is applied only
 //! if it is newer than what the shard knows, so updates that race through
 //! different rings can never roll a placement back.
@@ -11,7 +12,7 @@
 //! Each shard holds its own replica (no sharing, no locks); the owner of a
 //! migration broadcasts the new placement to every shard through the rings.
 
-use crate::ids::{mix64, ActorId, IdMap, ShardId};
+use crate::ids::{ActorId, IdMap, ShardId};
 
 /// Where an actor lives and since which of its migrations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,9 +41,7 @@ impl Directory {
     /// The shard an actor lives on when it has never been migrated.
     #[inline]
     pub fn home(&self, id: ActorId) -> ShardId {
-        let operator = mix64(((id.job.0 as u64) << 32) | id.operator as u64);
-        let slot = operator.wrapping_add(id.partition as u64) % self.shards as u64;
-        ShardId(slot as u16)
+        ShardId((id.partition as u64 % self.shards as u64) as u16)
     }
 
     #[inline]
