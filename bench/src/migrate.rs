@@ -88,6 +88,10 @@ pub struct Report {
     pub pause_us_p50: u64,
     pub pause_us_p99: u64,
     pub pause_us_max: u64,
+    /// The pause split: the actor idle at its old owner before the handoff, and the
+    /// handoff in flight between the shards (the rest is waiting for a turn).
+    pub idle_before_us_p99: u64,
+    pub transfer_us_p99: u64,
     /// Pauses recorded in the histogram.
     pub pauses: u64,
     /// Seen from the bench thread: `Runtime::migrate` called to the first
@@ -269,6 +273,12 @@ pub fn run(config: &Config) -> Result<Report, BenchError> {
         pause_us_p50: pauses.value_at_quantile(0.5),
         pause_us_p99: pauses.value_at_quantile(0.99),
         pause_us_max: pauses.max(),
+        idle_before_us_p99: stats
+            .merged(|s| &s.migration_idle_before_us)
+            .value_at_quantile(0.99),
+        transfer_us_p99: stats
+            .merged(|s| &s.migration_transfer_us)
+            .value_at_quantile(0.99),
         pauses: pauses.len(),
         request_us_p50: requests.value_at_quantile(0.5),
         request_us_p99: requests.value_at_quantile(0.99),

@@ -131,7 +131,7 @@ fn a_slow_actor_makes_senders_wait_and_memory_stays_bounded() {
         max_backlog = max_backlog.max(backlog);
         for shard in runtime.stats().shards {
             for actor in shard.actors {
-                max_mailbox = max_mailbox.max(actor.mailbox);
+                max_mailbox = max_mailbox.max(actor.mailbox + actor.early);
             }
         }
         std::thread::sleep(Duration::from_millis(5));

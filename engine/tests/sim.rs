@@ -124,6 +124,18 @@ fn simulate(seed: u64, shards: u16, migrate_every: u64) -> u64 {
         }
         assert!(steps < 5_000_000, "seed {seed}: no quiescence");
     }
+    if built.ledger.received.load(Ordering::Acquire)
+        != workload.per_channel * (workload.sources * workload.targets) as u64
+    {
+        for shard in 0..shards {
+            for actor in sim.core(ShardId(shard)).report().actors {
+                eprintln!(
+                    "seed {seed} shard {shard}: {} mailbox {} early {} blocked {}",
+                    actor.id, actor.mailbox, actor.early, actor.blocked
+                );
+            }
+        }
+    }
     built.ledger.assert_complete(workload.per_channel);
     migrations
 }

@@ -58,6 +58,11 @@ impl<M: Send + 'static> ShardThread<M> {
                     break;
                 }
                 progress = true;
+                // Hand what the turn sent to the other shards now, not at the end of
+                // the pass: a pass can hold many turns, and the peer may be waiting.
+                if core.has_staged() {
+                    self.flush(&mut core);
+                }
             }
             self.flush(&mut core);
             if self.shared.stop.load(Ordering::Acquire) {
@@ -72,6 +77,9 @@ impl<M: Send + 'static> ShardThread<M> {
                 glommio::yield_if_needed().await;
                 continue;
             }
+            if self.spin_for_work(&core, now_ns) {
+                continue;
+            }
             core.count_park();
             let doorbell = self.shared.doorbells[self.id.index()].clone();
             let inputs = &self.inputs;
@@ -82,16 +90,54 @@ impl<M: Send + 'static> ShardThread<M> {
                     || shared.external[me].len.load(Ordering::Acquire) > 0
                     || inputs.iter().flatten().any(|c| !c.is_empty())
             });
-            let wake_ns = core
-                .next_timer_ns()
-                .map_or(next_housekeeping_ns, |t| t.min(next_housekeeping_ns));
-            let wait = Duration::from_nanos(wake_ns.saturating_sub(now_ns).max(1));
-            // A timeout is the housekeeping tick, not an error.
-            let _ = glommio::timer::timeout(wait, async {
-                park.await;
-                Ok(())
-            })
-            .await;
+            // Arm a timer only for a due actor timer or idle deactivation: a park with
+            // nothing to wait for costs no timer, only the doorbell.
+            let housekeeping = self
+                .config
+                .shard
+                .idle_timeout_ns
+                .map(|_| next_housekeeping_ns);
+            let wake_ns = match (core.next_timer_ns(), housekeeping) {
+                (Some(t), Some(h)) => Some(t.min(h)),
+                (t, h) => t.or(h),
+            };
+            match wake_ns {
+                Some(wake_ns) => {
+                    let wait = Duration::from_nanos(wake_ns.saturating_sub(now_ns).max(1));
+                    // A timeout is the timer or housekeeping tick, not an error.
+                    let _ = glommio::timer::timeout(wait, async {
+                        park.await;
+                        Ok(())
+                    })
+                    .await;
+                }
+                None => park.await,
+            }
+        }
+    }
+
+    /// Poll the inputs for up to `spin_before_park` before parking: a shard that has
+    /// just run dry usually gets more within microseconds (the next flush of a peer),
+    /// and a park costs the peer an eventfd write and this shard an io_uring wait.
+    fn spin_for_work(&self, core: &ShardCore<M>, now_ns: u64) -> bool {
+        let spin_ns = self.config.spin_before_park.as_nanos() as u64;
+        let me = self.id.index();
+        let until_ns = now_ns + spin_ns;
+        loop {
+            if self.shared.stop.load(Ordering::Acquire)
+                || self.shared.external[me].len.load(Ordering::Acquire) > 0
+                || self.inputs.iter().flatten().any(|c| !c.is_empty())
+            {
+                return true;
+            }
+            let now_ns = crate::clock::monotonic_ns();
+            if core.next_timer_ns().is_some_and(|t| t <= now_ns) {
+                return true;
+            }
+            if now_ns >= until_ns {
+                return false;
+            }
+            std::hint::spin_loop();
         }
     }
 

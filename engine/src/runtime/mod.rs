@@ -49,6 +49,8 @@ pub struct RuntimeConfig {
     pub io_memory_bytes: usize,
     /// How often a shard looks for idle actors to deactivate.
     pub housekeeping_interval: Duration,
+    /// How long a shard that ran out of work polls its inputs before it parks.
+    pub spin_before_park: Duration,
     pub shard: ShardConfig,
 }
 
@@ -61,6 +63,7 @@ impl Default for RuntimeConfig {
             external_requests_max: 4096,
             io_memory_bytes: 256 << 10,
             housekeeping_interval: Duration::from_millis(100),
+            spin_before_park: Duration::from_micros(50),
             shard: ShardConfig::default(),
         }
     }

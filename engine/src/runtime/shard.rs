@@ -142,6 +142,8 @@ pub struct Slot<M> {
     in_seq: IdMap<ActorId, u64>,
     /// Early arrivals, per sender, waiting for the gap before them to fill.
     reorder: IdMap<ActorId, BTreeMap<u64, Envelope<M>>>,
+    /// Envelopes held in `reorder`; they count against the mailbox bound.
+    early: usize,
     /// Last sequence number assigned, per target.
     out_seq: IdMap<ActorId, u64>,
     /// Sends waiting for credit, in order; the actor does not run while non-empty.
@@ -151,6 +153,8 @@ pub struct Slot<M> {
     last_handled_ns: u64,
     /// Set by a handoff: when the old owner last handled a message.
     pause_from_ns: Option<u64>,
+    /// Set by a handoff: when the old owner handed the actor over.
+    handed_off_ns: u64,
     counters: Counters,
 }
 
@@ -162,12 +166,14 @@ impl<M> Slot<M> {
             mailbox: VecDeque::new(),
             in_seq: IdMap::default(),
             reorder: IdMap::default(),
+            early: 0,
             out_seq: IdMap::default(),
             blocked: VecDeque::new(),
             queued: false,
             last_active_ns: now_ns,
             last_handled_ns: now_ns,
             pause_from_ns: None,
+            handed_off_ns: 0,
             counters: Counters::default(),
         })
     }
@@ -188,6 +194,7 @@ impl<M> Slot<M> {
                 .entry(env.from)
                 .or_default()
                 .insert(env.seq, env);
+            self.early += 1;
             return 0;
         }
         *last += 1;
@@ -200,6 +207,7 @@ impl<M> Slot<M> {
         if let Some(early) = self.reorder.get_mut(&from) {
             while let Some(mut next) = early.remove(&(*last + 1)) {
                 *last += 1;
+                self.early -= 1;
                 *arrivals += 1;
                 next.enqueued_ns = now_ns;
                 next.arrival = *arrivals;
@@ -345,6 +353,8 @@ impl<M: Send + 'static> ShardCore<M> {
                 activations: 0,
                 deactivations: 0,
                 migration_pause_us: new_histogram(),
+                migration_idle_before_us: new_histogram(),
+                migration_transfer_us: new_histogram(),
                 actors: Vec::new(),
                 jobs: Vec::new(),
             },
@@ -607,7 +617,7 @@ impl<M: Send + 'static> ShardCore<M> {
         if placement.shard == self.id {
             if let Some(&index) = self.index.get(&send.to) {
                 if let Some(target) = self.slots[index as usize].as_ref() {
-                    if target.mailbox.len() >= credit_max as usize {
+                    if target.mailbox.len() + target.early >= credit_max as usize {
                         return Err(send);
                     }
                 }
@@ -874,6 +884,7 @@ impl<M: Send + 'static> ShardCore<M> {
         }
         let mut slot = self.remove(actor).expect("migrating an active actor");
         slot.pause_from_ns = Some(slot.last_handled_ns);
+        slot.handed_off_ns = self.now_ns;
         let placement = Placement {
             shard: to,
             epoch: self.directory.lookup(actor).epoch + 1,
@@ -899,6 +910,8 @@ impl<M: Send + 'static> ShardCore<M> {
 
     fn install(&mut self, mut slot: Box<Slot<M>>, epoch: u64) {
         let id = slot.id;
+        let transfer_ns = self.clock.now_ns().saturating_sub(slot.handed_off_ns);
+        record_us(&mut self.report.migration_transfer_us, transfer_ns, 1);
         self.directory.apply(
             id,
             Placement {
@@ -946,6 +959,8 @@ impl<M: Send + 'static> ShardCore<M> {
             .map(|slot| ActorReport {
                 id: slot.id,
                 mailbox: slot.mailbox.len(),
+                early: slot.early,
+                blocked: slot.blocked.len(),
                 counters: slot.counters.clone(),
             })
             .collect();

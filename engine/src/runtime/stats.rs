@@ -79,6 +79,11 @@ pub struct ShardReport {
     /// Pause of each migration that completed here: last message handled at the old
     /// owner to first message handled here.
     pub migration_pause_us: Histogram<u32>,
+    /// Of that pause: from the last message handled at the old owner to the handoff
+    /// (the actor had nothing to do).
+    pub migration_idle_before_us: Histogram<u32>,
+    /// Of that pause: from the handoff at the old owner to the install here.
+    pub migration_transfer_us: Histogram<u32>,
     pub actors: Vec<ActorReport>,
     pub jobs: Vec<(JobId, Counters)>,
 }
@@ -87,6 +92,10 @@ pub struct ShardReport {
 pub struct ActorReport {
     pub id: ActorId,
     pub mailbox: usize,
+    /// Messages that arrived ahead of an earlier one on their channel.
+    pub early: usize,
+    /// Sends waiting for credit.
+    pub blocked: usize,
     pub counters: Counters,
 }
 
@@ -131,6 +140,15 @@ impl RuntimeStats {
         let mut total = new_histogram();
         for shard in &self.shards {
             let _ = total.add(&shard.migration_pause_us);
+        }
+        total
+    }
+
+    /// Sum of one per-shard histogram over the shards.
+    pub fn merged(&self, pick: impl Fn(&ShardReport) -> &Histogram<u32>) -> Histogram<u32> {
+        let mut total = new_histogram();
+        for shard in &self.shards {
+            let _ = total.add(pick(shard));
         }
         total
     }
