@@ -245,7 +245,7 @@ fn a_slow_target_makes_its_senders_wait_with_bounded_mailboxes() {
             .report()
             .actors
             .iter()
-            .map(|a| a.mailbox)
+            .map(|a| a.mailbox + a.early)
             .max()
             .unwrap_or(0);
         // Remote senders hold `credit` each; local sends stop at the mailbox bound.
