@@ -123,6 +123,7 @@ impl<M: Send + 'static> ShardThread<M> {
         let spin_ns = self.config.spin_before_park.as_nanos() as u64;
         let me = self.id.index();
         let until_ns = now_ns + spin_ns;
+        let mut polls = 0u32;
         loop {
             if self.shared.stop.load(Ordering::Acquire)
                 || self.shared.external[me].len.load(Ordering::Acquire) > 0
@@ -130,12 +131,16 @@ impl<M: Send + 'static> ShardThread<M> {
             {
                 return true;
             }
-            let now_ns = crate::clock::monotonic_ns();
-            if core.next_timer_ns().is_some_and(|t| t <= now_ns) {
-                return true;
-            }
-            if now_ns >= until_ns {
-                return false;
+            polls += 1;
+            // The clock costs more than a poll of the rings: read it every 32 polls.
+            if polls.is_multiple_of(32) {
+                let now_ns = crate::clock::monotonic_ns();
+                if core.next_timer_ns().is_some_and(|t| t <= now_ns) {
+                    return true;
+                }
+                if now_ns >= until_ns {
+                    return false;
+                }
             }
             std::hint::spin_loop();
         }

@@ -14,6 +14,7 @@ mod executor;
 pub mod sched;
 pub mod shard;
 pub mod sim;
+mod small_map;
 pub mod stats;
 pub mod store;
 

@@ -50,6 +50,7 @@ use crate::ids::{ActorId, IdMap, ShardId};
 
 use super::directory::{Directory, Placement};
 use super::sched::{make_policy, Policy, PolicyKind, RunQueue};
+use super::small_map::SmallMap;
 use super::stats::{new_histogram, record_us, ActorReport, Counters, JobTable, ShardReport};
 use super::store::StateStore;
 
@@ -139,13 +140,13 @@ pub struct Slot<M> {
     actor: Option<BoxActor<M>>,
     mailbox: VecDeque<Envelope<M>>,
     /// Last sequence number accepted, per sender.
-    in_seq: IdMap<ActorId, u64>,
+    in_seq: SmallMap<u64>,
     /// Early arrivals, per sender, waiting for the gap before them to fill.
     reorder: IdMap<ActorId, BTreeMap<u64, Envelope<M>>>,
     /// Envelopes held in `reorder`; they count against the mailbox bound.
     early: usize,
     /// Last sequence number assigned, per target.
-    out_seq: IdMap<ActorId, u64>,
+    out_seq: SmallMap<u64>,
     /// Sends waiting for credit, in order; the actor does not run while non-empty.
     blocked: VecDeque<Outgoing<M>>,
     queued: bool,
@@ -164,10 +165,10 @@ impl<M> Slot<M> {
             id,
             actor,
             mailbox: VecDeque::new(),
-            in_seq: IdMap::default(),
+            in_seq: SmallMap::default(),
             reorder: IdMap::default(),
             early: 0,
-            out_seq: IdMap::default(),
+            out_seq: SmallMap::default(),
             blocked: VecDeque::new(),
             queued: false,
             last_active_ns: now_ns,
@@ -180,7 +181,7 @@ impl<M> Slot<M> {
 
     /// Accept an envelope in channel order; returns how many entered the mailbox.
     fn accept(&mut self, mut env: Envelope<M>, now_ns: u64, arrivals: &mut u64) -> usize {
-        let last = self.in_seq.entry(env.from).or_insert(0);
+        let last = self.in_seq.entry(env.from);
         if env.seq != *last + 1 {
             assert!(
                 env.seq > *last,
@@ -222,7 +223,7 @@ impl<M> Slot<M> {
     }
 
     fn next_seq(&mut self, to: ActorId) -> u64 {
-        let seq = self.out_seq.entry(to).or_insert(0);
+        let seq = self.out_seq.entry(to);
         *seq += 1;
         *seq
     }
@@ -283,7 +284,7 @@ pub struct ShardCore<M> {
     /// Packets for actors on their way to this shard.
     pending: IdMap<ActorId, Vec<Packet<M>>>,
     /// Remote sends not yet acknowledged, per target actor.
-    credits: IdMap<ActorId, u32>,
+    credits: SmallMap<u32>,
     /// Senders blocked on each target.
     waiters: IdMap<ActorId, Vec<ActorId>>,
     /// Sender identity (and blocked queue) of sends from outside the runtime.
@@ -295,7 +296,8 @@ pub struct ShardCore<M> {
     /// Self-sends waiting for their due time; fired through the injector channel.
     timers: BinaryHeap<Timer<M>>,
     timers_set: u64,
-    turn_delays_ns: Vec<u64>,
+    /// Queueing delays of the turn's messages, run-length coded: `(µs, count)`.
+    turn_delays_us: Vec<(u64, u64)>,
     arrivals: u64,
     factory: Arc<dyn ActorFactory<M>>,
     store: Arc<dyn StateStore>,
@@ -328,7 +330,7 @@ impl<M: Send + 'static> ShardCore<M> {
             free: Vec::new(),
             index: IdMap::default(),
             pending: IdMap::default(),
-            credits: IdMap::default(),
+            credits: SmallMap::default(),
             waiters: IdMap::default(),
             injector: Slot::new(ActorId::injector(id), None, now_ns),
             staging: (0..shards).map(|_| VecDeque::new()).collect(),
@@ -336,7 +338,7 @@ impl<M: Send + 'static> ShardCore<M> {
             scratch: Vec::new(),
             timers: BinaryHeap::new(),
             timers_set: 0,
-            turn_delays_ns: Vec::new(),
+            turn_delays_us: Vec::new(),
             arrivals: 0,
             factory,
             store,
@@ -507,8 +509,11 @@ impl<M: Send + 'static> ShardCore<M> {
                 break;
             };
             handled += 1;
-            self.turn_delays_ns
-                .push(start_ns.saturating_sub(env.enqueued_ns));
+            let delay_us = start_ns.saturating_sub(env.enqueued_ns) / 1_000;
+            match self.turn_delays_us.last_mut() {
+                Some((us, count)) if *us == delay_us => *count += 1,
+                _ => self.turn_delays_us.push((delay_us, 1)),
+            }
             misses += (env.sched.deadline_ns < start_ns) as u64;
             if env.credit_shard != NO_SHARD {
                 self.ack_counts[env.credit_shard as usize] += 1;
@@ -560,11 +565,11 @@ impl<M: Send + 'static> ShardCore<M> {
                     handled as u64,
                 );
             }
-            for &delay_ns in &self.turn_delays_ns {
-                record_us(&mut counters.queue_us, delay_ns, 1);
+            for &(delay_us, count) in &self.turn_delays_us {
+                record_us(&mut counters.queue_us, delay_us * 1_000, count);
             }
         }
-        self.turn_delays_ns.clear();
+        self.turn_delays_us.clear();
         self.policy.charge(slot.id.job, duration_ns);
         self.report.turns += 1;
         self.report.messages += handled as u64;
@@ -615,17 +620,19 @@ impl<M: Send + 'static> ShardCore<M> {
         }
         let placement = self.directory.lookup(send.to);
         if placement.shard == self.id {
-            if let Some(&index) = self.index.get(&send.to) {
-                if let Some(target) = self.slots[index as usize].as_ref() {
-                    if target.mailbox.len() + target.early >= credit_max as usize {
-                        return Err(send);
-                    }
+            let active = self.index.get(&send.to).copied();
+            if let Some(target) = active.and_then(|i| self.slots[i as usize].as_ref()) {
+                if target.mailbox.len() + target.early >= credit_max as usize {
+                    return Err(send);
                 }
             }
             let env = self.envelope(sender, send, NO_SHARD, placement.epoch);
-            self.deliver(env);
+            match active {
+                Some(index) => self.accept_into(index, env),
+                None => self.deliver(env),
+            }
         } else {
-            let used = self.credits.entry(send.to).or_insert(0);
+            let used = self.credits.entry(send.to);
             if *used >= credit_max {
                 return Err(send);
             }
@@ -657,12 +664,9 @@ impl<M: Send + 'static> ShardCore<M> {
     }
 
     fn on_ack(&mut self, actor: ActorId, messages: u32) {
-        if let Some(used) = self.credits.get_mut(&actor) {
+        if let Some(used) = self.credits.get_mut(actor) {
             debug_assert!(*used >= messages, "more acks than sends to {actor}");
             *used = used.saturating_sub(messages);
-            if *used == 0 {
-                self.credits.remove(&actor);
-            }
         }
         if self.waiters.contains_key(&actor) {
             self.wake_waiters(actor);
@@ -803,8 +807,8 @@ impl<M: Send + 'static> ShardCore<M> {
         let mut slot = Slot::new(id, None, self.now_ns);
         let state = match saved {
             Some(saved) => {
-                slot.in_seq.extend(saved.in_seq);
-                slot.out_seq.extend(saved.out_seq);
+                slot.in_seq = saved.in_seq.into_iter().collect();
+                slot.out_seq = saved.out_seq.into_iter().collect();
                 saved.state
             }
             None => None,
@@ -843,8 +847,8 @@ impl<M: Send + 'static> ShardCore<M> {
                 .as_ref()
                 .and_then(|a| a.snapshot())
                 .map(|s| s.to_vec()),
-            in_seq: slot.in_seq.into_iter().collect(),
-            out_seq: slot.out_seq.into_iter().collect(),
+            in_seq: slot.in_seq.iter().copied().collect(),
+            out_seq: slot.out_seq.iter().copied().collect(),
         };
         self.store
             .put(id, crate::actor::encode_state(&saved).to_vec());
