@@ -4,6 +4,8 @@
 //! checked, only that they are all there and, for migration, that every message
 //! was handled exactly once and in order.
 
+mod reference;
+
 use std::process::{Command, Output};
 
 fn dirigo(args: &[&str]) -> Output {
@@ -132,4 +134,141 @@ fn bench_migrate_json_reports_pauses_and_no_loss_duplicate_or_reorder() {
     for key in ["lost", "duplicated", "out_of_order"] {
         assert_eq!(report[key], 0, "{key} in {report}");
     }
+}
+
+#[test]
+fn run_json_reports_the_figures() {
+    let report = json_report(&["run", "q2", "--events", "200000", "--cores", "2", "--json"]);
+    assert_keys(
+        &report,
+        &[
+            "query",
+            "events",
+            "elapsed_s",
+            "events_per_s",
+            "outputs",
+            "latency_us",
+        ],
+    );
+    assert_eq!(report["query"], "q2");
+    assert_eq!(report["events"], 200_000);
+    for key in ["p50", "p99", "p999", "max"] {
+        assert!(
+            report["latency_us"].get(key).is_some(),
+            "no latency_us.{key}"
+        );
+    }
+}
+
+/// `gen` writes a file, `run` reads it back and writes the rows: the rows equal
+/// the plain reference implementation's on the same events.
+#[test]
+fn gen_then_run_from_a_file_to_a_file_gives_the_reference_rows() {
+    let dir = std::env::temp_dir().join(format!("dirigo-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let events = dir.join("events.jsonl");
+    let rows = dir.join("rows.jsonl");
+    let gen = dirigo(&[
+        "gen",
+        "--events",
+        "30000",
+        "--seed",
+        "3",
+        "--rate",
+        "1000",
+        "--out",
+        events.to_str().unwrap(),
+    ]);
+    assert!(gen.status.success(), "gen failed: {}", stderr(&gen));
+    let text = std::fs::read_to_string(&events).expect("events written");
+    let input: Vec<dirigo_engine::nexmark::Event> =
+        dirigo_engine::nexmark::EventReader::new(text.as_bytes())
+            .map(|e| e.expect("gen writes valid events"))
+            .collect();
+    assert_eq!(input.len(), 30_000);
+    for query in ["q3", "q5", "q8"] {
+        let run = dirigo(&[
+            "run",
+            query,
+            "--source",
+            &format!("file:{}", events.display()),
+            "--sink",
+            &format!("file:{}", rows.display()),
+            "--cores",
+            "2",
+        ]);
+        assert!(run.status.success(), "run {query} failed: {}", stderr(&run));
+        let actual: Vec<serde_json::Value> = std::fs::read_to_string(&rows)
+            .expect("rows written")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("rows are JSON"))
+            .collect();
+        reference::assert_same_rows(&reference::query(query, &input), &actual);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn run_rejects_bad_input_with_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("dirigo-cli-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let events = dir.join("bad.jsonl");
+    std::fs::write(&events, "{\"type\":\"bid\",\"auction\":1}\n").expect("written");
+    let source = format!("file:{}", events.display());
+    let cases: &[(&[&str], &str)] = &[
+        (&["run", "q6"], "unknown query"),
+        (&["run", "q0", "--source", "kafka"], "kafka"),
+        (&["run", "q0", "--sink", "s3:bucket"], "s3:bucket"),
+        (&["run", "q0", "--slo", "fast"], "fast"),
+        (
+            &["run", "q0", "--source", "file:/nonexistent/events.jsonl"],
+            "/nonexistent/events.jsonl",
+        ),
+        (&["run", "q0", "--source", &source], "line 1"),
+        (
+            &[
+                "run",
+                "q0",
+                "--sink",
+                "file:/dev/full",
+                "--events",
+                "100000",
+            ],
+            "/dev/full",
+        ),
+    ];
+    for (args, needle) in cases {
+        let output = dirigo(args);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        let message = stderr(&output);
+        assert!(
+            message.contains(needle),
+            "{args:?}: {needle:?} not in {message}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn skip_malformed_skips_and_counts_bad_lines() {
+    let dir = std::env::temp_dir().join(format!("dirigo-cli-skip-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let events = dir.join("mixed.jsonl");
+    let gen = dirigo(&["gen", "--events", "100", "--out", events.to_str().unwrap()]);
+    assert!(gen.status.success());
+    let mut text = std::fs::read_to_string(&events).expect("events");
+    text.insert_str(0, "not json\n{\"type\":\"bid\"}\n");
+    std::fs::write(&events, text).expect("written");
+    let source = format!("file:{}", events.display());
+    let report = json_report(&[
+        "run",
+        "q0",
+        "--source",
+        &source,
+        "--skip-malformed",
+        "--json",
+    ]);
+    assert_eq!(report["skipped"], 2);
+    assert_eq!(report["events"], 100);
+    std::fs::remove_dir_all(&dir).ok();
 }

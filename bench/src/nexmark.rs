@@ -38,6 +38,8 @@ pub struct RunReport {
     pub query: String,
     pub cores: usize,
     pub events: u64,
+    /// Malformed input lines skipped (`--skip-malformed`).
+    pub skipped: u64,
     pub elapsed_s: f64,
     pub events_per_s: f64,
     pub events_per_s_per_core: f64,
@@ -108,6 +110,7 @@ pub fn run_query(config: &RunConfig) -> Result<RunReport, BenchError> {
         query: config.query.clone(),
         cores: cores as usize,
         events: report.source_records,
+        skipped: report.skipped_records,
         elapsed_s,
         events_per_s,
         events_per_s_per_core: events_per_s / cores as f64,

@@ -303,6 +303,9 @@ pub fn run(args: RunArgs) -> Result<(), String> {
             "throughput   {:.0} events/s ({:.0} per core)",
             report.events_per_s, report.events_per_s_per_core
         );
+        if report.skipped > 0 {
+            println!("skipped      {} malformed input lines", report.skipped);
+        }
         println!("outputs      {}", report.outputs);
         println!(
             "latency      p50 {} us, p99 {} us, p99.9 {} us, max {} us",

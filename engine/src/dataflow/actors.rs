@@ -37,6 +37,7 @@ pub(crate) fn activate<R: Clone + Send + 'static>(
                 rate_per_partition,
                 started_ns: 0,
                 produced: 0,
+                skipped: 0,
                 last_watermark_ms: i64::MIN,
                 done: false,
                 plan,
@@ -277,6 +278,7 @@ struct SourceActor<R> {
     rate_per_partition: Option<u64>,
     started_ns: u64,
     produced: u64,
+    skipped: u64,
     last_watermark_ms: i64,
     done: bool,
 }
@@ -330,6 +332,14 @@ impl<R: Send + Clone + 'static> Actor for SourceActor<R> {
         let mut batch = Vec::with_capacity(max);
         let status = self.source.next_batch(max, &mut batch);
         self.produced += batch.len() as u64;
+        let skipped = self.source.skipped_records();
+        if skipped > self.skipped {
+            let new = skipped - self.skipped;
+            plan.metrics
+                .skipped_records
+                .fetch_add(new, Ordering::Relaxed);
+            self.skipped = skipped;
+        }
         plan.metrics
             .source_records
             .fetch_add(batch.len() as u64, Ordering::Relaxed);

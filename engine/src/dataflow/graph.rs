@@ -78,6 +78,11 @@ pub enum SourceBatch {
 /// A partition of a source: produces batches on demand.
 pub trait Source<R>: Send + 'static {
     fn next_batch(&mut self, max_records: usize, out: &mut Vec<R>) -> SourceBatch;
+
+    /// Malformed input skipped so far (for sources told to skip rather than fail).
+    fn skipped_records(&self) -> u64 {
+        0
+    }
 }
 
 /// A partition of a keyed (or global) stage.

@@ -76,6 +76,8 @@ pub fn partition_of_group(group: u32, parallelism: u32) -> u32 {
 pub struct JobMetrics {
     pub outputs: AtomicU64,
     pub source_records: AtomicU64,
+    /// Malformed input records the sources skipped.
+    pub skipped_records: AtomicU64,
     sinks_done: AtomicU64,
     latency_us: Mutex<Histogram<u32>>,
     /// The first error a source reported; the job then ends early.
@@ -89,6 +91,7 @@ impl JobMetrics {
         JobMetrics {
             outputs: AtomicU64::new(0),
             source_records: AtomicU64::new(0),
+            skipped_records: AtomicU64::new(0),
             sinks_done: AtomicU64::new(0),
             latency_us: Mutex::new(crate::runtime::stats::new_histogram()),
             error: Mutex::new(None),
@@ -171,6 +174,7 @@ pub struct JobReport {
     pub name: String,
     pub elapsed: Duration,
     pub source_records: u64,
+    pub skipped_records: u64,
     pub outputs: u64,
     pub latency_us: Histogram<u32>,
 }
@@ -210,6 +214,7 @@ impl JobHandle {
             name: self.name.clone(),
             elapsed: self.started.elapsed(),
             source_records: self.metrics.source_records.load(Ordering::Acquire),
+            skipped_records: self.metrics.skipped_records.load(Ordering::Acquire),
             outputs: self.metrics.outputs.load(Ordering::Acquire),
             latency_us: self.metrics.latency_us(),
         }

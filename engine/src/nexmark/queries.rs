@@ -367,6 +367,10 @@ impl<R: BufRead + Send + 'static> Source<Row> for ReaderSource<R> {
             watermark_ms: self.watermark_ms,
         }
     }
+
+    fn skipped_records(&self) -> u64 {
+        self.reader.skipped()
+    }
 }
 
 fn is_bid(r: &Row) -> bool {
