@@ -45,6 +45,14 @@ pub struct RunReport {
     pub events_per_s_per_core: f64,
     pub outputs: u64,
     pub latency_us: Latency,
+    /// Messages of the job handled after their deadline had passed.
+    pub deadline_misses: u64,
+    /// Messages of the job handled.
+    pub messages: u64,
+    /// Queueing delay of the job's messages (arrival in a mailbox to handling).
+    pub queue_us_p99: u64,
+    /// Turns over the stall threshold, on any shard.
+    pub stalls: u64,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -100,10 +108,10 @@ pub fn run_query(config: &RunConfig) -> Result<RunReport, BenchError> {
             );
         }
     }
-    let report = handle
-        .wait(Duration::ZERO.max(config.time_limit))
-        .map_err(BenchError)?;
+    let report = handle.wait(config.time_limit).map_err(BenchError)?;
+    let stats = dataflow.stats();
     dataflow.shutdown();
+    let job = stats.job(handle.id);
     let elapsed_s = report.elapsed.as_secs_f64();
     let events_per_s = report.source_records as f64 / elapsed_s.max(1e-9);
     Ok(RunReport {
@@ -116,6 +124,10 @@ pub fn run_query(config: &RunConfig) -> Result<RunReport, BenchError> {
         events_per_s_per_core: events_per_s / cores as f64,
         outputs: report.outputs,
         latency_us: latency(&report),
+        deadline_misses: job.deadline_misses,
+        messages: job.messages,
+        queue_us_p99: job.queue_us.value_at_quantile(0.99),
+        stalls: stats.stalls(),
     })
 }
 

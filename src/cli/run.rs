@@ -311,6 +311,10 @@ pub fn run(args: RunArgs) -> Result<(), String> {
             "latency      p50 {} us, p99 {} us, p99.9 {} us, max {} us",
             l.p50, l.p99, l.p999, l.max
         );
+        println!(
+            "scheduling   {} messages, {} past their deadline (SLO {:?}), queueing p99 {} us, {} stalled turns",
+            report.messages, report.deadline_misses, args.slo, report.queue_us_p99, report.stalls
+        );
     }
     Ok(())
 }

@@ -284,7 +284,10 @@ struct SourceActor<R> {
 }
 
 impl<R: Send + Clone + 'static> SourceActor<R> {
-    /// Records this turn may produce under the rate limit; 0 means wait.
+    /// Records this turn may produce under the rate limit; 0 means wait (a timer
+    /// brings the next `Tick`). A paced source waits until a batch of at least
+    /// `PACED_BATCH_NS` worth of records is due: one turn per few records would cost
+    /// more than the records, and 100 µs is well inside any latency target.
     fn allowance(&mut self, now_ns: u64, ctx: &mut Context<'_, DataMsg<R>>) -> usize {
         let max = self.plan.source_batch_records;
         let Some(rate) = self.rate_per_partition else {
@@ -292,16 +295,21 @@ impl<R: Send + Clone + 'static> SourceActor<R> {
         };
         let elapsed_ns = now_ns.saturating_sub(self.started_ns) as u128;
         let allowed = (elapsed_ns * rate as u128 / 1_000_000_000) as u64;
-        if allowed > self.produced {
+        let min_batch =
+            ((rate as u128 * PACED_BATCH_NS as u128 / 1_000_000_000) as u64).clamp(1, max as u64);
+        if allowed >= self.produced + min_batch {
             return ((allowed - self.produced) as usize).min(max);
         }
-        // Come back when the next record is due.
-        let due_ns =
-            self.started_ns + ((self.produced + 1) as u128 * 1_000_000_000 / rate as u128) as u64;
+        // Come back when the next batch is due.
+        let due_records = (self.produced + min_batch) as u128;
+        let due_ns = self.started_ns + (due_records * 1_000_000_000 / rate as u128) as u64;
         ctx.send_self_at(due_ns, DataMsg::Tick, ctx.sched());
         0
     }
 }
+
+/// Wall time a paced source lets records gather before it makes a batch.
+const PACED_BATCH_NS: u64 = 100_000;
 
 impl<R: Send + Clone + 'static> Actor for SourceActor<R> {
     type Message = DataMsg<R>;
@@ -441,7 +449,7 @@ impl<R: Send + 'static> Actor for SinkActor<R> {
                 if advanced == Some(END_OF_INPUT) && !self.finished {
                     self.finished = true;
                     self.sink.finish();
-                    self.plan.metrics.sinks_done.fetch_add(1, Ordering::AcqRel);
+                    self.plan.metrics.sink_done();
                 }
             }
         }

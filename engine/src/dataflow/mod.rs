@@ -79,6 +79,8 @@ pub struct JobMetrics {
     /// Malformed input records the sources skipped.
     pub skipped_records: AtomicU64,
     sinks_done: AtomicU64,
+    /// When the last sink saw the end of its input (clock ns; 0 while running).
+    finished_ns: AtomicU64,
     latency_us: Mutex<Histogram<u32>>,
     /// The first error a source reported; the job then ends early.
     error: Mutex<Option<String>>,
@@ -93,6 +95,7 @@ impl JobMetrics {
             source_records: AtomicU64::new(0),
             skipped_records: AtomicU64::new(0),
             sinks_done: AtomicU64::new(0),
+            finished_ns: AtomicU64::new(0),
             latency_us: Mutex::new(crate::runtime::stats::new_histogram()),
             error: Mutex::new(None),
             stage_cost_ns: (0..stages).map(|_| AtomicU64::new(0)).collect(),
@@ -116,6 +119,13 @@ impl JobMetrics {
             (old * 7 + cost_ns) / 8
         };
         slot.store(new, Ordering::Relaxed);
+    }
+
+    /// A sink partition saw the end of its input; the last one stamps the job's end.
+    fn sink_done(&self) {
+        let now_ns = crate::clock::monotonic_ns();
+        self.finished_ns.fetch_max(now_ns, Ordering::AcqRel);
+        self.sinks_done.fetch_add(1, Ordering::AcqRel);
     }
 
     fn fail(&self, message: String) {
@@ -167,6 +177,7 @@ pub struct JobHandle {
     metrics: Arc<JobMetrics>,
     sinks: u64,
     started: Instant,
+    started_ns: u64,
 }
 
 /// What a finished job reports.
@@ -212,7 +223,10 @@ impl JobHandle {
     pub fn report(&self) -> JobReport {
         JobReport {
             name: self.name.clone(),
-            elapsed: self.started.elapsed(),
+            elapsed: match self.metrics.finished_ns.load(Ordering::Acquire) {
+                0 => self.started.elapsed(),
+                finished_ns => Duration::from_nanos(finished_ns.saturating_sub(self.started_ns)),
+            },
             source_records: self.metrics.source_records.load(Ordering::Acquire),
             skipped_records: self.metrics.skipped_records.load(Ordering::Acquire),
             outputs: self.metrics.outputs.load(Ordering::Acquire),
@@ -262,6 +276,7 @@ impl<R: Clone + Send + 'static> Dataflow<R> {
             .expect("plan registry poisoned")
             .insert(id, plan.clone());
         let started = Instant::now();
+        let started_ns = crate::clock::monotonic_ns();
         for (stage, partitions) in plan.source_stages() {
             for partition in 0..partitions {
                 let actor = ActorId::new(id, stage, partition);
@@ -274,6 +289,7 @@ impl<R: Clone + Send + 'static> Dataflow<R> {
             metrics,
             sinks,
             started,
+            started_ns,
         })
     }
 
