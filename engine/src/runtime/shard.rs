@@ -281,6 +281,9 @@ pub struct ShardCore<M> {
     generations: Vec<u32>,
     free: Vec<u32>,
     index: IdMap<ActorId, u32>,
+    /// The last local send's target and its slot: a stream of sends to one actor
+    /// skips the hash lookup. Valid while the slot's generation is unchanged.
+    last_target: Option<(ActorId, u32, u32)>,
     /// Packets for actors on their way to this shard.
     pending: IdMap<ActorId, Vec<Packet<M>>>,
     /// Remote sends not yet acknowledged, per target actor.
@@ -329,6 +332,7 @@ impl<M: Send + 'static> ShardCore<M> {
             generations: Vec::new(),
             free: Vec::new(),
             index: IdMap::default(),
+            last_target: None,
             pending: IdMap::default(),
             credits: SmallMap::default(),
             waiters: IdMap::default(),
@@ -620,7 +624,7 @@ impl<M: Send + 'static> ShardCore<M> {
         }
         let placement = self.directory.lookup(send.to);
         if placement.shard == self.id {
-            let active = self.index.get(&send.to).copied();
+            let active = self.local_index(send.to);
             if let Some(target) = active.and_then(|i| self.slots[i as usize].as_ref()) {
                 if target.mailbox.len() + target.early >= credit_max as usize {
                     return Err(send);
@@ -641,6 +645,19 @@ impl<M: Send + 'static> ShardCore<M> {
             self.staging[placement.shard.index()].push_back(Packet::Message(env));
         }
         Ok(())
+    }
+
+    /// The slot of a local actor, through the one-entry cache.
+    #[inline]
+    fn local_index(&mut self, id: ActorId) -> Option<u32> {
+        if let Some((cached, index, generation)) = self.last_target {
+            if cached == id && self.generations[index as usize] == generation {
+                return Some(index);
+            }
+        }
+        let index = *self.index.get(&id)?;
+        self.last_target = Some((id, index, self.generations[index as usize]));
+        Some(index)
     }
 
     fn envelope(
