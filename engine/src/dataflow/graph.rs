@@ -479,3 +479,89 @@ impl<R: Send + 'static> KeyedStream<R> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Nothing;
+    impl Source<u64> for Nothing {
+        fn next_batch(&mut self, _max: usize, _out: &mut Vec<u64>) -> SourceBatch {
+            SourceBatch::Done
+        }
+    }
+    struct Pass;
+    impl Operator<u64> for Pass {
+        fn on_records(&mut self, _input: u8, records: Vec<u64>, out: &mut Vec<u64>) {
+            out.extend(records);
+        }
+    }
+    struct Discard;
+    impl Sink<u64> for Discard {
+        fn write(&mut self, _records: &[u64]) {}
+    }
+
+    /// source (0) -> a (1) -> b (2) -> sink (3)
+    fn chain(slo: Duration) -> Job<u64> {
+        let mut job = Job::new("chain", slo);
+        job.source("source", 1, Arc::new(|_, _| Box::new(Nothing)))
+            .key_by(|r| *r)
+            .process("a", 2, Arc::new(|_| Box::new(Pass)))
+            .key_by(|r| *r)
+            .process("b", 2, Arc::new(|_| Box::new(Pass)))
+            .sink("sink", 1, Arc::new(|_| Box::new(Discard)));
+        job
+    }
+
+    #[test]
+    fn deadlines_leave_room_for_the_measured_cost_of_the_rest_of_the_path() {
+        let plan = chain(Duration::from_millis(10))
+            .into_plan(JobId(1))
+            .expect("valid job");
+        // Measured handling costs per message: a 300 µs, b 200 µs, sink 100 µs.
+        for (stage, cost_ns) in [(1u32, 300_000u64), (2, 200_000), (3, 100_000)] {
+            plan.metrics.observe_cost(stage, cost_ns);
+        }
+        let sched = SchedCtx {
+            job: JobId(1),
+            deadline_ns: 0,
+            origin_ns: 1_000_000,
+        };
+        let end_ns = 1_000_000 + 10_000_000;
+        // (stage the message goes to, the rest of the path after it)
+        let cases = [(1u32, 300_000u64), (2, 100_000), (3, 0)];
+        for (stage, rest_ns) in cases {
+            assert_eq!(
+                plan.deadline_ns(&sched, stage),
+                end_ns - rest_ns,
+                "to stage {stage}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_deadline_hook_replaces_the_rule() {
+        let mut job = chain(Duration::from_millis(10));
+        job.deadline_hook(Arc::new(|sched, stage| sched.origin_ns + stage as u64));
+        let plan = job.into_plan(JobId(1)).expect("valid job");
+        let sched = SchedCtx {
+            job: JobId(1),
+            deadline_ns: 0,
+            origin_ns: 50,
+        };
+        assert_eq!(plan.deadline_ns(&sched, 2), 52);
+    }
+
+    #[test]
+    fn a_stream_without_a_sink_is_refused() {
+        let mut job = Job::<u64>::new("dangling", Duration::from_millis(10));
+        let _ = job
+            .source("source", 1, Arc::new(|_, _| Box::new(Nothing)))
+            .filter(|_| true);
+        let error = job.into_plan(JobId(1)).err().expect("refused");
+        assert!(
+            error.contains("source") && error.contains("no consumer"),
+            "{error}"
+        );
+    }
+}
