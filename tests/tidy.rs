@@ -1,6 +1,6 @@
 //! Tidiness rules checked as tests: every source file of the crates and the binary
 //! starts with a `//!` header saying what it owns, and no test is hidden with
-//! `#[ignore]`.
+//! the ignore attribute.
 
 use std::path::{Path, PathBuf};
 
