@@ -62,6 +62,7 @@ use std::time::Duration;
 use crate::actor::SchedCtx;
 use crate::ids::{ActorId, JobId};
 
+use super::ops::{Aggregate, Partial, WindowAggregate, WindowMerge, WindowSpec};
 use super::JobMetrics;
 
 /// What a source produced.
@@ -477,6 +478,50 @@ impl<R: Send + 'static> KeyedStream<R> {
             stage,
             steps: Vec::new(),
         }
+    }
+}
+
+/// Library operators as stages (see `ops.rs`).
+impl<R: Send + 'static> KeyedStream<R> {
+    /// A keyed windowed aggregation in one stage: per window of `spec` and per
+    /// `key(record)`, `aggregate` folds the records and emits when the window fires.
+    pub fn window_aggregate<A: Aggregate<R>>(
+        &self,
+        name: &str,
+        parallelism: u32,
+        spec: WindowSpec,
+        time: impl Fn(&R) -> i64 + Send + Sync + 'static,
+        key: impl Fn(&R) -> u64 + Send + Sync + 'static,
+        aggregate: A,
+    ) -> Stream<R> {
+        let operator = WindowAggregate::new(spec, time, key, aggregate);
+        self.process(name, parallelism, operator.factory())
+    }
+
+    /// The same in two stages, for a mergeable aggregate: `{name}-partial` folds
+    /// each partition's records into partials, `{name}-merge`, keyed by window,
+    /// merges the partials of every window. Use it when the aggregate's key is not
+    /// this stream's key (a global maximum), so that no partition holds all records.
+    pub fn window_aggregate_two_phase<A: Partial<R>>(
+        &self,
+        name: &str,
+        parallelism: u32,
+        spec: WindowSpec,
+        time: impl Fn(&R) -> i64 + Send + Sync + 'static,
+        key: impl Fn(&R) -> u64 + Send + Sync + 'static,
+        aggregate: A,
+    ) -> Stream<R> {
+        let aggregate = Arc::new(aggregate);
+        let partial =
+            WindowAggregate::partial_shared(spec, Arc::new(time), Arc::new(key), aggregate.clone());
+        let by_window = aggregate.clone();
+        self.process(&format!("{name}-partial"), parallelism, partial.factory())
+            .key_by(move |r| by_window.window_of(r).map_or(0, |(_, end)| end as u64))
+            .process(
+                &format!("{name}-merge"),
+                parallelism,
+                WindowMerge::shared(aggregate).factory(),
+            )
     }
 }
 

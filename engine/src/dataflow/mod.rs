@@ -25,6 +25,7 @@
 
 mod actors;
 pub mod graph;
+pub mod ops;
 pub mod window;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -11,20 +11,27 @@
 //! | q4 | source -> auctions by id / bids by auction -> closing price at `expires` -> by category: running average -> sink |
 //! | q5 | source -> bids by auction -> sliding count per auction, local maxima -> by window: global maxima -> sink |
 //! | q7 | source -> bids by auction -> partial max per window -> by window: merged max -> sink |
-//! | q8 | source -> persons by id / auctions by seller -> tumbling-window join -> sink |
+//! | q8 | source -> persons by id / auctions by seller -> tumbling-window semi-join -> sink |
 //!
-//! q5 and q7 are two-phase aggregations: the first keyed stage computes partial
-//! results per window that merge associatively (a maximum with its ties), the
-//! second merges the partials of each window when the watermark passes its end.
+//! q3, q5, q7 and q8 are built from the library operators of `dataflow::ops`
+//! (unbounded join; windowed count with its leading keys; two-phase maximum with
+//! ties; window semi-join); q4's closing price (a join that fires at each auction's
+//! own `expires`, not at a window's end) stays hand-written here. q5 and q7 are
+//! two-phase aggregations: the first keyed stage computes partial results per
+//! window that merge associatively, the second, keyed by window, merges the
+//! partials of each window when the watermark passes its end.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::io::BufRead;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::dataflow::window::{sliding, tumbling};
+use crate::dataflow::ops::{
+    Count, MaxWithTies, TopKeys, UnboundedJoin, WindowJoin, WindowMerge, WindowSpec,
+};
+use crate::dataflow::window::tumbling;
 use crate::dataflow::{Job, Operator, Sink, Source, SourceBatch};
 
 use super::{interleaved_chunks, Event, EventReader, Generator, GeneratorConfig, Text};
@@ -59,6 +66,11 @@ pub enum Row {
         city: Text,
         state: Text,
         id: u64,
+    },
+    /// q3's projection of an auction: all its join keeps of one.
+    Q3Auction {
+        id: u64,
+        seller: u64,
     },
     Q4Closing {
         category: u64,
@@ -112,6 +124,7 @@ impl Row {
                 state,
                 id,
             } => json!({"name": name, "city": city, "state": state, "id": id}),
+            Row::Q3Auction { id, seller } => json!({"id": id, "seller": seller}),
             Row::Q4Closing { category, price } => json!({"category": category, "price": price}),
             Row::Q4 { category, avg } => json!({"category": category, "avg": avg}),
             Row::Q5 {
@@ -200,19 +213,19 @@ pub fn build(query: &str, options: &QueryOptions) -> Result<Job<Row>, String> {
             .map(q2_row)
             .sink("sink", sinks, sink),
         "q3" => {
+            // Both sides are projected to what the join keeps: a person's output
+            // columns (id: the person's, until joined), an auction's id and seller.
             let persons = events
                 .filter(|r| matches!(r, Row::Event(Event::Person(p)) if matches!(&*p.state, "OR" | "ID" | "CA")))
-                .key_by(person_id);
+                .map(q3_person)
+                .key_by(person_key);
             let auctions = events
                 .filter(|r| matches!(r, Row::Event(Event::Auction(a)) if a.category == 10))
-                .key_by(seller);
+                .map(q3_auction)
+                .key_by(person_key);
+            let join = UnboundedJoin::new(person_key, q3_row).left_key_unique();
             persons
-                .join(
-                    &auctions,
-                    "q3-join",
-                    p,
-                    Arc::new(|_| Box::new(Q3Join::default())),
-                )
+                .join(&auctions, "q3-join", p, join.factory())
                 .sink("sink", sinks, sink)
         }
         "q4" => {
@@ -236,30 +249,42 @@ pub fn build(query: &str, options: &QueryOptions) -> Result<Job<Row>, String> {
                 )
                 .sink("sink", sinks, sink)
         }
-        "q5" => events
-            .filter(is_bid)
-            .key_by(bid_auction)
-            .process("q5-count", p, Arc::new(|_| Box::new(Q5Count::default())))
-            .key_by(window_key)
-            .process("q5-max", p, Arc::new(|_| Box::new(Q5Max::default())))
-            .sink("sink", sinks, sink),
+        "q5" => {
+            // Keyed by auction, so each auction's count is complete in phase 1,
+            // which may already keep only its partition's leaders.
+            let most_bids = || TopKeys::new(Count::two_phase(q5_row, q5_parse), |n: &u64| *n);
+            let windows = WindowSpec::Sliding {
+                size_ms: Q5_SIZE_MS,
+                slide_ms: Q5_SLIDE_MS,
+            };
+            events
+                .filter(is_bid)
+                .key_by(bid_auction)
+                .window_aggregate("q5-count", p, windows, event_time, bid_auction, most_bids())
+                .key_by(window_key)
+                .process("q5-max", p, WindowMerge::new(most_bids()).factory())
+                .sink("sink", sinks, sink)
+        }
         "q7" => events
             .filter(is_bid)
             .key_by(bid_auction)
-            .process("q7-partial", p, Arc::new(|_| Box::new(Q7Max::partial())))
-            .key_by(window_key)
-            .process("q7-merge", p, Arc::new(|_| Box::new(Q7Max::merge())))
+            .window_aggregate_two_phase(
+                "q7",
+                p,
+                WindowSpec::Tumbling { size_ms: TUMBLE_MS },
+                event_time,
+                |_| 0, // one maximum per window
+                MaxWithTies::two_phase(bid_price, q7_row, q7_parse),
+            )
             .sink("sink", sinks, sink),
         "q8" => {
-            let persons = events.filter(is_person).key_by(person_id);
+            // Persons are kept as their output rows; a semi-join: one row per
+            // person and window, and of the auctions only the sellers' ids are kept.
+            let persons = events.filter(is_person).map(q8_person).key_by(person_key);
             let auctions = events.filter(is_auction).key_by(seller);
+            let join = WindowJoin::semi(TUMBLE_MS, event_time, person_key, q8_row);
             persons
-                .join(
-                    &auctions,
-                    "q8-join",
-                    p,
-                    Arc::new(|_| Box::new(Q8Join::default())),
-                )
+                .join(&auctions, "q8-join", p, join.factory())
                 .sink("sink", sinks, sink)
         }
         _ => unreachable!("checked against QUERIES"),
@@ -409,9 +434,126 @@ fn bid_auction(r: &Row) -> u64 {
 fn window_key(r: &Row) -> u64 {
     match r {
         Row::Q5 { window_start, .. } => *window_start as u64,
-        Row::Q7 { window_end, .. } => *window_end as u64,
         _ => 0,
     }
+}
+/// Event time; q8's persons, projected, are placed at their window's start.
+fn event_time(r: &Row) -> i64 {
+    match r {
+        Row::Event(e) => e.date_time(),
+        Row::Q8 { window_start, .. } => *window_start,
+        _ => 0,
+    }
+}
+/// A person's id (also of a person projected for q3 or q8) or an auction's
+/// seller: what q3 and q8 join on.
+fn person_key(r: &Row) -> u64 {
+    match r {
+        Row::Event(Event::Auction(a)) => a.seller,
+        Row::Q3Auction { seller, .. } => *seller,
+        Row::Q3 { id, .. } | Row::Q8 { id, .. } => *id,
+        other => person_id(other),
+    }
+}
+fn bid_price(r: &Row) -> u64 {
+    match r {
+        Row::Event(Event::Bid(b)) => b.price,
+        _ => 0,
+    }
+}
+/// What q3 keeps of a person: its output columns, with the person's id for now.
+fn q3_person(r: Row) -> Row {
+    match r {
+        Row::Event(Event::Person(p)) => {
+            let p = *p;
+            Row::Q3 {
+                name: p.name,
+                city: p.city,
+                state: p.state,
+                id: p.id,
+            }
+        }
+        other => other,
+    }
+}
+fn q3_auction(r: Row) -> Row {
+    match r {
+        Row::Event(Event::Auction(a)) => Row::Q3Auction {
+            id: a.id,
+            seller: a.seller,
+        },
+        other => other,
+    }
+}
+fn q3_row(person: &Row, auction: &Row) -> Option<Row> {
+    match (person, auction) {
+        (
+            Row::Q3 {
+                name, city, state, ..
+            },
+            Row::Q3Auction { id, .. },
+        ) => Some(Row::Q3 {
+            name: name.clone(),
+            city: city.clone(),
+            state: state.clone(),
+            id: *id,
+        }),
+        _ => None,
+    }
+}
+fn q5_row(auction: u64, (window_start, window_end): (i64, i64), num: u64) -> Row {
+    Row::Q5 {
+        auction,
+        num,
+        window_start,
+        window_end,
+    }
+}
+fn q5_parse(r: &Row) -> Option<(u64, (i64, i64), u64)> {
+    match r {
+        Row::Q5 {
+            auction,
+            num,
+            window_start,
+            window_end,
+        } => Some((*auction, (*window_start, *window_end), *num)),
+        _ => None,
+    }
+}
+/// The row q7 keeps of a bid that ties its window's highest price.
+fn q7_row(r: &Row) -> Row {
+    match r {
+        Row::Event(Event::Bid(b)) => Row::Q7 {
+            auction: b.auction,
+            price: b.price,
+            bidder: b.bidder,
+            date_time: b.date_time,
+            window_end: tumbling(b.date_time, TUMBLE_MS).1,
+        },
+        other => other.clone(),
+    }
+}
+fn q7_parse(r: &Row) -> Option<(u64, (i64, i64), u64)> {
+    match r {
+        Row::Q7 {
+            price, window_end, ..
+        } => Some((0, (window_end - TUMBLE_MS, *window_end), *price)),
+        _ => None,
+    }
+}
+/// What q8 keeps of a person: its output row.
+fn q8_person(r: Row) -> Row {
+    match r {
+        Row::Event(Event::Person(p)) => Row::Q8 {
+            id: p.id,
+            window_start: tumbling(p.date_time, TUMBLE_MS).0,
+            name: p.name,
+        },
+        other => other,
+    }
+}
+fn q8_row(person: &Row, _window_start: i64) -> Option<Row> {
+    Some(person.clone())
 }
 fn q1_row(r: Row) -> Row {
     match r {
@@ -431,43 +573,6 @@ fn q2_row(r: Row) -> Row {
             price: b.price,
         },
         other => other,
-    }
-}
-
-/// q3: persons (input 0) joined with category-10 auctions (input 1) on seller.
-#[derive(Default)]
-struct Q3Join {
-    persons: HashMap<u64, (Text, Text, Text)>,
-    waiting: HashMap<u64, Vec<u64>>,
-}
-
-impl Operator<Row> for Q3Join {
-    fn on_records(&mut self, _input: u8, records: Vec<Row>, out: &mut Vec<Row>) {
-        for record in records {
-            match record {
-                Row::Event(Event::Person(p)) => {
-                    for id in self.waiting.remove(&p.id).unwrap_or_default() {
-                        out.push(Row::Q3 {
-                            name: p.name.clone(),
-                            city: p.city.clone(),
-                            state: p.state.clone(),
-                            id,
-                        });
-                    }
-                    self.persons.insert(p.id, (p.name, p.city, p.state));
-                }
-                Row::Event(Event::Auction(a)) => match self.persons.get(&a.seller) {
-                    Some((name, city, state)) => out.push(Row::Q3 {
-                        name: name.clone(),
-                        city: city.clone(),
-                        state: state.clone(),
-                        id: a.id,
-                    }),
-                    None => self.waiting.entry(a.seller).or_default().push(a.id),
-                },
-                _ => {}
-            }
-        }
     }
 }
 
@@ -561,192 +666,6 @@ impl Operator<Row> for Q4Average {
                     category,
                     avg: *sum as f64 / *count as f64,
                 });
-            }
-        }
-    }
-}
-
-/// q5, first phase: bids per auction per sliding window; at each window's end, the
-/// auctions with this partition's highest count (every auction's count is complete
-/// here, so the global winners are among the local ones).
-#[derive(Default)]
-struct Q5Count {
-    windows: BTreeMap<(i64, i64), HashMap<u64, u64>>,
-}
-
-impl Operator<Row> for Q5Count {
-    fn on_records(&mut self, _input: u8, records: Vec<Row>, _out: &mut Vec<Row>) {
-        for record in records {
-            if let Row::Event(Event::Bid(b)) = record {
-                for window in sliding(b.date_time, Q5_SIZE_MS, Q5_SLIDE_MS) {
-                    *self
-                        .windows
-                        .entry((window.1, window.0))
-                        .or_default()
-                        .entry(b.auction)
-                        .or_default() += 1;
-                }
-            }
-        }
-    }
-
-    fn on_watermark(&mut self, watermark_ms: i64, out: &mut Vec<Row>) {
-        while let Some(entry) = self.windows.first_entry() {
-            let (window_end, window_start) = *entry.key();
-            if window_end > watermark_ms {
-                break;
-            }
-            let counts = entry.remove();
-            let max = counts.values().copied().max().unwrap_or(0);
-            for (auction, num) in counts {
-                if num == max {
-                    out.push(Row::Q5 {
-                        auction,
-                        num,
-                        window_start,
-                        window_end,
-                    });
-                }
-            }
-        }
-    }
-}
-
-/// q5, second phase: per window, the auctions with the highest count overall.
-#[derive(Default)]
-struct Q5Max {
-    windows: BTreeMap<i64, (u64, Vec<Row>)>,
-}
-
-impl Operator<Row> for Q5Max {
-    fn on_records(&mut self, _input: u8, records: Vec<Row>, _out: &mut Vec<Row>) {
-        for record in records {
-            if let Row::Q5 {
-                num, window_end, ..
-            } = record
-            {
-                keep_max(self.windows.entry(window_end).or_default(), num, record);
-            }
-        }
-    }
-
-    fn on_watermark(&mut self, watermark_ms: i64, out: &mut Vec<Row>) {
-        fire(&mut self.windows, watermark_ms, out);
-    }
-}
-
-/// Keep `row` if `value` ties or beats the best so far.
-fn keep_max(best: &mut (u64, Vec<Row>), value: u64, row: Row) {
-    if best.1.is_empty() || value > best.0 {
-        *best = (value, vec![row]);
-    } else if value == best.0 {
-        best.1.push(row);
-    }
-}
-
-/// Emit and drop every window whose end the watermark has reached.
-fn fire(windows: &mut BTreeMap<i64, (u64, Vec<Row>)>, watermark_ms: i64, out: &mut Vec<Row>) {
-    while let Some(entry) = windows.first_entry() {
-        if *entry.key() > watermark_ms {
-            break;
-        }
-        out.extend(entry.remove().1);
-    }
-}
-
-/// q7: the highest bids per tumbling window, as a mergeable maximum with ties:
-/// `partial` folds bids, `merge` folds the partials of every first-phase partition.
-struct Q7Max {
-    from_bids: bool,
-    windows: BTreeMap<i64, (u64, Vec<Row>)>,
-}
-
-impl Q7Max {
-    fn partial() -> Self {
-        Q7Max {
-            from_bids: true,
-            windows: BTreeMap::new(),
-        }
-    }
-    fn merge() -> Self {
-        Q7Max {
-            from_bids: false,
-            windows: BTreeMap::new(),
-        }
-    }
-}
-
-impl Operator<Row> for Q7Max {
-    fn on_records(&mut self, _input: u8, records: Vec<Row>, _out: &mut Vec<Row>) {
-        for record in records {
-            let row = match record {
-                Row::Event(Event::Bid(b)) if self.from_bids => Row::Q7 {
-                    auction: b.auction,
-                    price: b.price,
-                    bidder: b.bidder,
-                    date_time: b.date_time,
-                    window_end: tumbling(b.date_time, TUMBLE_MS).1,
-                },
-                row @ Row::Q7 { .. } if !self.from_bids => row,
-                _ => continue,
-            };
-            if let Row::Q7 {
-                price, window_end, ..
-            } = row
-            {
-                keep_max(self.windows.entry(window_end).or_default(), price, row);
-            }
-        }
-    }
-
-    fn on_watermark(&mut self, watermark_ms: i64, out: &mut Vec<Row>) {
-        fire(&mut self.windows, watermark_ms, out);
-    }
-}
-
-/// q8: persons (input 0) who opened an auction (input 1) in the tumbling window
-/// they registered in.
-#[derive(Default)]
-struct Q8Join {
-    windows: BTreeMap<i64, (HashMap<u64, Text>, HashSet<u64>)>,
-}
-
-impl Operator<Row> for Q8Join {
-    fn on_records(&mut self, _input: u8, records: Vec<Row>, _out: &mut Vec<Row>) {
-        for record in records {
-            match record {
-                Row::Event(Event::Person(p)) => {
-                    let (start, _) = tumbling(p.date_time, TUMBLE_MS);
-                    self.windows
-                        .entry(start)
-                        .or_default()
-                        .0
-                        .insert(p.id, p.name);
-                }
-                Row::Event(Event::Auction(a)) => {
-                    let (start, _) = tumbling(a.date_time, TUMBLE_MS);
-                    self.windows.entry(start).or_default().1.insert(a.seller);
-                }
-                _ => {}
-            }
-        }
-    }
-
-    fn on_watermark(&mut self, watermark_ms: i64, out: &mut Vec<Row>) {
-        while let Some(entry) = self.windows.first_entry() {
-            let window_start = *entry.key();
-            if window_start + TUMBLE_MS > watermark_ms {
-                break;
-            }
-            let (persons, sellers) = entry.remove();
-            for (id, name) in persons {
-                if sellers.contains(&id) {
-                    out.push(Row::Q8 {
-                        id,
-                        name,
-                        window_start,
-                    });
-                }
             }
         }
     }
