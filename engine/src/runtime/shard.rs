@@ -74,7 +74,7 @@ pub struct ShardConfig {
 impl Default for ShardConfig {
     fn default() -> Self {
         ShardConfig {
-            mailbox_credit_messages: 256,
+            mailbox_credit_messages: 1024,
             turn_messages_max: 128,
             turn_ns_max: 200_000,
             stall_ns: 10_000_000,
@@ -101,9 +101,33 @@ pub struct Envelope<M> {
     /// The placement epoch of `to` the last router believed in.
     pub(crate) route_epoch: u64,
     pub(crate) sched: SchedCtx,
-    pub(crate) enqueued_ns: u64,
-    pub(crate) arrival: u64,
     pub(crate) message: M,
+}
+
+impl<M> Queued<M> {
+    #[inline]
+    fn arrived(env: Envelope<M>, now_ns: u64, arrival: u64) -> Self {
+        Queued {
+            sched: env.sched,
+            enqueued_ns: now_ns,
+            arrival,
+            credit_shard: env.credit_shard,
+            message: env.message,
+        }
+    }
+}
+
+/// A message in a mailbox: what handling and accounting need, none of the routing
+/// (a smaller copy on every push and pop of the data path).
+struct Queued<M> {
+    sched: SchedCtx,
+    /// When it entered the mailbox (the shard clock of that moment).
+    enqueued_ns: u64,
+    /// Arrival order on this shard (the FIFO policy's key).
+    arrival: u64,
+    /// The shard whose credit it holds (`NO_SHARD` if none).
+    credit_shard: u16,
+    message: M,
 }
 
 /// What shards send each other through the rings.
@@ -138,7 +162,7 @@ pub enum External<M> {
 pub struct Slot<M> {
     id: ActorId,
     actor: Option<BoxActor<M>>,
-    mailbox: VecDeque<Envelope<M>>,
+    mailbox: VecDeque<Queued<M>>,
     /// Last sequence number accepted, per sender.
     in_seq: SmallMap<u64>,
     /// Early arrivals, per sender, waiting for the gap before them to fill.
@@ -180,7 +204,8 @@ impl<M> Slot<M> {
     }
 
     /// Accept an envelope in channel order; returns how many entered the mailbox.
-    fn accept(&mut self, mut env: Envelope<M>, now_ns: u64, arrivals: &mut u64) -> usize {
+    #[inline]
+    fn accept(&mut self, env: Envelope<M>, now_ns: u64, arrivals: &mut u64) -> usize {
         let last = self.in_seq.entry(env.from);
         if env.seq != *last + 1 {
             assert!(
@@ -199,29 +224,30 @@ impl<M> Slot<M> {
             return 0;
         }
         *last += 1;
-        *arrivals += 1;
-        env.enqueued_ns = now_ns;
-        env.arrival = *arrivals;
+        let mut next_seq = *last + 1;
         let from = env.from;
-        self.mailbox.push_back(env);
+        *arrivals += 1;
+        self.mailbox
+            .push_back(Queued::arrived(env, now_ns, *arrivals));
         let mut accepted = 1;
         if let Some(early) = self.reorder.get_mut(&from) {
-            while let Some(mut next) = early.remove(&(*last + 1)) {
-                *last += 1;
+            while let Some(next) = early.remove(&next_seq) {
+                next_seq += 1;
                 self.early -= 1;
                 *arrivals += 1;
-                next.enqueued_ns = now_ns;
-                next.arrival = *arrivals;
-                self.mailbox.push_back(next);
+                self.mailbox
+                    .push_back(Queued::arrived(next, now_ns, *arrivals));
                 accepted += 1;
             }
             if early.is_empty() {
                 self.reorder.remove(&from);
             }
+            *self.in_seq.entry(from) = next_seq - 1;
         }
         accepted
     }
 
+    #[inline]
     fn next_seq(&mut self, to: ActorId) -> u64 {
         let seq = self.out_seq.entry(to);
         *seq += 1;
@@ -603,6 +629,7 @@ impl<M: Send + 'static> ShardCore<M> {
     // ---- sending ---------------------------------------------------------------
 
     /// Admit `send` from `sender`, or queue it in the sender's blocked list.
+    #[inline]
     fn send_from(&mut self, sender: &mut Slot<M>, send: Outgoing<M>) {
         if !sender.blocked.is_empty() {
             sender.blocked.push_back(send);
@@ -660,6 +687,7 @@ impl<M: Send + 'static> ShardCore<M> {
         Some(index)
     }
 
+    #[inline]
     fn envelope(
         &self,
         sender: &mut Slot<M>,
@@ -674,8 +702,6 @@ impl<M: Send + 'static> ShardCore<M> {
             credit_shard,
             route_epoch,
             sched: send.sched,
-            enqueued_ns: self.now_ns,
-            arrival: 0,
             message: send.message,
         }
     }
@@ -730,8 +756,9 @@ impl<M: Send + 'static> ShardCore<M> {
 
     // ---- delivery --------------------------------------------------------------
 
+    #[inline]
     fn deliver(&mut self, env: Envelope<M>) {
-        if let Some(&index) = self.index.get(&env.to) {
+        if let Some(index) = self.local_index(env.to) {
             self.accept_into(index, env);
             return;
         }
@@ -761,6 +788,7 @@ impl<M: Send + 'static> ShardCore<M> {
         self.staging[placement.shard.index()].push_back(packet);
     }
 
+    #[inline]
     fn accept_into(&mut self, index: u32, env: Envelope<M>) {
         let slot = self.slots[index as usize]
             .as_mut()
@@ -771,6 +799,7 @@ impl<M: Send + 'static> ShardCore<M> {
         }
     }
 
+    #[inline]
     fn enqueue_run(&mut self, index: u32) {
         let slot = self.slots[index as usize]
             .as_mut()
