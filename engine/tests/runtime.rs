@@ -184,3 +184,49 @@ fn idle_actors_are_deactivated_and_come_back_with_their_state() {
     built.ledger.assert_complete(workload.per_channel);
     runtime.shutdown();
 }
+
+#[test]
+fn statistics_are_served_while_outside_sends_wait_for_credit() {
+    // 2,000 messages at 1 ms each: two seconds of work behind a credit of 8.
+    let workload = Workload {
+        sources: 1,
+        targets: 1,
+        per_channel: 1,
+        batch: 1,
+        target_spin_ns: 1_000_000,
+    };
+    let built = build(&workload);
+    let runtime = Arc::new(
+        Runtime::start(
+            config(2, 8),
+            built.factory.clone(),
+            Arc::new(MemoryStateStore::default()),
+        )
+        .expect("runtime starts"),
+    );
+    // A thread floods the slow target from outside: its sends wait for credit.
+    let sender = {
+        let runtime = runtime.clone();
+        std::thread::spawn(move || {
+            for n in 1..=2_000u64 {
+                runtime.send(target(0), Msg::Data { source: 0, n }, sched());
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(20));
+    let stats = runtime.stats();
+    assert_eq!(stats.shards.len(), 2);
+    // Served while most sends still wait: not queued behind them.
+    let handled = built.ledger.received.load(Ordering::Acquire);
+    assert!(
+        handled < 1_000,
+        "stats came only after {handled} of 2000 messages"
+    );
+    sender.join().expect("sender thread");
+    wait_for(&built.ledger, 2_000, Duration::from_secs(60));
+    built.ledger.assert_complete(2_000);
+    Arc::try_unwrap(runtime)
+        .ok()
+        .expect("last reference")
+        .shutdown();
+}

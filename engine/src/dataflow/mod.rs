@@ -238,6 +238,13 @@ impl JobHandle {
 
 impl<R: Clone + Send + 'static> Dataflow<R> {
     pub fn start(config: DataflowConfig) -> Result<Self, StartError> {
+        if config.runtime.shard.idle_timeout_ns.is_some() {
+            // Operators keep their state in the actor and do not snapshot it yet.
+            return Err(StartError(
+                "dataflow actors cannot be deactivated yet: set runtime.shard.idle_timeout_ns to None"
+                    .to_string(),
+            ));
+        }
         let plans: Plans<R> = Arc::new(RwLock::new(IdMap::default()));
         let lookup = plans.clone();
         let factory = move |id: ActorId, _state: Option<&[u8]>| {

@@ -578,11 +578,27 @@ fn q2_row(r: Row) -> Row {
 
 /// q4, first phase: the closing price of each auction, emitted once the watermark
 /// passes its `expires`.
-#[derive(Default)]
 struct Q4Closing {
     auctions: HashMap<u64, AuctionState>,
     closing: BTreeMap<i64, Vec<u64>>,
+    watermark_ms: i64,
+    /// Event time of the next sweep of bids whose auction can no longer come.
+    next_sweep_ms: i64,
 }
+
+impl Default for Q4Closing {
+    fn default() -> Self {
+        Q4Closing {
+            auctions: HashMap::new(),
+            closing: BTreeMap::new(),
+            watermark_ms: i64::MIN,
+            next_sweep_ms: i64::MIN,
+        }
+    }
+}
+
+/// How often (in event time) `Q4Closing` drops bids whose auction can no longer come.
+const Q4_SWEEP_MS: i64 = 1_000;
 
 #[derive(Default)]
 struct AuctionState {
@@ -618,17 +634,30 @@ impl Operator<Row> for Q4Closing {
                     }
                     self.closing.entry(a.expires).or_default().push(a.id);
                 }
-                Row::Event(Event::Bid(b)) => self
-                    .auctions
-                    .entry(b.auction)
-                    .or_default()
-                    .bid(b.date_time, b.price),
+                Row::Event(Event::Bid(b)) => {
+                    // Its auction, if valid, is no later than the bid: when the bid is
+                    // behind the watermark and the auction is not here, it never comes.
+                    if b.date_time < self.watermark_ms && !self.auctions.contains_key(&b.auction) {
+                        continue;
+                    }
+                    self.auctions
+                        .entry(b.auction)
+                        .or_default()
+                        .bid(b.date_time, b.price)
+                }
                 _ => {}
             }
         }
     }
 
     fn on_watermark(&mut self, watermark_ms: i64, out: &mut Vec<Row>) {
+        self.watermark_ms = watermark_ms;
+        if watermark_ms >= self.next_sweep_ms && watermark_ms != i64::MAX {
+            self.next_sweep_ms = watermark_ms.saturating_add(Q4_SWEEP_MS);
+            self.auctions.retain(|_, state| {
+                state.auction.is_some() || state.early_bids.iter().any(|&(t, _)| t >= watermark_ms)
+            });
+        }
         // An auction closes when the watermark passes `expires` (bids at `expires` count).
         while let Some(entry) = self.closing.first_entry() {
             if *entry.key() >= watermark_ms && watermark_ms != i64::MAX {
@@ -688,4 +717,68 @@ pub struct NullSink;
 
 impl Sink<Row> for NullSink {
     fn write(&mut self, _records: &[Row]) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nexmark::{Auction, Bid};
+    use std::borrow::Cow;
+
+    fn bid(auction: u64, date_time: i64, price: u64) -> Row {
+        Row::Event(Event::Bid(Bid {
+            auction,
+            bidder: 1,
+            price,
+            channel: Cow::Borrowed(""),
+            url: Cow::Borrowed(""),
+            date_time,
+            extra: Cow::Borrowed(""),
+        }))
+    }
+
+    fn auction(id: u64, date_time: i64, expires: i64) -> Row {
+        Row::Event(Event::Auction(Box::new(Auction {
+            id,
+            item_name: Cow::Borrowed(""),
+            description: Cow::Borrowed(""),
+            initial_bid: 1,
+            reserve: 1,
+            date_time,
+            expires,
+            seller: 1,
+            category: 10,
+            extra: Cow::Borrowed(""),
+        })))
+    }
+
+    #[test]
+    fn q4_drops_bids_whose_auction_can_no_longer_come() {
+        let mut closing = Q4Closing::default();
+        let mut out = Vec::new();
+        // A bid ahead of its auction is held; the auction then arrives and closes.
+        closing.on_records(1, vec![bid(7, 100, 30)], &mut out);
+        closing.on_records(0, vec![auction(7, 90, 500)], &mut out);
+        // A bid for an auction that never comes is held only until the watermark
+        // passes it; one already behind the watermark is not held at all.
+        closing.on_records(1, vec![bid(8, 120, 40)], &mut out);
+        assert_eq!(closing.auctions.len(), 2);
+        closing.on_watermark(200, &mut out);
+        assert_eq!(closing.auctions.len(), 1, "auction 8's bid is swept");
+        closing.on_records(1, vec![bid(9, 150, 50)], &mut out);
+        assert_eq!(
+            closing.auctions.len(),
+            1,
+            "a bid behind the watermark is not held"
+        );
+        closing.on_watermark(501, &mut out);
+        assert!(matches!(
+            out.as_slice(),
+            [Row::Q4Closing {
+                category: 10,
+                price: 30
+            }]
+        ));
+        assert!(closing.auctions.is_empty());
+    }
 }

@@ -15,7 +15,7 @@ use crate::clock::Clock;
 use crate::ids::ShardId;
 use crate::ring::{Consumer, Producer};
 
-use super::shard::{Packet, ShardCore};
+use super::shard::{External, Packet, ShardCore};
 use super::store::StateStore;
 use super::{RuntimeConfig, Shared};
 
@@ -85,9 +85,12 @@ impl<M: Send + 'static> ShardThread<M> {
             let inputs = &self.inputs;
             let shared = &self.shared;
             let me = self.id.index();
+            // Requests from outside count as work only if the injector can take them;
+            // while it waits for credit, an acknowledgement on a ring wakes the shard.
+            let injector_ready = core.injector_ready();
             let park = doorbell.park(|| {
                 shared.stop.load(Ordering::Acquire)
-                    || shared.external[me].len.load(Ordering::Acquire) > 0
+                    || (injector_ready && shared.external[me].len.load(Ordering::Acquire) > 0)
                     || inputs.iter().flatten().any(|c| !c.is_empty())
             });
             // Arm a timer only for a due actor timer or idle deactivation: a park with
@@ -103,6 +106,8 @@ impl<M: Send + 'static> ShardThread<M> {
             };
             match wake_ns {
                 Some(wake_ns) => {
+                    // The spin took time: measure the wait from now.
+                    let now_ns = crate::clock::monotonic_ns();
                     let wait = Duration::from_nanos(wake_ns.saturating_sub(now_ns).max(1));
                     // A timeout is the timer or housekeeping tick, not an error.
                     let _ = glommio::timer::timeout(wait, async {
@@ -126,7 +131,8 @@ impl<M: Send + 'static> ShardThread<M> {
         let mut polls = 0u32;
         loop {
             if self.shared.stop.load(Ordering::Acquire)
-                || self.shared.external[me].len.load(Ordering::Acquire) > 0
+                || (core.injector_ready()
+                    && self.shared.external[me].len.load(Ordering::Acquire) > 0)
                 || self.inputs.iter().flatten().any(|c| !c.is_empty())
             {
                 return true;
@@ -161,6 +167,19 @@ impl<M: Send + 'static> ShardThread<M> {
                 };
                 core.external(request);
                 taken += 1;
+            }
+            if !core.injector_ready() {
+                // Sends wait for credit in order; statistics and migrations need not
+                // wait behind them.
+                let mut i = 0;
+                while i < q.len() && taken < EXTERNAL_DRAIN_MAX {
+                    if matches!(q[i], External::Send(_)) {
+                        i += 1;
+                    } else if let Some(request) = q.remove(i) {
+                        core.external(request);
+                        taken += 1;
+                    }
+                }
             }
             queue.len.store(q.len(), Ordering::Release);
             progress |= taken > 0;

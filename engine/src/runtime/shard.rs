@@ -25,7 +25,10 @@
 //! drained. Credits are per target actor, not per ring, and rings are always
 //! drained, so a full actor never blocks traffic to other actors (no head-of-line
 //! blocking), and in an acyclic dataflow a blocked sender always waits on a target
-//! that can run: no deadlock. Memory is bounded by credits times senders.
+//! that can run: no deadlock. Memory is bounded: a target holds at most
+//! `mailbox_credit_messages` from each shard plus as many from its own shard
+//! (early arrivals included), and a sender's blocked queue holds at most what one
+//! handled message sent.
 //!
 //! # Migration
 //!
@@ -317,7 +320,7 @@ pub struct ShardCore<M> {
     /// Senders blocked on each target.
     waiters: IdMap<ActorId, Vec<ActorId>>,
     /// Sender identity (and blocked queue) of sends from outside the runtime.
-    injector: Box<Slot<M>>,
+    injector: Option<Box<Slot<M>>>,
     /// Outgoing packets per target shard, flushed into the rings by the executor.
     staging: Vec<VecDeque<Packet<M>>>,
     ack_counts: Vec<u32>,
@@ -362,7 +365,7 @@ impl<M: Send + 'static> ShardCore<M> {
             pending: IdMap::default(),
             credits: SmallMap::default(),
             waiters: IdMap::default(),
-            injector: Slot::new(ActorId::injector(id), None, now_ns),
+            injector: Some(Slot::new(ActorId::injector(id), None, now_ns)),
             staging: (0..shards).map(|_| VecDeque::new()).collect(),
             ack_counts: vec![0; shards as usize],
             scratch: Vec::new(),
@@ -439,7 +442,7 @@ impl<M: Send + 'static> ShardCore<M> {
 
     /// Whether sends from outside may be taken now (else they wait in their queue).
     pub fn injector_ready(&self) -> bool {
-        self.injector.blocked.is_empty()
+        self.injector.as_ref().is_none_or(|i| i.blocked.is_empty())
     }
 
     pub fn is_active(&self, id: ActorId) -> bool {
@@ -474,12 +477,9 @@ impl<M: Send + 'static> ShardCore<M> {
     pub fn external(&mut self, request: External<M>) {
         match request {
             External::Send(out) => {
-                let mut injector = std::mem::replace(
-                    &mut self.injector,
-                    Slot::new(ActorId::injector(self.id), None, 0),
-                );
+                let mut injector = self.injector.take().expect("the injector is home");
                 self.send_from(&mut injector, out);
-                self.injector = injector;
+                self.injector = Some(injector);
             }
             External::Migrate { actor, to } => self.route_migrate(actor, to),
             External::Report(reply) => {
@@ -722,11 +722,10 @@ impl<M: Send + 'static> ShardCore<M> {
             return;
         };
         for sender in senders {
-            if sender == self.injector.id {
-                let mut injector =
-                    std::mem::replace(&mut self.injector, Slot::new(sender, None, 0));
+            if sender == ActorId::injector(self.id) {
+                let mut injector = self.injector.take().expect("the injector is home");
                 self.retry_blocked(&mut injector);
-                self.injector = injector;
+                self.injector = Some(injector);
                 continue;
             }
             let Some(&index) = self.index.get(&sender) else {
