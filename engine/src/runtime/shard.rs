@@ -233,6 +233,9 @@ impl<M> Slot<M> {
         self.mailbox
             .push_back(Queued::arrived(env, now_ns, *arrivals));
         let mut accepted = 1;
+        if self.early == 0 {
+            return accepted; // nothing held aside: skip the lookup
+        }
         if let Some(early) = self.reorder.get_mut(&from) {
             while let Some(next) = early.remove(&next_seq) {
                 next_seq += 1;
