@@ -120,6 +120,54 @@ impl<M> Queued<M> {
     }
 }
 
+/// Consecutive messages of one channel: envelope `i` has sequence `first_seq + i`.
+pub struct Run<M> {
+    to: ActorId,
+    from: ActorId,
+    first_seq: u64,
+    credit_shard: u16,
+    route_epoch: u64,
+    messages: Vec<(SchedCtx, M)>,
+}
+
+/// Messages one `Run` packet carries at most.
+const RUN_MESSAGES_MAX: usize = 256;
+
+impl<M> Run<M> {
+    /// Whether `env` is the next message of this run's channel.
+    fn extends(&self, env: &Envelope<M>) -> bool {
+        self.to == env.to
+            && self.from == env.from
+            && self.credit_shard == env.credit_shard
+            && self.route_epoch == env.route_epoch
+            && self.first_seq + self.messages.len() as u64 == env.seq
+            && self.messages.len() < RUN_MESSAGES_MAX
+    }
+
+    fn envelopes(self) -> impl Iterator<Item = Envelope<M>> {
+        let Run {
+            to,
+            from,
+            first_seq,
+            credit_shard,
+            route_epoch,
+            messages,
+        } = self;
+        messages
+            .into_iter()
+            .zip(first_seq..)
+            .map(move |((sched, message), seq)| Envelope {
+                to,
+                from,
+                seq,
+                credit_shard,
+                route_epoch,
+                sched,
+                message,
+            })
+    }
+}
+
 /// A message in a mailbox: what handling and accounting need, none of the routing
 /// (a smaller copy on every push and pop of the data path).
 struct Queued<M> {
@@ -136,6 +184,9 @@ struct Queued<M> {
 /// What shards send each other through the rings.
 pub enum Packet<M> {
     Message(Envelope<M>),
+    /// Consecutive messages of one channel, staged in one flush: they cross the ring
+    /// as one packet (a pointer to their batch), and are delivered one by one.
+    Run(Run<M>),
     /// `messages` sent by the receiving shard to `actor` have been handled.
     Ack {
         actor: ActorId,
@@ -289,6 +340,42 @@ impl<M> Ord for Timer<M> {
     /// Reversed, so the max-heap yields the earliest due time first.
     fn cmp(&self, other: &Self) -> CmpOrdering {
         (other.send.due_ns, other.seq).cmp(&(self.send.due_ns, self.seq))
+    }
+}
+
+/// Stage a message for another shard, joining it to the run of its channel at the
+/// back of the queue when it continues it.
+#[inline]
+fn stage_remote<M>(staging: &mut VecDeque<Packet<M>>, env: Envelope<M>) {
+    match staging.back_mut() {
+        Some(Packet::Run(run)) if run.extends(&env) => {
+            run.messages.push((env.sched, env.message));
+        }
+        Some(Packet::Message(previous))
+            if previous.to == env.to
+                && previous.from == env.from
+                && previous.credit_shard == env.credit_shard
+                && previous.route_epoch == env.route_epoch
+                && previous.seq + 1 == env.seq =>
+        {
+            let Some(Packet::Message(previous)) = staging.pop_back() else {
+                unreachable!("matched just above");
+            };
+            let mut messages = Vec::with_capacity(64);
+            let (to, from, first_seq) = (previous.to, previous.from, previous.seq);
+            let (credit_shard, route_epoch) = (previous.credit_shard, previous.route_epoch);
+            messages.push((previous.sched, previous.message));
+            messages.push((env.sched, env.message));
+            staging.push_back(Packet::Run(Run {
+                to,
+                from,
+                first_seq,
+                credit_shard,
+                route_epoch,
+                messages,
+            }));
+        }
+        _ => staging.push_back(Packet::Message(env)),
     }
 }
 
@@ -466,6 +553,11 @@ impl<M: Send + 'static> ShardCore<M> {
     pub fn receive(&mut self, packet: Packet<M>) {
         match packet {
             Packet::Message(env) => self.deliver(env),
+            Packet::Run(run) => {
+                for env in run.envelopes() {
+                    self.deliver(env);
+                }
+            }
             Packet::Ack { actor, messages } => self.on_ack(actor, messages),
             Packet::Handoff(slot, epoch) => self.install(slot, epoch),
             Packet::Placement { actor, placement } => {
@@ -672,7 +764,7 @@ impl<M: Send + 'static> ShardCore<M> {
             }
             *used += 1;
             let env = self.envelope(sender, send, self.id.0, placement.epoch);
-            self.staging[placement.shard.index()].push_back(Packet::Message(env));
+            stage_remote(&mut self.staging[placement.shard.index()], env);
         }
         Ok(())
     }
