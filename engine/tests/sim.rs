@@ -76,9 +76,16 @@ fn edf_runs_the_most_urgent_actor_first_and_fifo_does_not() {
 /// Runs the source/target workload on `shards` simulated shards, migrating a random
 /// actor every `migrate_every` steps (0: never).
 fn simulate(seed: u64, shards: u16, migrate_every: u64) -> u64 {
+    simulate_with(seed, shards, migrate_every, 4).0
+}
+
+/// As `simulate`, with `targets` targets: with one target, every send of a source
+/// continues the channel of the one before, so remote sends travel as runs.
+/// Returns the migrations asked and the sends that travelled in runs.
+fn simulate_with(seed: u64, shards: u16, migrate_every: u64, targets: u32) -> (u64, u64) {
     let workload = Workload {
         sources: 3,
-        targets: 4,
+        targets,
         per_channel: 300,
         batch: 7,
         target_spin_ns: 0,
@@ -137,7 +144,10 @@ fn simulate(seed: u64, shards: u16, migrate_every: u64) -> u64 {
         }
     }
     built.ledger.assert_complete(workload.per_channel);
-    migrations
+    let run_messages = (0..shards)
+        .map(|s| sim.core(ShardId(s)).report().run_messages)
+        .sum();
+    (migrations, run_messages)
 }
 
 #[test]
@@ -154,6 +164,18 @@ fn channels_stay_exact_while_actors_move() {
             let migrations = simulate(seed * 7 + shards as u64, shards, 13);
             assert!(migrations > 50, "seed {seed}: only {migrations} migrations");
         }
+    }
+}
+
+#[test]
+fn runs_of_one_channel_stay_exact_while_actors_move() {
+    for seed in 0..30 {
+        let (migrations, run_messages) = simulate_with(seed * 11 + 1, 3, 13, 1);
+        assert!(migrations > 20, "seed {seed}: only {migrations} migrations");
+        assert!(
+            run_messages > 100,
+            "seed {seed}: only {run_messages} sends in runs"
+        );
     }
 }
 

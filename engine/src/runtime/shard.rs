@@ -345,11 +345,13 @@ impl<M> Ord for Timer<M> {
 
 /// Stage a message for another shard, joining it to the run of its channel at the
 /// back of the queue when it continues it.
+/// Returns whether it joined a run.
 #[inline]
-fn stage_remote<M>(staging: &mut VecDeque<Packet<M>>, env: Envelope<M>) {
+fn stage_remote<M>(staging: &mut VecDeque<Packet<M>>, env: Envelope<M>) -> bool {
     match staging.back_mut() {
         Some(Packet::Run(run)) if run.extends(&env) => {
             run.messages.push((env.sched, env.message));
+            true
         }
         Some(Packet::Message(previous))
             if previous.to == env.to
@@ -374,8 +376,12 @@ fn stage_remote<M>(staging: &mut VecDeque<Packet<M>>, env: Envelope<M>) {
                 route_epoch,
                 messages,
             }));
+            true
         }
-        _ => staging.push_back(Packet::Message(env)),
+        _ => {
+            staging.push_back(Packet::Message(env));
+            false
+        }
     }
 }
 
@@ -475,6 +481,7 @@ impl<M: Send + 'static> ShardCore<M> {
                 migrations_out: 0,
                 migrations_in: 0,
                 forwarded: 0,
+                run_messages: 0,
                 activations: 0,
                 deactivations: 0,
                 migration_pause_us: new_histogram(),
@@ -764,7 +771,8 @@ impl<M: Send + 'static> ShardCore<M> {
             }
             *used += 1;
             let env = self.envelope(sender, send, self.id.0, placement.epoch);
-            stage_remote(&mut self.staging[placement.shard.index()], env);
+            let staging = &mut self.staging[placement.shard.index()];
+            self.report.run_messages += stage_remote(staging, env) as u64;
         }
         Ok(())
     }

@@ -74,6 +74,8 @@ pub struct ShardReport {
     pub migrations_in: u64,
     /// Messages that reached this shard for an actor living elsewhere.
     pub forwarded: u64,
+    /// Remote sends that joined a run of their channel (crossed the ring in a batch).
+    pub run_messages: u64,
     pub activations: u64,
     pub deactivations: u64,
     /// Pause of each migration that completed here: last message handled at the old
