@@ -14,6 +14,11 @@
 //! protocol never produces; it is asserted, because processing it would corrupt
 //! state.
 //!
+//! Consecutive remote sends of one channel staged before the same flush travel as
+//! one `Run` packet (their sequence numbers are implied by the first), so a stream
+//! of small messages moves one pointer through the ring per run; the receiver
+//! delivers them one by one, exactly as if they had come alone.
+//!
 //! # Credits (back-pressure)
 //!
 //! A send is admitted only if the target has room: for a target on this shard, its
