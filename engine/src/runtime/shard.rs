@@ -83,7 +83,7 @@ impl Default for ShardConfig {
     fn default() -> Self {
         ShardConfig {
             mailbox_credit_messages: 1024,
-            turn_messages_max: 128,
+            turn_messages_max: 256,
             turn_ns_max: 200_000,
             stall_ns: 10_000_000,
             idle_timeout_ns: Some(30_000_000_000),
