@@ -429,22 +429,7 @@ impl<R: Send + 'static> KeyedStream<R> {
     /// A keyed stage: each partition owns a range of key groups and sees every
     /// record whose key falls in it, in order per upstream partition.
     pub fn process(&self, name: &str, parallelism: u32, factory: OperatorFactory<R>) -> Stream<R> {
-        let inputs = vec![self.stream.upstream_parallelism()];
-        let graph = self.stream.graph.clone();
-        let stage = add_stage(
-            &graph,
-            name,
-            parallelism,
-            StageKind::Operator(factory),
-            inputs,
-        );
-        self.stream
-            .connect(stage, 0, Partitioner::Key(self.key.clone()));
-        Stream {
-            graph,
-            stage,
-            steps: Vec::new(),
-        }
+        keyed_stage(&[self], name, parallelism, factory)
     }
 
     /// A keyed stage with two inputs, this stream as input 0 and `other` as input 1,
@@ -456,28 +441,33 @@ impl<R: Send + 'static> KeyedStream<R> {
         parallelism: u32,
         factory: OperatorFactory<R>,
     ) -> Stream<R> {
-        let inputs = vec![
-            self.stream.upstream_parallelism(),
-            other.stream.upstream_parallelism(),
-        ];
-        let graph = self.stream.graph.clone();
-        let stage = add_stage(
-            &graph,
-            name,
-            parallelism,
-            StageKind::Operator(factory),
-            inputs,
-        );
-        self.stream
-            .connect(stage, 0, Partitioner::Key(self.key.clone()));
-        other
-            .stream
-            .connect(stage, 1, Partitioner::Key(other.key.clone()));
-        Stream {
-            graph,
-            stage,
-            steps: Vec::new(),
-        }
+        keyed_stage(&[self, other], name, parallelism, factory)
+    }
+}
+
+/// A stage of `factory`'s operator whose input `i` is `inputs[i]`, partitioned by
+/// its key.
+fn keyed_stage<R: Send + 'static>(
+    inputs: &[&KeyedStream<R>],
+    name: &str,
+    parallelism: u32,
+    factory: OperatorFactory<R>,
+) -> Stream<R> {
+    let graph = inputs[0].stream.graph.clone();
+    let upstream = inputs
+        .iter()
+        .map(|i| i.stream.upstream_parallelism())
+        .collect();
+    let kind = StageKind::Operator(factory);
+    let stage = add_stage(&graph, name, parallelism, kind, upstream);
+    for (input, keyed) in inputs.iter().enumerate() {
+        let partitioner = Partitioner::Key(keyed.key.clone());
+        keyed.stream.connect(stage, input as u8, partitioner);
+    }
+    Stream {
+        graph,
+        stage,
+        steps: Vec::new(),
     }
 }
 

@@ -139,14 +139,32 @@ pub struct Run<M> {
 const RUN_MESSAGES_MAX: usize = 256;
 
 impl<M> Run<M> {
+    /// Start a run with its first message.
+    fn start(first: Envelope<M>) -> Self {
+        let mut messages = Vec::with_capacity(64);
+        messages.push((first.sched, first.message));
+        Run {
+            to: first.to,
+            from: first.from,
+            first_seq: first.seq,
+            credit_shard: first.credit_shard,
+            route_epoch: first.route_epoch,
+            messages,
+        }
+    }
+
     /// Whether `env` is the next message of this run's channel.
     fn extends(&self, env: &Envelope<M>) -> bool {
-        self.to == env.to
-            && self.from == env.from
-            && self.credit_shard == env.credit_shard
-            && self.route_epoch == env.route_epoch
-            && self.first_seq + self.messages.len() as u64 == env.seq
-            && self.messages.len() < RUN_MESSAGES_MAX
+        let next_seq = self.first_seq + self.messages.len() as u64;
+        self.messages.len() < RUN_MESSAGES_MAX
+            && continues(
+                self.to,
+                self.from,
+                self.credit_shard,
+                self.route_epoch,
+                next_seq,
+                env,
+            )
     }
 
     fn envelopes(self) -> impl Iterator<Item = Envelope<M>> {
@@ -348,9 +366,25 @@ impl<M> Ord for Timer<M> {
     }
 }
 
+/// Whether `env` is message `next_seq` of the channel `(from, to)`, routed alike.
+#[inline]
+fn continues<M>(
+    to: ActorId,
+    from: ActorId,
+    credit_shard: u16,
+    route_epoch: u64,
+    next_seq: u64,
+    env: &Envelope<M>,
+) -> bool {
+    env.seq == next_seq
+        && env.to == to
+        && env.from == from
+        && env.credit_shard == credit_shard
+        && env.route_epoch == route_epoch
+}
+
 /// Stage a message for another shard, joining it to the run of its channel at the
-/// back of the queue when it continues it.
-/// Returns whether it joined a run.
+/// back of the queue when it continues it. Returns whether it joined a run.
 #[inline]
 fn stage_remote<M>(staging: &mut VecDeque<Packet<M>>, env: Envelope<M>) -> bool {
     match staging.back_mut() {
@@ -358,29 +392,15 @@ fn stage_remote<M>(staging: &mut VecDeque<Packet<M>>, env: Envelope<M>) -> bool 
             run.messages.push((env.sched, env.message));
             true
         }
-        Some(Packet::Message(previous))
-            if previous.to == env.to
-                && previous.from == env.from
-                && previous.credit_shard == env.credit_shard
-                && previous.route_epoch == env.route_epoch
-                && previous.seq + 1 == env.seq =>
+        Some(Packet::Message(p))
+            if continues(p.to, p.from, p.credit_shard, p.route_epoch, p.seq + 1, &env) =>
         {
             let Some(Packet::Message(previous)) = staging.pop_back() else {
                 unreachable!("matched just above");
             };
-            let mut messages = Vec::with_capacity(64);
-            let (to, from, first_seq) = (previous.to, previous.from, previous.seq);
-            let (credit_shard, route_epoch) = (previous.credit_shard, previous.route_epoch);
-            messages.push((previous.sched, previous.message));
-            messages.push((env.sched, env.message));
-            staging.push_back(Packet::Run(Run {
-                to,
-                from,
-                first_seq,
-                credit_shard,
-                route_epoch,
-                messages,
-            }));
+            let mut run = Run::start(previous);
+            run.messages.push((env.sched, env.message));
+            staging.push_back(Packet::Run(run));
             true
         }
         _ => {
