@@ -138,10 +138,6 @@ impl RunQueue {
             .map(|Reverse((_, _, slot, generation))| (slot, generation))
     }
 
-    pub fn len(&self) -> usize {
-        self.heap.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.heap.is_empty()
     }

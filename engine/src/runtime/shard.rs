@@ -571,10 +571,6 @@ impl<M: Send + 'static> ShardCore<M> {
         self.index.contains_key(&id)
     }
 
-    pub fn active_actors(&self) -> usize {
-        self.index.len()
-    }
-
     pub fn count_park(&mut self) {
         self.report.parks += 1;
     }
