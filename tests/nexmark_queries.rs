@@ -64,6 +64,25 @@ fn submit(
     }
 }
 
+/// Every query as a concurrent job over the same generated events.
+fn submit_all(
+    dataflow: &mut Dataflow<Row>,
+    config: &GeneratorConfig,
+    events: u64,
+    rate: Option<u64>,
+) -> Vec<Submitted> {
+    QUERIES
+        .iter()
+        .map(|q| {
+            let source = EventSource::Generator {
+                config: config.clone(),
+                events,
+            };
+            submit(dataflow, q, source, rate)
+        })
+        .collect()
+}
+
 /// The engine's rows in the reference's terms: q4 keeps the last update per category.
 fn comparable(query: &str, rows: &[Row]) -> Vec<Value> {
     let json: Vec<Value> = rows.iter().map(Row::to_json).collect();
@@ -105,20 +124,7 @@ fn every_query_matches_the_reference_on_generated_input() {
                     ..GeneratorConfig::default()
                 };
                 let input = events(&config, events_n);
-                let submitted = QUERIES
-                    .iter()
-                    .map(|q| {
-                        submit(
-                            &mut dataflow,
-                            q,
-                            EventSource::Generator {
-                                config: config.clone(),
-                                events: events_n,
-                            },
-                            None,
-                        )
-                    })
-                    .collect();
+                let submitted = submit_all(&mut dataflow, &config, events_n, None);
                 check(
                     submitted,
                     &input,
@@ -179,20 +185,7 @@ fn every_query_matches_the_reference_while_actors_move() {
         };
         let input = events(&config, events_n);
         // Paced so that the jobs run long enough (about 0.4 s) to be moved around.
-        let submitted: Vec<Submitted> = QUERIES
-            .iter()
-            .map(|q| {
-                submit(
-                    &mut dataflow,
-                    q,
-                    EventSource::Generator {
-                        config: config.clone(),
-                        events: events_n,
-                    },
-                    Some(100_000),
-                )
-            })
-            .collect();
+        let submitted = submit_all(&mut dataflow, &config, events_n, Some(100_000));
         let actors: Vec<_> = submitted
             .iter()
             .flat_map(|s| dataflow.actors(s.handle.id))
