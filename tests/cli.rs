@@ -181,10 +181,9 @@ fn gen_then_run_from_a_file_to_a_file_gives_the_reference_rows() {
     ]);
     assert!(gen.status.success(), "gen failed: {}", stderr(&gen));
     let text = std::fs::read_to_string(&events).expect("events written");
-    let input: Vec<dirigo_engine::nexmark::Event> =
-        dirigo_engine::nexmark::EventReader::new(text.as_bytes())
-            .map(|e| e.expect("gen writes valid events"))
-            .collect();
+    let input: Vec<dirigo_nexmark::Event> = dirigo_nexmark::EventReader::new(text.as_bytes())
+        .map(|e| e.expect("gen writes valid events"))
+        .collect();
     assert_eq!(input.len(), 30_000);
     for query in ["q3", "q5", "q8"] {
         let run = dirigo(&[

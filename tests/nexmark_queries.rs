@@ -10,11 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dirigo_engine::dataflow::{Dataflow, DataflowConfig, JobHandle};
-use dirigo_engine::nexmark::queries::{
-    build, CollectSink, EventSource, QueryOptions, Row, QUERIES,
-};
-use dirigo_engine::nexmark::{write_json_line, Event, Generator, GeneratorConfig};
 use dirigo_engine::ShardId;
+use dirigo_nexmark::queries::{build, CollectSink, EventSource, QueryOptions, Row, QUERIES};
+use dirigo_nexmark::{write_json_line, Event, Generator, GeneratorConfig};
 use serde_json::Value;
 
 fn engine(shards: usize) -> Dataflow<Row> {
@@ -250,7 +248,7 @@ fn an_unknown_query_is_a_clear_error() {
         parallelism: 1,
         slo: Duration::from_millis(10),
         rate_events_per_s: None,
-        sink: Arc::new(|_| Box::new(dirigo_engine::nexmark::queries::NullSink)),
+        sink: Arc::new(|_| Box::new(dirigo_nexmark::queries::NullSink)),
         sink_parallelism: 1,
     };
     let error = build("q6", &options).err().expect("q6 is not built");

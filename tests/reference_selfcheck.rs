@@ -6,7 +6,7 @@ mod reference;
 
 use std::borrow::Cow;
 
-use dirigo_engine::nexmark::{Auction, Bid, Event, Generator, GeneratorConfig, Person};
+use dirigo_nexmark::{Auction, Bid, Event, Generator, GeneratorConfig, Person};
 use reference::{assert_same_rows, query};
 use serde_json::{json, Value};
 

@@ -30,7 +30,14 @@ fn workspace_files(dirs: &[&str]) -> Vec<PathBuf> {
 
 #[test]
 fn every_module_starts_with_a_header_comment() {
-    let sources = ["src", "engine/src", "net/src", "storage/src", "bench/src"];
+    let sources = [
+        "src",
+        "engine/src",
+        "net/src",
+        "storage/src",
+        "nexmark/src",
+        "bench/src",
+    ];
     let missing: Vec<_> = workspace_files(&sources)
         .into_iter()
         .filter(|path| {

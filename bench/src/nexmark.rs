@@ -1,135 +1,19 @@
-//! Nexmark: running one query end to end (what `dirigo run` does), and the
-//! `dirigo bench nexmark` suite: each query at full speed with the null sink, then
-//! paced at half that rate for latency. The baseline, measured in the same run, is
-//! the bare generator on the same number of threads: how fast events can be made
+//! The `dirigo bench nexmark` suite: each query at full speed with the null sink,
+//! then paced at half that rate for latency. The baseline, measured in the same run,
+//! is the bare generator on the same number of threads: how fast events can be made
 //! at all, so each query's throughput is also reported as a fraction of it.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dirigo_engine::dataflow::graph::SinkFactory;
-use dirigo_engine::dataflow::{Dataflow, DataflowConfig, JobReport};
-use dirigo_engine::nexmark::queries::{build, EventSource, NullSink, QueryOptions, Row, QUERIES};
-use dirigo_engine::nexmark::{Generator, GeneratorConfig};
+use dirigo_nexmark::queries::{EventSource, NullSink, Row, QUERIES};
+use dirigo_nexmark::run::{run_query, RunConfig};
+use dirigo_nexmark::{Generator, GeneratorConfig};
 use serde::Serialize;
 
 use crate::machine::Machine;
 use crate::BenchError;
-
-/// One query run.
-#[derive(Clone)]
-pub struct RunConfig {
-    pub query: String,
-    pub cores: usize,
-    pub source: EventSource,
-    pub sink: SinkFactory<Row>,
-    pub sink_parallelism: u32,
-    pub rate_events_per_s: Option<u64>,
-    pub slo: Duration,
-    /// Called about four times a second with (records in so far, outputs so far).
-    pub progress: Option<Arc<dyn Fn(u64, u64) + Send + Sync>>,
-    pub time_limit: Duration,
-}
-
-/// What one run measured.
-#[derive(Serialize, Clone, Debug)]
-pub struct RunReport {
-    pub query: String,
-    pub cores: usize,
-    pub events: u64,
-    /// Malformed input lines skipped (`--skip-malformed`).
-    pub skipped: u64,
-    pub elapsed_s: f64,
-    pub events_per_s: f64,
-    pub events_per_s_per_core: f64,
-    pub outputs: u64,
-    pub latency_us: Latency,
-    /// Messages of the job handled after their deadline had passed.
-    pub deadline_misses: u64,
-    /// Messages of the job handled.
-    pub messages: u64,
-    /// Queueing delay of the job's messages (arrival in a mailbox to handling).
-    pub queue_us_p99: u64,
-    /// Turns over the stall threshold, on any shard.
-    pub stalls: u64,
-}
-
-#[derive(Serialize, Clone, Debug)]
-pub struct Latency {
-    pub p50: u64,
-    pub p99: u64,
-    pub p999: u64,
-    pub max: u64,
-}
-
-fn latency(report: &JobReport) -> Latency {
-    let h = &report.latency_us;
-    Latency {
-        p50: h.value_at_quantile(0.5),
-        p99: h.value_at_quantile(0.99),
-        p999: h.value_at_quantile(0.999),
-        max: h.max(),
-    }
-}
-
-/// Run one query on a fresh engine and wait for it to finish.
-pub fn run_query(config: &RunConfig) -> Result<RunReport, BenchError> {
-    let mut engine_config = DataflowConfig::default();
-    engine_config.runtime.shards = config.cores;
-    let mut dataflow = Dataflow::start(engine_config).map_err(|e| BenchError(e.to_string()))?;
-    let cores = dataflow.shards() as u32;
-    let options = QueryOptions {
-        source: config.source.clone(),
-        source_parallelism: cores,
-        parallelism: 2 * cores,
-        slo: config.slo,
-        rate_events_per_s: config.rate_events_per_s,
-        sink: config.sink.clone(),
-        sink_parallelism: config.sink_parallelism,
-    };
-    let job = build(&config.query, &options).map_err(BenchError)?;
-    let handle = dataflow.submit(job).map_err(BenchError)?;
-    let started = Instant::now();
-    while !handle.is_done() {
-        if started.elapsed() > config.time_limit {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(if config.progress.is_some() {
-            250
-        } else {
-            1
-        }));
-        if let Some(progress) = &config.progress {
-            let metrics = handle.metrics();
-            progress(
-                metrics.source_records.load(Ordering::Relaxed),
-                metrics.outputs.load(Ordering::Relaxed),
-            );
-        }
-    }
-    let report = handle.wait(config.time_limit).map_err(BenchError)?;
-    let stats = dataflow.stats();
-    dataflow.shutdown();
-    let job = stats.job(handle.id);
-    let elapsed_s = report.elapsed.as_secs_f64();
-    let events_per_s = report.source_records as f64 / elapsed_s.max(1e-9);
-    Ok(RunReport {
-        query: config.query.clone(),
-        cores: cores as usize,
-        events: report.source_records,
-        skipped: report.skipped_records,
-        elapsed_s,
-        events_per_s,
-        events_per_s_per_core: events_per_s / cores as f64,
-        outputs: report.outputs,
-        latency_us: latency(&report),
-        deadline_misses: job.deadline_misses,
-        messages: job.messages,
-        queue_us_p99: job.queue_us.value_at_quantile(0.99),
-        stalls: stats.stalls(),
-    })
-}
 
 /// `dirigo bench nexmark` options.
 pub struct SuiteConfig {
@@ -167,7 +51,7 @@ pub fn generator_baseline(cores: usize, events: u64) -> f64 {
     let generator =
         Arc::new(Generator::new(GeneratorConfig::default()).expect("default config is valid"));
     let started = Instant::now();
-    let threads: Vec<_> = dirigo_engine::nexmark::split(events, cores.max(1))
+    let threads: Vec<_> = dirigo_nexmark::split(events, cores.max(1))
         .into_iter()
         .map(|range| {
             let generator = generator.clone();
@@ -219,7 +103,8 @@ pub fn run_suite(config: &SuiteConfig) -> Result<SuiteReport, BenchError> {
             slo: Duration::from_millis(100),
             progress: None,
             time_limit: Duration::from_secs(600),
-        })?;
+        })
+        .map_err(BenchError)?;
         let rate = ((full.events_per_s / 2.0) as u64).max(1);
         let paced_events = ((rate as f64 * config.latency_seconds) as u64).max(1);
         eprintln!("bench nexmark: {query} paced at {rate} events/s for latency");
@@ -239,7 +124,8 @@ pub fn run_suite(config: &SuiteConfig) -> Result<SuiteReport, BenchError> {
             slo: Duration::from_millis(100),
             progress: None,
             time_limit: Duration::from_secs(600),
-        })?;
+        })
+        .map_err(BenchError)?;
         queries.insert(
             query.clone(),
             QueryFigures {

@@ -10,7 +10,6 @@ pub mod clock;
 pub mod dataflow;
 pub mod doorbell;
 pub mod ids;
-pub mod nexmark;
 pub mod ring;
 pub mod runtime;
 pub mod sync;

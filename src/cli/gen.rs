@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use dirigo_engine::nexmark::{write_json_line, Generator, GeneratorConfig};
+use dirigo_nexmark::{write_json_line, Generator, GeneratorConfig};
 
 #[derive(Args, Debug)]
 pub struct GenArgs {

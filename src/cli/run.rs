@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use clap::Args;
 
-use dirigo_bench::nexmark::{run_query, RunConfig};
 use dirigo_engine::dataflow::graph::SinkFactory;
 use dirigo_engine::dataflow::Sink;
-use dirigo_engine::nexmark::queries::{EventSource, NullSink, Row};
-use dirigo_engine::nexmark::GeneratorConfig;
+use dirigo_nexmark::queries::{EventSource, NullSink, Row};
+use dirigo_nexmark::run::{run_query, RunConfig};
+use dirigo_nexmark::GeneratorConfig;
 
 #[derive(Args, Debug)]
 pub struct RunArgs {

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use dirigo_engine::nexmark::{Auction, Bid, Event, Person};
+use dirigo_nexmark::{Auction, Bid, Event, Person};
 use serde_json::{json, Value};
 
 /// q4's closing-price rule, q5/q7/q8's window sizes and slide, in ms.

@@ -1,11 +1,14 @@
 //! Nexmark, the standard stream-processing benchmark (see `shared/NEXMARK.md`, the
-//! contract): the event model, a deterministic splittable generator, and the JSON
-//! Lines interchange format. Queries live with the jobs that run them.
+//! contract), as a user of Dirigo's engine: the event model, a deterministic
+//! splittable generator, the JSON Lines interchange format, the queries written on
+//! the public dataflow API, and the driver that runs one query end to end (what
+//! `dirigo run` does). The engine knows nothing of this crate.
 
 pub mod event;
 pub mod generator;
 pub mod json;
 pub mod queries;
+pub mod run;
 
 pub use event::{Auction, Bid, Event, Person, Text};
 pub use generator::{interleaved_chunks, split, Generator, GeneratorConfig, GeneratorConfigError};

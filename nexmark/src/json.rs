@@ -180,7 +180,7 @@ impl<R: BufRead> Iterator for EventReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nexmark::generator::{Generator, GeneratorConfig};
+    use crate::generator::{Generator, GeneratorConfig};
 
     #[test]
     fn nexmark_json_round_trip() {

@@ -6,7 +6,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-use dirigo_engine::nexmark::{write_json_line, Event, EventReader, Generator, GeneratorConfig};
+use dirigo_nexmark::{write_json_line, Event, EventReader, Generator, GeneratorConfig};
 
 struct Counting;
 

@@ -28,13 +28,13 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::dataflow::ops::{
+use dirigo_engine::dataflow::ops::{
     Count, MaxWithTies, TopKeys, UnboundedJoin, WindowJoin, WindowMerge, WindowSpec,
 };
-use crate::dataflow::window::tumbling;
-use crate::dataflow::{Job, Operator, Sink, Source, SourceBatch};
+use dirigo_engine::dataflow::window::tumbling;
+use dirigo_engine::dataflow::{Job, Operator, Sink, Source, SourceBatch};
 
-use super::{interleaved_chunks, Event, EventReader, Generator, GeneratorConfig, Text};
+use crate::{interleaved_chunks, Event, EventReader, Generator, GeneratorConfig, Text};
 
 /// Queries this module builds.
 pub const QUERIES: &[&str] = &["q0", "q1", "q2", "q3", "q4", "q5", "q7", "q8"];
@@ -186,7 +186,7 @@ pub struct QueryOptions {
     pub parallelism: u32,
     pub slo: Duration,
     pub rate_events_per_s: Option<u64>,
-    pub sink: crate::dataflow::graph::SinkFactory<Row>,
+    pub sink: dirigo_engine::dataflow::graph::SinkFactory<Row>,
     pub sink_parallelism: u32,
 }
 
@@ -292,7 +292,7 @@ pub fn build(query: &str, options: &QueryOptions) -> Result<Job<Row>, String> {
     Ok(job)
 }
 
-type SourceFactory = crate::dataflow::graph::SourceFactory<Row>;
+type SourceFactory = dirigo_engine::dataflow::graph::SourceFactory<Row>;
 
 fn source(spec: &EventSource, parallelism: u32) -> Result<(SourceFactory, u32), String> {
     match spec {
@@ -722,7 +722,7 @@ impl Sink<Row> for NullSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nexmark::{Auction, Bid};
+    use crate::{Auction, Bid};
     use std::borrow::Cow;
 
     fn bid(auction: u64, date_time: i64, price: u64) -> Row {
