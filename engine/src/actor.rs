@@ -71,6 +71,7 @@ pub struct Context<'a, M> {
     pub(crate) me: ActorId,
     pub(crate) shard: ShardId,
     pub(crate) now_ns: u64,
+    pub(crate) clock: &'a crate::clock::Clock,
     pub(crate) sched: SchedCtx,
     pub(crate) out: &'a mut Vec<Outgoing<M>>,
 }
@@ -89,6 +90,12 @@ impl<M> Context<'_, M> {
     /// The shard clock, read at the start of this turn.
     pub fn now_ns(&self) -> u64 {
         self.now_ns
+    }
+
+    /// The shard clock, read now (the simulator's manual clock under test): the
+    /// only way an actor should tell time, so that whole dataflows run simulated.
+    pub fn clock_ns(&self) -> u64 {
+        self.clock.now_ns()
     }
 
     /// Scheduling context of the message being handled.

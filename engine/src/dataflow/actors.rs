@@ -308,6 +308,10 @@ impl<R: Send + Clone + 'static> SourceActor<R> {
     }
 }
 
+/// How long a source with nothing ready (`SourceBatch::Pending`) waits before it
+/// is asked again.
+const SOURCE_RETRY_NS: u64 = 20_000;
+
 /// Wall time a paced source lets records gather before it makes a batch.
 const PACED_BATCH_NS: u64 = 100_000;
 
@@ -360,6 +364,10 @@ impl<R: Send + Clone + 'static> Actor for SourceActor<R> {
                     self.emitter.watermark(&plan, watermark_ms, ctx);
                 }
                 ctx.send_with(ctx.me(), DataMsg::Tick, origin);
+            }
+            SourceBatch::Pending => {
+                let again_ns = ctx.now_ns() + SOURCE_RETRY_NS;
+                ctx.send_self_at(again_ns, DataMsg::Tick, origin);
             }
             SourceBatch::Done => {
                 self.done = true;

@@ -71,6 +71,9 @@ pub enum SourceBatch {
     More { watermark_ms: i64 },
     /// The input is exhausted (records may have been appended too).
     Done,
+    /// Nothing is ready yet (input still on its way, e.g. a read in flight); the
+    /// source is asked again shortly. Records may have been appended too.
+    Pending,
     /// The input is bad; the job ends with this error (records appended before it
     /// are processed).
     Failed(String),

@@ -675,6 +675,7 @@ impl<M: Send + 'static> ShardCore<M> {
                 me: slot.id,
                 shard: self.id,
                 now_ns: start_ns,
+                clock: &self.clock,
                 sched: env.sched,
                 out: &mut out,
             };
