@@ -6,8 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dirigo_engine::dataflow::graph::SinkFactory;
-use dirigo_nexmark::queries::{EventSource, NullSink, Row, QUERIES};
+use dirigo_nexmark::queries::{EventSource, Output, QUERIES};
 use dirigo_nexmark::run::{run_query, RunConfig};
 use dirigo_nexmark::{Generator, GeneratorConfig};
 use serde::Serialize;
@@ -76,7 +75,6 @@ pub fn generator_baseline(cores: usize, events: u64) -> f64 {
 
 pub fn run_suite(config: &SuiteConfig) -> Result<SuiteReport, BenchError> {
     let machine = Machine::detect();
-    let null: SinkFactory<Row> = Arc::new(|_| Box::new(NullSink));
     let generator_events_per_s = generator_baseline(config.cores, config.events);
     let mut queries = std::collections::BTreeMap::new();
     for query in &config.queries {
@@ -97,7 +95,7 @@ pub fn run_suite(config: &SuiteConfig) -> Result<SuiteReport, BenchError> {
                 config: GeneratorConfig::default(),
                 events: config.events,
             },
-            sink: null.clone(),
+            output: Output::Null,
             sink_parallelism: config.cores as u32,
             rate_events_per_s: None,
             slo: Duration::from_millis(100),
@@ -118,7 +116,7 @@ pub fn run_suite(config: &SuiteConfig) -> Result<SuiteReport, BenchError> {
                 },
                 events: paced_events,
             },
-            sink: null.clone(),
+            output: Output::Null,
             sink_parallelism: config.cores as u32,
             rate_events_per_s: Some(rate),
             slo: Duration::from_millis(100),

@@ -1,40 +1,44 @@
-//! The Nexmark queries as Dirigo jobs (semantics and columns: NEXMARK.md).
+//! The Nexmark queries as Dirigo jobs (semantics and columns: NEXMARK.md), written
+//! on the typed dataflow API: every edge carries its own record type, and each
+//! query reads like its SQL.
 //!
-//! Every query runs on one record type, `Row`: input events and the output rows of
-//! every query, so that any number of queries can share one dataflow engine.
-//! Plans, per query:
-//!
-//! | query | stages |
+//! | query | plan |
 //! |---|---|
-//! | q0-q2 | source (+ fused filter/map) -> sink |
-//! | q3 | source -> persons by id / category-10 auctions by seller -> unbounded join -> sink |
-//! | q4 | source -> auctions by id / bids by auction -> closing price at `expires` -> by category: running average -> sink |
-//! | q5 | source -> bids by auction -> sliding count per auction, local maxima -> by window: global maxima -> sink |
-//! | q7 | source -> bids by auction -> partial max per window -> by window: merged max -> sink |
-//! | q8 | source -> persons by id / auctions by seller -> tumbling-window semi-join -> sink |
+//! | q0-q2 | `Stream<Event>` -> bids (+ fused filter/map) -> sink |
+//! | q3 | persons in OR/ID/CA by id, category-10 auctions by seller -> unbounded join -> sink |
+//! | q4 | auctions by id, bids by auction -> closing price at `expires` -> by category: running average -> sink |
+//! | q5 | bids by auction -> sliding count per auction, each partition's leaders -> by window: global leaders -> sink |
+//! | q7 | bids by auction -> partial max per window -> by window: merged max -> sink |
+//! | q8 | persons by id, auctions by seller -> tumbling-window semi-join -> sink |
 //!
 //! q3, q5, q7 and q8 are built from the library operators of `dataflow::ops`
 //! (unbounded join; windowed count with its leading keys; two-phase maximum with
 //! ties; window semi-join); q4's closing price (a join that fires at each auction's
-//! own `expires`, not at a window's end) stays hand-written here. q5 and q7 are
-//! two-phase aggregations: the first keyed stage computes partial results per
-//! window that merge associatively, the second, keyed by window, merges the
-//! partials of each window when the watermark passes its end.
+//! own `expires`, not at a window's end) is written here. Inputs are projected to
+//! what each query keeps before they are partitioned (a fused step, no stage):
+//! q5 moves `(auction, date_time)` pairs, not whole bids.
+//!
+//! Output rows are plain structs whose field names are NEXMARK.md's columns; a
+//! query ends in a sink of its own row type, chosen by [`Output`] (count only, or
+//! JSON Lines to a writer).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::BufRead;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde::Serialize;
 
+use dirigo_engine::dataflow::graph::SinkFactory;
 use dirigo_engine::dataflow::ops::{
-    Count, MaxWithTies, TopKeys, UnboundedJoin, WindowJoin, WindowMerge, WindowSpec,
+    Count, MaxWithTies, Side, TopKeys, UnboundedJoin, WindowJoin, WindowMerge, WindowPartial,
+    WindowSpec,
 };
 use dirigo_engine::dataflow::window::tumbling;
-use dirigo_engine::dataflow::{Job, Operator, Sink, Source, SourceBatch};
+use dirigo_engine::dataflow::{Data, Job, JoinOperator, Operator, Sink, Source, SourceBatch};
 
-use crate::{interleaved_chunks, Event, EventReader, Generator, GeneratorConfig, Text};
+use crate::{interleaved_chunks, Auction, Bid, Event, EventReader, Generator, GeneratorConfig};
+use crate::{Person, Text};
 
 /// Queries this module builds.
 pub const QUERIES: &[&str] = &["q0", "q1", "q2", "q3", "q4", "q5", "q7", "q8"];
@@ -47,118 +51,109 @@ const EUROS_PER_DOLLAR: f64 = 0.908;
 /// that they advance through event time together).
 const CHUNK_EVENTS: u64 = 1024;
 
-/// Input events and every query's output rows.
-#[derive(Clone, Debug)]
-pub enum Row {
-    Event(Event),
-    Q1 {
-        auction: u64,
-        bidder: u64,
-        price: f64,
-        date_time: i64,
-    },
-    Q2 {
-        auction: u64,
-        price: u64,
-    },
-    Q3 {
-        name: Text,
-        city: Text,
-        state: Text,
-        id: u64,
-    },
-    /// q3's projection of an auction: all its join keeps of one.
-    Q3Auction {
-        id: u64,
-        seller: u64,
-    },
-    Q4Closing {
-        category: u64,
-        price: u64,
-    },
-    Q4 {
-        category: u64,
-        avg: f64,
-    },
-    Q5 {
-        auction: u64,
-        num: u64,
-        window_start: i64,
-        window_end: i64,
-    },
-    Q7 {
-        auction: u64,
-        price: u64,
-        bidder: u64,
-        date_time: i64,
-        window_end: i64,
-    },
-    Q8 {
-        id: u64,
-        name: Text,
-        window_start: i64,
-    },
+/// q1: a bid's price in euros.
+#[derive(Clone, Debug, Serialize)]
+pub struct Q1 {
+    pub auction: u64,
+    pub bidder: u64,
+    pub price: f64,
+    pub date_time: i64,
 }
 
-impl Row {
-    /// The row as a JSON object with NEXMARK.md's column names.
-    pub fn to_json(&self) -> Value {
-        match self {
-            Row::Event(Event::Bid(b)) => json!({
-                "auction": b.auction, "bidder": b.bidder, "price": b.price, "channel": b.channel,
-                "url": b.url, "date_time": b.date_time, "extra": b.extra,
-            }),
-            Row::Event(e) => serde_json::to_value(e).unwrap_or(Value::Null),
-            Row::Q1 {
-                auction,
-                bidder,
-                price,
-                date_time,
-            } => {
-                json!({"auction": auction, "bidder": bidder, "price": price, "date_time": date_time})
-            }
-            Row::Q2 { auction, price } => json!({"auction": auction, "price": price}),
-            Row::Q3 {
-                name,
-                city,
-                state,
-                id,
-            } => json!({"name": name, "city": city, "state": state, "id": id}),
-            Row::Q3Auction { id, seller } => json!({"id": id, "seller": seller}),
-            Row::Q4Closing { category, price } => json!({"category": category, "price": price}),
-            Row::Q4 { category, avg } => json!({"category": category, "avg": avg}),
-            Row::Q5 {
-                auction,
-                num,
-                window_start,
-                window_end,
-            } => json!({
-                "auction": auction, "num": num, "window_start": window_start, "window_end": window_end,
-            }),
-            Row::Q7 {
-                auction,
-                price,
-                bidder,
-                date_time,
-                window_end,
-            } => json!({
-                "auction": auction, "price": price, "bidder": bidder, "date_time": date_time,
-                "window_end": window_end,
-            }),
-            Row::Q8 {
-                id,
-                name,
-                window_start,
-            } => json!({"id": id, "name": name, "window_start": window_start}),
-        }
-    }
+/// q2: bids of every 123rd auction.
+#[derive(Clone, Debug, Serialize)]
+pub struct Q2 {
+    pub auction: u64,
+    pub price: u64,
+}
 
-    /// Append the row as one JSON line.
-    pub fn write_json_line(&self, out: &mut Vec<u8>) {
-        // Writing JSON into memory cannot fail.
-        let _ = serde_json::to_writer(&mut *out, &self.to_json());
-        out.push(b'\n');
-    }
+/// q3: a seller in OR, ID or CA and one of their category-10 auctions. Before
+/// the join it is the person's projection, with the person's `id`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Q3 {
+    pub name: Text,
+    pub city: Text,
+    pub state: Text,
+    pub id: u64,
+}
+
+/// q3's projection of an auction: all its join keeps of one.
+#[derive(Clone, Debug)]
+pub struct Q3Auction {
+    pub id: u64,
+    pub seller: u64,
+}
+
+/// q4's projection of an auction.
+#[derive(Clone, Debug)]
+pub struct Q4Auction {
+    pub id: u64,
+    pub date_time: i64,
+    pub expires: i64,
+    pub category: u64,
+}
+
+/// q4's projection of a bid.
+#[derive(Clone, Debug)]
+pub struct Q4Bid {
+    pub auction: u64,
+    pub date_time: i64,
+    pub price: u64,
+}
+
+/// q4, between its phases: one closed auction's price.
+#[derive(Clone, Debug)]
+pub struct Q4Closing {
+    pub category: u64,
+    pub price: u64,
+}
+
+/// q4: the running average closing price of a category.
+#[derive(Clone, Debug, Serialize)]
+pub struct Q4 {
+    pub category: u64,
+    pub avg: f64,
+}
+
+/// q5's projection of a bid.
+#[derive(Clone, Debug)]
+pub struct AuctionTime {
+    pub auction: u64,
+    pub date_time: i64,
+}
+
+/// q5: an auction with the most bids in a sliding window.
+#[derive(Clone, Debug, Serialize)]
+pub struct Q5 {
+    pub auction: u64,
+    pub num: u64,
+    pub window_start: i64,
+    pub window_end: i64,
+}
+
+/// q7: a bid with the highest price of its tumbling window.
+#[derive(Clone, Debug, Serialize)]
+pub struct Q7 {
+    pub auction: u64,
+    pub price: u64,
+    pub bidder: u64,
+    pub date_time: i64,
+    pub window_end: i64,
+}
+
+/// q8: a person who registered and opened an auction in the same window.
+#[derive(Clone, Debug, Serialize)]
+pub struct Q8 {
+    pub id: u64,
+    pub name: Text,
+    pub window_start: i64,
+}
+
+/// q8's projection of an auction.
+#[derive(Clone, Debug)]
+pub struct SellerTime {
+    pub seller: u64,
+    pub date_time: i64,
 }
 
 /// Where a query's events come from.
@@ -176,6 +171,26 @@ pub enum EventSource {
     },
 }
 
+/// Receives a sink partition's rows as JSON Lines.
+pub trait LineWriter: Send + 'static {
+    /// `lines` holds whole lines, each a JSON object and a newline.
+    fn write_lines(&mut self, lines: &[u8]);
+    /// The end of input reached the sink partition.
+    fn finish(&mut self) {}
+}
+
+/// Makes the line writer of each sink partition.
+pub type LineWriterFactory = Arc<dyn Fn(u32) -> Box<dyn LineWriter> + Send + Sync>;
+
+/// Where a query's rows go.
+#[derive(Clone)]
+pub enum Output {
+    /// Nowhere: the engine counts every sink's rows.
+    Null,
+    /// As JSON Lines with NEXMARK.md's column names.
+    JsonLines(LineWriterFactory),
+}
+
 /// How to build a query's job.
 #[derive(Clone)]
 pub struct QueryOptions {
@@ -186,12 +201,12 @@ pub struct QueryOptions {
     pub parallelism: u32,
     pub slo: Duration,
     pub rate_events_per_s: Option<u64>,
-    pub sink: dirigo_engine::dataflow::graph::SinkFactory<Row>,
+    pub output: Output,
     pub sink_parallelism: u32,
 }
 
 /// Build the job of `query`, or say why not (an unknown query, a bad option).
-pub fn build(query: &str, options: &QueryOptions) -> Result<Job<Row>, String> {
+pub fn build(query: &str, options: &QueryOptions) -> Result<Job, String> {
     if !QUERIES.contains(&query) {
         return Err(format!(
             "unknown query {query:?}; the queries are {}",
@@ -203,96 +218,225 @@ pub fn build(query: &str, options: &QueryOptions) -> Result<Job<Row>, String> {
     let (source_factory, source_parallelism) = source(&options.source, options.source_parallelism)?;
     let events = job.source("nexmark", source_parallelism, source_factory);
     let p = options.parallelism.max(1);
-    let sink = options.sink.clone();
     let sinks = options.sink_parallelism.max(1);
+    let output = &options.output;
+    let bids = events.filter_map(bid);
+    let persons = events.filter_map(person);
+    let auctions = events.filter_map(auction);
     match query {
-        "q0" => events.filter(is_bid).sink("sink", sinks, sink),
-        "q1" => events.filter(is_bid).map(q1_row).sink("sink", sinks, sink),
-        "q2" => events
-            .filter(|r| matches!(r, Row::Event(Event::Bid(b)) if b.auction % 123 == 0))
-            .map(q2_row)
-            .sink("sink", sinks, sink),
+        // SELECT * FROM bid
+        "q0" => bids.sink("sink", sinks, sink(output)),
+        // SELECT auction, bidder, 0.908 * price AS price, date_time FROM bid
+        "q1" => bids
+            .map(|b| Q1 {
+                auction: b.auction,
+                bidder: b.bidder,
+                price: b.price as f64 * EUROS_PER_DOLLAR,
+                date_time: b.date_time,
+            })
+            .sink("sink", sinks, sink(output)),
+        // SELECT auction, price FROM bid WHERE auction % 123 = 0
+        "q2" => bids
+            .filter(|b| b.auction % 123 == 0)
+            .map(|b| Q2 {
+                auction: b.auction,
+                price: b.price,
+            })
+            .sink("sink", sinks, sink(output)),
+        // SELECT p.name, p.city, p.state, a.id FROM auction a JOIN person p ON a.seller = p.id
+        // WHERE a.category = 10 AND p.state IN ('OR', 'ID', 'CA')
         "q3" => {
-            // Both sides are projected to what the join keeps: a person's output
-            // columns (id: the person's, until joined), an auction's id and seller.
-            let persons = events
-                .filter(|r| matches!(r, Row::Event(Event::Person(p)) if matches!(&*p.state, "OR" | "ID" | "CA")))
-                .map(q3_person)
-                .key_by(person_key);
-            let auctions = events
-                .filter(|r| matches!(r, Row::Event(Event::Auction(a)) if a.category == 10))
-                .map(q3_auction)
-                .key_by(person_key);
-            let join = UnboundedJoin::new(person_key, q3_row).left_key_unique();
-            persons
-                .join(&auctions, "q3-join", p, join.factory())
-                .sink("sink", sinks, sink)
+            let sellers = persons
+                .filter(|p| matches!(&*p.state, "OR" | "ID" | "CA"))
+                .map(|p| Q3 {
+                    name: p.name,
+                    city: p.city,
+                    state: p.state,
+                    id: p.id,
+                })
+                .key_by(|p| p.id);
+            let items = auctions
+                .filter(|a| a.category == 10)
+                .map(|a| Q3Auction {
+                    id: a.id,
+                    seller: a.seller,
+                })
+                .key_by(|a| a.seller);
+            let join = UnboundedJoin::new(
+                |p: &Q3| p.id,
+                |a: &Q3Auction| a.seller,
+                |p, a| {
+                    Some(Q3 {
+                        id: a.id,
+                        ..p.clone()
+                    })
+                },
+            );
+            sellers
+                .join(&items, "q3-join", p, join.left_key_unique().factory())
+                .sink("sink", sinks, sink(output))
         }
+        // SELECT category, AVG(final) FROM (SELECT MAX(b.price) AS final, a.category
+        //   FROM auction a JOIN bid b ON a.id = b.auction
+        //   WHERE b.date_time BETWEEN a.date_time AND a.expires GROUP BY a.id, a.category)
+        // GROUP BY category
         "q4" => {
-            let auctions = events.filter(is_auction).key_by(auction_id);
-            let bids = events.filter(is_bid).key_by(bid_auction);
-            auctions
+            let opened = auctions
+                .map(|a| Q4Auction {
+                    id: a.id,
+                    date_time: a.date_time,
+                    expires: a.expires,
+                    category: a.category,
+                })
+                .key_by(|a| a.id);
+            let offers = bids
+                .map(|b| Q4Bid {
+                    auction: b.auction,
+                    date_time: b.date_time,
+                    price: b.price,
+                })
+                .key_by(|b| b.auction);
+            opened
                 .join(
-                    &bids,
+                    &offers,
                     "q4-closing",
                     p,
-                    Arc::new(|_| Box::new(Q4Closing::default())),
+                    Arc::new(|_| Box::new(ClosingPrices::default())),
                 )
-                .key_by(|r| match r {
-                    Row::Q4Closing { category, .. } => *category,
-                    _ => 0,
-                })
+                .key_by(|c: &Q4Closing| c.category)
                 .process(
                     "q4-average",
                     p,
                     Arc::new(|_| Box::new(Q4Average::default())),
                 )
-                .sink("sink", sinks, sink)
+                .sink("sink", sinks, sink(output))
         }
+        // SELECT auction, num, window_start, window_end FROM (SELECT auction, COUNT(*) AS num
+        //   FROM HOP(bid, 2 s, 10 s) GROUP BY auction, window) WHERE num = MAX(num) OVER window
         "q5" => {
             // Keyed by auction, so each auction's count is complete in phase 1,
-            // which may already keep only its partition's leaders.
-            let most_bids = || TopKeys::new(Count::two_phase(q5_row, q5_parse), |n: &u64| *n);
+            // which keeps only its partition's leaders of each window.
+            let most_bids = || {
+                let count = Count::new(|auction, (window_start, window_end), num| Q5 {
+                    auction,
+                    num,
+                    window_start,
+                    window_end,
+                });
+                TopKeys::new(count, |n: &u64| *n)
+            };
             let windows = WindowSpec::Sliding {
                 size_ms: Q5_SIZE_MS,
                 slide_ms: Q5_SLIDE_MS,
             };
-            events
-                .filter(is_bid)
-                .key_by(bid_auction)
-                .window_aggregate("q5-count", p, windows, event_time, bid_auction, most_bids())
-                .key_by(window_key)
-                .process("q5-max", p, WindowMerge::new(most_bids()).factory())
-                .sink("sink", sinks, sink)
+            let leaders = WindowPartial::new(
+                windows,
+                |b: &AuctionTime| b.date_time,
+                |b: &AuctionTime| b.auction,
+                most_bids(),
+            );
+            bids.map(|b| AuctionTime {
+                auction: b.auction,
+                date_time: b.date_time,
+            })
+            .key_by(|b| b.auction)
+            .process("q5-count", p, leaders.keys_complete().factory())
+            .key_by(|partial| partial.window.0 as u64)
+            .process("q5-max", p, WindowMerge::new(most_bids()).factory())
+            .sink("sink", sinks, sink(output))
         }
-        "q7" => events
-            .filter(is_bid)
-            .key_by(bid_auction)
+        // SELECT auction, price, bidder, date_time, window_end FROM bid
+        // WHERE price = MAX(price) OVER TUMBLE(10 s)
+        "q7" => bids
+            .map(|b| Q7 {
+                auction: b.auction,
+                price: b.price,
+                bidder: b.bidder,
+                date_time: b.date_time,
+                // A time whose window does not fit in i64 is counted late below.
+                window_end: tumbling(b.date_time, TUMBLE_MS).map_or(i64::MAX, |w| w.1),
+            })
+            .key_by(|b| b.auction)
             .window_aggregate_two_phase(
                 "q7",
                 p,
                 WindowSpec::Tumbling { size_ms: TUMBLE_MS },
-                event_time,
+                |b| b.date_time,
                 |_| 0, // one maximum per window
-                MaxWithTies::two_phase(bid_price, q7_row, q7_parse),
+                MaxWithTies::new(|b: &Q7| b.price, Q7::clone),
             )
-            .sink("sink", sinks, sink),
+            .sink("sink", sinks, sink(output)),
+        // SELECT p.id, p.name, p.window_start FROM TUMBLE(person, 10 s) p
+        // JOIN TUMBLE(auction, 10 s) a ON p.id = a.seller AND p.window = a.window
         "q8" => {
-            // Persons are kept as their output rows; a semi-join: one row per
-            // person and window, and of the auctions only the sellers' ids are kept.
-            let persons = events.filter(is_person).map(q8_person).key_by(person_key);
-            let auctions = events.filter(is_auction).key_by(seller);
-            let join = WindowJoin::semi(TUMBLE_MS, event_time, person_key, q8_row);
-            persons
-                .join(&auctions, "q8-join", p, join.factory())
-                .sink("sink", sinks, sink)
+            // A semi-join: one row per person and window; of the auctions only
+            // the sellers are kept.
+            let new_users = persons
+                .map(|p| Q8 {
+                    id: p.id,
+                    window_start: tumbling(p.date_time, TUMBLE_MS).map_or(i64::MAX, |w| w.0),
+                    name: p.name,
+                })
+                .key_by(|p| p.id);
+            let sellers = auctions
+                .map(|a| SellerTime {
+                    seller: a.seller,
+                    date_time: a.date_time,
+                })
+                .key_by(|a| a.seller);
+            let join = WindowJoin::semi(
+                TUMBLE_MS,
+                Side::new(|p: &Q8| p.window_start, |p: &Q8| p.id),
+                Side::new(|a: &SellerTime| a.date_time, |a: &SellerTime| a.seller),
+                |p: &Q8, _window_start| Some(p.clone()),
+            );
+            new_users
+                .join(&sellers, "q8-join", p, join.factory())
+                .sink("sink", sinks, sink(output))
         }
         _ => unreachable!("checked against QUERIES"),
     }
     Ok(job)
 }
 
-type SourceFactory = dirigo_engine::dataflow::graph::SourceFactory<Row>;
+fn bid(e: Event) -> Option<Bid> {
+    match e {
+        Event::Bid(b) => Some(b),
+        _ => None,
+    }
+}
+
+fn person(e: Event) -> Option<Person> {
+    match e {
+        Event::Person(p) => Some(*p),
+        _ => None,
+    }
+}
+
+fn auction(e: Event) -> Option<Auction> {
+    match e {
+        Event::Auction(a) => Some(*a),
+        _ => None,
+    }
+}
+
+/// The sink of a query's row type for `output`.
+fn sink<T: Data + Serialize>(output: &Output) -> SinkFactory<T> {
+    match output {
+        Output::Null => Arc::new(|_| Box::new(NullSink)),
+        Output::JsonLines(writers) => {
+            let writers = writers.clone();
+            Arc::new(move |partition| {
+                Box::new(JsonSink {
+                    writer: writers(partition),
+                    lines: Vec::new(),
+                })
+            })
+        }
+    }
+}
+
+type SourceFactory = dirigo_engine::dataflow::SourceFactory<Event>;
 
 fn source(spec: &EventSource, parallelism: u32) -> Result<(SourceFactory, u32), String> {
     match spec {
@@ -333,8 +477,8 @@ struct GeneratorSource {
     current: std::ops::Range<u64>,
 }
 
-impl Source<Row> for GeneratorSource {
-    fn next_batch(&mut self, max_records: usize, out: &mut Vec<Row>) -> SourceBatch {
+impl Source<Event> for GeneratorSource {
+    fn next_batch(&mut self, max_records: usize, out: &mut Vec<Event>) -> SourceBatch {
         let mut last = None;
         while out.len() < max_records {
             if self.current.is_empty() {
@@ -347,7 +491,7 @@ impl Source<Row> for GeneratorSource {
             let end = self.current.end.min(self.current.start + take);
             out.reserve((end - self.current.start) as usize);
             self.generator
-                .fill_with(self.current.start..end, |e| out.push(Row::Event(e)));
+                .fill_with(self.current.start..end, |e| out.push(e));
             last = Some(end - 1);
             self.current.start = end;
         }
@@ -367,8 +511,8 @@ struct ReaderSource<R: BufRead> {
     watermark_ms: i64,
 }
 
-impl<R: BufRead + Send + 'static> Source<Row> for ReaderSource<R> {
-    fn next_batch(&mut self, max_records: usize, out: &mut Vec<Row>) -> SourceBatch {
+impl<R: BufRead + Send + 'static> Source<Event> for ReaderSource<R> {
+    fn next_batch(&mut self, max_records: usize, out: &mut Vec<Event>) -> SourceBatch {
         for _ in 0..max_records {
             match self.reader.next() {
                 None => return SourceBatch::Done,
@@ -384,7 +528,7 @@ impl<R: BufRead + Send + 'static> Source<Row> for ReaderSource<R> {
                         ));
                     }
                     self.watermark_ms = time_ms;
-                    out.push(Row::Event(event));
+                    out.push(event);
                 }
             }
         }
@@ -398,187 +542,9 @@ impl<R: BufRead + Send + 'static> Source<Row> for ReaderSource<R> {
     }
 }
 
-fn is_bid(r: &Row) -> bool {
-    matches!(r, Row::Event(Event::Bid(_)))
-}
-fn is_auction(r: &Row) -> bool {
-    matches!(r, Row::Event(Event::Auction(_)))
-}
-fn is_person(r: &Row) -> bool {
-    matches!(r, Row::Event(Event::Person(_)))
-}
-fn person_id(r: &Row) -> u64 {
-    match r {
-        Row::Event(Event::Person(p)) => p.id,
-        _ => 0,
-    }
-}
-fn seller(r: &Row) -> u64 {
-    match r {
-        Row::Event(Event::Auction(a)) => a.seller,
-        _ => 0,
-    }
-}
-fn auction_id(r: &Row) -> u64 {
-    match r {
-        Row::Event(Event::Auction(a)) => a.id,
-        _ => 0,
-    }
-}
-fn bid_auction(r: &Row) -> u64 {
-    match r {
-        Row::Event(Event::Bid(b)) => b.auction,
-        _ => 0,
-    }
-}
-fn window_key(r: &Row) -> u64 {
-    match r {
-        Row::Q5 { window_start, .. } => *window_start as u64,
-        _ => 0,
-    }
-}
-/// Event time; q8's persons, projected, are placed at their window's start.
-fn event_time(r: &Row) -> i64 {
-    match r {
-        Row::Event(e) => e.date_time(),
-        Row::Q8 { window_start, .. } => *window_start,
-        _ => 0,
-    }
-}
-/// A person's id (also of a person projected for q3 or q8) or an auction's
-/// seller: what q3 and q8 join on.
-fn person_key(r: &Row) -> u64 {
-    match r {
-        Row::Event(Event::Auction(a)) => a.seller,
-        Row::Q3Auction { seller, .. } => *seller,
-        Row::Q3 { id, .. } | Row::Q8 { id, .. } => *id,
-        other => person_id(other),
-    }
-}
-fn bid_price(r: &Row) -> u64 {
-    match r {
-        Row::Event(Event::Bid(b)) => b.price,
-        _ => 0,
-    }
-}
-/// What q3 keeps of a person: its output columns, with the person's id for now.
-fn q3_person(r: Row) -> Row {
-    match r {
-        Row::Event(Event::Person(p)) => {
-            let p = *p;
-            Row::Q3 {
-                name: p.name,
-                city: p.city,
-                state: p.state,
-                id: p.id,
-            }
-        }
-        other => other,
-    }
-}
-fn q3_auction(r: Row) -> Row {
-    match r {
-        Row::Event(Event::Auction(a)) => Row::Q3Auction {
-            id: a.id,
-            seller: a.seller,
-        },
-        other => other,
-    }
-}
-fn q3_row(person: &Row, auction: &Row) -> Option<Row> {
-    match (person, auction) {
-        (
-            Row::Q3 {
-                name, city, state, ..
-            },
-            Row::Q3Auction { id, .. },
-        ) => Some(Row::Q3 {
-            name: name.clone(),
-            city: city.clone(),
-            state: state.clone(),
-            id: *id,
-        }),
-        _ => None,
-    }
-}
-fn q5_row(auction: u64, (window_start, window_end): (i64, i64), num: u64) -> Row {
-    Row::Q5 {
-        auction,
-        num,
-        window_start,
-        window_end,
-    }
-}
-fn q5_parse(r: &Row) -> Option<(u64, (i64, i64), u64)> {
-    match r {
-        Row::Q5 {
-            auction,
-            num,
-            window_start,
-            window_end,
-        } => Some((*auction, (*window_start, *window_end), *num)),
-        _ => None,
-    }
-}
-/// The row q7 keeps of a bid that ties its window's highest price.
-fn q7_row(r: &Row) -> Row {
-    match r {
-        Row::Event(Event::Bid(b)) => Row::Q7 {
-            auction: b.auction,
-            price: b.price,
-            bidder: b.bidder,
-            date_time: b.date_time,
-            window_end: tumbling(b.date_time, TUMBLE_MS).1,
-        },
-        other => other.clone(),
-    }
-}
-fn q7_parse(r: &Row) -> Option<(u64, (i64, i64), u64)> {
-    match r {
-        Row::Q7 {
-            price, window_end, ..
-        } => Some((0, (window_end - TUMBLE_MS, *window_end), *price)),
-        _ => None,
-    }
-}
-/// What q8 keeps of a person: its output row.
-fn q8_person(r: Row) -> Row {
-    match r {
-        Row::Event(Event::Person(p)) => Row::Q8 {
-            id: p.id,
-            window_start: tumbling(p.date_time, TUMBLE_MS).0,
-            name: p.name,
-        },
-        other => other,
-    }
-}
-fn q8_row(person: &Row, _window_start: i64) -> Option<Row> {
-    Some(person.clone())
-}
-fn q1_row(r: Row) -> Row {
-    match r {
-        Row::Event(Event::Bid(b)) => Row::Q1 {
-            auction: b.auction,
-            bidder: b.bidder,
-            price: b.price as f64 * EUROS_PER_DOLLAR,
-            date_time: b.date_time,
-        },
-        other => other,
-    }
-}
-fn q2_row(r: Row) -> Row {
-    match r {
-        Row::Event(Event::Bid(b)) => Row::Q2 {
-            auction: b.auction,
-            price: b.price,
-        },
-        other => other,
-    }
-}
-
 /// q4, first phase: the closing price of each auction, emitted once the watermark
 /// passes its `expires`.
-struct Q4Closing {
+struct ClosingPrices {
     auctions: HashMap<u64, AuctionState>,
     closing: BTreeMap<i64, Vec<u64>>,
     watermark_ms: i64,
@@ -586,9 +552,9 @@ struct Q4Closing {
     next_sweep_ms: i64,
 }
 
-impl Default for Q4Closing {
+impl Default for ClosingPrices {
     fn default() -> Self {
-        Q4Closing {
+        ClosingPrices {
             auctions: HashMap::new(),
             closing: BTreeMap::new(),
             watermark_ms: i64::MIN,
@@ -597,7 +563,7 @@ impl Default for Q4Closing {
     }
 }
 
-/// How often (in event time) `Q4Closing` drops bids whose auction can no longer come.
+/// How often (in event time) `ClosingPrices` drops bids whose auction can no longer come.
 const Q4_SWEEP_MS: i64 = 1_000;
 
 #[derive(Default)]
@@ -622,37 +588,36 @@ impl AuctionState {
     }
 }
 
-impl Operator<Row> for Q4Closing {
-    fn on_records(&mut self, _input: u8, records: Vec<Row>, _out: &mut Vec<Row>) {
-        for record in records {
-            match record {
-                Row::Event(Event::Auction(a)) => {
-                    let state = self.auctions.entry(a.id).or_default();
-                    state.auction = Some((a.date_time, a.expires, a.category));
-                    for (date_time, price) in std::mem::take(&mut state.early_bids) {
-                        state.bid(date_time, price);
-                    }
-                    self.closing.entry(a.expires).or_default().push(a.id);
-                }
-                Row::Event(Event::Bid(b)) => {
-                    // Its auction, if valid, is no later than the bid: when the bid is
-                    // behind the watermark and the auction is not here, it never comes.
-                    if b.date_time < self.watermark_ms && !self.auctions.contains_key(&b.auction) {
-                        continue;
-                    }
-                    self.auctions
-                        .entry(b.auction)
-                        .or_default()
-                        .bid(b.date_time, b.price)
-                }
-                _ => {}
+impl JoinOperator<Q4Auction, Q4Bid, Q4Closing> for ClosingPrices {
+    fn on_left(&mut self, auctions: Vec<Q4Auction>, _out: &mut Vec<Q4Closing>) {
+        for a in auctions {
+            let state = self.auctions.entry(a.id).or_default();
+            state.auction = Some((a.date_time, a.expires, a.category));
+            for (date_time, price) in std::mem::take(&mut state.early_bids) {
+                state.bid(date_time, price);
             }
+            self.closing.entry(a.expires).or_default().push(a.id);
         }
     }
 
-    fn on_watermark(&mut self, watermark_ms: i64, out: &mut Vec<Row>) {
+    fn on_right(&mut self, bids: Vec<Q4Bid>, _out: &mut Vec<Q4Closing>) {
+        for b in bids {
+            // Its auction, if valid, is no later than the bid: when the bid is
+            // behind the watermark and the auction is not here, it never comes.
+            if b.date_time < self.watermark_ms && !self.auctions.contains_key(&b.auction) {
+                continue;
+            }
+            self.auctions
+                .entry(b.auction)
+                .or_default()
+                .bid(b.date_time, b.price)
+        }
+    }
+
+    fn on_watermark(&mut self, watermark_ms: i64, out: &mut Vec<Q4Closing>) {
         self.watermark_ms = watermark_ms;
-        if watermark_ms >= self.next_sweep_ms && watermark_ms != i64::MAX {
+        let end = watermark_ms == i64::MAX;
+        if watermark_ms >= self.next_sweep_ms && !end {
             self.next_sweep_ms = watermark_ms.saturating_add(Q4_SWEEP_MS);
             self.auctions.retain(|_, state| {
                 state.auction.is_some() || state.early_bids.iter().any(|&(t, _)| t >= watermark_ms)
@@ -660,7 +625,7 @@ impl Operator<Row> for Q4Closing {
         }
         // An auction closes when the watermark passes `expires` (bids at `expires` count).
         while let Some(entry) = self.closing.first_entry() {
-            if *entry.key() >= watermark_ms && watermark_ms != i64::MAX {
+            if *entry.key() >= watermark_ms && !end {
                 break;
             }
             for id in entry.remove() {
@@ -668,11 +633,11 @@ impl Operator<Row> for Q4Closing {
                     continue;
                 };
                 if let (Some((_, _, category)), Some(price)) = (state.auction, state.max_price) {
-                    out.push(Row::Q4Closing { category, price });
+                    out.push(Q4Closing { category, price });
                 }
             }
         }
-        if watermark_ms == i64::MAX {
+        if end {
             self.auctions.clear(); // bids whose auction never came
         }
     }
@@ -684,88 +649,98 @@ struct Q4Average {
     totals: HashMap<u64, (u128, u64)>,
 }
 
-impl Operator<Row> for Q4Average {
-    fn on_records(&mut self, _input: u8, records: Vec<Row>, out: &mut Vec<Row>) {
-        for record in records {
-            if let Row::Q4Closing { category, price } = record {
-                let (sum, count) = self.totals.entry(category).or_default();
-                *sum += price as u128;
-                *count += 1;
-                out.push(Row::Q4 {
-                    category,
-                    avg: *sum as f64 / *count as f64,
-                });
-            }
+impl Operator<Q4Closing, Q4> for Q4Average {
+    fn on_records(&mut self, closed: Vec<Q4Closing>, out: &mut Vec<Q4>) {
+        for Q4Closing { category, price } in closed {
+            let (sum, count) = self.totals.entry(category).or_default();
+            *sum += price as u128;
+            *count += 1;
+            out.push(Q4 {
+                category,
+                avg: *sum as f64 / *count as f64,
+            });
         }
     }
 }
 
-/// A sink that keeps every row, for tests and small runs.
-pub struct CollectSink(pub Arc<Mutex<Vec<Row>>>);
+/// Formats a partition's rows as JSON Lines for its writer.
+struct JsonSink {
+    writer: Box<dyn LineWriter>,
+    lines: Vec<u8>,
+}
 
-impl Sink<Row> for CollectSink {
-    fn write(&mut self, records: &[Row]) {
-        self.0
-            .lock()
-            .expect("collect sink poisoned")
-            .extend_from_slice(records);
+impl<T: Data + Serialize> Sink<T> for JsonSink {
+    fn write(&mut self, records: &[T]) {
+        self.lines.clear();
+        for row in records {
+            // Writing JSON into memory cannot fail.
+            let _ = serde_json::to_writer(&mut self.lines, row);
+            self.lines.push(b'\n');
+        }
+        self.writer.write_lines(&self.lines);
+    }
+
+    fn finish(&mut self) {
+        self.writer.finish();
     }
 }
 
 /// A sink that only counts (the engine counts outputs for every sink).
 pub struct NullSink;
 
-impl Sink<Row> for NullSink {
-    fn write(&mut self, _records: &[Row]) {}
+impl<T: Data> Sink<T> for NullSink {
+    fn write(&mut self, _records: &[T]) {}
+}
+
+/// A line writer that keeps every row as a JSON value, for tests and small runs.
+pub struct CollectJson(pub Arc<Mutex<Vec<serde_json::Value>>>);
+
+impl LineWriter for CollectJson {
+    fn write_lines(&mut self, lines: &[u8]) {
+        let rows = lines
+            .split(|&b| b == b'\n')
+            .filter(|line| !line.is_empty())
+            .map(|line| serde_json::from_slice(line).expect("the sink writes valid JSON"));
+        self.0.lock().expect("collect lock poisoned").extend(rows);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Auction, Bid};
     use std::borrow::Cow;
 
-    fn bid(auction: u64, date_time: i64, price: u64) -> Row {
-        Row::Event(Event::Bid(Bid {
+    fn bid(auction: u64, date_time: i64, price: u64) -> Q4Bid {
+        Q4Bid {
             auction,
-            bidder: 1,
-            price,
-            channel: Cow::Borrowed(""),
-            url: Cow::Borrowed(""),
             date_time,
-            extra: Cow::Borrowed(""),
-        }))
+            price,
+        }
     }
 
-    fn auction(id: u64, date_time: i64, expires: i64) -> Row {
-        Row::Event(Event::Auction(Box::new(Auction {
+    fn auction(id: u64, date_time: i64, expires: i64) -> Q4Auction {
+        Q4Auction {
             id,
-            item_name: Cow::Borrowed(""),
-            description: Cow::Borrowed(""),
-            initial_bid: 1,
-            reserve: 1,
             date_time,
             expires,
-            seller: 1,
             category: 10,
-            extra: Cow::Borrowed(""),
-        })))
+        }
     }
 
     #[test]
     fn q4_drops_bids_whose_auction_can_no_longer_come() {
-        let mut closing = Q4Closing::default();
+        let mut closing = ClosingPrices::default();
         let mut out = Vec::new();
         // A bid ahead of its auction is held; the auction then arrives and closes.
-        closing.on_records(1, vec![bid(7, 100, 30)], &mut out);
-        closing.on_records(0, vec![auction(7, 90, 500)], &mut out);
+        closing.on_right(vec![bid(7, 100, 30)], &mut out);
+        closing.on_left(vec![auction(7, 90, 500)], &mut out);
         // A bid for an auction that never comes is held only until the watermark
         // passes it; one already behind the watermark is not held at all.
-        closing.on_records(1, vec![bid(8, 120, 40)], &mut out);
+        closing.on_right(vec![bid(8, 120, 40)], &mut out);
         assert_eq!(closing.auctions.len(), 2);
         closing.on_watermark(200, &mut out);
         assert_eq!(closing.auctions.len(), 1, "auction 8's bid is swept");
-        closing.on_records(1, vec![bid(9, 150, 50)], &mut out);
+        closing.on_right(vec![bid(9, 150, 50)], &mut out);
         assert_eq!(
             closing.auctions.len(),
             1,
@@ -774,11 +749,33 @@ mod tests {
         closing.on_watermark(501, &mut out);
         assert!(matches!(
             out.as_slice(),
-            [Row::Q4Closing {
+            [Q4Closing {
                 category: 10,
                 price: 30
             }]
         ));
         assert!(closing.auctions.is_empty());
+    }
+
+    #[test]
+    fn rows_are_json_with_the_column_names() {
+        let collected = Arc::new(Mutex::new(Vec::new()));
+        let writer = CollectJson(collected.clone());
+        let mut sink = JsonSink {
+            writer: Box::new(writer),
+            lines: Vec::new(),
+        };
+        let row = Q3 {
+            name: Cow::Borrowed("Ann"),
+            city: Cow::Borrowed("Boise"),
+            state: Cow::Borrowed("ID"),
+            id: 7,
+        };
+        Sink::<Q3>::write(&mut sink, &[row]);
+        let rows = collected.lock().unwrap();
+        assert_eq!(
+            rows[0],
+            serde_json::json!({"name": "Ann", "city": "Boise", "state": "ID", "id": 7})
+        );
     }
 }

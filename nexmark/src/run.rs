@@ -2,12 +2,10 @@
 //! and what `dirigo bench nexmark` repeats per query. Waits for the job, gathers its
 //! report and the engine's accounting of it.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::queries::{build, EventSource, QueryOptions, Row};
-use dirigo_engine::dataflow::graph::SinkFactory;
+use crate::queries::{build, EventSource, Output, QueryOptions};
 use dirigo_engine::dataflow::{Dataflow, DataflowConfig, JobReport};
 use serde::Serialize;
 
@@ -17,7 +15,7 @@ pub struct RunConfig {
     pub query: String,
     pub cores: usize,
     pub source: EventSource,
-    pub sink: SinkFactory<Row>,
+    pub output: Output,
     pub sink_parallelism: u32,
     pub rate_events_per_s: Option<u64>,
     pub slo: Duration,
@@ -34,6 +32,9 @@ pub struct RunReport {
     pub events: u64,
     /// Malformed input lines skipped (`--skip-malformed`).
     pub skipped: u64,
+    /// Records that arrived behind their stage's watermark (counted, dropped from
+    /// windows that had already fired).
+    pub late: u64,
     pub elapsed_s: f64,
     pub events_per_s: f64,
     pub events_per_s_per_core: f64,
@@ -79,7 +80,7 @@ pub fn run_query(config: &RunConfig) -> Result<RunReport, String> {
         parallelism: 2 * cores,
         slo: config.slo,
         rate_events_per_s: config.rate_events_per_s,
-        sink: config.sink.clone(),
+        output: config.output.clone(),
         sink_parallelism: config.sink_parallelism,
     };
     let job = build(&config.query, &options)?;
@@ -96,10 +97,7 @@ pub fn run_query(config: &RunConfig) -> Result<RunReport, String> {
         }));
         if let Some(progress) = &config.progress {
             let metrics = handle.metrics();
-            progress(
-                metrics.source_records.load(Ordering::Relaxed),
-                metrics.outputs.load(Ordering::Relaxed),
-            );
+            progress(metrics.source_records(), metrics.outputs());
         }
     }
     let report = handle.wait(config.time_limit)?;
@@ -113,6 +111,7 @@ pub fn run_query(config: &RunConfig) -> Result<RunReport, String> {
         cores: cores as usize,
         events: report.source_records,
         skipped: report.skipped_records,
+        late: report.late_records,
         elapsed_s,
         events_per_s,
         events_per_s_per_core: events_per_s / cores as f64,

@@ -8,11 +8,10 @@ use std::time::Duration;
 
 use clap::Args;
 
-use dirigo_engine::dataflow::graph::SinkFactory;
-use dirigo_engine::dataflow::Sink;
-use dirigo_nexmark::queries::{EventSource, NullSink, Row};
+use dirigo_nexmark::queries::{EventSource, LineWriter, Output};
 use dirigo_nexmark::run::{run_query, RunConfig};
 use dirigo_nexmark::GeneratorConfig;
+use dirigo_storage::spool::{Spool, SPOOL_BUFFERS_MAX};
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -131,35 +130,43 @@ fn parse_sink(s: &str) -> Result<SinkArg, String> {
     }
 }
 
-/// Writes rows as JSON Lines; the first write error is kept and reported after the run.
-struct WriterSink {
-    out: Box<dyn Write + Send>,
-    line: Vec<u8>,
+/// Hands a sink partition's JSON Lines to a spool: the file or stdout is written
+/// on the spool's own thread, never on a shard. The first write error is kept and
+/// reported after the run.
+struct SpoolWriter {
+    spool: Spool,
     error: Arc<Mutex<Option<String>>>,
-    target: String,
 }
 
-impl Sink<Row> for WriterSink {
-    fn write(&mut self, records: &[Row]) {
-        if self.error.lock().expect("sink error lock").is_some() {
-            return;
-        }
-        self.line.clear();
-        for row in records {
-            row.write_json_line(&mut self.line);
-        }
-        if let Err(e) = self.out.write_all(&self.line) {
-            *self.error.lock().expect("sink error lock") =
-                Some(format!("cannot write to {}: {e}", self.target));
-        }
+impl LineWriter for SpoolWriter {
+    fn write_lines(&mut self, lines: &[u8]) {
+        let mut buffer = self.spool.buffer();
+        buffer.extend_from_slice(lines);
+        self.spool.write(buffer);
     }
 
     fn finish(&mut self) {
-        if let Err(e) = self.out.flush() {
-            let mut error = self.error.lock().expect("sink error lock");
-            error.get_or_insert(format!("cannot write to {}: {e}", self.target));
+        if let Err(e) = self.spool.finish() {
+            self.error.lock().expect("sink error lock").get_or_insert(e);
         }
     }
+}
+
+/// JSON Lines into one spool over `out` (one sink partition takes it).
+fn spool_output(
+    out: Box<dyn Write + Send>,
+    target: &str,
+    error: Arc<Mutex<Option<String>>>,
+) -> Output {
+    let spool = Arc::new(Mutex::new(Some(Spool::new(out, target, SPOOL_BUFFERS_MAX))));
+    Output::JsonLines(Arc::new(move |_| {
+        let spool = spool.lock().expect("spool lock").take();
+        let spool = spool.expect("one sink partition writes to the spool");
+        Box::new(SpoolWriter {
+            spool,
+            error: error.clone(),
+        })
+    }))
 }
 
 pub fn run(args: RunArgs) -> Result<(), String> {
@@ -202,42 +209,19 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         }
     };
     let error = Arc::new(Mutex::new(None));
-    let (sink, sink_parallelism): (SinkFactory<Row>, u32) = match &args.sink {
-        SinkArg::Null => (Arc::new(|_| Box::new(NullSink)), cores as u32),
+    let (output, sink_parallelism) = match &args.sink {
+        SinkArg::Null => (Output::Null, cores as u32),
         SinkArg::Stdout => {
-            let error = error.clone();
-            (
-                Arc::new(move |_| {
-                    Box::new(WriterSink {
-                        out: Box::new(std::io::BufWriter::new(std::io::stdout())),
-                        line: Vec::new(),
-                        error: error.clone(),
-                        target: "stdout".into(),
-                    })
-                }),
-                1,
-            )
+            let out: Box<dyn Write + Send> = Box::new(std::io::stdout());
+            (spool_output(out, "stdout", error.clone()), 1)
         }
         SinkArg::File(path) => {
             let file = std::fs::File::create(path)
                 .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-            let file = Arc::new(Mutex::new(Some(file)));
-            let error = error.clone();
-            let target = path.display().to_string();
+            let out: Box<dyn Write + Send> =
+                Box::new(std::io::BufWriter::with_capacity(1 << 20, file));
             (
-                Arc::new(move |_| {
-                    let file = file.lock().expect("sink file lock").take();
-                    let out: Box<dyn Write + Send> = match file {
-                        Some(file) => Box::new(std::io::BufWriter::with_capacity(1 << 20, file)),
-                        None => Box::new(std::io::sink()),
-                    };
-                    Box::new(WriterSink {
-                        out,
-                        line: Vec::new(),
-                        error: error.clone(),
-                        target: target.clone(),
-                    })
-                }),
+                spool_output(out, &path.display().to_string(), error.clone()),
                 1,
             )
         }
@@ -272,7 +256,7 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         query: args.query.clone(),
         cores,
         source,
-        sink,
+        output,
         sink_parallelism,
         rate_events_per_s: rate,
         slo: args.slo,
@@ -307,6 +291,10 @@ pub fn run(args: RunArgs) -> Result<(), String> {
             println!("skipped      {} malformed input lines", report.skipped);
         }
         println!("outputs      {}", report.outputs);
+        println!(
+            "late         {} records behind their stage's watermark (dropped from fired windows)",
+            report.late
+        );
         println!(
             "latency      p50 {} us, p99 {} us, p99.9 {} us, max {} us",
             l.p50, l.p99, l.p999, l.max

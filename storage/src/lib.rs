@@ -16,6 +16,8 @@
 //!   whole small file.
 //! - [`blob`]: key → bytes, one file per key, each put committed atomically.
 //!   The engine's `StateStore` for deactivated actors will wrap it.
+//! - [`spool`]: a writer on its own thread behind a bounded hand-off of
+//!   buffers, so that a sink on a shard never makes a write system call.
 //!
 //! # Bounds
 //!
@@ -36,6 +38,7 @@ pub mod blob;
 mod error;
 pub mod log;
 pub mod manifest;
+pub mod spool;
 
 pub use blob::{BlobConfig, BlobKey, BlobStore};
 pub use error::{CutReason, StorageError};

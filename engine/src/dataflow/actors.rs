@@ -1,63 +1,33 @@
-//! The actors a plan runs as: one kind per stage kind. Each keeps what its stage
-//! needs (the source position, the operator's state, the sink writer) and the
-//! watermark bookkeeping of its inputs, and hands its outputs to an `Emitter`.
+//! The actors a plan runs as: one kind per stage kind, typed by the stage's
+//! record types. Each keeps what its stage needs (the source position, the
+//! operator's state, the sink writer) and the watermark bookkeeping of its inputs,
+//! and runs its routes (fused steps and partitioning, see `graph`) on what it
+//! emits.
+//!
+//! Shared nothing per message: an actor holds its plan (one `Arc` clone at
+//! activation, never per message), counts into its shard's slot of the job's
+//! metrics (single writer), keeps its latency histogram to itself and merges it
+//! into the shard slot at most every `LATENCY_FLUSH_NS`, and reads time only from
+//! its context (the shard clock), so a whole dataflow runs under the simulator.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use hdrhistogram::Histogram;
+
 use crate::actor::{Actor, BoxActor, Context, SchedCtx};
-use crate::clock::monotonic_ns;
 use crate::ids::ActorId;
 
-use super::graph::{
-    Operator, Output, Partitioner, Plan, Sink, Source, SourceBatch, StageKind, Step,
-};
-use super::{key_group, partition_of_group, DataMsg, END_OF_INPUT};
+use super::batch::Batch;
+use super::graph::{Data, JoinOperator, Operator, Plan, Route, Sink, Source, SourceBatch};
+use super::{DataMsg, END_OF_INPUT};
 
-pub(crate) fn activate<R: Clone + Send + 'static>(
-    plan: Arc<Plan<R>>,
-    id: ActorId,
-) -> BoxActor<DataMsg<R>> {
-    let stage = id.operator;
-    let partition = id.partition;
-    let stage_plan = &plan.stages[stage as usize];
+pub(crate) fn activate(plan: Arc<Plan>, id: ActorId) -> BoxActor<DataMsg> {
+    let stage = &plan.stages[id.operator as usize];
     assert!(
-        partition < stage_plan.parallelism,
+        id.partition < stage.parallelism,
         "{id} beyond its stage's parallelism"
     );
-    match &stage_plan.kind {
-        StageKind::Source(factory) => {
-            let source = factory(partition, stage_plan.parallelism);
-            let rate_per_partition = plan
-                .rate_records_per_s
-                .map(|r| (r / stage_plan.parallelism as u64).max(1));
-            Box::new(SourceActor {
-                emitter: Emitter::new(&plan, stage, partition),
-                source,
-                rate_per_partition,
-                started_ns: 0,
-                produced: 0,
-                skipped: 0,
-                last_watermark_ms: i64::MIN,
-                done: false,
-                plan,
-            })
-        }
-        StageKind::Operator(factory) => Box::new(StageActor {
-            operator: factory(partition),
-            inputs: Watermarks::new(&stage_plan.inputs),
-            emitter: Emitter::new(&plan, stage, partition),
-            out: Vec::new(),
-            plan,
-        }),
-        StageKind::Sink(factory) => Box::new(SinkActor {
-            sink: factory(partition),
-            inputs: Watermarks::new(&stage_plan.inputs),
-            stage,
-            finished: false,
-            plan,
-        }),
-    }
+    (stage.activate)(&plan, id)
 }
 
 /// Per input, per upstream partition, the last watermark received.
@@ -98,213 +68,45 @@ impl Watermarks {
     }
 }
 
-/// Applies a stage's fused steps to its output and sends it, partitioned, to the
-/// next stages; also broadcasts watermarks.
-struct Emitter<R> {
+/// Run every route of a stage on `records` (each but the last on a copy).
+fn emit<T: Data>(
+    routes: &[Route<T>],
+    plan: &Plan,
+    partition: u32,
+    records: Vec<T>,
+    ctx: &mut Context<'_, DataMsg>,
+) {
+    let Some((last, others)) = routes.split_last() else {
+        return;
+    };
+    if records.is_empty() {
+        return;
+    }
+    for route in others {
+        route(records.clone(), plan, partition, ctx);
+    }
+    last(records, plan, partition, ctx);
+}
+
+/// Send `watermark_ms` from `(stage, partition)` to every partition of every
+/// consumer of the stage.
+fn broadcast_watermark(
+    plan: &Plan,
     stage: u32,
     partition: u32,
-    /// Per output: a buffer per target partition, reused.
-    buffers: Vec<Vec<Vec<R>>>,
-}
-
-impl<R: Send + 'static> Emitter<R> {
-    fn new(plan: &Plan<R>, stage: u32, partition: u32) -> Self {
-        let buffers = plan.stages[stage as usize]
-            .outputs
-            .iter()
-            .map(|o| {
-                (0..plan.stages[o.target as usize].parallelism)
-                    .map(|_| Vec::new())
-                    .collect()
-            })
-            .collect();
-        Emitter {
-            stage,
-            partition,
-            buffers,
-        }
-    }
-
-    fn emit(&mut self, plan: &Plan<R>, records: Vec<R>, ctx: &mut Context<'_, DataMsg<R>>)
-    where
-        R: Clone,
-    {
-        if records.is_empty() {
-            return;
-        }
-        let outputs = &plan.stages[self.stage as usize].outputs;
-        let last = outputs.len() - 1;
-        let mut records = Some(records);
-        for (o, output) in outputs.iter().enumerate() {
-            let batch = if o == last {
-                records.take().expect("moved once, at the last output")
-            } else {
-                records.as_ref().expect("still here").clone()
+    watermark_ms: i64,
+    ctx: &mut Context<'_, DataMsg>,
+) {
+    for &(target, input) in &plan.stages[stage as usize].targets {
+        let sched = plan.stamp(ctx.sched(), ctx.shard(), target);
+        for p in 0..plan.stages[target as usize].parallelism {
+            let message = DataMsg::Watermark {
+                input,
+                from: partition,
+                watermark_ms,
             };
-            let batch = run_steps(&output.steps, batch);
-            if !batch.is_empty() {
-                self.partition_out(plan, o, output, batch, ctx);
-            }
+            ctx.send_with(ActorId::new(plan.id, target, p), message, sched);
         }
-    }
-
-    fn partition_out(
-        &mut self,
-        plan: &Plan<R>,
-        o: usize,
-        output: &Output<R>,
-        batch: Vec<R>,
-        ctx: &mut Context<'_, DataMsg<R>>,
-    ) {
-        let targets = self.buffers[o].len() as u32;
-        let sched = stamp(plan, ctx.sched(), output.target);
-        let send = |ctx: &mut Context<'_, DataMsg<R>>, p: u32, records: Vec<R>| {
-            let to = ActorId::new(plan.id, output.target, p);
-            ctx.send_with(
-                to,
-                DataMsg::Records {
-                    input: output.input,
-                    records,
-                },
-                sched,
-            );
-        };
-        match &output.partitioner {
-            Partitioner::Forward => send(ctx, self.partition % targets, batch),
-            Partitioner::Key(key) => {
-                let expected = batch.len() / targets as usize + 16;
-                for record in batch {
-                    let p = partition_of_group(key_group(key(&record)), targets) as usize;
-                    let buffer = &mut self.buffers[o][p];
-                    if buffer.capacity() == 0 {
-                        buffer.reserve(expected);
-                    }
-                    buffer.push(record);
-                }
-                for p in 0..targets {
-                    let buffer = &mut self.buffers[o][p as usize];
-                    if !buffer.is_empty() {
-                        send(ctx, p, std::mem::take(buffer));
-                    }
-                }
-            }
-        }
-    }
-
-    fn watermark(&self, plan: &Plan<R>, watermark_ms: i64, ctx: &mut Context<'_, DataMsg<R>>) {
-        for output in &plan.stages[self.stage as usize].outputs {
-            let sched = stamp(plan, ctx.sched(), output.target);
-            for p in 0..plan.stages[output.target as usize].parallelism {
-                let to = ActorId::new(plan.id, output.target, p);
-                let message = DataMsg::Watermark {
-                    input: output.input,
-                    from: self.partition,
-                    watermark_ms,
-                };
-                ctx.send_with(to, message, sched);
-            }
-        }
-    }
-}
-
-fn stamp<R>(plan: &Plan<R>, sched: SchedCtx, target: u32) -> SchedCtx {
-    SchedCtx {
-        deadline_ns: plan.deadline_ns(&sched, target),
-        ..sched
-    }
-}
-
-/// Run `records` through the fused steps. Maps and filters run in place, reusing
-/// the batch's allocation (each record is moved once); a flat_map builds a new batch.
-fn run_steps<R>(steps: &[Step<R>], records: Vec<R>) -> Vec<R> {
-    if steps.is_empty() {
-        return records;
-    }
-    if !steps.iter().any(|s| matches!(s, Step::FlatMap(_))) {
-        return records
-            .into_iter()
-            .filter_map(|r| map_filter(steps, r))
-            .collect();
-    }
-    let mut out = Vec::with_capacity(records.len());
-    for record in records {
-        expand(steps, record, &mut out);
-    }
-    out
-}
-
-#[inline]
-fn map_filter<R>(steps: &[Step<R>], mut record: R) -> Option<R> {
-    for step in steps {
-        match step {
-            Step::Map(f) => record = f(record),
-            Step::Filter(f) => {
-                if !f(&record) {
-                    return None;
-                }
-            }
-            Step::FlatMap(_) => unreachable!("batches with flat_map take the other path"),
-        }
-    }
-    Some(record)
-}
-
-fn expand<R>(steps: &[Step<R>], mut record: R, out: &mut Vec<R>) {
-    for (i, step) in steps.iter().enumerate() {
-        match step {
-            Step::Map(f) => record = f(record),
-            Step::Filter(f) => {
-                if !f(&record) {
-                    return;
-                }
-            }
-            Step::FlatMap(f) => {
-                let mut produced = Vec::new();
-                f(record, &mut produced);
-                for next in produced {
-                    expand(&steps[i + 1..], next, out);
-                }
-                return;
-            }
-        }
-    }
-    out.push(record);
-}
-
-struct SourceActor<R> {
-    plan: Arc<Plan<R>>,
-    source: Box<dyn Source<R>>,
-    emitter: Emitter<R>,
-    rate_per_partition: Option<u64>,
-    started_ns: u64,
-    produced: u64,
-    skipped: u64,
-    last_watermark_ms: i64,
-    done: bool,
-}
-
-impl<R: Send + Clone + 'static> SourceActor<R> {
-    /// Records this turn may produce under the rate limit; 0 means wait (a timer
-    /// brings the next `Tick`). A paced source waits until a batch of at least
-    /// `PACED_BATCH_NS` worth of records is due: one turn per few records would cost
-    /// more than the records, and 100 µs is well inside any latency target.
-    fn allowance(&mut self, now_ns: u64, ctx: &mut Context<'_, DataMsg<R>>) -> usize {
-        let max = self.plan.source_batch_records;
-        let Some(rate) = self.rate_per_partition else {
-            return max;
-        };
-        let elapsed_ns = now_ns.saturating_sub(self.started_ns) as u128;
-        let allowed = (elapsed_ns * rate as u128 / 1_000_000_000) as u64;
-        let min_batch =
-            ((rate as u128 * PACED_BATCH_NS as u128 / 1_000_000_000) as u64).clamp(1, max as u64);
-        if allowed >= self.produced + min_batch {
-            return ((allowed - self.produced) as usize).min(max);
-        }
-        // Come back when the next batch is due.
-        let due_records = (self.produced + min_batch) as u128;
-        let due_ns = self.started_ns + (due_records * 1_000_000_000 / rate as u128) as u64;
-        ctx.send_self_at(due_ns, DataMsg::Tick, ctx.sched());
-        0
     }
 }
 
@@ -315,17 +117,96 @@ const SOURCE_RETRY_NS: u64 = 20_000;
 /// Wall time a paced source lets records gather before it makes a batch.
 const PACED_BATCH_NS: u64 = 100_000;
 
-impl<R: Send + Clone + 'static> Actor for SourceActor<R> {
-    type Message = DataMsg<R>;
+/// How often a sink merges its latency histogram into its shard's slot.
+const LATENCY_FLUSH_NS: u64 = 10_000_000;
 
-    fn handle(&mut self, message: DataMsg<R>, ctx: &mut Context<'_, DataMsg<R>>) {
+pub(crate) fn source_actor<T: Data>(
+    plan: &Arc<Plan>,
+    id: ActorId,
+    source: Box<dyn Source<T>>,
+) -> BoxActor<DataMsg> {
+    let stage = &plan.stages[id.operator as usize];
+    let rate_per_partition = plan
+        .rate_records_per_s
+        .map(|r| (r / stage.parallelism as u64).max(1));
+    Box::new(SourceActor {
+        routes: stage.routes::<T>(),
+        plan: plan.clone(),
+        id,
+        source,
+        rate_per_partition,
+        started_ns: 0,
+        produced: 0,
+        skipped: 0,
+        last_watermark_ms: i64::MIN,
+        done: false,
+    })
+}
+
+struct SourceActor<T> {
+    plan: Arc<Plan>,
+    id: ActorId,
+    source: Box<dyn Source<T>>,
+    routes: Vec<Route<T>>,
+    rate_per_partition: Option<u64>,
+    started_ns: u64,
+    produced: u64,
+    skipped: u64,
+    last_watermark_ms: i64,
+    done: bool,
+}
+
+impl<T: Data> SourceActor<T> {
+    /// Records this turn may produce under the rate limit; 0 means wait (a timer
+    /// brings the next `Tick`). A paced source waits until a batch of at least
+    /// `PACED_BATCH_NS` worth of records is due: one turn per few records would cost
+    /// more than the records, and 100 µs is well inside any latency target.
+    fn allowance(&mut self, now_ns: u64, ctx: &mut Context<'_, DataMsg>) -> usize {
+        let max = self.plan.source_batch_records;
+        let Some(rate) = self.rate_per_partition else {
+            return max;
+        };
+        let elapsed_ns = now_ns.saturating_sub(self.started_ns) as u128;
+        let allowed = (elapsed_ns * rate as u128 / 1_000_000_000) as u64;
+        let min_batch =
+            ((rate as u128 * PACED_BATCH_NS as u128 / 1_000_000_000) as u64).clamp(1, max as u64);
+        if allowed >= self.produced.saturating_add(min_batch) {
+            return ((allowed - self.produced) as usize).min(max);
+        }
+        // Come back when the next batch is due.
+        let due_records = self.produced.saturating_add(min_batch) as u128;
+        let due_ns = (due_records * 1_000_000_000 / rate as u128).min(u64::MAX as u128) as u64;
+        ctx.send_self_at(
+            self.started_ns.saturating_add(due_ns),
+            DataMsg::Tick,
+            ctx.sched(),
+        );
+        0
+    }
+
+    /// Stop producing: the rest of the job sees the end of its input.
+    fn finish(&mut self, ctx: &mut Context<'_, DataMsg>) {
+        self.done = true;
+        let (stage, partition) = (self.id.operator, self.id.partition);
+        broadcast_watermark(&self.plan, stage, partition, END_OF_INPUT, ctx);
+    }
+}
+
+impl<T: Data> Actor for SourceActor<T> {
+    type Message = DataMsg;
+
+    fn handle(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>) {
         let DataMsg::Tick = message else {
             return; // sources have no inputs
         };
         if self.done {
             return;
         }
-        let now_ns = monotonic_ns();
+        if self.plan.metrics.has_failed() {
+            self.done = true; // the job is over; its handle reports the error
+            return;
+        }
+        let now_ns = ctx.clock_ns();
         if self.started_ns == 0 {
             self.started_ns = now_ns;
         }
@@ -334,76 +215,156 @@ impl<R: Send + Clone + 'static> Actor for SourceActor<R> {
             return;
         }
         // The input enters now: this is the origin every result of it is timed from.
-        let plan = self.plan.clone();
         let origin = SchedCtx {
-            job: plan.id,
+            job: self.plan.id,
             origin_ns: now_ns,
-            deadline_ns: now_ns + plan.slo_ns,
+            deadline_ns: now_ns.saturating_add(self.plan.slo_ns),
         };
         ctx.sched = origin;
         let mut batch = Vec::with_capacity(max);
         let status = self.source.next_batch(max, &mut batch);
         self.produced += batch.len() as u64;
+        let slot = self.plan.metrics.shard(ctx.shard());
         let skipped = self.source.skipped_records();
         if skipped > self.skipped {
-            let new = skipped - self.skipped;
-            plan.metrics
-                .skipped_records
-                .fetch_add(new, Ordering::Relaxed);
+            slot.skipped_records.add(skipped - self.skipped);
             self.skipped = skipped;
         }
-        plan.metrics
-            .source_records
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        self.emitter.emit(&plan, batch, ctx);
+        slot.source_records.add(batch.len() as u64);
+        let (stage, partition) = (self.id.operator, self.id.partition);
+        emit(&self.routes, &self.plan, partition, batch, ctx);
         match status {
+            SourceBatch::More { watermark_ms } if watermark_ms == END_OF_INPUT => {
+                self.plan.metrics.fail(format!(
+                    "source {} partition {partition}: a watermark of {watermark_ms} ms \
+                     (the end-of-input mark) came from data; a source ends with Done",
+                    self.plan.stages[stage as usize].name
+                ));
+                self.done = true;
+            }
             SourceBatch::More { watermark_ms } => {
-                // Watermarks at most once per millisecond of event time.
                 if watermark_ms > self.last_watermark_ms {
                     self.last_watermark_ms = watermark_ms;
-                    self.emitter.watermark(&plan, watermark_ms, ctx);
+                    broadcast_watermark(&self.plan, stage, partition, watermark_ms, ctx);
                 }
                 ctx.send_with(ctx.me(), DataMsg::Tick, origin);
             }
             SourceBatch::Pending => {
-                let again_ns = ctx.now_ns() + SOURCE_RETRY_NS;
+                let again_ns = now_ns.saturating_add(SOURCE_RETRY_NS);
                 ctx.send_self_at(again_ns, DataMsg::Tick, origin);
             }
-            SourceBatch::Done => {
-                self.done = true;
-                self.emitter.watermark(&plan, END_OF_INPUT, ctx);
-            }
+            SourceBatch::Done => self.finish(ctx),
             SourceBatch::Failed(message) => {
+                let name = &self.plan.stages[stage as usize].name;
+                self.plan
+                    .metrics
+                    .fail(format!("source {name} partition {partition}: {message}"));
                 self.done = true;
-                plan.metrics.fail(message);
-                self.emitter.watermark(&plan, END_OF_INPUT, ctx);
             }
         }
-        plan.metrics
-            .observe_cost(self.emitter.stage, monotonic_ns().saturating_sub(now_ns));
+        let cost_ns = ctx.clock_ns().saturating_sub(now_ns);
+        self.plan.metrics.observe_cost(ctx.shard(), stage, cost_ns);
     }
 }
 
-struct StageActor<R> {
-    plan: Arc<Plan<R>>,
-    operator: Box<dyn Operator<R>>,
-    inputs: Watermarks,
-    emitter: Emitter<R>,
-    out: Vec<R>,
+/// What a keyed stage's operator is to its actor: records of an input, as the
+/// batch they came in; a watermark; the late count.
+trait StageOp<Out>: Send + 'static {
+    fn records(&mut self, input: u8, batch: Batch, out: &mut Vec<Out>);
+    fn watermark(&mut self, watermark_ms: i64, out: &mut Vec<Out>);
+    fn late_records(&self) -> u64;
 }
 
-impl<R: Send + Clone + 'static> Actor for StageActor<R> {
-    type Message = DataMsg<R>;
+struct Unary<In, Out>(Box<dyn Operator<In, Out>>);
 
-    fn handle(&mut self, message: DataMsg<R>, ctx: &mut Context<'_, DataMsg<R>>) {
-        let start_ns = monotonic_ns();
-        let plan = self.plan.clone();
+impl<In: Data, Out: Data> StageOp<Out> for Unary<In, Out> {
+    #[inline]
+    fn records(&mut self, _input: u8, batch: Batch, out: &mut Vec<Out>) {
+        self.0.on_records(batch.into_vec::<In>(), out);
+    }
+    fn watermark(&mut self, watermark_ms: i64, out: &mut Vec<Out>) {
+        self.0.on_watermark(watermark_ms, out);
+    }
+    fn late_records(&self) -> u64 {
+        self.0.late_records()
+    }
+}
+
+struct Join<L, R, Out>(Box<dyn JoinOperator<L, R, Out>>);
+
+impl<L: Data, R: Data, Out: Data> StageOp<Out> for Join<L, R, Out> {
+    #[inline]
+    fn records(&mut self, input: u8, batch: Batch, out: &mut Vec<Out>) {
+        if input == 0 {
+            self.0.on_left(batch.into_vec::<L>(), out);
+        } else {
+            self.0.on_right(batch.into_vec::<R>(), out);
+        }
+    }
+    fn watermark(&mut self, watermark_ms: i64, out: &mut Vec<Out>) {
+        self.0.on_watermark(watermark_ms, out);
+    }
+    fn late_records(&self) -> u64 {
+        self.0.late_records()
+    }
+}
+
+pub(crate) fn unary_actor<In: Data, Out: Data>(
+    plan: &Arc<Plan>,
+    id: ActorId,
+    operator: Box<dyn Operator<In, Out>>,
+) -> BoxActor<DataMsg> {
+    stage_actor(plan, id, Unary(operator))
+}
+
+pub(crate) fn join_actor<L: Data, R: Data, Out: Data>(
+    plan: &Arc<Plan>,
+    id: ActorId,
+    operator: Box<dyn JoinOperator<L, R, Out>>,
+) -> BoxActor<DataMsg> {
+    stage_actor(plan, id, Join(operator))
+}
+
+fn stage_actor<Out: Data, Op: StageOp<Out>>(
+    plan: &Arc<Plan>,
+    id: ActorId,
+    operator: Op,
+) -> BoxActor<DataMsg> {
+    let stage = &plan.stages[id.operator as usize];
+    Box::new(StageActor {
+        inputs: Watermarks::new(&stage.inputs),
+        routes: stage.routes::<Out>(),
+        plan: plan.clone(),
+        id,
+        operator,
+        out: Vec::new(),
+        late_seen: 0,
+    })
+}
+
+struct StageActor<Out, Op> {
+    plan: Arc<Plan>,
+    id: ActorId,
+    operator: Op,
+    inputs: Watermarks,
+    routes: Vec<Route<Out>>,
+    out: Vec<Out>,
+    /// The operator's late count already added to the job's.
+    late_seen: u64,
+}
+
+impl<Out: Data, Op: StageOp<Out>> Actor for StageActor<Out, Op> {
+    type Message = DataMsg;
+
+    fn handle(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>) {
+        let start_ns = ctx.clock_ns();
+        let (stage, partition) = (self.id.operator, self.id.partition);
         match message {
             DataMsg::Tick => return,
-            DataMsg::Records { input, records } => {
-                self.operator.on_records(input, records, &mut self.out);
+            DataMsg::Records { input, batch } => {
+                self.operator.records(input, batch, &mut self.out);
                 let out = std::mem::take(&mut self.out);
-                self.emitter.emit(&plan, out, ctx);
+                emit(&self.routes, &self.plan, partition, out, ctx);
             }
             DataMsg::Watermark {
                 input,
@@ -411,42 +372,93 @@ impl<R: Send + Clone + 'static> Actor for StageActor<R> {
                 watermark_ms,
             } => {
                 if let Some(current) = self.inputs.update(input, from, watermark_ms) {
-                    self.operator.on_watermark(current, &mut self.out);
+                    self.operator.watermark(current, &mut self.out);
                     let out = std::mem::take(&mut self.out);
-                    self.emitter.emit(&plan, out, ctx);
-                    self.emitter.watermark(&plan, current, ctx);
+                    emit(&self.routes, &self.plan, partition, out, ctx);
+                    broadcast_watermark(&self.plan, stage, partition, current, ctx);
                 }
             }
         }
-        plan.metrics
-            .observe_cost(self.emitter.stage, monotonic_ns().saturating_sub(start_ns));
+        let slot = self.plan.metrics.shard(ctx.shard());
+        let late = self.operator.late_records();
+        if late > self.late_seen {
+            slot.late_records.add(late - self.late_seen);
+            self.late_seen = late;
+        }
+        let cost_ns = ctx.clock_ns().saturating_sub(start_ns);
+        self.plan.metrics.observe_cost(ctx.shard(), stage, cost_ns);
     }
 }
 
-struct SinkActor<R> {
-    plan: Arc<Plan<R>>,
-    sink: Box<dyn Sink<R>>,
+pub(crate) fn sink_actor<T: Data>(
+    plan: &Arc<Plan>,
+    id: ActorId,
+    sink: Box<dyn Sink<T>>,
+) -> BoxActor<DataMsg> {
+    let stage = &plan.stages[id.operator as usize];
+    Box::new(SinkActor {
+        inputs: Watermarks::new(&stage.inputs),
+        plan: plan.clone(),
+        id,
+        sink,
+        latency_us: crate::runtime::stats::new_histogram(),
+        latency_recorded: false,
+        next_flush_ns: 0,
+        finished: false,
+    })
+}
+
+struct SinkActor<T> {
+    plan: Arc<Plan>,
+    id: ActorId,
+    sink: Box<dyn Sink<T>>,
     inputs: Watermarks,
-    stage: u32,
+    /// Latency of this partition's outputs since the last flush to its shard slot.
+    latency_us: Histogram<u32>,
+    latency_recorded: bool,
+    next_flush_ns: u64,
     finished: bool,
 }
 
-impl<R: Send + 'static> Actor for SinkActor<R> {
-    type Message = DataMsg<R>;
+impl<T> SinkActor<T> {
+    /// Merge the local latency histogram into the shard's slot of the job.
+    fn flush_latency(&mut self, ctx: &Context<'_, DataMsg>, now_ns: u64) {
+        self.next_flush_ns = now_ns.saturating_add(LATENCY_FLUSH_NS);
+        if !self.latency_recorded {
+            return;
+        }
+        let slot = self.plan.metrics.shard(ctx.shard());
+        let mut shared = slot.latency_us.lock().expect("latency lock poisoned");
+        // Same bounds on both sides: adding cannot fail.
+        let _ = shared.add(&self.latency_us);
+        drop(shared);
+        self.latency_us.reset();
+        self.latency_recorded = false;
+    }
+}
 
-    fn handle(&mut self, message: DataMsg<R>, ctx: &mut Context<'_, DataMsg<R>>) {
-        let start_ns = monotonic_ns();
+impl<T: Data> Actor for SinkActor<T> {
+    type Message = DataMsg;
+
+    fn handle(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>) {
+        let start_ns = ctx.clock_ns();
         match message {
             DataMsg::Tick => {}
-            DataMsg::Records { records, .. } => {
+            DataMsg::Records { batch, .. } => {
+                let records = batch.into_vec::<T>();
                 self.sink.write(&records);
-                let metrics = &self.plan.metrics;
-                metrics
-                    .outputs
-                    .fetch_add(records.len() as u64, Ordering::Relaxed);
+                let slot = self.plan.metrics.shard(ctx.shard());
+                slot.outputs.add(records.len() as u64);
                 let latency_ns = start_ns.saturating_sub(ctx.sched().origin_ns);
-                let mut histogram = metrics.latency_us.lock().expect("latency lock poisoned");
-                crate::runtime::stats::record_us(&mut histogram, latency_ns, records.len() as u64);
+                crate::runtime::stats::record_us(
+                    &mut self.latency_us,
+                    latency_ns,
+                    records.len() as u64,
+                );
+                self.latency_recorded = true;
+                if start_ns >= self.next_flush_ns {
+                    self.flush_latency(ctx, start_ns);
+                }
             }
             DataMsg::Watermark {
                 input,
@@ -457,12 +469,13 @@ impl<R: Send + 'static> Actor for SinkActor<R> {
                 if advanced == Some(END_OF_INPUT) && !self.finished {
                     self.finished = true;
                     self.sink.finish();
-                    self.plan.metrics.sink_done();
+                    self.flush_latency(ctx, start_ns);
+                    self.plan.metrics.sink_done(ctx.clock_ns());
                 }
             }
         }
-        self.plan
-            .metrics
-            .observe_cost(self.stage, monotonic_ns().saturating_sub(start_ns));
+        let cost_ns = ctx.clock_ns().saturating_sub(start_ns);
+        let stage = self.id.operator;
+        self.plan.metrics.observe_cost(ctx.shard(), stage, cost_ns);
     }
 }

@@ -1,69 +1,100 @@
-//! Building a job: sources, stateless steps, keyed stages, joins and sinks, and the
-//! `Plan` the actors run from.
+//! Building a job: typed streams from sources through stateless steps, keyed
+//! stages and joins to sinks, and the `Plan` the actors run from.
+//!
+//! Every edge is typed: `Stream<Bid>` -> `map` -> `Stream<Q1>`; a keyed stage is
+//! typed on its input and output (`Operator<In, Out>`), a join on both inputs
+//! (`JoinOperator<L, R, Out>`). Types are erased only at the actor boundary, where a
+//! batch travels as a [`Batch`](super::batch::Batch) and the receiving stage takes
+//! its vector back with the type it was built with.
+//!
+//! How it is built: a `Stream<T>` is a stage plus the stateless steps applied since
+//! (map, filter, filter_map, flat_map). Steps are not stages: when a stream is
+//! finally connected to a consumer (a keyed stage or a sink), its steps are
+//! composed, from the consumer back to the producing stage, into one *route*
+//! function `Vec<Out of the stage> -> partitioned sends`, monomorphized per step;
+//! the producing stage's actor runs its routes on every batch it emits (operator
+//! chaining, each step one tight pass over the batch).
 //!
 //! ```
 //! use std::sync::{Arc, Mutex};
 //! use std::time::Duration;
 //! use dirigo_engine::dataflow::{Dataflow, DataflowConfig, Job, Operator, Sink, Source, SourceBatch};
 //!
-//! /// Numbers 0..1000 with event time = the number, as two partitions.
-//! struct Numbers { next: u64, step: u64 }
-//! impl Source<u64> for Numbers {
-//!     fn next_batch(&mut self, max: usize, out: &mut Vec<u64>) -> SourceBatch {
+//! /// A user's own record types.
+//! #[derive(Clone)]
+//! struct Reading { sensor: u64, celsius: i64 }
+//! #[derive(Clone, Debug, PartialEq)]
+//! struct Total { sensor: u64, sum: i64 }
+//!
+//! /// Readings 0..1000 (reading n comes from sensor n % 10), as two partitions.
+//! struct Readings { next: u64, step: u64 }
+//! impl Source<Reading> for Readings {
+//!     fn next_batch(&mut self, max: usize, out: &mut Vec<Reading>) -> SourceBatch {
 //!         for _ in 0..max {
 //!             if self.next >= 1000 { return SourceBatch::Done; }
-//!             out.push(self.next);
+//!             out.push(Reading { sensor: self.next % 10, celsius: self.next as i64 });
 //!             self.next += self.step;
 //!         }
 //!         SourceBatch::More { watermark_ms: self.next as i64 - self.step as i64 }
 //!     }
 //! }
-//! /// Sums what it sees per key and emits the sums at the end of input.
+//! /// Sums the readings of each sensor and emits the totals at the end of input.
 //! #[derive(Default)]
-//! struct Sum(std::collections::BTreeMap<u64, u64>);
-//! impl Operator<u64> for Sum {
-//!     fn on_records(&mut self, _input: u8, records: Vec<u64>, _out: &mut Vec<u64>) {
-//!         for r in records { *self.0.entry(r % 10).or_default() += r; }
+//! struct SumPerSensor(std::collections::BTreeMap<u64, i64>);
+//! impl Operator<Reading, Total> for SumPerSensor {
+//!     fn on_records(&mut self, records: Vec<Reading>, _out: &mut Vec<Total>) {
+//!         for r in records { *self.0.entry(r.sensor).or_default() += r.celsius; }
 //!     }
-//!     fn on_watermark(&mut self, watermark_ms: i64, out: &mut Vec<u64>) {
-//!         if watermark_ms == i64::MAX { out.extend(self.0.values()); }
+//!     fn on_watermark(&mut self, watermark_ms: i64, out: &mut Vec<Total>) {
+//!         if watermark_ms == i64::MAX {
+//!             out.extend(self.0.iter().map(|(&sensor, &sum)| Total { sensor, sum }));
+//!         }
 //!     }
 //! }
-//! struct Collect(Arc<Mutex<Vec<u64>>>);
-//! impl Sink<u64> for Collect {
-//!     fn write(&mut self, records: &[u64]) { self.0.lock().unwrap().extend_from_slice(records); }
+//! struct Collect(Arc<Mutex<Vec<(u64, i64)>>>);
+//! impl Sink<(u64, i64)> for Collect {
+//!     fn write(&mut self, records: &[(u64, i64)]) { self.0.lock().unwrap().extend_from_slice(records); }
 //! }
 //!
 //! let mut config = DataflowConfig::default();
 //! config.runtime.shards = 2;
 //! let mut dataflow = Dataflow::start(config).unwrap();
 //! let rows = Arc::new(Mutex::new(Vec::new()));
-//! let mut job = Job::new("sum-by-last-digit", Duration::from_millis(10));
 //! let collected = rows.clone();
-//! job.source("numbers", 2, Arc::new(|p, n| Box::new(Numbers { next: p as u64, step: n as u64 })))
-//!     .filter(|n| n % 2 == 0)
-//!     .key_by(|n| n % 10)
-//!     .process("sum", 4, Arc::new(|_| Box::new(Sum::default())))
+//! let mut job = Job::new("sum-per-sensor", Duration::from_millis(10));
+//! job.source("readings", 2, Arc::new(|p, n| Box::new(Readings { next: p as u64, step: n as u64 })))
+//!     .filter(|r: &Reading| r.celsius % 2 == 0)         // Stream<Reading>
+//!     .key_by(|r: &Reading| r.sensor)                    // KeyedStream<Reading>
+//!     .process("sum", 4, Arc::new(|_| Box::new(SumPerSensor::default())))  // Stream<Total>
+//!     .map(|t: Total| (t.sensor, t.sum))                 // Stream<(u64, i64)>
 //!     .sink("collect", 1, Arc::new(move |_| Box::new(Collect(collected.clone()))));
 //! let handle = dataflow.submit(job).unwrap();
 //! handle.wait(Duration::from_secs(30)).unwrap();
-//! let mut sums = rows.lock().unwrap().clone();
-//! sums.sort();
-//! // Even numbers below 1000 by last digit 0, 2, 4, 6, 8.
-//! assert_eq!(sums, vec![49500, 49700, 49900, 50100, 50300]);
+//! let mut totals = rows.lock().unwrap().clone();
+//! totals.sort();
+//! // Even readings below 1000 by sensor 0, 2, 4, 6, 8.
+//! assert_eq!(totals, vec![(0, 49500), (2, 49700), (4, 49900), (6, 50100), (8, 50300)]);
 //! dataflow.shutdown();
 //! ```
 
+use std::any::Any;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::actor::SchedCtx;
-use crate::ids::{ActorId, JobId};
+use crate::actor::{BoxActor, Context, SchedCtx};
+use crate::ids::{ActorId, JobId, ShardId};
 
-use super::ops::{Aggregate, Partial, WindowAggregate, WindowMerge, WindowSpec};
-use super::JobMetrics;
+use super::actors;
+use super::batch::Batch;
+use super::ops::{Aggregate, PartialRow, WindowAggregate, WindowMerge, WindowSpec};
+use super::{key_group, partition_of_group, DataMsg, JobMetrics};
+
+/// What a record type must be to travel on an edge: owned, cloneable (a stage
+/// with several consumers gives each its copy) and sendable between shards.
+pub trait Data: Clone + Send + 'static {}
+impl<T: Clone + Send + 'static> Data for T {}
 
 /// What a source produced.
 pub enum SourceBatch {
@@ -79,9 +110,10 @@ pub enum SourceBatch {
     Failed(String),
 }
 
-/// A partition of a source: produces batches on demand.
-pub trait Source<R>: Send + 'static {
-    fn next_batch(&mut self, max_records: usize, out: &mut Vec<R>) -> SourceBatch;
+/// A partition of a source: produces batches on demand. Must never block: input
+/// that is not there yet is `SourceBatch::Pending`.
+pub trait Source<T>: Send + 'static {
+    fn next_batch(&mut self, max_records: usize, out: &mut Vec<T>) -> SourceBatch;
 
     /// Malformed input skipped so far (for sources told to skip rather than fail).
     fn skipped_records(&self) -> u64 {
@@ -89,86 +121,92 @@ pub trait Source<R>: Send + 'static {
     }
 }
 
-/// A partition of a keyed (or global) stage.
-pub trait Operator<R>: Send + 'static {
-    /// Records arrived on `input` (0, or 1 for the second side of a join).
-    fn on_records(&mut self, input: u8, records: Vec<R>, out: &mut Vec<R>);
+/// A partition of a keyed (or global) stage with one input.
+pub trait Operator<In, Out>: Send + 'static {
+    fn on_records(&mut self, records: Vec<In>, out: &mut Vec<Out>);
     /// The stage's watermark (the minimum over its inputs) advanced; `i64::MAX` at
     /// the end of input, when everything still held must be emitted.
-    fn on_watermark(&mut self, _watermark_ms: i64, _out: &mut Vec<R>) {}
+    fn on_watermark(&mut self, _watermark_ms: i64, _out: &mut Vec<Out>) {}
+    /// Records that arrived behind the watermark (for a window that had already
+    /// fired) so far; the engine adds them up per job as `late`.
+    fn late_records(&self) -> u64 {
+        0
+    }
+}
+
+/// A partition of a keyed stage with two inputs, partitioned alike so that equal
+/// keys meet: `left` (input 0) and `right` (input 1).
+pub trait JoinOperator<L, R, Out>: Send + 'static {
+    fn on_left(&mut self, records: Vec<L>, out: &mut Vec<Out>);
+    fn on_right(&mut self, records: Vec<R>, out: &mut Vec<Out>);
+    /// As [`Operator::on_watermark`]: the minimum over both inputs.
+    fn on_watermark(&mut self, _watermark_ms: i64, _out: &mut Vec<Out>) {}
+    /// As [`Operator::late_records`].
+    fn late_records(&self) -> u64 {
+        0
+    }
 }
 
 /// A partition of a sink.
-pub trait Sink<R>: Send + 'static {
-    fn write(&mut self, records: &[R]);
+pub trait Sink<T>: Send + 'static {
+    fn write(&mut self, records: &[T]);
     /// The end of input reached this partition.
     fn finish(&mut self) {}
 }
 
-pub type SourceFactory<R> = Arc<dyn Fn(u32, u32) -> Box<dyn Source<R>> + Send + Sync>;
-pub type OperatorFactory<R> = Arc<dyn Fn(u32) -> Box<dyn Operator<R>> + Send + Sync>;
-pub type SinkFactory<R> = Arc<dyn Fn(u32) -> Box<dyn Sink<R>> + Send + Sync>;
-pub type KeyFn<R> = Arc<dyn Fn(&R) -> u64 + Send + Sync>;
+pub type SourceFactory<T> = Arc<dyn Fn(u32, u32) -> Box<dyn Source<T>> + Send + Sync>;
+pub type OperatorFactory<In, Out> = Arc<dyn Fn(u32) -> Box<dyn Operator<In, Out>> + Send + Sync>;
+pub type JoinFactory<L, R, Out> =
+    Arc<dyn Fn(u32) -> Box<dyn JoinOperator<L, R, Out>> + Send + Sync>;
+pub type SinkFactory<T> = Arc<dyn Fn(u32) -> Box<dyn Sink<T>> + Send + Sync>;
+pub type KeyFn<T> = Arc<dyn Fn(&T) -> u64 + Send + Sync>;
 /// Refines a message's deadline for the stage it goes to.
 pub type DeadlineHook = Arc<dyn Fn(&SchedCtx, u32) -> u64 + Send + Sync>;
 
-type MapFn<R> = Arc<dyn Fn(R) -> R + Send + Sync>;
-type FilterFn<R> = Arc<dyn Fn(&R) -> bool + Send + Sync>;
-type FlatMapFn<R> = Arc<dyn Fn(R, &mut Vec<R>) + Send + Sync>;
+/// One consumer of a stage's output: the fused steps and the partitioning into
+/// sends, as one function of the stage's output batch. Arguments: the batch, the
+/// plan, the sending partition, the sending actor's context.
+pub(crate) type Route<T> = Arc<dyn Fn(Vec<T>, &Plan, u32, &mut Context<'_, DataMsg>) + Send + Sync>;
 
-/// A stateless step fused into the stage that produces its input.
-pub(crate) enum Step<R> {
-    Map(MapFn<R>),
-    Filter(FilterFn<R>),
-    FlatMap(FlatMapFn<R>),
+/// Builds the actor of one `(job, stage, partition)`.
+pub(crate) type Activate = Box<dyn Fn(&Arc<Plan>, ActorId) -> BoxActor<DataMsg> + Send + Sync>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StageKind {
+    Source,
+    Operator,
+    Sink,
 }
 
-impl<R> Clone for Step<R> {
-    fn clone(&self) -> Self {
-        match self {
-            Step::Map(f) => Step::Map(f.clone()),
-            Step::Filter(f) => Step::Filter(f.clone()),
-            Step::FlatMap(f) => Step::FlatMap(f.clone()),
-        }
+pub(crate) struct StagePlan {
+    pub name: String,
+    pub parallelism: u32,
+    pub kind: StageKind,
+    /// Parallelism of the upstream stage(s) feeding each input.
+    pub inputs: Vec<u32>,
+    /// `(target stage, input)` of every consumer, in the order of `routes`.
+    pub targets: Vec<(u32, u8)>,
+    /// `Vec<Route<Out>>` for the stage's output type `Out`.
+    pub routes: Box<dyn Any + Send + Sync>,
+    pub activate: Activate,
+}
+
+impl StagePlan {
+    /// The routes of a stage whose output type is `T`.
+    pub(crate) fn routes<T: 'static>(&self) -> Vec<Route<T>> {
+        self.routes
+            .downcast_ref::<Vec<Route<T>>>()
+            .unwrap_or_else(|| panic!("stage {} does not output this type", self.name))
+            .clone()
     }
 }
 
-/// How records are spread over the partitions of the next stage.
-pub(crate) enum Partitioner<R> {
-    /// By key: key -> key group -> partition.
-    Key(KeyFn<R>),
-    /// Partition i sends to partition i modulo the target's parallelism.
-    Forward,
-}
-
-pub(crate) struct Output<R> {
-    pub steps: Vec<Step<R>>,
-    pub target: u32,
-    pub input: u8,
-    pub partitioner: Partitioner<R>,
-}
-
-pub(crate) enum StageKind<R> {
-    Source(SourceFactory<R>),
-    Operator(OperatorFactory<R>),
-    Sink(SinkFactory<R>),
-}
-
-pub(crate) struct StagePlan<R> {
-    pub name: String,
-    pub parallelism: u32,
-    pub kind: StageKind<R>,
-    pub outputs: Vec<Output<R>>,
-    /// Parallelism of the upstream stage(s) feeding each input.
-    pub inputs: Vec<u32>,
-}
-
 /// A job ready to run.
-pub struct Plan<R> {
+pub struct Plan {
     pub name: String,
     pub id: JobId,
     pub slo_ns: u64,
-    pub(crate) stages: Vec<StagePlan<R>>,
+    pub(crate) stages: Vec<StagePlan>,
     pub(crate) metrics: Arc<JobMetrics>,
     pub(crate) deadline_hook: Option<DeadlineHook>,
     /// Records a source partition produces per turn at most.
@@ -177,12 +215,12 @@ pub struct Plan<R> {
     pub rate_records_per_s: Option<u64>,
 }
 
-impl<R> Plan<R> {
+impl Plan {
     pub(crate) fn source_stages(&self) -> Vec<(u32, u32)> {
         self.stages
             .iter()
             .enumerate()
-            .filter(|(_, s)| matches!(s.kind, StageKind::Source(_)))
+            .filter(|(_, s)| s.kind == StageKind::Source)
             .map(|(i, s)| (i as u32, s.parallelism))
             .collect()
     }
@@ -190,7 +228,7 @@ impl<R> Plan<R> {
     pub(crate) fn sink_partitions(&self) -> u64 {
         self.stages
             .iter()
-            .filter(|s| matches!(s.kind, StageKind::Sink(_)))
+            .filter(|s| s.kind == StageKind::Sink)
             .map(|s| s.parallelism as u64)
             .sum()
     }
@@ -205,72 +243,99 @@ impl<R> Plan<R> {
         ids
     }
 
-    pub(crate) fn sched_now(&self) -> SchedCtx {
-        let now_ns = crate::clock::monotonic_ns();
-        SchedCtx {
-            job: self.id,
-            deadline_ns: now_ns + self.slo_ns,
-            origin_ns: now_ns,
-        }
-    }
-
-    /// Estimated cost of everything after `stage` on its longest path, in ns.
-    fn rest_cost_ns(&self, stage: u32) -> u64 {
+    /// Estimated cost of everything after `stage` on its longest path, in ns, as
+    /// measured on `shard`.
+    fn rest_cost_ns(&self, shard: ShardId, stage: u32) -> u64 {
         self.stages[stage as usize]
-            .outputs
+            .targets
             .iter()
-            .map(|o| self.metrics.cost_from(&[o.target]) + self.rest_cost_ns(o.target))
+            .map(|&(target, _)| {
+                self.metrics
+                    .stage_cost_ns(shard, target)
+                    .saturating_add(self.rest_cost_ns(shard, target))
+            })
             .max()
             .unwrap_or(0)
     }
 
     /// The deadline of a message going to `stage`: it must be done there in time for
     /// the rest of the path to finish within the SLO.
-    pub(crate) fn deadline_ns(&self, sched: &SchedCtx, stage: u32) -> u64 {
+    pub(crate) fn deadline_ns(&self, sched: &SchedCtx, shard: ShardId, stage: u32) -> u64 {
         if let Some(hook) = &self.deadline_hook {
             return hook(sched, stage);
         }
-        (sched.origin_ns + self.slo_ns).saturating_sub(self.rest_cost_ns(stage))
+        sched
+            .origin_ns
+            .saturating_add(self.slo_ns)
+            .saturating_sub(self.rest_cost_ns(shard, stage))
+    }
+
+    /// `sched` with the deadline for `stage`.
+    pub(crate) fn stamp(&self, sched: SchedCtx, shard: ShardId, stage: u32) -> SchedCtx {
+        SchedCtx {
+            deadline_ns: self.deadline_ns(&sched, shard, stage),
+            ..sched
+        }
     }
 }
 
-struct Builder<R> {
-    stages: Vec<StagePlan<R>>,
+#[derive(Default)]
+struct Builder {
+    stages: Vec<StagePlan>,
 }
 
 /// A job under construction.
-pub struct Job<R> {
+pub struct Job {
     name: String,
     slo: Duration,
-    graph: Rc<RefCell<Builder<R>>>,
+    graph: Rc<RefCell<Builder>>,
     deadline_hook: Option<DeadlineHook>,
     source_batch_records: usize,
     rate_records_per_s: Option<u64>,
 }
 
-/// A stream of records produced by a stage, with the stateless steps applied so far.
-pub struct Stream<R> {
-    graph: Rc<RefCell<Builder<R>>>,
+/// Attaches a consumer (`target`, `input`, the route of `T` records) to the stage
+/// that produces the stream, through the steps fused so far.
+type Attach<T> = Rc<dyn Fn(&mut Builder, u32, u8, Route<T>)>;
+
+/// A stream of `T` records produced by a stage, with the stateless steps applied
+/// so far.
+pub struct Stream<T> {
+    graph: Rc<RefCell<Builder>>,
     stage: u32,
-    steps: Vec<Step<R>>,
+    attach: Attach<T>,
+}
+
+impl<T> Clone for Stream<T> {
+    fn clone(&self) -> Self {
+        Stream {
+            graph: self.graph.clone(),
+            stage: self.stage,
+            attach: self.attach.clone(),
+        }
+    }
 }
 
 /// A stream partitioned by key, ready for a keyed stage.
-pub struct KeyedStream<R> {
-    stream: Stream<R>,
-    key: KeyFn<R>,
+pub struct KeyedStream<T> {
+    stream: Stream<T>,
+    key: KeyFn<T>,
 }
 
-impl<R: Send + 'static> Job<R> {
+impl Job {
     pub fn new(name: &str, slo: Duration) -> Self {
         Job {
             name: name.to_string(),
             slo,
-            graph: Rc::new(RefCell::new(Builder { stages: Vec::new() })),
+            graph: Rc::new(RefCell::new(Builder::default())),
             deadline_hook: None,
             source_batch_records: 1024,
             rate_records_per_s: None,
         }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Pace the sources: `records_per_s` in total, split evenly over source partitions.
@@ -290,26 +355,30 @@ impl<R: Send + 'static> Job<R> {
         self
     }
 
-    pub fn source(&mut self, name: &str, parallelism: u32, factory: SourceFactory<R>) -> Stream<R> {
-        let stage = add_stage(
+    pub fn source<T: Data>(
+        &mut self,
+        name: &str,
+        parallelism: u32,
+        factory: SourceFactory<T>,
+    ) -> Stream<T> {
+        let activate: Activate = Box::new(move |plan, id| {
+            let (_, parallelism) = (id.partition, plan.stages[id.operator as usize].parallelism);
+            let source = factory(id.partition, parallelism);
+            actors::source_actor::<T>(plan, id, source)
+        });
+        let stage = add_stage::<T>(
             &self.graph,
             name,
             parallelism,
-            StageKind::Source(factory),
+            StageKind::Source,
             vec![],
+            activate,
         );
-        Stream {
-            graph: self.graph.clone(),
-            stage,
-            steps: Vec::new(),
-        }
+        Stream::of_stage(self.graph.clone(), stage)
     }
 
-    pub(crate) fn into_plan(self, id: JobId) -> Result<Plan<R>, String> {
-        let graph = Rc::try_unwrap(self.graph)
-            .map_err(|_| format!("job {}: a stream of it is still in use", self.name))?
-            .into_inner();
-        let stages = graph.stages;
+    pub(crate) fn into_plan(self, id: JobId, shards: usize) -> Result<Plan, String> {
+        let stages = std::mem::take(&mut self.graph.borrow_mut().stages);
         if stages.is_empty() {
             return Err(format!("job {} has no stages", self.name));
         }
@@ -320,8 +389,7 @@ impl<R: Send + 'static> Job<R> {
                     stage.name, self.name
                 ));
             }
-            let is_sink = matches!(stage.kind, StageKind::Sink(_));
-            if !is_sink && stage.outputs.is_empty() {
+            if stage.kind != StageKind::Sink && stage.targets.is_empty() {
                 return Err(format!(
                     "stage {} of job {} has no consumer: end every stream in a sink",
                     stage.name, self.name
@@ -333,7 +401,7 @@ impl<R: Send + 'static> Job<R> {
             name: self.name,
             id,
             slo_ns,
-            metrics: Arc::new(JobMetrics::new(stages.len())),
+            metrics: Arc::new(JobMetrics::new(shards, stages.len())),
             stages,
             deadline_hook: self.deadline_hook,
             source_batch_records: self.source_batch_records,
@@ -342,59 +410,176 @@ impl<R: Send + 'static> Job<R> {
     }
 }
 
-fn add_stage<R>(
-    graph: &Rc<RefCell<Builder<R>>>,
+/// Add a stage whose output type is `Out`; returns its index.
+fn add_stage<Out: Data>(
+    graph: &Rc<RefCell<Builder>>,
     name: &str,
     parallelism: u32,
-    kind: StageKind<R>,
+    kind: StageKind,
     inputs: Vec<u32>,
+    activate: Activate,
 ) -> u32 {
     let mut graph = graph.borrow_mut();
     graph.stages.push(StagePlan {
         name: name.to_string(),
         parallelism,
         kind,
-        outputs: Vec::new(),
         inputs,
+        targets: Vec::new(),
+        routes: Box::new(Vec::<Route<Out>>::new()),
+        activate,
     });
     (graph.stages.len() - 1) as u32
 }
 
-impl<R: Send + 'static> Stream<R> {
-    fn with(&self, step: Step<R>) -> Stream<R> {
-        let mut steps = self.steps.clone();
-        steps.push(step);
+/// Send one partition's records to `(target, partition)` as input `input`.
+#[inline]
+fn send_records<T: Data>(
+    plan: &Plan,
+    sched: SchedCtx,
+    ctx: &mut Context<'_, DataMsg>,
+    (target, input): (u32, u8),
+    partition: u32,
+    records: Vec<T>,
+) {
+    let to = ActorId::new(plan.id, target, partition);
+    let batch = Batch::new(records);
+    ctx.send_with(to, DataMsg::Records { input, batch }, sched);
+}
+
+/// Upstream partition i feeds partition i modulo the target's parallelism.
+fn forward_route<T: Data>(target: (u32, u8), parallelism: u32) -> Route<T> {
+    Arc::new(move |records: Vec<T>, plan, from, ctx| {
+        if records.is_empty() {
+            return;
+        }
+        let sched = plan.stamp(ctx.sched(), ctx.shard(), target.0);
+        send_records(plan, sched, ctx, target, from % parallelism, records);
+    })
+}
+
+/// By key: key -> key group -> the partition that owns the group.
+fn keyed_route<T: Data>(target: (u32, u8), parallelism: u32, key: KeyFn<T>) -> Route<T> {
+    Arc::new(move |records: Vec<T>, plan, _from, ctx| {
+        if records.is_empty() {
+            return;
+        }
+        let sched = plan.stamp(ctx.sched(), ctx.shard(), target.0);
+        if parallelism == 1 {
+            send_records(plan, sched, ctx, target, 0, records);
+            return;
+        }
+        let expected = records.len() / parallelism as usize + 16;
+        let mut parts: Vec<Vec<T>> = (0..parallelism).map(|_| Vec::new()).collect();
+        for record in records {
+            let p = partition_of_group(key_group(key(&record)), parallelism) as usize;
+            let part = &mut parts[p];
+            if part.capacity() == 0 {
+                part.reserve(expected);
+            }
+            part.push(record);
+        }
+        for (p, part) in parts.into_iter().enumerate() {
+            if !part.is_empty() {
+                send_records(plan, sched, ctx, target, p as u32, part);
+            }
+        }
+    })
+}
+
+impl<T: Data> Stream<T> {
+    /// The output of `stage` itself, with no steps yet.
+    fn of_stage(graph: Rc<RefCell<Builder>>, stage: u32) -> Stream<T> {
+        let attach: Attach<T> = Rc::new(move |builder, target, input, route| {
+            let plan = &mut builder.stages[stage as usize];
+            plan.targets.push((target, input));
+            plan.routes
+                .downcast_mut::<Vec<Route<T>>>()
+                .expect("a stream's type is its stage's output type")
+                .push(route);
+        });
         Stream {
-            graph: self.graph.clone(),
-            stage: self.stage,
-            steps,
+            graph,
+            stage,
+            attach,
         }
     }
 
-    pub fn map(&self, f: impl Fn(R) -> R + Send + Sync + 'static) -> Stream<R> {
-        self.with(Step::Map(Arc::new(f)))
+    /// This stream with one more step, `step` turning a route of `U` into a route
+    /// of `T` (a pass over the batch before the next route).
+    fn then<U: Data>(&self, step: impl Fn(Route<U>) -> Route<T> + 'static) -> Stream<U> {
+        let attach = self.attach.clone();
+        Stream {
+            graph: self.graph.clone(),
+            stage: self.stage,
+            attach: Rc::new(move |builder, target, input, next: Route<U>| {
+                attach(builder, target, input, step(next))
+            }),
+        }
     }
 
-    pub fn filter(&self, f: impl Fn(&R) -> bool + Send + Sync + 'static) -> Stream<R> {
-        self.with(Step::Filter(Arc::new(f)))
+    pub fn map<U: Data>(&self, f: impl Fn(T) -> U + Send + Sync + 'static) -> Stream<U> {
+        let f = Arc::new(f);
+        self.then(move |next: Route<U>| {
+            let f = f.clone();
+            Arc::new(move |records: Vec<T>, plan, from, ctx| {
+                // Collects in place when `U` fits in `T`'s allocation.
+                next(records.into_iter().map(&*f).collect(), plan, from, ctx)
+            })
+        })
     }
 
-    pub fn flat_map(&self, f: impl Fn(R, &mut Vec<R>) + Send + Sync + 'static) -> Stream<R> {
-        self.with(Step::FlatMap(Arc::new(f)))
+    pub fn filter(&self, f: impl Fn(&T) -> bool + Send + Sync + 'static) -> Stream<T> {
+        let f = Arc::new(f);
+        self.then(move |next: Route<T>| {
+            let f = f.clone();
+            Arc::new(move |mut records: Vec<T>, plan, from, ctx| {
+                records.retain(|r| f(r));
+                next(records, plan, from, ctx)
+            })
+        })
     }
 
-    pub fn key_by(&self, key: impl Fn(&R) -> u64 + Send + Sync + 'static) -> KeyedStream<R> {
+    /// Keep and transform in one pass: `Some(u)` goes on, `None` is dropped.
+    pub fn filter_map<U: Data>(
+        &self,
+        f: impl Fn(T) -> Option<U> + Send + Sync + 'static,
+    ) -> Stream<U> {
+        let f = Arc::new(f);
+        self.then(move |next: Route<U>| {
+            let f = f.clone();
+            Arc::new(move |records: Vec<T>, plan, from, ctx| {
+                next(
+                    records.into_iter().filter_map(&*f).collect(),
+                    plan,
+                    from,
+                    ctx,
+                )
+            })
+        })
+    }
+
+    pub fn flat_map<U: Data>(
+        &self,
+        f: impl Fn(T, &mut Vec<U>) + Send + Sync + 'static,
+    ) -> Stream<U> {
+        let f = Arc::new(f);
+        self.then(move |next: Route<U>| {
+            let f = f.clone();
+            Arc::new(move |records: Vec<T>, plan, from, ctx| {
+                let mut out = Vec::with_capacity(records.len());
+                for record in records {
+                    f(record, &mut out);
+                }
+                next(out, plan, from, ctx)
+            })
+        })
+    }
+
+    pub fn key_by(&self, key: impl Fn(&T) -> u64 + Send + Sync + 'static) -> KeyedStream<T> {
         KeyedStream {
-            stream: self.with_nothing(),
+            stream: self.clone(),
             key: Arc::new(key),
-        }
-    }
-
-    fn with_nothing(&self) -> Stream<R> {
-        Stream {
-            graph: self.graph.clone(),
-            stage: self.stage,
-            steps: self.steps.clone(),
         }
     }
 
@@ -402,91 +587,104 @@ impl<R: Send + 'static> Stream<R> {
         self.graph.borrow().stages[self.stage as usize].parallelism
     }
 
-    fn connect(&self, target: u32, input: u8, partitioner: Partitioner<R>) {
-        self.graph.borrow_mut().stages[self.stage as usize]
-            .outputs
-            .push(Output {
-                steps: self.steps.clone(),
-                target,
-                input,
-                partitioner,
-            });
+    fn connect(&self, target: u32, input: u8, route: Route<T>) {
+        let mut builder = self.graph.borrow_mut();
+        (self.attach)(&mut builder, target, input, route);
     }
 
     /// End the stream in a sink; upstream partition i feeds sink partition
     /// i modulo `parallelism`.
-    pub fn sink(&self, name: &str, parallelism: u32, factory: SinkFactory<R>) {
+    pub fn sink(&self, name: &str, parallelism: u32, factory: SinkFactory<T>) {
         let inputs = vec![self.upstream_parallelism()];
-        let stage = add_stage(
+        let activate: Activate =
+            Box::new(move |plan, id| actors::sink_actor::<T>(plan, id, factory(id.partition)));
+        let stage = add_stage::<()>(
             &self.graph,
             name,
             parallelism,
-            StageKind::Sink(factory),
+            StageKind::Sink,
             inputs,
+            activate,
         );
-        self.connect(stage, 0, Partitioner::Forward);
+        self.connect(stage, 0, forward_route((stage, 0), parallelism));
     }
 }
 
-impl<R: Send + 'static> KeyedStream<R> {
+impl<T: Data> KeyedStream<T> {
     /// A keyed stage: each partition owns a range of key groups and sees every
     /// record whose key falls in it, in order per upstream partition.
-    pub fn process(&self, name: &str, parallelism: u32, factory: OperatorFactory<R>) -> Stream<R> {
-        keyed_stage(&[self], name, parallelism, factory)
+    pub fn process<Out: Data>(
+        &self,
+        name: &str,
+        parallelism: u32,
+        factory: OperatorFactory<T, Out>,
+    ) -> Stream<Out> {
+        let graph = self.stream.graph.clone();
+        let inputs = vec![self.stream.upstream_parallelism()];
+        let activate: Activate = Box::new(move |plan, id| {
+            actors::unary_actor::<T, Out>(plan, id, factory(id.partition))
+        });
+        let stage = add_stage::<Out>(
+            &graph,
+            name,
+            parallelism,
+            StageKind::Operator,
+            inputs,
+            activate,
+        );
+        let route = keyed_route((stage, 0), parallelism, self.key.clone());
+        self.stream.connect(stage, 0, route);
+        Stream::of_stage(graph, stage)
     }
 
-    /// A keyed stage with two inputs, this stream as input 0 and `other` as input 1,
-    /// partitioned alike so that equal keys meet in one partition.
-    pub fn join(
+    /// A keyed stage with two inputs, this stream as the left (input 0) and
+    /// `other` as the right (input 1), partitioned alike so that equal keys meet in
+    /// one partition.
+    pub fn join<R: Data, Out: Data>(
         &self,
         other: &KeyedStream<R>,
         name: &str,
         parallelism: u32,
-        factory: OperatorFactory<R>,
-    ) -> Stream<R> {
-        keyed_stage(&[self, other], name, parallelism, factory)
+        factory: JoinFactory<T, R, Out>,
+    ) -> Stream<Out> {
+        let graph = self.stream.graph.clone();
+        assert!(
+            Rc::ptr_eq(&graph, &other.stream.graph),
+            "join {name}: both inputs must belong to the same job"
+        );
+        let inputs = vec![
+            self.stream.upstream_parallelism(),
+            other.stream.upstream_parallelism(),
+        ];
+        let activate: Activate = Box::new(move |plan, id| {
+            actors::join_actor::<T, R, Out>(plan, id, factory(id.partition))
+        });
+        let stage = add_stage::<Out>(
+            &graph,
+            name,
+            parallelism,
+            StageKind::Operator,
+            inputs,
+            activate,
+        );
+        let left = keyed_route((stage, 0), parallelism, self.key.clone());
+        let right = keyed_route((stage, 1), parallelism, other.key.clone());
+        self.stream.connect(stage, 0, left);
+        other.stream.connect(stage, 1, right);
+        Stream::of_stage(graph, stage)
     }
-}
 
-/// A stage of `factory`'s operator whose input `i` is `inputs[i]`, partitioned by
-/// its key.
-fn keyed_stage<R: Send + 'static>(
-    inputs: &[&KeyedStream<R>],
-    name: &str,
-    parallelism: u32,
-    factory: OperatorFactory<R>,
-) -> Stream<R> {
-    let graph = inputs[0].stream.graph.clone();
-    let upstream = inputs
-        .iter()
-        .map(|i| i.stream.upstream_parallelism())
-        .collect();
-    let kind = StageKind::Operator(factory);
-    let stage = add_stage(&graph, name, parallelism, kind, upstream);
-    for (input, keyed) in inputs.iter().enumerate() {
-        let partitioner = Partitioner::Key(keyed.key.clone());
-        keyed.stream.connect(stage, input as u8, partitioner);
-    }
-    Stream {
-        graph,
-        stage,
-        steps: Vec::new(),
-    }
-}
-
-/// Library operators as stages (see `ops.rs`).
-impl<R: Send + 'static> KeyedStream<R> {
     /// A keyed windowed aggregation in one stage: per window of `spec` and per
     /// `key(record)`, `aggregate` folds the records and emits when the window fires.
-    pub fn window_aggregate<A: Aggregate<R>>(
+    pub fn window_aggregate<A: Aggregate<T>>(
         &self,
         name: &str,
         parallelism: u32,
         spec: WindowSpec,
-        time: impl Fn(&R) -> i64 + Send + Sync + 'static,
-        key: impl Fn(&R) -> u64 + Send + Sync + 'static,
+        time: impl Fn(&T) -> i64 + Send + Sync + 'static,
+        key: impl Fn(&T) -> u64 + Send + Sync + 'static,
         aggregate: A,
-    ) -> Stream<R> {
+    ) -> Stream<A::Out> {
         let operator = WindowAggregate::new(spec, time, key, aggregate);
         self.process(name, parallelism, operator.factory())
     }
@@ -495,21 +693,20 @@ impl<R: Send + 'static> KeyedStream<R> {
     /// each partition's records into partials, `{name}-merge`, keyed by window,
     /// merges the partials of every window. Use it when the aggregate's key is not
     /// this stream's key (a global maximum), so that no partition holds all records.
-    pub fn window_aggregate_two_phase<A: Partial<R>>(
+    pub fn window_aggregate_two_phase<A: Aggregate<T>>(
         &self,
         name: &str,
         parallelism: u32,
         spec: WindowSpec,
-        time: impl Fn(&R) -> i64 + Send + Sync + 'static,
-        key: impl Fn(&R) -> u64 + Send + Sync + 'static,
+        time: impl Fn(&T) -> i64 + Send + Sync + 'static,
+        key: impl Fn(&T) -> u64 + Send + Sync + 'static,
         aggregate: A,
-    ) -> Stream<R> {
+    ) -> Stream<A::Out> {
         let aggregate = Arc::new(aggregate);
         let partial =
             WindowAggregate::partial_shared(spec, Arc::new(time), Arc::new(key), aggregate.clone());
-        let by_window = aggregate.clone();
         self.process(&format!("{name}-partial"), parallelism, partial.factory())
-            .key_by(move |r| by_window.window_of(r).map_or(0, |(_, end)| end as u64))
+            .key_by(|p: &PartialRow<A::Acc>| p.window.1 as u64)
             .process(
                 &format!("{name}-merge"),
                 parallelism,
@@ -529,8 +726,8 @@ mod tests {
         }
     }
     struct Pass;
-    impl Operator<u64> for Pass {
-        fn on_records(&mut self, _input: u8, records: Vec<u64>, out: &mut Vec<u64>) {
+    impl Operator<u64, u64> for Pass {
+        fn on_records(&mut self, records: Vec<u64>, out: &mut Vec<u64>) {
             out.extend(records);
         }
     }
@@ -540,7 +737,7 @@ mod tests {
     }
 
     /// source (0) -> a (1) -> b (2) -> sink (3)
-    fn chain(slo: Duration) -> Job<u64> {
+    fn chain(slo: Duration) -> Job {
         let mut job = Job::new("chain", slo);
         job.source("source", 1, Arc::new(|_, _| Box::new(Nothing)))
             .key_by(|r| *r)
@@ -554,11 +751,13 @@ mod tests {
     #[test]
     fn deadlines_leave_room_for_the_measured_cost_of_the_rest_of_the_path() {
         let plan = chain(Duration::from_millis(10))
-            .into_plan(JobId(1))
+            .into_plan(JobId(1), 2)
             .expect("valid job");
-        // Measured handling costs per message: a 300 µs, b 200 µs, sink 100 µs.
+        // Measured handling costs per message on shard 1: a 300 µs, b 200 µs,
+        // sink 100 µs; shard 0 has measured nothing yet.
+        let shard = ShardId(1);
         for (stage, cost_ns) in [(1u32, 300_000u64), (2, 200_000), (3, 100_000)] {
-            plan.metrics.observe_cost(stage, cost_ns);
+            plan.metrics.observe_cost(shard, stage, cost_ns);
         }
         let sched = SchedCtx {
             job: JobId(1),
@@ -570,9 +769,14 @@ mod tests {
         let cases = [(1u32, 300_000u64), (2, 100_000), (3, 0)];
         for (stage, rest_ns) in cases {
             assert_eq!(
-                plan.deadline_ns(&sched, stage),
+                plan.deadline_ns(&sched, shard, stage),
                 end_ns - rest_ns,
                 "to stage {stage}"
+            );
+            assert_eq!(
+                plan.deadline_ns(&sched, ShardId(0), stage),
+                end_ns,
+                "shard 0 keeps its own estimates"
             );
         }
     }
@@ -581,25 +785,48 @@ mod tests {
     fn a_deadline_hook_replaces_the_rule() {
         let mut job = chain(Duration::from_millis(10));
         job.deadline_hook(Arc::new(|sched, stage| sched.origin_ns + stage as u64));
-        let plan = job.into_plan(JobId(1)).expect("valid job");
+        let plan = job.into_plan(JobId(1), 1).expect("valid job");
         let sched = SchedCtx {
             job: JobId(1),
             deadline_ns: 0,
             origin_ns: 50,
         };
-        assert_eq!(plan.deadline_ns(&sched, 2), 52);
+        assert_eq!(plan.deadline_ns(&sched, ShardId(0), 2), 52);
     }
 
     #[test]
     fn a_stream_without_a_sink_is_refused() {
-        let mut job = Job::<u64>::new("dangling", Duration::from_millis(10));
+        let mut job = Job::new("dangling", Duration::from_millis(10));
         let _ = job
             .source("source", 1, Arc::new(|_, _| Box::new(Nothing)))
             .filter(|_| true);
-        let error = job.into_plan(JobId(1)).err().expect("refused");
+        let error = job.into_plan(JobId(1), 1).err().expect("refused");
         assert!(
             error.contains("source") && error.contains("no consumer"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn edges_are_typed_from_stage_to_stage() {
+        let mut job = Job::new("typed", Duration::from_millis(10));
+        let numbers: Stream<u64> = job.source("source", 1, Arc::new(|_, _| Box::new(Nothing)));
+        let words: Stream<String> = numbers.filter(|n| n % 2 == 0).map(|n| n.to_string());
+        let lengths: Stream<usize> = words.filter_map(|w| (!w.is_empty()).then_some(w.len()));
+        lengths.sink(
+            "sink",
+            1,
+            Arc::new(|_| Box::new(Collect::<usize>(Vec::new()))),
+        );
+        let plan = job.into_plan(JobId(1), 1).expect("valid job");
+        assert_eq!(plan.stages[0].targets, vec![(1, 0)]);
+        assert_eq!(plan.stages[0].routes::<u64>().len(), 1);
+    }
+
+    struct Collect<T>(Vec<T>);
+    impl<T: Data> Sink<T> for Collect<T> {
+        fn write(&mut self, records: &[T]) {
+            self.0.extend_from_slice(records);
+        }
     }
 }

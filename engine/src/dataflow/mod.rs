@@ -24,34 +24,43 @@
 //! watermark that fired it.
 
 mod actors;
+pub mod batch;
 pub mod graph;
 pub mod ops;
 pub mod window;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use crossbeam_utils::CachePadded;
 use hdrhistogram::Histogram;
 
+use crate::actor::{ActorFactory, SchedCtx};
 use crate::ids::{ActorId, IdMap, JobId, ShardId};
 use crate::runtime::{MemoryStateStore, Runtime, RuntimeConfig, RuntimeStats, StartError};
 
-pub use graph::{Job, Operator, Sink, SinkFactory, Source, SourceBatch, Stream};
+pub use batch::Batch;
+pub use graph::{
+    Data, Job, JoinOperator, KeyedStream, Operator, Sink, SinkFactory, Source, SourceBatch,
+    SourceFactory, Stream,
+};
 
 /// Key groups of every keyed stage; fixed, so scaling never re-hashes a key.
 pub const KEY_GROUPS: u32 = 128;
 
-/// Watermark meaning "no more input".
+/// Watermark meaning "no more input". Sources never produce it from data: it is
+/// sent only when a source is done (or failed).
 pub const END_OF_INPUT: i64 = i64::MAX;
 
-/// What dataflow actors send each other.
-pub enum DataMsg<R> {
+/// What dataflow actors send each other. One type for every job: record batches
+/// carry their element type erased (see [`Batch`]).
+pub enum DataMsg {
     /// A source's cue to produce its next batch.
     Tick,
     Records {
         input: u8,
-        records: Vec<R>,
+        batch: Batch,
     },
     /// Upstream partition `from` of `input` promises no record with an earlier time.
     Watermark {
@@ -73,76 +82,148 @@ pub fn partition_of_group(group: u32, parallelism: u32) -> u32 {
     (group as u64 * parallelism as u64 / KEY_GROUPS as u64) as u32
 }
 
-/// What a job measured, shared by its actors.
+/// A counter with one writer (the shard that owns its slot): a plain load and
+/// store, no read-modify-write across cores.
+#[derive(Default)]
+pub(crate) struct ShardCounter(AtomicU64);
+
+impl ShardCounter {
+    #[inline]
+    pub(crate) fn add(&self, n: u64) {
+        self.0.store(
+            self.0.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
+    }
+
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One shard's part of a job's measurements: written only by that shard's thread
+/// (whichever of the job's actors run there), read by anyone, merged when read.
+pub(crate) struct ShardSlot {
+    pub source_records: ShardCounter,
+    pub skipped_records: ShardCounter,
+    pub outputs: ShardCounter,
+    pub late_records: ShardCounter,
+    /// Average handling time per message of each stage as measured on this shard,
+    /// in ns (an exponential average): the deadline estimates of this shard.
+    stage_cost_ns: Box<[AtomicU64]>,
+    /// End-to-end latency of outputs, merged in from the sinks' own histograms
+    /// every `LATENCY_FLUSH_NS` and at their end (never locked per batch).
+    pub latency_us: Mutex<Histogram<u32>>,
+}
+
+/// What a job measured: a slot per shard on the hot path, and the few job-wide
+/// facts (sinks finished, the first error) written once each.
 pub struct JobMetrics {
-    pub outputs: AtomicU64,
-    pub source_records: AtomicU64,
-    /// Malformed input records the sources skipped.
-    pub skipped_records: AtomicU64,
+    shards: Box<[CachePadded<ShardSlot>]>,
     sinks_done: AtomicU64,
     /// When the last sink saw the end of its input (clock ns; 0 while running).
     finished_ns: AtomicU64,
-    latency_us: Mutex<Histogram<u32>>,
-    /// The first error a source reported; the job then ends early.
+    /// Set with the first error; sources stop producing when they see it.
+    failed: AtomicBool,
     error: Mutex<Option<String>>,
-    /// Average handling time per message of each stage, in ns (exponential average).
-    stage_cost_ns: Vec<AtomicU64>,
 }
 
 impl JobMetrics {
-    fn new(stages: usize) -> Self {
+    fn new(shards: usize, stages: usize) -> Self {
+        let slot = || {
+            CachePadded::new(ShardSlot {
+                source_records: ShardCounter::default(),
+                skipped_records: ShardCounter::default(),
+                outputs: ShardCounter::default(),
+                late_records: ShardCounter::default(),
+                stage_cost_ns: (0..stages).map(|_| AtomicU64::new(0)).collect(),
+                latency_us: Mutex::new(crate::runtime::stats::new_histogram()),
+            })
+        };
         JobMetrics {
-            outputs: AtomicU64::new(0),
-            source_records: AtomicU64::new(0),
-            skipped_records: AtomicU64::new(0),
+            shards: (0..shards.max(1)).map(|_| slot()).collect(),
             sinks_done: AtomicU64::new(0),
             finished_ns: AtomicU64::new(0),
-            latency_us: Mutex::new(crate::runtime::stats::new_histogram()),
+            failed: AtomicBool::new(false),
             error: Mutex::new(None),
-            stage_cost_ns: (0..stages).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
-    /// Estimated cost of stages `from..` (the rest of a path), in ns.
-    fn cost_from(&self, stages: &[u32]) -> u64 {
-        stages
-            .iter()
-            .map(|&s| self.stage_cost_ns[s as usize].load(Ordering::Relaxed))
-            .sum()
+    #[inline]
+    pub(crate) fn shard(&self, shard: ShardId) -> &ShardSlot {
+        &self.shards[shard.index()]
     }
 
-    fn observe_cost(&self, stage: u32, cost_ns: u64) {
-        let slot = &self.stage_cost_ns[stage as usize];
+    fn sum(&self, counter: impl Fn(&ShardSlot) -> &ShardCounter) -> u64 {
+        self.shards.iter().map(|slot| counter(slot).get()).sum()
+    }
+
+    pub fn source_records(&self) -> u64 {
+        self.sum(|s| &s.source_records)
+    }
+
+    pub fn skipped_records(&self) -> u64 {
+        self.sum(|s| &s.skipped_records)
+    }
+
+    pub fn outputs(&self) -> u64 {
+        self.sum(|s| &s.outputs)
+    }
+
+    pub fn late_records(&self) -> u64 {
+        self.sum(|s| &s.late_records)
+    }
+
+    /// A stage's estimated cost per message on `shard`, in ns.
+    #[inline]
+    pub(crate) fn stage_cost_ns(&self, shard: ShardId, stage: u32) -> u64 {
+        self.shard(shard).stage_cost_ns[stage as usize].load(Ordering::Relaxed)
+    }
+
+    /// Fold one measured handling time into the stage's average on `shard`.
+    #[inline]
+    pub(crate) fn observe_cost(&self, shard: ShardId, stage: u32, cost_ns: u64) {
+        let slot = &self.shard(shard).stage_cost_ns[stage as usize];
         let old = slot.load(Ordering::Relaxed);
         let new = if old == 0 {
             cost_ns
         } else {
-            (old * 7 + cost_ns) / 8
+            (old.saturating_mul(7).saturating_add(cost_ns)) / 8
         };
         slot.store(new, Ordering::Relaxed);
     }
 
     /// A sink partition saw the end of its input; the last one stamps the job's end.
-    fn sink_done(&self) {
-        let now_ns = crate::clock::monotonic_ns();
+    fn sink_done(&self, now_ns: u64) {
         self.finished_ns.fetch_max(now_ns, Ordering::AcqRel);
         self.sinks_done.fetch_add(1, Ordering::AcqRel);
     }
 
-    fn fail(&self, message: String) {
+    /// End the job with `message` (the first error wins).
+    pub(crate) fn fail(&self, message: String) {
         let mut error = self.error.lock().expect("error lock poisoned");
         error.get_or_insert(message);
+        self.failed.store(true, Ordering::Release);
+    }
+
+    #[inline]
+    pub(crate) fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
     }
 
     pub fn error(&self) -> Option<String> {
         self.error.lock().expect("error lock poisoned").clone()
     }
 
+    /// End-to-end latency of the outputs so far (as the sinks last flushed it).
     pub fn latency_us(&self) -> Histogram<u32> {
-        self.latency_us
-            .lock()
-            .expect("latency lock poisoned")
-            .clone()
+        let mut total = crate::runtime::stats::new_histogram();
+        for slot in self.shards.iter() {
+            let histogram = slot.latency_us.lock().expect("latency lock poisoned");
+            // Same bounds on both sides: adding cannot fail.
+            let _ = total.add(&*histogram);
+        }
+        total
     }
 }
 
@@ -162,12 +243,128 @@ impl Default for DataflowConfig {
     }
 }
 
-type Plans<R> = Arc<RwLock<IdMap<JobId, Arc<graph::Plan<R>>>>>;
+/// The submitted jobs' plans, by job: what the actor factory builds actors from.
+/// Shared by the engine's shards (read on activation only) and the submitting
+/// thread; also drives a dataflow under the simulator (`runtime::sim`).
+#[derive(Clone)]
+pub struct Registry {
+    plans: Arc<RwLock<IdMap<JobId, Arc<graph::Plan>>>>,
+    shards: usize,
+}
+
+impl Registry {
+    pub fn new(shards: usize) -> Self {
+        Registry {
+            plans: Arc::new(RwLock::new(IdMap::default())),
+            shards,
+        }
+    }
+
+    /// The actor factory of every job registered here.
+    pub fn factory(&self) -> Arc<dyn ActorFactory<DataMsg>> {
+        let plans = self.plans.clone();
+        Arc::new(move |id: ActorId, _state: Option<&[u8]>| {
+            let plan = plans
+                .read()
+                .expect("plan registry poisoned")
+                .get(&id.job)
+                .cloned()
+                .unwrap_or_else(|| panic!("{id} belongs to no submitted job"));
+            actors::activate(plan, id)
+        })
+    }
+
+    /// Register `job` as `id`; returns its handle and the first message of each
+    /// source partition, to be sent by whoever drives the shards (`now_ns` on
+    /// their clock).
+    pub fn register(
+        &self,
+        job: Job,
+        id: JobId,
+        now_ns: u64,
+    ) -> Result<(JobHandle, Vec<(ActorId, SchedCtx)>), String> {
+        let plan = Arc::new(job.into_plan(id, self.shards)?);
+        self.plans
+            .write()
+            .expect("plan registry poisoned")
+            .insert(id, plan.clone());
+        let sched = SchedCtx {
+            job: id,
+            deadline_ns: now_ns.saturating_add(plan.slo_ns),
+            origin_ns: now_ns,
+        };
+        let ticks = plan
+            .source_stages()
+            .into_iter()
+            .flat_map(|(stage, partitions)| {
+                (0..partitions).map(move |p| (ActorId::new(id, stage, p), sched))
+            })
+            .collect();
+        let handle = JobHandle {
+            id,
+            name: plan.name.clone(),
+            metrics: plan.metrics.clone(),
+            sinks: plan.sink_partitions(),
+            started: Instant::now(),
+            started_ns: now_ns,
+        };
+        Ok((handle, ticks))
+    }
+
+    /// Every actor of a job, for tests and the autoscaler.
+    pub fn actors(&self, job: JobId) -> Vec<ActorId> {
+        let plans = self.plans.read().expect("plan registry poisoned");
+        plans
+            .get(&job)
+            .map_or(Vec::new(), |plan| plan.actor_ids(job))
+    }
+
+    /// A job's stage names, by stage index.
+    pub fn stage_name(&self, job: JobId, stage: u32) -> Option<String> {
+        let plans = self.plans.read().expect("plan registry poisoned");
+        let plan = plans.get(&job)?;
+        Some(plan.stages.get(stage as usize)?.name.clone())
+    }
+
+    /// End a job with an error about one of its actors (a panic in an operator,
+    /// source or sink): the job's handle returns the error, its sources stop.
+    pub fn fail_actor(&self, actor: ActorId, message: &str) {
+        let plans = self.plans.read().expect("plan registry poisoned");
+        let Some(plan) = plans.get(&actor.job) else {
+            return;
+        };
+        let stage = plan
+            .stages
+            .get(actor.operator as usize)
+            .map_or("?", |s| s.name.as_str());
+        plan.metrics.fail(format!(
+            "stage {stage} (#{}) partition {}: {message}",
+            actor.operator, actor.partition
+        ));
+    }
+
+    /// End every job with `message` (a shard died under all of them).
+    pub fn fail_all(&self, message: &str) {
+        let plans = self.plans.read().expect("plan registry poisoned");
+        for plan in plans.values() {
+            plan.metrics.fail(message.to_string());
+        }
+    }
+
+    /// Forget a job's plan (its actors must be gone: a message for it would find
+    /// no plan to activate from).
+    pub fn remove(&self, job: JobId) {
+        self.plans
+            .write()
+            .expect("plan registry poisoned")
+            .remove(&job);
+    }
+}
 
 /// A dataflow engine: a runtime whose actors are the stages of submitted jobs.
-pub struct Dataflow<R: Clone + Send + 'static> {
-    runtime: Runtime<DataMsg<R>>,
-    plans: Plans<R>,
+pub struct Dataflow {
+    runtime: Runtime<DataMsg>,
+    registry: Registry,
     next_job: u32,
 }
 
@@ -187,20 +384,25 @@ pub struct JobReport {
     pub elapsed: Duration,
     pub source_records: u64,
     pub skipped_records: u64,
+    /// Records that arrived behind their stage's watermark (dropped from the
+    /// windows that had fired; see `ops`).
+    pub late_records: u64,
     pub outputs: u64,
     pub latency_us: Histogram<u32>,
 }
 
 impl JobHandle {
+    /// Every sink has seen the end of its input, or the job failed.
     pub fn is_done(&self) -> bool {
-        self.metrics.sinks_done.load(Ordering::Acquire) >= self.sinks
+        self.metrics.has_failed() || self.metrics.sinks_done.load(Ordering::Acquire) >= self.sinks
     }
 
     pub fn metrics(&self) -> &JobMetrics {
         &self.metrics
     }
 
-    /// Wait until every sink has seen the end of its input (or `limit` passes).
+    /// Wait until every sink has seen the end of its input, the job fails, or
+    /// `limit` passes.
     pub fn wait(&self, limit: Duration) -> Result<JobReport, String> {
         let mut pause_us = 10;
         while !self.is_done() {
@@ -208,8 +410,8 @@ impl JobHandle {
                 return Err(format!(
                     "job {} not finished after {limit:?} ({} records in, {} out)",
                     self.name,
-                    self.metrics.source_records.load(Ordering::Acquire),
-                    self.metrics.outputs.load(Ordering::Acquire)
+                    self.metrics.source_records(),
+                    self.metrics.outputs()
                 ));
             }
             std::thread::sleep(Duration::from_micros(pause_us));
@@ -228,15 +430,16 @@ impl JobHandle {
                 0 => self.started.elapsed(),
                 finished_ns => Duration::from_nanos(finished_ns.saturating_sub(self.started_ns)),
             },
-            source_records: self.metrics.source_records.load(Ordering::Acquire),
-            skipped_records: self.metrics.skipped_records.load(Ordering::Acquire),
-            outputs: self.metrics.outputs.load(Ordering::Acquire),
+            source_records: self.metrics.source_records(),
+            skipped_records: self.metrics.skipped_records(),
+            late_records: self.metrics.late_records(),
+            outputs: self.metrics.outputs(),
             latency_us: self.metrics.latency_us(),
         }
     }
 }
 
-impl<R: Clone + Send + 'static> Dataflow<R> {
+impl Dataflow {
     pub fn start(config: DataflowConfig) -> Result<Self, StartError> {
         if config.runtime.shard.idle_timeout_ns.is_some() {
             // Operators keep their state in the actor and do not snapshot it yet.
@@ -245,25 +448,15 @@ impl<R: Clone + Send + 'static> Dataflow<R> {
                     .to_string(),
             ));
         }
-        let plans: Plans<R> = Arc::new(RwLock::new(IdMap::default()));
-        let lookup = plans.clone();
-        let factory = move |id: ActorId, _state: Option<&[u8]>| {
-            let plan = lookup
-                .read()
-                .expect("plan registry poisoned")
-                .get(&id.job)
-                .cloned()
-                .unwrap_or_else(|| panic!("{id} belongs to no submitted job"));
-            actors::activate(plan, id)
-        };
+        let registry = Registry::new(config.runtime.shards);
         let runtime = Runtime::start(
             config.runtime,
-            Arc::new(factory),
+            registry.factory(),
             Arc::new(MemoryStateStore::default()),
         )?;
         Ok(Dataflow {
             runtime,
-            plans,
+            registry,
             next_job: 1,
         })
     }
@@ -273,41 +466,20 @@ impl<R: Clone + Send + 'static> Dataflow<R> {
     }
 
     /// Submit a job; its sources start at once.
-    pub fn submit(&mut self, job: Job<R>) -> Result<JobHandle, String> {
+    pub fn submit(&mut self, job: Job) -> Result<JobHandle, String> {
         let id = JobId(self.next_job);
         self.next_job += 1;
-        let plan = Arc::new(job.into_plan(id)?);
-        let metrics = plan.metrics.clone();
-        let sinks = plan.sink_partitions();
-        self.plans
-            .write()
-            .expect("plan registry poisoned")
-            .insert(id, plan.clone());
-        let started = Instant::now();
-        let started_ns = crate::clock::monotonic_ns();
-        for (stage, partitions) in plan.source_stages() {
-            for partition in 0..partitions {
-                let actor = ActorId::new(id, stage, partition);
-                self.runtime.send(actor, DataMsg::Tick, plan.sched_now());
-            }
+        let now_ns = crate::clock::monotonic_ns();
+        let (handle, ticks) = self.registry.register(job, id, now_ns)?;
+        for (actor, sched) in ticks {
+            self.runtime.send(actor, DataMsg::Tick, sched);
         }
-        Ok(JobHandle {
-            id,
-            name: plan.name.clone(),
-            metrics,
-            sinks,
-            started,
-            started_ns,
-        })
+        Ok(handle)
     }
 
     /// Every actor of a job: `(stage, partition)` pairs, for tests and the autoscaler.
     pub fn actors(&self, job: JobId) -> Vec<ActorId> {
-        let plans = self.plans.read().expect("plan registry poisoned");
-        let Some(plan) = plans.get(&job) else {
-            return Vec::new();
-        };
-        plan.actor_ids(job)
+        self.registry.actors(job)
     }
 
     pub fn migrate(&self, actor: ActorId, to: ShardId) {

@@ -1,18 +1,19 @@
 //! Library operators: keyed windowed aggregation and joins, so that a job says what
 //! it computes and not how windows are kept and fired.
 //!
-//! Every operator here is an ordinary [`Operator`] used through
+//! Every operator here is an ordinary [`Operator`] or [`JoinOperator`] used through
 //! `KeyedStream::process` or `KeyedStream::join` (each has a `factory()` that
 //! builds a fresh partition from shared configuration); none needs anything from
 //! the engine that a hand-written operator could not have. They are separate from
 //! `graph.rs` because they are policy (which state, when to fire), not plumbing.
 //!
-//! | operator | state | fires |
-//! |---|---|---|
-//! | [`WindowAggregate`] | `(window_end, window_start) -> key -> Acc` | every window with `end <= watermark`, in window order |
-//! | [`WindowMerge`] | same, from partial accumulators carried by records | same |
-//! | [`WindowJoin`] | `window_start -> key -> records` of both inputs | a window at its end |
-//! | [`UnboundedJoin`] | `key -> records` of both inputs, until end of input | a pair as soon as both halves are in |
+//! | operator | input -> output | state | fires |
+//! |---|---|---|---|
+//! | [`WindowAggregate`] | `In -> A::Out` | `(window_end, window_start) -> key -> Acc` | every window with `end <= watermark`, in window order |
+//! | [`WindowPartial`] | `In -> PartialRow<Acc>` | same | same |
+//! | [`WindowMerge`] | `PartialRow<Acc> -> A::Out` | same, merged from partials | same |
+//! | [`WindowJoin`] | `(L, R) -> Out` | `window_start -> key -> records` of both inputs | a window at its end |
+//! | [`UnboundedJoin`] | `(L, R) -> Out` | `key -> records` of both inputs, until end of input | a pair as soon as both halves are in |
 //!
 //! **Aggregates.** An [`Aggregate`] folds records into an accumulator per key and
 //! window and turns it into output records when the window fires. One that says
@@ -20,26 +21,25 @@
 //! the accumulators of two disjoint sets of records equals folding their union; only
 //! such an aggregate may run in two phases.
 //!
-//! **Two phases.** A stage carries one record type `R`, so a partial accumulator
-//! has to travel between the phases as records of `R`: [`Partial`] adds the codec
-//! (`encode` in phase 1, `decode` in phase 2, `window_of` to partition
-//! phase 2 by window). Phase 1 is [`WindowAggregate::partial`] (it emits every
-//! key's partial); phase 2 is [`WindowMerge`], keyed by window, which decodes,
-//! merges by key and emits the final records. The ready-made aggregates use their
-//! final output row as their partial row (a count row, or a row that ties the
-//! maximum), so they encode for free; an aggregate whose partial differs from its
-//! result (an average: sum and count) needs a row variant of its own.
-//!
-//! When the stage is keyed by the aggregate's key, every key's accumulator is
-//! already complete in phase 1, and phase 1 may use [`WindowAggregate::new`] and
-//! emit its final (possibly selected, see [`TopKeys`]) rows; q5 does that so that
-//! only each partition's leading auctions cross the network.
+//! **Two phases.** Streams are typed, so a partial accumulator travels between the
+//! phases as what it is: a [`PartialRow`] `{ key, window, acc }`. Phase 1 is
+//! [`WindowPartial`] (it emits every key's partial as its window fires); phase 2 is
+//! [`WindowMerge`], keyed by window, which merges the partials by key and emits the
+//! final records. When phase 1 is keyed by the aggregate's key, every key's
+//! accumulator is already complete there, and `WindowPartial::keys_complete` lets it
+//! apply the aggregate's selection ([`Aggregate::select`], e.g. [`TopKeys`]) before
+//! anything leaves: q5 does that so that only each partition's leading auctions
+//! cross to phase 2.
 //!
 //! **Late records.** Sources emit in time order and a stage's watermark is the
-//! minimum of its inputs, so a record can never belong to a window that has already
-//! fired. If one does, it is not silently lost: the operator counts it
-//! (`late_records()`) and, unless told to expect disorder (`expect_in_order(false)`),
-//! fails a debug assertion.
+//! minimum of its inputs, so a record should never belong to a window that has
+//! already fired. If one does, it is not silently lost: the operator counts it
+//! (`late_records()`), the engine adds it to the job's `late` count in every
+//! build, and the record is dropped from that window (windows still open take it).
+//!
+//! **Time is checked.** A record whose time puts a window edge outside `i64`
+//! (a time near `i64::MIN` or `i64::MAX`) belongs to no window: it is counted as
+//! late rather than wrapping around into a wrong window.
 //!
 //! **State is what the input holds.** The joins keep records as they arrive; a
 //! job that needs only a few fields of a wide record should project it with a
@@ -50,7 +50,7 @@
 //! **Costs.** Per record: one call of the time and key functions (dynamic), one
 //! B-tree lookup per window the record falls in, one hash lookup (the id hasher)
 //! and the aggregate's `add`. Window joins hold every record of an open window
-//! (the semi-join only the keys of its second input); the unbounded join holds
+//! (the semi-join only the keys of its right input); the unbounded join holds
 //! both inputs until the end of input, except that with `left_key_unique` a right
 //! record is dropped once it has met its left partner.
 
@@ -59,7 +59,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use super::graph::{KeyFn, Operator, OperatorFactory};
+use super::graph::{Data, JoinFactory, JoinOperator, KeyFn, Operator, OperatorFactory};
 use super::window::{complete, sliding, tumbling};
 use crate::ids::{IdBuildHasher, IdMap};
 
@@ -67,10 +67,18 @@ use crate::ids::{IdBuildHasher, IdMap};
 pub type Window = (i64, i64);
 
 /// The event time of a record, in ms.
-pub type TimeFn<R> = Arc<dyn Fn(&R) -> i64 + Send + Sync>;
+pub type TimeFn<T> = Arc<dyn Fn(&T) -> i64 + Send + Sync>;
 
 /// Accumulators of one window, by key.
 pub type Accs<A> = IdMap<u64, A>;
+
+/// One key's partial accumulator of one window, between the two phases.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PartialRow<Acc> {
+    pub key: u64,
+    pub window: Window,
+    pub acc: Acc,
+}
 
 /// Which windows a record's time falls in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,187 +98,128 @@ impl WindowSpec {
         }
     }
 
-    /// Call `f` with every window that holds `time_ms`, earliest first.
+    /// Call `f` with every window that holds `time_ms`, earliest first; `false` if
+    /// a window of the time would not fit in `i64` (then `f` is not called).
     #[inline]
-    fn for_each(&self, time_ms: i64, mut f: impl FnMut(Window)) {
+    fn for_each(&self, time_ms: i64, mut f: impl FnMut(Window)) -> bool {
         match *self {
-            WindowSpec::Tumbling { size_ms } => f(tumbling(time_ms, size_ms)),
+            WindowSpec::Tumbling { size_ms } => match tumbling(time_ms, size_ms) {
+                Some(window) => {
+                    f(window);
+                    true
+                }
+                None => false,
+            },
             WindowSpec::Sliding { size_ms, slide_ms } => {
-                sliding(time_ms, size_ms, slide_ms).for_each(f)
+                match sliding(time_ms, size_ms, slide_ms) {
+                    Some(windows) => {
+                        windows.for_each(f);
+                        true
+                    }
+                    None => false,
+                }
             }
         }
     }
 }
 
 /// Folds records into an accumulator per key and window.
-pub trait Aggregate<R>: Send + Sync + 'static {
-    type Acc: Send + Clone + 'static;
+pub trait Aggregate<In>: Send + Sync + 'static {
+    type Acc: Data;
+    type Out: Data;
     /// `merge` is associative and commutative, and merging the accumulators of two
     /// disjoint sets of records equals adding their union: the aggregate may run in
-    /// two phases ([`WindowAggregate::partial`], [`WindowMerge`]).
+    /// two phases ([`WindowPartial`], [`WindowMerge`]).
     const MERGEABLE: bool;
 
     fn new_acc(&self) -> Self::Acc;
-    fn add(&self, acc: &mut Self::Acc, record: &R);
+    fn add(&self, acc: &mut Self::Acc, record: &In);
     fn merge(&self, acc: &mut Self::Acc, other: Self::Acc);
     /// The output records of one key's accumulator when its window fires.
-    fn emit(&self, key: u64, window: Window, acc: Self::Acc, out: &mut Vec<R>);
-    /// The output of a whole fired window; by default `emit` per key (in no
-    /// particular key order). Override to select across keys (see [`TopKeys`]).
-    fn emit_window(&self, window: Window, accs: Accs<Self::Acc>, out: &mut Vec<R>) {
-        for (key, acc) in accs {
-            self.emit(key, window, acc, out);
-        }
-    }
+    fn emit(&self, key: u64, window: Window, acc: Self::Acc, out: &mut Vec<Self::Out>);
+    /// Which keys of a fired window emit: all by default. Override to select
+    /// across keys (see [`TopKeys`]).
+    fn select(&self, _accs: &mut Accs<Self::Acc>) {}
 }
 
-/// How a mergeable aggregate's partial accumulators travel as records between the
-/// two phases.
-pub trait Partial<R>: Aggregate<R> {
-    /// Phase 1: one key's partial accumulator of `window`, as records.
-    fn encode(&self, key: u64, window: Window, acc: Self::Acc, out: &mut Vec<R>);
-    /// Phase 2: the partial a record carries, or `None` if it carries none.
-    fn decode(&self, record: R) -> Option<(u64, Window, Self::Acc)>;
-    /// The window a partial record belongs to (phase 2 is partitioned by it).
-    fn window_of(&self, record: &R) -> Option<Window>;
-}
-
-type CountOutputFn<R> = Arc<dyn Fn(u64, Window, u64) -> R + Send + Sync>;
-type CountParseFn<R> = Arc<dyn Fn(&R) -> Option<(u64, Window, u64)> + Send + Sync>;
+type CountOutputFn<Out> = Arc<dyn Fn(u64, Window, u64) -> Out + Send + Sync>;
 
 /// Records per key and window; emits `output(key, window, count)`.
-pub struct Count<R> {
-    output: CountOutputFn<R>,
-    parse: Option<CountParseFn<R>>,
+pub struct Count<In, Out> {
+    output: CountOutputFn<Out>,
+    _in: PhantomData<fn(&In)>,
 }
 
-impl<R> Count<R> {
-    /// A one-phase count.
-    pub fn new(output: impl Fn(u64, Window, u64) -> R + Send + Sync + 'static) -> Self {
+impl<In, Out> Count<In, Out> {
+    pub fn new(output: impl Fn(u64, Window, u64) -> Out + Send + Sync + 'static) -> Self {
         Count {
             output: Arc::new(output),
-            parse: None,
+            _in: PhantomData,
         }
-    }
-
-    /// A count that can also run in two phases: its output rows are its partials,
-    /// and `parse` reads `(key, window, count)` back from one.
-    pub fn two_phase(
-        output: impl Fn(u64, Window, u64) -> R + Send + Sync + 'static,
-        parse: impl Fn(&R) -> Option<(u64, Window, u64)> + Send + Sync + 'static,
-    ) -> Self {
-        Count {
-            output: Arc::new(output),
-            parse: Some(Arc::new(parse)),
-        }
-    }
-
-    fn parse(&self, record: &R) -> Option<(u64, Window, u64)> {
-        let parse = self
-            .parse
-            .as_ref()
-            .expect("a Count in two phases needs Count::two_phase");
-        parse(record)
     }
 }
 
-impl<R: 'static> Aggregate<R> for Count<R> {
+impl<In: 'static, Out: Data> Aggregate<In> for Count<In, Out> {
     type Acc = u64;
+    type Out = Out;
     const MERGEABLE: bool = true;
 
     fn new_acc(&self) -> u64 {
         0
     }
     #[inline]
-    fn add(&self, acc: &mut u64, _record: &R) {
+    fn add(&self, acc: &mut u64, _record: &In) {
         *acc += 1;
     }
     fn merge(&self, acc: &mut u64, other: u64) {
         *acc += other;
     }
-    fn emit(&self, key: u64, window: Window, acc: u64, out: &mut Vec<R>) {
+    fn emit(&self, key: u64, window: Window, acc: u64, out: &mut Vec<Out>) {
         out.push((self.output)(key, window, acc));
     }
 }
 
-impl<R: 'static> Partial<R> for Count<R> {
-    fn encode(&self, key: u64, window: Window, acc: u64, out: &mut Vec<R>) {
-        self.emit(key, window, acc, out);
-    }
-    fn decode(&self, record: R) -> Option<(u64, Window, u64)> {
-        self.parse(&record)
-    }
-    fn window_of(&self, record: &R) -> Option<Window> {
-        self.parse(record).map(|(_, window, _)| window)
-    }
-}
-
-type KeepFn<R> = Arc<dyn Fn(&R) -> R + Send + Sync>;
-type MaxParseFn<R, V> = Arc<dyn Fn(&R) -> Option<(u64, Window, V)> + Send + Sync>;
+type KeepFn<In, Out> = Arc<dyn Fn(&In) -> Out + Send + Sync>;
 
 /// Every record that ties the maximum of `value` per key and window: keeps
 /// `keep(record)` (the output row) of each, and emits them all.
-pub struct MaxWithTies<R, V, F> {
+pub struct MaxWithTies<In, V, F, Out> {
     value: F,
-    keep: KeepFn<R>,
-    parse: Option<MaxParseFn<R, V>>,
+    keep: KeepFn<In, Out>,
     _value: PhantomData<fn() -> V>,
 }
 
-impl<R, V, F: Fn(&R) -> V> MaxWithTies<R, V, F> {
-    /// A one-phase maximum.
-    pub fn new(value: F, keep: impl Fn(&R) -> R + Send + Sync + 'static) -> Self {
+impl<In, V, F: Fn(&In) -> V, Out> MaxWithTies<In, V, F, Out> {
+    pub fn new(value: F, keep: impl Fn(&In) -> Out + Send + Sync + 'static) -> Self {
         MaxWithTies {
             value,
             keep: Arc::new(keep),
-            parse: None,
             _value: PhantomData,
         }
-    }
-
-    /// A maximum that can also run in two phases: kept rows are its partials, and
-    /// `parse` reads `(key, window, value)` back from one.
-    pub fn two_phase(
-        value: F,
-        keep: impl Fn(&R) -> R + Send + Sync + 'static,
-        parse: impl Fn(&R) -> Option<(u64, Window, V)> + Send + Sync + 'static,
-    ) -> Self {
-        MaxWithTies {
-            value,
-            keep: Arc::new(keep),
-            parse: Some(Arc::new(parse)),
-            _value: PhantomData,
-        }
-    }
-
-    fn parse(&self, record: &R) -> Option<(u64, Window, V)> {
-        let parse = self
-            .parse
-            .as_ref()
-            .expect("a MaxWithTies in two phases needs MaxWithTies::two_phase");
-        parse(record)
     }
 }
 
-impl<R, V, F> Aggregate<R> for MaxWithTies<R, V, F>
+impl<In, V, F, Out> Aggregate<In> for MaxWithTies<In, V, F, Out>
 where
-    R: Clone + Send + 'static,
+    In: 'static,
     V: Ord + Clone + Send + 'static,
-    F: Fn(&R) -> V + Send + Sync + 'static,
+    F: Fn(&In) -> V + Send + Sync + 'static,
+    Out: Data,
 {
     /// The maximum so far and the kept rows that reach it.
-    type Acc = Option<(V, Vec<R>)>;
+    type Acc = Option<(V, Vec<Out>)>;
+    type Out = Out;
     const MERGEABLE: bool = true;
 
     fn new_acc(&self) -> Self::Acc {
         None
     }
     #[inline]
-    fn add(&self, acc: &mut Self::Acc, record: &R) {
+    fn add(&self, acc: &mut Self::Acc, record: &In) {
         let value = (self.value)(record);
         match acc {
-            Some((best, rows)) if value == *best => rows.push((self.keep)(record)),
             Some((best, _)) if value < *best => {}
+            Some((best, rows)) if value == *best => rows.push((self.keep)(record)),
             _ => *acc = Some((value, vec![(self.keep)(record)])),
         }
     }
@@ -279,39 +228,21 @@ where
             return;
         };
         match acc {
-            Some((best, rows)) if value == *best => rows.extend(other_rows),
             Some((best, _)) if value < *best => {}
+            Some((best, rows)) if value == *best => rows.extend(other_rows),
             _ => *acc = Some((value, other_rows)),
         }
     }
-    fn emit(&self, _key: u64, _window: Window, acc: Self::Acc, out: &mut Vec<R>) {
+    fn emit(&self, _key: u64, _window: Window, acc: Self::Acc, out: &mut Vec<Out>) {
         if let Some((_, rows)) = acc {
             out.extend(rows);
         }
     }
 }
 
-impl<R, V, F> Partial<R> for MaxWithTies<R, V, F>
-where
-    R: Clone + Send + 'static,
-    V: Ord + Clone + Send + 'static,
-    F: Fn(&R) -> V + Send + Sync + 'static,
-{
-    fn encode(&self, key: u64, window: Window, acc: Self::Acc, out: &mut Vec<R>) {
-        self.emit(key, window, acc, out);
-    }
-    fn decode(&self, record: R) -> Option<(u64, Window, Self::Acc)> {
-        let (key, window, value) = self.parse(&record)?;
-        Some((key, window, Some((value, vec![record]))))
-    }
-    fn window_of(&self, record: &R) -> Option<Window> {
-        self.parse(record).map(|(_, window, _)| window)
-    }
-}
-
 /// Wraps an aggregate so that a fired window emits only the keys whose
 /// accumulator ranks highest under `rank`, ties included ("the auctions with the
-/// most bids"). Adding, merging and the partial codec are the inner aggregate's.
+/// most bids"). Adding, merging and emitting are the inner aggregate's.
 pub struct TopKeys<A, F> {
     inner: A,
     rank: F,
@@ -323,215 +254,102 @@ impl<A, F> TopKeys<A, F> {
     }
 }
 
-impl<R, A, F, V> Aggregate<R> for TopKeys<A, F>
+impl<In, A, F, V> Aggregate<In> for TopKeys<A, F>
 where
-    A: Aggregate<R>,
+    A: Aggregate<In>,
     F: Fn(&A::Acc) -> V + Send + Sync + 'static,
     V: Ord,
 {
     type Acc = A::Acc;
+    type Out = A::Out;
     const MERGEABLE: bool = A::MERGEABLE;
 
     fn new_acc(&self) -> A::Acc {
         self.inner.new_acc()
     }
     #[inline]
-    fn add(&self, acc: &mut A::Acc, record: &R) {
+    fn add(&self, acc: &mut A::Acc, record: &In) {
         self.inner.add(acc, record);
     }
     fn merge(&self, acc: &mut A::Acc, other: A::Acc) {
         self.inner.merge(acc, other);
     }
-    fn emit(&self, key: u64, window: Window, acc: A::Acc, out: &mut Vec<R>) {
+    fn emit(&self, key: u64, window: Window, acc: A::Acc, out: &mut Vec<A::Out>) {
         self.inner.emit(key, window, acc, out);
     }
-    fn emit_window(&self, window: Window, accs: Accs<A::Acc>, out: &mut Vec<R>) {
+    fn select(&self, accs: &mut Accs<A::Acc>) {
+        self.inner.select(accs);
         let Some(best) = accs.values().map(&self.rank).max() else {
             return;
         };
-        for (key, acc) in accs {
-            if (self.rank)(&acc) == best {
-                self.inner.emit(key, window, acc, out);
-            }
-        }
-    }
-}
-
-impl<R, A, F, V> Partial<R> for TopKeys<A, F>
-where
-    A: Partial<R>,
-    F: Fn(&A::Acc) -> V + Send + Sync + 'static,
-    V: Ord,
-{
-    fn encode(&self, key: u64, window: Window, acc: A::Acc, out: &mut Vec<R>) {
-        self.inner.encode(key, window, acc, out);
-    }
-    fn decode(&self, record: R) -> Option<(u64, Window, A::Acc)> {
-        self.inner.decode(record)
-    }
-    fn window_of(&self, record: &R) -> Option<Window> {
-        self.inner.window_of(record)
+        accs.retain(|_, acc| (self.rank)(acc) == best);
     }
 }
 
 /// Open windows by `(end, start)`, so that the first entry is the next to fire.
 type Windows<Acc> = BTreeMap<(i64, i64), Accs<Acc>>;
 
-/// How a fired window leaves: final records, or partials for a [`WindowMerge`].
-type FireFn<R, A> = fn(&A, Window, Accs<<A as Aggregate<R>>::Acc>, &mut Vec<R>);
-
-fn fire_partials<R, A: Partial<R>>(
-    aggregate: &A,
-    window: Window,
-    accs: Accs<A::Acc>,
-    out: &mut Vec<R>,
-) {
-    for (key, acc) in accs {
-        aggregate.encode(key, window, acc, out);
-    }
-}
-
-/// Remove and emit, in window order, every window whose end the watermark reached.
-fn fire_complete<R, A: Aggregate<R>>(
+/// Remove, in window order, every window whose end the watermark reached, and
+/// hand each (after the aggregate's selection) to `fire`.
+fn fire_complete<In, A: Aggregate<In>>(
     windows: &mut Windows<A::Acc>,
     watermark_ms: i64,
     aggregate: &A,
-    fire: FireFn<R, A>,
-    out: &mut Vec<R>,
+    mut fire: impl FnMut(Window, Accs<A::Acc>),
+    select: bool,
 ) {
     while let Some(entry) = windows.first_entry() {
         let (end, start) = *entry.key();
         if !complete(end, watermark_ms) {
             break;
         }
-        fire(aggregate, (start, end), entry.remove(), out);
+        let mut accs = entry.remove();
+        if select {
+            aggregate.select(&mut accs);
+        }
+        fire((start, end), accs);
     }
 }
 
-/// Keyed windowed aggregation: per window of `spec` and per `key(record)`, an
-/// accumulator of `A`; every window fires once, when the watermark reaches its end.
-pub struct WindowAggregate<R, A: Aggregate<R>> {
+/// The per-window accumulators of a windowed aggregation, fed by records.
+struct WindowState<In, A: Aggregate<In>> {
     spec: WindowSpec,
-    time: TimeFn<R>,
-    key: KeyFn<R>,
+    time: TimeFn<In>,
+    key: KeyFn<In>,
     aggregate: Arc<A>,
-    fire: FireFn<R, A>,
-    expect_in_order: bool,
     windows: Windows<A::Acc>,
     watermark_ms: i64,
     late_records: u64,
 }
 
-impl<R: Send + 'static, A: Aggregate<R>> WindowAggregate<R, A> {
-    /// Emits `A::emit_window` of every window as it fires.
-    pub fn new(
-        spec: WindowSpec,
-        time: impl Fn(&R) -> i64 + Send + Sync + 'static,
-        key: impl Fn(&R) -> u64 + Send + Sync + 'static,
-        aggregate: A,
-    ) -> Self {
-        Self::with_fire(
-            spec,
-            Arc::new(time),
-            Arc::new(key),
-            Arc::new(aggregate),
-            A::emit_window,
-        )
-    }
-
-    /// Phase 1 of two: emits every key's partial (`A::encode`) as its window fires.
-    pub fn partial(
-        spec: WindowSpec,
-        time: impl Fn(&R) -> i64 + Send + Sync + 'static,
-        key: impl Fn(&R) -> u64 + Send + Sync + 'static,
-        aggregate: A,
-    ) -> Self
-    where
-        A: Partial<R>,
-    {
-        Self::partial_shared(spec, Arc::new(time), Arc::new(key), Arc::new(aggregate))
-    }
-
-    pub(crate) fn partial_shared(
-        spec: WindowSpec,
-        time: TimeFn<R>,
-        key: KeyFn<R>,
-        aggregate: Arc<A>,
-    ) -> Self
-    where
-        A: Partial<R>,
-    {
-        const {
-            assert!(
-                A::MERGEABLE,
-                "only a mergeable aggregate runs in two phases"
-            )
-        };
-        Self::with_fire(spec, time, key, aggregate, fire_partials::<R, A>)
-    }
-
-    fn with_fire(
-        spec: WindowSpec,
-        time: TimeFn<R>,
-        key: KeyFn<R>,
-        aggregate: Arc<A>,
-        fire: FireFn<R, A>,
-    ) -> Self {
+impl<In: 'static, A: Aggregate<In>> WindowState<In, A> {
+    fn new(spec: WindowSpec, time: TimeFn<In>, key: KeyFn<In>, aggregate: Arc<A>) -> Self {
         spec.assert_valid();
-        WindowAggregate {
+        WindowState {
             spec,
             time,
             key,
             aggregate,
-            fire,
-            expect_in_order: true,
             windows: BTreeMap::new(),
             watermark_ms: i64::MIN,
             late_records: 0,
         }
     }
 
-    /// `false`: late records are only counted, with no debug assertion (for inputs
-    /// that may be out of order, and for tests of the count).
-    pub fn expect_in_order(mut self, in_order: bool) -> Self {
-        self.expect_in_order = in_order;
-        self
+    /// A maker of empty states with this configuration (what a factory keeps).
+    fn maker(self) -> impl Fn() -> Self + Send + Sync + 'static {
+        let (spec, time, key, aggregate) = (self.spec, self.time, self.key, self.aggregate);
+        move || Self::new(spec, time.clone(), key.clone(), aggregate.clone())
     }
 
-    /// Records that fell in a window that had already fired (in that window they
-    /// were not counted; windows still open did take them).
-    pub fn late_records(&self) -> u64 {
-        self.late_records
-    }
-
-    /// The stage's operator factory: every partition starts empty, with this
-    /// configuration.
-    pub fn factory(self) -> OperatorFactory<R> {
-        let WindowAggregate {
-            spec,
-            time,
-            key,
-            aggregate,
-            fire,
-            expect_in_order,
-            ..
-        } = self;
-        Arc::new(move |_| {
-            let fresh = Self::with_fire(spec, time.clone(), key.clone(), aggregate.clone(), fire);
-            Box::new(fresh.expect_in_order(expect_in_order))
-        })
-    }
-}
-
-impl<R: Send + 'static, A: Aggregate<R>> Operator<R> for WindowAggregate<R, A> {
-    fn on_records(&mut self, _input: u8, records: Vec<R>, _out: &mut Vec<R>) {
+    fn add(&mut self, records: &[In]) {
         let watermark_ms = self.watermark_ms;
         let aggregate = &*self.aggregate;
         let windows = &mut self.windows;
-        for record in &records {
+        for record in records {
             let key = (self.key)(record);
             let mut late = false;
-            self.spec.for_each((self.time)(record), |(start, end)| {
+            let fits = self.spec.for_each((self.time)(record), |(start, end)| {
                 if complete(end, watermark_ms) {
                     late = true;
                     return;
@@ -543,41 +361,172 @@ impl<R: Send + 'static, A: Aggregate<R>> Operator<R> for WindowAggregate<R, A> {
                     .or_insert_with(|| aggregate.new_acc());
                 aggregate.add(acc, record);
             });
-            if late {
-                self.late_records += 1;
-                debug_assert!(
-                    !self.expect_in_order,
-                    "a record behind the watermark {watermark_ms}"
-                );
-            }
+            self.late_records += (late || !fits) as u64;
+        }
+    }
+}
+
+/// Keyed windowed aggregation: per window of `spec` and per `key(record)`, an
+/// accumulator of `A`; every window fires once, when the watermark reaches its end,
+/// and emits `A::emit` of each selected key.
+pub struct WindowAggregate<In, A: Aggregate<In>> {
+    state: WindowState<In, A>,
+}
+
+impl<In: Data, A: Aggregate<In>> WindowAggregate<In, A> {
+    pub fn new(
+        spec: WindowSpec,
+        time: impl Fn(&In) -> i64 + Send + Sync + 'static,
+        key: impl Fn(&In) -> u64 + Send + Sync + 'static,
+        aggregate: A,
+    ) -> Self {
+        WindowAggregate {
+            state: WindowState::new(spec, Arc::new(time), Arc::new(key), Arc::new(aggregate)),
         }
     }
 
-    fn on_watermark(&mut self, watermark_ms: i64, out: &mut Vec<R>) {
-        self.watermark_ms = self.watermark_ms.max(watermark_ms);
-        fire_complete(
-            &mut self.windows,
-            self.watermark_ms,
-            &*self.aggregate,
-            self.fire,
-            out,
-        );
+    pub(crate) fn partial_shared(
+        spec: WindowSpec,
+        time: TimeFn<In>,
+        key: KeyFn<In>,
+        aggregate: Arc<A>,
+    ) -> WindowPartial<In, A> {
+        const {
+            assert!(
+                A::MERGEABLE,
+                "only a mergeable aggregate runs in two phases"
+            )
+        };
+        WindowPartial {
+            state: WindowState::new(spec, time, key, aggregate),
+            select: false,
+        }
+    }
+
+    /// Records that fell in a window that had already fired (in that window they
+    /// were not counted; windows still open did take them), or in no window at all.
+    pub fn late_records(&self) -> u64 {
+        self.state.late_records
+    }
+
+    /// The stage's operator factory: every partition starts empty, with this
+    /// configuration.
+    pub fn factory(self) -> OperatorFactory<In, A::Out> {
+        let fresh = self.state.maker();
+        Arc::new(move |_| Box::new(WindowAggregate { state: fresh() }))
     }
 }
 
-/// Phase 2 of a two-phase aggregation: decodes partials (`A::decode`), merges
-/// them per window and key, and emits `A::emit_window` when the window fires. Key
-/// its input by window (`Partial::window_of`) so that a window's partials meet.
-/// Records that carry no partial are ignored.
-pub struct WindowMerge<R, A: Aggregate<R>> {
+impl<In: Data, A: Aggregate<In>> Operator<In, A::Out> for WindowAggregate<In, A> {
+    fn on_records(&mut self, records: Vec<In>, _out: &mut Vec<A::Out>) {
+        self.state.add(&records);
+    }
+
+    fn on_watermark(&mut self, watermark_ms: i64, out: &mut Vec<A::Out>) {
+        let state = &mut self.state;
+        state.watermark_ms = state.watermark_ms.max(watermark_ms);
+        let aggregate = &*state.aggregate;
+        let fire = |window, accs: Accs<A::Acc>| {
+            for (key, acc) in accs {
+                aggregate.emit(key, window, acc, out);
+            }
+        };
+        fire_complete(
+            &mut state.windows,
+            state.watermark_ms,
+            aggregate,
+            fire,
+            true,
+        );
+    }
+
+    fn late_records(&self) -> u64 {
+        self.state.late_records
+    }
+}
+
+/// Phase 1 of two: per window and key an accumulator, emitted as a
+/// [`PartialRow`] when the window fires, for a [`WindowMerge`] keyed by window.
+pub struct WindowPartial<In, A: Aggregate<In>> {
+    state: WindowState<In, A>,
+    /// Apply the aggregate's selection here (every key is complete in this phase).
+    select: bool,
+}
+
+impl<In: Data, A: Aggregate<In>> WindowPartial<In, A> {
+    pub fn new(
+        spec: WindowSpec,
+        time: impl Fn(&In) -> i64 + Send + Sync + 'static,
+        key: impl Fn(&In) -> u64 + Send + Sync + 'static,
+        aggregate: A,
+    ) -> Self {
+        WindowAggregate::partial_shared(spec, Arc::new(time), Arc::new(key), Arc::new(aggregate))
+    }
+
+    /// Promise that this stage is keyed by the aggregate's key, so each key's
+    /// accumulator is complete here: the aggregate's selection (e.g. `TopKeys`) may
+    /// run in this phase, and only the selected keys travel to phase 2.
+    pub fn keys_complete(mut self) -> Self {
+        self.select = true;
+        self
+    }
+
+    pub fn late_records(&self) -> u64 {
+        self.state.late_records
+    }
+
+    pub fn factory(self) -> OperatorFactory<In, PartialRow<A::Acc>> {
+        let (fresh, select) = (self.state.maker(), self.select);
+        Arc::new(move |_| {
+            Box::new(WindowPartial {
+                state: fresh(),
+                select,
+            })
+        })
+    }
+}
+
+impl<In: Data, A: Aggregate<In>> Operator<In, PartialRow<A::Acc>> for WindowPartial<In, A> {
+    fn on_records(&mut self, records: Vec<In>, _out: &mut Vec<PartialRow<A::Acc>>) {
+        self.state.add(&records);
+    }
+
+    fn on_watermark(&mut self, watermark_ms: i64, out: &mut Vec<PartialRow<A::Acc>>) {
+        let state = &mut self.state;
+        state.watermark_ms = state.watermark_ms.max(watermark_ms);
+        let fire = |window, accs: Accs<A::Acc>| {
+            out.extend(
+                accs.into_iter()
+                    .map(|(key, acc)| PartialRow { key, window, acc }),
+            );
+        };
+        let aggregate = &*state.aggregate;
+        fire_complete(
+            &mut state.windows,
+            state.watermark_ms,
+            aggregate,
+            fire,
+            self.select,
+        );
+    }
+
+    fn late_records(&self) -> u64 {
+        self.state.late_records
+    }
+}
+
+/// Phase 2 of a two-phase aggregation: merges partials per window and key, and
+/// emits `A::emit` of each selected key when the window fires. Key its input by
+/// window (`|p| p.window.1`) so that a window's partials meet.
+pub struct WindowMerge<In, A: Aggregate<In>> {
     aggregate: Arc<A>,
-    expect_in_order: bool,
     windows: Windows<A::Acc>,
     watermark_ms: i64,
     late_records: u64,
+    _in: PhantomData<fn(&In)>,
 }
 
-impl<R: Send + 'static, A: Partial<R>> WindowMerge<R, A> {
+impl<In: Data, A: Aggregate<In>> WindowMerge<In, A> {
     pub fn new(aggregate: A) -> Self {
         Self::shared(Arc::new(aggregate))
     }
@@ -591,17 +540,11 @@ impl<R: Send + 'static, A: Partial<R>> WindowMerge<R, A> {
         };
         WindowMerge {
             aggregate,
-            expect_in_order: true,
             windows: BTreeMap::new(),
             watermark_ms: i64::MIN,
             late_records: 0,
+            _in: PhantomData,
         }
-    }
-
-    /// As [`WindowAggregate::expect_in_order`].
-    pub fn expect_in_order(mut self, in_order: bool) -> Self {
-        self.expect_in_order = in_order;
-        self
     }
 
     /// Partials of a window that had already fired (dropped, counted).
@@ -609,27 +552,18 @@ impl<R: Send + 'static, A: Partial<R>> WindowMerge<R, A> {
         self.late_records
     }
 
-    pub fn factory(self) -> OperatorFactory<R> {
-        let (aggregate, expect_in_order) = (self.aggregate, self.expect_in_order);
-        Arc::new(move |_| {
-            Box::new(Self::shared(aggregate.clone()).expect_in_order(expect_in_order))
-        })
+    pub fn factory(self) -> OperatorFactory<PartialRow<A::Acc>, A::Out> {
+        let aggregate = self.aggregate;
+        Arc::new(move |_| Box::new(Self::shared(aggregate.clone())))
     }
 }
 
-impl<R: Send + 'static, A: Partial<R>> Operator<R> for WindowMerge<R, A> {
-    fn on_records(&mut self, _input: u8, records: Vec<R>, _out: &mut Vec<R>) {
-        for record in records {
-            let Some((key, (start, end), acc)) = self.aggregate.decode(record) else {
-                continue;
-            };
+impl<In: Data, A: Aggregate<In>> Operator<PartialRow<A::Acc>, A::Out> for WindowMerge<In, A> {
+    fn on_records(&mut self, records: Vec<PartialRow<A::Acc>>, _out: &mut Vec<A::Out>) {
+        for PartialRow { key, window, acc } in records {
+            let (start, end) = window;
             if complete(end, self.watermark_ms) {
                 self.late_records += 1;
-                debug_assert!(
-                    !self.expect_in_order,
-                    "a partial behind the watermark {}",
-                    self.watermark_ms
-                );
                 continue;
             }
             match self.windows.entry((end, start)).or_default().entry(key) {
@@ -641,35 +575,39 @@ impl<R: Send + 'static, A: Partial<R>> Operator<R> for WindowMerge<R, A> {
         }
     }
 
-    fn on_watermark(&mut self, watermark_ms: i64, out: &mut Vec<R>) {
+    fn on_watermark(&mut self, watermark_ms: i64, out: &mut Vec<A::Out>) {
         self.watermark_ms = self.watermark_ms.max(watermark_ms);
-        fire_complete(
-            &mut self.windows,
-            self.watermark_ms,
-            &*self.aggregate,
-            A::emit_window,
-            out,
-        );
+        let aggregate = &*self.aggregate;
+        let fire = |window, accs: Accs<A::Acc>| {
+            for (key, acc) in accs {
+                aggregate.emit(key, window, acc, out);
+            }
+        };
+        fire_complete(&mut self.windows, self.watermark_ms, aggregate, fire, true);
+    }
+
+    fn late_records(&self) -> u64 {
+        self.late_records
     }
 }
 
-type PairFn<R> = Arc<dyn Fn(&R, &R, i64) -> Option<R> + Send + Sync>;
-type SemiFn<R> = Arc<dyn Fn(&R, i64) -> Option<R> + Send + Sync>;
+type PairFn<L, R, Out> = Arc<dyn Fn(&L, &R, i64) -> Option<Out> + Send + Sync>;
+type SemiFn<L, Out> = Arc<dyn Fn(&L, i64) -> Option<Out> + Send + Sync>;
 
 /// What a window join makes of a fired window.
-enum JoinOutput<R> {
+enum JoinOutput<L, R, Out> {
     /// `output(left, right, window_start)` for every pair with equal keys; with a
     /// dedup key, one output row per dedup key and window.
     Pairs {
-        output: PairFn<R>,
-        dedup: Option<KeyFn<R>>,
+        output: PairFn<L, R, Out>,
+        dedup: Option<KeyFn<Out>>,
     },
     /// `output(left, window_start)` for every left record with at least one right
     /// record of its key; only the right keys are kept.
-    Semi(SemiFn<R>),
+    Semi(SemiFn<L, Out>),
 }
 
-impl<R> Clone for JoinOutput<R> {
+impl<L, R, Out> Clone for JoinOutput<L, R, Out> {
     fn clone(&self) -> Self {
         match self {
             JoinOutput::Pairs { output, dedup } => JoinOutput::Pairs {
@@ -681,14 +619,14 @@ impl<R> Clone for JoinOutput<R> {
     }
 }
 
-struct JoinWindow<R> {
+struct JoinWindow<L, R> {
     /// Left records with their keys, in arrival order (only looked up by the right).
-    left: Vec<(u64, R)>,
+    left: Vec<(u64, L)>,
     right: IdMap<u64, Vec<R>>,
     right_keys: HashSet<u64, IdBuildHasher>,
 }
 
-impl<R> Default for JoinWindow<R> {
+impl<L, R> Default for JoinWindow<L, R> {
     fn default() -> Self {
         JoinWindow {
             left: Vec::new(),
@@ -698,101 +636,137 @@ impl<R> Default for JoinWindow<R> {
     }
 }
 
-/// Tumbling-window equi-join of input 0 (left) and input 1 (right) on `key`
-/// (the stage's key): a left and a right record meet if they have the same key and
-/// fall in the same window; the window's output is made when it fires.
-pub struct WindowJoin<R> {
+/// How a join reads one side: its event time and its key.
+pub struct Side<T> {
+    time: TimeFn<T>,
+    key: KeyFn<T>,
+}
+
+impl<T> Clone for Side<T> {
+    fn clone(&self) -> Self {
+        Side {
+            time: self.time.clone(),
+            key: self.key.clone(),
+        }
+    }
+}
+
+impl<T> Side<T> {
+    pub fn new(
+        time: impl Fn(&T) -> i64 + Send + Sync + 'static,
+        key: impl Fn(&T) -> u64 + Send + Sync + 'static,
+    ) -> Self {
+        Side {
+            time: Arc::new(time),
+            key: Arc::new(key),
+        }
+    }
+}
+
+/// Tumbling-window equi-join of the left and right inputs on their keys (the
+/// stage's key): a left and a right record meet if they have the same key and fall
+/// in the same window; the window's output is made when it fires.
+pub struct WindowJoin<L, R, Out> {
     size_ms: i64,
-    time: TimeFn<R>,
-    key: KeyFn<R>,
-    output: JoinOutput<R>,
-    expect_in_order: bool,
-    windows: BTreeMap<i64, JoinWindow<R>>,
+    left_side: Side<L>,
+    right_side: Side<R>,
+    output: JoinOutput<L, R, Out>,
+    windows: BTreeMap<i64, JoinWindow<L, R>>,
     watermark_ms: i64,
     late_records: u64,
 }
 
-impl<R: Send + 'static> WindowJoin<R> {
+impl<L: Data, R: Data, Out: Data> WindowJoin<L, R, Out> {
     /// Every matching pair, through `output(left, right, window_start)`.
     pub fn new(
         size_ms: i64,
-        time: impl Fn(&R) -> i64 + Send + Sync + 'static,
-        key: impl Fn(&R) -> u64 + Send + Sync + 'static,
-        output: impl Fn(&R, &R, i64) -> Option<R> + Send + Sync + 'static,
+        left: Side<L>,
+        right: Side<R>,
+        output: impl Fn(&L, &R, i64) -> Option<Out> + Send + Sync + 'static,
     ) -> Self {
         let output = JoinOutput::Pairs {
             output: Arc::new(output),
             dedup: None,
         };
-        Self::with_output(size_ms, Arc::new(time), Arc::new(key), output)
+        Self::with_output(size_ms, left, right, output)
     }
 
     /// A semi-join: `output(left, window_start)` once for every left record that
     /// has a right record of its key in its window. Keeps only the right keys.
     pub fn semi(
         size_ms: i64,
-        time: impl Fn(&R) -> i64 + Send + Sync + 'static,
-        key: impl Fn(&R) -> u64 + Send + Sync + 'static,
-        output: impl Fn(&R, i64) -> Option<R> + Send + Sync + 'static,
+        left: Side<L>,
+        right: Side<R>,
+        output: impl Fn(&L, i64) -> Option<Out> + Send + Sync + 'static,
     ) -> Self {
-        Self::with_output(
-            size_ms,
-            Arc::new(time),
-            Arc::new(key),
-            JoinOutput::Semi(Arc::new(output)),
-        )
+        Self::with_output(size_ms, left, right, JoinOutput::Semi(Arc::new(output)))
     }
 
     /// Emit one output row per `dedup(row)` and window (the first made).
     /// Has no effect on a semi-join, which emits once per left record already.
-    pub fn dedup(mut self, dedup: impl Fn(&R) -> u64 + Send + Sync + 'static) -> Self {
+    pub fn dedup(mut self, dedup: impl Fn(&Out) -> u64 + Send + Sync + 'static) -> Self {
         if let JoinOutput::Pairs { dedup: slot, .. } = &mut self.output {
             *slot = Some(Arc::new(dedup));
         }
         self
     }
 
-    fn with_output(size_ms: i64, time: TimeFn<R>, key: KeyFn<R>, output: JoinOutput<R>) -> Self {
+    fn with_output(
+        size_ms: i64,
+        left_side: Side<L>,
+        right_side: Side<R>,
+        output: JoinOutput<L, R, Out>,
+    ) -> Self {
         assert!(size_ms > 0, "window size must be > 0");
         WindowJoin {
             size_ms,
-            time,
-            key,
+            left_side,
+            right_side,
             output,
-            expect_in_order: true,
             windows: BTreeMap::new(),
             watermark_ms: i64::MIN,
             late_records: 0,
         }
     }
 
-    /// As [`WindowAggregate::expect_in_order`].
-    pub fn expect_in_order(mut self, in_order: bool) -> Self {
-        self.expect_in_order = in_order;
-        self
-    }
-
-    /// Records of a window that had already fired (dropped, counted).
+    /// Records of a window that had already fired, or of no window (dropped, counted).
     pub fn late_records(&self) -> u64 {
         self.late_records
     }
 
-    pub fn factory(self) -> OperatorFactory<R> {
+    pub fn factory(self) -> JoinFactory<L, R, Out> {
         let WindowJoin {
             size_ms,
-            time,
-            key,
+            left_side,
+            right_side,
             output,
-            expect_in_order,
             ..
         } = self;
         Arc::new(move |_| {
-            let fresh = Self::with_output(size_ms, time.clone(), key.clone(), output.clone());
-            Box::new(fresh.expect_in_order(expect_in_order))
+            Box::new(Self::with_output(
+                size_ms,
+                left_side.clone(),
+                right_side.clone(),
+                output.clone(),
+            ))
         })
     }
 
-    fn fire(&self, start: i64, window: JoinWindow<R>, out: &mut Vec<R>) {
+    /// The open window `time_ms` falls in, or `None` (counted late) if it has
+    /// fired or does not fit in `i64`.
+    fn window_of(&mut self, time_ms: i64) -> Option<&mut JoinWindow<L, R>> {
+        match tumbling(time_ms, self.size_ms) {
+            Some((start, end)) if !complete(end, self.watermark_ms) => {
+                Some(self.windows.entry(start).or_default())
+            }
+            _ => {
+                self.late_records += 1;
+                None
+            }
+        }
+    }
+
+    fn fire(&self, start: i64, window: JoinWindow<L, R>, out: &mut Vec<Out>) {
         match &self.output {
             JoinOutput::Semi(output) => {
                 for (key, left) in &window.left {
@@ -821,48 +795,53 @@ impl<R: Send + 'static> WindowJoin<R> {
     }
 }
 
-impl<R: Send + 'static> Operator<R> for WindowJoin<R> {
-    fn on_records(&mut self, input: u8, records: Vec<R>, _out: &mut Vec<R>) {
-        let semi = matches!(self.output, JoinOutput::Semi(_));
+impl<L: Data, R: Data, Out: Data> JoinOperator<L, R, Out> for WindowJoin<L, R, Out> {
+    fn on_left(&mut self, records: Vec<L>, _out: &mut Vec<Out>) {
         for record in records {
-            let (start, end) = tumbling((self.time)(&record), self.size_ms);
-            if complete(end, self.watermark_ms) {
-                self.late_records += 1;
-                debug_assert!(
-                    !self.expect_in_order,
-                    "a record behind the watermark {}",
-                    self.watermark_ms
-                );
-                continue;
-            }
-            let key = (self.key)(&record);
-            let window = self.windows.entry(start).or_default();
-            match (input, semi) {
-                (0, _) => window.left.push((key, record)),
-                (_, true) => {
-                    window.right_keys.insert(key);
-                }
-                (_, false) => push_keyed(&mut window.right, key, record),
+            let key = (self.left_side.key)(&record);
+            let time_ms = (self.left_side.time)(&record);
+            if let Some(window) = self.window_of(time_ms) {
+                window.left.push((key, record));
             }
         }
     }
 
-    fn on_watermark(&mut self, watermark_ms: i64, out: &mut Vec<R>) {
+    fn on_right(&mut self, records: Vec<R>, _out: &mut Vec<Out>) {
+        let semi = matches!(self.output, JoinOutput::Semi(_));
+        for record in records {
+            let key = (self.right_side.key)(&record);
+            let time_ms = (self.right_side.time)(&record);
+            if let Some(window) = self.window_of(time_ms) {
+                if semi {
+                    window.right_keys.insert(key);
+                } else {
+                    push_keyed(&mut window.right, key, record);
+                }
+            }
+        }
+    }
+
+    fn on_watermark(&mut self, watermark_ms: i64, out: &mut Vec<Out>) {
         self.watermark_ms = self.watermark_ms.max(watermark_ms);
         while let Some(entry) = self.windows.first_entry() {
             let start = *entry.key();
-            if !complete(start + self.size_ms, self.watermark_ms) {
+            // A window in the map fits in i64 (`tumbling` checked its end).
+            if !complete(start.saturating_add(self.size_ms), self.watermark_ms) {
                 break;
             }
             let window = entry.remove();
             self.fire(start, window, out);
         }
     }
+
+    fn late_records(&self) -> u64 {
+        self.late_records
+    }
 }
 
 /// Append a record to its key's list; a new list holds exactly one (an empty
 /// `Vec`'s first push would reserve four, and most keys of a join hold one record).
-fn push_keyed<R>(map: &mut IdMap<u64, Vec<R>>, key: u64, record: R) {
+fn push_keyed<T>(map: &mut IdMap<u64, Vec<T>>, key: u64, record: T) {
     match map.entry(key) {
         Entry::Occupied(mut list) => list.get_mut().push(record),
         Entry::Vacant(slot) => {
@@ -871,30 +850,43 @@ fn push_keyed<R>(map: &mut IdMap<u64, Vec<R>>, key: u64, record: R) {
     }
 }
 
-type UnboundedPairFn<R> = Arc<dyn Fn(&R, &R) -> Option<R> + Send + Sync>;
+type UnboundedPairFn<L, R, Out> = Arc<dyn Fn(&L, &R) -> Option<Out> + Send + Sync>;
 
-/// Equi-join of input 0 (left) and input 1 (right) on `key` with no window: every
+/// Equi-join of the left and right inputs on their keys with no window: every
 /// record is kept until the end of input, and each matching pair is output once,
 /// through `output(left, right)`, when its second half arrives (in either order).
-pub struct UnboundedJoin<R> {
-    key: KeyFn<R>,
-    output: UnboundedPairFn<R>,
+pub struct UnboundedJoin<L, R, Out> {
+    left_key: KeyFn<L>,
+    right_key: KeyFn<R>,
+    output: UnboundedPairFn<L, R, Out>,
     left_key_unique: bool,
-    left: IdMap<u64, Vec<R>>,
+    left: IdMap<u64, Vec<L>>,
     right: IdMap<u64, Vec<R>>,
 }
 
-impl<R: Send + 'static> UnboundedJoin<R> {
+impl<L: Data, R: Data, Out: Data> UnboundedJoin<L, R, Out> {
     pub fn new(
-        key: impl Fn(&R) -> u64 + Send + Sync + 'static,
-        output: impl Fn(&R, &R) -> Option<R> + Send + Sync + 'static,
+        left_key: impl Fn(&L) -> u64 + Send + Sync + 'static,
+        right_key: impl Fn(&R) -> u64 + Send + Sync + 'static,
+        output: impl Fn(&L, &R) -> Option<Out> + Send + Sync + 'static,
     ) -> Self {
-        Self::shared(Arc::new(key), Arc::new(output), false)
+        Self::shared(
+            Arc::new(left_key),
+            Arc::new(right_key),
+            Arc::new(output),
+            false,
+        )
     }
 
-    fn shared(key: KeyFn<R>, output: UnboundedPairFn<R>, left_key_unique: bool) -> Self {
+    fn shared(
+        left_key: KeyFn<L>,
+        right_key: KeyFn<R>,
+        output: UnboundedPairFn<L, R, Out>,
+        left_key_unique: bool,
+    ) -> Self {
         UnboundedJoin {
-            key,
+            left_key,
+            right_key,
             output,
             left_key_unique,
             left: IdMap::default(),
@@ -912,59 +904,67 @@ impl<R: Send + 'static> UnboundedJoin<R> {
 
     /// Records held: `(left, right)`.
     pub fn held_records(&self) -> (usize, usize) {
-        let count = |side: &IdMap<u64, Vec<R>>| side.values().map(Vec::len).sum();
-        (count(&self.left), count(&self.right))
+        let left = self.left.values().map(Vec::len).sum();
+        let right = self.right.values().map(Vec::len).sum();
+        (left, right)
     }
 
-    pub fn factory(self) -> OperatorFactory<R> {
-        let (key, output, unique) = (self.key, self.output, self.left_key_unique);
-        Arc::new(move |_| Box::new(Self::shared(key.clone(), output.clone(), unique)))
-    }
-
-    fn on_left(&mut self, left: R, out: &mut Vec<R>) {
-        let key = (self.key)(&left);
-        if self.left_key_unique {
-            debug_assert!(
-                !self.left.contains_key(&key),
-                "a second left record of key {key}"
-            );
-            for right in self.right.remove(&key).unwrap_or_default() {
-                out.extend((self.output)(&left, &right));
-            }
-        } else if let Some(rights) = self.right.get(&key) {
-            out.extend(
-                rights
-                    .iter()
-                    .filter_map(|right| (self.output)(&left, right)),
-            );
-        }
-        push_keyed(&mut self.left, key, left);
-    }
-
-    fn on_right(&mut self, right: R, out: &mut Vec<R>) {
-        let key = (self.key)(&right);
-        let lefts = self.left.get(&key);
-        if let Some(lefts) = lefts {
-            out.extend(lefts.iter().filter_map(|left| (self.output)(left, &right)));
-        }
-        if !(self.left_key_unique && lefts.is_some()) {
-            push_keyed(&mut self.right, key, right);
-        }
+    pub fn factory(self) -> JoinFactory<L, R, Out> {
+        let UnboundedJoin {
+            left_key,
+            right_key,
+            output,
+            left_key_unique,
+            ..
+        } = self;
+        Arc::new(move |_| {
+            Box::new(Self::shared(
+                left_key.clone(),
+                right_key.clone(),
+                output.clone(),
+                left_key_unique,
+            ))
+        })
     }
 }
 
-impl<R: Send + 'static> Operator<R> for UnboundedJoin<R> {
-    fn on_records(&mut self, input: u8, records: Vec<R>, out: &mut Vec<R>) {
-        for record in records {
-            if input == 0 {
-                self.on_left(record, out);
-            } else {
-                self.on_right(record, out);
+impl<L: Data, R: Data, Out: Data> JoinOperator<L, R, Out> for UnboundedJoin<L, R, Out> {
+    fn on_left(&mut self, records: Vec<L>, out: &mut Vec<Out>) {
+        for left in records {
+            let key = (self.left_key)(&left);
+            if self.left_key_unique {
+                debug_assert!(
+                    !self.left.contains_key(&key),
+                    "a second left record of key {key}"
+                );
+                for right in self.right.remove(&key).unwrap_or_default() {
+                    out.extend((self.output)(&left, &right));
+                }
+            } else if let Some(rights) = self.right.get(&key) {
+                out.extend(
+                    rights
+                        .iter()
+                        .filter_map(|right| (self.output)(&left, right)),
+                );
+            }
+            push_keyed(&mut self.left, key, left);
+        }
+    }
+
+    fn on_right(&mut self, records: Vec<R>, out: &mut Vec<Out>) {
+        for right in records {
+            let key = (self.right_key)(&right);
+            let lefts = self.left.get(&key);
+            if let Some(lefts) = lefts {
+                out.extend(lefts.iter().filter_map(|left| (self.output)(left, &right)));
+            }
+            if !(self.left_key_unique && lefts.is_some()) {
+                push_keyed(&mut self.right, key, right);
             }
         }
     }
 
-    fn on_watermark(&mut self, watermark_ms: i64, _out: &mut Vec<R>) {
+    fn on_watermark(&mut self, watermark_ms: i64, _out: &mut Vec<Out>) {
         if watermark_ms == super::END_OF_INPUT {
             self.left = IdMap::default();
             self.right = IdMap::default();
@@ -977,19 +977,20 @@ mod tests {
     use super::*;
     use crate::dataflow::END_OF_INPUT;
 
-    /// Test records: inputs `(key, time, value)` and outputs `(key, window, value)`.
+    /// Test input: `(key, time, value)`.
     #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-    enum T {
-        In {
-            key: u64,
-            time_ms: i64,
-            value: u64,
-        },
-        Out {
-            key: u64,
-            window: Window,
-            value: u64,
-        },
+    struct In {
+        key: u64,
+        time_ms: i64,
+        value: u64,
+    }
+
+    /// Test output: `(key, window, value)`.
+    #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+    struct Out {
+        key: u64,
+        window: Window,
+        value: u64,
     }
 
     /// One step of a script: records on an input, or a watermark and the rows it
@@ -1000,71 +1001,91 @@ mod tests {
     }
     use S::{Rec, Wm};
 
-    fn time(r: &T) -> i64 {
-        match r {
-            T::In { time_ms, .. } => *time_ms,
-            T::Out { window, .. } => window.0,
-        }
+    fn records(part: &[(u64, i64, u64)]) -> Vec<In> {
+        part.iter()
+            .map(|&(key, time_ms, value)| In {
+                key,
+                time_ms,
+                value,
+            })
+            .collect()
     }
-    fn key(r: &T) -> u64 {
-        match r {
-            T::In { key, .. } | T::Out { key, .. } => *key,
-        }
+    fn out(key: u64, window: Window, value: u64) -> Out {
+        Out { key, window, value }
     }
-    fn value(r: &T) -> u64 {
-        match r {
-            T::In { value, .. } | T::Out { value, .. } => *value,
-        }
+    fn time(r: &In) -> i64 {
+        r.time_ms
     }
-    fn out(key: u64, window: Window, value: u64) -> T {
-        T::Out { key, window, value }
+    fn key(r: &In) -> u64 {
+        r.key
     }
-    fn parse(r: &T) -> Option<(u64, Window, u64)> {
-        match r {
-            T::Out { key, window, value } => Some((*key, *window, *value)),
-            T::In { .. } => None,
-        }
+    fn side() -> Side<In> {
+        Side::new(time, key)
     }
 
-    /// Run `script` through `operator`; records must fire nothing, and each
-    /// watermark exactly its rows.
-    fn check(name: &str, operator: &mut dyn Operator<T>, script: &[S]) {
+    /// Run `script` through a stage (`records(input, batch, out)`, `watermark`);
+    /// records fire nothing unless `eager`, and each watermark exactly its rows.
+    fn run_script(
+        name: &str,
+        script: &[S],
+        eager: bool,
+        mut on_records: impl FnMut(u8, Vec<In>, &mut Vec<Out>),
+        mut on_watermark: impl FnMut(i64, &mut Vec<Out>),
+    ) -> Vec<Out> {
+        let mut all = Vec::new();
         for (step, s) in script.iter().enumerate() {
             let mut got = Vec::new();
-            let mut expected: Vec<T> = Vec::new();
+            let mut expected: Vec<Out> = Vec::new();
             match s {
-                Rec(input, records) => {
-                    let records = records
-                        .iter()
-                        .map(|&(key, time_ms, value)| T::In {
-                            key,
-                            time_ms,
-                            value,
-                        })
-                        .collect();
-                    operator.on_records(*input, records, &mut got);
-                }
+                Rec(input, part) => on_records(*input, records(part), &mut got),
                 Wm(watermark_ms, rows) => {
-                    operator.on_watermark(*watermark_ms, &mut got);
+                    on_watermark(*watermark_ms, &mut got);
                     expected = rows.iter().map(|&(k, s, e, v)| out(k, (s, e), v)).collect();
                 }
             }
             got.sort();
             expected.sort();
-            assert_eq!(got, expected, "{name}: step {step}");
+            if !eager {
+                assert_eq!(got, expected, "{name}: step {step}");
+            }
+            all.extend(got);
         }
+        all
     }
 
-    fn count() -> Count<T> {
-        Count::two_phase(out, parse)
+    fn check(name: &str, operator: &mut dyn Operator<In, Out>, script: &[S]) {
+        let operator = std::cell::RefCell::new(operator);
+        run_script(
+            name,
+            script,
+            false,
+            |_, records, out| operator.borrow_mut().on_records(records, out),
+            |watermark, out| operator.borrow_mut().on_watermark(watermark, out),
+        );
+    }
+
+    fn check_join(name: &str, operator: &mut dyn JoinOperator<In, In, Out>, script: &[S]) {
+        let operator = std::cell::RefCell::new(operator);
+        run_script(
+            name,
+            script,
+            false,
+            |input, records, out| match input {
+                0 => operator.borrow_mut().on_left(records, out),
+                _ => operator.borrow_mut().on_right(records, out),
+            },
+            |watermark, out| operator.borrow_mut().on_watermark(watermark, out),
+        );
+    }
+
+    fn count() -> Count<In, Out> {
+        Count::new(out)
     }
     /// The largest value per key, every tie kept, as `Out` rows of its tumbling window of 10.
-    fn max_value() -> MaxWithTies<T, u64, fn(&T) -> u64> {
-        MaxWithTies::two_phase(
-            value as fn(&T) -> u64,
-            |r| out(key(r), tumbling(time(r), 10), value(r)),
-            parse,
-        )
+    fn max_value() -> MaxWithTies<In, u64, fn(&In) -> u64, Out> {
+        MaxWithTies::new((|r: &In| r.value) as fn(&In) -> u64, |r: &In| {
+            out(r.key, tumbling(r.time_ms, 10).expect("fits"), r.value)
+        })
     }
 
     const TUMBLING_10: WindowSpec = WindowSpec::Tumbling { size_ms: 10 };
@@ -1161,32 +1182,22 @@ mod tests {
             &[(1, 0, 5), (2, 3, 9), (1, 12, 4)],
             &[(3, 1, 9), (1, 5, 2), (2, 11, 4)],
         ];
-        let records = |part: &[(u64, i64, u64)]| -> Vec<T> {
-            part.iter()
-                .map(|&(key, time_ms, value)| T::In {
-                    key,
-                    time_ms,
-                    value,
-                })
-                .collect()
-        };
-        let mut merge = WindowMerge::new(max_value());
         let mut partials = Vec::new();
         for part in inputs {
             // One accumulator per window in phase 1 (the q7 shape: key 0), so
             // only each window's overall maximum (9, then 4) survives it.
-            let mut phase_1 = WindowAggregate::partial(TUMBLING_10, time, |_| 0, max_value());
-            phase_1.on_records(0, records(part), &mut Vec::new());
+            let mut phase_1 = WindowPartial::new(TUMBLING_10, time, |_| 0, max_value());
+            phase_1.on_records(records(part), &mut Vec::new());
             phase_1.on_watermark(END_OF_INPUT, &mut partials);
         }
+        let mut merge = WindowMerge::new(max_value());
         let mut got = Vec::new();
-        merge.on_records(0, partials, &mut got);
+        merge.on_records(partials, &mut got);
         merge.on_watermark(END_OF_INPUT, &mut got);
         got.sort();
         let mut one_phase = WindowAggregate::new(TUMBLING_10, time, |_| 0, max_value());
         let mut expected = Vec::new();
         one_phase.on_records(
-            0,
             inputs.iter().flat_map(|p| records(p)).collect(),
             &mut expected,
         );
@@ -1206,20 +1217,28 @@ mod tests {
         // Counts: partials of one key from two partitions add up.
         let mut merge = WindowMerge::new(count());
         let mut got = Vec::new();
-        merge.on_records(
-            0,
-            vec![out(1, (0, 10), 2), out(1, (0, 10), 3), out(2, (0, 10), 1)],
-            &mut got,
-        );
+        let partial = |key, acc| PartialRow {
+            key,
+            window: (0, 10),
+            acc,
+        };
+        merge.on_records(vec![partial(1, 2), partial(1, 3), partial(2, 1)], &mut got);
         merge.on_watermark(10, &mut got);
         got.sort();
         assert_eq!(got, vec![out(1, (0, 10), 5), out(2, (0, 10), 1)]);
+
+        // Keys complete in phase 1: the selection runs there, only leaders leave.
+        let top = || TopKeys::new(count(), |n: &u64| *n);
+        let mut phase_1 = WindowPartial::new(TUMBLING_10, time, key, top()).keys_complete();
+        let mut leaders = Vec::new();
+        phase_1.on_records(records(&[(1, 0, 0), (1, 1, 0), (2, 2, 0)]), &mut leaders);
+        phase_1.on_watermark(10, &mut leaders);
+        assert_eq!(leaders, vec![partial(1, 2)]);
     }
 
     #[test]
     fn late_records_are_counted_not_lost_silently() {
-        let mut aggregate =
-            WindowAggregate::new(SLIDING_10_5, time, key, count()).expect_in_order(false);
+        let mut aggregate = WindowAggregate::new(SLIDING_10_5, time, key, count());
         check(
             "sliding: a late record still counts in its open windows",
             &mut aggregate,
@@ -1231,15 +1250,22 @@ mod tests {
             ],
         );
         assert_eq!(aggregate.late_records(), 1);
+        assert_eq!(Operator::late_records(&aggregate), 1, "the engine sees it");
 
-        let mut merge = WindowMerge::new(count()).expect_in_order(false);
+        let mut merge = WindowMerge::new(count());
         merge.on_watermark(10, &mut Vec::new());
-        merge.on_records(0, vec![out(1, (0, 10), 2)], &mut Vec::new());
+        let late = PartialRow {
+            key: 1,
+            window: (0, 10),
+            acc: 2,
+        };
+        merge.on_records(vec![late], &mut Vec::new());
         assert_eq!(merge.late_records(), 1);
 
-        let mut join = WindowJoin::semi(10, time, key, |l, s| Some(out(key(l), (s, s + 10), 0)))
-            .expect_in_order(false);
-        check(
+        let mut join = WindowJoin::semi(10, side(), side(), |l: &In, s| {
+            Some(out(l.key, (s, s + 10), 0))
+        });
+        check_join(
             "join: late record",
             &mut join,
             &[
@@ -1253,28 +1279,25 @@ mod tests {
     }
 
     #[test]
-    #[cfg(debug_assertions)]
-    #[should_panic(expected = "behind the watermark")]
-    fn a_late_record_fails_a_debug_assertion_by_default() {
-        let mut aggregate = WindowAggregate::new(TUMBLING_10, time, key, count());
-        aggregate.on_watermark(10, &mut Vec::new());
-        aggregate.on_records(
-            0,
-            vec![T::In {
-                key: 1,
-                time_ms: 3,
-                value: 0,
-            }],
-            &mut Vec::new(),
+    fn times_whose_windows_overflow_are_late_not_wrapped() {
+        let mut aggregate = WindowAggregate::new(SLIDING_10_5, time, key, count());
+        check(
+            "edges beyond i64",
+            &mut aggregate,
+            &[
+                Rec(0, &[(1, i64::MAX, 0), (1, i64::MIN, 0), (1, 3, 0)]),
+                Wm(END_OF_INPUT, &[(1, -5, 5, 1), (1, 0, 10, 1)]),
+            ],
         );
+        assert_eq!(aggregate.late_records(), 2);
     }
 
     /// Pairs as `Out { key, window, value: left * 100 + right }`.
-    fn pair(left: &T, right: &T, start: i64) -> Option<T> {
+    fn pair(left: &In, right: &In, start: i64) -> Option<Out> {
         Some(out(
-            key(left),
+            left.key,
             (start, start + 10),
-            value(left) * 100 + value(right),
+            left.value * 100 + right.value,
         ))
     }
 
@@ -1314,13 +1337,13 @@ mod tests {
             ),
         ];
         for (name, dedup, script) in cases {
-            let mut join = WindowJoin::new(10, time, key, pair);
+            let mut join = WindowJoin::new(10, side(), side(), pair);
             if *dedup {
                 // The dedup key is the output's key; the first pair made wins, and
                 // within a key left and right records keep their arrival order.
-                join = join.dedup(key);
+                join = join.dedup(|o: &Out| o.key);
             }
-            check(name, &mut join, script);
+            check_join(name, &mut join, script);
         }
         for (name, script) in [
             (
@@ -1340,17 +1363,17 @@ mod tests {
                 ],
             ),
         ] {
-            let mut join = WindowJoin::semi(10, time, key, |left, start| {
-                Some(out(key(left), (start, start + 10), value(left)))
+            let mut join = WindowJoin::semi(10, side(), side(), |left: &In, start| {
+                Some(out(left.key, (start, start + 10), left.value))
             });
-            check(name, &mut join, script);
+            check_join(name, &mut join, script);
         }
     }
 
     #[test]
     fn unbounded_join_emits_each_pair_once_in_either_order() {
         let pair =
-            |left: &T, right: &T| Some(out(key(left), (0, 0), value(left) * 100 + value(right)));
+            |left: &In, right: &In| Some(out(left.key, (0, 0), left.value * 100 + right.value));
         type Case = (&'static str, bool, &'static [S]);
         // No windows: every pair comes out as its second half arrives.
         let cases: &[Case] = &[
@@ -1360,7 +1383,6 @@ mod tests {
                 &[
                     Rec(0, &[(1, 0, 1), (2, 0, 2)]),
                     Rec(1, &[(1, 0, 7), (1, 0, 8), (3, 0, 9)]),
-                    Wm(END_OF_INPUT, &[]),
                 ],
             ),
             (
@@ -1369,7 +1391,6 @@ mod tests {
                 &[
                     Rec(1, &[(1, 0, 7), (1, 0, 8), (3, 0, 9)]),
                     Rec(0, &[(1, 0, 1), (2, 0, 2)]),
-                    Wm(END_OF_INPUT, &[]),
                 ],
             ),
             (
@@ -1379,39 +1400,30 @@ mod tests {
                     Rec(1, &[(1, 0, 7)]),
                     Rec(0, &[(1, 0, 1), (2, 0, 2)]),
                     Rec(1, &[(1, 0, 8), (3, 0, 9)]),
-                    Wm(END_OF_INPUT, &[]),
                 ],
             ),
         ];
         for (name, unique, script) in cases {
-            let mut join = UnboundedJoin::new(key, pair);
+            let mut join = UnboundedJoin::new(key, key, pair);
             if *unique {
                 join = join.left_key_unique();
             }
-            let mut got = Vec::new();
-            for s in script.iter() {
-                match s {
-                    Rec(input, records) => {
-                        let records = records
-                            .iter()
-                            .map(|&(key, time_ms, value)| T::In {
-                                key,
-                                time_ms,
-                                value,
-                            })
-                            .collect();
-                        join.on_records(*input, records, &mut got);
-                    }
-                    Wm(watermark_ms, _) => {
-                        if *watermark_ms == END_OF_INPUT {
-                            // Both sides held (or, left unique, only unmatched rights).
-                            let held = if *unique { (2, 1) } else { (2, 3) };
-                            assert_eq!(join.held_records(), held, "{name}");
-                        }
-                        join.on_watermark(*watermark_ms, &mut got);
-                    }
-                }
-            }
+            let join = std::cell::RefCell::new(join);
+            let mut got = run_script(
+                name,
+                script,
+                true,
+                |input, records, out| match input {
+                    0 => join.borrow_mut().on_left(records, out),
+                    _ => join.borrow_mut().on_right(records, out),
+                },
+                |_, _| {},
+            );
+            let mut join = join.into_inner();
+            // Both sides held (or, left unique, only unmatched rights).
+            let held = if *unique { (2, 1) } else { (2, 3) };
+            assert_eq!(join.held_records(), held, "{name}");
+            join.on_watermark(END_OF_INPUT, &mut got);
             got.sort();
             assert_eq!(
                 got,
