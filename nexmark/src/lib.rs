@@ -7,6 +7,7 @@
 pub mod event;
 pub mod generator;
 pub mod json;
+pub mod parse;
 pub mod queries;
 pub mod run;
 
