@@ -5,6 +5,8 @@
 //! - [`actors`]: messages per second between two actors on one shard, across two
 //!   shards (one payload per message, and 64 per message as the dataflow sends
 //!   them), against glommio's raw channel mesh between the same two cores.
+//! - [`ingest`]: the parallel file source (JSON Lines to `Event` on every core,
+//!   as a dataflow job) against a bare read of the same file by the same reader.
 //! - [`migrate`]: the pause of a live migration of an actor with 1 MiB of state,
 //!   under a steady stream of messages from both shards, and the exactly-once,
 //!   in-order check of every message across 1000 moves.
@@ -18,6 +20,7 @@
 //! decide the figure. The individual samples are in the report too.
 
 pub mod actors;
+pub mod ingest;
 pub mod machine;
 pub mod migrate;
 pub mod nexmark;

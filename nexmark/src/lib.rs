@@ -5,11 +5,14 @@
 //! `dirigo run` does). The engine knows nothing of this crate.
 
 pub mod event;
+pub mod file;
 pub mod generator;
 pub mod json;
+pub mod parse;
 pub mod queries;
 pub mod run;
 
 pub use event::{Auction, Bid, Event, Person, Text};
+pub use file::{FileOptions, FileSource, FileSplit};
 pub use generator::{interleaved_chunks, split, Generator, GeneratorConfig, GeneratorConfigError};
 pub use json::{write_json_line, EventReader, EventWriter, ParseError, ParseErrorKind};

@@ -164,6 +164,12 @@ pub enum EventSource {
         config: GeneratorConfig,
         events: u64,
     },
+    /// A JSON Lines file (as `dirigo gen` writes it) split into one byte range
+    /// per source partition, read in parallel (see `file`).
+    File {
+        path: std::path::PathBuf,
+        options: crate::FileOptions,
+    },
     /// JSON Lines from a reader (one partition); `skip_malformed` skips and counts bad lines.
     Reader {
         open: Arc<dyn Fn() -> Box<dyn BufRead + Send> + Send + Sync>,
@@ -453,6 +459,12 @@ fn source(spec: &EventSource, parallelism: u32) -> Result<(SourceFactory, u32), 
                 })
             });
             Ok((factory, parallelism.max(1)))
+        }
+        EventSource::File { path, options } => {
+            let parts = parallelism.max(1);
+            let split = crate::FileSplit::plan(path, parts, *options)?;
+            let factory: SourceFactory = Arc::new(move |part, _| Box::new(split.open(part)));
+            Ok((factory, parts))
         }
         EventSource::Reader {
             open,

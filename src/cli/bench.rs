@@ -4,7 +4,9 @@
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
-use dirigo_bench::{actors, migrate, nexmark, BenchError};
+use std::path::PathBuf;
+
+use dirigo_bench::{actors, ingest, migrate, nexmark, BenchError};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -23,6 +25,25 @@ enum BenchName {
         /// Messages the receiver counts in each measurement.
         #[arg(long, default_value_t = 20_000_000, value_parser = clap::value_parser!(u64).range(1..))]
         messages: u64,
+        /// Measurements per figure; the median is reported.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+        runs: u64,
+    },
+    /// The parallel file source (JSON Lines to events on every core) against a
+    /// bare read of the same file through the same reader.
+    Ingest {
+        /// Print the report as one JSON object on the last line of stdout.
+        #[arg(long)]
+        json: bool,
+        /// The JSON Lines file to read; default: generate `--events` into a temporary file.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Events to generate when no file is given.
+        #[arg(long, default_value_t = 2_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+        events: u64,
+        /// Shards (cores); default: every online core.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+        cores: Option<u64>,
         /// Measurements per figure; the median is reported.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
         runs: u64,
@@ -71,6 +92,23 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
                 ..actors::Config::default()
             };
             print(&actors::run(&config)?, json);
+            Ok(())
+        }
+        BenchName::Ingest {
+            json,
+            file,
+            events,
+            cores,
+            runs,
+        } => {
+            let config = ingest::Config {
+                file,
+                events,
+                cores: cores.map_or_else(dirigo_engine::runtime::online_cores, |n| n as usize),
+                runs: runs as usize,
+                ..ingest::Config::default()
+            };
+            print(&ingest::run(&config)?, json);
             Ok(())
         }
         BenchName::Migrate { json, migrations } => {

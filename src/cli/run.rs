@@ -1,7 +1,7 @@
 //! `dirigo run <query>`: one Nexmark query on an embedded single-node engine, with
 //! progress on stderr and a summary (or, with `--json`, one JSON line) on stdout.
 
-use std::io::{BufReader, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -41,6 +41,9 @@ pub struct RunArgs {
     /// Skip malformed lines of a file source (counted) instead of failing.
     #[arg(long)]
     skip_malformed: bool,
+    /// Longest line a file source accepts, in bytes (a longer one is malformed).
+    #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(1..=(1 << 30)))]
+    max_line_bytes: u64,
     /// Print the summary as one JSON object on the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -192,21 +195,14 @@ pub fn run(args: RunArgs) -> Result<(), String> {
                 events: args.events,
             }
         }
-        SourceArg::File(path) => {
-            std::fs::File::open(path)
-                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-            let path = path.clone();
-            EventSource::Reader {
-                open: Arc::new(move || -> Box<dyn std::io::BufRead + Send> {
-                    match std::fs::File::open(&path) {
-                        Ok(file) => Box::new(BufReader::with_capacity(1 << 20, file)),
-                        // Checked above; if it vanished since, the source reads nothing.
-                        Err(_) => Box::new(std::io::empty()),
-                    }
-                }),
+        SourceArg::File(path) => EventSource::File {
+            path: path.clone(),
+            options: dirigo_nexmark::FileOptions {
                 skip_malformed: args.skip_malformed,
-            }
-        }
+                max_line_bytes: args.max_line_bytes as usize,
+                ..dirigo_nexmark::FileOptions::default()
+            },
+        },
     };
     let error = Arc::new(Mutex::new(None));
     let (output, sink_parallelism) = match &args.sink {

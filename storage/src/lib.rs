@@ -14,6 +14,9 @@
 //!   torn or corrupt tail and reports what it cut.
 //! - [`manifest`]: write-temp, fsync, rename, fsync-directory commit of a
 //!   whole small file.
+//! - [`read`]: a byte range of a file read sequentially on a dedicated thread
+//!   through io_uring into a bounded pool of buffers, handed over without
+//!   blocking the consumer (the file source's input).
 //! - [`blob`]: key → bytes, one file per key, each put committed atomically.
 //!   The engine's `StateStore` for deactivated actors will wrap it.
 //! - [`spool`]: a writer on its own thread behind a bounded hand-off of
@@ -38,6 +41,7 @@ pub mod blob;
 mod error;
 pub mod log;
 pub mod manifest;
+pub mod read;
 pub mod spool;
 
 pub use blob::{BlobConfig, BlobKey, BlobStore};

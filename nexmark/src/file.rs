@@ -1,0 +1,726 @@
+//! The parallel JSON Lines file source: one byte range of the file per source
+//! partition, read by `storage::read` on a thread of its own, parsed here by
+//! `parse` (sonic-rs into a flat struct), never blocking the shard it runs on.
+//!
+//! # Split
+//!
+//! [`FileSplit::plan`] takes the file's length once; partition `p` of `n` owns
+//! the lines that *start* in `[len * p / n, len * (p + 1) / n)`. A line starts at
+//! byte 0 or right after a `'\n'`, so partition `p > 0` reads from one byte
+//! before its start and skips through the first `'\n'` it sees; it stops at the
+//! first line that starts at or past its end, reading on past the end to finish
+//! the line it is in. Every line is read by exactly one partition, whatever the
+//! split points. Empty lines (also `"\r"` alone) are passed over; a `"\r\n"` end
+//! and a last line without one are fine.
+//!
+//! # Line numbers and time
+//!
+//! A partition counts the line ends it consumes; the line ends before its first
+//! byte are counted only if an error needs an absolute line number (by a
+//! `storage::read::count_newlines` thread; the source answers `Pending` until
+//! then). A partition's watermark is the latest `date_time` it has read. Events
+//! must come in time order (as `dirigo gen` writes them): an event earlier than
+//! the watermark, one more than `max_time_jump_ms` ahead of it, or a time outside
+//! ±2^53 ms (`parse::TIME_ABS_MAX_MS`) is bad input, like a malformed line or one
+//! longer than `max_line_bytes` (which is never buffered whole). Bad input fails
+//! the source with the path and line, or, with `skip_malformed`, is counted and
+//! passed over.
+//!
+//! # Bounds
+//!
+//! Per partition: `read.buffers x read.buffer_bytes` of read buffers (the reader
+//! thread reads at most that far ahead), one carried line of at most
+//! `max_line_bytes`, and the interner (bounded process-wide).
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+
+use dirigo_engine::dataflow::{Source, SourceBatch};
+use dirigo_storage::read::{self, Chunk, RangeReader, ReadConfig};
+
+use crate::parse::{parse_event, Interner};
+use crate::Event;
+
+/// How a file source reads and what it accepts.
+#[derive(Clone, Copy, Debug)]
+pub struct FileOptions {
+    /// Skip (and count) bad lines instead of failing.
+    pub skip_malformed: bool,
+    /// Longest line accepted, in bytes without its line end.
+    pub max_line_bytes: usize,
+    /// How far an event's `date_time` may be ahead of the partition's watermark.
+    pub max_time_jump_ms: i64,
+    /// Read buffers per partition.
+    pub read: ReadConfig,
+}
+
+impl Default for FileOptions {
+    fn default() -> Self {
+        FileOptions {
+            skip_malformed: false,
+            max_line_bytes: 1 << 20,
+            max_time_jump_ms: 24 * 3600 * 1000,
+            read: ReadConfig::default(),
+        }
+    }
+}
+
+/// A file planned once and split into one byte range per partition.
+#[derive(Clone, Debug)]
+pub struct FileSplit {
+    path: Arc<PathBuf>,
+    len: u64,
+    partitions: u32,
+    options: FileOptions,
+}
+
+impl FileSplit {
+    /// Takes the file's length now; the file must not shrink while it is read.
+    pub fn plan(path: &Path, partitions: u32, options: FileOptions) -> Result<FileSplit, String> {
+        assert!(partitions >= 1, "a file split needs a partition");
+        Ok(FileSplit {
+            path: Arc::new(path.to_path_buf()),
+            len: read::file_len(path)?,
+            partitions,
+            options,
+        })
+    }
+
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// Bytes of the file, as planned.
+    pub fn len_bytes(&self) -> u64 {
+        self.len
+    }
+
+    /// Partition `p` owns the lines that start in this range.
+    pub fn range(&self, partition: u32) -> Range<u64> {
+        let at = |p: u32| (self.len as u128 * p as u128 / self.partitions as u128) as u64;
+        at(partition)..at(partition + 1)
+    }
+
+    /// The source of one partition. Failing to start the reader thread shows up
+    /// as the source's `Failed`.
+    pub fn open(&self, partition: u32) -> FileSource {
+        assert!(
+            partition < self.partitions,
+            "partition {partition} of {}",
+            self.partitions
+        );
+        let range = self.range(partition);
+        let read_from = range.start.saturating_sub(1);
+        let mut source = FileSource {
+            path: self.path.clone(),
+            range: range.clone(),
+            read_from,
+            options: self.options,
+            reader: None,
+            chunk: None,
+            carry: Vec::new(),
+            carry_start: 0,
+            skip_to_line_end: range.start > 0,
+            lines_consumed: 0,
+            state: State::Reading,
+            parse: LineState {
+                interner: Interner::default(),
+                watermark_ms: i64::MIN,
+                skipped: 0,
+            },
+        };
+        if range.is_empty() {
+            source.state = State::Done;
+            return source;
+        }
+        match RangeReader::spawn(&self.path, read_from..self.len, self.options.read) {
+            Ok(reader) => source.reader = Some(reader),
+            Err(e) => source.state = State::Failed(e),
+        }
+        source
+    }
+}
+
+/// One partition of a JSON Lines file (see the module header).
+pub struct FileSource {
+    path: Arc<PathBuf>,
+    range: Range<u64>,
+    read_from: u64,
+    options: FileOptions,
+    reader: Option<RangeReader>,
+    /// The chunk being parsed: its offset, buffer, valid length and position.
+    chunk: Option<OpenChunk>,
+    /// The start of a line that continues in the next chunk.
+    carry: Vec<u8>,
+    carry_start: u64,
+    /// Discarding bytes through the next `'\n'`: the partial line before a
+    /// partition's first line, or the rest of a skipped over-long line.
+    skip_to_line_end: bool,
+    /// Line ends consumed since `read_from`.
+    lines_consumed: u64,
+    state: State,
+    parse: LineState,
+}
+
+struct OpenChunk {
+    offset: u64,
+    bytes: Vec<u8>,
+    len: usize,
+    pos: usize,
+}
+
+enum State {
+    Reading,
+    Done,
+    /// An error waits for the count of line ends before `read_from`.
+    Counting {
+        line_in_range: u64,
+        message: String,
+        count: Receiver<Result<u64, String>>,
+    },
+    Failed(String),
+    /// `Failed` was returned once; it is returned again if asked.
+    Reported(String),
+}
+
+struct LineState {
+    interner: Interner,
+    watermark_ms: i64,
+    skipped: u64,
+}
+
+impl FileSource {
+    /// Plans `path` for `partitions` and opens `partition`.
+    pub fn open(
+        path: &Path,
+        partition: u32,
+        partitions: u32,
+        options: FileOptions,
+    ) -> Result<FileSource, String> {
+        Ok(FileSplit::plan(path, partitions, options)?.open(partition))
+    }
+
+    /// Set once this partition's reader thread has exited (`None`: it had none).
+    pub fn reader_stopped(&self) -> Option<Arc<AtomicBool>> {
+        self.reader.as_ref().map(RangeReader::stopped)
+    }
+
+    /// The latest event time read so far (`i64::MIN` before the first event).
+    pub fn watermark_ms(&self) -> i64 {
+        self.parse.watermark_ms
+    }
+
+    fn stop_reading(&mut self) {
+        self.reader = None;
+        self.chunk = None;
+        self.carry = Vec::new();
+    }
+
+    /// Fail now (partition 0 knows its line numbers) or once the line ends
+    /// before this range are counted.
+    fn fail_at(&mut self, line_in_range: u64, message: String) {
+        self.stop_reading();
+        self.state = if self.read_from == 0 {
+            State::Failed(self.line_message(0, line_in_range, &message))
+        } else {
+            State::Counting {
+                line_in_range,
+                message,
+                count: read::count_newlines(&self.path, self.read_from),
+            }
+        };
+    }
+
+    fn line_message(&self, lines_before: u64, line_in_range: u64, message: &str) -> String {
+        format!(
+            "{}: line {}: {message}",
+            self.path.display(),
+            lines_before + line_in_range + 1
+        )
+    }
+
+    /// Parses lines from the chunks at hand until `out` has `max_records` more,
+    /// the input ends, or no chunk is ready.
+    fn fill(&mut self, max_records: usize, out: &mut Vec<Event>) {
+        let target = out.len() + max_records;
+        while out.len() < target && matches!(self.state, State::Reading) {
+            let Some(chunk) = self.chunk.as_mut() else {
+                if !self.next_chunk(out) {
+                    return;
+                }
+                continue;
+            };
+            let rest = &chunk.bytes[chunk.pos..chunk.len];
+            if rest.is_empty() {
+                let done = self.chunk.take().expect("a chunk");
+                if let Some(reader) = self.reader.as_mut() {
+                    reader.recycle(done.bytes);
+                }
+                continue;
+            }
+            let newline = memchr::memchr(b'\n', rest);
+            if self.skip_to_line_end {
+                match newline {
+                    Some(i) => {
+                        chunk.pos += i + 1;
+                        self.lines_consumed += 1;
+                        self.skip_to_line_end = false;
+                    }
+                    None => chunk.pos = chunk.len,
+                }
+                continue;
+            }
+            let line_start = if self.carry.is_empty() {
+                chunk.offset + chunk.pos as u64
+            } else {
+                self.carry_start
+            };
+            if line_start >= self.range.end {
+                self.stop_reading();
+                self.state = State::Done;
+                return;
+            }
+            let line_in_range = self.lines_consumed;
+            let max = self.options.max_line_bytes;
+            let Some(i) = newline else {
+                // The line goes on in the next chunk: carry it, within the bound.
+                if self.carry.len() + rest.len() > max {
+                    self.carry.clear();
+                    chunk.pos = chunk.len;
+                    self.too_long(line_in_range);
+                } else {
+                    if self.carry.is_empty() {
+                        self.carry_start = line_start;
+                    }
+                    self.carry.extend_from_slice(rest);
+                    chunk.pos = chunk.len;
+                }
+                continue;
+            };
+            chunk.pos += i + 1;
+            self.lines_consumed += 1;
+            let line = if self.carry.is_empty() {
+                &rest[..i]
+            } else {
+                self.carry.extend_from_slice(&rest[..i]);
+                &self.carry[..]
+            };
+            let result = if line.len() > max {
+                Err(too_long_message(max))
+            } else {
+                self.parse.line(line, &self.options, out)
+            };
+            self.carry.clear();
+            if let Err(message) = result {
+                self.bad_line(line_in_range, message);
+            }
+        }
+    }
+
+    /// Takes the next chunk from the reader; false if none is ready or the
+    /// input has ended (the state says which).
+    fn next_chunk(&mut self, out: &mut Vec<Event>) -> bool {
+        let Some(reader) = self.reader.as_mut() else {
+            self.state = State::Done;
+            return false;
+        };
+        match reader.try_next() {
+            None => false,
+            Some(Chunk::Data { offset, bytes, len }) => {
+                self.chunk = Some(OpenChunk {
+                    offset,
+                    bytes,
+                    len,
+                    pos: 0,
+                });
+                true
+            }
+            Some(Chunk::End) => {
+                self.end_of_file(out);
+                false
+            }
+            Some(Chunk::Failed(message)) => {
+                self.stop_reading();
+                self.state = State::Failed(message);
+                false
+            }
+        }
+    }
+
+    /// The file ended: a last line without a line end is still a line.
+    fn end_of_file(&mut self, out: &mut Vec<Event>) {
+        let carry = std::mem::take(&mut self.carry);
+        self.stop_reading();
+        self.state = State::Done;
+        if !carry.is_empty() && !self.skip_to_line_end {
+            // It started in range: it was checked before it was carried.
+            let too_long = carry.len() > self.options.max_line_bytes;
+            let result = if too_long {
+                Err(too_long_message(self.options.max_line_bytes))
+            } else {
+                self.parse.line(&carry, &self.options, out)
+            };
+            if let Err(message) = result {
+                self.bad_line(self.lines_consumed, message);
+            }
+        }
+    }
+
+    fn too_long(&mut self, line_in_range: u64) {
+        self.skip_to_line_end = true;
+        self.bad_line(line_in_range, too_long_message(self.options.max_line_bytes));
+    }
+
+    fn bad_line(&mut self, line_in_range: u64, message: String) {
+        if self.options.skip_malformed {
+            self.parse.skipped += 1;
+        } else {
+            self.fail_at(line_in_range, message);
+        }
+    }
+}
+
+fn too_long_message(max: usize) -> String {
+    format!("the line is longer than max_line_bytes ({max} bytes)")
+}
+
+impl LineState {
+    /// Parses one line (its `'\n'` removed) and checks its time.
+    fn line(
+        &mut self,
+        line: &[u8],
+        options: &FileOptions,
+        out: &mut Vec<Event>,
+    ) -> Result<(), String> {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return Ok(());
+        }
+        let event = parse_event(&mut self.interner, line)?;
+        let time_ms = event.date_time();
+        if time_ms < self.watermark_ms {
+            return Err(format!(
+                "date_time {time_ms} is earlier than {} on an earlier line; \
+                 the file source needs events in time order",
+                self.watermark_ms
+            ));
+        }
+        if self.watermark_ms != i64::MIN && time_ms - self.watermark_ms > options.max_time_jump_ms {
+            return Err(format!(
+                "date_time {time_ms} is more than max_time_jump_ms ({} ms) ahead of {} on an earlier line",
+                options.max_time_jump_ms, self.watermark_ms
+            ));
+        }
+        self.watermark_ms = time_ms;
+        out.push(event);
+        Ok(())
+    }
+}
+
+impl Source<Event> for FileSource {
+    fn next_batch(&mut self, max_records: usize, out: &mut Vec<Event>) -> SourceBatch {
+        let before = out.len();
+        self.fill(max_records, out);
+        let produced = out.len() > before;
+        let state = std::mem::replace(&mut self.state, State::Done);
+        let (state, batch) = self.answer(state, produced);
+        self.state = state;
+        batch
+    }
+
+    fn skipped_records(&self) -> u64 {
+        self.parse.skipped
+    }
+}
+
+impl FileSource {
+    /// What to answer in `state`, and the state after.
+    fn answer(&self, state: State, produced: bool) -> (State, SourceBatch) {
+        let failed = |text: String| (State::Reported(text.clone()), SourceBatch::Failed(text));
+        match state {
+            State::Reading if produced => {
+                let watermark_ms = self.parse.watermark_ms;
+                (State::Reading, SourceBatch::More { watermark_ms })
+            }
+            State::Reading => (State::Reading, SourceBatch::Pending),
+            State::Done => (State::Done, SourceBatch::Done),
+            State::Counting {
+                line_in_range,
+                message,
+                count,
+            } => match count.try_recv() {
+                Ok(Ok(lines_before)) => {
+                    failed(self.line_message(lines_before, line_in_range, &message))
+                }
+                Ok(Err(e)) => failed(format!(
+                    "{}: {message} (its line number is unknown: {e})",
+                    self.path.display()
+                )),
+                Err(TryRecvError::Empty) => (
+                    State::Counting {
+                        line_in_range,
+                        message,
+                        count,
+                    },
+                    SourceBatch::Pending,
+                ),
+                Err(TryRecvError::Disconnected) => {
+                    failed(format!("{}: {message}", self.path.display()))
+                }
+            },
+            State::Failed(text) | State::Reported(text) => failed(text),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    use crate::json::write_json_line;
+    use crate::Bid;
+
+    fn temp_path(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("dirigo-file-{}-{name}", std::process::id()))
+    }
+
+    /// Runs one partition to its end: its events and its error, if any.
+    fn drain(mut source: FileSource, max_records: usize) -> (Vec<Event>, Option<String>, u64) {
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(Instant::now() < deadline, "the source made no progress");
+            match source.next_batch(max_records, &mut out) {
+                SourceBatch::More { watermark_ms } => {
+                    assert_eq!(watermark_ms, out.last().map_or(i64::MIN, Event::date_time))
+                }
+                SourceBatch::Pending => std::thread::yield_now(),
+                SourceBatch::Done => return (out, None, source.skipped_records()),
+                SourceBatch::Failed(e) => return (out, Some(e), source.skipped_records()),
+            }
+        }
+    }
+
+    fn bid_line(t: i64, extra_len: usize) -> Vec<u8> {
+        let mut line = Vec::new();
+        write_json_line(
+            &Event::Bid(Bid {
+                auction: 1000 + t as u64,
+                bidder: 7,
+                price: 5,
+                channel: "Apple".into(),
+                url: "https://x/y".into(),
+                date_time: t,
+                extra: "e".repeat(extra_len).into(),
+            }),
+            &mut line,
+        );
+        line.pop();
+        line
+    }
+
+    struct Rng(u64);
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    /// What a plain line-by-line reader makes of a file: per line (1-based
+    /// number, start offset), the event or `None` for a bad line.
+    struct Reference {
+        lines: Vec<(u64, u64, Option<Event>)>,
+    }
+
+    fn random_file(rng: &mut Rng, max_line_bytes: usize) -> (Vec<u8>, Reference) {
+        let mut bytes = Vec::new();
+        let mut lines = Vec::new();
+        let mut t = 1_000;
+        let count = rng.below(30);
+        for number in 1..=count {
+            let start = bytes.len() as u64;
+            match rng.below(8) {
+                0 => {} // an empty line
+                1 => {
+                    bytes.extend_from_slice(b"{\"type\":\"bid\"}");
+                    lines.push((number, start, None));
+                }
+                2 => {
+                    bytes.extend_from_slice(&bid_line(t, max_line_bytes));
+                    lines.push((number, start, None));
+                }
+                3 => bytes.extend_from_slice(b"  \r"),
+                _ => {
+                    t += rng.below(3) as i64;
+                    let line = bid_line(t, rng.below(40) as usize);
+                    bytes.extend_from_slice(&line);
+                    let event = crate::parse::parse_event(&mut Interner::default(), &line).unwrap();
+                    lines.push((number, start, Some(event)));
+                }
+            }
+            let last = number == count;
+            if !(last && rng.below(2) == 0) {
+                bytes.extend_from_slice(if rng.below(2) == 0 { b"\r\n" } else { b"\n" });
+            }
+        }
+        (bytes, Reference { lines })
+    }
+
+    #[test]
+    fn file_split_reads_every_line_once_whatever_the_split_points() {
+        let path = temp_path("split");
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for case in 0..100 {
+            let max_line_bytes = 160;
+            let (bytes, reference) = random_file(&mut rng, max_line_bytes);
+            std::fs::write(&path, &bytes).unwrap();
+            let read = ReadConfig {
+                buffer_bytes: 1 + rng.below(64) as usize,
+                buffers: 1 + rng.below(3) as usize,
+            };
+            for partitions in 1..=8 {
+                for skip_malformed in [false, true] {
+                    let options = FileOptions {
+                        skip_malformed,
+                        max_line_bytes,
+                        read,
+                        ..FileOptions::default()
+                    };
+                    let split = FileSplit::plan(&path, partitions, options).unwrap();
+                    let mut all = Vec::new();
+                    let mut skipped = 0;
+                    for p in 0..partitions {
+                        let range = split.range(p);
+                        let owned: Vec<_> = reference
+                            .lines
+                            .iter()
+                            .filter(|(_, start, _)| range.contains(start))
+                            .collect();
+                        let max_records = 1 + rng.below(5) as usize;
+                        let (events, error, skips) = drain(split.open(p), max_records);
+                        let first_bad = owned.iter().position(|(_, _, e)| e.is_none());
+                        let want: Vec<Event> = owned
+                            .iter()
+                            .take(if skip_malformed {
+                                owned.len()
+                            } else {
+                                first_bad.unwrap_or(owned.len())
+                            })
+                            .filter_map(|(_, _, e)| e.clone())
+                            .collect();
+                        let context = format!("case {case}, {partitions} partitions, p {p}, skip {skip_malformed}, {read:?}, {error:?} {:?}", String::from_utf8_lossy(&bytes));
+                        assert_eq!(events, want, "{context}");
+                        match (skip_malformed, first_bad) {
+                            (false, Some(i)) => {
+                                let error = error.unwrap_or_else(|| panic!("{context}: no error"));
+                                let want = format!("{}: line {}: ", path.display(), owned[i].0);
+                                assert!(
+                                    error.starts_with(&want),
+                                    "{context}: {error}, want {want}"
+                                );
+                            }
+                            _ => assert_eq!(error, None, "{context}"),
+                        }
+                        if skip_malformed {
+                            skipped += skips;
+                        }
+                        all.extend(events);
+                    }
+                    if skip_malformed {
+                        let bad = reference.lines.iter().filter(|l| l.2.is_none()).count();
+                        assert_eq!(skipped, bad as u64, "case {case}, {partitions} partitions");
+                        let good: Vec<Event> =
+                            reference.lines.iter().filter_map(|l| l.2.clone()).collect();
+                        assert_eq!(all, good, "case {case}, {partitions} partitions");
+                    }
+                }
+            }
+        }
+        std::fs::remove_file(path).unwrap();
+    }
+
+    /// `(lines, skip_malformed) -> wanted error text`, one file per case.
+    fn check_times(lines: &[Vec<u8>], want: &str) {
+        let path = temp_path(&format!("times-{}", want.len()));
+        std::fs::write(&path, lines.join(&b'\n')).unwrap();
+        let options = FileOptions::default();
+        let (_, error, _) = drain(FileSource::open(&path, 0, 1, options).unwrap(), 100);
+        let error = error.expect("an error");
+        assert!(error.contains(want), "{error}");
+        let options = FileOptions {
+            skip_malformed: true,
+            ..options
+        };
+        let (events, error, skipped) = drain(FileSource::open(&path, 0, 1, options).unwrap(), 100);
+        assert_eq!((events.len(), error, skipped), (lines.len() - 1, None, 1));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn file_source_rejects_times_out_of_range_order_or_reach() {
+        let day = 24 * 3600 * 1000;
+        check_times(
+            &[bid_line(5, 0), bid_line(i64::MAX, 0), bid_line(6, 0)],
+            "line 2: date_time 9223372036854775807 is out of range",
+        );
+        check_times(
+            &[bid_line(5, 0), bid_line(4, 0), bid_line(6, 0)],
+            "line 2: date_time 4 is earlier than 5",
+        );
+        check_times(
+            &[bid_line(5, 0), bid_line(6 + day, 0), bid_line(6, 0)],
+            "line 2: date_time 86400006 is more than max_time_jump_ms",
+        );
+    }
+
+    #[test]
+    fn file_source_error_lines_are_absolute_in_later_partitions() {
+        let path = temp_path("later");
+        let mut lines: Vec<Vec<u8>> = (0..1000).map(|t| bid_line(t, 10)).collect();
+        lines[900] = b"not json".to_vec();
+        std::fs::write(&path, lines.join(&b'\n')).unwrap();
+        let split = FileSplit::plan(&path, 4, FileOptions::default()).unwrap();
+        let (_, error, _) = drain(split.open(3), 64);
+        let error = error.expect("an error");
+        assert!(
+            error.starts_with(&format!("{}: line 901: ", path.display())),
+            "{error}"
+        );
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn file_source_reader_thread_stops_when_the_source_is_dropped() {
+        let path = temp_path("drop");
+        let lines: Vec<Vec<u8>> = (0..20_000).map(|t| bid_line(t, 10)).collect();
+        std::fs::write(&path, lines.join(&b'\n')).unwrap();
+        let options = FileOptions {
+            read: ReadConfig {
+                buffer_bytes: 4096,
+                buffers: 2,
+            },
+            ..FileOptions::default()
+        };
+        let mut source = FileSource::open(&path, 0, 1, options).unwrap();
+        let stopped = source.reader_stopped().expect("a reader");
+        let mut out = Vec::new();
+        while out.is_empty() {
+            let _ = source.next_batch(10, &mut out);
+        }
+        assert!(!stopped.load(std::sync::atomic::Ordering::Acquire));
+        drop(source);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !stopped.load(std::sync::atomic::Ordering::Acquire) {
+            assert!(Instant::now() < deadline, "the reader thread still runs");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::fs::remove_file(path).unwrap();
+    }
+}

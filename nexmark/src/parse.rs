@@ -1,0 +1,399 @@
+//! The fast path from one JSON line to an [`Event`]: a SIMD JSON parser
+//! (sonic-rs, chosen by measurement, see ARCHITECTURE.md) fills one flat struct
+//! whose strings borrow from the line, then [`Flat::into_event`] checks which
+//! fields belong to which kind and builds the `Event`.
+//!
+//! Why flat: an internally tagged enum makes serde buffer every field into a
+//! temporary tree before it knows the variant; one struct with every field
+//! optional is filled in one pass whatever the key order. Why borrowed: a string
+//! is copied once, into the event, or not at all when the [`Interner`] already
+//! holds it (channel, url, city, state: few distinct values, one per bid).
+//!
+//! Strings of an `Event` are [`Text`] (`Cow<'static, str>`): an interned string
+//! is a `&'static str` from a bounded, process-wide pool (a leak bounded by
+//! [`INTERN_STRINGS_MAX`] x [`INTERN_STRING_BYTES_MAX`], 2 MiB), everything else
+//! is an owned copy. No record borrows from a read buffer, which is recycled.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Mutex;
+
+use serde::Deserialize;
+
+use crate::event::{Auction, Bid, Event, Person, Text};
+
+/// Strings the process-wide intern pool holds at most (every partition of every
+/// job shares it; past this, strings are copied per event).
+pub const INTERN_STRINGS_MAX: usize = 16_384;
+/// Longer strings are never interned.
+pub const INTERN_STRING_BYTES_MAX: usize = 128;
+/// Event times must lie within ±2^53 ms (about 285,000 years around 1970): exact
+/// as an f64, and far enough from `i64::MAX` (the end-of-input watermark) that no
+/// window arithmetic on them can overflow.
+pub const TIME_ABS_MAX_MS: i64 = 1 << 53;
+
+/// One event line, every field optional, strings borrowed from the line where
+/// they have no escapes.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Flat<'a> {
+    #[serde(rename = "type", borrow)]
+    pub kind: Option<Str<'a>>,
+    pub id: Option<u64>,
+    #[serde(borrow)]
+    pub name: Option<Str<'a>>,
+    #[serde(borrow)]
+    pub email_address: Option<Str<'a>>,
+    #[serde(borrow)]
+    pub credit_card: Option<Str<'a>>,
+    #[serde(borrow)]
+    pub city: Option<Str<'a>>,
+    #[serde(borrow)]
+    pub state: Option<Str<'a>>,
+    pub date_time: Option<i64>,
+    #[serde(borrow)]
+    pub extra: Option<Str<'a>>,
+    #[serde(borrow)]
+    pub item_name: Option<Str<'a>>,
+    #[serde(borrow)]
+    pub description: Option<Str<'a>>,
+    pub initial_bid: Option<u64>,
+    pub reserve: Option<u64>,
+    pub expires: Option<i64>,
+    pub seller: Option<u64>,
+    pub category: Option<u64>,
+    pub auction: Option<u64>,
+    pub bidder: Option<u64>,
+    pub price: Option<u64>,
+    #[serde(borrow)]
+    pub channel: Option<Str<'a>>,
+    #[serde(borrow)]
+    pub url: Option<Str<'a>>,
+}
+
+/// A string field: borrowed from the line unless it had escapes. (serde borrows
+/// a bare `Cow<str>` field but not an `Option<Cow<str>>`, hence this wrapper.)
+pub struct Str<'a>(pub Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Str<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Str<'de>, E> {
+                Ok(Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Str<'de>, E> {
+                Ok(Str(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Str<'de>, E> {
+                Ok(Str(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Parses one line (without its line end) into the flat struct with sonic-rs.
+pub fn parse_flat(line: &[u8]) -> Result<Flat<'_>, String> {
+    sonic_rs::from_slice(line).map_err(|e| e.to_string())
+}
+
+/// Builds [`Text`]s: interned `&'static str` for the low-cardinality fields
+/// (bounded, see [`INTERN_STRINGS_MAX`]), owned copies otherwise.
+///
+/// Each partition keeps its own lock-free cache in front of the shared pool, so
+/// the pool's mutex is taken only on a partition's first sight of a string.
+#[derive(Default)]
+pub struct Interner {
+    local: HashSet<&'static str, BuildHasherDefault<FxHasher>>,
+}
+
+static POOL: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
+
+impl Interner {
+    /// A `Text` for `s`, interned if it is short and there is room.
+    pub fn intern(&mut self, s: Option<Str<'_>>, name: &'static str) -> Result<Text, String> {
+        let s = need(s, name)?.0;
+        if let Some(found) = self.local.get(&*s) {
+            return Ok(Cow::Borrowed(found));
+        }
+        if s.len() > INTERN_STRING_BYTES_MAX || self.local.len() >= INTERN_STRINGS_MAX {
+            return Ok(Cow::Owned(s.into_owned()));
+        }
+        Ok(match intern_shared(&s) {
+            Some(shared) => {
+                self.local.insert(shared);
+                Cow::Borrowed(shared)
+            }
+            None => Cow::Owned(s.into_owned()),
+        })
+    }
+}
+
+/// Looks `s` up in the process-wide pool, adding it if there is room.
+fn intern_shared(s: &str) -> Option<&'static str> {
+    // A poisoned pool only means another thread panicked mid-insert of a
+    // complete &'static str; the set is still consistent.
+    let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let pool = guard.get_or_insert_with(HashSet::new);
+    if let Some(found) = pool.get(s) {
+        return Some(found);
+    }
+    if pool.len() >= INTERN_STRINGS_MAX {
+        return None;
+    }
+    // The one deliberate leak: bounded by INTERN_STRINGS_MAX strings of at most
+    // INTERN_STRING_BYTES_MAX bytes for the life of the process.
+    let leaked: &'static str = Box::leak(s.to_owned().into_boxed_str());
+    pool.insert(leaked);
+    Some(leaked)
+}
+
+/// FxHash (rustc's): one multiply per word; interned keys are short and not
+/// attacker-chosen in a way that matters (the set is bounded).
+#[derive(Default)]
+pub struct FxHasher {
+    hash: u64,
+}
+
+const FX_SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.hash = (self.hash.rotate_left(5) ^ word).wrapping_mul(FX_SEED);
+    }
+}
+
+impl Hasher for FxHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.add(u64::from_le_bytes(c.try_into().expect("8 bytes")));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut word = [0u8; 8];
+            word[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(i as u64);
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.hash
+    }
+}
+
+fn owned(s: Option<Str<'_>>, name: &'static str) -> Result<Text, String> {
+    match s {
+        Some(s) => Ok(Cow::Owned(s.0.into_owned())),
+        None => Err(format!("missing field `{name}`")),
+    }
+}
+
+fn need<T>(v: Option<T>, name: &'static str) -> Result<T, String> {
+    v.ok_or_else(|| format!("missing field `{name}`"))
+}
+
+fn time(v: Option<i64>, name: &'static str) -> Result<i64, String> {
+    let t = need(v, name)?;
+    if t.unsigned_abs() > TIME_ABS_MAX_MS as u64 {
+        return Err(format!(
+            "{name} {t} is out of range (|t| <= 2^53 ms, about 285,000 years around 1970)"
+        ));
+    }
+    Ok(t)
+}
+
+fn reject(fields: &[(bool, &'static str)], kind: &str) -> Result<(), String> {
+    match fields.iter().find(|(present, _)| *present) {
+        Some((_, name)) => Err(format!("field `{name}` does not belong to a {kind}")),
+        None => Ok(()),
+    }
+}
+
+impl Flat<'_> {
+    /// The event these fields make, or what is wrong with them.
+    pub fn into_event(self, interner: &mut Interner) -> Result<Event, String> {
+        let kind = need(self.kind, "type")?;
+        match &*kind.0 {
+            "bid" => {
+                reject(
+                    &[
+                        (self.id.is_some(), "id"),
+                        (self.name.is_some(), "name"),
+                        (self.email_address.is_some(), "email_address"),
+                        (self.credit_card.is_some(), "credit_card"),
+                        (self.city.is_some(), "city"),
+                        (self.state.is_some(), "state"),
+                        (self.item_name.is_some(), "item_name"),
+                        (self.description.is_some(), "description"),
+                        (self.initial_bid.is_some(), "initial_bid"),
+                        (self.reserve.is_some(), "reserve"),
+                        (self.expires.is_some(), "expires"),
+                        (self.seller.is_some(), "seller"),
+                        (self.category.is_some(), "category"),
+                    ],
+                    "bid",
+                )?;
+                Ok(Event::Bid(Bid {
+                    auction: need(self.auction, "auction")?,
+                    bidder: need(self.bidder, "bidder")?,
+                    price: need(self.price, "price")?,
+                    channel: interner.intern(self.channel, "channel")?,
+                    url: interner.intern(self.url, "url")?,
+                    date_time: time(self.date_time, "date_time")?,
+                    extra: owned(self.extra, "extra")?,
+                }))
+            }
+            "person" => {
+                reject(
+                    &[
+                        (self.item_name.is_some(), "item_name"),
+                        (self.description.is_some(), "description"),
+                        (self.initial_bid.is_some(), "initial_bid"),
+                        (self.reserve.is_some(), "reserve"),
+                        (self.expires.is_some(), "expires"),
+                        (self.seller.is_some(), "seller"),
+                        (self.category.is_some(), "category"),
+                        (self.auction.is_some(), "auction"),
+                        (self.bidder.is_some(), "bidder"),
+                        (self.price.is_some(), "price"),
+                        (self.channel.is_some(), "channel"),
+                        (self.url.is_some(), "url"),
+                    ],
+                    "person",
+                )?;
+                Ok(Event::Person(Box::new(Person {
+                    id: need(self.id, "id")?,
+                    name: owned(self.name, "name")?,
+                    email_address: owned(self.email_address, "email_address")?,
+                    credit_card: owned(self.credit_card, "credit_card")?,
+                    city: interner.intern(self.city, "city")?,
+                    state: interner.intern(self.state, "state")?,
+                    date_time: time(self.date_time, "date_time")?,
+                    extra: owned(self.extra, "extra")?,
+                })))
+            }
+            "auction" => {
+                reject(
+                    &[
+                        (self.name.is_some(), "name"),
+                        (self.email_address.is_some(), "email_address"),
+                        (self.credit_card.is_some(), "credit_card"),
+                        (self.city.is_some(), "city"),
+                        (self.state.is_some(), "state"),
+                        (self.auction.is_some(), "auction"),
+                        (self.bidder.is_some(), "bidder"),
+                        (self.price.is_some(), "price"),
+                        (self.channel.is_some(), "channel"),
+                        (self.url.is_some(), "url"),
+                    ],
+                    "auction",
+                )?;
+                Ok(Event::Auction(Box::new(Auction {
+                    id: need(self.id, "id")?,
+                    item_name: owned(self.item_name, "item_name")?,
+                    description: owned(self.description, "description")?,
+                    initial_bid: need(self.initial_bid, "initial_bid")?,
+                    reserve: need(self.reserve, "reserve")?,
+                    date_time: time(self.date_time, "date_time")?,
+                    expires: time(self.expires, "expires")?,
+                    seller: need(self.seller, "seller")?,
+                    category: need(self.category, "category")?,
+                    extra: owned(self.extra, "extra")?,
+                })))
+            }
+            other => Err(format!(
+                "unknown type `{other}`, expected one of `person`, `auction`, `bid`"
+            )),
+        }
+    }
+}
+
+/// Parses one line (without its line end) into an event.
+pub fn parse_event(interner: &mut Interner, line: &[u8]) -> Result<Event, String> {
+    parse_flat(line)?.into_event(interner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generator::{Generator, GeneratorConfig};
+    use crate::json::write_json_line;
+
+    fn parse(line: &str) -> Result<Event, String> {
+        parse_event(&mut Interner::default(), line.as_bytes())
+    }
+
+    #[test]
+    fn fast_parse_matches_serde_json_on_generated_events() {
+        let g = Generator::new(GeneratorConfig::default()).unwrap();
+        let mut events = Vec::new();
+        g.fill(0..5_000, &mut events);
+        let mut interner = Interner::default();
+        for e in &events {
+            let mut line = Vec::new();
+            write_json_line(e, &mut line);
+            line.pop();
+            let parsed = parse_event(&mut interner, &line).unwrap();
+            assert_eq!(&parsed, e);
+        }
+    }
+
+    #[test]
+    fn fast_parse_errors_say_what_is_wrong() {
+        let cases: &[(&str, &str)] = &[
+            (r#"{"type":"bid","auction":1000,"bidder":10"#, ""),
+            (r#"{"type":"sale","auction":1000}"#, "unknown type `sale`"),
+            (
+                r#"{"type":"bid","auction":1000,"bidder":1001,"channel":"Apple","url":"u","date_time":1,"extra":""}"#,
+                "missing field `price`",
+            ),
+            (r#"{"auction":1000}"#, "missing field `type`"),
+            (r#"{"type":"bid","colour":"red"}"#, "unknown field `colour`"),
+            (
+                r#"{"type":"bid","auction":1000,"bidder":1001,"price":1,"channel":"c","url":"u","date_time":0,"extra":"","seller":5}"#,
+                "field `seller` does not belong to a bid",
+            ),
+            (
+                r#"{"type":"bid","auction":1000,"bidder":1001,"price":1,"channel":"c","url":"u","date_time":9223372036854775807,"extra":""}"#,
+                "date_time 9223372036854775807 is out of range",
+            ),
+            (
+                r#"{"type":"bid","auction":1000,"bidder":1001,"price":"5","channel":"c","url":"u","date_time":0,"extra":""}"#,
+                "",
+            ),
+            (r#"[1,2]"#, ""),
+        ];
+        for (line, want) in cases {
+            let err = parse(line).unwrap_err();
+            assert!(err.contains(want), "{line}: {err}");
+        }
+    }
+
+    #[test]
+    fn fast_parse_unescapes_and_interns() {
+        let line = r#"{"type":"bid","auction":1000,"bidder":1001,"price":5,"channel":"A\"pple\u00e9","url":"u","date_time":-1,"extra":"x"}"#;
+        match parse(line).unwrap() {
+            Event::Bid(b) => {
+                assert_eq!(b.channel, "A\"pple\u{e9}");
+                assert!(matches!(b.channel, Cow::Borrowed(_)), "interned");
+                assert!(matches!(b.extra, Cow::Owned(_)));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
