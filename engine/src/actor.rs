@@ -38,6 +38,13 @@ pub trait Actor: Send + 'static {
     fn snapshot(&self) -> Option<StateBytes> {
         None
     }
+
+    /// Whether the actor may be deactivated now, i.e. whether `snapshot` holds all
+    /// it needs to resume. An actor with state it cannot snapshot yet (an operator
+    /// mid-job) says no and stays active however long it idles.
+    fn may_deactivate(&self) -> bool {
+        true
+    }
 }
 
 /// A boxed actor of the runtime's message type.

@@ -14,20 +14,42 @@ use std::sync::Arc;
 
 use hdrhistogram::Histogram;
 
-use crate::actor::{Actor, BoxActor, Context, SchedCtx};
+use crate::actor::{decode_state, encode_state, Actor, BoxActor, Context, SchedCtx, StateBytes};
 use crate::ids::ActorId;
 
 use super::batch::Batch;
-use super::graph::{Data, JoinOperator, Operator, Plan, Route, Sink, Source, SourceBatch};
+use super::graph::{
+    Data, JoinOperator, Operator, Plan, Route, Sink, Source, SourceBatch, SourceFactory,
+};
 use super::{DataMsg, END_OF_INPUT};
 
-pub(crate) fn activate(plan: Arc<Plan>, id: ActorId) -> BoxActor<DataMsg> {
+pub(crate) fn activate(plan: Arc<Plan>, id: ActorId, state: Option<&[u8]>) -> BoxActor<DataMsg> {
     let stage = &plan.stages[id.operator as usize];
     assert!(
         id.partition < stage.parallelism,
         "{id} beyond its stage's parallelism"
     );
-    (stage.activate)(&plan, id)
+    let saved = state.map(|bytes| {
+        decode_state::<Saved>(bytes)
+            .unwrap_or_else(|e| panic!("{id}: its saved bookkeeping does not decode: {e}"))
+    });
+    (stage.activate)(&plan, id, saved)
+}
+
+/// What a dataflow actor keeps while deactivated: its bookkeeping, never an
+/// operator's state. So only actors with no operator state to lose deactivate:
+/// sinks (any time), and sources and keyed stages once their input has ended
+/// (`may_deactivate`); operator state joins snapshots with keyed state tables.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Default)]
+pub(crate) struct Saved {
+    /// Per input, per upstream partition, the last watermark.
+    per_input: Vec<Vec<i64>>,
+    current_ms: i64,
+    /// The source ended, or the sink saw the end of its input.
+    done: bool,
+    late_seen: u64,
+    /// A sink's latency samples not yet merged into its shard's slot: `(us, count)`.
+    latency_us: Vec<(u64, u32)>,
 }
 
 /// Per input, per upstream partition, the last watermark received.
@@ -41,6 +63,17 @@ impl Watermarks {
         Watermarks {
             per_input: inputs.iter().map(|&n| vec![i64::MIN; n as usize]).collect(),
             current_ms: i64::MIN,
+        }
+    }
+
+    /// As saved, or new.
+    fn restore(inputs: &[u32], saved: &Option<Saved>) -> Self {
+        match saved {
+            Some(saved) if !saved.per_input.is_empty() => Watermarks {
+                per_input: saved.per_input.clone(),
+                current_ms: saved.current_ms,
+            },
+            _ => Watermarks::new(inputs),
         }
     }
 
@@ -123,7 +156,8 @@ const LATENCY_FLUSH_NS: u64 = 10_000_000;
 pub(crate) fn source_actor<T: Data>(
     plan: &Arc<Plan>,
     id: ActorId,
-    source: Box<dyn Source<T>>,
+    factory: SourceFactory<T>,
+    saved: Option<Saved>,
 ) -> BoxActor<DataMsg> {
     let stage = &plan.stages[id.operator as usize];
     let rate_per_partition = plan
@@ -133,20 +167,24 @@ pub(crate) fn source_actor<T: Data>(
         routes: stage.routes::<T>(),
         plan: plan.clone(),
         id,
-        source,
+        factory,
+        source: None,
         rate_per_partition,
         started_ns: 0,
         produced: 0,
         skipped: 0,
         last_watermark_ms: i64::MIN,
-        done: false,
+        done: saved.is_some_and(|s| s.done),
     })
 }
 
 struct SourceActor<T> {
     plan: Arc<Plan>,
     id: ActorId,
-    source: Box<dyn Source<T>>,
+    factory: SourceFactory<T>,
+    /// Made on the first `Tick` (a source may start threads or open files; an
+    /// actor reactivated after its end makes none).
+    source: Option<Box<dyn Source<T>>>,
     routes: Vec<Route<T>>,
     rate_per_partition: Option<u64>,
     started_ns: u64,
@@ -187,6 +225,7 @@ impl<T: Data> SourceActor<T> {
     /// Stop producing: the rest of the job sees the end of its input.
     fn finish(&mut self, ctx: &mut Context<'_, DataMsg>) {
         self.done = true;
+        self.source = None;
         let (stage, partition) = (self.id.operator, self.id.partition);
         broadcast_watermark(&self.plan, stage, partition, END_OF_INPUT, ctx);
     }
@@ -204,6 +243,7 @@ impl<T: Data> Actor for SourceActor<T> {
         }
         if self.plan.metrics.has_failed() {
             self.done = true; // the job is over; its handle reports the error
+            self.source = None;
             return;
         }
         let now_ns = ctx.clock_ns();
@@ -221,17 +261,22 @@ impl<T: Data> Actor for SourceActor<T> {
             deadline_ns: now_ns.saturating_add(self.plan.slo_ns),
         };
         ctx.sched = origin;
+        let (stage, partition) = (self.id.operator, self.id.partition);
+        let parallelism = self.plan.stages[stage as usize].parallelism;
+        let factory = &self.factory;
+        let source = self
+            .source
+            .get_or_insert_with(|| factory(partition, parallelism));
         let mut batch = Vec::with_capacity(max);
-        let status = self.source.next_batch(max, &mut batch);
+        let status = source.next_batch(max, &mut batch);
+        let skipped = source.skipped_records();
         self.produced += batch.len() as u64;
         let slot = self.plan.metrics.shard(ctx.shard());
-        let skipped = self.source.skipped_records();
         if skipped > self.skipped {
             slot.skipped_records.add(skipped - self.skipped);
             self.skipped = skipped;
         }
         slot.source_records.add(batch.len() as u64);
-        let (stage, partition) = (self.id.operator, self.id.partition);
         emit(&self.routes, &self.plan, partition, batch, ctx);
         match status {
             SourceBatch::More { watermark_ms } if watermark_ms == END_OF_INPUT => {
@@ -241,6 +286,7 @@ impl<T: Data> Actor for SourceActor<T> {
                     self.plan.stages[stage as usize].name
                 ));
                 self.done = true;
+                self.source = None;
             }
             SourceBatch::More { watermark_ms } => {
                 if watermark_ms > self.last_watermark_ms {
@@ -260,10 +306,24 @@ impl<T: Data> Actor for SourceActor<T> {
                     .metrics
                     .fail(format!("source {name} partition {partition}: {message}"));
                 self.done = true;
+                self.source = None;
             }
         }
         let cost_ns = ctx.clock_ns().saturating_sub(now_ns);
         self.plan.metrics.observe_cost(ctx.shard(), stage, cost_ns);
+    }
+
+    /// Only an ended source: its position is its `Source`'s, which is not saved.
+    fn may_deactivate(&self) -> bool {
+        self.done
+    }
+
+    fn snapshot(&self) -> Option<StateBytes> {
+        let saved = Saved {
+            done: self.done,
+            ..Saved::default()
+        };
+        Some(encode_state(&saved))
     }
 }
 
@@ -313,32 +373,35 @@ pub(crate) fn unary_actor<In: Data, Out: Data>(
     plan: &Arc<Plan>,
     id: ActorId,
     operator: Box<dyn Operator<In, Out>>,
+    saved: Option<Saved>,
 ) -> BoxActor<DataMsg> {
-    stage_actor(plan, id, Unary(operator))
+    stage_actor(plan, id, Unary(operator), saved)
 }
 
 pub(crate) fn join_actor<L: Data, R: Data, Out: Data>(
     plan: &Arc<Plan>,
     id: ActorId,
     operator: Box<dyn JoinOperator<L, R, Out>>,
+    saved: Option<Saved>,
 ) -> BoxActor<DataMsg> {
-    stage_actor(plan, id, Join(operator))
+    stage_actor(plan, id, Join(operator), saved)
 }
 
 fn stage_actor<Out: Data, Op: StageOp<Out>>(
     plan: &Arc<Plan>,
     id: ActorId,
     operator: Op,
+    saved: Option<Saved>,
 ) -> BoxActor<DataMsg> {
     let stage = &plan.stages[id.operator as usize];
     Box::new(StageActor {
-        inputs: Watermarks::new(&stage.inputs),
+        inputs: Watermarks::restore(&stage.inputs, &saved),
         routes: stage.routes::<Out>(),
         plan: plan.clone(),
         id,
         operator,
         out: Vec::new(),
-        late_seen: 0,
+        late_seen: saved.map_or(0, |s| s.late_seen),
     })
 }
 
@@ -388,23 +451,47 @@ impl<Out: Data, Op: StageOp<Out>> Actor for StageActor<Out, Op> {
         let cost_ns = ctx.clock_ns().saturating_sub(start_ns);
         self.plan.metrics.observe_cost(ctx.shard(), stage, cost_ns);
     }
+
+    /// Only once its input has ended: by then the operator has emitted and
+    /// dropped everything it held (a window operator fires all at the end).
+    fn may_deactivate(&self) -> bool {
+        self.inputs.current_ms == END_OF_INPUT
+    }
+
+    fn snapshot(&self) -> Option<StateBytes> {
+        let saved = Saved {
+            per_input: self.inputs.per_input.clone(),
+            current_ms: self.inputs.current_ms,
+            late_seen: self.late_seen,
+            ..Saved::default()
+        };
+        Some(encode_state(&saved))
+    }
 }
 
 pub(crate) fn sink_actor<T: Data>(
     plan: &Arc<Plan>,
     id: ActorId,
     sink: Box<dyn Sink<T>>,
+    saved: Option<Saved>,
 ) -> BoxActor<DataMsg> {
     let stage = &plan.stages[id.operator as usize];
+    let mut latency_us = crate::runtime::stats::new_histogram();
+    let mut latency_recorded = false;
+    for &(us, count) in saved.iter().flat_map(|s| s.latency_us.iter()) {
+        // Values come from a histogram of the same bounds.
+        let _ = latency_us.record_n(us, count);
+        latency_recorded = true;
+    }
     Box::new(SinkActor {
-        inputs: Watermarks::new(&stage.inputs),
+        inputs: Watermarks::restore(&stage.inputs, &saved),
+        finished: saved.as_ref().is_some_and(|s| s.done),
         plan: plan.clone(),
         id,
         sink,
-        latency_us: crate::runtime::stats::new_histogram(),
-        latency_recorded: false,
+        latency_us,
+        latency_recorded,
         next_flush_ns: 0,
-        finished: false,
     })
 }
 
@@ -477,5 +564,23 @@ impl<T: Data> Actor for SinkActor<T> {
         let cost_ns = ctx.clock_ns().saturating_sub(start_ns);
         let stage = self.id.operator;
         self.plan.metrics.observe_cost(ctx.shard(), stage, cost_ns);
+    }
+
+    /// A sink's bookkeeping is all it has (the `Sink` itself is stateless to the
+    /// engine: a writer, a counter), so it may go whenever it idles.
+    fn snapshot(&self) -> Option<StateBytes> {
+        let latency_us = self
+            .latency_us
+            .iter_recorded()
+            .map(|v| (v.value_iterated_to(), v.count_at_value()))
+            .collect();
+        let saved = Saved {
+            per_input: self.inputs.per_input.clone(),
+            current_ms: self.inputs.current_ms,
+            done: self.finished,
+            late_seen: 0,
+            latency_us,
+        };
+        Some(encode_state(&saved))
     }
 }

@@ -168,8 +168,10 @@ pub type DeadlineHook = Arc<dyn Fn(&SchedCtx, u32) -> u64 + Send + Sync>;
 /// plan, the sending partition, the sending actor's context.
 pub(crate) type Route<T> = Arc<dyn Fn(Vec<T>, &Plan, u32, &mut Context<'_, DataMsg>) + Send + Sync>;
 
-/// Builds the actor of one `(job, stage, partition)`.
-pub(crate) type Activate = Box<dyn Fn(&Arc<Plan>, ActorId) -> BoxActor<DataMsg> + Send + Sync>;
+/// Builds the actor of one `(job, stage, partition)`, with the bookkeeping it
+/// saved when it was deactivated.
+pub(crate) type Activate =
+    Box<dyn Fn(&Arc<Plan>, ActorId, Option<actors::Saved>) -> BoxActor<DataMsg> + Send + Sync>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum StageKind {
@@ -361,10 +363,8 @@ impl Job {
         parallelism: u32,
         factory: SourceFactory<T>,
     ) -> Stream<T> {
-        let activate: Activate = Box::new(move |plan, id| {
-            let (_, parallelism) = (id.partition, plan.stages[id.operator as usize].parallelism);
-            let source = factory(id.partition, parallelism);
-            actors::source_actor::<T>(plan, id, source)
+        let activate: Activate = Box::new(move |plan, id, saved| {
+            actors::source_actor::<T>(plan, id, factory.clone(), saved)
         });
         let stage = add_stage::<T>(
             &self.graph,
@@ -596,8 +596,9 @@ impl<T: Data> Stream<T> {
     /// i modulo `parallelism`.
     pub fn sink(&self, name: &str, parallelism: u32, factory: SinkFactory<T>) {
         let inputs = vec![self.upstream_parallelism()];
-        let activate: Activate =
-            Box::new(move |plan, id| actors::sink_actor::<T>(plan, id, factory(id.partition)));
+        let activate: Activate = Box::new(move |plan, id, saved| {
+            actors::sink_actor::<T>(plan, id, factory(id.partition), saved)
+        });
         let stage = add_stage::<()>(
             &self.graph,
             name,
@@ -621,8 +622,8 @@ impl<T: Data> KeyedStream<T> {
     ) -> Stream<Out> {
         let graph = self.stream.graph.clone();
         let inputs = vec![self.stream.upstream_parallelism()];
-        let activate: Activate = Box::new(move |plan, id| {
-            actors::unary_actor::<T, Out>(plan, id, factory(id.partition))
+        let activate: Activate = Box::new(move |plan, id, saved| {
+            actors::unary_actor::<T, Out>(plan, id, factory(id.partition), saved)
         });
         let stage = add_stage::<Out>(
             &graph,
@@ -656,8 +657,8 @@ impl<T: Data> KeyedStream<T> {
             self.stream.upstream_parallelism(),
             other.stream.upstream_parallelism(),
         ];
-        let activate: Activate = Box::new(move |plan, id| {
-            actors::join_actor::<T, R, Out>(plan, id, factory(id.partition))
+        let activate: Activate = Box::new(move |plan, id, saved| {
+            actors::join_actor::<T, R, Out>(plan, id, factory(id.partition), saved)
         });
         let stage = add_stage::<Out>(
             &graph,

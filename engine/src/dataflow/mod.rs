@@ -23,7 +23,7 @@
 //! origin of the message that caused them, so a window's result is timed from the
 //! watermark that fired it.
 
-mod actors;
+pub(crate) mod actors;
 pub mod batch;
 pub mod graph;
 pub mod ops;
@@ -236,8 +236,10 @@ pub struct DataflowConfig {
 impl Default for DataflowConfig {
     fn default() -> Self {
         let mut runtime = RuntimeConfig::default();
-        // Operator state lives in the actors while a job runs: no idle deactivation.
-        runtime.shard.idle_timeout_ns = None;
+        // Idle sinks, and sources and stages whose input has ended, deactivate
+        // (scale to zero); an operator holding state mid-job never does (see
+        // `actors::Saved`).
+        runtime.shard.idle_timeout_ns = Some(1_000_000_000);
         runtime.shard.mailbox_credit_messages = 64;
         DataflowConfig { runtime }
     }
@@ -263,14 +265,14 @@ impl Registry {
     /// The actor factory of every job registered here.
     pub fn factory(&self) -> Arc<dyn ActorFactory<DataMsg>> {
         let plans = self.plans.clone();
-        Arc::new(move |id: ActorId, _state: Option<&[u8]>| {
+        Arc::new(move |id: ActorId, state: Option<&[u8]>| {
             let plan = plans
                 .read()
                 .expect("plan registry poisoned")
                 .get(&id.job)
                 .cloned()
                 .unwrap_or_else(|| panic!("{id} belongs to no submitted job"));
-            actors::activate(plan, id)
+            actors::activate(plan, id, state)
         })
     }
 
@@ -441,13 +443,6 @@ impl JobHandle {
 
 impl Dataflow {
     pub fn start(config: DataflowConfig) -> Result<Self, StartError> {
-        if config.runtime.shard.idle_timeout_ns.is_some() {
-            // Operators keep their state in the actor and do not snapshot it yet.
-            return Err(StartError(
-                "dataflow actors cannot be deactivated yet: set runtime.shard.idle_timeout_ns to None"
-                    .to_string(),
-            ));
-        }
         let registry = Registry::new(config.runtime.shards);
         let runtime = Runtime::start(
             config.runtime,

@@ -999,7 +999,10 @@ impl<M: Send + 'static> ShardCore<M> {
             .iter()
             .filter_map(|(&id, &index)| {
                 let slot = self.slots[index as usize].as_ref()?;
-                (slot.is_idle() && now_ns.saturating_sub(slot.last_active_ns) >= timeout_ns)
+                let willing = slot.actor.as_ref().is_some_and(|a| a.may_deactivate());
+                (slot.is_idle()
+                    && willing
+                    && now_ns.saturating_sub(slot.last_active_ns) >= timeout_ns)
                     .then_some(id)
             })
             .collect();

@@ -109,6 +109,11 @@ impl<M: Send + 'static> Sim<M> {
         self.turn_one_in[shard.index()] = one_in.max(1);
     }
 
+    /// The simulated clock.
+    pub fn now_ns(&self) -> u64 {
+        self.clock.get()
+    }
+
     pub fn advance_ns(&mut self, ns: u64) {
         self.clock.set(self.clock.get() + ns);
     }

@@ -1,0 +1,283 @@
+//! Whole dataflows under the deterministic simulator: a typed job (source ->
+//! filter -> keyed windowed count -> sink, and a two-phase maximum from the same
+//! source) runs on several simulated shards while its actors are migrated at
+//! random and idle actors are deactivated and brought back, over many seeds and
+//! shard counts; every run's output is checked exactly against a plain reference.
+//! All time is the simulator's clock (the sources are paced by it).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dirigo_engine::dataflow::ops::{Count, MaxWithTies, WindowSpec};
+use dirigo_engine::dataflow::{DataMsg, Job, Registry, Sink, Source, SourceBatch};
+use dirigo_engine::runtime::sim::{Sim, SimRng};
+use dirigo_engine::runtime::{MemoryStateStore, ShardConfig};
+use dirigo_engine::{JobId, ShardId};
+
+const EVENTS: u64 = 6_000;
+const WINDOW_MS: i64 = 100;
+
+#[derive(Clone, Debug)]
+struct Reading {
+    sensor: u64,
+    time_ms: i64,
+    value: u64,
+}
+
+/// Reading `n`: deterministic in `n` and the seed; times never go back.
+fn reading(seed: u64, n: u64) -> Reading {
+    let mix = (n ^ seed)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .rotate_left(29);
+    Reading {
+        sensor: mix % 7,
+        time_ms: (n / 4) as i64,
+        value: (mix >> 8) % 1_000,
+    }
+}
+
+/// Partition `part` of `parts` takes readings `part, part + parts, ...`.
+struct Readings {
+    seed: u64,
+    next: u64,
+    step: u64,
+}
+
+impl Source<Reading> for Readings {
+    fn next_batch(&mut self, max: usize, out: &mut Vec<Reading>) -> SourceBatch {
+        for _ in 0..max {
+            if self.next >= EVENTS {
+                return SourceBatch::Done;
+            }
+            out.push(reading(self.seed, self.next));
+            self.next += self.step;
+        }
+        SourceBatch::More {
+            watermark_ms: reading(self.seed, self.next - self.step).time_ms,
+        }
+    }
+}
+
+struct Collect<T>(Arc<Mutex<Vec<T>>>);
+
+impl<T: Clone + Send + 'static> Sink<T> for Collect<T> {
+    fn write(&mut self, records: &[T]) {
+        self.0.lock().unwrap().extend_from_slice(records);
+    }
+}
+
+/// `(sensor, window_start, count)`.
+type CountRow = (u64, i64, u64);
+/// `(window_start, value, sensor)`.
+type MaxRow = (i64, u64, u64);
+type Counts = Arc<Mutex<Vec<CountRow>>>;
+type Maxima = Arc<Mutex<Vec<MaxRow>>>;
+
+fn job(seed: u64, counts: Counts, maxima: Maxima) -> Job {
+    let mut job = Job::new("sensors", Duration::from_millis(5));
+    // Paced on the simulated clock: 2 events per simulated µs over both partitions.
+    job.rate(Some(2_000_000)).source_batch_records(64);
+    let readings = job.source(
+        "readings",
+        2,
+        Arc::new(move |p, n| {
+            Box::new(Readings {
+                seed,
+                next: p as u64,
+                step: n as u64,
+            })
+        }),
+    );
+    let tumbling = WindowSpec::Tumbling { size_ms: WINDOW_MS };
+    readings
+        .filter(|r| r.sensor != 3)
+        .key_by(|r| r.sensor)
+        .window_aggregate(
+            "count",
+            3,
+            tumbling,
+            |r| r.time_ms,
+            |r| r.sensor,
+            Count::new(|sensor, (start, _), n| (sensor, start, n)),
+        )
+        .sink(
+            "counts",
+            2,
+            Arc::new(move |_| Box::new(Collect(counts.clone()))),
+        );
+    readings
+        .key_by(|r| r.sensor)
+        .window_aggregate_two_phase(
+            "max",
+            2,
+            tumbling,
+            |r| r.time_ms,
+            |_| 0,
+            MaxWithTies::new(
+                |r: &Reading| r.value,
+                |r: &Reading| {
+                    (
+                        r.time_ms - r.time_ms.rem_euclid(WINDOW_MS),
+                        r.value,
+                        r.sensor,
+                    )
+                },
+            ),
+        )
+        .sink(
+            "maxima",
+            1,
+            Arc::new(move |_| Box::new(Collect(maxima.clone()))),
+        );
+    job
+}
+
+/// The plain reference: counts per (sensor, window) without sensor 3, and every
+/// reading that ties its window's maximum value.
+fn reference(seed: u64) -> (Vec<CountRow>, Vec<MaxRow>) {
+    let mut counts = BTreeMap::new();
+    let mut best: BTreeMap<i64, (u64, Vec<MaxRow>)> = BTreeMap::new();
+    for n in 0..EVENTS {
+        let r = reading(seed, n);
+        let start = r.time_ms - r.time_ms.rem_euclid(WINDOW_MS);
+        if r.sensor != 3 {
+            *counts.entry((r.sensor, start)).or_insert(0u64) += 1;
+        }
+        let slot = best.entry(start).or_insert((0, Vec::new()));
+        if r.value > slot.0 || slot.1.is_empty() {
+            *slot = (r.value, Vec::new());
+        }
+        if r.value == slot.0 {
+            slot.1.push((start, r.value, r.sensor));
+        }
+    }
+    let counts = counts.into_iter().map(|((s, w), n)| (s, w, n)).collect();
+    let mut maxima: Vec<_> = best.into_values().flat_map(|(_, rows)| rows).collect();
+    maxima.sort();
+    (counts, maxima)
+}
+
+struct Outcome {
+    migrations: u64,
+    deactivations: u64,
+    activations: u64,
+}
+
+fn run(seed: u64, shards: u16) -> Outcome {
+    let registry = Registry::new(shards as usize);
+    let config = ShardConfig {
+        mailbox_credit_messages: 8,
+        turn_messages_max: 4,
+        // Short enough that sinks idle out between paced batches.
+        idle_timeout_ns: Some(20_000),
+        ..ShardConfig::default()
+    };
+    let store = Arc::new(MemoryStateStore::default());
+    let mut sim = Sim::new(shards, config, 16, registry.factory(), store, seed);
+    let counts: Counts = Arc::default();
+    let maxima: Maxima = Arc::default();
+    let (handle, ticks) = registry
+        .register(
+            job(seed, counts.clone(), maxima.clone()),
+            JobId(1),
+            sim.now_ns(),
+        )
+        .expect("the job is valid");
+    for (actor, sched) in ticks {
+        sim.send(ShardId(0), actor, DataMsg::Tick, sched);
+    }
+    let actors = registry.actors(JobId(1));
+    let mut rng = SimRng::new(seed ^ 0xdead_beef);
+    let mut steps = 0u64;
+    while !handle.is_done() {
+        assert!(
+            sim.step(),
+            "seed {seed}: the simulation went quiet before the job ended"
+        );
+        steps += 1;
+        assert!(
+            steps < 5_000_000,
+            "seed {seed}: still running after {steps} steps"
+        );
+        match rng.below(150) {
+            0 => {
+                let actor = actors[rng.below(actors.len() as u64) as usize];
+                let to = ShardId(rng.below(shards as u64) as u16);
+                let via = ShardId(rng.below(shards as u64) as u16);
+                sim.migrate(via, actor, to);
+            }
+            1 => {
+                let shard = ShardId(rng.below(shards as u64) as u16);
+                sim.core(shard).deactivate_idle();
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        handle.metrics().error().is_none(),
+        "seed {seed}: {:?}",
+        handle.metrics().error()
+    );
+    let (expected_counts, expected_maxima) = reference(seed);
+    let mut got_counts = counts.lock().unwrap().clone();
+    got_counts.sort();
+    assert_eq!(
+        got_counts, expected_counts,
+        "seed {seed} shards {shards}: counts"
+    );
+    let mut got_maxima = maxima.lock().unwrap().clone();
+    got_maxima.sort();
+    assert_eq!(
+        got_maxima, expected_maxima,
+        "seed {seed} shards {shards}: maxima"
+    );
+    assert_eq!(
+        handle.metrics().late_records(),
+        0,
+        "seed {seed}: nothing is late"
+    );
+    // Everything that ended may go now: the ended stages and sources too.
+    sim.advance_ns(1_000_000);
+    for shard in 0..shards {
+        sim.core(ShardId(shard)).deactivate_idle();
+    }
+    let mut outcome = Outcome {
+        migrations: 0,
+        deactivations: 0,
+        activations: 0,
+    };
+    for shard in 0..shards {
+        let report = sim.core(ShardId(shard)).report();
+        outcome.migrations += report.migrations_in;
+        outcome.deactivations += report.deactivations;
+        outcome.activations += report.activations;
+        assert!(
+            report.actors.is_empty(),
+            "seed {seed}: shard {shard} still holds {} actors of the ended job",
+            report.actors.len()
+        );
+    }
+    outcome
+}
+
+#[test]
+fn a_dataflow_is_exact_while_its_actors_move_and_deactivate() {
+    let mut total_migrations = 0;
+    let mut reactivations = 0;
+    for seed in 1..=30u64 {
+        for shards in [1u16, 2, 3] {
+            let outcome = run(seed, shards);
+            total_migrations += outcome.migrations;
+            // Activations beyond the job's 10 actors are actors brought back.
+            reactivations += outcome.activations.saturating_sub(10);
+            assert!(
+                outcome.deactivations > 0,
+                "seed {seed}: nothing deactivated"
+            );
+        }
+    }
+    eprintln!("90 runs: {total_migrations} migrations, {reactivations} reactivations");
+    assert!(total_migrations > 100, "only {total_migrations} migrations");
+    assert!(reactivations > 50, "only {reactivations} reactivations");
+}
