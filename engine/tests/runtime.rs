@@ -45,7 +45,9 @@ fn start(workload: &Workload, config: RuntimeConfig) -> (Runtime<Msg>, Built) {
     )
     .expect("runtime starts");
     for s in 0..workload.sources {
-        runtime.send(source(s), Msg::Tick, sched());
+        runtime
+            .send(source(s), Msg::Tick, sched())
+            .expect("shard alive");
     }
     (runtime, built)
 }
@@ -96,7 +98,9 @@ fn a_million_messages_with_random_migrations_each_handled_once_in_order() {
         } else {
             target(pick - workload.sources)
         };
-        runtime.migrate(actor, ShardId(rng.below(2) as u16));
+        runtime
+            .migrate(actor, ShardId(rng.below(2) as u16))
+            .expect("shards alive");
         migrations += 1;
         std::thread::sleep(Duration::from_micros(200));
     }
@@ -178,7 +182,9 @@ fn idle_actors_are_deactivated_and_come_back_with_their_state() {
     // The sources were deactivated having sent everything: a new tick reactivates
     // them, and their restored state says they are done, so nothing more is sent.
     for s in 0..workload.sources {
-        runtime.send(source(s), Msg::Tick, sched());
+        runtime
+            .send(source(s), Msg::Tick, sched())
+            .expect("shard alive");
     }
     std::thread::sleep(Duration::from_millis(50));
     built.ledger.assert_complete(workload.per_channel);
@@ -209,7 +215,9 @@ fn statistics_are_served_while_outside_sends_wait_for_credit() {
         let runtime = runtime.clone();
         std::thread::spawn(move || {
             for n in 1..=2_000u64 {
-                runtime.send(target(0), Msg::Data { source: 0, n }, sched());
+                runtime
+                    .send(target(0), Msg::Data { source: 0, n }, sched())
+                    .expect("shard alive");
             }
         })
     };

@@ -288,7 +288,8 @@ impl<R: Clone + Send + 'static> Dataflow<R> {
         for (stage, partitions) in plan.source_stages() {
             for partition in 0..partitions {
                 let actor = ActorId::new(id, stage, partition);
-                self.runtime.send(actor, DataMsg::Tick, plan.sched_now());
+                // A dead shard is the runtime's to report (`RuntimeConfig::on_failure`).
+                let _ = self.runtime.send(actor, DataMsg::Tick, plan.sched_now());
             }
         }
         Ok(JobHandle {
@@ -311,7 +312,8 @@ impl<R: Clone + Send + 'static> Dataflow<R> {
     }
 
     pub fn migrate(&self, actor: ActorId, to: ShardId) {
-        self.runtime.migrate(actor, to);
+        // A dead shard is the runtime's to report (`RuntimeConfig::on_failure`).
+        let _ = self.runtime.migrate(actor, to);
     }
 
     pub fn stats(&self) -> RuntimeStats {
