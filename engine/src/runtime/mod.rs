@@ -165,7 +165,7 @@ impl Default for RuntimeConfig {
             oversubscribe: false,
             pin: true,
             ring_packets: 4096,
-            ring_bytes_per_shard: 16 << 20,
+            ring_bytes_per_shard: 4 << 20,
             external_requests_max: 4096,
             io_memory_bytes: 256 << 10,
             housekeeping_interval: Duration::from_millis(100),
