@@ -320,7 +320,9 @@ fn measure_actors(config: &Config, shape: Shape) -> Result<f64, BenchError> {
     )
     .map_err(|e| BenchError(format!("cannot start a {shards}-shard runtime: {e}")))?;
     let start = Instant::now();
-    runtime.send(sender, Msg::Tick, sched());
+    runtime
+        .send(sender, Msg::Tick, sched())
+        .map_err(|e| BenchError(e.to_string()))?;
     let finished = wait_for(&finish, start, config.measurement_time_max);
     runtime.shutdown();
     let Some((end, sum)) = finished else {

@@ -305,7 +305,9 @@ fn drive(
 ) -> Result<(f64, Histogram<u32>), BenchError> {
     let mut requests = new_histogram();
     for &sender in senders {
-        runtime.send(sender, Msg::Tick, sched());
+        runtime
+            .send(sender, Msg::Tick, sched())
+            .map_err(|e| BenchError(e.to_string()))?;
     }
     // The actor activates on shard 0 with the first message it gets.
     wait_until(config.migration_time_max, "the first message", || {
@@ -316,7 +318,9 @@ fn drive(
     for migration in 1..=config.migrations {
         let to = 1 - shard;
         let asked = Instant::now();
-        runtime.migrate(state_actor, ShardId(to as u16));
+        runtime
+            .migrate(state_actor, ShardId(to as u16))
+            .map_err(|e| BenchError(e.to_string()))?;
         wait_until(
             config.migration_time_max,
             &format!("migration {migration} to shard {to}"),

@@ -91,6 +91,7 @@ pub fn run_suite(config: &SuiteConfig) -> Result<SuiteReport, BenchError> {
         let full = run_query(&RunConfig {
             query: query.clone(),
             cores: config.cores,
+            oversubscribe: false,
             source: EventSource::Generator {
                 config: GeneratorConfig::default(),
                 events: config.events,
@@ -109,6 +110,7 @@ pub fn run_suite(config: &SuiteConfig) -> Result<SuiteReport, BenchError> {
         let paced = run_query(&RunConfig {
             query: query.clone(),
             cores: config.cores,
+            oversubscribe: false,
             source: EventSource::Generator {
                 config: GeneratorConfig {
                     events_per_second: rate,

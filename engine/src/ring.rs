@@ -41,6 +41,17 @@
 //!   re-check in `doorbell`, where a SeqCst fence sequenced before it gives the
 //!   Dekker guarantee (see that module).
 //!
+//! # Lazy buffer
+//!
+//! A ring's slot buffer is allocated by the producer on its first push, not when
+//! the ring is made: a runtime of N shards has N(N-1) rings, and most pairs of
+//! shards of a real dataflow never talk, so memory grows with the pairs that do.
+//! The producer stores the buffer's address (`slots`, Release) before it writes a
+//! slot, and publishes the slot with its Release store of `tail`; a consumer that
+//! sees an item (Acquire load of `tail`) therefore sees the address, which it
+//! loads once and caches. The check on the data path is one test of a cached,
+//! non-null pointer per batch; no atomic is added.
+//!
 //! # Drop
 //!
 //! The consumer's own `head` field is the truth; the shared `head` is what it has
@@ -51,11 +62,13 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::marker::PhantomData;
 use std::mem::MaybeUninit;
+use std::ptr;
 
 use crossbeam_utils::CachePadded;
 
-use crate::sync::{Arc, AtomicUsize, Ordering, UnsafeCell};
+use crate::sync::{Arc, AtomicPtr, AtomicUsize, Ordering, UnsafeCell};
 
 /// The largest capacity a ring accepts, in items: a bound on the memory one pair
 /// of shards can pin (with 64 cores there are 4032 rings).
@@ -73,22 +86,22 @@ pub fn ring<T: Send>(capacity: usize) -> (Producer<T>, Consumer<T>) {
         "ring capacity {capacity} above {CAPACITY_ITEMS_MAX}"
     );
     let capacity = capacity.next_power_of_two();
-    let slots = (0..capacity)
-        .map(|_| UnsafeCell::new(MaybeUninit::uninit()))
-        .collect();
     let shared = Arc::new(Shared {
         head: CachePadded::new(AtomicUsize::new(0)),
         tail: CachePadded::new(AtomicUsize::new(0)),
-        slots,
+        slots: AtomicPtr::new(ptr::null_mut()),
         mask: capacity - 1,
+        _items: PhantomData,
     });
     let producer = Producer {
         shared: shared.clone(),
+        slots: ptr::null(),
         tail: 0,
         head_cached: 0,
     };
     let consumer = Consumer {
         shared,
+        slots: ptr::null(),
         head: 0,
         tail_cached: 0,
     };
@@ -100,18 +113,39 @@ struct Shared<T> {
     head: CachePadded<AtomicUsize>,
     /// Items published so far (wrapping); stored only by the producer.
     tail: CachePadded<AtomicUsize>,
-    slots: Box<[UnsafeCell<MaybeUninit<T>>]>,
+    /// The slot buffer, `capacity` cells, allocated by the producer's first push
+    /// (null until then); freed by `Drop`.
+    slots: AtomicPtr<Cell<T>>,
     mask: usize,
+    _items: PhantomData<T>,
 }
+
+type Cell<T> = UnsafeCell<MaybeUninit<T>>;
 
 impl<T> Shared<T> {
     fn capacity(&self) -> usize {
         self.mask + 1
     }
 
-    fn slot(&self, index: usize) -> &UnsafeCell<MaybeUninit<T>> {
-        &self.slots[index & self.mask]
+    /// A fresh slot buffer of `capacity` cells, as a raw pointer `Drop` frees.
+    fn allocate(&self) -> *mut Cell<T> {
+        let cells: Box<[Cell<T>]> = (0..self.capacity())
+            .map(|_| UnsafeCell::new(MaybeUninit::uninit()))
+            .collect();
+        Box::into_raw(cells).cast::<Cell<T>>()
     }
+}
+
+/// The cell of item `index` in a buffer of `mask + 1` cells.
+///
+/// # Safety
+///
+/// `slots` is the ring's non-null buffer.
+#[inline]
+unsafe fn cell<'a, T>(slots: *const Cell<T>, mask: usize, index: usize) -> &'a Cell<T> {
+    // SAFETY: `index & mask` is below the buffer's length, and the buffer lives
+    // as long as `Shared`, which both halves keep alive.
+    unsafe { &*slots.add(index & mask) }
 }
 
 impl<T> Drop for Shared<T> {
@@ -120,22 +154,32 @@ impl<T> Drop for Shared<T> {
         // Acquire loads say the same thing again, locally.
         let head = self.head.load(Ordering::Acquire);
         let tail = self.tail.load(Ordering::Acquire);
+        let slots = self.slots.load(Ordering::Acquire);
         debug_assert!(tail.wrapping_sub(head) <= self.capacity());
+        if slots.is_null() {
+            debug_assert_eq!(head, tail, "items without a buffer");
+            return;
+        }
         let mut index = head;
         while index != tail {
             // SAFETY: slots in head..tail hold initialised items that no one has
             // moved out (the consumer published every item it took), and we have
             // exclusive access: this is the last reference.
-            self.slot(index)
+            unsafe { cell(slots, self.mask, index) }
                 .with_mut(|slot| unsafe { (*slot).assume_init_drop() });
             index = index.wrapping_add(1);
         }
+        // SAFETY: `slots` came from `allocate` (a boxed slice of `capacity` cells)
+        // and is freed only here, once; the items in it were dropped above.
+        drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(slots, self.capacity())) });
     }
 }
 
 /// The sending half of a ring, owned by the source shard. `Send`, not `Sync`.
 pub struct Producer<T> {
     shared: Arc<Shared<T>>,
+    /// The slot buffer once allocated (null before the first push).
+    slots: *const Cell<T>,
     /// The producer's own count of published items; equals `shared.tail`
     /// between calls.
     tail: usize,
@@ -182,13 +226,31 @@ impl<T> Producer<T> {
     ///
     /// The caller has checked that there is a free slot.
     unsafe fn write(&mut self, value: T) {
-        // SAFETY: the slot at `tail` is outside head..tail, so it belongs to the
-        // producer; the Acquire load of `head` that showed it free ordered the
-        // consumer's last read of it before this write.
-        self.shared.slot(self.tail).with_mut(|slot| unsafe {
+        debug_assert!(!self.slots.is_null(), "write before allocation");
+        // SAFETY: the buffer is allocated (the caller checked for room after
+        // `ensure_slots`). The slot at `tail` is outside head..tail, so it belongs
+        // to the producer; the Acquire load of `head` that showed it free ordered
+        // the consumer's last read of it before this write.
+        unsafe { cell(self.slots, self.shared.mask, self.tail) }.with_mut(|slot| unsafe {
             (*slot).write(value);
         });
         self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Allocates the slot buffer on the first push and announces it to the
+    /// consumer (the Release store; the consumer sees it through `tail`).
+    #[inline]
+    fn ensure_slots(&mut self) {
+        if self.slots.is_null() {
+            let slots = self.shared.allocate();
+            self.shared.slots.store(slots, Ordering::Release);
+            self.slots = slots;
+        }
+    }
+
+    /// Whether the slot buffer has been allocated (the first push does it).
+    pub fn is_allocated(&self) -> bool {
+        !self.slots.is_null()
     }
 
     /// Pushes one item and publishes it at once, or gives it back if the ring is full.
@@ -196,6 +258,7 @@ impl<T> Producer<T> {
         if self.free_slots_for(1) == 0 {
             return Err(value);
         }
+        self.ensure_slots();
         // SAFETY: checked just above that a slot is free.
         unsafe { self.write(value) };
         self.shared.tail.store(self.tail, Ordering::Release);
@@ -209,6 +272,9 @@ impl<T> Producer<T> {
             return 0;
         }
         let count = self.free_slots_for(source.len()).min(source.len());
+        if count > 0 {
+            self.ensure_slots();
+        }
         for value in source.drain(..count) {
             // SAFETY: `count` is at most the number of free slots.
             unsafe { self.write(value) };
@@ -233,6 +299,8 @@ impl<T> fmt::Debug for Producer<T> {
 /// The receiving half of a ring, owned by the target shard. `Send`, not `Sync`.
 pub struct Consumer<T> {
     shared: Arc<Shared<T>>,
+    /// The slot buffer, loaded when the first item is seen (null before).
+    slots: *const Cell<T>,
     /// The consumer's own count of taken items; published to `shared.head` at the
     /// end of each call and on drop.
     head: usize,
@@ -267,6 +335,11 @@ impl<T> Consumer<T> {
         self.tail_cached = self.shared.tail.load(Ordering::Acquire);
         let available = self.tail_cached.wrapping_sub(self.head);
         debug_assert!(available <= self.capacity());
+        if available > 0 && self.slots.is_null() {
+            // The producer stored the buffer before the `tail` just loaded.
+            self.slots = self.shared.slots.load(Ordering::Acquire);
+            debug_assert!(!self.slots.is_null(), "items without a buffer");
+        }
         available
     }
 
@@ -280,9 +353,7 @@ impl<T> Consumer<T> {
         // and belongs to the consumer; the Acquire load of `tail` that showed it
         // ordered the producer's write before this read. Advancing `head` right
         // after means it is never read twice.
-        let value = self
-            .shared
-            .slot(self.head)
+        let value = unsafe { cell(self.slots, self.shared.mask, self.head) }
             .with(|slot| unsafe { (*slot).assume_init_read() });
         self.head = self.head.wrapping_add(1);
         value

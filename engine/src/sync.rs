@@ -18,14 +18,14 @@
 #[cfg(loom)]
 pub use loom::{
     cell::UnsafeCell,
-    sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering},
+    sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicUsize, Ordering},
     sync::{Arc, Mutex, MutexGuard},
     thread,
 };
 
 #[cfg(not(loom))]
 pub use std::{
-    sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering},
+    sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicUsize, Ordering},
     sync::{Arc, Mutex, MutexGuard},
     thread,
 };

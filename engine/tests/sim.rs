@@ -284,3 +284,84 @@ fn a_slow_target_makes_its_senders_wait_with_bounded_mailboxes() {
     let bound = (credit as u64 * 3) + workload.sources as u64 * workload.batch as u64 * 4;
     assert!(max_backlog <= bound, "backlog {max_backlog} > {bound}");
 }
+
+/// Panics on its first message; counts otherwise.
+struct Fragile {
+    id: ActorId,
+    log: Arc<Mutex<Vec<(u32, u64)>>>,
+    handled: u64,
+}
+
+impl Actor for Fragile {
+    type Message = ();
+    fn handle(&mut self, _: (), _ctx: &mut Context<'_, ()>) {
+        if self.id.operator == 1 {
+            panic!("fragile {} broke", self.id.partition);
+        }
+        self.handled += 1;
+        self.log
+            .lock()
+            .unwrap()
+            .push((self.id.partition, self.handled));
+    }
+}
+
+#[test]
+fn a_failed_actor_is_removed_and_its_neighbours_run_exactly_then_retire_reclaims_all() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let l = log.clone();
+    let factory = move |id: ActorId, _: Option<&[u8]>| -> BoxActor<()> {
+        Box::new(Fragile {
+            id,
+            log: l.clone(),
+            handled: 0,
+        })
+    };
+    let mut sim = Sim::new(
+        2,
+        config(PolicyKind::Edf),
+        8,
+        Arc::new(factory),
+        Arc::new(MemoryStateStore::default()),
+        11,
+    );
+    let f = failures.clone();
+    for shard in 0..2 {
+        let f = f.clone();
+        sim.core(ShardId(shard))
+            .set_failure_hook(Some(Arc::new(move |failure| {
+                f.lock().unwrap().push(failure)
+            })));
+    }
+    let job = JobId(1);
+    let fragile = ActorId::new(job, 1, 0);
+    let steady = ActorId::new(job, 2, 0);
+    for _ in 0..50 {
+        sim.send(ShardId(1), fragile, (), sched());
+        sim.send(ShardId(1), steady, (), sched());
+    }
+    sim.run_until_quiet(100_000);
+    let failures = failures.lock().unwrap().clone();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(failures[0].actor, Some(fragile));
+    assert_eq!(failures[0].message, "fragile 0 broke");
+    let handled: Vec<u64> = log.lock().unwrap().iter().map(|&(_, n)| n).collect();
+    assert_eq!(handled, (1..=50).collect::<Vec<_>>());
+    let owner = sim.core(ShardId(0)).directory().lookup(steady).shard;
+    let report = sim.core(owner).report();
+    assert_eq!(report.failures, 1);
+    assert_eq!(report.dropped, 49);
+    assert_eq!(sim.core(owner).active_actors(), 1);
+    for shard in 0..2 {
+        sim.core(ShardId(shard)).retire_job(job);
+    }
+    assert_eq!(sim.core(owner).active_actors(), 0);
+    sim.send(ShardId(1), steady, (), sched());
+    sim.run_until_quiet(10_000);
+    assert_eq!(sim.core(owner).active_actors(), 0);
+    // Dropped by shard 1's injector, as the message came in.
+    let dropped: u64 = (0..2).map(|s| sim.core(ShardId(s)).report().dropped).sum();
+    assert_eq!(dropped, 50);
+    assert_eq!(log.lock().unwrap().len(), 50);
+}

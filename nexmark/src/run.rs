@@ -14,6 +14,8 @@ use serde::Serialize;
 pub struct RunConfig {
     pub query: String,
     pub cores: usize,
+    /// Allow more shards than online cores (`--oversubscribe`).
+    pub oversubscribe: bool,
     pub source: EventSource,
     pub output: Output,
     pub sink_parallelism: u32,
@@ -72,6 +74,7 @@ fn latency(report: &JobReport) -> Latency {
 pub fn run_query(config: &RunConfig) -> Result<RunReport, String> {
     let mut engine_config = DataflowConfig::default();
     engine_config.runtime.shards = config.cores;
+    engine_config.runtime.oversubscribe = config.oversubscribe;
     let mut dataflow = Dataflow::start(engine_config).map_err(|e| e.to_string())?;
     let cores = dataflow.shards() as u32;
     let options = QueryOptions {
@@ -100,7 +103,7 @@ pub fn run_query(config: &RunConfig) -> Result<RunReport, String> {
             progress(metrics.source_records(), metrics.outputs());
         }
     }
-    let report = handle.wait(config.time_limit)?;
+    let report = dataflow.wait(&handle, config.time_limit)?;
     let stats = dataflow.stats();
     dataflow.shutdown();
     let job = stats.job(handle.id);

@@ -26,6 +26,9 @@ pub struct RunArgs {
     /// Shards (cores) to run on; default: every online core.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
     cores: Option<u64>,
+    /// Allow more shards than online cores (they then share cores).
+    #[arg(long)]
+    oversubscribe: bool,
     /// Latency target of the job, e.g. `20ms`, `1s`, `500us`.
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     slo: Duration,
@@ -251,6 +254,7 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     let report = run_query(&RunConfig {
         query: args.query.clone(),
         cores,
+        oversubscribe: args.oversubscribe,
         source,
         output,
         sink_parallelism,

@@ -38,7 +38,7 @@ use hdrhistogram::Histogram;
 
 use crate::actor::{ActorFactory, SchedCtx};
 use crate::ids::{ActorId, IdMap, JobId, ShardId};
-use crate::runtime::{MemoryStateStore, Runtime, RuntimeConfig, RuntimeStats, StartError};
+use crate::runtime::{Failure, MemoryStateStore, Runtime, RuntimeConfig, RuntimeStats, StartError};
 
 pub use batch::Batch;
 pub use graph::{
@@ -442,10 +442,27 @@ impl JobHandle {
 }
 
 impl Dataflow {
+    /// Start the shards. A panic in any job's operator, source or sink ends that
+    /// job (its handle returns the error, naming job, stage, partition and the
+    /// panic message) and no other; a shard that dies ends every job.
     pub fn start(config: DataflowConfig) -> Result<Self, StartError> {
-        let registry = Registry::new(config.runtime.shards);
+        let mut runtime_config = config.runtime;
+        let registry = Registry::new(runtime_config.shards);
+        let supervisor = registry.clone();
+        let outer = runtime_config.on_failure.take();
+        runtime_config.on_failure = Some(Arc::new(move |failure: Failure| {
+            match failure.actor {
+                Some(actor) => supervisor.fail_actor(actor, &failure.message),
+                None => {
+                    supervisor.fail_all(&format!("{} died: {}", failure.shard, failure.message))
+                }
+            }
+            if let Some(outer) = &outer {
+                outer(failure);
+            }
+        }));
         let runtime = Runtime::start(
-            config.runtime,
+            runtime_config,
             registry.factory(),
             Arc::new(MemoryStateStore::default()),
         )?;
@@ -467,9 +484,27 @@ impl Dataflow {
         let now_ns = crate::clock::monotonic_ns();
         let (handle, ticks) = self.registry.register(job, id, now_ns)?;
         for (actor, sched) in ticks {
-            self.runtime.send(actor, DataMsg::Tick, sched);
+            // A dead shard fails every job through the failure hook.
+            let _ = self.runtime.send(actor, DataMsg::Tick, sched);
         }
         Ok(handle)
+    }
+
+    /// Wait for a job as [`JobHandle::wait`] does, then retire it: its actors,
+    /// saved bookkeeping and routing entries are dropped on every shard, and
+    /// messages still on their way to it are dropped (a failed job's leftovers
+    /// included).
+    pub fn wait(&self, handle: &JobHandle, limit: Duration) -> Result<JobReport, String> {
+        let outcome = handle.wait(limit);
+        self.retire(handle.id);
+        outcome
+    }
+
+    /// Drop a job's actors on every shard (see `Runtime::retire_job`). Its plan
+    /// stays registered, so a shard that has not yet seen the retirement can still
+    /// activate (and then drop) a late message's target.
+    pub fn retire(&self, job: JobId) {
+        self.runtime.retire_job(job);
     }
 
     /// Every actor of a job: `(stage, partition)` pairs, for tests and the autoscaler.
@@ -478,7 +513,8 @@ impl Dataflow {
     }
 
     pub fn migrate(&self, actor: ActorId, to: ShardId) {
-        self.runtime.migrate(actor, to);
+        // A dead shard is the runtime's to report (`RuntimeConfig::on_failure`).
+        let _ = self.runtime.migrate(actor, to);
     }
 
     pub fn stats(&self) -> RuntimeStats {

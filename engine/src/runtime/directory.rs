@@ -11,8 +11,12 @@
 //!
 //! Each shard holds its own replica (no sharing, no locks); the owner of a
 //! migration broadcasts the new placement to every shard through the rings.
+//!
+//! Bound: one override per actor migrated at least once, removed when its job
+//! retires (`forget_job`). An override is kept when the actor moves back home:
+//! its epoch is what refuses an older update still in flight.
 
-use crate::ids::{ActorId, IdMap, ShardId};
+use crate::ids::{ActorId, IdMap, JobId, ShardId};
 
 /// Where an actor lives and since which of its migrations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +76,17 @@ impl Directory {
         true
     }
 
+    /// Forget the overrides of a retired job's actors (none of its messages is
+    /// routed any more, so no update can roll back).
+    pub fn forget_job(&mut self, job: JobId) {
+        self.overrides.retain(|id, _| id.job != job);
+    }
+
+    /// Actors with an override (migrated at least once).
+    pub fn overrides(&self) -> usize {
+        self.overrides.len()
+    }
+
     pub fn version(&self) -> u64 {
         self.version
     }
@@ -84,7 +99,6 @@ impl Directory {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::JobId;
 
     #[test]
     fn partitions_of_an_operator_spread_evenly() {

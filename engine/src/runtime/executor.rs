@@ -5,9 +5,18 @@
 //! One loop pass is bounded (`RING_DRAIN_MAX` packets per ring, `TURNS_PER_PASS`
 //! turns), so inputs are polled at least every few hundred microseconds even under
 //! full load, and the executor's other tasks get the core at `yield_if_needed`.
+//!
+//! `run_supervised` wraps the loop: a panic that escapes the core (actor panics
+//! are caught inside it, see `shard`) ends the shard, marks it dead and tells the
+//! failure hook, so that nothing waits for it. Packets toward a dead shard that no
+//! longer fit in its ring are dropped and counted instead of retried forever.
 
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use crate::actor::ActorFactory;
@@ -17,12 +26,14 @@ use crate::ring::{Consumer, Producer};
 
 use super::shard::{External, Packet, ShardCore};
 use super::store::StateStore;
-use super::{RuntimeConfig, Shared};
+use super::{panic_message, Failure, RuntimeConfig, Shared};
 
 /// Packets taken from one ring per pass.
 const RING_DRAIN_MAX: usize = 1024;
 /// Requests taken from the external queue per pass.
 const EXTERNAL_DRAIN_MAX: usize = 256;
+/// Longest timed park: a timer due later (or at a nonsense time) re-parks.
+const PARK_NS_MAX: u64 = 3_600_000_000_000;
 /// Turns run per pass before inputs are polled again.
 const TURNS_PER_PASS: u32 = 64;
 
@@ -35,10 +46,73 @@ pub(super) struct ShardThread<M: Send + 'static> {
     pub factory: Arc<dyn ActorFactory<M>>,
     pub store: Arc<dyn StateStore>,
     pub shared: Arc<Shared<M>>,
+    pub ready: ReadyGuard,
+}
+
+/// Tells `Runtime::start` whether this shard came up: `true` once its loop runs,
+/// `false` if it is dropped before (its executor could not be built).
+pub(super) struct ReadyGuard(Option<mpsc::Sender<bool>>);
+
+impl ReadyGuard {
+    pub fn new(ready: mpsc::Sender<bool>) -> Self {
+        ReadyGuard(Some(ready))
+    }
+
+    fn signal(&mut self, up: bool) {
+        if let Some(ready) = self.0.take() {
+            // `start` may have given up waiting; nothing to do then.
+            let _ = ready.send(up);
+        }
+    }
+}
+
+impl Drop for ReadyGuard {
+    fn drop(&mut self) {
+        self.signal(false);
+    }
+}
+
+/// A `Duration` in ns, saturating at `u64::MAX` (about 584 years).
+pub(super) fn saturating_ns(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Polls a future inside `catch_unwind`: a panic becomes `Err(payload)`.
+struct CatchUnwind<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let future = self.0.as_mut();
+        match catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(payload) => Poll::Ready(Err(payload)),
+        }
+    }
 }
 
 impl<M: Send + 'static> ShardThread<M> {
-    pub async fn run(mut self) {
+    /// Run the shard; if it panics, mark it dead and tell the failure hook.
+    pub async fn run_supervised(self) {
+        let id = self.id;
+        let shared = self.shared.clone();
+        let hook = self.config.on_failure.clone();
+        let run = CatchUnwind(Box::pin(self.run()));
+        if let Err(payload) = run.await {
+            shared.mark_dead(id);
+            if let Some(hook) = hook {
+                hook(Failure {
+                    actor: None,
+                    shard: id,
+                    message: panic_message(payload.as_ref()),
+                });
+            }
+        }
+    }
+
+    async fn run(mut self) {
         let mut core = ShardCore::new(
             self.id,
             self.shards,
@@ -47,8 +121,10 @@ impl<M: Send + 'static> ShardThread<M> {
             self.factory.clone(),
             self.store.clone(),
         );
-        let housekeeping_ns = self.config.housekeeping_interval.as_nanos() as u64;
-        let mut next_housekeeping_ns = crate::clock::monotonic_ns() + housekeeping_ns;
+        core.set_failure_hook(self.config.on_failure.clone());
+        self.ready.signal(true);
+        let housekeeping_ns = saturating_ns(self.config.housekeeping_interval);
+        let mut next_housekeeping_ns = crate::clock::monotonic_ns().saturating_add(housekeeping_ns);
         loop {
             core.tick();
             let mut progress = self.drain_inputs(&mut core);
@@ -71,7 +147,7 @@ impl<M: Send + 'static> ShardThread<M> {
             let now_ns = crate::clock::monotonic_ns();
             if now_ns >= next_housekeeping_ns {
                 core.deactivate_idle();
-                next_housekeeping_ns = now_ns + housekeeping_ns;
+                next_housekeeping_ns = now_ns.saturating_add(housekeeping_ns);
             }
             if progress || core.has_staged() || core.has_runnable() {
                 glommio::yield_if_needed().await;
@@ -108,7 +184,8 @@ impl<M: Send + 'static> ShardThread<M> {
                 Some(wake_ns) => {
                     // The spin took time: measure the wait from now.
                     let now_ns = crate::clock::monotonic_ns();
-                    let wait = Duration::from_nanos(wake_ns.saturating_sub(now_ns).max(1));
+                    let wait_ns = wake_ns.saturating_sub(now_ns).clamp(1, PARK_NS_MAX);
+                    let wait = Duration::from_nanos(wait_ns);
                     // A timeout is the timer or housekeeping tick, not an error.
                     let _ = glommio::timer::timeout(wait, async {
                         park.await;
@@ -125,9 +202,9 @@ impl<M: Send + 'static> ShardThread<M> {
     /// just run dry usually gets more within microseconds (the next flush of a peer),
     /// and a park costs the peer an eventfd write and this shard an io_uring wait.
     fn spin_for_work(&self, core: &ShardCore<M>, now_ns: u64) -> bool {
-        let spin_ns = self.config.spin_before_park.as_nanos() as u64;
+        let spin_ns = saturating_ns(self.config.spin_before_park);
         let me = self.id.index();
-        let until_ns = now_ns + spin_ns;
+        let until_ns = now_ns.saturating_add(spin_ns);
         let mut polls = 0u32;
         loop {
             if self.shared.stop.load(Ordering::Acquire)
@@ -159,7 +236,7 @@ impl<M: Send + 'static> ShardThread<M> {
         }
         let queue = &self.shared.external[self.id.index()];
         if queue.len.load(Ordering::Acquire) > 0 {
-            let mut q = queue.queue.lock().expect("external queue lock poisoned");
+            let mut q = queue.lock();
             let mut taken = 0;
             while taken < EXTERNAL_DRAIN_MAX && core.injector_ready() {
                 let Some(request) = q.pop_front() else {
@@ -192,10 +269,19 @@ impl<M: Send + 'static> ShardThread<M> {
             let Some(output) = output else {
                 continue;
             };
-            let staged = core.staging(ShardId(target as u16));
-            if !staged.is_empty() && output.push_from(staged) > 0 {
+            let target_id = ShardId(target as u16);
+            let staged = core.staging(target_id);
+            if staged.is_empty() {
+                continue;
+            }
+            if output.push_from(staged) > 0 {
                 self.shared.doorbells[target].ring();
             }
+            // A full ring toward a dead shard never drains: drop what is left.
+            if !staged.is_empty() && self.shared.is_dead(target_id) {
+                core.discard_staging(target_id);
+            }
+            core.trim_staging(target_id);
         }
     }
 }

@@ -8,6 +8,28 @@
 //! other through `Doorbell`s only when the consumer is parked. The outside world
 //! reaches a shard through a small bounded mutex-guarded queue per shard: the
 //! control path, not the data path (sources run as actors inside the shards).
+//!
+//! # Supervision
+//!
+//! A panic in an actor (its `handle`, its factory on activation, the decoding of
+//! its saved state, its `snapshot`) is caught on its shard: the actor is removed,
+//! the messages queued for it are dropped and their credits returned, and later
+//! messages to it are dropped and counted instead of re-activating it; the
+//! `RuntimeConfig::on_failure` hook is told (`Failure` names the actor). A panic
+//! of the shard itself (a runtime invariant) ends that shard: it is marked dead in
+//! `Shared::dead`, the hook is told with `actor: None`, its queued requests are
+//! dropped, and from then on `send`/`migrate` toward it return `SendError`, `stats`
+//! reports it in `RuntimeStats::dead`, and the other shards drop (and count)
+//! packets that no longer fit in their rings toward it. Nothing waits on a dead
+//! shard. `retire_job` reclaims everything a failed or finished job holds.
+//!
+//! # Memory
+//!
+//! Rings are sized from `ring_bytes_per_shard` (the inbound rings of one shard
+//! hold at most that many bytes, capped by `ring_packets` per ring and floored at
+//! `RING_PACKETS_MIN`) and allocate their buffer on first use, so a runtime's ring
+//! memory is at most `shards * ring_bytes_per_shard` (plus the floor), linear in
+//! shards, and only pairs that talk pay for it.
 
 pub mod directory;
 mod executor;
@@ -20,12 +42,12 @@ pub mod store;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
-use std::time::Duration;
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::actor::{ActorFactory, Outgoing, SchedCtx};
 use crate::doorbell::Doorbell;
-use crate::ids::{ActorId, ShardId};
+use crate::ids::{ActorId, JobId, ShardId};
 use crate::ring;
 
 pub use directory::{Directory, Placement};
@@ -34,15 +56,58 @@ pub use shard::{External, Packet, ShardConfig, ShardCore};
 pub use stats::{Counters, RuntimeStats, ShardReport};
 pub use store::{MemoryStateStore, StateStore};
 
+/// What the failure hook is told: an actor that panicked (`actor: Some`), or a
+/// shard that died (`actor: None`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub actor: Option<ActorId>,
+    pub shard: ShardId,
+    /// The panic payload as text (`&str` or `String` payloads; otherwise
+    /// "non-string panic payload").
+    pub message: String,
+}
+
+/// Called on the failing shard's thread for every failure; it must be cheap and
+/// must not block (record the error and return).
+pub type FailureHook = Arc<dyn Fn(Failure) + Send + Sync>;
+
+/// The text of a panic payload.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+/// Packets a ring holds at least, whatever `ring_bytes_per_shard` says.
+pub const RING_PACKETS_MIN: usize = 64;
+
+/// How long `stats` waits for the shards' reports before it calls the missing
+/// ones dead (a live shard answers between two turns, well within it).
+const STATS_WAIT_MAX: Duration = Duration::from_secs(10);
+
+/// How long `start` waits for every shard to come up.
+const START_WAIT_MAX: Duration = Duration::from_secs(60);
+
 /// How to start a runtime.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RuntimeConfig {
     /// Number of shards (one executor thread each).
     pub shards: usize,
+    /// Allow more shards than online cores (they then share cores; for tests and
+    /// experiments, not for throughput). `start` refuses it otherwise.
+    pub oversubscribe: bool,
     /// Pin shard i to the i-th online core (wrapping if there are more shards).
     pub pin: bool,
-    /// Packets one ring holds.
+    /// Packets one ring holds at most.
     pub ring_packets: usize,
+    /// Bytes the inbound rings of one shard may hold together: a ring holds
+    /// `min(ring_packets, ring_bytes_per_shard / (shards - 1) / packet size)`
+    /// packets (a power of two, at least `RING_PACKETS_MIN`).
+    pub ring_bytes_per_shard: usize,
     /// Requests one shard's external queue holds before `send` waits.
     pub external_requests_max: usize,
     /// Bytes of io_uring registered memory per executor (kept small: the
@@ -53,19 +118,60 @@ pub struct RuntimeConfig {
     /// How long a shard that ran out of work polls its inputs before it parks.
     pub spin_before_park: Duration,
     pub shard: ShardConfig,
+    /// Told about every actor panic and every shard death (see `Failure`).
+    pub on_failure: Option<FailureHook>,
+}
+
+impl std::fmt::Debug for RuntimeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeConfig")
+            .field("shards", &self.shards)
+            .field("oversubscribe", &self.oversubscribe)
+            .field("pin", &self.pin)
+            .field("ring_packets", &self.ring_packets)
+            .field("ring_bytes_per_shard", &self.ring_bytes_per_shard)
+            .field("external_requests_max", &self.external_requests_max)
+            .field("io_memory_bytes", &self.io_memory_bytes)
+            .field("housekeeping_interval", &self.housekeeping_interval)
+            .field("spin_before_park", &self.spin_before_park)
+            .field("shard", &self.shard)
+            .field(
+                "on_failure",
+                &self.on_failure.as_ref().map(|_| "Fn(Failure)"),
+            )
+            .finish()
+    }
+}
+
+impl RuntimeConfig {
+    /// Packets one ring holds for this many shards and this packet size.
+    pub fn ring_capacity(&self, packet_bytes: usize) -> usize {
+        let peers = self.shards.saturating_sub(1).max(1);
+        let budget = self.ring_bytes_per_shard / peers / packet_bytes.max(1);
+        let floor_pow2 = match budget {
+            0 => 0,
+            n => 1usize << n.ilog2(),
+        };
+        floor_pow2
+            .min(self.ring_packets.min(ring::CAPACITY_ITEMS_MAX))
+            .max(RING_PACKETS_MIN)
+    }
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {
             shards: online_cores(),
+            oversubscribe: false,
             pin: true,
             ring_packets: 4096,
+            ring_bytes_per_shard: 4 << 20,
             external_requests_max: 4096,
             io_memory_bytes: 256 << 10,
             housekeeping_interval: Duration::from_millis(100),
             spin_before_park: Duration::from_micros(50),
             shard: ShardConfig::default(),
+            on_failure: None,
         }
     }
 }
@@ -90,10 +196,37 @@ impl std::fmt::Display for StartError {
 
 impl std::error::Error for StartError {}
 
+/// Why a request from outside could not be queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendError {
+    /// The shard that should take it has died (see `Failure`).
+    ShardDead(ShardId),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::ShardDead(shard) => write!(f, "{shard} has died"),
+        }
+    }
+}
+
+impl std::error::Error for SendError {}
+
 /// Bounded queue of requests from outside to one shard.
 struct ExternalQueue<M> {
     queue: Mutex<VecDeque<External<M>>>,
     len: AtomicUsize,
+}
+
+impl<M> ExternalQueue<M> {
+    /// The queue, even if a shard panicked while holding it (a dead shard's
+    /// queue is only ever cleared after that).
+    fn lock(&self) -> MutexGuard<'_, VecDeque<External<M>>> {
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 struct Shared<M> {
@@ -101,16 +234,38 @@ struct Shared<M> {
     external_max: usize,
     doorbells: Vec<Arc<Doorbell>>,
     stop: AtomicBool,
+    /// Set once by a shard whose thread panicked outside actor code; read on the
+    /// control path and when a ring toward that shard is full, never per message.
+    dead: Vec<AtomicBool>,
 }
 
 impl<M> Shared<M> {
-    fn push_external(&self, shard: ShardId, request: External<M>) {
+    fn is_dead(&self, shard: ShardId) -> bool {
+        self.dead[shard.index()].load(Ordering::Acquire)
+    }
+
+    /// Mark `shard` dead and drop its queued requests (their reply channels close,
+    /// so no one waits for them). The flag is set before the queue is locked and
+    /// `push_external` reads it under the lock: a request is either dropped here or
+    /// refused there, never left behind.
+    fn mark_dead(&self, shard: ShardId) {
+        self.dead[shard.index()].store(true, Ordering::SeqCst);
+        let queue = &self.external[shard.index()];
+        let dropped = std::mem::take(&mut *queue.lock());
+        queue.len.store(0, Ordering::Release);
+        drop(dropped);
+    }
+
+    fn push_external(&self, shard: ShardId, request: External<M>) -> Result<(), SendError> {
         let queue = &self.external[shard.index()];
         let mut request = Some(request);
         let mut backoff_us = 1;
         loop {
             {
-                let mut q = queue.queue.lock().expect("external queue lock poisoned");
+                let mut q = queue.lock();
+                if self.is_dead(shard) {
+                    return Err(SendError::ShardDead(shard));
+                }
                 if q.len() < self.external_max {
                     q.push_back(request.take().expect("pushed once"));
                     queue.len.store(q.len(), Ordering::Release);
@@ -118,7 +273,7 @@ impl<M> Shared<M> {
             }
             if request.is_none() {
                 self.doorbells[shard.index()].ring();
-                return;
+                return Ok(());
             }
             // Back-pressure: the shard has not taken earlier requests yet.
             self.doorbells[shard.index()].ring();
@@ -136,6 +291,8 @@ pub struct Runtime<M: Send + 'static> {
 }
 
 impl<M: Send + 'static> Runtime<M> {
+    /// Start every shard and wait until each runs. If one cannot start, the ones
+    /// already started are stopped and joined before the error returns.
     pub fn start(
         config: RuntimeConfig,
         factory: Arc<dyn ActorFactory<M>>,
@@ -144,6 +301,14 @@ impl<M: Send + 'static> Runtime<M> {
         if config.shards == 0 || config.shards > 1024 {
             return Err(StartError(format!(
                 "a runtime needs 1 to 1024 shards, not {}",
+                config.shards
+            )));
+        }
+        let cores_online = online_cores();
+        if config.shards > cores_online && !config.oversubscribe {
+            return Err(StartError(format!(
+                "{} shards but only {cores_online} cores online: one shard per core, or \
+                 pass --oversubscribe (RuntimeConfig::oversubscribe) to share cores",
                 config.shards
             )));
         }
@@ -158,7 +323,9 @@ impl<M: Send + 'static> Runtime<M> {
             external_max: config.external_requests_max.max(1),
             doorbells: (0..shards).map(|_| Arc::new(Doorbell::default())).collect(),
             stop: AtomicBool::new(false),
+            dead: (0..shards).map(|_| AtomicBool::new(false)).collect(),
         });
+        let capacity = config.ring_capacity(std::mem::size_of::<Packet<M>>());
         // producers[i][j] sends from i to j; consumers[j][i] receives it.
         let mut producers: Vec<Vec<Option<ring::Producer<Packet<M>>>>> = (0..shards)
             .map(|_| (0..shards).map(|_| None).collect())
@@ -169,7 +336,7 @@ impl<M: Send + 'static> Runtime<M> {
         for source in 0..shards {
             for target in 0..shards {
                 if source != target {
-                    let (p, c) = ring::ring(config.ring_packets);
+                    let (p, c) = ring::ring(capacity);
                     producers[source][target] = Some(p);
                     consumers[target][source] = Some(c);
                 }
@@ -180,7 +347,12 @@ impl<M: Send + 'static> Runtime<M> {
             .into_iter()
             .map(|c| c.id)
             .collect();
-        let mut threads = Vec::with_capacity(shards);
+        let (ready, readies) = mpsc::channel();
+        let mut runtime = Runtime {
+            shared: shared.clone(),
+            homes: Directory::new(shards as u16),
+            threads: Vec::with_capacity(shards),
+        };
         for (i, (outputs, inputs)) in producers.into_iter().zip(consumers).enumerate() {
             let placement = if config.pin && !cores.is_empty() {
                 glommio::Placement::Fixed(cores[i % cores.len()])
@@ -196,19 +368,37 @@ impl<M: Send + 'static> Runtime<M> {
                 factory: factory.clone(),
                 store: store.clone(),
                 shared: shared.clone(),
+                ready: executor::ReadyGuard::new(ready.clone()),
             };
-            let handle = glommio::LocalExecutorBuilder::new(placement)
+            let spawned = glommio::LocalExecutorBuilder::new(placement)
                 .name(&format!("dirigo-shard{i}"))
                 .io_memory(config.io_memory_bytes)
-                .spawn(move || shard.run())
-                .map_err(|e| StartError(format!("cannot start shard {i}: {e}")))?;
-            threads.push(handle);
+                .spawn(move || shard.run_supervised());
+            match spawned {
+                Ok(handle) => runtime.threads.push(handle),
+                Err(e) => {
+                    let errors = runtime.stop_and_join();
+                    return Err(StartError(format!("cannot start shard {i}: {e}{errors}")));
+                }
+            }
         }
-        Ok(Runtime {
-            shared,
-            homes: Directory::new(shards as u16),
-            threads,
-        })
+        drop(ready);
+        // Every shard says whether it came up; one that failed inside its thread
+        // (the executor could not be built) says no when its closure is dropped.
+        let deadline = Instant::now() + START_WAIT_MAX;
+        for _ in 0..shards {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match readies.recv_timeout(wait) {
+                Ok(true) => {}
+                Ok(false) | Err(_) => {
+                    let errors = runtime.stop_and_join();
+                    return Err(StartError(format!(
+                        "a shard of {shards} failed to start{errors}"
+                    )));
+                }
+            }
+        }
+        Ok(runtime)
     }
 
     pub fn shards(&self) -> usize {
@@ -216,8 +406,9 @@ impl<M: Send + 'static> Runtime<M> {
     }
 
     /// Send from outside. Waits while the receiving shard's queue is full; every
-    /// message sent by one thread to one actor arrives in order.
-    pub fn send(&self, to: ActorId, message: M, sched: SchedCtx) {
+    /// message sent by one thread to one actor arrives in order. Fails if the
+    /// shard that takes it has died; a message for a retired job is dropped there.
+    pub fn send(&self, to: ActorId, message: M, sched: SchedCtx) -> Result<(), SendError> {
         let out = Outgoing {
             to,
             sched,
@@ -225,52 +416,103 @@ impl<M: Send + 'static> Runtime<M> {
             due_ns: 0,
         };
         self.shared
-            .push_external(self.homes.home(to), External::Send(out));
+            .push_external(self.homes.home(to), External::Send(out))
     }
 
-    /// Move an actor to another shard, live.
-    pub fn migrate(&self, actor: ActorId, to: ShardId) {
+    /// Move an actor to another shard, live. Fails if either shard has died.
+    pub fn migrate(&self, actor: ActorId, to: ShardId) -> Result<(), SendError> {
         assert!(to.index() < self.shards(), "{to} out of range");
+        if self.shared.is_dead(to) {
+            return Err(SendError::ShardDead(to));
+        }
         self.shared
-            .push_external(self.homes.home(actor), External::Migrate { actor, to });
+            .push_external(self.homes.home(actor), External::Migrate { actor, to })
     }
 
-    /// Every shard's accounting.
+    /// Drop every actor of `job` on every live shard (active or saved, with its
+    /// mailbox, timers, blocked sends and channel tables), and every message for
+    /// it that arrives later. For a failed job and for a finished one alike.
+    pub fn retire_job(&self, job: JobId) {
+        for shard in 0..self.shards() {
+            // A dead shard holds nothing any more.
+            let _ = self
+                .shared
+                .push_external(ShardId(shard as u16), External::RetireJob(job));
+        }
+    }
+
+    /// Make `shard` panic outside actor code, as a broken runtime invariant would.
+    #[doc(hidden)]
+    pub fn crash_shard_for_test(&self, shard: ShardId) -> Result<(), SendError> {
+        self.shared.push_external(shard, External::Crash)
+    }
+
+    /// Every live shard's accounting. Returns within `STATS_WAIT_MAX` whatever
+    /// happens: a shard that is dead or does not answer is listed in `dead`.
     pub fn stats(&self) -> RuntimeStats {
         let (reply, replies) = mpsc::channel();
         for shard in 0..self.shards() {
-            self.shared
+            // A dead shard is found missing below.
+            let _ = self
+                .shared
                 .push_external(ShardId(shard as u16), External::Report(reply.clone()));
         }
         drop(reply);
-        let mut shards: Vec<ShardReport> = replies.iter().collect();
+        let deadline = Instant::now() + STATS_WAIT_MAX;
+        let mut shards: Vec<ShardReport> = Vec::with_capacity(self.shards());
+        while shards.len() < self.shards() {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match replies.recv_timeout(wait) {
+                Ok(report) => shards.push(report),
+                // Every reply channel is gone (dead shards dropped theirs), or time is up.
+                Err(_) => break,
+            }
+        }
         shards.sort_by_key(|r| r.shard);
-        RuntimeStats { shards }
+        let dead = (0..self.shards())
+            .map(|i| ShardId(i as u16))
+            .filter(|id| !shards.iter().any(|r| r.shard == *id))
+            .collect();
+        RuntimeStats { shards, dead }
+    }
+
+    /// Whether `shard` has died.
+    pub fn is_dead(&self, shard: ShardId) -> bool {
+        self.shared.is_dead(shard)
     }
 
     /// Stop every shard and wait for its thread. Messages still queued are dropped
     /// with their actors: call it once the work is done.
     pub fn shutdown(mut self) {
-        self.stop_and_join();
+        let errors = self.stop_and_join();
+        if !errors.is_empty() {
+            eprintln!("dirigo: shard threads ended with errors{errors}");
+        }
     }
 
-    fn stop_and_join(&mut self) {
+    /// Stop and join every shard thread; the errors they ended with, as text.
+    fn stop_and_join(&mut self) -> String {
         self.shared.stop.store(true, Ordering::SeqCst);
         for doorbell in &self.shared.doorbells {
             doorbell.wake_now();
         }
+        let mut errors = String::new();
         for handle in self.threads.drain(..) {
             if let Err(e) = handle.join() {
-                eprintln!("dirigo: a shard thread ended with an error: {e}");
+                errors.push_str(&format!("; {e}"));
             }
         }
+        errors
     }
 }
 
 impl<M: Send + 'static> Drop for Runtime<M> {
     fn drop(&mut self) {
         if !self.threads.is_empty() {
-            self.stop_and_join();
+            let errors = self.stop_and_join();
+            if !errors.is_empty() {
+                eprintln!("dirigo: shard threads ended with errors{errors}");
+            }
         }
     }
 }

@@ -47,20 +47,60 @@
 //! `pending` until the handoff or the placement update arrives. Because the old
 //! owner updates its own directory before anything else, a message is forwarded at
 //! most to a shard that knows more: every message reaches the owner exactly once.
+//!
+//! # Failures and retired jobs
+//!
+//! A turn's `handle` calls run inside one `catch_unwind`; a flag set around each
+//! call tells an actor's panic from a runtime one (which is re-raised and ends the
+//! shard). Activation (factory and state decoding) and `snapshot` are guarded the
+//! same way. A failed actor is removed: the credits its queued and early messages
+//! hold are acknowledged, its blocked sends are dropped, local senders waiting on
+//! it are woken, and it goes into `failed`, so that later messages to it are
+//! dropped (and acknowledged) instead of activating it again. `retire_job` drops
+//! every trace of a job here (actors, saved states, timers, pending packets,
+//! waiters, credit and sequence-table entries, directory overrides) and remembers
+//! the job in `retired`, so that late messages for it are dropped as well. The
+//! checks sit on the activation path only: a message to an active actor pays none.
+//!
+//! # Bounds (what limits each table of the shard)
+//!
+//! - Mailboxes and early arrivals: credits (above), per target actor.
+//! - `blocked`: what one handled message sent.
+//! - `staging` (per target shard): remote sends hold credits, so it holds at most
+//!   `mailbox_credit_messages` per (sending actor's shard, target actor) plus
+//!   acknowledgements and placement updates; a ring toward a dead shard is not
+//!   waited for (the executor drops what does not fit), and a queue's capacity
+//!   above `STAGING_KEEP_PACKETS` is given back once it drains.
+//! - Self-sends take no credit (the sender is running, so it drains its own
+//!   mailbox): they are bounded by what a handler sends to itself per call.
+//! - `timers`: at most `timers_per_actor_max` pending per actor (per shard where
+//!   they were set); more are refused and counted in `timers_refused`.
+//! - `pending`: packets for actors whose handoff is on its way; drained by the
+//!   handoff or placement update, dropped when their job retires.
+//! - `failed`: at most `FAILED_ACTORS_MAX` actors (oldest job first out); emptied
+//!   of a job's actors when it retires.
+//! - `retired`: at most `RETIRED_JOBS_MAX` jobs (the lowest id is forgotten first).
+//! - Directory overrides, `credits`, `waiters`, per-channel `in_seq`/`out_seq`
+//!   tables: entries of a job's actors are removed when it retires, so they are
+//!   bounded by the actors of live jobs. (An override is not removed when an actor
+//!   moves back home: its epoch is what stops an older placement update, still in
+//!   flight through another ring, from rolling the placement back.)
 
 use std::cmp::Ordering as CmpOrdering;
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use crate::actor::{ActorFactory, BoxActor, Context, Outgoing, SchedCtx};
 use crate::clock::Clock;
-use crate::ids::{ActorId, IdMap, ShardId};
+use crate::ids::{ActorId, IdMap, JobId, ShardId};
 
 use super::directory::{Directory, Placement};
 use super::sched::{make_policy, Policy, PolicyKind, RunQueue};
 use super::small_map::SmallMap;
 use super::stats::{new_histogram, record_us, ActorReport, Counters, JobTable, ShardReport};
 use super::store::StateStore;
+use super::{panic_message, Failure, FailureHook};
 
 /// Limits and policy of one shard.
 #[derive(Clone, Debug)]
@@ -76,6 +116,9 @@ pub struct ShardConfig {
     pub stall_ns: u64,
     /// Deactivate an actor idle this long; `None` keeps actors active.
     pub idle_timeout_ns: Option<u64>,
+    /// Timers one actor may have pending on one shard; past it `send_self_at` is
+    /// refused (dropped and counted in `ShardReport::timers_refused`).
+    pub timers_per_actor_max: u32,
     pub policy: PolicyKind,
 }
 
@@ -87,6 +130,7 @@ impl Default for ShardConfig {
             turn_ns_max: 200_000,
             stall_ns: 10_000_000,
             idle_timeout_ns: Some(30_000_000_000),
+            timers_per_actor_max: 1024,
             policy: PolicyKind::Edf,
         }
     }
@@ -97,6 +141,15 @@ const TURN_CLOCK_EVERY: u32 = 16;
 
 /// Marks an envelope that took no remote credit.
 const NO_SHARD: u16 = u16::MAX;
+
+/// Failed actors a shard remembers (to drop their messages) until their job retires.
+const FAILED_ACTORS_MAX: usize = 65_536;
+
+/// Retired jobs a shard remembers (to drop their late messages).
+const RETIRED_JOBS_MAX: usize = 4_096;
+
+/// Capacity a drained staging queue keeps; above it the memory is given back.
+const STAGING_KEEP_PACKETS: usize = 4_096;
 
 /// A message on its way, with everything delivery needs.
 pub struct Envelope<M> {
@@ -231,8 +284,16 @@ pub enum Packet<M> {
 /// A request from outside the runtime, queued to one shard.
 pub enum External<M> {
     Send(Outgoing<M>),
-    Migrate { actor: ActorId, to: ShardId },
+    Migrate {
+        actor: ActorId,
+        to: ShardId,
+    },
     Report(std::sync::mpsc::Sender<ShardReport>),
+    /// Drop every actor of the job and every later message for it.
+    RetireJob(JobId),
+    /// Panic outside actor code (tests of shard death).
+    #[doc(hidden)]
+    Crash,
 }
 
 /// An actor as a shard holds it.
@@ -449,6 +510,13 @@ pub struct ShardCore<M> {
     /// Self-sends waiting for their due time; fired through the injector channel.
     timers: BinaryHeap<Timer<M>>,
     timers_set: u64,
+    /// Pending timers per actor (entries only while some are pending).
+    timer_counts: IdMap<ActorId, u32>,
+    /// Actors that panicked here; their messages are dropped.
+    failed: BTreeSet<ActorId>,
+    /// Jobs retired; their messages are dropped.
+    retired: BTreeSet<JobId>,
+    on_failure: Option<FailureHook>,
     /// Queueing delays of the turn's messages, run-length coded: `(µs, count)`.
     turn_delays_us: Vec<(u64, u64)>,
     arrivals: u64,
@@ -492,6 +560,10 @@ impl<M: Send + 'static> ShardCore<M> {
             scratch: Vec::new(),
             timers: BinaryHeap::new(),
             timers_set: 0,
+            timer_counts: IdMap::default(),
+            failed: BTreeSet::new(),
+            retired: BTreeSet::new(),
+            on_failure: None,
             turn_delays_us: Vec::new(),
             arrivals: 0,
             factory,
@@ -509,6 +581,11 @@ impl<M: Send + 'static> ShardCore<M> {
                 run_messages: 0,
                 activations: 0,
                 deactivations: 0,
+                failures: 0,
+                dropped: 0,
+                dropped_to_dead_shards: 0,
+                timers_refused: 0,
+                jobs_retired: 0,
                 migration_pause_us: new_histogram(),
                 migration_idle_before_us: new_histogram(),
                 migration_transfer_us: new_histogram(),
@@ -524,6 +601,32 @@ impl<M: Send + 'static> ShardCore<M> {
 
     pub fn directory(&self) -> &Directory {
         &self.directory
+    }
+
+    /// Who is told about actor failures on this shard.
+    pub fn set_failure_hook(&mut self, hook: Option<FailureHook>) {
+        self.on_failure = hook;
+    }
+
+    /// Active actors on this shard.
+    pub fn active_actors(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Drop every packet staged for `shard` (it is dead); returns how many.
+    pub fn discard_staging(&mut self, shard: ShardId) -> usize {
+        let dropped = std::mem::take(&mut self.staging[shard.index()]);
+        self.report.dropped_to_dead_shards += dropped.len() as u64;
+        dropped.len()
+    }
+
+    /// Give back the memory of a drained staging queue that grew large.
+    #[inline]
+    pub fn trim_staging(&mut self, shard: ShardId) {
+        let staged = &mut self.staging[shard.index()];
+        if staged.is_empty() && staged.capacity() > STAGING_KEEP_PACKETS {
+            staged.shrink_to(STAGING_KEEP_PACKETS);
+        }
     }
 
     /// Read the clock; the executor calls this before draining inputs.
@@ -555,6 +658,7 @@ impl<M: Send + 'static> ShardCore<M> {
         let mut fired = 0;
         while self.timers.peek().is_some_and(|t| t.send.due_ns <= now_ns) {
             let mut timer = self.timers.pop().expect("peeked");
+            self.timer_fired(timer.send.to);
             timer.send.due_ns = 0;
             self.external(External::Send(timer.send));
             fired += 1;
@@ -587,10 +691,18 @@ impl<M: Send + 'static> ShardCore<M> {
                 }
             }
             Packet::Ack { actor, messages } => self.on_ack(actor, messages),
-            Packet::Handoff(slot, epoch) => self.install(slot, epoch),
+            Packet::Handoff(slot, epoch) => {
+                if self.refuses(slot.id) {
+                    self.release(slot);
+                } else {
+                    self.install(slot, epoch);
+                }
+            }
             Packet::Placement { actor, placement } => {
-                self.directory.apply(actor, placement);
-                self.reroute_pending(actor);
+                if !self.retired.contains(&actor.job) {
+                    self.directory.apply(actor, placement);
+                    self.reroute_pending(actor);
+                }
             }
             Packet::Migrate { actor, to } => self.route_migrate(actor, to),
         }
@@ -600,6 +712,10 @@ impl<M: Send + 'static> ShardCore<M> {
     pub fn external(&mut self, request: External<M>) {
         match request {
             External::Send(out) => {
+                if self.retired.contains(&out.to.job) {
+                    self.report.dropped += 1;
+                    return;
+                }
                 let mut injector = self.injector.take().expect("the injector is home");
                 self.send_from(&mut injector, out);
                 self.injector = Some(injector);
@@ -609,6 +725,8 @@ impl<M: Send + 'static> ShardCore<M> {
                 // The caller may have stopped waiting; nothing to do then.
                 let _ = reply.send(self.report());
             }
+            External::RetireJob(job) => self.retire_job(job),
+            External::Crash => panic!("{} crashed on request (a test of shard death)", self.id),
         }
     }
 
@@ -634,11 +752,18 @@ impl<M: Send + 'static> ShardCore<M> {
                 1,
             );
         }
-        let handled = self.handle_messages(&mut slot, start_ns);
+        let (handled, failure) = self.handle_messages(&mut slot, start_ns);
         let end_ns = self.clock.now_ns();
         self.now_ns = end_ns;
         self.account_turn(&mut slot, handled, start_ns, end_ns);
         let id = slot.id;
+        if let Some(message) = failure {
+            self.slots[i] = Some(slot);
+            // Credits of the messages it handled this turn, the fatal one included.
+            self.send_acks(id);
+            self.fail_actor(id, message);
+            return true;
+        }
         let runnable = !slot.mailbox.is_empty() && slot.blocked.is_empty();
         let room = slot.mailbox.len() < self.config.mailbox_credit_messages as usize;
         self.slots[i] = Some(slot);
@@ -652,57 +777,99 @@ impl<M: Send + 'static> ShardCore<M> {
         true
     }
 
-    fn handle_messages(&mut self, slot: &mut Slot<M>, start_ns: u64) -> u32 {
+    /// Handle up to a turn's worth of messages; the count, and the panic message
+    /// if the actor panicked (it is then gone from the slot).
+    fn handle_messages(&mut self, slot: &mut Slot<M>, start_ns: u64) -> (u32, Option<String>) {
         let mut actor = slot.actor.take().expect("a queued actor is active");
         let mut out = std::mem::take(&mut self.scratch);
         let mut handled = 0u32;
         let mut misses = 0u64;
-        while handled < self.config.turn_messages_max {
-            let Some(env) = slot.mailbox.pop_front() else {
-                break;
-            };
-            handled += 1;
-            let delay_us = start_ns.saturating_sub(env.enqueued_ns) / 1_000;
-            match self.turn_delays_us.last_mut() {
-                Some((us, count)) if *us == delay_us => *count += 1,
-                _ => self.turn_delays_us.push((delay_us, 1)),
-            }
-            misses += (env.sched.deadline_ns < start_ns) as u64;
-            if env.credit_shard != NO_SHARD {
-                self.ack_counts[env.credit_shard as usize] += 1;
-            }
-            let mut ctx = Context {
-                me: slot.id,
-                shard: self.id,
-                now_ns: start_ns,
-                clock: &self.clock,
-                sched: env.sched,
-                out: &mut out,
-            };
-            actor.handle(env.message, &mut ctx);
-            for send in out.drain(..) {
-                if send.due_ns > 0 {
-                    self.timers_set += 1;
-                    let seq = self.timers_set;
-                    self.timers.push(Timer { seq, send });
-                } else {
-                    self.send_from(slot, send);
+        // Set only around `handle`: a panic outside it is the runtime's, not the actor's.
+        let mut in_handler = false;
+        // One `catch_unwind` per turn, not per message.
+        let turn = catch_unwind(AssertUnwindSafe(|| {
+            while handled < self.config.turn_messages_max {
+                let Some(env) = slot.mailbox.pop_front() else {
+                    break;
+                };
+                handled += 1;
+                let delay_us = start_ns.saturating_sub(env.enqueued_ns) / 1_000;
+                match self.turn_delays_us.last_mut() {
+                    Some((us, count)) if *us == delay_us => *count += 1,
+                    _ => self.turn_delays_us.push((delay_us, 1)),
+                }
+                misses += (env.sched.deadline_ns < start_ns) as u64;
+                if env.credit_shard != NO_SHARD {
+                    self.ack_counts[env.credit_shard as usize] += 1;
+                }
+                let mut ctx = Context {
+                    me: slot.id,
+                    shard: self.id,
+                    now_ns: start_ns,
+                    clock: &self.clock,
+                    sched: env.sched,
+                    out: &mut out,
+                };
+                in_handler = true;
+                actor.handle(env.message, &mut ctx);
+                in_handler = false;
+                for send in out.drain(..) {
+                    if send.due_ns > 0 {
+                        self.set_timer(send);
+                    } else {
+                        self.send_from(slot, send);
+                    }
+                }
+                if !slot.blocked.is_empty() {
+                    break;
+                }
+                if handled.is_multiple_of(TURN_CLOCK_EVERY)
+                    && self.clock.now_ns().saturating_sub(start_ns) > self.config.turn_ns_max
+                {
+                    break;
                 }
             }
-            if !slot.blocked.is_empty() {
-                break;
+        }));
+        let failure = match turn {
+            Ok(()) => {
+                slot.actor = Some(actor);
+                None
             }
-            if handled.is_multiple_of(TURN_CLOCK_EVERY)
-                && self.clock.now_ns().saturating_sub(start_ns) > self.config.turn_ns_max
-            {
-                break;
+            Err(payload) if in_handler => {
+                // What the failed call sent goes nowhere; the actor is dropped (a
+                // second panic in its `Drop` is contained too).
+                out.clear();
+                let _ = catch_unwind(AssertUnwindSafe(move || drop(actor)));
+                Some(panic_message(payload.as_ref()))
             }
-        }
-        slot.actor = Some(actor);
+            Err(payload) => std::panic::resume_unwind(payload),
+        };
         self.scratch = out;
         slot.counters.deadline_misses += misses;
         self.jobs.get(slot.id.job).deadline_misses += misses;
-        handled
+        (handled, failure)
+    }
+
+    /// Hold `send` until its due time, unless its actor has too many pending.
+    fn set_timer(&mut self, send: Outgoing<M>) {
+        let pending = self.timer_counts.entry(send.to).or_default();
+        if *pending >= self.config.timers_per_actor_max {
+            self.report.timers_refused += 1;
+            return;
+        }
+        *pending += 1;
+        self.timers_set += 1;
+        let seq = self.timers_set;
+        self.timers.push(Timer { seq, send });
+    }
+
+    fn timer_fired(&mut self, actor: ActorId) {
+        if let Some(pending) = self.timer_counts.get_mut(&actor) {
+            *pending -= 1;
+            if *pending == 0 {
+                self.timer_counts.remove(&actor);
+            }
+        }
     }
 
     fn account_turn(&mut self, slot: &mut Slot<M>, handled: u32, start_ns: u64, end_ns: u64) {
@@ -886,10 +1053,16 @@ impl<M: Send + 'static> ShardCore<M> {
             self.accept_into(index, env);
             return;
         }
+        if self.refuses(env.to) {
+            self.drop_envelope(env);
+            return;
+        }
         let placement = self.directory.lookup(env.to);
         if placement.shard == self.id {
-            let index = self.activate(env.to);
-            self.accept_into(index, env);
+            match self.activate(env.to) {
+                Some(index) => self.accept_into(index, env),
+                None => self.drop_envelope(env),
+            }
         } else if env.route_epoch > placement.epoch {
             self.pending
                 .entry(env.to)
@@ -969,23 +1142,36 @@ impl<M: Send + 'static> ShardCore<M> {
         Some(slot)
     }
 
-    fn activate(&mut self, id: ActorId) -> u32 {
-        let saved = self.store.take(id).map(|bytes| {
-            crate::actor::decode_state::<Saved>(&bytes)
-                .unwrap_or_else(|error| panic!("saved state of {id} is corrupt: {error}"))
-        });
-        let mut slot = Slot::new(id, None, self.now_ns);
-        let state = match saved {
-            Some(saved) => {
-                slot.in_seq = saved.in_seq.into_iter().collect();
-                slot.out_seq = saved.out_seq.into_iter().collect();
-                saved.state
+    /// Activate `id` from its saved state; `None` if the factory or the decoding
+    /// panicked (the actor has failed then).
+    fn activate(&mut self, id: ActorId) -> Option<u32> {
+        let store = &self.store;
+        let factory = &self.factory;
+        let made = catch_unwind(AssertUnwindSafe(|| {
+            let saved = store.take(id).map(|bytes| {
+                crate::actor::decode_state::<Saved>(&bytes)
+                    .unwrap_or_else(|error| panic!("saved state of {id} is corrupt: {error}"))
+            });
+            let (state, in_seq, out_seq) = match saved {
+                Some(saved) => (saved.state, saved.in_seq, saved.out_seq),
+                None => (None, Vec::new(), Vec::new()),
+            };
+            let actor = factory.activate(id, state.as_deref());
+            (actor, in_seq, out_seq)
+        }));
+        match made {
+            Ok((actor, in_seq, out_seq)) => {
+                let mut slot = Slot::new(id, Some(actor), self.now_ns);
+                slot.in_seq = in_seq.into_iter().collect();
+                slot.out_seq = out_seq.into_iter().collect();
+                self.report.activations += 1;
+                Some(self.insert(slot))
             }
-            None => None,
-        };
-        slot.actor = Some(self.factory.activate(id, state.as_deref()));
-        self.report.activations += 1;
-        self.insert(slot)
+            Err(payload) => {
+                self.record_failure(id, panic_message(payload.as_ref()));
+                None
+            }
+        }
     }
 
     /// Deactivate every actor idle for longer than the timeout; returns how many.
@@ -1014,12 +1200,17 @@ impl<M: Send + 'static> ShardCore<M> {
 
     fn deactivate(&mut self, id: ActorId) {
         let slot = self.remove(id).expect("deactivating an active actor");
+        let actor = slot.actor.as_ref();
+        let state = match catch_unwind(AssertUnwindSafe(|| actor.and_then(|a| a.snapshot()))) {
+            Ok(state) => state.map(|s| s.to_vec()),
+            Err(payload) => {
+                self.record_failure(id, panic_message(payload.as_ref()));
+                self.release(slot);
+                return;
+            }
+        };
         let saved = Saved {
-            state: slot
-                .actor
-                .as_ref()
-                .and_then(|a| a.snapshot())
-                .map(|s| s.to_vec()),
+            state,
             in_seq: slot.in_seq.iter().copied().collect(),
             out_seq: slot.out_seq.iter().copied().collect(),
         };
@@ -1032,6 +1223,9 @@ impl<M: Send + 'static> ShardCore<M> {
 
     /// Move `actor` to `to`, or pass the request on towards the actor's owner.
     pub fn route_migrate(&mut self, actor: ActorId, to: ShardId) {
+        if self.refuses(actor) {
+            return;
+        }
         if self.index.contains_key(&actor) {
             self.migrate_out(actor, to);
             return;
@@ -1123,6 +1317,145 @@ impl<M: Send + 'static> ShardCore<M> {
                 other => self.receive(other),
             }
         }
+    }
+
+    // ---- failures and retired jobs ----------------------------------------------
+
+    /// Whether messages to `actor` are dropped here: it failed here or its job retired.
+    #[inline]
+    fn refuses(&self, actor: ActorId) -> bool {
+        (!self.retired.is_empty() && self.retired.contains(&actor.job))
+            || (!self.failed.is_empty() && self.failed.contains(&actor))
+    }
+
+    /// Drop a message that will never be handled, returning the credit it holds.
+    fn drop_envelope(&mut self, env: Envelope<M>) {
+        self.report.dropped += 1;
+        if env.credit_shard != NO_SHARD {
+            self.return_credits(env.to, env.credit_shard, 1);
+        }
+    }
+
+    /// Acknowledge `messages` sent to `actor` by `shard` without handling them.
+    fn return_credits(&mut self, actor: ActorId, shard: u16, messages: u32) {
+        if shard == self.id.0 {
+            self.on_ack(actor, messages);
+            return;
+        }
+        let staging = &mut self.staging[shard as usize];
+        if let Some(Packet::Ack {
+            actor: last,
+            messages: count,
+        }) = staging.back_mut()
+        {
+            if *last == actor {
+                *count += messages;
+                return;
+            }
+        }
+        staging.push_back(Packet::Ack { actor, messages });
+    }
+
+    /// Drop a removed actor with everything it holds: the credits of its queued
+    /// and early messages go back to their senders, its blocked sends are dropped,
+    /// and local senders waiting on it retry (and find it gone).
+    fn release(&mut self, mut slot: Box<Slot<M>>) {
+        let id = slot.id;
+        let mut credits = vec![0u32; self.staging.len()];
+        let mut dropped = 0u64;
+        for queued in slot.mailbox.drain(..) {
+            dropped += 1;
+            if queued.credit_shard != NO_SHARD {
+                credits[queued.credit_shard as usize] += 1;
+            }
+        }
+        for (_, early) in std::mem::take(&mut slot.reorder) {
+            for env in early.into_values() {
+                dropped += 1;
+                if env.credit_shard != NO_SHARD {
+                    credits[env.credit_shard as usize] += 1;
+                }
+            }
+        }
+        self.report.dropped += dropped;
+        for (shard, messages) in credits.into_iter().enumerate() {
+            if messages > 0 {
+                self.return_credits(id, shard as u16, messages);
+            }
+        }
+        drop(slot);
+        if self.waiters.contains_key(&id) {
+            self.wake_waiters(id);
+        }
+    }
+
+    /// Remove an actor that panicked during its turn.
+    fn fail_actor(&mut self, id: ActorId, message: String) {
+        let slot = self.remove(id).expect("a failing actor is in its slot");
+        // Recorded first, so that senders woken by the release find it failed.
+        self.record_failure(id, message);
+        self.release(slot);
+    }
+
+    /// Remember a failed actor and tell the hook.
+    fn record_failure(&mut self, id: ActorId, message: String) {
+        self.report.failures += 1;
+        self.failed.insert(id);
+        if self.failed.len() > FAILED_ACTORS_MAX {
+            self.failed.pop_first();
+        }
+        if let Some(hook) = &self.on_failure {
+            hook(Failure {
+                actor: Some(id),
+                shard: self.id,
+                message,
+            });
+        }
+    }
+
+    /// Drop every trace of `job` on this shard, and its later messages.
+    pub fn retire_job(&mut self, job: JobId) {
+        if job == ActorId::injector(self.id).job || !self.retired.insert(job) {
+            return;
+        }
+        if self.retired.len() > RETIRED_JOBS_MAX {
+            self.retired.pop_first();
+        }
+        self.report.jobs_retired += 1;
+        let actors: Vec<ActorId> = self
+            .index
+            .keys()
+            .filter(|a| a.job == job)
+            .copied()
+            .collect();
+        for actor in actors {
+            let slot = self.remove(actor).expect("indexed");
+            self.release(slot);
+        }
+        self.store.remove_job(job);
+        self.failed.retain(|a| a.job != job);
+        self.pending.retain(|a, _| a.job != job);
+        self.credits.retain(|a| a.job != job);
+        self.waiters.retain(|target, senders| {
+            senders.retain(|s| s.job != job);
+            target.job != job && !senders.is_empty()
+        });
+        self.timers.retain(|t| t.send.to.job != job);
+        self.timer_counts.retain(|a, _| a.job != job);
+        self.directory.forget_job(job);
+        let is_other = |a: &ActorId| a.job != job;
+        for slot in self.slots.iter_mut().flatten() {
+            slot.in_seq.retain(is_other);
+            slot.out_seq.retain(is_other);
+        }
+        // The injector talks to every job: forget the job's channels and sends.
+        let mut injector = self.injector.take().expect("the injector is home");
+        injector.out_seq.retain(is_other);
+        let before = injector.blocked.len();
+        injector.blocked.retain(|send| send.to.job != job);
+        self.report.dropped += (before - injector.blocked.len()) as u64;
+        self.retry_blocked(&mut injector);
+        self.injector = Some(injector);
     }
 
     // ---- reporting -------------------------------------------------------------

@@ -62,6 +62,27 @@ impl<V: Default> SmallMap<V> {
         }
     }
 
+    /// Keep only the entries whose key passes `keep` (a cold path: it rebuilds
+    /// the index).
+    pub fn retain(&mut self, mut keep: impl FnMut(&ActorId) -> bool) {
+        let before = self.entries.len();
+        self.entries.retain(|(key, _)| keep(key));
+        if self.entries.len() == before {
+            return;
+        }
+        self.last = 0;
+        self.index = (self.entries.len() > LINEAR_MAX).then(|| {
+            self.entries
+                .iter()
+                .enumerate()
+                .map(|(i, (k, _))| (*k, i))
+                .collect()
+        });
+        if self.entries.capacity() > 2 * self.entries.len().max(LINEAR_MAX) {
+            self.entries.shrink_to_fit();
+        }
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &(ActorId, V)> {
         self.entries.iter()
     }

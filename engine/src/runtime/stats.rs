@@ -78,6 +78,16 @@ pub struct ShardReport {
     pub run_messages: u64,
     pub activations: u64,
     pub deactivations: u64,
+    /// Actors removed after a panic (in `handle`, activation, restore or snapshot).
+    pub failures: u64,
+    /// Messages dropped because their target failed or its job was retired.
+    pub dropped: u64,
+    /// Packets dropped because their target shard is dead.
+    pub dropped_to_dead_shards: u64,
+    /// Timers refused because their actor had `timers_per_actor_max` pending.
+    pub timers_refused: u64,
+    /// Jobs retired on this shard.
+    pub jobs_retired: u64,
     /// Pause of each migration that completed here: last message handled at the old
     /// owner to first message handled here.
     pub migration_pause_us: Histogram<u32>,
@@ -121,7 +131,10 @@ impl JobTable {
 
 /// The whole runtime's accounting: every shard's report.
 pub struct RuntimeStats {
+    /// The reports of the live shards, in shard order.
     pub shards: Vec<ShardReport>,
+    /// Shards that did not report: dead, or (rarely) not answering in time.
+    pub dead: Vec<ShardId>,
 }
 
 impl RuntimeStats {

@@ -7,12 +7,14 @@
 
 use std::sync::Mutex;
 
-use crate::ids::{ActorId, IdMap};
+use crate::ids::{ActorId, IdMap, JobId};
 
 /// A saved actor as the store keeps it: opaque bytes (see `shard::Saved`).
 pub trait StateStore: Send + Sync + 'static {
     fn put(&self, id: ActorId, bytes: Vec<u8>);
     fn take(&self, id: ActorId) -> Option<Vec<u8>>;
+    /// Drop the saved state of every actor of `job` (it has retired).
+    fn remove_job(&self, job: JobId);
     /// Number of actors saved; for tests and `status`.
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
@@ -53,6 +55,15 @@ impl StateStore for MemoryStateStore {
             .lock()
             .expect("state store lock poisoned")
             .remove(&id)
+    }
+
+    fn remove_job(&self, job: JobId) {
+        for stripe in &self.stripes {
+            stripe
+                .lock()
+                .expect("state store lock poisoned")
+                .retain(|id, _| id.job != job);
+        }
     }
 
     fn len(&self) -> usize {
