@@ -105,6 +105,7 @@ fn bench_actors_json_has_every_figure() {
             "cross_shard_msgs_per_s",
             "cross_shard_batched_msgs_per_s",
             "raw_mesh_msgs_per_s",
+            "raw_mesh_batched_msgs_per_s",
             "cross_shard_ratio",
             "cross_shard_batched_ratio",
             "cores",
