@@ -124,6 +124,7 @@ fn bench_migrate_json_reports_pauses_and_no_loss_duplicate_or_reorder() {
             "pause_us_p50",
             "pause_us_p99",
             "pause_us_max",
+            "transfer_us_p99",
             "messages",
             "lost",
             "duplicated",
