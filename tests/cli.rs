@@ -105,6 +105,7 @@ fn bench_actors_json_has_every_figure() {
             "cross_shard_msgs_per_s",
             "cross_shard_batched_msgs_per_s",
             "raw_mesh_msgs_per_s",
+            "raw_mesh_batched_msgs_per_s",
             "cross_shard_ratio",
             "cross_shard_batched_ratio",
             "cores",
@@ -123,6 +124,8 @@ fn bench_migrate_json_reports_pauses_and_no_loss_duplicate_or_reorder() {
             "pause_us_p50",
             "pause_us_p99",
             "pause_us_max",
+            "idle_before_us_p99",
+            "transfer_us_p99",
             "messages",
             "lost",
             "duplicated",
@@ -130,6 +133,11 @@ fn bench_migrate_json_reports_pauses_and_no_loss_duplicate_or_reorder() {
         ],
     );
     assert_eq!(report["migrations_completed"], 20, "{report}");
+    // Recorded for every migration (at least 1 us each): a figure that can vary.
+    assert!(
+        report["idle_before_us_p99"].as_u64().unwrap() >= 1,
+        "{report}"
+    );
     assert!(report["messages"].as_u64().unwrap() > 0, "{report}");
     for key in ["lost", "duplicated", "out_of_order"] {
         assert_eq!(report[key], 0, "{key} in {report}");
@@ -270,4 +278,74 @@ fn skip_malformed_skips_and_counts_bad_lines() {
     assert_eq!(report["skipped"], 2);
     assert_eq!(report["events"], 100);
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `gen` formats on several threads and writes in order: the file is the same,
+/// byte for byte, for 1 and 4 threads, and is `write_json_line` over
+/// `Generator::fill(0..events)`. 100,003 events is 49 chunks of 2,048 (the last
+/// one short), so every thread formats many chunks and reuses its buffers.
+#[test]
+fn gen_writes_the_same_bytes_on_any_number_of_threads() {
+    let dir = std::env::temp_dir().join(format!("dirigo-cli-gen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (events, seed, rate) = (100_003u64, 11u64, 1000u64);
+    let mut expected = Vec::new();
+    let generator = dirigo_nexmark::Generator::new(dirigo_nexmark::GeneratorConfig {
+        seed,
+        events_per_second: rate,
+        ..dirigo_nexmark::GeneratorConfig::default()
+    })
+    .expect("a valid generator config");
+    let mut all = Vec::new();
+    generator.fill(0..events, &mut all);
+    for event in &all {
+        dirigo_nexmark::write_json_line(event, &mut expected);
+    }
+    for threads in ["1", "4"] {
+        let path = dir.join(format!("events-{threads}.jsonl"));
+        let gen = dirigo(&[
+            "gen",
+            "--events",
+            &events.to_string(),
+            "--seed",
+            &seed.to_string(),
+            "--rate",
+            &rate.to_string(),
+            "--threads",
+            threads,
+            "--out",
+            path.to_str().unwrap(),
+        ]);
+        assert!(gen.status.success(), "gen failed: {}", stderr(&gen));
+        let written = std::fs::read(&path).expect("events written");
+        assert_eq!(written.len(), expected.len(), "{threads} threads: length");
+        assert!(
+            written == expected,
+            "{threads} threads: first difference at byte {}",
+            written
+                .iter()
+                .zip(&expected)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0)
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn gen_fails_naming_the_path_and_the_os_error() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "/nonexistent-dirigo-dir/events.jsonl",
+            "No such file or directory",
+        ),
+        ("/dev/full", "No space left on device"),
+    ];
+    for (path, os_error) in cases {
+        let output = dirigo(&["gen", "--events", "100000", "--out", path]);
+        assert!(!output.status.success(), "gen --out {path} succeeded");
+        let message = stderr(&output);
+        assert!(message.contains(path), "{path} not in {message}");
+        assert!(message.contains(os_error), "{os_error:?} not in {message}");
+    }
 }

@@ -4,7 +4,8 @@
 //!
 //! - [`actors`]: messages per second between two actors on one shard, across two
 //!   shards (one payload per message, and 64 per message as the dataflow sends
-//!   them), against glommio's raw channel mesh between the same two cores.
+//!   them), against glommio's raw channel mesh between the same two cores sending
+//!   the same messages (one payload each, or the same 64-payload batches).
 //! - [`ingest`]: the parallel file source (JSON Lines to `Event` on every core,
 //!   as a dataflow job) against a bare read of the same file by the same reader.
 //! - [`migrate`]: the pause of a live migration of an actor with 1 MiB of state,

@@ -88,8 +88,9 @@ pub struct Report {
     pub pause_us_p50: u64,
     pub pause_us_p99: u64,
     pub pause_us_max: u64,
-    /// The pause split: the actor idle at its old owner before the handoff, and the
-    /// handoff in flight between the shards (the rest is waiting for a turn).
+    /// The pause split: the actor idle at its old owner from the end of its last
+    /// turn to the handoff, and the handoff in flight between the shards (the
+    /// rest is waiting for its first turn at the new owner).
     pub idle_before_us_p99: u64,
     pub transfer_us_p99: u64,
     /// Pauses recorded in the histogram.
@@ -373,8 +374,14 @@ impl fmt::Display for Report {
         writeln!(f)?;
         writeln!(
             f,
-            "pause per migration (us): p50 {}  p99 {}  max {}  ({} pauses, target p99 < 1000)",
-            self.pause_us_p50, self.pause_us_p99, self.pause_us_max, self.pauses
+            "pause per migration (us): p50 {}  p99 {}  max {}  ({} pauses, target p99 < 1000); \
+             of it idle before the handoff: p99 {}, in transfer between the shards: p99 {}",
+            self.pause_us_p50,
+            self.pause_us_p99,
+            self.pause_us_max,
+            self.pauses,
+            self.idle_before_us_p99,
+            self.transfer_us_p99
         )?;
         writeln!(
             f,

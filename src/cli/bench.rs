@@ -17,7 +17,8 @@ pub struct BenchArgs {
 #[derive(Subcommand, Debug)]
 enum BenchName {
     /// Messages per second between two actors (one shard, two shards, batched)
-    /// against glommio's raw channel mesh between the same two cores.
+    /// against glommio's raw channel mesh between the same two cores sending the
+    /// same messages (one payload each, or the same batches).
     Actors {
         /// Print the report as one JSON object on the last line of stdout.
         #[arg(long)]

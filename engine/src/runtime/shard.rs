@@ -1256,6 +1256,10 @@ impl<M: Send + 'static> ShardCore<M> {
         let mut slot = self.remove(actor).expect("migrating an active actor");
         slot.pause_from_ns = Some(slot.last_handled_ns);
         slot.handed_off_ns = self.now_ns;
+        // The first part of the pause: idle at the old owner, from the end of the
+        // actor's last turn to the handoff.
+        let idle_ns = self.now_ns.saturating_sub(slot.last_handled_ns);
+        record_us(&mut self.report.migration_idle_before_us, idle_ns, 1);
         let placement = Placement {
             shard: to,
             epoch: self.directory.lookup(actor).epoch + 1,
