@@ -155,10 +155,12 @@ fn run_json_reports_the_figures() {
             "elapsed_s",
             "events_per_s",
             "outputs",
+            "late",
             "latency_us",
         ],
     );
     assert_eq!(report["query"], "q2");
+    assert_eq!(report["late"], 0, "in-order input has no late records");
     assert_eq!(report["events"], 200_000);
     for key in ["p50", "p99", "p999", "max"] {
         assert!(
@@ -278,6 +280,90 @@ fn skip_malformed_skips_and_counts_bad_lines() {
     assert_eq!(report["skipped"], 2);
     assert_eq!(report["events"], 100);
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// An event time that would end the stream early (i64::MAX, the end-of-input
+/// mark) or jump far ahead is an error naming its line; with `--skip-malformed`
+/// it is skipped and counted, and every other event still counts.
+#[test]
+fn bad_event_times_fail_naming_the_line_or_are_skipped_and_counted() {
+    let dir = std::env::temp_dir().join(format!("dirigo-cli-time-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let events = dir.join("events.jsonl");
+    let gen = dirigo(&["gen", "--events", "1000", "--out", events.to_str().unwrap()]);
+    assert!(gen.status.success(), "{}", stderr(&gen));
+    let text = std::fs::read_to_string(&events).expect("events");
+    let bids = text
+        .lines()
+        .filter(|l| l.contains("\"type\":\"bid\""))
+        .count() as u64;
+    let lines: Vec<&str> = text.lines().collect();
+    let first_time: i64 = 1_700_000_000_000;
+    let cases = [
+        ("i64::MAX", i64::MAX.to_string(), "out of range"),
+        (
+            "ten days ahead",
+            (first_time + 10 * 86_400_000).to_string(),
+            "max_time_jump_ms",
+        ),
+    ];
+    for (name, time, needle) in cases {
+        let bad = format!(
+            "{{\"type\":\"bid\",\"auction\":1000,\"bidder\":1001,\"price\":5,\"channel\":\"Apple\",\"url\":\"u\",\"date_time\":{time},\"extra\":\"\"}}"
+        );
+        let mut with_bad = lines[..500].join("\n");
+        with_bad.push('\n');
+        with_bad.push_str(&bad);
+        with_bad.push('\n');
+        with_bad.push_str(&lines[500..].join("\n"));
+        with_bad.push('\n');
+        let path = dir.join("bad-time.jsonl");
+        std::fs::write(&path, with_bad).expect("written");
+        let source = format!("file:{}", path.display());
+        for cores in ["1", "2"] {
+            let output = dirigo(&["run", "q0", "--cores", cores, "--source", &source]);
+            assert!(!output.status.success(), "{name}: the run succeeded");
+            let message = stderr(&output);
+            assert!(
+                message.contains("line 501") && message.contains(needle),
+                "{name}, {cores} cores: {message}"
+            );
+            let report = json_report(&[
+                "run",
+                "q0",
+                "--cores",
+                cores,
+                "--source",
+                &source,
+                "--skip-malformed",
+                "--json",
+            ]);
+            assert_eq!(report["skipped"], 1, "{name}: {report}");
+            assert_eq!(report["events"], 1000, "{name}: {report}");
+            assert_eq!(report["outputs"], bids, "{name}: every real bid is output");
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn more_cores_than_online_need_oversubscribe() {
+    let output = dirigo(&["run", "q0", "--cores", "1024", "--events", "1000"]);
+    assert!(!output.status.success(), "1024 shards started");
+    let message = stderr(&output);
+    assert!(message.contains("--oversubscribe"), "{message}");
+    let report = json_report(&[
+        "run",
+        "q1",
+        "--cores",
+        "4",
+        "--oversubscribe",
+        "--events",
+        "20000",
+        "--json",
+    ]);
+    assert_eq!(report["cores"], 4);
+    assert_eq!(report["events"], 20_000);
 }
 
 /// `gen` formats on several threads and writes in order: the file is the same,
