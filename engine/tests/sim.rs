@@ -365,3 +365,44 @@ fn a_failed_actor_is_removed_and_its_neighbours_run_exactly_then_retire_reclaims
     assert_eq!(dropped, 50);
     assert_eq!(log.lock().unwrap().len(), 50);
 }
+
+/// A shard keeps the counters of only the last `RETIRED_JOB_STATS_MAX` (64)
+/// retired jobs: a long-lived node's statistics do not grow with every job.
+#[test]
+fn retired_jobs_keep_their_counters_only_for_a_while() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let l = log.clone();
+    let factory = move |id: ActorId, _: Option<&[u8]>| -> BoxActor<()> {
+        Box::new(Recorder { id, log: l.clone() })
+    };
+    let mut sim = Sim::new(
+        1,
+        config(PolicyKind::Edf),
+        16,
+        Arc::new(factory),
+        Arc::new(MemoryStateStore::default()),
+        7,
+    );
+    for job in 1..=200u32 {
+        let to = ActorId::new(JobId(job), 1, 0);
+        let sched = SchedCtx {
+            job: JobId(job),
+            deadline_ns: 0,
+            origin_ns: 0,
+        };
+        sim.send(ShardId(0), to, (), sched);
+        sim.run_until_quiet(1_000);
+        sim.core(ShardId(0)).retire_job(JobId(job));
+    }
+    assert_eq!(log.lock().unwrap().len(), 200, "every job's message ran");
+    let jobs: Vec<JobId> = sim
+        .core(ShardId(0))
+        .report()
+        .jobs
+        .iter()
+        .map(|(j, _)| *j)
+        .collect();
+    assert_eq!(jobs.len(), 64, "{jobs:?}");
+    assert_eq!(jobs.first(), Some(&JobId(137)));
+    assert_eq!(jobs.last(), Some(&JobId(200)));
+}

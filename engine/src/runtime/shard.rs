@@ -80,6 +80,8 @@
 //! - `failed`: at most `FAILED_ACTORS_MAX` actors (oldest job first out); emptied
 //!   of a job's actors when it retires.
 //! - `retired`: at most `RETIRED_JOBS_MAX` jobs (the lowest id is forgotten first).
+//! - `jobs` (per-job counters, two histograms each): a retired job's are kept for
+//!   `stats` until `RETIRED_JOB_STATS_MAX` later jobs have retired.
 //! - Directory overrides, `credits`, `waiters`, per-channel `in_seq`/`out_seq`
 //!   tables: entries of a job's actors are removed when it retires, so they are
 //!   bounded by the actors of live jobs. (An override is not removed when an actor
@@ -147,6 +149,8 @@ const FAILED_ACTORS_MAX: usize = 65_536;
 
 /// Retired jobs a shard remembers (to drop their late messages).
 const RETIRED_JOBS_MAX: usize = 4_096;
+/// Retired jobs whose counters a shard still reports.
+const RETIRED_JOB_STATS_MAX: usize = 64;
 
 /// Capacity a drained staging queue keeps; above it the memory is given back.
 const STAGING_KEEP_PACKETS: usize = 4_096;
@@ -516,6 +520,8 @@ pub struct ShardCore<M> {
     failed: BTreeSet<ActorId>,
     /// Jobs retired; their messages are dropped.
     retired: BTreeSet<JobId>,
+    /// Retired jobs whose counters are still kept, oldest first.
+    retired_stats: VecDeque<JobId>,
     on_failure: Option<FailureHook>,
     /// Queueing delays of the turn's messages, run-length coded: `(µs, count)`.
     turn_delays_us: Vec<(u64, u64)>,
@@ -563,6 +569,7 @@ impl<M: Send + 'static> ShardCore<M> {
             timer_counts: IdMap::default(),
             failed: BTreeSet::new(),
             retired: BTreeSet::new(),
+            retired_stats: VecDeque::new(),
             on_failure: None,
             turn_delays_us: Vec::new(),
             arrivals: 0,
@@ -1426,6 +1433,11 @@ impl<M: Send + 'static> ShardCore<M> {
             self.retired.pop_first();
         }
         self.report.jobs_retired += 1;
+        self.retired_stats.push_back(job);
+        if self.retired_stats.len() > RETIRED_JOB_STATS_MAX {
+            let oldest = self.retired_stats.pop_front().expect("over the bound");
+            self.jobs.remove(oldest);
+        }
         let actors: Vec<ActorId> = self
             .index
             .keys()

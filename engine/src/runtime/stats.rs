@@ -122,6 +122,11 @@ impl JobTable {
         self.jobs.entry(job).or_default()
     }
 
+    /// Forget a job's counters.
+    pub fn remove(&mut self, job: JobId) {
+        self.jobs.remove(&job);
+    }
+
     pub fn report(&self) -> Vec<(JobId, Counters)> {
         let mut jobs: Vec<_> = self.jobs.iter().map(|(j, c)| (*j, c.clone())).collect();
         jobs.sort_by_key(|(j, _)| *j);
