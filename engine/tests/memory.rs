@@ -174,6 +174,33 @@ fn a_shard_that_cannot_start_leaves_no_thread_behind() {
     );
     let error = started.err().expect("the runtime must not start");
     assert!(error.0.contains("failed to start"), "{error}");
+    assert_no_shard_thread_left();
+
+    // Only the last of four shards fails, after the others came up and run:
+    // they are stopped and joined.
+    let factory = |_: ActorId, _: Option<&[u8]>| -> BoxActor<u64> {
+        Box::new(Sink {
+            received: Arc::new(AtomicU64::new(0)),
+        })
+    };
+    let config = RuntimeConfig {
+        shards: 4,
+        oversubscribe: true,
+        pin: false,
+        fail_start_of_shard_for_test: Some(3),
+        ..RuntimeConfig::default()
+    };
+    let started = Runtime::start(
+        config,
+        Arc::new(factory),
+        Arc::new(MemoryStateStore::default()),
+    );
+    let error = started.err().expect("the runtime must not start");
+    assert!(error.0.contains("failed to start"), "{error}");
+    assert_no_shard_thread_left();
+}
+
+fn assert_no_shard_thread_left() {
     // A joined thread may linger in /proc for a moment after `join` returns.
     let start = Instant::now();
     while threads_named("dirigo-shard") > 0 && start.elapsed() < Duration::from_secs(1) {

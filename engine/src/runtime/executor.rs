@@ -122,6 +122,9 @@ impl<M: Send + 'static> ShardThread<M> {
             self.store.clone(),
         );
         core.set_failure_hook(self.config.on_failure.clone());
+        if self.config.fail_start_of_shard_for_test == Some(self.id.index()) {
+            return; // the ready guard, dropped, says this shard did not come up
+        }
         self.ready.signal(true);
         let housekeeping_ns = saturating_ns(self.config.housekeeping_interval);
         let mut next_housekeeping_ns = crate::clock::monotonic_ns().saturating_add(housekeeping_ns);

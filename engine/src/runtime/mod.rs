@@ -120,6 +120,10 @@ pub struct RuntimeConfig {
     pub shard: ShardConfig,
     /// Told about every actor panic and every shard death (see `Failure`).
     pub on_failure: Option<FailureHook>,
+    /// Tests only: this shard gives up before its loop starts, as one whose
+    /// executor could not be set up would.
+    #[doc(hidden)]
+    pub fail_start_of_shard_for_test: Option<usize>,
 }
 
 impl std::fmt::Debug for RuntimeConfig {
@@ -172,6 +176,7 @@ impl Default for RuntimeConfig {
             spin_before_park: Duration::from_micros(50),
             shard: ShardConfig::default(),
             on_failure: None,
+            fail_start_of_shard_for_test: None,
         }
     }
 }
