@@ -65,6 +65,10 @@ impl<T: Clone + Send + 'static> Sink<T> for Collect<T> {
     fn write(&mut self, records: &[T]) {
         self.0.lock().unwrap().extend_from_slice(records);
     }
+    /// Rows go straight to shared storage: a fresh partition does the same.
+    fn stateless(&self) -> bool {
+        true
+    }
 }
 
 /// `(sensor, window_start, count)`.

@@ -702,6 +702,9 @@ pub struct NullSink;
 
 impl<T: Data> Sink<T> for NullSink {
     fn write(&mut self, _records: &[T]) {}
+    fn stateless(&self) -> bool {
+        true
+    }
 }
 
 /// A line writer that keeps every row as a JSON value, for tests and small runs.

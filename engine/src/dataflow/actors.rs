@@ -37,9 +37,10 @@ pub(crate) fn activate(plan: Arc<Plan>, id: ActorId, state: Option<&[u8]>) -> Bo
 }
 
 /// What a dataflow actor keeps while deactivated: its bookkeeping, never an
-/// operator's state. So only actors with no operator state to lose deactivate:
-/// sinks (any time), and sources and keyed stages once their input has ended
-/// (`may_deactivate`); operator state joins snapshots with keyed state tables.
+/// operator's or a sink's own state. So only actors with nothing else to lose
+/// deactivate: stateless sinks (any time), and sources, keyed stages and sinks
+/// once their input has ended (`may_deactivate`); operator state joins
+/// snapshots with keyed state tables.
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Default)]
 pub(crate) struct Saved {
     /// Per input, per upstream partition, the last watermark.
@@ -566,8 +567,12 @@ impl<T: Data> Actor for SinkActor<T> {
         self.plan.metrics.observe_cost(ctx.shard(), stage, cost_ns);
     }
 
-    /// A sink's bookkeeping is all it has (the `Sink` itself is stateless to the
-    /// engine: a writer, a counter), so it may go whenever it idles.
+    /// Once its input has ended, or whenever it idles if its `Sink` is
+    /// stateless: the rest (watermarks, unflushed latency samples) is saved.
+    fn may_deactivate(&self) -> bool {
+        self.finished || self.sink.stateless()
+    }
+
     fn snapshot(&self) -> Option<StateBytes> {
         let latency_us = self
             .latency_us

@@ -152,6 +152,14 @@ pub trait Sink<T>: Send + 'static {
     fn write(&mut self, records: &[T]);
     /// The end of input reached this partition.
     fn finish(&mut self) {}
+    /// Whether a fresh sink from the factory would do just what this one does
+    /// (it keeps nothing of its own: it counts, or hands rows to shared
+    /// storage). Then an idle partition may be deactivated mid-job and made
+    /// anew when rows come. A sink that owns a writer or buffers rows says no
+    /// (the default), and stays active until its input ends.
+    fn stateless(&self) -> bool {
+        false
+    }
 }
 
 pub type SourceFactory<T> = Arc<dyn Fn(u32, u32) -> Box<dyn Source<T>> + Send + Sync>;
