@@ -116,6 +116,35 @@ fn bench_actors_json_has_every_figure() {
 }
 
 #[test]
+fn bench_ingest_json_has_every_figure_and_reads_every_event() {
+    let report = json_report(&[
+        "bench", "ingest", "--json", "--events", "20000", "--runs", "1",
+    ]);
+    assert_keys(
+        &report,
+        &[
+            "events_per_s",
+            "bytes_per_s",
+            "read_bytes_per_s",
+            "parse_ratio",
+            "cores",
+            "machine",
+            "bytes",
+            "events",
+        ],
+    );
+    assert_eq!(report["events"], 20_000, "{report}");
+    for key in [
+        "events_per_s",
+        "bytes_per_s",
+        "read_bytes_per_s",
+        "parse_ratio",
+    ] {
+        assert!(report[key].as_f64().unwrap() > 0.0, "{key} in {report}");
+    }
+}
+
+#[test]
 fn bench_migrate_json_reports_pauses_and_no_loss_duplicate_or_reorder() {
     let report = json_report(&["bench", "migrate", "--json", "--migrations", "20"]);
     assert_keys(
