@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use common::*;
+use dirigo_engine::runtime::shard::SELF_SENDS_PENDING_MAX;
 use dirigo_engine::runtime::sim::Sim;
 use dirigo_engine::runtime::{MemoryStateStore, PolicyKind, ShardConfig, StateStore};
 use dirigo_engine::{
@@ -405,4 +406,75 @@ fn retired_jobs_keep_their_counters_only_for_a_while() {
     assert_eq!(jobs.len(), 64, "{jobs:?}");
     assert_eq!(jobs.first(), Some(&JobId(137)));
     assert_eq!(jobs.last(), Some(&JobId(200)));
+}
+
+/// Sends itself two messages for every one it handles.
+struct Doubler {
+    handled: Arc<Mutex<u64>>,
+}
+
+impl Actor for Doubler {
+    type Message = ();
+    fn handle(&mut self, _: (), ctx: &mut Context<'_, ()>) {
+        *self.handled.lock().unwrap() += 1;
+        let me = ctx.me();
+        ctx.send(me, ());
+        ctx.send(me, ());
+    }
+}
+
+/// Self-sends take no credit, so a handler that sends itself more than it
+/// handles would grow its mailbox without end: past `SELF_SENDS_PENDING_MAX` it
+/// fails, with a message that says so, and its neighbour runs on exactly.
+#[test]
+fn an_actor_flooding_itself_fails_instead_of_growing_without_bound() {
+    let doubled = Arc::new(Mutex::new(0u64));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (d, l) = (doubled.clone(), log.clone());
+    let factory = move |id: ActorId, _: Option<&[u8]>| -> BoxActor<()> {
+        if id.operator == 1 {
+            Box::new(Doubler { handled: d.clone() })
+        } else {
+            Box::new(Recorder { id, log: l.clone() })
+        }
+    };
+    let mut sim = Sim::new(
+        1,
+        config(PolicyKind::Fifo),
+        16,
+        Arc::new(factory),
+        Arc::new(MemoryStateStore::default()),
+        3,
+    );
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let f = failures.clone();
+    sim.core(ShardId(0))
+        .set_failure_hook(Some(Arc::new(move |failure| {
+            f.lock().unwrap().push(failure)
+        })));
+    let doubler = ActorId::new(JobId(1), 1, 0);
+    let neighbour = ActorId::new(JobId(1), 2, 7);
+    sim.send(ShardId(0), doubler, (), sched());
+    for _ in 0..100 {
+        sim.send(ShardId(0), neighbour, (), sched());
+    }
+    sim.run_until_quiet(1_000_000);
+    let failures = failures.lock().unwrap().clone();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(failures[0].actor, Some(doubler));
+    assert!(
+        failures[0].message.contains("sent itself more than"),
+        "{:?}",
+        failures[0]
+    );
+    let handled = *doubled.lock().unwrap();
+    assert!(
+        (SELF_SENDS_PENDING_MAX as u64 / 2..=SELF_SENDS_PENDING_MAX as u64 * 2).contains(&handled),
+        "the doubler handled {handled} before it failed"
+    );
+    assert_eq!(
+        log.lock().unwrap().len(),
+        100,
+        "the neighbour got every message"
+    );
 }

@@ -72,7 +72,8 @@
 //!   waited for (the executor drops what does not fit), and a queue's capacity
 //!   above `STAGING_KEEP_PACKETS` is given back once it drains.
 //! - Self-sends take no credit (the sender is running, so it drains its own
-//!   mailbox): they are bounded by what a handler sends to itself per call.
+//!   mailbox); an actor with more than `SELF_SENDS_PENDING_MAX` of them
+//!   unhandled fails, rather than grow its mailbox without end.
 //! - `timers`: at most `timers_per_actor_max` pending per actor (per shard where
 //!   they were set); more are refused and counted in `timers_refused`.
 //! - `pending`: packets for actors whose handoff is on its way; drained by the
@@ -154,6 +155,12 @@ const RETIRED_JOB_STATS_MAX: usize = 64;
 
 /// Capacity a drained staging queue keeps; above it the memory is given back.
 const STAGING_KEEP_PACKETS: usize = 4_096;
+
+/// Messages an actor may have sent itself and not yet handled. Self-sends take
+/// no credit (the sender is running, so it drains), so this bound is what stops
+/// a handler that sends itself more than one message per message: past it the
+/// actor fails (`Failure`) instead of growing its mailbox without end.
+pub const SELF_SENDS_PENDING_MAX: usize = 4_096;
 
 /// A message on its way, with everything delivery needs.
 pub struct Envelope<M> {
@@ -793,6 +800,11 @@ impl<M: Send + 'static> ShardCore<M> {
         let mut misses = 0u64;
         // Set only around `handle`: a panic outside it is the runtime's, not the actor's.
         let mut in_handler = false;
+        let mut overflow: Option<String> = None;
+        // What others can have queued at most: `mailbox_credit_messages` from each
+        // shard (local senders included); anything past it was sent to itself.
+        let others_max = self.config.mailbox_credit_messages as usize * self.staging.len();
+        let mailbox_max = others_max + SELF_SENDS_PENDING_MAX;
         // One `catch_unwind` per turn, not per message.
         let turn = catch_unwind(AssertUnwindSafe(|| {
             while handled < self.config.turn_messages_max {
@@ -823,11 +835,17 @@ impl<M: Send + 'static> ShardCore<M> {
                 for send in out.drain(..) {
                     if send.due_ns > 0 {
                         self.set_timer(send);
+                    } else if send.to == slot.id && slot.mailbox.len() >= mailbox_max {
+                        overflow = Some(format!(
+                            "sent itself more than {SELF_SENDS_PENDING_MAX} messages it has not \
+                             handled yet (a mailbox is bounded; self-sends take no credit)"
+                        ));
+                        break;
                     } else {
                         self.send_from(slot, send);
                     }
                 }
-                if !slot.blocked.is_empty() {
+                if overflow.is_some() || !slot.blocked.is_empty() {
                     break;
                 }
                 if handled.is_multiple_of(TURN_CLOCK_EVERY)
@@ -838,6 +856,11 @@ impl<M: Send + 'static> ShardCore<M> {
             }
         }));
         let failure = match turn {
+            Ok(()) if overflow.is_some() => {
+                out.clear();
+                let _ = catch_unwind(AssertUnwindSafe(move || drop(actor)));
+                overflow
+            }
             Ok(()) => {
                 slot.actor = Some(actor);
                 None
