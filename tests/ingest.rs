@@ -58,5 +58,7 @@ fn ingest_a_300_mb_line_fails_naming_it_with_bounded_memory() {
             && stderr.contains("huge.jsonl"),
         "{stderr}"
     );
+    // Sampled while it ran (reading 300 MB takes far longer than one 5 ms sample).
+    assert!(peak_kib > 0, "the child's RSS was never sampled");
     assert!(peak_kib < 200 * 1024, "peak RSS {peak_kib} KiB");
 }

@@ -5,15 +5,21 @@
 
 mod reference;
 
-use std::io::BufReader;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dirigo_engine::dataflow::{Dataflow, DataflowConfig, JobHandle};
 use dirigo_engine::ShardId;
 use dirigo_nexmark::queries::{build, CollectJson, EventSource, Output, QueryOptions, QUERIES};
-use dirigo_nexmark::{write_json_line, Event, Generator, GeneratorConfig};
+use dirigo_nexmark::{write_json_line, Event, FileOptions, Generator, GeneratorConfig};
 use serde_json::Value;
+
+/// A file of `bytes` in the temp directory, named for this process.
+fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("dirigo-queries-{}-{name}", std::process::id()));
+    std::fs::write(&path, bytes).expect("temp file written");
+    path
+}
 
 fn engine(shards: usize) -> Dataflow {
     let mut config = DataflowConfig::default();
@@ -146,28 +152,21 @@ fn every_query_matches_the_reference_from_a_file() {
     for event in &input {
         write_json_line(event, &mut lines);
     }
-    let lines = Arc::new(lines);
+    let path = temp_file("events.jsonl", &lines);
     let mut dataflow = engine(2);
     let submitted = QUERIES
         .iter()
         .map(|q| {
-            let bytes = lines.clone();
-            let open = Arc::new(move || -> Box<dyn std::io::BufRead + Send> {
-                Box::new(BufReader::new(std::io::Cursor::new(bytes.as_ref().clone())))
-            });
-            submit(
-                &mut dataflow,
-                q,
-                EventSource::Reader {
-                    open,
-                    skip_malformed: false,
-                },
-                None,
-            )
+            let source = EventSource::File {
+                path: path.clone(),
+                options: FileOptions::default(),
+            };
+            submit(&mut dataflow, q, source, None)
         })
         .collect();
     check(submitted, &input, "file source");
     dataflow.shutdown();
+    std::fs::remove_file(&path).ok();
 }
 
 #[test]
@@ -216,18 +215,12 @@ fn every_query_matches_the_reference_while_actors_move() {
 fn a_malformed_line_fails_the_job_with_its_line_number() {
     let text = "{\"type\":\"person\",\"id\":1000,\"name\":\"a\",\"email_address\":\"b\",\"credit_card\":\"c\",\"city\":\"d\",\"state\":\"OR\",\"date_time\":1,\"extra\":\"\"}\n{\"type\":\"bid\",\"auction\":1000}\n";
     let mut dataflow = engine(1);
-    let open = Arc::new(move || -> Box<dyn std::io::BufRead + Send> {
-        Box::new(std::io::Cursor::new(text.as_bytes().to_vec()))
-    });
-    let s = submit(
-        &mut dataflow,
-        "q0",
-        EventSource::Reader {
-            open,
-            skip_malformed: false,
-        },
-        None,
-    );
+    let path = temp_file("malformed.jsonl", text.as_bytes());
+    let source = EventSource::File {
+        path: path.clone(),
+        options: FileOptions::default(),
+    };
+    let s = submit(&mut dataflow, "q0", source, None);
     let error = s
         .handle
         .wait(Duration::from_secs(30))

@@ -196,7 +196,7 @@ fn a_shard_that_cannot_start_leaves_no_thread_behind() {
         Arc::new(MemoryStateStore::default()),
     );
     let error = started.err().expect("the runtime must not start");
-    assert!(error.0.contains("failed to start"), "{error}");
+    assert!(error.0.contains("shard 3 of 4 failed to start"), "{error}");
     assert_no_shard_thread_left();
 }
 

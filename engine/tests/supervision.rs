@@ -175,5 +175,9 @@ fn a_panic_ends_its_job_with_a_clear_error_and_spares_the_others() {
     let stats = dataflow.stats();
     let failures: u64 = stats.shards.iter().map(|s| s.failures).sum();
     assert!(failures >= 3, "{failures} actor failures counted");
+    // `wait` retired every job, failed or not: no plan and no actor is left.
+    assert_eq!(dataflow.jobs(), 0, "plans of retired jobs are gone");
+    let actors: usize = stats.shards.iter().map(|s| s.actors.len()).sum();
+    assert_eq!(actors, 0, "actors of retired jobs are gone");
     dataflow.shutdown();
 }

@@ -130,6 +130,10 @@ impl FileSplit {
                 interner: Interner::default(),
                 watermark_ms: i64::MIN,
                 skipped: 0,
+                skip_malformed: self.options.skip_malformed,
+                max_time_jump_ms: self.options.max_time_jump_ms,
+                held: Vec::new(),
+                anchored: false,
             },
         };
         if range.is_empty() {
@@ -190,6 +194,16 @@ struct LineState {
     interner: Interner,
     watermark_ms: i64,
     skipped: u64,
+    skip_malformed: bool,
+    max_time_jump_ms: i64,
+    /// A partition's first events, held until they vouch for each other: the
+    /// first line of a range has no earlier line to be checked against, so an
+    /// outlier there (a time days ahead) would otherwise pass and then make every
+    /// good line after it look wrong. At most 3: `(event, line in range)`.
+    held: Vec<(Event, u64)>,
+    /// The first events are settled; every later one is checked against the
+    /// watermark.
+    anchored: bool,
 }
 
 impl FileSource {
@@ -281,6 +295,9 @@ impl FileSource {
             if line_start >= self.range.end {
                 self.stop_reading();
                 self.state = State::Done;
+                if let Err((line, message)) = self.parse.settle(true, out) {
+                    self.fail_at(line, message);
+                }
                 return;
             }
             let line_in_range = self.lines_consumed;
@@ -290,7 +307,7 @@ impl FileSource {
                 if self.carry.len() + rest.len() > max {
                     self.carry.clear();
                     chunk.pos = chunk.len;
-                    self.too_long(line_in_range);
+                    self.too_long(line_in_range, out);
                 } else {
                     if self.carry.is_empty() {
                         self.carry_start = line_start;
@@ -308,14 +325,14 @@ impl FileSource {
                 self.carry.extend_from_slice(&rest[..i]);
                 &self.carry[..]
             };
-            let result = if line.len() > max {
-                Err(too_long_message(max))
+            let result = if strip_cr(line).len() > max {
+                self.parse.refuse(line_in_range, too_long_message(max), out)
             } else {
-                self.parse.line(line, &self.options, out)
+                self.parse.line(line, line_in_range, out)
             };
             self.carry.clear();
-            if let Err(message) = result {
-                self.bad_line(line_in_range, message);
+            if let Err((line, message)) = result {
+                self.fail_at(line, message);
             }
         }
     }
@@ -355,67 +372,152 @@ impl FileSource {
         let carry = std::mem::take(&mut self.carry);
         self.stop_reading();
         self.state = State::Done;
+        let mut result = Ok(());
         if !carry.is_empty() && !self.skip_to_line_end {
             // It started in range: it was checked before it was carried.
-            let too_long = carry.len() > self.options.max_line_bytes;
-            let result = if too_long {
-                Err(too_long_message(self.options.max_line_bytes))
+            let max = self.options.max_line_bytes;
+            let line = self.lines_consumed;
+            result = if strip_cr(&carry).len() > max {
+                self.parse.refuse(line, too_long_message(max), out)
             } else {
-                self.parse.line(&carry, &self.options, out)
+                self.parse.line(&carry, line, out)
             };
-            if let Err(message) = result {
-                self.bad_line(self.lines_consumed, message);
-            }
+        }
+        let result = result.and_then(|()| self.parse.settle(true, out));
+        if let Err((line, message)) = result {
+            self.fail_at(line, message);
         }
     }
 
-    fn too_long(&mut self, line_in_range: u64) {
+    fn too_long(&mut self, line_in_range: u64, out: &mut Vec<Event>) {
         self.skip_to_line_end = true;
-        self.bad_line(line_in_range, too_long_message(self.options.max_line_bytes));
-    }
-
-    fn bad_line(&mut self, line_in_range: u64, message: String) {
-        if self.options.skip_malformed {
-            self.parse.skipped += 1;
-        } else {
-            self.fail_at(line_in_range, message);
+        let message = too_long_message(self.options.max_line_bytes);
+        if let Err((line, message)) = self.parse.refuse(line_in_range, message, out) {
+            self.fail_at(line, message);
         }
     }
+}
+
+/// A line without its `'\r'` (a CRLF line end is not part of the line).
+fn strip_cr(line: &[u8]) -> &[u8] {
+    line.strip_suffix(b"\r").unwrap_or(line)
 }
 
 fn too_long_message(max: usize) -> String {
     format!("the line is longer than max_line_bytes ({max} bytes)")
 }
 
+/// A bad line, as `(line in range, what is wrong)`.
+type BadLine = (u64, String);
+
 impl LineState {
-    /// Parses one line (its `'\n'` removed) and checks its time.
+    /// Parses one line (its `'\n'` removed) and checks its time; the first
+    /// events of the range wait in `held` until they are settled.
     fn line(
         &mut self,
         line: &[u8],
-        options: &FileOptions,
+        line_in_range: u64,
         out: &mut Vec<Event>,
-    ) -> Result<(), String> {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
+    ) -> Result<(), BadLine> {
+        let line = strip_cr(line);
         if line.iter().all(u8::is_ascii_whitespace) {
             return Ok(());
         }
-        let event = parse_event(&mut self.interner, line)?;
-        let time_ms = event.date_time();
-        if time_ms < self.watermark_ms {
-            return Err(format!(
-                "date_time {time_ms} is earlier than {} on an earlier line; \
-                 the file source needs events in time order",
-                self.watermark_ms
-            ));
+        let event = match parse_event(&mut self.interner, line) {
+            Ok(event) => event,
+            Err(message) => return self.refuse(line_in_range, message, out),
+        };
+        if self.anchored {
+            return self.accept(event, line_in_range, out);
         }
-        if self.watermark_ms != i64::MIN && time_ms - self.watermark_ms > options.max_time_jump_ms {
-            return Err(format!(
-                "date_time {time_ms} is more than max_time_jump_ms ({} ms) ahead of {} on an earlier line",
-                options.max_time_jump_ms, self.watermark_ms
-            ));
+        self.held.push((event, line_in_range));
+        self.settle(false, out)
+    }
+
+    /// A bad line: counted under `skip_malformed`, else the error to fail with,
+    /// after the held events of earlier lines are handed out (what came before
+    /// a bad line is processed; the first held check that fails is the error).
+    fn refuse(
+        &mut self,
+        line_in_range: u64,
+        message: String,
+        out: &mut Vec<Event>,
+    ) -> Result<(), BadLine> {
+        if self.skip_malformed {
+            self.skipped += 1;
+            return Ok(());
+        }
+        let held = std::mem::take(&mut self.held);
+        for (event, line) in held.into_iter().filter(|(_, line)| *line < line_in_range) {
+            self.accept(event, line, out)?;
+        }
+        Err((line_in_range, message))
+    }
+
+    /// Checks `event` against the watermark (in order, not too far ahead), then
+    /// hands it out.
+    fn accept(
+        &mut self,
+        event: Event,
+        line_in_range: u64,
+        out: &mut Vec<Event>,
+    ) -> Result<(), BadLine> {
+        let time_ms = event.date_time();
+        if self.watermark_ms != i64::MIN {
+            if time_ms < self.watermark_ms {
+                let message = format!(
+                    "date_time {time_ms} is earlier than {} on an earlier line; \
+                     the file source needs events in time order",
+                    self.watermark_ms
+                );
+                return self.refuse(line_in_range, message, out);
+            }
+            if time_ms - self.watermark_ms > self.max_time_jump_ms {
+                let message = format!(
+                    "date_time {time_ms} is more than max_time_jump_ms ({} ms) ahead of {} on an earlier line",
+                    self.max_time_jump_ms, self.watermark_ms
+                );
+                return self.refuse(line_in_range, message, out);
+            }
         }
         self.watermark_ms = time_ms;
         out.push(event);
+        Ok(())
+    }
+
+    /// Settles the held first events once they tell which of them is right
+    /// (or, `at_end`, with what there is): two that agree (within
+    /// `max_time_jump_ms`) anchor the range; if the first two disagree, a third
+    /// decides, and a first line that only disagrees is the bad one. Then the
+    /// held events go through the usual checks, in order.
+    fn settle(&mut self, at_end: bool, out: &mut Vec<Event>) -> Result<(), BadLine> {
+        let jump_ms = self.max_time_jump_ms.max(0) as u64;
+        let agree = |a: &Event, b: &Event| a.date_time().abs_diff(b.date_time()) <= jump_ms;
+        let held = &self.held;
+        match held.len() {
+            0 => return Ok(()),
+            1 | 2 if !at_end && (held.len() == 1 || !agree(&held[0].0, &held[1].0)) => {
+                return Ok(())
+            }
+            3 if agree(&held[1].0, &held[2].0) && !agree(&held[0].0, &held[2].0) => {
+                let (first, line) = self.held.remove(0);
+                self.anchored = true;
+                let message = format!(
+                    "date_time {} is more than max_time_jump_ms ({} ms) away from the lines after it",
+                    first.date_time(),
+                    self.max_time_jump_ms
+                );
+                if let Err(bad) = self.refuse(line, message, out) {
+                    self.held.clear();
+                    return Err(bad);
+                }
+            }
+            _ => {}
+        }
+        self.anchored = true;
+        for (event, line) in std::mem::take(&mut self.held) {
+            self.accept(event, line, out)?;
+        }
         Ok(())
     }
 }
@@ -722,5 +824,85 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         std::fs::remove_file(path).unwrap();
+    }
+
+    /// An outlier time among the first lines of a range is the line blamed (or
+    /// skipped), not the good lines after it: the first lines wait until they
+    /// vouch for each other. Cases: the bad line first, second, or alone.
+    #[test]
+    fn an_outlier_first_line_is_blamed_not_the_good_lines_after_it() {
+        let day_ms = 86_400_000;
+        let path = temp_path("outlier");
+        // (times of the lines, the bad line's number if any)
+        let cases: &[(&[i64], Option<u64>)] = &[
+            (&[10 * day_ms, 1_000, 1_001, 1_002], Some(1)),
+            (&[1_000, 10 * day_ms, 1_001, 1_002], Some(2)),
+            (&[1_000, 1_001, 10 * day_ms, 1_002], Some(3)),
+            (&[10 * day_ms], None),
+            (&[1_000, 1_000 + 2 * day_ms], Some(2)),
+        ];
+        for (times, bad) in cases {
+            let mut bytes = Vec::new();
+            for &t in *times {
+                bytes.extend_from_slice(&bid_line(t, 3));
+                bytes.push(b'\n');
+            }
+            std::fs::write(&path, &bytes).unwrap();
+            let good: Vec<i64> = times
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| Some(*i as u64 + 1) != *bad)
+                .map(|(_, &t)| t)
+                .collect();
+            for skip_malformed in [false, true] {
+                let options = FileOptions {
+                    skip_malformed,
+                    ..FileOptions::default()
+                };
+                let source = FileSplit::plan(&path, 1, options).unwrap().open(0);
+                let (events, error, skipped) = drain(source, 2);
+                let read: Vec<i64> = events.iter().map(Event::date_time).collect();
+                let context = format!("{times:?}, skip {skip_malformed}: {error:?}");
+                match (bad, skip_malformed) {
+                    (Some(line), false) => {
+                        let error = error.unwrap_or_else(|| panic!("{context}: no error"));
+                        assert!(error.contains(&format!(": line {line}: ")), "{context}");
+                        let before: Vec<i64> = times[..*line as usize - 1].to_vec();
+                        assert_eq!(read, before, "{context}: the lines before it are read");
+                    }
+                    (Some(_), true) => {
+                        assert_eq!((error, skipped), (None, 1), "{context}");
+                        assert_eq!(read, good, "{context}");
+                    }
+                    (None, _) => {
+                        assert_eq!((error, skipped), (None, 0), "{context}");
+                        assert_eq!(read, good, "{context}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// `max_line_bytes` counts the line without its line end, `\r\n` or `\n`.
+    #[test]
+    fn a_line_of_exactly_max_line_bytes_is_accepted_with_either_line_end() {
+        let path = temp_path("crlf-max");
+        let line = bid_line(1_000, 20);
+        for (end, max, accepted) in [
+            (&b"\n"[..], line.len(), true),
+            (&b"\r\n"[..], line.len(), true),
+            (&b"\r\n"[..], line.len() - 1, false),
+        ] {
+            let mut bytes = line.clone();
+            bytes.extend_from_slice(end);
+            std::fs::write(&path, &bytes).unwrap();
+            let options = FileOptions {
+                max_line_bytes: max,
+                ..FileOptions::default()
+            };
+            let (events, error, _) = drain(FileSplit::plan(&path, 1, options).unwrap().open(0), 4);
+            assert_eq!(events.len() == 1, accepted, "{end:?} max {max}: {error:?}");
+            assert_eq!(error.is_none(), accepted, "{end:?} max {max}: {error:?}");
+        }
     }
 }

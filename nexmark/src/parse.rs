@@ -17,6 +17,7 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use serde::Deserialize;
@@ -100,7 +101,13 @@ impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
 
 /// Parses one line (without its line end) into the flat struct with sonic-rs.
 pub fn parse_flat(line: &[u8]) -> Result<Flat<'_>, String> {
-    sonic_rs::from_slice(line).map_err(|e| e.to_string())
+    sonic_rs::from_slice(line).map_err(|e| {
+        // sonic-rs appends " at line 1 column C" and a snippet of the line on
+        // lines of their own; the caller names the line, so keep the column.
+        let full = e.to_string();
+        let message = full.split(" at line ").next().unwrap_or(&full).trim_end();
+        format!("{message} (column {})", e.column())
+    })
 }
 
 /// Builds [`Text`]s: interned `&'static str` for the low-cardinality fields
@@ -114,6 +121,9 @@ pub struct Interner {
 }
 
 static POOL: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
+/// Set once the pool is full: from then on a miss copies the string without
+/// taking the pool's lock (no lock per record, however varied the input).
+static POOL_FULL: AtomicBool = AtomicBool::new(false);
 
 impl Interner {
     /// A `Text` for `s`, interned if it is short and there is room.
@@ -122,7 +132,10 @@ impl Interner {
         if let Some(found) = self.local.get(&*s) {
             return Ok(Cow::Borrowed(found));
         }
-        if s.len() > INTERN_STRING_BYTES_MAX || self.local.len() >= INTERN_STRINGS_MAX {
+        if s.len() > INTERN_STRING_BYTES_MAX
+            || self.local.len() >= INTERN_STRINGS_MAX
+            || POOL_FULL.load(Ordering::Relaxed)
+        {
             return Ok(Cow::Owned(s.into_owned()));
         }
         Ok(match intern_shared(&s) {
@@ -145,6 +158,7 @@ fn intern_shared(s: &str) -> Option<&'static str> {
         return Some(found);
     }
     if pool.len() >= INTERN_STRINGS_MAX {
+        POOL_FULL.store(true, Ordering::Relaxed);
         return None;
     }
     // The one deliberate leak: bounded by INTERN_STRINGS_MAX strings of at most
@@ -385,7 +399,8 @@ mod canonical {
         fn i64(&mut self) -> Option<i64> {
             if self.bytes.get(self.at) == Some(&b'-') {
                 self.at += 1;
-                let magnitude = self.u64()?;
+                // `-0` is a float to sonic-rs (refused as an i64): leave it to it.
+                let magnitude = self.u64().filter(|&m| m > 0)?;
                 return 0i64.checked_sub_unsigned(magnitude);
             }
             i64::try_from(self.u64()?).ok()
@@ -584,7 +599,9 @@ mod tests {
         let mut either = Interner::default();
         let mut rng = 0x2545_f491_4f6c_dd1du64;
         let mut canonical_hits = 0;
-        let replacements: &[&[u8]] = &[b"7", b"\"", b"\\", b" ", b"\x01", b"\xc3", b"-", b"0", b""];
+        let replacements: &[&[u8]] = &[
+            b"7", b"\"", b"\\", b" ", b"\x01", b"\xc3", b"-", b"0", b"-0", b"",
+        ];
         for e in &events {
             let mut line = Vec::new();
             write_json_line(e, &mut line);
@@ -639,10 +656,19 @@ mod tests {
                 "",
             ),
             (r#"[1,2]"#, ""),
+            (
+                r#"{"type":"bid","auction":1000,"bidder":1001,"price":1,"channel":"c","url":"u","date_time":-0,"extra":""}"#,
+                "expected i64",
+            ),
+            (r#"{"type":"bid","auction":"x"}"#, "expected u64 (column "),
         ];
         for (line, want) in cases {
             let err = parse(line).unwrap_err();
             assert!(err.contains(want), "{line}: {err}");
+            assert!(
+                !err.contains('\n') && !err.contains(" at line "),
+                "{line}: {err}"
+            );
         }
     }
 

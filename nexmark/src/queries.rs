@@ -23,7 +23,6 @@
 //! JSON Lines to a writer).
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::BufRead;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,7 +36,7 @@ use dirigo_engine::dataflow::ops::{
 use dirigo_engine::dataflow::window::tumbling;
 use dirigo_engine::dataflow::{Data, Job, JoinOperator, Operator, Sink, Source, SourceBatch};
 
-use crate::{interleaved_chunks, Auction, Bid, Event, EventReader, Generator, GeneratorConfig};
+use crate::{interleaved_chunks, Auction, Bid, Event, Generator, GeneratorConfig};
 use crate::{Person, Text};
 
 /// Queries this module builds.
@@ -169,11 +168,6 @@ pub enum EventSource {
     File {
         path: std::path::PathBuf,
         options: crate::FileOptions,
-    },
-    /// JSON Lines from a reader (one partition); `skip_malformed` skips and counts bad lines.
-    Reader {
-        open: Arc<dyn Fn() -> Box<dyn BufRead + Send> + Send + Sync>,
-        skip_malformed: bool,
     },
 }
 
@@ -466,20 +460,6 @@ fn source(spec: &EventSource, parallelism: u32) -> Result<(SourceFactory, u32), 
             let factory: SourceFactory = Arc::new(move |part, _| Box::new(split.open(part)));
             Ok((factory, parts))
         }
-        EventSource::Reader {
-            open,
-            skip_malformed,
-        } => {
-            let open = open.clone();
-            let skip = *skip_malformed;
-            let factory: SourceFactory = Arc::new(move |_, _| {
-                Box::new(ReaderSource {
-                    reader: EventReader::new(open()).skip_malformed(skip),
-                    watermark_ms: i64::MIN,
-                })
-            });
-            Ok((factory, 1))
-        }
     }
 }
 
@@ -513,44 +493,6 @@ impl Source<Event> for GeneratorSource {
             },
             None => SourceBatch::Done,
         }
-    }
-}
-
-/// JSON Lines events; requires them in `date_time` order (as `dirigo gen` writes them),
-/// since its watermark is the latest time read.
-struct ReaderSource<R: BufRead> {
-    reader: EventReader<R>,
-    watermark_ms: i64,
-}
-
-impl<R: BufRead + Send + 'static> Source<Event> for ReaderSource<R> {
-    fn next_batch(&mut self, max_records: usize, out: &mut Vec<Event>) -> SourceBatch {
-        for _ in 0..max_records {
-            match self.reader.next() {
-                None => return SourceBatch::Done,
-                Some(Err(error)) => return SourceBatch::Failed(format!("input {error}")),
-                Some(Ok(event)) => {
-                    let time_ms = event.date_time();
-                    if time_ms < self.watermark_ms {
-                        return SourceBatch::Failed(format!(
-                            "input line {}: date_time {time_ms} is earlier than {} on an earlier line; \
-                             the file source needs events in time order",
-                            self.reader.line_number(),
-                            self.watermark_ms
-                        ));
-                    }
-                    self.watermark_ms = time_ms;
-                    out.push(event);
-                }
-            }
-        }
-        SourceBatch::More {
-            watermark_ms: self.watermark_ms,
-        }
-    }
-
-    fn skipped_records(&self) -> u64 {
-        self.reader.skipped()
     }
 }
 

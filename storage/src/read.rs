@@ -44,7 +44,7 @@ pub struct ReadConfig {
 impl Default for ReadConfig {
     fn default() -> Self {
         ReadConfig {
-            buffer_bytes: 4 << 20,
+            buffer_bytes: 1 << 20,
             buffers: 4,
         }
     }

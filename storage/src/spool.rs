@@ -4,7 +4,8 @@
 //! A sink formats its rows into a buffer and hands the buffer over
 //! ([`Spool::write`]); the spool's thread writes buffers in the order they came
 //! and sends each back for reuse. At most `buffers_max` buffers are in flight: a
-//! producer faster than the disk waits for the spool (back-pressure), memory
+//! producer faster than the disk waits for the spool (back-pressure: the one
+//! wait a shard's sink can have, besides the last flush in `finish`), memory
 //! stays bounded. The first write error is kept; later writes are dropped and
 //! [`Spool::finish`] (or [`Spool::error`]) reports it with the target's name.
 

@@ -48,7 +48,6 @@ pub(crate) struct Saved {
     current_ms: i64,
     /// The source ended, or the sink saw the end of its input.
     done: bool,
-    late_seen: u64,
     /// A sink's latency samples not yet merged into its shard's slot: `(us, count)`.
     latency_us: Vec<(u64, u32)>,
 }
@@ -402,7 +401,8 @@ fn stage_actor<Out: Data, Op: StageOp<Out>>(
         id,
         operator,
         out: Vec::new(),
-        late_seen: saved.map_or(0, |s| s.late_seen),
+        // A restored operator is new: its own late count starts again at 0.
+        late_seen: 0,
     })
 }
 
@@ -463,7 +463,6 @@ impl<Out: Data, Op: StageOp<Out>> Actor for StageActor<Out, Op> {
         let saved = Saved {
             per_input: self.inputs.per_input.clone(),
             current_ms: self.inputs.current_ms,
-            late_seen: self.late_seen,
             ..Saved::default()
         };
         Some(encode_state(&saved))
@@ -583,7 +582,6 @@ impl<T: Data> Actor for SinkActor<T> {
             per_input: self.inputs.per_input.clone(),
             current_ms: self.inputs.current_ms,
             done: self.finished,
-            late_seen: 0,
             latency_us,
         };
         Some(encode_state(&saved))

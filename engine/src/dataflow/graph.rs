@@ -440,6 +440,11 @@ fn add_stage<Out: Data>(
     (graph.stages.len() - 1) as u32
 }
 
+/// Records one message carries at most: a larger output (a window operator
+/// firing everything at the end of input) leaves in several messages, so a
+/// mailbox bounded in messages is bounded in records too.
+pub const BATCH_RECORDS_MAX: usize = 4_096;
+
 /// Send one partition's records to `(target, partition)` as input `input`.
 #[inline]
 fn send_records<T: Data>(
@@ -451,8 +456,20 @@ fn send_records<T: Data>(
     records: Vec<T>,
 ) {
     let to = ActorId::new(plan.id, target, partition);
-    let batch = Batch::new(records);
-    ctx.send_with(to, DataMsg::Records { input, batch }, sched);
+    if records.len() <= BATCH_RECORDS_MAX {
+        let batch = Batch::new(records);
+        ctx.send_with(to, DataMsg::Records { input, batch }, sched);
+        return;
+    }
+    let mut rest = records.into_iter();
+    loop {
+        let chunk: Vec<T> = rest.by_ref().take(BATCH_RECORDS_MAX).collect();
+        if chunk.is_empty() {
+            return;
+        }
+        let batch = Batch::new(chunk);
+        ctx.send_with(to, DataMsg::Records { input, batch }, sched);
+    }
 }
 
 /// Upstream partition i feeds partition i modulo the target's parallelism.

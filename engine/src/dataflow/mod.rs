@@ -345,12 +345,22 @@ impl Registry {
         ));
     }
 
-    /// End every job with `message` (a shard died under all of them).
+    /// End every job still running with `message` (a shard died under all of
+    /// them); a job whose sinks have all finished keeps its result.
     pub fn fail_all(&self, message: &str) {
         let plans = self.plans.read().expect("plan registry poisoned");
         for plan in plans.values() {
-            plan.metrics.fail(message.to_string());
+            let finished =
+                plan.metrics.sinks_done.load(Ordering::Acquire) >= plan.sink_partitions();
+            if !finished {
+                plan.metrics.fail(message.to_string());
+            }
         }
+    }
+
+    /// Jobs whose plans are registered (submitted and not yet retired).
+    pub fn jobs(&self) -> usize {
+        self.plans.read().expect("plan registry poisoned").len()
     }
 
     /// Forget a job's plan (its actors must be gone: a message for it would find
@@ -500,16 +510,25 @@ impl Dataflow {
         outcome
     }
 
-    /// Drop a job's actors on every shard (see `Runtime::retire_job`). Its plan
-    /// stays registered, so a shard that has not yet seen the retirement can still
-    /// activate (and then drop) a late message's target.
+    /// Drop a job's actors on every shard (see `Runtime::retire_job`), then its
+    /// plan. The plan goes only once every shard has taken the retirement (a
+    /// statistics round trip behind it on each shard's control queue): until
+    /// then a shard could still activate a late message's target from it; after
+    /// it, every shard drops the job's messages unopened.
     pub fn retire(&self, job: JobId) {
         self.runtime.retire_job(job);
+        let _ = self.runtime.stats();
+        self.registry.remove(job);
     }
 
     /// Every actor of a job: `(stage, partition)` pairs, for tests and the autoscaler.
     pub fn actors(&self, job: JobId) -> Vec<ActorId> {
         self.registry.actors(job)
+    }
+
+    /// Jobs submitted and not yet retired.
+    pub fn jobs(&self) -> usize {
+        self.registry.jobs()
     }
 
     pub fn migrate(&self, actor: ActorId, to: ShardId) {

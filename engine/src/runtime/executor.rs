@@ -51,17 +51,23 @@ pub(super) struct ShardThread<M: Send + 'static> {
 
 /// Tells `Runtime::start` whether this shard came up: `true` once its loop runs,
 /// `false` if it is dropped before (its executor could not be built).
-pub(super) struct ReadyGuard(Option<mpsc::Sender<bool>>);
+pub(super) struct ReadyGuard {
+    shard: usize,
+    ready: Option<mpsc::Sender<(usize, bool)>>,
+}
 
 impl ReadyGuard {
-    pub fn new(ready: mpsc::Sender<bool>) -> Self {
-        ReadyGuard(Some(ready))
+    pub fn new(shard: usize, ready: mpsc::Sender<(usize, bool)>) -> Self {
+        ReadyGuard {
+            shard,
+            ready: Some(ready),
+        }
     }
 
     fn signal(&mut self, up: bool) {
-        if let Some(ready) = self.0.take() {
+        if let Some(ready) = self.ready.take() {
             // `start` may have given up waiting; nothing to do then.
-            let _ = ready.send(up);
+            let _ = ready.send((self.shard, up));
         }
     }
 }

@@ -373,7 +373,7 @@ impl<M: Send + 'static> Runtime<M> {
                 factory: factory.clone(),
                 store: store.clone(),
                 shared: shared.clone(),
-                ready: executor::ReadyGuard::new(ready.clone()),
+                ready: executor::ReadyGuard::new(i, ready.clone()),
             };
             let spawned = glommio::LocalExecutorBuilder::new(placement)
                 .name(&format!("dirigo-shard{i}"))
@@ -393,15 +393,13 @@ impl<M: Send + 'static> Runtime<M> {
         let deadline = Instant::now() + START_WAIT_MAX;
         for _ in 0..shards {
             let wait = deadline.saturating_duration_since(Instant::now());
-            match readies.recv_timeout(wait) {
-                Ok(true) => {}
-                Ok(false) | Err(_) => {
-                    let errors = runtime.stop_and_join();
-                    return Err(StartError(format!(
-                        "a shard of {shards} failed to start{errors}"
-                    )));
-                }
-            }
+            let failed = match readies.recv_timeout(wait) {
+                Ok((_, true)) => continue,
+                Ok((shard, false)) => format!("shard {shard} of {shards} failed to start"),
+                Err(_) => format!("a shard of {shards} did not start within {START_WAIT_MAX:?}"),
+            };
+            let errors = runtime.stop_and_join();
+            return Err(StartError(format!("{failed}{errors}")));
         }
         Ok(runtime)
     }
