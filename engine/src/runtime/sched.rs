@@ -51,6 +51,8 @@ impl std::str::FromStr for PolicyKind {
 pub trait Policy {
     fn key(&mut self, head: &SchedCtx, arrival: u64) -> u64;
     fn charge(&mut self, _job: JobId, _cpu_ns: u64) {}
+    /// A job is retired: drop what is kept about it.
+    fn forget(&mut self, _job: JobId) {}
 }
 
 pub struct Edf;
@@ -104,6 +106,10 @@ impl Policy for FairShare {
             .max(self.virtual_ns);
         self.virtual_ns = start;
         self.finish.insert(job, start + cpu_ns.max(1) / weight);
+    }
+
+    fn forget(&mut self, job: JobId) {
+        self.finish.remove(&job);
     }
 }
 
@@ -178,6 +184,10 @@ mod tests {
         fair.charge(JobId(2), 3_000);
         // Job 2 has weight 3: the same CPU time costs it a third of the virtual time.
         assert!(fair.key(&ctx(2, 0), 0) < fair.key(&ctx(1, 0), 0));
+        // A retired job's tag is forgotten: the table does not grow per job.
+        fair.forget(JobId(1));
+        fair.forget(JobId(2));
+        assert!(fair.finish.is_empty());
     }
 
     #[test]

@@ -1456,6 +1456,7 @@ impl<M: Send + 'static> ShardCore<M> {
             self.retired.pop_first();
         }
         self.report.jobs_retired += 1;
+        self.policy.forget(job);
         self.retired_stats.push_back(job);
         if self.retired_stats.len() > RETIRED_JOB_STATS_MAX {
             let oldest = self.retired_stats.pop_front().expect("over the bound");
