@@ -22,7 +22,7 @@
 
 pub mod actors;
 pub mod ingest;
-pub mod machine;
+pub use dirigo_nexmark::machine;
 pub mod migrate;
 pub mod nexmark;
 

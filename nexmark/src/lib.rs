@@ -8,6 +8,7 @@ pub mod event;
 pub mod file;
 pub mod generator;
 pub mod json;
+pub mod machine;
 pub mod parse;
 pub mod queries;
 pub mod run;

@@ -270,7 +270,7 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     if let Some(error) = error.lock().expect("sink error lock").take() {
         return Err(error);
     }
-    let machine = dirigo_bench::machine::Machine::detect();
+    let machine = dirigo_nexmark::machine::Machine::detect();
     if args.json {
         let json = serde_json::to_string(&report).map_err(|e| e.to_string())?;
         println!("{json}");

@@ -1,8 +1,9 @@
 //! What machine a figure was measured on: the CPU model and the cores this
 //! process may use. Read once per report, outside every timed section.
 //!
-//! Reading `/proc/cpuinfo` is the one file this crate opens; it is reporting,
-//! not the engine's data path (where only `net` and `storage` do I/O).
+//! Reading `/proc/cpuinfo` is reporting, not the data path (where only `net`
+//! and `storage` do I/O); it is here so that `dirigo run` and the benchmarks
+//! name the machine alike.
 
 use serde::Serialize;
 
