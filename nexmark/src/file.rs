@@ -257,7 +257,8 @@ impl FileSource {
     }
 
     /// Parses lines from the chunks at hand until `out` has `max_records` more,
-    /// the input ends, or no chunk is ready.
+    /// the input ends, or no chunk is ready. (Up to 2 more: the line that settles
+    /// a range's first events hands out all 3 at once.)
     fn fill(&mut self, max_records: usize, out: &mut Vec<Event>) {
         let target = out.len() + max_records;
         while out.len() < target && matches!(self.state, State::Reading) {
@@ -303,8 +304,9 @@ impl FileSource {
             let line_in_range = self.lines_consumed;
             let max = self.options.max_line_bytes;
             let Some(i) = newline else {
-                // The line goes on in the next chunk: carry it, within the bound.
-                if self.carry.len() + rest.len() > max {
+                // The line goes on in the next chunk: carry it, within the bound
+                // (one byte more: it may be the `\r` of a CRLF, not the line's).
+                if self.carry.len() + rest.len() > max.saturating_add(1) {
                     self.carry.clear();
                     chunk.pos = chunk.len;
                     self.too_long(line_in_range, out);
@@ -342,6 +344,9 @@ impl FileSource {
     fn next_chunk(&mut self, out: &mut Vec<Event>) -> bool {
         let Some(reader) = self.reader.as_mut() else {
             self.state = State::Done;
+            if let Err((line, message)) = self.parse.settle(true, out) {
+                self.fail_at(line, message);
+            }
             return false;
         };
         match reader.try_next() {
@@ -360,6 +365,9 @@ impl FileSource {
                 false
             }
             Some(Chunk::Failed(message)) => {
+                // What was read before the failure is handed out, as before a
+                // bad line; the read error is what the source reports.
+                let _ = self.parse.settle(true, out);
                 self.stop_reading();
                 self.state = State::Failed(message);
                 false
@@ -447,11 +455,36 @@ impl LineState {
             self.skipped += 1;
             return Ok(());
         }
+        if let Some(bad) = self.ambiguous() {
+            return Err(bad);
+        }
         let held = std::mem::take(&mut self.held);
         for (event, line) in held.into_iter().filter(|(_, line)| *line < line_in_range) {
             self.accept(event, line, out)?;
         }
         Err((line_in_range, message))
+    }
+
+    /// Two held first lines that disagree, and no third to tell which is wrong:
+    /// the error names both (the first's line), and neither is handed out.
+    fn ambiguous(&mut self) -> Option<BadLine> {
+        let [(first, first_line), (second, _)] = &self.held[..] else {
+            return None;
+        };
+        let apart = first.date_time().abs_diff(second.date_time());
+        if apart <= self.max_time_jump_ms.max(0) as u64 {
+            return None;
+        }
+        let message = format!(
+            "date_time {} and {} on the next line are more than max_time_jump_ms \
+             ({} ms) apart, and no later line tells which is wrong",
+            first.date_time(),
+            second.date_time(),
+            self.max_time_jump_ms
+        );
+        let line = *first_line;
+        self.held.clear();
+        Some((line, message))
     }
 
     /// Checks `event` against the watermark (in order, not too far ahead), then
@@ -509,6 +542,12 @@ impl LineState {
                 );
                 if let Err(bad) = self.refuse(line, message, out) {
                     self.held.clear();
+                    return Err(bad);
+                }
+            }
+            2 if at_end && !self.skip_malformed => {
+                if let Some(bad) = self.ambiguous() {
+                    self.anchored = true;
                     return Err(bad);
                 }
             }
@@ -831,6 +870,7 @@ mod tests {
     /// vouch for each other. Cases: the bad line first, second, or alone.
     #[test]
     fn an_outlier_first_line_is_blamed_not_the_good_lines_after_it() {
+        ambiguous_first_lines_are_named_together();
         let day_ms = 86_400_000;
         let path = temp_path("outlier");
         // (times of the lines, the bad line's number if any)
@@ -839,7 +879,6 @@ mod tests {
             (&[1_000, 10 * day_ms, 1_001, 1_002], Some(2)),
             (&[1_000, 1_001, 10 * day_ms, 1_002], Some(3)),
             (&[10 * day_ms], None),
-            (&[1_000, 1_000 + 2 * day_ms], Some(2)),
         ];
         for (times, bad) in cases {
             let mut bytes = Vec::new();
@@ -883,6 +922,40 @@ mod tests {
         }
     }
 
+    /// Two first lines that disagree with no third: without skipping, the error
+    /// names the first and says the next disagrees, and neither is read; with
+    /// skipping, the first anchors the range and the second is skipped.
+    fn ambiguous_first_lines_are_named_together() {
+        let path = temp_path("ambiguous");
+        let two_days_ms = 2 * 86_400_000;
+        for tail in [&b""[..], &b"not json\n"[..]] {
+            let mut bytes = bid_line(1_000, 3);
+            bytes.push(b'\n');
+            bytes.extend_from_slice(&bid_line(1_000 + two_days_ms, 3));
+            bytes.push(b'\n');
+            bytes.extend_from_slice(tail);
+            std::fs::write(&path, &bytes).unwrap();
+            let strict = FileSplit::plan(&path, 1, FileOptions::default()).unwrap();
+            let (events, error, _) = drain(strict.open(0), 4);
+            let error = error.expect("an error");
+            assert!(
+                error.contains(": line 1: ") && error.contains("on the next line"),
+                "{error}"
+            );
+            assert!(events.is_empty(), "{events:?}");
+            let options = FileOptions {
+                skip_malformed: true,
+                ..FileOptions::default()
+            };
+            let lenient = FileSplit::plan(&path, 1, options).unwrap();
+            let (events, error, skipped) = drain(lenient.open(0), 4);
+            assert_eq!(error, None);
+            assert_eq!(skipped, 1 + !tail.is_empty() as u64);
+            let read: Vec<i64> = events.iter().map(Event::date_time).collect();
+            assert_eq!(read, vec![1_000]);
+        }
+    }
+
     /// `max_line_bytes` counts the line without its line end, `\r\n` or `\n`.
     #[test]
     fn a_line_of_exactly_max_line_bytes_is_accepted_with_either_line_end() {
@@ -896,13 +969,23 @@ mod tests {
             let mut bytes = line.clone();
             bytes.extend_from_slice(end);
             std::fs::write(&path, &bytes).unwrap();
-            let options = FileOptions {
-                max_line_bytes: max,
-                ..FileOptions::default()
-            };
-            let (events, error, _) = drain(FileSplit::plan(&path, 1, options).unwrap().open(0), 4);
-            assert_eq!(events.len() == 1, accepted, "{end:?} max {max}: {error:?}");
-            assert_eq!(error.is_none(), accepted, "{end:?} max {max}: {error:?}");
+            // Read buffers of every size up to the line's, so that a chunk
+            // boundary falls everywhere, also between the `\r` and the `\n`.
+            for buffer_bytes in (1..=bytes.len() + 1).step_by(7).chain([bytes.len() - 1]) {
+                let options = FileOptions {
+                    max_line_bytes: max,
+                    read: ReadConfig {
+                        buffer_bytes,
+                        buffers: 2,
+                    },
+                    ..FileOptions::default()
+                };
+                let source = FileSplit::plan(&path, 1, options).unwrap().open(0);
+                let (events, error, _) = drain(source, 4);
+                let context = format!("{end:?} max {max} buffers of {buffer_bytes}: {error:?}");
+                assert_eq!(events.len() == 1, accepted, "{context}");
+                assert_eq!(error.is_none(), accepted, "{context}");
+            }
         }
     }
 }

@@ -105,7 +105,10 @@ pub fn parse_flat(line: &[u8]) -> Result<Flat<'_>, String> {
         // sonic-rs appends " at line 1 column C" and a snippet of the line on
         // lines of their own; the caller names the line, so keep the column.
         let full = e.to_string();
-        let message = full.split(" at line ").next().unwrap_or(&full).trim_end();
+        let first_line = full.lines().next().unwrap_or(&full);
+        let message = first_line
+            .rsplit_once(" at line ")
+            .map_or(first_line, |(head, _)| head);
         format!("{message} (column {})", e.column())
     })
 }

@@ -517,8 +517,12 @@ impl Dataflow {
     /// it, every shard drops the job's messages unopened.
     pub fn retire(&self, job: JobId) {
         self.runtime.retire_job(job);
-        let _ = self.runtime.stats();
-        self.registry.remove(job);
+        let stats = self.runtime.stats();
+        // A shard that did not answer in time may not have taken the retirement
+        // yet: keep the plan (a dead shard never activates anything again).
+        if stats.dead.iter().all(|&shard| self.runtime.is_dead(shard)) {
+            self.registry.remove(job);
+        }
     }
 
     /// Every actor of a job: `(stage, partition)` pairs, for tests and the autoscaler.

@@ -145,6 +145,16 @@ const TURN_CLOCK_EVERY: u32 = 16;
 /// Marks an envelope that took no remote credit.
 const NO_SHARD: u16 = u16::MAX;
 
+/// Marks a message an actor sent itself (it took no credit either); counted in
+/// its slot's `self_pending` until handled.
+const SELF_SEND: u16 = u16::MAX - 1;
+
+/// The shard whose credit an envelope holds, if any.
+#[inline]
+fn credit_index(credit_shard: u16) -> Option<usize> {
+    (credit_shard < SELF_SEND).then_some(credit_shard as usize)
+}
+
 /// Failed actors a shard remembers (to drop their messages) until their job retires.
 const FAILED_ACTORS_MAX: usize = 65_536;
 
@@ -318,6 +328,8 @@ pub struct Slot<M> {
     reorder: IdMap<ActorId, BTreeMap<u64, Envelope<M>>>,
     /// Envelopes held in `reorder`; they count against the mailbox bound.
     early: usize,
+    /// Messages in the mailbox the actor sent itself (`SELF_SEND`).
+    self_pending: usize,
     /// Last sequence number assigned, per target.
     out_seq: SmallMap<u64>,
     /// Sends waiting for credit, in order; the actor does not run while non-empty.
@@ -341,6 +353,7 @@ impl<M> Slot<M> {
             in_seq: SmallMap::default(),
             reorder: IdMap::default(),
             early: 0,
+            self_pending: 0,
             out_seq: SmallMap::default(),
             blocked: VecDeque::new(),
             queued: false,
@@ -801,10 +814,6 @@ impl<M: Send + 'static> ShardCore<M> {
         // Set only around `handle`: a panic outside it is the runtime's, not the actor's.
         let mut in_handler = false;
         let mut overflow: Option<String> = None;
-        // What others can have queued at most: `mailbox_credit_messages` from each
-        // shard (local senders included); anything past it was sent to itself.
-        let others_max = self.config.mailbox_credit_messages as usize * self.staging.len();
-        let mailbox_max = others_max + SELF_SENDS_PENDING_MAX;
         // One `catch_unwind` per turn, not per message.
         let turn = catch_unwind(AssertUnwindSafe(|| {
             while handled < self.config.turn_messages_max {
@@ -818,8 +827,10 @@ impl<M: Send + 'static> ShardCore<M> {
                     _ => self.turn_delays_us.push((delay_us, 1)),
                 }
                 misses += (env.sched.deadline_ns < start_ns) as u64;
-                if env.credit_shard != NO_SHARD {
-                    self.ack_counts[env.credit_shard as usize] += 1;
+                if let Some(shard) = credit_index(env.credit_shard) {
+                    self.ack_counts[shard] += 1;
+                } else if env.credit_shard == SELF_SEND {
+                    slot.self_pending -= 1;
                 }
                 let mut ctx = Context {
                     me: slot.id,
@@ -832,15 +843,20 @@ impl<M: Send + 'static> ShardCore<M> {
                 in_handler = true;
                 actor.handle(env.message, &mut ctx);
                 in_handler = false;
+                // Checked before anything of this call leaves: a failing call
+                // sends nothing.
+                let me = slot.id;
+                let new_self_sends = out.iter().filter(|s| s.due_ns == 0 && s.to == me).count();
+                if slot.self_pending + new_self_sends > SELF_SENDS_PENDING_MAX {
+                    overflow = Some(format!(
+                        "sent itself more than {SELF_SENDS_PENDING_MAX} messages it has not \
+                         handled yet (a mailbox is bounded; self-sends take no credit)"
+                    ));
+                    break;
+                }
                 for send in out.drain(..) {
                     if send.due_ns > 0 {
                         self.set_timer(send);
-                    } else if send.to == slot.id && slot.mailbox.len() >= mailbox_max {
-                        overflow = Some(format!(
-                            "sent itself more than {SELF_SENDS_PENDING_MAX} messages it has not \
-                             handled yet (a mailbox is bounded; self-sends take no credit)"
-                        ));
-                        break;
                     } else {
                         self.send_from(slot, send);
                     }
@@ -965,8 +981,10 @@ impl<M: Send + 'static> ShardCore<M> {
     fn admit(&mut self, sender: &mut Slot<M>, send: Outgoing<M>) -> Result<(), Outgoing<M>> {
         let credit_max = self.config.mailbox_credit_messages;
         if send.to == sender.id {
-            // A self-send needs no credit: the sender is running, so it drains.
-            let env = self.envelope(sender, send, NO_SHARD, 0);
+            // A self-send needs no credit: the sender is running, so it drains
+            // (its count is bounded by `SELF_SENDS_PENDING_MAX` in the turn).
+            let env = self.envelope(sender, send, SELF_SEND, 0);
+            sender.self_pending += 1;
             sender.accept(env, self.now_ns, &mut self.arrivals);
             return Ok(());
         }
@@ -1365,7 +1383,7 @@ impl<M: Send + 'static> ShardCore<M> {
     /// Drop a message that will never be handled, returning the credit it holds.
     fn drop_envelope(&mut self, env: Envelope<M>) {
         self.report.dropped += 1;
-        if env.credit_shard != NO_SHARD {
+        if credit_index(env.credit_shard).is_some() {
             self.return_credits(env.to, env.credit_shard, 1);
         }
     }
@@ -1399,15 +1417,15 @@ impl<M: Send + 'static> ShardCore<M> {
         let mut dropped = 0u64;
         for queued in slot.mailbox.drain(..) {
             dropped += 1;
-            if queued.credit_shard != NO_SHARD {
-                credits[queued.credit_shard as usize] += 1;
+            if let Some(shard) = credit_index(queued.credit_shard) {
+                credits[shard] += 1;
             }
         }
         for (_, early) in std::mem::take(&mut slot.reorder) {
             for env in early.into_values() {
                 dropped += 1;
-                if env.credit_shard != NO_SHARD {
-                    credits[env.credit_shard as usize] += 1;
+                if let Some(shard) = credit_index(env.credit_shard) {
+                    credits[shard] += 1;
                 }
             }
         }
@@ -1453,7 +1471,11 @@ impl<M: Send + 'static> ShardCore<M> {
             return;
         }
         if self.retired.len() > RETIRED_JOBS_MAX {
-            self.retired.pop_first();
+            // The oldest other than this one (a long job may outlive many).
+            let oldest = self.retired.iter().copied().find(|&j| j != job);
+            if let Some(oldest) = oldest {
+                self.retired.remove(&oldest);
+            }
         }
         self.report.jobs_retired += 1;
         self.policy.forget(job);
