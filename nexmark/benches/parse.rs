@@ -1,7 +1,8 @@
-//! Parsers compared on the same JSON Lines, in one run: serde_json into `Event`
-//! (the `EventReader` path), and serde_json, sonic-rs and simd-json into the flat
-//! borrowed struct of `parse.rs`, plus the whole fast path (simd-json, then
-//! `into_event` with interning). Single thread; the median of 3 passes each.
+//! Parsers compared on the same JSON Lines, in one run: serde_json, sonic-rs and
+//! simd-json into the flat borrowed struct of `parse.rs`; each of them on to an
+//! `Event` (with interning); and `parse_event`, the path the file source takes
+//! (the canonical-layout cursor, sonic-rs for anything else). Single thread; the
+//! median of 3 passes each.
 //!
 //! `cargo bench -p dirigo-nexmark --bench parse [-- FILE]` (default: 200,000
 //! generated events in memory).
@@ -9,7 +10,7 @@
 use std::time::Instant;
 
 use dirigo_nexmark::parse::{Flat, Interner};
-use dirigo_nexmark::{write_json_line, Event, Generator, GeneratorConfig};
+use dirigo_nexmark::{write_json_line, Generator, GeneratorConfig};
 
 fn lines(data: &[u8]) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
@@ -67,9 +68,6 @@ fn main() {
     };
     let spans = lines(&data);
     println!("{} bytes, {} lines, one core", data.len(), spans.len());
-    measure("serde_json -> Event (today)", &data, &spans, |l| {
-        serde_json::from_slice::<Event>(l).is_ok()
-    });
     measure("serde_json -> Flat", &data, &spans, |l| {
         serde_json::from_slice::<Flat>(l).is_ok()
     });
@@ -81,9 +79,25 @@ fn main() {
         simd_json::serde::from_slice_with_buffers::<Flat>(l, &mut buffers).is_ok()
     });
     let mut interner = Interner::default();
-    measure("sonic-rs -> Flat -> Event (ours)", &data, &spans, |l| {
-        dirigo_nexmark::parse::parse_event(&mut interner, l).is_ok()
+    measure("serde_json -> Flat -> Event", &data, &spans, |l| {
+        serde_json::from_slice::<Flat>(l)
+            .map_err(|e| e.to_string())
+            .and_then(|f| f.into_event(&mut interner))
+            .is_ok()
     });
+    let mut interner = Interner::default();
+    measure("sonic-rs -> Flat -> Event", &data, &spans, |l| {
+        dirigo_nexmark::parse::parse_flat(l)
+            .and_then(|f| f.into_event(&mut interner))
+            .is_ok()
+    });
+    let mut interner = Interner::default();
+    measure(
+        "parse_event (canonical cursor, else sonic-rs)",
+        &data,
+        &spans,
+        |l| dirigo_nexmark::parse::parse_event(&mut interner, l).is_ok(),
+    );
     let mut interner = Interner::default();
     measure("simd-json -> Flat -> Event", &data, &spans, |l| {
         simd_json::serde::from_slice_with_buffers::<Flat>(l, &mut buffers)
