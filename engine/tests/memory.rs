@@ -153,51 +153,51 @@ fn sixteen_shards_talking_all_to_all_stay_under_400_mib() {
 #[test]
 fn a_shard_that_cannot_start_leaves_no_thread_behind() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let factory = |_: ActorId, _: Option<&[u8]>| -> BoxActor<u64> {
-        Box::new(Sink {
-            received: Arc::new(AtomicU64::new(0)),
-        })
-    };
-    // io_uring memory no process can allocate: every executor fails to build
-    // inside its thread, after `spawn` has returned.
-    let config = RuntimeConfig {
-        shards: 2,
-        oversubscribe: true,
-        pin: false,
-        io_memory_bytes: 1 << 50,
-        ..RuntimeConfig::default()
-    };
-    let started = Runtime::start(
-        config,
-        Arc::new(factory),
-        Arc::new(MemoryStateStore::default()),
-    );
-    let error = started.err().expect("the runtime must not start");
-    assert!(error.0.contains("failed to start"), "{error}");
-    assert_no_shard_thread_left();
+    let cases = [
+        // io_uring memory no process can allocate: every executor fails to build
+        // inside its thread, after `spawn` has returned.
+        (
+            RuntimeConfig {
+                shards: 2,
+                io_memory_bytes: 1 << 50,
+                ..unpinned()
+            },
+            "failed to start",
+        ),
+        // Only the last of four fails, after the others came up and run: they
+        // are stopped and joined.
+        (
+            RuntimeConfig {
+                shards: 4,
+                fail_start_of_shard_for_test: Some(3),
+                ..unpinned()
+            },
+            "shard 3 of 4 failed to start",
+        ),
+    ];
+    for (config, message) in cases {
+        let factory = |_: ActorId, _: Option<&[u8]>| -> BoxActor<u64> {
+            Box::new(Sink {
+                received: Arc::new(AtomicU64::new(0)),
+            })
+        };
+        let started = Runtime::start(
+            config,
+            Arc::new(factory),
+            Arc::new(MemoryStateStore::default()),
+        );
+        let error = started.err().expect("the runtime must not start");
+        assert!(error.0.contains(message), "{error}");
+        assert_no_shard_thread_left();
+    }
+}
 
-    // Only the last of four shards fails, after the others came up and run:
-    // they are stopped and joined.
-    let factory = |_: ActorId, _: Option<&[u8]>| -> BoxActor<u64> {
-        Box::new(Sink {
-            received: Arc::new(AtomicU64::new(0)),
-        })
-    };
-    let config = RuntimeConfig {
-        shards: 4,
+fn unpinned() -> RuntimeConfig {
+    RuntimeConfig {
         oversubscribe: true,
         pin: false,
-        fail_start_of_shard_for_test: Some(3),
         ..RuntimeConfig::default()
-    };
-    let started = Runtime::start(
-        config,
-        Arc::new(factory),
-        Arc::new(MemoryStateStore::default()),
-    );
-    let error = started.err().expect("the runtime must not start");
-    assert!(error.0.contains("shard 3 of 4 failed to start"), "{error}");
-    assert_no_shard_thread_left();
+    }
 }
 
 fn assert_no_shard_thread_left() {
