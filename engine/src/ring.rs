@@ -248,11 +248,6 @@ impl<T> Producer<T> {
         }
     }
 
-    /// Whether the slot buffer has been allocated (the first push does it).
-    pub fn is_allocated(&self) -> bool {
-        !self.slots.is_null()
-    }
-
     /// Pushes one item and publishes it at once, or gives it back if the ring is full.
     pub fn push(&mut self, value: T) -> Result<(), T> {
         if self.free_slots_for(1) == 0 {

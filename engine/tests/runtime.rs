@@ -496,7 +496,10 @@ mod supervision {
         wait_until("all counted", Duration::from_secs(10), || {
             seen.counts.lock().unwrap().len() == 12
         });
-        runtime.retire_job(old);
+        assert!(
+            runtime.retire_job(old),
+            "every shard confirms the retirement"
+        );
         let actors_of = |job: JobId| -> usize {
             runtime
                 .stats()

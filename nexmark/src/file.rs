@@ -222,11 +222,6 @@ impl FileSource {
         self.reader.as_ref().map(RangeReader::stopped)
     }
 
-    /// The latest event time read so far (`i64::MIN` before the first event).
-    pub fn watermark_ms(&self) -> i64 {
-        self.parse.watermark_ms
-    }
-
     fn stop_reading(&mut self) {
         self.reader = None;
         self.chunk = None;

@@ -16,10 +16,11 @@
 
 use std::borrow::Cow;
 use std::collections::HashSet;
-use std::hash::{BuildHasherDefault, Hasher};
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use dirigo_engine::ids::IdBuildHasher;
 use serde::Deserialize;
 
 use crate::event::{Auction, Bid, Event, Person, Text};
@@ -120,7 +121,7 @@ pub fn parse_flat(line: &[u8]) -> Result<Flat<'_>, String> {
 /// the pool's mutex is taken only on a partition's first sight of a string.
 #[derive(Default)]
 pub struct Interner {
-    local: HashSet<&'static str, BuildHasherDefault<FxHasher>>,
+    local: HashSet<&'static str, IdBuildHasher>,
 }
 
 static POOL: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
@@ -171,48 +172,6 @@ fn intern_shared(s: &str) -> Option<&'static str> {
     Some(leaked)
 }
 
-/// FxHash (rustc's): one multiply per word; interned keys are short and not
-/// attacker-chosen in a way that matters (the set is bounded).
-#[derive(Default)]
-pub struct FxHasher {
-    hash: u64,
-}
-
-const FX_SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
-
-impl FxHasher {
-    #[inline]
-    fn add(&mut self, word: u64) {
-        self.hash = (self.hash.rotate_left(5) ^ word).wrapping_mul(FX_SEED);
-    }
-}
-
-impl Hasher for FxHasher {
-    #[inline]
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            self.add(u64::from_le_bytes(c.try_into().expect("8 bytes")));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut word = [0u8; 8];
-            word[..rest.len()].copy_from_slice(rest);
-            self.add(u64::from_le_bytes(word));
-        }
-    }
-
-    #[inline]
-    fn write_u8(&mut self, i: u8) {
-        self.add(i as u64);
-    }
-
-    #[inline]
-    fn finish(&self) -> u64 {
-        self.hash
-    }
-}
-
 fn owned(s: Option<Str<'_>>, name: &'static str) -> Result<Text, String> {
     match s {
         Some(s) => Ok(Cow::Owned(s.0.into_owned())),
@@ -234,37 +193,83 @@ fn time(v: Option<i64>, name: &'static str) -> Result<i64, String> {
     Ok(t)
 }
 
-fn reject(fields: &[(bool, &'static str)], kind: &str) -> Result<(), String> {
-    match fields.iter().find(|(present, _)| *present) {
-        Some((_, name)) => Err(format!("field `{name}` does not belong to a {kind}")),
-        None => Ok(()),
-    }
-}
+const BID_FIELDS: &[&str] = &[
+    "auction",
+    "bidder",
+    "price",
+    "channel",
+    "url",
+    "date_time",
+    "extra",
+];
+const PERSON_FIELDS: &[&str] = &[
+    "id",
+    "name",
+    "email_address",
+    "credit_card",
+    "city",
+    "state",
+    "date_time",
+    "extra",
+];
+const AUCTION_FIELDS: &[&str] = &[
+    "id",
+    "item_name",
+    "description",
+    "initial_bid",
+    "reserve",
+    "date_time",
+    "expires",
+    "seller",
+    "category",
+    "extra",
+];
 
 impl Flat<'_> {
+    /// Every field but `type`, whether the line had it, in the struct's order.
+    fn present(&self) -> [(bool, &'static str); 20] {
+        [
+            (self.id.is_some(), "id"),
+            (self.name.is_some(), "name"),
+            (self.email_address.is_some(), "email_address"),
+            (self.credit_card.is_some(), "credit_card"),
+            (self.city.is_some(), "city"),
+            (self.state.is_some(), "state"),
+            (self.date_time.is_some(), "date_time"),
+            (self.extra.is_some(), "extra"),
+            (self.item_name.is_some(), "item_name"),
+            (self.description.is_some(), "description"),
+            (self.initial_bid.is_some(), "initial_bid"),
+            (self.reserve.is_some(), "reserve"),
+            (self.expires.is_some(), "expires"),
+            (self.seller.is_some(), "seller"),
+            (self.category.is_some(), "category"),
+            (self.auction.is_some(), "auction"),
+            (self.bidder.is_some(), "bidder"),
+            (self.price.is_some(), "price"),
+            (self.channel.is_some(), "channel"),
+            (self.url.is_some(), "url"),
+        ]
+    }
+
+    /// The first field present that `kind`'s `fields` do not have, as an error.
+    fn reject_foreign(&self, fields: &[&str], kind: &str) -> Result<(), String> {
+        let foreign = self
+            .present()
+            .into_iter()
+            .find(|(present, name)| *present && !fields.contains(name));
+        match foreign {
+            Some((_, name)) => Err(format!("field `{name}` does not belong to a {kind}")),
+            None => Ok(()),
+        }
+    }
+
     /// The event these fields make, or what is wrong with them.
-    pub fn into_event(self, interner: &mut Interner) -> Result<Event, String> {
-        let kind = need(self.kind, "type")?;
+    pub fn into_event(mut self, interner: &mut Interner) -> Result<Event, String> {
+        let kind = need(self.kind.take(), "type")?;
         match &*kind.0 {
             "bid" => {
-                reject(
-                    &[
-                        (self.id.is_some(), "id"),
-                        (self.name.is_some(), "name"),
-                        (self.email_address.is_some(), "email_address"),
-                        (self.credit_card.is_some(), "credit_card"),
-                        (self.city.is_some(), "city"),
-                        (self.state.is_some(), "state"),
-                        (self.item_name.is_some(), "item_name"),
-                        (self.description.is_some(), "description"),
-                        (self.initial_bid.is_some(), "initial_bid"),
-                        (self.reserve.is_some(), "reserve"),
-                        (self.expires.is_some(), "expires"),
-                        (self.seller.is_some(), "seller"),
-                        (self.category.is_some(), "category"),
-                    ],
-                    "bid",
-                )?;
+                self.reject_foreign(BID_FIELDS, "bid")?;
                 Ok(Event::Bid(Bid {
                     auction: need(self.auction, "auction")?,
                     bidder: need(self.bidder, "bidder")?,
@@ -276,23 +281,7 @@ impl Flat<'_> {
                 }))
             }
             "person" => {
-                reject(
-                    &[
-                        (self.item_name.is_some(), "item_name"),
-                        (self.description.is_some(), "description"),
-                        (self.initial_bid.is_some(), "initial_bid"),
-                        (self.reserve.is_some(), "reserve"),
-                        (self.expires.is_some(), "expires"),
-                        (self.seller.is_some(), "seller"),
-                        (self.category.is_some(), "category"),
-                        (self.auction.is_some(), "auction"),
-                        (self.bidder.is_some(), "bidder"),
-                        (self.price.is_some(), "price"),
-                        (self.channel.is_some(), "channel"),
-                        (self.url.is_some(), "url"),
-                    ],
-                    "person",
-                )?;
+                self.reject_foreign(PERSON_FIELDS, "person")?;
                 Ok(Event::Person(Box::new(Person {
                     id: need(self.id, "id")?,
                     name: owned(self.name, "name")?,
@@ -305,21 +294,7 @@ impl Flat<'_> {
                 })))
             }
             "auction" => {
-                reject(
-                    &[
-                        (self.name.is_some(), "name"),
-                        (self.email_address.is_some(), "email_address"),
-                        (self.credit_card.is_some(), "credit_card"),
-                        (self.city.is_some(), "city"),
-                        (self.state.is_some(), "state"),
-                        (self.auction.is_some(), "auction"),
-                        (self.bidder.is_some(), "bidder"),
-                        (self.price.is_some(), "price"),
-                        (self.channel.is_some(), "channel"),
-                        (self.url.is_some(), "url"),
-                    ],
-                    "auction",
-                )?;
+                self.reject_foreign(AUCTION_FIELDS, "auction")?;
                 Ok(Event::Auction(Box::new(Auction {
                     id: need(self.id, "id")?,
                     item_name: owned(self.item_name, "item_name")?,

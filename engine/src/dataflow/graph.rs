@@ -88,7 +88,7 @@ use crate::ids::{ActorId, JobId, ShardId};
 
 use super::actors;
 use super::batch::Batch;
-use super::ops::{Aggregate, PartialRow, WindowAggregate, WindowMerge, WindowSpec};
+use super::ops::{Aggregate, PartialRow, WindowAggregate, WindowMerge, WindowPartial, WindowSpec};
 use super::{key_group, partition_of_group, DataMsg, JobMetrics};
 
 /// What a record type must be to travel on an edge: owned, cloneable (a stage
@@ -729,8 +729,7 @@ impl<T: Data> KeyedStream<T> {
         aggregate: A,
     ) -> Stream<A::Out> {
         let aggregate = Arc::new(aggregate);
-        let partial =
-            WindowAggregate::partial_shared(spec, Arc::new(time), Arc::new(key), aggregate.clone());
+        let partial = WindowPartial::shared(spec, Arc::new(time), Arc::new(key), aggregate.clone());
         self.process(&format!("{name}-partial"), parallelism, partial.factory())
             .key_by(|p: &PartialRow<A::Acc>| p.window.1 as u64)
             .process(

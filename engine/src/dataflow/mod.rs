@@ -321,13 +321,6 @@ impl Registry {
             .map_or(Vec::new(), |plan| plan.actor_ids(job))
     }
 
-    /// A job's stage names, by stage index.
-    pub fn stage_name(&self, job: JobId, stage: u32) -> Option<String> {
-        let plans = self.plans.read().expect("plan registry poisoned");
-        let plan = plans.get(&job)?;
-        Some(plan.stages.get(stage as usize)?.name.clone())
-    }
-
     /// End a job with an error about one of its actors (a panic in an operator,
     /// source or sink): the job's handle returns the error, its sources stop.
     pub fn fail_actor(&self, actor: ActorId, message: &str) {
@@ -511,16 +504,11 @@ impl Dataflow {
     }
 
     /// Drop a job's actors on every shard (see `Runtime::retire_job`), then its
-    /// plan. The plan goes only once every shard has taken the retirement (a
-    /// statistics round trip behind it on each shard's control queue): until
-    /// then a shard could still activate a late message's target from it; after
-    /// it, every shard drops the job's messages unopened.
+    /// plan. The plan goes only once every live shard has confirmed the
+    /// retirement: until then a shard could still activate a late message's
+    /// target from it; after it, every shard drops the job's messages unopened.
     pub fn retire(&self, job: JobId) {
-        self.runtime.retire_job(job);
-        let stats = self.runtime.stats();
-        // A shard that did not answer in time may not have taken the retirement
-        // yet: keep the plan (a dead shard never activates anything again).
-        if stats.dead.iter().all(|&shard| self.runtime.is_dead(shard)) {
+        if self.runtime.retire_job(job) {
             self.registry.remove(job);
         }
     }

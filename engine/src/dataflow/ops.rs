@@ -295,8 +295,8 @@ fn fire_complete<In, A: Aggregate<In>>(
     windows: &mut Windows<A::Acc>,
     watermark_ms: i64,
     aggregate: &A,
-    mut fire: impl FnMut(Window, Accs<A::Acc>),
     select: bool,
+    mut fire: impl FnMut(&A, Window, Accs<A::Acc>),
 ) {
     while let Some(entry) = windows.first_entry() {
         let (end, start) = *entry.key();
@@ -307,7 +307,18 @@ fn fire_complete<In, A: Aggregate<In>>(
         if select {
             aggregate.select(&mut accs);
         }
-        fire((start, end), accs);
+        fire(aggregate, (start, end), accs);
+    }
+}
+
+/// `fire` for final output: `A::emit` of every key of the window.
+fn emit_all<In, A: Aggregate<In>>(
+    out: &mut Vec<A::Out>,
+) -> impl FnMut(&A, Window, Accs<A::Acc>) + '_ {
+    move |aggregate, window, accs| {
+        for (key, acc) in accs {
+            aggregate.emit(key, window, acc, out);
+        }
     }
 }
 
@@ -340,6 +351,25 @@ impl<In: 'static, A: Aggregate<In>> WindowState<In, A> {
     fn maker(self) -> impl Fn() -> Self + Send + Sync + 'static {
         let (spec, time, key, aggregate) = (self.spec, self.time, self.key, self.aggregate);
         move || Self::new(spec, time.clone(), key.clone(), aggregate.clone())
+    }
+
+    /// Move the watermark on and hand every window it completes to `fire`
+    /// (after the aggregate's selection when `select`).
+    fn advance(
+        &mut self,
+        watermark_ms: i64,
+        select: bool,
+        fire: impl FnMut(&A, Window, Accs<A::Acc>),
+    ) {
+        self.watermark_ms = self.watermark_ms.max(watermark_ms);
+        let aggregate = &*self.aggregate;
+        fire_complete(
+            &mut self.windows,
+            self.watermark_ms,
+            aggregate,
+            select,
+            fire,
+        );
     }
 
     fn add(&mut self, records: &[In]) {
@@ -385,24 +415,6 @@ impl<In: Data, A: Aggregate<In>> WindowAggregate<In, A> {
         }
     }
 
-    pub(crate) fn partial_shared(
-        spec: WindowSpec,
-        time: TimeFn<In>,
-        key: KeyFn<In>,
-        aggregate: Arc<A>,
-    ) -> WindowPartial<In, A> {
-        const {
-            assert!(
-                A::MERGEABLE,
-                "only a mergeable aggregate runs in two phases"
-            )
-        };
-        WindowPartial {
-            state: WindowState::new(spec, time, key, aggregate),
-            select: false,
-        }
-    }
-
     /// Records that fell in a window that had already fired (in that window they
     /// were not counted; windows still open did take them), or in no window at all.
     pub fn late_records(&self) -> u64 {
@@ -423,21 +435,7 @@ impl<In: Data, A: Aggregate<In>> Operator<In, A::Out> for WindowAggregate<In, A>
     }
 
     fn on_watermark(&mut self, watermark_ms: i64, out: &mut Vec<A::Out>) {
-        let state = &mut self.state;
-        state.watermark_ms = state.watermark_ms.max(watermark_ms);
-        let aggregate = &*state.aggregate;
-        let fire = |window, accs: Accs<A::Acc>| {
-            for (key, acc) in accs {
-                aggregate.emit(key, window, acc, out);
-            }
-        };
-        fire_complete(
-            &mut state.windows,
-            state.watermark_ms,
-            aggregate,
-            fire,
-            true,
-        );
+        self.state.advance(watermark_ms, true, emit_all(out));
     }
 
     fn late_records(&self) -> u64 {
@@ -460,7 +458,25 @@ impl<In: Data, A: Aggregate<In>> WindowPartial<In, A> {
         key: impl Fn(&In) -> u64 + Send + Sync + 'static,
         aggregate: A,
     ) -> Self {
-        WindowAggregate::partial_shared(spec, Arc::new(time), Arc::new(key), Arc::new(aggregate))
+        Self::shared(spec, Arc::new(time), Arc::new(key), Arc::new(aggregate))
+    }
+
+    pub(crate) fn shared(
+        spec: WindowSpec,
+        time: TimeFn<In>,
+        key: KeyFn<In>,
+        aggregate: Arc<A>,
+    ) -> Self {
+        const {
+            assert!(
+                A::MERGEABLE,
+                "only a mergeable aggregate runs in two phases"
+            )
+        };
+        WindowPartial {
+            state: WindowState::new(spec, time, key, aggregate),
+            select: false,
+        }
     }
 
     /// Promise that this stage is keyed by the aggregate's key, so each key's
@@ -492,22 +508,13 @@ impl<In: Data, A: Aggregate<In>> Operator<In, PartialRow<A::Acc>> for WindowPart
     }
 
     fn on_watermark(&mut self, watermark_ms: i64, out: &mut Vec<PartialRow<A::Acc>>) {
-        let state = &mut self.state;
-        state.watermark_ms = state.watermark_ms.max(watermark_ms);
-        let fire = |window, accs: Accs<A::Acc>| {
-            out.extend(
-                accs.into_iter()
-                    .map(|(key, acc)| PartialRow { key, window, acc }),
-            );
-        };
-        let aggregate = &*state.aggregate;
-        fire_complete(
-            &mut state.windows,
-            state.watermark_ms,
-            aggregate,
-            fire,
-            self.select,
-        );
+        self.state
+            .advance(watermark_ms, self.select, |_, window, accs| {
+                out.extend(
+                    accs.into_iter()
+                        .map(|(key, acc)| PartialRow { key, window, acc }),
+                );
+            });
     }
 
     fn late_records(&self) -> u64 {
@@ -578,12 +585,13 @@ impl<In: Data, A: Aggregate<In>> Operator<PartialRow<A::Acc>, A::Out> for Window
     fn on_watermark(&mut self, watermark_ms: i64, out: &mut Vec<A::Out>) {
         self.watermark_ms = self.watermark_ms.max(watermark_ms);
         let aggregate = &*self.aggregate;
-        let fire = |window, accs: Accs<A::Acc>| {
-            for (key, acc) in accs {
-                aggregate.emit(key, window, acc, out);
-            }
-        };
-        fire_complete(&mut self.windows, self.watermark_ms, aggregate, fire, true);
+        fire_complete(
+            &mut self.windows,
+            self.watermark_ms,
+            aggregate,
+            true,
+            emit_all(out),
+        );
     }
 
     fn late_records(&self) -> u64 {

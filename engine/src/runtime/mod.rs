@@ -435,13 +435,16 @@ impl<M: Send + 'static> Runtime<M> {
     /// Drop every actor of `job` on every live shard (active or saved, with its
     /// mailbox, timers, blocked sends and channel tables), and every message for
     /// it that arrives later. For a failed job and for a finished one alike.
-    pub fn retire_job(&self, job: JobId) {
-        for shard in 0..self.shards() {
-            // A dead shard holds nothing any more.
-            let _ = self
-                .shared
-                .push_external(ShardId(shard as u16), External::RetireJob(job));
-        }
+    ///
+    /// Returns once every live shard has retired it (then no shard will activate
+    /// any of its actors again, whatever is still in flight), or, `false`, when a
+    /// shard did not confirm within `STATS_WAIT_MAX`.
+    pub fn retire_job(&self, job: JobId) -> bool {
+        let confirmed = self.ask_every_shard(|done| External::RetireJob(job, done));
+        // A dead shard holds nothing any more.
+        (0..self.shards())
+            .map(|i| ShardId(i as u16))
+            .all(|shard| confirmed.contains(&shard) || self.is_dead(shard))
     }
 
     /// Make `shard` panic outside actor code, as a broken runtime invariant would.
@@ -453,30 +456,37 @@ impl<M: Send + 'static> Runtime<M> {
     /// Every live shard's accounting. Returns within `STATS_WAIT_MAX` whatever
     /// happens: a shard that is dead or does not answer is listed in `dead`.
     pub fn stats(&self) -> RuntimeStats {
-        let (reply, replies) = mpsc::channel();
-        for shard in 0..self.shards() {
-            // A dead shard is found missing below.
-            let _ = self
-                .shared
-                .push_external(ShardId(shard as u16), External::Report(reply.clone()));
-        }
-        drop(reply);
-        let deadline = Instant::now() + STATS_WAIT_MAX;
-        let mut shards: Vec<ShardReport> = Vec::with_capacity(self.shards());
-        while shards.len() < self.shards() {
-            let wait = deadline.saturating_duration_since(Instant::now());
-            match replies.recv_timeout(wait) {
-                Ok(report) => shards.push(report),
-                // Every reply channel is gone (dead shards dropped theirs), or time is up.
-                Err(_) => break,
-            }
-        }
+        let mut shards = self.ask_every_shard(External::Report);
         shards.sort_by_key(|r| r.shard);
         let dead = (0..self.shards())
             .map(|i| ShardId(i as u16))
             .filter(|id| !shards.iter().any(|r| r.shard == *id))
             .collect();
         RuntimeStats { shards, dead }
+    }
+
+    /// Queue `request(reply)` to every shard and collect the replies of those that
+    /// answer within `STATS_WAIT_MAX` (a dead shard drops its reply channel).
+    fn ask_every_shard<T>(&self, request: impl Fn(mpsc::Sender<T>) -> External<M>) -> Vec<T> {
+        let (reply, replies) = mpsc::channel();
+        for shard in 0..self.shards() {
+            // A dead shard is found missing by the caller.
+            let _ = self
+                .shared
+                .push_external(ShardId(shard as u16), request(reply.clone()));
+        }
+        drop(reply);
+        let deadline = Instant::now() + STATS_WAIT_MAX;
+        let mut answers = Vec::with_capacity(self.shards());
+        while answers.len() < self.shards() {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match replies.recv_timeout(wait) {
+                Ok(answer) => answers.push(answer),
+                // Every reply channel is gone (dead shards dropped theirs), or time is up.
+                Err(_) => break,
+            }
+        }
+        answers
     }
 
     /// Whether `shard` has died.

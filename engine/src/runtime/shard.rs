@@ -310,8 +310,9 @@ pub enum External<M> {
         to: ShardId,
     },
     Report(std::sync::mpsc::Sender<ShardReport>),
-    /// Drop every actor of the job and every later message for it.
-    RetireJob(JobId),
+    /// Drop every actor of the job and every later message for it; the shard's
+    /// id goes back once done.
+    RetireJob(JobId, std::sync::mpsc::Sender<ShardId>),
     /// Panic outside actor code (tests of shard death).
     #[doc(hidden)]
     Crash,
@@ -752,7 +753,11 @@ impl<M: Send + 'static> ShardCore<M> {
                 // The caller may have stopped waiting; nothing to do then.
                 let _ = reply.send(self.report());
             }
-            External::RetireJob(job) => self.retire_job(job),
+            External::RetireJob(job, done) => {
+                self.retire_job(job);
+                // The caller may have stopped waiting; nothing to do then.
+                let _ = done.send(self.id);
+            }
             External::Crash => panic!("{} crashed on request (a test of shard death)", self.id),
         }
     }
