@@ -72,6 +72,36 @@ fn per_sender_fifo_across_shards_under_load() {
     runtime.shutdown();
 }
 
+/// Durations and times at their largest overflow nothing: housekeeping, the
+/// spin before parking, the idle timeout and the turn bound set to the maximum
+/// still deliver every message exactly, and the runtime stops promptly.
+#[test]
+fn the_largest_durations_overflow_nothing() {
+    let workload = Workload {
+        sources: 2,
+        targets: 2,
+        per_channel: 1_000,
+        batch: 16,
+        target_spin_ns: 0,
+    };
+    let mut config = config(2, 64);
+    config.housekeeping_interval = Duration::MAX;
+    config.spin_before_park = Duration::MAX;
+    config.shard.idle_timeout_ns = Some(u64::MAX);
+    config.shard.turn_ns_max = u64::MAX;
+    config.shard.stall_ns = u64::MAX;
+    let (runtime, built) = start(&workload, config);
+    wait_for(&built.ledger, 4_000, Duration::from_secs(60));
+    built.ledger.assert_complete(workload.per_channel);
+    let stopping = Instant::now();
+    runtime.shutdown();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        stopping.elapsed()
+    );
+}
+
 #[test]
 fn a_million_messages_with_random_migrations_each_handled_once_in_order() {
     let workload = Workload {
