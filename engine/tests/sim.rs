@@ -478,3 +478,46 @@ fn an_actor_flooding_itself_fails_instead_of_growing_without_bound() {
         "the neighbour got every message"
     );
 }
+
+/// Sets `TIMERS` timers in one call.
+struct TimerHog;
+
+const TIMERS: u64 = 1_500;
+
+impl Actor for TimerHog {
+    type Message = ();
+    fn handle(&mut self, _: (), ctx: &mut Context<'_, ()>) {
+        for i in 0..TIMERS {
+            let due_ns = ctx.now_ns() + 1_000_000 + i;
+            ctx.send_self_at(due_ns, (), ctx.sched());
+        }
+    }
+}
+
+/// An actor may have at most `timers_per_actor_max` timers pending on a shard;
+/// the rest are refused and counted, never held without bound.
+#[test]
+fn timers_past_the_per_actor_bound_are_refused_and_counted() {
+    let factory = |_: ActorId, _: Option<&[u8]>| -> BoxActor<()> { Box::new(TimerHog) };
+    let config = ShardConfig {
+        timers_per_actor_max: 1_000,
+        ..config(PolicyKind::Edf)
+    };
+    let mut sim = Sim::new(
+        1,
+        config,
+        16,
+        Arc::new(factory),
+        Arc::new(MemoryStateStore::default()),
+        5,
+    );
+    sim.send(ShardId(0), ActorId::new(JobId(1), 1, 0), (), sched());
+    // Step until the first call has run: it set 1,500 timers, 1,000 are kept.
+    let mut steps = 0;
+    while sim.core(ShardId(0)).report().timers_refused == 0 {
+        assert!(sim.step() && steps < 10_000, "the first call never ran");
+        steps += 1;
+    }
+    let refused = sim.core(ShardId(0)).report().timers_refused;
+    assert_eq!(refused, TIMERS - 1_000);
+}
