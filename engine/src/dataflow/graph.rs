@@ -119,6 +119,22 @@ pub trait Source<T>: Send + 'static {
     fn skipped_records(&self) -> u64 {
         0
     }
+
+    /// Where the source stands, for a checkpoint: what [`Source::seek`] needs to
+    /// produce exactly the records after the last one `next_batch` returned (and
+    /// to go on counting `skipped_records` from where it was). `None`: the source
+    /// cannot be replayed, and a job that takes checkpoints fails at its first
+    /// one naming the source.
+    fn position(&self) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Resume at a `position` this source's kind returned earlier (called at
+    /// most once, before the first `next_batch`). An error (a position that does
+    /// not decode, or does not fit the input) fails the job with it.
+    fn seek(&mut self, _position: &[u8]) -> Result<(), String> {
+        Err("this source cannot resume from a position".to_string())
+    }
 }
 
 /// A partition of a keyed (or global) stage with one input.
