@@ -1,5 +1,6 @@
-//! The one error type of this crate, [`StorageError`], and [`CutReason`],
-//! why a log record was judged corrupt.
+//! The one error type of this crate, [`StorageError`], with [`CutReason`],
+//! why a log record was judged corrupt, and [`Damage`], why a checkpoint file
+//! was.
 //!
 //! Every variant names the file it is about, and the byte offset where one
 //! applies, so that an operator reading a log line knows what to inspect
@@ -64,6 +65,77 @@ impl fmt::Display for CutReason {
     }
 }
 
+/// Why a checkpoint file (a chunk part, a manifest, a staged file, or an
+/// output being appended to) does not hold what its reference or its own
+/// frame says. See [`crate::checkpoint`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Damage {
+    /// The file ends before the bytes expected there.
+    Short {
+        bytes_expected: u64,
+        bytes_present: u64,
+    },
+    /// The file holds more bytes than expected.
+    Long {
+        bytes_expected: u64,
+        bytes_present: u64,
+    },
+    /// A frame does not start with its magic number.
+    Magic {
+        magic_expected: u32,
+        magic_actual: u32,
+    },
+    /// A header field disagrees with the reference or the file's name:
+    /// `field` names it ("length", "epoch", ...).
+    Field {
+        field: &'static str,
+        expected: u64,
+        actual: u64,
+    },
+    /// The crc32c of the bytes does not match the expected one.
+    Checksum { crc_expected: u32, crc_actual: u32 },
+}
+
+impl fmt::Display for Damage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Damage::Short {
+                bytes_expected,
+                bytes_present,
+            } => write!(
+                f,
+                "short: {bytes_present} of {bytes_expected} bytes present"
+            ),
+            Damage::Long {
+                bytes_expected,
+                bytes_present,
+            } => write!(
+                f,
+                "long: {bytes_present} bytes where {bytes_expected} were expected"
+            ),
+            Damage::Magic {
+                magic_expected,
+                magic_actual,
+            } => write!(
+                f,
+                "magic {magic_actual:#010x}, expected {magic_expected:#010x}"
+            ),
+            Damage::Field {
+                field,
+                expected,
+                actual,
+            } => write!(f, "{field} is {actual}, expected {expected}"),
+            Damage::Checksum {
+                crc_expected,
+                crc_actual,
+            } => write!(
+                f,
+                "crc32c mismatch: expected {crc_expected:#010x}, data gives {crc_actual:#010x}"
+            ),
+        }
+    }
+}
+
 /// An error from a storage operation. `Display` gives a one-line message
 /// naming the operation, the file and (where it applies) the byte offset.
 #[derive(Debug)]
@@ -83,6 +155,13 @@ pub enum StorageError {
         offset: u64,
         record_number: u64,
         reason: CutReason,
+    },
+    /// A checkpoint file is torn, corrupt, or not the one its reference
+    /// describes; `offset` is where the damaged frame or range starts.
+    CorruptFile {
+        path: PathBuf,
+        offset: u64,
+        damage: Damage,
     },
     /// An append was refused because the record would exceed
     /// `record_bytes_max`. Nothing was written.
@@ -166,6 +245,15 @@ impl fmt::Display for StorageError {
             } => write!(
                 f,
                 "corrupt log {}: record {record_number} at offset {offset}: {reason}",
+                path.display()
+            ),
+            StorageError::CorruptFile {
+                path,
+                offset,
+                damage,
+            } => write!(
+                f,
+                "corrupt file {} at offset {offset}: {damage}",
                 path.display()
             ),
             StorageError::RecordTooLarge {
