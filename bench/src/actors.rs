@@ -207,6 +207,9 @@ struct Sender {
 
 impl Actor for Sender {
     type Message = Msg;
+    fn snapshot(&mut self) -> Option<dirigo_engine::StateBytes> {
+        None
+    }
 
     fn handle(&mut self, message: Msg, ctx: &mut Context<'_, Msg>) {
         debug_assert!(matches!(message, Msg::Tick), "sender got {message:?}");
@@ -242,6 +245,9 @@ struct Receiver {
 
 impl Actor for Receiver {
     type Message = Msg;
+    fn snapshot(&mut self) -> Option<dirigo_engine::StateBytes> {
+        None
+    }
 
     fn handle(&mut self, message: Msg, _ctx: &mut Context<'_, Msg>) {
         match message {

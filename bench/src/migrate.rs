@@ -174,7 +174,7 @@ impl Actor for StateActor {
         self.shared.handled.fetch_add(1, Ordering::Release);
     }
 
-    fn snapshot(&self) -> Option<StateBytes> {
+    fn snapshot(&mut self) -> Option<StateBytes> {
         Some(encode_state(&self.state))
     }
 }
@@ -189,6 +189,9 @@ struct SenderActor {
 
 impl Actor for SenderActor {
     type Message = Msg;
+    fn snapshot(&mut self) -> Option<dirigo_engine::StateBytes> {
+        None
+    }
 
     fn handle(&mut self, message: Msg, ctx: &mut Context<'_, Msg>) {
         debug_assert!(matches!(message, Msg::Tick), "sender got {message:?}");

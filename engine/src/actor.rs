@@ -34,10 +34,10 @@ pub trait Actor: Send + 'static {
     /// (sender, target) pair wherever either actor lives or moves.
     fn handle(&mut self, message: Self::Message, ctx: &mut Context<'_, Self::Message>);
 
-    /// The state to keep while the actor is deactivated; `None` for stateless actors.
-    fn snapshot(&self) -> Option<StateBytes> {
-        None
-    }
+    /// The state to keep while the actor is deactivated; `None` for an actor
+    /// that keeps nothing between messages. Required: an actor that forgot it
+    /// would lose its state silently at its first idle deactivation.
+    fn snapshot(&mut self) -> Option<StateBytes>;
 
     /// Whether the actor may be deactivated now, i.e. whether `snapshot` holds all
     /// it needs to resume. An actor with state it cannot snapshot yet (an operator

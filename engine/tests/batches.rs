@@ -31,6 +31,9 @@ impl Operator<u64, u64> for Burst {
             out.extend(0..10_000);
         }
     }
+    fn state(&mut self) -> Option<&mut dyn dirigo_engine::dataflow::state::Stateful> {
+        None
+    }
 }
 
 struct Sizes(Arc<Mutex<Vec<Vec<u64>>>>);

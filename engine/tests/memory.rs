@@ -34,6 +34,9 @@ struct Sprayer {
 
 impl Actor for Sprayer {
     type Message = u64;
+    fn snapshot(&mut self) -> Option<dirigo_engine::StateBytes> {
+        None
+    }
     fn handle(&mut self, _: u64, ctx: &mut Context<'_, u64>) {
         let batch = 64.min(self.per_peer - self.sent);
         for _ in 0..batch {
@@ -54,6 +57,9 @@ struct Sink {
 
 impl Actor for Sink {
     type Message = u64;
+    fn snapshot(&mut self) -> Option<dirigo_engine::StateBytes> {
+        None
+    }
     fn handle(&mut self, _: u64, _ctx: &mut Context<'_, u64>) {
         self.received.fetch_add(1, Ordering::Relaxed);
     }

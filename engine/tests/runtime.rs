@@ -337,6 +337,9 @@ mod supervision {
     struct Bomb;
     impl Actor for Bomb {
         type Message = T;
+        fn snapshot(&mut self) -> Option<dirigo_engine::StateBytes> {
+            None
+        }
         fn handle(&mut self, _: T, _ctx: &mut Context<'_, T>) {
             panic!("boom");
         }
@@ -353,7 +356,7 @@ mod supervision {
                 self.seen.counts.lock().unwrap().push((self.me, n));
             }
         }
-        fn snapshot(&self) -> Option<dirigo_engine::StateBytes> {
+        fn snapshot(&mut self) -> Option<dirigo_engine::StateBytes> {
             Some(dirigo_engine::encode_state(&0u64))
         }
     }
@@ -361,6 +364,9 @@ mod supervision {
     struct Relay;
     impl Actor for Relay {
         type Message = T;
+        fn snapshot(&mut self) -> Option<dirigo_engine::StateBytes> {
+            None
+        }
         fn handle(&mut self, message: T, ctx: &mut Context<'_, T>) {
             let job = ctx.me().job;
             if let T::Flood(n) = message {

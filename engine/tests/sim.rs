@@ -34,6 +34,9 @@ struct Recorder {
 
 impl Actor for Recorder {
     type Message = ();
+    fn snapshot(&mut self) -> Option<dirigo_engine::StateBytes> {
+        None
+    }
     fn handle(&mut self, _: (), _ctx: &mut Context<'_, ()>) {
         self.log.lock().unwrap().push(self.id.partition);
     }
@@ -192,7 +195,7 @@ impl Actor for Counter {
         self.count += 1;
         self.seen.lock().unwrap().push(self.count);
     }
-    fn snapshot(&self) -> Option<StateBytes> {
+    fn snapshot(&mut self) -> Option<StateBytes> {
         Some(encode_state(&self.count))
     }
 }
@@ -295,6 +298,9 @@ struct Fragile {
 
 impl Actor for Fragile {
     type Message = ();
+    fn snapshot(&mut self) -> Option<dirigo_engine::StateBytes> {
+        None
+    }
     fn handle(&mut self, _: (), _ctx: &mut Context<'_, ()>) {
         if self.id.operator == 1 {
             panic!("fragile {} broke", self.id.partition);
@@ -415,6 +421,9 @@ struct Doubler {
 
 impl Actor for Doubler {
     type Message = ();
+    fn snapshot(&mut self) -> Option<dirigo_engine::StateBytes> {
+        None
+    }
     fn handle(&mut self, _: (), ctx: &mut Context<'_, ()>) {
         *self.handled.lock().unwrap() += 1;
         let me = ctx.me();
@@ -486,6 +495,9 @@ const TIMERS: u64 = 1_500;
 
 impl Actor for TimerHog {
     type Message = ();
+    fn snapshot(&mut self) -> Option<dirigo_engine::StateBytes> {
+        None
+    }
     fn handle(&mut self, _: (), ctx: &mut Context<'_, ()>) {
         for i in 0..TIMERS {
             let due_ns = ctx.now_ns() + 1_000_000 + i;

@@ -6,6 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use dirigo_engine::dataflow::state::{KeyedState, Stateful};
 use dirigo_engine::dataflow::{Dataflow, DataflowConfig, Job, Operator, Sink, Source, SourceBatch};
 
 /// Numbers `0..n` as two partitions; watermark = the last number.
@@ -37,7 +38,7 @@ impl Source<u64> for Numbers {
 
 /// Sums per key; emits `(key, sum)` at the end. Panics on `bomb`.
 struct Sum {
-    sums: std::collections::BTreeMap<u64, u64>,
+    sums: KeyedState<u64>,
     bomb: Option<u64>,
 }
 
@@ -47,13 +48,18 @@ impl Operator<u64, (u64, u64)> for Sum {
             if Some(r) == self.bomb {
                 panic!("operator bomb at {r}");
             }
-            *self.sums.entry(r % 10).or_default() += r;
+            *self.sums.for_key(r % 10).entry(r % 10).or_default() += r;
         }
     }
     fn on_watermark(&mut self, watermark_ms: i64, out: &mut Vec<(u64, u64)>) {
         if watermark_ms == i64::MAX {
-            out.extend(self.sums.iter().map(|(&k, &v)| (k, v)));
+            for (_, sums) in self.sums.iter() {
+                out.extend(sums.iter().map(|(&k, &v)| (k, v)));
+            }
         }
+    }
+    fn state(&mut self) -> Option<&mut dyn Stateful> {
+        Some(&mut self.sums)
     }
 }
 

@@ -22,7 +22,7 @@
 //! query ends in a sink of its own row type, chosen by [`Output`] (count only, or
 //! JSON Lines to a writer).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,8 +33,12 @@ use dirigo_engine::dataflow::ops::{
     Count, MaxWithTies, Side, TopKeys, UnboundedJoin, WindowJoin, WindowMerge, WindowPartial,
     WindowSpec,
 };
+use dirigo_engine::dataflow::state::{
+    put_framed, put_u32, put_u64, put_values, GroupState, KeyGroups, KeyedState, Reader, Stateful,
+};
 use dirigo_engine::dataflow::window::tumbling;
 use dirigo_engine::dataflow::{Data, Job, JoinOperator, Operator, Sink, Source, SourceBatch};
+use dirigo_engine::ids::IdMap;
 
 use crate::{interleaved_chunks, Auction, Bid, Event, Generator, GeneratorConfig};
 use crate::{Person, Text};
@@ -68,16 +72,19 @@ pub struct Q2 {
 
 /// q3: a seller in OR, ID or CA and one of their category-10 auctions. Before
 /// the join it is the person's projection, with the person's `id`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Q3 {
+    #[rkyv(with = rkyv::with::AsOwned)]
     pub name: Text,
+    #[rkyv(with = rkyv::with::AsOwned)]
     pub city: Text,
+    #[rkyv(with = rkyv::with::AsOwned)]
     pub state: Text,
     pub id: u64,
 }
 
 /// q3's projection of an auction: all its join keeps of one.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Q3Auction {
     pub id: u64,
     pub seller: u64,
@@ -131,7 +138,7 @@ pub struct Q5 {
 }
 
 /// q7: a bid with the highest price of its tumbling window.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Q7 {
     pub auction: u64,
     pub price: u64,
@@ -141,15 +148,16 @@ pub struct Q7 {
 }
 
 /// q8: a person who registered and opened an auction in the same window.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Q8 {
     pub id: u64,
+    #[rkyv(with = rkyv::with::AsOwned)]
     pub name: Text,
     pub window_start: i64,
 }
 
 /// q8's projection of an auction.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct SellerTime {
     pub seller: u64,
     pub date_time: i64,
@@ -497,10 +505,10 @@ impl Source<Event> for GeneratorSource {
 }
 
 /// q4, first phase: the closing price of each auction, emitted once the watermark
-/// passes its `expires`.
+/// passes its `expires`. Its state is kept by key group (the auction's): each
+/// group's auctions and their closing times.
 struct ClosingPrices {
-    auctions: HashMap<u64, AuctionState>,
-    closing: BTreeMap<i64, Vec<u64>>,
+    groups: KeyGroups<AuctionGroup>,
     watermark_ms: i64,
     /// Event time of the next sweep of bids whose auction can no longer come.
     next_sweep_ms: i64,
@@ -509,18 +517,25 @@ struct ClosingPrices {
 impl Default for ClosingPrices {
     fn default() -> Self {
         ClosingPrices {
-            auctions: HashMap::new(),
-            closing: BTreeMap::new(),
+            groups: KeyGroups::default(),
             watermark_ms: i64::MIN,
             next_sweep_ms: i64::MIN,
         }
     }
 }
 
+impl ClosingPrices {
+    /// Auctions (or early bids of one) held, over all key groups.
+    #[cfg(test)]
+    fn held_auctions(&self) -> usize {
+        self.groups.iter().map(|(_, g)| g.auctions.len()).sum()
+    }
+}
+
 /// How often (in event time) `ClosingPrices` drops bids whose auction can no longer come.
 const Q4_SWEEP_MS: i64 = 1_000;
 
-#[derive(Default)]
+#[derive(Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 struct AuctionState {
     /// `(date_time, expires, category)` once the auction has arrived.
     auction: Option<(i64, i64, u64)>,
@@ -542,26 +557,67 @@ impl AuctionState {
     }
 }
 
+/// One key group of q4's auctions.
+#[derive(Default)]
+struct AuctionGroup {
+    auctions: IdMap<u64, AuctionState>,
+    /// Auction ids by `expires`.
+    closing: BTreeMap<i64, Vec<u64>>,
+}
+
+impl GroupState for AuctionGroup {
+    fn is_empty(&self) -> bool {
+        self.auctions.is_empty() && self.closing.is_empty()
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        put_framed(out, |out| self.auctions.encode(out));
+        put_u32(out, self.closing.len() as u32);
+        for (expires, ids) in &self.closing {
+            put_u64(out, *expires as u64);
+            put_values(out, ids);
+        }
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let mut r = Reader::new(bytes);
+        let auctions: IdMap<u64, AuctionState> = GroupState::decode(r.framed()?)?;
+        let mut closing = BTreeMap::new();
+        for _ in 0..r.count(12)? {
+            let expires = r.i64()?;
+            closing.insert(expires, r.values()?);
+        }
+        r.finish()?;
+        Ok(AuctionGroup { auctions, closing })
+    }
+}
+
 impl JoinOperator<Q4Auction, Q4Bid, Q4Closing> for ClosingPrices {
     fn on_left(&mut self, auctions: Vec<Q4Auction>, _out: &mut Vec<Q4Closing>) {
         for a in auctions {
-            let state = self.auctions.entry(a.id).or_default();
+            let group = self.groups.for_key(a.id);
+            let state = group.auctions.entry(a.id).or_default();
             state.auction = Some((a.date_time, a.expires, a.category));
             for (date_time, price) in std::mem::take(&mut state.early_bids) {
                 state.bid(date_time, price);
             }
-            self.closing.entry(a.expires).or_default().push(a.id);
+            group.closing.entry(a.expires).or_default().push(a.id);
         }
     }
 
     fn on_right(&mut self, bids: Vec<Q4Bid>, _out: &mut Vec<Q4Closing>) {
         for b in bids {
+            let group = self.groups.group_of(b.auction);
             // Its auction, if valid, is no later than the bid: when the bid is
             // behind the watermark and the auction is not here, it never comes.
-            if b.date_time < self.watermark_ms && !self.auctions.contains_key(&b.auction) {
+            if b.date_time < self.watermark_ms
+                && !self.groups.get(group).auctions.contains_key(&b.auction)
+            {
                 continue;
             }
-            self.auctions
+            self.groups
+                .get_mut(group)
+                .auctions
                 .entry(b.auction)
                 .or_default()
                 .bid(b.date_time, b.price)
@@ -571,42 +627,69 @@ impl JoinOperator<Q4Auction, Q4Bid, Q4Closing> for ClosingPrices {
     fn on_watermark(&mut self, watermark_ms: i64, out: &mut Vec<Q4Closing>) {
         self.watermark_ms = watermark_ms;
         let end = watermark_ms == i64::MAX;
-        if watermark_ms >= self.next_sweep_ms && !end {
+        let sweep = watermark_ms >= self.next_sweep_ms && !end;
+        if sweep {
             self.next_sweep_ms = watermark_ms.saturating_add(Q4_SWEEP_MS);
-            self.auctions.retain(|_, state| {
-                state.auction.is_some() || state.early_bids.iter().any(|&(t, _)| t >= watermark_ms)
-            });
         }
-        // An auction closes when the watermark passes `expires` (bids at `expires` count).
-        while let Some(entry) = self.closing.first_entry() {
-            if *entry.key() >= watermark_ms && !end {
-                break;
+        for group in 0..self.groups.len() {
+            let current = self.groups.get(group);
+            let due = current
+                .closing
+                .first_key_value()
+                .is_some_and(|(&expires, _)| expires < watermark_ms || end);
+            let stale = sweep
+                && current.auctions.values().any(|state| {
+                    state.auction.is_none()
+                        && state.early_bids.iter().all(|&(t, _)| t < watermark_ms)
+                });
+            if !(due || stale || (end && !current.is_empty())) {
+                continue;
             }
-            for id in entry.remove() {
-                let Some(state) = self.auctions.remove(&id) else {
-                    continue;
-                };
-                if let (Some((_, _, category)), Some(price)) = (state.auction, state.max_price) {
-                    out.push(Q4Closing { category, price });
+            let current = self.groups.get_mut(group);
+            if stale {
+                current.auctions.retain(|_, state| {
+                    state.auction.is_some()
+                        || state.early_bids.iter().any(|&(t, _)| t >= watermark_ms)
+                });
+            }
+            // An auction closes when the watermark passes `expires` (bids at
+            // `expires` count).
+            while let Some(entry) = current.closing.first_entry() {
+                if *entry.key() >= watermark_ms && !end {
+                    break;
+                }
+                for id in entry.remove() {
+                    let Some(state) = current.auctions.remove(&id) else {
+                        continue;
+                    };
+                    if let (Some((_, _, category)), Some(price)) = (state.auction, state.max_price)
+                    {
+                        out.push(Q4Closing { category, price });
+                    }
                 }
             }
+            if end {
+                current.auctions.clear(); // bids whose auction never came
+            }
         }
-        if end {
-            self.auctions.clear(); // bids whose auction never came
-        }
+    }
+
+    fn state(&mut self) -> Option<&mut dyn Stateful> {
+        Some(&mut self.groups)
     }
 }
 
-/// q4, second phase: the running average closing price per category.
+/// q4, second phase: the running average closing price per category, as
+/// `(sum, count)` by category.
 #[derive(Default)]
 struct Q4Average {
-    totals: HashMap<u64, (u128, u64)>,
+    totals: KeyedState<(u128, u64)>,
 }
 
 impl Operator<Q4Closing, Q4> for Q4Average {
     fn on_records(&mut self, closed: Vec<Q4Closing>, out: &mut Vec<Q4>) {
         for Q4Closing { category, price } in closed {
-            let (sum, count) = self.totals.entry(category).or_default();
+            let (sum, count) = self.totals.for_key(category).entry(category).or_default();
             *sum += price as u128;
             *count += 1;
             out.push(Q4 {
@@ -614,6 +697,10 @@ impl Operator<Q4Closing, Q4> for Q4Average {
                 avg: *sum as f64 / *count as f64,
             });
         }
+    }
+
+    fn state(&mut self) -> Option<&mut dyn Stateful> {
+        Some(&mut self.totals)
     }
 }
 
@@ -694,12 +781,12 @@ mod tests {
         // A bid for an auction that never comes is held only until the watermark
         // passes it; one already behind the watermark is not held at all.
         closing.on_right(vec![bid(8, 120, 40)], &mut out);
-        assert_eq!(closing.auctions.len(), 2);
+        assert_eq!(closing.held_auctions(), 2);
         closing.on_watermark(200, &mut out);
-        assert_eq!(closing.auctions.len(), 1, "auction 8's bid is swept");
+        assert_eq!(closing.held_auctions(), 1, "auction 8's bid is swept");
         closing.on_right(vec![bid(9, 150, 50)], &mut out);
         assert_eq!(
-            closing.auctions.len(),
+            closing.held_auctions(),
             1,
             "a bid behind the watermark is not held"
         );
@@ -711,7 +798,7 @@ mod tests {
                 price: 30
             }]
         ));
-        assert!(closing.auctions.is_empty());
+        assert_eq!(closing.held_auctions(), 0);
     }
 
     #[test]

@@ -18,9 +18,11 @@ use crate::actor::{decode_state, encode_state, Actor, BoxActor, Context, SchedCt
 use crate::ids::ActorId;
 
 use super::batch::Batch;
+use super::checkpoint::{Part, PartKind, ALIGN_BUFFER_MESSAGES_MAX};
 use super::graph::{
     Data, JoinOperator, Operator, Plan, Route, Sink, Source, SourceBatch, SourceFactory,
 };
+use super::state::{encode_groups, Stateful};
 use super::{DataMsg, END_OF_INPUT};
 
 pub(crate) fn activate(plan: Arc<Plan>, id: ActorId, state: Option<&[u8]>) -> BoxActor<DataMsg> {
@@ -29,19 +31,32 @@ pub(crate) fn activate(plan: Arc<Plan>, id: ActorId, state: Option<&[u8]>) -> Bo
         id.partition < stage.parallelism,
         "{id} beyond its stage's parallelism"
     );
-    let saved = state.map(|bytes| {
-        decode_state::<Saved>(bytes)
-            .unwrap_or_else(|e| panic!("{id}: its saved bookkeeping does not decode: {e}"))
-    });
+    // Saved at a deactivation in this process, or else restored from the last
+    // checkpoint (at most once: the first activation takes it).
+    let saved = match state {
+        Some(bytes) => Some(
+            decode_state::<Saved>(bytes)
+                .unwrap_or_else(|e| panic!("{id}: its saved state does not decode: {e}")),
+        ),
+        None => plan
+            .checkpointer
+            .as_ref()
+            .and_then(|c| c.take_restore((id.operator, id.partition)))
+            .map(|restored| {
+                let mut saved = decode_state::<Saved>(&restored.meta).unwrap_or_else(|e| {
+                    panic!("{id}: its checkpointed bookkeeping does not decode: {e}")
+                });
+                saved.groups = restored.groups;
+                saved
+            }),
+    };
     (stage.activate)(&plan, id, saved)
 }
 
-/// What a dataflow actor keeps while deactivated: its bookkeeping, never an
-/// operator's or a sink's own state. So only actors with nothing else to lose
-/// deactivate: stateless sinks (any time), and sources, keyed stages and sinks
-/// once their input has ended (`may_deactivate`); operator state joins
-/// snapshots with keyed state tables.
-#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Default)]
+/// What a dataflow actor keeps while deactivated, and (without `groups`,
+/// `changed` and `latency_us`) what it hands to a checkpoint as its
+/// bookkeeping.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) struct Saved {
     /// Per input, per upstream partition, the last watermark.
     per_input: Vec<Vec<i64>>,
@@ -50,6 +65,33 @@ pub(crate) struct Saved {
     done: bool,
     /// A sink's latency samples not yet merged into its shard's slot: `(us, count)`.
     latency_us: Vec<(u64, u32)>,
+    /// A source's position (`Source::position`), its last watermark and its
+    /// skipped count.
+    position: Option<Vec<u8>>,
+    last_watermark_ms: i64,
+    /// Newest checkpoint epoch this actor completed, declined or gave up.
+    last_epoch: u64,
+    /// The operator's key groups: every non-empty one at a deactivation; the
+    /// ones a checkpoint holds at a restore.
+    groups: Vec<(u32, Vec<u8>)>,
+    /// Groups changed since the actor's last checkpoint part (deactivation only).
+    changed: Vec<u32>,
+}
+
+impl Default for Saved {
+    fn default() -> Self {
+        Saved {
+            per_input: Vec::new(),
+            current_ms: i64::MIN,
+            done: false,
+            latency_us: Vec::new(),
+            position: None,
+            last_watermark_ms: i64::MIN,
+            last_epoch: 0,
+            groups: Vec::new(),
+            changed: Vec::new(),
+        }
+    }
 }
 
 /// Per input, per upstream partition, the last watermark received.
@@ -80,10 +122,6 @@ impl Watermarks {
     /// Record a watermark; returns the new minimum if it advanced.
     fn update(&mut self, input: u8, from: u32, watermark_ms: i64) -> Option<i64> {
         let slot = &mut self.per_input[input as usize][from as usize];
-        debug_assert!(
-            watermark_ms >= *slot,
-            "watermark went back on input {input} from {from}"
-        );
         *slot = (*slot).max(watermark_ms);
         let minimum = self
             .per_input
@@ -130,15 +168,40 @@ fn broadcast_watermark(
     watermark_ms: i64,
     ctx: &mut Context<'_, DataMsg>,
 ) {
+    broadcast(plan, stage, ctx, |input| DataMsg::Watermark {
+        input,
+        from: partition,
+        watermark_ms,
+    });
+}
+
+/// Send checkpoint `epoch`'s barrier from `(stage, partition)` on every output
+/// channel.
+fn broadcast_barrier(
+    plan: &Plan,
+    (stage, partition): (u32, u32),
+    epoch: u64,
+    declined: bool,
+    ctx: &mut Context<'_, DataMsg>,
+) {
+    broadcast(plan, stage, ctx, |input| DataMsg::Barrier {
+        input,
+        from: partition,
+        epoch,
+        declined,
+    });
+}
+
+fn broadcast(
+    plan: &Plan,
+    stage: u32,
+    ctx: &mut Context<'_, DataMsg>,
+    message: impl Fn(u8) -> DataMsg,
+) {
     for &(target, input) in &plan.stages[stage as usize].targets {
         let sched = plan.stamp(ctx.sched(), ctx.shard(), target);
         for p in 0..plan.stages[target as usize].parallelism {
-            let message = DataMsg::Watermark {
-                input,
-                from: partition,
-                watermark_ms,
-            };
-            ctx.send_with(ActorId::new(plan.id, target, p), message, sched);
+            ctx.send_with(ActorId::new(plan.id, target, p), message(input), sched);
         }
     }
 }
@@ -163,6 +226,7 @@ pub(crate) fn source_actor<T: Data>(
     let rate_per_partition = plan
         .rate_records_per_s
         .map(|r| (r / stage.parallelism as u64).max(1));
+    let saved = saved.unwrap_or_default();
     Box::new(SourceActor {
         routes: stage.routes::<T>(),
         plan: plan.clone(),
@@ -173,8 +237,10 @@ pub(crate) fn source_actor<T: Data>(
         started_ns: 0,
         produced: 0,
         skipped: 0,
-        last_watermark_ms: i64::MIN,
-        done: saved.is_some_and(|s| s.done),
+        last_watermark_ms: saved.last_watermark_ms,
+        done: saved.done,
+        resume_at: saved.position,
+        injected: saved.last_epoch,
     })
 }
 
@@ -192,6 +258,10 @@ struct SourceActor<T> {
     skipped: u64,
     last_watermark_ms: i64,
     done: bool,
+    /// Where to seek the source when it is made (a restored checkpoint).
+    resume_at: Option<Vec<u8>>,
+    /// Newest checkpoint epoch whose barrier this partition sent.
+    injected: u64,
 }
 
 impl<T: Data> SourceActor<T> {
@@ -222,12 +292,82 @@ impl<T: Data> SourceActor<T> {
         0
     }
 
-    /// Stop producing: the rest of the job sees the end of its input.
-    fn finish(&mut self, ctx: &mut Context<'_, DataMsg>) {
+    fn name(&self) -> &str {
+        &self.plan.stages[self.id.operator as usize].name
+    }
+
+    /// End the job with an error about this partition; produce nothing more.
+    fn fail(&mut self, message: String) {
+        let partition = self.id.partition;
+        let message = format!("source {} partition {partition}: {message}", self.name());
+        self.plan.metrics.fail(message);
         self.done = true;
         self.source = None;
+    }
+
+    /// This partition's bookkeeping for a checkpoint: where its source stands.
+    fn part(&mut self, epoch: u64, kind: PartKind) -> Option<Part> {
+        let position = self.source.as_ref().and_then(|s| s.position());
+        let position = match (position, &self.resume_at) {
+            (Some(p), _) => p,
+            // Not made yet: it stands where it was restored to.
+            (None, Some(restored)) if self.source.is_none() => restored.clone(),
+            (None, _) if self.source.is_none() && !self.done => Vec::new(),
+            (None, _) => {
+                self.fail(
+                    "this source cannot be replayed (no position), so the job cannot take \
+                     checkpoints"
+                        .to_string(),
+                );
+                return None;
+            }
+        };
+        let saved = Saved {
+            done: matches!(kind, PartKind::Final),
+            position: Some(position),
+            last_watermark_ms: self.last_watermark_ms,
+            last_epoch: epoch,
+            ..Saved::default()
+        };
+        Some(Part {
+            actor: (self.id.operator, self.id.partition),
+            epoch,
+            kind,
+            meta: encode_state(&saved).to_vec(),
+            groups: Vec::new(),
+            sealed: Vec::new(),
+            alignment_ns: 0,
+        })
+    }
+
+    /// Take this partition's part of checkpoint `epoch` and send its barrier.
+    fn barrier(&mut self, epoch: u64, ctx: &mut Context<'_, DataMsg>) {
+        self.injected = epoch;
+        let Some(part) = self.part(epoch, PartKind::Regular) else {
+            return;
+        };
+        if let Some(checkpointer) = &self.plan.checkpointer {
+            checkpointer.report(part);
+        }
+        let key = (self.id.operator, self.id.partition);
+        broadcast_barrier(&self.plan, key, epoch, false, ctx);
+    }
+
+    /// Stop producing: the rest of the job sees the end of its input.
+    fn finish(&mut self, ctx: &mut Context<'_, DataMsg>) {
         let (stage, partition) = (self.id.operator, self.id.partition);
         broadcast_watermark(&self.plan, stage, partition, END_OF_INPUT, ctx);
+        if self.plan.checkpointer.is_some() {
+            if let Some(part) = self.part(self.injected, PartKind::Final) {
+                self.plan
+                    .checkpointer
+                    .as_ref()
+                    .expect("checked")
+                    .report(part);
+            }
+        }
+        self.done = true;
+        self.source = None;
     }
 }
 
@@ -262,11 +402,28 @@ impl<T: Data> Actor for SourceActor<T> {
         };
         ctx.sched = origin;
         let (stage, partition) = (self.id.operator, self.id.partition);
-        let parallelism = self.plan.stages[stage as usize].parallelism;
-        let factory = &self.factory;
-        let source = self
-            .source
-            .get_or_insert_with(|| factory(partition, parallelism));
+        if self.source.is_none() {
+            let parallelism = self.plan.stages[stage as usize].parallelism;
+            let mut source = (self.factory)(partition, parallelism);
+            if let Some(position) = &self.resume_at {
+                if let Err(e) = source.seek(position) {
+                    self.fail(format!("resuming from its checkpointed position: {e}"));
+                    return;
+                }
+                self.skipped = source.skipped_records();
+            }
+            self.source = Some(source);
+        }
+        if let Some(checkpointer) = &self.plan.checkpointer {
+            let requested = checkpointer.requested();
+            if requested > self.injected {
+                self.barrier(requested, ctx);
+                if self.done {
+                    return;
+                }
+            }
+        }
+        let source = self.source.as_mut().expect("made above");
         let mut batch = Vec::with_capacity(max);
         let status = source.next_batch(max, &mut batch);
         let skipped = source.skipped_records();
@@ -280,13 +437,10 @@ impl<T: Data> Actor for SourceActor<T> {
         emit(&self.routes, &self.plan, partition, batch, ctx);
         match status {
             SourceBatch::More { watermark_ms } if watermark_ms == END_OF_INPUT => {
-                self.plan.metrics.fail(format!(
-                    "source {} partition {partition}: a watermark of {watermark_ms} ms \
-                     (the end-of-input mark) came from data; a source ends with Done",
-                    self.plan.stages[stage as usize].name
+                self.fail(format!(
+                    "a watermark of {watermark_ms} ms (the end-of-input mark) came from data; \
+                     a source ends with Done"
                 ));
-                self.done = true;
-                self.source = None;
             }
             SourceBatch::More { watermark_ms } => {
                 if watermark_ms > self.last_watermark_ms {
@@ -300,14 +454,7 @@ impl<T: Data> Actor for SourceActor<T> {
                 ctx.send_self_at(again_ns, DataMsg::Tick, origin);
             }
             SourceBatch::Done => self.finish(ctx),
-            SourceBatch::Failed(message) => {
-                let name = &self.plan.stages[stage as usize].name;
-                self.plan
-                    .metrics
-                    .fail(format!("source {name} partition {partition}: {message}"));
-                self.done = true;
-                self.source = None;
-            }
+            SourceBatch::Failed(message) => self.fail(message),
         }
         let cost_ns = ctx.clock_ns().saturating_sub(now_ns);
         self.plan.metrics.observe_cost(ctx.shard(), stage, cost_ns);
@@ -318,9 +465,11 @@ impl<T: Data> Actor for SourceActor<T> {
         self.done
     }
 
-    fn snapshot(&self) -> Option<StateBytes> {
+    fn snapshot(&mut self) -> Option<StateBytes> {
         let saved = Saved {
             done: self.done,
+            last_epoch: self.injected,
+            last_watermark_ms: self.last_watermark_ms,
             ..Saved::default()
         };
         Some(encode_state(&saved))
@@ -328,11 +477,12 @@ impl<T: Data> Actor for SourceActor<T> {
 }
 
 /// What a keyed stage's operator is to its actor: records of an input, as the
-/// batch they came in; a watermark; the late count.
+/// batch they came in; a watermark; the late count; its state.
 trait StageOp<Out>: Send + 'static {
     fn records(&mut self, input: u8, batch: Batch, out: &mut Vec<Out>);
     fn watermark(&mut self, watermark_ms: i64, out: &mut Vec<Out>);
     fn late_records(&self) -> u64;
+    fn state(&mut self) -> Option<&mut dyn Stateful>;
 }
 
 struct Unary<In, Out>(Box<dyn Operator<In, Out>>);
@@ -347,6 +497,9 @@ impl<In: Data, Out: Data> StageOp<Out> for Unary<In, Out> {
     }
     fn late_records(&self) -> u64 {
         self.0.late_records()
+    }
+    fn state(&mut self) -> Option<&mut dyn Stateful> {
+        self.0.state()
     }
 }
 
@@ -366,6 +519,9 @@ impl<L: Data, R: Data, Out: Data> StageOp<Out> for Join<L, R, Out> {
     }
     fn late_records(&self) -> u64 {
         self.0.late_records()
+    }
+    fn state(&mut self) -> Option<&mut dyn Stateful> {
+        self.0.state()
     }
 }
 
@@ -387,20 +543,226 @@ pub(crate) fn join_actor<L: Data, R: Data, Out: Data>(
     stage_actor(plan, id, Join(operator), saved)
 }
 
+/// Checkpoint alignment of a stage or sink partition (see `checkpoint`).
+struct Aligner {
+    /// The epoch being aligned; 0 when none.
+    epoch: u64,
+    /// Newest epoch completed, declined or given up here: older barriers are
+    /// stale.
+    last: u64,
+    /// Per input, per upstream partition: barrier `epoch` came.
+    arrived: Vec<Vec<bool>>,
+    /// Messages of channels whose barrier came, in arrival order.
+    buffer: Vec<DataMsg>,
+    started_ns: u64,
+}
+
+impl Aligner {
+    fn new(inputs: &[u32], last: u64) -> Self {
+        Aligner {
+            epoch: 0,
+            last,
+            arrived: inputs.iter().map(|&n| vec![false; n as usize]).collect(),
+            buffer: Vec::new(),
+            started_ns: 0,
+        }
+    }
+
+    /// Whether `message` must wait: its channel's barrier came already.
+    #[inline]
+    fn holds(&self, message: &DataMsg) -> bool {
+        if self.epoch == 0 {
+            return false;
+        }
+        match *message {
+            DataMsg::Records { input, from, .. }
+            | DataMsg::Watermark { input, from, .. }
+            | DataMsg::Barrier { input, from, .. } => self.arrived[input as usize][from as usize],
+            DataMsg::Tick => false,
+        }
+    }
+
+    fn start(&mut self, epoch: u64, now_ns: u64) {
+        self.epoch = epoch;
+        self.started_ns = now_ns;
+        self.arrived.iter_mut().flatten().for_each(|a| *a = false);
+    }
+
+    /// Every channel has sent its barrier or ended.
+    fn complete(&self, watermarks: &Watermarks) -> bool {
+        self.arrived
+            .iter()
+            .zip(&watermarks.per_input)
+            .all(|(arrived, marks)| {
+                arrived
+                    .iter()
+                    .zip(marks)
+                    .all(|(&a, &m)| a || m == END_OF_INPUT)
+            })
+    }
+
+    /// Stop aligning (done, declined or overtaken): the messages that waited.
+    fn finish(&mut self) -> Vec<DataMsg> {
+        self.last = self.last.max(self.epoch);
+        self.epoch = 0;
+        std::mem::take(&mut self.buffer)
+    }
+}
+
+/// What a stage and a sink do alike about barriers: they align, then hand
+/// over their part and forward the barrier.
+trait Aligning {
+    fn aligner(&mut self) -> &mut Aligner;
+    /// Every channel has sent the barrier being aligned, or ended.
+    fn aligned(&self) -> bool;
+    fn key(&self) -> (u32, u32);
+    fn plan(&self) -> &Plan;
+    /// Handle a message that does not wait.
+    fn dispatch(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>);
+    /// The part of a completed epoch (bookkeeping, changed groups, sealed output).
+    fn part(&mut self, epoch: u64, kind: PartKind) -> Result<Part, String>;
+
+    fn deliver(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>) {
+        if self.aligner().holds(&message) {
+            let aligner = self.aligner();
+            aligner.buffer.push(message);
+            if aligner.buffer.len() > ALIGN_BUFFER_MESSAGES_MAX {
+                let epoch = aligner.epoch;
+                self.decline(
+                    epoch,
+                    format!(
+                        "over {ALIGN_BUFFER_MESSAGES_MAX} messages waited for barriers \
+                         while aligning"
+                    ),
+                    ctx,
+                );
+            }
+            return;
+        }
+        self.dispatch(message, ctx);
+    }
+
+    fn barrier(
+        &mut self,
+        (input, from): (u8, u32),
+        epoch: u64,
+        declined: bool,
+        ctx: &mut Context<'_, DataMsg>,
+    ) {
+        let aligner = self.aligner();
+        if epoch <= aligner.last {
+            return; // stale: that epoch is over here
+        }
+        if declined {
+            let held = aligner.finish();
+            aligner.last = epoch;
+            let (plan_key, plan) = (self.key(), self.plan());
+            broadcast_barrier(plan, plan_key, epoch, true, ctx);
+            self.replay(held, ctx);
+            return;
+        }
+        let mut overtaken = Vec::new();
+        if aligner.epoch != 0 && epoch > aligner.epoch {
+            // An epoch the checkpointer gave up on: what waited goes on, after
+            // this barrier starts the new alignment.
+            overtaken = aligner.finish();
+        }
+        if aligner.epoch == 0 {
+            aligner.start(epoch, ctx.clock_ns());
+        }
+        aligner.arrived[input as usize][from as usize] = true;
+        self.try_complete(ctx);
+        self.replay(overtaken, ctx);
+    }
+
+    /// If every channel has sent its barrier or ended: hand over the part,
+    /// forward the barrier, go on with what waited.
+    fn try_complete(&mut self, ctx: &mut Context<'_, DataMsg>) {
+        let epoch = self.aligner().epoch;
+        if epoch == 0 || !self.aligned() {
+            return;
+        }
+        let alignment_ns = ctx.clock_ns().saturating_sub(self.aligner().started_ns);
+        match self.part(epoch, PartKind::Regular) {
+            Ok(mut part) => {
+                part.alignment_ns = alignment_ns;
+                if let Some(checkpointer) = &self.plan().checkpointer {
+                    checkpointer.report(part);
+                }
+                broadcast_barrier(self.plan(), self.key(), epoch, false, ctx);
+            }
+            Err(e) => {
+                self.decline(epoch, e, ctx);
+                return;
+            }
+        }
+        let held = self.aligner().finish();
+        self.replay(held, ctx);
+    }
+
+    /// Give up `epoch` here: the checkpointer fails it, and everyone downstream
+    /// stops waiting for it.
+    fn decline(&mut self, epoch: u64, reason: String, ctx: &mut Context<'_, DataMsg>) {
+        let key = self.key();
+        if let Some(checkpointer) = &self.plan().checkpointer {
+            checkpointer.report(Part {
+                actor: key,
+                epoch,
+                kind: PartKind::Declined(reason),
+                meta: Vec::new(),
+                groups: Vec::new(),
+                sealed: Vec::new(),
+                alignment_ns: 0,
+            });
+        }
+        broadcast_barrier(self.plan(), key, epoch, true, ctx);
+        let held = self.aligner().finish();
+        self.replay(held, ctx);
+    }
+
+    fn replay(&mut self, held: Vec<DataMsg>, ctx: &mut Context<'_, DataMsg>) {
+        for message in held {
+            self.deliver(message, ctx);
+        }
+    }
+}
+
 fn stage_actor<Out: Data, Op: StageOp<Out>>(
     plan: &Arc<Plan>,
     id: ActorId,
-    operator: Op,
+    mut operator: Op,
     saved: Option<Saved>,
 ) -> BoxActor<DataMsg> {
     let stage = &plan.stages[id.operator as usize];
+    let inputs = Watermarks::restore(&stage.inputs, &saved);
+    let saved = saved.unwrap_or_default();
+    if let Some(state) = operator.state() {
+        state.init(plan.key_groups);
+        for (group, bytes) in &saved.groups {
+            if let Err(e) = state.restore(*group, bytes) {
+                panic!("{id}: restoring its state: {e}");
+            }
+        }
+        for &group in &saved.changed {
+            state.mark_changed(group);
+        }
+    }
+    let mut out = Vec::new();
+    if inputs.current_ms > i64::MIN {
+        // The operator learns where its input stands (nothing fires: what the
+        // watermark completed was emitted before the state was saved).
+        operator.watermark(inputs.current_ms, &mut out);
+        debug_assert!(out.is_empty(), "{id}: a restored operator fired again");
+        out.clear();
+    }
     Box::new(StageActor {
-        inputs: Watermarks::restore(&stage.inputs, &saved),
+        align: Aligner::new(&stage.inputs, saved.last_epoch),
+        inputs,
         routes: stage.routes::<Out>(),
         plan: plan.clone(),
         id,
         operator,
-        out: Vec::new(),
+        out,
         // A restored operator is new: its own late count starts again at 0.
         late_seen: 0,
     })
@@ -415,17 +777,62 @@ struct StageActor<Out, Op> {
     out: Vec<Out>,
     /// The operator's late count already added to the job's.
     late_seen: u64,
+    align: Aligner,
 }
 
-impl<Out: Data, Op: StageOp<Out>> Actor for StageActor<Out, Op> {
-    type Message = DataMsg;
+impl<Out: Data, Op: StageOp<Out>> StageActor<Out, Op> {
+    /// Bookkeeping for a checkpoint or deactivation.
+    fn saved(&self, epoch: u64) -> Saved {
+        Saved {
+            per_input: self.inputs.per_input.clone(),
+            current_ms: self.inputs.current_ms,
+            last_epoch: epoch,
+            ..Saved::default()
+        }
+    }
+}
 
-    fn handle(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>) {
+impl<Out: Data, Op: StageOp<Out>> Aligning for StageActor<Out, Op> {
+    fn aligner(&mut self) -> &mut Aligner {
+        &mut self.align
+    }
+    fn aligned(&self) -> bool {
+        self.align.complete(&self.inputs)
+    }
+    fn key(&self) -> (u32, u32) {
+        (self.id.operator, self.id.partition)
+    }
+    fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    fn part(&mut self, epoch: u64, kind: PartKind) -> Result<Part, String> {
+        let meta = encode_state(&self.saved(epoch)).to_vec();
+        let groups = match self.operator.state() {
+            Some(state) => {
+                let groups = encode_groups(state, &state.changed());
+                state.clear_changed();
+                groups
+            }
+            None => Vec::new(),
+        };
+        Ok(Part {
+            actor: self.key(),
+            epoch,
+            kind,
+            meta,
+            groups,
+            sealed: Vec::new(),
+            alignment_ns: 0,
+        })
+    }
+
+    fn dispatch(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>) {
         let start_ns = ctx.clock_ns();
         let (stage, partition) = (self.id.operator, self.id.partition);
         match message {
             DataMsg::Tick => return,
-            DataMsg::Records { input, batch } => {
+            DataMsg::Records { input, batch, .. } => {
                 self.operator.records(input, batch, &mut self.out);
                 let out = std::mem::take(&mut self.out);
                 emit(&self.routes, &self.plan, partition, out, ctx);
@@ -440,8 +847,27 @@ impl<Out: Data, Op: StageOp<Out>> Actor for StageActor<Out, Op> {
                     let out = std::mem::take(&mut self.out);
                     emit(&self.routes, &self.plan, partition, out, ctx);
                     broadcast_watermark(&self.plan, stage, partition, current, ctx);
+                    if current == END_OF_INPUT && self.plan.checkpointer.is_some() {
+                        let last = self.align.last;
+                        let part = self.part(last, PartKind::Final).expect("infallible");
+                        self.plan
+                            .checkpointer
+                            .as_ref()
+                            .expect("checked")
+                            .report(part);
+                    }
+                }
+                if watermark_ms == END_OF_INPUT {
+                    // The channel ended: an alignment may need it no more.
+                    self.try_complete(ctx);
                 }
             }
+            DataMsg::Barrier {
+                input,
+                from,
+                epoch,
+                declined,
+            } => self.barrier((input, from), epoch, declined, ctx),
         }
         let slot = self.plan.metrics.shard(ctx.shard());
         let late = self.operator.late_records();
@@ -452,19 +878,27 @@ impl<Out: Data, Op: StageOp<Out>> Actor for StageActor<Out, Op> {
         let cost_ns = ctx.clock_ns().saturating_sub(start_ns);
         self.plan.metrics.observe_cost(ctx.shard(), stage, cost_ns);
     }
+}
 
-    /// Only once its input has ended: by then the operator has emitted and
-    /// dropped everything it held (a window operator fires all at the end).
-    fn may_deactivate(&self) -> bool {
-        self.inputs.current_ms == END_OF_INPUT
+impl<Out: Data, Op: StageOp<Out>> Actor for StageActor<Out, Op> {
+    type Message = DataMsg;
+
+    fn handle(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>) {
+        self.deliver(message, ctx);
     }
 
-    fn snapshot(&self) -> Option<StateBytes> {
-        let saved = Saved {
-            per_input: self.inputs.per_input.clone(),
-            current_ms: self.inputs.current_ms,
-            ..Saved::default()
-        };
+    /// Whenever it is not aligning a checkpoint: its operator's state goes with
+    /// it (`Operator::state`).
+    fn may_deactivate(&self) -> bool {
+        self.align.epoch == 0
+    }
+
+    fn snapshot(&mut self) -> Option<StateBytes> {
+        let mut saved = self.saved(self.align.last);
+        if let Some(state) = self.operator.state() {
+            saved.groups = encode_groups(state, &state.non_empty());
+            saved.changed = state.changed();
+        }
         Some(encode_state(&saved))
     }
 }
@@ -486,6 +920,7 @@ pub(crate) fn sink_actor<T: Data>(
     Box::new(SinkActor {
         inputs: Watermarks::restore(&stage.inputs, &saved),
         finished: saved.as_ref().is_some_and(|s| s.done),
+        align: Aligner::new(&stage.inputs, saved.as_ref().map_or(0, |s| s.last_epoch)),
         plan: plan.clone(),
         id,
         sink,
@@ -505,6 +940,7 @@ struct SinkActor<T> {
     latency_recorded: bool,
     next_flush_ns: u64,
     finished: bool,
+    align: Aligner,
 }
 
 impl<T> SinkActor<T> {
@@ -524,10 +960,41 @@ impl<T> SinkActor<T> {
     }
 }
 
-impl<T: Data> Actor for SinkActor<T> {
-    type Message = DataMsg;
+impl<T: Data> Aligning for SinkActor<T> {
+    fn aligner(&mut self) -> &mut Aligner {
+        &mut self.align
+    }
+    fn aligned(&self) -> bool {
+        self.align.complete(&self.inputs)
+    }
+    fn key(&self) -> (u32, u32) {
+        (self.id.operator, self.id.partition)
+    }
+    fn plan(&self) -> &Plan {
+        &self.plan
+    }
 
-    fn handle(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>) {
+    fn part(&mut self, epoch: u64, kind: PartKind) -> Result<Part, String> {
+        let sealed = self.sink.seal(epoch)?;
+        let saved = Saved {
+            per_input: self.inputs.per_input.clone(),
+            current_ms: self.inputs.current_ms,
+            done: self.finished,
+            last_epoch: epoch,
+            ..Saved::default()
+        };
+        Ok(Part {
+            actor: self.key(),
+            epoch,
+            kind,
+            meta: encode_state(&saved).to_vec(),
+            groups: Vec::new(),
+            sealed,
+            alignment_ns: 0,
+        })
+    }
+
+    fn dispatch(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>) {
         let start_ns = ctx.clock_ns();
         match message {
             DataMsg::Tick => {}
@@ -557,22 +1024,55 @@ impl<T: Data> Actor for SinkActor<T> {
                     self.finished = true;
                     self.sink.finish();
                     self.flush_latency(ctx, start_ns);
+                    if self.plan.checkpointer.is_some() {
+                        let last = self.align.last;
+                        match self.part(last, PartKind::Final) {
+                            Ok(part) => self
+                                .plan
+                                .checkpointer
+                                .as_ref()
+                                .expect("checked")
+                                .report(part),
+                            Err(e) => self.plan.metrics.fail(format!(
+                                "sink {} partition {}: sealing its output: {e}",
+                                self.plan.stages[self.id.operator as usize].name, self.id.partition
+                            )),
+                        }
+                    }
                     self.plan.metrics.sink_done(ctx.clock_ns());
                 }
+                if watermark_ms == END_OF_INPUT {
+                    self.try_complete(ctx);
+                }
             }
+            DataMsg::Barrier {
+                input,
+                from,
+                epoch,
+                declined,
+            } => self.barrier((input, from), epoch, declined, ctx),
         }
         let cost_ns = ctx.clock_ns().saturating_sub(start_ns);
         let stage = self.id.operator;
         self.plan.metrics.observe_cost(ctx.shard(), stage, cost_ns);
     }
+}
 
-    /// Once its input has ended, or whenever it idles if its `Sink` is
-    /// stateless: the rest (watermarks, unflushed latency samples) is saved.
-    fn may_deactivate(&self) -> bool {
-        self.finished || self.sink.stateless()
+impl<T: Data> Actor for SinkActor<T> {
+    type Message = DataMsg;
+
+    fn handle(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>) {
+        self.deliver(message, ctx);
     }
 
-    fn snapshot(&self) -> Option<StateBytes> {
+    /// Once its input has ended, or whenever it idles if its `Sink` is
+    /// stateless, and never while aligning a checkpoint: the rest (watermarks,
+    /// unflushed latency samples) is saved.
+    fn may_deactivate(&self) -> bool {
+        self.align.epoch == 0 && (self.finished || self.sink.stateless())
+    }
+
+    fn snapshot(&mut self) -> Option<StateBytes> {
         let latency_us = self
             .latency_us
             .iter_recorded()
@@ -583,6 +1083,8 @@ impl<T: Data> Actor for SinkActor<T> {
             current_ms: self.inputs.current_ms,
             done: self.finished,
             latency_us,
+            last_epoch: self.align.last,
+            ..Saved::default()
         };
         Some(encode_state(&saved))
     }

@@ -19,6 +19,7 @@
 //! use std::sync::{Arc, Mutex};
 //! use std::time::Duration;
 //! use dirigo_engine::dataflow::{Dataflow, DataflowConfig, Job, Operator, Sink, Source, SourceBatch};
+//! use dirigo_engine::dataflow::state::{KeyedState, Stateful};
 //!
 //! /// A user's own record types.
 //! #[derive(Clone)]
@@ -39,17 +40,22 @@
 //!     }
 //! }
 //! /// Sums the readings of each sensor and emits the totals at the end of input.
+//! /// Its state is a table by key (the sensor) kept by the engine's key groups,
+//! /// so checkpoints and deactivation keep it.
 //! #[derive(Default)]
-//! struct SumPerSensor(std::collections::BTreeMap<u64, i64>);
+//! struct SumPerSensor(KeyedState<i64>);
 //! impl Operator<Reading, Total> for SumPerSensor {
 //!     fn on_records(&mut self, records: Vec<Reading>, _out: &mut Vec<Total>) {
-//!         for r in records { *self.0.entry(r.sensor).or_default() += r.celsius; }
+//!         for r in records { *self.0.for_key(r.sensor).entry(r.sensor).or_default() += r.celsius; }
 //!     }
 //!     fn on_watermark(&mut self, watermark_ms: i64, out: &mut Vec<Total>) {
 //!         if watermark_ms == i64::MAX {
-//!             out.extend(self.0.iter().map(|(&sensor, &sum)| Total { sensor, sum }));
+//!             for (_, sums) in self.0.iter() {
+//!                 out.extend(sums.iter().map(|(&sensor, &sum)| Total { sensor, sum }));
+//!             }
 //!         }
 //!     }
+//!     fn state(&mut self) -> Option<&mut dyn Stateful> { Some(&mut self.0) }
 //! }
 //! struct Collect(Arc<Mutex<Vec<(u64, i64)>>>);
 //! impl Sink<(u64, i64)> for Collect {
@@ -88,7 +94,9 @@ use crate::ids::{ActorId, JobId, ShardId};
 
 use super::actors;
 use super::batch::Batch;
+use super::checkpoint::{CheckpointOptions, Checkpointer, Sealed};
 use super::ops::{Aggregate, PartialRow, WindowAggregate, WindowMerge, WindowPartial, WindowSpec};
+use super::state::Stateful;
 use super::{key_group, partition_of_group, DataMsg, JobMetrics};
 
 /// What a record type must be to travel on an edge: owned, cloneable (a stage
@@ -148,6 +156,11 @@ pub trait Operator<In, Out>: Send + 'static {
     fn late_records(&self) -> u64 {
         0
     }
+    /// The operator's state by key group (see `state`), which checkpoints write
+    /// and deactivation saves; `None` for an operator that keeps nothing between
+    /// calls. Required, so that no operator can hold state the engine does not
+    /// know of and lose it silently.
+    fn state(&mut self) -> Option<&mut dyn Stateful>;
 }
 
 /// A partition of a keyed stage with two inputs, partitioned alike so that equal
@@ -161,6 +174,8 @@ pub trait JoinOperator<L, R, Out>: Send + 'static {
     fn late_records(&self) -> u64 {
         0
     }
+    /// As [`Operator::state`].
+    fn state(&mut self) -> Option<&mut dyn Stateful>;
 }
 
 /// A partition of a sink.
@@ -175,6 +190,15 @@ pub trait Sink<T>: Send + 'static {
     /// (the default), and stays active until its input ends.
     fn stateless(&self) -> bool {
         false
+    }
+    /// A checkpoint barrier reached this partition: what was written since the
+    /// last one belongs to checkpoint `epoch`. A sink with exactly-once output
+    /// returns its staged rows ([`Sealed`]), which the job's checkpointer makes
+    /// durable and appends to their output only once the checkpoint commits. The
+    /// default, nothing, suits sinks whose output is not kept (counting, tests):
+    /// after a restore they see the replayed rows again.
+    fn seal(&mut self, _epoch: u64) -> Result<Vec<Sealed>, String> {
+        Ok(Vec::new())
     }
 }
 
@@ -239,6 +263,10 @@ pub struct Plan {
     pub source_batch_records: usize,
     /// Records per second over all source partitions; `None`: as fast as it goes.
     pub rate_records_per_s: Option<u64>,
+    /// Key groups of the job (`Job::key_groups`).
+    pub key_groups: u32,
+    /// Checkpoints of the job, if it takes any.
+    pub(crate) checkpointer: Option<Arc<Checkpointer>>,
 }
 
 impl Plan {
@@ -318,6 +346,8 @@ pub struct Job {
     deadline_hook: Option<DeadlineHook>,
     source_batch_records: usize,
     rate_records_per_s: Option<u64>,
+    key_groups: u32,
+    checkpoints: Option<CheckpointOptions>,
 }
 
 /// Attaches a consumer (`target`, `input`, the route of `T` records) to the stage
@@ -357,7 +387,25 @@ impl Job {
             deadline_hook: None,
             source_batch_records: 1024,
             rate_records_per_s: None,
+            key_groups: super::KEY_GROUPS_DEFAULT,
+            checkpoints: None,
         }
+    }
+
+    /// Key groups of the job: the unit keyed state is kept, checkpointed and
+    /// moved in. Fixed for the job's life (a resumed job must say the same).
+    pub fn key_groups(&mut self, groups: u32) -> &mut Self {
+        self.key_groups = groups.max(1);
+        self
+    }
+
+    /// Take checkpoints (see `checkpoint`): sources inject barriers every
+    /// `options.interval`, state and staged output go to `options.dir`, and a job
+    /// submitted again with the same directory resumes from its last complete
+    /// checkpoint.
+    pub fn checkpoints(&mut self, options: CheckpointOptions) -> &mut Self {
+        self.checkpoints = Some(options);
+        self
     }
 
     pub fn name(&self) -> &str {
@@ -421,15 +469,29 @@ impl Job {
             }
         }
         let slo_ns = self.slo.as_nanos().min(u64::MAX as u128) as u64;
+        let metrics = Arc::new(JobMetrics::new(shards, stages.len()));
+        let checkpointer = match self.checkpoints {
+            Some(options) => {
+                let shape = stages
+                    .iter()
+                    .map(|s| (s.name.clone(), s.parallelism))
+                    .collect();
+                let checkpointer = Checkpointer::open(options, &self.name, shape, self.key_groups)?;
+                Some(Arc::new(checkpointer))
+            }
+            None => None,
+        };
         Ok(Plan {
             name: self.name,
             id,
             slo_ns,
-            metrics: Arc::new(JobMetrics::new(shards, stages.len())),
+            metrics,
             stages,
             deadline_hook: self.deadline_hook,
             source_batch_records: self.source_batch_records,
             rate_records_per_s: self.rate_records_per_s,
+            key_groups: self.key_groups,
+            checkpointer,
         })
     }
 }
@@ -468,13 +530,13 @@ fn send_records<T: Data>(
     sched: SchedCtx,
     ctx: &mut Context<'_, DataMsg>,
     (target, input): (u32, u8),
-    partition: u32,
+    (from, partition): (u32, u32),
     records: Vec<T>,
 ) {
     let to = ActorId::new(plan.id, target, partition);
     if records.len() <= BATCH_RECORDS_MAX {
         let batch = Batch::new(records);
-        ctx.send_with(to, DataMsg::Records { input, batch }, sched);
+        ctx.send_with(to, DataMsg::Records { input, from, batch }, sched);
         return;
     }
     let mut rest = records.into_iter();
@@ -484,7 +546,7 @@ fn send_records<T: Data>(
             return;
         }
         let batch = Batch::new(chunk);
-        ctx.send_with(to, DataMsg::Records { input, batch }, sched);
+        ctx.send_with(to, DataMsg::Records { input, from, batch }, sched);
     }
 }
 
@@ -495,25 +557,33 @@ fn forward_route<T: Data>(target: (u32, u8), parallelism: u32) -> Route<T> {
             return;
         }
         let sched = plan.stamp(ctx.sched(), ctx.shard(), target.0);
-        send_records(plan, sched, ctx, target, from % parallelism, records);
+        send_records(
+            plan,
+            sched,
+            ctx,
+            target,
+            (from, from % parallelism),
+            records,
+        );
     })
 }
 
 /// By key: key -> key group -> the partition that owns the group.
 fn keyed_route<T: Data>(target: (u32, u8), parallelism: u32, key: KeyFn<T>) -> Route<T> {
-    Arc::new(move |records: Vec<T>, plan, _from, ctx| {
+    Arc::new(move |records: Vec<T>, plan, from, ctx| {
         if records.is_empty() {
             return;
         }
         let sched = plan.stamp(ctx.sched(), ctx.shard(), target.0);
         if parallelism == 1 {
-            send_records(plan, sched, ctx, target, 0, records);
+            send_records(plan, sched, ctx, target, (from, 0), records);
             return;
         }
         let expected = records.len() / parallelism as usize + 16;
         let mut parts: Vec<Vec<T>> = (0..parallelism).map(|_| Vec::new()).collect();
         for record in records {
-            let p = partition_of_group(key_group(key(&record)), parallelism) as usize;
+            let group = key_group(key(&record), plan.key_groups);
+            let p = partition_of_group(group, parallelism, plan.key_groups) as usize;
             let part = &mut parts[p];
             if part.capacity() == 0 {
                 part.reserve(expected);
@@ -522,7 +592,7 @@ fn keyed_route<T: Data>(target: (u32, u8), parallelism: u32, key: KeyFn<T>) -> R
         }
         for (p, part) in parts.into_iter().enumerate() {
             if !part.is_empty() {
-                send_records(plan, sched, ctx, target, p as u32, part);
+                send_records(plan, sched, ctx, target, (from, p as u32), part);
             }
         }
     })
@@ -770,6 +840,9 @@ mod tests {
     impl Operator<u64, u64> for Pass {
         fn on_records(&mut self, records: Vec<u64>, out: &mut Vec<u64>) {
             out.extend(records);
+        }
+        fn state(&mut self) -> Option<&mut dyn Stateful> {
+            None
         }
     }
     struct Discard;

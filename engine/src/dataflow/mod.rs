@@ -9,8 +9,8 @@
 //! on the batch right before it is partitioned for the next stage.
 //!
 //! Events travel in batches (`DataMsg::Records`). Keyed edges partition by key:
-//! key -> key group (`KEY_GROUPS` of them, fixed for the life of a job, so scaling
-//! never re-hashes) -> partition (a contiguous range of key groups). Watermarks
+//! key -> key group (`Job::key_groups` of them, default 256, fixed for the life of
+//! a job, so scaling never re-hashes) -> partition (a contiguous range of key groups). Watermarks
 //! flow on every edge from every upstream partition, in order with the records
 //! (the runtime keeps each channel FIFO, also while actors move); a stage's
 //! watermark is the minimum over its inputs, and `i64::MAX` means end of input.
@@ -25,8 +25,10 @@
 
 pub(crate) mod actors;
 pub mod batch;
+pub mod checkpoint;
 pub mod graph;
 pub mod ops;
+pub mod state;
 pub mod window;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -46,8 +48,9 @@ pub use graph::{
     SourceFactory, Stream,
 };
 
-/// Key groups of every keyed stage; fixed, so scaling never re-hashes a key.
-pub const KEY_GROUPS: u32 = 128;
+/// Key groups of a job unless it says otherwise (`Job::key_groups`): fixed for
+/// the job's life, so scaling never re-hashes a key.
+pub const KEY_GROUPS_DEFAULT: u32 = 256;
 
 /// Watermark meaning "no more input". Sources never produce it from data: it is
 /// sent only when a source is done (or failed).
@@ -58,28 +61,35 @@ pub const END_OF_INPUT: i64 = i64::MAX;
 pub enum DataMsg {
     /// A source's cue to produce its next batch.
     Tick,
-    Records {
-        input: u8,
-        batch: Batch,
-    },
+    /// Records of `input` from upstream partition `from`.
+    Records { input: u8, from: u32, batch: Batch },
     /// Upstream partition `from` of `input` promises no record with an earlier time.
     Watermark {
         input: u8,
         from: u32,
         watermark_ms: i64,
     },
+    /// Checkpoint `epoch`'s barrier from upstream partition `from` of `input`:
+    /// what came before it on this channel belongs to the checkpoint, what
+    /// follows does not (see `checkpoint`). A declined barrier cancels the epoch.
+    Barrier {
+        input: u8,
+        from: u32,
+        epoch: u64,
+        declined: bool,
+    },
 }
 
-/// The key group of a key.
+/// The key group (of a job's `groups`) of a key.
 #[inline]
-pub fn key_group(key: u64) -> u32 {
-    (crate::ids::mix64(key) % KEY_GROUPS as u64) as u32
+pub fn key_group(key: u64, groups: u32) -> u32 {
+    (crate::ids::mix64(key) % groups as u64) as u32
 }
 
 /// The partition (of `parallelism`) that owns a key group: contiguous ranges.
 #[inline]
-pub fn partition_of_group(group: u32, parallelism: u32) -> u32 {
-    (group as u64 * parallelism as u64 / KEY_GROUPS as u64) as u32
+pub fn partition_of_group(group: u32, parallelism: u32, groups: u32) -> u32 {
+    (group as u64 * parallelism as u64 / groups as u64) as u32
 }
 
 /// A counter with one writer (the shard that owns its slot): a plain load and
@@ -286,6 +296,25 @@ impl Registry {
         now_ns: u64,
     ) -> Result<(JobHandle, Vec<(ActorId, SchedCtx)>), String> {
         let plan = Arc::new(job.into_plan(id, self.shards)?);
+        if let Some(checkpointer) = &plan.checkpointer {
+            let actors: Vec<_> = plan
+                .actor_ids(id)
+                .iter()
+                .map(|a| (a.operator, a.partition))
+                .collect();
+            let sources = plan
+                .source_stages()
+                .into_iter()
+                .flat_map(|(stage, partitions)| (0..partitions).map(move |p| (stage, p)))
+                .collect();
+            // Sinks that had finished before the restore will not finish again.
+            for &(stage, _) in checkpointer.ended_at_restore() {
+                if plan.stages[stage as usize].kind == graph::StageKind::Sink {
+                    plan.metrics.sinks_done.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+            checkpointer.start(actors, sources);
+        }
         self.plans
             .write()
             .expect("plan registry poisoned")
@@ -306,6 +335,7 @@ impl Registry {
             id,
             name: plan.name.clone(),
             metrics: plan.metrics.clone(),
+            checkpointer: plan.checkpointer.clone(),
             sinks: plan.sink_partitions(),
             started: Instant::now(),
             started_ns: now_ns,
@@ -359,10 +389,14 @@ impl Registry {
     /// Forget a job's plan (its actors must be gone: a message for it would find
     /// no plan to activate from).
     pub fn remove(&self, job: JobId) {
-        self.plans
+        let plan = self
+            .plans
             .write()
             .expect("plan registry poisoned")
             .remove(&job);
+        if let Some(checkpointer) = plan.as_ref().and_then(|p| p.checkpointer.as_ref()) {
+            checkpointer.stop();
+        }
     }
 }
 
@@ -378,6 +412,7 @@ pub struct JobHandle {
     pub id: JobId,
     pub name: String,
     metrics: Arc<JobMetrics>,
+    checkpointer: Option<Arc<checkpoint::Checkpointer>>,
     sinks: u64,
     started: Instant,
     started_ns: u64,
@@ -397,9 +432,27 @@ pub struct JobReport {
 }
 
 impl JobHandle {
-    /// Every sink has seen the end of its input, or the job failed.
+    /// Every sink has seen the end of its input and, for a job that takes
+    /// checkpoints, the final one has committed (every output holds all its
+    /// rows); or the job failed.
     pub fn is_done(&self) -> bool {
-        self.metrics.has_failed() || self.metrics.sinks_done.load(Ordering::Acquire) >= self.sinks
+        if self.metrics.has_failed() {
+            return true;
+        }
+        if let Some(checkpointer) = &self.checkpointer {
+            if checkpointer.error().is_some() {
+                return true;
+            }
+            if !checkpointer.finished() {
+                return false;
+            }
+        }
+        self.metrics.sinks_done.load(Ordering::Acquire) >= self.sinks
+    }
+
+    /// What the job's checkpoints measured (`None`: it takes none).
+    pub fn checkpoint_stats(&self) -> Option<checkpoint::CheckpointStats> {
+        self.checkpointer.as_ref().map(|c| c.stats())
     }
 
     pub fn metrics(&self) -> &JobMetrics {
@@ -422,7 +475,8 @@ impl JobHandle {
             std::thread::sleep(Duration::from_micros(pause_us));
             pause_us = (pause_us * 2).min(2_000);
         }
-        match self.metrics.error() {
+        let checkpoint_error = self.checkpointer.as_ref().and_then(|c| c.error());
+        match self.metrics.error().or(checkpoint_error) {
             Some(error) => Err(format!("job {}: {error}", self.name)),
             None => Ok(self.report()),
         }

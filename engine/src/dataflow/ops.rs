@@ -60,6 +60,9 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use super::graph::{Data, JoinFactory, JoinOperator, KeyFn, Operator, OperatorFactory};
+use super::state::{
+    put_framed, put_u32, put_u64, put_values, GroupState, KeyGroups, Persist, Reader, Stateful,
+};
 use super::window::{complete, sliding, tumbling};
 use crate::ids::{IdBuildHasher, IdMap};
 
@@ -125,7 +128,8 @@ impl WindowSpec {
 
 /// Folds records into an accumulator per key and window.
 pub trait Aggregate<In>: Send + Sync + 'static {
-    type Acc: Data;
+    /// Kept in state by key group, so an rkyv type (checkpoints write it).
+    type Acc: Data + Persist;
     type Out: Data;
     /// `merge` is associative and commutative, and merging the accumulators of two
     /// disjoint sets of records equals adding their union: the aggregate may run in
@@ -205,6 +209,7 @@ where
     V: Ord + Clone + Send + 'static,
     F: Fn(&In) -> V + Send + Sync + 'static,
     Out: Data,
+    Option<(V, Vec<Out>)>: Persist,
 {
     /// The maximum so far and the kept rows that reach it.
     type Acc = Option<(V, Vec<Out>)>;
@@ -286,24 +291,58 @@ where
     }
 }
 
-/// Open windows by `(end, start)`, so that the first entry is the next to fire.
+/// Open windows by `(end, start)`, so that the first entry is the next to fire:
+/// what one key group holds.
 type Windows<Acc> = BTreeMap<(i64, i64), Accs<Acc>>;
+
+/// Remove from every key group each window whose end the watermark reached,
+/// gathered by window (a window's keys are spread over the groups).
+fn take_complete<T>(
+    groups: &mut KeyGroups<BTreeMap<(i64, i64), T>>,
+    watermark_ms: i64,
+    mut gather: impl FnMut((i64, i64), T),
+) where
+    BTreeMap<(i64, i64), T>: GroupState,
+{
+    for group in 0..groups.len() {
+        let due = groups
+            .get(group)
+            .first_key_value()
+            .is_some_and(|(&(end, _), _)| complete(end, watermark_ms));
+        if !due {
+            continue;
+        }
+        let windows = groups.get_mut(group);
+        while let Some(entry) = windows.first_entry() {
+            if !complete(entry.key().0, watermark_ms) {
+                break;
+            }
+            let key = *entry.key();
+            gather(key, entry.remove());
+        }
+    }
+}
 
 /// Remove, in window order, every window whose end the watermark reached, and
 /// hand each (after the aggregate's selection) to `fire`.
 fn fire_complete<In, A: Aggregate<In>>(
-    windows: &mut Windows<A::Acc>,
+    groups: &mut KeyGroups<Windows<A::Acc>>,
     watermark_ms: i64,
     aggregate: &A,
     select: bool,
     mut fire: impl FnMut(&A, Window, Accs<A::Acc>),
 ) {
-    while let Some(entry) = windows.first_entry() {
-        let (end, start) = *entry.key();
-        if !complete(end, watermark_ms) {
-            break;
+    let mut due: BTreeMap<(i64, i64), Accs<A::Acc>> = BTreeMap::new();
+    take_complete(groups, watermark_ms, |window, accs| {
+        match due.entry(window) {
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(accs);
+            }
+            // Groups hold disjoint keys.
+            std::collections::btree_map::Entry::Occupied(mut slot) => slot.get_mut().extend(accs),
         }
-        let mut accs = entry.remove();
+    });
+    for ((end, start), mut accs) in due {
         if select {
             aggregate.select(&mut accs);
         }
@@ -328,7 +367,7 @@ struct WindowState<In, A: Aggregate<In>> {
     time: TimeFn<In>,
     key: KeyFn<In>,
     aggregate: Arc<A>,
-    windows: Windows<A::Acc>,
+    windows: KeyGroups<Windows<A::Acc>>,
     watermark_ms: i64,
     late_records: u64,
 }
@@ -341,7 +380,7 @@ impl<In: 'static, A: Aggregate<In>> WindowState<In, A> {
             time,
             key,
             aggregate,
-            windows: BTreeMap::new(),
+            windows: KeyGroups::default(),
             watermark_ms: i64::MIN,
             late_records: 0,
         }
@@ -379,12 +418,15 @@ impl<In: 'static, A: Aggregate<In>> WindowState<In, A> {
         for record in records {
             let key = (self.key)(record);
             let mut late = false;
+            let mut group = None;
             let fits = self.spec.for_each((self.time)(record), |(start, end)| {
                 if complete(end, watermark_ms) {
                     late = true;
                     return;
                 }
+                let group = *group.get_or_insert_with(|| windows.group_of(key));
                 let acc = windows
+                    .get_mut(group)
                     .entry((end, start))
                     .or_default()
                     .entry(key)
@@ -440,6 +482,10 @@ impl<In: Data, A: Aggregate<In>> Operator<In, A::Out> for WindowAggregate<In, A>
 
     fn late_records(&self) -> u64 {
         self.state.late_records
+    }
+
+    fn state(&mut self) -> Option<&mut dyn Stateful> {
+        Some(&mut self.state.windows)
     }
 }
 
@@ -520,6 +566,10 @@ impl<In: Data, A: Aggregate<In>> Operator<In, PartialRow<A::Acc>> for WindowPart
     fn late_records(&self) -> u64 {
         self.state.late_records
     }
+
+    fn state(&mut self) -> Option<&mut dyn Stateful> {
+        Some(&mut self.state.windows)
+    }
 }
 
 /// Phase 2 of a two-phase aggregation: merges partials per window and key, and
@@ -527,7 +577,8 @@ impl<In: Data, A: Aggregate<In>> Operator<In, PartialRow<A::Acc>> for WindowPart
 /// window (`|p| p.window.1`) so that a window's partials meet.
 pub struct WindowMerge<In, A: Aggregate<In>> {
     aggregate: Arc<A>,
-    windows: Windows<A::Acc>,
+    /// Kept in the key group of the window's end (the stage's key).
+    windows: KeyGroups<Windows<A::Acc>>,
     watermark_ms: i64,
     late_records: u64,
     _in: PhantomData<fn(&In)>,
@@ -547,7 +598,7 @@ impl<In: Data, A: Aggregate<In>> WindowMerge<In, A> {
         };
         WindowMerge {
             aggregate,
-            windows: BTreeMap::new(),
+            windows: KeyGroups::default(),
             watermark_ms: i64::MIN,
             late_records: 0,
             _in: PhantomData,
@@ -573,7 +624,8 @@ impl<In: Data, A: Aggregate<In>> Operator<PartialRow<A::Acc>, A::Out> for Window
                 self.late_records += 1;
                 continue;
             }
-            match self.windows.entry((end, start)).or_default().entry(key) {
+            let windows = self.windows.for_key(end as u64);
+            match windows.entry((end, start)).or_default().entry(key) {
                 Entry::Occupied(mut slot) => self.aggregate.merge(slot.get_mut(), acc),
                 Entry::Vacant(slot) => {
                     slot.insert(acc);
@@ -596,6 +648,10 @@ impl<In: Data, A: Aggregate<In>> Operator<PartialRow<A::Acc>, A::Out> for Window
 
     fn late_records(&self) -> u64 {
         self.late_records
+    }
+
+    fn state(&mut self) -> Option<&mut dyn Stateful> {
+        Some(&mut self.windows)
     }
 }
 
@@ -644,6 +700,51 @@ impl<L, R> Default for JoinWindow<L, R> {
     }
 }
 
+impl<L, R> GroupState for JoinWindow<L, R>
+where
+    L: Persist + Send + 'static,
+    R: Persist + Send + 'static,
+{
+    fn is_empty(&self) -> bool {
+        self.left.is_empty() && self.right.is_empty() && self.right_keys.is_empty()
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        put_u32(out, self.left.len() as u32);
+        for (key, record) in &self.left {
+            put_u64(out, *key);
+            record.persist(out);
+        }
+        put_u32(out, self.right.len() as u32);
+        for (key, records) in &self.right {
+            put_u64(out, *key);
+            put_values(out, records);
+        }
+        put_u32(out, self.right_keys.len() as u32);
+        for key in &self.right_keys {
+            put_u64(out, *key);
+        }
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let mut r = Reader::new(bytes);
+        let mut window = JoinWindow::default();
+        for _ in 0..r.count(12)? {
+            let key = r.u64()?;
+            window.left.push((key, r.value()?));
+        }
+        for _ in 0..r.count(12)? {
+            let key = r.u64()?;
+            window.right.insert(key, r.values()?);
+        }
+        for _ in 0..r.count(8)? {
+            window.right_keys.insert(r.u64()?);
+        }
+        r.finish()?;
+        Ok(window)
+    }
+}
+
 /// How a join reads one side: its event time and its key.
 pub struct Side<T> {
     time: TimeFn<T>,
@@ -679,12 +780,13 @@ pub struct WindowJoin<L, R, Out> {
     left_side: Side<L>,
     right_side: Side<R>,
     output: JoinOutput<L, R, Out>,
-    windows: BTreeMap<i64, JoinWindow<L, R>>,
+    /// Open windows by `(end, start)`, in the key group of the join key.
+    windows: KeyGroups<BTreeMap<(i64, i64), JoinWindow<L, R>>>,
     watermark_ms: i64,
     late_records: u64,
 }
 
-impl<L: Data, R: Data, Out: Data> WindowJoin<L, R, Out> {
+impl<L: Data + Persist, R: Data + Persist, Out: Data> WindowJoin<L, R, Out> {
     /// Every matching pair, through `output(left, right, window_start)`.
     pub fn new(
         size_ms: i64,
@@ -731,7 +833,7 @@ impl<L: Data, R: Data, Out: Data> WindowJoin<L, R, Out> {
             left_side,
             right_side,
             output,
-            windows: BTreeMap::new(),
+            windows: KeyGroups::default(),
             watermark_ms: i64::MIN,
             late_records: 0,
         }
@@ -762,10 +864,10 @@ impl<L: Data, R: Data, Out: Data> WindowJoin<L, R, Out> {
 
     /// The open window `time_ms` falls in, or `None` (counted late) if it has
     /// fired or does not fit in `i64`.
-    fn window_of(&mut self, time_ms: i64) -> Option<&mut JoinWindow<L, R>> {
+    fn window_of(&mut self, key: u64, time_ms: i64) -> Option<&mut JoinWindow<L, R>> {
         match tumbling(time_ms, self.size_ms) {
             Some((start, end)) if !complete(end, self.watermark_ms) => {
-                Some(self.windows.entry(start).or_default())
+                Some(self.windows.for_key(key).entry((end, start)).or_default())
             }
             _ => {
                 self.late_records += 1;
@@ -774,27 +876,32 @@ impl<L: Data, R: Data, Out: Data> WindowJoin<L, R, Out> {
         }
     }
 
-    fn fire(&self, start: i64, window: JoinWindow<L, R>, out: &mut Vec<Out>) {
+    /// Output of one window, held in parts (one per key group).
+    fn fire(&self, start: i64, parts: Vec<JoinWindow<L, R>>, out: &mut Vec<Out>) {
         match &self.output {
             JoinOutput::Semi(output) => {
-                for (key, left) in &window.left {
-                    if window.right_keys.contains(key) {
-                        out.extend(output(left, start));
+                for window in &parts {
+                    for (key, left) in &window.left {
+                        if window.right_keys.contains(key) {
+                            out.extend(output(left, start));
+                        }
                     }
                 }
             }
             JoinOutput::Pairs { output, dedup } => {
                 let mut seen = HashSet::<u64, IdBuildHasher>::default();
-                for (key, left) in &window.left {
-                    let Some(rights) = window.right.get(key) else {
-                        continue;
-                    };
-                    for right in rights {
-                        let Some(row) = output(left, right, start) else {
+                for window in &parts {
+                    for (key, left) in &window.left {
+                        let Some(rights) = window.right.get(key) else {
                             continue;
                         };
-                        if dedup.as_ref().is_none_or(|dedup| seen.insert(dedup(&row))) {
-                            out.push(row);
+                        for right in rights {
+                            let Some(row) = output(left, right, start) else {
+                                continue;
+                            };
+                            if dedup.as_ref().is_none_or(|dedup| seen.insert(dedup(&row))) {
+                                out.push(row);
+                            }
                         }
                     }
                 }
@@ -803,12 +910,14 @@ impl<L: Data, R: Data, Out: Data> WindowJoin<L, R, Out> {
     }
 }
 
-impl<L: Data, R: Data, Out: Data> JoinOperator<L, R, Out> for WindowJoin<L, R, Out> {
+impl<L: Data + Persist, R: Data + Persist, Out: Data> JoinOperator<L, R, Out>
+    for WindowJoin<L, R, Out>
+{
     fn on_left(&mut self, records: Vec<L>, _out: &mut Vec<Out>) {
         for record in records {
             let key = (self.left_side.key)(&record);
             let time_ms = (self.left_side.time)(&record);
-            if let Some(window) = self.window_of(time_ms) {
+            if let Some(window) = self.window_of(key, time_ms) {
                 window.left.push((key, record));
             }
         }
@@ -819,7 +928,7 @@ impl<L: Data, R: Data, Out: Data> JoinOperator<L, R, Out> for WindowJoin<L, R, O
         for record in records {
             let key = (self.right_side.key)(&record);
             let time_ms = (self.right_side.time)(&record);
-            if let Some(window) = self.window_of(time_ms) {
+            if let Some(window) = self.window_of(key, time_ms) {
                 if semi {
                     window.right_keys.insert(key);
                 } else {
@@ -831,19 +940,21 @@ impl<L: Data, R: Data, Out: Data> JoinOperator<L, R, Out> for WindowJoin<L, R, O
 
     fn on_watermark(&mut self, watermark_ms: i64, out: &mut Vec<Out>) {
         self.watermark_ms = self.watermark_ms.max(watermark_ms);
-        while let Some(entry) = self.windows.first_entry() {
-            let start = *entry.key();
-            // A window in the map fits in i64 (`tumbling` checked its end).
-            if !complete(start.saturating_add(self.size_ms), self.watermark_ms) {
-                break;
-            }
-            let window = entry.remove();
-            self.fire(start, window, out);
+        let mut due: BTreeMap<(i64, i64), Vec<JoinWindow<L, R>>> = BTreeMap::new();
+        take_complete(&mut self.windows, self.watermark_ms, |window, part| {
+            due.entry(window).or_default().push(part)
+        });
+        for ((_, start), parts) in due {
+            self.fire(start, parts, out);
         }
     }
 
     fn late_records(&self) -> u64 {
         self.late_records
+    }
+
+    fn state(&mut self) -> Option<&mut dyn Stateful> {
+        Some(&mut self.windows)
     }
 }
 
@@ -868,11 +979,77 @@ pub struct UnboundedJoin<L, R, Out> {
     right_key: KeyFn<R>,
     output: UnboundedPairFn<L, R, Out>,
     left_key_unique: bool,
+    /// Both inputs' records by key, in the key group of the key.
+    tables: KeyGroups<JoinTables<L, R>>,
+}
+
+/// One key group of an unbounded join.
+pub struct JoinTables<L, R> {
     left: IdMap<u64, Vec<L>>,
     right: IdMap<u64, Vec<R>>,
 }
 
-impl<L: Data, R: Data, Out: Data> UnboundedJoin<L, R, Out> {
+impl<L, R> Default for JoinTables<L, R> {
+    fn default() -> Self {
+        JoinTables {
+            left: IdMap::default(),
+            right: IdMap::default(),
+        }
+    }
+}
+
+impl<L, R> GroupState for JoinTables<L, R>
+where
+    L: Persist + Send + 'static,
+    R: Persist + Send + 'static,
+{
+    fn is_empty(&self) -> bool {
+        self.left.is_empty() && self.right.is_empty()
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        put_framed(out, |out| self.left.encode_lists(out));
+        put_framed(out, |out| self.right.encode_lists(out));
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let mut r = Reader::new(bytes);
+        let left = decode_lists(r.framed()?)?;
+        let right = decode_lists(r.framed()?)?;
+        r.finish()?;
+        Ok(JoinTables { left, right })
+    }
+}
+
+/// Lists of records by key, as a join keeps them.
+trait EncodeLists {
+    fn encode_lists(&self, out: &mut Vec<u8>);
+}
+
+impl<T: Persist> EncodeLists for IdMap<u64, Vec<T>> {
+    fn encode_lists(&self, out: &mut Vec<u8>) {
+        put_u32(out, self.len() as u32);
+        for (key, records) in self {
+            put_u64(out, *key);
+            put_values(out, records);
+        }
+    }
+}
+
+fn decode_lists<T: Persist>(bytes: &[u8]) -> Result<IdMap<u64, Vec<T>>, String> {
+    let mut r = Reader::new(bytes);
+    let n = r.count(12)?;
+    let mut map = IdMap::default();
+    map.reserve(n);
+    for _ in 0..n {
+        let key = r.u64()?;
+        map.insert(key, r.values()?);
+    }
+    r.finish()?;
+    Ok(map)
+}
+
+impl<L: Data + Persist, R: Data + Persist, Out: Data> UnboundedJoin<L, R, Out> {
     pub fn new(
         left_key: impl Fn(&L) -> u64 + Send + Sync + 'static,
         right_key: impl Fn(&R) -> u64 + Send + Sync + 'static,
@@ -897,8 +1074,7 @@ impl<L: Data, R: Data, Out: Data> UnboundedJoin<L, R, Out> {
             right_key,
             output,
             left_key_unique,
-            left: IdMap::default(),
-            right: IdMap::default(),
+            tables: KeyGroups::default(),
         }
     }
 
@@ -912,8 +1088,9 @@ impl<L: Data, R: Data, Out: Data> UnboundedJoin<L, R, Out> {
 
     /// Records held: `(left, right)`.
     pub fn held_records(&self) -> (usize, usize) {
-        let left = self.left.values().map(Vec::len).sum();
-        let right = self.right.values().map(Vec::len).sum();
+        let tables = || self.tables.iter().map(|(_, t)| t);
+        let left = tables().flat_map(|t| t.left.values()).map(Vec::len).sum();
+        let right = tables().flat_map(|t| t.right.values()).map(Vec::len).sum();
         (left, right)
     }
 
@@ -936,47 +1113,56 @@ impl<L: Data, R: Data, Out: Data> UnboundedJoin<L, R, Out> {
     }
 }
 
-impl<L: Data, R: Data, Out: Data> JoinOperator<L, R, Out> for UnboundedJoin<L, R, Out> {
+impl<L: Data + Persist, R: Data + Persist, Out: Data> JoinOperator<L, R, Out>
+    for UnboundedJoin<L, R, Out>
+{
     fn on_left(&mut self, records: Vec<L>, out: &mut Vec<Out>) {
         for left in records {
             let key = (self.left_key)(&left);
+            let tables = self.tables.for_key(key);
             if self.left_key_unique {
                 debug_assert!(
-                    !self.left.contains_key(&key),
+                    !tables.left.contains_key(&key),
                     "a second left record of key {key}"
                 );
-                for right in self.right.remove(&key).unwrap_or_default() {
+                for right in tables.right.remove(&key).unwrap_or_default() {
                     out.extend((self.output)(&left, &right));
                 }
-            } else if let Some(rights) = self.right.get(&key) {
+            } else if let Some(rights) = tables.right.get(&key) {
                 out.extend(
                     rights
                         .iter()
                         .filter_map(|right| (self.output)(&left, right)),
                 );
             }
-            push_keyed(&mut self.left, key, left);
+            push_keyed(&mut tables.left, key, left);
         }
     }
 
     fn on_right(&mut self, records: Vec<R>, out: &mut Vec<Out>) {
         for right in records {
             let key = (self.right_key)(&right);
-            let lefts = self.left.get(&key);
+            let tables = self.tables.for_key(key);
+            let lefts = tables.left.get(&key);
             if let Some(lefts) = lefts {
                 out.extend(lefts.iter().filter_map(|left| (self.output)(left, &right)));
             }
             if !(self.left_key_unique && lefts.is_some()) {
-                push_keyed(&mut self.right, key, right);
+                push_keyed(&mut tables.right, key, right);
             }
         }
     }
 
     fn on_watermark(&mut self, watermark_ms: i64, _out: &mut Vec<Out>) {
         if watermark_ms == super::END_OF_INPUT {
-            self.left = IdMap::default();
-            self.right = IdMap::default();
+            for (_, tables) in self.tables.iter_mut() {
+                *tables = JoinTables::default();
+            }
         }
+    }
+
+    fn state(&mut self) -> Option<&mut dyn Stateful> {
+        Some(&mut self.tables)
     }
 }
 
@@ -986,7 +1172,17 @@ mod tests {
     use crate::dataflow::END_OF_INPUT;
 
     /// Test input: `(key, time, value)`.
-    #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+    #[derive(
+        Clone,
+        Debug,
+        PartialEq,
+        Eq,
+        PartialOrd,
+        Ord,
+        rkyv::Archive,
+        rkyv::Serialize,
+        rkyv::Deserialize,
+    )]
     struct In {
         key: u64,
         time_ms: i64,
@@ -994,7 +1190,17 @@ mod tests {
     }
 
     /// Test output: `(key, window, value)`.
-    #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+    #[derive(
+        Clone,
+        Debug,
+        PartialEq,
+        Eq,
+        PartialOrd,
+        Ord,
+        rkyv::Archive,
+        rkyv::Serialize,
+        rkyv::Deserialize,
+    )]
     struct Out {
         key: u64,
         window: Window,

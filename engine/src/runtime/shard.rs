@@ -1252,8 +1252,8 @@ impl<M: Send + 'static> ShardCore<M> {
     }
 
     fn deactivate(&mut self, id: ActorId) {
-        let slot = self.remove(id).expect("deactivating an active actor");
-        let actor = slot.actor.as_ref();
+        let mut slot = self.remove(id).expect("deactivating an active actor");
+        let actor = slot.actor.as_mut();
         let state = match catch_unwind(AssertUnwindSafe(|| actor.and_then(|a| a.snapshot()))) {
             Ok(state) => state.map(|s| s.to_vec()),
             Err(payload) => {

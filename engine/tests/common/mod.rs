@@ -137,7 +137,7 @@ impl Actor for Source {
         }
     }
 
-    fn snapshot(&self) -> Option<dirigo_engine::StateBytes> {
+    fn snapshot(&mut self) -> Option<dirigo_engine::StateBytes> {
         Some(dirigo_engine::encode_state(&self.sent))
     }
 }
@@ -151,6 +151,9 @@ pub struct Target {
 
 impl Actor for Target {
     type Message = Msg;
+    fn snapshot(&mut self) -> Option<dirigo_engine::StateBytes> {
+        None
+    }
 
     fn handle(&mut self, message: Msg, _ctx: &mut Context<'_, Msg>) {
         let Msg::Data { source, n } = message else {

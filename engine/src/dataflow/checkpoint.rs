@@ -1,0 +1,953 @@
+//! Checkpoints: asynchronous barrier snapshots of a job's state and source
+//! positions, committed atomically, with exactly-once staged output.
+//!
+//! # Protocol
+//!
+//! Every `interval` the job's checkpointer (a thread per job, see
+//! [`Checkpointer`]) requests epoch `n`. Each source partition, at its next
+//! turn, takes its position (`Source::position`), hands it over as its part of
+//! `n` and sends a barrier `n` on every output channel, after the records it
+//! produced before. A stage or sink partition *aligns*: once a barrier `n` came
+//! on a channel, later messages of that channel wait in the actor until
+//! barrier `n` came on every channel that has not ended, so the state it then
+//! hands over holds exactly the input before the barriers. It hands over the
+//! key groups its operator changed since its last part (incremental; the
+//! encoding is done on the shard, the writing is not), forwards barrier `n` and
+//! goes on with what waited. A sink seals what it wrote since the last barrier
+//! (`Sink::seal`). Waiting messages are bounded ([`ALIGN_BUFFER_MESSAGES_MAX`]):
+//! an actor over the bound declines `n` (the checkpoint fails, the job runs on)
+//! and forwards a declined barrier so that no one downstream waits for it.
+//!
+//! An actor whose input has ended hands over a *final* part; it stands for it
+//! in every later checkpoint, as no barrier can reach it any more. When every
+//! actor's part (or final part) of `n` is in, the checkpointer writes the
+//! changed groups into one chunk file per actor, makes the sealed output
+//! durable, commits manifest `n` (write, fsync, rename, fsync the directory) and
+//! then appends the staged rows of `n` to their output files. When every actor
+//! has a final part it commits a last manifest marked finished.
+//!
+//! # Failures
+//!
+//! A chunk or manifest write that fails (a full disk, an I/O error) fails that
+//! checkpoint: it is reported (`CheckpointStats::failed`, `last_error`), the
+//! previous one stays valid, and the groups and sealed output of the failed
+//! one are carried into the next, which the following interval retries. A
+//! checkpoint that has not completed after [`CHECKPOINT_TIMEOUT_INTERVALS`]
+//! intervals is abandoned the same way. A sealed output that cannot be made
+//! durable, or an append to an output that fails after its manifest committed,
+//! fails the job: the rows are not held anywhere else, and a rerun resumes from
+//! the last manifest, which redoes the append.
+//!
+//! # Restore
+//!
+//! [`Checkpointer::open`] reads the newest manifest whose every part and staged
+//! file checks out (each is checksummed); a corrupt or truncated one is skipped
+//! with a warning and the one before it is used. The output files are brought to
+//! exactly what that manifest committed (`storage::checkpoint::append_output` is
+//! idempotent), and each actor takes its part at its first activation.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use dirigo_storage::checkpoint::{CheckpointDir, Faults, PartRef, StagedRef};
+use hdrhistogram::Histogram;
+
+/// Messages an aligning actor holds at most before it declines the checkpoint.
+pub const ALIGN_BUFFER_MESSAGES_MAX: usize = 1024;
+
+/// A checkpoint not complete after this many intervals (at least 10 s) is
+/// abandoned and its content carried into the next.
+pub const CHECKPOINT_TIMEOUT_INTERVALS: u32 = 10;
+
+/// Manifests kept: the newest complete one and the one before, for fallback.
+const MANIFESTS_KEPT: usize = 2;
+
+/// Where and how often a job checkpoints.
+#[derive(Clone)]
+pub struct CheckpointOptions {
+    /// The job's data directory (`checkpoints/` and `staged/` inside).
+    pub dir: PathBuf,
+    pub interval: Duration,
+    /// Injected storage faults, for tests.
+    pub faults: Faults,
+}
+
+impl CheckpointOptions {
+    pub fn new(dir: impl Into<PathBuf>, interval: Duration) -> Self {
+        CheckpointOptions {
+            dir: dir.into(),
+            interval,
+            faults: Faults::default(),
+        }
+    }
+}
+
+/// Rows a sink partition staged for one checkpoint: appended to `output` once the
+/// checkpoint commits. `finish` (run on the checkpointer's thread) makes the
+/// staged file durable and says what it holds.
+pub struct Sealed {
+    pub output: PathBuf,
+    pub finish: Box<dyn FnOnce() -> Result<StagedRef, String> + Send>,
+}
+
+/// A stage and partition.
+pub(crate) type ActorKey = (u32, u32);
+
+pub(crate) enum PartKind {
+    /// The actor's part of `epoch`.
+    Regular,
+    /// The actor's input ended: this part stands for it from now on.
+    Final,
+    /// The actor could not take part in `epoch` (reason).
+    Declined(String),
+}
+
+/// What an actor hands over at a barrier.
+pub(crate) struct Part {
+    pub actor: ActorKey,
+    pub epoch: u64,
+    pub kind: PartKind,
+    /// The actor's bookkeeping (source position, watermarks), encoded.
+    pub meta: Vec<u8>,
+    /// Key groups changed since the actor's last part: `(group, bytes)`, empty
+    /// bytes for a group that emptied.
+    pub groups: Vec<(u32, Vec<u8>)>,
+    pub sealed: Vec<Sealed>,
+    /// From the first barrier of the epoch to the last, in ns.
+    pub alignment_ns: u64,
+}
+
+/// What an actor gets back at its first activation after a restore.
+pub(crate) struct Restored {
+    pub meta: Vec<u8>,
+    pub groups: Vec<(u32, Vec<u8>)>,
+}
+
+/// What a job's checkpoints measured.
+#[derive(Clone)]
+pub struct CheckpointStats {
+    pub completed: u64,
+    pub failed: u64,
+    pub last_error: Option<String>,
+    /// Epoch of the newest committed manifest (0: none yet).
+    pub last_epoch: u64,
+    /// Request to commit, per completed checkpoint.
+    pub checkpoint_ms: Histogram<u64>,
+    /// Alignment per actor and checkpoint (first barrier to last).
+    pub alignment_us: Histogram<u64>,
+    /// Encoded state the newest manifest refers to.
+    pub state_bytes: u64,
+    /// Bytes written by the newest checkpoint (changed groups only).
+    pub incremental_bytes: u64,
+    /// Bytes written by all checkpoints.
+    pub written_bytes: u64,
+    /// The epoch restored at start, and the warnings of any fallback.
+    pub restored_epoch: Option<u64>,
+    pub warnings: Vec<String>,
+}
+
+impl Default for CheckpointStats {
+    fn default() -> Self {
+        CheckpointStats {
+            completed: 0,
+            failed: 0,
+            last_error: None,
+            last_epoch: 0,
+            checkpoint_ms: Histogram::new_with_bounds(1, 3_600_000, 2).expect("valid bounds"),
+            alignment_us: Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid bounds"),
+            state_bytes: 0,
+            incremental_bytes: 0,
+            written_bytes: 0,
+            restored_epoch: None,
+            warnings: Vec::new(),
+        }
+    }
+}
+
+/// The identity of a job as its manifests record it: a resumed job must match.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Clone, PartialEq, Debug)]
+struct Shape {
+    job: String,
+    key_groups: u32,
+    /// Stage names and parallelism, in stage order.
+    stages: Vec<(String, u32)>,
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Clone)]
+struct GroupRef {
+    group: u32,
+    file: String,
+    offset: u64,
+    len: u32,
+    crc: u32,
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Clone, Default)]
+struct ActorEntry {
+    stage: u32,
+    partition: u32,
+    /// Its input had ended: it takes no part in later checkpoints.
+    ended: bool,
+    meta: Vec<u8>,
+    groups: Vec<GroupRef>,
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Clone)]
+struct StagedEntry {
+    file: String,
+    len: u64,
+    crc: u32,
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Clone)]
+struct OutputEntry {
+    path: String,
+    /// The output's length with every earlier checkpoint's rows appended.
+    len_before: u64,
+    staged: Vec<StagedEntry>,
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Clone)]
+struct Manifest {
+    shape: Shape,
+    epoch: u64,
+    finished: bool,
+    actors: Vec<ActorEntry>,
+    outputs: Vec<OutputEntry>,
+}
+
+impl GroupRef {
+    fn part(&self) -> PartRef {
+        PartRef {
+            file: self.file.clone(),
+            offset: self.offset,
+            len: self.len,
+            crc: self.crc,
+        }
+    }
+}
+
+impl StagedEntry {
+    fn staged(&self) -> StagedRef {
+        StagedRef {
+            file: self.file.clone(),
+            len: self.len,
+            crc: self.crc,
+        }
+    }
+}
+
+/// What a data directory holds, for a command deciding what to do with it.
+pub struct DirStatus {
+    /// Epoch of the newest readable manifest, and whether the run had finished.
+    pub epoch: u64,
+    pub finished: bool,
+}
+
+/// The newest readable manifest of `dir` (`None`: no checkpoint yet).
+pub fn inspect(dir: &Path) -> Result<Option<DirStatus>, String> {
+    let store = CheckpointDir::open(dir).map_err(|e| e.to_string())?;
+    let epochs = store.manifest_epochs().map_err(|e| e.to_string())?;
+    for &epoch in epochs.iter().rev() {
+        if let Ok(manifest) = read_manifest(&store, epoch) {
+            return Ok(Some(DirStatus {
+                epoch,
+                finished: manifest.finished,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+fn read_manifest(store: &CheckpointDir, epoch: u64) -> Result<Manifest, String> {
+    let bytes = store.read_manifest(epoch).map_err(|e| e.to_string())?;
+    crate::actor::decode_state::<Manifest>(&bytes)
+        .map_err(|e| format!("manifest {epoch} does not decode: {e}"))
+}
+
+/// State the checkpointer's thread alone touches.
+struct Committed {
+    /// Per actor, its meta and where each of its groups is on disk.
+    table: BTreeMap<ActorKey, (Vec<u8>, BTreeMap<u32, GroupRef>)>,
+    /// Per output, its length with every committed checkpoint appended.
+    out_len: BTreeMap<PathBuf, u64>,
+    /// Manifests kept, oldest first.
+    kept: VecDeque<Manifest>,
+}
+
+/// Where reports from actors meet the checkpointer's thread.
+#[derive(Default)]
+struct Inbox {
+    parts: Vec<Part>,
+    stop: bool,
+}
+
+/// A job's checkpoint coordinator: requests epochs, collects the actors' parts,
+/// writes and commits them on its own thread (so no shard ever waits on a
+/// disk), and hands restored parts to actors at activation.
+pub struct Checkpointer {
+    store: CheckpointDir,
+    interval: Duration,
+    shape: Shape,
+    /// The epoch sources should inject next; 0 before the first request.
+    requested: AtomicU64,
+    inbox: Mutex<Inbox>,
+    wake: Condvar,
+    restore: Mutex<BTreeMap<ActorKey, Restored>>,
+    stats: Mutex<CheckpointStats>,
+    /// The final manifest is committed.
+    finished: AtomicBool,
+    /// Set when the job must fail (an output could not be made durable).
+    error: Mutex<Option<String>>,
+    /// Filled by `open`, moved to the thread at `start`.
+    committed: Mutex<Option<Committed>>,
+    first_epoch: u64,
+    /// Actors whose input had ended at the restored checkpoint.
+    ended: Vec<ActorKey>,
+}
+
+impl Checkpointer {
+    /// Open `options.dir` for a job of this shape: restore from its newest
+    /// complete checkpoint (falling back past corrupt ones with a warning), or
+    /// start empty. A checkpoint of a different job shape is an error naming the
+    /// difference, as is a directory whose run has finished.
+    pub(crate) fn open(
+        options: CheckpointOptions,
+        job: &str,
+        stages: Vec<(String, u32)>,
+        key_groups: u32,
+    ) -> Result<Checkpointer, String> {
+        let dir = &options.dir;
+        let store = CheckpointDir::open(dir)
+            .map_err(|e| format!("data directory {}: {e}", dir.display()))?
+            .with_faults(options.faults.clone());
+        let shape = Shape {
+            job: job.to_string(),
+            key_groups,
+            stages,
+        };
+        let epochs = store.manifest_epochs().map_err(|e| e.to_string())?;
+        let mut warnings = Vec::new();
+        let mut chosen = None;
+        for &epoch in epochs.iter().rev() {
+            match load(&store, epoch, &shape) {
+                Ok(loaded) => {
+                    chosen = Some(loaded);
+                    break;
+                }
+                Err(LoadError::Mismatch(message)) => return Err(message),
+                Err(LoadError::Corrupt(message)) => {
+                    let warning = format!(
+                        "checkpoint {epoch} in {} is unreadable, falling back: {message}",
+                        dir.display()
+                    );
+                    eprintln!("warning: {warning}");
+                    warnings.push(warning);
+                }
+            }
+        }
+        if chosen.is_none() && !epochs.is_empty() {
+            return Err(format!(
+                "no checkpoint in {} is readable ({}); start over with --fresh",
+                dir.display(),
+                warnings.join("; ")
+            ));
+        }
+        let mut stats = CheckpointStats {
+            warnings,
+            ..CheckpointStats::default()
+        };
+        let mut committed = Committed {
+            table: BTreeMap::new(),
+            out_len: BTreeMap::new(),
+            kept: VecDeque::new(),
+        };
+        let mut restore = BTreeMap::new();
+        let mut ended = Vec::new();
+        if let Some((manifest, parts)) = chosen {
+            if manifest.finished {
+                return Err(format!(
+                    "the run in {} has already finished (checkpoint {})",
+                    dir.display(),
+                    manifest.epoch
+                ));
+            }
+            // Bring every output to what this manifest committed.
+            for output in &manifest.outputs {
+                let staged: Vec<StagedRef> = output.staged.iter().map(|s| s.staged()).collect();
+                let len = store
+                    .append_output(Path::new(&output.path), output.len_before, &staged)
+                    .map_err(|e| format!("restoring output {}: {e}", output.path))?;
+                committed.out_len.insert(PathBuf::from(&output.path), len);
+            }
+            for (entry, groups) in manifest.actors.iter().zip(parts) {
+                let key = (entry.stage, entry.partition);
+                let refs = entry.groups.iter().map(|g| (g.group, g.clone())).collect();
+                committed.table.insert(key, (entry.meta.clone(), refs));
+                if entry.ended {
+                    ended.push(key);
+                }
+                restore.insert(
+                    key,
+                    Restored {
+                        meta: entry.meta.clone(),
+                        groups,
+                    },
+                );
+            }
+            stats.restored_epoch = Some(manifest.epoch);
+            stats.last_epoch = manifest.epoch;
+            stats.state_bytes = state_bytes(&committed.table);
+            committed.kept.push_back(manifest);
+        }
+        // Staged files no kept manifest refers to are rows of checkpoints that
+        // never committed: the restored sources produce them again.
+        let (live_chunks, live_staged) = live_files(&committed.kept);
+        let keep: Vec<u64> = committed.kept.iter().map(|m| m.epoch).collect();
+        store
+            .retain(&keep, &live_chunks, &live_staged)
+            .map_err(|e| format!("cleaning {}: {e}", dir.display()))?;
+        let first_epoch = epochs.last().copied().unwrap_or(0) + 1;
+        Ok(Checkpointer {
+            store,
+            interval: options.interval.max(Duration::from_millis(1)),
+            shape,
+            requested: AtomicU64::new(0),
+            inbox: Mutex::new(Inbox::default()),
+            wake: Condvar::new(),
+            restore: Mutex::new(restore),
+            stats: Mutex::new(stats),
+            finished: AtomicBool::new(false),
+            error: Mutex::new(None),
+            committed: Mutex::new(Some(committed)),
+            first_epoch,
+            ended,
+        })
+    }
+
+    /// Start the thread that requests and commits checkpoints. With no output to
+    /// restore, every output the job names starts empty.
+    pub(crate) fn start(self: &Arc<Self>, actors: Vec<ActorKey>, sources: Vec<ActorKey>) {
+        let committed = self
+            .committed
+            .lock()
+            .expect("checkpointer poisoned")
+            .take()
+            .expect("a checkpointer starts once");
+        let this = self.clone();
+        std::thread::Builder::new()
+            .name(format!("checkpoint-{}", self.shape.job))
+            .spawn(move || this.run(committed, actors, sources))
+            .expect("spawning the checkpoint thread");
+    }
+
+    /// Actors whose input had ended at the restored checkpoint: they will not
+    /// report again (their sinks count as finished).
+    pub(crate) fn ended_at_restore(&self) -> &[ActorKey] {
+        &self.ended
+    }
+
+    /// The epoch a source should have injected by now (0: none yet).
+    #[inline]
+    pub(crate) fn requested(&self) -> u64 {
+        self.requested.load(Ordering::Acquire)
+    }
+
+    /// An actor's part (called once per actor and checkpoint, never per message).
+    pub(crate) fn report(&self, part: Part) {
+        self.inbox
+            .lock()
+            .expect("checkpointer poisoned")
+            .parts
+            .push(part);
+        self.wake.notify_one();
+    }
+
+    /// The part restored for `actor`, once (its first activation).
+    pub(crate) fn take_restore(&self, actor: ActorKey) -> Option<Restored> {
+        self.restore
+            .lock()
+            .expect("checkpointer poisoned")
+            .remove(&actor)
+    }
+
+    pub(crate) fn stop(&self) {
+        self.inbox.lock().expect("checkpointer poisoned").stop = true;
+        self.wake.notify_one();
+    }
+
+    /// The final manifest is committed (every output holds all its rows).
+    pub fn finished(&self) -> bool {
+        self.finished.load(Ordering::Acquire)
+    }
+
+    /// An error that ends the job (output could not be made durable).
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().expect("checkpointer poisoned").clone()
+    }
+
+    pub fn stats(&self) -> CheckpointStats {
+        self.stats.lock().expect("checkpointer poisoned").clone()
+    }
+
+    fn fail_job(&self, message: String) {
+        self.error
+            .lock()
+            .expect("checkpointer poisoned")
+            .get_or_insert(message);
+    }
+
+    fn note_failure(&self, epoch: u64, message: &str) {
+        eprintln!(
+            "warning: checkpoint {epoch} of {} failed: {message}",
+            self.shape.job
+        );
+        let mut stats = self.stats.lock().expect("checkpointer poisoned");
+        stats.failed += 1;
+        stats.last_error = Some(format!("checkpoint {epoch}: {message}"));
+    }
+
+    /// The checkpointer's thread.
+    fn run(&self, mut committed: Committed, actors: Vec<ActorKey>, sources: Vec<ActorKey>) {
+        let mut next_epoch = self.first_epoch;
+        let mut in_flight: Option<(u64, Instant, BTreeMap<ActorKey, Part>)> = None;
+        // Actors that had ended at the restored checkpoint stand as they were
+        // (their groups are in the table already).
+        let mut finals: BTreeMap<ActorKey, Part> = BTreeMap::new();
+        for &key in &self.ended {
+            let meta = committed
+                .table
+                .get(&key)
+                .map(|t| t.0.clone())
+                .unwrap_or_default();
+            finals.insert(
+                key,
+                Part {
+                    actor: key,
+                    epoch: 0,
+                    kind: PartKind::Final,
+                    meta,
+                    groups: Vec::new(),
+                    sealed: Vec::new(),
+                    alignment_ns: 0,
+                },
+            );
+        }
+        // Changed groups and sealed output of checkpoints that did not commit.
+        let mut carry: Carry = Carry::default();
+        let mut next_request = Instant::now() + self.interval;
+        let timeout = (self.interval * CHECKPOINT_TIMEOUT_INTERVALS).max(Duration::from_secs(10));
+        loop {
+            let parts = {
+                let mut inbox = self.inbox.lock().expect("checkpointer poisoned");
+                if inbox.parts.is_empty() && !inbox.stop {
+                    let wait = next_request
+                        .saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(50));
+                    inbox = self
+                        .wake
+                        .wait_timeout(inbox, wait)
+                        .expect("checkpointer poisoned")
+                        .0;
+                }
+                if inbox.stop {
+                    return;
+                }
+                std::mem::take(&mut inbox.parts)
+            };
+            for mut part in parts {
+                match part.kind {
+                    PartKind::Final => {
+                        // Its sealed output is made durable now, once; its groups
+                        // go into every checkpoint it stands in for.
+                        let sealed = std::mem::take(&mut part.sealed);
+                        carry.finish_sealed(sealed, self);
+                        finals.insert(part.actor, part);
+                    }
+                    PartKind::Declined(ref reason) => {
+                        if let Some((epoch, _, received)) = in_flight.take_if(|f| f.0 == part.epoch)
+                        {
+                            self.note_failure(epoch, reason);
+                            received.into_values().for_each(|p| carry.absorb(p, self));
+                        }
+                    }
+                    PartKind::Regular => match &mut in_flight {
+                        Some((epoch, _, received)) if *epoch == part.epoch => {
+                            if let Some(old) = received.insert(part.actor, part) {
+                                carry.absorb(old, self);
+                            }
+                        }
+                        // A part of an abandoned checkpoint: keep what it changed.
+                        _ => carry.absorb(part, self),
+                    },
+                }
+            }
+            let all_final = actors.iter().all(|a| finals.contains_key(a));
+            if let Some((epoch, started, received)) = &in_flight {
+                let complete = actors
+                    .iter()
+                    .all(|a| received.contains_key(a) || finals.contains_key(a));
+                if complete {
+                    let (epoch, started, received) = in_flight.take().expect("in flight");
+                    self.commit(
+                        &mut committed,
+                        epoch,
+                        started,
+                        received,
+                        &finals,
+                        &mut carry,
+                        false,
+                    );
+                } else if started.elapsed() > timeout {
+                    let epoch = *epoch;
+                    self.note_failure(epoch, &format!("not complete after {timeout:?}"));
+                    let (_, _, received) = in_flight.take().expect("in flight");
+                    received.into_values().for_each(|p| carry.absorb(p, self));
+                }
+            }
+            if in_flight.is_none() && all_final {
+                let epoch = next_epoch;
+                let ok = self.commit(
+                    &mut committed,
+                    epoch,
+                    Instant::now(),
+                    BTreeMap::new(),
+                    &finals,
+                    &mut carry,
+                    true,
+                );
+                next_epoch += 1;
+                if ok {
+                    self.finished.store(true, Ordering::Release);
+                    return;
+                }
+                std::thread::sleep(self.interval.min(Duration::from_millis(200)));
+                continue;
+            }
+            let sources_done = sources.iter().all(|s| finals.contains_key(s));
+            if in_flight.is_none() && !sources_done && Instant::now() >= next_request {
+                let epoch = next_epoch;
+                next_epoch += 1;
+                in_flight = Some((epoch, Instant::now(), BTreeMap::new()));
+                self.requested.store(epoch, Ordering::Release);
+                next_request = Instant::now() + self.interval;
+            }
+            if self.error().is_some() {
+                return;
+            }
+        }
+    }
+
+    /// Write and commit checkpoint `epoch` from `received` (and the final parts
+    /// of actors that sent none); `true` if it committed.
+    #[allow(clippy::too_many_arguments)]
+    fn commit(
+        &self,
+        committed: &mut Committed,
+        epoch: u64,
+        started: Instant,
+        received: BTreeMap<ActorKey, Part>,
+        finals: &BTreeMap<ActorKey, Part>,
+        carry: &mut Carry,
+        finished: bool,
+    ) -> bool {
+        // Fold this checkpoint's parts into the carry: from here on what has to
+        // be written is the carry, whatever failed before included.
+        // An actor that sent a part of this epoch is cut there; one that did
+        // not has ended, and its final part stands for it.
+        let mut metas: BTreeMap<ActorKey, Vec<u8>> = BTreeMap::new();
+        let mut ended: HashSet<ActorKey> = HashSet::new();
+        let mut alignment = Vec::new();
+        for (key, part) in finals {
+            if !received.contains_key(key) {
+                metas.insert(*key, part.meta.clone());
+                carry.groups_from(*key, &part.groups);
+                ended.insert(*key);
+            }
+        }
+        for (key, part) in received {
+            metas.insert(key, part.meta.clone());
+            alignment.push(part.alignment_ns);
+            carry.absorb(part, self);
+        }
+        if self.error().is_some() {
+            return false;
+        }
+        let mut table = committed.table.clone();
+        let mut written = 0u64;
+        for (key, groups) in &carry.groups {
+            if groups.is_empty() {
+                continue;
+            }
+            let name = format!("chunk-{epoch}-{}-{}", key.0, key.1);
+            let bytes: Vec<&[u8]> = groups
+                .values()
+                .filter(|b| !b.is_empty())
+                .map(|b| b.as_slice())
+                .collect();
+            let refs = if bytes.is_empty() {
+                Vec::new()
+            } else {
+                match self.store.write_chunk(&name, &bytes) {
+                    Ok(refs) => refs,
+                    Err(e) => {
+                        self.note_failure(epoch, &e.to_string());
+                        return false;
+                    }
+                }
+            };
+            written += bytes.iter().map(|b| b.len() as u64).sum::<u64>();
+            let entry = table.entry(*key).or_default();
+            let mut refs = refs.into_iter();
+            for (&group, bytes) in groups {
+                if bytes.is_empty() {
+                    entry.1.remove(&group);
+                } else {
+                    let part = refs.next().expect("one ref per part written");
+                    entry.1.insert(
+                        group,
+                        GroupRef {
+                            group,
+                            file: part.file,
+                            offset: part.offset,
+                            len: part.len,
+                            crc: part.crc,
+                        },
+                    );
+                }
+            }
+        }
+        for (key, meta) in metas {
+            table.entry(key).or_default().0 = meta;
+        }
+        // Every output known, with or without rows this time: its length must
+        // survive in the newest manifest.
+        let mut paths: Vec<&PathBuf> = committed.out_len.keys().collect();
+        paths.extend(
+            carry
+                .staged
+                .keys()
+                .filter(|p| !committed.out_len.contains_key(*p)),
+        );
+        let mut outputs = Vec::new();
+        for path in paths {
+            let staged = carry.staged.get(path).map_or(&[][..], |s| s.as_slice());
+            let len_before = committed.out_len.get(path).copied().unwrap_or(0);
+            outputs.push(OutputEntry {
+                path: path.display().to_string(),
+                len_before,
+                staged: staged
+                    .iter()
+                    .map(|s| StagedEntry {
+                        file: s.file.clone(),
+                        len: s.len,
+                        crc: s.crc,
+                    })
+                    .collect(),
+            });
+        }
+        let manifest = Manifest {
+            shape: self.shape.clone(),
+            epoch,
+            finished,
+            actors: table
+                .iter()
+                .map(|(&(stage, partition), (meta, groups))| ActorEntry {
+                    stage,
+                    partition,
+                    ended: ended.contains(&(stage, partition)),
+                    meta: meta.clone(),
+                    groups: groups.values().cloned().collect(),
+                })
+                .collect(),
+            outputs,
+        };
+        let body = crate::actor::encode_state(&manifest);
+        if let Err(e) = self.store.commit_manifest(epoch, &body) {
+            self.note_failure(epoch, &e.to_string());
+            return false;
+        }
+        // Committed: from here the manifest is what a restart resumes from.
+        for output in &manifest.outputs {
+            let staged: Vec<StagedRef> = output.staged.iter().map(|s| s.staged()).collect();
+            match self
+                .store
+                .append_output(Path::new(&output.path), output.len_before, &staged)
+            {
+                Ok(len) => {
+                    committed.out_len.insert(PathBuf::from(&output.path), len);
+                }
+                Err(e) => {
+                    self.fail_job(format!(
+                        "appending checkpoint {epoch}'s rows to {}: {e}",
+                        output.path
+                    ));
+                    return false;
+                }
+            }
+        }
+        carry.groups.clear();
+        carry.staged.clear();
+        committed.table = table;
+        committed.kept.push_back(manifest);
+        while committed.kept.len() > MANIFESTS_KEPT {
+            committed.kept.pop_front();
+        }
+        let (live_chunks, live_staged) = live_files(&committed.kept);
+        let keep: Vec<u64> = committed.kept.iter().map(|m| m.epoch).collect();
+        if let Err(e) = self.store.retain(&keep, &live_chunks, &live_staged) {
+            eprintln!("warning: cleaning old checkpoints: {e}");
+        }
+        let mut stats = self.stats.lock().expect("checkpointer poisoned");
+        stats.completed += 1;
+        stats.last_epoch = epoch;
+        let _ = stats
+            .checkpoint_ms
+            .record(started.elapsed().as_millis().max(1) as u64);
+        for ns in alignment {
+            let _ = stats.alignment_us.record((ns / 1000).max(1));
+        }
+        stats.incremental_bytes = written;
+        stats.written_bytes += written;
+        stats.state_bytes = state_bytes(&committed.table);
+        true
+    }
+}
+
+/// What has to go into the next checkpoint that commits.
+#[derive(Default)]
+struct Carry {
+    groups: BTreeMap<ActorKey, BTreeMap<u32, Vec<u8>>>,
+    staged: BTreeMap<PathBuf, Vec<StagedRef>>,
+}
+
+impl Carry {
+    /// Take a part's changed groups and make its sealed output durable.
+    fn absorb(&mut self, part: Part, checkpointer: &Checkpointer) {
+        self.groups_from(part.actor, &part.groups);
+        self.finish_sealed(part.sealed, checkpointer);
+    }
+
+    fn finish_sealed(&mut self, sealed: Vec<Sealed>, checkpointer: &Checkpointer) {
+        for sealed in sealed {
+            match (sealed.finish)() {
+                Ok(staged) => self.staged.entry(sealed.output).or_default().push(staged),
+                Err(e) => checkpointer.fail_job(format!(
+                    "staging output for {}: {e}",
+                    sealed.output.display()
+                )),
+            }
+        }
+    }
+
+    fn groups_from(&mut self, actor: ActorKey, groups: &[(u32, Vec<u8>)]) {
+        let entry = self.groups.entry(actor).or_default();
+        for (group, bytes) in groups {
+            entry.insert(*group, bytes.clone());
+        }
+    }
+}
+
+fn state_bytes(table: &BTreeMap<ActorKey, (Vec<u8>, BTreeMap<u32, GroupRef>)>) -> u64 {
+    table
+        .values()
+        .flat_map(|(_, groups)| groups.values())
+        .map(|g| g.len as u64)
+        .sum()
+}
+
+fn live_files(kept: &VecDeque<Manifest>) -> (HashSet<String>, HashSet<String>) {
+    let mut chunks = HashSet::new();
+    let mut staged = HashSet::new();
+    for manifest in kept {
+        for actor in &manifest.actors {
+            for group in &actor.groups {
+                chunks.insert(group.file.clone());
+            }
+        }
+        for output in &manifest.outputs {
+            for s in &output.staged {
+                staged.insert(s.file.clone());
+            }
+        }
+    }
+    (chunks, staged)
+}
+
+enum LoadError {
+    /// The checkpoint is of another job: not a fallback, an error.
+    Mismatch(String),
+    Corrupt(String),
+}
+
+type Loaded = (Manifest, Vec<Vec<(u32, Vec<u8>)>>);
+
+/// Read manifest `epoch` and every group and staged file it refers to.
+fn load(store: &CheckpointDir, epoch: u64, shape: &Shape) -> Result<Loaded, LoadError> {
+    let manifest = read_manifest(store, epoch).map_err(LoadError::Corrupt)?;
+    if manifest.epoch != epoch {
+        return Err(LoadError::Corrupt(format!(
+            "manifest {epoch} says it is checkpoint {}",
+            manifest.epoch
+        )));
+    }
+    if manifest.shape != *shape {
+        return Err(LoadError::Mismatch(describe_mismatch(
+            &manifest.shape,
+            shape,
+        )));
+    }
+    let mut parts = Vec::with_capacity(manifest.actors.len());
+    for actor in &manifest.actors {
+        let refs: Vec<PartRef> = actor.groups.iter().map(|g| g.part()).collect();
+        let bytes = store
+            .read_parts(&refs)
+            .map_err(|e| LoadError::Corrupt(e.to_string()))?;
+        parts.push(
+            actor
+                .groups
+                .iter()
+                .map(|g| g.group)
+                .zip(bytes)
+                .collect::<Vec<_>>(),
+        );
+    }
+    for output in &manifest.outputs {
+        for s in &output.staged {
+            store
+                .verify_staged(&s.file, s.len, s.crc)
+                .map_err(|e| LoadError::Corrupt(e.to_string()))?;
+        }
+    }
+    Ok((manifest, parts))
+}
+
+fn describe_mismatch(saved: &Shape, now: &Shape) -> String {
+    if saved.job != now.job {
+        return format!(
+            "the data directory holds job {:?}, not {:?}",
+            saved.job, now.job
+        );
+    }
+    if saved.key_groups != now.key_groups {
+        return format!(
+            "the data directory's job has {} key groups, this one {}",
+            saved.key_groups, now.key_groups
+        );
+    }
+    let names = |s: &Shape| {
+        s.stages
+            .iter()
+            .map(|(n, p)| format!("{n}x{p}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "the data directory's job has stages [{}], this one [{}]",
+        names(saved),
+        names(now)
+    )
+}
