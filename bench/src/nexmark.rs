@@ -102,6 +102,7 @@ pub fn run_suite(config: &SuiteConfig) -> Result<SuiteReport, BenchError> {
             slo: Duration::from_millis(100),
             progress: None,
             time_limit: Duration::from_secs(600),
+            checkpoints: None,
         })
         .map_err(BenchError)?;
         let rate = ((full.events_per_s / 2.0) as u64).max(1);
@@ -124,6 +125,7 @@ pub fn run_suite(config: &SuiteConfig) -> Result<SuiteReport, BenchError> {
             slo: Duration::from_millis(100),
             progress: None,
             time_limit: Duration::from_secs(600),
+            checkpoints: None,
         })
         .map_err(BenchError)?;
         queries.insert(

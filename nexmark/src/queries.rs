@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use dirigo_engine::dataflow::checkpoint::{Sealed, StagedOutput};
 use dirigo_engine::dataflow::graph::SinkFactory;
 use dirigo_engine::dataflow::ops::{
     Count, MaxWithTies, Side, TopKeys, UnboundedJoin, WindowJoin, WindowMerge, WindowPartial,
@@ -185,6 +186,25 @@ pub trait LineWriter: Send + 'static {
     fn write_lines(&mut self, lines: &[u8]);
     /// The end of input reached the sink partition.
     fn finish(&mut self) {}
+    /// A checkpoint barrier reached the sink partition: the lines written
+    /// since the last one, staged for exactly-once output (see
+    /// `Sink::seal`); none for a writer that writes straight through.
+    fn seal(&mut self) -> Result<Vec<Sealed>, String> {
+        Ok(Vec::new())
+    }
+}
+
+/// Lines staged in a data directory, appended to their output file only when
+/// their checkpoint commits (`dirigo run --data-dir`).
+pub struct StagedLines(pub StagedOutput);
+
+impl LineWriter for StagedLines {
+    fn write_lines(&mut self, lines: &[u8]) {
+        self.0.write(lines);
+    }
+    fn seal(&mut self) -> Result<Vec<Sealed>, String> {
+        Ok(self.0.seal())
+    }
 }
 
 /// Makes the line writer of each sink partition.
@@ -723,6 +743,10 @@ impl<T: Data + Serialize> Sink<T> for JsonSink {
 
     fn finish(&mut self) {
         self.writer.finish();
+    }
+
+    fn seal(&mut self, _epoch: u64) -> Result<Vec<Sealed>, String> {
+        self.writer.seal()
     }
 }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::queries::{build, EventSource, Output, QueryOptions};
+use dirigo_engine::dataflow::checkpoint::CheckpointOptions;
 use dirigo_engine::dataflow::{Dataflow, DataflowConfig, JobReport};
 use serde::Serialize;
 
@@ -24,6 +25,8 @@ pub struct RunConfig {
     /// Called about four times a second with (records in so far, outputs so far).
     pub progress: Option<Arc<dyn Fn(u64, u64) + Send + Sync>>,
     pub time_limit: Duration,
+    /// Take checkpoints into a data directory (and resume from it).
+    pub checkpoints: Option<CheckpointOptions>,
 }
 
 /// What one run measured.
@@ -50,6 +53,21 @@ pub struct RunReport {
     pub queue_us_p99: u64,
     /// Turns over the stall threshold, on any shard.
     pub stalls: u64,
+    /// With a data directory: checkpoints committed and failed in this run,
+    /// and the one it resumed from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoints: Option<Checkpoints>,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct Checkpoints {
+    pub completed: u64,
+    pub failed: u64,
+    pub resumed_from: Option<u64>,
+    pub last_error: Option<String>,
+    pub checkpoint_ms_p99: u64,
+    pub alignment_ms_p99: f64,
+    pub state_bytes: u64,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -86,7 +104,10 @@ pub fn run_query(config: &RunConfig) -> Result<RunReport, String> {
         output: config.output.clone(),
         sink_parallelism: config.sink_parallelism,
     };
-    let job = build(&config.query, &options)?;
+    let mut job = build(&config.query, &options)?;
+    if let Some(checkpoints) = &config.checkpoints {
+        job.checkpoints(checkpoints.clone());
+    }
     let handle = dataflow.submit(job)?;
     let started = Instant::now();
     while !handle.is_done() {
@@ -104,6 +125,15 @@ pub fn run_query(config: &RunConfig) -> Result<RunReport, String> {
         }
     }
     let report = dataflow.wait(&handle, config.time_limit)?;
+    let checkpoints = handle.checkpoint_stats().map(|s| Checkpoints {
+        completed: s.completed,
+        failed: s.failed,
+        resumed_from: s.restored_epoch,
+        last_error: s.last_error.clone(),
+        checkpoint_ms_p99: s.checkpoint_ms.value_at_quantile(0.99),
+        alignment_ms_p99: s.alignment_us.value_at_quantile(0.99) as f64 / 1e3,
+        state_bytes: s.state_bytes,
+    });
     let stats = dataflow.stats();
     dataflow.shutdown();
     let job = stats.job(handle.id);
@@ -124,5 +154,6 @@ pub fn run_query(config: &RunConfig) -> Result<RunReport, String> {
         messages: job.messages,
         queue_us_p99: job.queue_us.value_at_quantile(0.99),
         stalls: stats.stalls(),
+        checkpoints,
     })
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use clap::Args;
 
-use dirigo_nexmark::queries::{EventSource, LineWriter, Output};
+use dirigo_engine::dataflow::checkpoint::{self, CheckpointOptions, StagedOutput};
+use dirigo_nexmark::queries::{EventSource, LineWriter, Output, StagedLines};
 use dirigo_nexmark::run::{run_query, RunConfig};
 use dirigo_nexmark::GeneratorConfig;
 use dirigo_storage::spool::{Spool, SPOOL_BUFFERS_MAX};
@@ -50,6 +51,147 @@ pub struct RunArgs {
     /// Print the summary as one JSON object on the last line of stdout.
     #[arg(long)]
     json: bool,
+    /// Take checkpoints into DIR, and resume from DIR's last complete one when
+    /// the same command runs again (exactly-once `file:` output).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Time between checkpoints (with `--data-dir`).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    checkpoint_interval: Duration,
+    /// Discard what `--data-dir` holds and start over.
+    #[arg(long, requires = "data_dir")]
+    fresh: bool,
+}
+
+/// What a data directory's run is: a rerun must be the same run to resume it.
+#[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+struct RunIdentity {
+    query: String,
+    source: String,
+    sink: String,
+    events: u64,
+    seed: u64,
+    rate: String,
+    cores: usize,
+    skip_malformed: bool,
+    max_line_bytes: u64,
+}
+
+impl RunIdentity {
+    fn of(args: &RunArgs, cores: usize) -> RunIdentity {
+        RunIdentity {
+            query: args.query.clone(),
+            source: match &args.source {
+                SourceArg::Nexmark => "nexmark".into(),
+                SourceArg::File(path) => format!("file:{}", absolute(path).display()),
+            },
+            sink: match &args.sink {
+                SinkArg::Null => "null".into(),
+                SinkArg::Stdout => "stdout".into(),
+                SinkArg::File(path) => format!("file:{}", absolute(path).display()),
+            },
+            events: match args.source {
+                SourceArg::Nexmark => args.events,
+                SourceArg::File(_) => 0,
+            },
+            seed: args.seed,
+            rate: match args.rate {
+                Rate::Max => "max".into(),
+                Rate::PerSecond(n) => n.to_string(),
+            },
+            cores,
+            skip_malformed: args.skip_malformed,
+            max_line_bytes: args.max_line_bytes,
+        }
+    }
+
+    /// The first field in which `self` (the saved run) and `now` differ.
+    fn difference(&self, now: &RunIdentity) -> Option<String> {
+        let saved = serde_json::to_value(self).ok()?;
+        let now = serde_json::to_value(now).ok()?;
+        let (saved, now) = (saved.as_object()?, now.as_object()?);
+        saved.iter().find_map(|(field, value)| {
+            let other = &now[field];
+            (value != other).then(|| format!("{field} was {value} and is now {other}"))
+        })
+    }
+}
+
+fn absolute(path: &std::path::Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// What to do with a data directory before the run.
+enum DataDir {
+    /// Resume (or start) with checkpoints there.
+    Run(CheckpointOptions),
+    /// The run there has finished: nothing to do.
+    Finished(u64),
+}
+
+/// Check `dir` against this command: create it, or discard it (`--fresh`), or
+/// make sure it holds this same run; and say whether that run has finished.
+fn prepare_data_dir(
+    args: &RunArgs,
+    dir: &std::path::Path,
+    cores: usize,
+) -> Result<DataDir, String> {
+    let identity = RunIdentity::of(args, cores);
+    let run_file = dir.join("run.json");
+    if args.fresh {
+        for inner in ["checkpoints", "staged"] {
+            let path = dir.join(inner);
+            if path.exists() {
+                std::fs::remove_dir_all(&path)
+                    .map_err(|e| format!("--fresh: cannot remove {}: {e}", path.display()))?;
+            }
+        }
+        let _ = std::fs::remove_file(&run_file);
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("cannot create data directory {}: {e}", dir.display()))?;
+    match std::fs::read(&run_file) {
+        Ok(bytes) => {
+            let saved: RunIdentity = serde_json::from_slice(&bytes).map_err(|e| {
+                format!(
+                    "{} is not a Dirigo run description: {e}",
+                    run_file.display()
+                )
+            })?;
+            if let Some(difference) = saved.difference(&identity) {
+                return Err(format!(
+                    "the run in {} is a different run ({difference}); rerun the same command \
+                     to resume it, or add --fresh to discard it",
+                    dir.display()
+                ));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let bytes = serde_json::to_vec_pretty(&identity).map_err(|e| e.to_string())?;
+            dirigo_storage::commit_atomic(dir, "run.json", &bytes)
+                .map_err(|e| format!("writing {}: {e}", run_file.display()))?;
+        }
+        Err(e) => return Err(format!("cannot read {}: {e}", run_file.display())),
+    }
+    match checkpoint::inspect(dir)? {
+        Some(status) if status.finished => {
+            checkpoint::complete_finished(dir)?;
+            return Ok(DataDir::Finished(status.epoch));
+        }
+        Some(_) => {}
+        None => {
+            // A fresh run: its output starts empty (rows then come only from
+            // committed checkpoints).
+            if let SinkArg::File(path) = &args.sink {
+                std::fs::File::create(path)
+                    .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            }
+        }
+    }
+    Ok(DataDir::Run(CheckpointOptions::new(
+        dir,
+        args.checkpoint_interval,
+    )))
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -175,6 +317,31 @@ fn spool_output(
     }))
 }
 
+/// Where rows go without a data directory: straight through a spool.
+fn plain_output(
+    sink: &SinkArg,
+    cores: usize,
+    error: &Arc<Mutex<Option<String>>>,
+) -> Result<(Output, u32), String> {
+    Ok(match sink {
+        SinkArg::Null => (Output::Null, cores as u32),
+        SinkArg::Stdout => {
+            let out: Box<dyn Write + Send> = Box::new(std::io::stdout());
+            (spool_output(out, "stdout", error.clone()), 1)
+        }
+        SinkArg::File(path) => {
+            let file = std::fs::File::create(path)
+                .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            let out: Box<dyn Write + Send> =
+                Box::new(std::io::BufWriter::with_capacity(1 << 20, file));
+            (
+                spool_output(out, &path.display().to_string(), error.clone()),
+                1,
+            )
+        }
+    })
+}
+
 pub fn run(args: RunArgs) -> Result<(), String> {
     let cores = args
         .cores
@@ -207,23 +374,46 @@ pub fn run(args: RunArgs) -> Result<(), String> {
             },
         },
     };
+    let checkpoints = match &args.data_dir {
+        None => None,
+        Some(dir) => {
+            if matches!(args.sink, SinkArg::Stdout) {
+                return Err(
+                    "--data-dir needs --sink file:PATH or null: rows written to stdout cannot \
+                     be taken back after a crash"
+                        .into(),
+                );
+            }
+            match prepare_data_dir(&args, dir, cores)? {
+                DataDir::Finished(epoch) => {
+                    let output = match &args.sink {
+                        SinkArg::File(path) => format!("; its output is in {}", path.display()),
+                        _ => String::new(),
+                    };
+                    println!(
+                        "the run in {} has already finished (checkpoint {epoch}){output}",
+                        dir.display()
+                    );
+                    return Ok(());
+                }
+                DataDir::Run(options) => Some(options),
+            }
+        }
+    };
     let error = Arc::new(Mutex::new(None));
-    let (output, sink_parallelism) = match &args.sink {
-        SinkArg::Null => (Output::Null, cores as u32),
-        SinkArg::Stdout => {
-            let out: Box<dyn Write + Send> = Box::new(std::io::stdout());
-            (spool_output(out, "stdout", error.clone()), 1)
+    let (output, sink_parallelism) = match (&args.sink, &checkpoints) {
+        (SinkArg::File(path), Some(options)) => {
+            // Exactly once: rows are staged per checkpoint in the data
+            // directory and appended to PATH when their checkpoint commits.
+            let (dir, path) = (options.dir.clone(), absolute(path));
+            let factory: dirigo_nexmark::queries::LineWriterFactory = Arc::new(move |partition| {
+                let staged = StagedOutput::new(&dir, path.clone(), &format!("sink-{partition}"))
+                    .unwrap_or_else(|e| panic!("staging output: {e}"));
+                Box::new(StagedLines(staged))
+            });
+            (Output::JsonLines(factory), 1)
         }
-        SinkArg::File(path) => {
-            let file = std::fs::File::create(path)
-                .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-            let out: Box<dyn Write + Send> =
-                Box::new(std::io::BufWriter::with_capacity(1 << 20, file));
-            (
-                spool_output(out, &path.display().to_string(), error.clone()),
-                1,
-            )
-        }
+        (sink, _) => plain_output(sink, cores, &error)?,
     };
     let expected = match args.source {
         SourceArg::Nexmark => Some(args.events),
@@ -262,6 +452,7 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         slo: args.slo,
         progress: Some(progress),
         time_limit: Duration::from_secs(24 * 3600),
+        checkpoints,
     })
     .map_err(|e| e.to_string())?;
     if started.elapsed() >= Duration::from_secs(1) {
@@ -303,6 +494,18 @@ pub fn run(args: RunArgs) -> Result<(), String> {
             "scheduling   {} messages, {} past their deadline (SLO {:?}), queueing p99 {} us, {} stalled turns",
             report.messages, report.deadline_misses, args.slo, report.queue_us_p99, report.stalls
         );
+        if let Some(c) = &report.checkpoints {
+            let resumed = c
+                .resumed_from
+                .map_or(String::new(), |e| format!(", resumed from checkpoint {e}"));
+            println!(
+                "checkpoints  {} committed, {} failed{resumed}; p99 {} ms, alignment p99 {:.1} ms, state {} bytes",
+                c.completed, c.failed, c.checkpoint_ms_p99, c.alignment_ms_p99, c.state_bytes
+            );
+            if let Some(error) = &c.last_error {
+                println!("             last failure: {error}");
+            }
+        }
     }
     Ok(())
 }

@@ -446,7 +446,8 @@ impl CheckpointDir {
     /// Deletes every manifest whose epoch is not in `keep`, every chunk in
     /// `checkpoints/` not named in `live_chunks`, every staged file not
     /// named in `live_staged`, and the temp file of each of those; then
-    /// fsyncs the directories it changed. Files that are not of this layer
+    /// fsyncs the directories it changed. With `live_staged` `None` the
+    /// staged files are left alone (sinks may be writing some). Files that are not of this layer
     /// (directories, links, names it would refuse to write, such as
     /// `MANIFEST-junk`) are never touched, nor is anything outside the two
     /// directories. See the module header on running it while a checkpoint
@@ -455,7 +456,7 @@ impl CheckpointDir {
         &self,
         keep: &[u64],
         live_chunks: &HashSet<String>,
-        live_staged: &HashSet<String>,
+        live_staged: Option<&HashSet<String>>,
     ) -> Result<(), StorageError> {
         let checkpoint_dead = |name: &str| {
             if let Some(epoch) = parse_manifest_name(name) {
@@ -465,9 +466,33 @@ impl CheckpointDir {
             }
         };
         remove_dead(&self.checkpoints, checkpoint_dead)?;
+        let Some(live_staged) = live_staged else {
+            return Ok(());
+        };
         let staged_dead =
             |name: &str| manifest::check_name(name).is_ok() && !live_staged.contains(name);
         remove_dead(&self.staged, staged_dead)
+    }
+
+    /// Deletes the staged files named in `dead` that exist (rows of
+    /// checkpoints no kept manifest refers to any more), while sinks may be
+    /// writing other staged files: unlike [`CheckpointDir::retain`], it
+    /// touches nothing else.
+    pub fn remove_staged(&self, dead: &[String]) -> Result<(), StorageError> {
+        let mut removed = false;
+        for name in dead {
+            manifest::check_name(name)?;
+            let path = self.staged.join(name);
+            match fs::remove_file(&path) {
+                Ok(()) => removed = true,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StorageError::io("remove", &path, None, e)),
+            }
+        }
+        if removed {
+            manifest::sync_dir(&self.staged)?;
+        }
+        Ok(())
     }
 
     /// A writer of staged rows `staged/<name>`, replacing an older file of

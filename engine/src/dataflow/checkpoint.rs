@@ -52,7 +52,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use dirigo_storage::checkpoint::{CheckpointDir, Faults, PartRef, StagedRef};
+pub use dirigo_storage::checkpoint::Faults;
+use dirigo_storage::checkpoint::{CheckpointDir, PartRef, StagedRef, StagedWriter};
+use dirigo_storage::spool::{Spool, SPOOL_BUFFERS_MAX};
 use hdrhistogram::Histogram;
 
 /// Messages an aligning actor holds at most before it declines the checkpoint.
@@ -262,6 +264,55 @@ pub fn inspect(dir: &Path) -> Result<Option<DirStatus>, String> {
     Ok(None)
 }
 
+/// The files manifest `epoch` of `dir` refers to: `(chunk files, staged
+/// files)`, each once (for tools and tests that inspect a data directory).
+pub fn manifest_files(dir: &Path, epoch: u64) -> Result<(Vec<String>, Vec<String>), String> {
+    let store = CheckpointDir::open(dir).map_err(|e| e.to_string())?;
+    let manifest = read_manifest(&store, epoch)?;
+    let mut chunks: Vec<String> = manifest
+        .actors
+        .iter()
+        .flat_map(|a| a.groups.iter().map(|g| g.file.clone()))
+        .collect();
+    chunks.sort();
+    chunks.dedup();
+    let staged = manifest
+        .outputs
+        .iter()
+        .flat_map(|o| o.staged.iter().map(|s| s.file.clone()))
+        .collect();
+    Ok((chunks, staged))
+}
+
+/// Epochs of the manifests in `dir`, ascending (readable or not).
+pub fn manifest_epochs(dir: &Path) -> Result<Vec<u64>, String> {
+    let store = CheckpointDir::open(dir).map_err(|e| e.to_string())?;
+    store.manifest_epochs().map_err(|e| e.to_string())
+}
+
+/// For a directory whose run finished: make sure every output holds what the
+/// final checkpoint committed (a crash between its commit and its append left
+/// the append undone; appending is idempotent).
+pub fn complete_finished(dir: &Path) -> Result<(), String> {
+    let store = CheckpointDir::open(dir).map_err(|e| e.to_string())?;
+    let epochs = store.manifest_epochs().map_err(|e| e.to_string())?;
+    for &epoch in epochs.iter().rev() {
+        if let Ok(manifest) = read_manifest(&store, epoch) {
+            if !manifest.finished {
+                return Err(format!("the run in {} has not finished", dir.display()));
+            }
+            for output in &manifest.outputs {
+                let staged: Vec<StagedRef> = output.staged.iter().map(|s| s.staged()).collect();
+                store
+                    .append_output(Path::new(&output.path), output.len_before, &staged)
+                    .map_err(|e| format!("completing output {}: {e}", output.path))?;
+            }
+            return Ok(());
+        }
+    }
+    Err(format!("no readable checkpoint in {}", dir.display()))
+}
+
 fn read_manifest(store: &CheckpointDir, epoch: u64) -> Result<Manifest, String> {
     let bytes = store.read_manifest(epoch).map_err(|e| e.to_string())?;
     crate::actor::decode_state::<Manifest>(&bytes)
@@ -304,6 +355,7 @@ pub struct Checkpointer {
     error: Mutex<Option<String>>,
     /// Filled by `open`, moved to the thread at `start`.
     committed: Mutex<Option<Committed>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     first_epoch: u64,
     /// Actors whose input had ended at the restored checkpoint.
     ended: Vec<ActorKey>,
@@ -408,7 +460,7 @@ impl Checkpointer {
         let (live_chunks, live_staged) = live_files(&committed.kept);
         let keep: Vec<u64> = committed.kept.iter().map(|m| m.epoch).collect();
         store
-            .retain(&keep, &live_chunks, &live_staged)
+            .retain(&keep, &live_chunks, Some(&live_staged))
             .map_err(|e| format!("cleaning {}: {e}", dir.display()))?;
         let first_epoch = epochs.last().copied().unwrap_or(0) + 1;
         Ok(Checkpointer {
@@ -423,6 +475,7 @@ impl Checkpointer {
             finished: AtomicBool::new(false),
             error: Mutex::new(None),
             committed: Mutex::new(Some(committed)),
+            thread: Mutex::new(None),
             first_epoch,
             ended,
         })
@@ -438,10 +491,11 @@ impl Checkpointer {
             .take()
             .expect("a checkpointer starts once");
         let this = self.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("checkpoint-{}", self.shape.job))
             .spawn(move || this.run(committed, actors, sources))
             .expect("spawning the checkpoint thread");
+        *self.thread.lock().expect("checkpointer poisoned") = Some(thread);
     }
 
     /// Actors whose input had ended at the restored checkpoint: they will not
@@ -474,9 +528,15 @@ impl Checkpointer {
             .remove(&actor)
     }
 
+    /// Stop the thread (after the commit it may be in) and wait for it: from
+    /// then on nothing writes to the data directory for this job.
     pub(crate) fn stop(&self) {
         self.inbox.lock().expect("checkpointer poisoned").stop = true;
         self.wake.notify_one();
+        let thread = self.thread.lock().expect("checkpointer poisoned").take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
     }
 
     /// The final manifest is committed (every output holds all its rows).
@@ -793,12 +853,24 @@ impl Checkpointer {
         carry.staged.clear();
         committed.table = table;
         committed.kept.push_back(manifest);
+        let mut dropped = VecDeque::new();
         while committed.kept.len() > MANIFESTS_KEPT {
-            committed.kept.pop_front();
+            dropped.extend(committed.kept.pop_front());
         }
         let (live_chunks, live_staged) = live_files(&committed.kept);
         let keep: Vec<u64> = committed.kept.iter().map(|m| m.epoch).collect();
-        if let Err(e) = self.store.retain(&keep, &live_chunks, &live_staged) {
+        // Sinks are writing staged files of checkpoints to come: only those of
+        // dropped manifests go.
+        let (_, dropped_staged) = live_files(&dropped);
+        let dead: Vec<String> = dropped_staged
+            .into_iter()
+            .filter(|f| !live_staged.contains(f))
+            .collect();
+        let cleaned = self
+            .store
+            .retain(&keep, &live_chunks, None)
+            .and_then(|()| self.store.remove_staged(&dead));
+        if let Err(e) = cleaned {
             eprintln!("warning: cleaning old checkpoints: {e}");
         }
         let mut stats = self.stats.lock().expect("checkpointer poisoned");
@@ -950,4 +1022,107 @@ fn describe_mismatch(saved: &Shape, now: &Shape) -> String {
         names(saved),
         names(now)
     )
+}
+
+/// Exactly-once output for a sink partition: rows go to a staged file of the
+/// data directory (through a spool thread, so the shard makes no write or
+/// open call), one file per checkpoint; [`StagedOutput::seal`] hands the
+/// current file over as a [`Sealed`], whose rows reach `output` only when that
+/// checkpoint commits.
+pub struct StagedOutput {
+    store: CheckpointDir,
+    output: PathBuf,
+    prefix: String,
+    sealed: u64,
+    current: Option<(Spool, Arc<Mutex<LazyStaged>>)>,
+}
+
+/// The staged file a spool writes, created on the spool's thread at its first
+/// write.
+struct LazyStaged {
+    store: CheckpointDir,
+    name: String,
+    writer: Option<StagedWriter>,
+}
+
+impl LazyStaged {
+    fn writer(&mut self) -> std::io::Result<&mut StagedWriter> {
+        if self.writer.is_none() {
+            let writer = self
+                .store
+                .staged_writer(&self.name)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            self.writer = Some(writer);
+        }
+        Ok(self.writer.as_mut().expect("made above"))
+    }
+}
+
+/// What the spool writes through.
+struct SharedStaged(Arc<Mutex<LazyStaged>>);
+
+impl std::io::Write for SharedStaged {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("staged lock").writer()?.write(bytes)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match &mut self.0.lock().expect("staged lock").writer {
+            Some(writer) => writer.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl StagedOutput {
+    /// Staged output for `output`; `name` tells this partition's files apart
+    /// (e.g. `sink-3`): each file is `<name>-<process>-<n>`, so a rerun never
+    /// reuses a name a kept checkpoint refers to.
+    pub fn new(data_dir: &Path, output: PathBuf, name: &str) -> Result<StagedOutput, String> {
+        let store = CheckpointDir::open(data_dir).map_err(|e| e.to_string())?;
+        let run = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Ok(StagedOutput {
+            store,
+            output,
+            prefix: format!("{name}-{}-{run:x}", std::process::id()),
+            sealed: 0,
+            current: None,
+        })
+    }
+
+    /// Stage `bytes` (whole lines) for the current checkpoint.
+    pub fn write(&mut self, bytes: &[u8]) {
+        let (spool, _) = self.current.get_or_insert_with(|| {
+            let lazy = Arc::new(Mutex::new(LazyStaged {
+                store: self.store.clone(),
+                name: format!("{}-{}", self.prefix, self.sealed),
+                writer: None,
+            }));
+            let out: Box<dyn std::io::Write + Send> = Box::new(SharedStaged(lazy.clone()));
+            let target = format!("staged output for {}", self.output.display());
+            (Spool::new(out, &target, SPOOL_BUFFERS_MAX), lazy)
+        });
+        let mut buffer = spool.buffer();
+        buffer.extend_from_slice(bytes);
+        spool.write(buffer);
+    }
+
+    /// Everything staged since the last seal, as one [`Sealed`] (none if
+    /// nothing was written).
+    pub fn seal(&mut self) -> Vec<Sealed> {
+        let Some((mut spool, lazy)) = self.current.take() else {
+            return Vec::new();
+        };
+        self.sealed += 1;
+        vec![Sealed {
+            output: self.output.clone(),
+            finish: Box::new(move || {
+                spool.finish()?;
+                let writer = lazy.lock().expect("staged lock").writer.take();
+                let writer = writer.ok_or("a staged file was sealed before it was made")?;
+                writer.finish().map_err(|e| e.to_string())
+            }),
+        }]
+    }
 }

@@ -381,6 +381,22 @@ impl Registry {
         }
     }
 
+    /// Stop every job's checkpointer (see `Dataflow::shutdown`).
+    pub fn stop_checkpoints(&self) {
+        let plans: Vec<_> = self
+            .plans
+            .read()
+            .expect("plan registry poisoned")
+            .values()
+            .cloned()
+            .collect();
+        for plan in plans {
+            if let Some(checkpointer) = &plan.checkpointer {
+                checkpointer.stop();
+            }
+        }
+    }
+
     /// Jobs whose plans are registered (submitted and not yet retired).
     pub fn jobs(&self) -> usize {
         self.plans.read().expect("plan registry poisoned").len()
@@ -586,7 +602,11 @@ impl Dataflow {
         self.runtime.stats()
     }
 
+    /// Stop the shards. Jobs still running stop where they are; a job taking
+    /// checkpoints keeps its last committed one (its checkpointer is stopped
+    /// first, so nothing writes to its data directory after this returns).
     pub fn shutdown(self) {
+        self.registry.stop_checkpoints();
         self.runtime.shutdown();
     }
 }

@@ -441,7 +441,7 @@ fn retain_deletes_exactly_the_dead_files_of_this_layer() {
     let live_chunks: HashSet<String> = ["c2".to_string(), "c3".to_string()].into();
     let live_staged: HashSet<String> = ["s2".to_string()].into();
     for round in 0..2 {
-        dir.retain(&[3], &live_chunks, &live_staged).unwrap();
+        dir.retain(&[3], &live_chunks, Some(&live_staged)).unwrap();
         assert_eq!(
             names(&checkpoints),
             [
@@ -466,7 +466,8 @@ fn retain_deletes_exactly_the_dead_files_of_this_layer() {
     assert_eq!(dir.read_manifest(3).unwrap(), b"m");
 
     // Nothing kept: every file of the layer goes.
-    dir.retain(&[], &HashSet::new(), &HashSet::new()).unwrap();
+    dir.retain(&[], &HashSet::new(), Some(&HashSet::new()))
+        .unwrap();
     assert!(dir.manifest_epochs().unwrap().is_empty());
     assert!(names(dir.staged_dir()).is_empty());
     fs::remove_dir_all(&root).unwrap();

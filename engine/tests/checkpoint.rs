@@ -1,0 +1,441 @@
+//! Checkpoints of a real (threaded) engine, checked exactly against a plain
+//! reference: a job stopped after some checkpoints and resumed from its data
+//! directory writes exactly the rows of an uninterrupted run (as a multiset),
+//! over several stop points and shard counts, also while its actors migrate;
+//! a corrupt or truncated manifest, snapshot chunk or staged output file is
+//! detected and the one checkpoint before is used; a full disk fails
+//! checkpoints and the job runs on. (Kill -9 of the real binary is
+//! `tests/recovery.rs` at the top of the repository.)
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dirigo_engine::dataflow::checkpoint::{
+    self, CheckpointOptions, CheckpointStats, Faults, Sealed, StagedOutput,
+};
+use dirigo_engine::dataflow::ops::{Count, WindowSpec};
+use dirigo_engine::dataflow::{Dataflow, DataflowConfig, Job, Sink, Source, SourceBatch};
+use dirigo_engine::ShardId;
+
+const EVENTS: u64 = 120_000;
+const WINDOW_MS: i64 = 50;
+const KEYS: u64 = 500;
+
+#[derive(Clone, Debug)]
+struct Reading {
+    key: u64,
+    time_ms: i64,
+}
+
+fn reading(n: u64) -> Reading {
+    let mix = n.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(23);
+    Reading {
+        key: mix % KEYS,
+        time_ms: (n / 20) as i64,
+    }
+}
+
+/// Readings `part, part + parts, ...`; its position is the next number.
+struct Readings {
+    next: u64,
+    step: u64,
+}
+
+impl Source<Reading> for Readings {
+    fn next_batch(&mut self, max: usize, out: &mut Vec<Reading>) -> SourceBatch {
+        for _ in 0..max {
+            if self.next >= EVENTS {
+                return SourceBatch::Done;
+            }
+            out.push(reading(self.next));
+            self.next += self.step;
+        }
+        SourceBatch::More {
+            watermark_ms: reading(self.next - self.step).time_ms,
+        }
+    }
+    fn position(&self) -> Option<Vec<u8>> {
+        Some(self.next.to_le_bytes().to_vec())
+    }
+    fn seek(&mut self, position: &[u8]) -> Result<(), String> {
+        let bytes: [u8; 8] = position.try_into().map_err(|_| "not 8 bytes")?;
+        self.next = u64::from_le_bytes(bytes);
+        Ok(())
+    }
+}
+
+/// Rows as lines, staged in the data directory (exactly once).
+struct Lines(StagedOutput);
+
+impl Sink<(u64, i64, u64)> for Lines {
+    fn write(&mut self, records: &[(u64, i64, u64)]) {
+        let mut text = String::new();
+        for (key, start, n) in records {
+            text.push_str(&format!("{key},{start},{n}\n"));
+        }
+        self.0.write(text.as_bytes());
+    }
+    fn seal(&mut self, _epoch: u64) -> Result<Vec<Sealed>, String> {
+        Ok(self.0.seal())
+    }
+}
+
+fn job(dir: &Path, output: &Path, faults: Faults, rate: u64) -> Job {
+    let mut job = Job::new("counts", Duration::from_millis(50));
+    job.rate(Some(rate)).source_batch_records(256);
+    let mut options = CheckpointOptions::new(dir, Duration::from_millis(25));
+    options.faults = faults;
+    job.checkpoints(options);
+    let (dir, output) = (dir.to_path_buf(), output.to_path_buf());
+    job.source(
+        "readings",
+        2,
+        Arc::new(|p, n| {
+            Box::new(Readings {
+                next: p as u64,
+                step: n as u64,
+            })
+        }),
+    )
+    .key_by(|r: &Reading| r.key)
+    .window_aggregate(
+        "count",
+        3,
+        WindowSpec::Tumbling { size_ms: WINDOW_MS },
+        |r| r.time_ms,
+        |r| r.key,
+        Count::new(|key, (start, _), n| (key, start, n)),
+    )
+    .sink(
+        "out",
+        2,
+        Arc::new(move |p| {
+            let staged = StagedOutput::new(&dir, output.clone(), &format!("out-{p}")).unwrap();
+            Box::new(Lines(staged))
+        }),
+    );
+    job
+}
+
+/// Every `(key, window, count)` line of an uninterrupted run, sorted.
+fn reference() -> Vec<String> {
+    let mut counts = BTreeMap::new();
+    for n in 0..EVENTS {
+        let r = reading(n);
+        *counts
+            .entry((r.key, r.time_ms - r.time_ms.rem_euclid(WINDOW_MS)))
+            .or_insert(0u64) += 1;
+    }
+    let mut lines: Vec<String> = counts
+        .into_iter()
+        .map(|((key, start), n)| format!("{key},{start},{n}"))
+        .collect();
+    lines.sort();
+    lines
+}
+
+fn lines_of(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    lines.sort();
+    lines
+}
+
+/// `part` is a sub-multiset of `whole` (both sorted).
+fn is_part_of(part: &[String], whole: &[String]) -> bool {
+    let mut whole = whole.iter().peekable();
+    part.iter().all(|line| {
+        while let Some(w) = whole.peek() {
+            if *w < line {
+                whole.next();
+            } else {
+                break;
+            }
+        }
+        whole.next() == Some(line)
+    })
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dirigo-ckpt-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+enum Until {
+    /// Stop the engine once this many checkpoints committed in this run.
+    Checkpoints(u64),
+    End,
+}
+
+/// Run the job on `shards` until `until`; with `migrate`, a thread moves its
+/// actors between shards all along. Returns the run's checkpoint stats.
+fn run(
+    shards: usize,
+    data: &Path,
+    output: &Path,
+    until: Until,
+    migrate: bool,
+    faults: Faults,
+) -> Result<CheckpointStats, String> {
+    // Slower with migrations, so that checkpoints commit before the end.
+    let rate = if migrate { 60_000 } else { 300_000 };
+    let mut config = DataflowConfig::default();
+    config.runtime.shards = shards;
+    config.runtime.oversubscribe = true;
+    let mut dataflow = Dataflow::start(config).unwrap();
+    let handle = dataflow.submit(job(data, output, faults, rate))?;
+    let dataflow = Arc::new(dataflow);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mover = migrate.then(|| {
+        let (dataflow, stop) = (dataflow.clone(), stop.clone());
+        let actors = dataflow.actors(handle.id);
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n = n
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let actor = actors[(n >> 33) as usize % actors.len()];
+                dataflow.migrate(actor, ShardId(((n >> 17) % shards as u64) as u16));
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        })
+    });
+    let started = Instant::now();
+    let outcome = loop {
+        assert!(started.elapsed() < Duration::from_secs(60), "run hangs");
+        let stats = handle.checkpoint_stats().unwrap();
+        if handle.is_done() {
+            break match handle.wait(Duration::from_secs(1)) {
+                Ok(_) => Ok(stats),
+                Err(e) => Err(e),
+            };
+        }
+        if let Until::Checkpoints(n) = until {
+            if stats.completed >= n {
+                break Ok(stats);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    stop.store(true, Ordering::Relaxed);
+    if let Some(mover) = mover {
+        mover.join().unwrap();
+    }
+    let dataflow = Arc::into_inner(dataflow).expect("the mover is gone");
+    dataflow.shutdown();
+    // The stats as of the stop (the last commit may have landed since).
+    outcome.map(|stats| handle.checkpoint_stats().unwrap_or(stats))
+}
+
+#[test]
+fn a_stopped_job_resumes_to_exactly_the_uninterrupted_output() {
+    let expected = reference();
+    for shards in [1usize, 2, 3] {
+        for stop_after in [1u64, 3] {
+            let dir = temp_dir(&format!("resume-{shards}-{stop_after}"));
+            let (data, output) = (dir.join("data"), dir.join("out.txt"));
+            let first = run(
+                shards,
+                &data,
+                &output,
+                Until::Checkpoints(stop_after),
+                false,
+                Faults::default(),
+            )
+            .unwrap();
+            eprintln!(
+                "plain shards {shards}: {} committed, p50 {} p99 {} ms, align p99 {} us",
+                first.completed,
+                first.checkpoint_ms.value_at_quantile(0.5),
+                first.checkpoint_ms.value_at_quantile(0.99),
+                first.alignment_us.value_at_quantile(0.99)
+            );
+            assert!(first.completed >= stop_after);
+            // Only committed rows are in the output, all of them rows of the
+            // uninterrupted run.
+            let partial = lines_of(&output);
+            assert!(
+                partial.len() < expected.len(),
+                "shards {shards}: the run was stopped before its end"
+            );
+            assert!(is_part_of(&partial, &expected), "uncommitted or wrong rows");
+            let second = run(shards, &data, &output, Until::End, false, Faults::default()).unwrap();
+            assert_eq!(
+                second.restored_epoch,
+                Some(first.last_epoch).filter(|&e| e > 0)
+            );
+            assert_eq!(
+                lines_of(&output),
+                expected,
+                "shards {shards} stop after {stop_after}"
+            );
+            // The run has finished: submitting it again says so.
+            let again = run(shards, &data, &output, Until::End, false, Faults::default());
+            let error = again.err().expect("a finished run does not start again");
+            assert!(error.contains("already finished"), "{error}");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+#[test]
+fn checkpoints_taken_while_actors_migrate_restore_exactly() {
+    let expected = reference();
+    for shards in [2usize, 3] {
+        let dir = temp_dir(&format!("migrate-{shards}"));
+        let (data, output) = (dir.join("data"), dir.join("out.txt"));
+        let first = run(
+            shards,
+            &data,
+            &output,
+            Until::Checkpoints(4),
+            true,
+            Faults::default(),
+        )
+        .unwrap();
+        eprintln!(
+            "shards {shards}: {} committed, {} failed, p99 {} ms, last error {:?}",
+            first.completed,
+            first.failed,
+            first.checkpoint_ms.value_at_quantile(0.99),
+            first.last_error
+        );
+        assert!(first.completed >= 4, "checkpoints commit while actors move");
+        assert_eq!(first.failed, 0, "{:?}", first.last_error);
+        run(shards, &data, &output, Until::End, true, Faults::default()).unwrap();
+        assert_eq!(lines_of(&output), expected, "shards {shards}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// What to damage, and how.
+#[derive(Clone, Copy, Debug)]
+enum Damage {
+    Truncate,
+    FlipBit,
+}
+
+fn damage(path: &Path, how: Damage) {
+    let mut bytes = std::fs::read(path).unwrap();
+    assert!(!bytes.is_empty(), "{} is empty", path.display());
+    match how {
+        Damage::Truncate => bytes.truncate(bytes.len() / 2),
+        Damage::FlipBit => {
+            let at = bytes.len() * 2 / 3;
+            bytes[at] ^= 0x10;
+        }
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_corrupt_checkpoint_file_falls_back_to_the_checkpoint_before() {
+    let expected = reference();
+    for kind in ["manifest", "chunk", "staged"] {
+        for how in [Damage::Truncate, Damage::FlipBit] {
+            let dir = temp_dir(&format!("corrupt-{kind}-{how:?}"));
+            let (data, output) = (dir.join("data"), dir.join("out.txt"));
+            run(
+                2,
+                &data,
+                &output,
+                Until::Checkpoints(3),
+                false,
+                Faults::default(),
+            )
+            .unwrap();
+            let epochs = checkpoint::manifest_epochs(&data).unwrap();
+            assert_eq!(epochs.len(), 2, "the last two checkpoints are kept");
+            let (newest, before) = (epochs[1], epochs[0]);
+            let (chunks, staged) = checkpoint::manifest_files(&data, newest).unwrap();
+            let (older_chunks, _) = checkpoint::manifest_files(&data, before).unwrap();
+            let target = match kind {
+                "manifest" => data
+                    .join("checkpoints")
+                    .join(format!("MANIFEST-{newest:020}")),
+                "chunk" => {
+                    let only_newest = chunks.iter().find(|c| !older_chunks.contains(c));
+                    data.join("checkpoints")
+                        .join(only_newest.expect("the newest checkpoint wrote a chunk"))
+                }
+                _ => data
+                    .join("staged")
+                    .join(staged.first().expect("the newest checkpoint staged rows")),
+            };
+            damage(&target, how);
+            let resumed = run(2, &data, &output, Until::End, false, Faults::default())
+                .unwrap_or_else(|e| panic!("{kind} {how:?}: {e}"));
+            assert_eq!(
+                resumed.restored_epoch,
+                Some(before),
+                "{kind} {how:?}: falls back to the checkpoint before"
+            );
+            assert!(
+                resumed
+                    .warnings
+                    .iter()
+                    .any(|w| w.contains(&newest.to_string())),
+                "{kind} {how:?}: the fallback is reported: {:?}",
+                resumed.warnings
+            );
+            assert_eq!(lines_of(&output), expected, "{kind} {how:?}");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+#[test]
+fn with_every_checkpoint_unreadable_the_job_refuses_to_start() {
+    let dir = temp_dir("all-corrupt");
+    let (data, output) = (dir.join("data"), dir.join("out.txt"));
+    run(
+        2,
+        &data,
+        &output,
+        Until::Checkpoints(3),
+        false,
+        Faults::default(),
+    )
+    .unwrap();
+    for epoch in checkpoint::manifest_epochs(&data).unwrap() {
+        let path = data
+            .join("checkpoints")
+            .join(format!("MANIFEST-{epoch:020}"));
+        damage(&path, Damage::FlipBit);
+    }
+    let error = run(2, &data, &output, Until::End, false, Faults::default())
+        .err()
+        .expect("no readable checkpoint: no start");
+    assert!(error.contains("no checkpoint"), "{error}");
+    assert!(
+        error.contains("--fresh"),
+        "the error says what to do: {error}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_full_disk_fails_checkpoints_and_the_next_one_succeeds() {
+    let expected = reference();
+    let dir = temp_dir("enospc");
+    let (data, output) = (dir.join("data"), dir.join("out.txt"));
+    // The first three snapshot or manifest writes find the disk full.
+    let faults = Faults::enospc(3);
+    let stats = run(2, &data, &output, Until::End, false, faults.clone()).unwrap();
+    assert_eq!(faults.enospc_pending(), 0, "every armed fault was hit");
+    assert!(stats.failed >= 1, "the failed checkpoints are reported");
+    let error = stats.last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains("No space left") || error.contains("os error 28"),
+        "{error}"
+    );
+    assert!(stats.completed >= 1, "later checkpoints succeed");
+    assert_eq!(lines_of(&output), expected);
+    let _ = std::fs::remove_dir_all(&dir);
+}
