@@ -1,19 +1,21 @@
 //! Whole dataflows under the deterministic simulator: a typed job (source ->
 //! filter -> keyed windowed count -> sink, and a two-phase maximum from the same
 //! source) runs on several simulated shards while its actors are migrated at
-//! random and idle actors are deactivated and brought back, over many seeds and
+//! random and idle actors (window operators holding state included: their key
+//! groups go to the store) are deactivated and brought back, over many seeds and
 //! shard counts; every run's output is checked exactly against a plain reference.
 //! All time is the simulator's clock (the sources are paced by it).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dirigo_engine::dataflow::ops::{Count, MaxWithTies, WindowSpec};
 use dirigo_engine::dataflow::{DataMsg, Job, Registry, Sink, Source, SourceBatch};
 use dirigo_engine::runtime::sim::{Sim, SimRng};
-use dirigo_engine::runtime::{MemoryStateStore, ShardConfig};
-use dirigo_engine::{JobId, ShardId};
+use dirigo_engine::runtime::{MemoryStateStore, ShardConfig, StateStore};
+use dirigo_engine::{ActorId, JobId, ShardId};
 
 const EVENTS: u64 = 6_000;
 const WINDOW_MS: i64 = 100;
@@ -162,7 +164,40 @@ fn reference(seed: u64) -> (Vec<CountRow>, Vec<MaxRow>) {
     (counts, maxima)
 }
 
+/// The memory store, counting what keyed stages (with their window state)
+/// put there while the job ran: deactivations of stateful operators mid-job.
+#[derive(Default)]
+struct Recording {
+    inner: MemoryStateStore,
+    stateful_puts: AtomicU64,
+    running: AtomicBool,
+}
+
+/// Stages of `job` whose operators keep window state: count, max-partial,
+/// max-merge.
+const STATEFUL_STAGES: [u32; 3] = [1, 3, 4];
+
+impl StateStore for Recording {
+    fn put(&self, id: ActorId, bytes: Vec<u8>) {
+        if self.running.load(Ordering::Relaxed) && STATEFUL_STAGES.contains(&id.operator) {
+            self.stateful_puts.fetch_add(1, Ordering::Relaxed);
+        }
+        self.inner.put(id, bytes)
+    }
+    fn take(&self, id: ActorId) -> Option<Vec<u8>> {
+        self.inner.take(id)
+    }
+    fn remove_job(&self, job: JobId) {
+        self.inner.remove_job(job)
+    }
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+}
+
 struct Outcome {
+    /// Deactivations of keyed stages holding window state, while the job ran.
+    stateful_deactivations: u64,
     migrations: u64,
     deactivations: u64,
     activations: u64,
@@ -179,8 +214,9 @@ fn run(seed: u64, shards: u16) -> Outcome {
         idle_timeout_ns: Some(20_000),
         ..ShardConfig::default()
     };
-    let store = Arc::new(MemoryStateStore::default());
-    let mut sim = Sim::new(shards, config, 16, registry.factory(), store, seed);
+    let store = Arc::new(Recording::default());
+    store.running.store(true, Ordering::Relaxed);
+    let mut sim = Sim::new(shards, config, 16, registry.factory(), store.clone(), seed);
     let counts: Counts = Arc::default();
     let maxima: Maxima = Arc::default();
     let (handle, ticks) = registry
@@ -220,6 +256,7 @@ fn run(seed: u64, shards: u16) -> Outcome {
             _ => {}
         }
     }
+    store.running.store(false, Ordering::Relaxed);
     assert!(
         handle.metrics().error().is_none(),
         "seed {seed}: {:?}",
@@ -253,6 +290,7 @@ fn run(seed: u64, shards: u16) -> Outcome {
         sim.core(ShardId(shard)).deactivate_idle();
     }
     let mut outcome = Outcome {
+        stateful_deactivations: store.stateful_puts.load(Ordering::Relaxed),
         migrations: 0,
         deactivations: deactivations_while_running,
         activations: 0,
@@ -275,6 +313,7 @@ fn run(seed: u64, shards: u16) -> Outcome {
 fn a_dataflow_is_exact_while_its_actors_move_and_deactivate() {
     let mut total_migrations = 0;
     let mut deactivations = 0;
+    let mut stateful = 0;
     let mut reactivations = 0;
     for seed in 1..=30u64 {
         for shards in [1u16, 2, 3] {
@@ -283,11 +322,18 @@ fn a_dataflow_is_exact_while_its_actors_move_and_deactivate() {
             // Activations beyond one per actor are actors brought back.
             reactivations += outcome.activations - outcome.actors;
             deactivations += outcome.deactivations;
+            stateful += outcome.stateful_deactivations;
         }
     }
     eprintln!(
-        "90 runs: {total_migrations} migrations, {deactivations} deactivations while jobs ran, \
-         {reactivations} reactivations"
+        "90 runs: {total_migrations} migrations, {deactivations} deactivations while jobs ran \
+         ({stateful} of keyed stages holding window state), {reactivations} reactivations"
+    );
+    // Window operators went to the store mid-job with their state and came
+    // back with it: the outputs above are exact.
+    assert!(
+        stateful > 50,
+        "only {stateful} deactivations of stateful stages while jobs ran"
     );
     assert!(
         deactivations > 100,
