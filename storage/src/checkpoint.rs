@@ -70,7 +70,11 @@
 //! [`CheckpointDir::retain`] deletes every file of this layer that its
 //! arguments do not name as live, including chunks and staged files of a
 //! checkpoint still being written. The caller must therefore either run it
-//! when no checkpoint is in flight or name the in-flight files as live.
+//! when no checkpoint is in flight or name the in-flight files as live. The
+//! engine runs it in full only at a restore (no sink is writing yet); during
+//! a run it passes `live_staged: None`, which leaves staged files alone, and
+//! deletes the staged files of dropped manifests by name
+//! ([`CheckpointDir::remove_staged`]).
 //! Other calls may run concurrently on distinct names (a `CheckpointDir` is
 //! `Clone` and `Send`); two writers of one name at once are the caller's bug.
 //!

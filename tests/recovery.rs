@@ -1,0 +1,205 @@
+//! Kill -9 of the real binary: `dirigo run ... --data-dir DIR` is killed with
+//! SIGKILL at random points and run again, as a user would after a crash,
+//! until it reports its run finished. After every kill the output file holds
+//! only committed rows (a part of the uninterrupted run's rows); at the end it
+//! holds exactly the rows of an uninterrupted run of the same command, as a
+//! multiset. For q3, q4, q5, q7 and q8, with the file source and with the
+//! paced generator, 5 kill points each (seeded, so a failure reproduces).
+//! Also: a finished run exits 0 and says so, a different command on the same
+//! directory is refused naming the difference, and `--fresh` starts over.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const QUERIES: [&str; 5] = ["q3", "q4", "q5", "q7", "q8"];
+const EVENTS: u64 = 240_000;
+/// Paced: a run takes about 2 s, so kills land all along it.
+const RATE: &str = "120000";
+const KILLS: usize = 5;
+
+fn dirigo() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dirigo"))
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dirigo-recovery-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn sorted_lines(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    lines.sort();
+    lines
+}
+
+/// `part` is a sub-multiset of `whole` (both sorted).
+fn is_part_of(part: &[String], whole: &[String]) -> bool {
+    let mut whole = whole.iter().peekable();
+    part.iter().all(|line| {
+        while whole.peek().is_some_and(|w| *w < line) {
+            whole.next();
+        }
+        whole.next() == Some(line)
+    })
+}
+
+/// `dirigo run QUERY` with `source` arguments, writing to `out`.
+fn run_args(query: &str, source: &[String], out: &Path) -> Vec<String> {
+    let mut args: Vec<String> = vec!["run".into(), query.into(), "--cores".into(), "2".into()];
+    args.extend(source.iter().cloned());
+    args.extend(["--rate".into(), RATE.into()]);
+    args.push(format!("--sink=file:{}", out.display()));
+    args
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// Kill the checkpointed command `KILLS` times at random points, then let it
+/// finish; return the kills that landed before the run ended.
+fn run_with_kills(args: &[String], data: &Path, out: &Path, reference: &[String], rng: &mut Rng) -> usize {
+    let mut args = args.to_vec();
+    args.push(format!("--data-dir={}", data.display()));
+    args.push("--checkpoint-interval=100ms".into());
+    let mut landed = 0;
+    for _ in 0..KILLS {
+        let mut child = dirigo()
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dirigo runs");
+        let kill_at = Duration::from_millis(30 + rng.below(1_500));
+        let started = Instant::now();
+        let mut exited = None;
+        while started.elapsed() < kill_at {
+            if let Some(status) = child.try_wait().unwrap() {
+                exited = Some(status);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        match exited {
+            Some(status) => assert!(status.success(), "{args:?} failed: {status}"),
+            None => {
+                child.kill().expect("SIGKILL"); // std's kill is SIGKILL
+                child.wait().unwrap();
+                landed += 1;
+            }
+        }
+        let partial = sorted_lines(out);
+        assert!(
+            is_part_of(&partial, reference),
+            "{args:?}: after a kill the output holds rows of no uninterrupted run \
+             ({} lines)",
+            partial.len()
+        );
+    }
+    let last = dirigo().args(&args).output().expect("dirigo runs");
+    assert!(
+        last.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&last.stderr)
+    );
+    landed
+}
+
+fn check_source(name: &str, source: Vec<String>, seed: u64) {
+    let dir = temp_dir(name);
+    let mut rng = Rng(seed);
+    let mut landed = 0;
+    for query in QUERIES {
+        let reference_out = dir.join(format!("{query}-reference.jsonl"));
+        let args = run_args(query, &source, &reference_out);
+        let plain = dirigo().args(&args).output().unwrap();
+        assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
+        let reference = sorted_lines(&reference_out);
+        assert!(!reference.is_empty(), "{query} has output to compare");
+        let out = dir.join(format!("{query}.jsonl"));
+        let data = dir.join(format!("{query}-data"));
+        let args = run_args(query, &source, &out);
+        landed += run_with_kills(&args, &data, &out, &reference, &mut rng);
+        assert_eq!(
+            sorted_lines(&out),
+            reference,
+            "{name} {query}: the output after kills differs from an uninterrupted run"
+        );
+    }
+    assert!(
+        landed >= QUERIES.len() * KILLS * 3 / 4,
+        "{name}: only {landed} kills landed before their run ended"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn kill_9_and_resume_with_the_paced_generator_gives_the_uninterrupted_output() {
+    let source = vec![format!("--events={EVENTS}"), "--seed=7".into()];
+    check_source("generator", source, 11);
+}
+
+#[test]
+fn kill_9_and_resume_with_the_file_source_gives_the_uninterrupted_output() {
+    let dir = temp_dir("file-input");
+    let input = dir.join("events.jsonl");
+    let gen = dirigo()
+        .args(["gen", "--events", &EVENTS.to_string(), "--seed", "3", "--out"])
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+    check_source("file", vec![format!("--source=file:{}", input.display())], 29);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_data_directory_knows_its_run() {
+    let dir = temp_dir("identity");
+    let (out, data) = (dir.join("q5.jsonl"), dir.join("data"));
+    let mut args = run_args("q5", &["--events=20000".into()], &out);
+    args.push(format!("--data-dir={}", data.display()));
+    let first = dirigo().args(&args).output().unwrap();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let rows = sorted_lines(&out);
+    // The same command again: finished, exit 0, output untouched.
+    let again = dirigo().args(&args).output().unwrap();
+    assert!(again.status.success());
+    let said = String::from_utf8_lossy(&again.stdout);
+    assert!(said.contains("already finished"), "{said}");
+    assert_eq!(sorted_lines(&out), rows);
+    // Another query on the same directory: refused, naming the difference.
+    let mut other = run_args("q7", &["--events=20000".into()], &out);
+    other.push(format!("--data-dir={}", data.display()));
+    let refused = dirigo().args(&other).output().unwrap();
+    assert!(!refused.status.success());
+    let error = String::from_utf8_lossy(&refused.stderr);
+    assert!(error.contains("query") && error.contains("q5") && error.contains("q7"), "{error}");
+    assert!(error.contains("--fresh"), "{error}");
+    // --fresh discards it and runs the new query.
+    other.push("--fresh".into());
+    let fresh = dirigo().args(&other).output().unwrap();
+    assert!(fresh.status.success(), "{}", String::from_utf8_lossy(&fresh.stderr));
+    assert!(!sorted_lines(&out).is_empty());
+    // stdout cannot be taken back: refused with a data directory.
+    let stdout_sink = dirigo()
+        .args(["run", "q0", "--events=10", "--sink=stdout"])
+        .arg(format!("--data-dir={}", dir.join("other").display()))
+        .output()
+        .unwrap();
+    assert!(!stdout_sink.status.success());
+    assert!(String::from_utf8_lossy(&stdout_sink.stderr).contains("stdout"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
