@@ -26,6 +26,18 @@
 //! the source with the path and line, or, with `skip_malformed`, is counted and
 //! passed over.
 //!
+//! # Replay
+//!
+//! A partition resumes by byte offset ([`Source::position`], [`Source::seek`]):
+//! the position is the start of the line after the last one whose events were
+//! all handed out, with what the checks carry from line to line (the line count
+//! since `read_from`, the watermark, whether the first lines have settled, the
+//! skipped count). Lines held back (a range's first lines, not yet settled) are
+//! not behind the position: a resumed source reads them again, and counts again
+//! any line it skipped among them. At the end of the range the position says
+//! so; after a failure it holds the error, which a resumed source reports again.
+//! The format is [`Position`]'s.
+//!
 //! # Bounds
 //!
 //! Per partition: `read.buffers x read.buffer_bytes` of read buffers (the reader
@@ -41,7 +53,7 @@ use std::sync::Arc;
 use dirigo_engine::dataflow::{Source, SourceBatch};
 use dirigo_storage::read::{self, Chunk, RangeReader, ReadConfig};
 
-use crate::parse::{parse_event, Interner};
+use crate::parse::{parse_event, Interner, TIME_ABS_MAX_MS};
 use crate::Event;
 
 /// How a file source reads and what it accepts.
@@ -118,6 +130,7 @@ impl FileSplit {
             path: self.path.clone(),
             range: range.clone(),
             read_from,
+            file_len: self.len,
             options: self.options,
             reader: None,
             chunk: None,
@@ -125,6 +138,14 @@ impl FileSplit {
             carry_start: 0,
             skip_to_line_end: range.start > 0,
             lines_consumed: 0,
+            resume: Resume {
+                offset: read_from,
+                skip_to_line_end: range.start > 0,
+                lines_consumed: 0,
+                watermark_ms: i64::MIN,
+                anchored: false,
+                skipped: 0,
+            },
             state: State::Reading,
             parse: LineState {
                 interner: Interner::default(),
@@ -140,10 +161,7 @@ impl FileSplit {
             source.state = State::Done;
             return source;
         }
-        match RangeReader::spawn(&self.path, read_from..self.len, self.options.read) {
-            Ok(reader) => source.reader = Some(reader),
-            Err(e) => source.state = State::Failed(e),
-        }
+        source.start_reader(read_from);
         source
     }
 }
@@ -152,7 +170,11 @@ impl FileSplit {
 pub struct FileSource {
     path: Arc<PathBuf>,
     range: Range<u64>,
+    /// Where the partition's reading starts (line numbers count from here).
     read_from: u64,
+    /// The file's length, as planned: the reader reads on to it (the last line
+    /// of a range may end past the range).
+    file_len: u64,
     options: FileOptions,
     reader: Option<RangeReader>,
     /// The chunk being parsed: its offset, buffer, valid length and position.
@@ -165,8 +187,25 @@ pub struct FileSource {
     skip_to_line_end: bool,
     /// Line ends consumed since `read_from`.
     lines_consumed: u64,
+    /// Where a resumed source would start: what `position` saves while reading.
+    resume: Resume,
     state: State,
     parse: LineState,
+}
+
+/// A point a source can resume reading at, with the state the line checks had
+/// there: the end of a line whose events (if any) were all handed out, with no
+/// events held (or a partition's start).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Resume {
+    /// A line start, or with `skip_to_line_end` the byte before a partition's
+    /// first line (the partial line before it is skipped).
+    offset: u64,
+    skip_to_line_end: bool,
+    lines_consumed: u64,
+    watermark_ms: i64,
+    anchored: bool,
+    skipped: u64,
 }
 
 struct OpenChunk {
@@ -215,6 +254,31 @@ impl FileSource {
         options: FileOptions,
     ) -> Result<FileSource, String> {
         Ok(FileSplit::plan(path, partitions, options)?.open(partition))
+    }
+
+    /// Starts the reader thread at `offset`; failing to shows up as `Failed`.
+    fn start_reader(&mut self, offset: u64) {
+        match RangeReader::spawn(&self.path, offset..self.file_len, self.options.read) {
+            Ok(reader) => self.reader = Some(reader),
+            Err(e) => self.state = State::Failed(e),
+        }
+    }
+
+    /// The line that ends just before `offset` is done with. A resumed source
+    /// may start at `offset` unless events are held (they were not handed out:
+    /// it must read them again, from the mark before the first of them).
+    fn mark_resume(&mut self, offset: u64) {
+        if !self.parse.held.is_empty() {
+            return;
+        }
+        self.resume = Resume {
+            offset,
+            skip_to_line_end: false,
+            lines_consumed: self.lines_consumed,
+            watermark_ms: self.parse.watermark_ms,
+            anchored: self.parse.anchored,
+            skipped: self.parse.skipped,
+        };
     }
 
     /// Set once this partition's reader thread has exited (`None`: it had none).
@@ -276,8 +340,10 @@ impl FileSource {
                 match newline {
                     Some(i) => {
                         chunk.pos += i + 1;
+                        let next_line = chunk.offset + chunk.pos as u64;
                         self.lines_consumed += 1;
                         self.skip_to_line_end = false;
+                        self.mark_resume(next_line);
                     }
                     None => chunk.pos = chunk.len,
                 }
@@ -315,6 +381,7 @@ impl FileSource {
                 continue;
             };
             chunk.pos += i + 1;
+            let next_line = chunk.offset + chunk.pos as u64;
             self.lines_consumed += 1;
             let line = if self.carry.is_empty() {
                 &rest[..i]
@@ -328,8 +395,9 @@ impl FileSource {
                 self.parse.line(line, line_in_range, out)
             };
             self.carry.clear();
-            if let Err((line, message)) = result {
-                self.fail_at(line, message);
+            match result {
+                Ok(()) => self.mark_resume(next_line),
+                Err((line, message)) => self.fail_at(line, message),
             }
         }
     }
@@ -569,6 +637,237 @@ impl Source<Event> for FileSource {
 
     fn skipped_records(&self) -> u64 {
         self.parse.skipped
+    }
+
+    fn position(&self) -> Option<Vec<u8>> {
+        let at = match &self.state {
+            State::Reading => At::Reading(self.resume),
+            State::Done => At::Done,
+            State::Counting {
+                line_in_range,
+                message,
+                ..
+            } => At::Counting(*line_in_range, message.clone()),
+            State::Failed(text) | State::Reported(text) => At::Failed(text.clone()),
+        };
+        let skipped = match at {
+            At::Reading(resume) => resume.skipped,
+            _ => self.parse.skipped,
+        };
+        let position = Position {
+            range: self.range.clone(),
+            skipped,
+            at,
+        };
+        Some(position.encode())
+    }
+
+    fn seek(&mut self, position: &[u8]) -> Result<(), String> {
+        let path = self.path.display();
+        let position =
+            Position::decode(position).map_err(|e| format!("{path}: file position: {e}"))?;
+        if position.range != self.range {
+            return Err(format!(
+                "{path}: file position: saved for the lines that start in bytes {:?}, \
+                 but this partition's are in {:?} (another partition, or the file changed)",
+                position.range, self.range
+            ));
+        }
+        if let At::Reading(resume) = position.at {
+            if resume.offset < self.read_from || resume.offset > self.file_len {
+                return Err(format!(
+                    "{path}: file position: offset {} is outside bytes {}..{} this partition reads",
+                    resume.offset, self.read_from, self.file_len
+                ));
+            }
+            if resume.lines_consumed > resume.offset - self.read_from {
+                return Err(format!(
+                    "{path}: file position: {} line ends cannot come in the {} bytes from {} to offset {}",
+                    resume.lines_consumed,
+                    resume.offset - self.read_from,
+                    self.read_from,
+                    resume.offset
+                ));
+            }
+            let watermark_ms = resume.watermark_ms;
+            if watermark_ms != i64::MIN && watermark_ms.unsigned_abs() > TIME_ABS_MAX_MS as u64 {
+                return Err(format!(
+                    "{path}: file position: watermark {watermark_ms} is no event's time"
+                ));
+            }
+        }
+        if let At::Counting(line_in_range, _) = position.at {
+            if line_in_range > self.file_len - self.read_from {
+                return Err(format!(
+                    "{path}: file position: line {line_in_range} of the range cannot be in the {} bytes from {}",
+                    self.file_len - self.read_from,
+                    self.read_from
+                ));
+            }
+        }
+        // Drops the reader `open` started (its read-ahead is lost, once).
+        self.stop_reading();
+        self.parse.held.clear();
+        self.parse.skipped = position.skipped;
+        match position.at {
+            At::Reading(resume) => {
+                self.resume = resume;
+                self.skip_to_line_end = resume.skip_to_line_end;
+                self.lines_consumed = resume.lines_consumed;
+                self.parse.watermark_ms = resume.watermark_ms;
+                self.parse.anchored = resume.anchored;
+                self.state = State::Reading;
+                self.start_reader(resume.offset);
+            }
+            At::Done => self.state = State::Done,
+            At::Counting(line_in_range, message) => self.fail_at(line_in_range, message),
+            At::Failed(text) => self.state = State::Failed(text),
+        }
+        Ok(())
+    }
+}
+
+/// A file source's position, as [`Source::position`] saves it.
+///
+/// Version 1, little-endian: the version (u8), the kind (u8), the range's
+/// start and end (u64 each: a position fits only the partition that saved it),
+/// the skipped count (u64), then by kind:
+/// - 0, reading: the offset to read from, the line ends from `read_from` to it
+///   (u64 each), the watermark (i64), flags (u8: 1 skip to the first line end,
+///   2 the first lines have settled). 51 bytes.
+/// - 1, done: nothing more. 26 bytes.
+/// - 2, failed at a line whose absolute number is still to be counted: the line
+///   in range (u64), the message (UTF-8, the rest).
+/// - 3, failed: the error (UTF-8, the rest).
+#[derive(Debug, PartialEq)]
+struct Position {
+    range: Range<u64>,
+    skipped: u64,
+    at: At,
+}
+
+#[derive(Debug, PartialEq)]
+enum At {
+    Reading(Resume),
+    Done,
+    Counting(u64, String),
+    Failed(String),
+}
+
+const POSITION_VERSION: u8 = 1;
+/// Version, kind, range, skipped.
+const POSITION_HEAD_BYTES: usize = 1 + 1 + 8 + 8 + 8;
+const POSITION_READING_BYTES: usize = POSITION_HEAD_BYTES + 8 + 8 + 8 + 1;
+const SKIP_TO_LINE_END: u8 = 1;
+const ANCHORED: u8 = 2;
+
+impl Position {
+    fn encode(&self) -> Vec<u8> {
+        let kind = match self.at {
+            At::Reading(_) => 0,
+            At::Done => 1,
+            At::Counting(..) => 2,
+            At::Failed(_) => 3,
+        };
+        let mut bytes = Vec::with_capacity(POSITION_READING_BYTES);
+        bytes.extend_from_slice(&[POSITION_VERSION, kind]);
+        for field in [self.range.start, self.range.end, self.skipped] {
+            bytes.extend_from_slice(&field.to_le_bytes());
+        }
+        match &self.at {
+            At::Reading(resume) => {
+                bytes.extend_from_slice(&resume.offset.to_le_bytes());
+                bytes.extend_from_slice(&resume.lines_consumed.to_le_bytes());
+                bytes.extend_from_slice(&resume.watermark_ms.to_le_bytes());
+                let flags = if resume.skip_to_line_end {
+                    SKIP_TO_LINE_END
+                } else {
+                    0
+                } | if resume.anchored { ANCHORED } else { 0 };
+                bytes.push(flags);
+            }
+            At::Done => {}
+            At::Counting(line_in_range, message) => {
+                bytes.extend_from_slice(&line_in_range.to_le_bytes());
+                bytes.extend_from_slice(message.as_bytes());
+            }
+            At::Failed(text) => bytes.extend_from_slice(text.as_bytes()),
+        }
+        bytes
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Position, String> {
+        if bytes.len() < POSITION_HEAD_BYTES {
+            return Err(format!(
+                "{} bytes, expected at least {POSITION_HEAD_BYTES} bytes",
+                bytes.len()
+            ));
+        }
+        if bytes[0] != POSITION_VERSION {
+            return Err(format!(
+                "version {}, expected version {POSITION_VERSION}",
+                bytes[0]
+            ));
+        }
+        // At 2 and 10 the range, at 18 the skipped count, at 26 the kind's fields
+        // (lengths are checked before a field is read).
+        let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
+        let exactly = |kind: &str, want: usize| {
+            if bytes.len() == want {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} bytes for a {kind} position, expected {want} bytes",
+                    bytes.len()
+                ))
+            }
+        };
+        let text = |at: usize| {
+            String::from_utf8(bytes[at..].to_vec())
+                .map_err(|e| format!("the error at byte {at} is not UTF-8: {e}"))
+        };
+        let at = match bytes[1] {
+            0 => {
+                exactly("reading", POSITION_READING_BYTES)?;
+                let flags = bytes[POSITION_READING_BYTES - 1];
+                if flags & !(SKIP_TO_LINE_END | ANCHORED) != 0 {
+                    return Err(format!("flags {flags:#04x}, expected only bits 0x03"));
+                }
+                At::Reading(Resume {
+                    offset: u64_at(26),
+                    lines_consumed: u64_at(34),
+                    watermark_ms: u64_at(42) as i64,
+                    skip_to_line_end: flags & SKIP_TO_LINE_END != 0,
+                    anchored: flags & ANCHORED != 0,
+                    skipped: u64_at(18),
+                })
+            }
+            1 => {
+                exactly("done", POSITION_HEAD_BYTES)?;
+                At::Done
+            }
+            2 => {
+                if bytes.len() < POSITION_HEAD_BYTES + 8 {
+                    return Err(format!(
+                        "{} bytes for a failed-at-a-line position, expected at least {} bytes",
+                        bytes.len(),
+                        POSITION_HEAD_BYTES + 8
+                    ));
+                }
+                At::Counting(u64_at(26), text(34)?)
+            }
+            3 => At::Failed(text(26)?),
+            kind => return Err(format!("kind {kind}, expected 0 to 3")),
+        };
+        let (start, end) = (u64_at(2), u64_at(10));
+        if start > end {
+            return Err(format!("range {start}..{end} is backwards"));
+        }
+        Ok(Position {
+            range: start..end,
+            skipped: u64_at(18),
+            at,
+        })
     }
 }
 
@@ -982,5 +1281,339 @@ mod tests {
                 assert_eq!(error.is_none(), accepted, "{context}");
             }
         }
+    }
+
+    /// A file of up to 40 lines of every kind a range meets: good events, empty and
+    /// whitespace lines, malformed JSON, over-long lines, events earlier than
+    /// the line before or days ahead of it (also among a range's first lines,
+    /// where they are held), CRLF ends and a last line without one.
+    fn bumpy_file(rng: &mut Rng, max_line_bytes: usize) -> Vec<u8> {
+        let day_ms = 86_400_000;
+        let mut bytes = Vec::new();
+        let mut t = 1_000_000;
+        let count = rng.below(40);
+        for number in 1..=count {
+            match rng.below(16) {
+                0 => {}
+                1 => bytes.extend_from_slice(b"  \r"),
+                2 => bytes.extend_from_slice(b"{\"type\":\"bid\"}"),
+                3 => bytes.extend_from_slice(&bid_line(t, max_line_bytes)),
+                4 => bytes.extend_from_slice(&bid_line(t - 1 - rng.below(100) as i64, 3)),
+                5 => bytes.extend_from_slice(&bid_line(t + 2 * day_ms, 3)),
+                _ => {
+                    t += rng.below(3) as i64;
+                    bytes.extend_from_slice(&bid_line(t, rng.below(40) as usize));
+                }
+            }
+            if !(number == count && rng.below(2) == 0) {
+                bytes.extend_from_slice(if rng.below(2) == 0 { b"\r\n" } else { b"\n" });
+            }
+        }
+        bytes
+    }
+
+    /// Read buffers mostly shorter than a line (lines are carried from chunk to
+    /// chunk), a few of a byte or two, some longer than a line.
+    fn small_buffer(rng: &mut Rng) -> usize {
+        match rng.below(8) {
+            0 => 1 + rng.below(2) as usize,
+            1 | 2 => 150 + rng.below(300) as usize,
+            _ => 8 + rng.below(120) as usize,
+        }
+    }
+
+    /// A fresh source of `partition` resumed at `position`; its position is
+    /// the one it was given until it reads.
+    fn resumed(split: &FileSplit, partition: u32, position: &[u8]) -> FileSource {
+        let mut source = split.open(partition);
+        source.seek(position).unwrap();
+        assert_eq!(source.position().as_deref(), Some(position));
+        source
+    }
+
+    /// For cuts before the first batch, after every batch that handed out
+    /// events, at the end and after random other calls (so also while a line is
+    /// carried between chunks, an over-long one skipped, or first lines held):
+    /// the events up to the cut, then those of a fresh source sought to the
+    /// cut's position, are exactly the uninterrupted partition's, with the same
+    /// error (same text, absolute line numbers in later partitions) and the same
+    /// skipped count.
+    #[test]
+    fn file_source_resumes_exactly_at_every_cut() {
+        let path = temp_path("resume");
+        let mut rng = Rng(0x5851_f42d_4c95_7f2d);
+        for case in 0..12 {
+            let max_line_bytes = 160;
+            let bytes = bumpy_file(&mut rng, max_line_bytes);
+            std::fs::write(&path, &bytes).unwrap();
+            let configs = [(1, true), (1, false), (2, true), (3, false), (4, true)];
+            for (partitions, skip_malformed) in configs {
+                let options = FileOptions {
+                    skip_malformed,
+                    max_line_bytes,
+                    max_time_jump_ms: 86_400_000,
+                    read: ReadConfig {
+                        buffer_bytes: 8 + rng.below(400) as usize,
+                        buffers: 1 + rng.below(2) as usize,
+                    },
+                };
+                let split = FileSplit::plan(&path, partitions, options).unwrap();
+                for p in 0..partitions {
+                    let max_records = 1 + rng.below(3) as usize;
+                    // One uninterrupted run, its position taken after every call
+                    // as `(events handed out by then, error if it failed, position)`.
+                    let mut source = split.open(p);
+                    let mut cuts = vec![(0, None, source.position().unwrap())];
+                    // Samples of the other calls: those while first lines are
+                    // held, and the rest (with small buffers there are many).
+                    let mut others = [(Vec::new(), 0), (Vec::new(), 0)];
+                    let mut out = Vec::new();
+                    let deadline = Instant::now() + Duration::from_secs(20);
+                    let (want_error, want_skipped) = loop {
+                        assert!(Instant::now() < deadline, "no progress");
+                        let before = out.len();
+                        let batch = source.next_batch(max_records, &mut out);
+                        let error = match &batch {
+                            SourceBatch::Failed(e) => Some(e.clone()),
+                            _ => None,
+                        };
+                        let ended = matches!(batch, SourceBatch::Done | SourceBatch::Failed(_));
+                        if let SourceBatch::More { watermark_ms } = batch {
+                            assert_eq!(watermark_ms, out.last().unwrap().date_time());
+                        }
+                        let cut = (out.len(), error.clone(), source.position().unwrap());
+                        if out.len() > before || ended {
+                            cuts.push(cut);
+                        } else {
+                            let (sample, seen) = &mut others[source.parse.held.is_empty() as usize];
+                            *seen += 1;
+                            if sample.len() < 3 {
+                                sample.push(cut);
+                            } else if let Some(slot) = sample.get_mut(rng.below(*seen) as usize) {
+                                *slot = cut;
+                            }
+                        }
+                        if ended {
+                            break (error, source.skipped_records());
+                        }
+                    };
+                    let [(held, _), (rest, _)] = others;
+                    for (events, error, position) in cuts.into_iter().chain(held).chain(rest) {
+                        let context = format!(
+                            "case {case}, {partitions} partitions, p {p}, skip {skip_malformed}, \
+                             {:?}, cut at {events} events {error:?}, {position:?}: {:?}",
+                            options.read,
+                            String::from_utf8_lossy(&bytes)
+                        );
+                        let (rest, rest_error, skipped) =
+                            drain(resumed(&split, p, &position), max_records);
+                        assert_eq!(
+                            out[..events]
+                                .iter()
+                                .chain(&rest)
+                                .cloned()
+                                .collect::<Vec<_>>(),
+                            out,
+                            "{context}"
+                        );
+                        assert_eq!(rest_error, want_error, "{context}");
+                        assert_eq!(skipped, want_skipped, "{context}");
+                    }
+                }
+            }
+        }
+        std::fs::remove_file(path).unwrap();
+    }
+
+    /// A source replaced by a resumed one after every batch with events (and at
+    /// random calls that moved its position) still reads its partition exactly:
+    /// positions of resumed sources resume too.
+    #[test]
+    fn file_source_resumed_again_and_again_reads_its_partition_exactly() {
+        let path = temp_path("again");
+        let mut rng = Rng(0x1234_5678_9abc_def1);
+        for case in 0..10 {
+            let bytes = bumpy_file(&mut rng, 120);
+            std::fs::write(&path, &bytes).unwrap();
+            for (partitions, skip_malformed) in [(1, true), (3, true), (2, false)] {
+                let options = FileOptions {
+                    skip_malformed,
+                    max_line_bytes: 120,
+                    read: ReadConfig {
+                        buffer_bytes: small_buffer(&mut rng),
+                        buffers: 1,
+                    },
+                    ..FileOptions::default()
+                };
+                let split = FileSplit::plan(&path, partitions, options).unwrap();
+                for p in 0..partitions {
+                    let max_records = 1 + rng.below(3) as usize;
+                    let (want, want_error, want_skipped) = drain(split.open(p), max_records);
+                    // Replaced after every batch with events, and after some of
+                    // the others that moved the position (a line takes many
+                    // calls with small buffers: replaced at each, none would end).
+                    let every = 2 + rng.below(3);
+                    let mut source = split.open(p);
+                    let mut resumed_at = source.position().unwrap();
+                    let mut out = Vec::new();
+                    let deadline = Instant::now() + Duration::from_secs(20);
+                    let error = loop {
+                        assert!(Instant::now() < deadline, "no progress");
+                        let before = out.len();
+                        match source.next_batch(max_records, &mut out) {
+                            SourceBatch::Done => break None,
+                            SourceBatch::Failed(e) => break Some(e),
+                            _ => {
+                                let position = source.position().unwrap();
+                                let moved = position != resumed_at && rng.below(every) == 0;
+                                if out.len() > before || moved {
+                                    source = resumed(&split, p, &position);
+                                    resumed_at = position;
+                                }
+                            }
+                        }
+                    };
+                    let context = format!(
+                        "case {case}, {partitions} partitions, p {p}, skip {skip_malformed}"
+                    );
+                    assert_eq!(out, want, "{context}");
+                    assert_eq!(error, want_error, "{context}");
+                    assert_eq!(source.skipped_records(), want_skipped, "{context}");
+                }
+            }
+        }
+        std::fs::remove_file(path).unwrap();
+    }
+
+    /// A range's first lines are held until they vouch for each other: while
+    /// none was handed out, the position stays at the range's start (counting
+    /// no line skipped among them), whatever was read.
+    #[test]
+    fn held_first_lines_are_not_behind_the_position() {
+        let path = temp_path("held");
+        let day_ms = 86_400_000;
+        let mut bytes = Vec::new();
+        for line in [
+            bid_line(10 * day_ms, 3),
+            b"not json".to_vec(),
+            bid_line(1_000, 3),
+            bid_line(1_001, 3),
+            bid_line(1_002, 3),
+        ] {
+            bytes.extend_from_slice(&line);
+            bytes.push(b'\n');
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        // One-byte reads, so that calls find no chunk ready while lines are held
+        // (tried again in the unlikely case that the reader kept up every time).
+        let options = FileOptions {
+            skip_malformed: true,
+            read: ReadConfig {
+                buffer_bytes: 1,
+                buffers: 1,
+            },
+            ..FileOptions::default()
+        };
+        let split = FileSplit::plan(&path, 1, options).unwrap();
+        let mut held_seen = false;
+        for _ in 0..20 {
+            let mut source = split.open(0);
+            let start = source.position().unwrap();
+            let mut out = Vec::new();
+            while !matches!(source.next_batch(1, &mut out), SourceBatch::Done) {
+                if out.is_empty() && !source.parse.held.is_empty() {
+                    held_seen = true;
+                    assert_eq!(source.position().unwrap(), start);
+                }
+            }
+            let read: Vec<i64> = out.iter().map(Event::date_time).collect();
+            assert_eq!(
+                (read, source.skipped_records()),
+                (vec![1_000, 1_001, 1_002], 2)
+            );
+            if held_seen {
+                break;
+            }
+        }
+        assert!(held_seen, "no call found lines held");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    /// Positions that do not decode, or are another partition's or another
+    /// file's, are refused with the path and what is wrong; none panics.
+    #[test]
+    fn file_source_refuses_positions_that_do_not_fit() {
+        let path = temp_path("refuse");
+        let lines: Vec<Vec<u8>> = (0..50).map(|t| bid_line(t, 10)).collect();
+        std::fs::write(&path, lines.join(&b'\n')).unwrap();
+        let split = FileSplit::plan(&path, 2, FileOptions::default()).unwrap();
+        let mut source = split.open(1);
+        let mut out = Vec::new();
+        while out.len() < 3 {
+            let _ = source.next_batch(3, &mut out);
+        }
+        let position = source.position().unwrap();
+        assert_eq!(position.len(), POSITION_READING_BYTES);
+        let refused = |bytes: &[u8], partition: u32, want: &str| {
+            let error = split.open(partition).seek(bytes).unwrap_err();
+            let prefix = format!("{}: file position: ", path.display());
+            assert!(
+                error.starts_with(&prefix) && error.contains(want),
+                "{error}"
+            );
+        };
+        refused(&position[..20], 1, "20 bytes, expected at least 26 bytes");
+        refused(
+            &position[..50],
+            1,
+            "50 bytes for a reading position, expected 51 bytes",
+        );
+        let changed = |at: usize, value: &[u8]| {
+            let mut bytes = position.clone();
+            bytes[at..at + value.len()].copy_from_slice(value);
+            bytes
+        };
+        refused(&changed(0, &[9]), 1, "version 9, expected version 1");
+        refused(&changed(1, &[4]), 1, "kind 4, expected 0 to 3");
+        refused(
+            &changed(1, &[1]),
+            1,
+            "51 bytes for a done position, expected 26 bytes",
+        );
+        refused(&changed(50, &[4]), 1, "flags 0x04");
+        refused(&position, 0, "but this partition's are in");
+        refused(
+            &changed(26, &0u64.to_le_bytes()),
+            1,
+            "offset 0 is outside bytes",
+        );
+        refused(&changed(26, &u64::MAX.to_le_bytes()), 1, "is outside bytes");
+        refused(
+            &changed(34, &u64::MAX.to_le_bytes()),
+            1,
+            "line ends cannot come in the",
+        );
+        refused(&changed(10, &0u64.to_le_bytes()), 1, "is backwards");
+        let mut failed = position[..26].to_vec();
+        failed[1] = 3;
+        failed.push(0xff);
+        refused(&failed, 1, "is not UTF-8");
+        failed[1] = 2;
+        refused(&failed, 1, "expected at least 34 bytes");
+        // Any bytes: an error or a source, never a panic.
+        let mut rng = Rng(0xdead_beef_cafe_f00d);
+        for _ in 0..1000 {
+            let mut bytes = position.clone();
+            for _ in 0..1 + rng.below(3) {
+                let at = rng.below(bytes.len() as u64) as usize;
+                bytes[at] = rng.below(256) as u8;
+            }
+            bytes.truncate(rng.below(bytes.len() as u64 + 1) as usize + 20);
+            let mut source = split.open(1);
+            if source.seek(&bytes).is_ok() {
+                let _ = drain(source, 4);
+            }
+        }
+        std::fs::remove_file(path).unwrap();
     }
 }

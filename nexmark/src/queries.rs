@@ -472,13 +472,7 @@ fn source(spec: &EventSource, parallelism: u32) -> Result<(SourceFactory, u32), 
             let generator = Arc::new(Generator::new(config.clone()).map_err(|e| e.to_string())?);
             let total = *events;
             let factory: SourceFactory = Arc::new(move |part, parts| {
-                let chunks =
-                    interleaved_chunks(0..total, part as usize, parts as usize, CHUNK_EVENTS);
-                Box::new(GeneratorSource {
-                    generator: generator.clone(),
-                    chunks: Box::new(chunks),
-                    current: 0..0,
-                })
+                Box::new(GeneratorSource::new(generator.clone(), total, part, parts))
             });
             Ok((factory, parallelism.max(1)))
         }
@@ -491,35 +485,279 @@ fn source(spec: &EventSource, parallelism: u32) -> Result<(SourceFactory, u32), 
     }
 }
 
+/// One partition of the generator: the chunks [`interleaved_chunks`] gives it
+/// of `0..total`, in order. An event is computed from `(seed, n)` alone, so the
+/// partition replays by event number: its position is the next event number to
+/// produce, and `seek` rebuilds the chunk walk from the chunk that holds it.
 struct GeneratorSource {
     generator: Arc<Generator>,
-    chunks: Box<dyn Iterator<Item = std::ops::Range<u64>> + Send>,
+    total: u64,
+    part: u32,
+    parts: u32,
+    /// What is left of the chunk being produced. Empty only at the end of the
+    /// walk (then `total..total`): the next chunk is taken as soon as one is used
+    /// up, so `current.start` is always the next event number to produce.
     current: std::ops::Range<u64>,
+    /// The chunks after `current`.
+    chunks: Box<dyn Iterator<Item = std::ops::Range<u64>> + Send>,
+}
+
+/// `GENERATOR_POSITION_VERSION`, then little-endian: the next event number
+/// (u64; `total` at the end), `total` (u64), the partition (u32) and the
+/// partitions (u32). The last three only check that the position fits.
+const GENERATOR_POSITION_VERSION: u8 = 1;
+const GENERATOR_POSITION_BYTES: usize = 1 + 8 + 8 + 4 + 4;
+
+impl GeneratorSource {
+    fn new(generator: Arc<Generator>, total: u64, part: u32, parts: u32) -> GeneratorSource {
+        let mut chunks = interleaved_chunks(0..total, part as usize, parts as usize, CHUNK_EVENTS);
+        GeneratorSource {
+            generator,
+            total,
+            part,
+            parts,
+            current: chunks.next().unwrap_or(total..total),
+            chunks: Box::new(chunks),
+        }
+    }
 }
 
 impl Source<Event> for GeneratorSource {
     fn next_batch(&mut self, max_records: usize, out: &mut Vec<Event>) -> SourceBatch {
         let mut last = None;
-        while out.len() < max_records {
-            if self.current.is_empty() {
-                match self.chunks.next() {
-                    Some(chunk) => self.current = chunk,
-                    None => break,
-                }
-            }
+        while out.len() < max_records && !self.current.is_empty() {
             let take = (max_records - out.len()) as u64;
-            let end = self.current.end.min(self.current.start + take);
+            let end = self
+                .current
+                .end
+                .min(self.current.start.saturating_add(take));
             out.reserve((end - self.current.start) as usize);
             self.generator
                 .fill_with(self.current.start..end, |e| out.push(e));
             last = Some(end - 1);
             self.current.start = end;
+            if self.current.is_empty() {
+                self.current = self.chunks.next().unwrap_or(self.total..self.total);
+            }
         }
         match last {
             Some(n) => SourceBatch::More {
                 watermark_ms: self.generator.date_time_ms(n),
             },
             None => SourceBatch::Done,
+        }
+    }
+
+    fn position(&self) -> Option<Vec<u8>> {
+        let mut bytes = Vec::with_capacity(GENERATOR_POSITION_BYTES);
+        bytes.push(GENERATOR_POSITION_VERSION);
+        bytes.extend_from_slice(&self.current.start.to_le_bytes());
+        bytes.extend_from_slice(&self.total.to_le_bytes());
+        bytes.extend_from_slice(&self.part.to_le_bytes());
+        bytes.extend_from_slice(&self.parts.to_le_bytes());
+        Some(bytes)
+    }
+
+    fn seek(&mut self, position: &[u8]) -> Result<(), String> {
+        if position.len() != GENERATOR_POSITION_BYTES {
+            return Err(format!(
+                "generator position: {} bytes, expected {GENERATOR_POSITION_BYTES} bytes",
+                position.len()
+            ));
+        }
+        if position[0] != GENERATOR_POSITION_VERSION {
+            return Err(format!(
+                "generator position: version {}, expected version {GENERATOR_POSITION_VERSION}",
+                position[0]
+            ));
+        }
+        let u64_at = |at: usize| u64::from_le_bytes(position[at..at + 8].try_into().unwrap());
+        let u32_at = |at: usize| u32::from_le_bytes(position[at..at + 4].try_into().unwrap());
+        let (next, total, part, parts) = (u64_at(1), u64_at(9), u32_at(17), u32_at(21));
+        if (total, part, parts) != (self.total, self.part, self.parts) {
+            return Err(format!(
+                "generator position: saved by partition {part} of {parts} over {total} events, \
+                 but this is partition {} of {} over {} events",
+                self.part, self.parts, self.total
+            ));
+        }
+        // Chunk `i` of `0..total` is partition `i % parts`'s.
+        let chunk = next / CHUNK_EVENTS;
+        if next > total || (next < total && chunk % parts.max(1) as u64 != part as u64) {
+            return Err(format!(
+                "generator position: event {next} is not one partition {part} of {parts} \
+                 produces (of {total} events in chunks of {CHUNK_EVENTS})"
+            ));
+        }
+        if next == total {
+            self.current = total..total;
+            self.chunks = Box::new(std::iter::empty());
+            return Ok(());
+        }
+        // The walk from the chunk holding `next` on: the same chunks, since
+        // chunk boundaries are multiples of CHUNK_EVENTS from 0.
+        let mut chunks =
+            interleaved_chunks(chunk * CHUNK_EVENTS..total, 0, parts as usize, CHUNK_EVENTS);
+        let first = chunks.next().expect("next < total is in a chunk");
+        self.current = next..first.end;
+        self.chunks = Box::new(chunks);
+        Ok(())
+    }
+}
+
+/// Replay of the generator source (kept next to it, apart from the module's
+/// other tests).
+#[cfg(test)]
+mod generator_replay_tests {
+    use super::*;
+
+    fn factory(total: u64, parts: u32) -> SourceFactory {
+        let spec = EventSource::Generator {
+            config: GeneratorConfig {
+                seed: 7,
+                ..GeneratorConfig::default()
+            },
+            events: total,
+        };
+        source(&spec, parts).unwrap().0
+    }
+
+    /// One `next_batch` into `out`: false once the source says `Done`. A batch's
+    /// watermark is its last event's time.
+    fn step(source: &mut dyn Source<Event>, max_records: usize, out: &mut Vec<Event>) -> bool {
+        let before = out.len();
+        let mut batch = Vec::new();
+        let answer = source.next_batch(max_records, &mut batch);
+        out.extend(batch);
+        match answer {
+            SourceBatch::More { watermark_ms } => {
+                assert!(out.len() > before && out.len() - before <= max_records);
+                assert_eq!(watermark_ms, out.last().unwrap().date_time());
+                true
+            }
+            SourceBatch::Done => {
+                assert_eq!(out.len(), before, "the last events come with More");
+                false
+            }
+            SourceBatch::Pending | SourceBatch::Failed(_) => {
+                panic!("a generator never waits or fails")
+            }
+        }
+    }
+
+    struct Rng(u64);
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    /// For cuts before the first batch, after every batch, after the end and at
+    /// random: the events up to the cut, then those of a fresh source sought to
+    /// the cut's position, are exactly the uninterrupted partition's.
+    #[test]
+    fn generator_source_resumes_exactly_at_every_cut() {
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        let totals = [0, 1, 1023, 1024, 1025, 3 * 1024 + 7, 6000];
+        for total in totals {
+            for parts in 1..=4 {
+                let factory = factory(total, parts);
+                for part in 0..parts {
+                    let max_records =
+                        [1024, 512, 300 + rng.below(700) as usize][rng.below(3) as usize];
+                    let mut whole = Vec::new();
+                    let mut whole_source = factory(part, parts);
+                    let mut batches = 0;
+                    while step(&mut *whole_source, max_records, &mut whole) {
+                        batches += 1;
+                    }
+                    let want: Vec<u64> =
+                        interleaved_chunks(0..total, part as usize, parts as usize, CHUNK_EVENTS)
+                            .flatten()
+                            .collect();
+                    let generator = Generator::new(GeneratorConfig {
+                        seed: 7,
+                        ..GeneratorConfig::default()
+                    })
+                    .unwrap();
+                    assert!(whole
+                        .iter()
+                        .cloned()
+                        .eq(want.iter().map(|&n| generator.event(n))));
+                    let random = (0..3).map(|_| rng.below(batches + 2));
+                    for cut in (0..=batches + 1).chain(random) {
+                        let context = format!("{total} events, part {part} of {parts}, {max_records} a batch, cut after {cut} calls");
+                        let mut first = factory(part, parts);
+                        let mut events = Vec::new();
+                        for _ in 0..cut {
+                            step(&mut *first, max_records, &mut events);
+                        }
+                        let position = first.position().expect("a position");
+                        let mut second = factory(part, parts);
+                        second
+                            .seek(&position)
+                            .unwrap_or_else(|e| panic!("{context}: {e}"));
+                        assert_eq!(second.position(), Some(position), "{context}");
+                        while step(&mut *second, max_records, &mut events) {}
+                        assert!(events == whole, "{context}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A position that does not decode or is not this partition's is an error
+    /// that says why, never a panic.
+    #[test]
+    fn generator_source_refuses_positions_that_do_not_fit() {
+        let factory = factory(5000, 3);
+        let mut source = factory(1, 3);
+        let mut out = Vec::new();
+        step(&mut *source, 100, &mut out);
+        let position = source.position().unwrap();
+        assert_eq!(position.len(), GENERATOR_POSITION_BYTES);
+        // The next event number is 1024 + 100: partition 1 has chunk 1 first.
+        assert_eq!(position[1..9], (1024u64 + 100).to_le_bytes());
+        let refused = |bytes: &[u8], part: u32, want: &str| {
+            let error = factory(part, 3).seek(bytes).unwrap_err();
+            assert!(
+                error.starts_with("generator position: ") && error.contains(want),
+                "{error}"
+            );
+        };
+        refused(&position[..24], 1, "24 bytes, expected 25 bytes");
+        refused(&[], 1, "0 bytes, expected 25 bytes");
+        let mut other = position.clone();
+        other[0] = 2;
+        refused(&other, 1, "version 2, expected version 1");
+        refused(
+            &position,
+            2,
+            "saved by partition 1 of 3 over 5000 events, but this is partition 2 of 3",
+        );
+        let with_next = |next: u64| {
+            let mut bytes = position.clone();
+            bytes[1..9].copy_from_slice(&next.to_le_bytes());
+            bytes
+        };
+        refused(
+            &with_next(5),
+            1,
+            "event 5 is not one partition 1 of 3 produces",
+        );
+        refused(&with_next(5001), 1, "event 5001 is not one");
+        refused(&with_next(u64::MAX), 1, "is not one");
+        // The end, and the last event of the partition's last chunk (4096..5000
+        // is chunk 4, partition 1's).
+        for next in [5000, 4999] {
+            let mut source = factory(1, 3);
+            source.seek(&with_next(next)).unwrap();
+            let mut out = Vec::new();
+            while step(&mut *source, 100, &mut out) {}
+            assert_eq!(out.len() as u64, 5000 - next);
         }
     }
 }
