@@ -13,9 +13,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const QUERIES: [&str; 5] = ["q3", "q4", "q5", "q7", "q8"];
-const EVENTS: u64 = 240_000;
-/// Paced: a run takes about 2 s, so kills land all along it.
-const RATE: &str = "120000";
+const EVENTS: u64 = 300_000;
+/// Paced: a run takes about 3 s, so kills land all along it.
+const RATE: &str = "100000";
 const KILLS: usize = 5;
 
 fn dirigo() -> Command {
@@ -34,6 +34,51 @@ fn sorted_lines(path: &Path) -> Vec<String> {
     let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
     lines.sort();
     lines
+}
+
+/// The whole lines of `path`, sorted: a kill in the middle of appending a
+/// committed checkpoint's rows can leave a torn last line, which the next
+/// start cuts off before it appends them again.
+fn whole_lines(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let whole = text.rfind('\n').map_or("", |end| &text[..=end]);
+    let mut lines: Vec<String> = whole.lines().map(str::to_string).collect();
+    lines.sort();
+    lines
+}
+
+/// q4's rows are running averages, whose intermediate values depend on the
+/// order in which closings from different partitions interleave (NEXMARK.md):
+/// what is compared is, per category, the number of updates (one per closed
+/// auction: none lost, none repeated) and the last one (the final average, as
+/// each category's updates reach the sink in order).
+fn q4_summary(path: &Path) -> std::collections::BTreeMap<u64, (u64, f64)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut summary = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).expect("a JSON row");
+        let category = row["category"].as_u64().expect("category");
+        let avg = row["avg"].as_f64().expect("avg");
+        let entry = summary.entry(category).or_insert((0, 0.0));
+        *entry = (entry.0 + 1, avg);
+    }
+    summary
+}
+
+fn assert_q4_equal(got: &Path, want: &Path, what: &str) {
+    let (got, want) = (q4_summary(got), q4_summary(want));
+    assert_eq!(
+        got.iter().map(|(c, (n, _))| (*c, *n)).collect::<Vec<_>>(),
+        want.iter().map(|(c, (n, _))| (*c, *n)).collect::<Vec<_>>(),
+        "{what}: q4 updates per category"
+    );
+    for (category, (_, avg)) in &want {
+        let other = got[category].1;
+        assert!(
+            (other - avg).abs() <= 1e-9 * avg.abs().max(1.0),
+            "{what}: q4 category {category} ends at {other}, not {avg}"
+        );
+    }
 }
 
 /// `part` is a sub-multiset of `whole` (both sorted).
@@ -70,7 +115,14 @@ impl Rng {
 
 /// Kill the checkpointed command `KILLS` times at random points, then let it
 /// finish; return the kills that landed before the run ended.
-fn run_with_kills(args: &[String], data: &Path, out: &Path, reference: &[String], rng: &mut Rng) -> usize {
+fn run_with_kills(
+    query: &str,
+    args: &[String],
+    data: &Path,
+    out: &Path,
+    reference: &[String],
+    rng: &mut Rng,
+) -> usize {
     let mut args = args.to_vec();
     args.push(format!("--data-dir={}", data.display()));
     args.push("--checkpoint-interval=100ms".into());
@@ -100,13 +152,19 @@ fn run_with_kills(args: &[String], data: &Path, out: &Path, reference: &[String]
                 landed += 1;
             }
         }
-        let partial = sorted_lines(out);
-        assert!(
-            is_part_of(&partial, reference),
-            "{args:?}: after a kill the output holds rows of no uninterrupted run \
-             ({} lines)",
-            partial.len()
-        );
+        let partial = whole_lines(out);
+        if query != "q4" && !is_part_of(&partial, reference) {
+            let stray: Vec<_> = partial
+                .iter()
+                .filter(|l| !reference.contains(l))
+                .take(3)
+                .collect();
+            panic!(
+                "{args:?}: after a kill the output holds rows of no uninterrupted run \
+                 ({} lines; not in the reference: {stray:?})",
+                partial.len()
+            );
+        }
     }
     let last = dirigo().args(&args).output().expect("dirigo runs");
     assert!(
@@ -125,19 +183,31 @@ fn check_source(name: &str, source: Vec<String>, seed: u64) {
         let reference_out = dir.join(format!("{query}-reference.jsonl"));
         let args = run_args(query, &source, &reference_out);
         let plain = dirigo().args(&args).output().unwrap();
-        assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
+        assert!(
+            plain.status.success(),
+            "{}",
+            String::from_utf8_lossy(&plain.stderr)
+        );
         let reference = sorted_lines(&reference_out);
         assert!(!reference.is_empty(), "{query} has output to compare");
         let out = dir.join(format!("{query}.jsonl"));
         let data = dir.join(format!("{query}-data"));
         let args = run_args(query, &source, &out);
-        landed += run_with_kills(&args, &data, &out, &reference, &mut rng);
-        assert_eq!(
-            sorted_lines(&out),
-            reference,
-            "{name} {query}: the output after kills differs from an uninterrupted run"
-        );
+        landed += run_with_kills(query, &args, &data, &out, &reference, &mut rng);
+        if query == "q4" {
+            assert_q4_equal(&out, &reference_out, &format!("{name} q4 after kills"));
+        } else {
+            assert_eq!(
+                sorted_lines(&out),
+                reference,
+                "{name} {query}: the output after kills differs from an uninterrupted run"
+            );
+        }
     }
+    eprintln!(
+        "{name}: {landed} of {} kills landed before their run ended",
+        QUERIES.len() * KILLS
+    );
     assert!(
         landed >= QUERIES.len() * KILLS * 3 / 4,
         "{name}: only {landed} kills landed before their run ended"
@@ -156,12 +226,27 @@ fn kill_9_and_resume_with_the_file_source_gives_the_uninterrupted_output() {
     let dir = temp_dir("file-input");
     let input = dir.join("events.jsonl");
     let gen = dirigo()
-        .args(["gen", "--events", &EVENTS.to_string(), "--seed", "3", "--out"])
+        .args([
+            "gen",
+            "--events",
+            &EVENTS.to_string(),
+            "--seed",
+            "3",
+            "--out",
+        ])
         .arg(&input)
         .output()
         .unwrap();
-    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
-    check_source("file", vec![format!("--source=file:{}", input.display())], 29);
+    assert!(
+        gen.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gen.stderr)
+    );
+    check_source(
+        "file",
+        vec![format!("--source=file:{}", input.display())],
+        29,
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -172,7 +257,11 @@ fn a_data_directory_knows_its_run() {
     let mut args = run_args("q5", &["--events=20000".into()], &out);
     args.push(format!("--data-dir={}", data.display()));
     let first = dirigo().args(&args).output().unwrap();
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     let rows = sorted_lines(&out);
     // The same command again: finished, exit 0, output untouched.
     let again = dirigo().args(&args).output().unwrap();
@@ -186,12 +275,19 @@ fn a_data_directory_knows_its_run() {
     let refused = dirigo().args(&other).output().unwrap();
     assert!(!refused.status.success());
     let error = String::from_utf8_lossy(&refused.stderr);
-    assert!(error.contains("query") && error.contains("q5") && error.contains("q7"), "{error}");
+    assert!(
+        error.contains("query") && error.contains("q5") && error.contains("q7"),
+        "{error}"
+    );
     assert!(error.contains("--fresh"), "{error}");
     // --fresh discards it and runs the new query.
     other.push("--fresh".into());
     let fresh = dirigo().args(&other).output().unwrap();
-    assert!(fresh.status.success(), "{}", String::from_utf8_lossy(&fresh.stderr));
+    assert!(
+        fresh.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fresh.stderr)
+    );
     assert!(!sorted_lines(&out).is_empty());
     // stdout cannot be taken back: refused with a data directory.
     let stdout_sink = dirigo()

@@ -23,6 +23,9 @@ use dirigo_engine::ShardId;
 const EVENTS: u64 = 120_000;
 const WINDOW_MS: i64 = 50;
 const KEYS: u64 = 500;
+/// Records per second of a run: its 120,000 records take 1.2 s, long enough
+/// for a few checkpoints even when the test threads share two cores.
+const FAST: u64 = 100_000;
 
 #[derive(Clone, Debug)]
 struct Reading {
@@ -172,9 +175,10 @@ enum Until {
     End,
 }
 
-/// Run the job on `shards` until `until`; with `migrate`, a thread moves its
+/// Run the job (paced at `rate` records/s) on `shards` until `until`; with `migrate`, a thread moves its
 /// actors between shards all along. Returns the run's checkpoint stats.
 fn run(
+    rate: u64,
     shards: usize,
     data: &Path,
     output: &Path,
@@ -183,7 +187,7 @@ fn run(
     faults: Faults,
 ) -> Result<CheckpointStats, String> {
     // Slower with migrations, so that checkpoints commit before the end.
-    let rate = if migrate { 60_000 } else { 300_000 };
+    let rate = if migrate { rate.min(60_000) } else { rate };
     let mut config = DataflowConfig::default();
     config.runtime.shards = shards;
     config.runtime.oversubscribe = true;
@@ -241,6 +245,7 @@ fn a_stopped_job_resumes_to_exactly_the_uninterrupted_output() {
             let dir = temp_dir(&format!("resume-{shards}-{stop_after}"));
             let (data, output) = (dir.join("data"), dir.join("out.txt"));
             let first = run(
+                FAST,
                 shards,
                 &data,
                 &output,
@@ -265,7 +270,16 @@ fn a_stopped_job_resumes_to_exactly_the_uninterrupted_output() {
                 "shards {shards}: the run was stopped before its end"
             );
             assert!(is_part_of(&partial, &expected), "uncommitted or wrong rows");
-            let second = run(shards, &data, &output, Until::End, false, Faults::default()).unwrap();
+            let second = run(
+                FAST,
+                shards,
+                &data,
+                &output,
+                Until::End,
+                false,
+                Faults::default(),
+            )
+            .unwrap();
             assert_eq!(
                 second.restored_epoch,
                 Some(first.last_epoch).filter(|&e| e > 0)
@@ -276,7 +290,15 @@ fn a_stopped_job_resumes_to_exactly_the_uninterrupted_output() {
                 "shards {shards} stop after {stop_after}"
             );
             // The run has finished: submitting it again says so.
-            let again = run(shards, &data, &output, Until::End, false, Faults::default());
+            let again = run(
+                FAST,
+                shards,
+                &data,
+                &output,
+                Until::End,
+                false,
+                Faults::default(),
+            );
             let error = again.err().expect("a finished run does not start again");
             assert!(error.contains("already finished"), "{error}");
             let _ = std::fs::remove_dir_all(&dir);
@@ -291,6 +313,7 @@ fn checkpoints_taken_while_actors_migrate_restore_exactly() {
         let dir = temp_dir(&format!("migrate-{shards}"));
         let (data, output) = (dir.join("data"), dir.join("out.txt"));
         let first = run(
+            FAST,
             shards,
             &data,
             &output,
@@ -308,7 +331,16 @@ fn checkpoints_taken_while_actors_migrate_restore_exactly() {
         );
         assert!(first.completed >= 4, "checkpoints commit while actors move");
         assert_eq!(first.failed, 0, "{:?}", first.last_error);
-        run(shards, &data, &output, Until::End, true, Faults::default()).unwrap();
+        run(
+            FAST,
+            shards,
+            &data,
+            &output,
+            Until::End,
+            true,
+            Faults::default(),
+        )
+        .unwrap();
         assert_eq!(lines_of(&output), expected, "shards {shards}");
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -341,36 +373,59 @@ fn a_corrupt_checkpoint_file_falls_back_to_the_checkpoint_before() {
         for how in [Damage::Truncate, Damage::FlipBit] {
             let dir = temp_dir(&format!("corrupt-{kind}-{how:?}"));
             let (data, output) = (dir.join("data"), dir.join("out.txt"));
-            run(
+            // Run until the newest checkpoint holds a file of this kind that
+            // the one before does not refer to (a checkpoint taken while the
+            // machine was too busy for the source to run may change nothing).
+            let mut target = None;
+            for _ in 0..5 {
+                run(
+                    FAST,
+                    2,
+                    &data,
+                    &output,
+                    Until::Checkpoints(3),
+                    false,
+                    Faults::default(),
+                )
+                .unwrap();
+                let epochs = checkpoint::manifest_epochs(&data).unwrap();
+                assert_eq!(epochs.len(), 2, "the last two checkpoints are kept");
+                let (newest, before) = (epochs[1], epochs[0]);
+                let (chunks, staged) = checkpoint::manifest_files(&data, newest).unwrap();
+                let (older_chunks, older_staged) =
+                    checkpoint::manifest_files(&data, before).unwrap();
+                let file = match kind {
+                    "manifest" => Some(
+                        data.join("checkpoints")
+                            .join(format!("MANIFEST-{newest:020}")),
+                    ),
+                    "chunk" => chunks
+                        .iter()
+                        .find(|c| !older_chunks.contains(c))
+                        .map(|c| data.join("checkpoints").join(c)),
+                    _ => staged
+                        .iter()
+                        .find(|f| !older_staged.contains(f))
+                        .map(|f| data.join("staged").join(f)),
+                };
+                if let Some(file) = file {
+                    target = Some((file, newest, before));
+                    break;
+                }
+            }
+            let (target, newest, before) =
+                target.unwrap_or_else(|| panic!("{kind}: no checkpoint wrote one in 5 tries"));
+            damage(&target, how);
+            let resumed = run(
+                FAST,
                 2,
                 &data,
                 &output,
-                Until::Checkpoints(3),
+                Until::End,
                 false,
                 Faults::default(),
             )
-            .unwrap();
-            let epochs = checkpoint::manifest_epochs(&data).unwrap();
-            assert_eq!(epochs.len(), 2, "the last two checkpoints are kept");
-            let (newest, before) = (epochs[1], epochs[0]);
-            let (chunks, staged) = checkpoint::manifest_files(&data, newest).unwrap();
-            let (older_chunks, _) = checkpoint::manifest_files(&data, before).unwrap();
-            let target = match kind {
-                "manifest" => data
-                    .join("checkpoints")
-                    .join(format!("MANIFEST-{newest:020}")),
-                "chunk" => {
-                    let only_newest = chunks.iter().find(|c| !older_chunks.contains(c));
-                    data.join("checkpoints")
-                        .join(only_newest.expect("the newest checkpoint wrote a chunk"))
-                }
-                _ => data
-                    .join("staged")
-                    .join(staged.first().expect("the newest checkpoint staged rows")),
-            };
-            damage(&target, how);
-            let resumed = run(2, &data, &output, Until::End, false, Faults::default())
-                .unwrap_or_else(|e| panic!("{kind} {how:?}: {e}"));
+            .unwrap_or_else(|e| panic!("{kind} {how:?}: {e}"));
             assert_eq!(
                 resumed.restored_epoch,
                 Some(before),
@@ -395,6 +450,7 @@ fn with_every_checkpoint_unreadable_the_job_refuses_to_start() {
     let dir = temp_dir("all-corrupt");
     let (data, output) = (dir.join("data"), dir.join("out.txt"));
     run(
+        FAST,
         2,
         &data,
         &output,
@@ -409,9 +465,17 @@ fn with_every_checkpoint_unreadable_the_job_refuses_to_start() {
             .join(format!("MANIFEST-{epoch:020}"));
         damage(&path, Damage::FlipBit);
     }
-    let error = run(2, &data, &output, Until::End, false, Faults::default())
-        .err()
-        .expect("no readable checkpoint: no start");
+    let error = run(
+        FAST,
+        2,
+        &data,
+        &output,
+        Until::End,
+        false,
+        Faults::default(),
+    )
+    .err()
+    .expect("no readable checkpoint: no start");
     assert!(error.contains("no checkpoint"), "{error}");
     assert!(
         error.contains("--fresh"),
@@ -427,7 +491,7 @@ fn a_full_disk_fails_checkpoints_and_the_next_one_succeeds() {
     let (data, output) = (dir.join("data"), dir.join("out.txt"));
     // The first three snapshot or manifest writes find the disk full.
     let faults = Faults::enospc(3);
-    let stats = run(2, &data, &output, Until::End, false, faults.clone()).unwrap();
+    let stats = run(FAST, 2, &data, &output, Until::End, false, faults.clone()).unwrap();
     assert_eq!(faults.enospc_pending(), 0, "every armed fault was hit");
     assert!(stats.failed >= 1, "the failed checkpoints are reported");
     let error = stats.last_error.clone().unwrap_or_default();
