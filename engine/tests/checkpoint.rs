@@ -379,7 +379,7 @@ fn a_corrupt_checkpoint_file_falls_back_to_the_checkpoint_before() {
             let mut target = None;
             for _ in 0..5 {
                 run(
-                    FAST,
+                    60_000,
                     2,
                     &data,
                     &output,
