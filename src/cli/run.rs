@@ -56,7 +56,7 @@ pub struct RunArgs {
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Time between checkpoints (with `--data-dir`).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = parse_duration, requires = "data_dir")]
     checkpoint_interval: Duration,
     /// Discard what `--data-dir` holds and start over.
     #[arg(long, requires = "data_dir")]

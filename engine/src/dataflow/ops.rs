@@ -75,6 +75,11 @@ pub type TimeFn<T> = Arc<dyn Fn(&T) -> i64 + Send + Sync>;
 /// Accumulators of one window, by key.
 pub type Accs<A> = IdMap<u64, A>;
 
+/// Accumulators of one fired window, in parts (one per key group that held
+/// some; their keys are disjoint). Kept apart rather than merged into one
+/// map, which would hash every key again.
+pub type Parts<A> = Vec<Accs<A>>;
+
 /// One key's partial accumulator of one window, between the two phases.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PartialRow<Acc> {
@@ -142,8 +147,8 @@ pub trait Aggregate<In>: Send + Sync + 'static {
     /// The output records of one key's accumulator when its window fires.
     fn emit(&self, key: u64, window: Window, acc: Self::Acc, out: &mut Vec<Self::Out>);
     /// Which keys of a fired window emit: all by default. Override to select
-    /// across keys (see [`TopKeys`]).
-    fn select(&self, _accs: &mut Accs<Self::Acc>) {}
+    /// across keys (see [`TopKeys`]); the window's keys come in parts.
+    fn select(&self, _parts: &mut Parts<Self::Acc>) {}
 }
 
 type CountOutputFn<Out> = Arc<dyn Fn(u64, Window, u64) -> Out + Send + Sync>;
@@ -282,12 +287,14 @@ where
     fn emit(&self, key: u64, window: Window, acc: A::Acc, out: &mut Vec<A::Out>) {
         self.inner.emit(key, window, acc, out);
     }
-    fn select(&self, accs: &mut Accs<A::Acc>) {
-        self.inner.select(accs);
-        let Some(best) = accs.values().map(&self.rank).max() else {
+    fn select(&self, parts: &mut Parts<A::Acc>) {
+        self.inner.select(parts);
+        let Some(best) = parts.iter().flat_map(|p| p.values()).map(&self.rank).max() else {
             return;
         };
-        accs.retain(|_, acc| (self.rank)(acc) == best);
+        for accs in parts.iter_mut() {
+            accs.retain(|_, acc| (self.rank)(acc) == best);
+        }
     }
 }
 
@@ -330,32 +337,26 @@ fn fire_complete<In, A: Aggregate<In>>(
     watermark_ms: i64,
     aggregate: &A,
     select: bool,
-    mut fire: impl FnMut(&A, Window, Accs<A::Acc>),
+    mut fire: impl FnMut(&A, Window, Parts<A::Acc>),
 ) {
-    let mut due: BTreeMap<(i64, i64), Accs<A::Acc>> = BTreeMap::new();
+    let mut due: BTreeMap<(i64, i64), Parts<A::Acc>> = BTreeMap::new();
     take_complete(groups, watermark_ms, |window, accs| {
-        match due.entry(window) {
-            std::collections::btree_map::Entry::Vacant(slot) => {
-                slot.insert(accs);
-            }
-            // Groups hold disjoint keys.
-            std::collections::btree_map::Entry::Occupied(mut slot) => slot.get_mut().extend(accs),
-        }
+        due.entry(window).or_default().push(accs)
     });
-    for ((end, start), mut accs) in due {
+    for ((end, start), mut parts) in due {
         if select {
-            aggregate.select(&mut accs);
+            aggregate.select(&mut parts);
         }
-        fire(aggregate, (start, end), accs);
+        fire(aggregate, (start, end), parts);
     }
 }
 
 /// `fire` for final output: `A::emit` of every key of the window.
 fn emit_all<In, A: Aggregate<In>>(
     out: &mut Vec<A::Out>,
-) -> impl FnMut(&A, Window, Accs<A::Acc>) + '_ {
-    move |aggregate, window, accs| {
-        for (key, acc) in accs {
+) -> impl FnMut(&A, Window, Parts<A::Acc>) + '_ {
+    move |aggregate, window, parts| {
+        for (key, acc) in parts.into_iter().flatten() {
             aggregate.emit(key, window, acc, out);
         }
     }
@@ -398,7 +399,7 @@ impl<In: 'static, A: Aggregate<In>> WindowState<In, A> {
         &mut self,
         watermark_ms: i64,
         select: bool,
-        fire: impl FnMut(&A, Window, Accs<A::Acc>),
+        fire: impl FnMut(&A, Window, Parts<A::Acc>),
     ) {
         self.watermark_ms = self.watermark_ms.max(watermark_ms);
         let aggregate = &*self.aggregate;
@@ -555,11 +556,12 @@ impl<In: Data, A: Aggregate<In>> Operator<In, PartialRow<A::Acc>> for WindowPart
 
     fn on_watermark(&mut self, watermark_ms: i64, out: &mut Vec<PartialRow<A::Acc>>) {
         self.state
-            .advance(watermark_ms, self.select, |_, window, accs| {
-                out.extend(
-                    accs.into_iter()
-                        .map(|(key, acc)| PartialRow { key, window, acc }),
-                );
+            .advance(watermark_ms, self.select, |_, window, parts| {
+                out.extend(parts.into_iter().flatten().map(|(key, acc)| PartialRow {
+                    key,
+                    window,
+                    acc,
+                }));
             });
     }
 
