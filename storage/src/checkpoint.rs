@@ -302,6 +302,104 @@ impl CheckpointDir {
         Ok(refs)
     }
 
+    /// [`CheckpointDir::write_chunk`] on a shard's glommio executor: the temp
+    /// file is created, written, fdatasynced and renamed, and the directory
+    /// synced, all through io_uring, so the shard runs its actors while the
+    /// disk works. The same format, references, faults and cleanup. Call it
+    /// only inside a glommio executor.
+    pub async fn write_chunk_async(
+        &self,
+        name: &str,
+        parts: &[Vec<u8>],
+    ) -> Result<Vec<PartRef>, StorageError> {
+        check_chunk_name(name)?;
+        let path = self.checkpoints.join(name);
+        if let Some(part) = parts.iter().find(|p| p.len() as u64 > PART_BYTES_MAX) {
+            return Err(StorageError::FileTooLarge {
+                path,
+                file_bytes: part.len() as u64,
+                file_bytes_max: PART_BYTES_MAX,
+            });
+        }
+        let temp = temp_path(&self.checkpoints, name);
+        let total: usize = parts.iter().map(|p| PART_HEADER_BYTES + p.len()).sum();
+        let mut frames = Vec::with_capacity(total);
+        let mut refs = Vec::with_capacity(parts.len());
+        for part in parts {
+            let part_ref = PartRef {
+                file: name.to_string(),
+                offset: frames.len() as u64,
+                len: part.len() as u32,
+                crc: crc32c::crc32c(part),
+            };
+            frames.extend_from_slice(&PART_MAGIC.to_le_bytes());
+            frames.extend_from_slice(&part_ref.len.to_le_bytes());
+            frames.extend_from_slice(&part_ref.crc.to_le_bytes());
+            frames.extend_from_slice(part);
+            refs.push(part_ref);
+        }
+        let written = self.write_file_async(&temp, &path, frames).await;
+        if written.is_err() {
+            // The error path only: a small unlink, done in place.
+            let _ = fs::remove_file(&temp);
+        }
+        written.map(|()| refs)
+    }
+
+    async fn write_file_async(
+        &self,
+        temp: &Path,
+        path: &Path,
+        bytes: Vec<u8>,
+    ) -> Result<(), StorageError> {
+        use glommio::io::{BufferedFile, Directory};
+        fn io(
+            what: &'static str,
+            at: &Path,
+            offset: Option<u64>,
+            e: glommio::GlommioError<()>,
+        ) -> StorageError {
+            StorageError::io(what, at, offset, e.into())
+        }
+        let mut file = BufferedFile::create(temp)
+            .await
+            .map_err(|e| io("create", temp, None, e))?;
+        let len = bytes.len();
+        let written = file
+            .write_at(bytes, 0)
+            .await
+            .map_err(|e| io("write", temp, Some(0), e))?;
+        if written < len {
+            // Rare on a regular file; the checkpoint fails and the next retries.
+            return Err(StorageError::io(
+                "write",
+                temp,
+                Some(written as u64),
+                io::Error::new(io::ErrorKind::WriteZero, "a short write"),
+            ));
+        }
+        self.faults
+            .check_write()
+            .map_err(|e| StorageError::io("write", temp, Some(len as u64), e))?;
+        file.fdatasync()
+            .await
+            .map_err(|e| io("fsync", temp, None, e))?;
+        file.rename(path)
+            .await
+            .map_err(|e| io("rename over", path, None, e))?;
+        file.close().await.map_err(|e| io("close", path, None, e))?;
+        let checkpoints = &self.checkpoints;
+        let dir = Directory::open(checkpoints)
+            .await
+            .map_err(|e| io("open directory", checkpoints, None, e))?;
+        dir.sync()
+            .await
+            .map_err(|e| io("fsync directory", checkpoints, None, e))?;
+        dir.close()
+            .await
+            .map_err(|e| io("close directory", checkpoints, None, e))
+    }
+
     fn write_frames(
         &self,
         temp: &Path,

@@ -18,7 +18,7 @@ use crate::actor::{decode_state, encode_state, Actor, BoxActor, Context, SchedCt
 use crate::ids::ActorId;
 
 use super::batch::Batch;
-use super::checkpoint::{Part, PartKind, ALIGN_BUFFER_MESSAGES_MAX};
+use super::checkpoint::{Checkpointer, Groups, Part, PartKind, Written, ALIGN_BUFFER_MESSAGES_MAX};
 use super::graph::{
     Data, JoinOperator, Operator, Plan, Route, Sink, Source, SourceBatch, SourceFactory,
 };
@@ -307,13 +307,15 @@ impl<T: Data> SourceActor<T> {
 
     /// This partition's bookkeeping for a checkpoint: where its source stands.
     fn part(&mut self, epoch: u64, kind: PartKind) -> Option<Part> {
-        let position = self.source.as_ref().and_then(|s| s.position());
-        let position = match (position, &self.resume_at) {
-            (Some(p), _) => p,
+        let position = match (&self.source, &self.resume_at) {
+            (Some(source), _) => source.position(),
             // Not made yet: it stands where it was restored to.
-            (None, Some(restored)) if self.source.is_none() => restored.clone(),
-            (None, _) if self.source.is_none() && !self.done => Vec::new(),
-            (None, _) => {
+            (None, Some(restored)) => Some(restored.clone()),
+            (None, None) => None,
+        };
+        let position = match position {
+            Some(position) => position,
+            None => {
                 self.fail(
                     "this source cannot be replayed (no position), so the job cannot take \
                      checkpoints"
@@ -334,7 +336,7 @@ impl<T: Data> SourceActor<T> {
             epoch,
             kind,
             meta: encode_state(&saved).to_vec(),
-            groups: Vec::new(),
+            groups: Groups::none(),
             sealed: Vec::new(),
             alignment_ns: 0,
         })
@@ -710,7 +712,7 @@ trait Aligning {
                 epoch,
                 kind: PartKind::Declined(reason),
                 meta: Vec::new(),
-                groups: Vec::new(),
+                groups: Groups::none(),
                 sealed: Vec::new(),
                 alignment_ns: 0,
             });
@@ -725,6 +727,59 @@ trait Aligning {
             self.deliver(message, ctx);
         }
     }
+}
+
+/// Write an actor's changed groups of `epoch` as one chunk on this shard's
+/// executor (glommio, io_uring), then tell the checkpointer where they are.
+fn write_on_shard(
+    checkpointer: Arc<Checkpointer>,
+    actor: (u32, u32),
+    epoch: u64,
+    groups: Vec<(u32, Vec<u8>)>,
+) {
+    crate::runtime::spawn_io(async move {
+        let (stage, partition) = actor;
+        let name = format!("chunk-{epoch}-{stage}-{partition}-s");
+        let mut order = Vec::with_capacity(groups.len());
+        let mut full = Vec::with_capacity(groups.len());
+        for (group, bytes) in groups {
+            order.push((group, !bytes.is_empty()));
+            if !bytes.is_empty() {
+                full.push(bytes);
+            }
+        }
+        let result = match checkpointer.store().write_chunk_async(&name, &full).await {
+            Ok(refs) => {
+                let mut refs = refs.into_iter();
+                Ok(order
+                    .iter()
+                    .map(|&(group, some)| (group, if some { refs.next() } else { None }))
+                    .collect())
+            }
+            Err(e) => {
+                let mut full = full.into_iter();
+                let bytes = order
+                    .iter()
+                    .map(|&(group, some)| {
+                        (
+                            group,
+                            if some {
+                                full.next().unwrap_or_default()
+                            } else {
+                                Vec::new()
+                            },
+                        )
+                    })
+                    .collect();
+                Err((e.to_string(), bytes))
+            }
+        };
+        checkpointer.report_written(Written {
+            actor,
+            epoch,
+            result,
+        });
+    });
 }
 
 fn stage_actor<Out: Data, Op: StageOp<Out>>(
@@ -815,6 +870,19 @@ impl<Out: Data, Op: StageOp<Out>> Aligning for StageActor<Out, Op> {
                 groups
             }
             None => Vec::new(),
+        };
+        // On a shard, a regular part's chunk is written there through
+        // io_uring while the actor goes on; its final part (and any part under
+        // the simulator) goes to the checkpointer's thread as bytes.
+        let on_shard = matches!(kind, PartKind::Regular)
+            && !groups.is_empty()
+            && crate::runtime::shard_io_available();
+        let groups = match &self.plan.checkpointer {
+            Some(checkpointer) if on_shard => {
+                write_on_shard(checkpointer.clone(), self.key(), epoch, groups);
+                Groups::Writing
+            }
+            _ => Groups::Encoded(groups),
         };
         Ok(Part {
             actor: self.key(),
@@ -988,7 +1056,7 @@ impl<T: Data> Aligning for SinkActor<T> {
             epoch,
             kind,
             meta: encode_state(&saved).to_vec(),
-            groups: Vec::new(),
+            groups: Groups::none(),
             sealed,
             alignment_ns: 0,
         })

@@ -114,12 +114,38 @@ pub(crate) struct Part {
     pub kind: PartKind,
     /// The actor's bookkeeping (source position, watermarks), encoded.
     pub meta: Vec<u8>,
-    /// Key groups changed since the actor's last part: `(group, bytes)`, empty
-    /// bytes for a group that emptied.
-    pub groups: Vec<(u32, Vec<u8>)>,
+    /// Key groups changed since the actor's last part.
+    pub groups: Groups,
     pub sealed: Vec<Sealed>,
     /// From the first barrier of the epoch to the last, in ns.
     pub alignment_ns: u64,
+}
+
+/// An actor's changed key groups, as it hands them over.
+pub(crate) enum Groups {
+    /// `(group, bytes)`, empty bytes for a group that emptied: the
+    /// checkpointer's thread writes them.
+    Encoded(Vec<(u32, Vec<u8>)>),
+    /// Being written on the actor's shard (`runtime::spawn_io`); a
+    /// [`Written`] report follows.
+    Writing,
+    /// Where the shard wrote them (`None` for a group that emptied).
+    At(Vec<(u32, Option<PartRef>)>),
+}
+
+impl Groups {
+    pub(crate) fn none() -> Groups {
+        Groups::Encoded(Vec::new())
+    }
+}
+
+/// The end of a shard-side chunk write of an actor's part of `epoch`.
+pub(crate) struct Written {
+    pub actor: ActorKey,
+    pub epoch: u64,
+    /// Where each group went, or the error and the groups' bytes (which the
+    /// next checkpoint then writes).
+    pub result: Result<Vec<(u32, Option<PartRef>)>, (String, Vec<(u32, Vec<u8>)>)>,
 }
 
 /// What an actor gets back at its first activation after a restore.
@@ -333,6 +359,7 @@ struct Committed {
 #[derive(Default)]
 struct Inbox {
     parts: Vec<Part>,
+    written: Vec<Written>,
     stop: bool,
 }
 
@@ -520,6 +547,21 @@ impl Checkpointer {
         self.wake.notify_one();
     }
 
+    /// The end of a part's chunk write on its shard.
+    pub(crate) fn report_written(&self, written: Written) {
+        self.inbox
+            .lock()
+            .expect("checkpointer poisoned")
+            .written
+            .push(written);
+        self.wake.notify_one();
+    }
+
+    /// The data directory, for chunk writes on the shards.
+    pub(crate) fn store(&self) -> &CheckpointDir {
+        &self.store
+    }
+
     /// The part restored for `actor`, once (its first activation).
     pub(crate) fn take_restore(&self, actor: ActorKey) -> Option<Restored> {
         self.restore
@@ -590,20 +632,24 @@ impl Checkpointer {
                     epoch: 0,
                     kind: PartKind::Final,
                     meta,
-                    groups: Vec::new(),
+                    groups: Groups::none(),
                     sealed: Vec::new(),
                     alignment_ns: 0,
                 },
             );
         }
+        // Chunk writes on the shards not reported yet, by actor and epoch: no
+        // checkpoint commits while any is out (it may hold groups an actor no
+        // longer marks changed).
+        let mut writing: BTreeMap<(ActorKey, u64), ()> = BTreeMap::new();
         // Changed groups and sealed output of checkpoints that did not commit.
         let mut carry: Carry = Carry::default();
         let mut next_request = Instant::now() + self.interval;
         let timeout = (self.interval * CHECKPOINT_TIMEOUT_INTERVALS).max(Duration::from_secs(10));
         loop {
-            let parts = {
+            let (parts, written) = {
                 let mut inbox = self.inbox.lock().expect("checkpointer poisoned");
-                if inbox.parts.is_empty() && !inbox.stop {
+                if inbox.parts.is_empty() && inbox.written.is_empty() && !inbox.stop {
                     let wait = next_request
                         .saturating_duration_since(Instant::now())
                         .min(Duration::from_millis(50));
@@ -616,9 +662,15 @@ impl Checkpointer {
                 if inbox.stop {
                     return;
                 }
-                std::mem::take(&mut inbox.parts)
+                (
+                    std::mem::take(&mut inbox.parts),
+                    std::mem::take(&mut inbox.written),
+                )
             };
             for mut part in parts {
+                if matches!(part.groups, Groups::Writing) {
+                    writing.insert((part.actor, part.epoch), ());
+                }
                 match part.kind {
                     PartKind::Final => {
                         // Its sealed output is made durable now, once; its groups
@@ -645,11 +697,37 @@ impl Checkpointer {
                     },
                 }
             }
+            for done in written {
+                writing.remove(&(done.actor, done.epoch));
+                let groups = match done.result {
+                    Ok(refs) => Groups::At(refs),
+                    Err((error, bytes)) => {
+                        // The chunk did not make it: this checkpoint fails, its
+                        // groups go into the next one.
+                        if let Some((epoch, _, received)) = in_flight.take_if(|f| f.0 == done.epoch)
+                        {
+                            self.note_failure(epoch, &error);
+                            received.into_values().for_each(|p| carry.absorb(p, self));
+                        }
+                        Groups::Encoded(bytes)
+                    }
+                };
+                let in_this = in_flight
+                    .as_mut()
+                    .filter(|f| f.0 == done.epoch)
+                    .and_then(|f| f.2.get_mut(&done.actor));
+                match in_this {
+                    Some(part) => part.groups = groups,
+                    // Of a checkpoint given up: keep what it changed.
+                    None => carry.put_groups(done.actor, done.epoch, groups),
+                }
+            }
             let all_final = actors.iter().all(|a| finals.contains_key(a));
             if let Some((epoch, started, received)) = &in_flight {
-                let complete = actors
-                    .iter()
-                    .all(|a| received.contains_key(a) || finals.contains_key(a));
+                let complete = writing.is_empty()
+                    && actors
+                        .iter()
+                        .all(|a| received.contains_key(a) || finals.contains_key(a));
                 if complete {
                     let (epoch, started, received) = in_flight.take().expect("in flight");
                     self.commit(
@@ -668,7 +746,7 @@ impl Checkpointer {
                     received.into_values().for_each(|p| carry.absorb(p, self));
                 }
             }
-            if in_flight.is_none() && all_final {
+            if in_flight.is_none() && all_final && writing.is_empty() {
                 let epoch = next_epoch;
                 let ok = self.commit(
                     &mut committed,
@@ -724,7 +802,8 @@ impl Checkpointer {
         for (key, part) in finals {
             if !received.contains_key(key) {
                 metas.insert(*key, part.meta.clone());
-                carry.groups_from(*key, &part.groups);
+                // The newest an actor can hand over: tagged above every epoch.
+                carry.put_groups(*key, u64::MAX, part.groups.clone_encoded());
                 ended.insert(*key);
             }
         }
@@ -739,44 +818,56 @@ impl Checkpointer {
         let mut table = committed.table.clone();
         let mut written = 0u64;
         for (key, groups) in &carry.groups {
-            if groups.is_empty() {
-                continue;
-            }
-            let name = format!("chunk-{epoch}-{}-{}", key.0, key.1);
-            let bytes: Vec<&[u8]> = groups
-                .values()
-                .filter(|b| !b.is_empty())
-                .map(|b| b.as_slice())
+            // What the shards wrote already, and what is left to write here.
+            let to_write: Vec<(u32, &[u8])> = groups
+                .iter()
+                .filter_map(|(&g, (_, data))| match data {
+                    GroupData::Bytes(bytes) if !bytes.is_empty() => Some((g, bytes.as_slice())),
+                    _ => None,
+                })
                 .collect();
-            let refs = if bytes.is_empty() {
-                Vec::new()
+            let mut refs = if to_write.is_empty() {
+                Vec::new().into_iter()
             } else {
+                let name = format!("chunk-{epoch}-{}-{}", key.0, key.1);
+                let bytes: Vec<&[u8]> = to_write.iter().map(|(_, b)| *b).collect();
                 match self.store.write_chunk(&name, &bytes) {
-                    Ok(refs) => refs,
+                    Ok(refs) => refs.into_iter(),
                     Err(e) => {
                         self.note_failure(epoch, &e.to_string());
                         return false;
                     }
                 }
             };
-            written += bytes.iter().map(|b| b.len() as u64).sum::<u64>();
             let entry = table.entry(*key).or_default();
-            let mut refs = refs.into_iter();
-            for (&group, bytes) in groups {
-                if bytes.is_empty() {
-                    entry.1.remove(&group);
-                } else {
-                    let part = refs.next().expect("one ref per part written");
-                    entry.1.insert(
-                        group,
-                        GroupRef {
+            for (&group, (_, data)) in groups {
+                let at = match data {
+                    GroupData::Bytes(bytes) if bytes.is_empty() => None,
+                    GroupData::Bytes(bytes) => {
+                        written += bytes.len() as u64;
+                        Some(refs.next().expect("one ref per part written"))
+                    }
+                    GroupData::At(at) => {
+                        written += at.as_ref().map_or(0, |r| r.len as u64);
+                        at.clone()
+                    }
+                };
+                match at {
+                    None => {
+                        entry.1.remove(&group);
+                    }
+                    Some(part) => {
+                        entry.1.insert(
                             group,
-                            file: part.file,
-                            offset: part.offset,
-                            len: part.len,
-                            crc: part.crc,
-                        },
-                    );
+                            GroupRef {
+                                group,
+                                file: part.file,
+                                offset: part.offset,
+                                len: part.len,
+                                crc: part.crc,
+                            },
+                        );
+                    }
                 }
             }
         }
@@ -889,17 +980,28 @@ impl Checkpointer {
     }
 }
 
+/// A changed key group as the next commit takes it.
+enum GroupData {
+    /// To write (empty: the group emptied).
+    Bytes(Vec<u8>),
+    /// Written on a shard already (`None`: the group emptied).
+    At(Option<PartRef>),
+}
+
 /// What has to go into the next checkpoint that commits.
 #[derive(Default)]
 struct Carry {
-    groups: BTreeMap<ActorKey, BTreeMap<u32, Vec<u8>>>,
+    /// Per actor and group, the newest change: `(epoch, data)`; a change of an
+    /// older epoch (a late shard write of a checkpoint given up) never
+    /// replaces a newer one.
+    groups: BTreeMap<ActorKey, BTreeMap<u32, (u64, GroupData)>>,
     staged: BTreeMap<PathBuf, Vec<StagedRef>>,
 }
 
 impl Carry {
     /// Take a part's changed groups and make its sealed output durable.
     fn absorb(&mut self, part: Part, checkpointer: &Checkpointer) {
-        self.groups_from(part.actor, &part.groups);
+        self.put_groups(part.actor, part.epoch, part.groups);
         self.finish_sealed(part.sealed, checkpointer);
     }
 
@@ -915,10 +1017,39 @@ impl Carry {
         }
     }
 
-    fn groups_from(&mut self, actor: ActorKey, groups: &[(u32, Vec<u8>)]) {
+    fn put_groups(&mut self, actor: ActorKey, epoch: u64, groups: Groups) {
         let entry = self.groups.entry(actor).or_default();
-        for (group, bytes) in groups {
-            entry.insert(*group, bytes.clone());
+        let mut put = |group: u32, data: GroupData| match entry.get(&group) {
+            Some((newer, _)) if *newer > epoch => {}
+            _ => {
+                entry.insert(group, (epoch, data));
+            }
+        };
+        match groups {
+            Groups::Encoded(groups) => {
+                for (group, bytes) in groups {
+                    put(group, GroupData::Bytes(bytes));
+                }
+            }
+            Groups::At(refs) => {
+                for (group, at) in refs {
+                    put(group, GroupData::At(at));
+                }
+            }
+            // Its `Written` report brings them.
+            Groups::Writing => {}
+        }
+    }
+}
+
+impl Groups {
+    /// A copy of encoded groups (a final part's, taken into every checkpoint
+    /// it stands in for).
+    fn clone_encoded(&self) -> Groups {
+        match self {
+            Groups::Encoded(groups) => Groups::Encoded(groups.clone()),
+            Groups::At(refs) => Groups::At(refs.clone()),
+            Groups::Writing => Groups::Writing,
         }
     }
 }

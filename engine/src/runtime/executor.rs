@@ -128,6 +128,7 @@ impl<M: Send + 'static> ShardThread<M> {
             self.store.clone(),
         );
         core.set_failure_hook(self.config.on_failure.clone());
+        super::enter_shard();
         if self.config.fail_start_of_shard_for_test == Some(self.id.index()) {
             return; // the ready guard, dropped, says this shard did not come up
         }
@@ -159,7 +160,12 @@ impl<M: Send + 'static> ShardThread<M> {
                 next_housekeeping_ns = now_ns.saturating_add(housekeeping_ns);
             }
             if progress || core.has_staged() || core.has_runnable() {
-                glommio::yield_if_needed().await;
+                if super::io_pending() > 0 {
+                    // Let the reactor reap I/O completions and their tasks run.
+                    glommio::executor().yield_task_queue_now().await;
+                } else {
+                    glommio::yield_if_needed().await;
+                }
                 continue;
             }
             if self.spin_for_work(&core, now_ns) {

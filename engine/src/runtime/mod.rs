@@ -56,6 +56,42 @@ pub use shard::{External, Packet, ShardConfig, ShardCore};
 pub use stats::{Counters, RuntimeStats, ShardReport};
 pub use store::{MemoryStateStore, StateStore};
 
+thread_local! {
+    /// This thread runs a shard's glommio executor.
+    static ON_SHARD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Tasks of `spawn_io` not finished on this shard.
+    static IO_PENDING: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether the calling thread is a shard's executor (so `spawn_io` may be
+/// called): false under the simulator and on any other thread.
+pub fn shard_io_available() -> bool {
+    ON_SHARD.with(|on| on.get())
+}
+
+/// Run `task` on this shard's executor beside the actors: file I/O through
+/// glommio's io_uring that an actor must not wait for (a checkpoint's chunk
+/// write). The shard yields to such tasks between passes while any is
+/// pending. Only on a shard (see `shard_io_available`).
+pub fn spawn_io(task: impl std::future::Future<Output = ()> + 'static) {
+    assert!(shard_io_available(), "spawn_io off a shard's executor");
+    IO_PENDING.with(|n| n.set(n.get() + 1));
+    glommio::spawn_local(async move {
+        task.await;
+        IO_PENDING.with(|n| n.set(n.get() - 1));
+    })
+    .detach();
+}
+
+/// `spawn_io` tasks not finished on this shard.
+pub(crate) fn io_pending() -> u32 {
+    IO_PENDING.with(|n| n.get())
+}
+
+pub(crate) fn enter_shard() {
+    ON_SHARD.with(|on| on.set(true));
+}
+
 /// What the failure hook is told: an actor that panicked (`actor: Some`), or a
 /// shard that died (`actor: None`).
 #[derive(Clone, Debug, PartialEq, Eq)]
