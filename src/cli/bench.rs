@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use std::path::PathBuf;
 
-use dirigo_bench::{actors, ingest, migrate, nexmark, BenchError};
+use dirigo_bench::{actors, checkpoint, ingest, migrate, nexmark, BenchError};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -29,6 +29,23 @@ enum BenchName {
         /// Measurements per figure; the median is reported.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
         runs: u64,
+    },
+    /// A keyed count over `--keys` keys with a checkpoint every second against
+    /// the same job without (B, C, B, C), then the recovery of the stopped job
+    /// from its data directory and the exact per-key check of its counts.
+    Checkpoint {
+        /// Print the report as one JSON object on the last line of stdout.
+        #[arg(long)]
+        json: bool,
+        /// Keys of the count (16 encoded bytes of state each).
+        #[arg(long, default_value_t = 6_000_000, value_parser = clap::value_parser!(u64).range(1_000..=1_000_000_000))]
+        keys: u64,
+        /// Seconds of each throughput window.
+        #[arg(long, default_value_t = 6.0)]
+        seconds: f64,
+        /// Shards (cores); default: every online core.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+        cores: Option<u64>,
     },
     /// The parallel file source (JSON Lines to events on every core) against a
     /// bare read of the same file through the same reader.
@@ -93,6 +110,21 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
                 ..actors::Config::default()
             };
             print(&actors::run(&config)?, json);
+            Ok(())
+        }
+        BenchName::Checkpoint {
+            json,
+            keys,
+            seconds,
+            cores,
+        } => {
+            let config = checkpoint::Config {
+                keys,
+                seconds: seconds.clamp(0.5, 3600.0),
+                cores: cores.map_or_else(dirigo_engine::runtime::online_cores, |n| n as usize),
+                ..checkpoint::Config::default()
+            };
+            print(&checkpoint::run(&config)?, json);
             Ok(())
         }
         BenchName::Ingest {
