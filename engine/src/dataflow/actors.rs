@@ -557,6 +557,10 @@ struct Aligner {
     /// Messages of channels whose barrier came, in arrival order.
     buffer: Vec<DataMsg>,
     started_ns: u64,
+    /// Aligned: the barrier went on, the `Snapshot` to itself is on its way
+    /// (every channel stays held until it is taken).
+    snapshot_due: bool,
+    alignment_ns: u64,
 }
 
 impl Aligner {
@@ -567,10 +571,13 @@ impl Aligner {
             arrived: inputs.iter().map(|&n| vec![false; n as usize]).collect(),
             buffer: Vec::new(),
             started_ns: 0,
+            snapshot_due: false,
+            alignment_ns: 0,
         }
     }
 
-    /// Whether `message` must wait: its channel's barrier came already.
+    /// Whether `message` must wait: its channel's barrier came already (or
+    /// the snapshot is due: every channel waits).
     #[inline]
     fn holds(&self, message: &DataMsg) -> bool {
         if self.epoch == 0 {
@@ -579,14 +586,17 @@ impl Aligner {
         match *message {
             DataMsg::Records { input, from, .. }
             | DataMsg::Watermark { input, from, .. }
-            | DataMsg::Barrier { input, from, .. } => self.arrived[input as usize][from as usize],
-            DataMsg::Tick => false,
+            | DataMsg::Barrier { input, from, .. } => {
+                self.snapshot_due || self.arrived[input as usize][from as usize]
+            }
+            DataMsg::Tick | DataMsg::Snapshot { .. } => false,
         }
     }
 
     fn start(&mut self, epoch: u64, now_ns: u64) {
         self.epoch = epoch;
         self.started_ns = now_ns;
+        self.snapshot_due = false;
         self.arrived.iter_mut().flatten().for_each(|a| *a = false);
     }
 
@@ -607,6 +617,7 @@ impl Aligner {
     fn finish(&mut self) -> Vec<DataMsg> {
         self.last = self.last.max(self.epoch);
         self.epoch = 0;
+        self.snapshot_due = false;
         std::mem::take(&mut self.buffer)
     }
 }
@@ -623,6 +634,14 @@ trait Aligning {
     fn dispatch(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>);
     /// The part of a completed epoch (bookkeeping, changed groups, sealed output).
     fn part(&mut self, epoch: u64, kind: PartKind) -> Result<Part, String>;
+    /// Encode some of the changed groups for the part being taken; true once
+    /// all are (a large snapshot takes several turns, so that the shard's
+    /// other actors run in between).
+    fn snapshot_step(&mut self) -> bool {
+        true
+    }
+    /// A snapshot in progress is given up: its groups count as changed again.
+    fn drop_snapshot(&mut self) {}
 
     fn deliver(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>) {
         if self.aligner().holds(&message) {
@@ -656,6 +675,8 @@ trait Aligning {
             return; // stale: that epoch is over here
         }
         if declined {
+            self.drop_snapshot();
+            let aligner = self.aligner();
             let held = aligner.finish();
             aligner.last = epoch;
             let (plan_key, plan) = (self.key(), self.plan());
@@ -667,8 +688,10 @@ trait Aligning {
         if aligner.epoch != 0 && epoch > aligner.epoch {
             // An epoch the checkpointer gave up on: what waited goes on, after
             // this barrier starts the new alignment.
-            overtaken = aligner.finish();
+            self.drop_snapshot();
+            overtaken = self.aligner().finish();
         }
+        let aligner = self.aligner();
         if aligner.epoch == 0 {
             aligner.start(epoch, ctx.clock_ns());
         }
@@ -677,21 +700,42 @@ trait Aligning {
         self.replay(overtaken, ctx);
     }
 
-    /// If every channel has sent its barrier or ended: hand over the part,
-    /// forward the barrier, go on with what waited.
+    /// If every channel has sent its barrier or ended: forward the barrier
+    /// (it leaves when this handler returns), and take the part at a
+    /// `Snapshot` sent to itself, with every channel still held: so the
+    /// barrier does not wait for the snapshot's encoding, and no input after
+    /// the barrier reaches the state before it is taken.
     fn try_complete(&mut self, ctx: &mut Context<'_, DataMsg>) {
-        let epoch = self.aligner().epoch;
-        if epoch == 0 || !self.aligned() {
+        let aligner = self.aligner();
+        let epoch = aligner.epoch;
+        if epoch == 0 || aligner.snapshot_due || !self.aligned() {
             return;
         }
-        let alignment_ns = ctx.clock_ns().saturating_sub(self.aligner().started_ns);
+        let aligner = self.aligner();
+        aligner.alignment_ns = ctx.clock_ns().saturating_sub(aligner.started_ns);
+        aligner.snapshot_due = true;
+        broadcast_barrier(self.plan(), self.key(), epoch, false, ctx);
+        ctx.send(ctx.me(), DataMsg::Snapshot { epoch });
+    }
+
+    /// The `Snapshot` a completed alignment sent itself: hand over the part,
+    /// go on with what waited.
+    fn snapshot_now(&mut self, epoch: u64, ctx: &mut Context<'_, DataMsg>) {
+        let aligner = self.aligner();
+        if aligner.epoch != epoch || !aligner.snapshot_due {
+            return; // declined or overtaken meanwhile
+        }
+        let alignment_ns = aligner.alignment_ns;
+        if !self.snapshot_step() {
+            ctx.send(ctx.me(), DataMsg::Snapshot { epoch });
+            return;
+        }
         match self.part(epoch, PartKind::Regular) {
             Ok(mut part) => {
                 part.alignment_ns = alignment_ns;
                 if let Some(checkpointer) = &self.plan().checkpointer {
                     checkpointer.report(part);
                 }
-                broadcast_barrier(self.plan(), self.key(), epoch, false, ctx);
             }
             Err(e) => {
                 self.decline(epoch, e, ctx);
@@ -718,6 +762,7 @@ trait Aligning {
             });
         }
         broadcast_barrier(self.plan(), key, epoch, true, ctx);
+        self.drop_snapshot();
         let held = self.aligner().finish();
         self.replay(held, ctx);
     }
@@ -820,6 +865,7 @@ fn stage_actor<Out: Data, Op: StageOp<Out>>(
         out,
         // A restored operator is new: its own late count starts again at 0.
         late_seen: 0,
+        snapshot: None,
     })
 }
 
@@ -833,6 +879,17 @@ struct StageActor<Out, Op> {
     /// The operator's late count already added to the job's.
     late_seen: u64,
     align: Aligner,
+    /// A snapshot being encoded over several turns.
+    snapshot: Option<Snapshotting>,
+}
+
+/// Bytes of state a snapshot encodes per turn, about.
+const SNAPSHOT_STEP_BYTES: usize = 1 << 20;
+
+/// Groups of a snapshot still to encode, and those encoded.
+struct Snapshotting {
+    todo: Vec<u32>,
+    done: Vec<(u32, Vec<u8>)>,
 }
 
 impl<Out: Data, Op: StageOp<Out>> StageActor<Out, Op> {
@@ -861,15 +918,52 @@ impl<Out: Data, Op: StageOp<Out>> Aligning for StageActor<Out, Op> {
         &self.plan
     }
 
+    fn snapshot_step(&mut self) -> bool {
+        let Some(state) = self.operator.state() else {
+            return true;
+        };
+        let snapshot = self.snapshot.get_or_insert_with(|| {
+            let todo = state.changed();
+            state.clear_changed();
+            Snapshotting {
+                todo,
+                done: Vec::new(),
+            }
+        });
+        let mut budget = SNAPSHOT_STEP_BYTES;
+        while let Some(group) = snapshot.todo.pop() {
+            let mut bytes = Vec::new();
+            state.encode_group(group, &mut bytes);
+            budget = budget.saturating_sub(bytes.len().max(64));
+            snapshot.done.push((group, bytes));
+            if budget == 0 {
+                break;
+            }
+        }
+        snapshot.todo.is_empty()
+    }
+
+    fn drop_snapshot(&mut self) {
+        let (Some(snapshot), Some(state)) = (self.snapshot.take(), self.operator.state()) else {
+            return;
+        };
+        let groups = snapshot.todo.into_iter();
+        for group in groups.chain(snapshot.done.into_iter().map(|(g, _)| g)) {
+            state.mark_changed(group);
+        }
+    }
+
     fn part(&mut self, epoch: u64, kind: PartKind) -> Result<Part, String> {
         let meta = encode_state(&self.saved(epoch)).to_vec();
-        let groups = match self.operator.state() {
-            Some(state) => {
+        let groups = match (self.snapshot.take(), self.operator.state()) {
+            // Encoded over the turns since the alignment.
+            (Some(snapshot), _) => snapshot.done,
+            (None, Some(state)) => {
                 let groups = encode_groups(state, &state.changed());
                 state.clear_changed();
                 groups
             }
-            None => Vec::new(),
+            (None, None) => Vec::new(),
         };
         // On a shard, a regular part's chunk is written there through
         // io_uring while the actor goes on; its final part (and any part under
@@ -900,6 +994,7 @@ impl<Out: Data, Op: StageOp<Out>> Aligning for StageActor<Out, Op> {
         let (stage, partition) = (self.id.operator, self.id.partition);
         match message {
             DataMsg::Tick => return,
+            DataMsg::Snapshot { epoch } => return self.snapshot_now(epoch, ctx),
             DataMsg::Records { input, batch, .. } => {
                 self.operator.records(input, batch, &mut self.out);
                 let out = std::mem::take(&mut self.out);
@@ -1066,6 +1161,7 @@ impl<T: Data> Aligning for SinkActor<T> {
         let start_ns = ctx.clock_ns();
         match message {
             DataMsg::Tick => {}
+            DataMsg::Snapshot { epoch } => self.snapshot_now(epoch, ctx),
             DataMsg::Records { batch, .. } => {
                 let records = batch.into_vec::<T>();
                 self.sink.write(&records);

@@ -139,13 +139,18 @@ impl Groups {
     }
 }
 
+/// Where each written group is (`None`: it emptied).
+pub(crate) type GroupsAt = Vec<(u32, Option<PartRef>)>;
+/// `(group, bytes)` pairs.
+pub(crate) type EncodedGroups = Vec<(u32, Vec<u8>)>;
+
 /// The end of a shard-side chunk write of an actor's part of `epoch`.
 pub(crate) struct Written {
     pub actor: ActorKey,
     pub epoch: u64,
     /// Where each group went, or the error and the groups' bytes (which the
     /// next checkpoint then writes).
-    pub result: Result<Vec<(u32, Option<PartRef>)>, (String, Vec<(u32, Vec<u8>)>)>,
+    pub result: Result<GroupsAt, (String, EncodedGroups)>,
 }
 
 /// What an actor gets back at its first activation after a restore.

@@ -78,6 +78,9 @@ pub enum DataMsg {
         epoch: u64,
         declined: bool,
     },
+    /// An aligned stage's or sink's cue, sent to itself, to take its part of
+    /// checkpoint `epoch` (its barrier has gone on already).
+    Snapshot { epoch: u64 },
 }
 
 /// The key group (of a job's `groups`) of a key.
