@@ -338,7 +338,7 @@ impl<T: Data> SourceActor<T> {
             meta: encode_state(&saved).to_vec(),
             groups: Groups::none(),
             sealed: Vec::new(),
-            alignment_ns: 0,
+            alignment_ns: None,
         })
     }
 
@@ -732,7 +732,7 @@ trait Aligning {
         }
         match self.part(epoch, PartKind::Regular) {
             Ok(mut part) => {
-                part.alignment_ns = alignment_ns;
+                part.alignment_ns = Some(alignment_ns);
                 if let Some(checkpointer) = &self.plan().checkpointer {
                     checkpointer.report(part);
                 }
@@ -758,7 +758,7 @@ trait Aligning {
                 meta: Vec::new(),
                 groups: Groups::none(),
                 sealed: Vec::new(),
-                alignment_ns: 0,
+                alignment_ns: None,
             });
         }
         broadcast_barrier(self.plan(), key, epoch, true, ctx);
@@ -985,7 +985,7 @@ impl<Out: Data, Op: StageOp<Out>> Aligning for StageActor<Out, Op> {
             meta,
             groups,
             sealed: Vec::new(),
-            alignment_ns: 0,
+            alignment_ns: None,
         })
     }
 
@@ -1153,7 +1153,7 @@ impl<T: Data> Aligning for SinkActor<T> {
             meta: encode_state(&saved).to_vec(),
             groups: Groups::none(),
             sealed,
-            alignment_ns: 0,
+            alignment_ns: None,
         })
     }
 

@@ -9,27 +9,35 @@
 //! `n` and sends a barrier `n` on every output channel, after the records it
 //! produced before. A stage or sink partition *aligns*: once a barrier `n` came
 //! on a channel, later messages of that channel wait in the actor until
-//! barrier `n` came on every channel that has not ended, so the state it then
-//! hands over holds exactly the input before the barriers. It hands over the
-//! key groups its operator changed since its last part (incremental; the
-//! encoding is done on the shard, the writing is not), forwards barrier `n` and
-//! goes on with what waited. A sink seals what it wrote since the last barrier
-//! (`Sink::seal`). Waiting messages are bounded ([`ALIGN_BUFFER_MESSAGES_MAX`]):
-//! an actor over the bound declines `n` (the checkpoint fails, the job runs on)
-//! and forwards a declined barrier so that no one downstream waits for it.
+//! barrier `n` came on every channel that has not ended. Then it forwards the
+//! barrier at once and sends itself a `Snapshot`; until that is handled every
+//! channel waits, so the state it hands over holds exactly the input before
+//! the barriers, and the barrier does not wait for the snapshot. A stage
+//! encodes the key groups its operator changed since its last part
+//! (incremental) over as many turns as it takes (about 1 MiB each, so the
+//! shard's other actors run in between) and writes them as one chunk on its
+//! own shard, through glommio's io_uring (`runtime::spawn_io`), while it goes
+//! on with what waited; the write's report follows its part. A sink seals what
+//! it wrote since the last barrier (`Sink::seal`). Waiting messages are
+//! bounded ([`ALIGN_BUFFER_MESSAGES_MAX`]): an actor over the bound declines `n`
+//! (the checkpoint fails, the job runs on) and forwards a declined barrier so
+//! that no one downstream waits for it.
 //!
-//! An actor whose input has ended hands over a *final* part; it stands for it
-//! in every later checkpoint, as no barrier can reach it any more. When every
-//! actor's part (or final part) of `n` is in, the checkpointer writes the
-//! changed groups into one chunk file per actor, makes the sealed output
-//! durable, commits manifest `n` (write, fsync, rename, fsync the directory) and
-//! then appends the staged rows of `n` to their output files. When every actor
-//! has a final part it commits a last manifest marked finished.
-//!
+//! An actor whose input has ended hands over a *final* part (encoded for the
+//! checkpointer's thread to write); it stands for it in every later
+//! checkpoint, as no barrier can reach it any more. When every actor's part
+//! (or final part) of `n` is in and no chunk write is out, the checkpointer
+//! writes what the shards did not, makes the sealed output durable, commits
+//! manifest `n` (write, fsync, rename, fsync the directory) and then appends
+//! the staged rows of `n` to their output files. When every actor has a final
+//! part it commits a last manifest marked finished. (Under the simulator,
+//! where there is no executor, stages hand their groups to the checkpointer's
+//! thread as bytes.)
+
 //! # Failures
 //!
-//! A chunk or manifest write that fails (a full disk, an I/O error) fails that
-//! checkpoint: it is reported (`CheckpointStats::failed`, `last_error`), the
+//! A chunk write (on a shard or on the checkpointer's thread) or a manifest
+//! write that fails (a full disk, an I/O error) fails that checkpoint: it is reported (`CheckpointStats::failed`, `last_error`), the
 //! previous one stays valid, and the groups and sealed output of the failed
 //! one are carried into the next, which the following interval retries. A
 //! checkpoint that has not completed after [`CHECKPOINT_TIMEOUT_INTERVALS`]
@@ -117,8 +125,9 @@ pub(crate) struct Part {
     /// Key groups changed since the actor's last part.
     pub groups: Groups,
     pub sealed: Vec<Sealed>,
-    /// From the first barrier of the epoch to the last, in ns.
-    pub alignment_ns: u64,
+    /// From the first barrier of the epoch to the last, in ns (a stage's or
+    /// sink's regular part; sources do not align).
+    pub alignment_ns: Option<u64>,
 }
 
 /// An actor's changed key groups, as it hands them over.
@@ -639,7 +648,7 @@ impl Checkpointer {
                     meta,
                     groups: Groups::none(),
                     sealed: Vec::new(),
-                    alignment_ns: 0,
+                    alignment_ns: None,
                 },
             );
         }
@@ -814,7 +823,7 @@ impl Checkpointer {
         }
         for (key, part) in received {
             metas.insert(key, part.meta.clone());
-            alignment.push(part.alignment_ns);
+            alignment.extend(part.alignment_ns);
             carry.absorb(part, self);
         }
         if self.error().is_some() {

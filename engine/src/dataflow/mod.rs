@@ -249,9 +249,9 @@ pub struct DataflowConfig {
 impl Default for DataflowConfig {
     fn default() -> Self {
         let mut runtime = RuntimeConfig::default();
-        // Idle sinks, and sources and stages whose input has ended, deactivate
-        // (scale to zero); an operator holding state mid-job never does (see
-        // `actors::Saved`).
+        // Idle actors deactivate (scale to zero): a keyed stage with its
+        // operator's key groups, a stateless sink, and any actor whose input
+        // has ended (see `actors`).
         runtime.shard.idle_timeout_ns = Some(1_000_000_000);
         runtime.shard.mailbox_credit_messages = 64;
         DataflowConfig { runtime }

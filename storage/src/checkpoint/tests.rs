@@ -588,3 +588,43 @@ fn bad_names_and_oversize_parts_are_refused_before_any_write() {
     assert_eq!(error.io_kind(), Some(io::ErrorKind::NotFound), "{error}");
     fs::remove_dir_all(&root).unwrap();
 }
+
+#[test]
+fn a_chunk_written_on_a_glommio_executor_is_the_same_file_and_faults_alike() {
+    let root = temp_root("async-chunk");
+    let dir = CheckpointDir::open(&root).unwrap();
+    let parts: Vec<Vec<u8>> = (0..5).map(|i| bytes(i, 1 + i * 3_001)).collect();
+    let executor = glommio::LocalExecutorBuilder::default()
+        .io_memory(256 << 10)
+        .make()
+        .unwrap();
+    let refs = executor
+        .run(dir.write_chunk_async("chunk-async", &parts))
+        .unwrap();
+    for (part_ref, part) in refs.iter().zip(&parts) {
+        assert_eq!(&dir.read_part(part_ref).unwrap(), part);
+    }
+    let slices: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
+    dir.write_chunk("chunk-blocking", &slices).unwrap();
+    let checkpoints = root.join("checkpoints");
+    assert_eq!(
+        fs::read(checkpoints.join("chunk-async")).unwrap(),
+        fs::read(checkpoints.join("chunk-blocking")).unwrap(),
+        "the same bytes as the blocking writer"
+    );
+    // An armed fault fails it with ENOSPC and leaves no file behind.
+    let dir = dir.with_faults(Faults::enospc(1));
+    let error = executor
+        .run(dir.write_chunk_async("chunk-full", &parts))
+        .unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(28), "{error}");
+    let names: Vec<String> = fs::read_dir(&checkpoints)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.contains("chunk-full")),
+        "nothing of the failed write is left: {names:?}"
+    );
+    let _ = fs::remove_dir_all(&root);
+}
