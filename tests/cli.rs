@@ -116,6 +116,42 @@ fn bench_actors_json_has_every_figure() {
 }
 
 #[test]
+fn bench_checkpoint_json_has_every_figure_and_loses_nothing() {
+    let report = json_report(&[
+        "bench",
+        "checkpoint",
+        "--json",
+        "--keys",
+        "20000",
+        "--seconds",
+        "1.5",
+    ]);
+    assert_keys(
+        &report,
+        &[
+            "throughput_ratio",
+            "events_per_s_without",
+            "events_per_s_with",
+            "checkpoint_ms_p50",
+            "checkpoint_ms_p99",
+            "alignment_ms_p99",
+            "state_bytes",
+            "checkpoint_bytes",
+            "incremental_bytes",
+            "recovery_ms",
+            "lost",
+            "duplicated",
+            "cores",
+            "machine",
+        ],
+    );
+    // Exactness after the restore is checked against every key's count.
+    assert_eq!(report["lost"], 0, "{report}");
+    assert_eq!(report["duplicated"], 0, "{report}");
+    assert!(report["state_bytes"].as_u64().unwrap() > 0, "{report}");
+}
+
+#[test]
 fn bench_ingest_json_has_every_figure_and_reads_every_event() {
     let report = json_report(&[
         "bench", "ingest", "--json", "--events", "20000", "--runs", "1",

@@ -113,7 +113,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            keys: 6_000_000,
+            keys: 7_000_000,
             seconds: 6.0,
             cores: dirigo_engine::runtime::online_cores(),
             interval: Duration::from_secs(1),

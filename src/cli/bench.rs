@@ -38,7 +38,7 @@ enum BenchName {
         #[arg(long)]
         json: bool,
         /// Keys of the count (16 encoded bytes of state each).
-        #[arg(long, default_value_t = 6_000_000, value_parser = clap::value_parser!(u64).range(1_000..=1_000_000_000))]
+        #[arg(long, default_value_t = 7_000_000, value_parser = clap::value_parser!(u64).range(1_000..=1_000_000_000))]
         keys: u64,
         /// Seconds of each throughput window.
         #[arg(long, default_value_t = 6.0)]

@@ -685,12 +685,14 @@ impl Checkpointer {
                 if matches!(part.groups, Groups::Writing) {
                     writing.insert((part.actor, part.epoch), ());
                 }
+                // Sealed output is made durable as it arrives, so that staged
+                // files are appended in the order their sinks sealed them (a
+                // sink's final rows after its rows of the epoch before).
+                let sealed = std::mem::take(&mut part.sealed);
+                carry.finish_sealed(sealed, self);
                 match part.kind {
+                    // Its groups go into every checkpoint it stands in for.
                     PartKind::Final => {
-                        // Its sealed output is made durable now, once; its groups
-                        // go into every checkpoint it stands in for.
-                        let sealed = std::mem::take(&mut part.sealed);
-                        carry.finish_sealed(sealed, self);
                         finals.insert(part.actor, part);
                     }
                     PartKind::Declined(ref reason) => {

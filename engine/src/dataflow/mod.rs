@@ -83,10 +83,11 @@ pub enum DataMsg {
     Snapshot { epoch: u64 },
 }
 
-/// The key group (of a job's `groups`) of a key.
+/// The key group (of a job's `groups`) of a key: the mixed key scaled into
+/// `0..groups` by a multiply and a shift (no division on the per-record path).
 #[inline]
 pub fn key_group(key: u64, groups: u32) -> u32 {
-    (crate::ids::mix64(key) % groups as u64) as u32
+    ((crate::ids::mix64(key) as u128 * groups as u128) >> 64) as u32
 }
 
 /// The partition (of `parallelism`) that owns a key group: contiguous ranges.
