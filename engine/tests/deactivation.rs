@@ -1,7 +1,8 @@
 //! Scale to zero in the threaded runtime: an idle dataflow actor with nothing of
 //! its own to lose is deactivated mid-job and made anew when input comes; one
-//! that owns state (a sink buffering its rows) stays until its input ends. Both
-//! deliver every row.
+//! that owns state the engine cannot save (a sink buffering its rows) stays
+//! until its input ends; a window operator goes with its key groups and comes
+//! back with them. All deliver every row.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -123,4 +124,74 @@ fn idle_stateless_actors_come_and_go_and_stateful_ones_stay() {
         "{deactivations} deactivations"
     );
     dataflow.shutdown();
+}
+
+/// A keyed window count whose partition idles between paced records: it goes
+/// to the store with its open windows (its key groups) and comes back with
+/// them, mid-job, many times; the counts are exact.
+#[test]
+fn an_idle_window_operator_deactivates_with_its_state_and_comes_back_exact() {
+    use dirigo_engine::dataflow::ops::{Count, WindowAggregate, WindowSpec};
+
+    let mut config = DataflowConfig::default();
+    config.runtime.shards = 1;
+    config.runtime.housekeeping_interval = Duration::from_millis(1);
+    config.runtime.shard.idle_timeout_ns = Some(2_000_000);
+    let mut dataflow = Dataflow::start(config).expect("engine starts");
+
+    let rows = Arc::new(Mutex::new(Vec::new()));
+    let made = Arc::new(AtomicU64::new(0));
+    let mut job = Job::new("idle-window", Duration::from_millis(50));
+    job.rate(Some(200)); // one number every 5 ms
+    let count = WindowAggregate::new(
+        WindowSpec::Tumbling { size_ms: 10 },
+        |n: &u64| *n as i64,
+        |n: &u64| n % 3,
+        Count::new(|key, (start, _), n| (key, start, n)),
+    )
+    .factory();
+    let counted = made.clone();
+    let out = rows.clone();
+    job.source("numbers", 1, Arc::new(|_, _| Box::new(Numbers { next: 0 })))
+        .key_by(|n: &u64| n % 3)
+        .process(
+            "count",
+            1,
+            Arc::new(move |p| {
+                counted.fetch_add(1, Ordering::Relaxed);
+                count(p)
+            }),
+        )
+        .sink("rows", 1, Arc::new(move |_| Box::new(Rows(out.clone()))));
+    let handle = dataflow.submit(job).expect("submits");
+    handle.wait(Duration::from_secs(30)).expect("the job ends");
+    let mut expected = Vec::new();
+    for start in (0..EVENTS as i64).step_by(10) {
+        for key in 0..3u64 {
+            let n = (start..start + 10).filter(|n| *n as u64 % 3 == key).count() as u64;
+            expected.push((key, start, n));
+        }
+    }
+    expected.sort();
+    let mut got = rows.lock().unwrap().clone();
+    got.sort();
+    assert_eq!(got, expected);
+    let made = made.load(Ordering::Relaxed);
+    assert!(
+        made > 5,
+        "the window operator came back with its state only {made} times"
+    );
+    dataflow.shutdown();
+}
+
+/// Rows of the window count, straight to shared storage (stateless).
+struct Rows(Arc<Mutex<Vec<(u64, i64, u64)>>>);
+
+impl Sink<(u64, i64, u64)> for Rows {
+    fn write(&mut self, records: &[(u64, i64, u64)]) {
+        self.0.lock().unwrap().extend_from_slice(records);
+    }
+    fn stateless(&self) -> bool {
+        true
+    }
 }
