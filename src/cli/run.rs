@@ -179,14 +179,16 @@ fn prepare_data_dir(
             return Ok(DataDir::Finished(status.epoch));
         }
         Some(_) => {}
-        None => {
-            // A fresh run: its output starts empty (rows then come only from
-            // committed checkpoints).
+        // No manifest at all (not merely none readable, which the engine
+        // reports without touching the output): a fresh run, whose output
+        // starts empty (rows then come only from committed checkpoints).
+        None if checkpoint::manifest_epochs(dir)?.is_empty() => {
             if let SinkArg::File(path) = &args.sink {
                 std::fs::File::create(path)
                     .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
             }
         }
+        None => {}
     }
     Ok(DataDir::Run(CheckpointOptions::new(
         dir,

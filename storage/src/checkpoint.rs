@@ -174,6 +174,9 @@ pub struct StagedRef {
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
     enospc_writes: Arc<AtomicU64>,
+    /// Microseconds every [`CheckpointDir::write_chunk_async`] waits first (a
+    /// slow disk, to widen the windows a test looks into).
+    async_write_delay_us: Arc<AtomicU64>,
 }
 
 impl Faults {
@@ -193,6 +196,14 @@ impl Faults {
     /// Disarms every fault.
     pub fn disarm(&self) {
         self.arm_enospc(0);
+        self.delay_async_writes(std::time::Duration::ZERO);
+    }
+
+    /// Makes every chunk write on a glommio executor wait `delay` first, as
+    /// a slow disk would.
+    pub fn delay_async_writes(&self, delay: std::time::Duration) {
+        self.async_write_delay_us
+            .store(delay.as_micros() as u64, Ordering::Relaxed);
     }
 
     /// Writes still armed to fail.
@@ -322,6 +333,10 @@ impl CheckpointDir {
             });
         }
         let temp = temp_path(&self.checkpoints, name);
+        let delay_us = self.faults.async_write_delay_us.load(Ordering::Relaxed);
+        if delay_us > 0 {
+            glommio::timer::sleep(std::time::Duration::from_micros(delay_us)).await;
+        }
         let total: usize = parts.iter().map(|p| PART_HEADER_BYTES + p.len()).sum();
         let mut frames = Vec::with_capacity(total);
         let mut refs = Vec::with_capacity(parts.len());

@@ -636,8 +636,9 @@ trait Aligning {
     fn part(&mut self, epoch: u64, kind: PartKind) -> Result<Part, String>;
     /// Encode some of the changed groups for the part being taken; true once
     /// all are (a large snapshot takes several turns, so that the shard's
-    /// other actors run in between).
-    fn snapshot_step(&mut self) -> bool {
+    /// other actors run in between). In a `hurry` (half the bound of held
+    /// messages is used) it encodes the rest at once rather than decline.
+    fn snapshot_step(&mut self, _hurry: bool) -> bool {
         true
     }
     /// A snapshot in progress is given up: its groups count as changed again.
@@ -671,14 +672,17 @@ trait Aligning {
         ctx: &mut Context<'_, DataMsg>,
     ) {
         let aligner = self.aligner();
-        if epoch <= aligner.last {
-            return; // stale: that epoch is over here
+        if epoch <= aligner.last || (aligner.epoch != 0 && epoch < aligner.epoch) {
+            // Stale: that epoch is over here, or a newer one is being aligned
+            // (the checkpointer gave the older up; a source that skipped it
+            // sent the newer barrier first).
+            return;
         }
         if declined {
             self.drop_snapshot();
             let aligner = self.aligner();
             let held = aligner.finish();
-            aligner.last = epoch;
+            aligner.last = aligner.last.max(epoch);
             let (plan_key, plan) = (self.key(), self.plan());
             broadcast_barrier(plan, plan_key, epoch, true, ctx);
             self.replay(held, ctx);
@@ -726,7 +730,8 @@ trait Aligning {
             return; // declined or overtaken meanwhile
         }
         let alignment_ns = aligner.alignment_ns;
-        if !self.snapshot_step() {
+        let hurry = aligner.buffer.len() > ALIGN_BUFFER_MESSAGES_MAX / 2;
+        if !self.snapshot_step(hurry) {
             ctx.send(ctx.me(), DataMsg::Snapshot { epoch });
             return;
         }
@@ -918,7 +923,7 @@ impl<Out: Data, Op: StageOp<Out>> Aligning for StageActor<Out, Op> {
         &self.plan
     }
 
-    fn snapshot_step(&mut self) -> bool {
+    fn snapshot_step(&mut self, hurry: bool) -> bool {
         let Some(state) = self.operator.state() else {
             return true;
         };
@@ -930,7 +935,11 @@ impl<Out: Data, Op: StageOp<Out>> Aligning for StageActor<Out, Op> {
                 done: Vec::new(),
             }
         });
-        let mut budget = SNAPSHOT_STEP_BYTES;
+        let mut budget = if hurry {
+            usize::MAX
+        } else {
+            SNAPSHOT_STEP_BYTES
+        };
         while let Some(group) = snapshot.todo.pop() {
             let mut bytes = Vec::new();
             state.encode_group(group, &mut bytes);

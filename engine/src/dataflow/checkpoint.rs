@@ -72,6 +72,10 @@ pub const ALIGN_BUFFER_MESSAGES_MAX: usize = 1024;
 /// abandoned and its content carried into the next.
 pub const CHECKPOINT_TIMEOUT_INTERVALS: u32 = 10;
 
+/// Tries of the final commit (one per interval, 200 ms at most apart) before
+/// the job fails.
+const FINAL_COMMIT_TRIES: u32 = 50;
+
 /// Manifests kept: the newest complete one and the one before, for fallback.
 const MANIFESTS_KEPT: usize = 2;
 
@@ -425,10 +429,17 @@ impl Checkpointer {
         let epochs = store.manifest_epochs().map_err(|e| e.to_string())?;
         let mut warnings = Vec::new();
         let mut chosen = None;
-        for &epoch in epochs.iter().rev() {
+        let mut older_readable = None;
+        for (i, &epoch) in epochs.iter().enumerate().rev() {
             match load(&store, epoch, &shape) {
                 Ok(loaded) => {
                     chosen = Some(loaded);
+                    // The next older readable manifest stays, for a fallback
+                    // from this one.
+                    older_readable = epochs[..i]
+                        .iter()
+                        .rev()
+                        .find_map(|&e| read_manifest(&store, e).ok());
                     break;
                 }
                 Err(LoadError::Mismatch(message)) => return Err(message),
@@ -494,6 +505,7 @@ impl Checkpointer {
             stats.restored_epoch = Some(manifest.epoch);
             stats.last_epoch = manifest.epoch;
             stats.state_bytes = state_bytes(&committed.table);
+            committed.kept.extend(older_readable);
             committed.kept.push_back(manifest);
         }
         // Staged files no kept manifest refers to are rows of checkpoints that
@@ -585,7 +597,9 @@ impl Checkpointer {
     }
 
     /// Stop the thread (after the commit it may be in) and wait for it: from
-    /// then on nothing writes to the data directory for this job.
+    /// then on no manifest is committed and no output appended for this job
+    /// (a chunk write a shard started may still land; no manifest refers to
+    /// it, and the next start deletes it).
     pub(crate) fn stop(&self) {
         self.inbox.lock().expect("checkpointer poisoned").stop = true;
         self.wake.notify_one();
@@ -658,6 +672,10 @@ impl Checkpointer {
         let mut writing: BTreeMap<(ActorKey, u64), ()> = BTreeMap::new();
         // Changed groups and sealed output of checkpoints that did not commit.
         let mut carry: Carry = Carry::default();
+        // Sealed output that belongs after the checkpoint in flight.
+        let mut later: Vec<(PathBuf, StagedRef)> = Vec::new();
+        // Final commits that failed in a row.
+        let mut final_failures = 0u32;
         let mut next_request = Instant::now() + self.interval;
         let timeout = (self.interval * CHECKPOINT_TIMEOUT_INTERVALS).max(Duration::from_secs(10));
         loop {
@@ -686,10 +704,19 @@ impl Checkpointer {
                     writing.insert((part.actor, part.epoch), ());
                 }
                 // Sealed output is made durable as it arrives, so that staged
-                // files are appended in the order their sinks sealed them (a
-                // sink's final rows after its rows of the epoch before).
+                // files are appended in the order their sinks sealed them. A
+                // final part of a sink already cut in the checkpoint in flight
+                // holds rows after that cut: they wait for the checkpoint after.
                 let sealed = std::mem::take(&mut part.sealed);
-                carry.finish_sealed(sealed, self);
+                let after_cut = matches!(part.kind, PartKind::Final)
+                    && in_flight
+                        .as_ref()
+                        .is_some_and(|f| f.2.contains_key(&part.actor));
+                if after_cut {
+                    later.extend(carry.finish_into(sealed, self));
+                } else {
+                    carry.finish_sealed(sealed, self);
+                }
                 match part.kind {
                     // Its groups go into every checkpoint it stands in for.
                     PartKind::Final => {
@@ -746,7 +773,8 @@ impl Checkpointer {
                         .all(|a| received.contains_key(a) || finals.contains_key(a));
                 if complete {
                     let (epoch, started, received) = in_flight.take().expect("in flight");
-                    self.commit(
+                    let cut: HashSet<ActorKey> = received.keys().copied().collect();
+                    let ok = self.commit(
                         &mut committed,
                         epoch,
                         started,
@@ -755,12 +783,31 @@ impl Checkpointer {
                         &mut carry,
                         false,
                     );
+                    if ok {
+                        // The final parts that stood in are in the table now:
+                        // later checkpoints refer to their groups without
+                        // writing them again. (One whose actor was cut here by
+                        // its regular part is still to be taken.)
+                        for (key, part) in finals.iter_mut() {
+                            if !cut.contains(key) {
+                                part.groups = Groups::none();
+                            }
+                        }
+                    }
                 } else if started.elapsed() > timeout {
                     let epoch = *epoch;
                     self.note_failure(epoch, &format!("not complete after {timeout:?}"));
                     let (_, _, received) = in_flight.take().expect("in flight");
                     received.into_values().for_each(|p| carry.absorb(p, self));
                 }
+            }
+            if in_flight.is_none() {
+                for (path, staged) in later.drain(..) {
+                    carry.staged.entry(path).or_default().push(staged);
+                }
+            }
+            if self.error().is_some() {
+                return;
             }
             if in_flight.is_none() && all_final && writing.is_empty() {
                 let epoch = next_epoch;
@@ -776,6 +823,15 @@ impl Checkpointer {
                 next_epoch += 1;
                 if ok {
                     self.finished.store(true, Ordering::Release);
+                    return;
+                }
+                final_failures += 1;
+                if final_failures >= FINAL_COMMIT_TRIES {
+                    let last = self.stats().last_error.unwrap_or_default();
+                    self.fail_job(format!(
+                        "the final checkpoint could not be committed in {FINAL_COMMIT_TRIES} \
+                         tries ({last}); rerunning resumes from the last committed one"
+                    ));
                     return;
                 }
                 std::thread::sleep(self.interval.min(Duration::from_millis(200)));
@@ -1022,15 +1078,28 @@ impl Carry {
     }
 
     fn finish_sealed(&mut self, sealed: Vec<Sealed>, checkpointer: &Checkpointer) {
+        for (output, staged) in self.finish_into(sealed, checkpointer) {
+            self.staged.entry(output).or_default().push(staged);
+        }
+    }
+
+    /// Make sealed output durable; what it staged, in order.
+    fn finish_into(
+        &mut self,
+        sealed: Vec<Sealed>,
+        checkpointer: &Checkpointer,
+    ) -> Vec<(PathBuf, StagedRef)> {
+        let mut staged = Vec::new();
         for sealed in sealed {
             match (sealed.finish)() {
-                Ok(staged) => self.staged.entry(sealed.output).or_default().push(staged),
+                Ok(file) => staged.push((sealed.output, file)),
                 Err(e) => checkpointer.fail_job(format!(
                     "staging output for {}: {e}",
                     sealed.output.display()
                 )),
             }
         }
+        staged
     }
 
     fn put_groups(&mut self, actor: ActorKey, epoch: u64, groups: Groups) {
