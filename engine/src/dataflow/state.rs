@@ -12,6 +12,9 @@
 //! keyed like its stage keeps each key's state in the group its records come in
 //! on.
 //!
+//! Event-time timers are kept the same way ([`KeyedTimers`]): per key group,
+//! fired in time order by the watermark, snapshotted with the rest.
+//!
 //! An operator says how its state is kept by implementing
 //! `Operator::state` (a required method: forgetting it does not compile); one
 //! that keeps nothing answers `None`. What a group holds is encoded by
@@ -21,7 +24,7 @@
 //! is found before any of it is decoded.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use rkyv::api::high::{HighDeserializer, HighSerializer, HighValidator};
 use rkyv::rancor::Error as RkyvError;
@@ -456,6 +459,95 @@ impl WindowKey for (i64, i64) {
     }
 }
 
+// ---- keyed timers -----------------------------------------------------------
+
+/// One key group's event-time timers, as `(time_ms, key)`.
+#[derive(Default, Clone, Debug, PartialEq)]
+pub struct TimerGroup {
+    timers: BTreeSet<(i64, u64)>,
+}
+
+impl GroupState for TimerGroup {
+    fn is_empty(&self) -> bool {
+        self.timers.is_empty()
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        put_u32(out, self.timers.len() as u32);
+        for &(time_ms, key) in &self.timers {
+            put_u64(out, time_ms as u64);
+            put_u64(out, key);
+        }
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let mut r = Reader::new(bytes);
+        let mut timers = BTreeSet::new();
+        for _ in 0..r.count(16)? {
+            let time_ms = r.i64()?;
+            timers.insert((time_ms, r.u64()?));
+        }
+        r.finish()?;
+        Ok(TimerGroup { timers })
+    }
+}
+
+/// Event-time timers by key group, kept, snapshotted and restored like any
+/// keyed state (an operator returns them from `Operator::state`, or keeps
+/// them beside its tables in a `GroupState` of its own): `set` one per key
+/// and time, and each watermark `fire`s those at or before it, in time order
+/// across the groups.
+pub type KeyedTimers = KeyGroups<TimerGroup>;
+
+impl KeyGroups<TimerGroup> {
+    /// A timer for `key` at `time_ms` (setting it twice keeps one).
+    pub fn set(&mut self, key: u64, time_ms: i64) {
+        self.for_key(key).timers.insert((time_ms, key));
+    }
+
+    /// Remove the timer for `key` at `time_ms`; whether there was one.
+    pub fn cancel(&mut self, key: u64, time_ms: i64) -> bool {
+        let group = self.group_of(key);
+        if !self.get(group).timers.contains(&(time_ms, key)) {
+            return false;
+        }
+        self.get_mut(group).timers.remove(&(time_ms, key))
+    }
+
+    /// Timers set, over all groups.
+    pub fn timers(&self) -> usize {
+        self.iter().map(|(_, g)| g.timers.len()).sum()
+    }
+
+    /// Take every timer at or before `watermark_ms` and call `fire(key,
+    /// time_ms)` for each, earliest first (ties by key).
+    pub fn fire(&mut self, watermark_ms: i64, mut fire: impl FnMut(u64, i64)) {
+        let mut due = Vec::new();
+        for group in 0..self.len() {
+            let ready = self
+                .get(group)
+                .timers
+                .first()
+                .is_some_and(|&(t, _)| t <= watermark_ms);
+            if !ready {
+                continue;
+            }
+            let timers = &mut self.get_mut(group).timers;
+            while let Some(&first) = timers.first() {
+                if first.0 > watermark_ms {
+                    break;
+                }
+                timers.pop_first();
+                due.push(first);
+            }
+        }
+        due.sort_unstable();
+        for (time_ms, key) in due {
+            fire(key, time_ms);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -513,5 +605,41 @@ mod tests {
         assert!(restored.restore(group, &huge).is_err());
         restored.restore(group, &bytes).unwrap();
         assert_eq!(restored.get(group).get(&1).map(String::as_str), Some("one"));
+    }
+
+    #[test]
+    fn keyed_timers_fire_in_time_order_across_groups_and_survive_a_snapshot() {
+        let mut timers = KeyedTimers::default();
+        timers.init(16);
+        for key in 0..200u64 {
+            timers.set(key, (key * 7 % 50) as i64);
+        }
+        timers.set(3, 21); // twice: kept once
+        assert!(timers.cancel(4, 28));
+        assert!(!timers.cancel(4, 28), "already gone");
+        assert_eq!(timers.timers(), 199);
+        // Snapshot every group, restore into a fresh table, and fire both.
+        let snapshot = encode_groups(&timers, &timers.non_empty());
+        let mut restored = KeyedTimers::default();
+        restored.init(16);
+        for (group, bytes) in &snapshot {
+            restored.restore(*group, bytes).unwrap();
+        }
+        let mut fired = Vec::new();
+        timers.fire(24, |key, t| fired.push((t, key)));
+        let mut again = Vec::new();
+        restored.fire(24, |key, t| again.push((t, key)));
+        assert_eq!(fired, again, "the restored timers fire alike");
+        let mut expected: Vec<(i64, u64)> = (0..200u64)
+            .filter(|&k| k != 4)
+            .map(|k| ((k * 7 % 50) as i64, k))
+            .filter(|&(t, _)| t <= 24)
+            .collect();
+        expected.sort();
+        assert_eq!(fired, expected, "every due timer once, earliest first");
+        assert_eq!(timers.timers(), 199 - expected.len());
+        // Only the groups that fired something changed.
+        let changed = timers.changed();
+        assert!(!changed.is_empty() && changed.len() <= 16);
     }
 }
