@@ -570,6 +570,9 @@ fn forward_route<T: Data>(target: (u32, u8), parallelism: u32) -> Route<T> {
 
 /// By key: key -> key group -> the partition that owns the group.
 fn keyed_route<T: Data>(target: (u32, u8), parallelism: u32, key: KeyFn<T>) -> Route<T> {
+    // The owner of each key group, made once (the plan's key groups are known
+    // at the first call): a load per record instead of a division.
+    let owners: std::sync::OnceLock<Box<[u32]>> = std::sync::OnceLock::new();
     Arc::new(move |records: Vec<T>, plan, from, ctx| {
         if records.is_empty() {
             return;
@@ -579,11 +582,16 @@ fn keyed_route<T: Data>(target: (u32, u8), parallelism: u32, key: KeyFn<T>) -> R
             send_records(plan, sched, ctx, target, (from, 0), records);
             return;
         }
+        let groups = plan.key_groups;
+        let owners = owners.get_or_init(|| {
+            (0..groups)
+                .map(|g| partition_of_group(g, parallelism, groups))
+                .collect()
+        });
         let expected = records.len() / parallelism as usize + 16;
         let mut parts: Vec<Vec<T>> = (0..parallelism).map(|_| Vec::new()).collect();
         for record in records {
-            let group = key_group(key(&record), plan.key_groups);
-            let p = partition_of_group(group, parallelism, plan.key_groups) as usize;
+            let p = owners[key_group(key(&record), groups) as usize] as usize;
             let part = &mut parts[p];
             if part.capacity() == 0 {
                 part.reserve(expected);
