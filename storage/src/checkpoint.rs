@@ -288,16 +288,7 @@ impl CheckpointDir {
     ///
     /// `name` is a plain file name not starting with `MANIFEST-`.
     pub fn write_chunk(&self, name: &str, parts: &[&[u8]]) -> Result<Vec<PartRef>, StorageError> {
-        check_chunk_name(name)?;
-        let path = self.checkpoints.join(name);
-        if let Some(part) = parts.iter().find(|p| p.len() as u64 > PART_BYTES_MAX) {
-            return Err(StorageError::FileTooLarge {
-                path,
-                file_bytes: part.len() as u64,
-                file_bytes_max: PART_BYTES_MAX,
-            });
-        }
-        let temp = temp_path(&self.checkpoints, name);
+        let (path, temp) = self.chunk_paths(name, parts.iter().map(|p| p.len()))?;
         let refs = match self.write_frames(&temp, name, parts) {
             Ok(refs) => refs,
             Err(error) => {
@@ -313,6 +304,26 @@ impl CheckpointDir {
         Ok(refs)
     }
 
+    /// The final and temp paths of chunk `name`, once the name and every
+    /// part's length are checked.
+    fn chunk_paths(
+        &self,
+        name: &str,
+        mut part_lens: impl Iterator<Item = usize>,
+    ) -> Result<(PathBuf, PathBuf), StorageError> {
+        check_chunk_name(name)?;
+        let path = self.checkpoints.join(name);
+        if let Some(len) = part_lens.find(|&len| len as u64 > PART_BYTES_MAX) {
+            return Err(StorageError::FileTooLarge {
+                path,
+                file_bytes: len as u64,
+                file_bytes_max: PART_BYTES_MAX,
+            });
+        }
+        let temp = temp_path(&self.checkpoints, name);
+        Ok((path, temp))
+    }
+
     /// [`CheckpointDir::write_chunk`] on a shard's glommio executor: the temp
     /// file is created, written, fdatasynced and renamed, and the directory
     /// synced, all through io_uring, so the shard runs its actors while the
@@ -323,16 +334,7 @@ impl CheckpointDir {
         name: &str,
         parts: &[Vec<u8>],
     ) -> Result<Vec<PartRef>, StorageError> {
-        check_chunk_name(name)?;
-        let path = self.checkpoints.join(name);
-        if let Some(part) = parts.iter().find(|p| p.len() as u64 > PART_BYTES_MAX) {
-            return Err(StorageError::FileTooLarge {
-                path,
-                file_bytes: part.len() as u64,
-                file_bytes_max: PART_BYTES_MAX,
-            });
-        }
-        let temp = temp_path(&self.checkpoints, name);
+        let (path, temp) = self.chunk_paths(name, parts.iter().map(|p| p.len()))?;
         let delay_us = self.faults.async_write_delay_us.load(Ordering::Relaxed);
         if delay_us > 0 {
             glommio::timer::sleep(std::time::Duration::from_micros(delay_us)).await;

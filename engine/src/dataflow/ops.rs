@@ -61,7 +61,8 @@ use std::sync::Arc;
 
 use super::graph::{Data, JoinFactory, JoinOperator, KeyFn, Operator, OperatorFactory};
 use super::state::{
-    put_framed, put_u32, put_u64, put_values, GroupState, KeyGroups, Persist, Reader, Stateful,
+    decode_map, encode_map, put_framed, put_u32, put_u64, put_values, GroupState, KeyGroups,
+    Persist, Reader, Stateful,
 };
 use super::window::{complete, sliding, tumbling};
 use crate::ids::{IdBuildHasher, IdMap};
@@ -717,11 +718,9 @@ where
             put_u64(out, *key);
             record.persist(out);
         }
-        put_u32(out, self.right.len() as u32);
-        for (key, records) in &self.right {
-            put_u64(out, *key);
-            put_values(out, records);
-        }
+        put_framed(out, |out| {
+            encode_map(&self.right, out, |v, out| put_values(out, v))
+        });
         put_u32(out, self.right_keys.len() as u32);
         for key in &self.right_keys {
             put_u64(out, *key);
@@ -735,10 +734,7 @@ where
             let key = r.u64()?;
             window.left.push((key, r.value()?));
         }
-        for _ in 0..r.count(12)? {
-            let key = r.u64()?;
-            window.right.insert(key, r.values()?);
-        }
+        window.right = decode_map(r.framed()?, |r| r.values())?;
         for _ in 0..r.count(8)? {
             window.right_keys.insert(r.u64()?);
         }
@@ -1010,45 +1006,21 @@ where
     }
 
     fn encode(&self, out: &mut Vec<u8>) {
-        put_framed(out, |out| self.left.encode_lists(out));
-        put_framed(out, |out| self.right.encode_lists(out));
+        put_framed(out, |out| {
+            encode_map(&self.left, out, |v, out| put_values(out, v))
+        });
+        put_framed(out, |out| {
+            encode_map(&self.right, out, |v, out| put_values(out, v))
+        });
     }
 
     fn decode(bytes: &[u8]) -> Result<Self, String> {
         let mut r = Reader::new(bytes);
-        let left = decode_lists(r.framed()?)?;
-        let right = decode_lists(r.framed()?)?;
+        let left = decode_map(r.framed()?, |r| r.values())?;
+        let right = decode_map(r.framed()?, |r| r.values())?;
         r.finish()?;
         Ok(JoinTables { left, right })
     }
-}
-
-/// Lists of records by key, as a join keeps them.
-trait EncodeLists {
-    fn encode_lists(&self, out: &mut Vec<u8>);
-}
-
-impl<T: Persist> EncodeLists for IdMap<u64, Vec<T>> {
-    fn encode_lists(&self, out: &mut Vec<u8>) {
-        put_u32(out, self.len() as u32);
-        for (key, records) in self {
-            put_u64(out, *key);
-            put_values(out, records);
-        }
-    }
-}
-
-fn decode_lists<T: Persist>(bytes: &[u8]) -> Result<IdMap<u64, Vec<T>>, String> {
-    let mut r = Reader::new(bytes);
-    let n = r.count(12)?;
-    let mut map = IdMap::default();
-    map.reserve(n);
-    for _ in 0..n {
-        let key = r.u64()?;
-        map.insert(key, r.values()?);
-    }
-    r.finish()?;
-    Ok(map)
 }
 
 impl<L: Data + Persist, R: Data + Persist, Out: Data> UnboundedJoin<L, R, Out> {

@@ -369,30 +369,43 @@ impl<'a> Reader<'a> {
 
 // ---- group states of the library operators -------------------------------
 
+/// A map by key: its length, then each key and what `value` writes of its value.
+pub fn encode_map<V>(map: &IdMap<u64, V>, out: &mut Vec<u8>, value: impl Fn(&V, &mut Vec<u8>)) {
+    put_u32(out, map.len() as u32);
+    for (key, v) in map {
+        put_u64(out, *key);
+        value(v, out);
+    }
+}
+
+/// A map `encode_map` wrote, each value read by `value`.
+pub fn decode_map<V>(
+    bytes: &[u8],
+    value: impl Fn(&mut Reader<'_>) -> Result<V, String>,
+) -> Result<IdMap<u64, V>, String> {
+    let mut r = Reader::new(bytes);
+    let n = r.count(12)?;
+    let mut map = IdMap::default();
+    map.reserve(n);
+    for _ in 0..n {
+        let key = r.u64()?;
+        map.insert(key, value(&mut r)?);
+    }
+    r.finish()?;
+    Ok(map)
+}
+
 impl<V: Persist + Send + 'static> GroupState for IdMap<u64, V> {
     fn is_empty(&self) -> bool {
         self.is_empty()
     }
 
     fn encode(&self, out: &mut Vec<u8>) {
-        put_u32(out, self.len() as u32);
-        for (key, value) in self {
-            put_u64(out, *key);
-            value.persist(out);
-        }
+        encode_map(self, out, |v, out| v.persist(out));
     }
 
     fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let mut r = Reader::new(bytes);
-        let n = r.count(12)?;
-        let mut map = IdMap::default();
-        map.reserve(n);
-        for _ in 0..n {
-            let key = r.u64()?;
-            map.insert(key, r.value()?);
-        }
-        r.finish()?;
-        Ok(map)
+        decode_map(bytes, |r| r.value())
     }
 }
 
