@@ -27,9 +27,9 @@
 //! checkpointer's thread to write); it stands for it in every later
 //! checkpoint, as no barrier can reach it any more. When every actor's part
 //! (or final part) of `n` is in and no chunk write is out, the checkpointer
-//! writes what the shards did not, makes the sealed output durable, commits
-//! manifest `n` (write, fsync, rename, fsync the directory) and then appends
-//! the staged rows of `n` to their output files. When every actor has a final
+//! writes what the shards did not (sealed output was made durable as it
+//! arrived), commits manifest `n` (write, fsync, rename, fsync the
+//! directory) and then appends the staged rows of `n` to their output files. When every actor has a final
 //! part it commits a last manifest marked finished. (Under the simulator,
 //! where there is no executor, stages hand their groups to the checkpointer's
 //! thread as bytes.)
@@ -54,7 +54,7 @@
 //! exactly what that manifest committed (`storage::checkpoint::append_output` is
 //! idempotent), and each actor takes its part at its first activation.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -669,7 +669,7 @@ impl Checkpointer {
         // Chunk writes on the shards not reported yet, by actor and epoch: no
         // checkpoint commits while any is out (it may hold groups an actor no
         // longer marks changed).
-        let mut writing: BTreeMap<(ActorKey, u64), ()> = BTreeMap::new();
+        let mut writing: BTreeSet<(ActorKey, u64)> = BTreeSet::new();
         // Changed groups and sealed output of checkpoints that did not commit.
         let mut carry: Carry = Carry::default();
         // Sealed output that belongs after the checkpoint in flight.
@@ -701,7 +701,7 @@ impl Checkpointer {
             };
             for mut part in parts {
                 if matches!(part.groups, Groups::Writing) {
-                    writing.insert((part.actor, part.epoch), ());
+                    writing.insert((part.actor, part.epoch));
                 }
                 // Sealed output is made durable as it arrives, so that staged
                 // files are appended in the order their sinks sealed them. A
@@ -844,9 +844,6 @@ impl Checkpointer {
                 in_flight = Some((epoch, Instant::now(), BTreeMap::new()));
                 self.requested.store(epoch, Ordering::Release);
                 next_request = Instant::now() + self.interval;
-            }
-            if self.error().is_some() {
-                return;
             }
         }
     }

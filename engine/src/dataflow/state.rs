@@ -424,11 +424,7 @@ where
         put_u32(out, self.len() as u32);
         for (key, value) in self {
             key.put(out);
-            let at = out.len();
-            put_u32(out, 0);
-            value.encode(out);
-            let len = (out.len() - at - 4) as u32;
-            out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+            put_framed(out, |out| value.encode(out));
         }
     }
 
@@ -438,9 +434,7 @@ where
         let mut map = BTreeMap::new();
         for _ in 0..n {
             let key = K::get(&mut r)?;
-            let len = r.u32()? as usize;
-            let inner = r.take(len)?;
-            map.insert(key, V::decode(inner)?);
+            map.insert(key, V::decode(r.framed()?)?);
         }
         r.finish()?;
         Ok(map)
