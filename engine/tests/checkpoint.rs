@@ -90,9 +90,9 @@ fn job(dir: &Path, output: &Path, faults: Faults, rate: u64) -> Job {
     let mut job = Job::new("counts", Duration::from_millis(50));
     job.rate(Some(rate)).source_batch_records(256);
     let mut options = CheckpointOptions::new(dir, Duration::from_millis(25));
-    options.faults = faults;
+    options.faults = faults.clone();
     job.checkpoints(options);
-    let (dir, output) = (dir.to_path_buf(), output.to_path_buf());
+    let (dir, output, staged_faults) = (dir.to_path_buf(), output.to_path_buf(), faults);
     job.source(
         "readings",
         2,
@@ -116,7 +116,9 @@ fn job(dir: &Path, output: &Path, faults: Faults, rate: u64) -> Job {
         "out",
         2,
         Arc::new(move |p| {
-            let staged = StagedOutput::new(&dir, output.clone(), &format!("out-{p}")).unwrap();
+            let staged = StagedOutput::new(&dir, output.clone(), &format!("out-{p}"))
+                .unwrap()
+                .with_faults(staged_faults.clone());
             Box::new(Lines(staged))
         }),
     );
@@ -497,6 +499,31 @@ fn a_full_disk_fails_checkpoints_and_the_next_one_succeeds() {
     let error = stats.last_error.clone().unwrap_or_default();
     assert!(
         error.contains("No space left") || error.contains("os error 28"),
+        "{error}"
+    );
+    assert!(stats.completed >= 1, "later checkpoints succeed");
+    assert_eq!(lines_of(&output), expected);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_full_disk_under_staged_output_fails_a_checkpoint_and_loses_no_row() {
+    let expected = reference();
+    let dir = temp_dir("staged-enospc");
+    let (data, output) = (dir.join("data"), dir.join("out.txt"));
+    // Staged rows find the disk full six times: the writes wait and try again.
+    let faults = Faults::default();
+    faults.arm_staged_enospc(6);
+    let stats = run(FAST, 2, &data, &output, Until::End, false, faults.clone()).unwrap();
+    assert_eq!(
+        faults.staged_enospc_pending(),
+        0,
+        "every armed fault was hit"
+    );
+    assert!(stats.failed >= 1, "the held-up checkpoint is reported");
+    let error = stats.last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains("staging output") && error.contains("os error 28"),
         "{error}"
     );
     assert!(stats.completed >= 1, "later checkpoints succeed");

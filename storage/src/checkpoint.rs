@@ -93,6 +93,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::error::{Damage, StorageError};
 use crate::manifest::{self, MANIFEST_BYTES_MAX};
@@ -129,6 +130,13 @@ pub const READ_RUN_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// by `verify_staged` and `append_output`.
 pub const STAGED_BUFFER_BYTES: usize = 1024 * 1024;
 
+/// How long a staged write waits out a full disk by default (see
+/// [`StagedWriter`]).
+pub const STAGED_RETRY_FOR_DEFAULT: Duration = Duration::from_secs(60);
+
+/// The longest pause between two tries of a staged write.
+const STAGED_RETRY_BACKOFF_MAX: Duration = Duration::from_millis(250);
+
 const CHECKPOINTS_DIR_NAME: &str = "checkpoints";
 const STAGED_DIR_NAME: &str = "staged";
 const MANIFEST_PREFIX: &str = "MANIFEST-";
@@ -164,16 +172,19 @@ pub struct StagedRef {
 /// writes of this layer fail with `ENOSPC` (raw OS error 28), as a full disk
 /// would. A write here is one call of [`CheckpointDir::write_chunk`] (it
 /// fails after writing some bytes, which are removed),
-/// [`CheckpointDir::commit_manifest`] (it fails before the temp file is
-/// renamed; the previous manifests stay) or [`StagedWriter::finish`] (the
-/// staged file is removed). [`CheckpointDir::append_output`] is never
-/// faulted: it is mended by a rerun, not by a retry of the checkpoint.
+/// [`CheckpointDir::write_chunk_async`] or [`CheckpointDir::commit_manifest`]
+/// (it fails before the temp file is renamed; the previous manifests stay).
+/// [`Faults::arm_staged_enospc`]`(n)` does the same to the next `n` buffer
+/// writes of staged files, each of which lands half its bytes first; the
+/// [`StagedWriter`] tries them again. [`CheckpointDir::append_output`] is
+/// never faulted: it is mended by a rerun, not by a retry of the checkpoint.
 ///
 /// Clones share one counter, so a test can keep a clone and arm it while a
 /// job runs. Unarmed (the default), a check costs one relaxed load.
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
     enospc_writes: Arc<AtomicU64>,
+    staged_enospc_writes: Arc<AtomicU64>,
     /// Microseconds every [`CheckpointDir::write_chunk_async`] waits first (a
     /// slow disk, to widen the windows a test looks into).
     async_write_delay_us: Arc<AtomicU64>,
@@ -193,9 +204,21 @@ impl Faults {
         self.enospc_writes.store(writes, Ordering::Relaxed);
     }
 
+    /// Makes the next `writes` buffer writes of staged files fail with
+    /// `ENOSPC` after writing half their bytes.
+    pub fn arm_staged_enospc(&self, writes: u64) {
+        self.staged_enospc_writes.store(writes, Ordering::Relaxed);
+    }
+
+    /// Staged writes still armed to fail.
+    pub fn staged_enospc_pending(&self) -> u64 {
+        self.staged_enospc_writes.load(Ordering::Relaxed)
+    }
+
     /// Disarms every fault.
     pub fn disarm(&self) {
         self.arm_enospc(0);
+        self.arm_staged_enospc(0);
         self.delay_async_writes(std::time::Duration::ZERO);
     }
 
@@ -213,18 +236,27 @@ impl Faults {
 
     /// Consumes one armed fault, if any, as an `ENOSPC` error.
     fn check_write(&self) -> io::Result<()> {
-        if self.enospc_writes.load(Ordering::Relaxed) == 0 {
-            return Ok(());
-        }
-        let taken = self
-            .enospc_writes
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .is_ok();
-        if taken {
-            return Err(io::Error::from_raw_os_error(ENOSPC));
-        }
-        Ok(())
+        take_one(&self.enospc_writes)
     }
+
+    /// Consumes one armed staged-write fault, if any, as an `ENOSPC` error.
+    fn check_staged_write(&self) -> io::Result<()> {
+        take_one(&self.staged_enospc_writes)
+    }
+}
+
+/// `ENOSPC` if `armed` was above zero (and is now one less).
+fn take_one(armed: &AtomicU64) -> io::Result<()> {
+    if armed.load(Ordering::Relaxed) == 0 {
+        return Ok(());
+    }
+    let taken = armed
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+        .is_ok();
+    if taken {
+        return Err(io::Error::from_raw_os_error(ENOSPC));
+    }
+    Ok(())
 }
 
 /// The checkpoint directories of one root (see the module header).
@@ -234,6 +266,7 @@ pub struct CheckpointDir {
     checkpoints: PathBuf,
     staged: PathBuf,
     faults: Faults,
+    staged_retry_for: Duration,
 }
 
 impl CheckpointDir {
@@ -254,12 +287,27 @@ impl CheckpointDir {
             checkpoints,
             staged,
             faults: Faults::default(),
+            staged_retry_for: STAGED_RETRY_FOR_DEFAULT,
         })
     }
 
     /// The same directories with `faults` armed (see [`Faults`]).
     pub fn with_faults(self, faults: Faults) -> Self {
         CheckpointDir { faults, ..self }
+    }
+
+    /// The same directories with staged writes waiting out a full disk for
+    /// at most `retry_for` (default [`STAGED_RETRY_FOR_DEFAULT`]).
+    pub fn with_staged_retry_for(self, retry_for: Duration) -> Self {
+        CheckpointDir {
+            staged_retry_for: retry_for,
+            ..self
+        }
+    }
+
+    /// How long a staged write waits out a full disk.
+    pub fn staged_retry_for(&self) -> Duration {
+        self.staged_retry_for
     }
 
     pub fn root(&self) -> &Path {
@@ -628,11 +676,15 @@ impl CheckpointDir {
         Ok(StagedWriter {
             name: name.to_string(),
             path,
-            out: BufWriter::with_capacity(STAGED_BUFFER_BYTES, file),
+            file,
+            buffer: Vec::with_capacity(STAGED_BUFFER_BYTES),
+            in_file: 0,
             len: 0,
             crc: 0,
             failed: None,
             faults: self.faults.clone(),
+            retry_for: self.staged_retry_for,
+            retried: None,
         })
     }
 
@@ -802,18 +854,46 @@ impl CheckpointDir {
 /// keeping the length and a running crc32c of what it accepted.
 /// [`StagedWriter::finish`] flushes, fsyncs and returns the [`StagedRef`].
 ///
-/// After a write error the writer refuses further writes and `finish`
-/// reports the error. Dropped without `finish`, the file stays, unreferenced,
-/// until [`CheckpointDir::retain`] removes it.
+/// A full buffer goes to the file with one positioned write at the offset
+/// where the file's good bytes end. A write that fails with `ENOSPC`,
+/// `EDQUOT` or `EIO` keeps the buffer and is tried again at the same offset
+/// (so a short write is simply overwritten), backing off from 1 ms to
+/// 250 ms, for at most [`CheckpointDir::staged_retry_for`]: a disk that
+/// fills up stalls the writer (and, through its bounded spool, the sink)
+/// instead of losing rows. [`StagedWriter::retried`] says what was retried.
+/// Any other error, a disk full for longer, or a failed fsync (after which
+/// the kernel may have dropped the dirty pages, so the bytes cannot be
+/// trusted) is final: the writer refuses further writes and `finish`
+/// reports the error. Dropped without `finish`, the file stays,
+/// unreferenced, until [`CheckpointDir::retain`] removes it.
 pub struct StagedWriter {
     name: String,
     path: PathBuf,
-    out: BufWriter<File>,
+    file: File,
+    buffer: Vec<u8>,
+    /// Bytes of the file that hold accepted rows (the buffer goes after them).
+    in_file: u64,
     len: u64,
     crc: u32,
-    /// The first write error, replayed by later calls.
+    /// The first final error, replayed by later calls.
     failed: Option<(io::ErrorKind, Option<i32>)>,
     faults: Faults,
+    retry_for: Duration,
+    retried: Option<Retried>,
+}
+
+/// Writes of a staged file that failed and were tried again.
+struct Retried {
+    first_error: String,
+    failures: u32,
+    waited: Duration,
+}
+
+/// OS errors a staged write waits out: no space (`ENOSPC`), over quota
+/// (`EDQUOT`), and `EIO`, which a filesystem may also return for a write it
+/// could not allocate.
+fn retryable(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(28 | 122 | 5))
 }
 
 impl StagedWriter {
@@ -831,51 +911,90 @@ impl StagedWriter {
         self.len == 0
     }
 
+    /// Writes that failed and then succeeded when tried again, described
+    /// (first error, failures, time waited); `None` if none failed.
+    pub fn retried(&self) -> Option<String> {
+        self.retried.as_ref().map(|r| {
+            format!(
+                "{}: {}; tried again {} time(s) over {} ms, then written",
+                self.path.display(),
+                r.first_error,
+                r.failures,
+                r.waited.as_millis()
+            )
+        })
+    }
+
     /// Flushes, fsyncs the file and its directory, and returns the
     /// reference to store in the manifest. On error the file is removed.
-    pub fn finish(self) -> Result<StagedRef, StorageError> {
-        let path = self.path.clone();
+    pub fn finish(mut self) -> Result<StagedRef, StorageError> {
         let finished = self.finish_file();
         if finished.is_err() {
-            let _ = fs::remove_file(&path);
+            let _ = fs::remove_file(&self.path);
         }
         finished
     }
 
-    fn finish_file(self) -> Result<StagedRef, StorageError> {
-        let StagedWriter {
-            name,
-            path,
-            out,
-            len,
-            crc,
-            failed,
-            faults,
-        } = self;
-        if let Some(failed) = failed {
-            return Err(StorageError::io("write", &path, Some(len), replay(failed)));
-        }
-        faults
-            .check_write()
-            .map_err(|e| StorageError::io("write", &path, Some(len), e))?;
-        let file = out
-            .into_inner()
-            .map_err(|e| StorageError::io("write", &path, Some(len), e.into_error()))?;
-        file.sync_all()
-            .map_err(|e| StorageError::io("fsync", &path, None, e))?;
-        manifest::sync_parent_dir(&path)?;
+    fn finish_file(&mut self) -> Result<StagedRef, StorageError> {
+        self.write_buffer()
+            .map_err(|e| StorageError::io("write", &self.path, Some(self.in_file), e))?;
+        // A short write that failed for good may have left bytes past the rows.
+        self.file
+            .set_len(self.in_file)
+            .map_err(|e| StorageError::io("truncate", &self.path, Some(self.in_file), e))?;
+        self.file
+            .sync_all()
+            .map_err(|e| StorageError::io("fsync", &self.path, None, e))?;
+        manifest::sync_parent_dir(&self.path)?;
         Ok(StagedRef {
-            file: name,
-            len,
-            crc,
+            file: self.name.clone(),
+            len: self.len,
+            crc: self.crc,
         })
     }
 
-    fn fail(&mut self, error: &io::Error) {
-        if error.kind() != io::ErrorKind::Interrupted {
-            self.failed
-                .get_or_insert((error.kind(), error.raw_os_error()));
+    /// Writes the buffer at the end of the good bytes, trying again while
+    /// the error is one a full disk gives and the retry window lasts.
+    fn write_buffer(&mut self) -> io::Result<()> {
+        if let Some(failed) = self.failed {
+            return Err(replay(failed));
         }
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(1);
+        loop {
+            let written = match self.faults.check_staged_write() {
+                // Injected: half the buffer lands, then the disk is full.
+                Err(error) => self
+                    .file
+                    .write_all_at(&self.buffer[..self.buffer.len() / 2], self.in_file)
+                    .and(Err(error)),
+                Ok(()) => self.file.write_all_at(&self.buffer, self.in_file),
+            };
+            let error = match written {
+                Ok(()) => break,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => error,
+            };
+            if !retryable(&error) || started.elapsed() >= self.retry_for {
+                self.failed = Some((error.kind(), error.raw_os_error()));
+                return Err(error);
+            }
+            let retried = self.retried.get_or_insert_with(|| Retried {
+                first_error: error.to_string(),
+                failures: 0,
+                waited: Duration::ZERO,
+            });
+            retried.failures += 1;
+            retried.waited += backoff;
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(STAGED_RETRY_BACKOFF_MAX);
+        }
+        self.in_file += self.buffer.len() as u64;
+        self.buffer.clear();
+        Ok(())
     }
 }
 
@@ -884,24 +1003,18 @@ impl Write for StagedWriter {
         if let Some(failed) = self.failed {
             return Err(replay(failed));
         }
-        match self.out.write(bytes) {
-            Ok(written) => {
-                self.crc = crc32c::crc32c_append(self.crc, &bytes[..written]);
-                self.len += written as u64;
-                Ok(written)
-            }
-            Err(error) => {
-                self.fail(&error);
-                Err(error)
-            }
+        if self.buffer.len() + bytes.len() > STAGED_BUFFER_BYTES {
+            self.write_buffer()?;
         }
+        let take = bytes.len().min(STAGED_BUFFER_BYTES - self.buffer.len());
+        self.buffer.extend_from_slice(&bytes[..take]);
+        self.crc = crc32c::crc32c_append(self.crc, &bytes[..take]);
+        self.len += take as u64;
+        Ok(take)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        if let Some(failed) = self.failed {
-            return Err(replay(failed));
-        }
-        self.out.flush().inspect_err(|error| self.fail(error))
+        self.write_buffer()
     }
 }
 

@@ -104,7 +104,15 @@ impl CheckpointOptions {
 /// staged file durable and says what it holds.
 pub struct Sealed {
     pub output: PathBuf,
-    pub finish: Box<dyn FnOnce() -> Result<StagedRef, String> + Send>,
+    pub finish: Box<dyn FnOnce() -> Result<SealedFile, String> + Send>,
+}
+
+/// A staged file made durable.
+pub struct SealedFile {
+    pub staged: StagedRef,
+    /// Writes of it that failed (a full disk) and succeeded when tried
+    /// again, described: the checkpoint in flight fails with this reason.
+    pub retried: Option<String>,
 }
 
 /// A stage and partition.
@@ -640,6 +648,14 @@ impl Checkpointer {
         stats.last_error = Some(format!("checkpoint {epoch}: {message}"));
     }
 
+    /// A write trouble outside any checkpoint: warned and kept as the last
+    /// error.
+    fn note_trouble(&self, message: &str) {
+        eprintln!("warning: {}: {message}", self.shape.job);
+        let mut stats = self.stats.lock().expect("checkpointer poisoned");
+        stats.last_error = Some(message.to_string());
+    }
+
     /// The checkpointer's thread.
     fn run(&self, mut committed: Committed, actors: Vec<ActorKey>, sources: Vec<ActorKey>) {
         let mut next_epoch = self.first_epoch;
@@ -738,6 +754,18 @@ impl Checkpointer {
                         // A part of an abandoned checkpoint: keep what it changed.
                         _ => carry.absorb(part, self),
                     },
+                }
+            }
+            // Staged rows a full disk held up are durable now, but late: the
+            // checkpoint in flight fails and the next one takes them.
+            for retried in std::mem::take(&mut carry.retried) {
+                match in_flight.take() {
+                    Some((epoch, _, received)) => {
+                        self.note_failure(epoch, &format!("staging output: {retried}"));
+                        received.into_values().for_each(|p| carry.absorb(p, self));
+                    }
+                    // Final rows, sealed with no checkpoint in flight.
+                    None => self.note_trouble(&format!("staging output: {retried}")),
                 }
             }
             for done in written {
@@ -1065,6 +1093,8 @@ struct Carry {
     /// replaces a newer one.
     groups: BTreeMap<ActorKey, BTreeMap<u32, (u64, GroupData)>>,
     staged: BTreeMap<PathBuf, Vec<StagedRef>>,
+    /// Staged writes that had to be tried again since the last look.
+    retried: Vec<String>,
 }
 
 impl Carry {
@@ -1089,7 +1119,10 @@ impl Carry {
         let mut staged = Vec::new();
         for sealed in sealed {
             match (sealed.finish)() {
-                Ok(file) => staged.push((sealed.output, file)),
+                Ok(file) => {
+                    self.retried.extend(file.retried);
+                    staged.push((sealed.output, file.staged));
+                }
                 Err(e) => checkpointer.fail_job(format!(
                     "staging output for {}: {e}",
                     sealed.output.display()
@@ -1304,6 +1337,14 @@ impl StagedOutput {
         })
     }
 
+    /// The same output with `faults` armed on its staged files (tests).
+    pub fn with_faults(self, faults: Faults) -> StagedOutput {
+        StagedOutput {
+            store: self.store.with_faults(faults),
+            ..self
+        }
+    }
+
     /// Stage `bytes` (whole lines) for the current checkpoint.
     pub fn write(&mut self, bytes: &[u8]) {
         let (spool, _) = self.current.get_or_insert_with(|| {
@@ -1334,7 +1375,9 @@ impl StagedOutput {
                 spool.finish()?;
                 let writer = lazy.lock().expect("staged lock").writer.take();
                 let writer = writer.ok_or("a staged file was sealed before it was made")?;
-                writer.finish().map_err(|e| e.to_string())
+                let retried = writer.retried();
+                let staged = writer.finish().map_err(|e| e.to_string())?;
+                Ok(SealedFile { staged, retried })
             }),
         }]
     }

@@ -253,6 +253,71 @@ fn every_cut_and_bit_flip_of_a_staged_file_is_detected() {
 }
 
 #[test]
+fn a_staged_write_waits_out_a_full_disk_and_keeps_every_byte() {
+    let root = temp_root("staged-enospc");
+    let faults = Faults::default();
+    let dir = CheckpointDir::open(&root)
+        .unwrap()
+        .with_faults(faults.clone());
+    // Three buffers and a bit: the first two buffer writes and the last
+    // each fail twice, after landing half their bytes.
+    let content = bytes(5, 3 * STAGED_BUFFER_BYTES + 333);
+    let mut writer = dir.staged_writer("full").unwrap();
+    faults.arm_staged_enospc(4);
+    writer
+        .write_all(&content[..2 * STAGED_BUFFER_BYTES + 1])
+        .unwrap();
+    assert_eq!(
+        faults.staged_enospc_pending(),
+        0,
+        "every armed fault was hit"
+    );
+    faults.arm_staged_enospc(2);
+    writer
+        .write_all(&content[2 * STAGED_BUFFER_BYTES + 1..])
+        .unwrap();
+    let retried = writer.retried().expect("the failed writes are told");
+    assert!(
+        retried.contains("full") && retried.contains("os error 28"),
+        "{retried}"
+    );
+    assert!(retried.contains("6 time(s)"), "{retried}");
+    let staged = writer.finish().unwrap();
+    assert_eq!(faults.staged_enospc_pending(), 0);
+    assert_eq!(fs::read(root.join("staged/full")).unwrap(), content);
+    assert_eq!(staged.len, content.len() as u64);
+    assert_eq!(staged.crc, crc32c::crc32c(&content));
+
+    // A write that never succeeded tells no retry.
+    let mut writer = dir.staged_writer("fine").unwrap();
+    writer.write_all(b"rows").unwrap();
+    assert!(writer.retried().is_none());
+    writer.finish().unwrap();
+    fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn a_disk_full_for_longer_than_the_retry_window_fails_the_staged_file() {
+    let root = temp_root("staged-full-for-good");
+    let faults = Faults::default();
+    let dir = CheckpointDir::open(&root)
+        .unwrap()
+        .with_faults(faults.clone())
+        .with_staged_retry_for(Duration::from_millis(30));
+    assert_eq!(dir.staged_retry_for(), Duration::from_millis(30));
+    let mut writer = dir.staged_writer("s2").unwrap();
+    writer.write_all(b"rows").unwrap();
+    faults.arm_staged_enospc(u64::MAX);
+    let started = Instant::now();
+    let error = writer.finish().unwrap_err();
+    assert!(started.elapsed() >= Duration::from_millis(30));
+    assert_eq!(error.raw_os_error(), Some(28), "{error}");
+    assert!(error.to_string().contains("s2"), "{error}");
+    assert!(names(dir.staged_dir()).is_empty(), "no half file is left");
+    fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
 fn staged_writer_counts_and_checksums_what_it_wrote() {
     let root = temp_root("staged-writer");
     let dir = CheckpointDir::open(&root).unwrap();
@@ -491,11 +556,8 @@ fn armed_faults_fail_each_write_with_enospc_leave_nothing_and_disarm() {
     let error = dir.commit_manifest(2, b"next").unwrap_err();
     assert_eq!(error.raw_os_error(), Some(28), "{error}");
     assert!(error.to_string().contains("MANIFEST-00000000000000000002"));
-    let mut writer = dir.staged_writer("s2").unwrap();
-    writer.write_all(b"rows").unwrap();
-    let error = writer.finish().unwrap_err();
+    let error = dir.commit_manifest(2, b"next").unwrap_err();
     assert_eq!(error.raw_os_error(), Some(28), "{error}");
-    assert!(error.to_string().contains("s2"), "{error}");
 
     // No half file under any name, and the last manifest is intact.
     assert_eq!(
@@ -510,7 +572,6 @@ fn armed_faults_fail_each_write_with_enospc_leave_nothing_and_disarm() {
     let refs = dir.write_chunk("c2", &[b"part"]).unwrap();
     assert_eq!(dir.read_part(&refs[0]).unwrap(), b"part");
     dir.commit_manifest(2, b"next").unwrap();
-    write_staged(&dir, "s2", b"rows");
     assert_eq!(dir.manifest_epochs().unwrap(), [1, 2]);
 
     // The constructor arms; disarm clears.
