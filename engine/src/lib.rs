@@ -6,6 +6,7 @@
 //! machine that the executor loop and the simulation tests drive.
 
 pub mod actor;
+pub mod autoscale;
 pub mod clock;
 pub mod dataflow;
 pub mod doorbell;

@@ -265,6 +265,8 @@ pub struct Plan {
     pub rate_records_per_s: Option<u64>,
     /// Key groups of the job (`Job::key_groups`).
     pub key_groups: u32,
+    /// The autoscaler may move the job's actors (`Job::autoscale`).
+    pub autoscale: bool,
     /// Checkpoints of the job, if it takes any.
     pub(crate) checkpointer: Option<Arc<Checkpointer>>,
 }
@@ -347,6 +349,7 @@ pub struct Job {
     source_batch_records: usize,
     rate_records_per_s: Option<u64>,
     key_groups: u32,
+    autoscale: bool,
     checkpoints: Option<CheckpointOptions>,
 }
 
@@ -388,6 +391,7 @@ impl Job {
             source_batch_records: 1024,
             rate_records_per_s: None,
             key_groups: super::KEY_GROUPS_DEFAULT,
+            autoscale: true,
             checkpoints: None,
         }
     }
@@ -396,6 +400,13 @@ impl Job {
     /// moved in. Fixed for the job's life (a resumed job must say the same).
     pub fn key_groups(&mut self, groups: u32) -> &mut Self {
         self.key_groups = groups.max(1);
+        self
+    }
+
+    /// Whether the engine's autoscaler may move the job's actors (default
+    /// yes); a job whose placement is fixed for an experiment says no.
+    pub fn autoscale(&mut self, on: bool) -> &mut Self {
+        self.autoscale = on;
         self
     }
 
@@ -491,6 +502,7 @@ impl Job {
             source_batch_records: self.source_batch_records,
             rate_records_per_s: self.rate_records_per_s,
             key_groups: self.key_groups,
+            autoscale: self.autoscale,
             checkpointer,
         })
     }

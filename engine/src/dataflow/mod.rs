@@ -28,6 +28,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod graph;
 pub mod ops;
+pub mod scaling;
 pub mod state;
 pub mod window;
 
@@ -47,6 +48,7 @@ pub use graph::{
     Data, Job, JoinOperator, KeyedStream, Operator, Sink, SinkFactory, Source, SourceBatch,
     SourceFactory, Stream,
 };
+pub use scaling::AutoscaleOptions;
 
 /// Key groups of a job unless it says otherwise (`Job::key_groups`): fixed for
 /// the job's life, so scaling never re-hashes a key.
@@ -140,6 +142,8 @@ pub struct JobMetrics {
     /// Set with the first error; sources stop producing when they see it.
     failed: AtomicBool,
     error: Mutex<Option<String>>,
+    /// Autoscaler decisions that acted on the job.
+    scale_actions: AtomicU64,
 }
 
 impl JobMetrics {
@@ -160,6 +164,7 @@ impl JobMetrics {
             finished_ns: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             error: Mutex::new(None),
+            scale_actions: AtomicU64::new(0),
         }
     }
 
@@ -245,6 +250,10 @@ impl JobMetrics {
 #[derive(Clone, Debug)]
 pub struct DataflowConfig {
     pub runtime: RuntimeConfig,
+    /// Run the autoscaler (`autoscale`): it moves actors between shards to
+    /// keep every shard under its load mark. `None` (the default): placement
+    /// stays as the runtime made it, unless migrated by hand.
+    pub autoscale: Option<AutoscaleOptions>,
 }
 
 impl Default for DataflowConfig {
@@ -255,7 +264,10 @@ impl Default for DataflowConfig {
         // has ended (see `actors`).
         runtime.shard.idle_timeout_ns = Some(1_000_000_000);
         runtime.shard.mailbox_credit_messages = 64;
-        DataflowConfig { runtime }
+        DataflowConfig {
+            runtime,
+            autoscale: None,
+        }
     }
 }
 
@@ -386,6 +398,30 @@ impl Registry {
     }
 
     /// Stop every job's checkpointer (see `Dataflow::shutdown`).
+    /// Every registered job as the autoscaler sees it: its SLO and whether
+    /// it may be moved.
+    pub fn scaling_view(&self) -> std::collections::BTreeMap<JobId, crate::autoscale::JobSample> {
+        let plans = self.plans.read().expect("plan registry poisoned");
+        plans
+            .iter()
+            .map(|(&id, plan)| {
+                let job = crate::autoscale::JobSample {
+                    slo_ns: plan.slo_ns,
+                    scalable: plan.autoscale,
+                };
+                (id, job)
+            })
+            .collect()
+    }
+
+    /// Count one autoscaler decision for `job` (`JobReport::scale_actions`).
+    pub fn count_scale_action(&self, job: JobId) {
+        let plans = self.plans.read().expect("plan registry poisoned");
+        if let Some(plan) = plans.get(&job) {
+            plan.metrics.scale_actions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     pub fn stop_checkpoints(&self) {
         let plans: Vec<_> = self
             .plans
@@ -422,9 +458,10 @@ impl Registry {
 
 /// A dataflow engine: a runtime whose actors are the stages of submitted jobs.
 pub struct Dataflow {
-    runtime: Runtime<DataMsg>,
+    runtime: Arc<Runtime<DataMsg>>,
     registry: Registry,
     next_job: u32,
+    scaler: Option<scaling::Driver>,
 }
 
 /// A submitted job.
@@ -449,6 +486,8 @@ pub struct JobReport {
     pub late_records: u64,
     pub outputs: u64,
     pub latency_us: Histogram<u32>,
+    /// Autoscaler decisions that acted on the job (moves of its actors).
+    pub scale_actions: u64,
 }
 
 impl JobHandle {
@@ -514,6 +553,7 @@ impl JobHandle {
             late_records: self.metrics.late_records(),
             outputs: self.metrics.outputs(),
             latency_us: self.metrics.latency_us(),
+            scale_actions: self.metrics.scale_actions.load(Ordering::Relaxed),
         }
     }
 }
@@ -538,15 +578,19 @@ impl Dataflow {
                 outer(failure);
             }
         }));
-        let runtime = Runtime::start(
+        let runtime = Arc::new(Runtime::start(
             runtime_config,
             registry.factory(),
             Arc::new(MemoryStateStore::default()),
-        )?;
+        )?);
+        let scaler = config
+            .autoscale
+            .map(|options| scaling::Driver::start(options, runtime.clone(), registry.clone()));
         Ok(Dataflow {
             runtime,
             registry,
             next_job: 1,
+            scaler,
         })
     }
 
@@ -609,8 +653,23 @@ impl Dataflow {
     /// Stop the shards. Jobs still running stop where they are; a job taking
     /// checkpoints keeps its last committed one (its checkpointer is stopped
     /// first, so nothing writes to its data directory after this returns).
-    pub fn shutdown(self) {
+    pub fn shutdown(mut self) {
+        if let Some(mut scaler) = self.scaler.take() {
+            scaler.stop();
+        }
         self.registry.stop_checkpoints();
-        self.runtime.shutdown();
+        // The autoscaler held the only other reference, and it has stopped.
+        if let Ok(runtime) = Arc::try_unwrap(self.runtime) {
+            runtime.shutdown();
+        }
+    }
+
+    /// The autoscaler's decisions so far (the last `DECISIONS_KEPT_MAX`),
+    /// oldest first; empty without an autoscaler.
+    pub fn decisions(&self) -> Vec<crate::autoscale::Decision> {
+        self.scaler.as_ref().map_or(Vec::new(), |scaler| {
+            let kept = scaler.decisions.lock().expect("decision log poisoned");
+            kept.iter().cloned().collect()
+        })
     }
 }

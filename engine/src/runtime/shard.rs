@@ -599,6 +599,7 @@ impl<M: Send + 'static> ShardCore<M> {
             jobs: JobTable::default(),
             report: ShardReport {
                 shard: id,
+                at_ns: 0,
                 turns: 0,
                 messages: 0,
                 stalls: 0,
@@ -1529,6 +1530,7 @@ impl<M: Send + 'static> ShardCore<M> {
 
     pub fn report(&self) -> ShardReport {
         let mut report = self.report.clone();
+        report.at_ns = self.clock.now_ns();
         report.actors = self
             .index
             .values()

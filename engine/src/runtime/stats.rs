@@ -65,6 +65,9 @@ impl Counters {
 #[derive(Clone)]
 pub struct ShardReport {
     pub shard: ShardId,
+    /// The shard's clock when it made the report (ns): what a reader that
+    /// compares two reports takes as the time between them.
+    pub at_ns: u64,
     pub turns: u64,
     pub messages: u64,
     /// Turns that ran past the stall threshold.

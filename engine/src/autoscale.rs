@@ -1,0 +1,413 @@
+//! The autoscaler's model: every step (50 ms by default) it **measures** each
+//! actor's busy time, input rate and queueing delay over the last interval,
+//! **computes** what each operator needs and where each shard stands, **acts**
+//! on it, and **records** every decision with its reason and the figures
+//! behind it.
+//!
+//! This module is the pure model: [`Autoscaler::step`] takes a [`Sample`] and
+//! returns [`Decision`]s, with no clock, thread or runtime of its own, so the
+//! same code runs in the engine ([`crate::dataflow::Dataflow`] drives it from
+//! the runtime's accounting) and on recorded or synthetic load traces in tests,
+//! deterministically, with any number of shards.
+//!
+//! # Measure
+//!
+//! For an actor over an interval of `elapsed` ns (its shard's clock between two
+//! reports): `busy = cpu_ns / elapsed`
+//! (the fraction of a core it used), `rate = messages / elapsed`, and its true
+//! processing rate `rate / busy` (what it would handle with a core to itself,
+//! as in DS2). A shard's load is the sum of its actors' busy fractions. An
+//! actor is *late* when its queueing delay (p99 over the interval) ate more
+//! than [`AutoscaleConfig::late_slack_fraction`] of its job's SLO.
+//!
+//! # Compute
+//!
+//! An operator (job and stage) needs `ceil(sum of its activations' busy /
+//! target_load)` activations, in one step. A shard is *overloaded* when its
+//! load is over [`AutoscaleConfig::high_load`], or over
+//! [`AutoscaleConfig::target_load`] with a late actor on it.
+//!
+//! # Act, cheapest first
+//!
+//! Moving an activation to another shard is the cheapest action (a migration
+//! pauses one actor for microseconds). While some shard is overloaded, the
+//! model moves an actor from the most loaded shard to the least loaded one.
+//! Of the actors whose busy fraction lowers the higher of the two loads by at
+//! least [`AutoscaleConfig::min_gain`], it takes one that brings both shards
+//! under the high mark if there is one; among those, the one of the job with
+//! the most slack (the largest SLO: a migration's pause costs it least); then
+//! the one that evens the two shards best. It repeats on the loads it expects after its moves, up to
+//! [`AutoscaleConfig::moves_per_step_max`], so one step answers a load step
+//! in full. An overloaded shard whose work cannot be spread by moving (one
+//! actor needs more than the room left anywhere) is recorded with the
+//! activations its operators need; splitting key-group ranges and parallel
+//! mode are the actions that answer it.
+//!
+//! # Stability
+//!
+//! - Nothing moves unless a shard is overloaded; a move must lower the higher
+//!   load by `min_gain` and leave its destination under the high mark:
+//!   balanced or lightly loaded shards never trade actors back and forth over
+//!   noise, and saturated ones (a job at full speed fills every core it is
+//!   given) never trade an overload.
+//! - An actor just moved stays put for [`AutoscaleConfig::cooldown_steps`]
+//!   steps, the time its new shard's figures take to show it.
+//! - Dead shards are never a destination; jobs with scaling off are never
+//!   touched.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::ids::{ActorId, JobId, ShardId};
+
+/// The model's knobs. The defaults suit 50 ms steps.
+#[derive(Clone, Debug)]
+pub struct AutoscaleConfig {
+    /// A shard over this load is overloaded.
+    pub high_load: f64,
+    /// What placement aims for; a shard over it with a late actor is
+    /// overloaded too, and operators are sized to it.
+    pub target_load: f64,
+    /// A move must lower the higher of the two shards' loads by this much.
+    pub min_gain: f64,
+    /// Steps an actor stays where a move put it.
+    pub cooldown_steps: u64,
+    /// Moves in one step, at most.
+    pub moves_per_step_max: usize,
+    /// An actor whose queueing delay took more than this fraction of its
+    /// job's SLO is late.
+    pub late_slack_fraction: f64,
+    /// Actors busy less than this are left where they are (moving them gains
+    /// nothing measurable).
+    pub min_busy: f64,
+}
+
+impl Default for AutoscaleConfig {
+    fn default() -> Self {
+        AutoscaleConfig {
+            high_load: 0.85,
+            target_load: 0.7,
+            min_gain: 0.02,
+            cooldown_steps: 6,
+            moves_per_step_max: 8,
+            late_slack_fraction: 0.5,
+            min_busy: 0.01,
+        }
+    }
+}
+
+/// One actor over one interval.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ActorSample {
+    pub id: ActorId,
+    pub shard: ShardId,
+    /// The interval, as its shard's clock measured it (ns).
+    pub interval_ns: u64,
+    /// CPU time it was handled for, in the interval.
+    pub cpu_ns: u64,
+    /// Messages it handled in the interval.
+    pub messages: u64,
+    /// Queueing delay of those messages, p99, in µs (0 if none).
+    pub queue_p99_us: u64,
+}
+
+/// A job as the model needs it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct JobSample {
+    pub slo_ns: u64,
+    /// `false`: the job's placement is fixed (`--parallelism`, `--autoscale
+    /// off` for it); it is measured but never moved.
+    pub scalable: bool,
+}
+
+/// What the runtime measured over one interval.
+#[derive(Clone, Debug, Default)]
+pub struct Sample {
+    pub shards: usize,
+    /// Shards that are gone: never a destination.
+    pub dead: Vec<ShardId>,
+    pub actors: Vec<ActorSample>,
+    pub jobs: BTreeMap<JobId, JobSample>,
+}
+
+/// What the model decided, and why.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Migrate `actor` from shard `from` to shard `to`.
+    Move {
+        actor: ActorId,
+        from: ShardId,
+        to: ShardId,
+    },
+    /// `shard` is overloaded and no move can relieve it: the operators on it
+    /// need these activations (job, stage, activations now, needed).
+    NeedsParallelism {
+        shard: ShardId,
+        operators: Vec<(JobId, u32, u32, u32)>,
+    },
+}
+
+/// One decision of one step, with the figures behind it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    pub step: u64,
+    pub action: Action,
+    /// The loads of the shards concerned before the action, and the actor's
+    /// figures for a move.
+    pub reason: String,
+}
+
+impl Decision {
+    /// The job the decision acts on, if one.
+    pub fn job(&self) -> Option<JobId> {
+        match &self.action {
+            Action::Move { actor, .. } => Some(actor.job),
+            Action::NeedsParallelism { .. } => None,
+        }
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.action {
+            Action::Move { actor, from, to } => write!(
+                f,
+                "step {}: move {actor} from {from} to {to}: {}",
+                self.step, self.reason
+            ),
+            Action::NeedsParallelism { shard, operators } => {
+                write!(f, "step {}: {shard} needs parallelism:", self.step)?;
+                for (job, stage, now, needed) in operators {
+                    write!(f, " job {} stage {stage} has {now}, needs {needed};", job.0)?;
+                }
+                write!(f, " {}", self.reason)
+            }
+        }
+    }
+}
+
+/// The autoscaler's state between steps.
+pub struct Autoscaler {
+    config: AutoscaleConfig,
+    step: u64,
+    /// Actors moved, with the step until which they stay.
+    cooling: BTreeMap<ActorId, u64>,
+    /// Shards reported as needing parallelism, with the step of the report
+    /// (told again only after `cooldown_steps`).
+    told: BTreeMap<ShardId, u64>,
+}
+
+/// An actor's measured figures in one step.
+struct Measured {
+    id: ActorId,
+    shard: ShardId,
+    busy: f64,
+    late: bool,
+    slo_ns: u64,
+    scalable: bool,
+}
+
+impl Autoscaler {
+    pub fn new(config: AutoscaleConfig) -> Autoscaler {
+        Autoscaler {
+            config,
+            step: 0,
+            cooling: BTreeMap::new(),
+            told: BTreeMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> &AutoscaleConfig {
+        &self.config
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// Measure `sample`, compute, and decide this step's actions.
+    pub fn step(&mut self, sample: &Sample) -> Vec<Decision> {
+        self.step += 1;
+        let step = self.step;
+        self.cooling.retain(|_, until| *until > step);
+        if sample.shards < 2 {
+            return Vec::new();
+        }
+        let measured = self.measure(sample);
+        let mut load = vec![0.0f64; sample.shards];
+        let mut late = vec![false; sample.shards];
+        for m in &measured {
+            if let Some(slot) = load.get_mut(m.shard.index()) {
+                *slot += m.busy;
+                late[m.shard.index()] |= m.late;
+            }
+        }
+        let live: Vec<usize> = (0..sample.shards)
+            .filter(|s| !sample.dead.contains(&ShardId(*s as u16)))
+            .collect();
+        // Where each movable actor is now (as the moves below change it).
+        let mut place: BTreeMap<ActorId, usize> =
+            measured.iter().map(|m| (m.id, m.shard.index())).collect();
+        let mut decisions = Vec::new();
+        let mut stuck: Vec<usize> = Vec::new();
+        while decisions.len() < self.config.moves_per_step_max {
+            let overloaded = |s: usize| {
+                load[s] > self.config.high_load || (late[s] && load[s] > self.config.target_load)
+            };
+            let Some(&hot) = live
+                .iter()
+                .filter(|&&s| overloaded(s) && !stuck.contains(&s))
+                .max_by(|a, b| load[**a].total_cmp(&load[**b]).then(b.cmp(a)))
+            else {
+                break;
+            };
+            let Some(&cool) = live
+                .iter()
+                .filter(|&&s| s != hot)
+                .min_by(|a, b| load[**a].total_cmp(&load[**b]).then(a.cmp(b)))
+            else {
+                break;
+            };
+            let gap = load[hot] - load[cool];
+            // After moving `busy`, the higher of the two is max(hot - busy,
+            // cool + busy): it must be at most `hot - min_gain`.
+            // The destination must have room for it: moving work between
+            // two overloaded shards only moves the overload.
+            let fits = |busy: f64| {
+                busy >= self.config.min_gain
+                    && busy <= gap - self.config.min_gain
+                    && load[cool] + busy <= self.config.high_load
+            };
+            // The higher of the two loads after moving `busy`.
+            let after = |busy: f64| (load[hot] - busy).max(load[cool] + busy);
+            let high_load = self.config.high_load;
+            let candidate = measured
+                .iter()
+                .filter(|m| place[&m.id] == hot && m.scalable && m.busy >= self.config.min_busy)
+                .filter(|m| !self.cooling.contains_key(&m.id) && fits(m.busy))
+                .max_by(|a, b| {
+                    // A move that ends the overload on both shards first; of
+                    // those, the job with the most slack; then the evener.
+                    (after(a.busy) <= high_load)
+                        .cmp(&(after(b.busy) <= high_load))
+                        .then(a.slo_ns.cmp(&b.slo_ns))
+                        .then(after(b.busy).total_cmp(&after(a.busy)))
+                        .then(b.id.cmp(&a.id))
+                });
+            let Some(m) = candidate else {
+                stuck.push(hot);
+                continue;
+            };
+            decisions.push(Decision {
+                step,
+                action: Action::Move {
+                    actor: m.id,
+                    from: ShardId(hot as u16),
+                    to: ShardId(cool as u16),
+                },
+                reason: format!(
+                    "{} load {:.2}{} and {} load {:.2}; the actor is {:.0}% busy, SLO {} ms",
+                    ShardId(hot as u16),
+                    load[hot],
+                    if late[hot] { " with a late actor" } else { "" },
+                    ShardId(cool as u16),
+                    load[cool],
+                    m.busy * 100.0,
+                    m.slo_ns / 1_000_000
+                ),
+            });
+            load[hot] -= m.busy;
+            load[cool] += m.busy;
+            place.insert(m.id, cool);
+            self.cooling.insert(m.id, step + self.config.cooldown_steps);
+        }
+        for shard in stuck {
+            let recently = self
+                .told
+                .get(&ShardId(shard as u16))
+                .is_some_and(|at| step < at + self.config.cooldown_steps);
+            if recently {
+                continue;
+            }
+            let operators = self.needs(&measured, shard);
+            if operators.is_empty() {
+                continue;
+            }
+            self.told.insert(ShardId(shard as u16), step);
+            decisions.push(Decision {
+                step,
+                action: Action::NeedsParallelism {
+                    shard: ShardId(shard as u16),
+                    operators,
+                },
+                reason: format!(
+                    "load {:.2}{}; no move lowers it by {:.2}",
+                    load[shard],
+                    if late[shard] {
+                        " with a late actor"
+                    } else {
+                        ""
+                    },
+                    self.config.min_gain
+                ),
+            });
+        }
+        decisions
+    }
+
+    fn measure(&self, sample: &Sample) -> Vec<Measured> {
+        sample
+            .actors
+            .iter()
+            .map(|a| {
+                let job = sample.jobs.get(&a.id.job);
+                let slo_ns = job.map_or(u64::MAX, |j| j.slo_ns);
+                let late_us = (slo_ns as f64 * self.config.late_slack_fraction / 1e3) as u64;
+                Measured {
+                    id: a.id,
+                    shard: a.shard,
+                    busy: match a.interval_ns {
+                        0 => 0.0,
+                        interval_ns => (a.cpu_ns as f64 / interval_ns as f64).min(1.0),
+                    },
+                    late: a.messages > 0 && a.queue_p99_us > late_us,
+                    slo_ns,
+                    scalable: job.is_some_and(|j| j.scalable),
+                }
+            })
+            .collect()
+    }
+
+    /// The operators with activations on `shard` whose total busy time needs
+    /// more activations than they have: (job, stage, now, needed).
+    fn needs(&self, measured: &[Measured], shard: usize) -> Vec<(JobId, u32, u32, u32)> {
+        let mut operators: BTreeMap<(JobId, u32), (u32, f64, bool)> = BTreeMap::new();
+        for m in measured {
+            let entry = operators
+                .entry((m.id.job, m.id.operator))
+                .or_insert((0, 0.0, false));
+            entry.0 += 1;
+            entry.1 += m.busy;
+            entry.2 |= m.shard.index() == shard;
+        }
+        operators
+            .into_iter()
+            .filter(|(_, (_, _, here))| *here)
+            .filter_map(|((job, stage), (now, busy, _))| {
+                let needed = needed_activations(busy, self.config.target_load);
+                (needed > now).then_some((job, stage, now, needed))
+            })
+            .collect()
+    }
+}
+
+/// Activations an operator busy `busy` cores in all needs to run each at
+/// `target_load`, in one step (DS2: true rate times activations covers the
+/// input rate).
+pub fn needed_activations(busy: f64, target_load: f64) -> u32 {
+    (busy / target_load).ceil().max(1.0) as u32
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,351 @@
+//! The model on synthetic load traces, deterministically: a simulated world
+//! of shards with one core each, actors with a CPU demand, the figures a
+//! runtime would report for them, and the model's moves applied back.
+
+use super::*;
+
+const STEP_NS: u64 = 50_000_000;
+const LC: JobId = JobId(1);
+const BULK: JobId = JobId(2);
+
+/// Actors with a demand (cores they would use given a core), placed on shards.
+struct World {
+    shards: usize,
+    dead: Vec<ShardId>,
+    /// (actor, shard, demand)
+    actors: Vec<(ActorId, usize, f64)>,
+    jobs: BTreeMap<JobId, JobSample>,
+}
+
+fn actor(job: JobId, operator: u32, partition: u32) -> ActorId {
+    ActorId {
+        job,
+        operator,
+        partition,
+    }
+}
+
+impl World {
+    fn new(shards: usize) -> World {
+        let mut jobs = BTreeMap::new();
+        jobs.insert(
+            LC,
+            JobSample {
+                slo_ns: 10_000_000,
+                scalable: true,
+            },
+        );
+        jobs.insert(
+            BULK,
+            JobSample {
+                slo_ns: 2_000_000_000,
+                scalable: true,
+            },
+        );
+        World {
+            shards,
+            dead: Vec::new(),
+            actors: Vec::new(),
+            jobs,
+        }
+    }
+
+    fn add(&mut self, id: ActorId, shard: usize, demand: f64) {
+        self.actors.push((id, shard, demand));
+    }
+
+    fn demand_on(&self, shard: usize) -> f64 {
+        self.actors
+            .iter()
+            .filter(|a| a.1 == shard)
+            .map(|a| a.2)
+            .sum()
+    }
+
+    /// What a runtime would report over one step: an overloaded shard gives
+    /// each actor its share of the core, and its queues grow.
+    fn sample(&self) -> Sample {
+        let actors = self
+            .actors
+            .iter()
+            .map(|&(id, shard, demand)| {
+                let total = self.demand_on(shard);
+                let share = if total > 1.0 { demand / total } else { demand };
+                let queue_p99_us = if total > 1.0 {
+                    (50_000.0 * (total - 1.0)) as u64 + 200
+                } else {
+                    (200.0 * total) as u64
+                };
+                ActorSample {
+                    id,
+                    shard: ShardId(shard as u16),
+                    interval_ns: STEP_NS,
+                    cpu_ns: (share * STEP_NS as f64) as u64,
+                    messages: (demand * 10_000.0) as u64,
+                    queue_p99_us,
+                }
+            })
+            .collect();
+        Sample {
+            shards: self.shards,
+            dead: self.dead.clone(),
+            actors,
+            jobs: self.jobs.clone(),
+        }
+    }
+
+    fn apply(&mut self, decisions: &[Decision]) {
+        for decision in decisions {
+            if let Action::Move { actor, from, to } = decision.action {
+                let entry = self.actors.iter_mut().find(|a| a.0 == actor).unwrap();
+                assert_eq!(entry.1, from.index(), "{decision}");
+                entry.1 = to.index();
+            }
+        }
+    }
+
+    fn max_load(&self) -> f64 {
+        (0..self.shards)
+            .map(|s| self.demand_on(s))
+            .fold(0.0, f64::max)
+    }
+
+    fn set_demand(&mut self, job: JobId, demand: f64) {
+        for a in &mut self.actors {
+            if a.0.job == job {
+                a.2 = demand;
+            }
+        }
+    }
+}
+
+fn moves(decisions: &[Decision]) -> usize {
+    decisions
+        .iter()
+        .filter(|d| matches!(d.action, Action::Move { .. }))
+        .count()
+}
+
+/// `lc` and `bulk` actors of 0.045 cores each, round robin over `shards`.
+fn two_jobs(shards: usize, per_job: u32) -> World {
+    let mut world = World::new(shards);
+    for p in 0..per_job {
+        world.add(actor(LC, 1, p), p as usize % shards, 0.045);
+        world.add(actor(BULK, 1, p), p as usize % shards, 0.045);
+    }
+    world
+}
+
+/// Deterministic noise in [-1, 1).
+fn noise(state: &mut u64) -> f64 {
+    *state = state
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    ((*state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+}
+
+#[test]
+fn it_converges_within_two_steps_after_a_load_step_on_any_shard_count() {
+    for shards in [2, 4, 8, 16] {
+        let mut world = two_jobs(shards, 4 * shards as u32);
+        let mut scaler = Autoscaler::new(AutoscaleConfig::default());
+        for _ in 0..5 {
+            assert!(scaler.step(&world.sample()).is_empty(), "quiet before");
+        }
+        // A 5x step of the bulk job, but only of its actors on the first
+        // half of the shards (skew): those shards want 1.08 cores.
+        for a in &mut world.actors {
+            if a.0.job == BULK && a.1 < shards / 2 {
+                a.2 *= 5.0;
+            }
+        }
+        assert!(
+            world.max_load() > 1.0,
+            "{shards} shards: the step overloads"
+        );
+        let mut steps = 0;
+        while world.max_load() > scaler.config().high_load {
+            steps += 1;
+            assert!(steps <= 2, "{shards} shards: not converged in 2 steps");
+            let decisions = scaler.step(&world.sample());
+            assert!(moves(&decisions) > 0, "{shards} shards: {decisions:?}");
+            world.apply(&decisions);
+        }
+        // Then still: nothing moves under the steady load.
+        for _ in 0..50 {
+            let decisions = scaler.step(&world.sample());
+            assert!(decisions.is_empty(), "{shards} shards: {decisions:?}");
+        }
+    }
+}
+
+#[test]
+fn it_does_not_oscillate_under_steady_or_noisy_load() {
+    for (shards, per_shard) in [(2, 0.6), (8, 0.6), (8, 0.8)] {
+        let mut world = two_jobs(shards, 4 * shards as u32);
+        // Each shard near `per_shard`, balanced.
+        let demand = per_shard / 8.0;
+        world.set_demand(LC, demand);
+        world.set_demand(BULK, demand);
+        let mut scaler = Autoscaler::new(AutoscaleConfig::default());
+        let mut rng = 7u64;
+        let mut total = 0;
+        for step in 0..400 {
+            // Every actor's demand varies by up to ±10% around its mean.
+            for a in &mut world.actors {
+                a.2 = demand * (1.0 + 0.1 * noise(&mut rng));
+            }
+            let decisions = scaler.step(&world.sample());
+            total += moves(&decisions);
+            world.apply(&decisions);
+            assert!(
+                step < 10 || moves(&decisions) == 0,
+                "{shards} shards at {per_shard}: moves at step {step}: {decisions:?}"
+            );
+        }
+        assert_eq!(
+            total, 0,
+            "{shards} shards at {per_shard}: balanced load needs no move"
+        );
+    }
+}
+
+#[test]
+fn an_actor_moved_back_and_forth_never_happens() {
+    // Two shards, loads that alternate which side is hot every step: the
+    // cooldown keeps each actor where a move put it.
+    let mut world = World::new(2);
+    for p in 0..4 {
+        world.add(actor(BULK, 1, p), 0, 0.3);
+    }
+    let mut scaler = Autoscaler::new(AutoscaleConfig::default());
+    let mut moved: BTreeMap<ActorId, u64> = BTreeMap::new();
+    for step in 0..60u64 {
+        // The demand swings between the partitions every step.
+        for a in &mut world.actors {
+            let even = a.0.partition % 2 == 0;
+            a.2 = if even == (step % 2 == 0) { 0.45 } else { 0.15 };
+        }
+        let decisions = scaler.step(&world.sample());
+        for d in &decisions {
+            if let Action::Move { actor, .. } = d.action {
+                if let Some(last) = moved.insert(actor, step) {
+                    assert!(
+                        step - last >= scaler.config().cooldown_steps,
+                        "{actor} moved at {last} and {step}"
+                    );
+                }
+            }
+        }
+        world.apply(&decisions);
+    }
+}
+
+#[test]
+fn the_job_with_the_most_slack_moves_first() {
+    let mut world = World::new(2);
+    world.add(actor(LC, 1, 0), 0, 0.3);
+    world.add(actor(BULK, 1, 0), 0, 0.3);
+    world.add(actor(BULK, 1, 1), 0, 0.3);
+    world.add(actor(LC, 1, 1), 1, 0.1);
+    let mut scaler = Autoscaler::new(AutoscaleConfig::default());
+    let decisions = scaler.step(&world.sample());
+    assert_eq!(moves(&decisions), 1, "{decisions:?}");
+    let Action::Move { actor, from, to } = decisions[0].action else {
+        unreachable!()
+    };
+    assert_eq!((actor.job, from, to), (BULK, ShardId(0), ShardId(1)));
+    assert!(
+        decisions[0].reason.contains("load 0.90"),
+        "{}",
+        decisions[0]
+    );
+    world.apply(&decisions);
+    assert!(world.max_load() <= 0.85);
+}
+
+#[test]
+fn a_late_actor_makes_a_shard_under_the_high_mark_overloaded() {
+    let mut world = World::new(2);
+    world.add(actor(LC, 1, 0), 0, 0.4);
+    world.add(actor(BULK, 1, 0), 0, 0.4);
+    let mut scaler = Autoscaler::new(AutoscaleConfig::default());
+    // Load 0.8: under the high mark, and no queue: nothing to do.
+    assert!(scaler.step(&world.sample()).is_empty());
+    // The same load with the LC job's queueing delay over half its SLO.
+    let mut sample = world.sample();
+    sample.actors[0].queue_p99_us = 6_000;
+    let decisions = scaler.step(&sample);
+    assert_eq!(moves(&decisions), 1, "{decisions:?}");
+    assert!(decisions[0].reason.contains("late"), "{}", decisions[0]);
+}
+
+#[test]
+fn dead_shards_and_fixed_jobs_are_left_alone() {
+    let mut world = World::new(3);
+    world.dead.push(ShardId(1));
+    world.jobs.get_mut(&LC).unwrap().scalable = false;
+    world.add(actor(LC, 1, 0), 0, 0.5);
+    world.add(actor(LC, 1, 1), 0, 0.5);
+    world.add(actor(BULK, 1, 0), 0, 0.3);
+    let mut scaler = Autoscaler::new(AutoscaleConfig::default());
+    let decisions = scaler.step(&world.sample());
+    assert_eq!(moves(&decisions), 1, "{decisions:?}");
+    let Action::Move { actor, to, .. } = decisions[0].action else {
+        unreachable!()
+    };
+    assert_eq!(
+        (actor.job, to),
+        (BULK, ShardId(2)),
+        "only the bulk job, never to the dead shard"
+    );
+}
+
+#[test]
+fn an_actor_too_big_to_move_is_told_as_needing_parallelism_once_per_cooldown() {
+    let mut world = World::new(2);
+    // One stage, one activation, wanting 1.6 cores: no move helps.
+    world.add(actor(BULK, 2, 0), 0, 1.6);
+    world.add(actor(LC, 1, 0), 1, 0.1);
+    let mut scaler = Autoscaler::new(AutoscaleConfig::default());
+    let mut told = Vec::new();
+    for step in 1..=13u64 {
+        for d in scaler.step(&world.sample()) {
+            assert!(!matches!(d.action, Action::Move { .. }), "{d}");
+            told.push(step);
+            // Measured on the shard: a full core, so 1.0 / 0.7 -> 2.
+            assert_eq!(
+                d.action,
+                Action::NeedsParallelism {
+                    shard: ShardId(0),
+                    operators: vec![(BULK, 2, 1, 2)],
+                },
+                "{d}"
+            );
+        }
+    }
+    let every = scaler.config().cooldown_steps;
+    assert_eq!(told, [1, 1 + every, 1 + 2 * every]);
+}
+
+#[test]
+fn needed_activations_is_one_step_of_busy_over_target() {
+    assert_eq!(needed_activations(0.0, 0.7), 1);
+    assert_eq!(needed_activations(0.7, 0.7), 1);
+    assert_eq!(needed_activations(0.71, 0.7), 2);
+    assert_eq!(needed_activations(2.8, 0.7), 4);
+}
+
+#[test]
+fn one_shard_or_an_empty_interval_decides_nothing() {
+    let mut world = World::new(1);
+    world.add(actor(BULK, 1, 0), 0, 3.0);
+    let mut scaler = Autoscaler::new(AutoscaleConfig::default());
+    assert!(scaler.step(&world.sample()).is_empty());
+    // An interval of no length measures nothing.
+    let mut sample = two_jobs(2, 4).sample();
+    for a in &mut sample.actors {
+        a.interval_ns = 0;
+    }
+    assert!(scaler.step(&sample).is_empty());
+}
