@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::queries::{build, EventSource, Output, QueryOptions};
 use dirigo_engine::dataflow::checkpoint::CheckpointOptions;
-use dirigo_engine::dataflow::{Dataflow, DataflowConfig, JobReport};
+use dirigo_engine::dataflow::{Dataflow, DataflowConfig, JobReport, RateSchedule};
 use serde::Serialize;
 
 /// One query run.
@@ -100,7 +100,7 @@ pub fn run_query(config: &RunConfig) -> Result<RunReport, String> {
         source_parallelism: cores,
         parallelism: 2 * cores,
         slo: config.slo,
-        rate_events_per_s: config.rate_events_per_s,
+        pace: config.rate_events_per_s.map(RateSchedule::constant),
         output: config.output.clone(),
         sink_parallelism: config.sink_parallelism,
     };

@@ -360,7 +360,7 @@ pub fn run(args: RunArgs) -> Result<(), String> {
                 ..GeneratorConfig::default()
             };
             if let Some(rate) = rate {
-                config.events_per_second = rate;
+                config.rate = dirigo_engine::dataflow::RateSchedule::constant(rate);
             }
             EventSource::Generator {
                 config,

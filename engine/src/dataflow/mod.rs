@@ -28,6 +28,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod graph;
 pub mod ops;
+pub mod pace;
 pub mod state;
 pub mod window;
 
@@ -47,6 +48,7 @@ pub use graph::{
     Data, Job, JoinOperator, KeyedStream, Operator, Sink, SinkFactory, Source, SourceBatch,
     SourceFactory, Stream,
 };
+pub use pace::{RateSchedule, RateStep};
 
 /// Key groups of a job unless it says otherwise (`Job::key_groups`): fixed for
 /// the job's life, so scaling never re-hashes a key.
