@@ -443,7 +443,7 @@ fn gen_writes_the_same_bytes_on_any_number_of_threads() {
     let mut expected = Vec::new();
     let generator = dirigo_nexmark::Generator::new(dirigo_nexmark::GeneratorConfig {
         seed,
-        events_per_second: rate,
+        rate: dirigo_engine::dataflow::RateSchedule::constant(rate),
         ..dirigo_nexmark::GeneratorConfig::default()
     })
     .expect("a valid generator config");

@@ -55,7 +55,7 @@ fn submit(
         source_parallelism: shards,
         parallelism: 2 * shards + 1,
         slo: Duration::from_millis(50),
-        rate_events_per_s: rate,
+        pace: rate.map(dirigo_engine::dataflow::RateSchedule::constant),
         output: Output::JsonLines(Arc::new(move |_| Box::new(CollectJson(collected.clone())))),
         sink_parallelism: shards,
     };
@@ -124,7 +124,7 @@ fn every_query_matches_the_reference_on_generated_input() {
             for (events_n, rate) in [(5_000u64, 1_000u64), (60_000, 2_000), (40_000, 10_000_000)] {
                 let config = GeneratorConfig {
                     seed,
-                    events_per_second: rate,
+                    rate: dirigo_engine::dataflow::RateSchedule::constant(rate),
                     ..GeneratorConfig::default()
                 };
                 let input = events(&config, events_n);
@@ -144,7 +144,7 @@ fn every_query_matches_the_reference_on_generated_input() {
 fn every_query_matches_the_reference_from_a_file() {
     let config = GeneratorConfig {
         seed: 9,
-        events_per_second: 1_500,
+        rate: dirigo_engine::dataflow::RateSchedule::constant(1_500),
         ..GeneratorConfig::default()
     };
     let input = events(&config, 30_000);
@@ -177,7 +177,7 @@ fn every_query_matches_the_reference_while_actors_move() {
         let events_n = 40_000;
         let config = GeneratorConfig {
             seed,
-            events_per_second: 2_000,
+            rate: dirigo_engine::dataflow::RateSchedule::constant(2_000),
             ..GeneratorConfig::default()
         };
         let input = events(&config, events_n);
@@ -240,7 +240,7 @@ fn an_unknown_query_is_a_clear_error() {
         source_parallelism: 1,
         parallelism: 1,
         slo: Duration::from_millis(10),
-        rate_events_per_s: None,
+        pace: None,
         output: Output::Null,
         sink_parallelism: 1,
     };

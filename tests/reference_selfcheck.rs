@@ -296,7 +296,7 @@ fn assert_same_rows_compares_multisets_with_float_tolerance() {
 #[test]
 fn reference_runs_on_generated_events() {
     let g = Generator::new(GeneratorConfig {
-        events_per_second: 10_000,
+        rate: dirigo_engine::dataflow::RateSchedule::constant(10_000),
         ..GeneratorConfig::default()
     })
     .expect("valid config");

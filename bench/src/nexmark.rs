@@ -114,7 +114,7 @@ pub fn run_suite(config: &SuiteConfig) -> Result<SuiteReport, BenchError> {
             oversubscribe: false,
             source: EventSource::Generator {
                 config: GeneratorConfig {
-                    events_per_second: rate,
+                    rate: dirigo_engine::dataflow::RateSchedule::constant(rate),
                     ..GeneratorConfig::default()
                 },
                 events: paced_events,

@@ -3,8 +3,11 @@
 //! in any order and replayed after a failure, always giving the same events.
 //!
 //! Rules (NEXMARK.md): `n % 50 == 0` is a person, `1..=3` an auction, else a bid;
-//! ids are dense from 1000; `date_time = base_time + floor(n * 1000 / rate)`. Strings
-//! are borrowed from static pools built once, so generating a bid allocates nothing.
+//! ids are dense from 1000; `date_time = base_time + offset(n)`, the scheduled
+//! emission offset of `n` under the nominal rate (`floor(n * 1000 / rate)` for a
+//! constant rate; step by step for a rate schedule, see `dirigo_engine::dataflow::pace`).
+//! Strings are borrowed from static pools built once, so generating a bid allocates
+//! nothing.
 //!
 //! Auctions stay open 2 to 60 s of event time, but never less than it takes until no
 //! bid can pick them any more (the next `in_flight_auctions` auctions exist): at low
@@ -15,6 +18,8 @@ use std::borrow::Cow;
 use std::fmt;
 use std::ops::Range;
 use std::sync::OnceLock;
+
+use dirigo_engine::dataflow::RateSchedule;
 
 use super::event::{Auction, Bid, Event, Person};
 
@@ -38,8 +43,10 @@ const EXTRA_OPEN_MS: u64 = 58_000;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GeneratorConfig {
     pub seed: u64,
-    /// Nominal rate: event time advances by 1 s every `events_per_second` events.
-    pub events_per_second: u64,
+    /// Nominal rate: event time advances by 1 s every `rate` events, step by
+    /// step for a schedule (a paced run's schedule, so that event time follows
+    /// wall time).
+    pub rate: RateSchedule,
     /// Event time of event 0, in ms since the epoch.
     pub base_time_ms: i64,
     /// A bid picks its auction among the last this many auctions.
@@ -52,7 +59,7 @@ impl Default for GeneratorConfig {
     fn default() -> Self {
         GeneratorConfig {
             seed: 0,
-            events_per_second: 10_000_000,
+            rate: RateSchedule::constant(10_000_000),
             // Not a multiple of 10 s, so that window alignment is exercised.
             base_time_ms: 1_700_000_001_234,
             in_flight_auctions: 100,
@@ -86,7 +93,6 @@ pub struct Generator {
 impl Generator {
     pub fn new(config: GeneratorConfig) -> Result<Generator, GeneratorConfigError> {
         for (value, field) in [
-            (config.events_per_second, "events_per_second"),
             (config.in_flight_auctions, "in_flight_auctions"),
             (config.active_people, "active_people"),
         ] {
@@ -105,14 +111,10 @@ impl Generator {
         &self.config
     }
 
-    /// Event time of event `n`, in ms since the epoch: `base + floor(n*1000/rate)`.
+    /// Event time of event `n`, in ms since the epoch: `base + offset(n)`, for a
+    /// constant rate `base + floor(n*1000/rate)`.
     pub fn date_time_ms(&self, n: u64) -> i64 {
-        let rate = self.config.events_per_second;
-        let offset_ms = match n.checked_mul(1000) {
-            Some(milli_events) => milli_events / rate,
-            None => (u128::from(n) * 1000 / u128::from(rate)).min(u128::from(u64::MAX)) as u64,
-        };
-        let offset_ms = i64::try_from(offset_ms).unwrap_or(i64::MAX);
+        let offset_ms = i64::try_from(self.config.rate.offset_ms(n)).unwrap_or(i64::MAX);
         self.config.base_time_ms.saturating_add(offset_ms)
     }
 
@@ -138,7 +140,7 @@ impl Generator {
         let mut clock = EventClock::new(self, range.start);
         for n in range {
             f(self.make(n, clock.now_ms()));
-            clock.advance();
+            clock.advance(n);
         }
     }
 
@@ -314,8 +316,16 @@ fn auction_event_number(index: u64) -> u64 {
         .saturating_add(index % AUCTIONS_PER_BLOCK + 1)
 }
 
-/// Event time by increments, avoiding a division per event in `fill`.
-struct EventClock {
+/// Event time by increments, avoiding a division per event in `fill`: within a
+/// step of the rate schedule, `floor(k * 1000 / rate)` as a quotient and a
+/// remainder; a new step (rare) starts over from its own start.
+struct EventClock<'a> {
+    schedule: &'a RateSchedule,
+    /// Event time of event 0 (the generator's base).
+    base_time_ms: i64,
+    /// Events left in this step, counting the current one (`u64::MAX` in the last).
+    left_in_step: u64,
+    /// Event time at which this step starts.
     base_ms: i64,
     rate: u64,
     quotient_ms: u64,
@@ -324,19 +334,38 @@ struct EventClock {
     step_remainder: u64,
 }
 
-impl EventClock {
-    fn new(generator: &Generator, n: u64) -> EventClock {
-        let rate = generator.config.events_per_second;
-        let milli_events = u128::from(n) * 1000;
-        let quotient = milli_events / u128::from(rate);
-        EventClock {
+impl<'a> EventClock<'a> {
+    fn new(generator: &'a Generator, n: u64) -> EventClock<'a> {
+        let schedule = &generator.config.rate;
+        let mut clock = EventClock {
+            schedule,
+            base_time_ms: generator.config.base_time_ms,
+            left_in_step: 0,
             base_ms: generator.config.base_time_ms,
-            rate,
-            quotient_ms: quotient.min(u128::from(u64::MAX)) as u64,
-            remainder: (milli_events % u128::from(rate)) as u64,
-            step_ms: 1000 / rate,
-            step_remainder: 1000 % rate,
-        }
+            rate: 1,
+            quotient_ms: 0,
+            remainder: 0,
+            step_ms: 0,
+            step_remainder: 0,
+        };
+        clock.enter(n);
+        clock
+    }
+
+    /// Point the clock at event `n`.
+    fn enter(&mut self, n: u64) {
+        let (step, start_ms, into) = self.schedule.locate(n);
+        let (rate, records) = self.schedule.step_span(step);
+        let milli_events = u128::from(into) * 1000;
+        let quotient = milli_events / u128::from(rate);
+        let start_ms = i64::try_from(start_ms).unwrap_or(i64::MAX);
+        self.base_ms = self.base_time_ms.saturating_add(start_ms);
+        self.left_in_step = records.saturating_sub(into);
+        self.rate = rate;
+        self.quotient_ms = quotient.min(u128::from(u64::MAX)) as u64;
+        self.remainder = (milli_events % u128::from(rate)) as u64;
+        self.step_ms = 1000 / rate;
+        self.step_remainder = 1000 % rate;
     }
 
     #[inline]
@@ -345,14 +374,27 @@ impl EventClock {
         self.base_ms.saturating_add(offset)
     }
 
+    /// Move to the next event, `n + 1` when the clock stands at `n`.
     #[inline]
-    fn advance(&mut self) {
+    fn advance(&mut self, n: u64) {
+        self.left_in_step -= 1;
+        if self.left_in_step == 0 {
+            self.next_step(n + 1);
+            return;
+        }
         self.quotient_ms = self.quotient_ms.saturating_add(self.step_ms);
         self.remainder += self.step_remainder;
         if self.remainder >= self.rate {
             self.remainder -= self.rate;
             self.quotient_ms = self.quotient_ms.saturating_add(1);
         }
+    }
+
+    /// Event `n` is the first of the next step of the schedule.
+    #[cold]
+    fn next_step(&mut self, n: u64) {
+        self.enter(n);
+        debug_assert_eq!(self.schedule.locate(n).2, 0, "a step starts at {n}");
     }
 }
 
@@ -565,7 +607,7 @@ mod tests {
     fn generator(seed: u64, events_per_second: u64) -> Generator {
         Generator::new(GeneratorConfig {
             seed,
-            events_per_second,
+            rate: RateSchedule::constant(events_per_second),
             ..GeneratorConfig::default()
         })
         .unwrap()
@@ -578,13 +620,13 @@ mod tests {
     }
 
     #[test]
-    fn nexmark_generator_rejects_zero_rate() {
+    fn nexmark_generator_rejects_zero_window() {
         let err = Generator::new(GeneratorConfig {
-            events_per_second: 0,
+            in_flight_auctions: 0,
             ..GeneratorConfig::default()
         })
         .unwrap_err();
-        assert_eq!(err.field, "events_per_second");
+        assert_eq!(err.field, "in_flight_auctions");
         assert_ne!(GeneratorConfig::default().base_time_ms % 10_000, 0);
     }
 
@@ -630,6 +672,72 @@ mod tests {
             events(&g, far..far + 100),
             (far..far + 100).map(|n| g.event(n)).collect::<Vec<_>>()
         );
+    }
+
+    /// Under a rate schedule, event time is the schedule's offset of `n`: the
+    /// same from `event`, from `fill` over any split (ranges that start and end
+    /// inside steps and cross several), and never going backwards.
+    #[test]
+    fn nexmark_schedule_event_time() {
+        use dirigo_engine::dataflow::RateStep;
+        let step = |per_s, duration_ms| RateStep { per_s, duration_ms };
+        let schedule = RateSchedule::new(&[
+            step(1000, 1000),
+            step(30_000, 100),
+            step(7, 1500),
+            step(500, 0),
+        ])
+        .unwrap();
+        let g = Generator::new(GeneratorConfig {
+            seed: 5,
+            rate: schedule.clone(),
+            ..GeneratorConfig::default()
+        })
+        .unwrap();
+        let base = GeneratorConfig::default().base_time_ms;
+        let whole = events(&g, 0..8000);
+        let mut last = i64::MIN;
+        for (n, e) in whole.iter().enumerate() {
+            let n = n as u64;
+            assert_eq!(
+                e.date_time(),
+                base + schedule.offset_ms(n) as i64,
+                "event {n}"
+            );
+            assert_eq!(&g.event(n), e, "event({n}) differs from fill");
+            assert!(e.date_time() >= last, "time went backwards at {n}");
+            last = e.date_time();
+        }
+        // 1000 events in the first second, 3000 in the next 100 ms, 11 in 1.5 s.
+        assert_eq!(whole[999].date_time(), base + 999);
+        assert_eq!(whole[1000].date_time(), base + 1000);
+        assert_eq!(whole[4000].date_time(), base + 1100);
+        assert_eq!(whole[4011].date_time(), base + 2600);
+        for parts in [2, 3, 7, 64] {
+            let mut pieces: Vec<Event> = Vec::new();
+            for r in split(8000, parts).into_iter() {
+                pieces.extend(events(&g, r));
+            }
+            assert_eq!(pieces, whole, "{parts} parts");
+            let mut interleaved = vec![None; 8000];
+            for part in 0..parts {
+                for chunk in interleaved_chunks(0..8000, part, parts, 37) {
+                    for e in events(&g, chunk.clone()).into_iter().zip(chunk) {
+                        interleaved[e.1 as usize] = Some(e.0);
+                    }
+                }
+            }
+            let interleaved: Vec<Event> = interleaved.into_iter().map(Option::unwrap).collect();
+            assert_eq!(interleaved, whole, "{parts} interleaved parts");
+        }
+        // One step is the constant rate, event for event.
+        let one = Generator::new(GeneratorConfig {
+            seed: 5,
+            rate: RateSchedule::new(&[step(1000, 5000)]).unwrap(),
+            ..GeneratorConfig::default()
+        })
+        .unwrap();
+        assert_eq!(events(&one, 0..5000), events(&generator(5, 1000), 0..5000));
     }
 
     #[test]
@@ -682,12 +790,12 @@ mod tests {
                 for config in [
                     GeneratorConfig {
                         seed,
-                        events_per_second: rate,
+                        rate: RateSchedule::constant(rate),
                         ..GeneratorConfig::default()
                     },
                     GeneratorConfig {
                         seed,
-                        events_per_second: rate,
+                        rate: RateSchedule::constant(rate),
                         in_flight_auctions: 1,
                         active_people: 1,
                         ..GeneratorConfig::default()

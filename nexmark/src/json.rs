@@ -180,7 +180,7 @@ mod tests {
         for (seed, rate) in [(0, 10_000_000), (7, 1000), (99, 1)] {
             let g = Generator::new(GeneratorConfig {
                 seed,
-                events_per_second: rate,
+                rate: dirigo_engine::dataflow::RateSchedule::constant(rate),
                 ..GeneratorConfig::default()
             })
             .unwrap();

@@ -38,7 +38,9 @@ use dirigo_engine::dataflow::state::{
     put_framed, put_u32, put_u64, put_values, GroupState, KeyGroups, KeyedState, Reader, Stateful,
 };
 use dirigo_engine::dataflow::window::tumbling;
-use dirigo_engine::dataflow::{Data, Job, JoinOperator, Operator, Sink, Source, SourceBatch};
+use dirigo_engine::dataflow::{
+    Data, Job, JoinOperator, Operator, RateSchedule, Sink, Source, SourceBatch,
+};
 use dirigo_engine::ids::IdMap;
 
 use crate::{interleaved_chunks, Auction, Bid, Event, Generator, GeneratorConfig};
@@ -228,21 +230,29 @@ pub struct QueryOptions {
     /// Partitions of each keyed stage.
     pub parallelism: u32,
     pub slo: Duration,
-    pub rate_events_per_s: Option<u64>,
+    /// Pace the source by this schedule of rates (events/s over all partitions);
+    /// `None`: as fast as it goes.
+    pub pace: Option<RateSchedule>,
     pub output: Output,
     pub sink_parallelism: u32,
 }
 
-/// Build the job of `query`, or say why not (an unknown query, a bad option).
-pub fn build(query: &str, options: &QueryOptions) -> Result<Job, String> {
-    if !QUERIES.contains(&query) {
-        return Err(format!(
+/// Whether `query` is one this module builds; if not, an error that lists them.
+pub fn check(query: &str) -> Result<(), String> {
+    match QUERIES.contains(&query) {
+        true => Ok(()),
+        false => Err(format!(
             "unknown query {query:?}; the queries are {}",
             QUERIES.join(", ")
-        ));
+        )),
     }
+}
+
+/// Build the job of `query`, or say why not (an unknown query, a bad option).
+pub fn build(query: &str, options: &QueryOptions) -> Result<Job, String> {
+    check(query)?;
     let mut job = Job::new(query, options.slo);
-    job.rate(options.rate_events_per_s);
+    job.pace(options.pace.clone());
     let (source_factory, source_parallelism) = source(&options.source, options.source_parallelism)?;
     let events = job.source("nexmark", source_parallelism, source_factory);
     let p = options.parallelism.max(1);

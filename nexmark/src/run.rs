@@ -1,16 +1,53 @@
-//! Running one query end to end on a fresh embedded engine: what `dirigo run` does
-//! and what `dirigo bench nexmark` repeats per query. Waits for the job, gathers its
-//! report and the engine's accounting of it.
+//! Running queries end to end on a fresh embedded engine: what `dirigo run`
+//! does (one job, or several sharing the engine's shards) and what `dirigo
+//! bench nexmark` repeats per query. Submits every job before it waits for any,
+//! so that they run at once, then gathers each job's report and the engine's
+//! accounting of it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::queries::{build, EventSource, Output, QueryOptions};
 use dirigo_engine::dataflow::checkpoint::CheckpointOptions;
-use dirigo_engine::dataflow::{Dataflow, DataflowConfig, JobReport};
+use dirigo_engine::dataflow::{Dataflow, DataflowConfig, JobHandle, JobReport, RateSchedule};
+use dirigo_engine::runtime::PolicyKind;
+use hdrhistogram::Histogram;
 use serde::Serialize;
 
-/// One query run.
+/// Called about four times a second with (records in so far, outputs so far),
+/// summed over the run's jobs.
+pub type Progress = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+/// The engine of a run, shared by all its jobs.
+#[derive(Clone)]
+pub struct EngineOptions {
+    pub cores: usize,
+    /// Allow more shards than online cores (`--oversubscribe`).
+    pub oversubscribe: bool,
+    /// How each shard picks the actor that runs next (`--scheduler`).
+    pub scheduler: PolicyKind,
+    pub progress: Option<Progress>,
+    /// How long to wait for the jobs, from their start.
+    pub time_limit: Duration,
+}
+
+/// One job of a run.
+#[derive(Clone)]
+pub struct JobConfig {
+    pub query: String,
+    pub source: EventSource,
+    pub output: Output,
+    pub sink_parallelism: u32,
+    /// Pace the source by this schedule (events/s over all partitions); `None`:
+    /// as fast as it goes.
+    pub pace: Option<RateSchedule>,
+    pub slo: Duration,
+    /// Take checkpoints into a data directory (and resume from it).
+    pub checkpoints: Option<CheckpointOptions>,
+}
+
+/// One query run alone on its engine, with the default scheduler (what the
+/// benchmarks repeat).
 #[derive(Clone)]
 pub struct RunConfig {
     pub query: String,
@@ -22,8 +59,7 @@ pub struct RunConfig {
     pub sink_parallelism: u32,
     pub rate_events_per_s: Option<u64>,
     pub slo: Duration,
-    /// Called about four times a second with (records in so far, outputs so far).
-    pub progress: Option<Arc<dyn Fn(u64, u64) + Send + Sync>>,
+    pub progress: Option<Progress>,
     pub time_limit: Duration,
     /// Take checkpoints into a data directory (and resume from it).
     pub checkpoints: Option<CheckpointOptions>,
@@ -45,6 +81,13 @@ pub struct RunReport {
     pub events_per_s_per_core: f64,
     pub outputs: u64,
     pub latency_us: Latency,
+    /// The job's latency target.
+    pub slo_us: u64,
+    /// Percentage of output rows whose latency exceeded `slo_us` (see
+    /// [`slo_violation_pct`]).
+    pub slo_violation_pct: f64,
+    /// The shards' scheduling policy (`edf`, `fifo` or `fair`).
+    pub scheduler: String,
     /// Messages of the job handled after their deadline had passed.
     pub deadline_misses: u64,
     /// Messages of the job handled.
@@ -88,72 +131,192 @@ fn latency(report: &JobReport) -> Latency {
     }
 }
 
+/// Percentage of the rows in `latency_us` (one count per output row) above
+/// `slo_us`, to the histogram's resolution (two significant digits): a bucket
+/// counts as above only when its lowest value is, so a bucket that holds the SLO
+/// itself counts as within it.
+pub fn slo_violation_pct(latency_us: &Histogram<u32>, slo_us: u64) -> f64 {
+    let total = latency_us.len();
+    if total == 0 {
+        return 0.0;
+    }
+    let above: u64 = latency_us
+        .iter_recorded()
+        .filter(|v| latency_us.lowest_equivalent(v.value_iterated_to()) > slo_us)
+        .map(|v| u64::from(v.count_at_value()))
+        .sum();
+    above as f64 * 100.0 / total as f64
+}
+
 /// Run one query on a fresh engine and wait for it to finish.
 pub fn run_query(config: &RunConfig) -> Result<RunReport, String> {
-    let mut engine_config = DataflowConfig::default();
-    engine_config.runtime.shards = config.cores;
-    engine_config.runtime.oversubscribe = config.oversubscribe;
-    let mut dataflow = Dataflow::start(engine_config).map_err(|e| e.to_string())?;
-    let cores = dataflow.shards() as u32;
-    let options = QueryOptions {
+    let engine = EngineOptions {
+        cores: config.cores,
+        oversubscribe: config.oversubscribe,
+        scheduler: PolicyKind::default(),
+        progress: config.progress.clone(),
+        time_limit: config.time_limit,
+    };
+    let job = JobConfig {
+        query: config.query.clone(),
         source: config.source.clone(),
-        source_parallelism: cores,
-        parallelism: 2 * cores,
-        slo: config.slo,
-        rate_events_per_s: config.rate_events_per_s,
         output: config.output.clone(),
         sink_parallelism: config.sink_parallelism,
+        pace: config.rate_events_per_s.map(RateSchedule::constant),
+        slo: config.slo,
+        checkpoints: config.checkpoints.clone(),
     };
-    let mut job = build(&config.query, &options)?;
-    if let Some(checkpoints) = &config.checkpoints {
-        job.checkpoints(checkpoints.clone());
+    let mut reports = run_jobs(&engine, &[job])?;
+    reports.pop().expect("one report per job")
+}
+
+/// Build `job` and submit it to `dataflow` (of `cores` shards).
+fn submit(dataflow: &mut Dataflow, job: &JobConfig, cores: u32) -> Result<JobHandle, String> {
+    let options = QueryOptions {
+        source: job.source.clone(),
+        source_parallelism: cores,
+        parallelism: 2 * cores,
+        slo: job.slo,
+        pace: job.pace.clone(),
+        output: job.output.clone(),
+        sink_parallelism: job.sink_parallelism,
+    };
+    let mut built = build(&job.query, &options)?;
+    if let Some(checkpoints) = &job.checkpoints {
+        built.checkpoints(checkpoints.clone());
     }
-    let handle = dataflow.submit(job)?;
+    dataflow.submit(built)
+}
+
+/// A finished job's report and its checkpoints' figures, before the engine's
+/// accounting is added.
+type Finished = (JobHandle, JobReport, Option<Checkpoints>);
+
+/// Run `jobs` at once on one fresh engine, sharing its shards, and wait for
+/// all of them. One outcome per job, in order: its report, or why it failed
+/// (it did not build, could not resume, or failed while running); the others
+/// run on. An error only when the engine cannot start.
+pub fn run_jobs(
+    engine: &EngineOptions,
+    jobs: &[JobConfig],
+) -> Result<Vec<Result<RunReport, String>>, String> {
+    let mut engine_config = DataflowConfig::default();
+    engine_config.runtime.shards = engine.cores;
+    engine_config.runtime.oversubscribe = engine.oversubscribe;
+    engine_config.runtime.shard.policy = engine.scheduler.clone();
+    let mut dataflow = Dataflow::start(engine_config).map_err(|e| e.to_string())?;
+    let cores = dataflow.shards() as u32;
+    let handles: Vec<Result<JobHandle, String>> = jobs
+        .iter()
+        .map(|job| submit(&mut dataflow, job, cores))
+        .collect();
     let started = Instant::now();
-    while !handle.is_done() {
-        if started.elapsed() > config.time_limit {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(if config.progress.is_some() {
+    let running = || handles.iter().flatten().any(|h| !h.is_done());
+    while running() && started.elapsed() <= engine.time_limit {
+        std::thread::sleep(Duration::from_millis(if engine.progress.is_some() {
             250
         } else {
             1
         }));
-        if let Some(progress) = &config.progress {
-            let metrics = handle.metrics();
-            progress(metrics.source_records(), metrics.outputs());
+        if let Some(progress) = &engine.progress {
+            let (records, outputs) = handles.iter().flatten().fold((0, 0), |(r, o), h| {
+                (r + h.metrics().source_records(), o + h.metrics().outputs())
+            });
+            progress(records, outputs);
         }
     }
-    let report = dataflow.wait(&handle, config.time_limit)?;
-    let checkpoints = handle.checkpoint_stats().map(|s| Checkpoints {
-        completed: s.completed,
-        failed: s.failed,
-        resumed_from: s.restored_epoch,
-        last_error: s.last_error.clone(),
-        checkpoint_ms_p99: s.checkpoint_ms.value_at_quantile(0.99),
-        alignment_ms_p99: s.alignment_us.value_at_quantile(0.99) as f64 / 1e3,
-        state_bytes: s.state_bytes,
-    });
+    let finished: Vec<Result<Finished, String>> = handles
+        .into_iter()
+        .map(|handle| {
+            let handle = handle?;
+            let report = dataflow.wait(&handle, engine.time_limit)?;
+            let checkpoints = handle.checkpoint_stats().map(|s| Checkpoints {
+                completed: s.completed,
+                failed: s.failed,
+                resumed_from: s.restored_epoch,
+                last_error: s.last_error.clone(),
+                checkpoint_ms_p99: s.checkpoint_ms.value_at_quantile(0.99),
+                alignment_ms_p99: s.alignment_us.value_at_quantile(0.99) as f64 / 1e3,
+                state_bytes: s.state_bytes,
+            });
+            Ok((handle, report, checkpoints))
+        })
+        .collect();
     let stats = dataflow.stats();
     dataflow.shutdown();
-    let job = stats.job(handle.id);
-    let elapsed_s = report.elapsed.as_secs_f64();
-    let events_per_s = report.source_records as f64 / elapsed_s.max(1e-9);
-    Ok(RunReport {
-        query: config.query.clone(),
-        cores: cores as usize,
-        events: report.source_records,
-        skipped: report.skipped_records,
-        late: report.late_records,
-        elapsed_s,
-        events_per_s,
-        events_per_s_per_core: events_per_s / cores as f64,
-        outputs: report.outputs,
-        latency_us: latency(&report),
-        deadline_misses: job.deadline_misses,
-        messages: job.messages,
-        queue_us_p99: job.queue_us.value_at_quantile(0.99),
-        stalls: stats.stalls(),
-        checkpoints,
-    })
+    let reports = finished.into_iter().zip(jobs).map(|(outcome, config)| {
+        let (handle, report, checkpoints) = outcome?;
+        let job = stats.job(handle.id);
+        let elapsed_s = report.elapsed.as_secs_f64();
+        let events_per_s = report.source_records as f64 / elapsed_s.max(1e-9);
+        let slo_us = config.slo.as_micros().min(u128::from(u64::MAX)) as u64;
+        Ok(RunReport {
+            query: config.query.clone(),
+            cores: cores as usize,
+            events: report.source_records,
+            skipped: report.skipped_records,
+            late: report.late_records,
+            elapsed_s,
+            events_per_s,
+            events_per_s_per_core: events_per_s / cores as f64,
+            outputs: report.outputs,
+            latency_us: latency(&report),
+            slo_us,
+            slo_violation_pct: slo_violation_pct(&report.latency_us, slo_us),
+            scheduler: engine.scheduler.name().to_string(),
+            deadline_misses: job.deadline_misses,
+            messages: job.messages,
+            queue_us_p99: job.queue_us.value_at_quantile(0.99),
+            stalls: stats.stalls(),
+            checkpoints,
+        })
+    });
+    Ok(reports.collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slo_violations_count_rows_above_the_slo() {
+        let mut latency_us = dirigo_engine::runtime::stats::new_histogram();
+        assert_eq!(slo_violation_pct(&latency_us, 10_000), 0.0);
+        latency_us.record_n(200, 90).unwrap();
+        latency_us.record_n(9_000, 6).unwrap();
+        latency_us.record_n(12_000, 3).unwrap();
+        latency_us.record_n(2_000_000, 1).unwrap();
+        assert_eq!(slo_violation_pct(&latency_us, 10_000), 4.0);
+        assert_eq!(slo_violation_pct(&latency_us, 100), 100.0);
+        assert_eq!(slo_violation_pct(&latency_us, 5_000_000), 0.0);
+    }
+
+    /// The latency histogram a job reports holds one value per output row,
+    /// whichever sink partition wrote it (so `slo_violation_pct` is per row).
+    #[test]
+    fn the_latency_histogram_counts_every_output_row() {
+        let mut config = DataflowConfig::default();
+        config.runtime.shards = 2;
+        config.runtime.oversubscribe = true;
+        let mut dataflow = Dataflow::start(config).unwrap();
+        for (query, pace) in [("q1", Some(200_000)), ("q5", None), ("q2", None)] {
+            let job = JobConfig {
+                query: query.to_string(),
+                source: EventSource::Generator {
+                    config: crate::GeneratorConfig::default(),
+                    events: 30_000,
+                },
+                output: Output::Null,
+                sink_parallelism: 2,
+                pace: pace.map(RateSchedule::constant),
+                slo: Duration::from_millis(10),
+                checkpoints: None,
+            };
+            let handle = submit(&mut dataflow, &job, 2).unwrap();
+            let report = dataflow.wait(&handle, Duration::from_secs(60)).unwrap();
+            assert!(report.outputs > 0, "{query}");
+            assert_eq!(report.latency_us.len(), report.outputs, "{query}");
+        }
+        dataflow.shutdown();
+    }
 }

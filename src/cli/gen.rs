@@ -21,6 +21,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 use clap::Args;
 
+use dirigo_engine::dataflow::RateSchedule;
 use dirigo_nexmark::{interleaved_chunks, write_json_line, Generator, GeneratorConfig};
 
 /// Events per chunk: about 450 KB of JSON, so a chunk is usually still in cache
@@ -54,7 +55,7 @@ pub struct GenArgs {
 pub fn run(args: GenArgs) -> Result<(), String> {
     let config = GeneratorConfig {
         seed: args.seed,
-        events_per_second: args.rate,
+        rate: RateSchedule::constant(args.rate),
         ..GeneratorConfig::default()
     };
     let generator = Generator::new(config).map_err(|e| e.to_string())?;

@@ -27,7 +27,8 @@ struct Cli {
 enum Command {
     /// Print the version.
     Version,
-    /// Run a Nexmark query on an embedded single-node engine.
+    /// Run a Nexmark query (or several at once, with --job) on an embedded
+    /// single-node engine.
     Run(run::RunArgs),
     /// Write Nexmark events as JSON Lines.
     Gen(gen::GenArgs),

@@ -1,35 +1,76 @@
 //! `dirigo run <query>`: one Nexmark query on an embedded single-node engine, with
-//! progress on stderr and a summary (or, with `--json`, one JSON line) on stdout.
+//! progress on stderr and a summary (or, with `--json`, one JSON line) on stdout;
+//! `dirigo run --job "QUERY FLAGS" --job ...`: several queries at once on one
+//! engine, time-sharing its shards, with one summary block per job.
+//!
+//! A `--job` string is split like a shell would and parsed by the same clap
+//! definitions as the single-job form ([`JobArgs`]), so both take the same
+//! per-job flags with the same defaults and errors; the process-wide flags
+//! (`--cores`, `--oversubscribe`, `--json`, `--scheduler`) stay outside.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, Parser};
 
 use dirigo_engine::dataflow::checkpoint::{self, CheckpointOptions, StagedOutput};
+use dirigo_engine::dataflow::{RateSchedule, RateStep};
+use dirigo_engine::runtime::PolicyKind;
+use dirigo_nexmark::machine::Machine;
 use dirigo_nexmark::queries::{EventSource, LineWriter, Output, StagedLines};
-use dirigo_nexmark::run::{run_query, RunConfig};
+use dirigo_nexmark::run::{run_jobs, EngineOptions, JobConfig, RunReport};
 use dirigo_nexmark::GeneratorConfig;
 use dirigo_storage::spool::{Spool, SPOOL_BUFFERS_MAX};
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// The query: q0, q1, q2, q3, q4, q5, q7 or q8.
-    query: String,
-    /// Events the generator produces (ignored with a file source).
-    #[arg(long, default_value_t = 10_000_000, value_parser = clap::value_parser!(u64).range(1..))]
-    events: u64,
-    /// Input rate in events per second over all cores, or `max`.
-    #[arg(long, default_value = "max", value_parser = parse_rate)]
-    rate: Rate,
+    /// The query: q0, q1, q2, q3, q4, q5, q7 or q8 (or give jobs with --job).
+    #[arg(required_unless_present = "jobs")]
+    query: Option<String>,
+    #[command(flatten)]
+    job: JobArgs,
+    /// A job to run next to the others, as its query and per-job flags in one
+    /// string, e.g. `--job "q1 --rate 200000 --slo 10ms"`; repeat it for each
+    /// job. Per-job flags then go inside the --job strings only.
+    #[arg(
+        long = "job",
+        value_name = "QUERY FLAGS",
+        value_parser = parse_job,
+        conflicts_with_all = [
+            "query", "events", "rate", "slo", "source", "sink", "seed", "skip_malformed",
+            "max_line_bytes", "data_dir", "checkpoint_interval", "fresh",
+        ]
+    )]
+    jobs: Vec<JobSpec>,
     /// Shards (cores) to run on; default: every online core.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
     cores: Option<u64>,
     /// Allow more shards than online cores (they then share cores).
     #[arg(long)]
     oversubscribe: bool,
+    /// How each shard picks the actor that runs next: `edf` (earliest deadline
+    /// first), `fifo` (earliest arrival, the baseline) or `fair` (fair share per job).
+    #[arg(long, default_value = "edf", value_parser = clap::value_parser!(PolicyKind))]
+    scheduler: PolicyKind,
+    /// Print the summary as one JSON object on the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The flags of one job: those of `dirigo run QUERY`, and those a `--job`
+/// string takes after its query.
+#[derive(Args, Debug, Clone)]
+pub struct JobArgs {
+    /// Events the generator produces (ignored with a file source).
+    #[arg(long, default_value_t = 10_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    events: u64,
+    /// Input rate in events per second over all cores, `max`, or a schedule of
+    /// steps RATE/DURATION, the last one held until --events is reached (e.g.
+    /// `50000/1s,3000000/2s,50000`).
+    #[arg(long, default_value = "max", value_parser = parse_rate)]
+    rate: Rate,
     /// Latency target of the job, e.g. `20ms`, `1s`, `500us`.
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     slo: Duration,
@@ -48,9 +89,6 @@ pub struct RunArgs {
     /// Longest line a file source accepts, in bytes (a longer one is malformed).
     #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(1..=(1 << 30)))]
     max_line_bytes: u64,
-    /// Print the summary as one JSON object on the last line of stdout.
-    #[arg(long)]
-    json: bool,
     /// Take checkpoints into DIR, and resume from DIR's last complete one when
     /// the same command runs again (exactly-once `file:` output).
     #[arg(long)]
@@ -61,6 +99,39 @@ pub struct RunArgs {
     /// Discard what `--data-dir` holds and start over.
     #[arg(long, requires = "data_dir")]
     fresh: bool,
+}
+
+/// One job: a query and its flags.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "--job", no_binary_name = true, disable_help_flag = true)]
+pub struct JobSpec {
+    /// The query: q0, q1, q2, q3, q4, q5, q7 or q8.
+    query: String,
+    #[command(flatten)]
+    args: JobArgs,
+    /// The job as the user wrote it (the --job string), to name it in reports.
+    #[arg(skip)]
+    text: String,
+}
+
+/// A `--job` string: split like a shell would (quotes and backslashes), then
+/// parsed as the single-job form's query and flags. The error is clap's (its
+/// first paragraph, on one line), which the outer parser reports with the
+/// whole string.
+fn parse_job(s: &str) -> Result<JobSpec, String> {
+    let words = shlex::split(s).ok_or_else(|| "unbalanced quotes or a trailing \\".to_string())?;
+    let mut spec = JobSpec::try_parse_from(words).map_err(|e| {
+        let rendered = e.render().to_string();
+        let paragraph: Vec<&str> = rendered
+            .lines()
+            .take_while(|line| !line.trim().is_empty())
+            .map(str::trim)
+            .collect();
+        let text = paragraph.join(" ");
+        text.strip_prefix("error: ").unwrap_or(&text).to_string()
+    })?;
+    spec.text = s.trim().to_string();
+    Ok(spec)
 }
 
 /// What a data directory's run is: a rerun must be the same run to resume it.
@@ -78,9 +149,10 @@ struct RunIdentity {
 }
 
 impl RunIdentity {
-    fn of(args: &RunArgs, cores: usize) -> RunIdentity {
+    fn of(spec: &JobSpec, cores: usize) -> RunIdentity {
+        let args = &spec.args;
         RunIdentity {
-            query: args.query.clone(),
+            query: spec.query.clone(),
             source: match &args.source {
                 SourceArg::Nexmark => "nexmark".into(),
                 SourceArg::File(path) => format!("file:{}", absolute(path).display()),
@@ -95,9 +167,10 @@ impl RunIdentity {
                 SourceArg::File(_) => 0,
             },
             seed: args.seed,
-            rate: match args.rate {
+            // A constant rate is its number, as before schedules.
+            rate: match &args.rate {
                 Rate::Max => "max".into(),
-                Rate::PerSecond(n) => n.to_string(),
+                Rate::Paced(schedule) => schedule.to_string(),
             },
             cores,
             skip_malformed: args.skip_malformed,
@@ -117,7 +190,7 @@ impl RunIdentity {
     }
 }
 
-fn absolute(path: &std::path::Path) -> PathBuf {
+fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
@@ -131,12 +204,9 @@ enum DataDir {
 
 /// Check `dir` against this command: create it, or discard it (`--fresh`), or
 /// make sure it holds this same run; and say whether that run has finished.
-fn prepare_data_dir(
-    args: &RunArgs,
-    dir: &std::path::Path,
-    cores: usize,
-) -> Result<DataDir, String> {
-    let identity = RunIdentity::of(args, cores);
+fn prepare_data_dir(spec: &JobSpec, dir: &Path, cores: usize) -> Result<DataDir, String> {
+    let args = &spec.args;
+    let identity = RunIdentity::of(spec, cores);
     let run_file = dir.join("run.json");
     if args.fresh {
         for inner in ["checkpoints", "staged"] {
@@ -196,10 +266,11 @@ fn prepare_data_dir(
     )))
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Rate {
     Max,
-    PerSecond(u64),
+    /// A constant rate is a schedule of one step.
+    Paced(RateSchedule),
 }
 
 #[derive(Clone, Debug)]
@@ -215,16 +286,60 @@ pub enum SinkArg {
     File(PathBuf),
 }
 
+/// `max`, events per second (`200000`), or a schedule: steps `RATE/DURATION`
+/// separated by commas, the last one's duration optional (it holds until the
+/// events are all produced). Durations are whole milliseconds.
 fn parse_rate(s: &str) -> Result<Rate, String> {
     if s == "max" {
         return Ok(Rate::Max);
     }
-    match s.parse::<u64>() {
-        Ok(n) if n > 0 => Ok(Rate::PerSecond(n)),
-        _ => Err(format!(
-            "{s:?} is not a rate: give events per second (> 0) or `max`"
-        )),
+    let parts: Vec<&str> = s.split(',').collect();
+    let mut steps = Vec::with_capacity(parts.len());
+    for (i, part) in parts.iter().enumerate() {
+        let last = i + 1 == parts.len();
+        let step = parse_rate_step(part, last).map_err(|e| match parts.len() {
+            1 => e,
+            _ => format!("step {} ({part:?}) of {s:?}: {e}", i + 1),
+        })?;
+        steps.push(step);
     }
+    RateSchedule::new(&steps).map(Rate::Paced)
+}
+
+/// One step of a rate schedule: `RATE/DURATION`, or a bare `RATE` if `last`.
+fn parse_rate_step(step: &str, last: bool) -> Result<RateStep, String> {
+    let (rate, duration) = match step.split_once('/') {
+        Some((rate, duration)) => (rate, Some(duration)),
+        None => (step, None),
+    };
+    let per_s = match rate.parse::<u64>() {
+        Ok(n) if n > 0 => n,
+        _ => {
+            return Err(format!(
+                "{rate:?} is not a rate: give events per second (> 0), `max`, or a schedule \
+                 such as 50000/1s,3000000/2s,50000"
+            ))
+        }
+    };
+    let duration_ms = match duration {
+        None if last => 0,
+        None => {
+            return Err(format!(
+                "no duration: every step but the last is RATE/DURATION, e.g. {per_s}/1s"
+            ))
+        }
+        Some(duration) => {
+            // In whole microseconds first: `parse_duration` goes through f64.
+            let micros = (parse_duration(duration)?.as_secs_f64() * 1e6).round() as u64;
+            if !micros.is_multiple_of(1000) {
+                return Err(format!(
+                    "{duration:?}: a step lasts a whole number of milliseconds"
+                ));
+            }
+            micros / 1000
+        }
+    };
+    Ok(RateStep { per_s, duration_ms })
 }
 
 /// `20ms`, `1s`, `500us`, `2m`; a bare number is milliseconds.
@@ -344,23 +459,32 @@ fn plain_output(
     })
 }
 
-pub fn run(args: RunArgs) -> Result<(), String> {
-    let cores = args
-        .cores
-        .map_or_else(dirigo_engine::runtime::online_cores, |n| n as usize);
-    let rate = match args.rate {
+/// What becomes of one job before the engine starts.
+enum Prepared {
+    /// It runs; the cell holds its output's first write error.
+    Run(Box<JobConfig>, Arc<Mutex<Option<String>>>),
+    /// Its data directory holds a run that has finished: this says so.
+    Finished(String),
+}
+
+/// Make one job ready to run: its source, its data directory, its output.
+fn prepare(spec: &JobSpec, cores: usize) -> Result<Prepared, String> {
+    dirigo_nexmark::queries::check(&spec.query)?;
+    let args = &spec.args;
+    let pace = match &args.rate {
         Rate::Max => None,
-        Rate::PerSecond(n) => Some(n),
+        Rate::Paced(schedule) => Some(schedule.clone()),
     };
     let source = match &args.source {
         SourceArg::Nexmark => {
-            // A paced run's event time advances with wall time: the rate is also the nominal rate.
+            // A paced run's event time advances with wall time: the schedule
+            // is also the nominal rate.
             let mut config = GeneratorConfig {
                 seed: args.seed,
                 ..GeneratorConfig::default()
             };
-            if let Some(rate) = rate {
-                config.events_per_second = rate;
+            if let Some(schedule) = &pace {
+                config.rate = schedule.clone();
             }
             EventSource::Generator {
                 config,
@@ -386,17 +510,16 @@ pub fn run(args: RunArgs) -> Result<(), String> {
                         .into(),
                 );
             }
-            match prepare_data_dir(&args, dir, cores)? {
+            match prepare_data_dir(spec, dir, cores)? {
                 DataDir::Finished(epoch) => {
                     let output = match &args.sink {
                         SinkArg::File(path) => format!("; its output is in {}", path.display()),
                         _ => String::new(),
                     };
-                    println!(
+                    return Ok(Prepared::Finished(format!(
                         "the run in {} has already finished (checkpoint {epoch}){output}",
                         dir.display()
-                    );
-                    return Ok(());
+                    )));
                 }
                 DataDir::Run(options) => Some(options),
             }
@@ -417,12 +540,89 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         }
         (sink, _) => plain_output(sink, cores, &error)?,
     };
-    let expected = match args.source {
-        SourceArg::Nexmark => Some(args.events),
-        SourceArg::File(_) => None,
+    let config = JobConfig {
+        query: spec.query.clone(),
+        source,
+        output,
+        sink_parallelism,
+        pace,
+        slo: args.slo,
+        checkpoints,
     };
+    Ok(Prepared::Run(Box::new(config), error))
+}
+
+/// Where `path` leads, to compare two: its directory resolved (links, `..`)
+/// when it exists, and its name.
+fn place(path: &Path) -> PathBuf {
+    let path = absolute(path);
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => std::fs::canonicalize(parent)
+            .map(|parent| parent.join(name))
+            .unwrap_or(path),
+        _ => path,
+    }
+}
+
+/// Jobs of one run never share an output file or a data directory (their rows
+/// and checkpoints would overwrite each other's), and at most one writes rows
+/// to stdout (two would interleave with nothing to tell them apart).
+fn check_distinct(specs: &[JobSpec]) -> Result<(), String> {
+    let mut files: Vec<(PathBuf, usize)> = Vec::new();
+    let mut dirs: Vec<(PathBuf, usize)> = Vec::new();
+    let mut stdout: Option<usize> = None;
+    for (i, spec) in specs.iter().enumerate() {
+        let job = i + 1;
+        match &spec.args.sink {
+            SinkArg::File(path) => {
+                let place = place(path);
+                if let Some((_, other)) = files.iter().find(|(p, _)| *p == place) {
+                    return Err(format!(
+                        "jobs {other} and {job} both write to {}: give each job its own \
+                         --sink file:PATH",
+                        path.display()
+                    ));
+                }
+                files.push((place, job));
+            }
+            SinkArg::Stdout => {
+                if let Some(other) = stdout.replace(job) {
+                    return Err(format!(
+                        "jobs {other} and {job} both write to stdout: give at most one job \
+                         --sink stdout"
+                    ));
+                }
+            }
+            SinkArg::Null => {}
+        }
+        if let Some(dir) = &spec.args.data_dir {
+            let place = place(dir);
+            if let Some((_, other)) = dirs.iter().find(|(p, _)| *p == place) {
+                return Err(format!(
+                    "jobs {other} and {job} both keep checkpoints in {}: give each job its own \
+                     --data-dir",
+                    dir.display()
+                ));
+            }
+            dirs.push((place, job));
+        }
+    }
+    Ok(())
+}
+
+/// What came of one job.
+enum Outcome {
+    Ran(Box<RunReport>),
+    Failed(String),
+    /// It had finished in an earlier run (the message says where).
+    Finished(String),
+}
+
+/// Progress on stderr for runs longer than a second: a bar when the number of
+/// events is known (every job reads the generator), else a count.
+fn progress(expected: Option<u64>) -> dirigo_nexmark::run::Progress {
     let started = std::time::Instant::now();
-    let progress = Arc::new(move |records: u64, outputs: u64| {
+    Arc::new(move |records: u64, outputs: u64| {
         if started.elapsed() < Duration::from_secs(1) {
             return;
         }
@@ -442,72 +642,288 @@ pub fn run(args: RunArgs) -> Result<(), String> {
                 per_s / 1e6
             ),
         }
+    })
+}
+
+pub fn run(args: RunArgs) -> Result<(), String> {
+    let cores = args
+        .cores
+        .map_or_else(dirigo_engine::runtime::online_cores, |n| n as usize);
+    let single = args.jobs.is_empty();
+    let specs = match args.query {
+        Some(query) => vec![JobSpec {
+            text: query.clone(),
+            query,
+            args: args.job,
+        }],
+        None => args.jobs,
+    };
+    check_distinct(&specs)?;
+    let mut prepared = Vec::with_capacity(specs.len());
+    for (i, spec) in specs.iter().enumerate() {
+        prepared.push(prepare(spec, cores).map_err(|e| match single {
+            true => e,
+            false => format!("job {} ({}): {e}", i + 1, spec.text),
+        })?);
+    }
+    if single {
+        if let Prepared::Finished(message) = &prepared[0] {
+            println!("{message}");
+            return Ok(());
+        }
+    }
+    let generated = specs.iter().map(|spec| match spec.args.source {
+        SourceArg::Nexmark => Some(spec.args.events),
+        SourceArg::File(_) => None,
     });
-    let report = run_query(&RunConfig {
-        query: args.query.clone(),
+    let expected = generated.sum::<Option<u64>>();
+    let configs: Vec<JobConfig> = prepared
+        .iter()
+        .filter_map(|p| match p {
+            Prepared::Run(config, _) => Some(JobConfig::clone(config)),
+            Prepared::Finished(_) => None,
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let engine = EngineOptions {
         cores,
         oversubscribe: args.oversubscribe,
-        source,
-        output,
-        sink_parallelism,
-        rate_events_per_s: rate,
-        slo: args.slo,
-        progress: Some(progress),
+        scheduler: args.scheduler,
+        progress: Some(progress(expected)),
         time_limit: Duration::from_secs(24 * 3600),
-        checkpoints,
-    })
-    .map_err(|e| e.to_string())?;
+    };
+    let mut reports = run_jobs(&engine, &configs)?.into_iter();
     if started.elapsed() >= Duration::from_secs(1) {
         eprintln!();
     }
-    if let Some(error) = error.lock().expect("sink error lock").take() {
-        return Err(error);
+    let outcomes: Vec<Outcome> = prepared
+        .into_iter()
+        .map(|p| match p {
+            Prepared::Finished(message) => Outcome::Finished(message),
+            Prepared::Run(_, error) => {
+                let report = reports.next().expect("a report per job that ran");
+                let sink_error = error.lock().expect("sink error lock").take();
+                match (report, sink_error) {
+                    (Err(e), _) | (Ok(_), Some(e)) => Outcome::Failed(e),
+                    (Ok(report), None) => Outcome::Ran(Box::new(report)),
+                }
+            }
+        })
+        .collect();
+    let machine = Machine::detect();
+    if single {
+        return match outcomes.into_iter().next().expect("one job") {
+            Outcome::Ran(report) => print_single(&report, &machine, args.json),
+            Outcome::Failed(error) => Err(error),
+            Outcome::Finished(_) => unreachable!("a finished single run returned above"),
+        };
     }
-    let machine = dirigo_nexmark::machine::Machine::detect();
-    if args.json {
-        let json = serde_json::to_string(&report).map_err(|e| e.to_string())?;
+    print_jobs(
+        &specs,
+        &outcomes,
+        &machine,
+        cores,
+        &engine.scheduler,
+        args.json,
+    )
+}
+
+/// The summary of `dirigo run QUERY`: one JSON object, or the lines of the job.
+fn print_single(report: &RunReport, machine: &Machine, json: bool) -> Result<(), String> {
+    if json {
+        let json = serde_json::to_string(report).map_err(|e| e.to_string())?;
         println!("{json}");
-    } else {
-        let l = &report.latency_us;
-        println!("query        {}", report.query);
+        return Ok(());
+    }
+    println!("query        {}", report.query);
+    println!(
+        "machine      {} ({} cores used)",
+        machine.machine, report.cores
+    );
+    println!("scheduler    {}", report.scheduler);
+    print_job(report);
+    Ok(())
+}
+
+/// The lines of one job's summary, after its query (and the machine).
+fn print_job(report: &RunReport) {
+    let l = &report.latency_us;
+    println!("events       {}", report.events);
+    println!("elapsed      {:.3} s", report.elapsed_s);
+    println!(
+        "throughput   {:.0} events/s ({:.0} per core)",
+        report.events_per_s, report.events_per_s_per_core
+    );
+    if report.skipped > 0 {
+        println!("skipped      {} malformed input lines", report.skipped);
+    }
+    println!("outputs      {}", report.outputs);
+    println!(
+        "late         {} records behind their stage's watermark (dropped from fired windows)",
+        report.late
+    );
+    println!(
+        "latency      p50 {} us, p99 {} us, p99.9 {} us, max {} us",
+        l.p50, l.p99, l.p999, l.max
+    );
+    let slo = Duration::from_micros(report.slo_us);
+    println!(
+        "slo          {slo:?}: {:.3}% of output rows took longer",
+        report.slo_violation_pct
+    );
+    println!(
+        "scheduling   {} messages, {} past their deadline (SLO {slo:?}), queueing p99 {} us, {} stalled turns",
+        report.messages, report.deadline_misses, report.queue_us_p99, report.stalls
+    );
+    if let Some(c) = &report.checkpoints {
+        let resumed = c
+            .resumed_from
+            .map_or(String::new(), |e| format!(", resumed from checkpoint {e}"));
         println!(
-            "machine      {} ({} cores used)",
-            machine.machine, report.cores
+            "checkpoints  {} committed, {} failed{resumed}; p99 {} ms, alignment p99 {:.1} ms, state {} bytes",
+            c.completed, c.failed, c.checkpoint_ms_p99, c.alignment_ms_p99, c.state_bytes
         );
-        println!("events       {}", report.events);
-        println!("elapsed      {:.3} s", report.elapsed_s);
-        println!(
-            "throughput   {:.0} events/s ({:.0} per core)",
-            report.events_per_s, report.events_per_s_per_core
-        );
-        if report.skipped > 0 {
-            println!("skipped      {} malformed input lines", report.skipped);
+        if let Some(error) = &c.last_error {
+            println!("             last failure: {error}");
         }
-        println!("outputs      {}", report.outputs);
-        println!(
-            "late         {} records behind their stage's watermark (dropped from fired windows)",
-            report.late
-        );
-        println!(
-            "latency      p50 {} us, p99 {} us, p99.9 {} us, max {} us",
-            l.p50, l.p99, l.p999, l.max
-        );
-        println!(
-            "scheduling   {} messages, {} past their deadline (SLO {:?}), queueing p99 {} us, {} stalled turns",
-            report.messages, report.deadline_misses, args.slo, report.queue_us_p99, report.stalls
-        );
-        if let Some(c) = &report.checkpoints {
-            let resumed = c
-                .resumed_from
-                .map_or(String::new(), |e| format!(", resumed from checkpoint {e}"));
-            println!(
-                "checkpoints  {} committed, {} failed{resumed}; p99 {} ms, alignment p99 {:.1} ms, state {} bytes",
-                c.completed, c.failed, c.checkpoint_ms_p99, c.alignment_ms_p99, c.state_bytes
-            );
-            if let Some(error) = &c.last_error {
-                println!("             last failure: {error}");
+    }
+}
+
+/// The summary of a run of several jobs: one JSON object with a `jobs` array,
+/// or one block per job; an error (exit status 1) if any job failed.
+fn print_jobs(
+    specs: &[JobSpec],
+    outcomes: &[Outcome],
+    machine: &Machine,
+    cores: usize,
+    scheduler: &PolicyKind,
+    json: bool,
+) -> Result<(), String> {
+    let failed = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Failed(_)))
+        .count();
+    if json {
+        let jobs: Vec<serde_json::Value> = specs
+            .iter()
+            .zip(outcomes)
+            .map(|(spec, outcome)| {
+                let mut entry = match outcome {
+                    Outcome::Ran(report) => serde_json::to_value(report).expect("a report is JSON"),
+                    Outcome::Failed(error) => serde_json::json!({ "error": error }),
+                    Outcome::Finished(message) => serde_json::json!({ "finished": message }),
+                };
+                entry["job"] = spec.text.clone().into();
+                entry["query"] = spec.query.clone().into();
+                entry
+            })
+            .collect();
+        let summary = serde_json::json!({
+            "jobs": jobs,
+            "shards": cores,
+            "scheduler": scheduler.name(),
+            "machine": machine.machine,
+            "failed": failed,
+        });
+        println!("{summary}");
+    } else {
+        println!("machine      {} ({cores} cores used)", machine.machine);
+        println!("scheduler    {}", scheduler.name());
+        println!("jobs         {} ({failed} failed)", specs.len());
+        for (i, (spec, outcome)) in specs.iter().zip(outcomes).enumerate() {
+            println!();
+            println!("job {:<9}{}", i + 1, spec.text);
+            println!("query        {}", spec.query);
+            match outcome {
+                Outcome::Ran(report) => print_job(report),
+                Outcome::Failed(error) => println!("failed       {error}"),
+                Outcome::Finished(message) => println!("finished     {message}"),
             }
         }
     }
-    Ok(())
+    match failed {
+        0 => Ok(()),
+        _ => Err(format!("{failed} of {} jobs failed", specs.len())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schedule(text: &str) -> Vec<(u64, u64)> {
+        match parse_rate(text) {
+            Ok(Rate::Paced(schedule)) => {
+                schedule.steps().map(|s| (s.per_s, s.duration_ms)).collect()
+            }
+            Ok(Rate::Max) => panic!("{text} parsed as max"),
+            Err(e) => panic!("{text}: {e}"),
+        }
+    }
+
+    #[test]
+    fn rates_and_schedules_parse() {
+        assert!(matches!(parse_rate("max"), Ok(Rate::Max)));
+        assert_eq!(schedule("200000"), vec![(200_000, u64::MAX)]);
+        assert_eq!(
+            schedule("50000/1s,3000000/2s,50000/2s"),
+            vec![(50_000, 1000), (3_000_000, 2000), (50_000, u64::MAX)]
+        );
+        assert_eq!(
+            schedule("10/300ms,20/0.3s,5"),
+            vec![(10, 300), (20, 300), (5, u64::MAX)]
+        );
+        // The canonical form parses back to the same schedule.
+        for text in ["200000", "50000/1s,3000000/1500ms,50000"] {
+            let Ok(Rate::Paced(parsed)) = parse_rate(text) else {
+                panic!("{text}");
+            };
+            assert_eq!(parsed.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn bad_schedules_say_what_is_wrong() {
+        let cases: &[(&str, &[&str])] = &[
+            ("0/1s", &["\"0\" is not a rate"]),
+            ("0", &["\"0\" is not a rate"]),
+            ("abc", &["\"abc\" is not a rate", "schedule"]),
+            ("100/", &["\"\" is not a duration"]),
+            ("100/0s,5", &["step 1", "above zero"]),
+            ("100/1s,0/1s", &["step 2", "\"0\" is not a rate"]),
+            ("100,5", &["step 1", "no duration"]),
+            ("100/1s,", &["step 2", "\"\" is not a rate"]),
+            ("100/1500us,5", &["step 1", "whole number of milliseconds"]),
+            ("100/1x,5", &["step 1", "unknown unit"]),
+        ];
+        for (text, words) in cases {
+            let error = match parse_rate(text) {
+                Err(e) => e,
+                Ok(rate) => panic!("{text} parsed as {rate:?}"),
+            };
+            for word in words.iter() {
+                assert!(error.contains(word), "{text}: {word:?} not in {error}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_job_string_parses_like_the_single_job_form() {
+        let spec = parse_job("q5 --rate 50000/1s,200 --slo 2s --sink 'file:a b.jsonl'").unwrap();
+        assert_eq!(spec.query, "q5");
+        assert_eq!(
+            spec.text,
+            "q5 --rate 50000/1s,200 --slo 2s --sink 'file:a b.jsonl'"
+        );
+        assert_eq!(spec.args.slo, Duration::from_secs(2));
+        assert!(matches!(&spec.args.sink, SinkArg::File(p) if p == Path::new("a b.jsonl")));
+        assert_eq!(
+            spec.args.events, 10_000_000,
+            "the single-job form's default"
+        );
+        let error = parse_job("q5 --scheduler fifo").unwrap_err();
+        assert!(error.contains("--scheduler"), "{error}");
+        let error = parse_job("").unwrap_err();
+        assert!(error.contains("QUERY"), "{error}");
+    }
 }

@@ -22,6 +22,7 @@ use super::checkpoint::{Checkpointer, Groups, Part, PartKind, Written, ALIGN_BUF
 use super::graph::{
     Data, JoinOperator, Operator, Plan, Route, Sink, Source, SourceBatch, SourceFactory,
 };
+use super::pace::RateSchedule;
 use super::state::{encode_groups, Stateful};
 use super::{DataMsg, END_OF_INPUT};
 
@@ -223,9 +224,10 @@ pub(crate) fn source_actor<T: Data>(
     saved: Option<Saved>,
 ) -> BoxActor<DataMsg> {
     let stage = &plan.stages[id.operator as usize];
-    let rate_per_partition = plan
-        .rate_records_per_s
-        .map(|r| (r / stage.parallelism as u64).max(1));
+    let pace = plan
+        .pace
+        .as_ref()
+        .map(|schedule| schedule.per_partition(stage.parallelism));
     let saved = saved.unwrap_or_default();
     Box::new(SourceActor {
         routes: stage.routes::<T>(),
@@ -233,7 +235,7 @@ pub(crate) fn source_actor<T: Data>(
         id,
         factory,
         source: None,
-        rate_per_partition,
+        pace,
         started_ns: 0,
         produced: 0,
         skipped: 0,
@@ -252,7 +254,8 @@ struct SourceActor<T> {
     /// actor reactivated after its end makes none).
     source: Option<Box<dyn Source<T>>>,
     routes: Vec<Route<T>>,
-    rate_per_partition: Option<u64>,
+    /// This partition's share of the job's rate schedule, from `started_ns`.
+    pace: Option<RateSchedule>,
     started_ns: u64,
     produced: u64,
     skipped: u64,
@@ -265,25 +268,26 @@ struct SourceActor<T> {
 }
 
 impl<T: Data> SourceActor<T> {
-    /// Records this turn may produce under the rate limit; 0 means wait (a timer
-    /// brings the next `Tick`). A paced source waits until a batch of at least
-    /// `PACED_BATCH_NS` worth of records is due: one turn per few records would cost
-    /// more than the records, and 100 µs is well inside any latency target.
+    /// Records this turn may produce under the rate schedule; 0 means wait (a
+    /// timer brings the next `Tick`). A paced source waits until a batch of at
+    /// least `PACED_BATCH_NS` worth of records (at the rate in force) is due: one
+    /// turn per few records would cost more than the records, and 100 µs is well
+    /// inside any latency target.
     fn allowance(&mut self, now_ns: u64, ctx: &mut Context<'_, DataMsg>) -> usize {
         let max = self.plan.source_batch_records;
-        let Some(rate) = self.rate_per_partition else {
+        let Some(pace) = &self.pace else {
             return max;
         };
-        let elapsed_ns = now_ns.saturating_sub(self.started_ns) as u128;
-        let allowed = (elapsed_ns * rate as u128 / 1_000_000_000) as u64;
+        let elapsed_ns = now_ns.saturating_sub(self.started_ns);
+        let allowed = pace.records_due(elapsed_ns);
+        let rate = pace.per_s_at(elapsed_ns);
         let min_batch =
             ((rate as u128 * PACED_BATCH_NS as u128 / 1_000_000_000) as u64).clamp(1, max as u64);
         if allowed >= self.produced.saturating_add(min_batch) {
             return ((allowed - self.produced) as usize).min(max);
         }
         // Come back when the next batch is due.
-        let due_records = self.produced.saturating_add(min_batch) as u128;
-        let due_ns = (due_records * 1_000_000_000 / rate as u128).min(u64::MAX as u128) as u64;
+        let due_ns = pace.due_ns(self.produced.saturating_add(min_batch));
         ctx.send_self_at(
             self.started_ns.saturating_add(due_ns),
             DataMsg::Tick,

@@ -96,6 +96,7 @@ use super::actors;
 use super::batch::Batch;
 use super::checkpoint::{CheckpointOptions, Checkpointer, Sealed};
 use super::ops::{Aggregate, PartialRow, WindowAggregate, WindowMerge, WindowPartial, WindowSpec};
+use super::pace::RateSchedule;
 use super::state::Stateful;
 use super::{key_group, partition_of_group, DataMsg, JobMetrics};
 
@@ -261,8 +262,9 @@ pub struct Plan {
     pub(crate) deadline_hook: Option<DeadlineHook>,
     /// Records a source partition produces per turn at most.
     pub source_batch_records: usize,
-    /// Records per second over all source partitions; `None`: as fast as it goes.
-    pub rate_records_per_s: Option<u64>,
+    /// Records per second over all source partitions, step by step; `None`: as
+    /// fast as it goes.
+    pub pace: Option<RateSchedule>,
     /// Key groups of the job (`Job::key_groups`).
     pub key_groups: u32,
     /// The autoscaler may move the job's actors (`Job::autoscale`).
@@ -347,7 +349,7 @@ pub struct Job {
     graph: Rc<RefCell<Builder>>,
     deadline_hook: Option<DeadlineHook>,
     source_batch_records: usize,
-    rate_records_per_s: Option<u64>,
+    pace: Option<RateSchedule>,
     key_groups: u32,
     autoscale: bool,
     checkpoints: Option<CheckpointOptions>,
@@ -389,7 +391,7 @@ impl Job {
             graph: Rc::new(RefCell::new(Builder::default())),
             deadline_hook: None,
             source_batch_records: 1024,
-            rate_records_per_s: None,
+            pace: None,
             key_groups: super::KEY_GROUPS_DEFAULT,
             autoscale: true,
             checkpoints: None,
@@ -423,9 +425,17 @@ impl Job {
         &self.name
     }
 
-    /// Pace the sources: `records_per_s` in total, split evenly over source partitions.
+    /// Pace the sources: `records_per_s` in total (at least 1), split evenly
+    /// over source partitions.
     pub fn rate(&mut self, records_per_s: Option<u64>) -> &mut Self {
-        self.rate_records_per_s = records_per_s;
+        self.pace(records_per_s.map(|r| RateSchedule::constant(r.max(1))))
+    }
+
+    /// Pace the sources by a schedule of rates (see `pace`): each step's rate in
+    /// total, split evenly over source partitions, each partition following the
+    /// schedule in wall time from its first turn.
+    pub fn pace(&mut self, schedule: Option<RateSchedule>) -> &mut Self {
+        self.pace = schedule;
         self
     }
 
@@ -500,7 +510,7 @@ impl Job {
             stages,
             deadline_hook: self.deadline_hook,
             source_batch_records: self.source_batch_records,
-            rate_records_per_s: self.rate_records_per_s,
+            pace: self.pace,
             key_groups: self.key_groups,
             autoscale: self.autoscale,
             checkpointer,

@@ -28,6 +28,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod graph;
 pub mod ops;
+pub mod pace;
 pub mod scaling;
 pub mod state;
 pub mod window;
@@ -48,6 +49,7 @@ pub use graph::{
     Data, Job, JoinOperator, KeyedStream, Operator, Sink, SinkFactory, Source, SourceBatch,
     SourceFactory, Stream,
 };
+pub use pace::{RateSchedule, RateStep};
 pub use scaling::AutoscaleOptions;
 
 /// Key groups of a job unless it says otherwise (`Job::key_groups`): fixed for

@@ -32,6 +32,17 @@ pub enum PolicyKind {
     },
 }
 
+impl PolicyKind {
+    /// The name `FromStr` takes: `edf`, `fifo` or `fair`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            PolicyKind::Edf => "edf",
+            PolicyKind::Fifo => "fifo",
+            PolicyKind::FairShare { .. } => "fair",
+        }
+    }
+}
+
 impl std::str::FromStr for PolicyKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -195,5 +206,8 @@ mod tests {
         assert_eq!("edf".parse::<PolicyKind>(), Ok(PolicyKind::Edf));
         assert_eq!("fifo".parse::<PolicyKind>(), Ok(PolicyKind::Fifo));
         assert!("lifo".parse::<PolicyKind>().unwrap_err().contains("lifo"));
+        for name in ["edf", "fifo", "fair"] {
+            assert_eq!(name.parse::<PolicyKind>().unwrap().name(), name);
+        }
     }
 }

@@ -1,0 +1,401 @@
+//! End-to-end tests of several jobs in one `dirigo run` (`--job`), rate
+//! schedules and the scheduler choice, over the real binary: two jobs sharing
+//! the shards give each exactly the rows it gives alone; the JSON report has a
+//! block per job; jobs that would overwrite each other's output or checkpoints
+//! are refused; a bad flag inside a `--job` is named with its job; a failed job
+//! fails the run but not the other job; a paced run follows its schedule, in
+//! event time (exactly) and in wall time (at least the scheduled duration,
+//! within a margin).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use dirigo_engine::dataflow::{RateSchedule, RateStep};
+use dirigo_nexmark::{Event, Generator, GeneratorConfig};
+
+fn dirigo(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dirigo"))
+        .args(args)
+        .output()
+        .expect("the dirigo binary runs")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The last line of stdout as JSON.
+fn last_json(output: &Output) -> serde_json::Value {
+    let out = String::from_utf8_lossy(&output.stdout);
+    let last = out.lines().last().expect("some output");
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {last}"))
+}
+
+fn succeeded(args: &[&str]) -> Output {
+    let output = dirigo(args);
+    assert!(
+        output.status.success(),
+        "{args:?} failed: {}\n{}",
+        output.status,
+        stderr(&output)
+    );
+    output
+}
+
+/// A fresh directory for one test.
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dirigo-jobs-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// A file's lines, sorted: rows compared as a multiset.
+fn sorted_lines(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).expect("rows written");
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+fn two_jobs_in_one_process_give_what_each_gives_alone() {
+    let dir = temp_dir("two");
+    let file = |name: &str| dir.join(name).display().to_string();
+    let (q1_alone, q5_alone) = (file("q1-alone.jsonl"), file("q5-alone.jsonl"));
+    let (q1_shared, q5_shared) = (file("q1-shared.jsonl"), file("q5-shared.jsonl"));
+    let q1 = "--events 30000 --seed 3 --rate 100000";
+    let q5 = "--events 60000 --seed 4";
+    for (query, flags, sink) in [("q1", q1, &q1_alone), ("q5", q5, &q5_alone)] {
+        let mut args = vec!["run", query, "--cores", "2", "--sink"];
+        let sink = format!("file:{sink}");
+        args.push(&sink);
+        args.extend(flags.split(' '));
+        succeeded(&args);
+    }
+    let output = succeeded(&[
+        "run",
+        "--cores",
+        "2",
+        "--json",
+        "--job",
+        &format!("q1 {q1} --sink file:{q1_shared} --slo 10ms"),
+        "--job",
+        &format!("q5 {q5} --sink 'file:{q5_shared}'"),
+    ]);
+    let report = last_json(&output);
+    let jobs = report["jobs"].as_array().expect("a jobs array");
+    assert_eq!(jobs.len(), 2, "{report}");
+    assert_eq!(jobs[0]["query"], "q1");
+    assert_eq!(jobs[1]["query"], "q5");
+    assert_eq!(jobs[0]["events"], 30_000);
+    assert_eq!(jobs[1]["events"], 60_000);
+    let q1_rows = sorted_lines(Path::new(&q1_shared));
+    assert_eq!(q1_rows.len() as u64, jobs[0]["outputs"].as_u64().unwrap());
+    assert!(q1_rows.len() > 25_000, "q1 gave {} rows", q1_rows.len());
+    assert_eq!(q1_rows, sorted_lines(Path::new(&q1_alone)));
+    let q5_rows = sorted_lines(Path::new(&q5_shared));
+    assert!(!q5_rows.is_empty());
+    assert_eq!(q5_rows, sorted_lines(Path::new(&q5_alone)));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn json_of_several_jobs_has_a_block_per_job_and_the_scheduler() {
+    let output = succeeded(&[
+        "run",
+        "--cores",
+        "2",
+        "--scheduler",
+        "fifo",
+        "--json",
+        "--job",
+        "q2 --events 20000 --rate 40000 --slo 5ms",
+        "--job",
+        "q3 --events 20000",
+    ]);
+    let report = last_json(&output);
+    assert_eq!(report["shards"], 2);
+    assert_eq!(report["scheduler"], "fifo");
+    let jobs = report["jobs"].as_array().expect("a jobs array");
+    for (job, query, slo_us) in [(&jobs[0], "q2", 5_000), (&jobs[1], "q3", 100_000)] {
+        for key in [
+            "job",
+            "query",
+            "slo_us",
+            "events",
+            "outputs",
+            "elapsed_s",
+            "events_per_s",
+            "latency_us",
+            "slo_violation_pct",
+            "deadline_misses",
+            "messages",
+            "queue_us_p99",
+            "late",
+        ] {
+            assert!(job.get(key).is_some(), "no {key} in {job}");
+        }
+        for key in ["p50", "p99", "p999", "max"] {
+            assert!(job["latency_us"][key].is_u64(), "no latency {key} in {job}");
+        }
+        assert!(
+            job.get("scale_actions").is_none(),
+            "no autoscaler yet: {job}"
+        );
+        assert_eq!(job["query"], query);
+        assert_eq!(job["slo_us"], slo_us);
+        let violations = job["slo_violation_pct"].as_f64().expect("a number");
+        assert!((0.0..=100.0).contains(&violations), "{job}");
+        assert_eq!(job["scheduler"], "fifo");
+    }
+    assert_eq!(jobs[0]["job"], "q2 --events 20000 --rate 40000 --slo 5ms");
+    assert_eq!(jobs[1]["events"], 20_000);
+
+    // The human summary: one block per job, and the scheduler.
+    let output = succeeded(&[
+        "run",
+        "--cores",
+        "2",
+        "--job",
+        "q0 --events 5000",
+        "--job",
+        "q2 --events 5000",
+    ]);
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("scheduler    edf"), "{text}");
+    assert!(text.contains("job 1        q0 --events 5000"), "{text}");
+    assert!(text.contains("job 2        q2 --events 5000"), "{text}");
+    assert_eq!(text.matches("throughput").count(), 2, "{text}");
+}
+
+#[test]
+fn the_single_job_form_reports_its_scheduler_and_slo_violations() {
+    let report = last_json(&succeeded(&[
+        "run",
+        "q1",
+        "--events",
+        "20000",
+        "--cores",
+        "2",
+        "--scheduler",
+        "fifo",
+        "--slo",
+        "1us",
+        "--json",
+    ]));
+    assert_eq!(report["scheduler"], "fifo");
+    assert_eq!(report["slo_us"], 1);
+    // No row reaches the sink within a microsecond of entering the source.
+    assert_eq!(report["slo_violation_pct"], 100.0, "{report}");
+    let bad = dirigo(&["run", "q1", "--scheduler", "lifo"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("lifo"), "{}", stderr(&bad));
+}
+
+#[test]
+fn jobs_that_would_share_an_output_or_a_data_directory_are_refused() {
+    let dir = temp_dir("shared");
+    let rows = dir.join("rows.jsonl").display().to_string();
+    // The same file by another path.
+    let again = dir.join(".").join("rows.jsonl").display().to_string();
+    let data = dir.join("data").display().to_string();
+    let cases: &[(&[String], &str)] = &[
+        (
+            &[
+                format!("q1 --events 10 --sink file:{rows}"),
+                format!("q2 --events 10 --sink file:{again}"),
+            ],
+            "both write to",
+        ),
+        (
+            &[
+                format!("q1 --events 10 --data-dir {data}"),
+                format!("q2 --events 10 --data-dir {data}"),
+            ],
+            "both keep checkpoints in",
+        ),
+        (
+            &[
+                "q1 --events 10 --sink stdout".to_string(),
+                "q2 --events 10 --sink stdout".to_string(),
+            ],
+            "both write to stdout",
+        ),
+    ];
+    for (jobs, message) in cases {
+        let mut args = vec!["run"];
+        for job in jobs.iter() {
+            args.extend(["--job", job.as_str()]);
+        }
+        let output = dirigo(&args);
+        assert_eq!(output.status.code(), Some(1), "{args:?}");
+        let error = stderr(&output);
+        assert!(
+            error.contains(message) && error.contains("jobs 1 and 2"),
+            "{args:?}: {error}"
+        );
+        assert!(!Path::new(&rows).exists(), "{args:?} wrote rows");
+        assert!(!Path::new(&data).exists(), "{args:?} made a data directory");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_bad_flag_inside_a_job_is_named_with_its_job() {
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["--job", "q1 --events 10", "--job", "q5 --bogus 3"],
+            &["q5 --bogus 3", "--bogus"],
+        ),
+        (&["--job", "q1 --rate 0/1s"], &["q1 --rate 0/1s", "\"0\""]),
+        (&["--job", "q1 --cores 2"], &["q1 --cores 2", "--cores"]),
+        (&["--job", "q1 'unclosed"], &["q1 'unclosed", "quotes"]),
+        // Per-job flags go inside the --job strings.
+        (&["--job", "q1", "--events", "10"], &["--job", "--events"]),
+        (&["q1", "--job", "q2"], &["--job"]),
+    ];
+    for (args, names) in cases {
+        let mut all = vec!["run"];
+        all.extend(args.iter());
+        let output = dirigo(&all);
+        assert_eq!(output.status.code(), Some(2), "{all:?}");
+        let error = stderr(&output);
+        for name in names.iter() {
+            assert!(error.contains(name), "{all:?}: {name} not in {error}");
+        }
+    }
+    // An unknown query inside a --job names the job.
+    let output = dirigo(&["run", "--job", "q1 --events 10", "--job", "q6 --events 10"]);
+    assert_eq!(output.status.code(), Some(1));
+    let error = stderr(&output);
+    assert!(error.contains("job 2") && error.contains("q6"), "{error}");
+}
+
+#[test]
+fn a_failed_job_fails_the_run_and_the_other_job_finishes() {
+    let dir = temp_dir("failed");
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(&bad, "{\"type\":\"bid\",\"auction\":1}\n").expect("written");
+    let output = dirigo(&[
+        "run",
+        "--cores",
+        "2",
+        "--json",
+        "--job",
+        "q2 --events 20000",
+        "--job",
+        &format!("q0 --source file:{}", bad.display()),
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("1 of 2 jobs failed"));
+    let report = last_json(&output);
+    assert_eq!(report["failed"], 1);
+    let jobs = report["jobs"].as_array().expect("a jobs array");
+    assert_eq!(jobs[0]["events"], 20_000, "{report}");
+    let error = jobs[1]["error"].as_str().expect("an error");
+    assert!(error.contains("bad.jsonl"), "{error}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// 10,000 events in 0.5 s, 1,000 in the next 0.5 s, then 20,000/s: 22,000
+/// events take 1.55 s.
+const SCHEDULE: &str = "20000/500ms,2000/0.5s,20000";
+const SCHEDULED_EVENTS: u64 = 22_000;
+const SCHEDULED_S: f64 = 1.55;
+
+fn schedule() -> RateSchedule {
+    let step = |per_s, duration_ms| RateStep { per_s, duration_ms };
+    RateSchedule::new(&[step(20_000, 500), step(2_000, 500), step(20_000, 0)]).unwrap()
+}
+
+/// A paced run with a schedule: every row's event time is its event's
+/// scheduled emission offset (the same as the generator gives under that
+/// schedule), and the run takes at least about the scheduled time.
+#[test]
+fn a_paced_run_follows_its_rate_schedule() {
+    let dir = temp_dir("schedule");
+    let rows = dir.join("q1.jsonl");
+    let events = SCHEDULED_EVENTS.to_string();
+    let report = last_json(&succeeded(&[
+        "run",
+        "q1",
+        "--cores",
+        "2",
+        "--events",
+        &events,
+        "--rate",
+        SCHEDULE,
+        "--sink",
+        &format!("file:{}", rows.display()),
+        "--json",
+    ]));
+    let elapsed_s = report["elapsed_s"].as_f64().expect("elapsed");
+    assert!(
+        elapsed_s >= 0.8 * SCHEDULED_S,
+        "a run scheduled for {SCHEDULED_S} s took {elapsed_s} s"
+    );
+    let generator = Generator::new(GeneratorConfig {
+        rate: schedule(),
+        ..GeneratorConfig::default()
+    })
+    .unwrap();
+    let mut all = Vec::new();
+    generator.fill(0..SCHEDULED_EVENTS, &mut all);
+    let mut expected: Vec<i64> = all
+        .iter()
+        .filter_map(|e| match e {
+            Event::Bid(b) => Some(b.date_time),
+            _ => None,
+        })
+        .collect();
+    let text = std::fs::read_to_string(&rows).expect("rows written");
+    let mut actual: Vec<i64> = text
+        .lines()
+        .map(|l| {
+            let row: serde_json::Value = serde_json::from_str(l).expect("rows are JSON");
+            row["date_time"].as_i64().expect("a date_time")
+        })
+        .collect();
+    expected.sort_unstable();
+    actual.sort_unstable();
+    assert_eq!(actual, expected);
+    // Event time spans the schedule: the last event is due at 1.55 s.
+    let base = GeneratorConfig::default().base_time_ms;
+    assert_eq!(all.last().unwrap().date_time() - base, 1549);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A data directory remembers the schedule: a rerun with another is refused.
+#[test]
+fn a_resumed_run_must_keep_its_rate_schedule() {
+    let dir = temp_dir("identity");
+    let data = dir.join("data").display().to_string();
+    succeeded(&[
+        "run",
+        "q1",
+        "--events",
+        "2000",
+        "--rate",
+        "20000/50ms,40000",
+        "--data-dir",
+        &data,
+    ]);
+    let output = dirigo(&[
+        "run",
+        "q1",
+        "--events",
+        "2000",
+        "--rate",
+        "20000/50ms,80000",
+        "--data-dir",
+        &data,
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let error = stderr(&output);
+    assert!(
+        error.contains("rate") && error.contains("20000/50ms,40000"),
+        "{error}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
