@@ -399,3 +399,58 @@ fn a_resumed_run_must_keep_its_rate_schedule() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `--autoscale` (on by default) reports the autoscaler's actions per job;
+/// `--autoscale off` leaves the key out; `--parallelism` fixes a job's
+/// activations, keeps the autoscaler off it and gives the same rows.
+#[test]
+fn the_autoscaler_is_on_by_default_and_parallelism_fixes_a_job() {
+    let dir = temp_dir("autoscale");
+    let (plain, fixed) = (dir.join("plain.jsonl"), dir.join("fixed.jsonl"));
+    let on = succeeded(&[
+        "run",
+        "--log-decisions",
+        "--json",
+        "--job",
+        &format!("q5 --events 400000 --sink file:{}", plain.display()),
+        "--job",
+        &format!(
+            "q5 --events 400000 --parallelism 3 --sink file:{}",
+            fixed.display()
+        ),
+    ]);
+    let json = last_json(&on);
+    for job in json["jobs"].as_array().unwrap() {
+        assert!(job["scale_actions"].is_u64(), "{job}");
+    }
+    assert_eq!(
+        json["jobs"][1]["scale_actions"], 0,
+        "a fixed job is not moved"
+    );
+    assert_eq!(sorted_lines(&plain), sorted_lines(&fixed));
+    assert!(!sorted_lines(&plain).is_empty());
+
+    let off = succeeded(&[
+        "run",
+        "q1",
+        "--events",
+        "10000",
+        "--autoscale",
+        "off",
+        "--json",
+    ]);
+    let json = last_json(&off);
+    assert!(json.get("scale_actions").is_none(), "{json}");
+    assert!(String::from_utf8_lossy(&off.stdout).lines().count() == 1);
+    let human = succeeded(&["run", "q1", "--events", "10000", "--autoscale", "off"]);
+    assert!(String::from_utf8_lossy(&human.stdout).contains("autoscaler   off"));
+
+    let bad = dirigo(&["run", "q1", "--autoscale", "maybe"]);
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("expected `on` or `off`"),
+        "{}",
+        stderr(&bad)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use crate::queries::{build, EventSource, Output, QueryOptions};
 use dirigo_engine::dataflow::checkpoint::CheckpointOptions;
-use dirigo_engine::dataflow::{Dataflow, DataflowConfig, JobHandle, JobReport, RateSchedule};
+use dirigo_engine::dataflow::{
+    AutoscaleOptions, Dataflow, DataflowConfig, JobHandle, JobReport, RateSchedule,
+};
 use dirigo_engine::runtime::PolicyKind;
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -26,6 +28,8 @@ pub struct EngineOptions {
     pub oversubscribe: bool,
     /// How each shard picks the actor that runs next (`--scheduler`).
     pub scheduler: PolicyKind,
+    /// Run the autoscaler (`--autoscale on`), with these options.
+    pub autoscale: Option<AutoscaleOptions>,
     pub progress: Option<Progress>,
     /// How long to wait for the jobs, from their start.
     pub time_limit: Duration,
@@ -44,6 +48,9 @@ pub struct JobConfig {
     pub slo: Duration,
     /// Take checkpoints into a data directory (and resume from it).
     pub checkpoints: Option<CheckpointOptions>,
+    /// Activations of each keyed stage, fixed, with the autoscaler kept off
+    /// the job (`--parallelism`); `None`: two per shard, autoscaled.
+    pub parallelism: Option<u32>,
 }
 
 /// One query run alone on its engine, with the default scheduler (what the
@@ -88,6 +95,10 @@ pub struct RunReport {
     pub slo_violation_pct: f64,
     /// The shards' scheduling policy (`edf`, `fifo` or `fair`).
     pub scheduler: String,
+    /// Autoscaler decisions that acted on the job; absent with the
+    /// autoscaler off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale_actions: Option<u64>,
     /// Messages of the job handled after their deadline had passed.
     pub deadline_misses: u64,
     /// Messages of the job handled.
@@ -154,6 +165,8 @@ pub fn run_query(config: &RunConfig) -> Result<RunReport, String> {
         cores: config.cores,
         oversubscribe: config.oversubscribe,
         scheduler: PolicyKind::default(),
+        // The benchmarks measure a placement that stays put.
+        autoscale: None,
         progress: config.progress.clone(),
         time_limit: config.time_limit,
     };
@@ -165,6 +178,7 @@ pub fn run_query(config: &RunConfig) -> Result<RunReport, String> {
         pace: config.rate_events_per_s.map(RateSchedule::constant),
         slo: config.slo,
         checkpoints: config.checkpoints.clone(),
+        parallelism: None,
     };
     let mut reports = run_jobs(&engine, &[job])?;
     reports.pop().expect("one report per job")
@@ -175,13 +189,14 @@ fn submit(dataflow: &mut Dataflow, job: &JobConfig, cores: u32) -> Result<JobHan
     let options = QueryOptions {
         source: job.source.clone(),
         source_parallelism: cores,
-        parallelism: 2 * cores,
+        parallelism: job.parallelism.unwrap_or(2 * cores),
         slo: job.slo,
         pace: job.pace.clone(),
         output: job.output.clone(),
         sink_parallelism: job.sink_parallelism,
     };
     let mut built = build(&job.query, &options)?;
+    built.autoscale(job.parallelism.is_none());
     if let Some(checkpoints) = &job.checkpoints {
         built.checkpoints(checkpoints.clone());
     }
@@ -204,6 +219,7 @@ pub fn run_jobs(
     engine_config.runtime.shards = engine.cores;
     engine_config.runtime.oversubscribe = engine.oversubscribe;
     engine_config.runtime.shard.policy = engine.scheduler.clone();
+    engine_config.autoscale = engine.autoscale.clone();
     let mut dataflow = Dataflow::start(engine_config).map_err(|e| e.to_string())?;
     let cores = dataflow.shards() as u32;
     let handles: Vec<Result<JobHandle, String>> = jobs
@@ -264,6 +280,7 @@ pub fn run_jobs(
             slo_us,
             slo_violation_pct: slo_violation_pct(&report.latency_us, slo_us),
             scheduler: engine.scheduler.name().to_string(),
+            scale_actions: engine.autoscale.as_ref().map(|_| report.scale_actions),
             deadline_misses: job.deadline_misses,
             messages: job.messages,
             queue_us_p99: job.queue_us.value_at_quantile(0.99),
@@ -311,6 +328,7 @@ mod tests {
                 pace: pace.map(RateSchedule::constant),
                 slo: Duration::from_millis(10),
                 checkpoints: None,
+                parallelism: None,
             };
             let handle = submit(&mut dataflow, &job, 2).unwrap();
             let report = dataflow.wait(&handle, Duration::from_secs(60)).unwrap();

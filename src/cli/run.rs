@@ -16,6 +16,7 @@ use std::time::Duration;
 use clap::{Args, Parser};
 
 use dirigo_engine::dataflow::checkpoint::{self, CheckpointOptions, StagedOutput};
+use dirigo_engine::dataflow::AutoscaleOptions;
 use dirigo_engine::dataflow::{RateSchedule, RateStep};
 use dirigo_engine::runtime::PolicyKind;
 use dirigo_nexmark::machine::Machine;
@@ -40,7 +41,7 @@ pub struct RunArgs {
         value_parser = parse_job,
         conflicts_with_all = [
             "query", "events", "rate", "slo", "source", "sink", "seed", "skip_malformed",
-            "max_line_bytes", "data_dir", "checkpoint_interval", "fresh",
+            "max_line_bytes", "data_dir", "checkpoint_interval", "fresh", "parallelism",
         ]
     )]
     jobs: Vec<JobSpec>,
@@ -54,6 +55,14 @@ pub struct RunArgs {
     /// first), `fifo` (earliest arrival, the baseline) or `fair` (fair share per job).
     #[arg(long, default_value = "edf", value_parser = clap::value_parser!(PolicyKind))]
     scheduler: PolicyKind,
+    /// `on`: the autoscaler moves actors between shards to keep each under
+    /// its load mark and its jobs' SLOs; `off`: placement stays as made (the
+    /// baseline).
+    #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    autoscale: bool,
+    /// Print each autoscaler decision to stderr, with its reason and figures.
+    #[arg(long)]
+    log_decisions: bool,
     /// Print the summary as one JSON object on the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -99,6 +108,10 @@ pub struct JobArgs {
     /// Discard what `--data-dir` holds and start over.
     #[arg(long, requires = "data_dir")]
     fresh: bool,
+    /// Fix the job's parallelism (activations of each keyed stage) and keep
+    /// the autoscaler off it; default: two per shard, placed by the autoscaler.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    parallelism: Option<u32>,
 }
 
 /// One job: a query and its flags.
@@ -146,6 +159,10 @@ struct RunIdentity {
     cores: usize,
     skip_malformed: bool,
     max_line_bytes: u64,
+    /// Stages' activations (`--parallelism`); key groups are owned by
+    /// activation, so a run resumes only with the same.
+    #[serde(default)]
+    parallelism: Option<u32>,
 }
 
 impl RunIdentity {
@@ -175,6 +192,7 @@ impl RunIdentity {
             cores,
             skip_malformed: args.skip_malformed,
             max_line_bytes: args.max_line_bytes,
+            parallelism: args.parallelism,
         }
     }
 
@@ -343,6 +361,15 @@ fn parse_rate_step(step: &str, last: bool) -> Result<RateStep, String> {
 }
 
 /// `20ms`, `1s`, `500us`, `2m`; a bare number is milliseconds.
+/// `on` or `off`.
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("`{s}`: expected `on` or `off`")),
+    }
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let split = s
         .find(|c: char| !c.is_ascii_digit() && c != '.')
@@ -548,6 +575,7 @@ fn prepare(spec: &JobSpec, cores: usize) -> Result<Prepared, String> {
         pace,
         slo: args.slo,
         checkpoints,
+        parallelism: args.parallelism,
     };
     Ok(Prepared::Run(Box::new(config), error))
 }
@@ -689,6 +717,10 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         cores,
         oversubscribe: args.oversubscribe,
         scheduler: args.scheduler,
+        autoscale: args.autoscale.then(|| AutoscaleOptions {
+            log_decisions: args.log_decisions,
+            ..AutoscaleOptions::default()
+        }),
         progress: Some(progress(expected)),
         time_limit: Duration::from_secs(24 * 3600),
     };
@@ -775,6 +807,10 @@ fn print_job(report: &RunReport) {
         "scheduling   {} messages, {} past their deadline (SLO {slo:?}), queueing p99 {} us, {} stalled turns",
         report.messages, report.deadline_misses, report.queue_us_p99, report.stalls
     );
+    match report.scale_actions {
+        Some(actions) => println!("autoscaler   {actions} actions on this job"),
+        None => println!("autoscaler   off"),
+    }
     if let Some(c) = &report.checkpoints {
         let resumed = c
             .resumed_from
