@@ -46,7 +46,8 @@
 //! # Stability
 //!
 //! - Nothing moves unless a shard is overloaded; a move must lower the higher
-//!   load by `min_gain` and leave its destination under the high mark:
+//!   load by `min_gain` and leave its destination under the high mark (or go
+//!   to a nearly idle shard, under `1 - high_load`):
 //!   balanced or lightly loaded shards never trade actors back and forth over
 //!   noise, and saturated ones (a job at full speed fills every core it is
 //!   given) never trade an overload.
@@ -272,12 +273,15 @@ impl Autoscaler {
             let gap = load[hot] - load[cool];
             // After moving `busy`, the higher of the two is max(hot - busy,
             // cool + busy): it must be at most `hot - min_gain`.
-            // The destination must have room for it: moving work between
-            // two overloaded shards only moves the overload.
+            // The destination must have room for it (moving work between
+            // two overloaded shards only moves the overload), or be nearly
+            // idle: an actor that alone fills a core (its measured busy time
+            // is capped by the core it shares) may go to one.
+            let idle = load[cool] <= 1.0 - self.config.high_load;
             let fits = |busy: f64| {
                 busy >= self.config.min_gain
                     && busy <= gap - self.config.min_gain
-                    && load[cool] + busy <= self.config.high_load
+                    && (idle || load[cool] + busy <= self.config.high_load)
             };
             // The higher of the two loads after moving `busy`.
             let after = |busy: f64| (load[hot] - busy).max(load[cool] + busy);

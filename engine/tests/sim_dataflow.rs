@@ -11,6 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use dirigo_engine::autoscale::{
+    Action, ActorSample, AutoscaleConfig, Autoscaler, JobSample, Sample,
+};
 use dirigo_engine::dataflow::ops::{Count, MaxWithTies, WindowSpec};
 use dirigo_engine::dataflow::{DataMsg, Job, Registry, Sink, Source, SourceBatch};
 use dirigo_engine::runtime::sim::{Sim, SimRng};
@@ -205,7 +208,81 @@ struct Outcome {
     actors: u64,
 }
 
+/// What moves the job's actors while it runs.
+enum Mover {
+    /// Random migrations (one step in 150).
+    Random,
+    /// The autoscaler's model, stepped every `AUTOSCALE_STEPS` simulated steps
+    /// on the cores' reports, its moves carried out as migrations.
+    Autoscaler(Autoscaler),
+}
+
+/// Simulated steps between two autoscaler steps.
+const AUTOSCALE_STEPS: u64 = 200;
+
+/// The simulator's cost model for the autoscaler: a message takes this long.
+const SIMULATED_MESSAGE_NS: u64 = 40_000;
+
+/// One interval of the sim's reports as the model's sample: per (actor,
+/// shard) slot, messages since its last report (a slot counts afresh when
+/// its actor arrives), costed at `SIMULATED_MESSAGE_NS` each.
+fn sim_sample(
+    sim: &mut Sim<DataMsg>,
+    shards: u16,
+    seen: &mut BTreeMap<(ActorId, ShardId), u64>,
+    last_ns: &mut u64,
+    slo_ns: u64,
+) -> Sample {
+    let now = sim.now_ns();
+    let interval_ns = now.saturating_sub(*last_ns).max(1);
+    *last_ns = now;
+    let mut sample = Sample {
+        shards: shards as usize,
+        ..Sample::default()
+    };
+    sample.jobs.insert(
+        JobId(1),
+        JobSample {
+            slo_ns,
+            scalable: true,
+        },
+    );
+    let mut now_seen = BTreeMap::new();
+    for shard in 0..shards {
+        let report = sim.core(ShardId(shard)).report();
+        for actor in &report.actors {
+            if actor.id.job != JobId(1) {
+                continue;
+            }
+            let key = (actor.id, report.shard);
+            let messages = actor.counters.messages;
+            let before = seen.get(&key).copied().filter(|&b| b <= messages);
+            let delta = messages - before.unwrap_or(0);
+            now_seen.insert(key, messages);
+            sample.actors.push(ActorSample {
+                id: actor.id,
+                shard: report.shard,
+                interval_ns,
+                cpu_ns: (delta * SIMULATED_MESSAGE_NS).min(interval_ns),
+                messages: delta,
+                queue_p99_us: actor.counters.queue_us.value_at_quantile(0.99),
+            });
+        }
+    }
+    *seen = now_seen;
+    sample
+        .actors
+        .sort_by(|a, b| a.id.cmp(&b.id).then(b.cpu_ns.cmp(&a.cpu_ns)));
+    sample.actors.dedup_by_key(|a| a.id);
+    sample
+}
+
 fn run(seed: u64, shards: u16) -> Outcome {
+    run_moved(seed, shards, Mover::Random).0
+}
+
+/// Run the job under `mover`; the outcome and the autoscaler's moves.
+fn run_moved(seed: u64, shards: u16, mut mover: Mover) -> (Outcome, u64) {
     let registry = Registry::new(shards as usize);
     let config = ShardConfig {
         mailbox_credit_messages: 8,
@@ -232,6 +309,7 @@ fn run(seed: u64, shards: u16) -> Outcome {
     let actors = registry.actors(JobId(1));
     let mut rng = SimRng::new(seed ^ 0xdead_beef);
     let mut steps = 0u64;
+    let (mut seen, mut last_ns, mut moves) = (BTreeMap::new(), sim.now_ns(), 0u64);
     while !handle.is_done() {
         assert!(
             sim.step(),
@@ -242,8 +320,19 @@ fn run(seed: u64, shards: u16) -> Outcome {
             steps < 5_000_000,
             "seed {seed}: still running after {steps} steps"
         );
+        if let Mover::Autoscaler(scaler) = &mut mover {
+            if steps % AUTOSCALE_STEPS == 0 {
+                let sample = sim_sample(&mut sim, shards, &mut seen, &mut last_ns, 5_000_000);
+                for decision in scaler.step(&sample) {
+                    if let Action::Move { actor, from, to } = decision.action {
+                        sim.migrate(from, actor, to);
+                        moves += 1;
+                    }
+                }
+            }
+        }
         match rng.below(150) {
-            0 => {
+            0 if matches!(mover, Mover::Random) => {
                 let actor = actors[rng.below(actors.len() as u64) as usize];
                 let to = ShardId(rng.below(shards as u64) as u16);
                 let via = ShardId(rng.below(shards as u64) as u16);
@@ -306,7 +395,7 @@ fn run(seed: u64, shards: u16) -> Outcome {
             report.actors.len()
         );
     }
-    outcome
+    (outcome, moves)
 }
 
 #[test]
@@ -341,4 +430,22 @@ fn a_dataflow_is_exact_while_its_actors_move_and_deactivate() {
     );
     assert!(total_migrations > 100, "only {total_migrations} migrations");
     assert!(reactivations > 50, "only {reactivations} reactivations");
+}
+
+/// The autoscaler's model drives the placement of a job on 8 and 12
+/// simulated shards (more shards than this machine has cores), from the
+/// cores' own reports with a simulated cost per message: it moves actors,
+/// and every output is still exactly the reference's.
+#[test]
+fn the_autoscaler_in_the_simulator_moves_actors_and_outputs_stay_exact() {
+    let mut moves = 0;
+    for seed in 1..=6u64 {
+        for shards in [8u16, 12] {
+            let scaler = Autoscaler::new(AutoscaleConfig::default());
+            let (_, moved) = run_moved(seed, shards, Mover::Autoscaler(scaler));
+            moves += moved;
+        }
+    }
+    eprintln!("12 runs: {moves} moves by the autoscaler");
+    assert!(moves >= 12, "only {moves} moves by the autoscaler");
 }
