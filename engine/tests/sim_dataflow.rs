@@ -321,7 +321,7 @@ fn run_moved(seed: u64, shards: u16, mut mover: Mover) -> (Outcome, u64) {
             "seed {seed}: still running after {steps} steps"
         );
         if let Mover::Autoscaler(scaler) = &mut mover {
-            if steps % AUTOSCALE_STEPS == 0 {
+            if steps.is_multiple_of(AUTOSCALE_STEPS) {
                 let sample = sim_sample(&mut sim, shards, &mut seen, &mut last_ns, 5_000_000);
                 for decision in scaler.step(&sample) {
                     if let Action::Move { actor, from, to } = decision.action {
