@@ -246,7 +246,7 @@ fn a_bad_flag_inside_a_job_is_named_with_its_job() {
             &["--job", "q1 --events 10", "--job", "q5 --bogus 3"],
             &["q5 --bogus 3", "--bogus"],
         ),
-        (&["--job", "q1 --rate 0/1s"], &["q1 --rate 0/1s", "\"0\""]),
+        (&["--job", "q1 --rate 0/1s"], &["q1 --rate 0/1s", "rate 0"]),
         (&["--job", "q1 --cores 2"], &["q1 --cores 2", "--cores"]),
         (&["--job", "q1 'unclosed"], &["q1 'unclosed", "quotes"]),
         // Per-job flags go inside the --job strings.
@@ -451,4 +451,69 @@ fn the_autoscaler_is_on_by_default_and_parallelism_fixes_a_job() {
         stderr(&bad)
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A schedule with a pause (rate 0 for 700 ms): the run waits it out, and
+/// every row's event time is its event's scheduled offset, with nothing in
+/// the pause.
+#[test]
+fn a_pause_in_a_schedule_holds_the_input_and_event_time_skips_it() {
+    let dir = temp_dir("pause");
+    let rows = dir.join("q1.jsonl");
+    let report = last_json(&succeeded(&[
+        "run",
+        "q1",
+        "--events",
+        "8000",
+        "--rate",
+        "20000/300ms,0/700ms,20000",
+        "--sink",
+        &format!("file:{}", rows.display()),
+        "--json",
+    ]));
+    // 6,000 events in 300 ms, the pause, 2,000 more in 100 ms: 1.1 s.
+    let elapsed_s = report["elapsed_s"].as_f64().expect("elapsed");
+    assert!(
+        elapsed_s >= 0.8 * 1.1,
+        "a run scheduled for 1.1 s took {elapsed_s} s"
+    );
+    let step = |per_s, duration_ms| RateStep { per_s, duration_ms };
+    let generator = Generator::new(GeneratorConfig {
+        rate: RateSchedule::new(&[step(20_000, 300), step(0, 700), step(20_000, 0)]).unwrap(),
+        ..GeneratorConfig::default()
+    })
+    .unwrap();
+    let mut all = Vec::new();
+    generator.fill(0..8000, &mut all);
+    let base = GeneratorConfig::default().base_time_ms;
+    let mut expected: Vec<i64> = all
+        .iter()
+        .filter_map(|e| match e {
+            Event::Bid(b) => Some(b.date_time),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        expected
+            .iter()
+            .all(|t| !(base + 300..base + 1000).contains(t)),
+        "no event is due in the pause"
+    );
+    let text = std::fs::read_to_string(&rows).expect("rows written");
+    let mut actual: Vec<i64> = text
+        .lines()
+        .map(|l| {
+            let row: serde_json::Value = serde_json::from_str(l).expect("rows are JSON");
+            row["date_time"].as_i64().expect("a date_time")
+        })
+        .collect();
+    expected.sort_unstable();
+    actual.sort_unstable();
+    assert_eq!(actual, expected);
+    assert_eq!(
+        all[6000].date_time() - base,
+        1000,
+        "the input resumes at 1 s"
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -196,6 +196,10 @@ pub struct Autoscaler {
     /// Shards reported as needing parallelism, with the step of the report
     /// (told again only after `cooldown_steps`).
     told: BTreeMap<ShardId, u64>,
+    /// Each shard's load at the last step: a destination must have had room
+    /// then too (a shard that paused for a moment, waiting on a full
+    /// mailbox, is not room).
+    last_load: Vec<f64>,
 }
 
 /// An actor's measured figures in one step.
@@ -215,6 +219,7 @@ impl Autoscaler {
             step: 0,
             cooling: BTreeMap::new(),
             told: BTreeMap::new(),
+            last_load: Vec::new(),
         }
     }
 
@@ -247,6 +252,21 @@ impl Autoscaler {
         let live: Vec<usize> = (0..sample.shards)
             .filter(|s| !sample.dead.contains(&ShardId(*s as u16)))
             .collect();
+        let last_load = std::mem::replace(&mut self.last_load, load.clone());
+        // A destination had room at the last step too (at the first step
+        // there is no last one).
+        let had_room = |s: usize| {
+            last_load
+                .get(s)
+                .is_none_or(|&l| l <= self.config.target_load)
+        };
+        // Per shard, the tightest and the loosest SLO of the jobs on it.
+        let mut slos = vec![(u64::MAX, 0u64); sample.shards];
+        for m in &measured {
+            if let Some(slot) = slos.get_mut(m.shard.index()) {
+                *slot = (slot.0.min(m.slo_ns), slot.1.max(m.slo_ns));
+            }
+        }
         // Where each movable actor is now (as the moves below change it).
         let mut place: BTreeMap<ActorId, usize> =
             measured.iter().map(|m| (m.id, m.shard.index())).collect();
@@ -265,10 +285,11 @@ impl Autoscaler {
             };
             let Some(&cool) = live
                 .iter()
-                .filter(|&&s| s != hot)
+                .filter(|&&s| s != hot && had_room(s))
                 .min_by(|a, b| load[**a].total_cmp(&load[**b]).then(a.cmp(b)))
             else {
-                break;
+                stuck.push(hot);
+                continue;
             };
             let gap = load[hot] - load[cool];
             // After moving `busy`, the higher of the two is max(hot - busy,
@@ -286,9 +307,14 @@ impl Autoscaler {
             // The higher of the two loads after moving `busy`.
             let after = |busy: f64| (load[hot] - busy).max(load[cool] + busy);
             let high_load = self.config.high_load;
+            // The tightest job on a shard shared with looser ones stays,
+            // unless it is late itself: a co-tenant's overload is the
+            // co-tenant's to move.
+            let (tightest, loosest) = slos[hot];
             let candidate = measured
                 .iter()
                 .filter(|m| place[&m.id] == hot && m.scalable && m.busy >= self.config.min_busy)
+                .filter(|m| m.late || m.slo_ns > tightest || tightest == loosest)
                 .filter(|m| !self.cooling.contains_key(&m.id) && fits(m.busy))
                 .max_by(|a, b| {
                     // A move that ends the overload on both shards first; of

@@ -223,18 +223,19 @@ const AUTOSCALE_STEPS: u64 = 200;
 /// The simulator's cost model for the autoscaler: a message takes this long.
 const SIMULATED_MESSAGE_NS: u64 = 40_000;
 
-/// One interval of the sim's reports as the model's sample: per (actor,
-/// shard) slot, messages since its last report (a slot counts afresh when
-/// its actor arrives), costed at `SIMULATED_MESSAGE_NS` each.
+/// One interval of the sim's reports as the model's sample: per actor,
+/// messages since its last report (its counters travel with it when it moves
+/// and start again when it is made anew), costed at `SIMULATED_MESSAGE_NS`
+/// each, over the time since that report.
 fn sim_sample(
     sim: &mut Sim<DataMsg>,
     shards: u16,
-    seen: &mut BTreeMap<(ActorId, ShardId), u64>,
+    seen: &mut BTreeMap<ActorId, (u64, u64)>,
     last_ns: &mut u64,
     slo_ns: u64,
 ) -> Sample {
     let now = sim.now_ns();
-    let interval_ns = now.saturating_sub(*last_ns).max(1);
+    let shard_interval_ns = now.saturating_sub(*last_ns).max(1);
     *last_ns = now;
     let mut sample = Sample {
         shards: shards as usize,
@@ -247,18 +248,20 @@ fn sim_sample(
             scalable: true,
         },
     );
-    let mut now_seen = BTreeMap::new();
     for shard in 0..shards {
         let report = sim.core(ShardId(shard)).report();
         for actor in &report.actors {
             if actor.id.job != JobId(1) {
                 continue;
             }
-            let key = (actor.id, report.shard);
             let messages = actor.counters.messages;
-            let before = seen.get(&key).copied().filter(|&b| b <= messages);
-            let delta = messages - before.unwrap_or(0);
-            now_seen.insert(key, messages);
+            let (interval_ns, delta) = match seen.get(&actor.id) {
+                Some(&(at, before)) if before <= messages && at < now => {
+                    (now - at, messages - before)
+                }
+                _ => (shard_interval_ns, messages),
+            };
+            seen.insert(actor.id, (now, messages));
             sample.actors.push(ActorSample {
                 id: actor.id,
                 shard: report.shard,
@@ -269,11 +272,6 @@ fn sim_sample(
             });
         }
     }
-    *seen = now_seen;
-    sample
-        .actors
-        .sort_by(|a, b| a.id.cmp(&b.id).then(b.cpu_ns.cmp(&a.cpu_ns)));
-    sample.actors.dedup_by_key(|a| a.id);
     sample
 }
 

@@ -330,12 +330,13 @@ fn parse_rate_step(step: &str, last: bool) -> Result<RateStep, String> {
         Some((rate, duration)) => (rate, Some(duration)),
         None => (step, None),
     };
+    // 0 is a pause, and only a step with a duration can be one.
     let per_s = match rate.parse::<u64>() {
-        Ok(n) if n > 0 => n,
+        Ok(n) if n > 0 || duration.is_some() => n,
         _ => {
             return Err(format!(
                 "{rate:?} is not a rate: give events per second (> 0), `max`, or a schedule \
-                 such as 50000/1s,3000000/2s,50000"
+                 such as 50000/1s,0/2s,50000 (0 for a pause)"
             ))
         }
     };
@@ -909,8 +910,17 @@ mod tests {
             schedule("10/300ms,20/0.3s,5"),
             vec![(10, 300), (20, 300), (5, u64::MAX)]
         );
+        // A pause: rate 0 for a while.
+        assert_eq!(
+            schedule("100/1s,0/2s,100"),
+            vec![(100, 1000), (0, 2000), (100, u64::MAX)]
+        );
         // The canonical form parses back to the same schedule.
-        for text in ["200000", "50000/1s,3000000/1500ms,50000"] {
+        for text in [
+            "200000",
+            "50000/1s,3000000/1500ms,50000",
+            "50000/1s,0/2s,50000",
+        ] {
             let Ok(Rate::Paced(parsed)) = parse_rate(text) else {
                 panic!("{text}");
             };
@@ -921,12 +931,13 @@ mod tests {
     #[test]
     fn bad_schedules_say_what_is_wrong() {
         let cases: &[(&str, &[&str])] = &[
-            ("0/1s", &["\"0\" is not a rate"]),
+            ("0/1s", &["rate 0", "never end"]),
             ("0", &["\"0\" is not a rate"]),
             ("abc", &["\"abc\" is not a rate", "schedule"]),
             ("100/", &["\"\" is not a duration"]),
             ("100/0s,5", &["step 1", "above zero"]),
-            ("100/1s,0/1s", &["step 2", "\"0\" is not a rate"]),
+            ("100/1s,0/1s", &["step 2", "rate 0", "never end"]),
+            ("100/1s,0,5", &["step 2", "\"0\" is not a rate"]),
             ("100,5", &["step 1", "no duration"]),
             ("100/1s,", &["step 2", "\"\" is not a rate"]),
             ("100/1500us,5", &["step 1", "whole number of milliseconds"]),

@@ -349,3 +349,49 @@ fn one_shard_or_an_empty_interval_decides_nothing() {
     }
     assert!(scaler.step(&sample).is_empty());
 }
+
+#[test]
+fn a_shard_that_dips_for_one_step_is_not_room() {
+    let mut world = World::new(2);
+    world.add(actor(BULK, 1, 0), 0, 0.5);
+    world.add(actor(BULK, 1, 1), 0, 0.5);
+    world.add(actor(BULK, 2, 0), 1, 0.95);
+    let mut scaler = Autoscaler::new(AutoscaleConfig::default());
+    // Both shards busy: nothing to gain.
+    assert_eq!(moves(&scaler.step(&world.sample())), 0);
+    // Shard 1 dips for one step (it waited on a full mailbox, say): no move.
+    world.actors[2].2 = 0.2;
+    assert_eq!(
+        moves(&scaler.step(&world.sample())),
+        0,
+        "one dip is not room"
+    );
+    // It stays low: now it is room.
+    let decisions = scaler.step(&world.sample());
+    assert_eq!(moves(&decisions), 1, "{decisions:?}");
+}
+
+#[test]
+fn the_tightest_job_on_a_shared_shard_stays_unless_it_is_late() {
+    let world = {
+        let mut world = World::new(2);
+        world.add(actor(BULK, 1, 0), 0, 0.6);
+        world.add(actor(LC, 1, 0), 0, 0.35);
+        world.add(actor(BULK, 2, 0), 1, 0.5);
+        world
+    };
+    // Only the LC actor would fit on shard 1, and it is not late: it stays.
+    let mut scaler = Autoscaler::new(AutoscaleConfig::default());
+    let mut sample = world.sample();
+    for a in &mut sample.actors {
+        a.queue_p99_us = 100;
+    }
+    let decisions = scaler.step(&sample);
+    assert!(decisions.is_empty(), "{decisions:?}");
+    // Its queueing takes more than half its SLO: it moves.
+    let mut scaler = Autoscaler::new(AutoscaleConfig::default());
+    sample.actors[1].queue_p99_us = 6_000;
+    let decisions = scaler.step(&sample);
+    assert_eq!(moves(&decisions), 1, "{decisions:?}");
+    assert!(matches!(decisions[0].action, Action::Move { actor, .. } if actor.job == LC));
+}

@@ -208,8 +208,12 @@ fn broadcast(
 }
 
 /// How long a source with nothing ready (`SourceBatch::Pending`) waits before it
-/// is asked again.
+/// is asked again; after `SOURCE_RETRY_FAST` empty asks in a row the wait
+/// doubles, up to `SOURCE_RETRY_MAX_NS`, so an idle input costs next to no
+/// CPU and is still seen within a millisecond when it resumes.
 const SOURCE_RETRY_NS: u64 = 20_000;
+const SOURCE_RETRY_FAST: u32 = 4;
+const SOURCE_RETRY_MAX_NS: u64 = 1_000_000;
 
 /// Wall time a paced source lets records gather before it makes a batch.
 const PACED_BATCH_NS: u64 = 100_000;
@@ -243,6 +247,7 @@ pub(crate) fn source_actor<T: Data>(
         done: saved.done,
         resume_at: saved.position,
         injected: saved.last_epoch,
+        empty_asks: 0,
     })
 }
 
@@ -265,6 +270,8 @@ struct SourceActor<T> {
     resume_at: Option<Vec<u8>>,
     /// Newest checkpoint epoch whose barrier this partition sent.
     injected: u64,
+    /// `Pending` answers with no record in a row.
+    empty_asks: u32,
 }
 
 impl<T: Data> SourceActor<T> {
@@ -433,7 +440,8 @@ impl<T: Data> Actor for SourceActor<T> {
         let mut batch = Vec::with_capacity(max);
         let status = source.next_batch(max, &mut batch);
         let skipped = source.skipped_records();
-        self.produced += batch.len() as u64;
+        let produced = batch.len();
+        self.produced += produced as u64;
         let slot = self.plan.metrics.shard(ctx.shard());
         if skipped > self.skipped {
             slot.skipped_records.add(skipped - self.skipped);
@@ -456,7 +464,14 @@ impl<T: Data> Actor for SourceActor<T> {
                 ctx.send_with(ctx.me(), DataMsg::Tick, origin);
             }
             SourceBatch::Pending => {
-                let again_ns = now_ns.saturating_add(SOURCE_RETRY_NS);
+                self.empty_asks = if produced == 0 {
+                    self.empty_asks.saturating_add(1)
+                } else {
+                    0
+                };
+                let backoff = self.empty_asks.saturating_sub(SOURCE_RETRY_FAST).min(16);
+                let wait_ns = (SOURCE_RETRY_NS << backoff).min(SOURCE_RETRY_MAX_NS);
+                let again_ns = now_ns.saturating_add(wait_ns);
                 ctx.send_self_at(again_ns, DataMsg::Tick, origin);
             }
             SourceBatch::Done => self.finish(ctx),

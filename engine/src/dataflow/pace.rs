@@ -66,7 +66,9 @@ impl RateSchedule {
     }
 
     /// The schedule of `steps`, or why they are not one: no step, too many, a
-    /// rate of 0, a step before the last with no duration.
+    /// last step of rate 0 (the input would never end), a step before the
+    /// last with no duration. A step of rate 0 before the last is a pause: it
+    /// holds no record, and the next record is due when it ends.
     pub fn new(steps: &[RateStep]) -> Result<RateSchedule, String> {
         if steps.is_empty() {
             return Err("a rate schedule needs at least one step".into());
@@ -81,9 +83,10 @@ impl RateSchedule {
         let (mut start_ms, mut first) = (0u64, 0u64);
         let mut out = Vec::with_capacity(steps.len());
         for (i, step) in steps.iter().enumerate() {
-            if step.per_s == 0 {
+            if step.per_s == 0 && i == last {
                 return Err(format!(
-                    "step {} of the rate schedule has rate 0: a rate is at least 1 per second",
+                    "step {} of the rate schedule, the last, has rate 0: the input would never \
+                     end (a pause of rate 0 must be followed by a step with a rate)",
                     i + 1
                 ));
             }
@@ -118,19 +121,24 @@ impl RateSchedule {
     }
 
     /// The same schedule for one of `parts` partitions that share it: every
-    /// step's rate divided among them (at least 1 per second each).
+    /// step's rate divided among them (at least 1 per second each; a pause
+    /// stays a pause).
     pub fn per_partition(&self, parts: u32) -> RateSchedule {
         let steps: Vec<RateStep> = self
             .steps()
             .map(|s| RateStep {
-                per_s: (s.per_s / u64::from(parts.max(1))).max(1),
+                per_s: match s.per_s {
+                    0 => 0,
+                    per_s => (per_s / u64::from(parts.max(1))).max(1),
+                },
                 ..s
             })
             .collect();
         RateSchedule::new(&steps).expect("a valid schedule divided stays valid")
     }
 
-    /// Index of the step that holds record `n`.
+    /// Index of the step that holds record `n` (never a pause: a pause shares
+    /// its first record number with the step after it, which holds it).
     fn step_of_record(&self, n: u64) -> usize {
         self.steps.partition_point(|s| s.first <= n) - 1
     }
@@ -190,7 +198,10 @@ impl RateSchedule {
         let last = self.steps.len() - 1;
         for (i, step) in self.steps.iter().enumerate() {
             let k = u128::from(records.saturating_sub(step.first));
-            let at_ns = (k * 1_000_000_000).div_ceil(u128::from(step.per_s));
+            if step.per_s == 0 && k > 0 {
+                continue; // a pause makes nothing due
+            }
+            let at_ns = (k * 1_000_000_000).div_ceil(u128::from(step.per_s.max(1)));
             let duration_ns = u128::from(step.duration_ms) * 1_000_000;
             if i == last || at_ns < duration_ns {
                 let start_ns = u128::from(step.start_ms) * 1_000_000;
@@ -317,11 +328,48 @@ mod tests {
     }
 
     #[test]
+    fn a_pause_holds_no_record_and_the_next_step_starts_after_it() {
+        // 1000/s for 1 s, nothing for 2 s, then 1000/s.
+        let s = schedule(&[(1000, 1000), (0, 2000), (1000, 1)]);
+        // Record 999 is the first step's last; record 1000 opens the third
+        // step, at 3 s.
+        assert_eq!(s.offset_ms(999), 999);
+        assert_eq!(s.offset_ms(1000), 3000);
+        assert_eq!(s.offset_ms(1500), 3500);
+        assert_eq!(s.records_due(999_999_999), 999);
+        assert_eq!(s.records_due(1_000_000_000), 1000);
+        assert_eq!(
+            s.records_due(2_999_999_999),
+            1000,
+            "nothing is due in the pause"
+        );
+        assert_eq!(s.records_due(3_001_000_000), 1001);
+        assert_eq!(s.per_s_at(1_500_000_000), 0);
+        // Counted as due (`records_due`), a step's k-th record is due k/rate
+        // after its start, the pause's length later after a pause.
+        assert_eq!(s.due_ns(1000), 1_000_000_000);
+        assert_eq!(s.due_ns(1001), 3_001_000_000);
+        // Offsets never go back, across the pause too.
+        let offsets: Vec<u64> = (0..3000).map(|n| s.offset_ms(n)).collect();
+        assert!(offsets.windows(2).all(|w| w[0] <= w[1]));
+        // A pause stays a pause per partition; canonical text round-trips.
+        let part = s.per_partition(3);
+        assert_eq!(
+            part.steps().map(|s| s.per_s).collect::<Vec<_>>(),
+            [333, 0, 333]
+        );
+        assert_eq!(s.to_string(), "1000/1s,0/2s,1000");
+    }
+
+    #[test]
     fn bad_schedules_are_refused_naming_the_step() {
         let step = |per_s, duration_ms| RateStep { per_s, duration_ms };
         assert!(RateSchedule::new(&[]).unwrap_err().contains("at least one"));
         let e = RateSchedule::new(&[step(10, 1000), step(0, 1000)]).unwrap_err();
-        assert!(e.contains("step 2") && e.contains("rate 0"), "{e}");
+        assert!(
+            e.contains("step 2") && e.contains("rate 0") && e.contains("never"),
+            "{e}"
+        );
         let e = RateSchedule::new(&[step(10, 0), step(5, 1000)]).unwrap_err();
         assert!(e.contains("step 1") && e.contains("0 ms"), "{e}");
         // The last step may have no duration: it holds until the end.

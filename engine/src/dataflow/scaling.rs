@@ -56,13 +56,17 @@ pub(crate) struct Driver {
     pub(crate) decisions: Arc<Mutex<VecDeque<Decision>>>,
 }
 
-/// An actor's cumulative counters on one shard when last reported. Counters
-/// belong to the actor's slot on a shard: they start at zero when it arrives
-/// (moved, or made anew after a deactivation), and a shard may report the
-/// slot it left for a while, so each (actor, shard) is followed on its own.
+/// An actor's cumulative counters when last reported. They travel with the
+/// actor when it moves (its slot is handed over whole) and start again at zero
+/// when it is made anew after a deactivation. An actor in flight between two
+/// shards is in no report: its last counters are kept for `SEEN_STEPS_KEPT`
+/// steps, so that the next report's difference covers the time since.
 struct Seen {
     /// The step it was last reported at.
     step: u64,
+    /// The reporting shard's clock then (shards share the process's
+    /// monotonic clock).
+    at_ns: u64,
     cpu_ns: u64,
     messages: u64,
     queue_us: Histogram<u32>,
@@ -114,7 +118,7 @@ fn run(
     decisions: &Mutex<VecDeque<Decision>>,
 ) {
     let mut model = Autoscaler::new(options.model.clone());
-    let mut seen: BTreeMap<(ActorId, ShardId), Seen> = BTreeMap::new();
+    let mut seen: BTreeMap<ActorId, Seen> = BTreeMap::new();
     let mut step = 0u64;
     let mut reported_at: BTreeMap<ShardId, u64> = BTreeMap::new();
     let mut last = Instant::now();
@@ -153,32 +157,25 @@ fn run(
                     continue;
                 }
                 let counters = &actor.counters;
-                let key = (actor.id, report.shard);
                 sample.actors.push(interval(
                     interval_ns,
-                    actor.id,
-                    report.shard,
+                    (actor.id, report.shard, report.at_ns),
                     counters,
-                    seen.get(&key),
+                    seen.get(&actor.id),
                 ));
                 let now_seen = Seen {
                     step,
+                    at_ns: report.at_ns,
                     cpu_ns: counters.cpu_ns,
                     messages: counters.messages,
                     queue_us: counters.queue_us.clone(),
                 };
-                seen.insert(key, now_seen);
+                seen.insert(actor.id, now_seen);
             }
         }
-        // A slot not reported for a while is gone (its actor left or was
-        // deactivated); one back sooner goes on from its counters.
+        // An actor not reported for a while is gone (deactivated, or its
+        // job ended); one back sooner goes on from its counters.
         seen.retain(|_, s| s.step + SEEN_STEPS_KEPT > step);
-        // An actor reported by two shards (it is moving) counts on the one
-        // that did more: it is a model's input, not an account.
-        sample
-            .actors
-            .sort_by(|a, b| a.id.cmp(&b.id).then(b.cpu_ns.cmp(&a.cpu_ns)));
-        sample.actors.dedup_by_key(|a| a.id);
         for decision in model.step(&sample) {
             if let Action::Move { actor, to, .. } = decision.action {
                 // A shard that died since the sample: the move is moot.
@@ -199,40 +196,44 @@ fn run(
     }
 }
 
-/// One actor's figures since `before` (its counters at the last step). A
-/// counter below its last value (the actor was deactivated or moved and
-/// counts afresh) is taken whole; an actor runs on one core, so its CPU time
+/// One actor's figures since `before` (its counters when last reported, on
+/// whichever shard), over the time since then; a counter below its last value
+/// (the actor was made anew after a deactivation) is taken whole, over its
+/// shard's last interval. An actor runs on one core at a time, so its CPU time
 /// is at most the interval.
 fn interval(
-    interval_ns: u64,
-    id: ActorId,
-    shard: ShardId,
+    shard_interval_ns: u64,
+    (id, shard, at_ns): (ActorId, ShardId, u64),
     counters: &Counters,
     before: Option<&Seen>,
 ) -> ActorSample {
-    let fresh = before.is_none_or(|b| counters.cpu_ns < b.cpu_ns || counters.messages < b.messages);
+    let before = before.filter(|b| {
+        counters.cpu_ns >= b.cpu_ns && counters.messages >= b.messages && at_ns > b.at_ns
+    });
     let queue_us = &counters.queue_us;
-    let queue_p99_us = match before {
-        Some(b) if !fresh && queue_us.len() >= b.queue_us.len() => {
-            let mut delta = queue_us.clone();
-            match delta.subtract(&b.queue_us) {
-                Ok(()) if !delta.is_empty() => delta.value_at_quantile(0.99),
-                Ok(()) => 0,
-                Err(_) => queue_us.value_at_quantile(0.99),
-            }
-        }
-        _ => queue_us.value_at_quantile(0.99),
+    let Some(b) = before else {
+        return ActorSample {
+            id,
+            shard,
+            interval_ns: shard_interval_ns,
+            cpu_ns: counters.cpu_ns.min(shard_interval_ns),
+            messages: counters.messages,
+            queue_p99_us: queue_us.value_at_quantile(0.99),
+        };
     };
-    let (cpu_ns, messages) = match before {
-        Some(b) if !fresh => (counters.cpu_ns - b.cpu_ns, counters.messages - b.messages),
-        _ => (counters.cpu_ns, counters.messages),
+    let mut delta = queue_us.clone();
+    let queue_p99_us = match delta.subtract(&b.queue_us) {
+        Ok(()) if delta.is_empty() => 0,
+        Ok(()) => delta.value_at_quantile(0.99),
+        Err(_) => queue_us.value_at_quantile(0.99),
     };
+    let interval_ns = at_ns - b.at_ns;
     ActorSample {
         id,
         shard,
         interval_ns,
-        cpu_ns: cpu_ns.min(interval_ns),
-        messages,
+        cpu_ns: (counters.cpu_ns - b.cpu_ns).min(interval_ns),
+        messages: counters.messages - b.messages,
         queue_p99_us,
     }
 }
