@@ -152,6 +152,63 @@ fn bench_checkpoint_json_has_every_figure_and_loses_nothing() {
 }
 
 #[test]
+fn bench_isolation_json_has_every_figure_and_delivers_every_lc_row() {
+    let report = json_report(&[
+        "bench",
+        "isolation",
+        "--json",
+        "--runs",
+        "1",
+        "--lc-events",
+        "20000",
+        "--bulk-events",
+        "300000",
+        "--burst-rate",
+        "3000000",
+    ]);
+    assert_keys(
+        &report,
+        &[
+            "baseline",
+            "dirigo",
+            "violation_ratio",
+            "bulk_throughput_ratio",
+            "lc_rows_expected",
+            "scale_actions",
+            "samples",
+            "workload",
+            "cores",
+            "machine",
+        ],
+    );
+    // q1 makes one row per bid: 46 of every 50 events.
+    assert_eq!(report["lc_rows_expected"], 18_400, "{report}");
+    for config in ["baseline", "dirigo"] {
+        let figures = &report[config];
+        for key in ["lc_p99_us", "lc_violation_pct", "bulk_events_per_s"] {
+            assert!(figures[key].is_number(), "{config}.{key} in {report}");
+        }
+        // A correctness check, not a timing: no LC row lost or duplicated.
+        assert_eq!(figures["lc_rows"], 18_400, "{config} in {report}");
+        let sample = &report["samples"][0][config];
+        assert_eq!(sample["lc_rows"], 18_400, "{config} sample in {report}");
+    }
+    assert_eq!(report["baseline"]["scheduler"], "fifo", "{report}");
+    assert_eq!(report["dirigo"]["scheduler"], "edf", "{report}");
+    assert!(report["dirigo"]["scale_actions"].is_u64(), "{report}");
+    assert!(report["scale_actions"].is_u64(), "{report}");
+    assert!(report["bulk_throughput_ratio"].is_number(), "{report}");
+    // A number, or null when dirigo had no violation at all.
+    let ratio = &report["violation_ratio"];
+    assert!(ratio.is_number() || ratio.is_null(), "{report}");
+    assert_eq!(
+        report["samples"].as_array().map(Vec::len),
+        Some(1),
+        "{report}"
+    );
+}
+
+#[test]
 fn bench_ingest_json_has_every_figure_and_reads_every_event() {
     let report = json_report(&[
         "bench", "ingest", "--json", "--events", "20000", "--runs", "1",

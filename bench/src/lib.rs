@@ -12,6 +12,11 @@
 //!   recovery of the job stopped mid-run from its data directory: time until
 //!   every partition runs on its restored state, and the exact per-key check
 //!   that nothing was lost or duplicated.
+//! - [`isolation`]: a latency-critical job (q1, paced, tight SLO) next to a
+//!   bulk job (q5) whose input bursts far above what the cores can do, under
+//!   FIFO with a static placement (the baseline) and under EDF with the
+//!   autoscaler (Dirigo): the LC job's SLO violations and p99, its rows all
+//!   delivered, and the bulk job's throughput.
 //! - [`ingest`]: the parallel file source (JSON Lines to `Event` on every core,
 //!   as a dataflow job) against a bare read of the same file by the same reader.
 //! - [`migrate`]: the pause of a live migration of an actor with 1 MiB of state,
@@ -29,6 +34,7 @@
 pub mod actors;
 pub mod checkpoint;
 pub mod ingest;
+pub mod isolation;
 pub use dirigo_nexmark::machine;
 pub mod migrate;
 pub mod nexmark;

@@ -296,6 +296,14 @@ pub fn interleaved_chunks(
         .map(move |s| s..s.saturating_add(chunk).min(end))
 }
 
+/// Number of bids among events `0..n` (the fixed mix: 46 of every 50). What
+/// a query that maps every bid to one row (q0, q1) outputs for `n` events.
+pub fn bids_before(n: u64) -> u64 {
+    let bids_per_block = EVENTS_PER_BLOCK - 1 - AUCTIONS_PER_BLOCK;
+    let in_block = (n % EVENTS_PER_BLOCK).saturating_sub(1 + AUCTIONS_PER_BLOCK);
+    bids_per_block * (n / EVENTS_PER_BLOCK) + in_block
+}
+
 /// Number of auctions created by events `0..n` (before event `n`).
 fn auctions_before(n: u64) -> u64 {
     let in_block = (n % EVENTS_PER_BLOCK)
@@ -603,6 +611,17 @@ fn build_pools() -> Pools {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn bids_before_counts_the_bids_the_generator_makes() {
+        let generator = generator(0, 1_000_000);
+        let mut bids = 0;
+        for n in 0..=260 {
+            assert_eq!(bids_before(n), bids, "events 0..{n}");
+            bids += u64::from(matches!(generator.event(n), Event::Bid(_)));
+        }
+        assert_eq!(bids_before(1_000_000), 920_000);
+    }
 
     fn generator(seed: u64, events_per_second: u64) -> Generator {
         Generator::new(GeneratorConfig {

@@ -15,5 +15,7 @@ pub mod run;
 
 pub use event::{Auction, Bid, Event, Person, Text};
 pub use file::{FileOptions, FileSource, FileSplit};
-pub use generator::{interleaved_chunks, split, Generator, GeneratorConfig, GeneratorConfigError};
+pub use generator::{
+    bids_before, interleaved_chunks, split, Generator, GeneratorConfig, GeneratorConfigError,
+};
 pub use json::{write_json_line, EventReader, EventWriter, ParseError, ParseErrorKind};

@@ -6,7 +6,9 @@ use serde::Serialize;
 
 use std::path::PathBuf;
 
-use dirigo_bench::{actors, checkpoint, ingest, migrate, nexmark, BenchError};
+use dirigo_bench::{actors, checkpoint, ingest, isolation, migrate, nexmark, BenchError};
+
+use super::run::parse_duration;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -65,6 +67,40 @@ enum BenchName {
         /// Measurements per figure; the median is reported.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
         runs: u64,
+    },
+    /// A latency-critical job (q1, paced) next to a bulk job (q5) whose input
+    /// bursts far above what the cores do, under FIFO with the autoscaler off
+    /// (the baseline) and under EDF with the autoscaler (Dirigo), alternated:
+    /// the LC job's SLO violations and p99, its rows, the bulk throughput.
+    Isolation {
+        /// Print the report as one JSON object on the last line of stdout.
+        #[arg(long)]
+        json: bool,
+        /// Runs, each measuring both configurations; the medians are reported.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+        runs: u64,
+        /// Shards (cores); default: every online core.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+        cores: Option<u64>,
+        /// The latency-critical job's input rate, events/s.
+        #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
+        lc_rate: u64,
+        /// The latency-critical job's input events (cover the bulk job's burst).
+        #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+        lc_events: u64,
+        /// The latency-critical job's SLO, e.g. `5ms`, `10ms`.
+        #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+        lc_slo: std::time::Duration,
+        /// The bulk job's input rate during its burst, events/s (50,000 outside it).
+        #[arg(long, default_value_t = 30_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+        burst_rate: u64,
+        /// How long the burst lasts in the bulk job's schedule, ms.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+        burst_ms: u64,
+        /// The bulk job's input events; default: its whole schedule (1 s quiet,
+        /// the burst, 1 s quiet).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        bulk_events: Option<u64>,
     },
     /// Pause of a live migration of an actor with 1 MiB of state under load, and
     /// the exactly-once, in-order check of every message.
@@ -143,6 +179,39 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
             };
             print(&ingest::run(&config)?, json);
             Ok(())
+        }
+        BenchName::Isolation {
+            json,
+            runs,
+            cores,
+            lc_rate,
+            lc_events,
+            lc_slo,
+            burst_rate,
+            burst_ms,
+            bulk_events,
+        } => {
+            let config = isolation::Config {
+                cores: cores.map_or_else(dirigo_engine::runtime::online_cores, |n| n as usize),
+                runs: runs as usize,
+                lc_rate_per_s: lc_rate,
+                lc_events,
+                lc_slo,
+                burst_rate_per_s: burst_rate,
+                burst_ms,
+                bulk_events,
+                ..isolation::Config::default()
+            };
+            let report = isolation::run(&config)?;
+            print(&report, json);
+            if report.rows_delivered() {
+                Ok(())
+            } else {
+                Err(BenchError(format!(
+                    "the latency-critical job did not deliver exactly its {} rows in every run",
+                    report.lc_rows_expected
+                )))
+            }
         }
         BenchName::Migrate { json, migrations } => {
             let config = migrate::Config {
