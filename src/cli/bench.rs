@@ -89,7 +89,7 @@ enum BenchName {
         #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
         lc_events: u64,
         /// The latency-critical job's SLO, e.g. `5ms`, `10ms`.
-        #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+        #[arg(long, default_value = "10ms", value_parser = parse_duration)]
         lc_slo: std::time::Duration,
         /// The bulk job's input rate during its burst, events/s (50,000 outside it).
         #[arg(long, default_value_t = 30_000_000, value_parser = clap::value_parser!(u64).range(1..))]

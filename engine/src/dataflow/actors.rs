@@ -407,11 +407,20 @@ impl<T: Data> Actor for SourceActor<T> {
         if max == 0 {
             return;
         }
-        // The input enters now: this is the origin every result of it is timed from.
+        // The origin every result of this batch is timed from: when its first
+        // record was due by the pace (the input arrived then, and whatever kept
+        // the source from running since is latency too), or now, unpaced.
+        let origin_ns = match &self.pace {
+            Some(pace) => self
+                .started_ns
+                .saturating_add(pace.due_ns(self.produced.saturating_add(1)))
+                .min(now_ns),
+            None => now_ns,
+        };
         let origin = SchedCtx {
             job: self.plan.id,
-            origin_ns: now_ns,
-            deadline_ns: now_ns.saturating_add(self.plan.slo_ns),
+            origin_ns,
+            deadline_ns: origin_ns.saturating_add(self.plan.slo_ns),
         };
         ctx.sched = origin;
         let (stage, partition) = (self.id.operator, self.id.partition);

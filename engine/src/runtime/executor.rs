@@ -3,8 +3,10 @@
 //! nothing to do.
 //!
 //! One loop pass is bounded (`RING_DRAIN_MAX` packets per ring, `TURNS_PER_PASS`
-//! turns), so inputs are polled at least every few hundred microseconds even under
-//! full load, and the executor's other tasks get the core at `yield_if_needed`.
+//! turns, and `PASS_NS_MAX` of turns), so inputs are polled and due timers fire
+//! at least every few hundred microseconds even under full load (a paced
+//! source's next batch is a timer: a pass of 64 long turns would hold it up to
+//! 13 ms), and the executor's other tasks get the core at `yield_if_needed`.
 //!
 //! `run_supervised` wraps the loop: a panic that escapes the core (actor panics
 //! are caught inside it, see `shard`) ends the shard, marks it dead and tells the
@@ -36,6 +38,9 @@ const EXTERNAL_DRAIN_MAX: usize = 256;
 const PARK_NS_MAX: u64 = 3_600_000_000_000;
 /// Turns run per pass before inputs are polled again.
 const TURNS_PER_PASS: u32 = 64;
+/// Time a pass's turns may take before inputs and timers are looked at again
+/// (a turn itself is bounded by `turn_ns_max`, 200 µs by default).
+const PASS_NS_MAX: u64 = 300_000;
 
 pub(super) struct ShardThread<M: Send + 'static> {
     pub id: ShardId,
@@ -139,11 +144,18 @@ impl<M: Send + 'static> ShardThread<M> {
             core.tick();
             let mut progress = self.drain_inputs(&mut core);
             progress |= core.fire_timers() > 0;
+            let pass_start_ns = crate::clock::monotonic_ns();
             for _ in 0..TURNS_PER_PASS {
                 if !core.run_turn() {
                     break;
                 }
                 progress = true;
+                if crate::clock::monotonic_ns().saturating_sub(pass_start_ns) > PASS_NS_MAX {
+                    if core.has_staged() {
+                        self.flush(&mut core);
+                    }
+                    break;
+                }
                 // Hand what the turn sent to the other shards now, not at the end of
                 // the pass: a pass can hold many turns, and the peer may be waiting.
                 if core.has_staged() {
