@@ -41,6 +41,9 @@ const TURNS_PER_PASS: u32 = 64;
 /// Time a pass's turns may take before inputs and timers are looked at again
 /// (a turn itself is bounded by `turn_ns_max`, 200 µs by default).
 const PASS_NS_MAX: u64 = 300_000;
+/// While a shard's file I/O is out, how often the executor lets glommio reap
+/// its completions (a timer sleep: dearer than a pass is long).
+const IO_YIELD_EVERY_NS: u64 = 500_000;
 
 pub(super) struct ShardThread<M: Send + 'static> {
     pub id: ShardId,
@@ -140,6 +143,7 @@ impl<M: Send + 'static> ShardThread<M> {
         self.ready.signal(true);
         let housekeeping_ns = saturating_ns(self.config.housekeeping_interval);
         let mut next_housekeeping_ns = crate::clock::monotonic_ns().saturating_add(housekeeping_ns);
+        let mut last_io_yield_ns = 0u64;
         loop {
             core.tick();
             let mut progress = self.drain_inputs(&mut core);
@@ -172,11 +176,16 @@ impl<M: Send + 'static> ShardThread<M> {
                 next_housekeeping_ns = now_ns.saturating_add(housekeeping_ns);
             }
             if progress || core.has_staged() || core.has_runnable() {
-                if super::io_pending() > 0 {
+                if super::io_pending() > 0
+                    && now_ns.saturating_sub(last_io_yield_ns) >= IO_YIELD_EVERY_NS
+                {
                     // A busy shard's task is always runnable, and glommio polls
                     // io_uring only when no task is (or at its 100 ms preempt
                     // timer): a 1 µs sleep lets it reap the completions of the
-                    // I/O tasks and run them, once per pass while any is out.
+                    // I/O tasks and run them, at most every
+                    // `IO_YIELD_EVERY_NS` while any is out (a sleep costs more
+                    // than a short pass).
+                    last_io_yield_ns = now_ns;
                     glommio::timer::sleep(Duration::from_micros(1)).await;
                 } else {
                     glommio::yield_if_needed().await;
