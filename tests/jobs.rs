@@ -307,6 +307,45 @@ fn schedule() -> RateSchedule {
     RateSchedule::new(&[step(20_000, 500), step(2_000, 500), step(20_000, 0)]).unwrap()
 }
 
+/// The first `events` events the generator gives under `schedule`.
+fn events_under(schedule: RateSchedule, events: u64) -> Vec<Event> {
+    let generator = Generator::new(GeneratorConfig {
+        rate: schedule,
+        ..GeneratorConfig::default()
+    })
+    .unwrap();
+    let mut all = Vec::new();
+    generator.fill(0..events, &mut all);
+    all
+}
+
+/// The event times of the bids among `events`, sorted (q1's rows, one per bid).
+fn bid_times(events: &[Event]) -> Vec<i64> {
+    let mut times: Vec<i64> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Bid(b) => Some(b.date_time),
+            _ => None,
+        })
+        .collect();
+    times.sort_unstable();
+    times
+}
+
+/// The `date_time` of every row of a q1 output file, sorted.
+fn row_times(rows: &Path) -> Vec<i64> {
+    let text = std::fs::read_to_string(rows).expect("rows written");
+    let mut times: Vec<i64> = text
+        .lines()
+        .map(|l| {
+            let row: serde_json::Value = serde_json::from_str(l).expect("rows are JSON");
+            row["date_time"].as_i64().expect("a date_time")
+        })
+        .collect();
+    times.sort_unstable();
+    times
+}
+
 /// A paced run with a schedule: every row's event time is its event's
 /// scheduled emission offset (the same as the generator gives under that
 /// schedule), and the run takes at least about the scheduled time.
@@ -333,31 +372,8 @@ fn a_paced_run_follows_its_rate_schedule() {
         elapsed_s >= 0.8 * SCHEDULED_S,
         "a run scheduled for {SCHEDULED_S} s took {elapsed_s} s"
     );
-    let generator = Generator::new(GeneratorConfig {
-        rate: schedule(),
-        ..GeneratorConfig::default()
-    })
-    .unwrap();
-    let mut all = Vec::new();
-    generator.fill(0..SCHEDULED_EVENTS, &mut all);
-    let mut expected: Vec<i64> = all
-        .iter()
-        .filter_map(|e| match e {
-            Event::Bid(b) => Some(b.date_time),
-            _ => None,
-        })
-        .collect();
-    let text = std::fs::read_to_string(&rows).expect("rows written");
-    let mut actual: Vec<i64> = text
-        .lines()
-        .map(|l| {
-            let row: serde_json::Value = serde_json::from_str(l).expect("rows are JSON");
-            row["date_time"].as_i64().expect("a date_time")
-        })
-        .collect();
-    expected.sort_unstable();
-    actual.sort_unstable();
-    assert_eq!(actual, expected);
+    let all = events_under(schedule(), SCHEDULED_EVENTS);
+    assert_eq!(row_times(&rows), bid_times(&all));
     // Event time spans the schedule: the last event is due at 1.55 s.
     let base = GeneratorConfig::default().base_time_ms;
     assert_eq!(all.last().unwrap().date_time() - base, 1549);
@@ -478,38 +494,17 @@ fn a_pause_in_a_schedule_holds_the_input_and_event_time_skips_it() {
         "a run scheduled for 1.1 s took {elapsed_s} s"
     );
     let step = |per_s, duration_ms| RateStep { per_s, duration_ms };
-    let generator = Generator::new(GeneratorConfig {
-        rate: RateSchedule::new(&[step(20_000, 300), step(0, 700), step(20_000, 0)]).unwrap(),
-        ..GeneratorConfig::default()
-    })
-    .unwrap();
-    let mut all = Vec::new();
-    generator.fill(0..8000, &mut all);
+    let paused = RateSchedule::new(&[step(20_000, 300), step(0, 700), step(20_000, 0)]).unwrap();
+    let all = events_under(paused, 8000);
     let base = GeneratorConfig::default().base_time_ms;
-    let mut expected: Vec<i64> = all
-        .iter()
-        .filter_map(|e| match e {
-            Event::Bid(b) => Some(b.date_time),
-            _ => None,
-        })
-        .collect();
+    let expected = bid_times(&all);
     assert!(
         expected
             .iter()
             .all(|t| !(base + 300..base + 1000).contains(t)),
         "no event is due in the pause"
     );
-    let text = std::fs::read_to_string(&rows).expect("rows written");
-    let mut actual: Vec<i64> = text
-        .lines()
-        .map(|l| {
-            let row: serde_json::Value = serde_json::from_str(l).expect("rows are JSON");
-            row["date_time"].as_i64().expect("a date_time")
-        })
-        .collect();
-    expected.sort_unstable();
-    actual.sort_unstable();
-    assert_eq!(actual, expected);
+    assert_eq!(row_times(&rows), expected);
     assert_eq!(
         all[6000].date_time() - base,
         1000,
