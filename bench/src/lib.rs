@@ -19,6 +19,11 @@
 //!   delivered, and the bulk job's throughput.
 //! - [`ingest`]: the parallel file source (JSON Lines to `Event` on every core,
 //!   as a dataflow job) against a bare read of the same file by the same reader.
+//! - [`scaling`]: a paced q2 whose input steps up 4x, back down, pauses and
+//!   resumes, with the autoscaler off (the baseline) and on: how long the
+//!   window p99 stays over the SLO after the step, the autoscaler's moves,
+//!   every row checked against the baseline's, the process's CPU while the
+//!   job idles, and the time to the first row after the pause.
 //! - [`migrate`]: the pause of a live migration of an actor with 1 MiB of state,
 //!   under a steady stream of messages from both shards, and the exactly-once,
 //!   in-order check of every message across 1000 moves.
@@ -38,6 +43,7 @@ pub mod isolation;
 pub use dirigo_nexmark::machine;
 pub mod migrate;
 pub mod nexmark;
+pub mod scaling;
 
 use std::fmt;
 
