@@ -273,6 +273,52 @@ fn bench_scaling_json_has_every_figure_and_loses_no_row() {
 }
 
 #[test]
+fn bench_density_json_has_every_figure() {
+    let report = json_report(&[
+        "bench",
+        "density",
+        "--json",
+        "--runs",
+        "1",
+        "--run-ms",
+        "300",
+        "--jobs-max",
+        "2",
+        "--cores",
+        "1",
+    ]);
+    assert_keys(
+        &report,
+        &[
+            "time_shared_jobs",
+            "static_jobs",
+            "ratio",
+            "samples",
+            "events_per_job",
+            "cores",
+            "machine",
+        ],
+    );
+    // Static partitioning gives each job a core of its own: one core, at most one job.
+    assert!(report["static_jobs"].as_f64().unwrap() <= 1.0, "{report}");
+    assert!(
+        report["time_shared_jobs"].as_f64().unwrap() <= 2.0,
+        "{report}"
+    );
+    let ratio = &report["ratio"];
+    assert!(ratio.is_number() || ratio.is_null(), "{report}");
+    let sample = &report["samples"][0];
+    for search in ["time_shared", "static"] {
+        assert!(
+            sample[search]["probes"]
+                .as_array()
+                .is_some_and(|p| !p.is_empty()),
+            "{report}"
+        );
+    }
+}
+
+#[test]
 fn bench_ingest_json_has_every_figure_and_reads_every_event() {
     let report = json_report(&[
         "bench", "ingest", "--json", "--events", "20000", "--runs", "1",

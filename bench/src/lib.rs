@@ -12,6 +12,9 @@
 //!   recovery of the job stopped mid-run from its data directory: time until
 //!   every partition runs on its restored state, and the exact per-key check
 //!   that nothing was lost or duplicated.
+//! - [`density`]: the most identical paced q2 jobs that all keep their SLO,
+//!   time-shared over every core (EDF, autoscaler) against static core
+//!   partitioning (one job per shard, FIFO), by doubling then bisection.
 //! - [`isolation`]: a latency-critical job (q1, paced, tight SLO) next to a
 //!   bulk job (q5) whose input bursts far above what the cores can do, under
 //!   FIFO with a static placement (the baseline) and under EDF with the
@@ -38,6 +41,7 @@
 
 pub mod actors;
 pub mod checkpoint;
+pub mod density;
 pub mod ingest;
 pub mod isolation;
 pub use dirigo_nexmark::machine;

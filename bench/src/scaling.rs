@@ -26,10 +26,11 @@
 //! - `reaction_ms`: the p99 latency over a sliding 100 ms window of output
 //!   rows (sampled every 10 ms as the difference of the job's cumulative
 //!   latency histogram, `JobMetrics::latency_us`, which sinks flush every
-//!   10 ms) is followed from the step up to the end of the steady phase
-//!   after it; `reaction_ms` is the time from the step until the end of the
-//!   last window over the SLO (0 when none was), null when the p99 was still
-//!   over the SLO at the end of that phase.
+//!   10 ms) is followed through the step; `reaction_ms` is the time from the
+//!   step until the end of the last window over the SLO (0 when none was),
+//!   null when the p99 was still over the SLO at the end of the step.
+//!   `p99_window_max_us` is the worst window from the step to the pause
+//!   (the step down included).
 //! - `p99_before_us`: rows of the second half of the first steady phase;
 //!   `p99_during_us`: rows of the step.
 //! - `scale_out_actions`: the autoscaler's moves (each takes an actor off a
@@ -174,8 +175,7 @@ impl Config {
 #[derive(Clone, Debug, Serialize)]
 pub struct Figures {
     pub autoscale: bool,
-    /// Null: the window p99 was still over the SLO when the steady phase
-    /// after the step ended.
+    /// Null: the window p99 was still over the SLO when the step ended.
     pub reaction_ms: Option<f64>,
     pub p99_before_us: u64,
     pub p99_during_us: u64,
@@ -353,9 +353,11 @@ fn p99_between(samples: &[Sample], from_ms: f64, to_ms: f64) -> Option<u64> {
     (!rows.is_empty()).then(|| rows.value_at_quantile(0.99))
 }
 
-/// `reaction_ms` and the worst window p99 from the step to the pause.
+/// `reaction_ms` (over the windows that end within the step) and the worst
+/// window p99 from the step to the pause.
 fn reaction(samples: &[Sample], phases: &Phases, slo_us: u64) -> (Option<f64>, u64) {
-    let (start, end) = (phases.step_start_ms as f64, phases.pause_start_ms as f64);
+    let (start, step_end) = (phases.step_start_ms as f64, phases.step_end_ms as f64);
+    let end = phases.pause_start_ms as f64;
     let (mut last_over, mut worst) = (None::<f64>, 0);
     let mut recovered = true;
     for sample in samples.iter().filter(|s| s.ms > start && s.ms <= end) {
@@ -363,6 +365,9 @@ fn reaction(samples: &[Sample], phases: &Phases, slo_us: u64) -> (Option<f64>, u
             continue;
         };
         worst = worst.max(p99);
+        if sample.ms > step_end {
+            continue;
+        }
         recovered = p99 <= slo_us;
         if !recovered {
             last_over = Some(sample.ms);

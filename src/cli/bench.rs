@@ -6,7 +6,9 @@ use serde::Serialize;
 
 use std::path::PathBuf;
 
-use dirigo_bench::{actors, checkpoint, ingest, isolation, migrate, nexmark, scaling, BenchError};
+use dirigo_bench::{
+    actors, checkpoint, density, ingest, isolation, migrate, nexmark, scaling, BenchError,
+};
 
 use super::run::parse_duration;
 
@@ -48,6 +50,32 @@ enum BenchName {
         /// Shards (cores); default: every online core.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
         cores: Option<u64>,
+    },
+    /// The most identical paced q2 jobs that all keep their SLO, time-shared
+    /// over every core (EDF, autoscaler) and with one core per job (FIFO),
+    /// found by doubling then bisection; their ratio.
+    Density {
+        /// Print the report as one JSON object on the last line of stdout.
+        #[arg(long)]
+        json: bool,
+        /// Runs, each searching both ways; the medians are reported.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+        runs: u64,
+        /// Shards (cores); default: every online core.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+        cores: Option<u64>,
+        /// Each job's input rate, events/s.
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+        rate: u64,
+        /// How long each job's input lasts, ms.
+        #[arg(long, default_value_t = 1_500, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+        run_ms: u64,
+        /// Each job's SLO, e.g. `10ms`.
+        #[arg(long, default_value = "10ms", value_parser = parse_duration)]
+        slo: std::time::Duration,
+        /// The time-shared search stops at this many jobs.
+        #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        jobs_max: u64,
     },
     /// The parallel file source (JSON Lines to events on every core) against a
     /// bare read of the same file through the same reader.
@@ -192,6 +220,27 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
                 ..checkpoint::Config::default()
             };
             print(&checkpoint::run(&config)?, json);
+            Ok(())
+        }
+        BenchName::Density {
+            json,
+            runs,
+            cores,
+            rate,
+            run_ms,
+            slo,
+            jobs_max,
+        } => {
+            let config = density::Config {
+                cores: cores.map_or_else(dirigo_engine::runtime::online_cores, |n| n as usize),
+                runs: runs as usize,
+                rate_per_s: rate,
+                run_ms,
+                slo,
+                jobs_max: jobs_max as usize,
+                ..density::Config::default()
+            };
+            print(&density::run(&config)?, json);
             Ok(())
         }
         BenchName::Ingest {
