@@ -209,6 +209,116 @@ fn bench_isolation_json_has_every_figure_and_delivers_every_lc_row() {
 }
 
 #[test]
+fn bench_scaling_json_has_every_figure_and_loses_no_row() {
+    let report = json_report(&[
+        "bench",
+        "scaling",
+        "--json",
+        "--runs",
+        "1",
+        "--rate",
+        "100000",
+        "--step-ms",
+        "300",
+        "--pause-ms",
+        "600",
+    ]);
+    assert_keys(
+        &report,
+        &[
+            "reaction_ms",
+            "p99_before_us",
+            "p99_during_us",
+            "scale_out_actions",
+            "lost",
+            "duplicated",
+            "idle_cpu_pct",
+            "wake_ms",
+            "rows_reference",
+            "baseline",
+            "dirigo",
+            "samples",
+            "workload",
+            "cores",
+            "machine",
+        ],
+    );
+    assert_eq!(
+        report["workload"]["schedule"], "100000/300ms,400000/300ms,100000/150ms,0/600ms,100000",
+        "{report}"
+    );
+    // q2 keeps bids on every 123rd auction: some rows, far fewer than events.
+    let rows = report["rows_reference"].as_u64().unwrap();
+    assert!(rows > 0 && rows < 2_000, "{report}");
+    // A correctness check, not a timing: every row of the baseline, once.
+    assert_eq!(report["lost"], 0, "{report}");
+    assert_eq!(report["duplicated"], 0, "{report}");
+    for config in ["baseline", "dirigo"] {
+        let figures = &report[config];
+        assert_eq!(figures["rows"], rows, "{config} in {report}");
+        for key in [
+            "p99_before_us",
+            "p99_during_us",
+            "idle_cpu_pct",
+            "slo_violation_pct",
+        ] {
+            assert!(figures[key].is_number(), "{config}.{key} in {report}");
+        }
+    }
+    assert!(report["dirigo"]["scale_out_actions"].is_u64(), "{report}");
+    assert!(
+        report["baseline"].get("scale_out_actions").is_none(),
+        "{report}"
+    );
+}
+
+#[test]
+fn bench_density_json_has_every_figure() {
+    let report = json_report(&[
+        "bench",
+        "density",
+        "--json",
+        "--runs",
+        "1",
+        "--run-ms",
+        "300",
+        "--jobs-max",
+        "2",
+        "--cores",
+        "1",
+    ]);
+    assert_keys(
+        &report,
+        &[
+            "time_shared_jobs",
+            "static_jobs",
+            "ratio",
+            "samples",
+            "events_per_job",
+            "cores",
+            "machine",
+        ],
+    );
+    // Static partitioning gives each job a core of its own: one core, at most one job.
+    assert!(report["static_jobs"].as_f64().unwrap() <= 1.0, "{report}");
+    assert!(
+        report["time_shared_jobs"].as_f64().unwrap() <= 2.0,
+        "{report}"
+    );
+    let ratio = &report["ratio"];
+    assert!(ratio.is_number() || ratio.is_null(), "{report}");
+    let sample = &report["samples"][0];
+    for search in ["time_shared", "static"] {
+        assert!(
+            sample[search]["probes"]
+                .as_array()
+                .is_some_and(|p| !p.is_empty()),
+            "{report}"
+        );
+    }
+}
+
+#[test]
 fn bench_ingest_json_has_every_figure_and_reads_every_event() {
     let report = json_report(&[
         "bench", "ingest", "--json", "--events", "20000", "--runs", "1",

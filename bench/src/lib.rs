@@ -12,6 +12,9 @@
 //!   recovery of the job stopped mid-run from its data directory: time until
 //!   every partition runs on its restored state, and the exact per-key check
 //!   that nothing was lost or duplicated.
+//! - [`density`]: the most identical paced q2 jobs that all keep their SLO,
+//!   time-shared over every core (EDF, autoscaler) against static core
+//!   partitioning (one job per shard, FIFO), by doubling then bisection.
 //! - [`isolation`]: a latency-critical job (q1, paced, tight SLO) next to a
 //!   bulk job (q5) whose input bursts far above what the cores can do, under
 //!   FIFO with a static placement (the baseline) and under EDF with the
@@ -19,6 +22,11 @@
 //!   delivered, and the bulk job's throughput.
 //! - [`ingest`]: the parallel file source (JSON Lines to `Event` on every core,
 //!   as a dataflow job) against a bare read of the same file by the same reader.
+//! - [`scaling`]: a paced q2 whose input steps up 4x, back down, pauses and
+//!   resumes, with the autoscaler off (the baseline) and on: how long the
+//!   window p99 stays over the SLO after the step, the autoscaler's moves,
+//!   every row checked against the baseline's, the process's CPU while the
+//!   job idles, and the time to the first row after the pause.
 //! - [`migrate`]: the pause of a live migration of an actor with 1 MiB of state,
 //!   under a steady stream of messages from both shards, and the exactly-once,
 //!   in-order check of every message across 1000 moves.
@@ -33,11 +41,13 @@
 
 pub mod actors;
 pub mod checkpoint;
+pub mod density;
 pub mod ingest;
 pub mod isolation;
 pub use dirigo_nexmark::machine;
 pub mod migrate;
 pub mod nexmark;
+pub mod scaling;
 
 use std::fmt;
 

@@ -6,7 +6,9 @@ use serde::Serialize;
 
 use std::path::PathBuf;
 
-use dirigo_bench::{actors, checkpoint, ingest, isolation, migrate, nexmark, BenchError};
+use dirigo_bench::{
+    actors, checkpoint, density, ingest, isolation, migrate, nexmark, scaling, BenchError,
+};
 
 use super::run::parse_duration;
 
@@ -48,6 +50,32 @@ enum BenchName {
         /// Shards (cores); default: every online core.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
         cores: Option<u64>,
+    },
+    /// The most identical paced q2 jobs that all keep their SLO, time-shared
+    /// over every core (EDF, autoscaler) and with one core per job (FIFO),
+    /// found by doubling then bisection; their ratio.
+    Density {
+        /// Print the report as one JSON object on the last line of stdout.
+        #[arg(long)]
+        json: bool,
+        /// Runs, each searching both ways; the medians are reported.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+        runs: u64,
+        /// Shards (cores); default: every online core.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+        cores: Option<u64>,
+        /// Each job's input rate, events/s.
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+        rate: u64,
+        /// How long each job's input lasts, ms.
+        #[arg(long, default_value_t = 1_500, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+        run_ms: u64,
+        /// Each job's SLO, e.g. `10ms`.
+        #[arg(long, default_value = "10ms", value_parser = parse_duration)]
+        slo: std::time::Duration,
+        /// The time-shared search stops at this many jobs.
+        #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        jobs_max: u64,
     },
     /// The parallel file source (JSON Lines to events on every core) against a
     /// bare read of the same file through the same reader.
@@ -112,6 +140,37 @@ enum BenchName {
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
         migrations: u64,
     },
+    /// A paced q2 whose input steps up (4x), back down, pauses and resumes,
+    /// with the autoscaler off (the baseline) and on, alternated: the window
+    /// p99's reaction to the step, scale actions, every row checked against
+    /// the baseline's, CPU while idle, time to the first row after the pause.
+    Scaling {
+        /// Print the report as one JSON object on the last line of stdout.
+        #[arg(long)]
+        json: bool,
+        /// Runs, each measuring both configurations; the medians are reported.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+        runs: u64,
+        /// Shards (cores); default: every online core.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+        cores: Option<u64>,
+        /// The steady input rate, events/s.
+        #[arg(long, default_value_t = 5_000_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+        rate: u64,
+        /// The step's rate over the steady rate.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        step_factor: u64,
+        /// How long the step (and the steady phase before it) lasts, ms; the
+        /// steady phase after it and the tail last half that.
+        #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(2..=600_000))]
+        step_ms: u64,
+        /// How long the input pauses, ms.
+        #[arg(long, default_value_t = 2_500, value_parser = clap::value_parser!(u64).range(4..=600_000))]
+        pause_ms: u64,
+        /// The job's SLO, e.g. `10ms`.
+        #[arg(long, default_value = "10ms", value_parser = parse_duration)]
+        slo: std::time::Duration,
+    },
     /// Each Nexmark query at full speed (events/s, per core, against the bare
     /// generator) and paced at half that rate for latency.
     Nexmark {
@@ -161,6 +220,27 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
                 ..checkpoint::Config::default()
             };
             print(&checkpoint::run(&config)?, json);
+            Ok(())
+        }
+        BenchName::Density {
+            json,
+            runs,
+            cores,
+            rate,
+            run_ms,
+            slo,
+            jobs_max,
+        } => {
+            let config = density::Config {
+                cores: cores.map_or_else(dirigo_engine::runtime::online_cores, |n| n as usize),
+                runs: runs as usize,
+                rate_per_s: rate,
+                run_ms,
+                slo,
+                jobs_max: jobs_max as usize,
+                ..density::Config::default()
+            };
+            print(&density::run(&config)?, json);
             Ok(())
         }
         BenchName::Ingest {
@@ -226,6 +306,37 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
                 Err(BenchError(format!(
                     "messages were lost ({}), duplicated ({}) or reordered ({})",
                     report.lost, report.duplicated, report.out_of_order
+                )))
+            }
+        }
+        BenchName::Scaling {
+            json,
+            runs,
+            cores,
+            rate,
+            step_factor,
+            step_ms,
+            pause_ms,
+            slo,
+        } => {
+            let config = scaling::Config {
+                cores: cores.map_or_else(dirigo_engine::runtime::online_cores, |n| n as usize),
+                runs: runs as usize,
+                rate_per_s: rate,
+                step_factor,
+                step_ms,
+                pause_ms,
+                slo,
+                ..scaling::Config::default()
+            };
+            let report = scaling::run(&config)?;
+            print(&report, json);
+            if report.exact() {
+                Ok(())
+            } else {
+                Err(BenchError(format!(
+                    "rows were lost ({}) or duplicated ({}) against the baseline's",
+                    report.lost, report.duplicated
                 )))
             }
         }
