@@ -12,9 +12,9 @@
 //!
 //! # Measure
 //!
-//! For an actor over an interval of `elapsed` ns (its shard's clock between two
-//! reports): `busy = cpu_ns / elapsed`
-//! (the fraction of a core it used), `rate = messages / elapsed`, and its true
+//! For an actor over an interval of `elapsed` ns (between two reports of it):
+//! `busy = cpu_ns / elapsed` (the fraction of a core it used), `rate =
+//! messages / elapsed`, and its true
 //! processing rate `rate / busy` (what it would handle with a core to itself,
 //! as in DS2). A shard's load is the sum of its actors' busy fractions. An
 //! actor is *late* when its queueing delay (p99 over the interval) ate more
@@ -31,14 +31,17 @@
 //!
 //! Moving an activation to another shard is the cheapest action (a migration
 //! pauses one actor for microseconds). While some shard is overloaded, the
-//! model moves an actor from the most loaded shard to the least loaded one.
-//! Of the actors whose busy fraction lowers the higher of the two loads by at
-//! least [`AutoscaleConfig::min_gain`], it takes one that brings both shards
-//! under the high mark if there is one; among those, the one of the job with
-//! the most slack (the largest SLO: a migration's pause costs it least); then
-//! the one that evens the two shards best. It repeats on the loads it expects after its moves, up to
-//! [`AutoscaleConfig::moves_per_step_max`], so one step answers a load step
-//! in full. An overloaded shard whose work cannot be spread by moving (one
+//! model moves an actor from the most loaded shard to the least loaded one
+//! that had room (under the target load) at the last step too. Of the actors
+//! whose busy fraction lowers the higher of the two loads by at least
+//! [`AutoscaleConfig::min_gain`], it takes one that brings both shards under
+//! the high mark if there is one; among those, the one of the job with the
+//! most slack (the largest SLO: a migration's pause costs it least); then the
+//! one that evens the two shards best. The job with the tightest SLO on a
+//! shard it shares with looser ones is moved only if its own actor is late:
+//! a co-tenant's overload is the co-tenant's to move. It repeats on the loads
+//! it expects after its moves, up to [`AutoscaleConfig::moves_per_step_max`],
+//! so one step answers a load step in full. An overloaded shard whose work cannot be spread by moving (one
 //! actor needs more than the room left anywhere) is recorded with the
 //! activations its operators need; splitting key-group ranges and parallel
 //! mode are the actions that answer it.
@@ -47,10 +50,10 @@
 //!
 //! - Nothing moves unless a shard is overloaded; a move must lower the higher
 //!   load by `min_gain` and leave its destination under the high mark (or go
-//!   to a nearly idle shard, under `1 - high_load`):
-//!   balanced or lightly loaded shards never trade actors back and forth over
-//!   noise, and saturated ones (a job at full speed fills every core it is
-//!   given) never trade an overload.
+//!   to a nearly idle shard, under `1 - high_load`), a destination that had
+//!   room at the last step too: balanced or lightly loaded shards never trade
+//!   actors back and forth over noise, and saturated ones (a job at full
+//!   speed fills every core it is given) never trade an overload.
 //! - An actor just moved stays put for [`AutoscaleConfig::cooldown_steps`]
 //!   steps, the time its new shard's figures take to show it.
 //! - Dead shards are never a destination; jobs with scaling off are never

@@ -23,7 +23,7 @@ use crate::runtime::Runtime;
 
 use super::{DataMsg, Registry};
 
-/// Steps a slot's last counters are kept while its shard does not report it.
+/// Steps an actor's last counters are kept while no shard reports it.
 const SEEN_STEPS_KEPT: u64 = 20;
 
 /// Decisions kept for [`super::Dataflow::decisions`]; older ones are dropped.
