@@ -7,6 +7,8 @@
 //! event time (exactly) and in wall time (at least the scheduled duration,
 //! within a margin).
 
+mod reference;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -510,5 +512,46 @@ fn a_pause_in_a_schedule_holds_the_input_and_event_time_skips_it() {
         1000,
         "the input resumes at 1 s"
     );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Stateful queries (joins and windows) across a pause long enough for their
+/// stages to deactivate (1 s idle): the stages go to the store with their key
+/// groups, wake when the input resumes, and every query's rows are exactly
+/// the reference's over the same events.
+#[test]
+fn stateful_stages_scale_to_zero_in_a_pause_and_wake_with_their_state() {
+    let dir = temp_dir("scale-to-zero");
+    let step = |per_s, duration_ms| RateStep { per_s, duration_ms };
+    let paused = RateSchedule::new(&[step(20_000, 500), step(0, 1_800), step(20_000, 0)]).unwrap();
+    let events = 20_000u64;
+    let input = events_under(paused.clone(), events);
+    for query in ["q3", "q5", "q8"] {
+        let rows = dir.join(format!("{query}.jsonl"));
+        let report = last_json(&succeeded(&[
+            "run",
+            query,
+            "--events",
+            &events.to_string(),
+            "--rate",
+            &paused.to_string(),
+            "--sink",
+            &format!("file:{}", rows.display()),
+            "--json",
+        ]));
+        let deactivations = report["deactivations"].as_u64().expect("deactivations");
+        assert!(
+            deactivations > 0,
+            "{query}: nothing deactivated in the pause: {report}"
+        );
+        let text = std::fs::read_to_string(&rows).expect("rows written");
+        let actual: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("rows are JSON"))
+            .collect();
+        let expected = reference::query(query, &input);
+        assert!(!expected.is_empty(), "{query}: the reference has rows");
+        reference::assert_same_rows(&expected, &actual);
+    }
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -107,6 +107,10 @@ pub struct RunReport {
     pub queue_us_p99: u64,
     /// Turns over the stall threshold, on any shard.
     pub stalls: u64,
+    /// Actors deactivated while idle (scaled to zero, their state to the
+    /// store) and brought back when input came, on any shard: the run's
+    /// engine, so every job of a run of several reports the same count.
+    pub deactivations: u64,
     /// With a data directory: checkpoints committed and failed in this run,
     /// and the one it resumed from.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -285,6 +289,7 @@ pub fn run_jobs(
             messages: job.messages,
             queue_us_p99: job.queue_us.value_at_quantile(0.99),
             stalls: stats.stalls(),
+            deactivations: stats.deactivations(),
             checkpoints,
         })
     });

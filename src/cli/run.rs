@@ -812,6 +812,10 @@ fn print_job(report: &RunReport) {
         Some(actions) => println!("autoscaler   {actions} actions on this job"),
         None => println!("autoscaler   off"),
     }
+    println!(
+        "idle         {} actors deactivated while idle (their state kept for their next message)",
+        report.deactivations
+    );
     if let Some(c) = &report.checkpoints {
         let resumed = c
             .resumed_from

@@ -179,4 +179,9 @@ impl RuntimeStats {
     pub fn stalls(&self) -> u64 {
         self.shards.iter().map(|s| s.stalls).sum()
     }
+
+    /// Actors deactivated (idle, their state to the store), on any shard.
+    pub fn deactivations(&self) -> u64 {
+        self.shards.iter().map(|s| s.deactivations).sum()
+    }
 }
