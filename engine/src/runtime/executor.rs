@@ -154,16 +154,13 @@ impl<M: Send + 'static> ShardThread<M> {
                     break;
                 }
                 progress = true;
-                if crate::clock::monotonic_ns().saturating_sub(pass_start_ns) > PASS_NS_MAX {
-                    if core.has_staged() {
-                        self.flush(&mut core);
-                    }
-                    break;
-                }
                 // Hand what the turn sent to the other shards now, not at the end of
                 // the pass: a pass can hold many turns, and the peer may be waiting.
                 if core.has_staged() {
                     self.flush(&mut core);
+                }
+                if crate::clock::monotonic_ns().saturating_sub(pass_start_ns) > PASS_NS_MAX {
+                    break;
                 }
             }
             self.flush(&mut core);
