@@ -56,7 +56,7 @@ use dirigo_nexmark::run::{run_jobs, EngineOptions, JobConfig, RunReport};
 use dirigo_nexmark::GeneratorConfig;
 
 use crate::machine::Machine;
-use crate::{median, progress, BenchError};
+use crate::{median, median_u64, progress, BenchError};
 
 /// The latency-critical job's query: one row per bid.
 const LC_QUERY: &str = "q1";
@@ -314,11 +314,11 @@ fn measure(config: &Config, jobs: &[JobConfig], dirigo: bool) -> Result<Figures,
 fn medians(samples: &[&Figures], expected_rows: u64) -> Figures {
     let first = samples[0];
     let of = |f: fn(&Figures) -> f64| median(&samples.iter().map(|s| f(s)).collect::<Vec<_>>());
-    let of_u64 = |f: fn(&Figures) -> u64| of_f64_u64(samples, f);
+    let of_u64 = |f: fn(&Figures) -> u64| median_u64(samples.iter().map(|s| f(s)));
     let of_opt = |f: fn(&Figures) -> Option<u64>| {
         first
             .scale_actions
-            .map(|_| of_f64_u64(samples, move |s| f(s).unwrap_or(0)))
+            .map(|_| median_u64(samples.iter().map(|s| f(s).unwrap_or(0))))
     };
     Figures {
         scheduler: first.scheduler,
@@ -342,11 +342,6 @@ fn medians(samples: &[&Figures], expected_rows: u64) -> Figures {
         bulk_scale_actions: of_opt(|s| s.bulk_scale_actions),
         stalls: of_u64(|s| s.stalls),
     }
-}
-
-/// The median of an integer figure, rounded to an integer.
-fn of_f64_u64(samples: &[&Figures], f: impl Fn(&Figures) -> u64) -> u64 {
-    median(&samples.iter().map(|s| f(s) as f64).collect::<Vec<_>>()).round() as u64
 }
 
 fn sample_line(run: usize, name: &str, f: &Figures) -> String {

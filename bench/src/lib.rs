@@ -77,6 +77,11 @@ pub fn median(samples: &[f64]) -> f64 {
     }
 }
 
+/// The median of integer figures, rounded to an integer.
+pub fn median_u64(samples: impl IntoIterator<Item = u64>) -> u64 {
+    median(&samples.into_iter().map(|s| s as f64).collect::<Vec<_>>()).round() as u64
+}
+
 /// Progress line on stderr, when asked for.
 pub(crate) fn progress(enabled: bool, line: fmt::Arguments<'_>) {
     if enabled {

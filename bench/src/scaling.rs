@@ -69,7 +69,7 @@ use dirigo_nexmark::queries::{build, EventSource, LineWriter, Output, QueryOptio
 use dirigo_nexmark::GeneratorConfig;
 
 use crate::machine::Machine;
-use crate::{median, progress, BenchError};
+use crate::{median, median_u64, progress, BenchError};
 
 const QUERY: &str = "q2";
 /// Width of the sliding window the p99 is taken over, and how often it is sampled.
@@ -493,9 +493,7 @@ fn median_opt(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
 
 fn medians(samples: &[&Figures]) -> Figures {
     let of = |f: fn(&Figures) -> f64| median(&samples.iter().map(|s| f(s)).collect::<Vec<_>>());
-    let of_u64 = |f: fn(&Figures) -> u64| {
-        median(&samples.iter().map(|s| f(s) as f64).collect::<Vec<_>>()).round() as u64
-    };
+    let of_u64 = |f: fn(&Figures) -> u64| median_u64(samples.iter().map(|s| f(s)));
     let first = samples[0];
     Figures {
         autoscale: first.autoscale,

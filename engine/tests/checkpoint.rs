@@ -486,49 +486,42 @@ fn with_every_checkpoint_unreadable_the_job_refuses_to_start() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Run the job to its end with `faults` armed: every armed fault is hit
+/// (`pending` reads what is left), at least one checkpoint fails and is
+/// reported, later ones commit, and the output is exact. The last error.
+fn run_on_a_full_disk(name: &str, faults: Faults, pending: fn(&Faults) -> u64) -> String {
+    let expected = reference();
+    let dir = temp_dir(name);
+    let (data, output) = (dir.join("data"), dir.join("out.txt"));
+    let stats = run(FAST, 2, &data, &output, Until::End, false, faults.clone()).unwrap();
+    assert_eq!(pending(&faults), 0, "every armed fault was hit");
+    assert!(stats.failed >= 1, "the failed checkpoints are reported");
+    assert!(stats.completed >= 1, "later checkpoints succeed");
+    assert_eq!(lines_of(&output), expected);
+    let _ = std::fs::remove_dir_all(&dir);
+    stats.last_error.unwrap_or_default()
+}
+
 #[test]
 fn a_full_disk_fails_checkpoints_and_the_next_one_succeeds() {
-    let expected = reference();
-    let dir = temp_dir("enospc");
-    let (data, output) = (dir.join("data"), dir.join("out.txt"));
     // The first three snapshot or manifest writes find the disk full.
-    let faults = Faults::enospc(3);
-    let stats = run(FAST, 2, &data, &output, Until::End, false, faults.clone()).unwrap();
-    assert_eq!(faults.enospc_pending(), 0, "every armed fault was hit");
-    assert!(stats.failed >= 1, "the failed checkpoints are reported");
-    let error = stats.last_error.clone().unwrap_or_default();
+    let error = run_on_a_full_disk("enospc", Faults::enospc(3), Faults::enospc_pending);
     assert!(
         error.contains("No space left") || error.contains("os error 28"),
         "{error}"
     );
-    assert!(stats.completed >= 1, "later checkpoints succeed");
-    assert_eq!(lines_of(&output), expected);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_full_disk_under_staged_output_fails_a_checkpoint_and_loses_no_row() {
-    let expected = reference();
-    let dir = temp_dir("staged-enospc");
-    let (data, output) = (dir.join("data"), dir.join("out.txt"));
     // Staged rows find the disk full six times: the writes wait and try again.
     let faults = Faults::default();
     faults.arm_staged_enospc(6);
-    let stats = run(FAST, 2, &data, &output, Until::End, false, faults.clone()).unwrap();
-    assert_eq!(
-        faults.staged_enospc_pending(),
-        0,
-        "every armed fault was hit"
-    );
-    assert!(stats.failed >= 1, "the held-up checkpoint is reported");
-    let error = stats.last_error.clone().unwrap_or_default();
+    let error = run_on_a_full_disk("staged-enospc", faults, Faults::staged_enospc_pending);
     assert!(
         error.contains("staging output") && error.contains("os error 28"),
         "{error}"
     );
-    assert!(stats.completed >= 1, "later checkpoints succeed");
-    assert_eq!(lines_of(&output), expected);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
