@@ -20,7 +20,7 @@ use crate::ids::ActorId;
 use super::batch::Batch;
 use super::checkpoint::{Checkpointer, Groups, Part, PartKind, Written, ALIGN_BUFFER_MESSAGES_MAX};
 use super::graph::{
-    Data, JoinOperator, Operator, Plan, Route, Sink, Source, SourceBatch, SourceFactory,
+    Data, JoinOperator, Operator, Plan, Records, Route, Sink, Source, SourceBatch, SourceFactory,
 };
 use super::pace::RateSchedule;
 use super::state::{encode_groups, Stateful};
@@ -140,7 +140,8 @@ impl Watermarks {
     }
 }
 
-/// Run every route of a stage on `records` (each but the last on a copy).
+/// Run every route of a stage on `records`: lent to each but the last, which
+/// takes them.
 fn emit<T: Data>(
     routes: &[Route<T>],
     plan: &Plan,
@@ -155,9 +156,9 @@ fn emit<T: Data>(
         return;
     }
     for route in others {
-        route(records.clone(), plan, partition, ctx);
+        route(Records::Shared(&records), plan, partition, ctx);
     }
-    last(records, plan, partition, ctx);
+    last(Records::Owned(records), plan, partition, ctx);
 }
 
 /// Send `watermark_ms` from `(stage, partition)` to every partition of every

@@ -215,7 +215,58 @@ pub type DeadlineHook = Arc<dyn Fn(&SchedCtx, u32) -> u64 + Send + Sync>;
 /// One consumer of a stage's output: the fused steps and the partitioning into
 /// sends, as one function of the stage's output batch. Arguments: the batch, the
 /// plan, the sending partition, the sending actor's context.
-pub(crate) type Route<T> = Arc<dyn Fn(Vec<T>, &Plan, u32, &mut Context<'_, DataMsg>) + Send + Sync>;
+pub(crate) type Route<T> =
+    Arc<dyn Fn(Records<'_, T>, &Plan, u32, &mut Context<'_, DataMsg>) + Send + Sync>;
+
+/// A batch on its way through one route's steps. A stage with several
+/// consumers gives the batch itself to the last route and lends it to the
+/// others, so that a step which drops records (`filter`) copies only the ones it
+/// keeps: a branch taking 2% of a source's records copies 2%, not all of them.
+pub(crate) enum Records<'a, T> {
+    Owned(Vec<T>),
+    Shared(&'a [T]),
+}
+
+/// A step's pass over lent records, on copies of them. Kept out of line so that
+/// the owned path, the hot one, stays small enough for its in-place collect to
+/// be inlined.
+#[inline(never)]
+fn lent<T: Clone, R>(
+    records: &[T],
+    pass: impl FnOnce(std::iter::Cloned<std::slice::Iter<'_, T>>) -> R,
+) -> R {
+    pass(records.iter().cloned())
+}
+
+/// `filter` over lent records: only the records kept are copied.
+#[inline(never)]
+fn lent_filter<T: Clone>(records: &[T], keep: impl Fn(&T) -> bool) -> Vec<T> {
+    records.iter().filter(|r| keep(r)).cloned().collect()
+}
+
+impl<T: Clone> Records<'_, T> {
+    fn is_empty(&self) -> bool {
+        match self {
+            Records::Owned(records) => records.is_empty(),
+            Records::Shared(records) => records.is_empty(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Records::Owned(records) => records.len(),
+            Records::Shared(records) => records.len(),
+        }
+    }
+
+    /// The records as a vector of their own (a copy only if lent).
+    fn into_vec(self) -> Vec<T> {
+        match self {
+            Records::Owned(records) => records,
+            Records::Shared(records) => records.to_vec(),
+        }
+    }
+}
 
 /// Builds the actor of one `(job, stage, partition)`, with the bookkeeping it
 /// saved when it was deactivated.
@@ -574,7 +625,7 @@ fn send_records<T: Data>(
 
 /// Upstream partition i feeds partition i modulo the target's parallelism.
 fn forward_route<T: Data>(target: (u32, u8), parallelism: u32) -> Route<T> {
-    Arc::new(move |records: Vec<T>, plan, from, ctx| {
+    Arc::new(move |records: Records<'_, T>, plan, from, ctx| {
         if records.is_empty() {
             return;
         }
@@ -585,7 +636,7 @@ fn forward_route<T: Data>(target: (u32, u8), parallelism: u32) -> Route<T> {
             ctx,
             target,
             (from, from % parallelism),
-            records,
+            records.into_vec(),
         );
     })
 }
@@ -595,13 +646,13 @@ fn keyed_route<T: Data>(target: (u32, u8), parallelism: u32, key: KeyFn<T>) -> R
     // The owner of each key group, made once (the plan's key groups are known
     // at the first call): a load per record instead of a division.
     let owners: std::sync::OnceLock<Box<[u32]>> = std::sync::OnceLock::new();
-    Arc::new(move |records: Vec<T>, plan, from, ctx| {
+    Arc::new(move |records: Records<'_, T>, plan, from, ctx| {
         if records.is_empty() {
             return;
         }
         let sched = plan.stamp(ctx.sched(), ctx.shard(), target.0);
         if parallelism == 1 {
-            send_records(plan, sched, ctx, target, (from, 0), records);
+            send_records(plan, sched, ctx, target, (from, 0), records.into_vec());
             return;
         }
         let groups = plan.key_groups;
@@ -612,13 +663,17 @@ fn keyed_route<T: Data>(target: (u32, u8), parallelism: u32, key: KeyFn<T>) -> R
         });
         let expected = records.len() / parallelism as usize + 16;
         let mut parts: Vec<Vec<T>> = (0..parallelism).map(|_| Vec::new()).collect();
-        for record in records {
+        let place = |record: T| {
             let p = owners[key_group(key(&record), groups) as usize] as usize;
             let part = &mut parts[p];
             if part.capacity() == 0 {
                 part.reserve(expected);
             }
             part.push(record);
+        };
+        match records {
+            Records::Owned(records) => records.into_iter().for_each(place),
+            Records::Shared(records) => records.iter().cloned().for_each(place),
         }
         for (p, part) in parts.into_iter().enumerate() {
             if !part.is_empty() {
@@ -663,9 +718,13 @@ impl<T: Data> Stream<T> {
         let f = Arc::new(f);
         self.then(move |next: Route<U>| {
             let f = f.clone();
-            Arc::new(move |records: Vec<T>, plan, from, ctx| {
+            Arc::new(move |records: Records<'_, T>, plan, from, ctx| {
                 // Collects in place when `U` fits in `T`'s allocation.
-                next(records.into_iter().map(&*f).collect(), plan, from, ctx)
+                let out = match records {
+                    Records::Owned(records) => records.into_iter().map(&*f).collect(),
+                    Records::Shared(records) => lent(records, |r| r.map(&*f).collect()),
+                };
+                next(Records::Owned(out), plan, from, ctx)
             })
         })
     }
@@ -674,9 +733,16 @@ impl<T: Data> Stream<T> {
         let f = Arc::new(f);
         self.then(move |next: Route<T>| {
             let f = f.clone();
-            Arc::new(move |mut records: Vec<T>, plan, from, ctx| {
-                records.retain(|r| f(r));
-                next(records, plan, from, ctx)
+            Arc::new(move |records: Records<'_, T>, plan, from, ctx| {
+                let kept = match records {
+                    Records::Owned(mut records) => {
+                        records.retain(|r| f(r));
+                        records
+                    }
+                    // Only the records kept are copied.
+                    Records::Shared(records) => lent_filter(records, &*f),
+                };
+                next(Records::Owned(kept), plan, from, ctx)
             })
         })
     }
@@ -689,13 +755,33 @@ impl<T: Data> Stream<T> {
         let f = Arc::new(f);
         self.then(move |next: Route<U>| {
             let f = f.clone();
-            Arc::new(move |records: Vec<T>, plan, from, ctx| {
-                next(
-                    records.into_iter().filter_map(&*f).collect(),
-                    plan,
-                    from,
-                    ctx,
-                )
+            Arc::new(move |records: Records<'_, T>, plan, from, ctx| {
+                let out = match records {
+                    Records::Owned(records) => records.into_iter().filter_map(&*f).collect(),
+                    Records::Shared(records) => lent(records, |r| r.filter_map(&*f).collect()),
+                };
+                next(Records::Owned(out), plan, from, ctx)
+            })
+        })
+    }
+
+    /// `filter_map` with a function of a borrowed record: a branch lent its
+    /// stage's batch copies only what `f` returns, never the records it drops.
+    /// For selecting a few records of many out of a stage that feeds several
+    /// consumers (one kind of event out of a source).
+    pub fn filter_map_ref<U: Data>(
+        &self,
+        f: impl Fn(&T) -> Option<U> + Send + Sync + 'static,
+    ) -> Stream<U> {
+        let f = Arc::new(f);
+        self.then(move |next: Route<U>| {
+            let f = f.clone();
+            Arc::new(move |records: Records<'_, T>, plan, from, ctx| {
+                let out = match &records {
+                    Records::Owned(records) => records.iter().filter_map(&*f).collect(),
+                    Records::Shared(records) => records.iter().filter_map(&*f).collect(),
+                };
+                next(Records::Owned(out), plan, from, ctx)
             })
         })
     }
@@ -707,12 +793,13 @@ impl<T: Data> Stream<T> {
         let f = Arc::new(f);
         self.then(move |next: Route<U>| {
             let f = f.clone();
-            Arc::new(move |records: Vec<T>, plan, from, ctx| {
+            Arc::new(move |records: Records<'_, T>, plan, from, ctx| {
                 let mut out = Vec::with_capacity(records.len());
-                for record in records {
-                    f(record, &mut out);
+                match records {
+                    Records::Owned(records) => records.into_iter().for_each(|r| f(r, &mut out)),
+                    Records::Shared(records) => lent(records, |r| r.for_each(|r| f(r, &mut out))),
                 }
-                next(out, plan, from, ctx)
+                next(Records::Owned(out), plan, from, ctx)
             })
         })
     }
