@@ -33,10 +33,10 @@
 //!   (the step down included).
 //! - `p99_before_us`: rows of the second half of the first steady phase;
 //!   `p99_during_us`: rows of the step.
-//! - `scale_out_actions`: the autoscaler's moves (each takes an actor off a
-//!   shard over its load mark); `needs_parallelism`: the steps at which it
-//!   found no move that helps. The model has no scale-in action yet (nothing
-//!   consolidates actors when load falls), so there is no `scale_in_actions`.
+//! - `scale_out_actions`: the autoscaler's moves off a shard over its load
+//!   mark; `scale_in_actions`: its moves off a shard cold for a second,
+//!   drained into the others when load falls; `needs_parallelism`: the steps
+//!   at which it found no move that helps.
 //! - `lost` and `duplicated`: the rows as a multiset against the reference,
 //!   the baseline's rows of the first run (same job, same schedule, so the
 //!   same rows: event time follows the schedule, not the wall clock).
@@ -62,7 +62,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use dirigo_engine::autoscale::Action;
+use dirigo_engine::autoscale::{Action, Scale};
 use dirigo_engine::dataflow::{AutoscaleOptions, Dataflow, DataflowConfig, RateSchedule, RateStep};
 use dirigo_engine::runtime::PolicyKind;
 use dirigo_nexmark::queries::{build, EventSource, LineWriter, Output, QueryOptions};
@@ -87,8 +87,7 @@ figures are medians over the runs (lost and duplicated: the worst run); a row's 
 from when its input was due by the schedule to the sink; the sliding-window p99 comes from the \
 job's latency histogram sampled every 10 ms (sinks flush it every 10 ms); lost and duplicated \
 compare the rows as a multiset with the first run's baseline; out_of_order is not measured \
-(q2 rows carry no sequence; bench migrate checks order across moves); scale_in_actions is \
-absent: the autoscaler's model has no scale-in yet; idle_cpu_pct is the whole process's CPU \
+(q2 rows carry no sequence; bench migrate checks order across moves); idle_cpu_pct is the whole process's CPU \
 during the pause after the stages deactivated";
 
 #[derive(Clone, Debug)]
@@ -187,6 +186,8 @@ pub struct Figures {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scale_out_actions: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale_in_actions: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub needs_parallelism: Option<u64>,
     pub rows: u64,
     pub lost: u64,
@@ -227,6 +228,7 @@ pub struct Report {
     pub p99_before_us: u64,
     pub p99_during_us: u64,
     pub scale_out_actions: u64,
+    pub scale_in_actions: u64,
     /// Over every run of both configurations.
     pub lost: u64,
     pub duplicated: u64,
@@ -468,7 +470,28 @@ fn measure(config: &Config, schedule: &RateSchedule, dirigo: bool) -> Result<Mea
         .unwrap_or(0),
         p99_window_max_us,
         slo_violation_pct: dirigo_nexmark::run::slo_violation_pct(&report.latency_us, slo_us),
-        scale_out_actions: dirigo.then(|| count(|a| matches!(a, Action::Move { .. }))),
+        scale_out_actions: dirigo.then(|| {
+            count(|a| {
+                matches!(
+                    a,
+                    Action::Move {
+                        scale: Scale::Out,
+                        ..
+                    }
+                )
+            })
+        }),
+        scale_in_actions: dirigo.then(|| {
+            count(|a| {
+                matches!(
+                    a,
+                    Action::Move {
+                        scale: Scale::In,
+                        ..
+                    }
+                )
+            })
+        }),
         needs_parallelism: dirigo.then(|| count(|a| matches!(a, Action::NeedsParallelism { .. }))),
         rows: rows.len() as u64,
         lost: 0,
@@ -505,6 +528,9 @@ fn medians(samples: &[&Figures]) -> Figures {
         scale_out_actions: first
             .scale_out_actions
             .map(|_| of_u64(|s| s.scale_out_actions.unwrap_or(0))),
+        scale_in_actions: first
+            .scale_in_actions
+            .map(|_| of_u64(|s| s.scale_in_actions.unwrap_or(0))),
         needs_parallelism: first
             .needs_parallelism
             .map(|_| of_u64(|s| s.needs_parallelism.unwrap_or(0))),
@@ -522,12 +548,14 @@ fn sample_line(run: usize, name: &str, f: &Figures) -> String {
     let opt = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.0}"));
     format!(
         "scaling: run {run} {name:<8}: reaction {} ms, p99 before {} us, during {} us, worst \
-         window {} us; {} moves; rows {} (lost {}, duplicated {}); idle CPU {:.2}%; wake {} ms",
+         window {} us; {} moves out, {} in; rows {} (lost {}, duplicated {}); idle CPU {:.2}%; wake {} ms",
         opt(f.reaction_ms),
         f.p99_before_us,
         f.p99_during_us,
         f.p99_window_max_us,
         f.scale_out_actions
+            .map_or("-".to_string(), |a| a.to_string()),
+        f.scale_in_actions
             .map_or("-".to_string(), |a| a.to_string()),
         f.rows,
         f.lost,
@@ -604,6 +632,7 @@ pub fn run(config: &Config) -> Result<Report, BenchError> {
         p99_before_us: dirigo.p99_before_us,
         p99_during_us: dirigo.p99_during_us,
         scale_out_actions: dirigo.scale_out_actions.unwrap_or(0),
+        scale_in_actions: dirigo.scale_in_actions.unwrap_or(0),
         lost: baseline.lost.max(dirigo.lost),
         duplicated: baseline.duplicated.max(dirigo.duplicated),
         idle_cpu_pct: dirigo.idle_cpu_pct,
@@ -702,9 +731,16 @@ impl fmt::Display for Report {
             "-".to_string(),
             self.scale_out_actions.to_string(),
             format!(
-                "moves; {} steps found no move that helps (no scale-in in the model yet)",
+                "moves; {} steps found no move that helps",
                 d.needs_parallelism.unwrap_or(0)
             ),
+        )?;
+        row(
+            f,
+            "scale_in_actions",
+            "-".to_string(),
+            self.scale_in_actions.to_string(),
+            "moves off a shard cold for a second".to_string(),
         )?;
         row(
             f,

@@ -46,6 +46,20 @@
 //! activations its operators need; splitting key-group ranges and parallel
 //! mode are the actions that answer it.
 //!
+//! # Scale in, lazily
+//!
+//! When no shard is overloaded and nothing moved this step, a shard whose
+//! load stayed under [`AutoscaleConfig::low_load`] for
+//! [`AutoscaleConfig::scale_in_steps`] steps in a row is drained: each of its
+//! actors goes to the fullest other shard that already runs actors and stays
+//! under [`AutoscaleConfig::packed_load`] with it. It drains only if every
+//! one of its actors fits somewhere (a half-drained shard frees no core), and
+//! only if none of them is fixed, cooling or late. The shard it leaves
+//! empty parks, and is the room the next scale-out moves into. Scale out is
+//! immediate and scale in waits a second, and the packed load stays under
+//! the target (which is under the high mark): a drain never sets off the
+//! overload that would move its actors back.
+//!
 //! # Stability
 //!
 //! - Nothing moves unless a shard is overloaded; a move must lower the higher
@@ -82,8 +96,15 @@ pub struct AutoscaleConfig {
     /// job's SLO is late.
     pub late_slack_fraction: f64,
     /// Actors busy less than this are left where they are (moving them gains
-    /// nothing measurable).
+    /// nothing measurable), except when their shard is drained.
     pub min_busy: f64,
+    /// A shard under this load is cold; cold for `scale_in_steps` in a row,
+    /// it is drained into the others.
+    pub low_load: f64,
+    /// Steps a shard stays cold before it is drained.
+    pub scale_in_steps: u64,
+    /// A drain fills a shard up to this load at most.
+    pub packed_load: f64,
 }
 
 impl Default for AutoscaleConfig {
@@ -96,6 +117,9 @@ impl Default for AutoscaleConfig {
             moves_per_step_max: 8,
             late_slack_fraction: 0.5,
             min_busy: 0.01,
+            low_load: 0.25,
+            scale_in_steps: 20,
+            packed_load: 0.6,
         }
     }
 }
@@ -137,11 +161,13 @@ pub struct Sample {
 /// What the model decided, and why.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
-    /// Migrate `actor` from shard `from` to shard `to`.
+    /// Migrate `actor` from shard `from` to shard `to`: off an overloaded
+    /// shard (scale out) or off a cold one being drained (scale in).
     Move {
         actor: ActorId,
         from: ShardId,
         to: ShardId,
+        scale: Scale,
     },
     /// `shard` is overloaded and no move can relieve it: the operators on it
     /// need these activations (job, stage, activations now, needed).
@@ -149,6 +175,15 @@ pub enum Action {
         shard: ShardId,
         operators: Vec<(JobId, u32, u32, u32)>,
     },
+}
+
+/// Which way a move scales its job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scale {
+    /// Spreads work off an overloaded shard.
+    Out,
+    /// Packs work off a cold shard, which then parks.
+    In,
 }
 
 /// One decision of one step, with the figures behind it.
@@ -174,10 +209,20 @@ impl Decision {
 impl fmt::Display for Decision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.action {
-            Action::Move { actor, from, to } => write!(
+            Action::Move {
+                actor,
+                from,
+                to,
+                scale,
+            } => write!(
                 f,
-                "step {}: move {actor} from {from} to {to}: {}",
-                self.step, self.reason
+                "step {}: scale {}: move {actor} from {from} to {to}: {}",
+                self.step,
+                match scale {
+                    Scale::Out => "out",
+                    Scale::In => "in",
+                },
+                self.reason
             ),
             Action::NeedsParallelism { shard, operators } => {
                 write!(f, "step {}: {shard} needs parallelism:", self.step)?;
@@ -203,6 +248,8 @@ pub struct Autoscaler {
     /// then too (a shard that paused for a moment, waiting on a full
     /// mailbox, is not room).
     last_load: Vec<f64>,
+    /// Per shard, steps in a row it has been cold (under `low_load`).
+    cold_steps: Vec<u64>,
 }
 
 /// An actor's measured figures in one step.
@@ -223,6 +270,7 @@ impl Autoscaler {
             cooling: BTreeMap::new(),
             told: BTreeMap::new(),
             last_load: Vec::new(),
+            cold_steps: Vec::new(),
         }
     }
 
@@ -233,6 +281,11 @@ impl Autoscaler {
     /// Steps taken so far.
     pub fn steps(&self) -> u64 {
         self.step
+    }
+
+    /// Each shard's load as measured at the last step (empty before one).
+    pub fn loads(&self) -> &[f64] {
+        &self.last_load
     }
 
     /// Measure `sample`, compute, and decide this step's actions.
@@ -338,6 +391,7 @@ impl Autoscaler {
                     actor: m.id,
                     from: ShardId(hot as u16),
                     to: ShardId(cool as u16),
+                    scale: Scale::Out,
                 },
                 reason: format!(
                     "{} load {:.2}{} and {} load {:.2}; the actor is {:.0}% busy, SLO {} ms",
@@ -354,6 +408,22 @@ impl Autoscaler {
             load[cool] += m.busy;
             place.insert(m.id, cool);
             self.cooling.insert(m.id, step + self.config.cooldown_steps);
+        }
+        self.cold_steps.resize(sample.shards, 0);
+        for (s, &l) in load.iter().enumerate() {
+            self.cold_steps[s] = if l < self.config.low_load {
+                self.cold_steps[s] + 1
+            } else {
+                0
+            };
+        }
+        let calm = decisions.is_empty()
+            && stuck.is_empty()
+            && !live
+                .iter()
+                .any(|&s| load[s] > self.config.target_load || late[s]);
+        if calm {
+            decisions.extend(self.drain(&measured, &live, &load));
         }
         for shard in stuck {
             let recently = self
@@ -387,6 +457,86 @@ impl Autoscaler {
             });
         }
         decisions
+    }
+
+    /// Scale in: the moves that empty the coldest shard cold long enough,
+    /// if all its actors fit elsewhere (see the module's "Scale in").
+    fn drain(&mut self, measured: &[Measured], live: &[usize], load: &[f64]) -> Vec<Decision> {
+        let step = self.step;
+        let mut running = vec![0usize; load.len()];
+        for m in measured {
+            running[m.shard.index()] += 1;
+        }
+        let mut cold: Vec<usize> = live
+            .iter()
+            .copied()
+            .filter(|&s| running[s] > 0 && self.cold_steps[s] >= self.config.scale_in_steps)
+            .collect();
+        // The emptiest first; of equals, the highest index.
+        cold.sort_by(|a, b| load[*a].total_cmp(&load[*b]).then(b.cmp(a)));
+        for shard in cold {
+            let mut on: Vec<&Measured> = measured
+                .iter()
+                .filter(|m| m.shard.index() == shard)
+                .collect();
+            if on
+                .iter()
+                .any(|m| !m.scalable || m.late || self.cooling.contains_key(&m.id))
+            {
+                continue;
+            }
+            if on.len() > self.config.moves_per_step_max {
+                continue; // more than one step's moves: a drain is all or nothing
+            }
+            // The busiest first, each to the fullest shard it fits on.
+            on.sort_by(|a, b| b.busy.total_cmp(&a.busy).then(a.id.cmp(&b.id)));
+            let mut planned = load.to_vec();
+            let mut moves = Vec::new();
+            for m in &on {
+                let to = live
+                    .iter()
+                    .copied()
+                    .filter(|&d| d != shard && running[d] > 0)
+                    .filter(|&d| planned[d] + m.busy <= self.config.packed_load)
+                    .max_by(|a, b| planned[*a].total_cmp(&planned[*b]).then(b.cmp(a)));
+                let Some(to) = to else {
+                    break;
+                };
+                planned[to] += m.busy;
+                moves.push((m, to));
+            }
+            if moves.len() < on.len() {
+                continue;
+            }
+            let cold_for = self.cold_steps[shard];
+            self.cold_steps[shard] = 0;
+            return moves
+                .into_iter()
+                .map(|(m, to)| {
+                    self.cooling.insert(m.id, step + self.config.cooldown_steps);
+                    Decision {
+                        step,
+                        action: Action::Move {
+                            actor: m.id,
+                            from: ShardId(shard as u16),
+                            to: ShardId(to as u16),
+                            scale: Scale::In,
+                        },
+                        reason: format!(
+                            "{} load {:.2}, under {:.2} for {cold_for} steps, drained; {} load {:.2}; \
+                             the actor is {:.0}% busy",
+                            ShardId(shard as u16),
+                            load[shard],
+                            self.config.low_load,
+                            ShardId(to as u16),
+                            load[to],
+                            m.busy * 100.0
+                        ),
+                    }
+                })
+                .collect();
+        }
+        Vec::new()
     }
 
     fn measure(&self, sample: &Sample) -> Vec<Measured> {

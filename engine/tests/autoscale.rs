@@ -120,7 +120,9 @@ fn the_autoscaler_spreads_a_job_packed_on_one_shard_and_its_output_stays_exact()
     let moves: Vec<_> = decisions
         .iter()
         .filter_map(|d| match d.action {
-            Action::Move { actor, from, to } => Some((actor, from, to)),
+            Action::Move {
+                actor, from, to, ..
+            } => Some((actor, from, to)),
             _ => None,
         })
         .collect();

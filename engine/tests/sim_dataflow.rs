@@ -322,7 +322,10 @@ fn run_moved(seed: u64, shards: u16, mut mover: Mover) -> (Outcome, u64) {
             if steps.is_multiple_of(AUTOSCALE_STEPS) {
                 let sample = sim_sample(&mut sim, shards, &mut seen, &mut last_ns, 5_000_000);
                 for decision in scaler.step(&sample) {
-                    if let Action::Move { actor, from, to } = decision.action {
+                    if let Action::Move {
+                        actor, from, to, ..
+                    } = decision.action
+                    {
                         sim.migrate(from, actor, to);
                         moves += 1;
                     }

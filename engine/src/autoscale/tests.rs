@@ -96,7 +96,10 @@ impl World {
 
     fn apply(&mut self, decisions: &[Decision]) {
         for decision in decisions {
-            if let Action::Move { actor, from, to } = decision.action {
+            if let Action::Move {
+                actor, from, to, ..
+            } = decision.action
+            {
                 let entry = self.actors.iter_mut().find(|a| a.0 == actor).unwrap();
                 assert_eq!(entry.1, from.index(), "{decision}");
                 entry.1 = to.index();
@@ -251,7 +254,10 @@ fn the_job_with_the_most_slack_moves_first() {
     let mut scaler = Autoscaler::new(AutoscaleConfig::default());
     let decisions = scaler.step(&world.sample());
     assert_eq!(moves(&decisions), 1, "{decisions:?}");
-    let Action::Move { actor, from, to } = decisions[0].action else {
+    let Action::Move {
+        actor, from, to, ..
+    } = decisions[0].action
+    else {
         unreachable!()
     };
     assert_eq!((actor.job, from, to), (BULK, ShardId(0), ShardId(1)));
@@ -394,4 +400,118 @@ fn the_tightest_job_on_a_shared_shard_stays_unless_it_is_late() {
     let decisions = scaler.step(&sample);
     assert_eq!(moves(&decisions), 1, "{decisions:?}");
     assert!(matches!(decisions[0].action, Action::Move { actor, .. } if actor.job == LC));
+}
+
+fn moves_of(decisions: &[Decision], want: Scale) -> usize {
+    decisions
+        .iter()
+        .filter(|d| matches!(d.action, Action::Move { scale, .. } if scale == want))
+        .count()
+}
+
+fn shards_in_use(world: &World) -> usize {
+    (0..world.shards)
+        .filter(|&s| world.actors.iter().any(|a| a.1 == s))
+        .count()
+}
+
+#[test]
+fn cold_shards_are_drained_lazily_into_as_few_as_the_load_needs() {
+    for shards in [2, 4, 8] {
+        // Two actors of 0.04 cores per shard: every shard cold.
+        let mut world = World::new(shards);
+        for p in 0..2 * shards as u32 {
+            world.add(actor(BULK, 1, p), p as usize % shards, 0.04);
+        }
+        let total = 0.08 * shards as f64;
+        let mut scaler = Autoscaler::new(AutoscaleConfig::default());
+        let lazy = scaler.config().scale_in_steps;
+        let mut first_drain = None;
+        let mut moved: BTreeMap<ActorId, Vec<Scale>> = BTreeMap::new();
+        for step in 1..=400u64 {
+            let decisions = scaler.step(&world.sample());
+            assert_eq!(moves_of(&decisions, Scale::Out), 0, "{decisions:?}");
+            if moves_of(&decisions, Scale::In) > 0 && first_drain.is_none() {
+                first_drain = Some(step);
+            }
+            for d in &decisions {
+                if let Action::Move { actor, scale, .. } = d.action {
+                    moved.entry(actor).or_default().push(scale);
+                }
+            }
+            world.apply(&decisions);
+            // No shard is ever packed past the packed load.
+            assert!(world.max_load() <= scaler.config().packed_load + 1e-9);
+        }
+        // Not before the shard was cold for `scale_in_steps` steps.
+        assert_eq!(first_drain, Some(lazy), "{shards} shards");
+        // As few shards as the packed load allows, and then still.
+        let needed = (total / scaler.config().packed_load).ceil() as usize;
+        assert_eq!(shards_in_use(&world), needed.max(1), "{shards} shards");
+        for _ in 0..100 {
+            assert!(scaler.step(&world.sample()).is_empty());
+        }
+        // An actor is drained at most once per shard it leaves, never back.
+        assert!(moved.values().all(|m| m.len() < shards), "{moved:?}");
+    }
+}
+
+#[test]
+fn a_drain_that_would_pack_a_shard_past_its_mark_or_move_a_fixed_or_late_actor_waits() {
+    // Shard 0 cold (0.2), shard 1 at 0.45: 0.65 is past the packed load.
+    let mut world = World::new(2);
+    world.add(actor(BULK, 1, 0), 0, 0.2);
+    world.add(actor(BULK, 1, 1), 1, 0.45);
+    let mut scaler = Autoscaler::new(AutoscaleConfig::default());
+    for _ in 0..100 {
+        assert!(scaler.step(&world.sample()).is_empty());
+    }
+    // Both cold, but the actor of the emptier one belongs to a fixed job.
+    let mut world = World::new(2);
+    world.jobs.get_mut(&LC).unwrap().scalable = false;
+    world.add(actor(LC, 1, 0), 0, 0.05);
+    world.add(actor(BULK, 1, 0), 1, 0.1);
+    let mut scaler = Autoscaler::new(AutoscaleConfig::default());
+    let mut drained = Vec::new();
+    for _ in 0..100 {
+        let decisions = scaler.step(&world.sample());
+        drained.extend(decisions.iter().map(|d| d.action.clone()));
+        world.apply(&decisions);
+    }
+    // The scalable job's shard is drained into the fixed job's instead.
+    assert_eq!(drained.len(), 1, "{drained:?}");
+    assert!(matches!(
+        drained[0],
+        Action::Move { actor, from: ShardId(1), to: ShardId(0), scale: Scale::In }
+            if actor.job == BULK
+    ));
+}
+
+#[test]
+fn after_a_drain_a_load_step_scales_out_again_and_it_settles() {
+    let mut world = World::new(4);
+    for p in 0..8 {
+        world.add(actor(BULK, 1, p), p as usize % 4, 0.03);
+    }
+    let mut scaler = Autoscaler::new(AutoscaleConfig::default());
+    for _ in 0..200 {
+        let decisions = scaler.step(&world.sample());
+        world.apply(&decisions);
+    }
+    assert_eq!(shards_in_use(&world), 1, "0.24 cores fit on one shard");
+    // A 4x step: 0.96 cores on one shard.
+    world.set_demand(BULK, 0.12);
+    let mut steps = 0;
+    while world.max_load() > scaler.config().high_load {
+        steps += 1;
+        assert!(steps <= 2, "not converged in 2 steps");
+        let decisions = scaler.step(&world.sample());
+        assert!(moves_of(&decisions, Scale::Out) > 0, "{decisions:?}");
+        world.apply(&decisions);
+    }
+    // Then nothing moves either way while the load holds.
+    for _ in 0..200 {
+        let decisions = scaler.step(&world.sample());
+        assert!(decisions.is_empty(), "{decisions:?}");
+    }
 }

@@ -463,6 +463,11 @@ impl Job {
         self
     }
 
+    /// Whether the autoscaler may move the job's actors (`autoscale`).
+    pub fn scalable(&self) -> bool {
+        self.autoscale
+    }
+
     /// Take checkpoints (see `checkpoint`): sources inject barriers every
     /// `options.interval`, state and staged output go to `options.dir`, and a job
     /// submitted again with the same directory resumes from its last complete

@@ -615,7 +615,23 @@ impl Dataflow {
         let id = JobId(self.next_job);
         self.next_job += 1;
         let now_ns = crate::clock::monotonic_ns();
+        let scalable = job.scalable();
         let (handle, ticks) = self.registry.register(job, id, now_ns)?;
+        // Serverless sizing: under the autoscaler a scalable job starts on
+        // one shard, and is spread from there as its load needs. Its actors
+        // are not active yet: each move only renames their shard, before the
+        // first message.
+        if let Some(scaler) = self.scaler.as_ref().filter(|_| scalable) {
+            let live: Vec<ShardId> = (0..self.runtime.shards())
+                .map(|s| ShardId(s as u16))
+                .filter(|s| !self.runtime.is_dead(*s))
+                .collect();
+            if let Some(shard) = scaler.start_shard(&live) {
+                for actor in self.registry.actors(id) {
+                    let _ = self.runtime.migrate(actor, shard);
+                }
+            }
+        }
         for (actor, sched) in ticks {
             // A dead shard fails every job through the failure hook.
             let _ = self.runtime.send(actor, DataMsg::Tick, sched);

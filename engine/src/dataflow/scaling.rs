@@ -54,6 +54,15 @@ pub(crate) struct Driver {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     pub(crate) decisions: Arc<Mutex<VecDeque<Decision>>>,
+    starts: Arc<Mutex<Starts>>,
+}
+
+/// Where new jobs start: each shard's load at the last step, and the jobs
+/// started on it so far.
+#[derive(Default)]
+struct Starts {
+    loads: Vec<f64>,
+    started: Vec<u32>,
 }
 
 /// An actor's cumulative counters when last reported. They travel with the
@@ -80,18 +89,41 @@ impl Driver {
     ) -> Driver {
         let stop = Arc::new(AtomicBool::new(false));
         let decisions = Arc::new(Mutex::new(VecDeque::new()));
+        let starts = Arc::new(Mutex::new(Starts::default()));
         let thread = {
-            let (stop, decisions) = (stop.clone(), decisions.clone());
+            let (stop, decisions, starts) = (stop.clone(), decisions.clone(), starts.clone());
             std::thread::Builder::new()
                 .name("dirigo-autoscaler".into())
-                .spawn(move || run(options, &runtime, &registry, &stop, &decisions))
+                .spawn(move || run(options, &runtime, &registry, &stop, &decisions, &starts))
                 .expect("the autoscaler thread starts")
         };
         Driver {
             stop,
             thread: Some(thread),
             decisions,
+            starts,
         }
+    }
+
+    /// The shard a new scalable job starts on, all of it: the least loaded
+    /// at the last step of the live ones, and of equals (idle shards) the one
+    /// that took the fewest jobs so far (jobs submitted together start
+    /// apart); from there the autoscaler spreads it as far as its load needs.
+    pub(crate) fn start_shard(&self, live: &[ShardId]) -> Option<ShardId> {
+        let mut starts = self.starts.lock().expect("starts poisoned");
+        let shards = live.iter().map(|s| s.index() + 1).max()?;
+        if starts.started.len() < shards {
+            starts.started.resize(shards, 0);
+        }
+        let load = |s: &ShardId| starts.loads.get(s.index()).copied().unwrap_or(0.0);
+        let shard = *live.iter().min_by(|a, b| {
+            load(a)
+                .total_cmp(&load(b))
+                .then(starts.started[a.index()].cmp(&starts.started[b.index()]))
+                .then(a.cmp(b))
+        })?;
+        starts.started[shard.index()] += 1;
+        Some(shard)
     }
 
     /// Stop the thread and wait for it.
@@ -116,6 +148,7 @@ fn run(
     registry: &Registry,
     stop: &AtomicBool,
     decisions: &Mutex<VecDeque<Decision>>,
+    starts: &Mutex<Starts>,
 ) {
     let mut model = Autoscaler::new(options.model.clone());
     let mut seen: BTreeMap<ActorId, Seen> = BTreeMap::new();
@@ -186,7 +219,9 @@ fn run(
         // An actor not reported for a while is gone (deactivated, or its
         // job ended); one back sooner goes on from its counters.
         seen.retain(|_, s| s.step + SEEN_STEPS_KEPT > step);
-        for decision in model.step(&sample) {
+        let step_decisions = model.step(&sample);
+        starts.lock().expect("starts poisoned").loads = model.loads().to_vec();
+        for decision in step_decisions {
             if let Action::Move { actor, to, .. } = decision.action {
                 // A shard that died since the sample: the move is moot.
                 let _ = runtime.migrate(actor, to);

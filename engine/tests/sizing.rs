@@ -1,0 +1,210 @@
+//! Serverless sizing in a running engine: under the autoscaler a job starts
+//! on one shard (two jobs submitted together on two), a light job is never
+//! spread, and a light job spread over both shards is drained into one once
+//! its shards have been cold for a second; every output is the reference's.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dirigo_engine::autoscale::{Action, Scale};
+use dirigo_engine::dataflow::ops::{Count, WindowSpec};
+use dirigo_engine::dataflow::pace::RateSchedule;
+use dirigo_engine::dataflow::{
+    AutoscaleOptions, Dataflow, DataflowConfig, Job, Sink, Source, SourceBatch,
+};
+use dirigo_engine::{JobId, ShardId};
+
+const WINDOW_MS: i64 = 100;
+const KEYS: u64 = 1000;
+
+fn reading(n: u64) -> (u64, i64) {
+    let mix = n.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(23);
+    (mix % KEYS, (n / 100) as i64)
+}
+
+struct Readings {
+    next: u64,
+    step: u64,
+    end: u64,
+}
+
+impl Source<(u64, i64)> for Readings {
+    fn next_batch(&mut self, max: usize, out: &mut Vec<(u64, i64)>) -> SourceBatch {
+        for _ in 0..max {
+            if self.next >= self.end {
+                return SourceBatch::Done;
+            }
+            out.push(reading(self.next));
+            self.next += self.step;
+        }
+        SourceBatch::More {
+            watermark_ms: reading(self.next - self.step).1,
+        }
+    }
+}
+
+type Rows = Arc<Mutex<Vec<(u64, i64, u64)>>>;
+
+struct Collect(Rows);
+
+impl Sink<(u64, i64, u64)> for Collect {
+    fn write(&mut self, records: &[(u64, i64, u64)]) {
+        self.0.lock().unwrap().extend_from_slice(records);
+    }
+}
+
+/// A windowed count of `events` readings at `per_s` (light: a few percent
+/// of a core).
+fn job(name: &str, events: u64, per_s: u64, rows: Rows) -> Job {
+    let mut job = Job::new(name, Duration::from_millis(200));
+    job.pace(Some(RateSchedule::constant(per_s)));
+    job.source(
+        "readings",
+        2,
+        Arc::new(move |p, n| {
+            Box::new(Readings {
+                next: p as u64,
+                step: n as u64,
+                end: events,
+            })
+        }),
+    )
+    .key_by(|r: &(u64, i64)| r.0)
+    .window_aggregate(
+        "count",
+        4,
+        WindowSpec::Tumbling { size_ms: WINDOW_MS },
+        |r| r.1,
+        |r| r.0,
+        Count::new(|key, (start, _), n| (key, start, n)),
+    )
+    .sink("out", 2, Arc::new(move |_| Box::new(Collect(rows.clone()))));
+    job
+}
+
+fn reference(events: u64) -> Vec<(u64, i64, u64)> {
+    let mut counts = BTreeMap::new();
+    for n in 0..events {
+        let (key, time) = reading(n);
+        *counts
+            .entry((key, time - time.rem_euclid(WINDOW_MS)))
+            .or_insert(0u64) += 1;
+    }
+    counts.into_iter().map(|((k, s), n)| (k, s, n)).collect()
+}
+
+fn engine() -> Dataflow {
+    let mut config = DataflowConfig::default();
+    config.runtime.shards = 2;
+    config.runtime.oversubscribe = true;
+    config.autoscale = Some(AutoscaleOptions {
+        interval: Duration::from_millis(20),
+        ..AutoscaleOptions::default()
+    });
+    Dataflow::start(config).unwrap()
+}
+
+/// The shards `job`'s active actors are on now.
+fn shards_of(dataflow: &Dataflow, job: JobId) -> BTreeSet<ShardId> {
+    dataflow
+        .stats()
+        .shards
+        .iter()
+        .filter(|r| r.actors.iter().any(|a| a.id.job == job))
+        .map(|r| r.shard)
+        .collect()
+}
+
+fn assert_exact(rows: &Rows, events: u64) {
+    let mut rows = rows.lock().unwrap().clone();
+    rows.sort();
+    assert_eq!(rows, reference(events), "exact output");
+}
+
+#[test]
+fn two_light_jobs_start_on_a_shard_each_and_are_never_spread() {
+    const EVENTS: u64 = 300_000;
+    let mut dataflow = engine();
+    let (a_rows, b_rows): (Rows, Rows) = Default::default();
+    let a = dataflow
+        .submit(job("a", EVENTS, 500_000, a_rows.clone()))
+        .unwrap();
+    let b = dataflow
+        .submit(job("b", EVENTS, 500_000, b_rows.clone()))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(250));
+    let (on_a, on_b) = (shards_of(&dataflow, a.id), shards_of(&dataflow, b.id));
+    dataflow.wait(&a, Duration::from_secs(60)).unwrap();
+    dataflow.wait(&b, Duration::from_secs(60)).unwrap();
+    let decisions = dataflow.decisions();
+    dataflow.shutdown();
+
+    assert_eq!(on_a.len(), 1, "job a on one shard: {on_a:?}");
+    assert_eq!(on_b.len(), 1, "job b on one shard: {on_b:?}");
+    assert_ne!(on_a, on_b, "submitted together, they start apart");
+    // Light jobs are never spread; once both shards have been cold for 20
+    // steps, one is drained into the other.
+    assert!(
+        decisions.iter().all(|d| matches!(
+            d.action,
+            Action::Move {
+                scale: Scale::In,
+                ..
+            }
+        )),
+        "{decisions:#?}"
+    );
+    assert_exact(&a_rows, EVENTS);
+    assert_exact(&b_rows, EVENTS);
+}
+
+#[test]
+fn a_light_job_spread_over_two_shards_is_drained_into_one() {
+    const EVENTS: u64 = 1_000_000;
+    let mut dataflow = engine();
+    let rows: Rows = Default::default();
+    let handle = dataflow
+        .submit(job("spread", EVENTS, 500_000, rows.clone()))
+        .unwrap();
+    // Spread by hand: odd partitions on shard 1, even ones on shard 0.
+    for actor in dataflow.actors(handle.id) {
+        dataflow.migrate(actor, ShardId((actor.partition % 2) as u16));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let before = shards_of(&dataflow, handle.id);
+    // Cold for 20 steps of 20 ms, then drained; 2 s of input in all.
+    std::thread::sleep(Duration::from_millis(1_200));
+    let after = shards_of(&dataflow, handle.id);
+    let report = dataflow.wait(&handle, Duration::from_secs(60)).unwrap();
+    let decisions = dataflow.decisions();
+    dataflow.shutdown();
+
+    assert_eq!(before.len(), 2, "spread at first: {before:?}");
+    assert_eq!(after.len(), 1, "drained into one shard: {decisions:#?}");
+    let ins: Vec<_> = decisions
+        .iter()
+        .filter(|d| {
+            matches!(
+                d.action,
+                Action::Move {
+                    scale: Scale::In,
+                    ..
+                }
+            )
+        })
+        .collect();
+    assert!(!ins.is_empty(), "{decisions:#?}");
+    assert!(
+        decisions.iter().all(|d| !matches!(
+            d.action,
+            Action::Move {
+                scale: Scale::Out,
+                ..
+            }
+        )),
+        "nothing moves back out: {decisions:#?}"
+    );
+    assert!(report.scale_actions >= 1);
+    assert_exact(&rows, EVENTS);
+}
