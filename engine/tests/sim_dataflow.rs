@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dirigo_engine::autoscale::{
-    Action, ActorSample, AutoscaleConfig, Autoscaler, JobSample, Sample,
+    Action, ActorSample, AutoscaleConfig, Autoscaler, JobSample, Sample, Scale,
 };
 use dirigo_engine::dataflow::ops::{Count, MaxWithTies, WindowSpec};
 use dirigo_engine::dataflow::{DataMsg, Job, Registry, Sink, Source, SourceBatch};
@@ -213,15 +213,18 @@ enum Mover {
     /// Random migrations (one step in 150).
     Random,
     /// The autoscaler's model, stepped every `AUTOSCALE_STEPS` simulated steps
-    /// on the cores' reports, its moves carried out as migrations.
-    Autoscaler(Autoscaler),
+    /// on the cores' reports (each message costing the given ns), its moves
+    /// carried out as migrations.
+    Autoscaler(Autoscaler, u64),
 }
 
 /// Simulated steps between two autoscaler steps.
 const AUTOSCALE_STEPS: u64 = 200;
 
-/// The simulator's cost model for the autoscaler: a message takes this long.
+/// The simulator's cost model for the autoscaler: a message takes this long
+/// (every shard busy), or this much less (every shard cold).
 const SIMULATED_MESSAGE_NS: u64 = 40_000;
+const SIMULATED_LIGHT_MESSAGE_NS: u64 = 500;
 
 /// One interval of the sim's reports as the model's sample: per actor,
 /// messages since its last report (its counters travel with it when it moves
@@ -232,7 +235,7 @@ fn sim_sample(
     shards: u16,
     seen: &mut BTreeMap<ActorId, (u64, u64)>,
     last_ns: &mut u64,
-    slo_ns: u64,
+    (slo_ns, message_ns): (u64, u64),
 ) -> Sample {
     let now = sim.now_ns();
     let shard_interval_ns = now.saturating_sub(*last_ns).max(1);
@@ -266,7 +269,7 @@ fn sim_sample(
                 id: actor.id,
                 shard: report.shard,
                 interval_ns,
-                cpu_ns: (delta * SIMULATED_MESSAGE_NS).min(interval_ns),
+                cpu_ns: (delta * message_ns).min(interval_ns),
                 messages: delta,
                 queue_p99_us: actor.counters.queue_us.value_at_quantile(0.99),
             });
@@ -280,7 +283,7 @@ fn run(seed: u64, shards: u16) -> Outcome {
 }
 
 /// Run the job under `mover`; the outcome and the autoscaler's moves.
-fn run_moved(seed: u64, shards: u16, mut mover: Mover) -> (Outcome, u64) {
+fn run_moved(seed: u64, shards: u16, mut mover: Mover) -> (Outcome, [u64; 2]) {
     let registry = Registry::new(shards as usize);
     let config = ShardConfig {
         mailbox_credit_messages: 8,
@@ -307,7 +310,7 @@ fn run_moved(seed: u64, shards: u16, mut mover: Mover) -> (Outcome, u64) {
     let actors = registry.actors(JobId(1));
     let mut rng = SimRng::new(seed ^ 0xdead_beef);
     let mut steps = 0u64;
-    let (mut seen, mut last_ns, mut moves) = (BTreeMap::new(), sim.now_ns(), 0u64);
+    let (mut seen, mut last_ns, mut moves) = (BTreeMap::new(), sim.now_ns(), [0u64; 2]);
     while !handle.is_done() {
         assert!(
             sim.step(),
@@ -318,16 +321,20 @@ fn run_moved(seed: u64, shards: u16, mut mover: Mover) -> (Outcome, u64) {
             steps < 5_000_000,
             "seed {seed}: still running after {steps} steps"
         );
-        if let Mover::Autoscaler(scaler) = &mut mover {
+        if let Mover::Autoscaler(scaler, message_ns) = &mut mover {
             if steps.is_multiple_of(AUTOSCALE_STEPS) {
-                let sample = sim_sample(&mut sim, shards, &mut seen, &mut last_ns, 5_000_000);
+                let figures = (5_000_000, *message_ns);
+                let sample = sim_sample(&mut sim, shards, &mut seen, &mut last_ns, figures);
                 for decision in scaler.step(&sample) {
                     if let Action::Move {
-                        actor, from, to, ..
+                        actor,
+                        from,
+                        to,
+                        scale,
                     } = decision.action
                     {
                         sim.migrate(from, actor, to);
-                        moves += 1;
+                        moves[(scale == Scale::In) as usize] += 1;
                     }
                 }
             }
@@ -435,18 +442,28 @@ fn a_dataflow_is_exact_while_its_actors_move_and_deactivate() {
 
 /// The autoscaler's model drives the placement of a job on 8 and 12
 /// simulated shards (more shards than this machine has cores), from the
-/// cores' own reports with a simulated cost per message: it moves actors,
-/// and every output is still exactly the reference's.
+/// cores' own reports with a simulated cost per message: with a heavy cost
+/// it moves actors off loaded shards, with a light one it drains cold shards
+/// (after 3 cold steps here, so that it happens in a short run), and every
+/// output is still exactly the reference's.
 #[test]
 fn the_autoscaler_in_the_simulator_moves_actors_and_outputs_stay_exact() {
-    let mut moves = 0;
+    let [mut out, mut ins] = [0, 0];
     for seed in 1..=6u64 {
         for shards in [8u16, 12] {
-            let scaler = Autoscaler::new(AutoscaleConfig::default());
-            let (_, moved) = run_moved(seed, shards, Mover::Autoscaler(scaler));
-            moves += moved;
+            for message_ns in [SIMULATED_MESSAGE_NS, SIMULATED_LIGHT_MESSAGE_NS] {
+                let scaler = Autoscaler::new(AutoscaleConfig {
+                    scale_in_steps: 3,
+                    ..AutoscaleConfig::default()
+                });
+                let mover = Mover::Autoscaler(scaler, message_ns);
+                let (_, [o, i]) = run_moved(seed, shards, mover);
+                out += o;
+                ins += i;
+            }
         }
     }
-    eprintln!("12 runs: {moves} moves by the autoscaler");
-    assert!(moves >= 12, "only {moves} moves by the autoscaler");
+    eprintln!("24 runs: {out} moves out and {ins} in by the autoscaler");
+    assert!(out >= 12, "only {out} moves out by the autoscaler");
+    assert!(ins >= 12, "only {ins} moves in by the autoscaler");
 }
