@@ -30,7 +30,11 @@
 //! # Act, cheapest first
 //!
 //! Moving an activation to another shard is the cheapest action (a migration
-//! pauses one actor for microseconds). While some shard is overloaded, the
+//! pauses one actor for microseconds). A shard at
+//! [`AutoscaleConfig::saturated_load`] beside an idle shard gives it half of
+//! each stage's movable actors at once: a saturated actor's busy time is what
+//! it got, not what it needs, so moves by measured load would take a step
+//! per actor (a job started small on one shard is sized in one step). While some shard is overloaded, the
 //! model moves an actor from the most loaded shard to the least loaded one
 //! that had room (under the target load) at the last step too. Of the actors
 //! whose busy fraction lowers the higher of the two loads by at least
@@ -83,6 +87,9 @@ use crate::ids::{ActorId, JobId, ShardId};
 pub struct AutoscaleConfig {
     /// A shard over this load is overloaded.
     pub high_load: f64,
+    /// A shard at this load is saturated: beside an idle shard, it gives
+    /// half of each stage's actors at once.
+    pub saturated_load: f64,
     /// What placement aims for; a shard over it with a late actor is
     /// overloaded too, and operators are sized to it.
     pub target_load: f64,
@@ -111,6 +118,7 @@ impl Default for AutoscaleConfig {
     fn default() -> Self {
         AutoscaleConfig {
             high_load: 0.85,
+            saturated_load: 0.9,
             target_load: 0.7,
             min_gain: 0.02,
             cooldown_steps: 6,
@@ -327,6 +335,76 @@ impl Autoscaler {
         let mut place: BTreeMap<ActorId, usize> =
             measured.iter().map(|m| (m.id, m.shard.index())).collect();
         let mut decisions = Vec::new();
+        // A saturated shard beside an idle one: half of each stage's actors
+        // go at once (a saturated actor's busy time shows what it got, not
+        // what it needs, so moving by measured load would take many steps).
+        let mut hot_shards: Vec<usize> = live
+            .iter()
+            .copied()
+            .filter(|&s| load[s] >= self.config.saturated_load)
+            .collect();
+        hot_shards.sort_by(|a, b| load[*b].total_cmp(&load[*a]).then(a.cmp(b)));
+        // Idle destinations, emptiest first; each takes one half.
+        let mut idle: Vec<usize> = live
+            .iter()
+            .copied()
+            .filter(|&s| load[s] <= 1.0 - self.config.high_load && had_room(s))
+            .collect();
+        idle.sort_by(|a, b| load[*b].total_cmp(&load[*a]).then(b.cmp(a)));
+        for hot in hot_shards {
+            let Some(cool) = idle.pop() else {
+                break;
+            };
+            let (tightest, loosest) = slos[hot];
+            let mut stages: BTreeMap<(JobId, u32), Vec<&Measured>> = BTreeMap::new();
+            for m in &measured {
+                let movable = place[&m.id] == hot
+                    && m.scalable
+                    && !self.cooling.contains_key(&m.id)
+                    && (m.late || m.slo_ns > tightest || tightest == loosest);
+                if movable {
+                    stages.entry((m.id.job, m.id.operator)).or_default().push(m);
+                }
+            }
+            let half: Vec<&Measured> = stages
+                .into_values()
+                .flat_map(|mut actors| {
+                    actors.sort_by_key(|m| m.id);
+                    let n = actors.len() / 2;
+                    actors.into_iter().rev().take(n)
+                })
+                .collect();
+            if half.is_empty() {
+                idle.push(cool);
+                continue;
+            }
+            let (hot_load, cool_load) = (load[hot], load[cool]);
+            for m in half {
+                decisions.push(Decision {
+                    step,
+                    action: Action::Move {
+                        actor: m.id,
+                        from: ShardId(hot as u16),
+                        to: ShardId(cool as u16),
+                        scale: Scale::Out,
+                    },
+                    reason: format!(
+                        "{} load {:.2}, saturated, and {} load {:.2}, idle: half of each \
+                         stage's actors move; the actor is {:.0}% busy, SLO {} ms",
+                        ShardId(hot as u16),
+                        hot_load,
+                        ShardId(cool as u16),
+                        cool_load,
+                        m.busy * 100.0,
+                        m.slo_ns / 1_000_000
+                    ),
+                });
+                load[hot] -= m.busy;
+                load[cool] += m.busy;
+                place.insert(m.id, cool);
+                self.cooling.insert(m.id, step + self.config.cooldown_steps);
+            }
+        }
         let mut stuck: Vec<usize> = Vec::new();
         while decisions.len() < self.config.moves_per_step_max {
             let overloaded = |s: usize| {

@@ -515,3 +515,33 @@ fn after_a_drain_a_load_step_scales_out_again_and_it_settles() {
         assert!(decisions.is_empty(), "{decisions:?}");
     }
 }
+
+#[test]
+fn a_saturated_shard_beside_an_idle_one_gives_half_of_each_stage_in_one_step() {
+    // A job started small: three stages of four actors on shard 0, wanting
+    // 1.6 cores; the runtime reports each its share of the one core.
+    let mut world = World::new(2);
+    for stage in 0..3 {
+        for p in 0..4 {
+            let demand = if stage == 0 { 0.25 } else { 0.075 };
+            world.add(actor(BULK, stage, p), 0, demand);
+        }
+    }
+    let mut scaler = Autoscaler::new(AutoscaleConfig::default());
+    let decisions = scaler.step(&world.sample());
+    assert_eq!(moves_of(&decisions, Scale::Out), 6, "{decisions:#?}");
+    world.apply(&decisions);
+    for stage in 0..3 {
+        let moved = world
+            .actors
+            .iter()
+            .filter(|a| a.0.operator == stage && a.1 == 1)
+            .count();
+        assert_eq!(moved, 2, "stage {stage}: half moved");
+    }
+    // 0.8 cores each: nothing more moves either way.
+    for _ in 0..100 {
+        let decisions = scaler.step(&world.sample());
+        assert!(decisions.is_empty(), "{decisions:#?}");
+    }
+}
