@@ -380,25 +380,13 @@ impl Autoscaler {
             }
             let (hot_load, cool_load) = (load[hot], load[cool]);
             for m in half {
-                decisions.push(Decision {
-                    step,
-                    action: Action::Move {
-                        actor: m.id,
-                        from: ShardId(hot as u16),
-                        to: ShardId(cool as u16),
-                        scale: Scale::Out,
-                    },
-                    reason: format!(
-                        "{} load {:.2}, saturated, and {} load {:.2}, idle: half of each \
-                         stage's actors move; the actor is {:.0}% busy, SLO {} ms",
-                        ShardId(hot as u16),
-                        hot_load,
-                        ShardId(cool as u16),
-                        cool_load,
-                        m.busy * 100.0,
-                        m.slo_ns / 1_000_000
-                    ),
-                });
+                let reason = format!(
+                    "{} load {hot_load:.2}, saturated, and {} load {cool_load:.2}, idle: half \
+                     of each stage's actors move",
+                    ShardId(hot as u16),
+                    ShardId(cool as u16),
+                );
+                decisions.push(move_decision(step, m, (hot, cool), Scale::Out, reason));
                 load[hot] -= m.busy;
                 load[cool] += m.busy;
                 place.insert(m.id, cool);
@@ -463,25 +451,15 @@ impl Autoscaler {
                 stuck.push(hot);
                 continue;
             };
-            decisions.push(Decision {
-                step,
-                action: Action::Move {
-                    actor: m.id,
-                    from: ShardId(hot as u16),
-                    to: ShardId(cool as u16),
-                    scale: Scale::Out,
-                },
-                reason: format!(
-                    "{} load {:.2}{} and {} load {:.2}; the actor is {:.0}% busy, SLO {} ms",
-                    ShardId(hot as u16),
-                    load[hot],
-                    if late[hot] { " with a late actor" } else { "" },
-                    ShardId(cool as u16),
-                    load[cool],
-                    m.busy * 100.0,
-                    m.slo_ns / 1_000_000
-                ),
-            });
+            let reason = format!(
+                "{} load {:.2}{} and {} load {:.2}",
+                ShardId(hot as u16),
+                load[hot],
+                if late[hot] { " with a late actor" } else { "" },
+                ShardId(cool as u16),
+                load[cool],
+            );
+            decisions.push(move_decision(step, m, (hot, cool), Scale::Out, reason));
             load[hot] -= m.busy;
             load[cool] += m.busy;
             place.insert(m.id, cool);
@@ -592,25 +570,15 @@ impl Autoscaler {
                 .into_iter()
                 .map(|(m, to)| {
                     self.cooling.insert(m.id, step + self.config.cooldown_steps);
-                    Decision {
-                        step,
-                        action: Action::Move {
-                            actor: m.id,
-                            from: ShardId(shard as u16),
-                            to: ShardId(to as u16),
-                            scale: Scale::In,
-                        },
-                        reason: format!(
-                            "{} load {:.2}, under {:.2} for {cold_for} steps, drained; {} load {:.2}; \
-                             the actor is {:.0}% busy",
-                            ShardId(shard as u16),
-                            load[shard],
-                            self.config.low_load,
-                            ShardId(to as u16),
-                            load[to],
-                            m.busy * 100.0
-                        ),
-                    }
+                    let reason = format!(
+                        "{} load {:.2}, under {:.2} for {cold_for} steps, drained; {} load {:.2}",
+                        ShardId(shard as u16),
+                        load[shard],
+                        self.config.low_load,
+                        ShardId(to as u16),
+                        load[to],
+                    );
+                    move_decision(step, m, (shard, to), Scale::In, reason)
                 })
                 .collect();
         }
@@ -660,6 +628,31 @@ impl Autoscaler {
                 (needed > now).then_some((job, stage, now, needed))
             })
             .collect()
+    }
+}
+
+/// A move of `m` from shard `from` to `to`, its reason followed by the
+/// actor's own figures.
+fn move_decision(
+    step: u64,
+    m: &Measured,
+    (from, to): (usize, usize),
+    scale: Scale,
+    reason: String,
+) -> Decision {
+    Decision {
+        step,
+        action: Action::Move {
+            actor: m.id,
+            from: ShardId(from as u16),
+            to: ShardId(to as u16),
+            scale,
+        },
+        reason: format!(
+            "{reason}; the actor is {:.0}% busy, SLO {} ms",
+            m.busy * 100.0,
+            m.slo_ns / 1_000_000
+        ),
     }
 }
 

@@ -1,17 +1,21 @@
 //! The autoscaler in a running engine: every actor of a job packed onto one
 //! shard at full speed, the autoscaler spreads them, the output stays exactly
 //! the reference's; a job with scaling off beside it is never moved.
+//! Serverless sizing: a job starts on one shard (two jobs submitted together
+//! on two), a light job is never spread, and a light job spread over both
+//! shards is drained into one once its shards have been cold for a second.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dirigo_engine::autoscale::Action;
+use dirigo_engine::autoscale::{Action, Scale};
 use dirigo_engine::dataflow::ops::{Count, WindowSpec};
+use dirigo_engine::dataflow::pace::RateSchedule;
 use dirigo_engine::dataflow::{
     AutoscaleOptions, Dataflow, DataflowConfig, Job, Sink, Source, SourceBatch,
 };
-use dirigo_engine::ShardId;
+use dirigo_engine::{JobId, ShardId};
 
 const EVENTS: u64 = 3_000_000;
 const WINDOW_MS: i64 = 100;
@@ -25,12 +29,13 @@ fn reading(n: u64) -> (u64, i64) {
 struct Readings {
     next: u64,
     step: u64,
+    end: u64,
 }
 
 impl Source<(u64, i64)> for Readings {
     fn next_batch(&mut self, max: usize, out: &mut Vec<(u64, i64)>) -> SourceBatch {
         for _ in 0..max {
-            if self.next >= EVENTS {
+            if self.next >= self.end {
                 return SourceBatch::Done;
             }
             out.push(reading(self.next));
@@ -52,15 +57,19 @@ impl Sink<(u64, i64, u64)> for Collect {
     }
 }
 
-fn job(name: &str, rows: Rows) -> Job {
+/// A windowed count of `events` readings, at `per_s` if given (light: a
+/// few percent of a core), else as fast as it goes.
+fn job(name: &str, events: u64, per_s: Option<u64>, rows: Rows) -> Job {
     let mut job = Job::new(name, Duration::from_millis(200));
+    job.pace(per_s.map(RateSchedule::constant));
     job.source(
         "readings",
         2,
-        Arc::new(|p, n| {
+        Arc::new(move |p, n| {
             Box::new(Readings {
                 next: p as u64,
                 step: n as u64,
+                end: events,
             })
         }),
     )
@@ -77,9 +86,9 @@ fn job(name: &str, rows: Rows) -> Job {
     job
 }
 
-fn reference() -> Vec<(u64, i64, u64)> {
+fn reference(events: u64) -> Vec<(u64, i64, u64)> {
     let mut counts = BTreeMap::new();
-    for n in 0..EVENTS {
+    for n in 0..events {
         let (key, time) = reading(n);
         *counts
             .entry((key, time - time.rem_euclid(WINDOW_MS)))
@@ -88,9 +97,7 @@ fn reference() -> Vec<(u64, i64, u64)> {
     counts.into_iter().map(|((k, s), n)| (k, s, n)).collect()
 }
 
-#[test]
-fn the_autoscaler_spreads_a_job_packed_on_one_shard_and_its_output_stays_exact() {
-    let expected = reference();
+fn engine() -> Dataflow {
     let mut config = DataflowConfig::default();
     config.runtime.shards = 2;
     config.runtime.oversubscribe = true;
@@ -98,12 +105,37 @@ fn the_autoscaler_spreads_a_job_packed_on_one_shard_and_its_output_stays_exact()
         interval: Duration::from_millis(20),
         ..AutoscaleOptions::default()
     });
-    let mut dataflow = Dataflow::start(config).unwrap();
+    Dataflow::start(config).unwrap()
+}
+
+/// The shards `job`'s active actors are on now.
+fn shards_of(dataflow: &Dataflow, job: JobId) -> BTreeSet<ShardId> {
+    dataflow
+        .stats()
+        .shards
+        .iter()
+        .filter(|r| r.actors.iter().any(|a| a.id.job == job))
+        .map(|r| r.shard)
+        .collect()
+}
+
+fn assert_exact(rows: &Rows, events: u64) {
+    let mut rows = rows.lock().unwrap().clone();
+    rows.sort();
+    assert_eq!(rows, reference(events), "exact output");
+}
+
+#[test]
+fn the_autoscaler_spreads_a_job_packed_on_one_shard_and_its_output_stays_exact() {
+    let expected = reference(EVENTS);
+    let mut dataflow = engine();
     let (moving, fixed): (Rows, Rows) = Default::default();
-    let mut pinned = job("pinned", fixed.clone());
+    let mut pinned = job("pinned", EVENTS, None, fixed.clone());
     pinned.autoscale(false);
     let pinned = dataflow.submit(pinned).unwrap();
-    let handle = dataflow.submit(job("scaled", moving.clone())).unwrap();
+    let handle = dataflow
+        .submit(job("scaled", EVENTS, None, moving.clone()))
+        .unwrap();
     // Every actor of both jobs on shard 0: it is overloaded, shard 1 idle.
     for actor in dataflow
         .actors(handle.id)
@@ -153,4 +185,91 @@ fn the_autoscaler_spreads_a_job_packed_on_one_shard_and_its_output_stays_exact()
         rows.sort();
         assert_eq!(rows, expected, "exact output, moved or not");
     }
+}
+
+#[test]
+fn two_light_jobs_start_on_a_shard_each_and_are_never_spread() {
+    const EVENTS: u64 = 300_000;
+    let mut dataflow = engine();
+    let (a_rows, b_rows): (Rows, Rows) = Default::default();
+    let a = dataflow
+        .submit(job("a", EVENTS, Some(500_000), a_rows.clone()))
+        .unwrap();
+    let b = dataflow
+        .submit(job("b", EVENTS, Some(500_000), b_rows.clone()))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(250));
+    let (on_a, on_b) = (shards_of(&dataflow, a.id), shards_of(&dataflow, b.id));
+    dataflow.wait(&a, Duration::from_secs(60)).unwrap();
+    dataflow.wait(&b, Duration::from_secs(60)).unwrap();
+    let decisions = dataflow.decisions();
+    dataflow.shutdown();
+
+    assert_eq!(on_a.len(), 1, "job a on one shard: {on_a:?}");
+    assert_eq!(on_b.len(), 1, "job b on one shard: {on_b:?}");
+    assert_ne!(on_a, on_b, "submitted together, they start apart");
+    // Light jobs are never spread; once both shards have been cold for 20
+    // steps, one is drained into the other.
+    assert!(
+        decisions.iter().all(|d| matches!(
+            d.action,
+            Action::Move {
+                scale: Scale::In,
+                ..
+            }
+        )),
+        "{decisions:#?}"
+    );
+    assert_exact(&a_rows, EVENTS);
+    assert_exact(&b_rows, EVENTS);
+}
+
+#[test]
+fn a_light_job_spread_over_two_shards_is_drained_into_one() {
+    const EVENTS: u64 = 1_000_000;
+    let mut dataflow = engine();
+    let rows: Rows = Default::default();
+    let handle = dataflow
+        .submit(job("spread", EVENTS, Some(500_000), rows.clone()))
+        .unwrap();
+    // Spread by hand: odd partitions on shard 1, even ones on shard 0.
+    for actor in dataflow.actors(handle.id) {
+        dataflow.migrate(actor, ShardId((actor.partition % 2) as u16));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let before = shards_of(&dataflow, handle.id);
+    // Cold for 20 steps of 20 ms, then drained; 2 s of input in all.
+    std::thread::sleep(Duration::from_millis(1_200));
+    let after = shards_of(&dataflow, handle.id);
+    let report = dataflow.wait(&handle, Duration::from_secs(60)).unwrap();
+    let decisions = dataflow.decisions();
+    dataflow.shutdown();
+
+    assert_eq!(before.len(), 2, "spread at first: {before:?}");
+    assert_eq!(after.len(), 1, "drained into one shard: {decisions:#?}");
+    let ins: Vec<_> = decisions
+        .iter()
+        .filter(|d| {
+            matches!(
+                d.action,
+                Action::Move {
+                    scale: Scale::In,
+                    ..
+                }
+            )
+        })
+        .collect();
+    assert!(!ins.is_empty(), "{decisions:#?}");
+    assert!(
+        decisions.iter().all(|d| !matches!(
+            d.action,
+            Action::Move {
+                scale: Scale::Out,
+                ..
+            }
+        )),
+        "nothing moves back out: {decisions:#?}"
+    );
+    assert!(report.scale_actions >= 1);
+    assert_exact(&rows, EVENTS);
 }
