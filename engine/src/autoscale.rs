@@ -25,7 +25,11 @@
 //! An operator (job and stage) needs `ceil(sum of its activations' busy /
 //! target_load)` activations, in one step. A shard is *overloaded* when its
 //! load is over [`AutoscaleConfig::high_load`], or over
-//! [`AutoscaleConfig::target_load`] with a late actor on it.
+//! [`AutoscaleConfig::late_load`] with a late actor on it (a queue that eats
+//! the SLO is answered on a shard with room left too). A scale out marks both
+//! its shards: neither is drained nor drained into for
+//! [`AutoscaleConfig::repack_steps`] (a job spread because it was late is not
+//! packed back a second later).
 //!
 //! # Act, cheapest first
 //!
@@ -90,9 +94,15 @@ pub struct AutoscaleConfig {
     /// A shard at this load is saturated: beside an idle shard, it gives
     /// half of each stage's actors at once.
     pub saturated_load: f64,
-    /// What placement aims for; a shard over it with a late actor is
-    /// overloaded too, and operators are sized to it.
+    /// What placement aims for; operators are sized to it.
     pub target_load: f64,
+    /// A shard over this load with a late actor is overloaded too: a
+    /// queue that eats the SLO is answered even on a shard with room left.
+    pub late_load: f64,
+    /// Steps after a scale out during which neither of its two shards is
+    /// drained or drained into: a job spread because it was late is not
+    /// packed back a second later.
+    pub repack_steps: u64,
     /// A move must lower the higher of the two shards' loads by this much.
     pub min_gain: f64,
     /// Steps an actor stays where a move put it.
@@ -120,6 +130,8 @@ impl Default for AutoscaleConfig {
             high_load: 0.85,
             saturated_load: 0.9,
             target_load: 0.7,
+            late_load: 0.4,
+            repack_steps: 200,
             min_gain: 0.02,
             cooldown_steps: 6,
             moves_per_step_max: 8,
@@ -258,6 +270,8 @@ pub struct Autoscaler {
     last_load: Vec<f64>,
     /// Per shard, steps in a row it has been cold (under `low_load`).
     cold_steps: Vec<u64>,
+    /// Per shard, the last step a scale out moved an actor off or onto it.
+    last_out: BTreeMap<usize, u64>,
 }
 
 /// An actor's measured figures in one step.
@@ -279,6 +293,7 @@ impl Autoscaler {
             told: BTreeMap::new(),
             last_load: Vec::new(),
             cold_steps: Vec::new(),
+            last_out: BTreeMap::new(),
         }
     }
 
@@ -396,7 +411,7 @@ impl Autoscaler {
         let mut stuck: Vec<usize> = Vec::new();
         while decisions.len() < self.config.moves_per_step_max {
             let overloaded = |s: usize| {
-                load[s] > self.config.high_load || (late[s] && load[s] > self.config.target_load)
+                load[s] > self.config.high_load || (late[s] && load[s] > self.config.late_load)
             };
             let Some(&hot) = live
                 .iter()
@@ -465,6 +480,12 @@ impl Autoscaler {
             place.insert(m.id, cool);
             self.cooling.insert(m.id, step + self.config.cooldown_steps);
         }
+        for d in &decisions {
+            if let Action::Move { from, to, .. } = d.action {
+                self.last_out.insert(from.index(), step);
+                self.last_out.insert(to.index(), step);
+            }
+        }
         self.cold_steps.resize(sample.shards, 0);
         for (s, &l) in load.iter().enumerate() {
             self.cold_steps[s] = if l < self.config.low_load {
@@ -519,6 +540,11 @@ impl Autoscaler {
     /// if all its actors fit elsewhere (see the module's "Scale in").
     fn drain(&mut self, measured: &[Measured], live: &[usize], load: &[f64]) -> Vec<Decision> {
         let step = self.step;
+        let recently_out = |s: usize| {
+            self.last_out
+                .get(&s)
+                .is_some_and(|&at| step < at + self.config.repack_steps)
+        };
         let mut running = vec![0usize; load.len()];
         for m in measured {
             running[m.shard.index()] += 1;
@@ -527,6 +553,7 @@ impl Autoscaler {
             .iter()
             .copied()
             .filter(|&s| running[s] > 0 && self.cold_steps[s] >= self.config.scale_in_steps)
+            .filter(|&s| !recently_out(s))
             .collect();
         // The emptiest first; of equals, the highest index.
         cold.sort_by(|a, b| load[*a].total_cmp(&load[*b]).then(b.cmp(a)));
@@ -552,7 +579,7 @@ impl Autoscaler {
                 let to = live
                     .iter()
                     .copied()
-                    .filter(|&d| d != shard && running[d] > 0)
+                    .filter(|&d| d != shard && running[d] > 0 && !recently_out(d))
                     .filter(|&d| planned[d] + m.busy <= self.config.packed_load)
                     .max_by(|a, b| planned[*a].total_cmp(&planned[*b]).then(b.cmp(a)));
                 let Some(to) = to else {

@@ -215,7 +215,7 @@ enum Mover {
     /// The autoscaler's model, stepped every `AUTOSCALE_STEPS` simulated steps
     /// on the cores' reports (each message costing the given ns), its moves
     /// carried out as migrations.
-    Autoscaler(Autoscaler, u64),
+    Autoscaler(Box<Autoscaler>, u64),
 }
 
 /// Simulated steps between two autoscaler steps.
@@ -456,7 +456,7 @@ fn the_autoscaler_in_the_simulator_moves_actors_and_outputs_stay_exact() {
                     scale_in_steps: 3,
                     ..AutoscaleConfig::default()
                 });
-                let mover = Mover::Autoscaler(scaler, message_ns);
+                let mover = Mover::Autoscaler(Box::new(scaler), message_ns);
                 let (_, [o, i]) = run_moved(seed, shards, mover);
                 out += o;
                 ins += i;

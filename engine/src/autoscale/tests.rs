@@ -545,3 +545,33 @@ fn a_saturated_shard_beside_an_idle_one_gives_half_of_each_stage_in_one_step() {
         assert!(decisions.is_empty(), "{decisions:#?}");
     }
 }
+
+#[test]
+fn a_late_job_on_a_shard_with_room_is_spread_and_not_packed_back_soon() {
+    let mut world = World::new(2);
+    world.add(actor(LC, 1, 0), 0, 0.22);
+    world.add(actor(LC, 1, 1), 0, 0.22);
+    let mut scaler = Autoscaler::new(AutoscaleConfig::default());
+    // Load 0.44, under the target, but its queues ate more than half the SLO.
+    let mut sample = world.sample();
+    sample.actors[0].queue_p99_us = 6_000;
+    let decisions = scaler.step(&sample);
+    assert_eq!(moves_of(&decisions, Scale::Out), 1, "{decisions:?}");
+    world.apply(&decisions);
+    // Both shards are now cold (0.22), but a drain would pack the late job
+    // back: not for `repack_steps`.
+    let repack = scaler.config().repack_steps;
+    for step in 2..=repack {
+        let decisions = scaler.step(&world.sample());
+        assert!(decisions.is_empty(), "step {step}: {decisions:?}");
+    }
+    // Then, still cold and on time, it is packed onto one shard.
+    let mut drained = 0;
+    for _ in 0..50 {
+        let decisions = scaler.step(&world.sample());
+        drained += moves_of(&decisions, Scale::In);
+        world.apply(&decisions);
+    }
+    assert_eq!(drained, 1);
+    assert_eq!(shards_in_use(&world), 1);
+}
