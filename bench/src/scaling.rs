@@ -470,28 +470,8 @@ fn measure(config: &Config, schedule: &RateSchedule, dirigo: bool) -> Result<Mea
         .unwrap_or(0),
         p99_window_max_us,
         slo_violation_pct: dirigo_nexmark::run::slo_violation_pct(&report.latency_us, slo_us),
-        scale_out_actions: dirigo.then(|| {
-            count(|a| {
-                matches!(
-                    a,
-                    Action::Move {
-                        scale: Scale::Out,
-                        ..
-                    }
-                )
-            })
-        }),
-        scale_in_actions: dirigo.then(|| {
-            count(|a| {
-                matches!(
-                    a,
-                    Action::Move {
-                        scale: Scale::In,
-                        ..
-                    }
-                )
-            })
-        }),
+        scale_out_actions: dirigo.then(|| count(|a| a.scale() == Some(Scale::Out))),
+        scale_in_actions: dirigo.then(|| count(|a| a.scale() == Some(Scale::In))),
         needs_parallelism: dirigo.then(|| count(|a| matches!(a, Action::NeedsParallelism { .. }))),
         rows: rows.len() as u64,
         lost: 0,

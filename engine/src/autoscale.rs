@@ -56,7 +56,8 @@
 //!
 //! # Scale in, lazily
 //!
-//! When no shard is overloaded and nothing moved this step, a shard whose
+//! When no shard is over the target load or late, and nothing moved this
+//! step, a shard whose
 //! load stayed under [`AutoscaleConfig::low_load`] for
 //! [`AutoscaleConfig::scale_in_steps`] steps in a row is drained: each of its
 //! actors goes to the fullest other shard that already runs actors and stays
@@ -65,8 +66,9 @@
 //! only if none of them is fixed, cooling or late. The shard it leaves
 //! empty parks, and is the room the next scale-out moves into. Scale out is
 //! immediate and scale in waits a second, and the packed load stays under
-//! the target (which is under the high mark): a drain never sets off the
-//! overload that would move its actors back.
+//! the target (which is under the high mark): a drain's load alone never
+//! sets off a scale out. If the packed shard's queues then run late, it is
+//! spread again and kept out of drains for `repack_steps`.
 //!
 //! # Stability
 //!
@@ -216,6 +218,16 @@ pub struct Decision {
     pub reason: String,
 }
 
+impl Action {
+    /// Which way a move scales; `None` for what is not a move.
+    pub fn scale(&self) -> Option<Scale> {
+        match self {
+            Action::Move { scale, .. } => Some(*scale),
+            Action::NeedsParallelism { .. } => None,
+        }
+    }
+}
+
 impl Decision {
     /// The job the decision acts on, if one.
     pub fn job(&self) -> Option<JobId> {
@@ -334,11 +346,8 @@ impl Autoscaler {
         let last_load = std::mem::replace(&mut self.last_load, load.clone());
         // A destination had room at the last step too (at the first step
         // there is no last one).
-        let had_room = |s: usize| {
-            last_load
-                .get(s)
-                .is_none_or(|&l| l <= self.config.target_load)
-        };
+        let target_load = self.config.target_load;
+        let had_room = |s: usize| last_load.get(s).is_none_or(|&l| l <= target_load);
         // Per shard, the tightest and the loosest SLO of the jobs on it.
         let mut slos = vec![(u64::MAX, 0u64); sample.shards];
         for m in &measured {
@@ -370,14 +379,9 @@ impl Autoscaler {
             let Some(cool) = idle.pop() else {
                 break;
             };
-            let (tightest, loosest) = slos[hot];
             let mut stages: BTreeMap<(JobId, u32), Vec<&Measured>> = BTreeMap::new();
             for m in &measured {
-                let movable = place[&m.id] == hot
-                    && m.scalable
-                    && !self.cooling.contains_key(&m.id)
-                    && (m.late || m.slo_ns > tightest || tightest == loosest);
-                if movable {
+                if place[&m.id] == hot && self.may_leave(m, slos[hot]) {
                     stages.entry((m.id.job, m.id.operator)).or_default().push(m);
                 }
             }
@@ -402,10 +406,7 @@ impl Autoscaler {
                     ShardId(cool as u16),
                 );
                 decisions.push(move_decision(step, m, (hot, cool), Scale::Out, reason));
-                load[hot] -= m.busy;
-                load[cool] += m.busy;
-                place.insert(m.id, cool);
-                self.cooling.insert(m.id, step + self.config.cooldown_steps);
+                self.spread(m, (hot, cool), &mut load, &mut place);
             }
         }
         let mut stuck: Vec<usize> = Vec::new();
@@ -444,15 +445,10 @@ impl Autoscaler {
             // The higher of the two loads after moving `busy`.
             let after = |busy: f64| (load[hot] - busy).max(load[cool] + busy);
             let high_load = self.config.high_load;
-            // The tightest job on a shard shared with looser ones stays,
-            // unless it is late itself: a co-tenant's overload is the
-            // co-tenant's to move.
-            let (tightest, loosest) = slos[hot];
             let candidate = measured
                 .iter()
-                .filter(|m| place[&m.id] == hot && m.scalable && m.busy >= self.config.min_busy)
-                .filter(|m| m.late || m.slo_ns > tightest || tightest == loosest)
-                .filter(|m| !self.cooling.contains_key(&m.id) && fits(m.busy))
+                .filter(|m| place[&m.id] == hot && m.busy >= self.config.min_busy)
+                .filter(|m| self.may_leave(m, slos[hot]) && fits(m.busy))
                 .max_by(|a, b| {
                     // A move that ends the overload on both shards first; of
                     // those, the job with the most slack; then the evener.
@@ -475,16 +471,7 @@ impl Autoscaler {
                 load[cool],
             );
             decisions.push(move_decision(step, m, (hot, cool), Scale::Out, reason));
-            load[hot] -= m.busy;
-            load[cool] += m.busy;
-            place.insert(m.id, cool);
-            self.cooling.insert(m.id, step + self.config.cooldown_steps);
-        }
-        for d in &decisions {
-            if let Action::Move { from, to, .. } = d.action {
-                self.last_out.insert(from.index(), step);
-                self.last_out.insert(to.index(), step);
-            }
+            self.spread(m, (hot, cool), &mut load, &mut place);
         }
         self.cold_steps.resize(sample.shards, 0);
         for (s, &l) in load.iter().enumerate() {
@@ -534,6 +521,36 @@ impl Autoscaler {
             });
         }
         decisions
+    }
+
+    /// Whether scale out may take `m` off its shard, whose jobs' tightest and
+    /// loosest SLOs are `(tightest, loosest)`: a fixed or cooling actor
+    /// stays, and so does the tightest job on a shard shared with looser ones
+    /// unless it is late itself (a co-tenant's overload is the co-tenant's to
+    /// move).
+    fn may_leave(&self, m: &Measured, (tightest, loosest): (u64, u64)) -> bool {
+        m.scalable
+            && !self.cooling.contains_key(&m.id)
+            && (m.late || m.slo_ns > tightest || tightest == loosest)
+    }
+
+    /// Book a scale out of `m` from `hot` to `cool`: the loads and places
+    /// this step expects, the actor's cooldown, and both shards kept out of
+    /// drains for `repack_steps`.
+    fn spread(
+        &mut self,
+        m: &Measured,
+        (hot, cool): (usize, usize),
+        load: &mut [f64],
+        place: &mut BTreeMap<ActorId, usize>,
+    ) {
+        load[hot] -= m.busy;
+        load[cool] += m.busy;
+        place.insert(m.id, cool);
+        self.cooling
+            .insert(m.id, self.step + self.config.cooldown_steps);
+        self.last_out.insert(hot, self.step);
+        self.last_out.insert(cool, self.step);
     }
 
     /// Scale in: the moves that empty the coldest shard cold long enough,

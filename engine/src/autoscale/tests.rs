@@ -405,7 +405,7 @@ fn the_tightest_job_on_a_shared_shard_stays_unless_it_is_late() {
 fn moves_of(decisions: &[Decision], want: Scale) -> usize {
     decisions
         .iter()
-        .filter(|d| matches!(d.action, Action::Move { scale, .. } if scale == want))
+        .filter(|d| d.action.scale() == Some(want))
         .count()
 }
 

@@ -245,18 +245,19 @@ fn lent_filter<T: Clone>(records: &[T], keep: impl Fn(&T) -> bool) -> Vec<T> {
 }
 
 impl<T: Clone> Records<'_, T> {
-    fn is_empty(&self) -> bool {
+    fn as_slice(&self) -> &[T] {
         match self {
-            Records::Owned(records) => records.is_empty(),
-            Records::Shared(records) => records.is_empty(),
+            Records::Owned(records) => records,
+            Records::Shared(records) => records,
         }
     }
 
+    fn is_empty(&self) -> bool {
+        self.as_slice().is_empty()
+    }
+
     fn len(&self) -> usize {
-        match self {
-            Records::Owned(records) => records.len(),
-            Records::Shared(records) => records.len(),
-        }
+        self.as_slice().len()
     }
 
     /// The records as a vector of their own (a copy only if lent).
@@ -782,10 +783,7 @@ impl<T: Data> Stream<T> {
         self.then(move |next: Route<U>| {
             let f = f.clone();
             Arc::new(move |records: Records<'_, T>, plan, from, ctx| {
-                let out = match &records {
-                    Records::Owned(records) => records.iter().filter_map(&*f).collect(),
-                    Records::Shared(records) => records.iter().filter_map(&*f).collect(),
-                };
+                let out = records.as_slice().iter().filter_map(&*f).collect();
                 next(Records::Owned(out), plan, from, ctx)
             })
         })
