@@ -7,16 +7,16 @@
 //! checkpoints and the job runs on. (Kill -9 of the real binary is
 //! `tests/recovery.rs` at the top of the repository.)
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dirigo_engine::dataflow::checkpoint::{
     self, CheckpointOptions, CheckpointStats, Faults, Sealed, StagedOutput,
 };
-use dirigo_engine::dataflow::ops::{Count, WindowSpec};
+use dirigo_engine::dataflow::ops::{Aggregate, Count, Window, WindowSpec};
 use dirigo_engine::dataflow::{Dataflow, DataflowConfig, Job, Sink, Source, SourceBatch};
 use dirigo_engine::ShardId;
 
@@ -29,6 +29,7 @@ const FAST: u64 = 100_000;
 
 #[derive(Clone, Debug)]
 struct Reading {
+    n: u64,
     key: u64,
     time_ms: i64,
 }
@@ -36,6 +37,7 @@ struct Reading {
 fn reading(n: u64) -> Reading {
     let mix = n.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(23);
     Reading {
+        n,
         key: mix % KEYS,
         time_ms: (n / 20) as i64,
     }
@@ -86,9 +88,62 @@ impl Sink<(u64, i64, u64)> for Lines {
     }
 }
 
+/// An aggregate that spends `ns` of CPU on each record before `A`'s `add`,
+/// and counts records that came out of their channel's order: each source
+/// partition `p` of 2 sends readings `p, p + 2, ...`, so per key and source
+/// partition the numbers must rise.
+struct Slow<A> {
+    inner: A,
+    ns: u64,
+    last: Mutex<HashMap<(u64, u64), u64>>,
+    disorder: Arc<AtomicU64>,
+}
+
+impl<A: Aggregate<Reading>> Aggregate<Reading> for Slow<A> {
+    type Acc = A::Acc;
+    type Out = A::Out;
+    const MERGEABLE: bool = A::MERGEABLE;
+
+    fn new_acc(&self) -> A::Acc {
+        self.inner.new_acc()
+    }
+    fn add(&self, acc: &mut A::Acc, record: &Reading) {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_nanos(self.ns) {
+            std::hint::spin_loop();
+        }
+        let mut last = self.last.lock().unwrap();
+        if let Some(previous) = last.insert((record.key, record.n % 2), record.n) {
+            if previous >= record.n {
+                self.disorder.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.inner.add(acc, record);
+    }
+    fn merge(&self, acc: &mut A::Acc, other: A::Acc) {
+        self.inner.merge(acc, other);
+    }
+    fn emit(&self, key: u64, window: Window, acc: A::Acc, out: &mut Vec<A::Out>) {
+        self.inner.emit(key, window, acc, out);
+    }
+}
+
 fn job(dir: &Path, output: &Path, faults: Faults, rate: u64) -> Job {
+    job_with(dir, output, faults, Some(rate), 0, Arc::default())
+}
+
+/// The job, paced at `rate` (unpaced: `None`), its count stage spending
+/// `work_ns` on each record and counting records out of order in `disorder`.
+fn job_with(
+    dir: &Path,
+    output: &Path,
+    faults: Faults,
+    rate: Option<u64>,
+    work_ns: u64,
+    disorder: Arc<AtomicU64>,
+) -> Job {
     let mut job = Job::new("counts", Duration::from_millis(50));
-    job.rate(Some(rate)).source_batch_records(256);
+    job.rate(rate).source_batch_records(256);
     let mut options = CheckpointOptions::new(dir, Duration::from_millis(25));
     options.faults = faults.clone();
     job.checkpoints(options);
@@ -110,7 +165,12 @@ fn job(dir: &Path, output: &Path, faults: Faults, rate: u64) -> Job {
         WindowSpec::Tumbling { size_ms: WINDOW_MS },
         |r| r.time_ms,
         |r| r.key,
-        Count::new(|key, (start, _), n| (key, start, n)),
+        Slow {
+            inner: Count::new(|key, (start, _), n| (key, start, n)),
+            ns: work_ns,
+            last: Mutex::default(),
+            disorder,
+        },
     )
     .sink(
         "out",
@@ -305,6 +365,58 @@ fn a_stopped_job_resumes_to_exactly_the_uninterrupted_output() {
             assert!(error.contains("already finished"), "{error}");
             let _ = std::fs::remove_dir_all(&dir);
         }
+    }
+}
+
+#[test]
+fn a_stage_behind_its_input_hands_back_what_it_held_in_steps_and_stays_exact() {
+    // Unpaced, with a count stage slower than its sources: its mailbox stays
+    // full, an alignment holds many batches, and handing them back takes
+    // longer than one replay step (each batch is some 0.25 ms of work), so
+    // it goes on over several `Replay`s while new batches queue behind.
+    let expected = reference();
+    for shards in [1usize, 2] {
+        let dir = temp_dir(&format!("replay-{shards}"));
+        let (data, output) = (dir.join("data"), dir.join("out.txt"));
+        let mut config = DataflowConfig::default();
+        config.runtime.shards = shards;
+        config.runtime.oversubscribe = true;
+        let mut dataflow = Dataflow::start(config).unwrap();
+        let disorder = Arc::new(AtomicU64::new(0));
+        let job = job_with(
+            &data,
+            &output,
+            Faults::default(),
+            None,
+            1_000,
+            disorder.clone(),
+        );
+        let handle = dataflow.submit(job).unwrap();
+        let started = Instant::now();
+        while !handle.is_done() {
+            assert!(started.elapsed() < Duration::from_secs(60), "run hangs");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let stats = handle.checkpoint_stats().unwrap();
+        handle.wait(Duration::from_secs(1)).unwrap();
+        dataflow.shutdown();
+        eprintln!(
+            "shards {shards}: {} checkpoints, {} replay steps, align p99 {} us",
+            stats.completed,
+            stats.replay_steps,
+            stats.alignment_us.value_at_quantile(0.99)
+        );
+        assert!(stats.completed >= 2, "checkpoints were taken");
+        assert!(stats.replay_steps > 0, "some hand-back took several steps");
+        assert_eq!(disorder.load(Ordering::Relaxed), 0, "channel order kept");
+        let lines = lines_of(&output);
+        assert!(
+            lines == expected,
+            "shards {shards}: {} rows, {} expected",
+            lines.len(),
+            expected.len()
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 

@@ -10,6 +10,7 @@
 //! into the shard slot at most every `LATENCY_FLUSH_NS`, and reads time only from
 //! its context (the shard clock), so a whole dataflow runs under the simulator.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use hdrhistogram::Histogram;
@@ -170,7 +171,7 @@ fn broadcast_watermark(
     watermark_ms: i64,
     ctx: &mut Context<'_, DataMsg>,
 ) {
-    broadcast(plan, stage, ctx, |input| DataMsg::Watermark {
+    broadcast(plan, stage, false, ctx, |input| DataMsg::Watermark {
         input,
         from: partition,
         watermark_ms,
@@ -178,7 +179,13 @@ fn broadcast_watermark(
 }
 
 /// Send checkpoint `epoch`'s barrier from `(stage, partition)` on every output
-/// channel.
+/// channel, due at once: an actor whose mailbox starts with a barrier runs
+/// before any data that waits (a mailbox is FIFO, so a barrier still follows
+/// every record sent before it on its channel). Handling one costs next to
+/// nothing, and an alignment then waits only for the data ahead of the
+/// barriers in the stage's own mailbox, not for the stages upstream to drain
+/// their backlog first (which made a sink behind a busy stage see the
+/// second barrier 5 to 25 ms after the first).
 fn broadcast_barrier(
     plan: &Plan,
     (stage, partition): (u32, u32),
@@ -186,7 +193,7 @@ fn broadcast_barrier(
     declined: bool,
     ctx: &mut Context<'_, DataMsg>,
 ) {
-    broadcast(plan, stage, ctx, |input| DataMsg::Barrier {
+    broadcast(plan, stage, true, ctx, |input| DataMsg::Barrier {
         input,
         from: partition,
         epoch,
@@ -197,11 +204,15 @@ fn broadcast_barrier(
 fn broadcast(
     plan: &Plan,
     stage: u32,
+    urgent: bool,
     ctx: &mut Context<'_, DataMsg>,
     message: impl Fn(u8) -> DataMsg,
 ) {
     for &(target, input) in &plan.stages[stage as usize].targets {
-        let sched = plan.stamp(ctx.sched(), ctx.shard(), target);
+        let mut sched = plan.stamp(ctx.sched(), ctx.shard(), target);
+        if urgent {
+            sched.deadline_ns = 0;
+        }
         for p in 0..plan.stages[target as usize].parallelism {
             ctx.send_with(ActorId::new(plan.id, target, p), message(input), sched);
         }
@@ -585,6 +596,17 @@ struct Aligner {
     arrived: Vec<Vec<bool>>,
     /// Messages of channels whose barrier came, in arrival order.
     buffer: Vec<DataMsg>,
+    /// What waited for an alignment now over, handed back a step at a time
+    /// (`REPLAY_STEP_NS`), and what came in meanwhile behind it: channel
+    /// order is kept, and no handler runs for as long as a whole held buffer
+    /// takes (tens of ms under full load), which would stall the shard and
+    /// the barriers it has to pass on. Each message that arrives while it is
+    /// not empty is queued and at least one is handled, so it never grows.
+    replay: VecDeque<DataMsg>,
+    /// In a replay step (a step reached from within one queues and returns).
+    replaying: bool,
+    /// A `Replay` to itself is on its way.
+    replay_due: bool,
     started_ns: u64,
     /// Aligned: the barrier went on, the `Snapshot` to itself is on its way
     /// (every channel stays held until it is taken).
@@ -599,6 +621,9 @@ impl Aligner {
             last,
             arrived: inputs.iter().map(|&n| vec![false; n as usize]).collect(),
             buffer: Vec::new(),
+            replay: VecDeque::new(),
+            replaying: false,
+            replay_due: false,
             started_ns: 0,
             snapshot_due: false,
             alignment_ns: 0,
@@ -618,7 +643,7 @@ impl Aligner {
             | DataMsg::Barrier { input, from, .. } => {
                 self.snapshot_due || self.arrived[input as usize][from as usize]
             }
-            DataMsg::Tick | DataMsg::Snapshot { .. } => false,
+            DataMsg::Tick | DataMsg::Snapshot { .. } | DataMsg::Replay => false,
         }
     }
 
@@ -714,7 +739,7 @@ trait Aligning {
             aligner.last = aligner.last.max(epoch);
             let (plan_key, plan) = (self.key(), self.plan());
             broadcast_barrier(plan, plan_key, epoch, true, ctx);
-            self.replay(held, ctx);
+            self.resume(held, ctx);
             return;
         }
         let mut overtaken = Vec::new();
@@ -730,7 +755,7 @@ trait Aligning {
         }
         aligner.arrived[input as usize][from as usize] = true;
         self.try_complete(ctx);
-        self.replay(overtaken, ctx);
+        self.resume(overtaken, ctx);
     }
 
     /// If every channel has sent its barrier or ended: forward the barrier
@@ -746,6 +771,7 @@ trait Aligning {
         }
         let aligner = self.aligner();
         aligner.alignment_ns = ctx.clock_ns().saturating_sub(aligner.started_ns);
+
         aligner.snapshot_due = true;
         broadcast_barrier(self.plan(), self.key(), epoch, false, ctx);
         ctx.send(ctx.me(), DataMsg::Snapshot { epoch });
@@ -777,7 +803,7 @@ trait Aligning {
             }
         }
         let held = self.aligner().finish();
-        self.replay(held, ctx);
+        self.resume(held, ctx);
     }
 
     /// Give up `epoch` here: the checkpointer fails it, and everyone downstream
@@ -798,12 +824,60 @@ trait Aligning {
         broadcast_barrier(self.plan(), key, epoch, true, ctx);
         self.drop_snapshot();
         let held = self.aligner().finish();
-        self.replay(held, ctx);
+        self.resume(held, ctx);
     }
 
-    fn replay(&mut self, held: Vec<DataMsg>, ctx: &mut Context<'_, DataMsg>) {
-        for message in held {
+    /// A message for this stage or sink: queued behind a replay under way,
+    /// or handled.
+    fn receive(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>) {
+        match message {
+            DataMsg::Replay => {
+                self.aligner().replay_due = false;
+                self.replay_step(ctx);
+            }
+            DataMsg::Records { .. } | DataMsg::Watermark { .. } | DataMsg::Barrier { .. }
+                if !self.aligner().replay.is_empty() =>
+            {
+                self.aligner().replay.push_back(message);
+                self.replay_step(ctx);
+            }
+            message => self.deliver(message, ctx),
+        }
+    }
+
+    /// Hand back what waited for an alignment: before anything queued for
+    /// replay already (all of it came earlier on its channel).
+    fn resume(&mut self, held: Vec<DataMsg>, ctx: &mut Context<'_, DataMsg>) {
+        let replay = &mut self.aligner().replay;
+        for message in held.into_iter().rev() {
+            replay.push_front(message);
+        }
+        self.replay_step(ctx);
+    }
+
+    /// Handle queued messages for up to `REPLAY_STEP_NS` (at least one), and
+    /// cue itself for the rest.
+    fn replay_step(&mut self, ctx: &mut Context<'_, DataMsg>) {
+        let aligner = self.aligner();
+        if aligner.replaying {
+            return;
+        }
+        aligner.replaying = true;
+        let start_ns = ctx.clock_ns();
+        while let Some(message) = self.aligner().replay.pop_front() {
             self.deliver(message, ctx);
+            if ctx.clock_ns().saturating_sub(start_ns) >= REPLAY_STEP_NS {
+                break;
+            }
+        }
+        let aligner = self.aligner();
+        aligner.replaying = false;
+        if !aligner.replay.is_empty() && !aligner.replay_due {
+            aligner.replay_due = true;
+            ctx.send(ctx.me(), DataMsg::Replay);
+            if let Some(checkpointer) = &self.plan().checkpointer {
+                checkpointer.note_replay_step();
+            }
         }
     }
 }
@@ -917,8 +991,13 @@ struct StageActor<Out, Op> {
     snapshot: Option<Snapshotting>,
 }
 
-/// Bytes of state a snapshot encodes per turn, about.
-const SNAPSHOT_STEP_BYTES: usize = 1 << 20;
+/// How long one step of handing back what waited for an alignment runs.
+const REPLAY_STEP_NS: u64 = 250_000;
+
+/// Bytes of state a snapshot encodes per turn, about (at least one group):
+/// a step of 256 KiB takes some 0.2 ms, so the shard's other actors, and the
+/// barriers they pass on, wait no longer than that.
+const SNAPSHOT_STEP_BYTES: usize = 1 << 18;
 
 /// Groups of a snapshot still to encode, and those encoded.
 struct Snapshotting {
@@ -1031,7 +1110,7 @@ impl<Out: Data, Op: StageOp<Out>> Aligning for StageActor<Out, Op> {
         let start_ns = ctx.clock_ns();
         let (stage, partition) = (self.id.operator, self.id.partition);
         match message {
-            DataMsg::Tick => return,
+            DataMsg::Tick | DataMsg::Replay => return,
             DataMsg::Snapshot { epoch } => return self.snapshot_now(epoch, ctx),
             DataMsg::Records { input, batch, .. } => {
                 self.operator.records(input, batch, &mut self.out);
@@ -1085,13 +1164,13 @@ impl<Out: Data, Op: StageOp<Out>> Actor for StageActor<Out, Op> {
     type Message = DataMsg;
 
     fn handle(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>) {
-        self.deliver(message, ctx);
+        self.receive(message, ctx);
     }
 
     /// Whenever it is not aligning a checkpoint: its operator's state goes with
     /// it (`Operator::state`).
     fn may_deactivate(&self) -> bool {
-        self.align.epoch == 0
+        self.align.epoch == 0 && self.align.replay.is_empty()
     }
 
     fn snapshot(&mut self) -> Option<StateBytes> {
@@ -1198,7 +1277,7 @@ impl<T: Data> Aligning for SinkActor<T> {
     fn dispatch(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>) {
         let start_ns = ctx.clock_ns();
         match message {
-            DataMsg::Tick => {}
+            DataMsg::Tick | DataMsg::Replay => {}
             DataMsg::Snapshot { epoch } => self.snapshot_now(epoch, ctx),
             DataMsg::Records { batch, .. } => {
                 let records = batch.into_vec::<T>();
@@ -1264,14 +1343,16 @@ impl<T: Data> Actor for SinkActor<T> {
     type Message = DataMsg;
 
     fn handle(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>) {
-        self.deliver(message, ctx);
+        self.receive(message, ctx);
     }
 
     /// Once its input has ended, or whenever it idles if its `Sink` is
     /// stateless, and never while aligning a checkpoint: the rest (watermarks,
     /// unflushed latency samples) is saved.
     fn may_deactivate(&self) -> bool {
-        self.align.epoch == 0 && (self.finished || self.sink.stateless())
+        self.align.epoch == 0
+            && self.align.replay.is_empty()
+            && (self.finished || self.sink.stateless())
     }
 
     fn snapshot(&mut self) -> Option<StateBytes> {

@@ -201,6 +201,9 @@ pub struct CheckpointStats {
     /// The epoch restored at start, and the warnings of any fallback.
     pub restored_epoch: Option<u64>,
     pub warnings: Vec<String>,
+    /// Steps after the first in which a stage or sink handed back what had
+    /// waited for an alignment (each a `Replay` it sent itself).
+    pub replay_steps: u64,
 }
 
 impl Default for CheckpointStats {
@@ -217,6 +220,7 @@ impl Default for CheckpointStats {
             written_bytes: 0,
             restored_epoch: None,
             warnings: Vec::new(),
+            replay_steps: 0,
         }
     }
 }
@@ -398,6 +402,7 @@ pub struct Checkpointer {
     shape: Shape,
     /// The epoch sources should inject next; 0 before the first request.
     requested: AtomicU64,
+    replay_steps: AtomicU64,
     inbox: Mutex<Inbox>,
     wake: Condvar,
     restore: Mutex<BTreeMap<ActorKey, Restored>>,
@@ -529,6 +534,7 @@ impl Checkpointer {
             interval: options.interval.max(Duration::from_millis(1)),
             shape,
             requested: AtomicU64::new(0),
+            replay_steps: AtomicU64::new(0),
             inbox: Mutex::new(Inbox::default()),
             wake: Condvar::new(),
             restore: Mutex::new(restore),
@@ -628,7 +634,14 @@ impl Checkpointer {
     }
 
     pub fn stats(&self) -> CheckpointStats {
-        self.stats.lock().expect("checkpointer poisoned").clone()
+        let mut stats = self.stats.lock().expect("checkpointer poisoned").clone();
+        stats.replay_steps = self.replay_steps.load(Ordering::Relaxed);
+        stats
+    }
+
+    /// A stage or sink needs another step to hand back what it held.
+    pub(crate) fn note_replay_step(&self) {
+        self.replay_steps.fetch_add(1, Ordering::Relaxed);
     }
 
     fn fail_job(&self, message: String) {

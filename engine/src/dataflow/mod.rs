@@ -85,6 +85,9 @@ pub enum DataMsg {
     /// An aligned stage's or sink's cue, sent to itself, to take its part of
     /// checkpoint `epoch` (its barrier has gone on already).
     Snapshot { epoch: u64 },
+    /// A stage's or sink's cue, sent to itself, to go on handling the
+    /// messages that waited for an alignment (handed back a step at a time).
+    Replay,
 }
 
 /// The key group (of a job's `groups`) of a key: the mixed key scaled into
