@@ -515,6 +515,31 @@ fn a_pause_in_a_schedule_holds_the_input_and_event_time_skips_it() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Records due just before a pause leave with the batch they are in, not
+/// after the pause: a paced source batches 100 µs of records (9 per source
+/// partition at 190,000/s), and a batch short of that when a pause starts
+/// would otherwise wait for the records due after it. Four pauses of 300 ms
+/// (a build that held such records showed a row over 300 ms in each of four
+/// runs); every bid is a q1 row, so the slowest row shows it.
+#[test]
+fn records_due_before_a_pause_are_not_held_through_it() {
+    let pauses = "190000/100ms,0/300ms,".repeat(4);
+    let report = last_json(&succeeded(&[
+        "run",
+        "q1",
+        "--events",
+        "60000",
+        "--rate",
+        &format!("{pauses}190000"),
+        "--json",
+    ]));
+    let max_us = report["latency_us"]["max"].as_u64().expect("max latency");
+    assert!(
+        max_us < 150_000,
+        "a row waited out a 300 ms pause: max latency {max_us} us: {report}"
+    );
+}
+
 /// Stateful queries (joins and windows) across a pause long enough for their
 /// stages to deactivate (1 s idle): the stages go to the store with their key
 /// groups, wake when the input resumes, and every query's rows are exactly

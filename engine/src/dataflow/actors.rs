@@ -302,11 +302,21 @@ impl<T: Data> SourceActor<T> {
         let rate = pace.per_s_at(elapsed_ns);
         let min_batch =
             ((rate as u128 * PACED_BATCH_NS as u128 / 1_000_000_000) as u64).clamp(1, max as u64);
-        if allowed >= self.produced.saturating_add(min_batch) {
+        // A record waits for others to batch with for at most
+        // `PACED_BATCH_NS`: before a pause (or a slower step), the batch it
+        // waits for may not fill until the pause is over.
+        let first_due_ns = pace.due_ns(self.produced.saturating_add(1));
+        let waited_long = elapsed_ns.saturating_sub(first_due_ns) >= PACED_BATCH_NS;
+        if allowed >= self.produced.saturating_add(min_batch)
+            || (allowed > self.produced && waited_long)
+        {
             return ((allowed - self.produced) as usize).min(max);
         }
-        // Come back when the next batch is due.
-        let due_ns = pace.due_ns(self.produced.saturating_add(min_batch));
+        // Come back when the next batch is due, or when the first record due
+        // has waited long enough.
+        let due_ns = pace
+            .due_ns(self.produced.saturating_add(min_batch))
+            .min(first_due_ns.saturating_add(PACED_BATCH_NS));
         ctx.send_self_at(
             self.started_ns.saturating_add(due_ns),
             DataMsg::Tick,
