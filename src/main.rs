@@ -21,13 +21,13 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// and allocates the same amounts over and over (batches, each checkpoint's
 /// encoded groups, a window's tables), and memory given back is faulted in
 /// again, zeroed a transparent huge page at a time and at times compacted
-/// first. Measured with `dirigo bench checkpoint` (2-core VM): with the
-/// default, single snapshot steps of a 256 KiB budget took up to 18 ms,
-/// `alignment_ms_p99` was 7.6 to 28 ms and restoring 112 MB took 280 to
-/// 320 ms; with memory kept, steps stayed under 0.5 ms, alignment p99 was
-/// 2.6 to 4.8 ms and the restore 69 to 85 ms. The cost: the process's
-/// resident memory is its peak, not its present need. `MIMALLOC_PURGE_DELAY`
-/// in the environment overrides it (in ms).
+/// first. Measured with `dirigo bench checkpoint` (2-core VM, the engine as
+/// it is): with mimalloc's default, single snapshot steps of a 256 KiB
+/// budget took up to 18 ms, `alignment_ms_p99` was 10.2 and 11.7 ms and
+/// restoring 112 MB took about 300 ms; with memory kept, steps stayed under
+/// 0.5 ms, alignment p99 was 2.6 to 4.8 ms and the restore 69 to 85 ms. The
+/// cost: the process's resident memory is its peak, not its present need.
+/// `MIMALLOC_PURGE_DELAY` in the environment overrides it (in ms).
 const PURGE_DELAY_MS: std::ffi::c_long = -1;
 
 fn main() -> std::process::ExitCode {

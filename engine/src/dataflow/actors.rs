@@ -183,9 +183,10 @@ fn broadcast_watermark(
 /// before any data that waits (a mailbox is FIFO, so a barrier still follows
 /// every record sent before it on its channel). Handling one costs next to
 /// nothing, and an alignment then waits only for the data ahead of the
-/// barriers in the stage's own mailbox, not for the stages upstream to drain
-/// their backlog first (which made a sink behind a busy stage see the
-/// second barrier 5 to 25 ms after the first).
+/// barriers in the actor's own mailbox, not also for the earlier-deadline
+/// data of other actors on its shard (a sink with no data of its own, behind
+/// a saturated stage, otherwise ran only after every message on its shard
+/// with an earlier deadline).
 fn broadcast_barrier(
     plan: &Plan,
     (stage, partition): (u32, u32),
@@ -781,7 +782,6 @@ trait Aligning {
         }
         let aligner = self.aligner();
         aligner.alignment_ns = ctx.clock_ns().saturating_sub(aligner.started_ns);
-
         aligner.snapshot_due = true;
         broadcast_barrier(self.plan(), self.key(), epoch, false, ctx);
         ctx.send(ctx.me(), DataMsg::Snapshot { epoch });
