@@ -520,7 +520,8 @@ fn a_pause_in_a_schedule_holds_the_input_and_event_time_skips_it() {
 /// partition at 190,000/s), and a batch short of that when a pause starts
 /// would otherwise wait for the records due after it. Four pauses of 300 ms
 /// (a build that held such records showed a row over 300 ms in each of four
-/// runs); every bid is a q1 row, so the slowest row shows it.
+/// runs; with the fix, under 1 ms); every bid is a q1 row, so the slowest
+/// row shows it. The bound leaves room for a loaded machine.
 #[test]
 fn records_due_before_a_pause_are_not_held_through_it() {
     let pauses = "190000/100ms,0/300ms,".repeat(4);
@@ -535,7 +536,7 @@ fn records_due_before_a_pause_are_not_held_through_it() {
     ]));
     let max_us = report["latency_us"]["max"].as_u64().expect("max latency");
     assert!(
-        max_us < 150_000,
+        max_us < 250_000,
         "a row waited out a 300 ms pause: max latency {max_us} us: {report}"
     );
 }
