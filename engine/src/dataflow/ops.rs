@@ -9,9 +9,9 @@
 //!
 //! | operator | input -> output | state | fires |
 //! |---|---|---|---|
-//! | [`WindowAggregate`] | `In -> A::Out` | `(window_end, window_start) -> key -> Acc` | every window with `end <= watermark`, in window order |
+//! | [`WindowAggregate`] | `In -> A::Out` | `key -> [(window_end, Acc)]` (key first) | every window with `end <= watermark`, in window order |
 //! | [`WindowPartial`] | `In -> PartialRow<Acc>` | same | same |
-//! | [`WindowMerge`] | `PartialRow<Acc> -> A::Out` | same, merged from partials | same |
+//! | [`WindowMerge`] | `PartialRow<Acc> -> A::Out` | `(window_end, window_start) -> key -> Acc` (keyed by window), merged from partials | same |
 //! | [`WindowJoin`] | `(L, R) -> Out` | `window_start -> key -> records` of both inputs | a window at its end |
 //! | [`UnboundedJoin`] | `(L, R) -> Out` | `key -> records` of both inputs, until end of input | a pair as soon as both halves are in |
 //!
@@ -47,9 +47,12 @@
 //! person as its output row, not as the whole person, and q3 an auction as its
 //! id and seller.
 //!
-//! **Costs.** Per record: one call of the time and key functions (dynamic), one
-//! B-tree lookup per window the record falls in, one hash lookup (the id hasher)
-//! and the aggregate's `add`. Window joins hold every record of an open window
+//! **Costs.** Per record of a windowed aggregation: one call of the time and
+//! key functions (dynamic), one hash lookup (the id hasher; none for a run of
+//! records of one key) that finds the key's open windows, a short walk over
+//! them and the aggregate's `add` per window the record falls in. A window
+//! fires by one pass over the keys of the groups that hold it, one window at
+//! a time. Window joins hold every record of an open window
 //! (the semi-join only the keys of its right input); the unbounded join holds
 //! both inputs until the end of input, except that with `left_key_unique` a right
 //! record is dropped once it has met its left partner.
@@ -76,10 +79,8 @@ pub type TimeFn<T> = Arc<dyn Fn(&T) -> i64 + Send + Sync>;
 /// Accumulators of one window, by key.
 pub type Accs<A> = IdMap<u64, A>;
 
-/// Accumulators of one fired window, in parts (one per key group that held
-/// some; their keys are disjoint). Kept apart rather than merged into one
-/// map, which would hash every key again.
-pub type Parts<A> = Vec<Accs<A>>;
+/// Accumulators of one fired window, by key (each key once).
+pub type Fired<A> = Vec<(u64, A)>;
 
 /// One key's partial accumulator of one window, between the two phases.
 #[derive(Clone, Debug, PartialEq)]
@@ -104,6 +105,13 @@ impl WindowSpec {
                 size_ms > 0 && slide_ms > 0,
                 "window size and slide must be > 0"
             ),
+        }
+    }
+
+    /// The length of every window.
+    fn size_ms(&self) -> i64 {
+        match *self {
+            WindowSpec::Tumbling { size_ms } | WindowSpec::Sliding { size_ms, .. } => size_ms,
         }
     }
 
@@ -148,8 +156,8 @@ pub trait Aggregate<In>: Send + Sync + 'static {
     /// The output records of one key's accumulator when its window fires.
     fn emit(&self, key: u64, window: Window, acc: Self::Acc, out: &mut Vec<Self::Out>);
     /// Which keys of a fired window emit: all by default. Override to select
-    /// across keys (see [`TopKeys`]); the window's keys come in parts.
-    fn select(&self, _parts: &mut Parts<Self::Acc>) {}
+    /// across keys (see [`TopKeys`]).
+    fn select(&self, _fired: &mut Fired<Self::Acc>) {}
 }
 
 type CountOutputFn<Out> = Arc<dyn Fn(u64, Window, u64) -> Out + Send + Sync>;
@@ -288,19 +296,17 @@ where
     fn emit(&self, key: u64, window: Window, acc: A::Acc, out: &mut Vec<A::Out>) {
         self.inner.emit(key, window, acc, out);
     }
-    fn select(&self, parts: &mut Parts<A::Acc>) {
-        self.inner.select(parts);
-        let Some(best) = parts.iter().flat_map(|p| p.values()).map(&self.rank).max() else {
+    fn select(&self, fired: &mut Fired<A::Acc>) {
+        self.inner.select(fired);
+        let Some(best) = fired.iter().map(|(_, acc)| (self.rank)(acc)).max() else {
             return;
         };
-        for accs in parts.iter_mut() {
-            accs.retain(|_, acc| (self.rank)(acc) == best);
-        }
+        fired.retain(|(_, acc)| (self.rank)(acc) == best);
     }
 }
 
 /// Open windows by `(end, start)`, so that the first entry is the next to fire:
-/// what one key group holds.
+/// what one key group of [`WindowMerge`] (keyed by window) holds.
 type Windows<Acc> = BTreeMap<(i64, i64), Accs<Acc>>;
 
 /// Remove from every key group each window whose end the watermark reached,
@@ -331,35 +337,162 @@ fn take_complete<T>(
     }
 }
 
-/// Remove, in window order, every window whose end the watermark reached, and
-/// hand each (after the aggregate's selection) to `fire`.
+/// Windows due at once (`(end, start)`), each with its keys.
+type Due<Acc> = Vec<((i64, i64), Fired<Acc>)>;
+
+/// Windows due at once, each with its keys: hand each, in window order and
+/// after the aggregate's selection when `select`, to `fire`.
+fn fire_due<In, A: Aggregate<In>>(
+    mut due: Due<A::Acc>,
+    aggregate: &A,
+    select: bool,
+    mut fire: impl FnMut(&A, Window, Fired<A::Acc>),
+) {
+    due.sort_unstable_by_key(|(window, _)| *window);
+    for ((end, start), mut fired) in due {
+        if select {
+            aggregate.select(&mut fired);
+        }
+        fire(aggregate, (start, end), fired);
+    }
+}
+
+/// The keys of `window` among those already `due` (few windows fire at once:
+/// a linear search).
+fn due_window<Acc>(due: &mut Vec<((i64, i64), Fired<Acc>)>, window: (i64, i64)) -> &mut Fired<Acc> {
+    let at = match due.iter().position(|(w, _)| *w == window) {
+        Some(at) => at,
+        None => {
+            due.push((window, Vec::new()));
+            due.len() - 1
+        }
+    };
+    &mut due[at].1
+}
+
+/// Remove every window of `WindowMerge`'s groups whose end the watermark
+/// reached and hand each to `fire` (see `fire_due`).
 fn fire_complete<In, A: Aggregate<In>>(
     groups: &mut KeyGroups<Windows<A::Acc>>,
     watermark_ms: i64,
     aggregate: &A,
     select: bool,
-    mut fire: impl FnMut(&A, Window, Parts<A::Acc>),
+    fire: impl FnMut(&A, Window, Fired<A::Acc>),
 ) {
-    let mut due: BTreeMap<(i64, i64), Parts<A::Acc>> = BTreeMap::new();
+    let mut due = Vec::new();
     take_complete(groups, watermark_ms, |window, accs| {
-        due.entry(window).or_default().push(accs)
+        due_window(&mut due, window).extend(accs)
     });
-    for ((end, start), mut parts) in due {
-        if select {
-            aggregate.select(&mut parts);
-        }
-        fire(aggregate, (start, end), parts);
-    }
+    fire_due(due, aggregate, select, fire);
 }
 
 /// `fire` for final output: `A::emit` of every key of the window.
 fn emit_all<In, A: Aggregate<In>>(
     out: &mut Vec<A::Out>,
-) -> impl FnMut(&A, Window, Parts<A::Acc>) + '_ {
-    move |aggregate, window, parts| {
-        for (key, acc) in parts.into_iter().flatten() {
+) -> impl FnMut(&A, Window, Fired<A::Acc>) + '_ {
+    move |aggregate, window, fired| {
+        for (key, acc) in fired {
             aggregate.emit(key, window, acc, out);
         }
+    }
+}
+
+/// One key's open windows, `(end, acc)` in end order.
+type OpenWindows<Acc> = Vec<(i64, Acc)>;
+
+/// What one key group of a windowed aggregation holds, key first: per key its
+/// open windows as `(end, acc)` in end order (a state has one window size,
+/// so the end names the window), so that a record finds every window it falls
+/// in with one hash lookup (q5's sliding windows take each record into five).
+/// `next_end` is the earliest end of any window here (`i64::MAX` when none),
+/// so a watermark short of it passes the group by.
+pub struct KeyWindows<Acc> {
+    keys: IdMap<u64, OpenWindows<Acc>>,
+    next_end: i64,
+}
+
+impl<Acc> Default for KeyWindows<Acc> {
+    fn default() -> Self {
+        KeyWindows {
+            keys: IdMap::default(),
+            next_end: i64::MAX,
+        }
+    }
+}
+
+impl<Acc> KeyWindows<Acc> {
+    /// Remove the window that ends at `end` (the earliest here) into `fired`.
+    fn take_window(&mut self, end: i64, fired: &mut Fired<Acc>) {
+        debug_assert!(self.next_end >= end);
+        if self.next_end != end {
+            return;
+        }
+        let mut next_end = i64::MAX;
+        self.keys.retain(|&key, windows| {
+            if windows[0].0 == end {
+                let (_, acc) = windows.remove(0);
+                fired.push((key, acc));
+            }
+            match windows.first() {
+                Some(&(first, _)) => {
+                    next_end = next_end.min(first);
+                    true
+                }
+                None => false,
+            }
+        });
+        self.next_end = next_end;
+        // A table that emptied after a burst gives its memory back.
+        if self.keys.capacity() > 64 && self.keys.capacity() / 8 > self.keys.len() {
+            self.keys.shrink_to_fit();
+        }
+    }
+}
+
+impl<Acc: Persist + Send + 'static> GroupState for KeyWindows<Acc> {
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Keys, then per key its windows: the end and the accumulator.
+    fn encode(&self, out: &mut Vec<u8>) {
+        put_u32(out, self.keys.len() as u32);
+        for (key, windows) in &self.keys {
+            put_u64(out, *key);
+            put_u32(out, windows.len() as u32);
+            for (end, acc) in windows {
+                put_u64(out, *end as u64);
+                acc.persist(out);
+            }
+        }
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let mut r = Reader::new(bytes);
+        let n = r.count(12)?;
+        let mut state = KeyWindows::default();
+        state.keys.reserve(n);
+        for _ in 0..n {
+            let key = r.u64()?;
+            let count = r.count(12)?;
+            if count == 0 {
+                return Err(format!("key {key} is held with no window"));
+            }
+            let mut windows = Vec::with_capacity(count);
+            for _ in 0..count {
+                let end = r.i64()?;
+                if windows.last().is_some_and(|&(e, _)| e >= end) {
+                    return Err(format!("the windows of key {key} are out of order"));
+                }
+                windows.push((end, r.value()?));
+            }
+            state.next_end = state.next_end.min(windows[0].0);
+            if state.keys.insert(key, windows).is_some() {
+                return Err(format!("key {key} is held twice"));
+            }
+        }
+        r.finish()?;
+        Ok(state)
     }
 }
 
@@ -369,9 +502,11 @@ struct WindowState<In, A: Aggregate<In>> {
     time: TimeFn<In>,
     key: KeyFn<In>,
     aggregate: Arc<A>,
-    windows: KeyGroups<Windows<A::Acc>>,
+    windows: KeyGroups<KeyWindows<A::Acc>>,
     watermark_ms: i64,
     late_records: u64,
+    /// The open windows of the record at hand (reused).
+    scratch: Vec<Window>,
 }
 
 impl<In: 'static, A: Aggregate<In>> WindowState<In, A> {
@@ -385,6 +520,7 @@ impl<In: 'static, A: Aggregate<In>> WindowState<In, A> {
             windows: KeyGroups::default(),
             watermark_ms: i64::MIN,
             late_records: 0,
+            scratch: Vec::new(),
         }
     }
 
@@ -394,48 +530,95 @@ impl<In: 'static, A: Aggregate<In>> WindowState<In, A> {
         move || Self::new(spec, time.clone(), key.clone(), aggregate.clone())
     }
 
-    /// Move the watermark on and hand every window it completes to `fire`
-    /// (after the aggregate's selection when `select`).
+    /// Move the watermark on and hand every window it completes to `fire`, in
+    /// window order (after the aggregate's selection when `select`). One
+    /// window at a time, so that what is held at once beside the state is
+    /// one window's keys even when the end of input completes them all.
     fn advance(
         &mut self,
         watermark_ms: i64,
         select: bool,
-        fire: impl FnMut(&A, Window, Parts<A::Acc>),
+        mut fire: impl FnMut(&A, Window, Fired<A::Acc>),
     ) {
         self.watermark_ms = self.watermark_ms.max(watermark_ms);
-        let aggregate = &*self.aggregate;
-        fire_complete(
-            &mut self.windows,
-            self.watermark_ms,
-            aggregate,
-            select,
-            fire,
-        );
+        let groups = &mut self.windows;
+        loop {
+            let end = (0..groups.len())
+                .map(|g| groups.get(g))
+                .filter(|group| !group.keys.is_empty())
+                .map(|group| group.next_end)
+                .min();
+            let Some(end) = end.filter(|&end| complete(end, self.watermark_ms)) else {
+                return;
+            };
+            // At most one entry per key of the groups the window is in.
+            let keys = (0..groups.len())
+                .map(|g| groups.get(g))
+                .filter(|group| group.next_end == end)
+                .map(|group| group.keys.len())
+                .sum();
+            let mut fired = Vec::with_capacity(keys);
+            for g in 0..groups.len() {
+                if groups.get(g).next_end == end {
+                    groups.get_mut(g).take_window(end, &mut fired);
+                }
+            }
+            if select {
+                self.aggregate.select(&mut fired);
+            }
+            fire(&self.aggregate, (end - self.spec.size_ms(), end), fired);
+        }
     }
 
     fn add(&mut self, records: &[In]) {
         let watermark_ms = self.watermark_ms;
         let aggregate = &*self.aggregate;
-        let windows = &mut self.windows;
+        let open = &mut self.scratch;
+        let groups = &mut self.windows;
+        // The last key's windows and its group's `next_end`: a run of records
+        // of one key (q7's phase 1 has one key) looks it up once.
+        let mut held: Option<(u64, &mut OpenWindows<A::Acc>, &mut i64)> = None;
         for record in records {
-            let key = (self.key)(record);
             let mut late = false;
-            let mut group = None;
+            open.clear();
             let fits = self.spec.for_each((self.time)(record), |(start, end)| {
                 if complete(end, watermark_ms) {
                     late = true;
-                    return;
+                } else {
+                    open.push((start, end));
                 }
-                let group = *group.get_or_insert_with(|| windows.group_of(key));
-                let acc = windows
-                    .get_mut(group)
-                    .entry((end, start))
-                    .or_default()
-                    .entry(key)
-                    .or_insert_with(|| aggregate.new_acc());
-                aggregate.add(acc, record);
             });
             self.late_records += (late || !fits) as u64;
+            let Some(&(_, first_end)) = open.first() else {
+                continue;
+            };
+            let key = (self.key)(record);
+            if held.as_ref().is_none_or(|(k, _, _)| *k != key) {
+                let KeyWindows { keys, next_end } = groups.for_key(key);
+                // Room for the windows of this record and one more (the
+                // key's next record may open the window after them).
+                let windows = keys
+                    .entry(key)
+                    .or_insert_with(|| Vec::with_capacity(open.len()));
+                held = Some((key, windows, next_end));
+            }
+            let Some((_, windows, next_end)) = held.as_mut() else {
+                unreachable!("held was just set");
+            };
+            **next_end = (**next_end).min(first_end);
+            // Both in end order (one spec: a window is known by its end), so
+            // one pass from the first; mostly a push at the end.
+            let mut at = windows.partition_point(|w| w.0 < first_end);
+            for &(_, end) in open.iter() {
+                while at < windows.len() && windows[at].0 < end {
+                    at += 1;
+                }
+                if at == windows.len() || windows[at].0 != end {
+                    windows.insert(at, (end, aggregate.new_acc()));
+                }
+                aggregate.add(&mut windows[at].1, record);
+                at += 1;
+            }
         }
     }
 }
@@ -557,12 +740,12 @@ impl<In: Data, A: Aggregate<In>> Operator<In, PartialRow<A::Acc>> for WindowPart
 
     fn on_watermark(&mut self, watermark_ms: i64, out: &mut Vec<PartialRow<A::Acc>>) {
         self.state
-            .advance(watermark_ms, self.select, |_, window, parts| {
-                out.extend(parts.into_iter().flatten().map(|(key, acc)| PartialRow {
-                    key,
-                    window,
-                    acc,
-                }));
+            .advance(watermark_ms, self.select, |_, window, fired| {
+                out.extend(
+                    fired
+                        .into_iter()
+                        .map(|(key, acc)| PartialRow { key, window, acc }),
+                );
             });
     }
 
@@ -1143,6 +1326,7 @@ impl<L: Data + Persist, R: Data + Persist, Out: Data> JoinOperator<L, R, Out>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataflow::state::encode_groups;
     use crate::dataflow::END_OF_INPUT;
 
     /// Test input: `(key, time, value)`.
@@ -1478,6 +1662,20 @@ mod tests {
             ],
         );
         assert_eq!(aggregate.late_records(), 2);
+        // i64::MAX is a multiple of 7: the last window that fits ends there,
+        // and the end of input fires it.
+        let mut aggregate =
+            WindowAggregate::new(WindowSpec::Tumbling { size_ms: 7 }, time, key, count());
+        check(
+            "a window that ends at i64::MAX",
+            &mut aggregate,
+            &[
+                Rec(0, &[(1, i64::MAX - 1, 0), (2, 3, 0)]),
+                Wm(i64::MAX - 1, &[(2, 0, 7, 1)]),
+                Wm(END_OF_INPUT, &[(1, i64::MAX - 7, i64::MAX, 1)]),
+            ],
+        );
+        assert_eq!(aggregate.late_records(), 0);
     }
 
     /// Pairs as `Out { key, window, value: left * 100 + right }`.
@@ -1623,6 +1821,135 @@ mod tests {
                 (0, 0),
                 "{name}: end of input frees the state"
             );
+        }
+    }
+
+    /// A windowed count kept key first, fed records out of time order, with
+    /// its state encoded, decoded into a fresh operator and the run continued
+    /// at one point: every watermark fires exactly what a plain count by
+    /// `(window, key)` fires, and the late records are the same.
+    #[test]
+    fn key_first_windows_equal_a_plain_count_under_disorder_and_restore() {
+        let spec = WindowSpec::Sliding {
+            size_ms: 20,
+            slide_ms: 5,
+        };
+        for seed in 1..=6u64 {
+            let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let mut next = move |bound: u64| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng % bound
+            };
+            let mut operator = WindowAggregate::new(spec, time, key, count());
+            let (mut plain, mut plain_late) = (BTreeMap::<(i64, i64, u64), u64>::new(), 0);
+            let (mut watermark, mut max_time) = (i64::MIN, 0i64);
+            let restore_at = 20 + next(40);
+            for step in 0..80 {
+                // A batch of records, some behind the watermark (late).
+                let batch: Vec<In> = (0..next(30))
+                    .map(|_| {
+                        max_time += next(3) as i64;
+                        In {
+                            key: next(12),
+                            time_ms: max_time - next(25) as i64,
+                            value: 0,
+                        }
+                    })
+                    .collect();
+                for record in &batch {
+                    let mut late = false;
+                    spec.for_each(record.time_ms, |(start, end)| {
+                        if complete(end, watermark) {
+                            late = true;
+                        } else {
+                            *plain.entry((end, start, record.key)).or_default() += 1;
+                        }
+                    });
+                    plain_late += late as u64;
+                }
+                operator.on_records(batch, &mut Vec::new());
+                watermark = watermark.max(max_time - 15);
+                let mut got = Vec::new();
+                operator.on_watermark(watermark, &mut got);
+                let mut expected = Vec::new();
+                while let Some(entry) = plain.first_entry() {
+                    let &(end, start, key) = entry.key();
+                    if !complete(end, watermark) {
+                        break;
+                    }
+                    expected.push(out(key, (start, end), entry.remove()));
+                }
+                got.sort();
+                expected.sort();
+                assert_eq!(got, expected, "seed {seed}, step {step}");
+                if step == restore_at {
+                    let state = operator.state().expect("keeps state");
+                    let groups = encode_groups(state, &state.non_empty());
+                    let late = operator.late_records();
+                    operator = WindowAggregate::new(spec, time, key, count());
+                    let fresh = operator.state().expect("keeps state");
+                    fresh.init(crate::dataflow::KEY_GROUPS_DEFAULT);
+                    for (group, bytes) in &groups {
+                        fresh.restore(*group, bytes).expect("restores");
+                    }
+                    operator.state.late_records = late;
+                    let mut refired = Vec::new();
+                    operator.on_watermark(watermark, &mut refired);
+                    assert!(refired.is_empty(), "seed {seed}: fired twice");
+                }
+            }
+            assert!(plain_late > 0, "seed {seed}: the input had late records");
+            assert_eq!(operator.late_records(), plain_late, "seed {seed}");
+            let mut rest = Vec::new();
+            operator.on_watermark(END_OF_INPUT, &mut rest);
+            assert_eq!(rest.len(), plain.len(), "seed {seed}: end of input");
+        }
+    }
+
+    /// What a key-first group decodes: a bad encoding is an error naming it.
+    #[test]
+    fn key_first_windows_reject_bad_encodings() {
+        let encode = |entries: &[(u64, &[(i64, u64)])]| {
+            let mut bytes = Vec::new();
+            put_u32(&mut bytes, entries.len() as u32);
+            for (key, windows) in entries {
+                put_u64(&mut bytes, *key);
+                put_u32(&mut bytes, windows.len() as u32);
+                for (end, acc) in *windows {
+                    put_u64(&mut bytes, *end as u64);
+                    acc.persist(&mut bytes);
+                }
+            }
+            bytes
+        };
+        let good = encode(&[(7, &[(10, 3), (15, 1)]), (9, &[(20, 2)])]);
+        let state = KeyWindows::<u64>::decode(&good).expect("decodes");
+        assert_eq!(state.next_end, 10);
+        let mut again = Vec::new();
+        state.encode(&mut again);
+        let state = KeyWindows::<u64>::decode(&again).expect("decodes its own encoding");
+        assert_eq!(state.keys[&7], vec![(10, 3), (15, 1)]);
+        let cases: &[(&str, Vec<u8>, &str)] = &[
+            (
+                "windows out of order",
+                encode(&[(7, &[(15, 1), (10, 3)])]),
+                "out of order",
+            ),
+            ("a key with no window", encode(&[(7, &[])]), "no window"),
+            (
+                "a key twice",
+                encode(&[(7, &[(10, 3)]), (7, &[(15, 1)])]),
+                "held twice",
+            ),
+            ("truncated", good[..good.len() - 3].to_vec(), "ends at byte"),
+        ];
+        for (name, bytes, error) in cases {
+            match KeyWindows::<u64>::decode(bytes) {
+                Ok(_) => panic!("{name}: decoded"),
+                Err(e) => assert!(e.contains(error), "{name}: {e}"),
+            }
         }
     }
 }
