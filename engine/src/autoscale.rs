@@ -70,6 +70,19 @@
 //! sets off a scale out. If the packed shard's queues then run late, it is
 //! spread again and kept out of drains for `repack_steps`.
 //!
+//! # Scale to zero
+//!
+//! A scalable job that has had input, has not ended, and took no record for
+//! [`AutoscaleConfig::zero_steps`] steps in a row is scaled to zero
+//! ([`Action::ScaleToZero`]): the engine deactivates its idle actors now,
+//! their state saved, rather than when each shard's idle timeout comes. It is
+//! decided once; when records come in again the model records a
+//! [`Action::Wake`] (the runtime activates each actor, with its state, on its
+//! next message). Any record in resets the count, so a thin trickle keeps a
+//! job up. The engine steps the model with no actor figures while no record
+//! enters any job ([`Autoscaler::idle_step`]): an idle engine is not woken
+//! to be measured.
+//!
 //! # Stability
 //!
 //! - Nothing moves unless a shard is overloaded; a move must lower the higher
@@ -124,6 +137,10 @@ pub struct AutoscaleConfig {
     pub scale_in_steps: u64,
     /// A drain fills a shard up to this load at most.
     pub packed_load: f64,
+    /// Steps in a row with no record into a job (that had some before and
+    /// has not ended) after which it is scaled to zero: its idle actors are
+    /// deactivated, their state saved, until a message wakes them.
+    pub zero_steps: u64,
 }
 
 impl Default for AutoscaleConfig {
@@ -142,6 +159,7 @@ impl Default for AutoscaleConfig {
             low_load: 0.25,
             scale_in_steps: 20,
             packed_load: 0.6,
+            zero_steps: 10,
         }
     }
 }
@@ -168,6 +186,10 @@ pub struct JobSample {
     /// `false`: the job's placement is fixed (`--parallelism`, `--autoscale
     /// off` for it); it is measured but never moved.
     pub scalable: bool,
+    /// Records that entered the job so far (its sources' counts).
+    pub records_in: u64,
+    /// Every sink has seen the end of input: the job is about to be retired.
+    pub ended: bool,
 }
 
 /// What the runtime measured over one interval.
@@ -197,6 +219,12 @@ pub enum Action {
         shard: ShardId,
         operators: Vec<(JobId, u32, u32, u32)>,
     },
+    /// No record entered `job` for `zero_steps`: deactivate its idle actors
+    /// (their state goes to the store; they cost no CPU until a message).
+    ScaleToZero { job: JobId },
+    /// Records enter `job` again after it was scaled to zero. Recorded only:
+    /// the runtime activates each actor, with its state, on its next message.
+    Wake { job: JobId },
 }
 
 /// Which way a move scales its job.
@@ -219,11 +247,12 @@ pub struct Decision {
 }
 
 impl Action {
-    /// Which way a move scales; `None` for what is not a move.
+    /// Which way an action scales its job; `None` for what only records.
     pub fn scale(&self) -> Option<Scale> {
         match self {
             Action::Move { scale, .. } => Some(*scale),
-            Action::NeedsParallelism { .. } => None,
+            Action::ScaleToZero { .. } => Some(Scale::In),
+            Action::NeedsParallelism { .. } | Action::Wake { .. } => None,
         }
     }
 }
@@ -233,6 +262,7 @@ impl Decision {
     pub fn job(&self) -> Option<JobId> {
         match &self.action {
             Action::Move { actor, .. } => Some(actor.job),
+            Action::ScaleToZero { job } | Action::Wake { job } => Some(*job),
             Action::NeedsParallelism { .. } => None,
         }
     }
@@ -263,8 +293,32 @@ impl fmt::Display for Decision {
                 }
                 write!(f, " {}", self.reason)
             }
+            Action::ScaleToZero { job } => {
+                write!(
+                    f,
+                    "step {}: scale to zero: job {}: {}",
+                    self.step, job.0, self.reason
+                )
+            }
+            Action::Wake { job } => {
+                write!(
+                    f,
+                    "step {}: wake: job {}: {}",
+                    self.step, job.0, self.reason
+                )
+            }
         }
     }
+}
+
+/// What the model knows of a job's input between steps.
+struct Input {
+    /// `JobSample::records_in` at the last step.
+    records: u64,
+    /// Steps in a row with no record in.
+    idle_steps: u64,
+    /// Scaled to zero and not woken since.
+    zero: bool,
 }
 
 /// The autoscaler's state between steps.
@@ -284,6 +338,8 @@ pub struct Autoscaler {
     cold_steps: Vec<u64>,
     /// Per shard, the last step a scale out moved an actor off or onto it.
     last_out: BTreeMap<usize, u64>,
+    /// Per job, its input: for scaling idle jobs to zero.
+    inputs: BTreeMap<JobId, Input>,
 }
 
 /// An actor's measured figures in one step.
@@ -306,6 +362,7 @@ impl Autoscaler {
             last_load: Vec::new(),
             cold_steps: Vec::new(),
             last_out: BTreeMap::new(),
+            inputs: BTreeMap::new(),
         }
     }
 
@@ -325,6 +382,72 @@ impl Autoscaler {
 
     /// Measure `sample`, compute, and decide this step's actions.
     pub fn step(&mut self, sample: &Sample) -> Vec<Decision> {
+        let mut decisions = self.place(sample);
+        decisions.extend(self.track_inputs(&sample.jobs));
+        decisions
+    }
+
+    /// A step with no actor figures: no record entered any job since the
+    /// last step, so the engine asked no shard (a report would wake a parked
+    /// one). Only the jobs' input is looked at: an idle job is scaled to zero.
+    pub fn idle_step(&mut self, jobs: &BTreeMap<JobId, JobSample>) -> Vec<Decision> {
+        self.step += 1;
+        let step = self.step;
+        self.cooling.retain(|_, until| *until > step);
+        self.track_inputs(jobs)
+    }
+
+    /// Scale to zero a scalable job that had input, has not ended, and has
+    /// had no record in for `zero_steps`; once, until records come in again
+    /// (recorded as a wake). A trickle of input, however thin, keeps a job up.
+    fn track_inputs(&mut self, jobs: &BTreeMap<JobId, JobSample>) -> Vec<Decision> {
+        let step = self.step;
+        let zero_steps = self.config.zero_steps;
+        self.inputs.retain(|job, _| jobs.contains_key(job));
+        let mut decisions = Vec::new();
+        for (&job, sample) in jobs.iter().filter(|(_, j)| j.scalable) {
+            let input = self.inputs.entry(job).or_insert(Input {
+                records: sample.records_in,
+                idle_steps: 0,
+                zero: false,
+            });
+            if sample.records_in != input.records {
+                let came = sample.records_in.wrapping_sub(input.records);
+                if input.zero {
+                    decisions.push(Decision {
+                        step,
+                        action: Action::Wake { job },
+                        reason: format!(
+                            "{came} records in after {} steps with none",
+                            input.idle_steps
+                        ),
+                    });
+                }
+                *input = Input {
+                    records: sample.records_in,
+                    idle_steps: 0,
+                    zero: false,
+                };
+                continue;
+            }
+            input.idle_steps += 1;
+            if input.idle_steps >= zero_steps && !input.zero && input.records > 0 && !sample.ended {
+                input.zero = true;
+                decisions.push(Decision {
+                    step,
+                    action: Action::ScaleToZero { job },
+                    reason: format!(
+                        "no record in for {} steps, after {} records",
+                        input.idle_steps, input.records
+                    ),
+                });
+            }
+        }
+        decisions
+    }
+
+    /// Placement: moves off overloaded shards, halving, drains.
+    fn place(&mut self, sample: &Sample) -> Vec<Decision> {
         self.step += 1;
         let step = self.step;
         self.cooling.retain(|_, until| *until > step);

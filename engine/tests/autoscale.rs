@@ -4,6 +4,8 @@
 //! Serverless sizing: a job starts on one shard (two jobs submitted together
 //! on two), a light job is never spread, and a light job spread over both
 //! shards is drained into one once its shards have been cold for a second.
+//! Scale to zero: a paused job's stages are deactivated by the autoscaler
+//! (the shards' own idle timeout off) and wake with their state.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -11,7 +13,7 @@ use std::time::Duration;
 
 use dirigo_engine::autoscale::{Action, Scale};
 use dirigo_engine::dataflow::ops::{Count, WindowSpec};
-use dirigo_engine::dataflow::pace::RateSchedule;
+use dirigo_engine::dataflow::pace::{RateSchedule, RateStep};
 use dirigo_engine::dataflow::{
     AutoscaleOptions, Dataflow, DataflowConfig, Job, Sink, Source, SourceBatch,
 };
@@ -255,5 +257,64 @@ fn a_light_job_spread_over_two_shards_is_drained_into_one() {
         "nothing moves back out: {decisions:#?}"
     );
     assert!(report.scale_actions >= 1);
+    assert_exact(&rows, EVENTS);
+}
+
+#[test]
+fn a_paused_job_is_scaled_to_zero_by_the_autoscaler_and_wakes_with_its_state() {
+    const EVENTS: u64 = 300_000;
+    let mut config = DataflowConfig::default();
+    config.runtime.shards = 2;
+    config.runtime.oversubscribe = true;
+    // Only the autoscaler deactivates: the shards' idle timeout is off.
+    config.runtime.shard.idle_timeout_ns = None;
+    config.autoscale = Some(AutoscaleOptions {
+        interval: Duration::from_millis(20),
+        ..AutoscaleOptions::default()
+    });
+    let mut dataflow = Dataflow::start(config).unwrap();
+    let rows: Rows = Default::default();
+    // 0.3 s of input, a 1.5 s pause, the rest: the pause falls inside a
+    // window (event time is the record's number), so the count stage holds
+    // open windows while it is at zero.
+    let mut paused = job("paused", EVENTS, None, rows.clone());
+    let step = |per_s, duration_ms| RateStep { per_s, duration_ms };
+    paused.pace(Some(
+        RateSchedule::new(&[step(500_000, 300), step(0, 1_500), step(500_000, 0)]).unwrap(),
+    ));
+    let handle = dataflow.submit(paused).unwrap();
+    // 10 idle steps of 20 ms after the last record, then the deactivations
+    // (with room for a loaded machine).
+    std::thread::sleep(Duration::from_millis(1_100));
+    let during = dataflow.stats();
+    let report = dataflow.wait(&handle, Duration::from_secs(60)).unwrap();
+    let decisions = dataflow.decisions();
+    dataflow.shutdown();
+
+    const COUNT_STAGE: u32 = 1;
+    let active_counts: Vec<_> = during
+        .shards
+        .iter()
+        .flat_map(|r| &r.actors)
+        .filter(|a| a.id.job == handle.id && a.id.operator == COUNT_STAGE)
+        .map(|a| a.id)
+        .collect();
+    assert!(
+        active_counts.is_empty(),
+        "every count actor is at zero in the pause: {active_counts:?}; {decisions:#?}"
+    );
+    let deactivated: u64 = during.shards.iter().map(|r| r.deactivations).sum();
+    assert!(deactivated >= 4, "{deactivated} deactivations");
+    let zero = decisions
+        .iter()
+        .position(|d| d.action == Action::ScaleToZero { job: handle.id })
+        .unwrap_or_else(|| panic!("scaled to zero: {decisions:#?}"));
+    let wake = decisions
+        .iter()
+        .position(|d| d.action == Action::Wake { job: handle.id })
+        .unwrap_or_else(|| panic!("woken: {decisions:#?}"));
+    assert!(zero < wake, "{decisions:#?}");
+    assert!(report.scale_actions >= 1);
+    // The open windows went to the store and came back: exact output.
     assert_exact(&rows, EVENTS);
 }

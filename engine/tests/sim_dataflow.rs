@@ -249,6 +249,9 @@ fn sim_sample(
         JobSample {
             slo_ns,
             scalable: true,
+            // Placement only: no input counted, so never scaled to zero.
+            records_in: 0,
+            ended: false,
         },
     );
     for shard in 0..shards {

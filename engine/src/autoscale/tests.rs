@@ -33,6 +33,8 @@ impl World {
             JobSample {
                 slo_ns: 10_000_000,
                 scalable: true,
+                records_in: 0,
+                ended: false,
             },
         );
         jobs.insert(
@@ -40,6 +42,8 @@ impl World {
             JobSample {
                 slo_ns: 2_000_000_000,
                 scalable: true,
+                records_in: 0,
+                ended: false,
             },
         );
         World {
@@ -574,4 +578,102 @@ fn a_late_job_on_a_shard_with_room_is_spread_and_not_packed_back_soon() {
     }
     assert_eq!(drained, 1);
     assert_eq!(shards_in_use(&world), 1);
+}
+
+/// The scale-to-zero decisions and wakes of `decisions`, as `(job, zero)`.
+fn zero_and_wake(decisions: &[Decision]) -> Vec<(JobId, bool)> {
+    decisions
+        .iter()
+        .filter_map(|d| match d.action {
+            Action::ScaleToZero { job } => Some((job, true)),
+            Action::Wake { job } => Some((job, false)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn an_idle_job_is_scaled_to_zero_once_and_its_wake_is_recorded() {
+    let mut world = two_jobs(4, 8);
+    let mut model = Autoscaler::new(AutoscaleConfig::default());
+    let zero_steps = model.config().zero_steps;
+    // Step the model, both jobs taking records unless idle; returns its
+    // scale-to-zero decisions and wakes.
+    let step = |world: &mut World, model: &mut Autoscaler, idle: &[JobId]| {
+        for (job, sample) in world.jobs.iter_mut() {
+            if !idle.contains(job) {
+                sample.records_in += 1_000;
+            }
+        }
+        for &job in idle {
+            world.set_demand(job, 0.0);
+        }
+        let decisions = model.step(&world.sample());
+        world.apply(&decisions);
+        zero_and_wake(&decisions)
+    };
+    for _ in 0..20 {
+        assert!(step(&mut world, &mut model, &[]).is_empty());
+    }
+    // BULK stops: scaled to zero at its `zero_steps`-th idle step, once.
+    let mut seen = Vec::new();
+    for idle_step in 1..=3 * zero_steps {
+        for decision in step(&mut world, &mut model, &[BULK]) {
+            seen.push((idle_step, decision));
+        }
+    }
+    assert_eq!(seen, vec![(zero_steps, (BULK, true))]);
+    // Records again: one wake, at once; then idle again, zero again.
+    world.set_demand(BULK, 0.045);
+    assert_eq!(step(&mut world, &mut model, &[]), vec![(BULK, false)]);
+    let again: Vec<_> = (0..2 * zero_steps)
+        .flat_map(|_| step(&mut world, &mut model, &[BULK]))
+        .collect();
+    assert_eq!(again, vec![(BULK, true)]);
+    // With no record into any job the engine takes idle steps (no actor
+    // figures): they count the same, and a job already at zero stays there.
+    let idle: Vec<_> = (0..2 * zero_steps)
+        .flat_map(|_| zero_and_wake(&model.idle_step(&world.jobs)))
+        .collect();
+    assert_eq!(idle, vec![(LC, true)]);
+    // Every such decision says why, with its figures.
+    let decision = Decision {
+        step: 1,
+        action: Action::ScaleToZero { job: LC },
+        reason: "no record in for 10 steps, after 5 records".into(),
+    };
+    assert!(decision
+        .to_string()
+        .contains("scale to zero: job 1: no record in for 10 steps"));
+    assert_eq!(decision.action.scale(), Some(Scale::In));
+    assert_eq!(
+        Action::Wake { job: LC }.scale(),
+        None,
+        "a wake is the runtime's"
+    );
+}
+
+#[test]
+fn a_trickle_a_fixed_job_an_ended_job_and_one_never_fed_stay_up() {
+    let mut model = Autoscaler::new(AutoscaleConfig::default());
+    let zero_steps = model.config().zero_steps;
+    let job = |scalable, records_in, ended| JobSample {
+        slo_ns: 10_000_000,
+        scalable,
+        records_in,
+        ended,
+    };
+    let (trickle, fixed, ended, never) = (JobId(1), JobId(2), JobId(3), JobId(4));
+    let mut jobs = BTreeMap::new();
+    let mut decisions = Vec::new();
+    for step in 0..20 * zero_steps {
+        // One record every `zero_steps - 1` steps: never `zero_steps` idle.
+        let trickled = step / (zero_steps - 1);
+        jobs.insert(trickle, job(true, 1 + trickled, false));
+        jobs.insert(fixed, job(false, 100, false));
+        jobs.insert(ended, job(true, 100, true));
+        jobs.insert(never, job(true, 0, false));
+        decisions.extend(model.idle_step(&jobs));
+    }
+    assert!(decisions.is_empty(), "{decisions:#?}");
 }

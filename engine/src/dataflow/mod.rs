@@ -413,6 +413,9 @@ impl Registry {
                 let job = crate::autoscale::JobSample {
                     slo_ns: plan.slo_ns,
                     scalable: plan.autoscale,
+                    records_in: plan.metrics.source_records(),
+                    ended: plan.metrics.sinks_done.load(Ordering::Acquire)
+                        >= plan.sink_partitions(),
                 };
                 (id, job)
             })

@@ -3,7 +3,8 @@
 //! cumulative per-actor counters into one interval's [`Sample`], steps the
 //! model ([`crate::autoscale`]) and carries out its moves as migrations.
 //!
-//! Each decision is counted for its job ([`super::JobReport::scale_actions`])
+//! Each decision that scales a job (a move, a scale to zero) is counted for
+//! it ([`super::JobReport::scale_actions`])
 //! and kept in a bounded log ([`Dataflow::decisions`](super::Dataflow)); with
 //! [`AutoscaleOptions::log_decisions`] it is also printed to stderr as it is
 //! made.
@@ -174,6 +175,9 @@ fn run(
         let records = registry.records_in();
         if records == records_before {
             last = Instant::now();
+            for decision in model.idle_step(&registry.scaling_view()) {
+                carry_out(decision, runtime, registry, &options, decisions);
+            }
             continue;
         }
         records_before = records;
@@ -222,23 +226,39 @@ fn run(
         let step_decisions = model.step(&sample);
         starts.lock().expect("starts poisoned").loads = model.loads().to_vec();
         for decision in step_decisions {
-            if let Action::Move { actor, to, .. } = decision.action {
-                // A shard that died since the sample: the move is moot.
-                let _ = runtime.migrate(actor, to);
-            }
-            if let Some(job) = decision.job() {
-                registry.count_scale_action(job);
-            }
-            if options.log_decisions {
-                eprintln!("autoscaler: {decision}");
-            }
-            let mut kept = decisions.lock().expect("decision log poisoned");
-            if kept.len() == DECISIONS_KEPT_MAX {
-                kept.pop_front();
-            }
-            kept.push_back(decision);
+            carry_out(decision, runtime, registry, &options, decisions);
         }
     }
+}
+
+/// Act on one decision, count it for its job (an action that scales it) and
+/// keep it in the log.
+fn carry_out(
+    decision: Decision,
+    runtime: &Runtime<DataMsg>,
+    registry: &Registry,
+    options: &AutoscaleOptions,
+    decisions: &Mutex<VecDeque<Decision>>,
+) {
+    match decision.action {
+        Action::Move { actor, to, .. } => {
+            // A shard that died since the sample: the move is moot.
+            let _ = runtime.migrate(actor, to);
+        }
+        Action::ScaleToZero { job } => runtime.deactivate_job(job),
+        Action::NeedsParallelism { .. } | Action::Wake { .. } => {}
+    }
+    if let (Some(job), Some(_)) = (decision.job(), decision.action.scale()) {
+        registry.count_scale_action(job);
+    }
+    if options.log_decisions {
+        eprintln!("autoscaler: {decision}");
+    }
+    let mut kept = decisions.lock().expect("decision log poisoned");
+    if kept.len() == DECISIONS_KEPT_MAX {
+        kept.pop_front();
+    }
+    kept.push_back(decision);
 }
 
 /// One actor's figures since `before` (its counters when last reported, on

@@ -468,6 +468,22 @@ impl<M: Send + 'static> Runtime<M> {
             .push_external(self.homes.home(actor), External::Migrate { actor, to })
     }
 
+    /// Deactivate now every idle actor of `job` (empty mailbox, nothing in
+    /// flight, willing: `Actor::may_deactivate`) on every live shard, its
+    /// state saved to the store, as the idle timeout would: scale to zero.
+    /// Does not wait; an actor that is busy stays.
+    pub fn deactivate_job(&self, job: JobId) {
+        for i in 0..self.shards() {
+            let shard = ShardId(i as u16);
+            if !self.is_dead(shard) {
+                // A shard that died since is nothing to deactivate.
+                let _ = self
+                    .shared
+                    .push_external(shard, External::DeactivateJob(job));
+            }
+        }
+    }
+
     /// Drop every actor of `job` on every live shard (active or saved, with its
     /// mailbox, timers, blocked sends and channel tables), and every message for
     /// it that arrives later. For a failed job and for a finished one alike.

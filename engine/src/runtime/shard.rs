@@ -313,6 +313,8 @@ pub enum External<M> {
     /// Drop every actor of the job and every later message for it; the shard's
     /// id goes back once done.
     RetireJob(JobId, std::sync::mpsc::Sender<ShardId>),
+    /// Deactivate the job's idle actors now (scale to zero).
+    DeactivateJob(JobId),
     /// Panic outside actor code (tests of shard death).
     #[doc(hidden)]
     Crash,
@@ -758,6 +760,9 @@ impl<M: Send + 'static> ShardCore<M> {
                 self.retire_job(job);
                 // The caller may have stopped waiting; nothing to do then.
                 let _ = done.send(self.id);
+            }
+            External::DeactivateJob(job) => {
+                self.deactivate_if(|id, _| id.job == job);
             }
             External::Crash => panic!("{} crashed on request (a test of shard death)", self.id),
         }
@@ -1234,16 +1239,19 @@ impl<M: Send + 'static> ShardCore<M> {
             return 0;
         };
         let now_ns = self.clock.now_ns();
+        self.deactivate_if(|_, last_active_ns| now_ns.saturating_sub(last_active_ns) >= timeout_ns)
+    }
+
+    /// Deactivate every idle, willing actor for which `pick(id,
+    /// last_active_ns)` holds; returns how many.
+    pub fn deactivate_if(&mut self, pick: impl Fn(ActorId, u64) -> bool) -> usize {
         let idle: Vec<ActorId> = self
             .index
             .iter()
             .filter_map(|(&id, &index)| {
                 let slot = self.slots[index as usize].as_ref()?;
                 let willing = slot.actor.as_ref().is_some_and(|a| a.may_deactivate());
-                (slot.is_idle()
-                    && willing
-                    && now_ns.saturating_sub(slot.last_active_ns) >= timeout_ns)
-                    .then_some(id)
+                (slot.is_idle() && willing && pick(id, slot.last_active_ns)).then_some(id)
             })
             .collect();
         for &id in &idle {
