@@ -4,8 +4,10 @@
 //! over several stop points and shard counts, also while its actors migrate;
 //! a corrupt or truncated manifest, snapshot chunk or staged output file is
 //! detected and the one checkpoint before is used; a full disk fails
-//! checkpoints and the job runs on. (Kill -9 of the real binary is
-//! `tests/recovery.rs` at the top of the repository.)
+//! checkpoints and the job runs on. The count stage fires each window over
+//! many turns (a few keys a step), so all of this meets fires under way.
+//! (Kill -9 of the real binary is `tests/recovery.rs` at the top of the
+//! repository.)
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -16,13 +18,15 @@ use std::time::{Duration, Instant};
 use dirigo_engine::dataflow::checkpoint::{
     self, CheckpointOptions, CheckpointStats, Faults, Sealed, StagedOutput,
 };
-use dirigo_engine::dataflow::ops::{Aggregate, Count, Window, WindowSpec};
+use dirigo_engine::dataflow::ops::{Aggregate, Count, Window, WindowAggregate, WindowSpec};
 use dirigo_engine::dataflow::{Dataflow, DataflowConfig, Job, Sink, Source, SourceBatch};
 use dirigo_engine::ShardId;
 
 const EVENTS: u64 = 120_000;
 const WINDOW_MS: i64 = 50;
 const KEYS: u64 = 500;
+/// Keys a window fire of the count stage visits per turn.
+const FIRE_STEP_KEYS: usize = 13;
 /// Records per second of a run: its 120,000 records take 1.2 s, long enough
 /// for a few checkpoints even when the test threads share two cores.
 const FAST: u64 = 100_000;
@@ -159,18 +163,24 @@ fn job_with(
         }),
     )
     .key_by(|r: &Reading| r.key)
-    .window_aggregate(
+    .process(
         "count",
         3,
-        WindowSpec::Tumbling { size_ms: WINDOW_MS },
-        |r| r.time_ms,
-        |r| r.key,
-        Slow {
-            inner: Count::new(|key, (start, _), n| (key, start, n)),
-            ns: work_ns,
-            last: Mutex::default(),
-            disorder,
-        },
+        // A window (some 170 keys a partition) fires over a dozen steps, so
+        // barriers, migrations and restores meet fires under way.
+        WindowAggregate::new(
+            WindowSpec::Tumbling { size_ms: WINDOW_MS },
+            |r: &Reading| r.time_ms,
+            |r: &Reading| r.key,
+            Slow {
+                inner: Count::new(|key, (start, _), n| (key, start, n)),
+                ns: work_ns,
+                last: Mutex::default(),
+                disorder,
+            },
+        )
+        .fire_step_keys(FIRE_STEP_KEYS)
+        .factory(),
     )
     .sink(
         "out",

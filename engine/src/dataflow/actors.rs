@@ -534,6 +534,13 @@ impl<T: Data> Actor for SourceActor<T> {
 trait StageOp<Out>: Send + 'static {
     fn records(&mut self, input: u8, batch: Batch, out: &mut Vec<Out>);
     fn watermark(&mut self, watermark_ms: i64, out: &mut Vec<Out>);
+    /// `Operator::firing`, `Operator::fire_more` (a join fires at once).
+    fn firing(&self) -> bool {
+        false
+    }
+    fn fire_more(&mut self, _out: &mut Vec<Out>) -> bool {
+        true
+    }
     fn late_records(&self) -> u64;
     fn state(&mut self) -> Option<&mut dyn Stateful>;
 }
@@ -547,6 +554,12 @@ impl<In: Data, Out: Data> StageOp<Out> for Unary<In, Out> {
     }
     fn watermark(&mut self, watermark_ms: i64, out: &mut Vec<Out>) {
         self.0.on_watermark(watermark_ms, out);
+    }
+    fn firing(&self) -> bool {
+        self.0.firing()
+    }
+    fn fire_more(&mut self, out: &mut Vec<Out>) -> bool {
+        self.0.fire_more(out)
     }
     fn late_records(&self) -> u64 {
         self.0.late_records()
@@ -654,7 +667,7 @@ impl Aligner {
             | DataMsg::Barrier { input, from, .. } => {
                 self.snapshot_due || self.arrived[input as usize][from as usize]
             }
-            DataMsg::Tick | DataMsg::Snapshot { .. } | DataMsg::Replay => false,
+            DataMsg::Tick | DataMsg::Snapshot { .. } | DataMsg::Replay | DataMsg::Fire => false,
         }
     }
 
@@ -708,6 +721,10 @@ trait Aligning {
     }
     /// A snapshot in progress is given up: its groups count as changed again.
     fn drop_snapshot(&mut self) {}
+    /// Finish what the operator fires a step at a time, before a snapshot
+    /// reads its state. (A barrier waits behind a fire under way, so there
+    /// is none at an alignment; this keeps a snapshot whole regardless.)
+    fn settle(&mut self, _ctx: &mut Context<'_, DataMsg>) {}
 
     fn deliver(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>) {
         if self.aligner().holds(&message) {
@@ -796,6 +813,7 @@ trait Aligning {
         }
         let alignment_ns = aligner.alignment_ns;
         let hurry = aligner.buffer.len() > ALIGN_BUFFER_MESSAGES_MAX / 2;
+        self.settle(ctx);
         if !self.snapshot_step(hurry) {
             ctx.send(ctx.me(), DataMsg::Snapshot { epoch });
             return;
@@ -884,10 +902,21 @@ trait Aligning {
         aligner.replaying = false;
         if !aligner.replay.is_empty() && !aligner.replay_due {
             aligner.replay_due = true;
+            let firing = matches!(aligner.replay.front(), Some(DataMsg::Fire));
             ctx.send(ctx.me(), DataMsg::Replay);
-            if let Some(checkpointer) = &self.plan().checkpointer {
+            if let (Some(checkpointer), false) = (&self.plan().checkpointer, firing) {
                 checkpointer.note_replay_step();
             }
+        }
+    }
+
+    /// Queue `Fire` first, and make sure a replay step will take it.
+    fn cue_fire(&mut self, ctx: &mut Context<'_, DataMsg>) {
+        let aligner = self.aligner();
+        aligner.replay.push_front(DataMsg::Fire);
+        if !aligner.replaying && !aligner.replay_due {
+            aligner.replay_due = true;
+            ctx.send(ctx.me(), DataMsg::Replay);
         }
     }
 }
@@ -984,6 +1013,7 @@ fn stage_actor<Out: Data, Op: StageOp<Out>>(
         // A restored operator is new: its own late count starts again at 0.
         late_seen: 0,
         snapshot: None,
+        held_watermark: None,
     })
 }
 
@@ -999,6 +1029,9 @@ struct StageActor<Out, Op> {
     align: Aligner,
     /// A snapshot being encoded over several turns.
     snapshot: Option<Snapshotting>,
+    /// The watermark that set off a fire under way: passed on once it is
+    /// done (downstream sees a window's rows before the watermark past it).
+    held_watermark: Option<i64>,
 }
 
 /// How long one step of handing back what waited for an alignment runs.
@@ -1016,6 +1049,45 @@ struct Snapshotting {
 }
 
 impl<Out: Data, Op: StageOp<Out>> StageActor<Out, Op> {
+    /// Pass the stage's watermark on; at the end of input, its final part.
+    fn pass_watermark(&mut self, current: i64, ctx: &mut Context<'_, DataMsg>) {
+        broadcast_watermark(
+            &self.plan,
+            self.id.operator,
+            self.id.partition,
+            current,
+            ctx,
+        );
+        if current == END_OF_INPUT && self.plan.checkpointer.is_some() {
+            let last = self.align.last;
+            let part = self.part(last, PartKind::Final).expect("infallible");
+            self.plan
+                .checkpointer
+                .as_ref()
+                .expect("checked")
+                .report(part);
+        }
+    }
+
+    /// One step of the operator's fire (all of it with `whole`): its rows go
+    /// out, and once it is done, the watermark it held; true when done.
+    fn fire_step(&mut self, whole: bool, ctx: &mut Context<'_, DataMsg>) -> bool {
+        let done = loop {
+            let done = self.operator.fire_more(&mut self.out);
+            let out = std::mem::take(&mut self.out);
+            emit(&self.routes, &self.plan, self.id.partition, out, ctx);
+            if done || !whole {
+                break done;
+            }
+        };
+        if done {
+            if let Some(current) = self.held_watermark.take() {
+                self.pass_watermark(current, ctx);
+            }
+        }
+        done
+    }
+
     /// Bookkeeping for a checkpoint or deactivation.
     fn saved(&self, epoch: u64) -> Saved {
         Saved {
@@ -1070,6 +1142,13 @@ impl<Out: Data, Op: StageOp<Out>> Aligning for StageActor<Out, Op> {
         snapshot.todo.is_empty()
     }
 
+    fn settle(&mut self, ctx: &mut Context<'_, DataMsg>) {
+        if self.operator.firing() || self.held_watermark.is_some() {
+            self.fire_step(true, ctx);
+            self.align.replay.retain(|m| !matches!(m, DataMsg::Fire));
+        }
+    }
+
     fn drop_snapshot(&mut self) {
         let (Some(snapshot), Some(state)) = (self.snapshot.take(), self.operator.state()) else {
             return;
@@ -1122,6 +1201,11 @@ impl<Out: Data, Op: StageOp<Out>> Aligning for StageActor<Out, Op> {
         match message {
             DataMsg::Tick | DataMsg::Replay => return,
             DataMsg::Snapshot { epoch } => return self.snapshot_now(epoch, ctx),
+            DataMsg::Fire => {
+                if !self.fire_step(false, ctx) {
+                    self.cue_fire(ctx);
+                }
+            }
             DataMsg::Records { input, batch, .. } => {
                 self.operator.records(input, batch, &mut self.out);
                 let out = std::mem::take(&mut self.out);
@@ -1136,15 +1220,13 @@ impl<Out: Data, Op: StageOp<Out>> Aligning for StageActor<Out, Op> {
                     self.operator.watermark(current, &mut self.out);
                     let out = std::mem::take(&mut self.out);
                     emit(&self.routes, &self.plan, partition, out, ctx);
-                    broadcast_watermark(&self.plan, stage, partition, current, ctx);
-                    if current == END_OF_INPUT && self.plan.checkpointer.is_some() {
-                        let last = self.align.last;
-                        let part = self.part(last, PartKind::Final).expect("infallible");
-                        self.plan
-                            .checkpointer
-                            .as_ref()
-                            .expect("checked")
-                            .report(part);
+                    if self.operator.firing() {
+                        // The rest fires in later turns, ahead of anything
+                        // that comes in; the watermark goes on after it.
+                        self.held_watermark = Some(current);
+                        self.cue_fire(ctx);
+                    } else {
+                        self.pass_watermark(current, ctx);
                     }
                 }
                 if watermark_ms == END_OF_INPUT {
@@ -1180,7 +1262,10 @@ impl<Out: Data, Op: StageOp<Out>> Actor for StageActor<Out, Op> {
     /// Whenever it is not aligning a checkpoint: its operator's state goes with
     /// it (`Operator::state`).
     fn may_deactivate(&self) -> bool {
-        self.align.epoch == 0 && self.align.replay.is_empty()
+        self.align.epoch == 0
+            && self.align.replay.is_empty()
+            && self.held_watermark.is_none()
+            && !self.operator.firing()
     }
 
     fn snapshot(&mut self) -> Option<StateBytes> {
@@ -1287,7 +1372,7 @@ impl<T: Data> Aligning for SinkActor<T> {
     fn dispatch(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>) {
         let start_ns = ctx.clock_ns();
         match message {
-            DataMsg::Tick | DataMsg::Replay => {}
+            DataMsg::Tick | DataMsg::Replay | DataMsg::Fire => {}
             DataMsg::Snapshot { epoch } => self.snapshot_now(epoch, ctx),
             DataMsg::Records { batch, .. } => {
                 let records = batch.into_vec::<T>();

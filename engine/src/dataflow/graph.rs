@@ -152,6 +152,18 @@ pub trait Operator<In, Out>: Send + 'static {
     /// The stage's watermark (the minimum over its inputs) advanced; `i64::MAX` at
     /// the end of input, when everything still held must be emitted.
     fn on_watermark(&mut self, _watermark_ms: i64, _out: &mut Vec<Out>) {}
+    /// Whether `on_watermark` left work for later: what it fires is done a
+    /// step at a time (a window of a million keys would otherwise hold its
+    /// shard for tens of ms). The engine then calls `fire_more` in later
+    /// turns, and hands the operator nothing else, nor passes its watermark
+    /// on, until that is done.
+    fn firing(&self) -> bool {
+        false
+    }
+    /// One more step of what `on_watermark` left; true once nothing is left.
+    fn fire_more(&mut self, _out: &mut Vec<Out>) -> bool {
+        true
+    }
     /// Records that arrived behind the watermark (for a window that had already
     /// fired) so far; the engine adds them up per job as `late`.
     fn late_records(&self) -> u64 {
@@ -160,7 +172,8 @@ pub trait Operator<In, Out>: Send + 'static {
     /// The operator's state by key group (see `state`), which checkpoints write
     /// and deactivation saves; `None` for an operator that keeps nothing between
     /// calls. Required, so that no operator can hold state the engine does not
-    /// know of and lose it silently.
+    /// know of and lose it silently. The engine never reads it while
+    /// `firing`.
     fn state(&mut self) -> Option<&mut dyn Stateful>;
 }
 

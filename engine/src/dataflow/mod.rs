@@ -88,6 +88,10 @@ pub enum DataMsg {
     /// A stage's or sink's cue, sent to itself, to go on handling the
     /// messages that waited for an alignment (handed back a step at a time).
     Replay,
+    /// First among a stage's queued messages (never sent): take the next
+    /// step of what its operator fires (`Operator::firing`); what came in
+    /// meanwhile waits behind it.
+    Fire,
 }
 
 /// The key group (of a job's `groups`) of a key: the mixed key scaled into
