@@ -114,7 +114,7 @@ enum BenchName {
         #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
         lc_rate: u64,
         /// The latency-critical job's input events (cover the bulk job's burst).
-        #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+        #[arg(long, default_value_t = 1_400_000, value_parser = clap::value_parser!(u64).range(1..))]
         lc_events: u64,
         /// The latency-critical job's SLO, e.g. `5ms`, `10ms`.
         #[arg(long, default_value = "10ms", value_parser = parse_duration)]
@@ -123,7 +123,7 @@ enum BenchName {
         #[arg(long, default_value_t = 30_000_000, value_parser = clap::value_parser!(u64).range(1..))]
         burst_rate: u64,
         /// How long the burst lasts in the bulk job's schedule, ms.
-        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+        #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
         burst_ms: u64,
         /// The bulk job's input events; default: its whole schedule (1 s quiet,
         /// the burst, 1 s quiet).
