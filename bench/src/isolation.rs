@@ -630,9 +630,9 @@ mod tests {
         let config = Config::default();
         assert_eq!(
             config.bulk_schedule().unwrap().to_string(),
-            "50000/1s,30000000/500ms,50000"
+            "50000/1s,30000000/2s,50000"
         );
-        assert_eq!(config.bulk_events(), 50_000 + 15_000_000 + 50_000);
+        assert_eq!(config.bulk_events(), 50_000 + 60_000_000 + 50_000);
         let given = Config {
             bulk_events: Some(7),
             ..Config::default()

@@ -1226,6 +1226,9 @@ impl<Out: Data, Op: StageOp<Out>> Aligning for StageActor<Out, Op> {
                         self.held_watermark = Some(current);
                         self.cue_fire(ctx);
                     } else {
+                        // A watermark held for an earlier fire is passed by
+                        // this one (never one behind it after it).
+                        self.held_watermark = None;
                         self.pass_watermark(current, ctx);
                     }
                 }
