@@ -267,12 +267,15 @@ pub fn build(query: &str, options: &QueryOptions) -> Result<Job, String> {
         // SELECT * FROM bid
         "q0" => bids.sink("sink", sinks, sink(output)),
         // SELECT auction, bidder, 0.908 * price AS price, date_time FROM bid
-        "q1" => bids
-            .map(|b| Q1 {
-                auction: b.auction,
-                bidder: b.bidder,
-                price: b.price as f64 * EUROS_PER_DOLLAR,
-                date_time: b.date_time,
+        // One step from events to rows (a bid, then its row, in one pass).
+        "q1" => events
+            .filter_map(|e| {
+                bid(e).map(|b| Q1 {
+                    auction: b.auction,
+                    bidder: b.bidder,
+                    price: b.price as f64 * EUROS_PER_DOLLAR,
+                    date_time: b.date_time,
+                })
             })
             .sink("sink", sinks, sink(output)),
         // SELECT auction, price FROM bid WHERE auction % 123 = 0
