@@ -1937,6 +1937,36 @@ mod tests {
         }
     }
 
+    /// A seeded generator of numbers below a bound (xorshift).
+    fn xorshift(seed: u64) -> impl FnMut(u64) -> u64 {
+        let mut rng = seed.max(1);
+        move |bound| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % bound
+        }
+    }
+
+    /// Under `records` records of `keys` keys, time moving on by under
+    /// `step` ms a record and each record up to `lag` ms behind it.
+    fn disordered(
+        next: &mut impl FnMut(u64) -> u64,
+        max_time: &mut i64,
+        (records, keys, step, lag): (u64, u64, u64, u64),
+    ) -> Vec<In> {
+        (0..next(records))
+            .map(|_| {
+                *max_time += next(step) as i64;
+                In {
+                    key: next(keys),
+                    time_ms: *max_time - next(lag) as i64,
+                    value: 0,
+                }
+            })
+            .collect()
+    }
+
     /// A windowed count kept key first, fed records out of time order, with
     /// its state encoded, decoded into a fresh operator and the run continued
     /// at one point: every watermark fires exactly what a plain count by
@@ -1948,29 +1978,14 @@ mod tests {
             slide_ms: 5,
         };
         for seed in 1..=6u64 {
-            let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            let mut next = move |bound: u64| {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                rng % bound
-            };
+            let mut next = xorshift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let mut operator = WindowAggregate::new(spec, time, key, count());
             let (mut plain, mut plain_late) = (BTreeMap::<(i64, i64, u64), u64>::new(), 0);
             let (mut watermark, mut max_time) = (i64::MIN, 0i64);
             let restore_at = 20 + next(40);
             for step in 0..80 {
                 // A batch of records, some behind the watermark (late).
-                let batch: Vec<In> = (0..next(30))
-                    .map(|_| {
-                        max_time += next(3) as i64;
-                        In {
-                            key: next(12),
-                            time_ms: max_time - next(25) as i64,
-                            value: 0,
-                        }
-                    })
-                    .collect();
+                let batch = disordered(&mut next, &mut max_time, (30, 12, 3, 25));
                 for record in &batch {
                     let mut late = false;
                     spec.for_each(record.time_ms, |(start, end)| {
@@ -2075,28 +2090,13 @@ mod tests {
             size_ms: 20,
             slide_ms: 5,
         };
-        let mut rng = 7u64;
-        let mut next = move |bound: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % bound
-        };
+        let mut next = xorshift(7);
         let mut at_once = WindowAggregate::new(spec, time, key, count());
         let mut stepped = WindowAggregate::new(spec, time, key, count()).fire_step_keys(3);
         let mut max_time = 0i64;
         let mut steps = 0;
         for round in 0..60 {
-            let batch: Vec<In> = (0..next(40))
-                .map(|_| {
-                    max_time += next(2) as i64;
-                    In {
-                        key: next(30),
-                        time_ms: max_time - next(10) as i64,
-                        value: 0,
-                    }
-                })
-                .collect();
+            let batch = disordered(&mut next, &mut max_time, (40, 30, 2, 10));
             at_once.on_records(batch.clone(), &mut Vec::new());
             stepped.on_records(batch, &mut Vec::new());
             let watermark = if round == 59 {
