@@ -317,8 +317,14 @@ struct Input {
     records: u64,
     /// Steps in a row with no record in.
     idle_steps: u64,
-    /// Scaled to zero and not woken since.
-    zero: bool,
+}
+
+impl Input {
+    /// Scaled to zero in this idle spell (decided at its `zero_steps`-th
+    /// step; an ended job takes no more records, so it is never woken).
+    fn at_zero(&self, zero_steps: u64) -> bool {
+        self.records > 0 && self.idle_steps >= zero_steps
+    }
 }
 
 /// The autoscaler's state between steps.
@@ -391,10 +397,16 @@ impl Autoscaler {
     /// last step, so the engine asked no shard (a report would wake a parked
     /// one). Only the jobs' input is looked at: an idle job is scaled to zero.
     pub fn idle_step(&mut self, jobs: &BTreeMap<JobId, JobSample>) -> Vec<Decision> {
+        self.tick();
+        self.track_inputs(jobs)
+    }
+
+    /// The next step: its number; the actors whose cooldown it ends may move.
+    fn tick(&mut self) -> u64 {
         self.step += 1;
         let step = self.step;
         self.cooling.retain(|_, until| *until > step);
-        self.track_inputs(jobs)
+        step
     }
 
     /// Scale to zero a scalable job that had input, has not ended, and has
@@ -409,11 +421,10 @@ impl Autoscaler {
             let input = self.inputs.entry(job).or_insert(Input {
                 records: sample.records_in,
                 idle_steps: 0,
-                zero: false,
             });
             if sample.records_in != input.records {
                 let came = sample.records_in.wrapping_sub(input.records);
-                if input.zero {
+                if input.at_zero(zero_steps) {
                     decisions.push(Decision {
                         step,
                         action: Action::Wake { job },
@@ -426,13 +437,11 @@ impl Autoscaler {
                 *input = Input {
                     records: sample.records_in,
                     idle_steps: 0,
-                    zero: false,
                 };
                 continue;
             }
             input.idle_steps += 1;
-            if input.idle_steps >= zero_steps && !input.zero && input.records > 0 && !sample.ended {
-                input.zero = true;
+            if input.idle_steps == zero_steps && input.records > 0 && !sample.ended {
                 decisions.push(Decision {
                     step,
                     action: Action::ScaleToZero { job },
@@ -448,9 +457,7 @@ impl Autoscaler {
 
     /// Placement: moves off overloaded shards, halving, drains.
     fn place(&mut self, sample: &Sample) -> Vec<Decision> {
-        self.step += 1;
-        let step = self.step;
-        self.cooling.retain(|_, until| *until > step);
+        let step = self.tick();
         if sample.shards < 2 {
             return Vec::new();
         }

@@ -7,58 +7,21 @@
 //! Scale to zero: a paused job's stages are deactivated by the autoscaler
 //! (the shards' own idle timeout off) and wake with their state.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+#[path = "common/readings.rs"]
+mod readings;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use dirigo_engine::autoscale::{Action, Scale};
 use dirigo_engine::dataflow::ops::{Count, WindowSpec};
 use dirigo_engine::dataflow::pace::{RateSchedule, RateStep};
-use dirigo_engine::dataflow::{
-    AutoscaleOptions, Dataflow, DataflowConfig, Job, Sink, Source, SourceBatch,
-};
+use dirigo_engine::dataflow::{AutoscaleOptions, Dataflow, DataflowConfig, Job};
 use dirigo_engine::{JobId, ShardId};
+use readings::{reference, Collect, Readings, Rows, WINDOW_MS};
 
 const EVENTS: u64 = 3_000_000;
-const WINDOW_MS: i64 = 100;
-const KEYS: u64 = 1000;
-
-fn reading(n: u64) -> (u64, i64) {
-    let mix = n.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(23);
-    (mix % KEYS, (n / 100) as i64)
-}
-
-struct Readings {
-    next: u64,
-    step: u64,
-    end: u64,
-}
-
-impl Source<(u64, i64)> for Readings {
-    fn next_batch(&mut self, max: usize, out: &mut Vec<(u64, i64)>) -> SourceBatch {
-        for _ in 0..max {
-            if self.next >= self.end {
-                return SourceBatch::Done;
-            }
-            out.push(reading(self.next));
-            self.next += self.step;
-        }
-        SourceBatch::More {
-            watermark_ms: reading(self.next - self.step).1,
-        }
-    }
-}
-
-type Rows = Arc<Mutex<Vec<(u64, i64, u64)>>>;
-
-struct Collect(Rows);
-
-impl Sink<(u64, i64, u64)> for Collect {
-    fn write(&mut self, records: &[(u64, i64, u64)]) {
-        self.0.lock().unwrap().extend_from_slice(records);
-    }
-}
-
 /// A windowed count of `events` readings, at `per_s` if given (light: a
 /// few percent of a core), else as fast as it goes.
 fn job(name: &str, events: u64, per_s: Option<u64>, rows: Rows) -> Job {
@@ -86,17 +49,6 @@ fn job(name: &str, events: u64, per_s: Option<u64>, rows: Rows) -> Job {
     )
     .sink("out", 2, Arc::new(move |_| Box::new(Collect(rows.clone()))));
     job
-}
-
-fn reference(events: u64) -> Vec<(u64, i64, u64)> {
-    let mut counts = BTreeMap::new();
-    for n in 0..events {
-        let (key, time) = reading(n);
-        *counts
-            .entry((key, time - time.rem_euclid(WINDOW_MS)))
-            .or_insert(0u64) += 1;
-    }
-    counts.into_iter().map(|((k, s), n)| (k, s, n)).collect()
 }
 
 fn engine() -> Dataflow {

@@ -6,55 +6,21 @@
 //! before the rows of the window it was firing would show here, as late rows
 //! and a wrong count. Output is checked exactly against a plain count.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+#[path = "common/readings.rs"]
+mod readings;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use dirigo_engine::dataflow::ops::{Count, PartialRow, WindowMerge, WindowPartial, WindowSpec};
-use dirigo_engine::dataflow::{Dataflow, DataflowConfig, Job, Sink, Source, SourceBatch};
+use dirigo_engine::dataflow::{Dataflow, DataflowConfig, Job};
 use dirigo_engine::ShardId;
+use readings::{reference, Collect, Readings, Rows, WINDOW_MS};
 
 const EVENTS: u64 = 400_000;
-const WINDOW_MS: i64 = 100;
-const KEYS: u64 = 2_000;
-/// Keys a window fire of phase 1 visits per turn: some 500 keys a
-/// partition and window fire in a hundred steps.
+/// Keys a window fire of phase 1 visits per turn: some 250 keys a
+/// partition and window fire in fifty steps.
 const FIRE_STEP_KEYS: usize = 5;
-
-fn reading(n: u64) -> (u64, i64) {
-    let mix = n.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17);
-    (mix % KEYS, (n / 200) as i64)
-}
-
-struct Readings {
-    next: u64,
-    step: u64,
-}
-
-impl Source<(u64, i64)> for Readings {
-    fn next_batch(&mut self, max: usize, out: &mut Vec<(u64, i64)>) -> SourceBatch {
-        for _ in 0..max {
-            if self.next >= EVENTS {
-                return SourceBatch::Done;
-            }
-            out.push(reading(self.next));
-            self.next += self.step;
-        }
-        SourceBatch::More {
-            watermark_ms: reading(self.next - self.step).1,
-        }
-    }
-}
-
-type Rows = Arc<Mutex<Vec<(u64, i64, u64)>>>;
-
-struct Collect(Rows);
-
-impl Sink<(u64, i64, u64)> for Collect {
-    fn write(&mut self, records: &[(u64, i64, u64)]) {
-        self.0.lock().unwrap().extend_from_slice(records);
-    }
-}
 
 fn job(rows: Rows) -> Job {
     let mut job = Job::new("stepped", Duration::from_millis(200));
@@ -66,6 +32,7 @@ fn job(rows: Rows) -> Job {
             Box::new(Readings {
                 next: p as u64,
                 step: n as u64,
+                end: EVENTS,
             })
         }),
     )
@@ -88,20 +55,9 @@ fn job(rows: Rows) -> Job {
     job
 }
 
-fn reference() -> Vec<(u64, i64, u64)> {
-    let mut counts = BTreeMap::new();
-    for n in 0..EVENTS {
-        let (key, time) = reading(n);
-        *counts
-            .entry((key, time - time.rem_euclid(WINDOW_MS)))
-            .or_insert(0u64) += 1;
-    }
-    counts.into_iter().map(|((k, s), n)| (k, s, n)).collect()
-}
-
 #[test]
 fn a_window_fired_over_many_turns_reaches_the_next_phase_before_its_watermark() {
-    let expected = reference();
+    let expected = reference(EVENTS);
     for (shards, migrate) in [(1, false), (2, false), (2, true)] {
         let mut config = DataflowConfig::default();
         config.runtime.shards = shards;

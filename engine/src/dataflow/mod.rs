@@ -426,16 +426,6 @@ impl Registry {
             .collect()
     }
 
-    /// Records that entered all registered jobs so far (their sources'
-    /// counts): the autoscaler's cheap test for an idle engine.
-    pub fn records_in(&self) -> u64 {
-        let plans = self.plans.read().expect("plan registry poisoned");
-        plans
-            .values()
-            .map(|plan| plan.metrics.source_records())
-            .fold(0u64, u64::wrapping_add)
-    }
-
     /// Count one autoscaler decision for `job` (`JobReport::scale_actions`).
     pub fn count_scale_action(&self, job: JobId) {
         let plans = self.plans.read().expect("plan registry poisoned");

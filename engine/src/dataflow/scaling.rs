@@ -172,10 +172,14 @@ fn run(
         // No record entered any job since the last step: nothing to measure,
         // and asking every shard for its report would wake the parked ones
         // (an idle engine costs no CPU).
-        let records = registry.records_in();
+        let jobs = registry.scaling_view();
+        let records = jobs
+            .values()
+            .map(|job| job.records_in)
+            .fold(0u64, u64::wrapping_add);
         if records == records_before {
             last = Instant::now();
-            for decision in model.idle_step(&registry.scaling_view()) {
+            for decision in model.idle_step(&jobs) {
                 carry_out(decision, runtime, registry, &options, decisions);
             }
             continue;
@@ -189,7 +193,7 @@ fn run(
             shards: runtime.shards(),
             dead: stats.dead.clone(),
             actors: Vec::new(),
-            jobs: registry.scaling_view(),
+            jobs,
         };
         step += 1;
         for report in &stats.shards {
