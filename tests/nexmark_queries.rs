@@ -35,6 +35,18 @@ fn events(config: &GeneratorConfig, n: u64) -> Vec<Event> {
     out
 }
 
+/// The generator at 2,000 events/s of event time with `seed`, and its
+/// first `n` events.
+fn generated(seed: u64, n: u64) -> (GeneratorConfig, Vec<Event>) {
+    let config = GeneratorConfig {
+        seed,
+        rate: dirigo_engine::dataflow::RateSchedule::constant(2_000),
+        ..GeneratorConfig::default()
+    };
+    let input = events(&config, n);
+    (config, input)
+}
+
 struct Submitted {
     query: &'static str,
     handle: JobHandle,
@@ -47,6 +59,18 @@ fn submit(
     source: EventSource,
     rate: Option<u64>,
 ) -> Submitted {
+    let sinks = dataflow.shards() as u32;
+    submit_with(dataflow, query, source, rate, sinks)
+}
+
+/// As `submit`, with `sink_parallelism` sink partitions.
+fn submit_with(
+    dataflow: &mut Dataflow,
+    query: &'static str,
+    source: EventSource,
+    rate: Option<u64>,
+    sink_parallelism: u32,
+) -> Submitted {
     let rows = Arc::new(Mutex::new(Vec::new()));
     let collected = rows.clone();
     let shards = dataflow.shards() as u32;
@@ -57,7 +81,7 @@ fn submit(
         slo: Duration::from_millis(50),
         pace: rate.map(dirigo_engine::dataflow::RateSchedule::constant),
         output: Output::JsonLines(Arc::new(move |_| Box::new(CollectJson(collected.clone())))),
-        sink_parallelism: shards,
+        sink_parallelism,
     };
     let job = build(query, &options).expect("query builds");
     let handle = dataflow.submit(job).expect("job submits");
@@ -175,12 +199,7 @@ fn every_query_matches_the_reference_while_actors_move() {
         let shards = 2;
         let mut dataflow = engine(shards);
         let events_n = 40_000;
-        let config = GeneratorConfig {
-            seed,
-            rate: dirigo_engine::dataflow::RateSchedule::constant(2_000),
-            ..GeneratorConfig::default()
-        };
-        let input = events(&config, events_n);
+        let (config, input) = generated(seed, events_n);
         // Paced so that the jobs run long enough (about 0.4 s) to be moved around.
         let submitted = submit_all(&mut dataflow, &config, events_n, Some(100_000));
         let actors: Vec<_> = submitted
@@ -207,6 +226,79 @@ fn every_query_matches_the_reference_while_actors_move() {
             &input,
             &format!("migrating seed {seed} ({moved} moves)"),
         );
+        dataflow.shutdown();
+    }
+}
+
+/// Key groups of every keyed stage change owner at random while every query
+/// runs (ranges split and merged, groups scattered), with actors migrating
+/// too, on 1 and 2 shards: every query's rows equal the reference's (q4's
+/// running averages in order per category: one sink partition, so that a
+/// category's updates reach one output in the order they were made).
+#[test]
+fn every_query_matches_the_reference_while_key_groups_reroute() {
+    for (shards, seed) in [(1usize, 6u64), (2, 7), (2, 8)] {
+        let mut dataflow = engine(shards);
+        let events_n = 40_000;
+        let (config, input) = generated(seed, events_n);
+        let submitted: Vec<Submitted> = QUERIES
+            .iter()
+            .map(|q| {
+                let source = EventSource::Generator {
+                    config: config.clone(),
+                    events: events_n,
+                };
+                submit_with(&mut dataflow, q, source, Some(100_000), 1)
+            })
+            .collect();
+        let stages: Vec<_> = submitted
+            .iter()
+            .flat_map(|s| {
+                let job = s.handle.id;
+                dataflow
+                    .keyed_stages(job)
+                    .into_iter()
+                    .map(move |(stage, parallelism)| (job, stage, parallelism))
+            })
+            .collect();
+        let actors: Vec<_> = submitted
+            .iter()
+            .flat_map(|s| dataflow.actors(s.handle.id))
+            .collect();
+        let mut rng = dirigo_engine::runtime::sim::SimRng::new(seed);
+        let (mut reroutes, mut rounds) = (0u64, 0u64);
+        while !submitted.iter().all(|s| s.handle.is_done()) && rounds < 20_000 {
+            rounds += 1;
+            let (job, stage, parallelism) = stages[rng.below(stages.len() as u64) as usize];
+            if let Some((owners, true)) = dataflow.routing(job, stage) {
+                let change =
+                    dirigo_engine::dataflow::reroute::random_change(&mut rng, &owners, parallelism);
+                if let Some(table) = change.filter(|t| *t != owners) {
+                    dataflow
+                        .reroute(job, stage, table)
+                        .expect("a valid reroute");
+                    reroutes += 1;
+                }
+            }
+            if shards > 1 && rng.below(4) == 0 {
+                let actor = actors[rng.below(actors.len() as u64) as usize];
+                dataflow.migrate(actor, ShardId(rng.below(shards as u64) as u16));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        assert!(reroutes > 100, "seed {seed}: only {reroutes} reroutes");
+        check(
+            submitted,
+            &input,
+            &format!("rerouting seed {seed} on {shards} shards ({reroutes} reroutes)"),
+        );
+        for (job, stage, _) in stages {
+            let (_, settled) = dataflow.routing(job, stage).expect("a keyed stage");
+            assert!(
+                settled,
+                "seed {seed}: a reroute of stage {stage} never completed"
+            );
+        }
         dataflow.shutdown();
     }
 }

@@ -71,6 +71,8 @@ pub struct Outgoing<M> {
     pub message: M,
     /// Deliver no earlier than this clock time (0: now).
     pub due_ns: u64,
+    /// Admitted without credit (`Context::send_uncredited`).
+    pub uncredited: bool,
 }
 
 /// What an actor may do during its turn.
@@ -118,6 +120,7 @@ impl<M> Context<'_, M> {
             sched,
             message,
             due_ns: 0,
+            uncredited: false,
         });
     }
 
@@ -129,6 +132,7 @@ impl<M> Context<'_, M> {
             sched,
             message,
             due_ns: 0,
+            uncredited: false,
         });
     }
 
@@ -141,6 +145,23 @@ impl<M> Context<'_, M> {
             sched,
             message,
             due_ns: due_ns.max(1),
+            uncredited: false,
+        });
+    }
+
+    /// Send without taking credit: the target's mailbox may go past its
+    /// bound by this message. Only for messages an actor sends rarely and
+    /// boundedly, between actors that may wait for each other, so that
+    /// credits cannot form a cycle (a reroute's handoffs between partitions
+    /// of one stage: each may be blocked on the other's full mailbox). It
+    /// still leaves after the sender's earlier sends.
+    pub fn send_uncredited(&mut self, to: ActorId, message: M, sched: SchedCtx) {
+        self.out.push(Outgoing {
+            to,
+            sched,
+            message,
+            due_ns: 0,
+            uncredited: true,
         });
     }
 }

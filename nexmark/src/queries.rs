@@ -384,7 +384,7 @@ pub fn build(query: &str, options: &QueryOptions) -> Result<Job, String> {
             })
             .key_by(|b| b.auction)
             .process("q5-count", p, leaders.keys_complete().factory())
-            .key_by(|partial| partial.window.0 as u64)
+            .key_by(|partial| partial.window.1 as u64)
             .process("q5-max", p, WindowMerge::new(most_bids()).factory())
             .sink("sink", sinks, sink(output))
         }

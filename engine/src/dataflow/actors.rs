@@ -21,7 +21,8 @@ use crate::ids::ActorId;
 use super::batch::Batch;
 use super::checkpoint::{Checkpointer, Groups, Part, PartKind, Written, ALIGN_BUFFER_MESSAGES_MAX};
 use super::graph::{
-    Data, JoinOperator, Operator, Plan, Records, Route, Sink, Source, SourceBatch, SourceFactory,
+    initial_owners, Data, JoinOperator, Operator, Owners, Plan, Records, Route, Sender, Sink,
+    Source, SourceBatch, SourceFactory,
 };
 use super::pace::RateSchedule;
 use super::state::{encode_groups, Stateful};
@@ -78,6 +79,14 @@ pub(crate) struct Saved {
     groups: Vec<(u32, Vec<u8>)>,
     /// Groups changed since the actor's last checkpoint part (deactivation only).
     changed: Vec<u32>,
+    /// The tables it routes rerouted downstream stages by: `(stage, version,
+    /// owner of each key group)`.
+    routing: Vec<(u32, u64, Vec<u32>)>,
+    /// A keyed stage's own table and its version, once it was rerouted.
+    own: Option<(u64, Vec<u32>)>,
+    /// Per input, per upstream partition: the newest reroute whose
+    /// `Handed` came (`Gate`).
+    handed: Vec<Vec<u64>>,
 }
 
 impl Default for Saved {
@@ -92,7 +101,97 @@ impl Default for Saved {
             last_epoch: 0,
             groups: Vec::new(),
             changed: Vec::new(),
+            routing: Vec::new(),
+            own: None,
+            handed: Vec::new(),
         }
+    }
+}
+
+/// Order across a reroute of an upstream stage, at its consumer: a key's
+/// rows from before the reroute come on the giver's channel, those from
+/// after on the taker's. A taker says `After` on its channel before its
+/// first row from the groups it took; that channel then waits here until
+/// the giver's `Handed` came on the giver's channel, so the key's rows are
+/// handled in the order they were made.
+struct Gate {
+    /// Per input, per upstream partition: the newest reroute version whose
+    /// `Handed` came on that channel.
+    handed: Vec<Vec<u64>>,
+    /// Channels waiting for a giver's `Handed`.
+    waits: Vec<Wait>,
+}
+
+struct Wait {
+    channel: (u8, u32),
+    giver: u32,
+    version: u64,
+    /// What came on the channel meanwhile, in order.
+    held: Vec<DataMsg>,
+}
+
+impl Gate {
+    fn new(inputs: &[u32], saved: &Option<Saved>) -> Self {
+        let handed = match saved {
+            Some(saved) if !saved.handed.is_empty() => saved.handed.clone(),
+            _ => inputs.iter().map(|&n| vec![0; n as usize]).collect(),
+        };
+        Gate {
+            handed,
+            waits: Vec::new(),
+        }
+    }
+
+    /// `message`, unless its channel waits: then it is kept, in order.
+    #[inline]
+    fn admit(&mut self, message: DataMsg) -> Option<DataMsg> {
+        if self.waits.is_empty() {
+            return Some(message);
+        }
+        let Some(channel) = message.channel() else {
+            return Some(message);
+        };
+        match self.waits.iter_mut().find(|w| w.channel == channel) {
+            Some(wait) => {
+                wait.held.push(message);
+                None
+            }
+            None => Some(message),
+        }
+    }
+
+    /// A giver's `Handed`: what waited for it, in order.
+    fn handed(&mut self, (input, from): (u8, u32), version: u64) -> Vec<DataMsg> {
+        let slot = &mut self.handed[input as usize][from as usize];
+        *slot = (*slot).max(version);
+        let mut released = Vec::new();
+        let mut i = 0;
+        while i < self.waits.len() {
+            let wait = &self.waits[i];
+            if wait.channel.0 == input && wait.giver == from && wait.version <= version {
+                released.extend(self.waits.swap_remove(i).held);
+            } else {
+                i += 1;
+            }
+        }
+        released
+    }
+
+    /// A taker's `After` on `channel`: it waits unless the giver's `Handed`
+    /// came already.
+    fn after(&mut self, channel: (u8, u32), giver: u32, version: u64) {
+        if self.handed[channel.0 as usize][giver as usize] < version {
+            self.waits.push(Wait {
+                channel,
+                giver,
+                version,
+                held: Vec::new(),
+            });
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.waits.is_empty()
     }
 }
 
@@ -146,7 +245,7 @@ impl Watermarks {
 fn emit<T: Data>(
     routes: &[Route<T>],
     plan: &Plan,
-    partition: u32,
+    sender: &Sender<'_>,
     records: Vec<T>,
     ctx: &mut Context<'_, DataMsg>,
 ) {
@@ -157,9 +256,41 @@ fn emit<T: Data>(
         return;
     }
     for route in others {
-        route(Records::Shared(&records), plan, partition, ctx);
+        route(Records::Shared(&records), plan, sender, ctx);
     }
-    last(Records::Owned(records), plan, partition, ctx);
+    last(Records::Owned(records), plan, sender, ctx);
+}
+
+/// `DataMsg::Reroute` at a partition that feeds `stage`: route it by `owners`
+/// from now on, and say so on each channel to it, after everything this
+/// partition sent it by the table before. A repeated or older order is
+/// ignored.
+fn reroute_out(
+    plan: &Plan,
+    (from_stage, partition): (u32, u32),
+    routing: &mut Owners,
+    (stage, version, owners): (u32, u64, Arc<[u32]>),
+    ctx: &mut Context<'_, DataMsg>,
+) {
+    if version <= routing.version(stage) {
+        return;
+    }
+    routing.set(stage, version, owners.clone());
+    for &(target, input) in &plan.stages[from_stage as usize].targets {
+        if target != stage {
+            continue;
+        }
+        let sched = plan.stamp(ctx.sched(), ctx.shard(), target);
+        for p in 0..plan.stages[target as usize].parallelism {
+            let marker = DataMsg::Rerouted {
+                input,
+                from: partition,
+                version,
+                owners: owners.clone(),
+            };
+            ctx.send_with(ActorId::new(plan.id, target, p), marker, sched);
+        }
+    }
 }
 
 /// Send `watermark_ms` from `(stage, partition)` to every partition of every
@@ -261,6 +392,7 @@ pub(crate) fn source_actor<T: Data>(
         resume_at: saved.position,
         injected: saved.last_epoch,
         empty_asks: 0,
+        routing: Owners::from_saved(&saved.routing),
     })
 }
 
@@ -285,6 +417,8 @@ struct SourceActor<T> {
     injected: u64,
     /// `Pending` answers with no record in a row.
     empty_asks: u32,
+    /// Tables of the rerouted stages it feeds.
+    routing: Owners,
 }
 
 impl<T: Data> SourceActor<T> {
@@ -411,6 +545,19 @@ impl<T: Data> Actor for SourceActor<T> {
     type Message = DataMsg;
 
     fn handle(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>) {
+        let message = match message {
+            DataMsg::Reroute {
+                stage,
+                version,
+                owners,
+            } => {
+                // Also once ended: the stage waits for every channel's word.
+                let key = (self.id.operator, self.id.partition);
+                let order = (stage, version, owners);
+                return reroute_out(&self.plan, key, &mut self.routing, order, ctx);
+            }
+            message => message,
+        };
         let DataMsg::Tick = message else {
             return; // sources have no inputs
         };
@@ -480,7 +627,11 @@ impl<T: Data> Actor for SourceActor<T> {
             self.skipped = skipped;
         }
         slot.source_records.add(batch.len() as u64);
-        emit(&self.routes, &self.plan, partition, batch, ctx);
+        let sender = Sender {
+            partition,
+            owners: &self.routing,
+        };
+        emit(&self.routes, &self.plan, &sender, batch, ctx);
         match status {
             SourceBatch::More { watermark_ms } if watermark_ms == END_OF_INPUT => {
                 self.fail(format!(
@@ -523,6 +674,7 @@ impl<T: Data> Actor for SourceActor<T> {
             done: self.done,
             last_epoch: self.injected,
             last_watermark_ms: self.last_watermark_ms,
+            routing: self.routing.to_saved(),
             ..Saved::default()
         };
         Some(encode_state(&saved))
@@ -543,6 +695,9 @@ trait StageOp<Out>: Send + 'static {
     }
     fn late_records(&self) -> u64;
     fn state(&mut self) -> Option<&mut dyn Stateful>;
+    fn keeps_partials(&self) -> bool {
+        false
+    }
 }
 
 struct Unary<In, Out>(Box<dyn Operator<In, Out>>);
@@ -566,6 +721,9 @@ impl<In: Data, Out: Data> StageOp<Out> for Unary<In, Out> {
     }
     fn state(&mut self) -> Option<&mut dyn Stateful> {
         self.0.state()
+    }
+    fn keeps_partials(&self) -> bool {
+        self.0.keeps_partials()
     }
 }
 
@@ -661,13 +819,9 @@ impl Aligner {
         if self.epoch == 0 {
             return false;
         }
-        match *message {
-            DataMsg::Records { input, from, .. }
-            | DataMsg::Watermark { input, from, .. }
-            | DataMsg::Barrier { input, from, .. } => {
-                self.snapshot_due || self.arrived[input as usize][from as usize]
-            }
-            DataMsg::Tick | DataMsg::Snapshot { .. } | DataMsg::Replay | DataMsg::Fire => false,
+        match message.channel() {
+            Some((input, from)) => self.snapshot_due || self.arrived[input as usize][from as usize],
+            None => false,
         }
     }
 
@@ -704,6 +858,7 @@ impl Aligner {
 /// over their part and forward the barrier.
 trait Aligning {
     fn aligner(&mut self) -> &mut Aligner;
+    fn gate(&mut self) -> &mut Gate;
     /// Every channel has sent the barrier being aligned, or ended.
     fn aligned(&self) -> bool;
     fn key(&self) -> (u32, u32);
@@ -725,6 +880,33 @@ trait Aligning {
     /// reads its state. (A barrier waits behind a fire under way, so there
     /// is none at an alignment; this keeps a snapshot whole regardless.)
     fn settle(&mut self, _ctx: &mut Context<'_, DataMsg>) {}
+
+    /// `message` unless its channel waits for an upstream giver (then the
+    /// gate keeps it) or it is the gate's own (`Handed`, `After`: taken
+    /// here).
+    fn ordered(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>) -> Option<DataMsg> {
+        match self.gate().admit(message)? {
+            DataMsg::Handed {
+                input,
+                from,
+                version,
+            } => {
+                let released = self.gate().handed((input, from), version);
+                self.resume(released, ctx);
+                None
+            }
+            DataMsg::After {
+                input,
+                from,
+                giver,
+                version,
+            } => {
+                self.gate().after((input, from), giver, version);
+                None
+            }
+            message => Some(message),
+        }
+    }
 
     fn deliver(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>) {
         if self.aligner().holds(&message) {
@@ -863,8 +1045,9 @@ trait Aligning {
                 self.aligner().replay_due = false;
                 self.replay_step(ctx);
             }
-            DataMsg::Records { .. } | DataMsg::Watermark { .. } | DataMsg::Barrier { .. }
-                if !self.aligner().replay.is_empty() =>
+            message
+                if (message.channel().is_some() || matches!(message, DataMsg::Handoff { .. }))
+                    && !self.aligner().replay.is_empty() =>
             {
                 self.aligner().replay.push_back(message);
                 self.replay_step(ctx);
@@ -982,6 +1165,7 @@ fn stage_actor<Out: Data, Op: StageOp<Out>>(
 ) -> BoxActor<DataMsg> {
     let stage = &plan.stages[id.operator as usize];
     let inputs = Watermarks::restore(&stage.inputs, &saved);
+    let gate = Gate::new(&stage.inputs, &saved);
     let saved = saved.unwrap_or_default();
     if let Some(state) = operator.state() {
         state.init(plan.key_groups);
@@ -994,6 +1178,10 @@ fn stage_actor<Out: Data, Op: StageOp<Out>>(
             state.mark_changed(group);
         }
     }
+    let own = match &saved.own {
+        Some((version, owners)) => (*version, Arc::from(&owners[..])),
+        None => (0, initial_owners(stage.parallelism, plan.key_groups).into()),
+    };
     let mut out = Vec::new();
     if inputs.current_ms > i64::MIN {
         // The operator learns where its input stands (nothing fires: what the
@@ -1014,6 +1202,10 @@ fn stage_actor<Out: Data, Op: StageOp<Out>>(
         late_seen: 0,
         snapshot: None,
         held_watermark: None,
+        routing: Owners::from_saved(&saved.routing),
+        own,
+        rescale: None,
+        gate,
     })
 }
 
@@ -1032,6 +1224,56 @@ struct StageActor<Out, Op> {
     /// The watermark that set off a fire under way: passed on once it is
     /// done (downstream sees a window's rows before the watermark past it).
     held_watermark: Option<i64>,
+    /// Tables of the rerouted stages it feeds.
+    routing: Owners,
+    /// Its own stage's table in force here and its version: the key groups
+    /// this partition owns are those it names this partition for.
+    own: (u64, Arc<[u32]>),
+    /// A reroute of its stage under way here.
+    rescale: Option<Rescale>,
+    /// Order across reroutes of the stages that feed it.
+    gate: Gate,
+}
+
+/// Key groups as `(group, Stateful::encode_group bytes)`.
+type EncodedGroups = Vec<(u32, Vec<u8>)>;
+
+/// A reroute of a keyed stage at one of its partitions (see `reroute`): from
+/// the first word of it (a channel's `Rerouted`, or a peer's `Handoff`) until
+/// every channel has said it routes by the new table, the groups this
+/// partition gave up went to their new owners, and the groups it takes came.
+struct Rescale {
+    version: u64,
+    owners: Arc<[u32]>,
+    /// Per input, per upstream partition: its `Rerouted` came.
+    marked: Vec<Vec<bool>>,
+    /// The new table gives some of its groups to others (and its state
+    /// moves with them).
+    gives: bool,
+    /// Its groups that the new table gives to others were handed over.
+    gave: bool,
+    /// Partitions whose handoff is still to come.
+    awaiting: Vec<u32>,
+    /// What came on channels already rerouted while a handoff was awaited
+    /// (records of the groups it takes among them), in arrival order.
+    held: Vec<DataMsg>,
+}
+
+impl Rescale {
+    /// Whether `message` must wait: it came after its channel's marker,
+    /// and either this partition has groups to give and has not given them
+    /// yet (the watermarks that come after a marker must not fire their
+    /// windows here: records for them go to the new owner), or groups to
+    /// take that have not all come.
+    fn holds(&self, message: &DataMsg) -> bool {
+        if (self.gave || !self.gives) && self.awaiting.is_empty() {
+            return false;
+        }
+        match message.channel() {
+            Some((input, from)) => self.marked[input as usize][from as usize],
+            None => false,
+        }
+    }
 }
 
 /// How long one step of handing back what waited for an alignment runs.
@@ -1075,7 +1317,7 @@ impl<Out: Data, Op: StageOp<Out>> StageActor<Out, Op> {
         let done = loop {
             let done = self.operator.fire_more(&mut self.out);
             let out = std::mem::take(&mut self.out);
-            emit(&self.routes, &self.plan, self.id.partition, out, ctx);
+            self.emit_out(out, ctx);
             if done || !whole {
                 break done;
             }
@@ -1090,18 +1332,199 @@ impl<Out: Data, Op: StageOp<Out>> StageActor<Out, Op> {
 
     /// Bookkeeping for a checkpoint or deactivation.
     fn saved(&self, epoch: u64) -> Saved {
+        let (version, owners) = &self.own;
         Saved {
             per_input: self.inputs.per_input.clone(),
             current_ms: self.inputs.current_ms,
             last_epoch: epoch,
+            routing: self.routing.to_saved(),
+            own: (*version > 0).then(|| (*version, owners.to_vec())),
+            handed: self.gate.handed.clone(),
             ..Saved::default()
         }
+    }
+
+    fn emit_out(&mut self, out: Vec<Out>, ctx: &mut Context<'_, DataMsg>) {
+        let sender = Sender {
+            partition: self.id.partition,
+            owners: &self.routing,
+        };
+        emit(&self.routes, &self.plan, &sender, out, ctx);
+    }
+
+    /// The reroute to `version` by `owners` under way here: begun at its
+    /// first word. `None` for a version this partition is past.
+    fn rescale(&mut self, version: u64, owners: &Arc<[u32]>) -> Option<&mut Rescale> {
+        if version <= self.own.0 {
+            return None;
+        }
+        if self.rescale.is_none() {
+            let me = self.id.partition;
+            let old = &self.own.1;
+            let moves = !self.operator.keeps_partials();
+            let mut awaiting: Vec<u32> = old
+                .iter()
+                .zip(owners.iter())
+                .filter(|&(&o, &n)| moves && n == me && o != me)
+                .map(|(&o, _)| o)
+                .collect();
+            let gives = moves
+                && old
+                    .iter()
+                    .zip(owners.iter())
+                    .any(|(&o, &n)| o == me && n != me);
+            awaiting.sort_unstable();
+            awaiting.dedup();
+            self.rescale = Some(Rescale {
+                version,
+                owners: owners.clone(),
+                marked: self
+                    .inputs
+                    .per_input
+                    .iter()
+                    .map(|w| vec![false; w.len()])
+                    .collect(),
+                gives,
+                gave: false,
+                awaiting,
+                held: Vec::new(),
+            });
+        }
+        let rescale = self.rescale.as_mut().expect("set above");
+        debug_assert_eq!(rescale.version, version, "one reroute of a stage at a time");
+        Some(rescale)
+    }
+
+    /// Take the next steps of the reroute under way: once every channel
+    /// routes by the new table (or ended), hand the groups it gives up to
+    /// their new owners; as soon as nothing is left to wait for (given, and
+    /// taken), go on with what was held, before anything that comes after
+    /// it on its channel; once every channel is rerouted too, tell the plan.
+    fn rescale_progress(&mut self, ctx: &mut Context<'_, DataMsg>) {
+        let Some(rescale) = &self.rescale else {
+            return;
+        };
+        let rerouted = rescale
+            .marked
+            .iter()
+            .zip(&self.inputs.per_input)
+            .all(|(marked, marks)| {
+                marked
+                    .iter()
+                    .zip(marks)
+                    .all(|(&m, &w)| m || w == END_OF_INPUT)
+            });
+        if rerouted && !rescale.gave {
+            self.give(ctx);
+        }
+        let rescale = self.rescale.as_mut().expect("under way");
+        let mut released = Vec::new();
+        if rescale.awaiting.is_empty() && (rescale.gave || !rescale.gives) {
+            // What comes next on a channel is no longer held: what was held
+            // goes first.
+            released = std::mem::take(&mut rescale.held);
+        }
+        if rerouted && rescale.awaiting.is_empty() {
+            let rescale = self.rescale.take().expect("under way");
+            self.own = (rescale.version, rescale.owners);
+            self.plan.rerouted(self.id.operator, rescale.version);
+        }
+        self.resume(released, ctx);
+    }
+
+    /// Hand each group the new table gives to another partition to it (one
+    /// `Handoff` per new owner, also of empty groups: it waits for it), and
+    /// empty them here. Every record routed here by the old table was
+    /// handled: every channel has said it routes by the new one.
+    fn give(&mut self, ctx: &mut Context<'_, DataMsg>) {
+        let me = self.id.partition;
+        let rescale = self.rescale.as_mut().expect("under way");
+        rescale.gave = true;
+        if self.operator.keeps_partials() {
+            return;
+        }
+        let (version, owners) = (rescale.version, rescale.owners.clone());
+        self.settle(ctx);
+        let mut handoffs: Vec<(u32, EncodedGroups)> = Vec::new();
+        let mut state = self.operator.state();
+        for (group, (&old, &new)) in self.own.1.iter().zip(owners.iter()).enumerate() {
+            if old != me || new == me {
+                continue;
+            }
+            let group = group as u32;
+            let mut bytes = Vec::new();
+            if let Some(state) = state.as_deref_mut() {
+                state.encode_group(group, &mut bytes);
+                if !bytes.is_empty() {
+                    state
+                        .restore(group, &[])
+                        .expect("an empty group always restores");
+                }
+                state.mark_changed(group);
+            }
+            match handoffs.iter_mut().find(|(to, _)| *to == new) {
+                Some((_, groups)) => groups.push((group, bytes)),
+                None => handoffs.push((new, vec![(group, bytes)])),
+            }
+        }
+        if !handoffs.is_empty() {
+            // Its rows of those groups went out already: consumers hold
+            // their new owners' rows until they have them.
+            broadcast(&self.plan, self.id.operator, false, ctx, |input| {
+                DataMsg::Handed {
+                    input,
+                    from: me,
+                    version,
+                }
+            });
+        }
+        let sched = self.plan.stamp(ctx.sched(), ctx.shard(), self.id.operator);
+        for (to, groups) in handoffs {
+            let handoff = DataMsg::Handoff {
+                from: me,
+                version,
+                owners: owners.clone(),
+                groups,
+            };
+            // Partitions of one stage may each be blocked on the other's
+            // full mailbox: a handoff takes no credit (one per pair).
+            let to = ActorId::new(self.plan.id, self.id.operator, to);
+            ctx.send_uncredited(to, handoff, sched);
+        }
+    }
+
+    /// A peer's `Handoff`: take its groups; consumers hold what this
+    /// partition sends from now on until they have the giver's rows.
+    fn take(&mut self, from: u32, groups: Vec<(u32, Vec<u8>)>, ctx: &mut Context<'_, DataMsg>) {
+        let id = self.id;
+        let version = self.rescale.as_ref().expect("under way").version;
+        broadcast(&self.plan, id.operator, false, ctx, |input| {
+            DataMsg::After {
+                input,
+                from: id.partition,
+                giver: from,
+                version,
+            }
+        });
+        if let Some(state) = self.operator.state() {
+            for (group, bytes) in groups {
+                if let Err(e) = state.restore(group, &bytes) {
+                    panic!("{id}: taking key group {group} from partition {from}: {e}");
+                }
+                state.mark_changed(group);
+            }
+        }
+        let rescale = self.rescale.as_mut().expect("under way");
+        rescale.awaiting.retain(|&p| p != from);
     }
 }
 
 impl<Out: Data, Op: StageOp<Out>> Aligning for StageActor<Out, Op> {
     fn aligner(&mut self) -> &mut Aligner {
         &mut self.align
+    }
+    fn gate(&mut self) -> &mut Gate {
+        &mut self.gate
     }
     fn aligned(&self) -> bool {
         self.align.complete(&self.inputs)
@@ -1196,11 +1619,52 @@ impl<Out: Data, Op: StageOp<Out>> Aligning for StageActor<Out, Op> {
     }
 
     fn dispatch(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>) {
+        let Some(message) = self.ordered(message, ctx) else {
+            return;
+        };
+        if let Some(rescale) = self.rescale.as_mut().filter(|r| r.holds(&message)) {
+            rescale.held.push(message);
+            return;
+        }
         let start_ns = ctx.clock_ns();
-        let (stage, partition) = (self.id.operator, self.id.partition);
+        let stage = self.id.operator;
         match message {
-            DataMsg::Tick | DataMsg::Replay => return,
+            // The gate takes its own (`ordered`).
+            DataMsg::Tick | DataMsg::Replay | DataMsg::Handed { .. } | DataMsg::After { .. } => {
+                return
+            }
             DataMsg::Snapshot { epoch } => return self.snapshot_now(epoch, ctx),
+            DataMsg::Reroute {
+                stage: target,
+                version,
+                owners,
+            } => {
+                let key = (stage, self.id.partition);
+                let order = (target, version, owners);
+                reroute_out(&self.plan, key, &mut self.routing, order, ctx);
+            }
+            DataMsg::Rerouted {
+                input,
+                from,
+                version,
+                owners,
+            } => {
+                if let Some(rescale) = self.rescale(version, &owners) {
+                    rescale.marked[input as usize][from as usize] = true;
+                    self.rescale_progress(ctx);
+                }
+            }
+            DataMsg::Handoff {
+                from,
+                version,
+                owners,
+                groups,
+            } => {
+                if self.rescale(version, &owners).is_some() {
+                    self.take(from, groups, ctx);
+                    self.rescale_progress(ctx);
+                }
+            }
             DataMsg::Fire => {
                 if !self.fire_step(false, ctx) {
                     self.cue_fire(ctx);
@@ -1209,7 +1673,7 @@ impl<Out: Data, Op: StageOp<Out>> Aligning for StageActor<Out, Op> {
             DataMsg::Records { input, batch, .. } => {
                 self.operator.records(input, batch, &mut self.out);
                 let out = std::mem::take(&mut self.out);
-                emit(&self.routes, &self.plan, partition, out, ctx);
+                self.emit_out(out, ctx);
             }
             DataMsg::Watermark {
                 input,
@@ -1219,7 +1683,7 @@ impl<Out: Data, Op: StageOp<Out>> Aligning for StageActor<Out, Op> {
                 if let Some(current) = self.inputs.update(input, from, watermark_ms) {
                     self.operator.watermark(current, &mut self.out);
                     let out = std::mem::take(&mut self.out);
-                    emit(&self.routes, &self.plan, partition, out, ctx);
+                    self.emit_out(out, ctx);
                     if self.operator.firing() {
                         // The rest fires in later turns, ahead of anything
                         // that comes in; the watermark goes on after it.
@@ -1233,8 +1697,10 @@ impl<Out: Data, Op: StageOp<Out>> Aligning for StageActor<Out, Op> {
                     }
                 }
                 if watermark_ms == END_OF_INPUT {
-                    // The channel ended: an alignment may need it no more.
+                    // The channel ended: an alignment or a reroute may need
+                    // it no more.
                     self.try_complete(ctx);
+                    self.rescale_progress(ctx);
                 }
             }
             DataMsg::Barrier {
@@ -1269,6 +1735,8 @@ impl<Out: Data, Op: StageOp<Out>> Actor for StageActor<Out, Op> {
             && self.align.replay.is_empty()
             && self.held_watermark.is_none()
             && !self.operator.firing()
+            && self.rescale.is_none()
+            && self.gate.idle()
     }
 
     fn snapshot(&mut self) -> Option<StateBytes> {
@@ -1297,6 +1765,7 @@ pub(crate) fn sink_actor<T: Data>(
     }
     Box::new(SinkActor {
         inputs: Watermarks::restore(&stage.inputs, &saved),
+        gate: Gate::new(&stage.inputs, &saved),
         finished: saved.as_ref().is_some_and(|s| s.done),
         align: Aligner::new(&stage.inputs, saved.as_ref().map_or(0, |s| s.last_epoch)),
         plan: plan.clone(),
@@ -1319,6 +1788,8 @@ struct SinkActor<T> {
     next_flush_ns: u64,
     finished: bool,
     align: Aligner,
+    /// Order across reroutes of the stage that feeds it.
+    gate: Gate,
 }
 
 impl<T> SinkActor<T> {
@@ -1341,6 +1812,9 @@ impl<T> SinkActor<T> {
 impl<T: Data> Aligning for SinkActor<T> {
     fn aligner(&mut self) -> &mut Aligner {
         &mut self.align
+    }
+    fn gate(&mut self) -> &mut Gate {
+        &mut self.gate
     }
     fn aligned(&self) -> bool {
         self.align.complete(&self.inputs)
@@ -1373,9 +1847,20 @@ impl<T: Data> Aligning for SinkActor<T> {
     }
 
     fn dispatch(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>) {
+        let Some(message) = self.ordered(message, ctx) else {
+            return;
+        };
         let start_ns = ctx.clock_ns();
         match message {
-            DataMsg::Tick | DataMsg::Replay | DataMsg::Fire => {}
+            // A sink stage is never rerouted; the gate takes its own.
+            DataMsg::Tick
+            | DataMsg::Replay
+            | DataMsg::Fire
+            | DataMsg::Reroute { .. }
+            | DataMsg::Rerouted { .. }
+            | DataMsg::Handoff { .. }
+            | DataMsg::Handed { .. }
+            | DataMsg::After { .. } => {}
             DataMsg::Snapshot { epoch } => self.snapshot_now(epoch, ctx),
             DataMsg::Records { batch, .. } => {
                 let records = batch.into_vec::<T>();
@@ -1450,6 +1935,7 @@ impl<T: Data> Actor for SinkActor<T> {
     fn may_deactivate(&self) -> bool {
         self.align.epoch == 0
             && self.align.replay.is_empty()
+            && self.gate.idle()
             && (self.finished || self.sink.stateless())
     }
 
@@ -1465,6 +1951,7 @@ impl<T: Data> Actor for SinkActor<T> {
             done: self.finished,
             latency_us,
             last_epoch: self.align.last,
+            handed: self.gate.handed.clone(),
             ..Saved::default()
         };
         Some(encode_state(&saved))

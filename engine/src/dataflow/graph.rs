@@ -173,8 +173,18 @@ pub trait Operator<In, Out>: Send + 'static {
     /// and deactivation saves; `None` for an operator that keeps nothing between
     /// calls. Required, so that no operator can hold state the engine does not
     /// know of and lose it silently. The engine never reads it while
-    /// `firing`.
+    /// `firing`. State of a key lives in the group of the key its input is
+    /// routed by: when the stage is rerouted, each group moves to its new
+    /// owner (see `reroute`), unless the operator `keeps_partials`.
     fn state(&mut self) -> Option<&mut dyn Stateful>;
+    /// Whether its state holds partials that a later stage merges (a
+    /// mergeable aggregate's first phase, its state not keyed by the key its
+    /// input is routed by): when its stage is rerouted it keeps what it
+    /// holds and fires it where it is, and a group's new owner starts
+    /// partials of its own.
+    fn keeps_partials(&self) -> bool {
+        false
+    }
 }
 
 /// A partition of a keyed stage with two inputs, partitioned alike so that equal
@@ -227,9 +237,65 @@ pub type DeadlineHook = Arc<dyn Fn(&SchedCtx, u32) -> u64 + Send + Sync>;
 
 /// One consumer of a stage's output: the fused steps and the partitioning into
 /// sends, as one function of the stage's output batch. Arguments: the batch, the
-/// plan, the sending partition, the sending actor's context.
+/// plan, the sending partition and its routing, the sending actor's context.
 pub(crate) type Route<T> =
-    Arc<dyn Fn(Records<'_, T>, &Plan, u32, &mut Context<'_, DataMsg>) + Send + Sync>;
+    Arc<dyn Fn(Records<'_, T>, &Plan, &Sender<'_>, &mut Context<'_, DataMsg>) + Send + Sync>;
+
+/// Who sends through a route: the sending partition, and the key-group
+/// tables it routes rerouted stages by (see `reroute`).
+pub(crate) struct Sender<'a> {
+    pub partition: u32,
+    pub owners: &'a Owners,
+}
+
+/// The owner of each key group of the stages a partition has been told to
+/// reroute (`DataMsg::Reroute`), by stage: few entries, none until the first
+/// reroute (the stage's contiguous ranges hold until then).
+#[derive(Clone, Default)]
+pub(crate) struct Owners(Vec<(u32, u64, Arc<[u32]>)>);
+
+impl Owners {
+    /// The table `stage` is routed by, if it was ever rerouted.
+    #[inline]
+    pub(crate) fn of(&self, stage: u32) -> Option<&[u32]> {
+        self.0
+            .iter()
+            .find(|(s, _, _)| *s == stage)
+            .map(|(_, _, owners)| &owners[..])
+    }
+
+    /// The version of `stage`'s table in force here (0: never rerouted).
+    pub(crate) fn version(&self, stage: u32) -> u64 {
+        self.0
+            .iter()
+            .find(|(s, _, _)| *s == stage)
+            .map_or(0, |(_, v, _)| *v)
+    }
+
+    pub(crate) fn set(&mut self, stage: u32, version: u64, owners: Arc<[u32]>) {
+        match self.0.iter_mut().find(|(s, _, _)| *s == stage) {
+            Some(entry) => *entry = (stage, version, owners),
+            None => self.0.push((stage, version, owners)),
+        }
+    }
+
+    /// As saved with an actor: `(stage, version, owners)`.
+    pub(crate) fn to_saved(&self) -> Vec<(u32, u64, Vec<u32>)> {
+        self.0
+            .iter()
+            .map(|(s, v, o)| (*s, *v, o.to_vec()))
+            .collect()
+    }
+
+    pub(crate) fn from_saved(saved: &[(u32, u64, Vec<u32>)]) -> Self {
+        Owners(
+            saved
+                .iter()
+                .map(|(s, v, o)| (*s, *v, Arc::from(&o[..])))
+                .collect(),
+        )
+    }
+}
 
 /// A batch on its way through one route's steps. A stage with several
 /// consumers gives the batch itself to the last route and lends it to the
@@ -336,6 +402,8 @@ pub struct Plan {
     pub autoscale: bool,
     /// Checkpoints of the job, if it takes any.
     pub(crate) checkpointer: Option<Arc<Checkpointer>>,
+    /// Per stage, its reroutes (keyed stages only; see `reroute`).
+    pub(crate) reroutes: Vec<super::reroute::RerouteSlot>,
 }
 
 impl Plan {
@@ -346,6 +414,13 @@ impl Plan {
             .filter(|(_, s)| s.kind == StageKind::Source)
             .map(|(i, s)| (i as u32, s.parallelism))
             .collect()
+    }
+
+    /// A partition of `stage` completed its reroute to `version`.
+    pub(crate) fn rerouted(&self, stage: u32, version: u64) {
+        if let Some(slot) = self.reroutes.get(stage as usize) {
+            slot.completed(version);
+        }
     }
 
     pub(crate) fn sink_partitions(&self) -> u64 {
@@ -560,6 +635,7 @@ impl Job {
             }
         }
         let slo_ns = self.slo.as_nanos().min(u64::MAX as u128) as u64;
+        let stages_len = stages.len();
         let metrics = Arc::new(JobMetrics::new(shards, stages.len()));
         let checkpointer = match self.checkpoints {
             Some(options) => {
@@ -584,6 +660,7 @@ impl Job {
             key_groups: self.key_groups,
             autoscale: self.autoscale,
             checkpointer,
+            reroutes: (0..stages_len).map(|_| Default::default()).collect(),
         })
     }
 }
@@ -649,6 +726,7 @@ fn forward_route<T: Data>(target: (u32, u8), parallelism: u32) -> Route<T> {
             return;
         }
         let sched = plan.stamp(ctx.sched(), ctx.shard(), target.0);
+        let from = from.partition;
         send_records(
             plan,
             sched,
@@ -660,26 +738,28 @@ fn forward_route<T: Data>(target: (u32, u8), parallelism: u32) -> Route<T> {
     })
 }
 
-/// By key: key -> key group -> the partition that owns the group.
+/// By key: key -> key group -> the partition that owns the group (by the
+/// sender's table for the stage once it was rerouted, else by contiguous
+/// ranges).
 fn keyed_route<T: Data>(target: (u32, u8), parallelism: u32, key: KeyFn<T>) -> Route<T> {
     // The owner of each key group, made once (the plan's key groups are known
     // at the first call): a load per record instead of a division.
-    let owners: std::sync::OnceLock<Box<[u32]>> = std::sync::OnceLock::new();
-    Arc::new(move |records: Records<'_, T>, plan, from, ctx| {
+    let ranges: std::sync::OnceLock<Box<[u32]>> = std::sync::OnceLock::new();
+    Arc::new(move |records: Records<'_, T>, plan, sender, ctx| {
         if records.is_empty() {
             return;
         }
         let sched = plan.stamp(ctx.sched(), ctx.shard(), target.0);
+        let from = sender.partition;
         if parallelism == 1 {
             send_records(plan, sched, ctx, target, (from, 0), records.into_vec());
             return;
         }
         let groups = plan.key_groups;
-        let owners = owners.get_or_init(|| {
-            (0..groups)
-                .map(|g| partition_of_group(g, parallelism, groups))
-                .collect()
-        });
+        let owners = match sender.owners.of(target.0) {
+            Some(owners) => owners,
+            None => ranges.get_or_init(|| initial_owners(parallelism, groups).into()),
+        };
         let expected = records.len() / parallelism as usize + 16;
         let mut parts: Vec<Vec<T>> = (0..parallelism).map(|_| Vec::new()).collect();
         let place = |record: T| {
@@ -700,6 +780,14 @@ fn keyed_route<T: Data>(target: (u32, u8), parallelism: u32, key: KeyFn<T>) -> R
             }
         }
     })
+}
+
+/// A keyed stage's owner of each key group until it is rerouted: contiguous
+/// ranges.
+pub(crate) fn initial_owners(parallelism: u32, groups: u32) -> Vec<u32> {
+    (0..groups)
+        .map(|g| partition_of_group(g, parallelism, groups))
+        .collect()
 }
 
 impl<T: Data> Stream<T> {

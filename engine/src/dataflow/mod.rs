@@ -29,6 +29,7 @@ pub mod checkpoint;
 pub mod graph;
 pub mod ops;
 pub mod pace;
+pub mod reroute;
 pub mod scaling;
 pub mod state;
 pub mod window;
@@ -92,6 +93,68 @@ pub enum DataMsg {
     /// step of what its operator fires (`Operator::firing`); what came in
     /// meanwhile waits behind it.
     Fire,
+    /// To every partition of the stages that feed `stage`: route `stage`'s
+    /// key groups by `owners` (its version `version`) from now on, and say
+    /// so on each channel to it (`Rerouted`). See `reroute`.
+    Reroute {
+        stage: u32,
+        version: u64,
+        owners: Arc<[u32]>,
+    },
+    /// Upstream partition `from` of `input` routes by `owners` (version
+    /// `version`) from here on: what came before on this channel was routed
+    /// by the table before.
+    Rerouted {
+        input: u8,
+        from: u32,
+        version: u64,
+        owners: Arc<[u32]>,
+    },
+    /// From partition `from` of a rerouted stage (on `input` of its
+    /// consumer): every row it emitted for the key groups it gave up under
+    /// `version` came before this on this channel.
+    Handed { input: u8, from: u32, version: u64 },
+    /// From partition `from` of a rerouted stage: what follows on this
+    /// channel comes from key groups it took from partition `giver` under
+    /// `version`, so it waits for `giver`'s `Handed` on its own channel.
+    After {
+        input: u8,
+        from: u32,
+        giver: u32,
+        version: u64,
+    },
+    /// Partition `from` of the same stage hands over the key groups it gave
+    /// up to this one under `version` (by `owners`), encoded as
+    /// `Stateful::encode_group` writes them: it has handled every record
+    /// routed to it by the old table.
+    Handoff {
+        from: u32,
+        version: u64,
+        owners: Arc<[u32]>,
+        groups: Vec<(u32, Vec<u8>)>,
+    },
+}
+
+impl DataMsg {
+    /// The channel `(input, upstream partition)` a message came on, for
+    /// those that keep their order on it.
+    #[inline]
+    pub(crate) fn channel(&self) -> Option<(u8, u32)> {
+        match *self {
+            DataMsg::Records { input, from, .. }
+            | DataMsg::Watermark { input, from, .. }
+            | DataMsg::Barrier { input, from, .. }
+            | DataMsg::Rerouted { input, from, .. }
+            | DataMsg::Handed { input, from, .. }
+            | DataMsg::After { input, from, .. } => Some((input, from)),
+            DataMsg::Tick
+            | DataMsg::Snapshot { .. }
+            | DataMsg::Replay
+            | DataMsg::Fire
+            | DataMsg::Reroute { .. }
+            | DataMsg::Handoff { .. } => None,
+        }
+    }
 }
 
 /// The key group (of a job's `groups`) of a key: the mixed key scaled into
@@ -366,6 +429,125 @@ impl Registry {
             started_ns: now_ns,
         };
         Ok((handle, ticks))
+    }
+
+    /// Order a reroute of keyed stage `stage` of `job`: from now on key group
+    /// `g` belongs to partition `owners[g]` (see `reroute` in the module
+    /// header). Returns the orders to deliver, one to each partition of the
+    /// stages that feed it, for whoever drives the shards; none when
+    /// `owners` is the table in force. Refused for an unknown job or stage,
+    /// a stage that is not keyed, a job that takes checkpoints (its
+    /// checkpoints name each partition's groups by its contiguous range),
+    /// a table of the wrong size or naming a partition the stage does not
+    /// have, and while a reroute of any stage of the job is under way.
+    pub fn reroute(
+        &self,
+        job: JobId,
+        stage: u32,
+        owners: Vec<u32>,
+    ) -> Result<Vec<(ActorId, DataMsg)>, String> {
+        let plans = self.plans.read().expect("plan registry poisoned");
+        let plan = plans.get(&job).ok_or_else(|| format!("no job {job:?}"))?;
+        let target = plan
+            .stages
+            .get(stage as usize)
+            .ok_or_else(|| format!("job {} has no stage {stage}", plan.name))?;
+        let name = &target.name;
+        if target.kind != graph::StageKind::Operator {
+            return Err(format!(
+                "stage {name} is not keyed: only keyed stages reroute"
+            ));
+        }
+        if plan.checkpointer.is_some() {
+            return Err(format!(
+                "job {} takes checkpoints: its keyed stages keep their ranges",
+                plan.name
+            ));
+        }
+        if owners.len() != plan.key_groups as usize {
+            return Err(format!(
+                "a table of {} owners for the job's {} key groups",
+                owners.len(),
+                plan.key_groups
+            ));
+        }
+        if let Some(p) = owners.iter().find(|&&p| p >= target.parallelism) {
+            return Err(format!(
+                "partition {p} of stage {name}, which has {}",
+                target.parallelism
+            ));
+        }
+        // One reroute of a job at a time: a consumer that orders rows
+        // across an upstream reroute (`Handed`, `After`) and holds what
+        // follows its own markers could otherwise wait on itself.
+        for (i, other) in plan.stages.iter().enumerate() {
+            let (version, _, done) = plan.reroutes[i].get();
+            if version > 0 && done < other.parallelism {
+                return Err(format!(
+                    "stage {}'s reroute {version} is under way ({done} of {} partitions)",
+                    other.name, other.parallelism
+                ));
+            }
+        }
+        let slot = &plan.reroutes[stage as usize];
+        let (version, current, _) = slot.get();
+        let current = current
+            .unwrap_or_else(|| graph::initial_owners(target.parallelism, plan.key_groups).into());
+        if current[..] == owners[..] {
+            return Ok(Vec::new());
+        }
+        let version = version + 1;
+        let owners: Arc<[u32]> = owners.into();
+        slot.order(version, owners.clone());
+        let mut orders = Vec::new();
+        for (feeder, plan_of) in plan.stages.iter().enumerate() {
+            if !plan_of.targets.iter().any(|&(t, _)| t == stage) {
+                continue;
+            }
+            for p in 0..plan_of.parallelism {
+                let order = DataMsg::Reroute {
+                    stage,
+                    version,
+                    owners: owners.clone(),
+                };
+                orders.push((ActorId::new(job, feeder as u32, p), order));
+            }
+        }
+        Ok(orders)
+    }
+
+    /// The owner of each key group of `stage` by the newest table ordered
+    /// (a stage never rerouted: its contiguous ranges), and whether the job
+    /// is settled: every partition of every stage completed its last
+    /// reroute, so a new one may be ordered. `None` for an unknown job or
+    /// stage.
+    pub fn routing(&self, job: JobId, stage: u32) -> Option<(Vec<u32>, bool)> {
+        let plans = self.plans.read().expect("plan registry poisoned");
+        let plan = plans.get(&job)?;
+        let target = plan.stages.get(stage as usize)?;
+        let (_, owners, _) = plan.reroutes[stage as usize].get();
+        let owners = match owners {
+            Some(owners) => owners.to_vec(),
+            None => graph::initial_owners(target.parallelism, plan.key_groups),
+        };
+        let settled = plan.stages.iter().enumerate().all(|(i, s)| {
+            let (version, _, done) = plan.reroutes[i].get();
+            version == 0 || done >= s.parallelism
+        });
+        Some((owners, settled))
+    }
+
+    /// The keyed stages of a job, the ones that reroute: `(stage, parallelism)`.
+    pub fn keyed_stages(&self, job: JobId) -> Vec<(u32, u32)> {
+        let plans = self.plans.read().expect("plan registry poisoned");
+        plans.get(&job).map_or(Vec::new(), |plan| {
+            plan.stages
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.kind == graph::StageKind::Operator)
+                .map(|(i, s)| (i as u32, s.parallelism))
+                .collect()
+        })
     }
 
     /// Every actor of a job, for tests and the autoscaler.
@@ -672,6 +854,34 @@ impl Dataflow {
     pub fn migrate(&self, actor: ActorId, to: ShardId) {
         // A dead shard is the runtime's to report (`RuntimeConfig::on_failure`).
         let _ = self.runtime.migrate(actor, to);
+    }
+
+    /// Reroute a keyed stage's key groups live (see [`Registry::reroute`]):
+    /// `owners[g]` owns group `g` from now on. Returns once the orders are
+    /// sent; [`Dataflow::routing`] says when every partition has completed
+    /// it.
+    pub fn reroute(&self, job: JobId, stage: u32, owners: Vec<u32>) -> Result<(), String> {
+        let now_ns = crate::clock::monotonic_ns();
+        let sched = SchedCtx {
+            job,
+            deadline_ns: now_ns,
+            origin_ns: now_ns,
+        };
+        for (actor, order) in self.registry.reroute(job, stage, owners)? {
+            // A dead shard fails every job through the failure hook.
+            let _ = self.runtime.send(actor, order, sched);
+        }
+        Ok(())
+    }
+
+    /// See [`Registry::keyed_stages`].
+    pub fn keyed_stages(&self, job: JobId) -> Vec<(u32, u32)> {
+        self.registry.keyed_stages(job)
+    }
+
+    /// See [`Registry::routing`].
+    pub fn routing(&self, job: JobId, stage: u32) -> Option<(Vec<u32>, bool)> {
+        self.registry.routing(job, stage)
     }
 
     pub fn stats(&self) -> RuntimeStats {

@@ -869,11 +869,19 @@ impl<In: Data, A: Aggregate<In>> Operator<In, PartialRow<A::Acc>> for WindowPart
     fn state(&mut self) -> Option<&mut dyn Stateful> {
         Some(&mut self.state.windows)
     }
+
+    /// Unless its keys are complete here (`keys_complete`), its
+    /// accumulators are partials of the aggregate's key, which the merge
+    /// phase adds up: they stay where they are.
+    fn keeps_partials(&self) -> bool {
+        !self.select
+    }
 }
 
 /// Phase 2 of a two-phase aggregation: merges partials per window and key, and
 /// emits `A::emit` of each selected key when the window fires. Key its input by
-/// window (`|p| p.window.1`) so that a window's partials meet.
+/// the window's end (`|p| p.window.1 as u64`) so that a window's partials meet:
+/// its state is kept in that key's group, which a reroute moves.
 pub struct WindowMerge<In, A: Aggregate<In>> {
     aggregate: Arc<A>,
     /// Kept in the key group of the window's end (the stage's key).

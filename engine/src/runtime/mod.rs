@@ -453,6 +453,7 @@ impl<M: Send + 'static> Runtime<M> {
             sched,
             message,
             due_ns: 0,
+            uncredited: false,
         };
         self.shared
             .push_external(self.homes.home(to), External::Send(out))

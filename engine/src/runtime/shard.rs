@@ -74,6 +74,10 @@
 //! - Self-sends take no credit (the sender is running, so it drains its own
 //!   mailbox); an actor with more than `SELF_SENDS_PENDING_MAX` of them
 //!   unhandled fails, rather than grow its mailbox without end.
+//! - `Context::send_uncredited` takes none either: for rare messages whose
+//!   count the protocol that sends them bounds (a reroute's handoffs, one per
+//!   pair of partitions), between actors that may each be blocked on the
+//!   other, which credits would deadlock.
 //! - `timers`: at most `timers_per_actor_max` pending per actor (per shard where
 //!   they were set); more are refused and counted in `timers_refused`.
 //! - `pending`: packets for actors whose handoff is on its way; drained by the
@@ -1027,7 +1031,7 @@ impl<M: Send + 'static> ShardCore<M> {
         if placement.shard == self.id {
             let active = self.local_index(send.to);
             if let Some(target) = active.and_then(|i| self.slots[i as usize].as_ref()) {
-                if target.mailbox.len() + target.early >= credit_max as usize {
+                if target.mailbox.len() + target.early >= credit_max as usize && !send.uncredited {
                     return Err(send);
                 }
             }
@@ -1037,12 +1041,17 @@ impl<M: Send + 'static> ShardCore<M> {
                 None => self.deliver(env),
             }
         } else {
-            let used = self.credits.entry(send.to);
-            if *used >= credit_max {
-                return Err(send);
-            }
-            *used += 1;
-            let env = self.envelope(sender, send, self.id.0, placement.epoch);
+            let credit_shard = if send.uncredited {
+                NO_SHARD
+            } else {
+                let used = self.credits.entry(send.to);
+                if *used >= credit_max {
+                    return Err(send);
+                }
+                *used += 1;
+                self.id.0
+            };
+            let env = self.envelope(sender, send, credit_shard, placement.epoch);
             let staging = &mut self.staging[placement.shard.index()];
             self.report.run_messages += stage_remote(staging, env) as u64;
         }

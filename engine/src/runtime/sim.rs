@@ -95,6 +95,7 @@ impl<M: Send + 'static> Sim<M> {
             sched,
             message,
             due_ns: 0,
+            uncredited: false,
         }));
     }
 
