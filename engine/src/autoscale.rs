@@ -50,9 +50,13 @@
 //! a co-tenant's overload is the co-tenant's to move. It repeats on the loads
 //! it expects after its moves, up to [`AutoscaleConfig::moves_per_step_max`],
 //! so one step answers a load step in full. An overloaded shard whose work cannot be spread by moving (one
-//! actor needs more than the room left anywhere) is recorded with the
-//! activations its operators need; splitting key-group ranges and parallel
-//! mode are the actions that answer it.
+//! actor needs more than the room left anywhere) gets a split: its busiest
+//! actor of a splittable stage ([`JobSample::splittable`]) gives half its
+//! key groups to a partition of the same stage on the least loaded shard
+//! that can take half its load ([`Action::Split`]); if no partition of the
+//! stage is on such a shard, the lightest one moves to the shard with the
+//! most room first. Only a shard that nothing can split is recorded with
+//! the activations its operators need.
 //!
 //! # Scale in, lazily
 //!
@@ -69,6 +73,12 @@
 //! the target (which is under the high mark): a drain's load alone never
 //! sets off a scale out. If the packed shard's queues then run late, it is
 //! spread again and kept out of drains for `repack_steps`.
+//!
+//! A split is merged back ([`Action::Merge`]) once the engine has been calm
+//! (no shard over the target load or late) for `scale_in_steps`, nothing
+//! else moved this step, and the split is `repack_steps` old, if the old
+//! owner's shard stays under `packed_load` with the other partition's load;
+//! the newest split first, one a step.
 //!
 //! # Scale to zero
 //!
@@ -190,6 +200,9 @@ pub struct JobSample {
     pub records_in: u64,
     /// Every sink has seen the end of input: the job is about to be retired.
     pub ended: bool,
+    /// Bit `s` set: stage `s` is keyed with several partitions and may be
+    /// rerouted (a job that takes checkpoints keeps its ranges: none).
+    pub splittable: u64,
 }
 
 /// What the runtime measured over one interval.
@@ -213,8 +226,16 @@ pub enum Action {
         to: ShardId,
         scale: Scale,
     },
-    /// `shard` is overloaded and no move can relieve it: the operators on it
-    /// need these activations (job, stage, activations now, needed).
+    /// Split `actor`'s key-group range: the upper half of its groups goes to
+    /// `into`, a partition of the same stage on a shard with room (an
+    /// actor too busy for any shard to take whole).
+    Split { actor: ActorId, into: ActorId },
+    /// Undo a split once load fell: the groups `from` took from `into` in
+    /// it go back.
+    Merge { into: ActorId, from: ActorId },
+    /// `shard` is overloaded and no move or split can relieve it: the
+    /// operators on it need these activations (job, stage, activations
+    /// now, needed).
     NeedsParallelism {
         shard: ShardId,
         operators: Vec<(JobId, u32, u32, u32)>,
@@ -251,7 +272,8 @@ impl Action {
     pub fn scale(&self) -> Option<Scale> {
         match self {
             Action::Move { scale, .. } => Some(*scale),
-            Action::ScaleToZero { .. } => Some(Scale::In),
+            Action::Split { .. } => Some(Scale::Out),
+            Action::Merge { .. } | Action::ScaleToZero { .. } => Some(Scale::In),
             Action::NeedsParallelism { .. } | Action::Wake { .. } => None,
         }
     }
@@ -261,7 +283,9 @@ impl Decision {
     /// The job the decision acts on, if one.
     pub fn job(&self) -> Option<JobId> {
         match &self.action {
-            Action::Move { actor, .. } => Some(actor.job),
+            Action::Move { actor, .. }
+            | Action::Split { actor, .. }
+            | Action::Merge { into: actor, .. } => Some(actor.job),
             Action::ScaleToZero { job } | Action::Wake { job } => Some(*job),
             Action::NeedsParallelism { .. } => None,
         }
@@ -285,6 +309,16 @@ impl fmt::Display for Decision {
                     Scale::In => "in",
                 },
                 self.reason
+            ),
+            Action::Split { actor, into } => write!(
+                f,
+                "step {}: scale out: split {actor}'s key groups with partition {}: {}",
+                self.step, into.partition, self.reason
+            ),
+            Action::Merge { into, from } => write!(
+                f,
+                "step {}: scale in: merge back into {into} the key groups partition {} took: {}",
+                self.step, from.partition, self.reason
             ),
             Action::NeedsParallelism { shard, operators } => {
                 write!(f, "step {}: {shard} needs parallelism:", self.step)?;
@@ -346,6 +380,24 @@ pub struct Autoscaler {
     last_out: BTreeMap<usize, u64>,
     /// Per job, its input: for scaling idle jobs to zero.
     inputs: BTreeMap<JobId, Input>,
+    /// Splits in force, oldest first: `(actor split, partition that took
+    /// half, step)`; merged back last first.
+    splits: Vec<(ActorId, ActorId, u64)>,
+    /// Actors a split or merge just took part in, with the step until which
+    /// they take part in no other (their figures show it by then). A move's
+    /// cooldown does not stop a split: the partition moved to take half
+    /// splits at the next step.
+    splitting: BTreeMap<ActorId, u64>,
+    /// Steps in a row with no shard over the target load or late.
+    calm_steps: u64,
+}
+
+/// Where a split may put load: the live shards, and each shard's load at
+/// the last step (a destination had room then too).
+#[derive(Clone, Copy)]
+struct Room<'a> {
+    live: &'a [usize],
+    last_load: &'a [f64],
 }
 
 /// An actor's measured figures in one step.
@@ -356,6 +408,8 @@ struct Measured {
     late: bool,
     slo_ns: u64,
     scalable: bool,
+    /// Its stage may be rerouted (`JobSample::splittable`).
+    splittable: bool,
 }
 
 impl Autoscaler {
@@ -369,6 +423,9 @@ impl Autoscaler {
             cold_steps: Vec::new(),
             last_out: BTreeMap::new(),
             inputs: BTreeMap::new(),
+            splits: Vec::new(),
+            splitting: BTreeMap::new(),
+            calm_steps: 0,
         }
     }
 
@@ -406,6 +463,7 @@ impl Autoscaler {
         self.step += 1;
         let step = self.step;
         self.cooling.retain(|_, until| *until > step);
+        self.splitting.retain(|_, until| *until > step);
         step
     }
 
@@ -455,9 +513,12 @@ impl Autoscaler {
         decisions
     }
 
-    /// Placement: moves off overloaded shards, halving, drains.
+    /// Placement: moves off overloaded shards, halving, splits, drains and
+    /// merges.
     fn place(&mut self, sample: &Sample) -> Vec<Decision> {
         let step = self.tick();
+        self.splits
+            .retain(|(actor, _, _)| sample.jobs.contains_key(&actor.job));
         if sample.shards < 2 {
             return Vec::new();
         }
@@ -616,10 +677,23 @@ impl Autoscaler {
             && !live
                 .iter()
                 .any(|&s| load[s] > self.config.target_load || late[s]);
+        self.calm_steps = if calm { self.calm_steps + 1 } else { 0 };
         if calm {
             decisions.extend(self.drain(&measured, &live, &load));
+            if decisions.is_empty() {
+                decisions.extend(self.merge_back(step, &measured, &load));
+            }
         }
         for shard in stuck {
+            let room = Room {
+                live: &live,
+                last_load: &last_load,
+            };
+            if let Some(decision) = self.split(step, shard, &measured, &mut load, &mut place, room)
+            {
+                decisions.push(decision);
+                continue;
+            }
             let recently = self
                 .told
                 .get(&ShardId(shard as u16))
@@ -777,9 +851,162 @@ impl Autoscaler {
                     late: a.messages > 0 && a.queue_p99_us > late_us,
                     slo_ns,
                     scalable: job.is_some_and(|j| j.scalable),
+                    splittable: job.is_some_and(|j| {
+                        a.id.operator < 64 && j.splittable & (1 << a.id.operator) != 0
+                    }),
                 }
             })
             .collect()
+    }
+
+    /// A split for the stuck shard `hot`: its busiest actor of a splittable
+    /// stage gives half its key groups to a partition of the same stage on
+    /// the least loaded shard that can take half its load. If no partition
+    /// of the stage is on such a shard, the lightest one moves to the one
+    /// with the most room first (the split follows at a later step, once it
+    /// is there and its figures show it).
+    fn split(
+        &mut self,
+        step: u64,
+        hot: usize,
+        measured: &[Measured],
+        load: &mut [f64],
+        place: &mut BTreeMap<ActorId, usize>,
+        room: Room<'_>,
+    ) -> Option<Decision> {
+        let free = |id: &ActorId| !self.splitting.contains_key(id);
+        let m = measured
+            .iter()
+            .filter(|m| place.get(&m.id) == Some(&hot) && m.scalable && m.splittable)
+            .filter(|m| m.busy >= self.config.min_gain && free(&m.id))
+            .max_by(|a, b| a.busy.total_cmp(&b.busy).then(b.id.cmp(&a.id)))?;
+        let half = m.busy / 2.0;
+        let target_load = self.config.target_load;
+        let fits = |s: usize, load: &[f64]| {
+            s != hot
+                && room.live.contains(&s)
+                && room.last_load.get(s).is_none_or(|&l| l <= target_load)
+                && load[s] + half <= self.config.high_load
+        };
+        let siblings: Vec<&Measured> = measured
+            .iter()
+            .filter(|s| s.id.job == m.id.job && s.id.operator == m.id.operator && s.id != m.id)
+            .filter(|s| free(&s.id) && place.contains_key(&s.id))
+            .collect();
+        let into = siblings
+            .iter()
+            .filter(|s| fits(place[&s.id], load))
+            .min_by(|a, b| {
+                load[place[&a.id]]
+                    .total_cmp(&load[place[&b.id]])
+                    .then(a.id.cmp(&b.id))
+            });
+        if let Some(into) = into {
+            let to = place[&into.id];
+            let reason = format!(
+                "{} load {:.2}, no move relieves it; the actor is {:.0}% busy: half its key \
+                 groups go to partition {} on {} (load {:.2})",
+                ShardId(hot as u16),
+                load[hot],
+                m.busy * 100.0,
+                into.id.partition,
+                ShardId(to as u16),
+                load[to]
+            );
+            load[hot] -= half;
+            load[to] += half;
+            let until = step + self.config.cooldown_steps;
+            for id in [m.id, into.id] {
+                self.cooling.insert(id, until);
+                self.splitting.insert(id, until);
+            }
+            self.last_out.insert(hot, step);
+            self.last_out.insert(to, step);
+            self.splits.push((m.id, into.id, step));
+            return Some(Decision {
+                step,
+                action: Action::Split {
+                    actor: m.id,
+                    into: into.id,
+                },
+                reason,
+            });
+        }
+        let cool = room
+            .live
+            .iter()
+            .copied()
+            .filter(|&s| fits(s, load))
+            .min_by(|a, b| load[*a].total_cmp(&load[*b]).then(a.cmp(b)))?;
+        let sibling = siblings
+            .iter()
+            .filter(|s| place[&s.id] != cool)
+            .min_by(|a, b| a.busy.total_cmp(&b.busy).then(a.id.cmp(&b.id)))?;
+        let from = place[&sibling.id];
+        let reason = format!(
+            "{} load {:.2}, no move relieves it; {} ({:.0}% busy) is to split into this \
+             partition on {} (load {:.2})",
+            ShardId(hot as u16),
+            load[hot],
+            m.id,
+            m.busy * 100.0,
+            ShardId(cool as u16),
+            load[cool]
+        );
+        let decision = move_decision(step, sibling, (from, cool), Scale::Out, reason);
+        self.spread(sibling, (from, cool), load, place);
+        Some(decision)
+    }
+
+    /// Undo the newest split once the engine has been calm for
+    /// `scale_in_steps` and the split is `repack_steps` old, if its old
+    /// owner's shard can take back all the partition's load and stay under
+    /// `packed_load`: scale in is lazy, and a merge never sets off a split.
+    fn merge_back(&mut self, step: u64, measured: &[Measured], load: &[f64]) -> Option<Decision> {
+        if self.calm_steps < self.config.scale_in_steps {
+            return None;
+        }
+        let &(split, took, at) = self.splits.last()?;
+        if step < at + self.config.repack_steps {
+            return None;
+        }
+        let find = |id: ActorId| measured.iter().find(|m| m.id == id);
+        let (into, from) = (find(split)?, find(took)?);
+        let cooling =
+            |id: &ActorId| self.cooling.contains_key(id) || self.splitting.contains_key(id);
+        let shard = into.shard.index();
+        let after = load[shard]
+            + if from.shard == into.shard {
+                0.0
+            } else {
+                from.busy
+            };
+        if cooling(&split) || cooling(&took) || after > self.config.packed_load {
+            return None;
+        }
+        self.splits.pop();
+        let until = step + self.config.cooldown_steps;
+        for id in [split, took] {
+            self.cooling.insert(id, until);
+            self.splitting.insert(id, until);
+        }
+        Some(Decision {
+            step,
+            action: Action::Merge {
+                into: split,
+                from: took,
+            },
+            reason: format!(
+                "calm for {} steps, split at step {at}; {} load {:.2} takes back partition \
+                 {}'s {:.0}% (at most {:.2})",
+                self.calm_steps,
+                ShardId(shard as u16),
+                load[shard],
+                took.partition,
+                from.busy * 100.0,
+                after
+            ),
+        })
     }
 
     /// The operators with activations on `shard` whose total busy time needs

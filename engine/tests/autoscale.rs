@@ -5,7 +5,9 @@
 //! on two), a light job is never spread, and a light job spread over both
 //! shards is drained into one once its shards have been cold for a second.
 //! Scale to zero: a paused job's stages are deactivated by the autoscaler
-//! (the shards' own idle timeout off) and wake with their state.
+//! (the shards' own idle timeout off) and wake with their state. A hot
+//! partition no move relieves is split live into a partition on the other
+//! shard.
 
 #[path = "common/readings.rs"]
 mod readings;
@@ -19,7 +21,7 @@ use dirigo_engine::dataflow::ops::{Count, WindowSpec};
 use dirigo_engine::dataflow::pace::{RateSchedule, RateStep};
 use dirigo_engine::dataflow::{AutoscaleOptions, Dataflow, DataflowConfig, Job};
 use dirigo_engine::{JobId, ShardId};
-use readings::{reference, Collect, Readings, Rows, WINDOW_MS};
+use readings::{reference, Collect, Rows, WINDOW_MS};
 
 const EVENTS: u64 = 3_000_000;
 /// A windowed count of `events` readings, at `per_s` if given (light: a
@@ -27,27 +29,17 @@ const EVENTS: u64 = 3_000_000;
 fn job(name: &str, events: u64, per_s: Option<u64>, rows: Rows) -> Job {
     let mut job = Job::new(name, Duration::from_millis(200));
     job.pace(per_s.map(RateSchedule::constant));
-    job.source(
-        "readings",
-        2,
-        Arc::new(move |p, n| {
-            Box::new(Readings {
-                next: p as u64,
-                step: n as u64,
-                end: events,
-            })
-        }),
-    )
-    .key_by(|r: &(u64, i64)| r.0)
-    .window_aggregate(
-        "count",
-        4,
-        WindowSpec::Tumbling { size_ms: WINDOW_MS },
-        |r| r.1,
-        |r| r.0,
-        Count::new(|key, (start, _), n| (key, start, n)),
-    )
-    .sink("out", 2, Arc::new(move |_| Box::new(Collect(rows.clone()))));
+    readings::source(&mut job, events)
+        .key_by(|r: &(u64, i64)| r.0)
+        .window_aggregate(
+            "count",
+            4,
+            WindowSpec::Tumbling { size_ms: WINDOW_MS },
+            |r| r.1,
+            |r| r.0,
+            Count::new(|key, (start, _), n| (key, start, n)),
+        )
+        .sink("out", 2, Arc::new(move |_| Box::new(Collect(rows.clone()))));
     job
 }
 
@@ -124,7 +116,11 @@ fn the_autoscaler_spreads_a_job_packed_on_one_shard_and_its_output_stays_exact()
     );
     // The report is read when the job ends; the log runs on until it is
     // retired, and a step can fall in between.
-    let scaled = moves.iter().filter(|(a, _, _)| a.job == handle.id).count() as u64;
+    let scaled = decisions
+        .iter()
+        .filter(|d| d.job() == Some(handle.id) && d.action.scale().is_some())
+        .filter(|d| !d.reason.contains("not carried out"))
+        .count() as u64;
     assert!(
         report.scale_actions >= 1 && report.scale_actions <= scaled,
         "{} counted, {scaled} logged",
@@ -269,4 +265,102 @@ fn a_paused_job_is_scaled_to_zero_by_the_autoscaler_and_wakes_with_its_state() {
     assert!(report.scale_actions >= 1);
     // The open windows went to the store and came back: exact output.
     assert_exact(&rows, EVENTS);
+}
+
+/// Counts records like `Count`, spending `spin_ns` of CPU on each: a keyed
+/// stage whose cost the test sets.
+struct SlowCount {
+    spin_ns: u64,
+}
+
+impl dirigo_engine::dataflow::ops::Aggregate<(u64, i64)> for SlowCount {
+    type Acc = u64;
+    type Out = (u64, i64, u64);
+    const MERGEABLE: bool = true;
+
+    fn new_acc(&self) -> u64 {
+        0
+    }
+    fn add(&self, acc: &mut u64, _record: &(u64, i64)) {
+        let start = std::time::Instant::now();
+        while (start.elapsed().as_nanos() as u64) < self.spin_ns {
+            std::hint::spin_loop();
+        }
+        *acc += 1;
+    }
+    fn merge(&self, acc: &mut u64, other: u64) {
+        *acc += other;
+    }
+    fn emit(&self, key: u64, window: (i64, i64), acc: u64, out: &mut Vec<Self::Out>) {
+        out.push((key, window.0, acc));
+    }
+}
+
+/// A stage whose every key falls in its partition 0's range of key groups
+/// (so partition 0 does all its work) fills shard 0 alone, and no move can
+/// relieve it: the autoscaler splits that partition's key groups into a
+/// partition on the other shard, live, and the output stays exact.
+#[test]
+fn a_hot_partition_no_move_relieves_is_split_live_and_the_output_stays_exact() {
+    const EVENTS: u64 = 1_000_000;
+    const PARTITIONS: u32 = 4;
+    let groups = dirigo_engine::dataflow::KEY_GROUPS_DEFAULT;
+    // Reading key k becomes the k-th key whose group partition 0 owns.
+    let hot_keys: Arc<Vec<u64>> = Arc::new(
+        (0u64..)
+            .filter(|&k| {
+                let group = dirigo_engine::dataflow::key_group(k, groups);
+                dirigo_engine::dataflow::partition_of_group(group, PARTITIONS, groups) == 0
+            })
+            .take(readings::KEYS as usize)
+            .collect(),
+    );
+    let mut dataflow = engine();
+    let rows: Rows = Default::default();
+    let mut job = Job::new("hot", Duration::from_millis(500));
+    let keys = hot_keys.clone();
+    let collected = rows.clone();
+    readings::source(&mut job, EVENTS)
+        .map(move |r: (u64, i64)| (keys[r.0 as usize], r.1))
+        .key_by(|r| r.0)
+        .window_aggregate(
+            "slow-count",
+            PARTITIONS,
+            WindowSpec::Tumbling { size_ms: WINDOW_MS },
+            |r| r.1,
+            |r| r.0,
+            SlowCount { spin_ns: 1_000 },
+        )
+        .sink(
+            "out",
+            2,
+            Arc::new(move |_| Box::new(Collect(collected.clone()))),
+        );
+    let handle = dataflow.submit(job).unwrap();
+    let report = dataflow.wait(&handle, Duration::from_secs(120)).unwrap();
+    let decisions = dataflow.decisions();
+    dataflow.shutdown();
+
+    let splits: Vec<_> = decisions
+        .iter()
+        .filter(|d| matches!(d.action, Action::Split { .. }))
+        .collect();
+    assert!(
+        splits
+            .iter()
+            .any(|d| matches!(d.action, Action::Split { actor, .. }
+            if actor.job == handle.id && actor.operator == 1 && actor.partition == 0)
+                && !d.reason.contains("not carried out")),
+        "partition 0 of the slow count is split: {decisions:#?}"
+    );
+    assert!(report.scale_actions >= 1);
+    let mut rows = rows.lock().unwrap().clone();
+    rows.sort();
+    let mut expected: Vec<_> = reference(EVENTS)
+        .into_iter()
+        .map(|(k, start, n)| (hot_keys[k as usize], start, n))
+        .collect();
+    expected.sort();
+    assert_eq!(rows, expected, "exact output across the split");
+    assert_eq!(report.late_records, 0);
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use dirigo_engine::dataflow::ops::{Count, PartialRow, WindowMerge, WindowPartial, WindowSpec};
 use dirigo_engine::dataflow::{Dataflow, DataflowConfig, Job};
 use dirigo_engine::ShardId;
-use readings::{reference, Collect, Readings, Rows, WINDOW_MS};
+use readings::{reference, Collect, Rows, WINDOW_MS};
 
 const EVENTS: u64 = 400_000;
 /// Keys a window fire of phase 1 visits per turn: some 250 keys a
@@ -25,33 +25,23 @@ const FIRE_STEP_KEYS: usize = 5;
 fn job(rows: Rows) -> Job {
     let mut job = Job::new("stepped", Duration::from_millis(200));
     let count = || Count::new(|key, (start, _), n| (key, start, n));
-    job.source(
-        "readings",
-        2,
-        Arc::new(|p, n| {
-            Box::new(Readings {
-                next: p as u64,
-                step: n as u64,
-                end: EVENTS,
-            })
-        }),
-    )
-    .key_by(|r: &(u64, i64)| r.0)
-    .process(
-        "partial",
-        4,
-        WindowPartial::new(
-            WindowSpec::Tumbling { size_ms: WINDOW_MS },
-            |r: &(u64, i64)| r.1,
-            |r: &(u64, i64)| r.0,
-            count(),
+    readings::source(&mut job, EVENTS)
+        .key_by(|r: &(u64, i64)| r.0)
+        .process(
+            "partial",
+            4,
+            WindowPartial::new(
+                WindowSpec::Tumbling { size_ms: WINDOW_MS },
+                |r: &(u64, i64)| r.1,
+                |r: &(u64, i64)| r.0,
+                count(),
+            )
+            .fire_step_keys(FIRE_STEP_KEYS)
+            .factory(),
         )
-        .fire_step_keys(FIRE_STEP_KEYS)
-        .factory(),
-    )
-    .key_by(|p: &PartialRow<u64>| p.window.1 as u64)
-    .process("merge", 3, WindowMerge::new(count()).factory())
-    .sink("out", 2, Arc::new(move |_| Box::new(Collect(rows.clone()))));
+        .key_by(|p: &PartialRow<u64>| p.window.1 as u64)
+        .process("merge", 3, WindowMerge::new(count()).factory())
+        .sink("out", 2, Arc::new(move |_| Box::new(Collect(rows.clone()))));
     job
 }
 

@@ -208,6 +208,8 @@ struct Outcome {
     actors: u64,
     /// Reroutes ordered, each after the one before it completed.
     reroutes: u64,
+    /// Splits and merges the autoscaler ordered.
+    splits: [u64; 2],
 }
 
 /// What moves the job's actors while it runs.
@@ -244,7 +246,7 @@ fn sim_sample(
     shards: u16,
     seen: &mut BTreeMap<ActorId, (u64, u64)>,
     last_ns: &mut u64,
-    (slo_ns, message_ns): (u64, u64),
+    (slo_ns, message_ns, splittable): (u64, u64, u64),
 ) -> Sample {
     let now = sim.now_ns();
     let shard_interval_ns = now.saturating_sub(*last_ns).max(1);
@@ -258,9 +260,10 @@ fn sim_sample(
         JobSample {
             slo_ns,
             scalable: true,
-            // Placement only: no input counted, so never scaled to zero.
+            // No input counted, so never scaled to zero.
             records_in: 0,
             ended: false,
+            splittable,
         },
     );
     for shard in 0..shards {
@@ -325,6 +328,7 @@ fn run_moved(seed: u64, shards: u16, mut mover: Mover) -> (Outcome, [u64; 2]) {
     let (mut seen, mut last_ns, mut moves) = (BTreeMap::new(), sim.now_ns(), [0u64; 2]);
     let keyed = registry.keyed_stages(JobId(1));
     let mut reroutes = 0u64;
+    let (mut splits, mut before_splits) = ([0u64; 2], BTreeMap::new());
     while !handle.is_done() {
         assert!(
             sim.step(),
@@ -337,18 +341,57 @@ fn run_moved(seed: u64, shards: u16, mut mover: Mover) -> (Outcome, [u64; 2]) {
         );
         if let Mover::Autoscaler(scaler, message_ns) = &mut mover {
             if steps.is_multiple_of(AUTOSCALE_STEPS) {
-                let figures = (5_000_000, *message_ns);
+                let splittable = registry
+                    .keyed_stages(JobId(1))
+                    .iter()
+                    .filter(|(_, parallelism)| *parallelism > 1)
+                    .fold(0, |bits, (stage, _)| bits | 1 << stage);
+                let figures = (5_000_000, *message_ns, splittable);
                 let sample = sim_sample(&mut sim, shards, &mut seen, &mut last_ns, figures);
                 for decision in scaler.step(&sample) {
-                    if let Action::Move {
-                        actor,
-                        from,
-                        to,
-                        scale,
-                    } = decision.action
-                    {
-                        sim.migrate(from, actor, to);
-                        moves[(scale == Scale::In) as usize] += 1;
+                    let orders = match decision.action {
+                        Action::Move {
+                            actor,
+                            from,
+                            to,
+                            scale,
+                        } => {
+                            sim.migrate(from, actor, to);
+                            moves[(scale == Scale::In) as usize] += 1;
+                            continue;
+                        }
+                        Action::Split { actor, into } => {
+                            match registry.split(actor, into.partition) {
+                                Ok((before, orders)) => {
+                                    before_splits.insert((actor, into.partition), before);
+                                    splits[0] += 1;
+                                    orders
+                                }
+                                // Another reroute of the job is under way.
+                                Err(_) => continue,
+                            }
+                        }
+                        Action::Merge { into, from } => {
+                            let Some(before) = before_splits.remove(&(into, from.partition)) else {
+                                continue;
+                            };
+                            match registry.merge(into, from.partition, &before) {
+                                Ok(orders) => {
+                                    splits[1] += 1;
+                                    orders
+                                }
+                                Err(_) => continue,
+                            }
+                        }
+                        _ => continue,
+                    };
+                    let sched = dirigo_engine::SchedCtx {
+                        job: JobId(1),
+                        deadline_ns: sim.now_ns(),
+                        origin_ns: sim.now_ns(),
+                    };
+                    for (feeder, order) in orders {
+                        sim.send(ShardId(0), feeder, order, sched);
                     }
                 }
             }
@@ -438,6 +481,7 @@ fn run_moved(seed: u64, shards: u16, mut mover: Mover) -> (Outcome, [u64; 2]) {
         activations: 0,
         actors: actors.len() as u64,
         reroutes,
+        splits,
     };
     for shard in 0..shards {
         let report = sim.core(ShardId(shard)).report();
@@ -506,12 +550,14 @@ fn a_dataflow_is_exact_while_its_key_groups_reroute() {
 /// The autoscaler's model drives the placement of a job on 8 and 12
 /// simulated shards (more shards than this machine has cores), from the
 /// cores' own reports with a simulated cost per message: with a heavy cost
-/// it moves actors off loaded shards, with a light one it drains cold shards
-/// (after 3 cold steps here, so that it happens in a short run), and every
-/// output is still exactly the reference's.
+/// it moves actors off loaded shards and splits a partition too busy to move
+/// (its reroute carried out in the simulator), with a light one it drains
+/// cold shards (after 3 cold steps here, so that it happens in a short run),
+/// and every output is still exactly the reference's.
 #[test]
 fn the_autoscaler_in_the_simulator_moves_actors_and_outputs_stay_exact() {
     let [mut out, mut ins] = [0, 0];
+    let [mut split, mut merged] = [0, 0];
     for seed in 1..=6u64 {
         for shards in [8u16, 12] {
             for message_ns in [SIMULATED_MESSAGE_NS, SIMULATED_LIGHT_MESSAGE_NS] {
@@ -520,13 +566,20 @@ fn the_autoscaler_in_the_simulator_moves_actors_and_outputs_stay_exact() {
                     ..AutoscaleConfig::default()
                 });
                 let mover = Mover::Autoscaler(Box::new(scaler), message_ns);
-                let (_, [o, i]) = run_moved(seed, shards, mover);
+                let (outcome, [o, i]) = run_moved(seed, shards, mover);
                 out += o;
                 ins += i;
+                split += outcome.splits[0];
+                merged += outcome.splits[1];
             }
         }
     }
-    eprintln!("24 runs: {out} moves out and {ins} in by the autoscaler");
+    eprintln!(
+        "24 runs: {out} moves out and {ins} in, {split} splits and {merged} merges by the \
+         autoscaler"
+    );
     assert!(out >= 12, "only {out} moves out by the autoscaler");
+    // A partition too busy for any shard to take is split, live.
+    assert!(split >= 1, "no split by the autoscaler");
     assert!(ins >= 12, "only {ins} moves in by the autoscaler");
 }

@@ -35,6 +35,7 @@ impl World {
                 scalable: true,
                 records_in: 0,
                 ended: false,
+                splittable: 0,
             },
         );
         jobs.insert(
@@ -44,6 +45,7 @@ impl World {
                 scalable: true,
                 records_in: 0,
                 ended: false,
+                splittable: 0,
             },
         );
         World {
@@ -100,13 +102,40 @@ impl World {
 
     fn apply(&mut self, decisions: &[Decision]) {
         for decision in decisions {
-            if let Action::Move {
-                actor, from, to, ..
-            } = decision.action
-            {
-                let entry = self.actors.iter_mut().find(|a| a.0 == actor).unwrap();
-                assert_eq!(entry.1, from.index(), "{decision}");
-                entry.1 = to.index();
+            match decision.action {
+                Action::Move {
+                    actor, from, to, ..
+                } => {
+                    let entry = self.actors.iter_mut().find(|a| a.0 == actor).unwrap();
+                    assert_eq!(entry.1, from.index(), "{decision}");
+                    entry.1 = to.index();
+                }
+                // Half the key groups carry half the demand here; a merge
+                // gives half of what the partition that took them has back.
+                Action::Split { actor, into } => {
+                    let half = self.demand(actor) / 2.0;
+                    self.shift(actor, into, half);
+                }
+                Action::Merge { into, from } => {
+                    let half = self.demand(from) / 2.0;
+                    self.shift(from, into, half);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn demand(&self, id: ActorId) -> f64 {
+        self.actors.iter().find(|a| a.0 == id).unwrap().2
+    }
+
+    /// `amount` of demand from one actor to another.
+    fn shift(&mut self, from: ActorId, to: ActorId, amount: f64) {
+        for a in &mut self.actors {
+            if a.0 == from {
+                a.2 -= amount;
+            } else if a.0 == to {
+                a.2 += amount;
             }
         }
     }
@@ -662,6 +691,7 @@ fn a_trickle_a_fixed_job_an_ended_job_and_one_never_fed_stay_up() {
         scalable,
         records_in,
         ended,
+        splittable: 0,
     };
     let (trickle, fixed, ended, never) = (JobId(1), JobId(2), JobId(3), JobId(4));
     let mut jobs = BTreeMap::new();
@@ -676,4 +706,137 @@ fn a_trickle_a_fixed_job_an_ended_job_and_one_never_fed_stay_up() {
         decisions.extend(model.idle_step(&jobs));
     }
     assert!(decisions.is_empty(), "{decisions:#?}");
+}
+
+fn splits_and_merges(decisions: &[Decision]) -> (usize, usize) {
+    let count = |want: fn(&Action) -> bool| decisions.iter().filter(|d| want(&d.action)).count();
+    (
+        count(|a| matches!(a, Action::Split { .. })),
+        count(|a| matches!(a, Action::Merge { .. })),
+    )
+}
+
+/// A world of `shards` with one keyed stage of BULK (stage 2, splittable)
+/// whose partition 0 on shard 0 wants `hot` cores, its other partitions
+/// light where `siblings` says, and an LC actor on the last shard.
+fn hot_partition(shards: usize, hot: f64, siblings: &[usize]) -> World {
+    let mut world = World::new(shards);
+    world.jobs.get_mut(&BULK).unwrap().splittable = 1 << 2;
+    world.add(actor(BULK, 2, 0), 0, hot);
+    for (p, &shard) in siblings.iter().enumerate() {
+        world.add(actor(BULK, 2, p as u32 + 1), shard, 0.02);
+    }
+    world.add(actor(LC, 1, 0), shards - 1, 0.1);
+    world
+}
+
+#[test]
+fn an_actor_too_busy_to_move_splits_its_key_groups_into_a_partition_with_room() {
+    for shards in [2, 4, 8] {
+        // A partition wanting 1.2 cores, its sibling on the last shard.
+        let mut world = hot_partition(shards, 1.2, &[shards - 1]);
+        let mut scaler = Autoscaler::new(AutoscaleConfig::default());
+        let mut log = Vec::new();
+        for step in 1..=40u64 {
+            let decisions = scaler.step(&world.sample());
+            world.apply(&decisions);
+            if step == 1 {
+                assert!(
+                    decisions.iter().any(|d| d.action
+                        == Action::Split {
+                            actor: actor(BULK, 2, 0),
+                            into: actor(BULK, 2, 1),
+                        }),
+                    "{shards} shards: split at the first step: {decisions:?}"
+                );
+            }
+            log.extend(decisions.into_iter().map(|d| (step, d)));
+        }
+        // Converged: every shard under the high mark, after 2 steps at most.
+        assert!(
+            world.max_load() <= 0.85,
+            "{shards} shards: {}",
+            world.max_load()
+        );
+        let last = log.iter().map(|(step, _)| *step).max().unwrap();
+        assert!(
+            last <= 2,
+            "{shards} shards: still acting at step {last}: {log:?}"
+        );
+        let decisions: Vec<Decision> = log.into_iter().map(|(_, d)| d).collect();
+        assert_eq!(splits_and_merges(&decisions), (1, 0), "{shards} shards");
+    }
+}
+
+#[test]
+fn a_hot_actor_whose_siblings_share_its_shard_moves_one_out_and_splits_into_it() {
+    // Both partitions on shard 0; shard 1 has room.
+    let mut world = hot_partition(2, 1.2, &[0]);
+    let mut scaler = Autoscaler::new(AutoscaleConfig::default());
+    let mut first_two = Vec::new();
+    for _ in 0..2 {
+        let decisions = scaler.step(&world.sample());
+        world.apply(&decisions);
+        first_two.extend(decisions);
+    }
+    assert!(
+        first_two
+            .iter()
+            .any(|d| matches!(d.action, Action::Move { actor: moved, to, .. }
+            if moved == actor(BULK, 2, 1) && to == ShardId(1))),
+        "{first_two:?}"
+    );
+    assert_eq!(splits_and_merges(&first_two), (1, 0), "{first_two:?}");
+    assert!(world.max_load() <= 0.85, "{}", world.max_load());
+    for _ in 0..40 {
+        let decisions = scaler.step(&world.sample());
+        assert!(decisions.is_empty(), "settled: {decisions:?}");
+    }
+}
+
+#[test]
+fn a_split_is_merged_back_lazily_once_load_falls_and_never_flaps() {
+    let config = AutoscaleConfig {
+        scale_in_steps: 5,
+        repack_steps: 30,
+        ..AutoscaleConfig::default()
+    };
+    let mut world = hot_partition(2, 1.2, &[1]);
+    let mut scaler = Autoscaler::new(config);
+    let mut seed = 7u64;
+    let mut log = Vec::new();
+    for step in 1..=200u64 {
+        if step == 20 {
+            // Load falls: the two halves now want 0.1 cores each.
+            world.set_demand(BULK, 0.1);
+        }
+        // Noise of 2% of a core on every actor.
+        let mut sample = world.sample();
+        for a in &mut sample.actors {
+            let wobble = (noise(&mut seed) * 0.02 * STEP_NS as f64) as i64;
+            a.cpu_ns = (a.cpu_ns as i64 + wobble).max(0) as u64;
+        }
+        let decisions = scaler.step(&sample);
+        world.apply(&decisions);
+        log.extend(decisions.into_iter().map(|d| (step, d)));
+    }
+    let merges: Vec<u64> = log
+        .iter()
+        .filter(|(_, d)| matches!(d.action, Action::Merge { .. }))
+        .map(|(step, _)| *step)
+        .collect();
+    let decisions: Vec<Decision> = log.iter().map(|(_, d)| d.clone()).collect();
+    assert_eq!(splits_and_merges(&decisions), (1, 1), "{log:?}");
+    // Not before the split is `repack_steps` old, and after calm steps.
+    let split = log
+        .iter()
+        .find(|(_, d)| matches!(d.action, Action::Split { .. }))
+        .map(|(step, _)| *step)
+        .unwrap();
+    assert!(
+        merges[0] >= split + 30,
+        "split at step {split}, merged at step {}",
+        merges[0]
+    );
+    assert!(world.max_load() <= 0.6, "{}", world.max_load());
 }

@@ -416,6 +416,19 @@ impl Plan {
             .collect()
     }
 
+    /// `JobSample::splittable`: keyed stages of several partitions, unless
+    /// the job takes checkpoints (they name groups by contiguous ranges).
+    pub(crate) fn splittable(&self) -> u64 {
+        if self.checkpointer.is_some() {
+            return 0;
+        }
+        self.stages
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| *i < 64 && s.kind == StageKind::Operator && s.parallelism > 1)
+            .fold(0, |bits, (i, _)| bits | 1 << i)
+    }
+
     /// A partition of `stage` completed its reroute to `version`.
     pub(crate) fn rerouted(&self, stage: u32, version: u64) {
         if let Some(slot) = self.reroutes.get(stage as usize) {

@@ -157,6 +157,23 @@ impl DataMsg {
     }
 }
 
+/// A reroute's orders: one to each partition that feeds its stage.
+pub type Orders = Vec<(ActorId, DataMsg)>;
+
+/// Send a reroute's orders to the feeders of its stage, due now.
+pub(crate) fn deliver_orders(runtime: &Runtime<DataMsg>, job: JobId, orders: Orders) {
+    let now_ns = crate::clock::monotonic_ns();
+    let sched = SchedCtx {
+        job,
+        deadline_ns: now_ns,
+        origin_ns: now_ns,
+    };
+    for (actor, order) in orders {
+        // A dead shard fails every job through the failure hook.
+        let _ = runtime.send(actor, order, sched);
+    }
+}
+
 /// The key group (of a job's `groups`) of a key: the mixed key scaled into
 /// `0..groups` by a multiply and a shift (no division on the per-record path).
 #[inline]
@@ -431,6 +448,39 @@ impl Registry {
         Ok((handle, ticks))
     }
 
+    /// Order a split of `actor`'s key groups: the upper half of those it
+    /// owns go to partition `into` of its stage. Returns the table before
+    /// it (to merge back later) and the orders to deliver.
+    pub fn split(&self, actor: ActorId, into: u32) -> Result<(Vec<u32>, Orders), String> {
+        let (owners, _) = self
+            .routing(actor.job, actor.operator)
+            .ok_or_else(|| format!("{actor}: no such job or stage"))?;
+        let table = reroute::split(&owners, actor.partition, into)
+            .ok_or_else(|| format!("{actor} owns fewer than two key groups"))?;
+        let orders = self.reroute(actor.job, actor.operator, table)?;
+        Ok((owners, orders))
+    }
+
+    /// Undo a split of `into`'s groups with `from` (`before`: the table
+    /// before the split): the groups `from` took in it go back to `into`.
+    pub fn merge(&self, into: ActorId, from: u32, before: &[u32]) -> Result<Orders, String> {
+        let (owners, _) = self
+            .routing(into.job, into.operator)
+            .ok_or_else(|| format!("{into}: no such job or stage"))?;
+        let table = owners
+            .iter()
+            .zip(before)
+            .map(|(&now, &was)| {
+                if now == from && was == into.partition {
+                    into.partition
+                } else {
+                    now
+                }
+            })
+            .collect();
+        self.reroute(into.job, into.operator, table)
+    }
+
     /// Order a reroute of keyed stage `stage` of `job`: from now on key group
     /// `g` belongs to partition `owners[g]` (see `reroute` in the module
     /// header). Returns the orders to deliver, one to each partition of the
@@ -440,12 +490,7 @@ impl Registry {
     /// checkpoints name each partition's groups by its contiguous range),
     /// a table of the wrong size or naming a partition the stage does not
     /// have, and while a reroute of any stage of the job is under way.
-    pub fn reroute(
-        &self,
-        job: JobId,
-        stage: u32,
-        owners: Vec<u32>,
-    ) -> Result<Vec<(ActorId, DataMsg)>, String> {
+    pub fn reroute(&self, job: JobId, stage: u32, owners: Vec<u32>) -> Result<Orders, String> {
         let plans = self.plans.read().expect("plan registry poisoned");
         let plan = plans.get(&job).ok_or_else(|| format!("no job {job:?}"))?;
         let target = plan
@@ -602,6 +647,7 @@ impl Registry {
                     records_in: plan.metrics.source_records(),
                     ended: plan.metrics.sinks_done.load(Ordering::Acquire)
                         >= plan.sink_partitions(),
+                    splittable: plan.splittable(),
                 };
                 (id, job)
             })
@@ -861,16 +907,11 @@ impl Dataflow {
     /// sent; [`Dataflow::routing`] says when every partition has completed
     /// it.
     pub fn reroute(&self, job: JobId, stage: u32, owners: Vec<u32>) -> Result<(), String> {
-        let now_ns = crate::clock::monotonic_ns();
-        let sched = SchedCtx {
+        deliver_orders(
+            &self.runtime,
             job,
-            deadline_ns: now_ns,
-            origin_ns: now_ns,
-        };
-        for (actor, order) in self.registry.reroute(job, stage, owners)? {
-            // A dead shard fails every job through the failure hook.
-            let _ = self.runtime.send(actor, order, sched);
-        }
+            self.registry.reroute(job, stage, owners)?,
+        );
         Ok(())
     }
 

@@ -157,6 +157,8 @@ fn run(
     let mut reported_at: BTreeMap<ShardId, u64> = BTreeMap::new();
     let mut last = Instant::now();
     let mut records_before = u64::MAX;
+    let mut splits = Splits::new();
+    let engine = (runtime, registry);
     loop {
         let next = last + options.interval;
         while !stop.load(Ordering::Acquire) {
@@ -180,7 +182,7 @@ fn run(
         if records == records_before {
             last = Instant::now();
             for decision in model.idle_step(&jobs) {
-                carry_out(decision, runtime, registry, &options, decisions);
+                carry_out(decision, engine, &mut splits, &options, decisions);
             }
             continue;
         }
@@ -229,31 +231,60 @@ fn run(
         seen.retain(|_, s| s.step + SEEN_STEPS_KEPT > step);
         let step_decisions = model.step(&sample);
         starts.lock().expect("starts poisoned").loads = model.loads().to_vec();
+        splits.retain(|(actor, _), _| sample.jobs.contains_key(&actor.job));
         for decision in step_decisions {
-            carry_out(decision, runtime, registry, &options, decisions);
+            carry_out(decision, engine, &mut splits, &options, decisions);
         }
     }
 }
 
-/// Act on one decision, count it for its job (an action that scales it) and
-/// keep it in the log.
+/// The tables before the splits in force, by `(split actor, partition that
+/// took half)`: what a merge goes back to.
+type Splits = BTreeMap<(ActorId, u32), Vec<u32>>;
+
+/// Act on one decision, count it for its job (an action that scales it and
+/// was carried out) and keep it in the log (one that could not be carried
+/// out says why).
 fn carry_out(
-    decision: Decision,
-    runtime: &Runtime<DataMsg>,
-    registry: &Registry,
+    mut decision: Decision,
+    (runtime, registry): (&Runtime<DataMsg>, &Registry),
+    splits: &mut Splits,
     options: &AutoscaleOptions,
     decisions: &Mutex<VecDeque<Decision>>,
 ) {
-    match decision.action {
+    let done = match decision.action {
         Action::Move { actor, to, .. } => {
             // A shard that died since the sample: the move is moot.
             let _ = runtime.migrate(actor, to);
+            Ok(())
         }
-        Action::ScaleToZero { job } => runtime.deactivate_job(job),
-        Action::NeedsParallelism { .. } | Action::Wake { .. } => {}
-    }
-    if let (Some(job), Some(_)) = (decision.job(), decision.action.scale()) {
-        registry.count_scale_action(job);
+        Action::ScaleToZero { job } => {
+            runtime.deactivate_job(job);
+            Ok(())
+        }
+        Action::Split { actor, into } => {
+            registry
+                .split(actor, into.partition)
+                .map(|(before, orders)| {
+                    splits.insert((actor, into.partition), before);
+                    super::deliver_orders(runtime, actor.job, orders);
+                })
+        }
+        Action::Merge { into, from } => match splits.remove(&(into, from.partition)) {
+            Some(before) => registry
+                .merge(into, from.partition, &before)
+                .map(|orders| super::deliver_orders(runtime, into.job, orders)),
+            None => Err("its split was not carried out".to_string()),
+        },
+        Action::NeedsParallelism { .. } | Action::Wake { .. } => Ok(()),
+    };
+    match done {
+        Ok(()) => {
+            if let (Some(job), Some(_)) = (decision.job(), decision.action.scale()) {
+                registry.count_scale_action(job);
+            }
+        }
+        Err(why) => decision.reason = format!("{} (not carried out: {why})", decision.reason),
     }
     if options.log_decisions {
         eprintln!("autoscaler: {decision}");

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use dirigo_engine::dataflow::{Sink, Source, SourceBatch};
+use dirigo_engine::dataflow::{Job, Sink, Source, SourceBatch, Stream};
 
 pub const WINDOW_MS: i64 = 100;
 pub const KEYS: u64 = 1000;
@@ -41,6 +41,21 @@ impl Source<(u64, i64)> for Readings {
             watermark_ms: reading(self.next - self.step).1,
         }
     }
+}
+
+/// A source stage "readings" of 2 partitions giving readings `0..events`.
+pub fn source(job: &mut Job, events: u64) -> Stream<(u64, i64)> {
+    job.source(
+        "readings",
+        2,
+        Arc::new(move |p, n| {
+            Box::new(Readings {
+                next: p as u64,
+                step: n as u64,
+                end: events,
+            })
+        }),
+    )
 }
 
 pub type Rows = Arc<Mutex<Vec<(u64, i64, u64)>>>;
