@@ -83,6 +83,9 @@ pub struct Context<'a, M> {
     pub(crate) clock: &'a crate::clock::Clock,
     pub(crate) sched: SchedCtx,
     pub(crate) out: &'a mut Vec<Outgoing<M>>,
+    /// Messages to an actor that its shard has not handled yet, as this
+    /// shard sees them (see `backlog`).
+    pub(crate) backlog: &'a dyn Fn(ActorId) -> u32,
 }
 
 impl<M> Context<'_, M> {
@@ -105,6 +108,15 @@ impl<M> Context<'_, M> {
     /// only way an actor should tell time, so that whole dataflows run simulated.
     pub fn clock_ns(&self) -> u64 {
         self.clock.now_ns()
+    }
+
+    /// How far behind `to` is, as this shard sees it: for an actor here,
+    /// the messages in its mailbox; for one elsewhere, the messages this
+    /// shard sent it that it has not acknowledged yet (its credit in use).
+    /// Sends of the running handler are not counted yet. A cheap load signal
+    /// for choosing among equivalent targets.
+    pub fn backlog(&self, to: ActorId) -> u32 {
+        (self.backlog)(to)
     }
 
     /// Scheduling context of the message being handled.

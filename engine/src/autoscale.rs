@@ -203,6 +203,9 @@ pub struct JobSample {
     /// Bit `s` set: stage `s` is keyed with several partitions and may be
     /// rerouted (a job that takes checkpoints keeps its ranges: none).
     pub splittable: u64,
+    /// Bit `s` set: stage `s` is splittable and keeps partials, so it may
+    /// run in parallel mode.
+    pub mergeable: u64,
 }
 
 /// What the runtime measured over one interval.
@@ -233,6 +236,11 @@ pub enum Action {
     /// Undo a split once load fell: the groups `from` took from `into` in
     /// it go back.
     Merge { into: ActorId, from: ActorId },
+    /// Switch a stage that keeps partials to parallel mode: each batch goes
+    /// to the partition with the least backlog, whatever its keys.
+    Parallel { job: JobId, stage: u32 },
+    /// Back from parallel mode to the stage's table of key groups.
+    Ordered { job: JobId, stage: u32 },
     /// `shard` is overloaded and no move or split can relieve it: the
     /// operators on it need these activations (job, stage, activations
     /// now, needed).
@@ -272,8 +280,10 @@ impl Action {
     pub fn scale(&self) -> Option<Scale> {
         match self {
             Action::Move { scale, .. } => Some(*scale),
-            Action::Split { .. } => Some(Scale::Out),
-            Action::Merge { .. } | Action::ScaleToZero { .. } => Some(Scale::In),
+            Action::Split { .. } | Action::Parallel { .. } => Some(Scale::Out),
+            Action::Merge { .. } | Action::Ordered { .. } | Action::ScaleToZero { .. } => {
+                Some(Scale::In)
+            }
             Action::NeedsParallelism { .. } | Action::Wake { .. } => None,
         }
     }
@@ -286,7 +296,10 @@ impl Decision {
             Action::Move { actor, .. }
             | Action::Split { actor, .. }
             | Action::Merge { into: actor, .. } => Some(actor.job),
-            Action::ScaleToZero { job } | Action::Wake { job } => Some(*job),
+            Action::ScaleToZero { job }
+            | Action::Wake { job }
+            | Action::Parallel { job, .. }
+            | Action::Ordered { job, .. } => Some(*job),
             Action::NeedsParallelism { .. } => None,
         }
     }
@@ -319,6 +332,16 @@ impl fmt::Display for Decision {
                 f,
                 "step {}: scale in: merge back into {into} the key groups partition {} took: {}",
                 self.step, from.partition, self.reason
+            ),
+            Action::Parallel { job, stage } => write!(
+                f,
+                "step {}: scale out: parallel mode for job {} stage {stage}: {}",
+                self.step, job.0, self.reason
+            ),
+            Action::Ordered { job, stage } => write!(
+                f,
+                "step {}: scale in: ordered mode for job {} stage {stage}: {}",
+                self.step, job.0, self.reason
             ),
             Action::NeedsParallelism { shard, operators } => {
                 write!(f, "step {}: {shard} needs parallelism:", self.step)?;
@@ -380,9 +403,9 @@ pub struct Autoscaler {
     last_out: BTreeMap<usize, u64>,
     /// Per job, its input: for scaling idle jobs to zero.
     inputs: BTreeMap<JobId, Input>,
-    /// Splits in force, oldest first: `(actor split, partition that took
-    /// half, step)`; merged back last first.
-    splits: Vec<(ActorId, ActorId, u64)>,
+    /// Splits and switches to parallel mode in force, oldest first, with
+    /// their steps; undone newest first.
+    splits: Vec<(Spread, u64)>,
     /// Actors a split or merge just took part in, with the step until which
     /// they take part in no other (their figures show it by then). A move's
     /// cooldown does not stop a split: the partition moved to take half
@@ -390,6 +413,24 @@ pub struct Autoscaler {
     splitting: BTreeMap<ActorId, u64>,
     /// Steps in a row with no shard over the target load or late.
     calm_steps: u64,
+}
+
+/// What a split or a switch to parallel mode did, to be undone.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Spread {
+    /// `(actor split, partition that took half)`.
+    Split(ActorId, ActorId),
+    /// A stage in parallel mode.
+    Parallel(JobId, u32),
+}
+
+impl Spread {
+    fn job(&self) -> JobId {
+        match *self {
+            Spread::Split(actor, _) => actor.job,
+            Spread::Parallel(job, _) => job,
+        }
+    }
 }
 
 /// Where a split may put load: the live shards, and each shard's load at
@@ -410,6 +451,8 @@ struct Measured {
     scalable: bool,
     /// Its stage may be rerouted (`JobSample::splittable`).
     splittable: bool,
+    /// Its stage may run in parallel mode (`JobSample::mergeable`).
+    mergeable: bool,
 }
 
 impl Autoscaler {
@@ -518,7 +561,7 @@ impl Autoscaler {
     fn place(&mut self, sample: &Sample) -> Vec<Decision> {
         let step = self.tick();
         self.splits
-            .retain(|(actor, _, _)| sample.jobs.contains_key(&actor.job));
+            .retain(|(spread, _)| sample.jobs.contains_key(&spread.job()));
         if sample.shards < 2 {
             return Vec::new();
         }
@@ -854,6 +897,9 @@ impl Autoscaler {
                     splittable: job.is_some_and(|j| {
                         a.id.operator < 64 && j.splittable & (1 << a.id.operator) != 0
                     }),
+                    mergeable: job.is_some_and(|j| {
+                        a.id.operator < 64 && j.mergeable & (1 << a.id.operator) != 0
+                    }),
                 }
             })
             .collect()
@@ -880,6 +926,39 @@ impl Autoscaler {
             .filter(|m| place.get(&m.id) == Some(&hot) && m.scalable && m.splittable)
             .filter(|m| m.busy >= self.config.min_gain && free(&m.id))
             .max_by(|a, b| a.busy.total_cmp(&b.busy).then(b.id.cmp(&a.id)))?;
+        let stage = (m.id.job, m.id.operator);
+        if m.mergeable {
+            // Its partials merge downstream: every partition may take any
+            // batch, so the stage's load spreads over all its partitions at
+            // once (where they run is the moves' business).
+            let parallel = Spread::Parallel(stage.0, stage.1);
+            if self.splits.iter().any(|(s, _)| *s == parallel) {
+                return None;
+            }
+            for s in measured
+                .iter()
+                .filter(|s| (s.id.job, s.id.operator) == stage)
+            {
+                self.splitting
+                    .insert(s.id, step + self.config.cooldown_steps);
+            }
+            self.splits.push((parallel, step));
+            return Some(Decision {
+                step,
+                action: Action::Parallel {
+                    job: stage.0,
+                    stage: stage.1,
+                },
+                reason: format!(
+                    "{} load {:.2}, no move relieves it; {} is {:.0}% busy and its stage keeps \
+                     partials: each batch to the partition with the least backlog",
+                    ShardId(hot as u16),
+                    load[hot],
+                    m.id,
+                    m.busy * 100.0
+                ),
+            });
+        }
         let half = m.busy / 2.0;
         let target_load = self.config.target_load;
         let fits = |s: usize, load: &[f64]| {
@@ -922,7 +1001,7 @@ impl Autoscaler {
             }
             self.last_out.insert(hot, step);
             self.last_out.insert(to, step);
-            self.splits.push((m.id, into.id, step));
+            self.splits.push((Spread::Split(m.id, into.id), step));
             return Some(Decision {
                 step,
                 action: Action::Split {
@@ -966,47 +1045,74 @@ impl Autoscaler {
         if self.calm_steps < self.config.scale_in_steps {
             return None;
         }
-        let &(split, took, at) = self.splits.last()?;
+        let &(spread, at) = self.splits.last()?;
         if step < at + self.config.repack_steps {
             return None;
         }
-        let find = |id: ActorId| measured.iter().find(|m| m.id == id);
-        let (into, from) = (find(split)?, find(took)?);
-        let cooling =
-            |id: &ActorId| self.cooling.contains_key(id) || self.splitting.contains_key(id);
-        let shard = into.shard.index();
-        let after = load[shard]
-            + if from.shard == into.shard {
-                0.0
-            } else {
-                from.busy
-            };
-        if cooling(&split) || cooling(&took) || after > self.config.packed_load {
-            return None;
-        }
+        let busy = |id: &ActorId| self.cooling.contains_key(id) || self.splitting.contains_key(id);
+        let decision = match spread {
+            Spread::Split(split, took) => {
+                let find = |id: ActorId| measured.iter().find(|m| m.id == id);
+                let (into, from) = (find(split)?, find(took)?);
+                let shard = into.shard.index();
+                let after = load[shard]
+                    + if from.shard == into.shard {
+                        0.0
+                    } else {
+                        from.busy
+                    };
+                if busy(&split) || busy(&took) || after > self.config.packed_load {
+                    return None;
+                }
+                let until = step + self.config.cooldown_steps;
+                for id in [split, took] {
+                    self.cooling.insert(id, until);
+                    self.splitting.insert(id, until);
+                }
+                Decision {
+                    step,
+                    action: Action::Merge {
+                        into: split,
+                        from: took,
+                    },
+                    reason: format!(
+                        "calm for {} steps, split at step {at}; {} load {:.2} takes back \
+                         partition {}'s {:.0}% (at most {:.2})",
+                        self.calm_steps,
+                        ShardId(shard as u16),
+                        load[shard],
+                        took.partition,
+                        from.busy * 100.0,
+                        after
+                    ),
+                }
+            }
+            Spread::Parallel(job, stage) => {
+                // Back by key: the stage's whole load must fit one partition's
+                // share of a core comfortably (its keys may all be in one).
+                let actors: Vec<&Measured> = measured
+                    .iter()
+                    .filter(|m| (m.id.job, m.id.operator) == (job, stage))
+                    .collect();
+                let total: f64 = actors.iter().map(|m| m.busy).sum();
+                if actors.iter().any(|m| busy(&m.id)) || total > self.config.packed_load {
+                    return None;
+                }
+                Decision {
+                    step,
+                    action: Action::Ordered { job, stage },
+                    reason: format!(
+                        "calm for {} steps, parallel since step {at}; the stage is {:.0}% busy \
+                         in all (at most {:.2})",
+                        self.calm_steps,
+                        total * 100.0,
+                        self.config.packed_load
+                    ),
+                }
+            }
+        };
         self.splits.pop();
-        let until = step + self.config.cooldown_steps;
-        for id in [split, took] {
-            self.cooling.insert(id, until);
-            self.splitting.insert(id, until);
-        }
-        Some(Decision {
-            step,
-            action: Action::Merge {
-                into: split,
-                from: took,
-            },
-            reason: format!(
-                "calm for {} steps, split at step {at}; {} load {:.2} takes back partition \
-                 {}'s {:.0}% (at most {:.2})",
-                self.calm_steps,
-                ShardId(shard as u16),
-                load[shard],
-                took.partition,
-                from.busy * 100.0,
-                after
-            ),
-        })
+        Some(decision)
     }
 
     /// The operators with activations on `shard` whose total busy time needs

@@ -296,13 +296,10 @@ impl dirigo_engine::dataflow::ops::Aggregate<(u64, i64)> for SlowCount {
     }
 }
 
-/// A stage whose every key falls in its partition 0's range of key groups
-/// (so partition 0 does all its work) fills shard 0 alone, and no move can
-/// relieve it: the autoscaler splits that partition's key groups into a
-/// partition on the other shard, live, and the output stays exact.
-#[test]
-fn a_hot_partition_no_move_relieves_is_split_live_and_the_output_stays_exact() {
-    const EVENTS: u64 = 1_000_000;
+/// A job whose keyed stage has every key in its partition 0's range of key
+/// groups (so partition 0 does all its work), counting slowly; in two
+/// phases, the first keeps partials. Its rows, and the rows it must give.
+fn hot_job(two_phase: bool, events: u64) -> (Job, Rows, Vec<(u64, i64, u64)>) {
     const PARTITIONS: u32 = 4;
     let groups = dirigo_engine::dataflow::KEY_GROUPS_DEFAULT;
     // Reading key k becomes the k-th key whose group partition 0 owns.
@@ -315,38 +312,50 @@ fn a_hot_partition_no_move_relieves_is_split_live_and_the_output_stays_exact() {
             .take(readings::KEYS as usize)
             .collect(),
     );
-    let mut dataflow = engine();
     let rows: Rows = Default::default();
     let mut job = Job::new("hot", Duration::from_millis(500));
     let keys = hot_keys.clone();
     let collected = rows.clone();
-    readings::source(&mut job, EVENTS)
+    let keyed = readings::source(&mut job, events)
         .map(move |r: (u64, i64)| (keys[r.0 as usize], r.1))
-        .key_by(|r| r.0)
-        .window_aggregate(
-            "slow-count",
-            PARTITIONS,
-            WindowSpec::Tumbling { size_ms: WINDOW_MS },
-            |r| r.1,
-            |r| r.0,
-            SlowCount { spin_ns: 1_000 },
-        )
-        .sink(
-            "out",
-            2,
-            Arc::new(move |_| Box::new(Collect(collected.clone()))),
-        );
+        .key_by(|r| r.0);
+    let (spec, slow) = (
+        WindowSpec::Tumbling { size_ms: WINDOW_MS },
+        SlowCount { spin_ns: 1_000 },
+    );
+    let counted = if two_phase {
+        keyed.window_aggregate_two_phase("slow-count", PARTITIONS, spec, |r| r.1, |r| r.0, slow)
+    } else {
+        keyed.window_aggregate("slow-count", PARTITIONS, spec, |r| r.1, |r| r.0, slow)
+    };
+    counted.sink(
+        "out",
+        2,
+        Arc::new(move |_| Box::new(Collect(collected.clone()))),
+    );
+    let mut expected: Vec<_> = reference(events)
+        .into_iter()
+        .map(|(k, start, n)| (hot_keys[k as usize], start, n))
+        .collect();
+    expected.sort();
+    (job, rows, expected)
+}
+
+/// The hot partition of `hot_job` fills shard 0 alone, and no move can
+/// relieve it: the autoscaler splits that partition's key groups into a
+/// partition on the other shard, live, and the output stays exact.
+#[test]
+fn a_hot_partition_no_move_relieves_is_split_live_and_the_output_stays_exact() {
+    const EVENTS: u64 = 1_000_000;
+    let mut dataflow = engine();
+    let (job, rows, expected) = hot_job(false, EVENTS);
     let handle = dataflow.submit(job).unwrap();
     let report = dataflow.wait(&handle, Duration::from_secs(120)).unwrap();
     let decisions = dataflow.decisions();
     dataflow.shutdown();
 
-    let splits: Vec<_> = decisions
-        .iter()
-        .filter(|d| matches!(d.action, Action::Split { .. }))
-        .collect();
     assert!(
-        splits
+        decisions
             .iter()
             .any(|d| matches!(d.action, Action::Split { actor, .. }
             if actor.job == handle.id && actor.operator == 1 && actor.partition == 0)
@@ -356,11 +365,34 @@ fn a_hot_partition_no_move_relieves_is_split_live_and_the_output_stays_exact() {
     assert!(report.scale_actions >= 1);
     let mut rows = rows.lock().unwrap().clone();
     rows.sort();
-    let mut expected: Vec<_> = reference(EVENTS)
-        .into_iter()
-        .map(|(k, start, n)| (hot_keys[k as usize], start, n))
-        .collect();
-    expected.sort();
     assert_eq!(rows, expected, "exact output across the split");
+    assert_eq!(report.late_records, 0);
+}
+
+/// The same in two phases: the first keeps partials, so the autoscaler
+/// switches it to parallel mode (every batch to the partition with the least
+/// backlog) instead, live, and the merged output stays exact.
+#[test]
+fn a_hot_stage_that_keeps_partials_goes_parallel_live_and_the_output_stays_exact() {
+    const EVENTS: u64 = 1_000_000;
+    let mut dataflow = engine();
+    let (job, rows, expected) = hot_job(true, EVENTS);
+    let handle = dataflow.submit(job).unwrap();
+    let report = dataflow.wait(&handle, Duration::from_secs(120)).unwrap();
+    let decisions = dataflow.decisions();
+    dataflow.shutdown();
+
+    assert!(
+        decisions.iter().any(|d| d.action
+            == Action::Parallel {
+                job: handle.id,
+                stage: 1
+            }
+            && !d.reason.contains("not carried out")),
+        "the first phase goes parallel: {decisions:#?}"
+    );
+    let mut rows = rows.lock().unwrap().clone();
+    rows.sort();
+    assert_eq!(rows, expected, "exact output in parallel mode");
     assert_eq!(report.late_records, 0);
 }

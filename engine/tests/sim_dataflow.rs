@@ -15,7 +15,7 @@ use dirigo_engine::autoscale::{
     Action, ActorSample, AutoscaleConfig, Autoscaler, JobSample, Sample, Scale,
 };
 use dirigo_engine::dataflow::ops::{Count, MaxWithTies, WindowSpec};
-use dirigo_engine::dataflow::{DataMsg, Job, Registry, Sink, Source, SourceBatch};
+use dirigo_engine::dataflow::{DataMsg, Job, KeyedStage, Registry, Sink, Source, SourceBatch};
 use dirigo_engine::runtime::sim::{Sim, SimRng};
 use dirigo_engine::runtime::{MemoryStateStore, ShardConfig, StateStore};
 use dirigo_engine::{ActorId, JobId, ShardId};
@@ -246,7 +246,7 @@ fn sim_sample(
     shards: u16,
     seen: &mut BTreeMap<ActorId, (u64, u64)>,
     last_ns: &mut u64,
-    (slo_ns, message_ns, splittable): (u64, u64, u64),
+    (slo_ns, message_ns, [splittable, mergeable]): (u64, u64, [u64; 2]),
 ) -> Sample {
     let now = sim.now_ns();
     let shard_interval_ns = now.saturating_sub(*last_ns).max(1);
@@ -264,6 +264,7 @@ fn sim_sample(
             records_in: 0,
             ended: false,
             splittable,
+            mergeable,
         },
     );
     for shard in 0..shards {
@@ -329,6 +330,7 @@ fn run_moved(seed: u64, shards: u16, mut mover: Mover) -> (Outcome, [u64; 2]) {
     let keyed = registry.keyed_stages(JobId(1));
     let mut reroutes = 0u64;
     let (mut splits, mut before_splits) = ([0u64; 2], BTreeMap::new());
+    let mut before_parallel = BTreeMap::new();
     while !handle.is_done() {
         assert!(
             sim.step(),
@@ -341,12 +343,15 @@ fn run_moved(seed: u64, shards: u16, mut mover: Mover) -> (Outcome, [u64; 2]) {
         );
         if let Mover::Autoscaler(scaler, message_ns) = &mut mover {
             if steps.is_multiple_of(AUTOSCALE_STEPS) {
-                let splittable = registry
-                    .keyed_stages(JobId(1))
-                    .iter()
-                    .filter(|(_, parallelism)| *parallelism > 1)
-                    .fold(0, |bits, (stage, _)| bits | 1 << stage);
-                let figures = (5_000_000, *message_ns, splittable);
+                let keyed = registry.keyed_stages(JobId(1));
+                let bits = |keep: &dyn Fn(&KeyedStage) -> bool| {
+                    keyed
+                        .iter()
+                        .filter(|k| k.parallelism > 1 && keep(k))
+                        .fold(0, |bits, k| bits | 1 << k.stage)
+                };
+                let masks = [bits(&|_| true), bits(&|k| k.mergeable)];
+                let figures = (5_000_000, *message_ns, masks);
                 let sample = sim_sample(&mut sim, shards, &mut seen, &mut last_ns, figures);
                 for decision in scaler.step(&sample) {
                     let orders = match decision.action {
@@ -368,6 +373,29 @@ fn run_moved(seed: u64, shards: u16, mut mover: Mover) -> (Outcome, [u64; 2]) {
                                     orders
                                 }
                                 // Another reroute of the job is under way.
+                                Err(_) => continue,
+                            }
+                        }
+                        Action::Parallel { job, stage } => {
+                            let (before, _) = registry.routing(job, stage).expect("keyed");
+                            match registry.reroute(job, stage, Vec::new()) {
+                                Ok(orders) => {
+                                    before_parallel.insert((job, stage), before);
+                                    splits[0] += 1;
+                                    orders
+                                }
+                                Err(_) => continue,
+                            }
+                        }
+                        Action::Ordered { job, stage } => {
+                            let Some(before) = before_parallel.remove(&(job, stage)) else {
+                                continue;
+                            };
+                            match registry.reroute(job, stage, before) {
+                                Ok(orders) => {
+                                    splits[1] += 1;
+                                    orders
+                                }
                                 Err(_) => continue,
                             }
                         }
@@ -397,12 +425,18 @@ fn run_moved(seed: u64, shards: u16, mut mover: Mover) -> (Outcome, [u64; 2]) {
             }
         }
         if matches!(mover, Mover::Rerouting) && steps.is_multiple_of(REROUTE_STEPS) {
-            let (stage, parallelism) = keyed[rng.below(keyed.len() as u64) as usize];
+            let keyed_stage = keyed[rng.below(keyed.len() as u64) as usize];
+            let stage = keyed_stage.stage;
             let (owners, settled) = registry.routing(JobId(1), stage).expect("a keyed stage");
             if settled {
-                if let Some(table) =
-                    dirigo_engine::dataflow::reroute::random_change(&mut rng, &owners, parallelism)
-                {
+                let groups = dirigo_engine::dataflow::KEY_GROUPS_DEFAULT;
+                let change = dirigo_engine::dataflow::reroute::random_change(
+                    &mut rng,
+                    &owners,
+                    keyed_stage,
+                    groups,
+                );
+                if let Some(table) = change {
                     let orders = registry.reroute(JobId(1), stage, table).expect("valid");
                     reroutes += (!orders.is_empty()) as u64;
                     for (actor, order) in orders {
@@ -462,11 +496,12 @@ fn run_moved(seed: u64, shards: u16, mut mover: Mover) -> (Outcome, [u64; 2]) {
     // No reroute is left hanging: what was under way at the end completed
     // (the ends of the channels stand for their markers).
     sim.run_until_quiet(1_000_000);
-    for &(stage, _) in &keyed {
-        let (_, settled) = registry.routing(JobId(1), stage).expect("a keyed stage");
+    for k in &keyed {
+        let (_, settled) = registry.routing(JobId(1), k.stage).expect("a keyed stage");
         assert!(
             settled,
-            "seed {seed}: stage {stage}'s reroute did not complete"
+            "seed {seed}: stage {}'s reroute did not complete",
+            k.stage
         );
     }
     // Everything that ended may go now: the ended stages and sources too.
@@ -575,11 +610,12 @@ fn the_autoscaler_in_the_simulator_moves_actors_and_outputs_stay_exact() {
         }
     }
     eprintln!(
-        "24 runs: {out} moves out and {ins} in, {split} splits and {merged} merges by the \
-         autoscaler"
+        "24 runs: {out} moves out and {ins} in, {split} splits or switches to parallel mode and \
+         {merged} merges or switches back by the autoscaler"
     );
     assert!(out >= 12, "only {out} moves out by the autoscaler");
-    // A partition too busy for any shard to take is split, live.
+    // A partition too busy for any shard to take is split (or its stage,
+    // which keeps partials, switched to parallel mode), live.
     assert!(split >= 1, "no split by the autoscaler");
     assert!(ins >= 12, "only {ins} moves in by the autoscaler");
 }

@@ -36,6 +36,7 @@ impl World {
                 records_in: 0,
                 ended: false,
                 splittable: 0,
+                mergeable: 0,
             },
         );
         jobs.insert(
@@ -46,6 +47,7 @@ impl World {
                 records_in: 0,
                 ended: false,
                 splittable: 0,
+                mergeable: 0,
             },
         );
         World {
@@ -120,9 +122,38 @@ impl World {
                     let half = self.demand(from) / 2.0;
                     self.shift(from, into, half);
                 }
+                // Parallel mode: the stage's demand evens out over its
+                // partitions; back by key, partition 0 takes it all again
+                // (every key of these worlds is in its range).
+                Action::Parallel { job, stage } => {
+                    let ids: Vec<ActorId> = self.stage_actors(job, stage);
+                    let total: f64 = ids.iter().map(|&id| self.demand(id)).sum();
+                    for a in &mut self.actors {
+                        if ids.contains(&a.0) {
+                            a.2 = total / ids.len() as f64;
+                        }
+                    }
+                }
+                Action::Ordered { job, stage } => {
+                    let ids: Vec<ActorId> = self.stage_actors(job, stage);
+                    let total: f64 = ids.iter().map(|&id| self.demand(id)).sum();
+                    for a in &mut self.actors {
+                        if ids.contains(&a.0) {
+                            a.2 = if a.0.partition == 0 { total } else { 0.0 };
+                        }
+                    }
+                }
                 _ => {}
             }
         }
+    }
+
+    fn stage_actors(&self, job: JobId, stage: u32) -> Vec<ActorId> {
+        self.actors
+            .iter()
+            .map(|a| a.0)
+            .filter(|id| id.job == job && id.operator == stage)
+            .collect()
     }
 
     fn demand(&self, id: ActorId) -> f64 {
@@ -692,6 +723,7 @@ fn a_trickle_a_fixed_job_an_ended_job_and_one_never_fed_stay_up() {
         records_in,
         ended,
         splittable: 0,
+        mergeable: 0,
     };
     let (trickle, fixed, ended, never) = (JobId(1), JobId(2), JobId(3), JobId(4));
     let mut jobs = BTreeMap::new();
@@ -839,4 +871,55 @@ fn a_split_is_merged_back_lazily_once_load_falls_and_never_flaps() {
         merges[0]
     );
     assert!(world.max_load() <= 0.6, "{}", world.max_load());
+}
+
+#[test]
+fn a_hot_stage_that_keeps_partials_goes_parallel_and_back_to_ordered_lazily() {
+    let config = AutoscaleConfig {
+        scale_in_steps: 5,
+        repack_steps: 30,
+        ..AutoscaleConfig::default()
+    };
+    // Partition 0 wants 1.2 cores, partition 1 is on shard 1; the stage
+    // keeps partials.
+    let mut world = hot_partition(2, 1.2, &[1]);
+    world.jobs.get_mut(&BULK).unwrap().mergeable = 1 << 2;
+    let mut scaler = Autoscaler::new(config);
+    let mut log = Vec::new();
+    for step in 1..=200u64 {
+        if step == 20 {
+            world.set_demand(BULK, 0.1);
+        }
+        let decisions = scaler.step(&world.sample());
+        world.apply(&decisions);
+        if step == 2 {
+            assert!(world.max_load() <= 0.85, "spread: {}", world.max_load());
+        }
+        log.extend(decisions.into_iter().map(|d| (step, d)));
+    }
+    let kinds: Vec<(u64, &Action)> = log.iter().map(|(s, d)| (*s, &d.action)).collect();
+    let parallel = Action::Parallel {
+        job: BULK,
+        stage: 2,
+    };
+    let ordered = Action::Ordered {
+        job: BULK,
+        stage: 2,
+    };
+    assert_eq!(kinds.first(), Some(&(1, &parallel)), "{log:?}");
+    let back: Vec<u64> = kinds
+        .iter()
+        .filter(|(_, a)| **a == ordered)
+        .map(|(s, _)| *s)
+        .collect();
+    assert_eq!(back.len(), 1, "back to ordered once: {log:?}");
+    assert!(
+        back[0] >= 31,
+        "not before the switch is 30 steps old: {log:?}"
+    );
+    assert_eq!(
+        kinds.iter().filter(|(_, a)| **a == parallel).count(),
+        1,
+        "no flapping: {log:?}"
+    );
 }

@@ -545,22 +545,20 @@ impl<T: Data> Actor for SourceActor<T> {
     type Message = DataMsg;
 
     fn handle(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>) {
-        let message = match message {
-            DataMsg::Reroute {
+        if !matches!(message, DataMsg::Tick) {
+            if let DataMsg::Reroute {
                 stage,
                 version,
                 owners,
-            } => {
+            } = message
+            {
                 // Also once ended: the stage waits for every channel's word.
                 let key = (self.id.operator, self.id.partition);
                 let order = (stage, version, owners);
-                return reroute_out(&self.plan, key, &mut self.routing, order, ctx);
+                reroute_out(&self.plan, key, &mut self.routing, order, ctx);
             }
-            message => message,
-        };
-        let DataMsg::Tick = message else {
-            return; // sources have no inputs
-        };
+            return; // sources have no other inputs
+        }
         if self.done {
             return;
         }
@@ -884,7 +882,17 @@ trait Aligning {
     /// `message` unless its channel waits for an upstream giver (then the
     /// gate keeps it) or it is the gate's own (`Handed`, `After`: taken
     /// here).
+    #[inline]
     fn ordered(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>) -> Option<DataMsg> {
+        if self.gate().idle() && !matches!(message, DataMsg::Handed { .. } | DataMsg::After { .. })
+        {
+            return Some(message);
+        }
+        self.gate_slow(message, ctx)
+    }
+
+    #[inline(never)]
+    fn gate_slow(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>) -> Option<DataMsg> {
         match self.gate().admit(message)? {
             DataMsg::Handed {
                 input,
@@ -1046,8 +1054,9 @@ trait Aligning {
                 self.replay_step(ctx);
             }
             message
-                if (message.channel().is_some() || matches!(message, DataMsg::Handoff { .. }))
-                    && !self.aligner().replay.is_empty() =>
+                if !self.aligner().replay.is_empty()
+                    && (message.channel().is_some()
+                        || matches!(message, DataMsg::Handoff { .. })) =>
             {
                 self.aligner().replay.push_back(message);
                 self.replay_step(ctx);

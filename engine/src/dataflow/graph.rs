@@ -368,6 +368,9 @@ pub(crate) struct StagePlan {
     pub inputs: Vec<u32>,
     /// `(target stage, input)` of every consumer, in the order of `routes`.
     pub targets: Vec<(u32, u8)>,
+    /// A keyed stage whose operator keeps partials (`keeps_partials`): it
+    /// may run in parallel mode.
+    pub mergeable: bool,
     /// `Vec<Route<Out>>` for the stage's output type `Out`.
     pub routes: Box<dyn Any + Send + Sync>,
     pub activate: Activate,
@@ -427,6 +430,17 @@ impl Plan {
             .enumerate()
             .filter(|(i, s)| *i < 64 && s.kind == StageKind::Operator && s.parallelism > 1)
             .fold(0, |bits, (i, _)| bits | 1 << i)
+    }
+
+    /// `JobSample::mergeable`: splittable stages that keep partials.
+    pub(crate) fn mergeable(&self) -> u64 {
+        let kept = self
+            .stages
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| *i < 64 && s.mergeable)
+            .fold(0u64, |bits, (i, _)| bits | 1 << i);
+        kept & self.splittable()
     }
 
     /// A partition of `stage` completed its reroute to `version`.
@@ -694,6 +708,7 @@ fn add_stage<Out: Data>(
         kind,
         inputs,
         targets: Vec::new(),
+        mergeable: false,
         routes: Box::new(Vec::<Route<Out>>::new()),
         activate,
     });
@@ -770,6 +785,17 @@ fn keyed_route<T: Data>(target: (u32, u8), parallelism: u32, key: KeyFn<T>) -> R
         }
         let groups = plan.key_groups;
         let owners = match sender.owners.of(target.0) {
+            Some([]) => {
+                // Parallel mode: the whole batch to the partition with the
+                // least backlog (ties from a start that moves with time).
+                let start = (from as u64 ^ ctx.now_ns() >> 10) % parallelism as u64;
+                let p = (0..parallelism)
+                    .map(|i| (start as u32 + i) % parallelism)
+                    .min_by_key(|&p| ctx.backlog(ActorId::new(plan.id, target.0, p)))
+                    .unwrap_or(0);
+                send_records(plan, sched, ctx, target, (from, p), records.into_vec());
+                return;
+            }
             Some(owners) => owners,
             None => ranges.get_or_init(|| initial_owners(parallelism, groups).into()),
         };
@@ -967,6 +993,8 @@ impl<T: Data> KeyedStream<T> {
     ) -> Stream<Out> {
         let graph = self.stream.graph.clone();
         let inputs = vec![self.stream.upstream_parallelism()];
+        // What kind of operator the factory makes (one is made to ask).
+        let mergeable = factory(0).keeps_partials();
         let activate: Activate = Box::new(move |plan, id, saved| {
             actors::unary_actor::<T, Out>(plan, id, factory(id.partition), saved)
         });
@@ -978,6 +1006,7 @@ impl<T: Data> KeyedStream<T> {
             inputs,
             activate,
         );
+        graph.borrow_mut().stages[stage as usize].mergeable = mergeable;
         let route = keyed_route((stage, 0), parallelism, self.key.clone());
         self.stream.connect(stage, 0, route);
         Stream::of_stage(graph, stage)

@@ -157,6 +157,16 @@ impl DataMsg {
     }
 }
 
+/// A keyed stage of a job, as `Registry::keyed_stages` lists them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyedStage {
+    pub stage: u32,
+    pub parallelism: u32,
+    /// Its operator keeps partials: it may run in parallel mode (an empty
+    /// table: each batch to the partition with the least backlog).
+    pub mergeable: bool,
+}
+
 /// A reroute's orders: one to each partition that feeds its stage.
 pub type Orders = Vec<(ActorId, DataMsg)>;
 
@@ -483,9 +493,13 @@ impl Registry {
 
     /// Order a reroute of keyed stage `stage` of `job`: from now on key group
     /// `g` belongs to partition `owners[g]` (see `reroute` in the module
-    /// header). Returns the orders to deliver, one to each partition of the
-    /// stages that feed it, for whoever drives the shards; none when
-    /// `owners` is the table in force. Refused for an unknown job or stage,
+    /// header); an empty `owners` switches a stage that keeps partials to
+    /// parallel mode (each batch to the partition with the least backlog),
+    /// and a table switches it back. Returns the orders to deliver, one to
+    /// each partition of the stages that feed it, for whoever drives the
+    /// shards; none when `owners` is the table in force. Refused for an
+    /// unknown job or stage, parallel mode for a stage that keeps state by
+    /// key,
     /// a stage that is not keyed, a job that takes checkpoints (its
     /// checkpoints name each partition's groups by its contiguous range),
     /// a table of the wrong size or naming a partition the stage does not
@@ -509,7 +523,13 @@ impl Registry {
                 plan.name
             ));
         }
-        if owners.len() != plan.key_groups as usize {
+        if owners.is_empty() && !target.mergeable {
+            return Err(format!(
+                "stage {name} keeps state by key: only a stage that keeps partials runs in \
+                 parallel mode"
+            ));
+        }
+        if !owners.is_empty() && owners.len() != plan.key_groups as usize {
             return Err(format!(
                 "a table of {} owners for the job's {} key groups",
                 owners.len(),
@@ -582,15 +602,19 @@ impl Registry {
         Some((owners, settled))
     }
 
-    /// The keyed stages of a job, the ones that reroute: `(stage, parallelism)`.
-    pub fn keyed_stages(&self, job: JobId) -> Vec<(u32, u32)> {
+    /// The keyed stages of a job, the ones that reroute.
+    pub fn keyed_stages(&self, job: JobId) -> Vec<KeyedStage> {
         let plans = self.plans.read().expect("plan registry poisoned");
         plans.get(&job).map_or(Vec::new(), |plan| {
             plan.stages
                 .iter()
                 .enumerate()
                 .filter(|(_, s)| s.kind == graph::StageKind::Operator)
-                .map(|(i, s)| (i as u32, s.parallelism))
+                .map(|(i, s)| KeyedStage {
+                    stage: i as u32,
+                    parallelism: s.parallelism,
+                    mergeable: s.mergeable,
+                })
                 .collect()
         })
     }
@@ -648,6 +672,7 @@ impl Registry {
                     ended: plan.metrics.sinks_done.load(Ordering::Acquire)
                         >= plan.sink_partitions(),
                     splittable: plan.splittable(),
+                    mergeable: plan.mergeable(),
                 };
                 (id, job)
             })
@@ -916,7 +941,7 @@ impl Dataflow {
     }
 
     /// See [`Registry::keyed_stages`].
-    pub fn keyed_stages(&self, job: JobId) -> Vec<(u32, u32)> {
+    pub fn keyed_stages(&self, job: JobId) -> Vec<KeyedStage> {
         self.registry.keyed_stages(job)
     }
 

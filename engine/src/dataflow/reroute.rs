@@ -52,6 +52,15 @@
 //! two-phase aggregate's first phase not keyed by the aggregate's key)
 //! gives and takes nothing: its partials fire where they are.
 //!
+//! Such a stage may also run in *parallel mode*: its table is empty, and a
+//! feeder sends each batch whole to the partition with the least backlog
+//! as its shard sees it (`Context::backlog`: the target's mailbox here, or
+//! the messages sent it and not yet acknowledged). Any partition may then
+//! take any key; each window's partials are merged downstream, which waits
+//! for every partition's watermark, so every window stays exact. Switching
+//! to it and back is a reroute like any other (its markers are the epoch
+//! at which each feeder switches), with nothing to hand over.
+//!
 //! What it costs: nothing until a stage is rerouted; then one lookup of the
 //! sender's table per batch (a short vector). A partition holds at most
 //! what its channels deliver until its markers or handoffs come, which is
@@ -131,14 +140,28 @@ pub fn merge(owners: &[u32], from: u32, into: u32) -> Option<Vec<u32>> {
     )
 }
 
-/// A random change of `owners` for a stage of `parallelism` partitions, as
-/// tests make them: one range split, two merged, or every group to a random
-/// owner (`None` when the pick changes nothing).
+/// A random change of `stage`'s table `owners`, as tests make them: one
+/// range split, two merged, or every group to a random owner; for a stage
+/// that keeps partials, also a switch to parallel mode (an empty table) and
+/// back (`None` when the pick changes nothing).
 pub fn random_change(
     rng: &mut crate::runtime::sim::SimRng,
     owners: &[u32],
-    parallelism: u32,
+    stage: super::KeyedStage,
+    groups: u32,
 ) -> Option<Vec<u32>> {
+    let parallelism = stage.parallelism;
+    if stage.mergeable && rng.below(3) == 0 {
+        return Some(match owners.is_empty() {
+            true => (0..groups)
+                .map(|_| rng.below(parallelism as u64) as u32)
+                .collect(),
+            false => Vec::new(),
+        });
+    }
+    if owners.is_empty() {
+        return None;
+    }
     let kind = rng.below(3);
     let mut pick = || rng.below(parallelism as u64) as u32;
     match kind {

@@ -157,7 +157,7 @@ fn run(
     let mut reported_at: BTreeMap<ShardId, u64> = BTreeMap::new();
     let mut last = Instant::now();
     let mut records_before = u64::MAX;
-    let mut splits = Splits::new();
+    let mut splits = Splits::default();
     let engine = (runtime, registry);
     loop {
         let next = last + options.interval;
@@ -231,16 +231,27 @@ fn run(
         seen.retain(|_, s| s.step + SEEN_STEPS_KEPT > step);
         let step_decisions = model.step(&sample);
         starts.lock().expect("starts poisoned").loads = model.loads().to_vec();
-        splits.retain(|(actor, _), _| sample.jobs.contains_key(&actor.job));
+        splits
+            .split
+            .retain(|(actor, _), _| sample.jobs.contains_key(&actor.job));
+        splits
+            .parallel
+            .retain(|(job, _), _| sample.jobs.contains_key(job));
         for decision in step_decisions {
             carry_out(decision, engine, &mut splits, &options, decisions);
         }
     }
 }
 
-/// The tables before the splits in force, by `(split actor, partition that
-/// took half)`: what a merge goes back to.
-type Splits = BTreeMap<(ActorId, u32), Vec<u32>>;
+/// The tables before the splits and switches to parallel mode in force:
+/// what a merge or a switch back goes back to.
+#[derive(Default)]
+struct Splits {
+    /// By `(split actor, partition that took half)`.
+    split: BTreeMap<(ActorId, u32), Vec<u32>>,
+    /// By `(job, stage)`.
+    parallel: BTreeMap<(crate::ids::JobId, u32), Vec<u32>>,
+}
 
 /// Act on one decision, count it for its job (an action that scales it and
 /// was carried out) and keep it in the log (one that could not be carried
@@ -266,11 +277,25 @@ fn carry_out(
             registry
                 .split(actor, into.partition)
                 .map(|(before, orders)| {
-                    splits.insert((actor, into.partition), before);
+                    splits.split.insert((actor, into.partition), before);
                     super::deliver_orders(runtime, actor.job, orders);
                 })
         }
-        Action::Merge { into, from } => match splits.remove(&(into, from.partition)) {
+        Action::Parallel { job, stage } => match registry.routing(job, stage) {
+            Some((before, true)) => registry.reroute(job, stage, Vec::new()).map(|orders| {
+                splits.parallel.insert((job, stage), before);
+                super::deliver_orders(runtime, job, orders);
+            }),
+            Some((_, false)) => Err("another reroute of the job is under way".to_string()),
+            None => Err("no such job or stage".to_string()),
+        },
+        Action::Ordered { job, stage } => match splits.parallel.remove(&(job, stage)) {
+            Some(before) => registry
+                .reroute(job, stage, before)
+                .map(|orders| super::deliver_orders(runtime, job, orders)),
+            None => Err("its switch to parallel mode was not carried out".to_string()),
+        },
+        Action::Merge { into, from } => match splits.split.remove(&(into, from.partition)) {
             Some(before) => registry
                 .merge(into, from.partition, &before)
                 .map(|orders| super::deliver_orders(runtime, into.job, orders)),

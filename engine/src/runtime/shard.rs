@@ -869,6 +869,17 @@ impl<M: Send + 'static> ShardCore<M> {
                 } else if env.credit_shard == SELF_SEND {
                     slot.self_pending -= 1;
                 }
+                let (directory, credits) = (&self.directory, &self.credits);
+                let (index, slots, here) = (&self.index, &self.slots, self.id);
+                let backlog = |to: ActorId| -> u32 {
+                    if directory.lookup(to).shard != here {
+                        return credits.get(to).copied().unwrap_or(0);
+                    }
+                    index
+                        .get(&to)
+                        .and_then(|&i| slots[i as usize].as_ref())
+                        .map_or(0, |t| (t.mailbox.len() + t.early) as u32)
+                };
                 let mut ctx = Context {
                     me: slot.id,
                     shard: self.id,
@@ -876,6 +887,7 @@ impl<M: Send + 'static> ShardCore<M> {
                     clock: &self.clock,
                     sched: env.sched,
                     out: &mut out,
+                    backlog: &backlog,
                 };
                 in_handler = true;
                 actor.handle(env.message, &mut ctx);

@@ -51,6 +51,12 @@ impl<V: Default> SmallMap<V> {
         Some(&mut self.entries[position].1)
     }
 
+    /// The value of `key`, read only (the last-hit hint is not moved).
+    #[inline]
+    pub fn get(&self, key: ActorId) -> Option<&V> {
+        self.position(key).map(|p| &self.entries[p].1)
+    }
+
     #[inline]
     fn position(&self, key: ActorId) -> Option<usize> {
         if self.entries.get(self.last).is_some_and(|(k, _)| *k == key) {
