@@ -1263,6 +1263,9 @@ struct Rescale {
     gave: bool,
     /// Partitions whose handoff is still to come.
     awaiting: Vec<u32>,
+    /// Handoffs that came before this partition gave its own groups: taken
+    /// right after it gave.
+    early: Vec<(u32, EncodedGroups)>,
     /// What came on channels already rerouted while a handoff was awaited
     /// (records of the groups it takes among them), in arrival order.
     held: Vec<DataMsg>,
@@ -1396,6 +1399,7 @@ impl<Out: Data, Op: StageOp<Out>> StageActor<Out, Op> {
                 gives,
                 gave: false,
                 awaiting,
+                early: Vec::new(),
                 held: Vec::new(),
             });
         }
@@ -1425,6 +1429,10 @@ impl<Out: Data, Op: StageOp<Out>> StageActor<Out, Op> {
             });
         if rerouted && !rescale.gave {
             self.give(ctx);
+            let early = std::mem::take(&mut self.rescale.as_mut().expect("under way").early);
+            for (from, groups) in early {
+                self.take(from, groups, ctx);
+            }
         }
         let rescale = self.rescale.as_mut().expect("under way");
         let mut released = Vec::new();
@@ -1669,9 +1677,15 @@ impl<Out: Data, Op: StageOp<Out>> Aligning for StageActor<Out, Op> {
                 owners,
                 groups,
             } => {
-                if self.rescale(version, &owners).is_some() {
-                    self.take(from, groups, ctx);
-                    self.rescale_progress(ctx);
+                if let Some(rescale) = self.rescale(version, &owners) {
+                    if rescale.gives && !rescale.gave {
+                        // It gives first: its `Handed` goes out before any
+                        // `After`, so no two consumers' waits close a cycle.
+                        rescale.early.push((from, groups));
+                    } else {
+                        self.take(from, groups, ctx);
+                        self.rescale_progress(ctx);
+                    }
                 }
             }
             DataMsg::Fire => {

@@ -27,7 +27,9 @@
 //! 3. A partition that takes groups holds what comes after each marker
 //!    until every handoff it expects came; then it restores the groups,
 //!    says `After` on its output channels, and handles what it held, in
-//!    order. What comes before a marker is routed by the old table and
+//!    order. A partition that also gives takes nothing before it gave, so
+//!    on every channel a partition's `Handed` comes before its `After`:
+//!    a consumer's waits (below) never form a cycle. What comes before a marker is routed by the old table and
 //!    holds none of its new groups, so it is handled at once; its
 //!    watermark is then no later than the giver's, so nothing in the groups
 //!    it takes is overdue.
