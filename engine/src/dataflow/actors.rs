@@ -1980,3 +1980,52 @@ impl<T: Data> Actor for SinkActor<T> {
         Some(encode_state(&saved))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn records(from: u32, n: u64) -> DataMsg {
+        DataMsg::Records {
+            input: 0,
+            from,
+            batch: Batch::new(vec![n]),
+        }
+    }
+
+    /// `(from, value)` of a record batch of one `u64`.
+    fn value(message: DataMsg) -> (u32, u64) {
+        match message {
+            DataMsg::Records { from, batch, .. } => (from, batch.into_vec::<u64>()[0]),
+            _ => panic!("not records"),
+        }
+    }
+
+    #[test]
+    fn a_channel_after_an_after_waits_for_the_givers_handed_and_keeps_its_order() {
+        // Three upstream partitions on one input; 2 took groups from 0.
+        let mut gate = Gate::new(&[3], &None);
+        assert_eq!(
+            gate.admit(records(2, 1)).map(value),
+            Some((2, 1)),
+            "no wait yet"
+        );
+        gate.after((0, 2), 0, 1);
+        assert!(!gate.idle());
+        assert!(gate.admit(records(2, 2)).is_none(), "held behind its After");
+        assert!(gate.admit(records(2, 3)).is_none());
+        // Other channels flow, the giver's included.
+        assert!(gate.admit(records(1, 4)).is_some());
+        assert!(gate.admit(records(0, 5)).is_some());
+        // A Handed of an older reroute releases nothing.
+        assert!(gate.handed((0, 0), 0).is_empty());
+        let released: Vec<_> = gate.handed((0, 0), 1).into_iter().map(value).collect();
+        assert_eq!(released, [(2, 2), (2, 3)], "in the order they came");
+        assert!(gate.idle());
+        // The giver's Handed came first this time: no wait at all.
+        gate.handed((0, 1), 2);
+        gate.after((0, 2), 1, 2);
+        assert!(gate.idle());
+        assert!(gate.admit(records(2, 6)).is_some());
+    }
+}
