@@ -248,7 +248,8 @@ fn every_query_matches_the_reference_while_key_groups_reroute() {
                     config: config.clone(),
                     events: events_n,
                 };
-                submit_with(&mut dataflow, q, source, Some(100_000), 1)
+                // Paced to run about 0.8 s, to be rerouted many times.
+                submit_with(&mut dataflow, q, source, Some(50_000), 1)
             })
             .collect();
         let stages: Vec<_> = submitted
@@ -289,13 +290,12 @@ fn every_query_matches_the_reference_while_key_groups_reroute() {
             }
             std::thread::sleep(Duration::from_micros(200));
         }
-        assert!(reroutes > 100, "seed {seed}: only {reroutes} reroutes");
-        // Only q7's first phase keeps partials: about 1 reroute in 40 is a
-        // switch to parallel mode (10 to 30 a run here, fewer under load).
-        assert!(
-            parallel >= 3,
-            "seed {seed}: only {parallel} switches to parallel mode"
-        );
+        // How many reroutes fit in the run depends on the machine's load
+        // (each waits for the last to complete): 500 to 1,000 on a quiet
+        // 2-core machine, about 1 in 40 a switch to parallel mode (only
+        // q7's first phase keeps partials); the bounds only say it happened.
+        assert!(reroutes >= 30, "seed {seed}: only {reroutes} reroutes");
+        assert!(parallel >= 1, "seed {seed}: no switch to parallel mode");
         check(
             submitted,
             &input,
