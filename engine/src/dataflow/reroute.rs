@@ -64,10 +64,11 @@
 //! at which each feeder switches), with nothing to hand over.
 //!
 //! What it costs: nothing until a stage is rerouted; then one lookup of the
-//! sender's table per batch (a short vector). A partition holds at most
-//! what its channels deliver until its markers or handoffs come, which is
-//! as long as the slowest sender or giver takes to reach them (backlogs that
-//! credits bound), as a checkpoint's alignment does. A job that takes
+//! sender's table per batch (a short vector). A partition holds what its
+//! channels deliver until its markers or handoffs come, which is as long as
+//! the slowest sender or giver takes to reach them (backlogs that credits
+//! bound); unlike a checkpoint's alignment there is no cap to give up at,
+//! since the feeders have switched already. A job that takes
 //! checkpoints is not rerouted: its checkpoints name each partition's
 //! groups by the contiguous ranges.
 
