@@ -1049,7 +1049,8 @@ impl Autoscaler {
         if step < at + self.config.repack_steps {
             return None;
         }
-        let busy = |id: &ActorId| self.cooling.contains_key(id) || self.splitting.contains_key(id);
+        let resting =
+            |id: &ActorId| self.cooling.contains_key(id) || self.splitting.contains_key(id);
         let decision = match spread {
             Spread::Split(split, took) => {
                 let find = |id: ActorId| measured.iter().find(|m| m.id == id);
@@ -1061,7 +1062,7 @@ impl Autoscaler {
                     } else {
                         from.busy
                     };
-                if busy(&split) || busy(&took) || after > self.config.packed_load {
+                if resting(&split) || resting(&took) || after > self.config.packed_load {
                     return None;
                 }
                 let until = step + self.config.cooldown_steps;
@@ -1095,7 +1096,7 @@ impl Autoscaler {
                     .filter(|m| (m.id.job, m.id.operator) == (job, stage))
                     .collect();
                 let total: f64 = actors.iter().map(|m| m.busy).sum();
-                if actors.iter().any(|m| busy(&m.id)) || total > self.config.packed_load {
+                if actors.iter().any(|m| resting(&m.id)) || total > self.config.packed_load {
                     return None;
                 }
                 Decision {

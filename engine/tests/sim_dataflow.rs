@@ -15,7 +15,7 @@ use dirigo_engine::autoscale::{
     Action, ActorSample, AutoscaleConfig, Autoscaler, JobSample, Sample, Scale,
 };
 use dirigo_engine::dataflow::ops::{Count, MaxWithTies, WindowSpec};
-use dirigo_engine::dataflow::{DataMsg, Job, KeyedStage, Registry, Sink, Source, SourceBatch};
+use dirigo_engine::dataflow::{DataMsg, Job, Registry, Sink, Source, SourceBatch};
 use dirigo_engine::runtime::sim::{Sim, SimRng};
 use dirigo_engine::runtime::{MemoryStateStore, ShardConfig, StateStore};
 use dirigo_engine::{ActorId, JobId, ShardId};
@@ -343,14 +343,8 @@ fn run_moved(seed: u64, shards: u16, mut mover: Mover) -> (Outcome, [u64; 2]) {
         );
         if let Mover::Autoscaler(scaler, message_ns) = &mut mover {
             if steps.is_multiple_of(AUTOSCALE_STEPS) {
-                let keyed = registry.keyed_stages(JobId(1));
-                let bits = |keep: &dyn Fn(&KeyedStage) -> bool| {
-                    keyed
-                        .iter()
-                        .filter(|k| k.parallelism > 1 && keep(k))
-                        .fold(0, |bits, k| bits | 1 << k.stage)
-                };
-                let masks = [bits(&|_| true), bits(&|k| k.mergeable)];
+                let view = registry.scaling_view()[&JobId(1)];
+                let masks = [view.splittable, view.mergeable];
                 let figures = (5_000_000, *message_ns, masks);
                 let sample = sim_sample(&mut sim, shards, &mut seen, &mut last_ns, figures);
                 for decision in scaler.step(&sample) {

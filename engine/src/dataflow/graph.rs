@@ -425,22 +425,41 @@ impl Plan {
         if self.checkpointer.is_some() {
             return 0;
         }
-        self.stages
-            .iter()
-            .enumerate()
-            .filter(|(i, s)| *i < 64 && s.kind == StageKind::Operator && s.parallelism > 1)
-            .fold(0, |bits, (i, _)| bits | 1 << i)
+        self.stage_bits(|s| s.kind == StageKind::Operator && s.parallelism > 1)
     }
 
     /// `JobSample::mergeable`: splittable stages that keep partials.
     pub(crate) fn mergeable(&self) -> u64 {
-        let kept = self
-            .stages
+        self.stage_bits(|s| s.mergeable) & self.splittable()
+    }
+
+    /// Bit `i` set for each of the first 64 stages that passes `keep`.
+    fn stage_bits(&self, keep: impl Fn(&StagePlan) -> bool) -> u64 {
+        self.stages
             .iter()
+            .take(64)
             .enumerate()
-            .filter(|(i, s)| *i < 64 && s.mergeable)
-            .fold(0u64, |bits, (i, _)| bits | 1 << i);
-        kept & self.splittable()
+            .filter(|(_, s)| keep(s))
+            .fold(0, |bits, (i, _)| bits | 1 << i)
+    }
+
+    /// The table `stage` is routed by: the newest ordered, or its
+    /// contiguous ranges if it was never rerouted.
+    pub(crate) fn table(&self, stage: u32) -> Arc<[u32]> {
+        let (_, owners, _) = self.reroutes[stage as usize].get();
+        owners.unwrap_or_else(|| {
+            let parallelism = self.stages[stage as usize].parallelism;
+            initial_owners(parallelism, self.key_groups).into()
+        })
+    }
+
+    /// A stage whose reroute is under way: `(stage, version, partitions
+    /// done)`; `None` when every partition completed its last.
+    pub(crate) fn rerouting(&self) -> Option<(u32, u64, u32)> {
+        self.stages.iter().enumerate().find_map(|(i, s)| {
+            let (version, _, done) = self.reroutes[i].get();
+            (version > 0 && done < s.parallelism).then_some((i as u32, version, done))
+        })
     }
 
     /// A partition of `stage` completed its reroute to `version`.

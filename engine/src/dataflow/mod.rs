@@ -545,20 +545,16 @@ impl Registry {
         // One reroute of a job at a time: a consumer that orders rows
         // across an upstream reroute (`Handed`, `After`) and holds what
         // follows its own markers could otherwise wait on itself.
-        for (i, other) in plan.stages.iter().enumerate() {
-            let (version, _, done) = plan.reroutes[i].get();
-            if version > 0 && done < other.parallelism {
-                return Err(format!(
-                    "stage {}'s reroute {version} is under way ({done} of {} partitions)",
-                    other.name, other.parallelism
-                ));
-            }
+        if let Some((other, version, done)) = plan.rerouting() {
+            let other = &plan.stages[other as usize];
+            return Err(format!(
+                "stage {}'s reroute {version} is under way ({done} of {} partitions)",
+                other.name, other.parallelism
+            ));
         }
         let slot = &plan.reroutes[stage as usize];
-        let (version, current, _) = slot.get();
-        let current = current
-            .unwrap_or_else(|| graph::initial_owners(target.parallelism, plan.key_groups).into());
-        if current[..] == owners[..] {
+        let (version, _, _) = slot.get();
+        if plan.table(stage)[..] == owners[..] {
             return Ok(Vec::new());
         }
         let version = version + 1;
@@ -589,17 +585,8 @@ impl Registry {
     pub fn routing(&self, job: JobId, stage: u32) -> Option<(Vec<u32>, bool)> {
         let plans = self.plans.read().expect("plan registry poisoned");
         let plan = plans.get(&job)?;
-        let target = plan.stages.get(stage as usize)?;
-        let (_, owners, _) = plan.reroutes[stage as usize].get();
-        let owners = match owners {
-            Some(owners) => owners.to_vec(),
-            None => graph::initial_owners(target.parallelism, plan.key_groups),
-        };
-        let settled = plan.stages.iter().enumerate().all(|(i, s)| {
-            let (version, _, done) = plan.reroutes[i].get();
-            version == 0 || done >= s.parallelism
-        });
-        Some((owners, settled))
+        plan.stages.get(stage as usize)?;
+        Some((plan.table(stage).to_vec(), plan.rerouting().is_none()))
     }
 
     /// The keyed stages of a job, the ones that reroute.
