@@ -316,6 +316,177 @@ fn every_query_matches_the_reference_while_key_groups_reroute() {
     }
 }
 
+/// Reroute one random keyed stage of `stages` (a random change: split,
+/// merge, scatter, parallel mode and back), and with several shards maybe
+/// migrate one of `actors`. Whether a reroute was ordered, and whether it
+/// was a switch to parallel mode; a refusal because a checkpoint is under
+/// way orders none.
+fn reroute_at_random(
+    dataflow: &Dataflow,
+    rng: &mut dirigo_engine::runtime::sim::SimRng,
+    stages: &[(dirigo_engine::JobId, dirigo_engine::dataflow::KeyedStage)],
+    actors: &[dirigo_engine::ActorId],
+) -> (bool, bool) {
+    let shards = dataflow.shards();
+    if shards > 1 && !actors.is_empty() && rng.below(4) == 0 {
+        let actor = actors[rng.below(actors.len() as u64) as usize];
+        dataflow.migrate(actor, ShardId(rng.below(shards as u64) as u16));
+    }
+    if stages.is_empty() {
+        return (false, false);
+    }
+    let (job, keyed) = stages[rng.below(stages.len() as u64) as usize];
+    let Some((owners, true)) = dataflow.routing(job, keyed.stage) else {
+        return (false, false);
+    };
+    let groups = dirigo_engine::dataflow::KEY_GROUPS_DEFAULT;
+    let change = dirigo_engine::dataflow::reroute::random_change(rng, &owners, keyed, groups);
+    let Some(table) = change.filter(|t| *t != owners) else {
+        return (false, false);
+    };
+    let parallel = table.is_empty();
+    match dataflow.reroute(job, keyed.stage, table) {
+        Ok(()) => (true, parallel),
+        Err(e) if e.contains("checkpoint") => (false, false),
+        Err(e) => panic!("a valid reroute refused: {e}"),
+    }
+}
+
+/// Every query as a job that takes checkpoints (every 20 ms) into its own
+/// data directory, its rows staged there and appended to its file when
+/// their checkpoint commits, while key groups reroute at random (parallel
+/// mode included) and actors migrate. The engine is stopped twice after a
+/// few checkpoints and every job resumed from its directory, rerouting on:
+/// each file ends with exactly the reference's rows.
+#[test]
+fn every_query_resumes_exactly_after_stops_while_key_groups_reroute() {
+    use dirigo_engine::dataflow::checkpoint::{CheckpointOptions, StagedOutput};
+    use dirigo_nexmark::queries::StagedLines;
+    for (shards, seed) in [(1usize, 12u64), (2, 13)] {
+        let events_n = 40_000;
+        let (config, input) = generated(seed, events_n);
+        let dir = std::env::temp_dir().join(format!(
+            "dirigo-queries-{}-resume-{shards}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut rng = dirigo_engine::runtime::sim::SimRng::new(seed);
+        let (mut reroutes, mut parallel, mut resumed) = (0u64, 0u64, 0u64);
+        for round in 0..3 {
+            let mut dataflow = engine(shards);
+            let mut handles = Vec::new();
+            for query in QUERIES {
+                let data = dir.join(format!("{query}-data"));
+                let path = dir.join(format!("{query}.jsonl"));
+                let staged_in = data.clone();
+                let factory: dirigo_nexmark::queries::LineWriterFactory =
+                    Arc::new(move |partition| {
+                        let staged = StagedOutput::new(
+                            &staged_in,
+                            path.clone(),
+                            &format!("sink-{partition}"),
+                        )
+                        .expect("staging directory");
+                        Box::new(StagedLines(staged))
+                    });
+                let options = QueryOptions {
+                    source: EventSource::Generator {
+                        config: config.clone(),
+                        events: events_n,
+                    },
+                    source_parallelism: shards as u32,
+                    parallelism: 2 * shards as u32 + 1,
+                    slo: Duration::from_millis(50),
+                    pace: Some(dirigo_engine::dataflow::RateSchedule::constant(50_000)),
+                    output: Output::JsonLines(factory),
+                    sink_parallelism: 1,
+                };
+                let mut job = build(query, &options).expect("query builds");
+                job.checkpoints(CheckpointOptions::new(&data, Duration::from_millis(20)));
+                match dataflow.submit(job) {
+                    Ok(handle) => {
+                        let restored = handle.checkpoint_stats().and_then(|s| s.restored_epoch);
+                        resumed += restored.is_some() as u64;
+                        handles.push(handle);
+                    }
+                    Err(e) if round > 0 && e.contains("already finished") => {}
+                    Err(e) => panic!("{query} round {round}: {e}"),
+                }
+            }
+            let stages: Vec<_> = handles
+                .iter()
+                .flat_map(|h| {
+                    let job = h.id;
+                    dataflow
+                        .keyed_stages(job)
+                        .into_iter()
+                        .map(move |k| (job, k))
+                })
+                .collect();
+            let actors: Vec<_> = handles.iter().flat_map(|h| dataflow.actors(h.id)).collect();
+            let started = std::time::Instant::now();
+            loop {
+                assert!(
+                    started.elapsed() < Duration::from_secs(120),
+                    "round {round} hangs"
+                );
+                let running: Vec<_> = handles.iter().filter(|h| !h.is_done()).collect();
+                if running.is_empty() {
+                    break;
+                }
+                // Stop the first two rounds once every job still running
+                // committed three checkpoints in this one.
+                let committed = running
+                    .iter()
+                    .all(|h| h.checkpoint_stats().is_some_and(|s| s.completed >= 3));
+                if round < 2 && committed {
+                    break;
+                }
+                let (ordered, to_parallel) =
+                    reroute_at_random(&dataflow, &mut rng, &stages, &actors);
+                reroutes += ordered as u64;
+                parallel += to_parallel as u64;
+                std::thread::sleep(Duration::from_micros(300));
+            }
+            if round == 2 {
+                for handle in &handles {
+                    handle
+                        .wait(Duration::from_secs(1))
+                        .unwrap_or_else(|e| panic!("{}: {e}", handle.name));
+                }
+            }
+            dataflow.shutdown();
+        }
+        let context = format!(
+            "seed {seed} on {shards} shards ({reroutes} reroutes, {parallel} to parallel mode, \
+             {resumed} resumed jobs)"
+        );
+        eprintln!("{context}");
+        assert!(reroutes >= 30, "{context}: too few reroutes");
+        assert!(
+            resumed >= 8,
+            "{context}: few jobs were stopped before their end"
+        );
+        for query in QUERIES {
+            let text =
+                std::fs::read_to_string(dir.join(format!("{query}.jsonl"))).unwrap_or_default();
+            let rows: Vec<Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("a JSON row"))
+                .collect();
+            let expected = reference::query(query, &input);
+            let actual = comparable(query, &rows);
+            let outcome =
+                std::panic::catch_unwind(|| reference::assert_same_rows(&expected, &actual));
+            if let Err(e) = outcome {
+                let message = e.downcast_ref::<String>().cloned().unwrap_or_default();
+                panic!("{context} {query}: {message}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 #[test]
 fn a_malformed_line_fails_the_job_with_its_line_number() {
     let text = "{\"type\":\"person\",\"id\":1000,\"name\":\"a\",\"email_address\":\"b\",\"credit_card\":\"c\",\"city\":\"d\",\"state\":\"OR\",\"date_time\":1,\"extra\":\"\"}\n{\"type\":\"bid\",\"auction\":1000}\n";

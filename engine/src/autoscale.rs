@@ -201,7 +201,7 @@ pub struct JobSample {
     /// Every sink has seen the end of input: the job is about to be retired.
     pub ended: bool,
     /// Bit `s` set: stage `s` is keyed with several partitions and may be
-    /// rerouted (a job that takes checkpoints keeps its ranges: none).
+    /// rerouted.
     pub splittable: u64,
     /// Bit `s` set: stage `s` is splittable and keeps partials, so it may
     /// run in parallel mode.
@@ -286,6 +286,17 @@ impl Action {
             }
             Action::NeedsParallelism { .. } | Action::Wake { .. } => None,
         }
+    }
+
+    /// Whether carrying it out reroutes a stage's key groups.
+    pub fn reroutes(&self) -> bool {
+        matches!(
+            self,
+            Action::Split { .. }
+                | Action::Merge { .. }
+                | Action::Parallel { .. }
+                | Action::Ordered { .. }
+        )
     }
 }
 

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dirigo_engine::autoscale::{Action, Scale};
+use dirigo_engine::dataflow::checkpoint::CheckpointOptions;
 use dirigo_engine::dataflow::ops::{Count, WindowSpec};
 use dirigo_engine::dataflow::pace::{RateSchedule, RateStep};
 use dirigo_engine::dataflow::{AutoscaleOptions, Dataflow, DataflowConfig, Job};
@@ -343,30 +344,50 @@ fn hot_job(two_phase: bool, events: u64) -> (Job, Rows, Vec<(u64, i64, u64)>) {
 
 /// The hot partition of `hot_job` fills shard 0 alone, and no move can
 /// relieve it: the autoscaler splits that partition's key groups into a
-/// partition on the other shard, live, and the output stays exact.
+/// partition on the other shard, live, and the output stays exact; also
+/// when the job takes checkpoints (every 20 ms: splits and checkpoints take
+/// turns).
 #[test]
 fn a_hot_partition_no_move_relieves_is_split_live_and_the_output_stays_exact() {
     const EVENTS: u64 = 1_000_000;
-    let mut dataflow = engine();
-    let (job, rows, expected) = hot_job(false, EVENTS);
-    let handle = dataflow.submit(job).unwrap();
-    let report = dataflow.wait(&handle, Duration::from_secs(120)).unwrap();
-    let decisions = dataflow.decisions();
-    dataflow.shutdown();
+    for checkpointed in [false, true] {
+        let mut dataflow = engine();
+        let (mut job, rows, expected) = hot_job(false, EVENTS);
+        let dir = std::env::temp_dir().join(format!("dirigo-hot-split-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        if checkpointed {
+            job.checkpoints(CheckpointOptions::new(&dir, Duration::from_millis(20)));
+        }
+        let handle = dataflow.submit(job).unwrap();
+        let report = dataflow.wait(&handle, Duration::from_secs(120)).unwrap();
+        let stats = handle.checkpoint_stats();
+        let decisions = dataflow.decisions();
+        dataflow.shutdown();
+        let _ = std::fs::remove_dir_all(&dir);
 
-    assert!(
-        decisions
-            .iter()
-            .any(|d| matches!(d.action, Action::Split { actor, .. }
-            if actor.job == handle.id && actor.operator == 1 && actor.partition == 0)
-                && !d.reason.contains("not carried out")),
-        "partition 0 of the slow count is split: {decisions:#?}"
-    );
-    assert!(report.scale_actions >= 1);
-    let mut rows = rows.lock().unwrap().clone();
-    rows.sort();
-    assert_eq!(rows, expected, "exact output across the split");
-    assert_eq!(report.late_records, 0);
+        let what = if checkpointed { "with checkpoints" } else { "" };
+        assert!(
+            decisions
+                .iter()
+                .any(|d| matches!(d.action, Action::Split { actor, .. }
+                if actor.job == handle.id && actor.operator == 1 && actor.partition == 0)
+                    && !d.reason.contains("not carried out")),
+            "partition 0 of the slow count is split {what}: {decisions:#?}"
+        );
+        if let Some(stats) = stats {
+            eprintln!(
+                "{} checkpoints, {} failed, last error {:?}",
+                stats.completed, stats.failed, stats.last_error
+            );
+            assert!(stats.completed >= 3, "checkpoints were taken");
+            assert_eq!(stats.failed, 0, "{:?}", stats.last_error);
+        }
+        assert!(report.scale_actions >= 1);
+        let mut rows = rows.lock().unwrap().clone();
+        rows.sort();
+        assert_eq!(rows, expected, "exact output across the split {what}");
+        assert_eq!(report.late_records, 0);
+    }
 }
 
 /// The same in two phases: the first keeps partials, so the autoscaler

@@ -1,7 +1,8 @@
 //! Checkpoints of a real (threaded) engine, checked exactly against a plain
 //! reference: a job stopped after some checkpoints and resumed from its data
 //! directory writes exactly the rows of an uninterrupted run (as a multiset),
-//! over several stop points and shard counts, also while its actors migrate;
+//! over several stop points and shard counts, also while its actors migrate
+//! and its key groups reroute;
 //! a corrupt or truncated manifest, snapshot chunk or staged output file is
 //! detected and the one checkpoint before is used; a full disk fails
 //! checkpoints and the job runs on. The count stage fires each window over
@@ -19,7 +20,11 @@ use dirigo_engine::dataflow::checkpoint::{
     self, CheckpointOptions, CheckpointStats, Faults, Sealed, StagedOutput,
 };
 use dirigo_engine::dataflow::ops::{Aggregate, Count, Window, WindowAggregate, WindowSpec};
-use dirigo_engine::dataflow::{Dataflow, DataflowConfig, Job, Sink, Source, SourceBatch};
+use dirigo_engine::dataflow::reroute::random_change;
+use dirigo_engine::dataflow::{
+    Dataflow, DataflowConfig, Job, Sink, Source, SourceBatch, KEY_GROUPS_DEFAULT,
+};
+use dirigo_engine::runtime::sim::SimRng;
 use dirigo_engine::ShardId;
 
 const EVENTS: u64 = 120_000;
@@ -247,19 +252,40 @@ enum Until {
     End,
 }
 
-/// Run the job (paced at `rate` records/s) on `shards` until `until`; with `migrate`, a thread moves its
-/// actors between shards all along. Returns the run's checkpoint stats.
+/// What moves while a run goes on.
+#[derive(Clone)]
+enum Moves {
+    None,
+    /// A thread moves the job's actors between shards all along.
+    Migrate,
+    /// And reroutes the count stage's key groups at random (ranges split,
+    /// merged, scattered): counts the reroutes carried out and those refused
+    /// because a checkpoint was under way.
+    MigrateAndReroute(Arc<Reroutes>),
+}
+
+#[derive(Default)]
+struct Reroutes {
+    done: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// Run the job (paced at `rate` records/s) on `shards` until `until`, with
+/// `moves` going on. Returns the run's checkpoint stats.
 fn run(
     rate: u64,
     shards: usize,
     data: &Path,
     output: &Path,
     until: Until,
-    migrate: bool,
+    moves: Moves,
     faults: Faults,
 ) -> Result<CheckpointStats, String> {
     // Slower with migrations, so that checkpoints commit before the end.
-    let rate = if migrate { rate.min(60_000) } else { rate };
+    let rate = match moves {
+        Moves::None => rate,
+        _ => rate.min(60_000),
+    };
     let mut config = DataflowConfig::default();
     config.runtime.shards = shards;
     config.runtime.oversubscribe = true;
@@ -267,17 +293,37 @@ fn run(
     let handle = dataflow.submit(job(data, output, faults, rate))?;
     let dataflow = Arc::new(dataflow);
     let stop = Arc::new(AtomicBool::new(false));
-    let mover = migrate.then(|| {
-        let (dataflow, stop) = (dataflow.clone(), stop.clone());
-        let actors = dataflow.actors(handle.id);
+    let mover = (!matches!(moves, Moves::None)).then(|| {
+        let (dataflow, stop, job) = (dataflow.clone(), stop.clone(), handle.id);
+        let actors = dataflow.actors(job);
+        let keyed = dataflow.keyed_stages(job);
         std::thread::spawn(move || {
-            let mut n = 0u64;
+            let mut rng = SimRng::new(shards as u64);
+            // Records flow by the tables a resumed job restored before the
+            // first new reroute reaches its sources.
+            std::thread::sleep(Duration::from_millis(20));
             while !stop.load(Ordering::Relaxed) {
-                n = n
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let actor = actors[(n >> 33) as usize % actors.len()];
-                dataflow.migrate(actor, ShardId(((n >> 17) % shards as u64) as u16));
+                let actor = actors[rng.below(actors.len() as u64) as usize];
+                dataflow.migrate(actor, ShardId(rng.below(shards as u64) as u16));
+                if let Moves::MigrateAndReroute(reroutes) = &moves {
+                    let stage = keyed[rng.below(keyed.len() as u64) as usize];
+                    let change = match dataflow.routing(job, stage.stage) {
+                        Some((owners, true)) => {
+                            random_change(&mut rng, &owners, stage, KEY_GROUPS_DEFAULT)
+                                .filter(|table| *table != owners)
+                        }
+                        _ => None,
+                    };
+                    if let Some(table) = change {
+                        match dataflow.reroute(job, stage.stage, table) {
+                            Ok(()) => reroutes.done.fetch_add(1, Ordering::Relaxed),
+                            Err(e) => {
+                                assert!(e.contains("checkpoint"), "{e}");
+                                reroutes.refused.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                }
                 std::thread::sleep(Duration::from_micros(500));
             }
         })
@@ -322,7 +368,7 @@ fn a_stopped_job_resumes_to_exactly_the_uninterrupted_output() {
                 &data,
                 &output,
                 Until::Checkpoints(stop_after),
-                false,
+                Moves::None,
                 Faults::default(),
             )
             .unwrap();
@@ -348,7 +394,7 @@ fn a_stopped_job_resumes_to_exactly_the_uninterrupted_output() {
                 &data,
                 &output,
                 Until::End,
-                false,
+                Moves::None,
                 Faults::default(),
             )
             .unwrap();
@@ -368,7 +414,7 @@ fn a_stopped_job_resumes_to_exactly_the_uninterrupted_output() {
                 &data,
                 &output,
                 Until::End,
-                false,
+                Moves::None,
                 Faults::default(),
             );
             let error = again.err().expect("a finished run does not start again");
@@ -442,7 +488,7 @@ fn checkpoints_taken_while_actors_migrate_restore_exactly() {
             &data,
             &output,
             Until::Checkpoints(4),
-            true,
+            Moves::Migrate,
             Faults::default(),
         )
         .unwrap();
@@ -461,10 +507,67 @@ fn checkpoints_taken_while_actors_migrate_restore_exactly() {
             &data,
             &output,
             Until::End,
-            true,
+            Moves::Migrate,
             Faults::default(),
         )
         .unwrap();
+        assert_eq!(lines_of(&output), expected, "shards {shards}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Key groups of the count stage change owner at random (ranges split and
+/// merged, groups scattered) while its actors migrate and checkpoints are
+/// taken; the job is stopped after some checkpoints and resumed (rerouting
+/// on), twice: the output is exactly the uninterrupted run's. Reroutes and
+/// checkpoints take turns: a reroute asked for while a checkpoint's
+/// barriers are out is refused, and a checkpoint waits for a reroute.
+#[test]
+fn checkpoints_taken_while_key_groups_reroute_restore_exactly() {
+    let expected = reference();
+    for shards in [1usize, 2] {
+        let dir = temp_dir(&format!("reroute-{shards}"));
+        let (data, output) = (dir.join("data"), dir.join("out.txt"));
+        let reroutes = Arc::new(Reroutes::default());
+        let moves = Moves::MigrateAndReroute(reroutes.clone());
+        let mut committed = 0;
+        for stop_after in [3u64, 3] {
+            let stats = run(
+                FAST,
+                shards,
+                &data,
+                &output,
+                Until::Checkpoints(stop_after),
+                moves.clone(),
+                Faults::default(),
+            )
+            .unwrap();
+            assert_eq!(stats.failed, 0, "{:?}", stats.last_error);
+            committed += stats.completed;
+            let partial = lines_of(&output);
+            assert!(is_part_of(&partial, &expected), "uncommitted or wrong rows");
+        }
+        let last = run(
+            FAST,
+            shards,
+            &data,
+            &output,
+            Until::End,
+            moves,
+            Faults::default(),
+        )
+        .unwrap();
+        let (done, refused) = (
+            reroutes.done.load(Ordering::Relaxed),
+            reroutes.refused.load(Ordering::Relaxed),
+        );
+        eprintln!(
+            "shards {shards}: {} checkpoints committed, {done} reroutes, {refused} refused \
+             during a checkpoint",
+            committed + last.completed
+        );
+        assert!(committed >= 6, "checkpoints commit between reroutes");
+        assert!(done >= 20, "shards {shards}: only {done} reroutes");
         assert_eq!(lines_of(&output), expected, "shards {shards}");
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -508,7 +611,7 @@ fn a_corrupt_checkpoint_file_falls_back_to_the_checkpoint_before() {
                     &data,
                     &output,
                     Until::Checkpoints(3),
-                    false,
+                    Moves::None,
                     Faults::default(),
                 )
                 .unwrap();
@@ -546,7 +649,7 @@ fn a_corrupt_checkpoint_file_falls_back_to_the_checkpoint_before() {
                 &data,
                 &output,
                 Until::End,
-                false,
+                Moves::None,
                 Faults::default(),
             )
             .unwrap_or_else(|e| panic!("{kind} {how:?}: {e}"));
@@ -579,7 +682,7 @@ fn with_every_checkpoint_unreadable_the_job_refuses_to_start() {
         &data,
         &output,
         Until::Checkpoints(3),
-        false,
+        Moves::None,
         Faults::default(),
     )
     .unwrap();
@@ -595,7 +698,7 @@ fn with_every_checkpoint_unreadable_the_job_refuses_to_start() {
         &data,
         &output,
         Until::End,
-        false,
+        Moves::None,
         Faults::default(),
     )
     .err()
@@ -615,7 +718,16 @@ fn run_on_a_full_disk(name: &str, faults: Faults, pending: fn(&Faults) -> u64) -
     let expected = reference();
     let dir = temp_dir(name);
     let (data, output) = (dir.join("data"), dir.join("out.txt"));
-    let stats = run(FAST, 2, &data, &output, Until::End, false, faults.clone()).unwrap();
+    let stats = run(
+        FAST,
+        2,
+        &data,
+        &output,
+        Until::End,
+        Moves::None,
+        faults.clone(),
+    )
+    .unwrap();
     assert_eq!(pending(&faults), 0, "every armed fault was hit");
     assert!(stats.failed >= 1, "the failed checkpoints are reported");
     assert!(stats.completed >= 1, "later checkpoints succeed");
@@ -656,7 +768,7 @@ fn a_crash_just_before_the_final_checkpoint_duplicates_no_row() {
         // sinks hand over their final rows.
         let faults = Faults::default();
         faults.delay_async_writes(Duration::from_millis(20));
-        run(FAST, 2, &data, &output, Until::End, false, faults).unwrap();
+        run(FAST, 2, &data, &output, Until::End, Moves::None, faults).unwrap();
         assert_eq!(lines_of(&output), expected, "round {round}: the whole run");
         // What a crash just before the finished manifest leaves behind.
         let epochs = checkpoint::manifest_epochs(&data).unwrap();
@@ -672,7 +784,7 @@ fn a_crash_just_before_the_final_checkpoint_duplicates_no_row() {
             &data,
             &output,
             Until::End,
-            false,
+            Moves::None,
             Faults::default(),
         )
         .unwrap();

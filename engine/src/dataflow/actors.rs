@@ -56,6 +56,13 @@ pub(crate) fn activate(plan: Arc<Plan>, id: ActorId, state: Option<&[u8]>) -> Bo
     (stage.activate)(&plan, id, saved)
 }
 
+/// The table a keyed stage's partition routed by at a checkpoint and its
+/// version, from its restored bookkeeping (`None`: never rerouted, or not
+/// a keyed stage's).
+pub(crate) fn restored_table(meta: &[u8]) -> Option<(u64, Vec<u32>)> {
+    decode_state::<Saved>(meta).ok()?.own
+}
+
 /// What a dataflow actor keeps while deactivated, and (without `groups`,
 /// `changed` and `latency_us`) what it hands to a checkpoint as its
 /// bookkeeping.
@@ -497,6 +504,7 @@ impl<T: Data> SourceActor<T> {
             position: Some(position),
             last_watermark_ms: self.last_watermark_ms,
             last_epoch: epoch,
+            routing: self.routing.to_saved(),
             ..Saved::default()
         };
         Some(Part {
@@ -957,6 +965,17 @@ trait Aligning {
             aligner.last = aligner.last.max(epoch);
             let (plan_key, plan) = (self.key(), self.plan());
             broadcast_barrier(plan, plan_key, epoch, true, ctx);
+            if let Some(checkpointer) = &plan.checkpointer {
+                checkpointer.report(Part {
+                    actor: plan_key,
+                    epoch,
+                    kind: PartKind::Passed,
+                    meta: Vec::new(),
+                    groups: Groups::none(),
+                    sealed: Vec::new(),
+                    alignment_ns: None,
+                });
+            }
             self.resume(held, ctx);
             return;
         }
@@ -1856,6 +1875,7 @@ impl<T: Data> Aligning for SinkActor<T> {
             current_ms: self.inputs.current_ms,
             done: self.finished,
             last_epoch: epoch,
+            handed: self.gate.handed.clone(),
             ..Saved::default()
         };
         Ok(Part {

@@ -4,7 +4,9 @@
 //! # Protocol
 //!
 //! Every `interval` the job's checkpointer (a thread per job, see
-//! [`Checkpointer`]) requests epoch `n`. Each source partition, at its next
+//! [`Checkpointer`]) requests epoch `n` (while a reroute of one of the job's
+//! stages is under way the request waits for its end: checkpoints and
+//! reroutes take turns, see `reroute`). Each source partition, at its next
 //! turn, takes its position (`Source::position`), hands it over as its part of
 //! `n` and sends a barrier `n` on every output channel, after the records it
 //! produced before. A stage or sink partition *aligns*: once a barrier `n` came
@@ -125,6 +127,9 @@ pub(crate) enum PartKind {
     Final,
     /// The actor could not take part in `epoch` (reason).
     Declined(String),
+    /// The actor passed on a barrier of `epoch` that an actor upstream
+    /// declined: it takes no part, but no barrier of `epoch` waits here now.
+    Passed,
 }
 
 /// What an actor hands over at a barrier.
@@ -385,6 +390,18 @@ struct Committed {
     kept: VecDeque<Manifest>,
 }
 
+/// Checkpoints and reroutes of the job take turns (see `reroute`): no
+/// reroute is ordered while barriers may be in the job's channels, and no
+/// checkpoint is requested while a reroute is under way.
+#[derive(Default)]
+struct Turns {
+    /// Barriers of the newest requested epoch may still be in channels: not
+    /// every actor has reported its part (or its end) for it yet.
+    barriers_out: bool,
+    /// A reroute of one of the job's stages is under way.
+    rerouting: bool,
+}
+
 /// Where reports from actors meet the checkpointer's thread.
 #[derive(Default)]
 struct Inbox {
@@ -417,6 +434,7 @@ pub struct Checkpointer {
     first_epoch: u64,
     /// Actors whose input had ended at the restored checkpoint.
     ended: Vec<ActorKey>,
+    turns: Mutex<Turns>,
 }
 
 impl Checkpointer {
@@ -545,6 +563,7 @@ impl Checkpointer {
             thread: Mutex::new(None),
             first_epoch,
             ended,
+            turns: Mutex::default(),
         })
     }
 
@@ -600,6 +619,49 @@ impl Checkpointer {
     /// The data directory, for chunk writes on the shards.
     pub(crate) fn store(&self) -> &CheckpointDir {
         &self.store
+    }
+
+    /// Begin a reroute of one of the job's stages: refused while barriers of
+    /// a checkpoint may be in its channels (a partition holding what follows
+    /// a reroute marker and one holding what follows a barrier could wait on
+    /// each other, and a handoff in flight would be in no snapshot).
+    pub(crate) fn begin_reroute(&self) -> Result<(), String> {
+        let mut turns = self.turns.lock().expect("checkpointer poisoned");
+        if turns.barriers_out {
+            return Err(format!(
+                "checkpoint {} is under way; a reroute waits for it",
+                self.requested()
+            ));
+        }
+        turns.rerouting = true;
+        Ok(())
+    }
+
+    /// Barriers of a checkpoint may be in the job's channels: a reroute
+    /// would be refused now.
+    pub(crate) fn barriers_out(&self) -> bool {
+        self.turns
+            .lock()
+            .expect("checkpointer poisoned")
+            .barriers_out
+    }
+
+    /// Every partition of the rerouted stage completed its reroute: the next
+    /// checkpoint may be requested.
+    pub(crate) fn end_reroute(&self) {
+        self.turns.lock().expect("checkpointer poisoned").rerouting = false;
+        self.wake.notify_one();
+    }
+
+    /// The bookkeeping restored for each partition of `stage` (peeked before
+    /// any activation takes it: the plan's routing tables come from it).
+    pub(crate) fn restored_metas(&self, stage: u32) -> Vec<Vec<u8>> {
+        self.restore
+            .lock()
+            .expect("checkpointer poisoned")
+            .range((stage, 0)..=(stage, u32::MAX))
+            .map(|(_, restored)| restored.meta.clone())
+            .collect()
     }
 
     /// The part restored for `actor`, once (its first activation).
@@ -706,6 +768,11 @@ impl Checkpointer {
         // Final commits that failed in a row.
         let mut final_failures = 0u32;
         let mut next_request = Instant::now() + self.interval;
+        // The newest epoch requested and the actors that reported for it
+        // (any kind of part): once all have, none of its barriers (nor an
+        // older one's) is left in a channel.
+        let mut newest = 0u64;
+        let mut reported: BTreeSet<ActorKey> = BTreeSet::new();
         let timeout = (self.interval * CHECKPOINT_TIMEOUT_INTERVALS).max(Duration::from_secs(10));
         loop {
             let (parts, written) = {
@@ -729,6 +796,9 @@ impl Checkpointer {
                 )
             };
             for mut part in parts {
+                if part.epoch == newest {
+                    reported.insert(part.actor);
+                }
                 if matches!(part.groups, Groups::Writing) {
                     writing.insert((part.actor, part.epoch));
                 }
@@ -751,6 +821,7 @@ impl Checkpointer {
                     PartKind::Final => {
                         finals.insert(part.actor, part);
                     }
+                    PartKind::Passed => {}
                     PartKind::Declined(ref reason) => {
                         if let Some((epoch, _, received)) = in_flight.take_if(|f| f.0 == part.epoch)
                         {
@@ -805,6 +876,15 @@ impl Checkpointer {
                     // Of a checkpoint given up: keep what it changed.
                     None => carry.put_groups(done.actor, done.epoch, groups),
                 }
+            }
+            if actors
+                .iter()
+                .all(|a| reported.contains(a) || finals.contains_key(a))
+            {
+                self.turns
+                    .lock()
+                    .expect("checkpointer poisoned")
+                    .barriers_out = false;
             }
             let all_final = actors.iter().all(|a| finals.contains_key(a));
             if let Some((epoch, started, received)) = &in_flight {
@@ -880,11 +960,21 @@ impl Checkpointer {
             }
             let sources_done = sources.iter().all(|s| finals.contains_key(s));
             if in_flight.is_none() && !sources_done && Instant::now() >= next_request {
-                let epoch = next_epoch;
-                next_epoch += 1;
-                in_flight = Some((epoch, Instant::now(), BTreeMap::new()));
-                self.requested.store(epoch, Ordering::Release);
-                next_request = Instant::now() + self.interval;
+                let mut turns = self.turns.lock().expect("checkpointer poisoned");
+                // While a reroute is under way the request waits (the loop
+                // looks again within 50 ms, or when the reroute ends).
+                if !turns.rerouting {
+                    let epoch = next_epoch;
+                    next_epoch += 1;
+                    turns.barriers_out = true;
+                    newest = epoch;
+                    reported.clear();
+                    in_flight = Some((epoch, Instant::now(), BTreeMap::new()));
+                    self.requested.store(epoch, Ordering::Release);
+                    next_request = Instant::now() + self.interval;
+                } else {
+                    next_request = Instant::now() + Duration::from_millis(2);
+                }
             }
         }
     }

@@ -419,12 +419,8 @@ impl Plan {
             .collect()
     }
 
-    /// `JobSample::splittable`: keyed stages of several partitions, unless
-    /// the job takes checkpoints (they name groups by contiguous ranges).
+    /// `JobSample::splittable`: keyed stages of several partitions.
     pub(crate) fn splittable(&self) -> u64 {
-        if self.checkpointer.is_some() {
-            return 0;
-        }
         self.stage_bits(|s| s.kind == StageKind::Operator && s.parallelism > 1)
     }
 
@@ -464,8 +460,14 @@ impl Plan {
 
     /// A partition of `stage` completed its reroute to `version`.
     pub(crate) fn rerouted(&self, stage: u32, version: u64) {
-        if let Some(slot) = self.reroutes.get(stage as usize) {
-            slot.completed(version);
+        let Some(slot) = self.reroutes.get(stage as usize) else {
+            return;
+        };
+        let done = slot.completed(version);
+        if done == self.stages[stage as usize].parallelism {
+            if let Some(checkpointer) = &self.checkpointer {
+                checkpointer.end_reroute();
+            }
         }
     }
 
@@ -694,6 +696,22 @@ impl Job {
             }
             None => None,
         };
+        let reroutes: Vec<super::reroute::RerouteSlot> =
+            (0..stages_len).map(|_| Default::default()).collect();
+        if let Some(checkpointer) = &checkpointer {
+            // A restored job goes on with the tables its checkpoint's
+            // partitions had (every reroute had completed at the cut).
+            for (i, stage) in stages.iter().enumerate() {
+                let restored = checkpointer
+                    .restored_metas(i as u32)
+                    .iter()
+                    .filter_map(|meta| actors::restored_table(meta))
+                    .max_by_key(|(version, _)| *version);
+                if let Some((version, owners)) = restored {
+                    reroutes[i].restore(version, owners.into(), stage.parallelism);
+                }
+            }
+        }
         Ok(Plan {
             name: self.name,
             id,
@@ -706,7 +724,7 @@ impl Job {
             key_groups: self.key_groups,
             autoscale: self.autoscale,
             checkpointer,
-            reroutes: (0..stages_len).map(|_| Default::default()).collect(),
+            reroutes,
         })
     }
 }

@@ -500,8 +500,8 @@ impl Registry {
     /// shards; none when `owners` is the table in force. Refused for an
     /// unknown job or stage, parallel mode for a stage that keeps state by
     /// key,
-    /// a stage that is not keyed, a job that takes checkpoints (its
-    /// checkpoints name each partition's groups by its contiguous range),
+    /// a stage that is not keyed, a job whose checkpoint is under way (its
+    /// barriers may be in the channels; see `Checkpointer::begin_reroute`),
     /// a table of the wrong size or naming a partition the stage does not
     /// have, and while a reroute of any stage of the job is under way.
     pub fn reroute(&self, job: JobId, stage: u32, owners: Vec<u32>) -> Result<Orders, String> {
@@ -515,12 +515,6 @@ impl Registry {
         if target.kind != graph::StageKind::Operator {
             return Err(format!(
                 "stage {name} is not keyed: only keyed stages reroute"
-            ));
-        }
-        if plan.checkpointer.is_some() {
-            return Err(format!(
-                "job {} takes checkpoints: its keyed stages keep their ranges",
-                plan.name
             ));
         }
         if owners.is_empty() && !target.mergeable {
@@ -557,6 +551,11 @@ impl Registry {
         if plan.table(stage)[..] == owners[..] {
             return Ok(Vec::new());
         }
+        if let Some(checkpointer) = &plan.checkpointer {
+            checkpointer
+                .begin_reroute()
+                .map_err(|e| format!("job {}: {e}", plan.name))?;
+        }
         let version = version + 1;
         let owners: Arc<[u32]> = owners.into();
         slot.order(version, owners.clone());
@@ -575,6 +574,16 @@ impl Registry {
             }
         }
         Ok(orders)
+    }
+
+    /// A checkpoint of `job` is under way (its barriers may be in the
+    /// channels): a reroute of it would be refused now.
+    pub fn checkpoint_under_way(&self, job: JobId) -> bool {
+        let plans = self.plans.read().expect("plan registry poisoned");
+        plans
+            .get(&job)
+            .and_then(|plan| plan.checkpointer.as_ref())
+            .is_some_and(|c| c.barriers_out())
     }
 
     /// The owner of each key group of `stage` by the newest table ordered

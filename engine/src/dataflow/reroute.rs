@@ -68,9 +68,20 @@
 //! channels deliver until its markers or handoffs come, which is as long as
 //! the slowest sender or giver takes to reach them (backlogs that credits
 //! bound); unlike a checkpoint's alignment there is no cap to give up at,
-//! since the feeders have switched already. A job that takes
-//! checkpoints is not rerouted: its checkpoints name each partition's
-//! groups by the contiguous ranges.
+//! since the feeders have switched already.
+//!
+//! In a job that takes checkpoints, reroutes and checkpoints take turns
+//! (`Checkpointer::begin_reroute`): a reroute is refused while barriers of
+//! the newest checkpoint may still be in a channel (until every actor has
+//! reported its part for it, or passed on a declined barrier), and a
+//! checkpoint is not requested while a reroute is under way (until every
+//! partition of the stage completed it). So a checkpoint's cut never falls
+//! inside a reroute: no handoff is in flight, no partition holds anything
+//! for a marker, and every group is in its owner's part; an alignment and a
+//! reroute's holds never wait on each other. The tables are in each
+//! actor's checkpointed bookkeeping (a feeder's routing, a partition's own
+//! table), and a restored job's plan takes its tables from its partitions'
+//! (`RerouteSlot::restore`), so its next reroute has a newer version.
 
 use std::sync::{Arc, Mutex};
 
@@ -105,12 +116,25 @@ impl RerouteSlot {
         };
     }
 
-    /// A partition completed `version`.
-    pub(crate) fn completed(&self, version: u64) {
+    /// A partition completed `version`: how many have now (0 if `version`
+    /// is not the newest).
+    pub(crate) fn completed(&self, version: u64) -> u32 {
         let mut state = self.state.lock().expect("reroute state poisoned");
-        if state.version == version {
-            state.done += 1;
+        if state.version != version {
+            return 0;
         }
+        state.done += 1;
+        state.done
+    }
+
+    /// Restored from a checkpoint: `version` by `owners`, completed by all
+    /// `partitions`.
+    pub(crate) fn restore(&self, version: u64, owners: Arc<[u32]>, partitions: u32) {
+        *self.state.lock().expect("reroute state poisoned") = RerouteState {
+            version,
+            owners: Some(owners),
+            done: partitions,
+        };
     }
 }
 

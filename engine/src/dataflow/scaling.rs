@@ -263,6 +263,14 @@ fn carry_out(
     options: &AutoscaleOptions,
     decisions: &Mutex<VecDeque<Decision>>,
 ) {
+    if let (Some(job), true) = (decision.job(), decision.action.reroutes()) {
+        // A reroute waits for a checkpoint under way (they take turns), for
+        // half a step at most; after that it is refused and logged so.
+        let waited = Instant::now();
+        while registry.checkpoint_under_way(job) && waited.elapsed() < options.interval / 2 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
     let done = match decision.action {
         Action::Move { actor, to, .. } => {
             // A shard that died since the sample: the move is moot.

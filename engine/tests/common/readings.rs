@@ -41,6 +41,14 @@ impl Source<(u64, i64)> for Readings {
             watermark_ms: reading(self.next - self.step).1,
         }
     }
+    fn position(&self) -> Option<Vec<u8>> {
+        Some(self.next.to_le_bytes().to_vec())
+    }
+    fn seek(&mut self, position: &[u8]) -> Result<(), String> {
+        let bytes: [u8; 8] = position.try_into().map_err(|_| "not 8 bytes")?;
+        self.next = u64::from_le_bytes(bytes);
+        Ok(())
+    }
 }
 
 /// A source stage "readings" of 2 partitions giving readings `0..events`.
