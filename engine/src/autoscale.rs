@@ -203,9 +203,9 @@ pub struct JobSample {
     /// Bit `s` set: stage `s` is keyed with several partitions and may be
     /// rerouted.
     pub splittable: u64,
-    /// Bit `s` set: stage `s` is splittable and keeps partials, so it may
-    /// run in parallel mode.
-    pub mergeable: u64,
+    /// Bit `s` set: stage `s` is splittable and keeps partials or no state,
+    /// so it may run in parallel mode.
+    pub parallelizable: u64,
 }
 
 /// What the runtime measured over one interval.
@@ -462,8 +462,8 @@ struct Measured {
     scalable: bool,
     /// Its stage may be rerouted (`JobSample::splittable`).
     splittable: bool,
-    /// Its stage may run in parallel mode (`JobSample::mergeable`).
-    mergeable: bool,
+    /// Its stage may run in parallel mode (`JobSample::parallelizable`).
+    parallelizable: bool,
 }
 
 impl Autoscaler {
@@ -908,8 +908,8 @@ impl Autoscaler {
                     splittable: job.is_some_and(|j| {
                         a.id.operator < 64 && j.splittable & (1 << a.id.operator) != 0
                     }),
-                    mergeable: job.is_some_and(|j| {
-                        a.id.operator < 64 && j.mergeable & (1 << a.id.operator) != 0
+                    parallelizable: job.is_some_and(|j| {
+                        a.id.operator < 64 && j.parallelizable & (1 << a.id.operator) != 0
                     }),
                 }
             })
@@ -938,7 +938,7 @@ impl Autoscaler {
             .filter(|m| m.busy >= self.config.min_gain && free(&m.id))
             .max_by(|a, b| a.busy.total_cmp(&b.busy).then(b.id.cmp(&a.id)))?;
         let stage = (m.id.job, m.id.operator);
-        if m.mergeable {
+        if m.parallelizable {
             // Its partials merge downstream: every partition may take any
             // batch, so the stage's load spreads over all its partitions at
             // once (where they run is the moves' business).

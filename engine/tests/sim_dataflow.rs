@@ -1,5 +1,6 @@
 //! Whole dataflows under the deterministic simulator: a typed job (source ->
-//! filter -> keyed windowed count -> sink, and a two-phase maximum from the same
+//! filter -> keyed relay that keeps no state -> keyed windowed count -> sink,
+//! and a two-phase maximum from the same
 //! source) runs on several simulated shards while its actors are migrated at
 //! random and idle actors (window operators holding state included: their key
 //! groups go to the store) are deactivated and brought back, over many seeds and
@@ -15,7 +16,8 @@ use dirigo_engine::autoscale::{
     Action, ActorSample, AutoscaleConfig, Autoscaler, JobSample, Sample, Scale,
 };
 use dirigo_engine::dataflow::ops::{Count, MaxWithTies, WindowSpec};
-use dirigo_engine::dataflow::{DataMsg, Job, Registry, Sink, Source, SourceBatch};
+use dirigo_engine::dataflow::state::Stateful;
+use dirigo_engine::dataflow::{DataMsg, Job, Operator, Registry, Sink, Source, SourceBatch};
 use dirigo_engine::runtime::sim::{Sim, SimRng};
 use dirigo_engine::runtime::{MemoryStateStore, ShardConfig, StateStore};
 use dirigo_engine::{ActorId, JobId, ShardId};
@@ -76,6 +78,19 @@ impl<T: Clone + Send + 'static> Sink<T> for Collect<T> {
     }
 }
 
+/// A keyed stage that keeps no state: passes each reading on (so it may run
+/// in parallel mode).
+struct Relay;
+
+impl Operator<Reading, Reading> for Relay {
+    fn on_records(&mut self, records: Vec<Reading>, out: &mut Vec<Reading>) {
+        out.extend(records);
+    }
+    fn state(&mut self) -> Option<&mut dyn Stateful> {
+        None
+    }
+}
+
 /// `(sensor, window_start, count)`.
 type CountRow = (u64, i64, u64);
 /// `(window_start, value, sensor)`.
@@ -101,6 +116,8 @@ fn job(seed: u64, counts: Counts, maxima: Maxima) -> Job {
     let tumbling = WindowSpec::Tumbling { size_ms: WINDOW_MS };
     readings
         .filter(|r| r.sensor != 3)
+        .key_by(|r| r.sensor)
+        .process("relay", 3, Arc::new(|_| Box::new(Relay)))
         .key_by(|r| r.sensor)
         .window_aggregate(
             "count",
@@ -178,7 +195,8 @@ struct Recording {
 
 /// Stages of `job` whose operators keep window state: count, max-partial,
 /// max-merge.
-const STATEFUL_STAGES: [u32; 3] = [1, 3, 4];
+const STATEFUL_STAGES: [u32; 3] = [2, 4, 5];
+const RELAY_STAGE: u32 = 1;
 
 impl StateStore for Recording {
     fn put(&self, id: ActorId, bytes: Vec<u8>) {
@@ -206,8 +224,10 @@ struct Outcome {
     activations: u64,
     /// The job's actors (each activated once at least).
     actors: u64,
-    /// Reroutes ordered, each after the one before it completed.
+    /// Reroutes ordered, each after the one before it completed; of them,
+    /// switches of the relay (stage 1, no state) to parallel mode.
     reroutes: u64,
+    to_parallel: u64,
     /// Splits and merges the autoscaler ordered.
     splits: [u64; 2],
 }
@@ -246,7 +266,7 @@ fn sim_sample(
     shards: u16,
     seen: &mut BTreeMap<ActorId, (u64, u64)>,
     last_ns: &mut u64,
-    (slo_ns, message_ns, [splittable, mergeable]): (u64, u64, [u64; 2]),
+    (slo_ns, message_ns, [splittable, parallelizable]): (u64, u64, [u64; 2]),
 ) -> Sample {
     let now = sim.now_ns();
     let shard_interval_ns = now.saturating_sub(*last_ns).max(1);
@@ -264,7 +284,7 @@ fn sim_sample(
             records_in: 0,
             ended: false,
             splittable,
-            mergeable,
+            parallelizable,
         },
     );
     for shard in 0..shards {
@@ -329,6 +349,7 @@ fn run_moved(seed: u64, shards: u16, mut mover: Mover) -> (Outcome, [u64; 2]) {
     let (mut seen, mut last_ns, mut moves) = (BTreeMap::new(), sim.now_ns(), [0u64; 2]);
     let keyed = registry.keyed_stages(JobId(1));
     let mut reroutes = 0u64;
+    let mut to_parallel = 0u64;
     let (mut splits, mut before_splits) = ([0u64; 2], BTreeMap::new());
     let mut before_parallel = BTreeMap::new();
     while !handle.is_done() {
@@ -344,7 +365,7 @@ fn run_moved(seed: u64, shards: u16, mut mover: Mover) -> (Outcome, [u64; 2]) {
         if let Mover::Autoscaler(scaler, message_ns) = &mut mover {
             if steps.is_multiple_of(AUTOSCALE_STEPS) {
                 let view = registry.scaling_view()[&JobId(1)];
-                let masks = [view.splittable, view.mergeable];
+                let masks = [view.splittable, view.parallelizable];
                 let figures = (5_000_000, *message_ns, masks);
                 let sample = sim_sample(&mut sim, shards, &mut seen, &mut last_ns, figures);
                 for decision in scaler.step(&sample) {
@@ -431,8 +452,10 @@ fn run_moved(seed: u64, shards: u16, mut mover: Mover) -> (Outcome, [u64; 2]) {
                     groups,
                 );
                 if let Some(table) = change {
+                    let parallel = table.is_empty() && stage == RELAY_STAGE;
                     let orders = registry.reroute(JobId(1), stage, table).expect("valid");
                     reroutes += (!orders.is_empty()) as u64;
+                    to_parallel += (parallel && !orders.is_empty()) as u64;
                     for (actor, order) in orders {
                         let via = ShardId(rng.below(shards as u64) as u16);
                         let sched = dirigo_engine::SchedCtx {
@@ -510,6 +533,7 @@ fn run_moved(seed: u64, shards: u16, mut mover: Mover) -> (Outcome, [u64; 2]) {
         activations: 0,
         actors: actors.len() as u64,
         reroutes,
+        to_parallel,
         splits,
     };
     for shard in 0..shards {
@@ -565,15 +589,20 @@ fn a_dataflow_is_exact_while_its_actors_move_and_deactivate() {
 /// nothing is late.
 #[test]
 fn a_dataflow_is_exact_while_its_key_groups_reroute() {
-    let mut reroutes = 0;
+    let (mut reroutes, mut to_parallel) = (0, 0);
     for seed in 1..=20u64 {
         for shards in [1u16, 2, 8] {
             let (outcome, _) = run_moved(seed, shards, Mover::Rerouting);
             reroutes += outcome.reroutes;
+            to_parallel += outcome.to_parallel;
         }
     }
-    eprintln!("60 runs: {reroutes} reroutes");
+    eprintln!("60 runs: {reroutes} reroutes, {to_parallel} of the relay to parallel mode");
     assert!(reroutes > 300, "only {reroutes} reroutes");
+    assert!(
+        to_parallel > 10,
+        "the relay went parallel {to_parallel} times"
+    );
 }
 
 /// The autoscaler's model drives the placement of a job on 8 and 12

@@ -36,7 +36,7 @@ impl World {
                 records_in: 0,
                 ended: false,
                 splittable: 0,
-                mergeable: 0,
+                parallelizable: 0,
             },
         );
         jobs.insert(
@@ -47,7 +47,7 @@ impl World {
                 records_in: 0,
                 ended: false,
                 splittable: 0,
-                mergeable: 0,
+                parallelizable: 0,
             },
         );
         World {
@@ -723,7 +723,7 @@ fn a_trickle_a_fixed_job_an_ended_job_and_one_never_fed_stay_up() {
         records_in,
         ended,
         splittable: 0,
-        mergeable: 0,
+        parallelizable: 0,
     };
     let (trickle, fixed, ended, never) = (JobId(1), JobId(2), JobId(3), JobId(4));
     let mut jobs = BTreeMap::new();
@@ -883,7 +883,7 @@ fn a_hot_stage_that_keeps_partials_goes_parallel_and_back_to_ordered_lazily() {
     // Partition 0 wants 1.2 cores, partition 1 is on shard 1; the stage
     // keeps partials.
     let mut world = hot_partition(2, 1.2, &[1]);
-    world.jobs.get_mut(&BULK).unwrap().mergeable = 1 << 2;
+    world.jobs.get_mut(&BULK).unwrap().parallelizable = 1 << 2;
     let mut scaler = Autoscaler::new(config);
     let mut log = Vec::new();
     for step in 1..=200u64 {

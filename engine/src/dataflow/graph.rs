@@ -171,7 +171,9 @@ pub trait Operator<In, Out>: Send + 'static {
     }
     /// The operator's state by key group (see `state`), which checkpoints write
     /// and deactivation saves; `None` for an operator that keeps nothing between
-    /// calls. Required, so that no operator can hold state the engine does not
+    /// calls, whose stage may then run in parallel mode (see `reroute`): its
+    /// records of one key spread over its partitions, so it must not count on
+    /// seeing all of a key's records, or in order. Required, so that no operator can hold state the engine does not
     /// know of and lose it silently. The engine never reads it while
     /// `firing`. State of a key lives in the group of the key its input is
     /// routed by: when the stage is rerouted, each group moves to its new
@@ -368,9 +370,9 @@ pub(crate) struct StagePlan {
     pub inputs: Vec<u32>,
     /// `(target stage, input)` of every consumer, in the order of `routes`.
     pub targets: Vec<(u32, u8)>,
-    /// A keyed stage whose operator keeps partials (`keeps_partials`): it
-    /// may run in parallel mode.
-    pub mergeable: bool,
+    /// A keyed stage whose operator keeps partials (`keeps_partials`) or no
+    /// state (`state` is `None`): it may run in parallel mode.
+    pub parallelizable: bool,
     /// `Vec<Route<Out>>` for the stage's output type `Out`.
     pub routes: Box<dyn Any + Send + Sync>,
     pub activate: Activate,
@@ -424,9 +426,10 @@ impl Plan {
         self.stage_bits(|s| s.kind == StageKind::Operator && s.parallelism > 1)
     }
 
-    /// `JobSample::mergeable`: splittable stages that keep partials.
-    pub(crate) fn mergeable(&self) -> u64 {
-        self.stage_bits(|s| s.mergeable) & self.splittable()
+    /// `JobSample::parallelizable`: splittable stages that keep partials or
+    /// no state.
+    pub(crate) fn parallelizable(&self) -> u64 {
+        self.stage_bits(|s| s.parallelizable) & self.splittable()
     }
 
     /// Bit `i` set for each of the first 64 stages that passes `keep`.
@@ -745,7 +748,7 @@ fn add_stage<Out: Data>(
         kind,
         inputs,
         targets: Vec::new(),
-        mergeable: false,
+        parallelizable: false,
         routes: Box::new(Vec::<Route<Out>>::new()),
         activate,
     });
@@ -1030,8 +1033,10 @@ impl<T: Data> KeyedStream<T> {
     ) -> Stream<Out> {
         let graph = self.stream.graph.clone();
         let inputs = vec![self.stream.upstream_parallelism()];
-        // What kind of operator the factory makes (one is made to ask).
-        let mergeable = factory(0).keeps_partials();
+        // What kind of operator the factory makes (one is made to ask): one
+        // that keeps partials or no state may run in parallel mode.
+        let mut probe = factory(0);
+        let parallelizable = probe.keeps_partials() || probe.state().is_none();
         let activate: Activate = Box::new(move |plan, id, saved| {
             actors::unary_actor::<T, Out>(plan, id, factory(id.partition), saved)
         });
@@ -1043,7 +1048,7 @@ impl<T: Data> KeyedStream<T> {
             inputs,
             activate,
         );
-        graph.borrow_mut().stages[stage as usize].mergeable = mergeable;
+        graph.borrow_mut().stages[stage as usize].parallelizable = parallelizable;
         let route = keyed_route((stage, 0), parallelism, self.key.clone());
         self.stream.connect(stage, 0, route);
         Stream::of_stage(graph, stage)

@@ -162,9 +162,9 @@ impl DataMsg {
 pub struct KeyedStage {
     pub stage: u32,
     pub parallelism: u32,
-    /// Its operator keeps partials: it may run in parallel mode (an empty
-    /// table: each batch to the partition with the least backlog).
-    pub mergeable: bool,
+    /// Its operator keeps partials or no state: it may run in parallel mode
+    /// (an empty table: each batch to the partition with the least backlog).
+    pub parallelizable: bool,
 }
 
 /// A reroute's orders: one to each partition that feeds its stage.
@@ -517,10 +517,10 @@ impl Registry {
                 "stage {name} is not keyed: only keyed stages reroute"
             ));
         }
-        if owners.is_empty() && !target.mergeable {
+        if owners.is_empty() && !target.parallelizable {
             return Err(format!(
-                "stage {name} keeps state by key: only a stage that keeps partials runs in \
-                 parallel mode"
+                "stage {name} keeps state by key: only a stage that keeps partials or no \
+                 state runs in parallel mode"
             ));
         }
         if !owners.is_empty() && owners.len() != plan.key_groups as usize {
@@ -609,7 +609,7 @@ impl Registry {
                 .map(|(i, s)| KeyedStage {
                     stage: i as u32,
                     parallelism: s.parallelism,
-                    mergeable: s.mergeable,
+                    parallelizable: s.parallelizable,
                 })
                 .collect()
         })
@@ -668,7 +668,7 @@ impl Registry {
                     ended: plan.metrics.sinks_done.load(Ordering::Acquire)
                         >= plan.sink_partitions(),
                     splittable: plan.splittable(),
-                    mergeable: plan.mergeable(),
+                    parallelizable: plan.parallelizable(),
                 };
                 (id, job)
             })

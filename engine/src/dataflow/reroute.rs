@@ -59,9 +59,13 @@
 //! as its shard sees it (`Context::backlog`: the target's mailbox here, or
 //! the messages sent it and not yet acknowledged). Any partition may then
 //! take any key; each window's partials are merged downstream, which waits
-//! for every partition's watermark, so every window stays exact. Switching
-//! to it and back is a reroute like any other (its markers are the epoch
-//! at which each feeder switches), with nothing to hand over.
+//! for every partition's watermark, so every window stays exact. So may a
+//! stage whose operator keeps no state (`Operator::state` is `None`): its
+//! rows of one key then come from several partitions, in no set order
+//! (per-key order holds again once it is back in ordered mode and what it
+//! sent in parallel mode has been handled). Switching to parallel mode and
+//! back is a reroute like any other (its markers are the epoch at which
+//! each feeder switches), with nothing to hand over.
 //!
 //! What it costs: nothing until a stage is rerouted; then one lookup of the
 //! sender's table per batch (a short vector). A partition holds what its
@@ -178,7 +182,7 @@ pub fn random_change(
     groups: u32,
 ) -> Option<Vec<u32>> {
     let parallelism = stage.parallelism;
-    if stage.mergeable && rng.below(3) == 0 {
+    if stage.parallelizable && rng.below(3) == 0 {
         return Some(match owners.is_empty() {
             true => (0..groups)
                 .map(|_| rng.below(parallelism as u64) as u32)
