@@ -22,7 +22,7 @@
 //! query ends in a sink of its own row type, chosen by [`Output`] (count only, or
 //! JSON Lines to a writer).
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,9 +34,7 @@ use dirigo_engine::dataflow::ops::{
     Count, MaxWithTies, Side, TopKeys, UnboundedJoin, WindowJoin, WindowMerge, WindowPartial,
     WindowSpec,
 };
-use dirigo_engine::dataflow::state::{
-    put_framed, put_u32, put_u64, put_values, GroupState, KeyGroups, KeyedState, Reader, Stateful,
-};
+use dirigo_engine::dataflow::state::{GroupState, KeyGroups, KeyedState, Stateful};
 use dirigo_engine::dataflow::window::tumbling;
 use dirigo_engine::dataflow::{
     Data, Job, JoinOperator, Operator, RateSchedule, Sink, Source, SourceBatch,
@@ -834,33 +832,28 @@ impl AuctionState {
 #[derive(Default)]
 struct AuctionGroup {
     auctions: IdMap<u64, AuctionState>,
-    /// Auction ids by `expires`.
-    closing: BTreeMap<i64, Vec<u64>>,
+    /// `(expires, id)` of every auction that has arrived, in closing order:
+    /// derived from `auctions`, so not encoded. A set of pairs rather than
+    /// ids by `expires`: a group holds few auctions of one `expires`, and a
+    /// list per time would be an allocation per auction.
+    closing: BTreeSet<(i64, u64)>,
 }
 
 impl GroupState for AuctionGroup {
     fn is_empty(&self) -> bool {
-        self.auctions.is_empty() && self.closing.is_empty()
+        self.auctions.is_empty()
     }
 
     fn encode(&self, out: &mut Vec<u8>) {
-        put_framed(out, |out| self.auctions.encode(out));
-        put_u32(out, self.closing.len() as u32);
-        for (expires, ids) in &self.closing {
-            put_u64(out, *expires as u64);
-            put_values(out, ids);
-        }
+        self.auctions.encode(out);
     }
 
     fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let mut r = Reader::new(bytes);
-        let auctions: IdMap<u64, AuctionState> = GroupState::decode(r.framed()?)?;
-        let mut closing = BTreeMap::new();
-        for _ in 0..r.count(12)? {
-            let expires = r.i64()?;
-            closing.insert(expires, r.values()?);
-        }
-        r.finish()?;
+        let auctions: IdMap<u64, AuctionState> = GroupState::decode(bytes)?;
+        let closing = auctions
+            .iter()
+            .filter_map(|(&id, state)| state.auction.map(|(_, expires, _)| (expires, id)))
+            .collect();
         Ok(AuctionGroup { auctions, closing })
     }
 }
@@ -874,7 +867,7 @@ impl JoinOperator<Q4Auction, Q4Bid, Q4Closing> for ClosingPrices {
             for (date_time, price) in std::mem::take(&mut state.early_bids) {
                 state.bid(date_time, price);
             }
-            group.closing.entry(a.expires).or_default().push(a.id);
+            group.closing.insert((a.expires, a.id));
         }
     }
 
@@ -908,8 +901,8 @@ impl JoinOperator<Q4Auction, Q4Bid, Q4Closing> for ClosingPrices {
             let current = self.groups.get(group);
             let due = current
                 .closing
-                .first_key_value()
-                .is_some_and(|(&expires, _)| expires < watermark_ms || end);
+                .first()
+                .is_some_and(|&(expires, _)| expires < watermark_ms || end);
             let stale = sweep
                 && current.auctions.values().any(|state| {
                     state.auction.is_none()
@@ -927,18 +920,16 @@ impl JoinOperator<Q4Auction, Q4Bid, Q4Closing> for ClosingPrices {
             }
             // An auction closes when the watermark passes `expires` (bids at
             // `expires` count).
-            while let Some(entry) = current.closing.first_entry() {
-                if *entry.key() >= watermark_ms && !end {
+            while let Some(&(expires, id)) = current.closing.first() {
+                if expires >= watermark_ms && !end {
                     break;
                 }
-                for id in entry.remove() {
-                    let Some(state) = current.auctions.remove(&id) else {
-                        continue;
-                    };
-                    if let (Some((_, _, category)), Some(price)) = (state.auction, state.max_price)
-                    {
-                        out.push(Q4Closing { category, price });
-                    }
+                current.closing.pop_first();
+                let Some(state) = current.auctions.remove(&id) else {
+                    continue;
+                };
+                if let (Some((_, _, category)), Some(price)) = (state.auction, state.max_price) {
+                    out.push(Q4Closing { category, price });
                 }
             }
             if end {
