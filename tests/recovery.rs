@@ -3,10 +3,13 @@
 //! until it reports its run finished. After every kill the output file holds
 //! only committed rows (a part of the uninterrupted run's rows); at the end it
 //! holds exactly the rows of an uninterrupted run of the same command, as a
-//! multiset. For q3, q4, q5, q7 and q8, with the file source and with the
+//! multiset, and those equal the plain reference's (`tests/reference`) over
+//! the same events. For q3, q4, q5, q7 and q8, with the file source and with the
 //! paced generator, 5 kill points each (seeded, so a failure reproduces).
 //! Also: a finished run exits 0 and says so, a different command on the same
 //! directory is refused naming the difference, and `--fresh` starts over.
+
+mod reference;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -181,7 +184,45 @@ fn run_with_kills(
     landed
 }
 
-fn check_source(name: &str, source: Vec<String>, seed: u64) {
+/// The generated events a run reads: `seed`, at the nominal `rate`.
+fn events(seed: u64, rate: u64) -> Vec<dirigo_nexmark::Event> {
+    let config = dirigo_nexmark::GeneratorConfig {
+        seed,
+        rate: dirigo_engine::dataflow::RateSchedule::constant(rate),
+        ..dirigo_nexmark::GeneratorConfig::default()
+    };
+    let mut out = Vec::new();
+    dirigo_nexmark::Generator::new(config)
+        .expect("valid config")
+        .fill(0..EVENTS, &mut out);
+    out
+}
+
+/// The rows of `path` equal the plain reference's for `query` over `input`
+/// (q4: each category's last update, its final average).
+fn assert_matches_reference(query: &str, path: &Path, input: &[dirigo_nexmark::Event]) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON row"))
+        .collect();
+    let rows = if query == "q4" {
+        let mut last = std::collections::BTreeMap::new();
+        for row in rows {
+            last.insert(row["category"].as_u64().expect("category"), row);
+        }
+        last.into_values().collect()
+    } else {
+        rows
+    };
+    let expected = reference::query(query, input);
+    if let Err(e) = std::panic::catch_unwind(|| reference::assert_same_rows(&expected, &rows)) {
+        let message = e.downcast_ref::<String>().cloned().unwrap_or_default();
+        panic!("{query} after kills, against the plain reference: {message}");
+    }
+}
+
+fn check_source(name: &str, source: Vec<String>, seed: u64, input: &[dirigo_nexmark::Event]) {
     let dir = temp_dir(name);
     let mut rng = Rng(seed);
     let mut landed = 0;
@@ -209,6 +250,7 @@ fn check_source(name: &str, source: Vec<String>, seed: u64) {
                 "{name} {query}: the output after kills differs from an uninterrupted run"
             );
         }
+        assert_matches_reference(query, &out, input);
     }
     eprintln!("{name}: {landed} kills, {KILLS} per query");
     assert_eq!(
@@ -222,7 +264,9 @@ fn check_source(name: &str, source: Vec<String>, seed: u64) {
 #[test]
 fn kill_9_and_resume_with_the_paced_generator_gives_the_uninterrupted_output() {
     let source = vec![format!("--events={EVENTS}"), "--seed=7".into()];
-    check_source("generator", source, 11);
+    // Paced, the nominal rate is the pace (NEXMARK.md).
+    let input = events(7, RATE.parse().unwrap());
+    check_source("generator", source, 11, &input);
 }
 
 #[test]
@@ -246,10 +290,12 @@ fn kill_9_and_resume_with_the_file_source_gives_the_uninterrupted_output() {
         "{}",
         String::from_utf8_lossy(&gen.stderr)
     );
+    // `dirigo gen` at its default nominal rate.
     check_source(
         "file",
         vec![format!("--source=file:{}", input.display())],
         29,
+        &events(3, 10_000_000),
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
