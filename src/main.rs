@@ -30,7 +30,35 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// `MIMALLOC_PURGE_DELAY` in the environment overrides it (in ms).
 const PURGE_DELAY_MS: std::ffi::c_long = -1;
 
+/// The process's memory is not backed by transparent huge pages. A job's
+/// state grows by many small allocations (hash tables, B-tree nodes, lists
+/// per key), and each first touch of a huge page has the kernel zero 2 MiB
+/// (on a VM also fault it in on the host), at times after compacting memory
+/// to find one: a shard's turn then stalls for milliseconds, whatever its
+/// deadline. Measured on the 2-core Intel Xeon VM, `dirigo run <q> --events
+/// 20000000 --cores 1`, the build before this against this one, five runs
+/// each alternated, medians in M events/s: q0 40.6 / 40.7, q1 42.4 / 43.1,
+/// q2 41.1 / 40.4, q3 29.3 / 32.0 (1.09), q4 10.9 / 12.8 (1.18), q5 9.8 /
+/// 10.7 (1.10), q7 26.4 / 25.9 (0.98), q8 31.9 / 30.8 (0.96); the runs
+/// spread much less without (q5 8.5-10.6 with, 10.4-11.0 without). Turns
+/// over 4 ms in one `dirigo bench isolation --runs 1`: 310 with, 43
+/// without. The cost: the joins (q7, q8) and `dirigo bench checkpoint`'s
+/// random-access count over 7M keys run 2-4% slower (82.7M against 86.0M
+/// events/s, one invocation each), as their table lookups miss the TLB
+/// more. `MIMALLOC_ALLOW_THP` in the environment
+/// overrides it (mimalloc reads it at start: `1` keeps huge pages).
+fn disable_transparent_huge_pages() {
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
+        return;
+    }
+    // SAFETY: sets a flag of this process's memory map; no pointer is
+    // passed. A kernel without the option refuses it, and the process runs
+    // on as it was.
+    let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+}
+
 fn main() -> std::process::ExitCode {
+    disable_transparent_huge_pages();
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: sets one option value, read by mimalloc on its own threads
         // as a plain long; any value is valid for this option.
