@@ -112,7 +112,7 @@ impl Default for Config {
         Config {
             cores: dirigo_engine::runtime::online_cores(),
             runs: 3,
-            rate_per_s: 5_000_000,
+            rate_per_s: 10_000_000,
             step_factor: 4,
             step_ms: 2_000,
             pause_ms: 2_500,
@@ -786,7 +786,7 @@ mod tests {
         let phases = config.phases();
         assert_eq!(
             config.schedule().unwrap().to_string(),
-            "5000000/2s,20000000/2s,5000000/1s,0/2500ms,5000000"
+            "10000000/2s,40000000/2s,10000000/1s,0/2500ms,10000000"
         );
         assert_eq!(
             (
@@ -799,7 +799,7 @@ mod tests {
         );
         assert_eq!(
             config.events(),
-            10_000_000 + 40_000_000 + 5_000_000 + 5_000_000
+            20_000_000 + 80_000_000 + 10_000_000 + 10_000_000
         );
     }
 }

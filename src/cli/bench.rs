@@ -155,7 +155,7 @@ enum BenchName {
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
         cores: Option<u64>,
         /// The steady input rate, events/s.
-        #[arg(long, default_value_t = 5_000_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+        #[arg(long, default_value_t = 10_000_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
         rate: u64,
         /// The step's rate over the steady rate.
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1000))]
