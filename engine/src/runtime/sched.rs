@@ -7,7 +7,13 @@
 //! is FIFO, so no policy ever reorders messages of one actor; policies only choose
 //! between actors.
 //!
-//! - `Edf` (default): earliest head deadline first, as in Cameo.
+//! - `Edf` (default): earliest head deadline first, as in Cameo; a head
+//!   already past its deadline when its actor is queued is keyed as if it
+//!   had just arrived with its whole budget (`deadline - origin`) ahead: a
+//!   job that has fallen behind by more than its SLO (a bulk job in a burst)
+//!   cannot make those deadlines by running first, and under plain EDF its
+//!   overdue messages would go before every message that still can (the
+//!   domino effect of EDF under overload).
 //! - `Fifo`: earliest head arrival first; the baseline that slot-based engines
 //!   behave as.
 //! - `FairShare`: start-time fair queueing over jobs: each job's virtual time
@@ -60,7 +66,9 @@ impl std::str::FromStr for PolicyKind {
 /// A scheduling policy: turns the head message of a runnable actor into a key
 /// (smaller runs first) and learns what each turn cost.
 pub trait Policy {
-    fn key(&mut self, head: &SchedCtx, arrival: u64) -> u64;
+    /// `arrival`: the head's place in the shard's arrival order; `now_ns`:
+    /// the shard's clock as its actor is queued.
+    fn key(&mut self, head: &SchedCtx, arrival: u64, now_ns: u64) -> u64;
     fn charge(&mut self, _job: JobId, _cpu_ns: u64) {}
     /// A job is retired: drop what is kept about it.
     fn forget(&mut self, _job: JobId) {}
@@ -69,15 +77,19 @@ pub trait Policy {
 pub struct Edf;
 impl Policy for Edf {
     #[inline]
-    fn key(&mut self, head: &SchedCtx, _arrival: u64) -> u64 {
-        head.deadline_ns
+    fn key(&mut self, head: &SchedCtx, _arrival: u64, now_ns: u64) -> u64 {
+        if head.deadline_ns >= now_ns {
+            return head.deadline_ns;
+        }
+        // Overdue: as if it arrived now with its whole budget.
+        now_ns.saturating_add(head.deadline_ns.saturating_sub(head.origin_ns))
     }
 }
 
 pub struct Fifo;
 impl Policy for Fifo {
     #[inline]
-    fn key(&mut self, _head: &SchedCtx, arrival: u64) -> u64 {
+    fn key(&mut self, _head: &SchedCtx, arrival: u64, _now_ns: u64) -> u64 {
         arrival
     }
 }
@@ -102,7 +114,7 @@ impl FairShare {
 }
 
 impl Policy for FairShare {
-    fn key(&mut self, head: &SchedCtx, _arrival: u64) -> u64 {
+    fn key(&mut self, head: &SchedCtx, _arrival: u64, _now_ns: u64) -> u64 {
         let finish = self.finish.get(&head.job).copied().unwrap_or(0);
         finish.max(self.virtual_ns)
     }
@@ -179,7 +191,7 @@ mod tests {
         let order = |policy: &mut dyn Policy| {
             let mut queue = RunQueue::default();
             for (slot, &(deadline, arrival)) in heads.iter().enumerate() {
-                let key = policy.key(&ctx(1, deadline), arrival);
+                let key = policy.key(&ctx(1, deadline), arrival, 0);
                 queue.push(key, slot as u32, 0);
             }
             std::iter::from_fn(|| queue.pop().map(|(s, _)| s)).collect::<Vec<_>>()
@@ -189,12 +201,48 @@ mod tests {
     }
 
     #[test]
+    fn edf_keys_an_overdue_head_as_if_it_arrived_now_with_its_budget() {
+        let ms = 1_000_000u64;
+        let now = 10_000 * ms;
+        // A bulk job (SLO 2 s) 400 ms behind, and a latency-critical one
+        // (SLO 10 ms) with 5 ms left: the one that can still make it runs
+        // first.
+        let bulk = SchedCtx {
+            job: JobId(2),
+            deadline_ns: now - 400 * ms,
+            origin_ns: now - 2_400 * ms,
+        };
+        let lc = SchedCtx {
+            job: JobId(1),
+            deadline_ns: now + 5 * ms,
+            origin_ns: now - 5 * ms,
+        };
+        assert!(Edf.key(&lc, 0, now) < Edf.key(&bulk, 0, now));
+        assert_eq!(Edf.key(&bulk, 0, now), now + 2_000 * ms);
+        // On time, the key is the deadline.
+        assert_eq!(Edf.key(&lc, 0, now), now + 5 * ms);
+        // An overdue latency-critical head still goes before the bulk job's
+        // on-time heads further out.
+        let late_lc = SchedCtx {
+            deadline_ns: now - ms,
+            origin_ns: now - 11 * ms,
+            ..lc
+        };
+        let bulk_on_time = SchedCtx {
+            deadline_ns: now + 1_500 * ms,
+            origin_ns: now - 500 * ms,
+            ..bulk
+        };
+        assert!(Edf.key(&late_lc, 0, now) < Edf.key(&bulk_on_time, 0, now));
+    }
+
+    #[test]
     fn fair_share_favours_the_job_that_used_less() {
         let mut fair = FairShare::new(&[(JobId(1), 1), (JobId(2), 3)]);
         fair.charge(JobId(1), 3_000);
         fair.charge(JobId(2), 3_000);
         // Job 2 has weight 3: the same CPU time costs it a third of the virtual time.
-        assert!(fair.key(&ctx(2, 0), 0) < fair.key(&ctx(1, 0), 0));
+        assert!(fair.key(&ctx(2, 0), 0, 0) < fair.key(&ctx(1, 0), 0, 0));
         // A retired job's tag is forgotten: the table does not grow per job.
         fair.forget(JobId(1));
         fair.forget(JobId(2));

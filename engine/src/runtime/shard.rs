@@ -1210,7 +1210,7 @@ impl<M: Send + 'static> ShardCore<M> {
             .mailbox
             .front()
             .expect("runnable actors have a message");
-        let key = self.policy.key(&head.sched, head.arrival);
+        let key = self.policy.key(&head.sched, head.arrival, self.now_ns);
         slot.queued = true;
         self.run_queue
             .push(key, index, self.generations[index as usize]);
