@@ -392,6 +392,23 @@ impl FrameDecoder {
         }
     }
 
+    /// Whether `next_frame` would return now without more bytes: a whole
+    /// frame is buffered, or the stream has failed, or the next frame's
+    /// length is over the bound (which `next_frame` reports).
+    pub fn frame_ready(&self) -> bool {
+        if self.failed.is_some() {
+            return true;
+        }
+        let available = &self.buffer.as_slice()[self.start..];
+        if available.len() < 4 {
+            return false;
+        }
+        let length = u32::from_le_bytes([available[0], available[1], available[2], available[3]]);
+        let frame_bytes = FRAME_HEADER_BYTES as u64
+            + (length as u64).next_multiple_of(FRAME_ALIGNMENT_BYTES as u64);
+        frame_bytes > self.config.frame_bytes_max as u64 || available.len() as u64 >= frame_bytes
+    }
+
     /// The next complete frame, `Ok(None)` if more bytes are needed, or the
     /// error that ends the stream. The frame borrows the decoder until the
     /// next call.

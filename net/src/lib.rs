@@ -1,5 +1,5 @@
-//! The wire between Dirigo nodes: frames and their rkyv payloads; later the
-//! transport.
+//! The wire between Dirigo nodes: frames and their rkyv payloads, the
+//! mutual handshake, and connections over TCP on glommio.
 //!
 //! # Boundary
 //!
@@ -14,13 +14,18 @@
 //!   streaming [`FrameDecoder`] bounded by `frame_bytes_max`.
 //! - [`codec`]: rkyv 0.8 into a frame payload ([`to_frame`]) and validated,
 //!   zero-copy access to a received one ([`access_frame`]).
+//! - [`handshake`]: mutual authentication, sans I/O: an HMAC-SHA256
+//!   challenge both ways over a shared secret, the cluster id and protocol
+//!   version checked, fixed-size messages.
+//! - [`conn`]: a connection over glommio's TCP (io_uring): `connect` and
+//!   `accept` run the handshake within a timeout, then frames both ways
+//!   through `encode_frame` and a `FrameDecoder`; heartbeat frames.
 //!
 //! # Not yet here
 //!
-//! The io_uring TCP transport (glommio sockets on each shard's executor),
-//! handshake and authentication, and backpressure come later and will sit on
-//! top of `FrameDecoder`/`encode_frame` unchanged: a connection reads into
-//! `push` and writes encoded frames. Until then the crate does no I/O at all.
+//! Nothing in the engine uses a connection yet: remote actor sends with
+//! credits, reconnects with backoff, membership and placement (the cluster
+//! issue) come on top of `conn`.
 //!
 //! # Bad input
 //!
@@ -29,7 +34,9 @@
 //! naming the frame number and stream offset, never a panic.
 
 pub mod codec;
+pub mod conn;
 pub mod frame;
+pub mod handshake;
 
 pub use codec::{access_frame, to_frame};
 pub use frame::{

@@ -1,0 +1,270 @@
+//! A connection between two nodes: TCP through glommio (io_uring), opened by
+//! the mutual handshake of [`crate::handshake`], then frames both ways.
+//!
+//! - Nothing a peer sends is read as a frame before it has proven it holds
+//!   the secret: the handshake messages have fixed sizes and are read with
+//!   `read_exact`, so an unauthenticated peer makes this side buffer at most
+//!   [`HANDSHAKE_BYTES_MAX`] bytes, and the handshake must end within
+//!   `handshake_timeout`.
+//! - After it, a frame whose length is over `frame_bytes_max` is an error as
+//!   soon as its length field is read, before its payload is buffered; the
+//!   decoder never holds more than `frame_bytes_max` bytes
+//!   ([`FrameDecoder`]), and this side reads from the socket only what the
+//!   decoder can take.
+//! - A broken frame (bad crc, reserved bits) ends the connection: the
+//!   stream cannot be resynchronized.
+//! - [`Connection::send`] writes a frame whole before it returns: a sender
+//!   waits for the socket (TCP's own flow control), so nothing queues
+//!   without bound here.
+//! - Heartbeats are frames of kind [`HEARTBEAT_KIND`] with no payload, sent
+//!   by whoever drives the connection; [`Connection::recv`] passes them on
+//!   like any frame (the caller decides when a peer is lost).
+
+use std::fmt;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+
+use crate::frame::{encode_frame, Frame, FrameConfig, FrameDecoder, FrameError};
+use crate::handshake::{
+    client_hello, server_challenge, HandshakeError, Identity, Peer, CHALLENGE_BYTES,
+    HANDSHAKE_BYTES_MAX, HELLO_BYTES, PROOF_BYTES,
+};
+
+/// The frame kind of a heartbeat (no payload).
+pub const HEARTBEAT_KIND: u8 = 0;
+
+/// Bytes read from the socket at a time.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct ConnConfig {
+    /// The whole handshake must end within this, or the connection is
+    /// refused.
+    pub handshake_timeout: Duration,
+    pub frame: FrameConfig,
+}
+
+impl Default for ConnConfig {
+    fn default() -> Self {
+        ConnConfig {
+            handshake_timeout: Duration::from_secs(5),
+            frame: FrameConfig::default(),
+        }
+    }
+}
+
+/// Why a connection could not be opened or went on no longer.
+#[derive(Debug)]
+pub enum ConnError {
+    Io(std::io::Error),
+    /// The peer was refused at the handshake (or refused this node).
+    Handshake(HandshakeError),
+    /// The handshake did not end within `handshake_timeout`.
+    HandshakeTimeout,
+    Frame(FrameError),
+}
+
+impl fmt::Display for ConnError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnError::Io(e) => write!(f, "{e}"),
+            ConnError::Handshake(e) => write!(f, "{e}"),
+            ConnError::HandshakeTimeout => write!(f, "the handshake did not end in time"),
+            ConnError::Frame(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for ConnError {}
+
+impl From<std::io::Error> for ConnError {
+    fn from(e: std::io::Error) -> Self {
+        ConnError::Io(e)
+    }
+}
+
+impl From<glommio::GlommioError<()>> for ConnError {
+    fn from(e: glommio::GlommioError<()>) -> Self {
+        ConnError::Io(e.into())
+    }
+}
+
+impl From<FrameError> for ConnError {
+    fn from(e: FrameError) -> Self {
+        ConnError::Frame(e)
+    }
+}
+
+/// An authenticated connection to a peer.
+pub struct Connection {
+    stream: TcpStream,
+    peer: Peer,
+    peer_addr: Option<SocketAddr>,
+    config: FrameConfig,
+    decoder: FrameDecoder,
+    /// Bytes read from the socket that the decoder could not take yet.
+    unread: Vec<u8>,
+    unread_start: usize,
+    out: Vec<u8>,
+}
+
+/// 32 bytes from the kernel's random source: a handshake nonce.
+fn nonce() -> Result<[u8; 32], ConnError> {
+    let mut nonce = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut nonce)?;
+    Ok(nonce)
+}
+
+async fn within<T>(
+    timeout: Duration,
+    work: impl std::future::Future<Output = Result<T, ConnError>>,
+) -> Result<T, ConnError> {
+    let mut work = std::pin::pin!(work);
+    let timed = glommio::timer::timeout(timeout, async { Ok(work.as_mut().await) }).await;
+    match timed {
+        Ok(result) => result,
+        Err(_) => Err(ConnError::HandshakeTimeout),
+    }
+}
+
+/// Connect to `addr` as `identity` and authenticate both ways.
+pub async fn connect(
+    addr: SocketAddr,
+    identity: &Identity,
+    config: &ConnConfig,
+) -> Result<Connection, ConnError> {
+    let nonce = nonce()?;
+    within(config.handshake_timeout, async {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (state, hello) = client_hello(identity, nonce);
+        stream.write_all(&hello).await?;
+        let mut challenge = [0u8; CHALLENGE_BYTES];
+        stream.read_exact(&mut challenge).await?;
+        let (proof, peer) = state
+            .on_challenge(&challenge)
+            .map_err(ConnError::Handshake)?;
+        stream.write_all(&proof).await?;
+        Ok(Connection::new(stream, peer, Some(addr), config))
+    })
+    .await
+}
+
+/// Take the next connection from `listener` and authenticate it. A peer that
+/// fails the handshake is an error naming its address; the listener goes on
+/// (the caller logs the refusal and accepts again).
+pub async fn accept(
+    listener: &TcpListener,
+    identity: &Identity,
+    config: &ConnConfig,
+) -> Result<Connection, (Option<SocketAddr>, ConnError)> {
+    let stream = listener.accept().await.map_err(|e| (None, e.into()))?;
+    let addr = stream.peer_addr().ok();
+    let nonce = nonce().map_err(|e| (addr, e))?;
+    within(config.handshake_timeout, async move {
+        let mut stream = stream;
+        stream.set_nodelay(true)?;
+        let mut hello = [0u8; HELLO_BYTES];
+        stream.read_exact(&mut hello).await?;
+        let (state, challenge) =
+            server_challenge(identity, &hello, nonce).map_err(ConnError::Handshake)?;
+        stream.write_all(&challenge).await?;
+        let mut proof = [0u8; PROOF_BYTES];
+        stream.read_exact(&mut proof).await?;
+        let peer = state.on_proof(&proof).map_err(ConnError::Handshake)?;
+        Ok(Connection::new(stream, peer, addr, config))
+    })
+    .await
+    .map_err(|e| (addr, e))
+}
+
+const _: () = assert!(HELLO_BYTES <= HANDSHAKE_BYTES_MAX && PROOF_BYTES <= HANDSHAKE_BYTES_MAX);
+
+impl Connection {
+    fn new(
+        stream: TcpStream,
+        peer: Peer,
+        peer_addr: Option<SocketAddr>,
+        config: &ConnConfig,
+    ) -> Self {
+        Connection {
+            stream,
+            peer,
+            peer_addr,
+            config: config.frame,
+            decoder: FrameDecoder::new(config.frame),
+            unread: Vec::new(),
+            unread_start: 0,
+            out: Vec::new(),
+        }
+    }
+
+    /// The authenticated peer.
+    pub fn peer(&self) -> Peer {
+        self.peer
+    }
+
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer_addr
+    }
+
+    /// Send one frame; returns once it is written to the socket.
+    pub async fn send(&mut self, kind: u8, payload: &[u8]) -> Result<(), ConnError> {
+        self.out.clear();
+        encode_frame(&self.config, kind, payload, &mut self.out)?;
+        self.stream.write_all(&self.out).await?;
+        Ok(())
+    }
+
+    /// A heartbeat frame.
+    pub async fn heartbeat(&mut self) -> Result<(), ConnError> {
+        self.send(HEARTBEAT_KIND, &[]).await
+    }
+
+    /// The next frame, or `None` when the peer closed the connection between
+    /// frames. A connection closed inside a frame, or a broken frame, is an
+    /// error.
+    pub async fn recv(&mut self) -> Result<Option<Frame<'_>>, ConnError> {
+        loop {
+            // What was read before and did not fit goes first.
+            if self.unread_start < self.unread.len() {
+                let taken = self.decoder.push(&self.unread[self.unread_start..]);
+                self.unread_start += taken;
+            }
+            if self.decoder.frame_ready() {
+                break;
+            }
+            if self.unread_start < self.unread.len() {
+                // A decoder short of a whole frame always has room for
+                // more (it holds up to one frame's bound): not reached.
+                return Err(ConnError::Io(std::io::Error::other(
+                    "the frame decoder took no bytes while short of a frame",
+                )));
+            }
+            self.unread.resize(READ_CHUNK_BYTES, 0);
+            self.unread_start = 0;
+            let read = self.stream.read(&mut self.unread).await?;
+            self.unread.truncate(read);
+            if read == 0 {
+                return match self.decoder.buffered_bytes() {
+                    0 => Ok(None),
+                    partial => Err(ConnError::Io(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("the peer closed the connection inside a frame ({partial} bytes of it read)"),
+                    ))),
+                };
+            }
+        }
+        Ok(Some(self.decoder.next_frame()?.expect("a frame is ready")))
+    }
+
+    /// Close the connection (both directions).
+    pub async fn close(mut self) -> Result<(), ConnError> {
+        self.stream.close().await?;
+        Ok(())
+    }
+}
