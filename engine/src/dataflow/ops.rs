@@ -516,8 +516,8 @@ struct WindowState<In, A: Aggregate<In>> {
 }
 
 /// Keys a window fire visits in one step unless an operator says otherwise.
-/// At 32,768 single fire steps of q5's first phase were seen to take 8 to
-/// 13 ms of a turn during a burst; at this size a co-tenant waits far less,
+/// At 32,768 a fire step of q5's first phase took 3.5 to 5 ms during a
+/// burst (timed in a trace, not kept); at this size a co-tenant waits less,
 /// and q3, q5 and q7 ran as fast (20M events, one core, five runs
 /// alternated: 1.04, 1.01, 1.00 of the larger step).
 pub const FIRE_STEP_KEYS: usize = 4_096;
