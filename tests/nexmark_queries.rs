@@ -463,6 +463,7 @@ fn every_query_resumes_exactly_after_stops_while_key_groups_reroute() {
         );
         eprintln!("{context}");
         assert!(reroutes >= 30, "{context}: too few reroutes");
+        assert!(parallel >= 1, "{context}: no switch to parallel mode");
         assert!(
             resumed >= 8,
             "{context}: few jobs were stopped before their end"

@@ -9,8 +9,18 @@
 //! - After it, a frame whose length is over `frame_bytes_max` is an error as
 //!   soon as its length field is read, before its payload is buffered; the
 //!   decoder never holds more than `frame_bytes_max` bytes
-//!   ([`FrameDecoder`]), and this side reads from the socket only what the
-//!   decoder can take.
+//!   ([`FrameDecoder`]), and bytes read from the socket wait in one read
+//!   chunk of 64 KiB until the decoder takes them.
+//! - [`accept`] authenticates one accepted stream: a node spawns it per
+//!   connection, so a peer that stays silent holds up only its own (until
+//!   `handshake_timeout`).
+//! - [`Connection::recv`] and [`Connection::send`] are not cancel-safe: a
+//!   call dropped while it waits may have read bytes it did not keep, or
+//!   written part of a frame. Close the connection then.
+//! - Not yet: frames after the handshake carry a crc32c, not a MAC keyed
+//!   by the handshake, so an attacker on the path between two nodes could
+//!   inject frames into an authenticated connection; per-frame MACs (or
+//!   TLS) are to come with the cluster.
 //! - A broken frame (bad crc, reserved bits) ends the connection: the
 //!   stream cannot be resynchronized.
 //! - [`Connection::send`] writes a frame whole before it returns: a sender
@@ -26,7 +36,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::{TcpListener, TcpStream};
+use glommio::net::TcpStream;
 
 use crate::frame::{encode_frame, Frame, FrameConfig, FrameDecoder, FrameError};
 use crate::handshake::{
@@ -109,6 +119,8 @@ pub struct Connection {
     /// Bytes read from the socket that the decoder could not take yet.
     unread: Vec<u8>,
     unread_start: usize,
+    /// Where the socket is read into (`READ_CHUNK_BYTES`).
+    chunk: Vec<u8>,
     out: Vec<u8>,
 }
 
@@ -154,15 +166,13 @@ pub async fn connect(
     .await
 }
 
-/// Take the next connection from `listener` and authenticate it. A peer that
-/// fails the handshake is an error naming its address; the listener goes on
-/// (the caller logs the refusal and accepts again).
+/// Authenticate a stream a listener accepted. A peer that fails the
+/// handshake is an error naming its address (the caller logs the refusal).
 pub async fn accept(
-    listener: &TcpListener,
+    stream: TcpStream,
     identity: &Identity,
     config: &ConnConfig,
 ) -> Result<Connection, (Option<SocketAddr>, ConnError)> {
-    let stream = listener.accept().await.map_err(|e| (None, e.into()))?;
     let addr = stream.peer_addr().ok();
     let nonce = nonce().map_err(|e| (addr, e))?;
     within(config.handshake_timeout, async move {
@@ -199,6 +209,7 @@ impl Connection {
             decoder: FrameDecoder::new(config.frame),
             unread: Vec::new(),
             unread_start: 0,
+            chunk: Vec::new(),
             out: Vec::new(),
         }
     }
@@ -245,10 +256,14 @@ impl Connection {
                     "the frame decoder took no bytes while short of a frame",
                 )));
             }
-            self.unread.resize(READ_CHUNK_BYTES, 0);
+            // Everything read before was taken: read the next chunk apart,
+            // so that a call dropped in the read leaves nothing stale.
+            let mut chunk = std::mem::take(&mut self.chunk);
+            chunk.resize(READ_CHUNK_BYTES, 0);
+            let read = self.stream.read(&mut chunk).await?;
+            chunk.truncate(read);
+            self.chunk = std::mem::replace(&mut self.unread, chunk);
             self.unread_start = 0;
-            let read = self.stream.read(&mut self.unread).await?;
-            self.unread.truncate(read);
             if read == 0 {
                 return match self.decoder.buffered_bytes() {
                     0 => Ok(None),

@@ -391,12 +391,13 @@ struct Committed {
 }
 
 /// Checkpoints and reroutes of the job take turns (see `reroute`): no
-/// reroute is ordered while barriers may be in the job's channels, and no
+/// reroute is ordered while an actor may align for a checkpoint, and no
 /// checkpoint is requested while a reroute is under way.
 #[derive(Default)]
 struct Turns {
-    /// Barriers of the newest requested epoch may still be in channels: not
-    /// every actor has reported its part (or its end) for it yet.
+    /// An actor may align for the newest requested epoch: not every actor
+    /// has reported its part (or its end, or a declined barrier passed on)
+    /// for it yet.
     barriers_out: bool,
     /// A reroute of one of the job's stages is under way.
     rerouting: bool,
@@ -621,8 +622,8 @@ impl Checkpointer {
         &self.store
     }
 
-    /// Begin a reroute of one of the job's stages: refused while barriers of
-    /// a checkpoint may be in its channels (a partition holding what follows
+    /// Begin a reroute of one of the job's stages: refused while an actor
+    /// may align for a checkpoint (a partition holding what follows
     /// a reroute marker and one holding what follows a barrier could wait on
     /// each other, and a handoff in flight would be in no snapshot).
     pub(crate) fn begin_reroute(&self) -> Result<(), String> {
@@ -637,8 +638,7 @@ impl Checkpointer {
         Ok(())
     }
 
-    /// Barriers of a checkpoint may be in the job's channels: a reroute
-    /// would be refused now.
+    /// An actor may align for a checkpoint: a reroute would be refused now.
     pub(crate) fn barriers_out(&self) -> bool {
         self.turns
             .lock()
@@ -769,8 +769,9 @@ impl Checkpointer {
         let mut final_failures = 0u32;
         let mut next_request = Instant::now() + self.interval;
         // The newest epoch requested and the actors that reported for it
-        // (any kind of part): once all have, none of its barriers (nor an
-        // older one's) is left in a channel.
+        // (any kind of part): once all have, no actor aligns for it (or an
+        // older one) any more; a barrier of it still in a channel is stale
+        // where it arrives and ignored.
         let mut newest = 0u64;
         let mut reported: BTreeSet<ActorKey> = BTreeSet::new();
         let timeout = (self.interval * CHECKPOINT_TIMEOUT_INTERVALS).max(Duration::from_secs(10));
@@ -962,7 +963,7 @@ impl Checkpointer {
             if in_flight.is_none() && !sources_done && Instant::now() >= next_request {
                 let mut turns = self.turns.lock().expect("checkpointer poisoned");
                 // While a reroute is under way the request waits (the loop
-                // looks again within 50 ms, or when the reroute ends).
+                // looks again in 2 ms).
                 if !turns.rerouting {
                     let epoch = next_epoch;
                     next_epoch += 1;

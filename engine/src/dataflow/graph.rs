@@ -409,6 +409,8 @@ pub struct Plan {
     pub(crate) checkpointer: Option<Arc<Checkpointer>>,
     /// Per stage, its reroutes (keyed stages only; see `reroute`).
     pub(crate) reroutes: Vec<super::reroute::RerouteSlot>,
+    /// Held while a reroute of the job is checked and ordered.
+    pub(crate) reroute_order: std::sync::Mutex<()>,
 }
 
 impl Plan {
@@ -728,6 +730,7 @@ impl Job {
             autoscale: self.autoscale,
             checkpointer,
             reroutes,
+            reroute_order: std::sync::Mutex::new(()),
         })
     }
 }

@@ -501,12 +501,15 @@ impl Registry {
     /// unknown job or stage, parallel mode for a stage that keeps state by
     /// key,
     /// a stage that is not keyed, a job whose checkpoint is under way (its
-    /// barriers may be in the channels; see `Checkpointer::begin_reroute`),
+    /// actors may align for it; see `Checkpointer::begin_reroute`),
     /// a table of the wrong size or naming a partition the stage does not
     /// have, and while a reroute of any stage of the job is under way.
     pub fn reroute(&self, job: JobId, stage: u32, owners: Vec<u32>) -> Result<Orders, String> {
         let plans = self.plans.read().expect("plan registry poisoned");
         let plan = plans.get(&job).ok_or_else(|| format!("no job {job:?}"))?;
+        // Whether a reroute is under way and ordering this one is one step:
+        // two callers (the autoscaler, a user) never both pass the check.
+        let _ordering = plan.reroute_order.lock().expect("reroute order poisoned");
         let target = plan
             .stages
             .get(stage as usize)
@@ -576,8 +579,8 @@ impl Registry {
         Ok(orders)
     }
 
-    /// A checkpoint of `job` is under way (its barriers may be in the
-    /// channels): a reroute of it would be refused now.
+    /// A checkpoint of `job` is under way (an actor may align for it): a
+    /// reroute of it would be refused now.
     pub fn checkpoint_under_way(&self, job: JobId) -> bool {
         let plans = self.plans.read().expect("plan registry poisoned");
         plans

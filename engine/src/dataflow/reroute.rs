@@ -75,9 +75,10 @@
 //! since the feeders have switched already.
 //!
 //! In a job that takes checkpoints, reroutes and checkpoints take turns
-//! (`Checkpointer::begin_reroute`): a reroute is refused while barriers of
-//! the newest checkpoint may still be in a channel (until every actor has
-//! reported its part for it, or passed on a declined barrier), and a
+//! (`Checkpointer::begin_reroute`): a reroute is refused while an actor may
+//! align for the newest checkpoint (until every actor has reported its
+//! part for it, or passed on a declined barrier; a barrier of it still in
+//! a channel is then stale and ignored where it arrives), and a
 //! checkpoint is not requested while a reroute is under way (until every
 //! partition of the stage completed it). So a checkpoint's cut never falls
 //! inside a reroute: no handoff is in flight, no partition holds anything

@@ -179,6 +179,7 @@ fn run(
             .values()
             .map(|job| job.records_in)
             .fold(0u64, u64::wrapping_add);
+        retry_undos(engine, &mut splits, &options);
         if records == records_before {
             last = Instant::now();
             for decision in model.idle_step(&jobs) {
@@ -251,6 +252,69 @@ struct Splits {
     split: BTreeMap<(ActorId, u32), Vec<u32>>,
     /// By `(job, stage)`.
     parallel: BTreeMap<(crate::ids::JobId, u32), Vec<u32>>,
+    /// Merges and switches back the engine refused (a checkpoint or another
+    /// reroute of the job under way): the model has let go of them, so the
+    /// driver tries them again every step until they are carried out or
+    /// their job is gone. At most one per split or switch.
+    undo: Vec<Undo>,
+}
+
+enum Undo {
+    Merge {
+        into: ActorId,
+        from: u32,
+        before: Vec<u32>,
+    },
+    Ordered {
+        job: crate::ids::JobId,
+        stage: u32,
+        before: Vec<u32>,
+    },
+}
+
+impl Undo {
+    fn job(&self) -> crate::ids::JobId {
+        match self {
+            Undo::Merge { into, .. } => into.job,
+            Undo::Ordered { job, .. } => *job,
+        }
+    }
+}
+
+/// Try the refused merges and switches back again; keep those still refused.
+fn retry_undos(
+    (runtime, registry): (&Runtime<DataMsg>, &Registry),
+    splits: &mut Splits,
+    options: &AutoscaleOptions,
+) {
+    let pending = std::mem::take(&mut splits.undo);
+    for undo in pending {
+        let job = undo.job();
+        if registry.routing(job, 0).is_none() {
+            continue; // the job is gone
+        }
+        let done = match &undo {
+            Undo::Merge { into, from, before } => registry.merge(*into, *from, before),
+            Undo::Ordered { job, stage, before } => registry.reroute(*job, *stage, before.clone()),
+        };
+        match done {
+            Ok(orders) => {
+                super::deliver_orders(runtime, job, orders);
+                if options.log_decisions {
+                    let what = match &undo {
+                        Undo::Merge { into, from, .. } => {
+                            format!("merge of {into} with partition {from}")
+                        }
+                        Undo::Ordered { job, stage, .. } => {
+                            format!("switch back to ordered mode of job {} stage {stage}", job.0)
+                        }
+                    };
+                    eprintln!("autoscaler: carried out now: {what}");
+                }
+            }
+            Err(_) => splits.undo.push(undo),
+        }
+    }
 }
 
 /// Act on one decision, count it for its job (an action that scales it and
@@ -298,15 +362,33 @@ fn carry_out(
             None => Err("no such job or stage".to_string()),
         },
         Action::Ordered { job, stage } => match splits.parallel.remove(&(job, stage)) {
-            Some(before) => registry
-                .reroute(job, stage, before)
-                .map(|orders| super::deliver_orders(runtime, job, orders)),
+            Some(before) => match registry.reroute(job, stage, before.clone()) {
+                Ok(orders) => {
+                    super::deliver_orders(runtime, job, orders);
+                    Ok(())
+                }
+                Err(e) => {
+                    splits.undo.push(Undo::Ordered { job, stage, before });
+                    Err(format!("{e}; tried again each step"))
+                }
+            },
             None => Err("its switch to parallel mode was not carried out".to_string()),
         },
         Action::Merge { into, from } => match splits.split.remove(&(into, from.partition)) {
-            Some(before) => registry
-                .merge(into, from.partition, &before)
-                .map(|orders| super::deliver_orders(runtime, into.job, orders)),
+            Some(before) => match registry.merge(into, from.partition, &before) {
+                Ok(orders) => {
+                    super::deliver_orders(runtime, into.job, orders);
+                    Ok(())
+                }
+                Err(e) => {
+                    splits.undo.push(Undo::Merge {
+                        into,
+                        from: from.partition,
+                        before,
+                    });
+                    Err(format!("{e}; tried again each step"))
+                }
+            },
             None => Err("its split was not carried out".to_string()),
         },
         Action::NeedsParallelism { .. } | Action::Wake { .. } => Ok(()),

@@ -13,7 +13,8 @@
 //!   job that has fallen behind by more than its SLO (a bulk job in a burst)
 //!   cannot make those deadlines by running first, and under plain EDF its
 //!   overdue messages would go before every message that still can (the
-//!   domino effect of EDF under overload).
+//!   domino effect of EDF under overload). Deadline 0 marks an urgent
+//!   message (a checkpoint barrier): key 0, first.
 //! - `Fifo`: earliest head arrival first; the baseline that slot-based engines
 //!   behave as.
 //! - `FairShare`: start-time fair queueing over jobs: each job's virtual time
@@ -78,7 +79,8 @@ pub struct Edf;
 impl Policy for Edf {
     #[inline]
     fn key(&mut self, head: &SchedCtx, _arrival: u64, now_ns: u64) -> u64 {
-        if head.deadline_ns >= now_ns {
+        // Deadline 0 is urgent (a checkpoint barrier): it runs first.
+        if head.deadline_ns >= now_ns || head.deadline_ns == 0 {
             return head.deadline_ns;
         }
         // Overdue: as if it arrived now with its whole budget.
@@ -234,6 +236,12 @@ mod tests {
             ..bulk
         };
         assert!(Edf.key(&late_lc, 0, now) < Edf.key(&bulk_on_time, 0, now));
+        // An urgent head (deadline 0: a barrier) goes before all of them.
+        let barrier = SchedCtx {
+            deadline_ns: 0,
+            ..bulk
+        };
+        assert_eq!(Edf.key(&barrier, 0, now), 0);
     }
 
     #[test]
