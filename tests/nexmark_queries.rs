@@ -270,24 +270,9 @@ fn every_query_matches_the_reference_while_key_groups_reroute() {
         let (mut reroutes, mut rounds, mut parallel) = (0u64, 0u64, 0u64);
         while !submitted.iter().all(|s| s.handle.is_done()) && rounds < 20_000 {
             rounds += 1;
-            let (job, keyed) = stages[rng.below(stages.len() as u64) as usize];
-            if let Some((owners, true)) = dataflow.routing(job, keyed.stage) {
-                let groups = dirigo_engine::dataflow::KEY_GROUPS_DEFAULT;
-                let change = dirigo_engine::dataflow::reroute::random_change(
-                    &mut rng, &owners, keyed, groups,
-                );
-                if let Some(table) = change.filter(|t| *t != owners) {
-                    parallel += table.is_empty() as u64;
-                    dataflow
-                        .reroute(job, keyed.stage, table)
-                        .expect("a valid reroute");
-                    reroutes += 1;
-                }
-            }
-            if shards > 1 && rng.below(4) == 0 {
-                let actor = actors[rng.below(actors.len() as u64) as usize];
-                dataflow.migrate(actor, ShardId(rng.below(shards as u64) as u16));
-            }
+            let (ordered, to_parallel) = reroute_at_random(&dataflow, &mut rng, &stages, &actors);
+            reroutes += ordered as u64;
+            parallel += to_parallel as u64;
             std::thread::sleep(Duration::from_micros(200));
         }
         // How many reroutes fit in the run depends on the machine's load
@@ -320,7 +305,7 @@ fn every_query_matches_the_reference_while_key_groups_reroute() {
 /// merge, scatter, parallel mode and back), and with several shards maybe
 /// migrate one of `actors`. Whether a reroute was ordered, and whether it
 /// was a switch to parallel mode; a refusal because a checkpoint is under
-/// way orders none.
+/// way orders none, any other refusal fails the test.
 fn reroute_at_random(
     dataflow: &Dataflow,
     rng: &mut dirigo_engine::runtime::sim::SimRng,

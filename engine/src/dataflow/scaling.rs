@@ -179,7 +179,7 @@ fn run(
             .values()
             .map(|job| job.records_in)
             .fold(0u64, u64::wrapping_add);
-        retry_undos(engine, &mut splits, &options);
+        retry_undos(engine, &mut splits, &jobs, &options);
         if records == records_before {
             last = Instant::now();
             for decision in model.idle_step(&jobs) {
@@ -285,14 +285,13 @@ impl Undo {
 fn retry_undos(
     (runtime, registry): (&Runtime<DataMsg>, &Registry),
     splits: &mut Splits,
+    jobs: &BTreeMap<crate::ids::JobId, crate::autoscale::JobSample>,
     options: &AutoscaleOptions,
 ) {
+    // Those of a job that is gone go with it.
     let pending = std::mem::take(&mut splits.undo);
-    for undo in pending {
+    for undo in pending.into_iter().filter(|u| jobs.contains_key(&u.job())) {
         let job = undo.job();
-        if registry.routing(job, 0).is_none() {
-            continue; // the job is gone
-        }
         let done = match &undo {
             Undo::Merge { into, from, before } => registry.merge(*into, *from, before),
             Undo::Ordered { job, stage, before } => registry.reroute(*job, *stage, before.clone()),
