@@ -144,6 +144,9 @@ impl<M: Send + 'static> ShardThread<M> {
         let housekeeping_ns = saturating_ns(self.config.housekeeping_interval);
         let mut next_housekeeping_ns = crate::clock::monotonic_ns().saturating_add(housekeeping_ns);
         let mut last_io_yield_ns = 0u64;
+        let upkeep = super::upkeep_hook();
+        let upkeep_every_ns = saturating_ns(super::UPKEEP_EVERY);
+        let mut last_upkeep_ns = 0u64;
         loop {
             core.tick();
             let mut progress = self.drain_inputs(&mut core);
@@ -167,7 +170,14 @@ impl<M: Send + 'static> ShardThread<M> {
             if self.shared.stop.load(Ordering::Acquire) {
                 break;
             }
-            let now_ns = crate::clock::monotonic_ns();
+            let mut now_ns = crate::clock::monotonic_ns();
+            if let Some(upkeep) = upkeep {
+                if now_ns.saturating_sub(last_upkeep_ns) >= upkeep_every_ns {
+                    upkeep();
+                    now_ns = crate::clock::monotonic_ns();
+                    last_upkeep_ns = now_ns;
+                }
+            }
             if now_ns >= next_housekeeping_ns {
                 core.deactivate_idle();
                 next_housekeeping_ns = now_ns.saturating_add(housekeeping_ns);

@@ -88,6 +88,25 @@ pub(crate) fn io_pending() -> u32 {
     IO_PENDING.with(|n| n.get())
 }
 
+/// What every shard runs between passes; see [`set_upkeep_hook`].
+static UPKEEP_HOOK: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// The least time between two runs of the upkeep hook on one shard.
+pub const UPKEEP_EVERY: Duration = Duration::from_millis(1);
+
+/// Set, once for the process, what every shard runs between two passes (at
+/// most every [`UPKEEP_EVERY`], busy or idle, and never inside an actor's
+/// turn): upkeep of the process's own whose cost grows when it is put off.
+/// The binary has mimalloc collect the shard's heap there (see
+/// `src/main.rs`). False if a hook was set already.
+pub fn set_upkeep_hook(hook: fn()) -> bool {
+    UPKEEP_HOOK.set(hook).is_ok()
+}
+
+pub(crate) fn upkeep_hook() -> Option<fn()> {
+    UPKEEP_HOOK.get().copied()
+}
+
 pub(crate) fn enter_shard() {
     ON_SHARD.with(|on| on.set(true));
 }
