@@ -490,6 +490,7 @@ fn a_malformed_line_fails_the_job_with_its_line_number() {
         .expect("the job fails");
     assert!(error.contains("line 2"), "{error}");
     dataflow.shutdown();
+    std::fs::remove_file(&path).ok();
 }
 
 #[test]

@@ -1214,6 +1214,7 @@ mod tests {
                 }
             }
         }
+        std::fs::remove_file(path).unwrap();
     }
 
     /// Two first lines that disagree with no third: without skipping, the error
@@ -1248,6 +1249,7 @@ mod tests {
             let read: Vec<i64> = events.iter().map(Event::date_time).collect();
             assert_eq!(read, vec![1_000]);
         }
+        std::fs::remove_file(path).unwrap();
     }
 
     /// `max_line_bytes` counts the line without its line end, `\r\n` or `\n`.
@@ -1281,6 +1283,7 @@ mod tests {
                 assert_eq!(error.is_none(), accepted, "{context}");
             }
         }
+        std::fs::remove_file(path).unwrap();
     }
 
     /// A file of up to 40 lines of every kind a range meets: good events, empty and
