@@ -17,10 +17,11 @@
 //! - [`Connection::recv`] and [`Connection::send`] are not cancel-safe: a
 //!   call dropped while it waits may have read bytes it did not keep, or
 //!   written part of a frame. Close the connection then.
-//! - Not yet: frames after the handshake carry a crc32c, not a MAC keyed
-//!   by the handshake, so an attacker on the path between two nodes could
-//!   inject frames into an authenticated connection; per-frame MACs (or
-//!   TLS) are to come with the cluster.
+//! - Frames after the handshake carry a crc32c; a connection's frame is
+//!   authenticated by [`crate::link`], which tags each with the session key
+//!   ([`Peer::session`]). A caller that sends raw frames with
+//!   [`Connection::send`] gets no such check: an attacker on the path could
+//!   inject them.
 //! - A broken frame (bad crc, reserved bits) ends the connection: the
 //!   stream cannot be resynchronized.
 //! - [`Connection::send`] writes a frame whole before it returns: a sender
@@ -228,6 +229,12 @@ impl Connection {
         self.out.clear();
         encode_frame(&self.config, kind, payload, &mut self.out)?;
         self.stream.write_all(&self.out).await?;
+        Ok(())
+    }
+
+    /// Write frames encoded already (by a [`crate::link::Link`]), whole.
+    pub async fn write_encoded(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
+        self.stream.write_all(bytes).await?;
         Ok(())
     }
 

@@ -16,10 +16,15 @@
 //! Each side proves it holds the secret over the other's fresh nonce, so a
 //! recorded exchange replays to nobody. The client checks the server's proof
 //! before it sends its own: a server without the secret learns nothing it
-//! could replay. A wrong magic, version or cluster, a message of the wrong
-//! length or a proof that does not verify is a [`HandshakeError`]; the side
-//! that finds it closes the connection, and nothing the peer sent is decoded
-//! beyond these fixed-size messages (each at most [`HANDSHAKE_BYTES_MAX`]).
+//! could replay. Both sides then hold the connection's session key,
+//! `HMAC(secret, "dirigo session" | Hello | Challenge)`: fresh with each
+//! pair of nonces, known only to holders of the secret, and what
+//! [`crate::link`] authenticates every frame after the handshake with.
+//!
+//! A wrong magic, version or cluster, a message of the wrong length or a
+//! proof that does not verify is a [`HandshakeError`]; the side that finds
+//! it closes the connection, and nothing the peer sent is decoded beyond
+//! these fixed-size messages (each at most [`HANDSHAKE_BYTES_MAX`]).
 //!
 //! # Layout (little endian, fixed sizes)
 //!
@@ -133,10 +138,31 @@ impl fmt::Display for HandshakeError {
 
 impl std::error::Error for HandshakeError {}
 
-/// The authenticated peer.
+/// The authenticated peer, and the key of this connection's session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Peer {
     pub node: u64,
+    pub session: SessionKey,
+}
+
+/// A connection's session key (see the module header); `Debug` never shows it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct SessionKey(pub [u8; 32]);
+
+impl fmt::Debug for SessionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SessionKey(..)")
+    }
+}
+
+impl Identity {
+    fn session_key(&self, hello: &[u8], challenge: &[u8]) -> SessionKey {
+        let mut mac = self.mac();
+        mac.update(b"dirigo session");
+        mac.update(hello);
+        mac.update(challenge);
+        SessionKey(mac.finalize().into_bytes().into())
+    }
 }
 
 /// A client that sent its Hello and waits for the Challenge.
@@ -150,7 +176,7 @@ pub struct ServerHandshake {
     identity: Identity,
     hello: [u8; HELLO_BYTES],
     challenge: [u8; CHALLENGE_BYTES],
-    peer: Peer,
+    node: u64,
 }
 
 /// Begin as the client: the Hello to send.
@@ -224,7 +250,7 @@ pub fn server_challenge(
         identity: identity.clone(),
         hello,
         challenge,
-        peer: Peer { node: read.node },
+        node: read.node,
     };
     Ok((state, challenge.to_vec()))
 }
@@ -279,7 +305,8 @@ impl ClientHandshake {
         mac.update(b"dirigo client");
         mac.update(&self.hello);
         mac.update(challenge);
-        Ok((mac.finalize().into_bytes().to_vec(), Peer { node }))
+        let session = self.identity.session_key(&self.hello, challenge);
+        Ok((mac.finalize().into_bytes().to_vec(), Peer { node, session }))
     }
 }
 
@@ -298,7 +325,11 @@ impl ServerHandshake {
         mac.update(&self.challenge);
         mac.verify_slice(proof)
             .map_err(|_| HandshakeError::BadProof)?;
-        Ok(self.peer)
+        let session = self.identity.session_key(&self.hello, &self.challenge);
+        Ok(Peer {
+            node: self.node,
+            session,
+        })
     }
 }
 
@@ -322,7 +353,13 @@ mod tests {
         };
         let (proof, server_peer) = match state.on_challenge(&challenge) {
             Ok(answer) => answer,
-            Err(e) => return (Err(e), Ok(Peer { node: 0 })),
+            Err(e) => {
+                let none = Peer {
+                    node: 0,
+                    session: SessionKey([0; 32]),
+                };
+                return (Err(e), Ok(none));
+            }
         };
         (Ok(server_peer), server_state.on_proof(&proof))
     }
@@ -332,8 +369,16 @@ mod tests {
     #[test]
     fn nodes_with_the_secret_authenticate_each_other() {
         let (client, server) = exchange(&identity("c", 1, SECRET), &identity("c", 2, SECRET));
-        assert_eq!(client, Ok(Peer { node: 2 }));
-        assert_eq!(server, Ok(Peer { node: 1 }));
+        let (client, server) = (client.unwrap(), server.unwrap());
+        assert_eq!((client.node, server.node), (2, 1));
+        // Both hold the same session key, and another pair of nonces gives
+        // another.
+        assert_eq!(client.session, server.session);
+        let (state, hello) = client_hello(&identity("c", 1, SECRET), [8; 32]);
+        let (_, challenge) = server_challenge(&identity("c", 2, SECRET), &hello, [9; 32]).unwrap();
+        let (_, again) = state.on_challenge(&challenge).unwrap();
+        assert_ne!(again.session, client.session);
+        assert!(format!("{client:?}").contains("session: SessionKey(..)"));
     }
 
     #[test]

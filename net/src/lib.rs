@@ -20,12 +20,18 @@
 //! - [`conn`]: a connection over glommio's TCP (io_uring): `connect` and
 //!   `accept` run the handshake within a timeout, then frames both ways
 //!   through `encode_frame` and a `FrameDecoder`; heartbeat frames.
+//! - [`link`]: sans I/O, a link to one peer that outlives its connections:
+//!   messages numbered and kept until acked, sent again after a reconnect,
+//!   delivered once each and in order; every frame tagged with the
+//!   handshake's session key; the receiver's inbox bounded by credits; a
+//!   peer's restart detected; heartbeats and a dead-connection check;
+//!   [`link::Backoff`] for reconnects.
 //!
 //! # Not yet here
 //!
-//! Nothing in the engine uses a connection yet: remote actor sends with
-//! credits, reconnects with backoff, membership and placement (the cluster
-//! issue) come on top of `conn`.
+//! Nothing in the engine uses a connection or a link yet: the task that
+//! drives a `Link` over `conn` (reconnecting with `Backoff`), remote actor
+//! sends, membership and placement (the cluster issue) come on top.
 //!
 //! # Bad input
 //!
@@ -37,6 +43,7 @@ pub mod codec;
 pub mod conn;
 pub mod frame;
 pub mod handshake;
+pub mod link;
 
 pub use codec::{access_frame, to_frame};
 pub use frame::{
