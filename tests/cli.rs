@@ -667,3 +667,43 @@ fn gen_fails_naming_the_path_and_the_os_error() {
         assert!(message.contains(os_error), "{os_error:?} not in {message}");
     }
 }
+
+/// `bench net` starts its peer process, and both ways carry every message
+/// once, in order, whole (the peer checks each).
+#[test]
+fn bench_net_json_has_every_figure_and_every_message_arrives() {
+    let report = json_report(&[
+        "bench",
+        "net",
+        "--json",
+        "--messages",
+        "20000",
+        "--runs",
+        "1",
+    ]);
+    assert_keys(
+        &report,
+        &[
+            "cross_node_msgs_per_s",
+            "raw_tcp_msgs_per_s",
+            "cross_node_ratio",
+            "lost",
+            "duplicated",
+        ],
+    );
+    for key in ["lost", "duplicated", "out_of_order", "damaged"] {
+        assert_eq!(report[key], 0, "{key} in {report}");
+    }
+    for sample in report["samples"].as_array().expect("samples") {
+        assert_eq!(sample["counts"]["received"], 20000, "{sample}");
+    }
+    assert!(report["cross_node_msgs_per_s"].as_f64().unwrap() > 0.0);
+    // A message too large for a link frame is a clear error, not a hang.
+    let output = dirigo(&["bench", "net", "--message-bytes", "300000"]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("--message-bytes"),
+        "{}",
+        stderr(&output)
+    );
+}

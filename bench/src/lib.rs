@@ -46,6 +46,7 @@ pub mod ingest;
 pub mod isolation;
 pub use dirigo_nexmark::machine;
 pub mod migrate;
+pub mod net;
 pub mod nexmark;
 pub mod scaling;
 

@@ -14,9 +14,13 @@
 //! - [`accept`] authenticates one accepted stream: a node spawns it per
 //!   connection, so a peer that stays silent holds up only its own (until
 //!   `handshake_timeout`).
-//! - [`Connection::recv`] and [`Connection::send`] are not cancel-safe: a
-//!   call dropped while it waits may have read bytes it did not keep, or
-//!   written part of a frame. Close the connection then.
+//! - [`Connection::send`] and [`Connection::write_encoded`] are not
+//!   cancel-safe: a call dropped while it waits may have written part of a
+//!   frame; close the connection then. [`Connection::recv`] is: it keeps
+//!   what it read in the connection, and glommio's non-buffered stream reads
+//!   are readiness-based (the bytes are taken by the `recv` system call of
+//!   the poll that returns them), so a call dropped while pending took
+//!   nothing (`net::session` races it against its doorbell).
 //! - Frames after the handshake carry a crc32c; a connection's frame is
 //!   authenticated by [`crate::link`], which tags each with the session key
 //!   ([`Peer::session`]). A caller that sends raw frames with
@@ -282,6 +286,19 @@ impl Connection {
             }
         }
         Ok(Some(self.decoder.next_frame()?.expect("a frame is ready")))
+    }
+
+    /// The next frame among the bytes read already, without reading the
+    /// socket: `None` when they hold no whole frame.
+    pub fn next_buffered(&mut self) -> Result<Option<Frame<'_>>, ConnError> {
+        if self.unread_start < self.unread.len() {
+            let taken = self.decoder.push(&self.unread[self.unread_start..]);
+            self.unread_start += taken;
+        }
+        if !self.decoder.frame_ready() {
+            return Ok(None);
+        }
+        Ok(self.decoder.next_frame()?)
     }
 
     /// Close the connection (both directions).

@@ -27,10 +27,12 @@
 //!   peer's restart detected; heartbeats and a dead-connection check;
 //!   [`link::Backoff`] for reconnects.
 //!
+//! - [`session`]: a `Link` driven over `conn` connections on a glommio
+//!   executor, dialing again with `Backoff`.
+//!
 //! # Not yet here
 //!
-//! Nothing in the engine uses a connection or a link yet: the task that
-//! drives a `Link` over `conn` (reconnecting with `Backoff`), remote actor
+//! Nothing in the engine uses a connection or a session yet: remote actor
 //! sends, membership and placement (the cluster issue) come on top.
 //!
 //! # Bad input
@@ -44,6 +46,7 @@ pub mod conn;
 pub mod frame;
 pub mod handshake;
 pub mod link;
+pub mod session;
 
 pub use codec::{access_frame, to_frame};
 pub use frame::{

@@ -75,7 +75,7 @@ use std::fmt;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::frame::{encode_frame, Frame, FrameConfig};
+use crate::frame::{begin_frame, finish_frame, Frame, FrameConfig};
 use crate::handshake::SessionKey;
 
 /// A message.
@@ -124,6 +124,9 @@ pub struct LinkConfig {
     pub send_buffer_msgs: u32,
     /// Send an ack frame (the heartbeat) when nothing was sent for this long.
     pub heartbeat_ns: u64,
+    /// Tell the peer of new acks or credit within this long, when no data
+    /// frame carries them and they are under a quarter of the window.
+    pub ack_delay_ns: u64,
     /// [`Link::is_dead`] says the connection is dead when nothing came for this long.
     pub dead_after_ns: u64,
     pub frame: FrameConfig,
@@ -132,9 +135,10 @@ pub struct LinkConfig {
 impl Default for LinkConfig {
     fn default() -> Self {
         LinkConfig {
-            window_msgs: 64,
-            send_buffer_msgs: 256,
+            window_msgs: 1024,
+            send_buffer_msgs: 4096,
             heartbeat_ns: 100_000_000,
+            ack_delay_ns: 1_000_000,
             dead_after_ns: 1_000_000_000,
             frame: FrameConfig::new(256 * 1024).expect("a valid bound"),
         }
@@ -206,7 +210,8 @@ struct Outgoing {
 }
 
 struct Conn {
-    key: SessionKey,
+    /// HMAC-SHA256 keyed with the session key, cloned for each frame.
+    mac: HmacSha256,
     role: Role,
     resume_sent: bool,
     /// The peer's resume came: data may flow.
@@ -215,6 +220,8 @@ struct Conn {
     sent_up_to: u64,
     /// Acked and credit last told the peer on this connection.
     told: (u64, u64),
+    /// Since when acked or credit changed without the peer being told.
+    unreported_since_ns: Option<u64>,
     last_rx_ns: u64,
     last_tx_ns: u64,
 }
@@ -334,12 +341,13 @@ impl Link {
     pub fn connected(&mut self, key: SessionKey, role: Role, now_ns: u64) {
         self.stats.connections += 1;
         self.conn = Some(Conn {
-            key,
+            mac: HmacSha256::new_from_slice(&key.0).expect("HMAC takes a key of any length"),
             role,
             resume_sent: false,
             resumed: false,
             sent_up_to: 0,
             told: (0, 0),
+            unreported_since_ns: None,
             last_rx_ns: now_ns,
             last_tx_ns: now_ns,
         });
@@ -415,16 +423,55 @@ impl Link {
             conn.last_tx_ns = now_ns;
             frames += 1;
         }
+        // Acks and credit ride on data frames; alone, they wait until a
+        // quarter of the window is worth telling, `ack_delay_ns` passed, or
+        // the heartbeat is due (an ack frame per message taken would cost a
+        // write and a tag each way).
         let stale = conn.told != (acked, credit);
+        if !stale {
+            conn.unreported_since_ns = None;
+        } else if conn.unreported_since_ns.is_none() {
+            conn.unreported_since_ns = Some(now_ns);
+        }
+        let quarter = u64::from(self.config.window_msgs / 4).max(1);
+        let worth = acked.saturating_sub(conn.told.0) >= quarter
+            || credit.saturating_sub(conn.told.1) >= quarter;
+        let delayed = conn
+            .unreported_since_ns
+            .is_some_and(|since| now_ns.saturating_sub(since) >= self.config.ack_delay_ns);
         let quiet = now_ns.saturating_sub(conn.last_tx_ns) >= self.config.heartbeat_ns;
-        if stale || quiet {
+        if (stale && (worth || delayed)) || quiet {
             let header = [0, acked, credit, self.incarnation];
             encode(&self.config, conn, ACK_KIND, header, 0, &[], out);
             conn.told = (acked, credit);
+            conn.unreported_since_ns = None;
             conn.last_tx_ns = now_ns;
             frames += 1;
         }
         frames
+    }
+
+    /// Whether acks and credit not yet told are worth a frame of their own
+    /// now (a quarter of the window): what a caller that just took messages
+    /// checks before waking its transmitter.
+    pub fn acks_due(&self) -> bool {
+        let Some(conn) = self.conn.as_ref() else {
+            return false;
+        };
+        let quarter = u64::from(self.config.window_msgs / 4).max(1);
+        self.delivered.saturating_sub(conn.told.0) >= quarter
+            || self.credit().saturating_sub(conn.told.1) >= quarter
+    }
+
+    /// When [`Link::poll_transmit`] has something due with nothing new (a
+    /// delayed ack, or the heartbeat); `None` with no connection.
+    pub fn next_due_ns(&self) -> Option<u64> {
+        let conn = self.conn.as_ref()?;
+        let heartbeat = conn.last_tx_ns.saturating_add(self.config.heartbeat_ns);
+        let ack = conn.unreported_since_ns.map_or(u64::MAX, |since| {
+            since.saturating_add(self.config.ack_delay_ns)
+        });
+        Some(heartbeat.min(ack))
     }
 
     /// A frame read from the connection. On an error the link is
@@ -567,8 +614,8 @@ impl Link {
     }
 }
 
-fn tag(key: &SessionKey, role: Role, kind: u8, fields: &[u8], body: &[u8]) -> [u8; TAG_BYTES] {
-    let mut mac = HmacSha256::new_from_slice(&key.0).expect("HMAC takes a key of any length");
+fn tag(keyed: &HmacSha256, role: Role, kind: u8, fields: &[u8], body: &[u8]) -> [u8; TAG_BYTES] {
+    let mut mac = keyed.clone();
     mac.update(&[role.byte(), kind]);
     mac.update(fields);
     mac.update(body);
@@ -586,16 +633,18 @@ fn encode(
     body: &[u8],
     out: &mut Vec<u8>,
 ) {
-    let mut payload = Vec::with_capacity(LINK_HEADER_BYTES + body.len());
+    // Written in place: the frame header, the link header, the tag, the body.
+    let start = begin_frame(out);
+    let fields = out.len();
     for field in header {
-        payload.extend_from_slice(&field.to_le_bytes());
+        out.extend_from_slice(&field.to_le_bytes());
     }
-    payload.push(message_kind);
-    payload.resize(FIELD_BYTES, 0);
-    let tag = tag(&conn.key, conn.role, frame_kind, &payload, body);
-    payload.extend_from_slice(&tag);
-    payload.extend_from_slice(body);
-    encode_frame(&config.frame, frame_kind, &payload, out)
+    out.push(message_kind);
+    out.resize(fields + FIELD_BYTES, 0);
+    let tag = tag(&conn.mac, conn.role, frame_kind, &out[fields..], body);
+    out.extend_from_slice(&tag);
+    out.extend_from_slice(body);
+    finish_frame(&config.frame, frame_kind, start, out)
         .expect("a body within body_bytes_max fits a frame");
 }
 
@@ -616,7 +665,7 @@ fn verify(conn: &Conn, frame: &Frame<'_>) -> Result<Header, LinkError> {
     }
     let (fields, rest) = payload.split_at(FIELD_BYTES);
     let (their_tag, body) = rest.split_at(TAG_BYTES);
-    let mut mac = HmacSha256::new_from_slice(&conn.key.0).expect("HMAC takes a key of any length");
+    let mut mac = conn.mac.clone();
     mac.update(&[conn.role.other().byte(), frame.kind]);
     mac.update(fields);
     mac.update(body);

@@ -214,3 +214,66 @@ fn an_oversized_frame_ends_the_connection() {
         assert_eq!(error, expected.to_string());
     });
 }
+
+/// `recv` given up while it waits (raced against a short timer, as a
+/// session's pump races it against its doorbell) loses no byte: every frame
+/// still arrives whole and in order.
+#[test]
+fn a_recv_given_up_while_waiting_loses_nothing() {
+    on_executor(|| async {
+        let (listener, addr) = bind();
+        let config = ConnConfig::default();
+        let server = glommio::spawn_local({
+            let config = config.clone();
+            async move {
+                let stream = listener.accept().await.unwrap();
+                let mut conn = accept(stream, &node("c", 2, SECRET), &config)
+                    .await
+                    .map_err(|(_, e)| e)
+                    .expect("accepted");
+                let (mut got, mut given_up) = (Vec::new(), 0u64);
+                loop {
+                    let frame = async {
+                        match conn.recv().await.expect("frames decode") {
+                            Some(frame) => Some(Some(frame.payload.to_vec())),
+                            None => Some(None),
+                        }
+                    };
+                    let timer = async {
+                        glommio::timer::sleep(Duration::from_micros(20)).await;
+                        None
+                    };
+                    match futures_lite::future::or(frame, timer).await {
+                        Some(Some(payload)) => got.push(payload),
+                        Some(None) => break,
+                        None => given_up += 1,
+                    }
+                }
+                (got, given_up)
+            }
+        });
+        let mut client = connect(addr, &node("c", 1, SECRET), &config)
+            .await
+            .expect("connected");
+        for i in 0u32..3_000 {
+            let payload: Vec<u8> = (0..(i % 700)).map(|b| (b as u8) ^ (i as u8)).collect();
+            client.send(1, &payload).await.unwrap();
+            if i % 50 == 0 {
+                glommio::timer::sleep(Duration::from_micros(200)).await;
+            }
+        }
+        client.close().await.unwrap();
+        let (got, given_up) = server.await;
+        assert_eq!(got.len(), 3_000);
+        for (i, payload) in got.iter().enumerate() {
+            let want: Vec<u8> = (0..(i as u32 % 700))
+                .map(|b| (b as u8) ^ (i as u8))
+                .collect();
+            assert_eq!(payload, &want, "frame {i}");
+        }
+        assert!(
+            given_up > 0,
+            "the timer never won: the race was not exercised"
+        );
+    });
+}

@@ -105,6 +105,7 @@ fn config() -> LinkConfig {
         window_msgs: 16,
         send_buffer_msgs: 48,
         heartbeat_ns: 5_000_000,
+        ack_delay_ns: 1_000_000,
         dead_after_ns: 25_000_000,
         frame: FrameConfig::new(4096).expect("a valid bound"),
     }

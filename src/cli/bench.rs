@@ -7,7 +7,7 @@ use serde::Serialize;
 use std::path::PathBuf;
 
 use dirigo_bench::{
-    actors, checkpoint, density, ingest, isolation, migrate, nexmark, scaling, BenchError,
+    actors, checkpoint, density, ingest, isolation, migrate, net, nexmark, scaling, BenchError,
 };
 
 use super::run::parse_duration;
@@ -33,6 +33,34 @@ enum BenchName {
         /// Measurements per figure; the median is reported.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
         runs: u64,
+    },
+    /// Messages from one node process to another over loopback through the
+    /// session (handshake, tagged link frames, acks, credit) against a raw
+    /// TCP stream carrying the same bodies in the same frames and writes;
+    /// each receiver checks every message (lost, duplicated, out of order).
+    Net {
+        /// Print the report as one JSON object on the last line of stdout.
+        #[arg(long)]
+        json: bool,
+        /// Messages sent in each measurement.
+        #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+        messages: u64,
+        /// Bytes of each message's body.
+        #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(8..=200_000))]
+        message_bytes: u64,
+        /// Measurements of each kind; the medians are reported.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+        runs: u64,
+    },
+    /// The receiving process of `bench net` (started by it).
+    #[command(hide = true)]
+    NetPeer {
+        #[arg(long)]
+        mode: net::Mode,
+        #[arg(long)]
+        messages: u64,
+        #[arg(long)]
+        message_bytes: u64,
     },
     /// A keyed count over `--keys` keys with a checkpoint every second against
     /// the same job without (B, C, B, C), then the recovery of the stopped job
@@ -292,6 +320,37 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
                     report.lc_rows_expected
                 )))
             }
+        }
+        BenchName::Net {
+            json,
+            messages,
+            message_bytes,
+            runs,
+        } => {
+            let config = net::Config {
+                messages,
+                message_bytes: message_bytes as usize,
+                runs: runs as usize,
+                ..net::Config::default()
+            };
+            let report = net::run(&config)?;
+            print(&report, json);
+            if report.exact() {
+                Ok(())
+            } else {
+                Err(BenchError(format!(
+                    "messages were lost ({}), duplicated ({}), reordered ({}) or damaged ({})",
+                    report.lost, report.duplicated, report.out_of_order, report.damaged
+                )))
+            }
+        }
+        BenchName::NetPeer {
+            mode,
+            messages,
+            message_bytes,
+        } => {
+            net::peer(mode, messages, message_bytes as usize)?;
+            Ok(())
         }
         BenchName::Migrate { json, migrations } => {
             let config = migrate::Config {
