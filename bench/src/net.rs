@@ -1,9 +1,10 @@
 //! `dirigo bench net`: messages from one node process to another over
 //! loopback through `dirigo-net`'s session (the handshake, then the link:
 //! 64-byte headers, a tag of HMAC-SHA256 per frame, acks and credit), against
-//! a raw loopback TCP stream carrying the same message bodies in the same
-//! frames (`encode_frame`: length, crc32c, kind, padding) and the same
-//! writes of up to `write_bytes`, in the same run.
+//! a raw loopback TCP stream carrying the same message bodies in plain
+//! frames (`encode_frame`: length, crc32c, kind, padding; the link adds its
+//! 64-byte header with the tag to each) and writes of up to the same
+//! `write_bytes`, in the same run.
 //!
 //! Each measurement starts a second process, this binary's hidden `dirigo
 //! bench net-peer`, which listens on 127.0.0.1, takes `messages` messages
@@ -129,9 +130,9 @@ pub struct Report {
 }
 
 pub const NOTE: &str = "two processes on loopback; cross_node: dirigo-net's session (handshake, \
-64-byte link header, HMAC-SHA256 tag per frame, acks and credit); raw_tcp: the same bodies in the \
-same frames and writes on a plain TCP stream; each timed from the first send until the receiving \
-process has taken every message and said so; medians over the runs, the order alternated; \
+64-byte link header, HMAC-SHA256 tag per frame, acks and credit); raw_tcp: the same bodies in \
+plain frames and writes of the same size bound on a TCP stream; each timed from the first send \
+until the receiving process has taken every message and said so; medians over the runs, the order alternated; \
 failover_ms is not measured yet";
 
 impl Report {
@@ -244,7 +245,9 @@ async fn serve_peer(mode: Mode, messages: u64, message_bytes: usize) -> Result<C
                 async move { session.serve(conn, Role::Server).await }
             });
             while counts.received + counts.duplicated < messages {
-                let (kind, got) = session.recv_wait().await;
+                let Some((kind, got)) = session.recv_wait().await else {
+                    break;
+                };
                 if kind != MESSAGE_KIND {
                     counts.damaged += 1;
                     continue;
@@ -324,19 +327,48 @@ fn start_peer(
     Ok((addr, child))
 }
 
+/// The peer process, killed and reaped if a measurement fails before it
+/// ends by itself.
+struct PeerProcess(Option<std::process::Child>);
+
+impl Drop for PeerProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// How long one measurement may take before it is an error (a peer or a
+/// session that stopped answering).
+const MEASUREMENT_MAX: Duration = Duration::from_secs(300);
+
 /// One measurement: send every message to a fresh peer process; the rate
 /// and what the peer counted.
 fn measure(config: &Config, mode: Mode) -> Result<(f64, f64, Counts), BenchError> {
     let (addr, child) = start_peer(config, mode)?;
+    let mut child = PeerProcess(Some(child));
     let (messages, message_bytes) = (config.messages, config.message_bytes);
     let elapsed = LocalExecutorBuilder::default()
         .name("bench-net")
         .io_memory(1 << 20)
-        .spawn(move || async move { send_all(addr, mode, messages, message_bytes).await })
+        .spawn(move || async move {
+            let work = async { Ok(send_all(addr, mode, messages, message_bytes).await) };
+            match glommio::timer::timeout(MEASUREMENT_MAX, work).await {
+                Ok(result) => result,
+                Err(_) => Err(BenchError(format!(
+                    "bench net: {mode:?} did not finish within {MEASUREMENT_MAX:?}"
+                ))),
+            }
+        })
         .map_err(|e| BenchError(format!("the sender's executor did not start: {e}")))?
         .join()
         .map_err(|e| BenchError(format!("the sender's executor failed: {e}")))??;
     let output = child
+        .0
+        .take()
+        .expect("not taken before")
         .wait_with_output()
         .map_err(|e| BenchError(format!("the peer process: {e}")))?;
     if !output.status.success() {
@@ -378,8 +410,13 @@ async fn send_all(
                     .await
                     .map_err(|e| BenchError(format!("bench net: {e:?}")))?;
             }
-            let (kind, _) = session.recv_wait().await;
+            let answer = session.recv_wait().await;
             let elapsed = started.elapsed();
+            let Some((kind, _)) = answer else {
+                return Err(BenchError(
+                    "bench net: the session stopped before the answer".into(),
+                ));
+            };
             if kind != DONE_KIND {
                 return Err(BenchError(format!(
                     "bench net: the peer answered kind {kind}"

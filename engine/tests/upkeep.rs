@@ -15,8 +15,16 @@ use dirigo_engine::Runtime;
 static UPKEEPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static UPKEEPS_OFF_SHARD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+static UPKEEP_THREADS: std::sync::Mutex<Vec<std::thread::ThreadId>> =
+    std::sync::Mutex::new(Vec::new());
+
 fn count_upkeep() {
     UPKEEPS.fetch_add(1, Ordering::Relaxed);
+    let mut threads = UPKEEP_THREADS.lock().unwrap();
+    let me = std::thread::current().id();
+    if !threads.contains(&me) {
+        threads.push(me);
+    }
     if !dirigo_engine::runtime::shard_io_available() {
         UPKEEPS_OFF_SHARD.fetch_add(1, Ordering::Relaxed);
     }
@@ -70,6 +78,11 @@ fn the_upkeep_hook_runs_on_every_shard_at_most_every_millisecond() {
     let every = dirigo_engine::runtime::UPKEEP_EVERY;
     let most = 2 * (elapsed.as_nanos() / every.as_nanos() + 1) as u64;
     assert!(calls > 0, "the hook never ran");
+    assert_eq!(
+        UPKEEP_THREADS.lock().unwrap().len(),
+        2,
+        "not on each of the 2 shards"
+    );
     assert!(calls <= most, "{calls} upkeeps in {elapsed:?} on 2 shards");
     assert_eq!(UPKEEPS_OFF_SHARD.load(Ordering::Relaxed), 0);
 }

@@ -38,9 +38,11 @@
 use std::fmt;
 use std::io::Read;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 
 use crate::frame::{encode_frame, Frame, FrameConfig, FrameDecoder, FrameError};
@@ -299,6 +301,52 @@ impl Connection {
             return Ok(None);
         }
         Ok(self.decoder.next_frame()?)
+    }
+
+    /// Poll for more bytes from the socket once those read before are all
+    /// taken by the decoder ([`Connection::next_buffered`]): how many came,
+    /// 0 when the peer closed between frames (closed inside a frame is an
+    /// error). A poll that returns `Pending` has taken nothing (see the
+    /// module header), so a caller may race it.
+    pub fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, ConnError>> {
+        if self.unread_start < self.unread.len() {
+            return Poll::Ready(Ok(self.unread.len() - self.unread_start));
+        }
+        if self.chunk.len() < READ_CHUNK_BYTES {
+            self.chunk.resize(READ_CHUNK_BYTES, 0);
+        }
+        let read = match Pin::new(&mut self.stream).poll_read(cx, &mut self.chunk) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+            Poll::Ready(Ok(read)) => read,
+        };
+        // The bytes become the unread ones; the old buffer is the next chunk.
+        std::mem::swap(&mut self.chunk, &mut self.unread);
+        self.unread.truncate(read);
+        self.unread_start = 0;
+        if read == 0 && self.decoder.buffered_bytes() > 0 {
+            let partial = self.decoder.buffered_bytes();
+            return Poll::Ready(Err(ConnError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the peer closed the connection inside a frame ({partial} bytes of it read)"
+                ),
+            ))));
+        }
+        Poll::Ready(Ok(read))
+    }
+
+    /// Poll to write some of `bytes` (encoded frames): how many were
+    /// written. A poll that returns `Pending` wrote nothing, so a caller may
+    /// race it and offer the rest again later.
+    pub fn poll_write_some(
+        &mut self,
+        cx: &mut Context<'_>,
+        bytes: &[u8],
+    ) -> Poll<Result<usize, ConnError>> {
+        Pin::new(&mut self.stream)
+            .poll_write(cx, bytes)
+            .map_err(ConnError::Io)
     }
 
     /// Close the connection (both directions).

@@ -5,14 +5,16 @@
 //! [`Backoff`] ([`Session::dial`]) and a listening node runs for each
 //! connection it accepted from that peer.
 //!
-//! One task per connection does both directions: it writes what the link
-//! has due, then waits for whichever comes first, a frame, the caller's
-//! doorbell (a message queued, or room made in the inbox) or the heartbeat
-//! tick. Waiting on a frame may be given up that way: [`Connection::recv`]
-//! keeps what it read in the connection, and glommio's stream reads are
-//! readiness-based (the bytes are taken by a `recv` in the same poll that
-//! returns them), so a wait dropped while pending has taken no byte. Writes
-//! are never given up midway.
+//! One task per connection does both directions. It encodes what the link
+//! has due, then waits for whichever comes first: some of it written, bytes
+//! read, the caller's doorbell (a message queued, or credit to tell), or
+//! the link's next due time (a delayed ack, the heartbeat). It never waits
+//! on a write alone: two nodes that both had more to send than the sockets
+//! hold would each wait for the other to read. Every wait may be given up
+//! that way because glommio's stream reads and writes are readiness-based
+//! (the bytes move in the `recv` or `send` call of the poll that returns
+//! them), so a poll that returned `Pending` moved nothing. Every whole frame
+//! read goes to the link at once.
 //!
 //! A newer connection from the same peer replaces the one being served:
 //! each connection holds a generation, and a pump whose generation is no
@@ -20,8 +22,10 @@
 //! never feeds the new connection's link state).
 
 use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
@@ -140,48 +144,74 @@ impl Session {
         self.shared.link.borrow().is_connected()
     }
 
-    /// Queue a message; `Full` while `send_buffer_msgs` wait for acks.
+    /// Queue a message; `Full` while `send_buffer_msgs` wait for acks,
+    /// `Stopped` once the session is.
     pub fn send(&self, kind: u8, body: Vec<u8>) -> Result<u64, SendError> {
+        if self.shared.stopped.get() {
+            return Err(SendError::Stopped);
+        }
         let seq = self.shared.link.borrow_mut().send(kind, body)?;
         let _ = self.shared.doorbell.try_send(());
         Ok(seq)
     }
 
-    /// Queue a message, waiting for room (acks from the peer) if need be.
+    /// Queue a message, waiting for room (acks from the peer) if need be;
+    /// `Stopped` once the session is.
     pub async fn send_wait(&self, kind: u8, body: Vec<u8>) -> Result<u64, SendError> {
-        while !self.shared.link.borrow().has_room() {
+        while !self.shared.stopped.get() && !self.shared.link.borrow().has_room() {
             let _ = self.shared.room_rx.recv().await;
         }
-        self.send(kind, body)
+        let sent = self.send(kind, body);
+        if self.shared.link.borrow().has_room() {
+            // Another waiter may go on too.
+            let _ = self.shared.room.try_send(());
+        }
+        sent
     }
 
     /// The next message from the peer, if one is here.
     pub fn recv(&self) -> Option<(u8, Vec<u8>)> {
+        let now = self.now_ns();
         let mut link = self.shared.link.borrow_mut();
-        let message = link.recv();
-        // Room in the inbox: more credit to tell the peer, once it is worth
-        // a frame (the pump's timer sends the rest within `ack_delay_ns`).
-        if message.is_some() && link.acks_due() {
+        let message = link.recv()?;
+        // Room in the inbox: more credit to tell the peer. The pump hears of
+        // it once a quarter of the window is owed, or once to start the
+        // `ack_delay_ns` clock for less.
+        if link.acks_due() || link.note_unreported(now) {
             let _ = self.shared.doorbell.try_send(());
         }
-        message
+        if link.inbox_len() > 0 {
+            // Another waiter may take the next.
+            let _ = self.shared.arrived.try_send(());
+        }
+        Some(message)
     }
 
-    /// The next message from the peer, waiting for it.
-    pub async fn recv_wait(&self) -> (u8, Vec<u8>) {
+    /// The next message from the peer, waiting for it; `None` once the
+    /// session is stopped (and nothing is left to take).
+    pub async fn recv_wait(&self) -> Option<(u8, Vec<u8>)> {
         loop {
             if let Some(message) = self.recv() {
-                return message;
+                return Some(message);
+            }
+            if self.shared.stopped.get() {
+                return None;
             }
             let _ = self.shared.arrived_rx.recv().await;
         }
     }
 
-    /// Stop: every pump of this session ends at its next wakeup, and `dial`
-    /// returns.
+    /// Stop: every pump of this session ends at its next wakeup, `dial`
+    /// returns, and callers waiting to send or receive are answered.
     pub fn stop(&self) {
         self.shared.stopped.set(true);
+        self.wake_all();
+    }
+
+    fn wake_all(&self) {
         let _ = self.shared.doorbell.try_send(());
+        let _ = self.shared.arrived.try_send(());
+        let _ = self.shared.room.try_send(());
     }
 
     /// Dial `addr` until stopped: connect (the handshake within its
@@ -221,7 +251,8 @@ impl Session {
     }
 
     /// Serve one authenticated connection (this side was `role` in its
-    /// handshake) until it ends; the link is told of its start and end.
+    /// handshake) until it ends; the link is told of its start and of its
+    /// end, also if this future is dropped (the connection with it).
     pub async fn serve(&self, mut conn: Connection, role: Role) -> Ended {
         let shared = &self.shared;
         let generation = shared.generation.get() + 1;
@@ -231,20 +262,19 @@ impl Session {
             .link
             .borrow_mut()
             .connected(conn.peer().session, role, now);
-        let ended = self.pump(&mut conn, generation).await;
-        if shared.generation.get() == generation {
-            shared.link.borrow_mut().disconnected();
-        }
-        // Whoever waits looks again.
-        let _ = shared.arrived.try_send(());
-        let _ = shared.room.try_send(());
-        ended
+        let _served = Served {
+            session: self,
+            generation,
+        };
+        self.pump(&mut conn, generation).await
     }
 
     async fn pump(&self, conn: &mut Connection, generation: u64) -> Ended {
         let shared = &self.shared;
         let heartbeat = Duration::from_nanos(self.config.link.heartbeat_ns);
+        // Frames encoded and not yet all written, and how far written.
         let mut out = Vec::new();
+        let mut written = 0;
         loop {
             if shared.stopped.get() {
                 return Ended::Stopped;
@@ -252,81 +282,112 @@ impl Session {
             if shared.generation.get() != generation {
                 return Ended::Replaced;
             }
-            // Write everything due, whole.
-            loop {
+            if written == out.len() {
                 out.clear();
+                written = 0;
                 let now = self.now_ns();
-                let frames =
-                    shared
-                        .link
-                        .borrow_mut()
-                        .poll_transmit(now, &mut out, self.config.write_bytes);
-                if frames == 0 {
-                    break;
-                }
-                if let Err(e) = conn.write_encoded(&out).await {
-                    return Ended::Conn(e);
-                }
-                if shared.generation.get() != generation {
-                    return Ended::Replaced;
-                }
+                shared
+                    .link
+                    .borrow_mut()
+                    .poll_transmit(now, &mut out, self.config.write_bytes);
             }
             if shared.link.borrow().is_dead(self.now_ns()) {
                 return Ended::Dead;
             }
-            // Wait for a frame, the doorbell, or the heartbeat tick.
-            let frame = async {
-                match conn.recv().await {
-                    Ok(Some(frame)) => {
-                        if shared.generation.get() != generation {
-                            return Some(Ended::Replaced);
-                        }
-                        let now = self.now_ns();
-                        let mut link = shared.link.borrow_mut();
-                        let (inbox, unacked) = (link.inbox_len(), link.unacked());
-                        if let Err(e) = link.on_frame(&frame, now) {
-                            return Some(Ended::Link(e));
-                        }
-                        // And every whole frame read with it, at once.
-                        loop {
-                            match conn.next_buffered() {
-                                Ok(Some(frame)) => {
-                                    if let Err(e) = link.on_frame(&frame, now) {
-                                        return Some(Ended::Link(e));
-                                    }
-                                }
-                                Ok(None) => break,
-                                Err(e) => return Some(Ended::Conn(e)),
-                            }
-                        }
-                        if link.inbox_len() > inbox {
-                            let _ = shared.arrived.try_send(());
-                        }
-                        if link.unacked() < unacked {
-                            let _ = shared.room.try_send(());
-                        }
-                        None
-                    }
-                    Ok(None) => Some(Ended::Closed),
-                    Err(e) => Some(Ended::Conn(e)),
-                }
-            };
+            // Write, read and wait at once: a side that only wrote until
+            // its peer read could wait on a peer doing the same.
             let due = shared.link.borrow().next_due_ns();
             let wait = due.map_or(heartbeat, |due| {
                 Duration::from_nanos(due.saturating_sub(self.now_ns()).max(1))
             });
-            let other = async {
-                let _ = glommio::timer::timeout(wait, async {
-                    shared.doorbell_rx.recv().await;
-                    Ok(())
-                })
-                .await;
-                None
-            };
-            if let Some(ended) = futures_lite::future::or(frame, other).await {
-                return ended;
+            let mut bell = std::pin::pin!(glommio::timer::timeout(wait, async {
+                shared.doorbell_rx.recv().await;
+                Ok(())
+            }));
+            let pending = &out[written..];
+            let woke = futures_lite::future::poll_fn(|cx| {
+                if !pending.is_empty() {
+                    if let Poll::Ready(wrote) = conn.poll_write_some(cx, pending) {
+                        return Poll::Ready(wrote.map(Woke::Wrote));
+                    }
+                }
+                if let Poll::Ready(read) = conn.poll_read_more(cx) {
+                    return Poll::Ready(read.map(Woke::Read));
+                }
+                if bell.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Ok(Woke::Bell));
+                }
+                Poll::Pending
+            })
+            .await;
+            match woke {
+                Err(e) => return Ended::Conn(e),
+                Ok(Woke::Wrote(n)) => written += n,
+                Ok(Woke::Bell) => {}
+                Ok(Woke::Read(0)) => return Ended::Closed,
+                Ok(Woke::Read(_)) => {
+                    if shared.generation.get() != generation {
+                        return Ended::Replaced;
+                    }
+                    if let Some(ended) = self.take_frames(conn) {
+                        return ended;
+                    }
+                }
             }
         }
+    }
+
+    /// Hand every whole frame read so far to the link; wake whoever waits
+    /// for what they brought.
+    fn take_frames(&self, conn: &mut Connection) -> Option<Ended> {
+        let shared = &self.shared;
+        let now = self.now_ns();
+        let mut link = shared.link.borrow_mut();
+        let (inbox, unacked) = (link.inbox_len(), link.unacked());
+        let ended = loop {
+            match conn.next_buffered() {
+                Ok(Some(frame)) => {
+                    if let Err(e) = link.on_frame(&frame, now) {
+                        break Some(Ended::Link(e));
+                    }
+                }
+                Ok(None) => break None,
+                Err(e) => break Some(Ended::Conn(e)),
+            }
+        };
+        if link.inbox_len() > inbox {
+            let _ = shared.arrived.try_send(());
+        }
+        if link.unacked() < unacked {
+            let _ = shared.room.try_send(());
+        }
+        ended
+    }
+}
+
+/// What woke a pump.
+enum Woke {
+    Wrote(usize),
+    Read(usize),
+    Bell,
+}
+
+/// A connection being served: when its `serve` ends or is dropped, the link
+/// hears of it (unless a newer connection took over), and every waiter looks
+/// again; the doorbell is rung on, so that a newer pump does not miss one
+/// this pump took.
+struct Served<'a> {
+    session: &'a Session,
+    generation: u64,
+}
+
+impl Drop for Served<'_> {
+    fn drop(&mut self) {
+        let shared = &self.session.shared;
+        if shared.generation.get() == self.generation {
+            shared.link.borrow_mut().disconnected();
+        }
+        self.session.wake_all();
     }
 }
 

@@ -45,7 +45,10 @@ async fn exchange(session: &Session, side: u64) {
             Ok(session.recv_wait().await)
         })
         .await;
-        let (kind, got) = waited.unwrap_or_else(|_| panic!("side {side}: message {i} never came"));
+        let (kind, got) = waited
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("side {side}: message {i} never came"));
         assert_eq!(kind, 7);
         assert!(
             got == body(1 - side, i),
@@ -153,4 +156,81 @@ fn messages_cross_once_in_order_while_connections_are_cut() {
     // The connections were cut, and messages had to be sent again.
     assert!(report.connected >= 3, "{report:?}");
     assert!(client_stats.resent + server_stats.resent > 0);
+}
+
+/// Both sides send large messages at once, more than the sockets' buffers
+/// hold in flight: a side may not wait on its write while its peer waits on
+/// its own (each keeps reading while it writes). No cuts here.
+#[test]
+fn large_messages_both_ways_at_once_do_not_deadlock() {
+    const LARGE: u64 = 400;
+    let large = |side: u64, i: u64| {
+        let mut body = i.to_le_bytes().to_vec();
+        body.resize(60_000, (i as u8) ^ (side as u8));
+        body
+    };
+    let run = move |session: Session, side: u64| async move {
+        let sender = glommio::spawn_local({
+            let session = session.clone();
+            async move {
+                for i in 1..=LARGE {
+                    session.send_wait(7, large(side, i)).await.expect("sent");
+                }
+            }
+        });
+        for i in 1..=LARGE {
+            let got = glommio::timer::timeout(Duration::from_secs(60), async {
+                Ok(session.recv_wait().await)
+            })
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("side {side}: large message {i} never came"));
+            assert!(got.1 == large(1 - side, i), "side {side}: message {i}");
+        }
+        sender.await;
+    };
+    let config = SessionConfig::default();
+    let done = Arc::new(AtomicU64::new(0));
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel::<SocketAddr>();
+    let server = executor("large-server", {
+        let (config, done) = (config.clone(), done.clone());
+        move || async move {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            addr_tx.send(listener.local_addr().unwrap()).unwrap();
+            let stream = listener.accept().await.unwrap();
+            let identity = Identity::new("c", 2, SECRET).unwrap();
+            let conn = accept(stream, &identity, &config.conn).await.ok().unwrap();
+            let session = Session::new(config, 2);
+            let pump = glommio::spawn_local({
+                let session = session.clone();
+                async move { session.serve(conn, Role::Server).await }
+            });
+            run(session.clone(), 1).await;
+            both_done(&done).await;
+            session.stop();
+            let _ = pump.await;
+        }
+    });
+    let addr = addr_rx.recv().unwrap();
+    let client = executor("large-client", move || async move {
+        let identity = Identity::new("c", 1, SECRET).unwrap();
+        let conn = dirigo_net::conn::connect(addr, &identity, &config.conn)
+            .await
+            .expect("connected");
+        let session = Session::new(config, 1);
+        let pump = glommio::spawn_local({
+            let session = session.clone();
+            async move { session.serve(conn, Role::Client).await }
+        });
+        run(session.clone(), 0).await;
+        both_done(&done).await;
+        session.stop();
+        let _ = pump.await;
+        session.stats()
+    });
+    let stats = client.join().expect("client ends");
+    server.join().expect("server ends");
+    assert_eq!(stats.delivered, LARGE);
+    assert_eq!(stats.connections, 1);
 }

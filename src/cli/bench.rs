@@ -46,7 +46,7 @@ enum BenchName {
         #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
         messages: u64,
         /// Bytes of each message's body.
-        #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(8..=200_000))]
+        #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(8..=16_777_216))]
         message_bytes: u64,
         /// Measurements of each kind; the medians are reported.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]

@@ -95,8 +95,8 @@ static UPKEEP_HOOK: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
 pub const UPKEEP_EVERY: Duration = Duration::from_millis(1);
 
 /// Set, once for the process, what every shard runs between two passes (at
-/// most every [`UPKEEP_EVERY`], busy or idle, and never inside an actor's
-/// turn): upkeep of the process's own whose cost grows when it is put off.
+/// most every [`UPKEEP_EVERY`], whether the passes ran turns or not; never
+/// inside an actor's turn, and not while the shard is parked): upkeep of the process's own whose cost grows when it is put off.
 /// The binary has mimalloc collect the shard's heap there (see
 /// `src/main.rs`). False if a hook was set already.
 pub fn set_upkeep_hook(hook: fn()) -> bool {
