@@ -110,10 +110,12 @@ pub const PART_BYTES_MAX: u64 = 256 * 1024 * 1024;
 /// First four bytes of every manifest: "DGMF".
 pub const MANIFEST_MAGIC: u32 = u32::from_le_bytes(*b"DGMF");
 
-/// The manifest format this code writes and reads. 2: an actor's
-/// bookkeeping also holds its routing tables and reroute marks (a manifest
-/// of 1 is refused, naming the version, rather than misread).
-pub const MANIFEST_FORMAT_VERSION: u32 = 2;
+/// The format of a checkpoint this code writes and reads: the manifest's,
+/// and the encodings of the parts it refers to. 2: an actor's bookkeeping
+/// also holds its routing tables and reroute marks. 3: q4's key groups no
+/// longer carry their closing index (derived when read). A checkpoint of
+/// another version is refused, naming the version, rather than misread.
+pub const MANIFEST_FORMAT_VERSION: u32 = 3;
 
 /// Bytes of a manifest's header: magic (4), version (4), epoch (8), len (8),
 /// crc32c (4).

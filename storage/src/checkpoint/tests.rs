@@ -225,6 +225,39 @@ fn a_manifest_under_another_epochs_name_is_refused() {
     fs::remove_dir_all(&root).unwrap();
 }
 
+/// A checkpoint of another format version (a build before the last change
+/// to a part's encoding), intact otherwise, is refused naming the version.
+#[test]
+fn a_manifest_of_another_format_version_is_refused_naming_it() {
+    let root = temp_root("manifest-version");
+    let dir = CheckpointDir::open(&root).unwrap();
+    dir.commit_manifest(5, b"body").unwrap();
+    let path = root.join("checkpoints/MANIFEST-00000000000000000005");
+    let mut bytes = fs::read(&path).unwrap();
+    let older = MANIFEST_FORMAT_VERSION - 1;
+    bytes[4..8].copy_from_slice(&older.to_le_bytes());
+    // The crc made good again: only the version differs.
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&bytes[..24]), &bytes[28..]);
+    bytes[24..28].copy_from_slice(&crc.to_le_bytes());
+    fs::write(&path, &bytes).unwrap();
+    let error = dir.read_manifest(5).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            StorageError::CorruptFile {
+                damage: Damage::Field {
+                    field: "manifest format version",
+                    expected,
+                    actual,
+                },
+                ..
+            } if expected == u64::from(MANIFEST_FORMAT_VERSION) && actual == u64::from(older)
+        ),
+        "{error}"
+    );
+    fs::remove_dir_all(&root).unwrap();
+}
+
 #[test]
 fn every_cut_and_bit_flip_of_a_staged_file_is_detected() {
     let root = temp_root("staged-damage");
