@@ -54,7 +54,7 @@
 //! frame_bytes_max` bytes (1,024 x 64 KiB = 64 MiB with the defaults), and
 //! the sender holds at most `send_buffer_msgs` (4,096) messages. (A window
 //! of 256 messages ran `dirigo bench net` at 0.49-0.51M messages/s against
-//! 0.83-0.84M with 1,024: credit goes out as the caller takes messages.)
+//! 0.77-0.84M with 1,024: credit goes out as the caller takes messages.)
 //!
 //! # Restarts
 //!
