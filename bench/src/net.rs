@@ -204,10 +204,6 @@ fn identity(node: u64) -> Identity {
     Identity::new("bench-net", node, SECRET).expect("a valid identity")
 }
 
-fn session_config() -> SessionConfig {
-    SessionConfig::default()
-}
-
 /// `dirigo bench net-peer`: listen, print `listening ADDR`, take `messages`
 /// messages of one connection, answer "done", print the counts as JSON.
 pub fn peer(mode: Mode, messages: u64, message_bytes: usize) -> Result<Counts, BenchError> {
@@ -235,7 +231,7 @@ async fn serve_peer(mode: Mode, messages: u64, message_bytes: usize) -> Result<C
     let mut expected = 1;
     match mode {
         Mode::Link => {
-            let config = session_config();
+            let config = SessionConfig::default();
             let conn = accept(stream, &identity(2), &config.conn)
                 .await
                 .map_err(|(_, e)| BenchError(format!("bench net peer: handshake: {e}")))?;
@@ -266,7 +262,7 @@ async fn serve_peer(mode: Mode, messages: u64, message_bytes: usize) -> Result<C
         }
         Mode::Raw => {
             let mut stream = stream;
-            let config = session_config();
+            let config = SessionConfig::default();
             let mut decoder = FrameDecoder::new(config.link.frame);
             let mut chunk = vec![0u8; 64 * 1024];
             'read: while counts.received + counts.duplicated < messages {
@@ -392,7 +388,7 @@ async fn send_all(
     message_bytes: usize,
 ) -> Result<Duration, BenchError> {
     let io = |e: std::io::Error| BenchError(format!("bench net: {e}"));
-    let config = session_config();
+    let config = SessionConfig::default();
     match mode {
         Mode::Link => {
             let conn = connect(addr, &identity(1), &config.conn)
@@ -455,8 +451,8 @@ pub fn run(config: &Config) -> Result<Report, BenchError> {
     if config.messages == 0 || config.runs == 0 {
         return Err(BenchError("messages and runs must be at least 1".into()));
     }
-    let frame_max =
-        session_config().link.frame.payload_bytes_max() - dirigo_net::link::LINK_HEADER_BYTES;
+    let frame_max = SessionConfig::default().link.frame.payload_bytes_max()
+        - dirigo_net::link::LINK_HEADER_BYTES;
     if config.message_bytes < 8 || config.message_bytes > frame_max {
         return Err(BenchError(format!(
             "--message-bytes {}: from 8 to {frame_max}",

@@ -24,34 +24,6 @@ fn config(shards: usize, credit: u32) -> RuntimeConfig {
     }
 }
 
-fn wait_for(ledger: &Ledger, total: u64, limit: Duration) {
-    let start = Instant::now();
-    while ledger.received.load(Ordering::Acquire) < total {
-        assert!(
-            start.elapsed() < limit,
-            "only {} of {total} messages after {limit:?}",
-            ledger.received.load(Ordering::Acquire)
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn start(workload: &Workload, config: RuntimeConfig) -> (Runtime<Msg>, Built) {
-    let built = build(workload);
-    let runtime = Runtime::start(
-        config,
-        built.factory.clone(),
-        Arc::new(MemoryStateStore::default()),
-    )
-    .expect("runtime starts");
-    for s in 0..workload.sources {
-        runtime
-            .send(source(s), Msg::Tick, sched())
-            .expect("shard alive");
-    }
-    (runtime, built)
-}
-
 #[test]
 fn per_sender_fifo_across_shards_under_load() {
     let workload = Workload {

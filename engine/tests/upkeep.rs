@@ -5,12 +5,10 @@
 mod common;
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use dirigo_engine::runtime::{MemoryStateStore, RuntimeConfig, ShardConfig};
-use dirigo_engine::Runtime;
+use dirigo_engine::runtime::{RuntimeConfig, ShardConfig};
 
 static UPKEEPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static UPKEEPS_OFF_SHARD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -45,7 +43,6 @@ fn the_upkeep_hook_runs_on_every_shard_at_most_every_millisecond() {
         target_spin_ns: 0,
     };
     let started = Instant::now();
-    let built = build(&workload);
     let config = RuntimeConfig {
         shards: 2,
         ring_packets: 256,
@@ -55,22 +52,8 @@ fn the_upkeep_hook_runs_on_every_shard_at_most_every_millisecond() {
         },
         ..RuntimeConfig::default()
     };
-    let runtime = Runtime::start(
-        config,
-        built.factory.clone(),
-        Arc::new(MemoryStateStore::default()),
-    )
-    .expect("runtime starts");
-    for s in 0..workload.sources {
-        runtime
-            .send(source(s), Msg::Tick, sched())
-            .expect("shard alive");
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while built.ledger.received.load(Ordering::Acquire) < 640_000 {
-        assert!(Instant::now() < deadline, "the workload did not finish");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let (runtime, built) = start(&workload, config);
+    wait_for(&built.ledger, 640_000, Duration::from_secs(60));
     runtime.shutdown();
     let elapsed = started.elapsed();
     built.ledger.assert_complete(workload.per_channel);

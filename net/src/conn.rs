@@ -14,13 +14,14 @@
 //! - [`accept`] authenticates one accepted stream: a node spawns it per
 //!   connection, so a peer that stays silent holds up only its own (until
 //!   `handshake_timeout`).
-//! - [`Connection::send`] and [`Connection::write_encoded`] are not
-//!   cancel-safe: a call dropped while it waits may have written part of a
-//!   frame; close the connection then. [`Connection::recv`] is: it keeps
-//!   what it read in the connection, and glommio's non-buffered stream reads
-//!   are readiness-based (the bytes are taken by the `recv` system call of
-//!   the poll that returns them), so a call dropped while pending took
-//!   nothing (`net::session` races it against its doorbell).
+//! - [`Connection::send`] is not cancel-safe: a call dropped while it
+//!   waits may have written part of a frame; close the connection then.
+//!   [`Connection::recv`] is: it keeps what it read in the connection, and
+//!   glommio's non-buffered stream reads are readiness-based (the bytes are
+//!   taken by the `recv` system call of the poll that returns them), so a
+//!   call dropped while pending took nothing. The same holds of
+//!   [`Connection::poll_read_more`] and [`Connection::poll_write_some`],
+//!   which `net::session` races against each other and its doorbell.
 //! - Frames after the handshake carry a crc32c; a connection's frame is
 //!   authenticated by [`crate::link`], which tags each with the session key
 //!   ([`Peer::session`]). A caller that sends raw frames with
@@ -238,12 +239,6 @@ impl Connection {
         Ok(())
     }
 
-    /// Write frames encoded already (by a [`crate::link::Link`]), whole.
-    pub async fn write_encoded(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
-        self.stream.write_all(bytes).await?;
-        Ok(())
-    }
-
     /// A heartbeat frame.
     pub async fn heartbeat(&mut self) -> Result<(), ConnError> {
         self.send(HEARTBEAT_KIND, &[]).await
@@ -253,38 +248,10 @@ impl Connection {
     /// frames. A connection closed inside a frame, or a broken frame, is an
     /// error.
     pub async fn recv(&mut self) -> Result<Option<Frame<'_>>, ConnError> {
-        loop {
-            // What was read before and did not fit goes first.
-            if self.unread_start < self.unread.len() {
-                let taken = self.decoder.push(&self.unread[self.unread_start..]);
-                self.unread_start += taken;
-            }
-            if self.decoder.frame_ready() {
-                break;
-            }
-            if self.unread_start < self.unread.len() {
-                // A decoder short of a whole frame always has room for
-                // more (it holds up to one frame's bound): not reached.
-                return Err(ConnError::Io(std::io::Error::other(
-                    "the frame decoder took no bytes while short of a frame",
-                )));
-            }
-            // Everything read before was taken: read the next chunk apart,
-            // so that a call dropped in the read leaves nothing stale.
-            let mut chunk = std::mem::take(&mut self.chunk);
-            chunk.resize(READ_CHUNK_BYTES, 0);
-            let read = self.stream.read(&mut chunk).await?;
-            chunk.truncate(read);
-            self.chunk = std::mem::replace(&mut self.unread, chunk);
-            self.unread_start = 0;
+        while !self.take_unread()? {
+            let read = futures_lite::future::poll_fn(|cx| self.poll_read_more(cx)).await?;
             if read == 0 {
-                return match self.decoder.buffered_bytes() {
-                    0 => Ok(None),
-                    partial => Err(ConnError::Io(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        format!("the peer closed the connection inside a frame ({partial} bytes of it read)"),
-                    ))),
-                };
+                return Ok(None);
             }
         }
         Ok(Some(self.decoder.next_frame()?.expect("a frame is ready")))
@@ -293,14 +260,30 @@ impl Connection {
     /// The next frame among the bytes read already, without reading the
     /// socket: `None` when they hold no whole frame.
     pub fn next_buffered(&mut self) -> Result<Option<Frame<'_>>, ConnError> {
+        if !self.take_unread()? {
+            return Ok(None);
+        }
+        Ok(self.decoder.next_frame()?)
+    }
+
+    /// Hand the bytes read before to the decoder; whether a whole frame is
+    /// ready.
+    fn take_unread(&mut self) -> Result<bool, ConnError> {
         if self.unread_start < self.unread.len() {
             let taken = self.decoder.push(&self.unread[self.unread_start..]);
             self.unread_start += taken;
         }
-        if !self.decoder.frame_ready() {
-            return Ok(None);
+        if self.decoder.frame_ready() {
+            return Ok(true);
         }
-        Ok(self.decoder.next_frame()?)
+        if self.unread_start < self.unread.len() {
+            // A decoder short of a whole frame always has room for more (it
+            // holds up to one frame's bound): not reached.
+            return Err(ConnError::Io(std::io::Error::other(
+                "the frame decoder took no bytes while short of a frame",
+            )));
+        }
+        Ok(false)
     }
 
     /// Poll for more bytes from the socket once those read before are all

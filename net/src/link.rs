@@ -382,6 +382,9 @@ impl Link {
     pub fn poll_transmit(&mut self, now_ns: u64, out: &mut Vec<u8>, bytes_max: usize) -> usize {
         let credit = self.credit();
         let acked = self.delivered;
+        // Read before anything is told below; if a data frame tells it, no
+        // ack frame is needed anyway.
+        let worth = self.acks_due();
         let start = out.len();
         let mut frames = 0;
         let Some(conn) = self.conn.as_mut() else {
@@ -438,9 +441,6 @@ impl Link {
         } else if conn.unreported_since_ns.is_none() {
             conn.unreported_since_ns = Some(now_ns);
         }
-        let quarter = u64::from(self.config.window_msgs / 4).max(1);
-        let worth = acked.saturating_sub(conn.told.0) >= quarter
-            || credit.saturating_sub(conn.told.1) >= quarter;
         let delayed = conn
             .unreported_since_ns
             .is_some_and(|since| now_ns.saturating_sub(since) >= self.config.ack_delay_ns);

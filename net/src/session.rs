@@ -171,13 +171,12 @@ impl Session {
 
     /// The next message from the peer, if one is here.
     pub fn recv(&self) -> Option<(u8, Vec<u8>)> {
-        let now = self.now_ns();
         let mut link = self.shared.link.borrow_mut();
         let message = link.recv()?;
         // Room in the inbox: more credit to tell the peer. The pump hears of
         // it once a quarter of the window is owed, or once to start the
         // `ack_delay_ns` clock for less.
-        if link.acks_due() || link.note_unreported(now) {
+        if link.acks_due() || link.note_unreported(self.now_ns()) {
             let _ = self.shared.doorbell.try_send(());
         }
         if link.inbox_len() > 0 {

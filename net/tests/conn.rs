@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use dirigo_net::conn::{accept, connect, ConnConfig, ConnError};
+use dirigo_net::conn::{accept, connect, ConnConfig, ConnError, Connection};
 use dirigo_net::handshake::{HandshakeError, Identity};
 use dirigo_net::{FrameConfig, FrameError};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -41,6 +41,15 @@ fn node(cluster: &str, id: u64, secret: &[u8]) -> Identity {
     Identity::new(cluster, id, secret).unwrap()
 }
 
+/// Accept one connection as node 2 of cluster "c"; the client must pass.
+async fn accept_node_2(listener: &TcpListener, config: &ConnConfig) -> Connection {
+    let stream = listener.accept().await.unwrap();
+    accept(stream, &node("c", 2, SECRET), config)
+        .await
+        .map_err(|(_, e)| e)
+        .expect("the client is accepted")
+}
+
 #[test]
 fn two_nodes_with_the_secret_authenticate_and_exchange_frames() {
     on_executor(|| async {
@@ -49,11 +58,7 @@ fn two_nodes_with_the_secret_authenticate_and_exchange_frames() {
         let server = glommio::spawn_local({
             let config = config.clone();
             async move {
-                let stream = listener.accept().await.unwrap();
-                let mut conn = accept(stream, &node("c", 2, SECRET), &config)
-                    .await
-                    .map_err(|(_, e)| e)
-                    .expect("the client is accepted");
+                let mut conn = accept_node_2(&listener, &config).await;
                 assert_eq!(conn.peer().node, 1);
                 let mut got = Vec::new();
                 while let Some(frame) = conn.recv().await.expect("frames decode") {
@@ -183,11 +188,7 @@ fn an_oversized_frame_ends_the_connection() {
         let server = glommio::spawn_local({
             let small = small.clone();
             async move {
-                let stream = listener.accept().await.unwrap();
-                let mut conn = accept(stream, &node("c", 2, SECRET), &small)
-                    .await
-                    .map_err(|(_, e)| e)
-                    .unwrap();
+                let mut conn = accept_node_2(&listener, &small).await;
                 let first = conn.recv().await.unwrap().map(|f| f.payload.len());
                 let second = conn.recv().await.expect_err("the oversized frame fails");
                 (first, second.to_string())
@@ -226,11 +227,7 @@ fn a_recv_given_up_while_waiting_loses_nothing() {
         let server = glommio::spawn_local({
             let config = config.clone();
             async move {
-                let stream = listener.accept().await.unwrap();
-                let mut conn = accept(stream, &node("c", 2, SECRET), &config)
-                    .await
-                    .map_err(|(_, e)| e)
-                    .expect("accepted");
+                let mut conn = accept_node_2(&listener, &config).await;
                 let (mut got, mut given_up) = (Vec::new(), 0u64);
                 loop {
                     let frame = async {

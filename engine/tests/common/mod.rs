@@ -9,7 +9,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use dirigo_engine::{Actor, ActorId, BoxActor, Context, JobId, SchedCtx};
+use std::time::{Duration, Instant};
+
+use dirigo_engine::runtime::{MemoryStateStore, RuntimeConfig};
+use dirigo_engine::{Actor, ActorId, BoxActor, Context, JobId, Runtime, SchedCtx};
 
 pub const JOB: JobId = JobId(1);
 pub const SOURCES: u32 = 1;
@@ -216,4 +219,34 @@ pub fn build(workload: &Workload) -> Built {
         sent_total,
         factory: Arc::new(factory),
     }
+}
+
+/// Wait until `total` messages were received, at most `limit`.
+pub fn wait_for(ledger: &Ledger, total: u64, limit: Duration) {
+    let start = Instant::now();
+    while ledger.received.load(Ordering::Acquire) < total {
+        assert!(
+            start.elapsed() < limit,
+            "only {} of {total} messages after {limit:?}",
+            ledger.received.load(Ordering::Acquire)
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Start a runtime of `config` on the workload's actors and tick its sources.
+pub fn start(workload: &Workload, config: RuntimeConfig) -> (Runtime<Msg>, Built) {
+    let built = build(workload);
+    let runtime = Runtime::start(
+        config,
+        built.factory.clone(),
+        Arc::new(MemoryStateStore::default()),
+    )
+    .expect("runtime starts");
+    for s in 0..workload.sources {
+        runtime
+            .send(source(s), Msg::Tick, sched())
+            .expect("shard alive");
+    }
+    (runtime, built)
 }
