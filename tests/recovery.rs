@@ -349,3 +349,33 @@ fn a_data_directory_knows_its_run() {
     assert!(String::from_utf8_lossy(&stdout_sink.stderr).contains("stdout"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A relative `--data-dir` is the current directory's: its checkpoints
+/// commit (they once all failed, glommio refusing a relative directory).
+#[test]
+fn a_relative_data_directory_takes_checkpoints() {
+    let dir = temp_dir("relative");
+    let run = dirigo()
+        .current_dir(&dir)
+        .args(["run", "q5", "--cores=1", "--events=300000", "--rate=300000"])
+        .args(["--data-dir=data", "--checkpoint-interval=100ms", "--json"])
+        .args(["--sink=file:out.jsonl"])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let summary: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().expect("a summary")).expect("JSON");
+    let checkpoints = &summary["checkpoints"];
+    assert_eq!(checkpoints["failed"], 0, "{checkpoints}");
+    assert!(
+        checkpoints["completed"].as_u64().unwrap() >= 3,
+        "{checkpoints}"
+    );
+    assert!(dir.join("data/checkpoints").is_dir());
+    let _ = std::fs::remove_dir_all(&dir);
+}

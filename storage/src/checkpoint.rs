@@ -275,8 +275,12 @@ pub struct CheckpointDir {
 
 impl CheckpointDir {
     /// Opens `root/checkpoints` and `root/staged`, creating them (and
-    /// `root`) if needed, durably.
+    /// `root`) if needed, durably. A relative `root` is taken from the
+    /// current directory now: glommio opens a directory by path alone, and
+    /// refuses a relative one (EBADF).
     pub fn open(root: &Path) -> Result<Self, StorageError> {
+        let root = &std::path::absolute(root)
+            .map_err(|e| StorageError::io("resolve directory", root, None, e))?;
         let checkpoints = root.join(CHECKPOINTS_DIR_NAME);
         let staged = root.join(STAGED_DIR_NAME);
         for dir in [root, &checkpoints, &staged] {
