@@ -3,6 +3,7 @@
 //! commands to come, `dirigo-engine`).
 
 mod cli;
+mod node;
 
 /// mimalloc for every allocation of the process: the engine allocates message
 /// batches on one shard and frees them on another, which mimalloc's per-thread

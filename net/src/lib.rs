@@ -32,8 +32,9 @@
 //!
 //! # Not yet here
 //!
-//! Nothing in the engine uses a connection or a session yet: remote actor
-//! sends, membership and placement (the cluster issue) come on top.
+//! The cluster's control plane (`dirigo node`, in the binary) runs over
+//! sessions. No engine message crosses a connection yet: remote actor
+//! sends come on top.
 //!
 //! # Bad input
 //!

@@ -5,8 +5,11 @@
 //! running is a one-line error on stderr and exit status 1.
 
 mod bench;
+mod cluster;
 mod gen;
 mod run;
+
+pub use run::check_cluster_job;
 
 use std::process::ExitCode;
 
@@ -34,6 +37,14 @@ enum Command {
     Gen(gen::GenArgs),
     /// Run a benchmark against its baseline, measured in the same run.
     Bench(bench::BenchArgs),
+    /// Run a cluster node (long-running; logs to stderr).
+    Node(crate::node::NodeArgs),
+    /// Submit a job to a cluster; prints its name.
+    Submit(cluster::SubmitArgs),
+    /// A cluster's nodes and jobs.
+    Status(cluster::StatusArgs),
+    /// Cancel a cluster's job.
+    Cancel(cluster::CancelArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -46,6 +57,10 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Gen(args) => gen::run(args),
         Command::Bench(args) => bench::run(args).map_err(|e| e.to_string()),
+        Command::Node(args) => crate::node::run(args),
+        Command::Submit(args) => cluster::submit(args),
+        Command::Status(args) => cluster::status(args),
+        Command::Cancel(args) => cluster::cancel(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -978,3 +978,51 @@ mod tests {
         assert!(error.contains("QUERY"), "{error}");
     }
 }
+
+/// `dirigo run`'s command line alone, to check a cluster job's flags.
+#[derive(clap::Parser, Debug)]
+#[command(name = "dirigo run", no_binary_name = true)]
+struct RunLine {
+    #[command(flatten)]
+    args: RunArgs,
+}
+
+/// Check `dirigo run QUERY FLAGS` as a cluster job: the flags parse as
+/// run's, name one job, keep checkpoints (the job resumes from them on
+/// another node), never discard them, and write rows where every node
+/// reaches them.
+pub fn check_cluster_job(query: &str, flags: &[String]) -> Result<(), String> {
+    let mut words = vec![query.to_string()];
+    words.extend(flags.iter().cloned());
+    let line = <RunLine as clap::Parser>::try_parse_from(&words).map_err(|e| {
+        let rendered = e.render().to_string();
+        rendered
+            .lines()
+            .take_while(|line| !line.trim().is_empty())
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join(" ")
+    })?;
+    let args = line.args;
+    if !args.jobs.is_empty() {
+        return Err("a cluster job is one query: submit each --job on its own".into());
+    }
+    dirigo_nexmark::queries::check(query)?;
+    if args.job.data_dir.is_none() {
+        return Err(
+            "a cluster job needs --data-dir, on storage every node reaches: it resumes from \
+             its checkpoints there on another node"
+                .into(),
+        );
+    }
+    if args.job.fresh {
+        return Err("a cluster job resumes from its checkpoints: --fresh is refused".into());
+    }
+    if matches!(args.job.sink, SinkArg::Stdout) {
+        return Err("a cluster job writes rows to file:PATH (or null), not stdout".into());
+    }
+    if args.cores.is_none() {
+        return Err("a cluster job names its --cores: a run resumes only on as many shards".into());
+    }
+    Ok(())
+}

@@ -170,6 +170,13 @@ pub enum StorageError {
         record_bytes: u64,
         record_bytes_max: u64,
     },
+    /// A whole, checksummed record says what cannot be (an unknown kind,
+    /// a gap in a sequence); `what` says which.
+    Invalid {
+        path: PathBuf,
+        offset: u64,
+        what: String,
+    },
     /// A file to be read or written exceeds its bound. Nothing was written.
     FileTooLarge {
         path: PathBuf,
@@ -254,6 +261,11 @@ impl fmt::Display for StorageError {
             } => write!(
                 f,
                 "corrupt file {} at offset {offset}: {damage}",
+                path.display()
+            ),
+            StorageError::Invalid { path, offset, what } => write!(
+                f,
+                "invalid record in {} at offset {offset}: {what}",
                 path.display()
             ),
             StorageError::RecordTooLarge {

@@ -25,6 +25,8 @@
 //!   checksummed parts, manifests committed atomically per epoch, staged
 //!   output files and their exactly-once append to an output, retention, and
 //!   injected `ENOSPC` faults for tests.
+//! - [`raftlog`]: a node's consensus log (entries with overwrites, hard
+//!   state, membership) over one [`log`] file, replayed on open.
 //! - [`spool`]: a writer on its own thread behind a bounded hand-off of
 //!   buffers, so that a sink on a shard never makes a write system call.
 //!
@@ -49,6 +51,7 @@ pub mod checkpoint;
 mod error;
 pub mod log;
 pub mod manifest;
+pub mod raftlog;
 pub mod read;
 pub mod spool;
 

@@ -1,0 +1,1169 @@
+//! `dirigo node`: one member of a cluster. It agrees with the others, by
+//! Raft (the `raft` crate, driven here), on the cluster's state
+//! ([`state::ClusterState`]: members, jobs, each job's placement and its
+//! epoch), and runs the jobs placed on it ([`jobs`]).
+//!
+//! # Threads and tasks
+//!
+//! One glommio executor (unpinned: the jobs' shards own the cores) runs
+//! every task of the node: the listener, one pump and one reader per peer
+//! session, one task per client connection, and the ticker, which ticks
+//! Raft, renews the lease, does the leader's duties and supervises the
+//! runs. The node's state lives in one `RefCell`, borrowed only between
+//! awaits.
+//!
+//! # Liveness and fencing
+//!
+//! A node runs its jobs only while it holds a lease:
+//! - a follower asks the leader every [`LEASE_ASK_EVERY`]; the leader's
+//!   grant is valid for `min(LEASE, what is left of the leader's own)`
+//!   counted from when the follower *sent* the request, so it ends before
+//!   the leader's record of having heard the follower ages by `LEASE`;
+//! - the leader's own lease runs `LEASE` past the time it last heard from
+//!   a majority of the voters (itself included);
+//! - the leader declares a node lost when it has heard nothing from it for
+//!   [`LOST_AFTER`] (> `LEASE`), counting a new leader's reign as heard;
+//!   only then does it place the node's jobs elsewhere (a new epoch).
+//!
+//! So by the time a job is placed anew, the node that ran it has held no
+//! lease for `LOST_AFTER - LEASE`, and it stops a run (SIGKILL, reaped)
+//! within a tick of its lease's end. This rests on the nodes' monotonic
+//! clocks running at the same rate, within the margin, and on a node not
+//! stalling longer than the margin between a lease check and a kill.
+//!
+//! # Connections
+//!
+//! Between two nodes, the one with the lower id dials; the other serves
+//! what it accepts. A client (id 0) gets a session per connection, for one
+//! request and its reply.
+
+pub mod client;
+pub mod jobs;
+pub mod state;
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use glommio::channels::local_channel::{self, LocalSender};
+use glommio::net::TcpListener;
+use protobuf::Message as _;
+use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState, Message};
+use raft::storage::MemStorage;
+use raft::{RawNode, StateRole};
+
+use dirigo_net::conn::{accept, connect, Connection};
+use dirigo_net::handshake::Identity;
+use dirigo_net::link::{Backoff, Role};
+use dirigo_net::session::{Session, SessionConfig};
+use dirigo_storage::raftlog::RaftLog;
+
+use client::{
+    Reply, Request, CLIENT_NODE, LEASE_GRANT_KIND, LEASE_REQUEST_KIND, RAFT_KIND, REPLY_KIND,
+    REQUEST_KIND,
+};
+use jobs::{monotonic_ns, Run};
+use state::{data_dir_of, Answer, ClusterState, Command, JobState, Outcome};
+
+/// Raft's clock: one tick.
+const TICK: Duration = Duration::from_millis(30);
+/// Raft's election timeout in ticks (randomized up to twice this).
+const ELECTION_TICKS: usize = 10;
+/// Raft's heartbeat in ticks.
+const HEARTBEAT_TICKS: usize = 2;
+/// How long a lease runs.
+pub const LEASE: Duration = Duration::from_millis(500);
+/// Silence after which the leader declares a node lost.
+pub const LOST_AFTER: Duration = Duration::from_millis(900);
+/// How often a follower asks the leader for its lease.
+const LEASE_ASK_EVERY: Duration = Duration::from_millis(100);
+/// A proposal not applied within this is proposed again.
+const PROPOSE_AGAIN_AFTER: Duration = Duration::from_secs(2);
+/// How long a client's request waits for its command to be applied.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Args, Debug)]
+pub struct NodeArgs {
+    /// Address to listen on for nodes and clients, e.g. 127.0.0.1:7001.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Where the node keeps its id and its consensus log.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// File holding the cluster's shared secret (at least 16 bytes).
+    #[arg(long)]
+    secret_file: PathBuf,
+    /// A member's address: join its cluster (on the first start; a node
+    /// with a consensus log rejoins what it knows).
+    #[arg(long)]
+    join: Option<SocketAddr>,
+    /// The cluster's name: nodes and clients of another are refused.
+    #[arg(long, default_value = "dirigo")]
+    cluster: String,
+    /// Test hook: while this file exists, the node drops every message to
+    /// and from other nodes (a partition).
+    #[arg(long, hide = true)]
+    isolate_file: Option<PathBuf>,
+}
+
+/// A random u64 from the kernel.
+pub fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut bytes);
+    }
+    u64::from_le_bytes(bytes) ^ monotonic_ns()
+}
+
+/// This node's id: made on the first start and kept in the data directory.
+fn node_id(data_dir: &Path) -> Result<u64, String> {
+    let path = data_dir.join("node-id");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|id| *id != CLIENT_NODE)
+            .ok_or_else(|| format!("{} holds no node id: {text:?}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Below 2^53: ids print exactly as JSON numbers.
+            let id = (random_u64() & ((1 << 53) - 1)).max(1);
+            dirigo_storage::manifest::commit_atomic(data_dir, "node-id", id.to_string().as_bytes())
+                .map_err(|e| e.to_string())?;
+            Ok(id)
+        }
+        Err(e) => Err(format!("reading {}: {e}", path.display())),
+    }
+}
+
+pub fn run(args: NodeArgs) -> Result<(), String> {
+    std::fs::create_dir_all(&args.data_dir)
+        .map_err(|e| format!("creating {}: {e}", args.data_dir.display()))?;
+    let secret = client::read_secret(&args.secret_file)?;
+    let id = node_id(&args.data_dir)?;
+    // Checked before anything starts.
+    Identity::new(&args.cluster, id, &secret)?;
+    let program = std::env::current_exe().map_err(|e| format!("finding this binary: {e}"))?;
+    glommio::LocalExecutorBuilder::default()
+        .name("dirigo-node")
+        .io_memory(1 << 20)
+        .spawn(move || async move {
+            let node = Node::open(args, id, secret, program)?;
+            node.serve().await
+        })
+        .map_err(|e| format!("the node's executor did not start: {e}"))?
+        .join()
+        .map_err(|e| format!("the node's executor failed: {e}"))?
+}
+
+/// Whatever the node is and knows; one `RefCell` in [`Node`].
+struct Core {
+    raft: RawNode<MemStorage>,
+    log: RaftLog,
+    voters: Vec<u64>,
+    state: ClusterState,
+    /// Addresses learnt before the log said them (a join's reply).
+    known_addrs: BTreeMap<u64, String>,
+    /// Requests waiting for their command to be applied.
+    waiting: HashMap<u64, LocalSender<Answer>>,
+    /// Per peer: when a message from it last arrived.
+    heard: HashMap<u64, Instant>,
+    leader_since: Option<Instant>,
+    /// The follower's lease; the leader computes its own.
+    lease_until: Option<Instant>,
+    lease_asked: Vec<(u64, Instant)>,
+    lease_seq: u64,
+    last_lease_ask: Option<Instant>,
+    /// What the leader proposed and when, not proposed again before
+    /// `PROPOSE_AGAIN_AFTER`.
+    proposed: HashMap<String, Instant>,
+    runs: Vec<Run>,
+    /// Runs that ended by themselves, until the log records it.
+    ended: BTreeMap<(String, u64), Outcome>,
+    isolated: bool,
+    isolated_checked: Option<Instant>,
+}
+
+struct Node {
+    id: u64,
+    listen: SocketAddr,
+    identity: Identity,
+    cluster: String,
+    secret: Vec<u8>,
+    program: PathBuf,
+    join: Option<SocketAddr>,
+    isolate_file: Option<PathBuf>,
+    incarnation: u64,
+    core: RefCell<Core>,
+    peers: RefCell<HashMap<u64, Session>>,
+    stopped: Cell<bool>,
+}
+
+fn storage_error(e: dirigo_storage::StorageError) -> String {
+    e.to_string()
+}
+
+impl Node {
+    fn open(
+        args: NodeArgs,
+        id: u64,
+        secret: Vec<u8>,
+        program: PathBuf,
+    ) -> Result<Rc<Node>, String> {
+        let identity = Identity::new(&args.cluster, id, &secret)?;
+        let (mut log, replayed) =
+            RaftLog::open(&args.data_dir.join("raft.log")).map_err(storage_error)?;
+        let storage = MemStorage::new();
+        let fresh = replayed.entries.is_empty()
+            && replayed.hard_state.is_none()
+            && replayed.membership.is_none();
+        let mut voters = Vec::new();
+        if let Some(bytes) = &replayed.membership {
+            let mut cs = ConfState::default();
+            cs.merge_from_bytes(bytes)
+                .map_err(|e| format!("the consensus log's membership: {e}"))?;
+            voters = cs.voters.clone();
+            storage.wl().set_conf_state(cs);
+        } else if fresh && args.join.is_none() {
+            // The first node: a cluster of one.
+            let cs = ConfState {
+                voters: vec![id],
+                ..Default::default()
+            };
+            log.set_membership(&cs.write_to_bytes().expect("encodes"))
+                .and_then(|_| log.sync())
+                .map_err(storage_error)?;
+            voters = cs.voters.clone();
+            storage.wl().set_conf_state(cs);
+        }
+        let mut entries = Vec::with_capacity(replayed.entries.len());
+        for (index, bytes) in &replayed.entries {
+            let mut entry = Entry::default();
+            entry
+                .merge_from_bytes(bytes)
+                .map_err(|e| format!("the consensus log's entry {index}: {e}"))?;
+            entries.push(entry);
+        }
+        storage
+            .wl()
+            .append(&entries)
+            .map_err(|e| format!("replaying the consensus log: {e}"))?;
+        if let Some(bytes) = &replayed.hard_state {
+            let mut hs = HardState::default();
+            hs.merge_from_bytes(bytes)
+                .map_err(|e| format!("the consensus log's hard state: {e}"))?;
+            storage.wl().set_hardstate(hs);
+        }
+        let config = raft::Config {
+            id,
+            election_tick: ELECTION_TICKS,
+            heartbeat_tick: HEARTBEAT_TICKS,
+            check_quorum: true,
+            pre_vote: true,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            ..Default::default()
+        };
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let raft = RawNode::new(&config, storage, &logger)
+            .map_err(|e| format!("starting consensus: {e}"))?;
+        eprintln!(
+            "dirigo node {id}: listening on {}, {} consensus entries replayed{}",
+            args.listen,
+            entries.len(),
+            if voters.is_empty() {
+                format!(", joining through {:?}", args.join)
+            } else {
+                format!(", members {voters:?}")
+            }
+        );
+        Ok(Rc::new(Node {
+            id,
+            listen: args.listen,
+            identity,
+            cluster: args.cluster,
+            secret,
+            program,
+            join: args.join,
+            isolate_file: args.isolate_file,
+            incarnation: random_u64(),
+            core: RefCell::new(Core {
+                raft,
+                log,
+                voters,
+                state: ClusterState::default(),
+                known_addrs: BTreeMap::new(),
+                waiting: HashMap::new(),
+                heard: HashMap::new(),
+                leader_since: None,
+                lease_until: None,
+                lease_asked: Vec::new(),
+                lease_seq: 0,
+                last_lease_ask: None,
+                proposed: HashMap::new(),
+                runs: Vec::new(),
+                ended: BTreeMap::new(),
+                isolated: false,
+                isolated_checked: None,
+            }),
+            peers: RefCell::new(HashMap::new()),
+            stopped: Cell::new(false),
+        }))
+    }
+
+    async fn serve(self: Rc<Self>) -> Result<(), String> {
+        let listener = TcpListener::bind(self.listen)
+            .map_err(|e| format!("listening on {}: {e}", self.listen))?;
+        glommio::spawn_local(self.clone().tick_loop()).detach();
+        if self.core.borrow().voters.is_empty() {
+            if let Some(addr) = self.join {
+                glommio::spawn_local(self.clone().join_loop(addr)).detach();
+            }
+        }
+        loop {
+            let stream = match listener.accept().await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    eprintln!("dirigo node {}: accept: {e}", self.id);
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let node = self.clone();
+            glommio::spawn_local(async move {
+                let config = SessionConfig::default();
+                match accept(stream, &node.identity, &config.conn).await {
+                    Ok(conn) => node.serve_connection(conn).await,
+                    Err((addr, e)) => eprintln!(
+                        "dirigo node {}: refused a connection from {}: {e}",
+                        node.id,
+                        addr.map_or("an unknown address".into(), |a| a.to_string())
+                    ),
+                }
+            })
+            .detach();
+        }
+    }
+
+    async fn serve_connection(self: Rc<Self>, conn: Connection) {
+        let peer = conn.peer().node;
+        if peer == CLIENT_NODE {
+            let session = Session::new(SessionConfig::default(), self.incarnation);
+            let pump = glommio::spawn_local({
+                let session = session.clone();
+                async move {
+                    session.serve(conn, Role::Server).await;
+                    session.stop();
+                }
+            });
+            while let Some((kind, body)) = session.recv_wait().await {
+                if kind != REQUEST_KIND {
+                    continue;
+                }
+                let reply = match serde_json::from_slice::<Request>(&body) {
+                    Ok(request) => self.clone().answer(request).await,
+                    Err(e) => Reply::Error {
+                        message: format!("a malformed request: {e}"),
+                    },
+                };
+                let body = serde_json::to_vec(&reply).expect("replies serialize");
+                if session.send_wait(REPLY_KIND, body).await.is_err() {
+                    break;
+                }
+            }
+            pump.await;
+            return;
+        }
+        if peer == self.id {
+            eprintln!(
+                "dirigo node {}: refused a connection claiming this node's id",
+                self.id
+            );
+            return;
+        }
+        let session = self.session(peer);
+        session.serve(conn, Role::Server).await;
+    }
+
+    /// The session to `peer`, made (with its reader, and its dialer if this
+    /// node dials) on first use.
+    fn session(self: &Rc<Self>, peer: u64) -> Session {
+        if let Some(session) = self.peers.borrow().get(&peer) {
+            return session.clone();
+        }
+        let session = Session::new(SessionConfig::default(), self.incarnation);
+        self.peers.borrow_mut().insert(peer, session.clone());
+        glommio::spawn_local(self.clone().read_loop(peer, session.clone())).detach();
+        if self.id < peer {
+            glommio::spawn_local(self.clone().dial_loop(peer, session.clone())).detach();
+        }
+        session
+    }
+
+    async fn dial_loop(self: Rc<Self>, peer: u64, session: Session) {
+        let mut backoff = Backoff::new(10_000_000, 1_000_000_000, self.incarnation ^ peer);
+        let config = SessionConfig::default();
+        let mut failures = 0u64;
+        while !self.stopped.get() {
+            let addr = self.addr_of(peer);
+            if let Some(addr) = addr {
+                match connect(addr, &self.identity, &config.conn).await {
+                    Ok(conn) if conn.peer().node == peer => {
+                        backoff.reset();
+                        failures = 0;
+                        session.serve(conn, Role::Client).await;
+                    }
+                    Ok(conn) => eprintln!(
+                        "dirigo node {}: {addr} is node {}, not {peer}",
+                        self.id,
+                        conn.peer().node
+                    ),
+                    Err(e) => {
+                        failures += 1;
+                        if failures % 50 == 1 {
+                            eprintln!(
+                                "dirigo node {}: dialing node {peer} at {addr} ({failures} tries): {e}",
+                                self.id
+                            );
+                        }
+                    }
+                }
+            }
+            glommio::timer::sleep(Duration::from_nanos(backoff.next_delay_ns())).await;
+        }
+    }
+
+    fn addr_of(&self, peer: u64) -> Option<SocketAddr> {
+        let core = self.core.borrow();
+        core.state
+            .nodes
+            .get(&peer)
+            .map(|n| n.addr.clone())
+            .or_else(|| core.known_addrs.get(&peer).cloned())
+            .and_then(|a| a.parse().ok())
+    }
+
+    async fn read_loop(self: Rc<Self>, peer: u64, session: Session) {
+        while let Some((kind, body)) = session.recv_wait().await {
+            if self.isolated() {
+                continue;
+            }
+            let mut core = self.core.borrow_mut();
+            core.heard.insert(peer, Instant::now());
+            match kind {
+                RAFT_KIND => {
+                    let mut message = Message::default();
+                    if message.merge_from_bytes(&body).is_err() || message.from != peer {
+                        eprintln!(
+                            "dirigo node {}: a malformed message from node {peer}",
+                            self.id
+                        );
+                        continue;
+                    }
+                    let _ = core.raft.step(message);
+                }
+                LEASE_REQUEST_KIND if body.len() == 8 => {
+                    let now = Instant::now();
+                    if let Some(until) = self.leader_lease_until(&core, now) {
+                        let left = until.saturating_duration_since(now).min(LEASE);
+                        if !left.is_zero() {
+                            let mut grant = body.clone();
+                            grant.extend_from_slice(&(left.as_micros() as u64).to_le_bytes());
+                            drop(core);
+                            let _ = session.send(LEASE_GRANT_KIND, grant);
+                            self.handle_ready();
+                            continue;
+                        }
+                    }
+                }
+                LEASE_GRANT_KIND if body.len() == 16 => {
+                    let seq = u64::from_le_bytes(body[..8].try_into().unwrap());
+                    let valid =
+                        Duration::from_micros(u64::from_le_bytes(body[8..].try_into().unwrap()));
+                    if core.raft.raft.leader_id == peer && core.raft.raft.state != StateRole::Leader
+                    {
+                        if let Some((_, sent)) = core.lease_asked.iter().find(|(s, _)| *s == seq) {
+                            let until = *sent + valid.min(LEASE);
+                            if core.lease_until.is_none_or(|u| u < until) {
+                                core.lease_until = Some(until);
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+            drop(core);
+            self.handle_ready();
+        }
+    }
+
+    /// The leader's own lease: `LEASE` past the time it last heard from a
+    /// majority of the voters, itself included. None on a follower.
+    fn leader_lease_until(&self, core: &Core, now: Instant) -> Option<Instant> {
+        if core.raft.raft.state != StateRole::Leader || !core.voters.contains(&self.id) {
+            return None;
+        }
+        let mut times: Vec<Instant> = core
+            .voters
+            .iter()
+            .filter_map(|v| {
+                if *v == self.id {
+                    Some(now)
+                } else {
+                    core.heard.get(v).copied()
+                }
+            })
+            .collect();
+        let quorum = core.voters.len() / 2 + 1;
+        if times.len() < quorum {
+            return None;
+        }
+        times.sort_unstable_by(|a, b| b.cmp(a));
+        Some(times[quorum - 1] + LEASE)
+    }
+
+    fn has_lease(&self, core: &Core, now: Instant) -> bool {
+        match self.leader_lease_until(core, now) {
+            Some(until) => until > now,
+            None => core.lease_until.is_some_and(|until| until > now),
+        }
+    }
+
+    fn isolated(&self) -> bool {
+        let Some(path) = &self.isolate_file else {
+            return false;
+        };
+        let mut core = self.core.borrow_mut();
+        let now = Instant::now();
+        if core
+            .isolated_checked
+            .is_none_or(|at| now.duration_since(at) >= Duration::from_millis(10))
+        {
+            let isolated = path.exists();
+            if isolated != core.isolated {
+                eprintln!(
+                    "dirigo node {}: {} (test hook)",
+                    self.id,
+                    if isolated {
+                        "isolated"
+                    } else {
+                        "isolation over"
+                    }
+                );
+            }
+            core.isolated = isolated;
+            core.isolated_checked = Some(now);
+        }
+        core.isolated
+    }
+
+    fn send_peer(self: &Rc<Self>, peer: u64, kind: u8, body: Vec<u8>) {
+        if peer == self.id || self.isolated() {
+            return;
+        }
+        // A full send buffer drops the message: Raft sends again.
+        let _ = self.session(peer).send(kind, body);
+    }
+
+    /// Persist, send and apply what Raft has ready, until it has nothing.
+    fn handle_ready(self: &Rc<Self>) {
+        loop {
+            let mut core = self.core.borrow_mut();
+            if !core.raft.has_ready() {
+                return;
+            }
+            let mut ready = core.raft.ready();
+            let mut outgoing = ready.take_messages();
+            let committed = ready.take_committed_entries();
+            let store = core.raft.raft.raft_log.store.clone();
+            if !ready.entries().is_empty() {
+                for entry in ready.entries() {
+                    let bytes = entry.write_to_bytes().expect("entries encode");
+                    if let Err(e) = core.log.append_entry(entry.index, &bytes) {
+                        self.fail(&format!("appending to the consensus log: {e}"));
+                    }
+                }
+                store
+                    .wl()
+                    .append(ready.entries())
+                    .expect("entries follow the log");
+            }
+            if let Some(hs) = ready.hs() {
+                let bytes = hs.write_to_bytes().expect("hard state encodes");
+                if let Err(e) = core.log.set_hard_state(&bytes) {
+                    self.fail(&format!("writing the consensus log: {e}"));
+                }
+                store.wl().set_hardstate(hs.clone());
+            }
+            // Durable before any message that promises it goes out.
+            if !ready.entries().is_empty() || ready.hs().is_some() {
+                if let Err(e) = core.log.sync() {
+                    self.fail(&format!("syncing the consensus log: {e}"));
+                }
+            }
+            outgoing.extend(ready.take_persisted_messages());
+            let mut light = core.raft.advance(ready);
+            if let Some(commit) = light.commit_index() {
+                store.wl().mut_hard_state().set_commit(commit);
+            }
+            outgoing.extend(light.take_messages());
+            let mut committed = committed;
+            committed.extend(light.take_committed_entries());
+            drop(core);
+            for message in outgoing {
+                let bytes = message.write_to_bytes().expect("messages encode");
+                self.send_peer(message.to, RAFT_KIND, bytes);
+            }
+            self.apply(committed);
+            self.core.borrow_mut().raft.advance_apply();
+        }
+    }
+
+    /// An I/O failure of the consensus log: a node that cannot keep its
+    /// promises must not make more. It exits; its runs die with it.
+    fn fail(&self, error: &str) -> ! {
+        eprintln!("dirigo node {}: {error}; stopping", self.id);
+        std::process::exit(1);
+    }
+
+    fn apply(self: &Rc<Self>, entries: Vec<Entry>) {
+        for entry in entries {
+            if entry.data.is_empty() {
+                continue;
+            }
+            let mut core = self.core.borrow_mut();
+            match entry.get_entry_type() {
+                EntryType::EntryConfChange => {
+                    let mut change = ConfChange::default();
+                    if change.merge_from_bytes(&entry.data).is_err() {
+                        continue;
+                    }
+                    let Ok(cs) = core.raft.apply_conf_change(&change) else {
+                        continue;
+                    };
+                    let bytes = cs.write_to_bytes().expect("membership encodes");
+                    if let Err(e) = core
+                        .log
+                        .set_membership(&bytes)
+                        .and_then(|_| core.log.sync())
+                    {
+                        self.fail(&format!("writing the consensus log: {e}"));
+                    }
+                    core.voters = cs.voters.clone();
+                    core.raft.raft.raft_log.store.wl().set_conf_state(cs);
+                    if change.get_change_type() == ConfChangeType::AddNode {
+                        let addr = String::from_utf8_lossy(&change.context).into_owned();
+                        eprintln!(
+                            "dirigo node {}: node {} joined at {addr}",
+                            self.id, change.node_id
+                        );
+                        core.state.add_node(change.node_id, addr);
+                    }
+                }
+                EntryType::EntryNormal => {
+                    let Ok(command) = serde_json::from_slice::<Command>(&entry.data) else {
+                        eprintln!("dirigo node {}: a malformed command in the log", self.id);
+                        continue;
+                    };
+                    if let Command::Liveness { node, alive } = &command {
+                        eprintln!(
+                            "dirigo node {}: node {node} is {}",
+                            self.id,
+                            if *alive { "alive" } else { "lost" }
+                        );
+                    }
+                    if let Command::Assign { job, node, epoch } = &command {
+                        core.proposed.remove(job);
+                        eprintln!(
+                            "dirigo node {}: {job} placed on node {node} (epoch {epoch})",
+                            self.id
+                        );
+                    }
+                    if let Some((request, answer)) = core.state.apply(command) {
+                        if let Some(waiter) = core.waiting.remove(&request) {
+                            let _ = waiter.try_send(answer);
+                        }
+                    }
+                }
+                EntryType::EntryConfChangeV2 => {}
+            }
+        }
+    }
+
+    fn propose(&self, core: &mut Core, command: &Command) -> Result<(), String> {
+        let data = serde_json::to_vec(command).expect("commands serialize");
+        core.raft
+            .propose(Vec::new(), data)
+            .map_err(|e| format!("no leader takes the proposal ({e}): the cluster has no majority"))
+    }
+
+    async fn tick_loop(self: Rc<Self>) {
+        let mut next = Instant::now();
+        while !self.stopped.get() {
+            next += TICK;
+            let now = Instant::now();
+            if next > now {
+                glommio::timer::sleep(next - now).await;
+            } else {
+                next = now;
+            }
+            self.core.borrow_mut().raft.tick();
+            self.handle_ready();
+            self.ask_lease();
+            self.lead();
+            self.supervise();
+            self.handle_ready();
+        }
+    }
+
+    /// A follower asks the leader for its lease.
+    fn ask_lease(self: &Rc<Self>) {
+        let now = Instant::now();
+        let mut core = self.core.borrow_mut();
+        let leader = core.raft.raft.leader_id;
+        if leader == 0 || leader == self.id {
+            return;
+        }
+        if core
+            .last_lease_ask
+            .is_some_and(|at| now.duration_since(at) < LEASE_ASK_EVERY)
+        {
+            return;
+        }
+        core.last_lease_ask = Some(now);
+        core.lease_seq += 1;
+        let seq = core.lease_seq;
+        core.lease_asked.push((seq, now));
+        if core.lease_asked.len() > 32 {
+            core.lease_asked.remove(0);
+        }
+        drop(core);
+        self.send_peer(leader, LEASE_REQUEST_KIND, seq.to_le_bytes().to_vec());
+    }
+
+    /// Every member: say its address if it moved. The leader: say who is
+    /// alive, and place the jobs that have no live node.
+    fn lead(self: &Rc<Self>) {
+        let now = Instant::now();
+        let mut core = self.core.borrow_mut();
+        let core = &mut *core;
+        if core.voters.contains(&self.id) {
+            let addr = self.listen.to_string();
+            let mine = core.state.nodes.get(&self.id).map(|n| n.addr.as_str());
+            if mine.is_some_and(|mine| mine != addr) && core.raft.raft.leader_id != 0 {
+                let key = "addr".to_string();
+                if core
+                    .proposed
+                    .get(&key)
+                    .is_none_or(|at| now.duration_since(*at) > PROPOSE_AGAIN_AFTER)
+                {
+                    core.proposed.insert(key, now);
+                    let _ = self.propose(
+                        core,
+                        &Command::SetAddr {
+                            node: self.id,
+                            addr,
+                        },
+                    );
+                }
+            }
+        }
+        if core.raft.raft.state != StateRole::Leader {
+            core.leader_since = None;
+            return;
+        }
+        // The first node is a member from the start, by its own initial
+        // membership, which no entry says: it adds itself through the log,
+        // where the nodes that join later read it.
+        if !core.state.nodes.contains_key(&self.id) {
+            let key = "member".to_string();
+            if core
+                .proposed
+                .get(&key)
+                .is_none_or(|at| now.duration_since(*at) > PROPOSE_AGAIN_AFTER)
+            {
+                core.proposed.insert(key, now);
+                let mut change = ConfChange::default();
+                change.set_change_type(ConfChangeType::AddNode);
+                change.node_id = self.id;
+                change.context = self.listen.to_string().into_bytes().into();
+                let _ = core.raft.propose_conf_change(Vec::new(), change);
+            }
+        }
+        let since = *core.leader_since.get_or_insert(now);
+        let mut commands = Vec::new();
+        for (id, info) in &core.state.nodes {
+            // Lost: nothing for LOST_AFTER, this reign's start counting as
+            // heard. Back: heard within LOST_AFTER, in this reign (a new
+            // leader does not call a node alive for want of time to miss it).
+            let heard = core.heard.get(id).copied();
+            let alive = if *id == self.id {
+                true
+            } else if info.alive {
+                now.duration_since(heard.map_or(since, |h| h.max(since))) < LOST_AFTER
+            } else {
+                heard.is_some_and(|h| h >= since && now.duration_since(h) < LOST_AFTER)
+            };
+            if alive != info.alive {
+                commands.push((
+                    format!("liveness {id}"),
+                    Command::Liveness { node: *id, alive },
+                ));
+            }
+        }
+        // Place what has no live node, spreading by load.
+        let mut load: BTreeMap<u64, usize> = core
+            .state
+            .nodes
+            .iter()
+            .filter(|(id, info)| {
+                info.alive
+                    && !commands
+                        .iter()
+                        .any(|(_, c)| matches!(c, Command::Liveness { node, alive: false } if node == *id))
+            })
+            .map(|(id, _)| (*id, 0))
+            .collect();
+        for job in core.state.jobs.values() {
+            if job.state == JobState::Running {
+                if let Some(count) = job.node.and_then(|n| load.get_mut(&n)) {
+                    *count += 1;
+                }
+            }
+        }
+        for (job, epoch) in core.state.unplaced() {
+            let Some((&node, _)) = load.iter().min_by_key(|(id, count)| (**count, **id)) else {
+                break;
+            };
+            *load.get_mut(&node).unwrap() += 1;
+            commands.push((
+                job.clone(),
+                Command::Assign {
+                    job,
+                    node,
+                    epoch: epoch + 1,
+                },
+            ));
+        }
+        for (key, command) in commands {
+            if core
+                .proposed
+                .get(&key)
+                .is_some_and(|at| now.duration_since(*at) < PROPOSE_AGAIN_AFTER)
+            {
+                continue;
+            }
+            core.proposed.insert(key, now);
+            let _ = self.propose(core, &command);
+        }
+    }
+
+    /// Start the runs of the jobs placed here, stop those that must not run,
+    /// and report runs that ended.
+    fn supervise(self: &Rc<Self>) {
+        let now = Instant::now();
+        let mut core = self.core.borrow_mut();
+        let core = &mut *core;
+        let leased = self.has_lease(core, now);
+        let mut i = 0;
+        while i < core.runs.len() {
+            let run = &core.runs[i];
+            let keep = leased
+                && core.state.jobs.get(&run.job).is_some_and(|job| {
+                    job.state == JobState::Running
+                        && job.node == Some(self.id)
+                        && job.epoch == run.epoch
+                });
+            if !keep {
+                let run = core.runs.swap_remove(i);
+                let (job, epoch, pid) = (run.job.clone(), run.epoch, run.pid());
+                run.stop();
+                eprintln!(
+                    "dirigo node {}: activation {job} epoch {epoch} pid {pid} stopped at {} ({})",
+                    self.id,
+                    monotonic_ns(),
+                    if leased {
+                        "moved or cancelled"
+                    } else {
+                        "no lease"
+                    }
+                );
+                continue;
+            }
+            if let Some(outcome) = core.runs[i].try_end() {
+                let run = core.runs.swap_remove(i);
+                eprintln!(
+                    "dirigo node {}: activation {} epoch {} pid {} ended at {}: {outcome:?}",
+                    self.id,
+                    run.job,
+                    run.epoch,
+                    run.pid(),
+                    monotonic_ns()
+                );
+                core.ended.insert((run.job.clone(), run.epoch), outcome);
+                continue;
+            }
+            i += 1;
+        }
+        // Report ended runs until the log has them.
+        let ended: Vec<((String, u64), Outcome)> = core
+            .ended
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for ((job, epoch), outcome) in ended {
+            let current = core
+                .state
+                .jobs
+                .get(&job)
+                .is_some_and(|j| j.state == JobState::Running && j.epoch == epoch);
+            if !current {
+                core.ended.remove(&(job, epoch));
+                continue;
+            }
+            let key = format!("ended {job}");
+            if core
+                .proposed
+                .get(&key)
+                .is_some_and(|at| now.duration_since(*at) < PROPOSE_AGAIN_AFTER)
+            {
+                continue;
+            }
+            core.proposed.insert(key, now);
+            let _ = self.propose(
+                core,
+                &Command::Ended {
+                    job,
+                    epoch,
+                    outcome,
+                },
+            );
+        }
+        if !leased {
+            return;
+        }
+        let to_start: Vec<state::Job> = core
+            .state
+            .jobs
+            .values()
+            .filter(|job| job.state == JobState::Running && job.node == Some(self.id))
+            .filter(|job| !core.runs.iter().any(|r| r.job == job.name))
+            .filter(|job| !core.ended.contains_key(&(job.name.clone(), job.epoch)))
+            .cloned()
+            .collect();
+        for job in to_start {
+            let started = monotonic_ns();
+            match Run::start(&self.program, &job, self.id) {
+                Ok(run) => {
+                    eprintln!(
+                        "dirigo node {}: activation {} epoch {} pid {} started at {started}",
+                        self.id,
+                        job.name,
+                        job.epoch,
+                        run.pid()
+                    );
+                    core.runs.push(run);
+                }
+                Err(error) => {
+                    core.ended
+                        .insert((job.name.clone(), job.epoch), Outcome::Failed { error });
+                }
+            }
+        }
+    }
+
+    /// Answer a client's request.
+    async fn answer(self: Rc<Self>, request: Request) -> Reply {
+        match request {
+            Request::Status => Reply::Status {
+                status: self.status_json(),
+            },
+            Request::Submit { query, args, cwd } => {
+                if let Err(message) = crate::cli::check_cluster_job(&query, &args) {
+                    return Reply::Error { message };
+                }
+                if data_dir_of(&args).is_none() {
+                    return Reply::Error {
+                        message: "a cluster job needs --data-dir".into(),
+                    };
+                }
+                let request = random_u64();
+                let command = Command::Submit {
+                    request,
+                    query,
+                    args,
+                    cwd,
+                };
+                match self.propose_and_wait(request, &command).await {
+                    Ok(Answer::Submitted(job)) => Reply::Submitted { job },
+                    Ok(Answer::Refused(message)) | Err(message) => Reply::Error { message },
+                    Ok(other) => Reply::Error {
+                        message: format!("unexpected answer {other:?}"),
+                    },
+                }
+            }
+            Request::Cancel { job } => {
+                let request = random_u64();
+                match self
+                    .propose_and_wait(request, &Command::Cancel { request, job })
+                    .await
+                {
+                    Ok(Answer::Cancelled(job)) => Reply::Cancelled { job },
+                    Ok(Answer::Refused(message)) | Err(message) => Reply::Error { message },
+                    Ok(other) => Reply::Error {
+                        message: format!("unexpected answer {other:?}"),
+                    },
+                }
+            }
+            Request::Join { node, addr } => self.admit(node, addr).await,
+        }
+    }
+
+    async fn propose_and_wait(
+        self: &Rc<Self>,
+        request: u64,
+        command: &Command,
+    ) -> Result<Answer, String> {
+        let (sender, receiver) = local_channel::new_bounded(1);
+        {
+            let mut core = self.core.borrow_mut();
+            self.propose(&mut core, command)?;
+            core.waiting.insert(request, sender);
+        }
+        self.handle_ready();
+        let wait = async {
+            receiver
+                .recv()
+                .await
+                .ok_or_else(|| "the node stopped".to_string())
+        };
+        let timeout = async {
+            glommio::timer::sleep(APPLY_TIMEOUT).await;
+            Err(format!(
+                "not agreed within {APPLY_TIMEOUT:?} (no leader, or no majority)"
+            ))
+        };
+        let result = futures_lite::future::or(wait, timeout).await;
+        self.core.borrow_mut().waiting.remove(&request);
+        result
+    }
+
+    /// Make `node` a member, then answer with the members' addresses.
+    async fn admit(self: Rc<Self>, node: u64, addr: String) -> Reply {
+        if node == CLIENT_NODE || addr.parse::<SocketAddr>().is_err() {
+            return Reply::Error {
+                message: format!("node {node} at {addr:?} cannot join"),
+            };
+        }
+        let deadline = Instant::now() + APPLY_TIMEOUT;
+        let mut proposed_at: Option<Instant> = None;
+        loop {
+            {
+                let mut core = self.core.borrow_mut();
+                if core.voters.contains(&node) {
+                    let nodes = core
+                        .state
+                        .nodes
+                        .iter()
+                        .map(|(id, info)| (*id, info.addr.clone()))
+                        .collect();
+                    return Reply::Joined { nodes };
+                }
+                if Instant::now() > deadline {
+                    return Reply::Error {
+                        message: format!("node {node} not admitted within {APPLY_TIMEOUT:?}"),
+                    };
+                }
+                if proposed_at.is_none_or(|at| at.elapsed() > PROPOSE_AGAIN_AFTER) {
+                    proposed_at = Some(Instant::now());
+                    let mut change = ConfChange::default();
+                    change.set_change_type(ConfChangeType::AddNode);
+                    change.node_id = node;
+                    change.context = addr.clone().into_bytes().into();
+                    if let Err(e) = core.raft.propose_conf_change(Vec::new(), change) {
+                        return Reply::Error {
+                            message: format!("no leader takes the change ({e})"),
+                        };
+                    }
+                }
+            }
+            self.handle_ready();
+            glommio::timer::sleep(TICK).await;
+        }
+    }
+
+    /// Ask the member at `addr` to admit this node, until it has.
+    async fn join_loop(self: Rc<Self>, addr: SocketAddr) {
+        let client = Identity::new(&self.cluster, CLIENT_NODE, &self.secret)
+            .expect("the node's identity was valid");
+        loop {
+            let request = Request::Join {
+                node: self.id,
+                addr: self.listen.to_string(),
+            };
+            match client::request_on_executor(addr, &client, &request).await {
+                Ok(Reply::Joined { nodes }) => {
+                    eprintln!(
+                        "dirigo node {}: joined through {addr}: members {nodes:?}",
+                        self.id
+                    );
+                    self.core.borrow_mut().known_addrs.extend(nodes);
+                    // Sessions to members this node dials.
+                    let ids: Vec<u64> = self.core.borrow().known_addrs.keys().copied().collect();
+                    for id in ids {
+                        if id != self.id {
+                            self.session(id);
+                        }
+                    }
+                    return;
+                }
+                Ok(other) => {
+                    eprintln!("dirigo node {}: joining through {addr}: {other:?}", self.id)
+                }
+                Err(e) => eprintln!("dirigo node {}: joining through {addr}: {e}", self.id),
+            }
+            glommio::timer::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let core = self.core.borrow();
+        let nodes: Vec<serde_json::Value> = core
+            .state
+            .nodes
+            .iter()
+            .map(|(id, info)| serde_json::json!({"id": id, "addr": info.addr, "alive": info.alive}))
+            .collect();
+        let jobs: Vec<serde_json::Value> = core
+            .state
+            .jobs
+            .values()
+            .map(|job| {
+                let mut object = serde_json::Map::new();
+                if let Some(serde_json::Value::Object(report)) = &job.report {
+                    object.extend(report.clone());
+                }
+                object.insert("name".into(), job.name.clone().into());
+                object.insert("query".into(), job.query.clone().into());
+                object.insert("state".into(), state::state_name(job.state).into());
+                object.insert("node".into(), job.node.into());
+                object.insert("epoch".into(), job.epoch.into());
+                if let Some(error) = &job.error {
+                    object.insert("error".into(), error.clone().into());
+                }
+                serde_json::Value::Object(object)
+            })
+            .collect();
+        serde_json::json!({
+            "node": self.id,
+            "leader": core.raft.raft.leader_id,
+            "nodes": nodes,
+            "jobs": jobs,
+        })
+    }
+}

@@ -1,0 +1,368 @@
+//! The replicated state of a cluster: its nodes, its jobs and where each job
+//! runs. Every node applies the same committed commands in the same order
+//! (the consensus log), so every node holds the same state; nothing here
+//! reads a clock or does I/O.
+//!
+//! A job's placement carries an epoch: each `Assign` raises it, and a report
+//! of a job's end counts only for the epoch it names, so a node that ran an
+//! older placement cannot end (or fail) the current one.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A change to the state, agreed through the consensus log.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum Command {
+    /// A node's address (a node says it when it starts, and when it moved).
+    SetAddr {
+        node: u64,
+        addr: String,
+    },
+    /// A job, as `dirigo run QUERY ARGS` run in `cwd`; `request` names the
+    /// request that waits for the answer.
+    Submit {
+        request: u64,
+        query: String,
+        args: Vec<String>,
+        cwd: String,
+    },
+    /// The leader places a job on a node, as placement `epoch`.
+    Assign {
+        job: String,
+        node: u64,
+        epoch: u64,
+    },
+    /// The job's run of placement `epoch` ended.
+    Ended {
+        job: String,
+        epoch: u64,
+        outcome: Outcome,
+    },
+    Cancel {
+        request: u64,
+        job: String,
+    },
+    /// The leader declares a node lost (missed heartbeats) or back.
+    Liveness {
+        node: u64,
+        alive: bool,
+    },
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The run finished; its summary (`dirigo run --json`'s last line).
+    Finished {
+        report: Option<serde_json::Value>,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Running,
+    Finished,
+    Failed,
+    Cancelled,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Job {
+    pub name: String,
+    pub query: String,
+    pub args: Vec<String>,
+    pub cwd: String,
+    /// The node it is placed on, none before its first placement.
+    pub node: Option<u64>,
+    /// Placements so far: the current one's epoch.
+    pub epoch: u64,
+    pub state: JobState,
+    pub report: Option<serde_json::Value>,
+    pub error: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct NodeInfo {
+    pub addr: String,
+    pub alive: bool,
+}
+
+/// What applying a command answers the request that proposed it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    Submitted(String),
+    Cancelled(String),
+    Refused(String),
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct ClusterState {
+    pub nodes: BTreeMap<u64, NodeInfo>,
+    pub jobs: BTreeMap<String, Job>,
+    /// Jobs submitted so far: names are `QUERY-N`.
+    pub submitted: u64,
+}
+
+/// The data directory a job's arguments name (`--data-dir D` or
+/// `--data-dir=D`).
+pub fn data_dir_of(args: &[String]) -> Option<&str> {
+    let mut words = args.iter();
+    while let Some(word) = words.next() {
+        if word == "--data-dir" {
+            return words.next().map(String::as_str);
+        }
+        if let Some(dir) = word.strip_prefix("--data-dir=") {
+            return Some(dir);
+        }
+    }
+    None
+}
+
+impl ClusterState {
+    /// A node joined the membership (the consensus layer's change).
+    pub fn add_node(&mut self, node: u64, addr: String) {
+        self.nodes.insert(node, NodeInfo { addr, alive: true });
+    }
+
+    /// Apply one committed command; the answer goes to whoever waits on its
+    /// request.
+    pub fn apply(&mut self, command: Command) -> Option<(u64, Answer)> {
+        match command {
+            Command::SetAddr { node, addr } => {
+                if let Some(info) = self.nodes.get_mut(&node) {
+                    info.addr = addr;
+                }
+                None
+            }
+            Command::Submit {
+                request,
+                query,
+                args,
+                cwd,
+            } => {
+                let dir = data_dir_of(&args).map(|d| resolve(&cwd, d));
+                let clash = self.jobs.values().find(|job| {
+                    job.state == JobState::Running
+                        && data_dir_of(&job.args).map(|d| resolve(&job.cwd, d)) == dir
+                });
+                if let Some(other) = clash {
+                    return Some((
+                        request,
+                        Answer::Refused(format!(
+                            "job {} keeps its checkpoints in the same data directory; give \
+                             each job its own --data-dir",
+                            other.name
+                        )),
+                    ));
+                }
+                self.submitted += 1;
+                let name = format!("{query}-{}", self.submitted);
+                self.jobs.insert(
+                    name.clone(),
+                    Job {
+                        name: name.clone(),
+                        query,
+                        args,
+                        cwd,
+                        node: None,
+                        epoch: 0,
+                        state: JobState::Running,
+                        report: None,
+                        error: None,
+                    },
+                );
+                Some((request, Answer::Submitted(name)))
+            }
+            Command::Assign { job, node, epoch } => {
+                if let Some(job) = self.jobs.get_mut(&job) {
+                    if job.state == JobState::Running && epoch == job.epoch + 1 {
+                        job.node = Some(node);
+                        job.epoch = epoch;
+                    }
+                }
+                None
+            }
+            Command::Ended {
+                job,
+                epoch,
+                outcome,
+            } => {
+                if let Some(job) = self.jobs.get_mut(&job) {
+                    if job.state == JobState::Running && epoch == job.epoch {
+                        match outcome {
+                            Outcome::Finished { report } => {
+                                job.state = JobState::Finished;
+                                job.report = report;
+                            }
+                            Outcome::Failed { error } => {
+                                job.state = JobState::Failed;
+                                job.error = Some(error);
+                            }
+                        }
+                    }
+                }
+                None
+            }
+            Command::Cancel { request, job } => {
+                let answer = match self.jobs.get_mut(&job) {
+                    None => Answer::Refused(format!("no job is named {job}")),
+                    Some(j) if j.state != JobState::Running => {
+                        Answer::Refused(format!("job {job} is {} already", state_name(j.state)))
+                    }
+                    Some(j) => {
+                        j.state = JobState::Cancelled;
+                        Answer::Cancelled(job)
+                    }
+                };
+                Some((request, answer))
+            }
+            Command::Liveness { node, alive } => {
+                if let Some(info) = self.nodes.get_mut(&node) {
+                    info.alive = alive;
+                }
+                None
+            }
+        }
+    }
+
+    /// Running jobs with no live node: the leader places them (again).
+    pub fn unplaced(&self) -> Vec<(String, u64)> {
+        self.jobs
+            .values()
+            .filter(|j| j.state == JobState::Running)
+            .filter(|j| match j.node {
+                None => true,
+                Some(n) => !self.nodes.get(&n).is_some_and(|info| info.alive),
+            })
+            .map(|j| (j.name.clone(), j.epoch))
+            .collect()
+    }
+}
+
+pub fn state_name(state: JobState) -> &'static str {
+    match state {
+        JobState::Running => "running",
+        JobState::Finished => "finished",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+    }
+}
+
+fn resolve(cwd: &str, path: &str) -> std::path::PathBuf {
+    std::path::Path::new(cwd).join(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn submit(state: &mut ClusterState, request: u64, dir: &str) -> Answer {
+        state
+            .apply(Command::Submit {
+                request,
+                query: "q5".into(),
+                args: vec!["--data-dir".into(), dir.into()],
+                cwd: "/tmp".into(),
+            })
+            .map(|(r, a)| {
+                assert_eq!(r, request);
+                a
+            })
+            .expect("a submit is answered")
+    }
+
+    #[test]
+    fn jobs_are_named_and_a_shared_data_directory_is_refused() {
+        let mut state = ClusterState::default();
+        assert_eq!(submit(&mut state, 1, "a"), Answer::Submitted("q5-1".into()));
+        assert_eq!(
+            submit(&mut state, 2, "/tmp/a"),
+            Answer::Refused(
+                "job q5-1 keeps its checkpoints in the same data directory; give each job its \
+                 own --data-dir"
+                    .into()
+            )
+        );
+        assert_eq!(submit(&mut state, 3, "b"), Answer::Submitted("q5-2".into()));
+    }
+
+    #[test]
+    fn placements_are_epoch_checked_and_a_lost_node_unplaces_its_jobs() {
+        let mut state = ClusterState::default();
+        state.add_node(1, "a:1".into());
+        state.add_node(2, "a:2".into());
+        submit(&mut state, 1, "a");
+        submit(&mut state, 2, "b");
+        assert_eq!(state.unplaced().len(), 2);
+        state.apply(Command::Assign {
+            job: "q5-1".into(),
+            node: 1,
+            epoch: 1,
+        });
+        assert_eq!(state.unplaced(), vec![("q5-2".to_string(), 0)]);
+        // A second Assign of the same epoch (a repeated proposal) is ignored.
+        state.apply(Command::Assign {
+            job: "q5-1".into(),
+            node: 2,
+            epoch: 1,
+        });
+        assert_eq!(state.jobs["q5-1"].node, Some(1));
+        // Node 1 is lost: its job is unplaced again.
+        state.apply(Command::Liveness {
+            node: 1,
+            alive: false,
+        });
+        assert_eq!(
+            state.unplaced(),
+            vec![("q5-1".to_string(), 1), ("q5-2".to_string(), 0)]
+        );
+        state.apply(Command::Assign {
+            job: "q5-1".into(),
+            node: 2,
+            epoch: 2,
+        });
+        // The old placement's end does not end the new one.
+        state.apply(Command::Ended {
+            job: "q5-1".into(),
+            epoch: 1,
+            outcome: Outcome::Failed {
+                error: "killed".into(),
+            },
+        });
+        assert_eq!(state.jobs["q5-1"].state, JobState::Running);
+        state.apply(Command::Ended {
+            job: "q5-1".into(),
+            epoch: 2,
+            outcome: Outcome::Finished { report: None },
+        });
+        assert_eq!(state.jobs["q5-1"].state, JobState::Finished);
+    }
+
+    #[test]
+    fn cancel_answers_what_it_did() {
+        let mut state = ClusterState::default();
+        submit(&mut state, 1, "a");
+        let cancel = |state: &mut ClusterState, job: &str| {
+            state
+                .apply(Command::Cancel {
+                    request: 9,
+                    job: job.into(),
+                })
+                .unwrap()
+                .1
+        };
+        assert_eq!(cancel(&mut state, "q5-1"), Answer::Cancelled("q5-1".into()));
+        assert_eq!(
+            cancel(&mut state, "q5-1"),
+            Answer::Refused("job q5-1 is cancelled already".into())
+        );
+        assert_eq!(
+            cancel(&mut state, "q9-1"),
+            Answer::Refused("no job is named q9-1".into())
+        );
+    }
+}

@@ -1,0 +1,739 @@
+//! The cluster, as users run it: `dirigo node` processes on loopback, jobs
+//! given with `dirigo submit`, watched with `dirigo status --json`.
+//!
+//! - Node loss: three nodes run q5 and q8 over a file; the node running q5
+//!   is killed with SIGKILL mid-run; both jobs finish, and their output is
+//!   exactly an uninterrupted run's, which is the plain reference's.
+//! - Partition: the node running a job is cut off from the others (the
+//!   node's message-dropping test hook); the majority places the job
+//!   elsewhere and finishes it exactly, and the activation logs of all
+//!   nodes show no two runs of the job alive at once.
+//! - Authentication: a node or client with the wrong secret, or of another
+//!   cluster, is refused, and `status` never lists it.
+//! - Cancel, and submissions the cluster refuses.
+
+mod reference;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const SECRET: &str = "a cluster secret of some length";
+
+fn dirigo() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dirigo"))
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dirigo-cluster-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+/// A node process, killed when dropped.
+struct NodeProcess {
+    addr: String,
+    child: Child,
+    log: PathBuf,
+    isolate: PathBuf,
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl NodeProcess {
+    fn start(dir: &Path, name: &str, secret: &Path, join: Option<&str>) -> NodeProcess {
+        Self::start_at(dir, name, secret, join, &free_addr())
+    }
+
+    fn start_at(
+        dir: &Path,
+        name: &str,
+        secret: &Path,
+        join: Option<&str>,
+        addr: &str,
+    ) -> NodeProcess {
+        let addr = addr.to_string();
+        let log = dir.join(format!("{name}-{}.log", log_serial()));
+        let isolate = dir.join(format!("{name}.isolated"));
+        let mut command = dirigo();
+        command
+            .args(["node", "--listen", &addr])
+            .arg("--data-dir")
+            .arg(dir.join(name))
+            .arg("--secret-file")
+            .arg(secret)
+            .arg("--isolate-file")
+            .arg(&isolate)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        if let Some(join) = join {
+            command.args(["--join", join]);
+        }
+        let child = command.spawn().expect("dirigo node starts");
+        NodeProcess {
+            addr,
+            child,
+            log,
+            isolate,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// This node's id, as its first log line says.
+    fn id(&self) -> u64 {
+        let log = self.log();
+        let line = log
+            .lines()
+            .next()
+            .unwrap_or_else(|| panic!("{} logged its start", self.log.display()));
+        line.strip_prefix("dirigo node ")
+            .and_then(|rest| rest.split(':').next())
+            .and_then(|id| id.parse().ok())
+            .unwrap_or_else(|| panic!("no node id in {line:?}"))
+    }
+}
+
+/// A new number for each node process's log file.
+fn log_serial() -> u64 {
+    static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+fn write_secret(dir: &Path, name: &str, secret: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{secret}\n")).unwrap();
+    path
+}
+
+/// `dirigo status --json` from the node at `addr`; None if it failed.
+fn status(addr: &str, secret: &Path) -> Option<Value> {
+    let out = dirigo()
+        .args(["status", "--json", "--to", addr])
+        .arg("--secret-file")
+        .arg(secret)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last()?).ok()
+}
+
+/// Poll `status` on any of `addrs` until `done` holds, or panic after
+/// `limit`.
+fn wait_for(
+    addrs: &[&str],
+    secret: &Path,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let start = Instant::now();
+    let mut last = None;
+    while start.elapsed() < limit {
+        for addr in addrs {
+            if let Some(status) = status(addr, secret) {
+                if done(&status) {
+                    return status;
+                }
+                last = Some(status);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what}: not within {limit:?}; last status {last:?}");
+}
+
+fn alive_nodes(status: &Value) -> usize {
+    status["nodes"]
+        .as_array()
+        .map_or(0, |n| n.iter().filter(|n| n["alive"] == true).count())
+}
+
+fn job<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["jobs"]
+        .as_array()
+        .and_then(|jobs| jobs.iter().find(|j| j["name"] == name))
+        .unwrap_or(&Value::Null)
+}
+
+/// Start a cluster of `n` nodes; wait until all are alive members.
+fn cluster(dir: &Path, secret: &Path, n: usize) -> Vec<NodeProcess> {
+    let first = NodeProcess::start(dir, "n1", secret, None);
+    let seed = first.addr.clone();
+    let mut nodes = vec![first];
+    // The first node's listener must be up before others ask to join.
+    wait_for(
+        &[&seed],
+        secret,
+        Duration::from_secs(20),
+        "the first node",
+        |s| alive_nodes(s) == 1,
+    );
+    for i in 2..=n {
+        nodes.push(NodeProcess::start(
+            dir,
+            &format!("n{i}"),
+            secret,
+            Some(&seed),
+        ));
+    }
+    wait_for(
+        &[&seed],
+        secret,
+        Duration::from_secs(30),
+        "every node joined",
+        |s| alive_nodes(s) == n && s["leader"].as_u64().unwrap_or(0) != 0,
+    );
+    nodes
+}
+
+fn submit(addr: &str, secret: &Path, cwd: &Path, query: &str, flags: &[&str]) -> String {
+    let out = dirigo()
+        .current_dir(cwd)
+        .args(["submit", "--to", addr])
+        .arg("--secret-file")
+        .arg(secret)
+        .arg(query)
+        .args(flags)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "submit {query} {flags:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn sorted_lines(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    lines.sort();
+    lines
+}
+
+/// Events in a file, and each query's rows from an uninterrupted run.
+fn input(dir: &Path, events: u64, seed: u64) -> (PathBuf, Vec<dirigo_nexmark::Event>) {
+    let path = dir.join("events.jsonl");
+    let gen = dirigo()
+        .args([
+            "gen",
+            "--events",
+            &events.to_string(),
+            "--seed",
+            &seed.to_string(),
+        ])
+        .arg("--out")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        gen.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gen.stderr)
+    );
+    let config = dirigo_nexmark::GeneratorConfig {
+        seed,
+        rate: dirigo_engine::dataflow::RateSchedule::constant(10_000_000),
+        ..dirigo_nexmark::GeneratorConfig::default()
+    };
+    let mut out = Vec::new();
+    dirigo_nexmark::Generator::new(config)
+        .expect("valid config")
+        .fill(0..events, &mut out);
+    (path, out)
+}
+
+/// `query`'s rows from one plain run of `dirigo run` over `input`.
+fn uninterrupted(dir: &Path, query: &str, input: &Path) -> Vec<String> {
+    let out = dir.join(format!("{query}-uninterrupted.jsonl"));
+    let run = dirigo()
+        .args(["run", query, "--cores=1"])
+        .arg(format!("--source=file:{}", input.display()))
+        .arg(format!("--sink=file:{}", out.display()))
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    sorted_lines(&out)
+}
+
+fn assert_exact(query: &str, out: &Path, plain: &[String], events: &[dirigo_nexmark::Event]) {
+    let got = sorted_lines(out);
+    assert!(!got.is_empty(), "{query} wrote rows");
+    assert_eq!(
+        got, plain,
+        "{query}: the cluster's rows differ from an uninterrupted run"
+    );
+    let rows: Vec<Value> = got
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    reference::assert_same_rows(&reference::query(query, events), &rows);
+}
+
+/// One activation of a job on a node, from the node's log.
+#[derive(Debug)]
+struct Activation {
+    node: usize,
+    epoch: u64,
+    started: u64,
+    /// None: it still ran when the log was read.
+    stopped: Option<u64>,
+}
+
+/// Every activation of `job` in the nodes' logs ("activation JOB epoch E
+/// pid P started at T", then "stopped at T" or "ended at T").
+fn activations(nodes: &[NodeProcess], job: &str) -> Vec<Activation> {
+    let mut found = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        let mut open: BTreeMap<u64, Activation> = BTreeMap::new();
+        for line in node.log().lines() {
+            let Some(rest) = line.split(&format!(": activation {job} epoch ")).nth(1) else {
+                continue;
+            };
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            let epoch: u64 = words[0].parse().unwrap();
+            let at: u64 = words[words.iter().position(|w| *w == "at").unwrap() + 1]
+                .trim_end_matches([':', ','])
+                .parse()
+                .unwrap();
+            if words.contains(&"started") {
+                open.insert(
+                    epoch,
+                    Activation {
+                        node: n,
+                        epoch,
+                        started: at,
+                        stopped: None,
+                    },
+                );
+            } else if let Some(mut a) = open.remove(&epoch) {
+                a.stopped = Some(at);
+                found.push(a);
+            }
+        }
+        found.extend(open.into_values());
+    }
+    found
+}
+
+/// No two activations of a job overlap in time.
+fn assert_never_twice(activations: &[Activation], job: &str) {
+    for (i, a) in activations.iter().enumerate() {
+        for b in &activations[i + 1..] {
+            let a_end = a.stopped.unwrap_or(u64::MAX);
+            let b_end = b.stopped.unwrap_or(u64::MAX);
+            assert!(
+                a_end <= b.started || b_end <= a.started,
+                "{job} was active twice at once: {a:?} and {b:?}"
+            );
+        }
+    }
+}
+
+/// Whether `pid` runs (a zombie, dead but not reaped, does not).
+fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command's closing parenthesis.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn a_node_killed_mid_run_loses_nothing_and_repeats_nothing() {
+    let dir = temp_dir("node-loss");
+    let secret = write_secret(&dir, "secret", SECRET);
+    let (events_path, events) = input(&dir, 1_000_000, 5);
+    let plain: BTreeMap<&str, Vec<String>> = ["q5", "q8"]
+        .into_iter()
+        .map(|q| (q, uninterrupted(&dir, q, &events_path)))
+        .collect();
+    let nodes = cluster(&dir, &secret, 3);
+    let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+    let mut names = BTreeMap::new();
+    for (i, query) in ["q5", "q8"].into_iter().enumerate() {
+        let source = format!("--source=file:{}", events_path.display());
+        let sink = format!("--sink=file:{query}.jsonl");
+        let data = format!("--data-dir={query}-data");
+        let flags = [
+            source.as_str(),
+            &sink,
+            &data,
+            "--cores=1",
+            "--rate=250000",
+            "--checkpoint-interval=100ms",
+        ];
+        // Submitted to different nodes: any node takes a job.
+        names.insert(query, submit(addrs[i + 1], &secret, &dir, query, &flags));
+    }
+    let q5 = names["q5"].clone();
+    let placed = wait_for(
+        &addrs,
+        &secret,
+        Duration::from_secs(20),
+        "both placed",
+        |s| names.values().all(|n| job(s, n)["node"].as_u64().is_some()),
+    );
+    let owner_id = job(&placed, &q5)["node"].as_u64().unwrap();
+    let owner = nodes.iter().position(|n| n.id() == owner_id).unwrap();
+    // Let the runs take checkpoints, then kill q5's node.
+    std::thread::sleep(Duration::from_millis(1500));
+    let run_pid: i32 = {
+        let log = nodes[owner].log();
+        let line = log
+            .lines()
+            .find(|l| l.contains(&format!("activation {q5} epoch 1 pid")))
+            .expect("the owner started q5");
+        line.split(" pid ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let mut nodes = nodes;
+    let killed_at = Instant::now();
+    let mut victim = nodes.remove(owner);
+    victim.child.kill().unwrap(); // SIGKILL
+    victim.child.wait().unwrap();
+    let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+    let moved = wait_for(
+        &addrs,
+        &secret,
+        Duration::from_secs(20),
+        "q5 placed again",
+        |s| job(s, &q5)["epoch"].as_u64() == Some(2),
+    );
+    let failover = killed_at.elapsed();
+    assert_ne!(job(&moved, &q5)["node"].as_u64(), Some(owner_id));
+    // The run died with its node.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !process_alive(run_pid),
+        "q5's run (pid {run_pid}) outlived its node"
+    );
+    let done = wait_for(
+        &addrs,
+        &secret,
+        Duration::from_secs(120),
+        "both finished",
+        |s| names.values().all(|n| job(s, n)["state"] == "finished"),
+    );
+    let lost: Vec<&Value> = done["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["alive"] == false)
+        .collect();
+    assert_eq!(lost.len(), 1, "{done}");
+    assert_eq!(lost[0]["id"].as_u64(), Some(owner_id));
+    // It resumed from a checkpoint the killed node's run committed.
+    let resumed = &job(&done, &q5)["checkpoints"]["resumed_from"];
+    assert!(
+        resumed.as_u64().is_some(),
+        "q5 resumed from a checkpoint: {done}"
+    );
+    for query in ["q5", "q8"] {
+        assert_exact(
+            query,
+            &dir.join(format!("{query}.jsonl")),
+            &plain[query],
+            &events,
+        );
+    }
+    eprintln!(
+        "node loss: q5 placed again {} ms after the kill; resumed from checkpoint {resumed}",
+        failover.as_millis()
+    );
+    // The killed node, started again on its data directory and address,
+    // takes its place: alive, and its jobs left where they finished.
+    let name = format!("n{}", owner + 1);
+    let restarted = NodeProcess::start_at(&dir, &name, &secret, None, &victim.addr);
+    let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+    let back = wait_for(
+        &addrs,
+        &secret,
+        Duration::from_secs(20),
+        "the node back",
+        |s| alive_nodes(s) == 3,
+    );
+    assert_eq!(restarted.id(), owner_id);
+    assert_eq!(job(&back, &q5)["state"], "finished");
+    assert!(!restarted.log().contains(&format!("activation {q5}")));
+    drop(restarted);
+    drop(nodes);
+    drop(victim);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_partitioned_node_gives_its_job_up_before_the_majority_runs_it() {
+    let dir = temp_dir("partition");
+    let secret = write_secret(&dir, "secret", SECRET);
+    let (events_path, events) = input(&dir, 600_000, 9);
+    let plain = uninterrupted(&dir, "q5", &events_path);
+    let nodes = cluster(&dir, &secret, 3);
+    let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+    let source = format!("--source=file:{}", events_path.display());
+    let flags = [
+        source.as_str(),
+        "--sink=file:q5.jsonl",
+        "--data-dir=q5-data",
+        "--cores=1",
+        "--rate=150000",
+        "--checkpoint-interval=100ms",
+    ];
+    let name = submit(addrs[0], &secret, &dir, "q5", &flags);
+    let placed = wait_for(&addrs, &secret, Duration::from_secs(20), "q5 placed", |s| {
+        job(s, &name)["node"].as_u64().is_some()
+    });
+    let owner_id = job(&placed, &name)["node"].as_u64().unwrap();
+    let owner = nodes.iter().position(|n| n.id() == owner_id).unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    // Cut the owner off; the others carry on.
+    std::fs::write(&nodes[owner].isolate, b"").unwrap();
+    let majority: Vec<&str> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != owner)
+        .map(|(_, n)| n.addr.as_str())
+        .collect();
+    let done = wait_for(
+        &majority,
+        &secret,
+        Duration::from_secs(120),
+        "q5 finished",
+        |s| job(s, &name)["state"] == "finished",
+    );
+    assert_ne!(job(&done, &name)["node"].as_u64(), Some(owner_id), "{done}");
+    // Heal; the cut-off node learns the job moved and does not run it.
+    std::fs::remove_file(&nodes[owner].isolate).unwrap();
+    wait_for(
+        &addrs,
+        &secret,
+        Duration::from_secs(20),
+        "all alive again",
+        |s| alive_nodes(s) == 3,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_exact("q5", &dir.join("q5.jsonl"), &plain, &events);
+    let all = activations(&nodes, &name);
+    assert!(
+        all.len() >= 2,
+        "q5 ran on the owner, then elsewhere: {all:?}"
+    );
+    assert!(all
+        .iter()
+        .any(|a| a.node == owner && a.epoch == 1 && a.stopped.is_some()));
+    assert!(all.iter().any(|a| a.node != owner && a.epoch >= 2));
+    assert_never_twice(&all, &name);
+    let owner_log = nodes[owner].log();
+    assert!(
+        owner_log.contains("(no lease)"),
+        "the owner stopped its run for want of a lease"
+    );
+    eprintln!("partition: activations {all:?}");
+    drop(nodes);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_wrong_secret_or_cluster_is_refused_and_never_listed() {
+    let dir = temp_dir("auth");
+    let secret = write_secret(&dir, "secret", SECRET);
+    let wrong = write_secret(&dir, "wrong", "another secret, also long");
+    let nodes = cluster(&dir, &secret, 1);
+    let addr = nodes[0].addr.clone();
+    // A node with the wrong secret asks to join.
+    let intruder = NodeProcess::start(&dir, "intruder", &wrong, Some(&addr));
+    // A node of another cluster, with the right secret.
+    let mut other = dirigo();
+    let other_log = dir.join("other.log");
+    let mut other = other
+        .args([
+            "node",
+            "--listen",
+            &free_addr(),
+            "--cluster",
+            "other",
+            "--join",
+            &addr,
+        ])
+        .arg("--data-dir")
+        .arg(dir.join("other"))
+        .arg("--secret-file")
+        .arg(&secret)
+        .stderr(std::fs::File::create(&other_log).unwrap())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        let s = status(&addr, &secret).expect("status with the right secret");
+        assert_eq!(s["nodes"].as_array().unwrap().len(), 1, "{s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = other.kill();
+    let _ = other.wait();
+    let log = nodes[0].log();
+    let refusals = log.matches("refused a connection from 127.0.0.1").count();
+    assert!(refusals >= 2, "both refusals logged: {log}");
+    assert!(
+        intruder.log().contains("joining through"),
+        "{}",
+        intruder.log()
+    );
+    // A client with the wrong secret, or of another cluster.
+    for args in [
+        vec!["--secret-file".to_string(), wrong.display().to_string()],
+        vec![
+            "--secret-file".to_string(),
+            secret.display().to_string(),
+            "--cluster".into(),
+            "other".into(),
+        ],
+    ] {
+        let out = dirigo()
+            .args(["status", "--to", &addr])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let error = String::from_utf8_lossy(&out.stderr);
+        assert!(error.contains(&format!("connecting to {addr}")), "{error}");
+        let submit = dirigo()
+            .args(["submit", "--to", &addr])
+            .args(&args)
+            .args(["q0", "--data-dir=d", "--cores=1"])
+            .output()
+            .unwrap();
+        assert_eq!(submit.status.code(), Some(1));
+    }
+    let s = status(&addr, &secret).unwrap();
+    assert_eq!(
+        s["jobs"].as_array().unwrap().len(),
+        0,
+        "nothing submitted: {s}"
+    );
+    drop(intruder);
+    drop(nodes);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn cancel_stops_a_job_and_bad_submissions_are_refused() {
+    let dir = temp_dir("cancel");
+    let secret = write_secret(&dir, "secret", SECRET);
+    let nodes = cluster(&dir, &secret, 2);
+    let addr = nodes[0].addr.clone();
+    let flags = [
+        "--events=100000000",
+        "--rate=100000",
+        "--data-dir=d1",
+        "--cores=1",
+    ];
+    let name = submit(&addr, &secret, &dir, "q1", &flags);
+    assert_eq!(name, "q1-1");
+    let addrs = [addr.as_str(), nodes[1].addr.as_str()];
+    wait_for(&addrs, &secret, Duration::from_secs(20), "q1 placed", |s| {
+        job(s, &name)["node"].as_u64().is_some()
+    });
+    // The same data directory again: refused, naming the job that has it.
+    let clash = dirigo()
+        .current_dir(&dir)
+        .args(["submit", "--to", &addr])
+        .arg("--secret-file")
+        .arg(&secret)
+        .args(["q1", "--data-dir=d1", "--cores=1"])
+        .output()
+        .unwrap();
+    assert_eq!(clash.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&clash.stderr).contains("q1-1"));
+    for (flags, says) in [
+        (vec!["q9", "--data-dir=x", "--cores=1"], "unknown query"),
+        (vec!["q1", "--cores=1"], "--data-dir"),
+        (vec!["q1", "--data-dir=x"], "--cores"),
+        (
+            vec!["q1", "--data-dir=x", "--cores=1", "--fresh"],
+            "--fresh",
+        ),
+        (
+            vec!["q1", "--data-dir=x", "--cores=1", "--rate=fast"],
+            "--rate",
+        ),
+    ] {
+        let out = dirigo()
+            .args(["submit", "--to", &addr])
+            .arg("--secret-file")
+            .arg(&secret)
+            .args(&flags)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{flags:?}");
+        let error = String::from_utf8_lossy(&out.stderr);
+        assert!(error.contains(says), "{flags:?}: {error}");
+    }
+    let cancel = dirigo()
+        .args(["cancel", "--to", &addr])
+        .arg("--secret-file")
+        .arg(&secret)
+        .arg(&name)
+        .output()
+        .unwrap();
+    assert!(
+        cancel.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cancel.stderr)
+    );
+    let s = wait_for(&addrs, &secret, Duration::from_secs(10), "cancelled", |s| {
+        job(s, &name)["state"] == "cancelled"
+    });
+    // Its run is stopped: the activation log says so.
+    let start = Instant::now();
+    loop {
+        let all = activations(&nodes, &name);
+        if all.len() == 1 && all[0].stopped.is_some() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{all:?} {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let again = dirigo()
+        .args(["cancel", "--to", &addr])
+        .arg("--secret-file")
+        .arg(&secret)
+        .arg(&name)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("cancelled already"));
+    drop(nodes);
+    let _ = std::fs::remove_dir_all(&dir);
+}
