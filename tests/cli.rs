@@ -689,8 +689,13 @@ fn bench_net_json_has_every_figure_and_every_message_arrives() {
             "cross_node_ratio",
             "lost",
             "duplicated",
+            "failover_ms",
         ],
     );
+    // The failover was measured: the job processed again, after a while.
+    let failover = report["failover_ms"].as_f64().unwrap();
+    assert!(failover > 0.0 && failover < 60_000.0, "{report}");
+    assert_eq!(report["failover_samples"].as_array().unwrap().len(), 1);
     for key in ["lost", "duplicated", "out_of_order", "damaged"] {
         assert_eq!(report[key], 0, "{key} in {report}");
     }

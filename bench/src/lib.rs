@@ -42,6 +42,7 @@
 pub mod actors;
 pub mod checkpoint;
 pub mod density;
+pub mod failover;
 pub mod ingest;
 pub mod isolation;
 pub use dirigo_nexmark::machine;

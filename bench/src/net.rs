@@ -19,8 +19,9 @@
 //! `lost`, `duplicated` and `out_of_order` are summed over every
 //! measurement. A message here is what one actor send across nodes will be:
 //! one body, which a batch of records fills (`message_bytes`, 512 by
-//! default). Not measured yet: `failover_ms` (there is no node process to
-//! kill and restore yet).
+//! default). Then `runs` times, `failover_ms` ([`crate::failover`]): a
+//! node of three killed while it runs a job, until the job processes
+//! again elsewhere.
 
 use std::fmt;
 use std::io::{BufRead, BufReader};
@@ -125,15 +126,22 @@ pub struct Report {
     pub duplicated: u64,
     pub out_of_order: u64,
     pub damaged: u64,
+    /// Median over the runs: from a node's kill until its job processes
+    /// again on another node.
+    pub failover_ms: f64,
+    /// Median over the runs: from the kill until the job is placed anew.
+    pub failover_placed_ms: f64,
     pub note: &'static str,
     pub samples: Vec<Sample>,
+    pub failover_samples: Vec<crate::failover::FailoverSample>,
 }
 
 pub const NOTE: &str = "two processes on loopback; cross_node: dirigo-net's session (handshake, \
 64-byte link header, HMAC-SHA256 tag per frame, acks and credit); raw_tcp: the same bodies in \
 plain frames and writes of the same size bound on a TCP stream; each timed from the first send \
 until the receiving process has taken every message and said so; medians over the runs, the order alternated; \
-failover_ms is not measured yet";
+failover_ms: three node processes, a paced q1 (200,000 events/s, checkpoints every 100 ms) into an exactly-once \
+file sink, the job's node killed with SIGKILL, timed until the output grows again";
 
 impl Report {
     /// Every message arrived once, in order, whole, in every measurement.
@@ -164,6 +172,11 @@ impl fmt::Display for Report {
             f,
             "  lost {}, duplicated {}, out of order {}, damaged {}",
             self.lost, self.duplicated, self.out_of_order, self.damaged
+        )?;
+        writeln!(
+            f,
+            "  failover              {:>8.0} ms (placed anew after {:.0} ms)",
+            self.failover_ms, self.failover_placed_ms
         )?;
         write!(f, "note: {}", self.note)
     }
@@ -493,6 +506,20 @@ pub fn run(config: &Config) -> Result<Report, BenchError> {
             .map(|s| s.msgs_per_s)
             .collect()
     };
+    let mut failover_samples = Vec::new();
+    for run in 1..=config.runs {
+        let sample = crate::failover::measure(&config.program, run)?;
+        progress(
+            config.progress,
+            format_args!(
+                "net: failover {run}/{}: {:.0} ms (placed after {:.0} ms, leader killed: {})",
+                config.runs, sample.failover_ms, sample.placed_ms, sample.leader_killed
+            ),
+        );
+        failover_samples.push(sample);
+    }
+    let failover: Vec<f64> = failover_samples.iter().map(|s| s.failover_ms).collect();
+    let placed: Vec<f64> = failover_samples.iter().map(|s| s.placed_ms).collect();
     let cross = median(&rates(Mode::Link));
     let raw = median(&rates(Mode::Raw));
     let sum = |f: fn(&Counts) -> u64| samples.iter().map(|s| f(&s.counts)).sum();
@@ -509,7 +536,10 @@ pub fn run(config: &Config) -> Result<Report, BenchError> {
         duplicated: sum(|c| c.duplicated),
         out_of_order: sum(|c| c.out_of_order),
         damaged: sum(|c| c.damaged),
+        failover_ms: median(&failover),
+        failover_placed_ms: median(&placed),
         note: NOTE,
         samples,
+        failover_samples,
     })
 }
