@@ -17,8 +17,13 @@ use std::thread::JoinHandle;
 
 use super::state::{Job, Outcome};
 
-/// Lines of a child's stderr kept for the error of a failed run.
+/// Lines of a child's stderr kept for the error of a failed run, and the
+/// bytes kept of each.
 const STDERR_TAIL_LINES: usize = 4;
+const STDERR_LINE_BYTES: usize = 512;
+/// The largest summary kept of a finished run (it goes into the cluster's
+/// log; a longer one is left out).
+const REPORT_BYTES_MAX: usize = 8 * 1024;
 
 /// The monotonic clock in nanoseconds (the same clock in every process of
 /// the machine: activation logs of several nodes compare).
@@ -103,6 +108,14 @@ impl Run {
                     if tail.len() == STDERR_TAIL_LINES {
                         tail.pop_front();
                     }
+                    let mut line = line;
+                    if line.len() > STDERR_LINE_BYTES {
+                        let mut end = STDERR_LINE_BYTES;
+                        while !line.is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        line.truncate(end);
+                    }
                     tail.push_back(line);
                 }
             }));
@@ -141,6 +154,7 @@ impl Run {
                 .lock()
                 .unwrap()
                 .as_deref()
+                .filter(|line| line.len() <= REPORT_BYTES_MAX)
                 .and_then(|line| serde_json::from_str::<serde_json::Value>(line).ok())
                 .filter(serde_json::Value::is_object);
             Some(Outcome::Finished { report })
@@ -152,9 +166,14 @@ impl Run {
         }
     }
 
-    /// SIGKILL the run and reap it: when this returns, it runs no more.
-    pub fn stop(mut self) {
+    /// SIGKILL the run (it dies at once, whatever it was doing); [`Run::reap`]
+    /// then waits for it.
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
+    }
+
+    /// Wait for a killed run: when this returns, it runs no more.
+    pub fn reap(mut self) {
         let _ = self.child.wait();
         for reader in self.readers.drain(..) {
             let _ = reader.join();

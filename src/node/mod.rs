@@ -59,7 +59,7 @@ use raft::{RawNode, StateRole};
 
 use dirigo_net::conn::{accept, connect, Connection};
 use dirigo_net::handshake::Identity;
-use dirigo_net::link::{Backoff, Role};
+use dirigo_net::link::{Backoff, Role, SendError};
 use dirigo_net::session::{Session, SessionConfig};
 use dirigo_storage::raftlog::RaftLog;
 
@@ -86,6 +86,14 @@ const LEASE_ASK_EVERY: Duration = Duration::from_millis(100);
 const PROPOSE_AGAIN_AFTER: Duration = Duration::from_secs(2);
 /// How long a client's request waits for its command to be applied.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest command proposed (raft-rs sends at least one entry per
+/// append, whatever its size).
+const COMMAND_BYTES_MAX: usize = 16 * 1024;
+/// Entries' bytes per Raft append message: with one entry of
+/// `COMMAND_BYTES_MAX` over it, still well within a link frame (64 KiB).
+const RAFT_MESSAGE_BYTES: u64 = 24 * 1024;
+/// The most bytes of jobs a status reply lists (it must fit a frame).
+const STATUS_JOBS_BYTES_MAX: usize = 40 * 1024;
 
 #[derive(Args, Debug)]
 pub struct NodeArgs {
@@ -109,6 +117,18 @@ pub struct NodeArgs {
     /// and from other nodes (a partition).
     #[arg(long, hide = true)]
     isolate_file: Option<PathBuf>,
+}
+
+/// A command as the log holds it, if it is not too large.
+fn encode_command(command: &Command) -> Result<Vec<u8>, String> {
+    let data = serde_json::to_vec(command).expect("commands serialize");
+    if data.len() > COMMAND_BYTES_MAX {
+        return Err(format!(
+            "the command is {} bytes, over the {COMMAND_BYTES_MAX} the cluster's log takes",
+            data.len()
+        ));
+    }
+    Ok(data)
 }
 
 /// A random u64 from the kernel.
@@ -141,9 +161,32 @@ fn node_id(data_dir: &Path) -> Result<u64, String> {
     }
 }
 
+/// Hold the data directory for this process (a lock on `DIR/lock`, released
+/// when the process ends, however it ends): two nodes on one directory
+/// would write one consensus log under one id.
+fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, String> {
+    use std::os::fd::AsRawFd;
+    let path = data_dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(format!(
+            "{} is another running node's data directory",
+            data_dir.display()
+        ));
+    }
+    Ok(file)
+}
+
 pub fn run(args: NodeArgs) -> Result<(), String> {
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| format!("creating {}: {e}", args.data_dir.display()))?;
+    let _lock = lock_data_dir(&args.data_dir)?;
     let secret = client::read_secret(&args.secret_file)?;
     let id = node_id(&args.data_dir)?;
     // Checked before anything starts.
@@ -176,6 +219,12 @@ struct Core {
     leader_since: Option<Instant>,
     /// The follower's lease; the leader computes its own.
     lease_until: Option<Instant>,
+    /// The leader's commit index when it granted the lease: the lease is
+    /// used only once this node has applied that far (it must know of
+    /// every placement made before the grant).
+    lease_commit: u64,
+    /// The last log index applied to `state`.
+    applied: u64,
     lease_asked: Vec<(u64, Instant)>,
     lease_seq: u64,
     last_lease_ask: Option<Instant>,
@@ -265,7 +314,9 @@ impl Node {
             heartbeat_tick: HEARTBEAT_TICKS,
             check_quorum: true,
             pre_vote: true,
-            max_size_per_msg: 1 << 20,
+            // Entries per append message; each entry is at most
+            // COMMAND_BYTES_MAX, and a message must fit a link frame.
+            max_size_per_msg: RAFT_MESSAGE_BYTES,
             max_inflight_msgs: 256,
             ..Default::default()
         };
@@ -302,6 +353,8 @@ impl Node {
                 heard: HashMap::new(),
                 leader_since: None,
                 lease_until: None,
+                lease_commit: 0,
+                applied: 0,
                 lease_asked: Vec::new(),
                 lease_seq: 0,
                 last_lease_ask: None,
@@ -382,6 +435,21 @@ impl Node {
         if peer == self.id {
             eprintln!(
                 "dirigo node {}: refused a connection claiming this node's id",
+                self.id
+            );
+            return;
+        }
+        let member = {
+            let core = self.core.borrow();
+            core.voters.contains(&peer)
+                || core.state.nodes.contains_key(&peer)
+                || core.known_addrs.contains_key(&peer)
+        };
+        if !member {
+            // It holds the secret but is no member (yet): it asks to join
+            // as a client first. Its messages would wait here for nothing.
+            eprintln!(
+                "dirigo node {}: refused a connection from node {peer}, not a member",
                 self.id
             );
             return;
@@ -474,6 +542,8 @@ impl Node {
                         if !left.is_zero() {
                             let mut grant = body.clone();
                             grant.extend_from_slice(&(left.as_micros() as u64).to_le_bytes());
+                            let commit = core.raft.raft.raft_log.committed;
+                            grant.extend_from_slice(&commit.to_le_bytes());
                             drop(core);
                             let _ = session.send(LEASE_GRANT_KIND, grant);
                             self.handle_ready();
@@ -481,10 +551,9 @@ impl Node {
                         }
                     }
                 }
-                LEASE_GRANT_KIND if body.len() == 16 => {
-                    let seq = u64::from_le_bytes(body[..8].try_into().unwrap());
-                    let valid =
-                        Duration::from_micros(u64::from_le_bytes(body[8..].try_into().unwrap()));
+                LEASE_GRANT_KIND if body.len() == 24 => {
+                    let word = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().unwrap());
+                    let (seq, valid, commit) = (word(0), Duration::from_micros(word(8)), word(16));
                     if core.raft.raft.leader_id == peer && core.raft.raft.state != StateRole::Leader
                     {
                         if let Some((_, sent)) = core.lease_asked.iter().find(|(s, _)| *s == seq) {
@@ -492,6 +561,7 @@ impl Node {
                             if core.lease_until.is_none_or(|u| u < until) {
                                 core.lease_until = Some(until);
                             }
+                            core.lease_commit = core.lease_commit.max(commit);
                         }
                     }
                 }
@@ -506,6 +576,12 @@ impl Node {
     /// majority of the voters, itself included. None on a follower.
     fn leader_lease_until(&self, core: &Core, now: Instant) -> Option<Instant> {
         if core.raft.raft.state != StateRole::Leader || !core.voters.contains(&self.id) {
+            return None;
+        }
+        // Not before it has applied an entry of its own term (its first,
+        // empty one): before that it may not know every placement made.
+        let raft = &core.raft.raft;
+        if raft.raft_log.term(core.applied).ok() != Some(raft.term) {
             return None;
         }
         let mut times: Vec<Instant> = core
@@ -528,10 +604,12 @@ impl Node {
     }
 
     fn has_lease(&self, core: &Core, now: Instant) -> bool {
-        match self.leader_lease_until(core, now) {
-            Some(until) => until > now,
-            None => core.lease_until.is_some_and(|until| until > now),
+        if core.raft.raft.state == StateRole::Leader {
+            return self
+                .leader_lease_until(core, now)
+                .is_some_and(|until| until > now);
         }
+        core.lease_until.is_some_and(|until| until > now) && core.applied >= core.lease_commit
     }
 
     fn isolated(&self) -> bool {
@@ -566,8 +644,16 @@ impl Node {
         if peer == self.id || self.isolated() {
             return;
         }
-        // A full send buffer drops the message: Raft sends again.
-        let _ = self.session(peer).send(kind, body);
+        // A full send buffer drops the message: Raft sends again. One too
+        // large for a frame would be dropped every time: said, not hidden
+        // (the bounds above keep it from happening).
+        if let Err(SendError::TooLarge { body_bytes, max }) = self.session(peer).send(kind, body) {
+            eprintln!(
+                "dirigo node {}: a message of kind {kind} to node {peer} is {body_bytes} bytes, \
+                 over the {max} a frame takes; dropped",
+                self.id
+            );
+        }
     }
 
     /// Persist, send and apply what Raft has ready, until it has nothing.
@@ -633,10 +719,11 @@ impl Node {
 
     fn apply(self: &Rc<Self>, entries: Vec<Entry>) {
         for entry in entries {
+            let mut core = self.core.borrow_mut();
+            core.applied = entry.index;
             if entry.data.is_empty() {
                 continue;
             }
-            let mut core = self.core.borrow_mut();
             match entry.get_entry_type() {
                 EntryType::EntryConfChange => {
                     let mut change = ConfChange::default();
@@ -663,6 +750,11 @@ impl Node {
                             self.id, change.node_id
                         );
                         core.state.add_node(change.node_id, addr);
+                        // A new voter counts as heard from when it is added
+                        // (the leader's lease must not lapse before it speaks).
+                        core.heard
+                            .entry(change.node_id)
+                            .or_insert_with(Instant::now);
                     }
                 }
                 EntryType::EntryNormal => {
@@ -696,7 +788,7 @@ impl Node {
     }
 
     fn propose(&self, core: &mut Core, command: &Command) -> Result<(), String> {
-        let data = serde_json::to_vec(command).expect("commands serialize");
+        let data = encode_command(command)?;
         core.raft
             .propose(Vec::new(), data)
             .map_err(|e| format!("no leader takes the proposal ({e}): the cluster has no majority"))
@@ -752,6 +844,9 @@ impl Node {
         let now = Instant::now();
         let mut core = self.core.borrow_mut();
         let core = &mut *core;
+        // What is older no longer holds a proposal back.
+        core.proposed
+            .retain(|_, at| now.duration_since(*at) < PROPOSE_AGAIN_AFTER);
         if core.voters.contains(&self.id) {
             let addr = self.listen.to_string();
             let mine = core.state.nodes.get(&self.id).map(|n| n.addr.as_str());
@@ -870,6 +965,8 @@ impl Node {
         let mut core = self.core.borrow_mut();
         let core = &mut *core;
         let leased = self.has_lease(core, now);
+        // Kill every run that must stop before waiting for any.
+        let mut stopping = Vec::new();
         let mut i = 0;
         while i < core.runs.len() {
             let run = &core.runs[i];
@@ -880,21 +977,34 @@ impl Node {
                         && job.epoch == run.epoch
                 });
             if !keep {
-                let run = core.runs.swap_remove(i);
-                let (job, epoch, pid) = (run.job.clone(), run.epoch, run.pid());
-                run.stop();
-                eprintln!(
-                    "dirigo node {}: activation {job} epoch {epoch} pid {pid} stopped at {} ({})",
-                    self.id,
-                    monotonic_ns(),
-                    if leased {
-                        "moved or cancelled"
-                    } else {
-                        "no lease"
-                    }
-                );
+                let mut run = core.runs.swap_remove(i);
+                // One that just ended by itself keeps its outcome.
+                if let Some(outcome) = run.try_end() {
+                    core.ended.insert((run.job.clone(), run.epoch), outcome);
+                    continue;
+                }
+                run.kill();
+                stopping.push(run);
                 continue;
             }
+            i += 1;
+        }
+        for run in stopping {
+            let (job, epoch, pid) = (run.job.clone(), run.epoch, run.pid());
+            run.reap();
+            eprintln!(
+                "dirigo node {}: activation {job} epoch {epoch} pid {pid} stopped at {} ({})",
+                self.id,
+                monotonic_ns(),
+                if leased {
+                    "moved or cancelled"
+                } else {
+                    "no lease"
+                }
+            );
+        }
+        let mut i = 0;
+        while i < core.runs.len() {
             if let Some(outcome) = core.runs[i].try_end() {
                 let run = core.runs.swap_remove(i);
                 eprintln!(
@@ -1029,11 +1139,27 @@ impl Node {
         request: u64,
         command: &Command,
     ) -> Result<Answer, String> {
+        encode_command(command)?;
         let (sender, receiver) = local_channel::new_bounded(1);
-        {
-            let mut core = self.core.borrow_mut();
-            self.propose(&mut core, command)?;
-            core.waiting.insert(request, sender);
+        let mut sender = Some(sender);
+        // A node that knows no leader yet (just started, or an election
+        // under way) proposes again each tick until one takes it.
+        let deadline = Instant::now() + APPLY_TIMEOUT;
+        loop {
+            let proposed = {
+                let mut core = self.core.borrow_mut();
+                let proposed = self.propose(&mut core, command);
+                if proposed.is_ok() {
+                    core.waiting
+                        .insert(request, sender.take().expect("proposed once"));
+                }
+                proposed
+            };
+            match proposed {
+                Ok(()) => break,
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => glommio::timer::sleep(TICK).await,
+            }
         }
         self.handle_ready();
         let wait = async {
@@ -1045,7 +1171,8 @@ impl Node {
         let timeout = async {
             glommio::timer::sleep(APPLY_TIMEOUT).await;
             Err(format!(
-                "not agreed within {APPLY_TIMEOUT:?} (no leader, or no majority)"
+                "not agreed within {APPLY_TIMEOUT:?} (no leader, or no majority); it may \
+                 still be agreed later: see status"
             ))
         };
         let result = futures_lite::future::or(wait, timeout).await;
@@ -1139,31 +1266,49 @@ impl Node {
             .iter()
             .map(|(id, info)| serde_json::json!({"id": id, "addr": info.addr, "alive": info.alive}))
             .collect();
-        let jobs: Vec<serde_json::Value> = core
-            .state
-            .jobs
-            .values()
-            .map(|job| {
-                let mut object = serde_json::Map::new();
-                if let Some(serde_json::Value::Object(report)) = &job.report {
-                    object.extend(report.clone());
-                }
-                object.insert("name".into(), job.name.clone().into());
-                object.insert("query".into(), job.query.clone().into());
-                object.insert("state".into(), state::state_name(job.state).into());
-                object.insert("node".into(), job.node.into());
-                object.insert("epoch".into(), job.epoch.into());
-                if let Some(error) = &job.error {
-                    object.insert("error".into(), error.clone().into());
-                }
-                serde_json::Value::Object(object)
-            })
-            .collect();
+        // Running jobs first, then the others, newest first, as many as
+        // fit a reply.
+        let mut ordered: Vec<&state::Job> = core.state.jobs.values().collect();
+        ordered.sort_by_key(|job| {
+            let number: u64 = job
+                .name
+                .rsplit('-')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            (job.state != JobState::Running, std::cmp::Reverse(number))
+        });
+        let mut jobs = Vec::new();
+        let mut bytes = 0;
+        let mut omitted = 0;
+        for job in ordered {
+            let mut object = serde_json::Map::new();
+            if let Some(serde_json::Value::Object(report)) = &job.report {
+                object.extend(report.clone());
+            }
+            object.insert("name".into(), job.name.clone().into());
+            object.insert("query".into(), job.query.clone().into());
+            object.insert("state".into(), state::state_name(job.state).into());
+            object.insert("node".into(), job.node.into());
+            object.insert("epoch".into(), job.epoch.into());
+            if let Some(error) = &job.error {
+                object.insert("error".into(), error.clone().into());
+            }
+            let object = serde_json::Value::Object(object);
+            let size = object.to_string().len();
+            if bytes + size > STATUS_JOBS_BYTES_MAX {
+                omitted += 1;
+                continue;
+            }
+            bytes += size;
+            jobs.push(object);
+        }
         serde_json::json!({
             "node": self.id,
             "leader": core.raft.raft.leader_id,
             "nodes": nodes,
             "jobs": jobs,
+            "jobs_omitted": omitted,
         })
     }
 }

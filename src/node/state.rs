@@ -252,8 +252,22 @@ pub fn state_name(state: JobState) -> &'static str {
     }
 }
 
+/// `path` from `cwd`, with `.` and `..` taken out (lexically: a symbolic
+/// link is not followed, so two paths through different links to one
+/// directory still differ).
 fn resolve(cwd: &str, path: &str) -> std::path::PathBuf {
-    std::path::Path::new(cwd).join(path)
+    use std::path::Component;
+    let mut resolved = std::path::PathBuf::new();
+    for component in std::path::Path::new(cwd).join(path).components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                resolved.pop();
+            }
+            other => resolved.push(other),
+        }
+    }
+    resolved
 }
 
 #[cfg(test)]
@@ -287,7 +301,12 @@ mod tests {
                     .into()
             )
         );
-        assert_eq!(submit(&mut state, 3, "b"), Answer::Submitted("q5-2".into()));
+        // The same directory through `..` and `.`.
+        assert!(matches!(
+            submit(&mut state, 3, "/tmp/x/.././a/"),
+            Answer::Refused(_)
+        ));
+        assert_eq!(submit(&mut state, 4, "b"), Answer::Submitted("q5-2".into()));
     }
 
     #[test]
