@@ -817,3 +817,95 @@ fn a_node_joins_a_cluster_with_a_long_history() {
     drop(nodes);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Two jobs on a one-node cluster; a second node joins, and the leader
+/// moves one job to it: the old run stops before the new one starts, the
+/// moved job resumes from its checkpoint, and both outputs are exact.
+#[test]
+fn a_joining_node_takes_a_job_from_a_busy_one() {
+    let dir = temp_dir("rebalance");
+    let secret = write_secret(&dir, "secret", SECRET);
+    let (events_path, events) = input(&dir, 1_000_000, 13);
+    let plain: BTreeMap<&str, Vec<String>> = ["q5", "q8"]
+        .into_iter()
+        .map(|q| (q, uninterrupted(&dir, q, &events_path)))
+        .collect();
+    let mut nodes = cluster(&dir, &secret, 1);
+    let first = nodes[0].addr.clone();
+    let mut names = BTreeMap::new();
+    for query in ["q5", "q8"] {
+        let source = format!("--source=file:{}", events_path.display());
+        let sink = format!("--sink=file:{query}.jsonl");
+        let data = format!("--data-dir={query}-data");
+        let flags = [
+            source.as_str(),
+            &sink,
+            &data,
+            "--cores=1",
+            "--rate=200000",
+            "--checkpoint-interval=100ms",
+        ];
+        names.insert(query, submit(&first, &secret, &dir, query, &flags));
+    }
+    wait_for(
+        &[&first],
+        &secret,
+        Duration::from_secs(20),
+        "both placed",
+        |s| names.values().all(|n| job(s, n)["epoch"] == 1),
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    nodes.push(NodeProcess::start(&dir, "n2", &secret, Some(&first)));
+    let second_id = {
+        let start = Instant::now();
+        loop {
+            if !nodes[1].log().is_empty() {
+                break nodes[1].id();
+            }
+            assert!(start.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+    let spread = wait_for(
+        &addrs,
+        &secret,
+        Duration::from_secs(20),
+        "a job moved",
+        |s| {
+            names
+                .values()
+                .any(|n| job(s, n)["node"].as_u64() == Some(second_id))
+        },
+    );
+    let moved = names
+        .values()
+        .find(|n| job(&spread, n)["node"].as_u64() == Some(second_id))
+        .unwrap()
+        .clone();
+    assert_eq!(job(&spread, &moved)["epoch"], 2, "{spread}");
+    let done = wait_for(
+        &addrs,
+        &secret,
+        Duration::from_secs(120),
+        "both finished",
+        |s| names.values().all(|n| job(s, n)["state"] == "finished"),
+    );
+    // The moved job did not start over: it resumed from a checkpoint.
+    let resumed = &job(&done, &moved)["checkpoints"]["resumed_from"];
+    assert!(resumed.as_u64().is_some(), "{moved} resumed: {done}");
+    for query in ["q5", "q8"] {
+        assert_exact(
+            query,
+            &dir.join(format!("{query}.jsonl")),
+            &plain[query],
+            &events,
+        );
+    }
+    let all = activations(&nodes, &moved);
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert_never_twice(&all, &moved);
+    eprintln!("rebalance: {moved} moved, resumed from checkpoint {resumed}; {all:?}");
+    drop(nodes);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -119,6 +119,14 @@ pub struct NodeArgs {
     isolate_file: Option<PathBuf>,
 }
 
+/// The number of a job's name (`q5-12`: 12), its order of submission.
+fn job_number(name: &str) -> u64 {
+    name.rsplit('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 /// A command as the log holds it, if it is not too large.
 fn encode_command(command: &Command) -> Result<Vec<u8>, String> {
     let data = serde_json::to_vec(command).expect("commands serialize");
@@ -945,6 +953,44 @@ impl Node {
                 },
             ));
         }
+        // Rebalance: one move at a time, from the busiest live node to the
+        // idlest, while they differ by two jobs or more (a node that joined
+        // or came back takes work).
+        let moving = core
+            .state
+            .jobs
+            .values()
+            .any(|j| j.state == JobState::Running && j.moving_to.is_some());
+        if !moving
+            && commands
+                .iter()
+                .all(|(_, c)| !matches!(c, Command::Assign { .. }))
+        {
+            let busiest = load
+                .iter()
+                .max_by_key(|(id, count)| (**count, std::cmp::Reverse(**id)));
+            let idlest = load.iter().min_by_key(|(id, count)| (**count, **id));
+            if let (Some((&from, &most)), Some((&to, &least))) = (busiest, idlest) {
+                if most >= least + 2 {
+                    let newest = core
+                        .state
+                        .jobs
+                        .values()
+                        .filter(|j| j.state == JobState::Running && j.node == Some(from))
+                        .max_by_key(|j| job_number(&j.name));
+                    if let Some(job) = newest {
+                        commands.push((
+                            "move".to_string(),
+                            Command::Move {
+                                job: job.name.clone(),
+                                epoch: job.epoch,
+                                to,
+                            },
+                        ));
+                    }
+                }
+            }
+        }
         for (key, command) in commands {
             if core
                 .proposed
@@ -952,6 +998,12 @@ impl Node {
                 .is_some_and(|at| now.duration_since(*at) < PROPOSE_AGAIN_AFTER)
             {
                 continue;
+            }
+            if let Command::Move { job, to, .. } = &command {
+                eprintln!(
+                    "dirigo node {}: moving {job} to node {to} (rebalance)",
+                    self.id
+                );
             }
             core.proposed.insert(key, now);
             let _ = self.propose(core, &command);
@@ -975,6 +1027,7 @@ impl Node {
                     job.state == JobState::Running
                         && job.node == Some(self.id)
                         && job.epoch == run.epoch
+                        && job.moving_to.is_none()
                 });
             if !keep {
                 let mut run = core.runs.swap_remove(i);
@@ -1054,6 +1107,25 @@ impl Node {
                 },
             );
         }
+        // Release what moves away once no run of it is left here (a lease
+        // is not needed to give a job up).
+        let releases: Vec<(String, u64)> = core
+            .state
+            .jobs
+            .values()
+            .filter(|job| job.state == JobState::Running && job.node == Some(self.id))
+            .filter(|job| job.moving_to.is_some())
+            .filter(|job| !core.runs.iter().any(|r| r.job == job.name))
+            .map(|job| (job.name.clone(), job.epoch))
+            .collect();
+        for (job, epoch) in releases {
+            let key = format!("released {job}");
+            if core.proposed.contains_key(&key) {
+                continue;
+            }
+            core.proposed.insert(key, now);
+            let _ = self.propose(core, &Command::Released { job, epoch });
+        }
         if !leased {
             return;
         }
@@ -1062,6 +1134,7 @@ impl Node {
             .jobs
             .values()
             .filter(|job| job.state == JobState::Running && job.node == Some(self.id))
+            .filter(|job| job.moving_to.is_none())
             .filter(|job| !core.runs.iter().any(|r| r.job == job.name))
             .filter(|job| !core.ended.contains_key(&(job.name.clone(), job.epoch)))
             .cloned()
@@ -1270,12 +1343,7 @@ impl Node {
         // fit a reply.
         let mut ordered: Vec<&state::Job> = core.state.jobs.values().collect();
         ordered.sort_by_key(|job| {
-            let number: u64 = job
-                .name
-                .rsplit('-')
-                .next()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
+            let number = job_number(&job.name);
             (job.state != JobState::Running, std::cmp::Reverse(number))
         });
         let mut jobs = Vec::new();

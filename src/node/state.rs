@@ -33,6 +33,19 @@ pub enum Command {
         node: u64,
         epoch: u64,
     },
+    /// The leader moves a running job (placement `epoch`) to node `to`:
+    /// its node stops the run first, then says so with `Released`.
+    Move {
+        job: String,
+        epoch: u64,
+        to: u64,
+    },
+    /// The job's node stopped its run of placement `epoch` for a move: the
+    /// job's next placement is the move's target.
+    Released {
+        job: String,
+        epoch: u64,
+    },
     /// The job's run of placement `epoch` ended.
     Ended {
         job: String,
@@ -80,6 +93,9 @@ pub struct Job {
     pub node: Option<u64>,
     /// Placements so far: the current one's epoch.
     pub epoch: u64,
+    /// A move under way: the node it goes to once its node has released it.
+    #[serde(default)]
+    pub moving_to: Option<u64>,
     pub state: JobState,
     pub report: Option<serde_json::Value>,
     pub error: Option<String>,
@@ -170,6 +186,7 @@ impl ClusterState {
                         cwd,
                         node: None,
                         epoch: 0,
+                        moving_to: None,
                         state: JobState::Running,
                         report: None,
                         error: None,
@@ -182,6 +199,32 @@ impl ClusterState {
                     if job.state == JobState::Running && epoch == job.epoch + 1 {
                         job.node = Some(node);
                         job.epoch = epoch;
+                        job.moving_to = None;
+                    }
+                }
+                None
+            }
+            Command::Move { job, epoch, to } => {
+                let target_alive = self.nodes.get(&to).is_some_and(|n| n.alive);
+                if let Some(job) = self.jobs.get_mut(&job) {
+                    if job.state == JobState::Running
+                        && job.epoch == epoch
+                        && job.moving_to.is_none()
+                        && job.node.is_some_and(|n| n != to)
+                        && target_alive
+                    {
+                        job.moving_to = Some(to);
+                    }
+                }
+                None
+            }
+            Command::Released { job, epoch } => {
+                if let Some(job) = self.jobs.get_mut(&job) {
+                    if job.state == JobState::Running && job.epoch == epoch {
+                        if let Some(to) = job.moving_to.take() {
+                            job.node = Some(to);
+                            job.epoch += 1;
+                        }
                     }
                 }
                 None
@@ -359,6 +402,65 @@ mod tests {
             outcome: Outcome::Finished { report: None },
         });
         assert_eq!(state.jobs["q5-1"].state, JobState::Finished);
+    }
+
+    #[test]
+    fn a_move_takes_effect_only_once_released_and_for_its_epoch() {
+        let mut state = ClusterState::default();
+        state.add_node(1, "a:1".into());
+        state.add_node(2, "a:2".into());
+        submit(&mut state, 1, "a");
+        state.apply(Command::Assign {
+            job: "q5-1".into(),
+            node: 1,
+            epoch: 1,
+        });
+        // A move of a stale placement does nothing.
+        state.apply(Command::Move {
+            job: "q5-1".into(),
+            epoch: 0,
+            to: 2,
+        });
+        assert_eq!(state.jobs["q5-1"].moving_to, None);
+        state.apply(Command::Move {
+            job: "q5-1".into(),
+            epoch: 1,
+            to: 2,
+        });
+        // Still on node 1 until it releases it.
+        assert_eq!(state.jobs["q5-1"].node, Some(1));
+        assert_eq!(state.jobs["q5-1"].moving_to, Some(2));
+        // A second move while one is under way does nothing.
+        state.add_node(3, "a:3".into());
+        state.apply(Command::Move {
+            job: "q5-1".into(),
+            epoch: 1,
+            to: 3,
+        });
+        assert_eq!(state.jobs["q5-1"].moving_to, Some(2));
+        state.apply(Command::Released {
+            job: "q5-1".into(),
+            epoch: 1,
+        });
+        let job = &state.jobs["q5-1"];
+        assert_eq!((job.node, job.epoch, job.moving_to), (Some(2), 2, None));
+        // A repeated release (of the old epoch) does nothing.
+        state.apply(Command::Released {
+            job: "q5-1".into(),
+            epoch: 1,
+        });
+        assert_eq!(state.jobs["q5-1"].epoch, 2);
+        // A move to a lost node does nothing.
+        state.apply(Command::Liveness {
+            node: 1,
+            alive: false,
+        });
+        state.apply(Command::Move {
+            job: "q5-1".into(),
+            epoch: 2,
+            to: 1,
+        });
+        assert_eq!(state.jobs["q5-1"].moving_to, None);
     }
 
     #[test]
