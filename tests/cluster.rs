@@ -23,6 +23,14 @@ use serde_json::Value;
 
 const SECRET: &str = "a cluster secret of some length";
 
+/// One cluster at a time: each runs three node processes and their jobs'
+/// runs, and the leases' margins are for a machine that is not starved.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn dirigo() -> Command {
     Command::new(env!("CARGO_BIN_EXE_dirigo"))
 }
@@ -96,17 +104,26 @@ impl NodeProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// This node's id, as its first log line says.
+    /// This node's id, as its first log line says (waiting for the line
+    /// to be whole).
     fn id(&self) -> u64 {
-        let log = self.log();
-        let line = log
-            .lines()
-            .next()
-            .unwrap_or_else(|| panic!("{} logged its start", self.log.display()));
-        line.strip_prefix("dirigo node ")
-            .and_then(|rest| rest.split(':').next())
-            .and_then(|id| id.parse().ok())
-            .unwrap_or_else(|| panic!("no node id in {line:?}"))
+        let start = Instant::now();
+        loop {
+            let log = self.log();
+            if let Some((line, _)) = log.split_once('\n') {
+                return line
+                    .strip_prefix("dirigo node ")
+                    .and_then(|rest| rest.split(':').next())
+                    .and_then(|id| id.parse().ok())
+                    .unwrap_or_else(|| panic!("no node id in {line:?}"));
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{} logged no start",
+                self.log.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
@@ -201,7 +218,12 @@ fn cluster(dir: &Path, secret: &Path, n: usize) -> Vec<NodeProcess> {
         secret,
         Duration::from_secs(30),
         "every node joined",
-        |s| alive_nodes(s) == n && s["leader"].as_u64().unwrap_or(0) != 0,
+        |s| {
+            let voters = s["nodes"]
+                .as_array()
+                .map_or(0, |n| n.iter().filter(|n| n["voter"] == true).count());
+            alive_nodes(s) == n && voters == n && s["leader"].as_u64().unwrap_or(0) != 0
+        },
     );
     nodes
 }
@@ -378,6 +400,7 @@ fn process_alive(pid: i32) -> bool {
 
 #[test]
 fn a_node_killed_mid_run_loses_nothing_and_repeats_nothing() {
+    let _one = one_at_a_time();
     let dir = temp_dir("node-loss");
     let secret = write_secret(&dir, "secret", SECRET);
     let (events_path, events) = input(&dir, 1_000_000, 5);
@@ -514,6 +537,7 @@ fn a_node_killed_mid_run_loses_nothing_and_repeats_nothing() {
 
 #[test]
 fn a_partitioned_node_gives_its_job_up_before_the_majority_runs_it() {
+    let _one = one_at_a_time();
     let dir = temp_dir("partition");
     let secret = write_secret(&dir, "secret", SECRET);
     let (events_path, events) = input(&dir, 600_000, 9);
@@ -569,11 +593,12 @@ fn a_partitioned_node_gives_its_job_up_before_the_majority_runs_it() {
         all.len() >= 2,
         "q5 ran on the owner, then elsewhere: {all:?}"
     );
-    // The owner ran it once, and had stopped before the heal.
-    let on_owner: Vec<&Activation> = all.iter().filter(|a| a.node == owner).collect();
-    assert_eq!(on_owner.len(), 1, "{all:?}");
-    assert_eq!(on_owner[0].epoch, 1);
-    assert!(on_owner[0].stopped.is_some_and(|t| t < healed), "{all:?}");
+    // The owner ran only the first placement, and nothing of it after the
+    // heal.
+    for a in all.iter().filter(|a| a.node == owner) {
+        assert_eq!(a.epoch, 1, "{all:?}");
+        assert!(a.stopped.is_some_and(|t| t < healed), "{all:?}");
+    }
     assert!(all.iter().any(|a| a.node != owner && a.epoch >= 2));
     assert_never_twice(&all, &name);
     let owner_log = nodes[owner].log();
@@ -588,6 +613,7 @@ fn a_partitioned_node_gives_its_job_up_before_the_majority_runs_it() {
 
 #[test]
 fn a_wrong_secret_or_cluster_is_refused_and_never_listed() {
+    let _one = one_at_a_time();
     let dir = temp_dir("auth");
     let secret = write_secret(&dir, "secret", SECRET);
     let wrong = write_secret(&dir, "wrong", "another secret, also long");
@@ -670,6 +696,7 @@ fn a_wrong_secret_or_cluster_is_refused_and_never_listed() {
 
 #[test]
 fn cancel_stops_a_job_and_bad_submissions_are_refused() {
+    let _one = one_at_a_time();
     let dir = temp_dir("cancel");
     let secret = write_secret(&dir, "secret", SECRET);
     let nodes = cluster(&dir, &secret, 2);
@@ -764,6 +791,7 @@ fn cancel_stops_a_job_and_bad_submissions_are_refused() {
 /// messages; a second node on the same data directory is refused.
 #[test]
 fn a_node_joins_a_cluster_with_a_long_history() {
+    let _one = one_at_a_time();
     let dir = temp_dir("history");
     let secret = write_secret(&dir, "secret", SECRET);
     let nodes = cluster(&dir, &secret, 1);
@@ -823,6 +851,7 @@ fn a_node_joins_a_cluster_with_a_long_history() {
 /// moved job resumes from its checkpoint, and both outputs are exact.
 #[test]
 fn a_joining_node_takes_a_job_from_a_busy_one() {
+    let _one = one_at_a_time();
     let dir = temp_dir("rebalance");
     let secret = write_secret(&dir, "secret", SECRET);
     let (events_path, events) = input(&dir, 1_000_000, 13);
@@ -856,16 +885,7 @@ fn a_joining_node_takes_a_job_from_a_busy_one() {
     );
     std::thread::sleep(Duration::from_millis(1200));
     nodes.push(NodeProcess::start(&dir, "n2", &secret, Some(&first)));
-    let second_id = {
-        let start = Instant::now();
-        loop {
-            if !nodes[1].log().is_empty() {
-                break nodes[1].id();
-            }
-            assert!(start.elapsed() < Duration::from_secs(10));
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
+    let second_id = nodes[1].id();
     let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
     let spread = wait_for(
         &addrs,
@@ -903,7 +923,12 @@ fn a_joining_node_takes_a_job_from_a_busy_one() {
         );
     }
     let all = activations(&nodes, &moved);
-    assert_eq!(all.len(), 2, "{all:?}");
+    // Its runs on the first node were of the first placement, those on
+    // the second of a later one, and no two were alive at once.
+    assert!(all.iter().any(|a| a.node == 1), "{all:?}");
+    for a in &all {
+        assert_eq!(a.epoch == 1, a.node == 0, "{all:?}");
+    }
     assert_never_twice(&all, &moved);
     eprintln!("rebalance: {moved} moved, resumed from checkpoint {resumed}; {all:?}");
     drop(nodes);

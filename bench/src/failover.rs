@@ -211,8 +211,11 @@ fn measure_in(bench: &Bench, run: usize) -> Result<FailoverSample, BenchError> {
     for i in 2..=3 {
         nodes.push(bench.start_node(&format!("n{i}"), Some(&seed))?);
     }
-    bench.wait_for(&[&seed], "three nodes joined", |s| {
-        alive(s) == 3 && s["leader"].as_u64().unwrap_or(0) != 0
+    bench.wait_for(&[&seed], "three voting nodes", |s| {
+        let voters = s["nodes"]
+            .as_array()
+            .map_or(0, |n| n.iter().filter(|n| n["voter"] == true).count());
+        alive(s) == 3 && voters == 3 && s["leader"].as_u64().unwrap_or(0) != 0
     })?;
     let interval = format!("--checkpoint-interval={CHECKPOINT_INTERVAL}");
     let name = bench

@@ -84,7 +84,8 @@ pub const LOST_AFTER: Duration = Duration::from_millis(900);
 const LEASE_ASK_EVERY: Duration = Duration::from_millis(100);
 /// A proposal not applied within this is proposed again.
 const PROPOSE_AGAIN_AFTER: Duration = Duration::from_secs(2);
-/// How long a client's request waits for its command to be applied.
+/// How long a client's request waits for its command to be proposed and
+/// applied (less than a client waits for the reply, `REPLY_TIMEOUT`).
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest command proposed (raft-rs sends at least one entry per
 /// append, whatever its size).
@@ -217,6 +218,8 @@ struct Core {
     raft: RawNode<MemStorage>,
     log: RaftLog,
     voters: Vec<u64>,
+    /// Members still catching up: they get the log but do not vote.
+    learners: Vec<u64>,
     state: ClusterState,
     /// Addresses learnt before the log said them (a join's reply).
     known_addrs: BTreeMap<u64, String>,
@@ -280,11 +283,13 @@ impl Node {
             && replayed.hard_state.is_none()
             && replayed.membership.is_none();
         let mut voters = Vec::new();
+        let mut learners = Vec::new();
         if let Some(bytes) = &replayed.membership {
             let mut cs = ConfState::default();
             cs.merge_from_bytes(bytes)
                 .map_err(|e| format!("the consensus log's membership: {e}"))?;
             voters = cs.voters.clone();
+            learners = cs.learners.clone();
             storage.wl().set_conf_state(cs);
         } else if fresh && args.join.is_none() {
             // The first node: a cluster of one.
@@ -335,10 +340,10 @@ impl Node {
             "dirigo node {id}: listening on {}, {} consensus entries replayed{}",
             args.listen,
             entries.len(),
-            if voters.is_empty() {
+            if voters.is_empty() && learners.is_empty() {
                 format!(", joining through {:?}", args.join)
             } else {
-                format!(", members {voters:?}")
+                format!(", voters {voters:?}, learners {learners:?}")
             }
         );
         Ok(Rc::new(Node {
@@ -355,6 +360,7 @@ impl Node {
                 raft,
                 log,
                 voters,
+                learners,
                 state: ClusterState::default(),
                 known_addrs: BTreeMap::new(),
                 waiting: HashMap::new(),
@@ -381,7 +387,11 @@ impl Node {
         let listener = TcpListener::bind(self.listen)
             .map_err(|e| format!("listening on {}: {e}", self.listen))?;
         glommio::spawn_local(self.clone().tick_loop()).detach();
-        if self.core.borrow().voters.is_empty() {
+        let member = {
+            let core = self.core.borrow();
+            !core.voters.is_empty() || !core.learners.is_empty()
+        };
+        if !member {
             if let Some(addr) = self.join {
                 glommio::spawn_local(self.clone().join_loop(addr)).detach();
             }
@@ -447,21 +457,6 @@ impl Node {
             );
             return;
         }
-        let member = {
-            let core = self.core.borrow();
-            core.voters.contains(&peer)
-                || core.state.nodes.contains_key(&peer)
-                || core.known_addrs.contains_key(&peer)
-        };
-        if !member {
-            // It holds the secret but is no member (yet): it asks to join
-            // as a client first. Its messages would wait here for nothing.
-            eprintln!(
-                "dirigo node {}: refused a connection from node {peer}, not a member",
-                self.id
-            );
-            return;
-        }
         let session = self.session(peer);
         session.serve(conn, Role::Server).await;
     }
@@ -490,9 +485,15 @@ impl Node {
             if let Some(addr) = addr {
                 match connect(addr, &self.identity, &config.conn).await {
                     Ok(conn) if conn.peer().node == peer => {
-                        backoff.reset();
                         failures = 0;
+                        let before = session.stats().delivered;
                         session.serve(conn, Role::Client).await;
+                        // Only a connection that carried something resets
+                        // the backoff (one refused after its handshake does
+                        // not make this dial in a tight loop).
+                        if session.stats().delivered > before {
+                            backoff.reset();
+                        }
                     }
                     Ok(conn) => eprintln!(
                         "dirigo node {}: {addr} is node {}, not {peer}",
@@ -750,19 +751,32 @@ impl Node {
                         self.fail(&format!("writing the consensus log: {e}"));
                     }
                     core.voters = cs.voters.clone();
+                    core.learners = cs.learners.clone();
                     core.raft.raft.raft_log.store.wl().set_conf_state(cs);
-                    if change.get_change_type() == ConfChangeType::AddNode {
-                        let addr = String::from_utf8_lossy(&change.context).into_owned();
-                        eprintln!(
-                            "dirigo node {}: node {} joined at {addr}",
-                            self.id, change.node_id
-                        );
-                        core.state.add_node(change.node_id, addr);
-                        // A new voter counts as heard from when it is added
-                        // (the leader's lease must not lapse before it speaks).
-                        core.heard
-                            .entry(change.node_id)
-                            .or_insert_with(Instant::now);
+                    let node = change.node_id;
+                    match change.get_change_type() {
+                        // A node joins as a learner (it takes the log and
+                        // does not vote), with its address.
+                        ConfChangeType::AddLearnerNode => {
+                            let addr = String::from_utf8_lossy(&change.context).into_owned();
+                            eprintln!("dirigo node {}: node {node} joined at {addr}", self.id);
+                            core.state.add_node(node, addr);
+                        }
+                        // It votes once it has caught up (the first node:
+                        // from the start, saying its address here).
+                        ConfChangeType::AddNode => {
+                            if !change.context.is_empty() {
+                                let addr = String::from_utf8_lossy(&change.context).into_owned();
+                                eprintln!("dirigo node {}: node {node} joined at {addr}", self.id);
+                                core.state.add_node(node, addr);
+                            }
+                            eprintln!("dirigo node {}: node {node} votes", self.id);
+                            // A new voter counts as heard from when it is
+                            // added (the leader's lease must not lapse before
+                            // it speaks).
+                            core.heard.entry(node).or_insert_with(Instant::now);
+                        }
+                        _ => {}
                     }
                 }
                 EntryType::EntryNormal => {
@@ -880,6 +894,27 @@ impl Node {
             core.leader_since = None;
             return;
         }
+        let since = *core.leader_since.get_or_insert(now);
+        // Decide nothing on a state that may lack entries of earlier terms:
+        // not before an entry of this term (its first, empty one) is applied.
+        let raft = &core.raft.raft;
+        if raft.raft_log.term(core.applied).ok() != Some(raft.term) {
+            return;
+        }
+        // A learner that has caught up with the commit index votes; one
+        // change at a time (Raft takes no second while one is pending).
+        let committed = raft.raft_log.committed;
+        let caught_up = core
+            .learners
+            .iter()
+            .copied()
+            .find(|id| raft.prs().get(*id).is_some_and(|p| p.matched >= committed));
+        if let Some(id) = caught_up.filter(|_| !raft.has_pending_conf()) {
+            let mut change = ConfChange::default();
+            change.set_change_type(ConfChangeType::AddNode);
+            change.node_id = id;
+            let _ = core.raft.propose_conf_change(Vec::new(), change);
+        }
         // The first node is a member from the start, by its own initial
         // membership, which no entry says: it adds itself through the log,
         // where the nodes that join later read it.
@@ -898,7 +933,6 @@ impl Node {
                 let _ = core.raft.propose_conf_change(Vec::new(), change);
             }
         }
-        let since = *core.leader_since.get_or_insert(now);
         let mut commands = Vec::new();
         for (id, info) in &core.state.nodes {
             // Lost: nothing for LOST_AFTER, this reign's start counting as
@@ -1116,6 +1150,8 @@ impl Node {
             .filter(|job| job.state == JobState::Running && job.node == Some(self.id))
             .filter(|job| job.moving_to.is_some())
             .filter(|job| !core.runs.iter().any(|r| r.job == job.name))
+            // A run that ended by itself is reported, not released.
+            .filter(|job| !core.ended.contains_key(&(job.name.clone(), job.epoch)))
             .map(|job| (job.name.clone(), job.epoch))
             .collect();
         for (job, epoch) in releases {
@@ -1241,8 +1277,9 @@ impl Node {
                 .await
                 .ok_or_else(|| "the node stopped".to_string())
         };
+        // One deadline for proposing and waiting, within the client's.
         let timeout = async {
-            glommio::timer::sleep(APPLY_TIMEOUT).await;
+            glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
             Err(format!(
                 "not agreed within {APPLY_TIMEOUT:?} (no leader, or no majority); it may \
                  still be agreed later: see status"
@@ -1265,7 +1302,7 @@ impl Node {
         loop {
             {
                 let mut core = self.core.borrow_mut();
-                if core.voters.contains(&node) {
+                if core.voters.contains(&node) || core.learners.contains(&node) {
                     let nodes = core
                         .state
                         .nodes
@@ -1282,7 +1319,7 @@ impl Node {
                 if proposed_at.is_none_or(|at| at.elapsed() > PROPOSE_AGAIN_AFTER) {
                     proposed_at = Some(Instant::now());
                     let mut change = ConfChange::default();
-                    change.set_change_type(ConfChangeType::AddNode);
+                    change.set_change_type(ConfChangeType::AddLearnerNode);
                     change.node_id = node;
                     change.context = addr.clone().into_bytes().into();
                     if let Err(e) = core.raft.propose_conf_change(Vec::new(), change) {
@@ -1337,7 +1374,14 @@ impl Node {
             .state
             .nodes
             .iter()
-            .map(|(id, info)| serde_json::json!({"id": id, "addr": info.addr, "alive": info.alive}))
+            .map(|(id, info)| {
+                serde_json::json!({
+                    "id": id,
+                    "addr": info.addr,
+                    "alive": info.alive,
+                    "voter": core.voters.contains(id),
+                })
+            })
             .collect();
         // Running jobs first, then the others, newest first, as many as
         // fit a reply.

@@ -206,6 +206,14 @@ impl ClusterState {
             }
             Command::Move { job, epoch, to } => {
                 let target_alive = self.nodes.get(&to).is_some_and(|n| n.alive);
+                // One move at a time, whoever proposed it.
+                let moving = self
+                    .jobs
+                    .values()
+                    .any(|j| j.state == JobState::Running && j.moving_to.is_some());
+                if moving {
+                    return None;
+                }
                 if let Some(job) = self.jobs.get_mut(&job) {
                     if job.state == JobState::Running
                         && job.epoch == epoch
@@ -430,7 +438,8 @@ mod tests {
         // Still on node 1 until it releases it.
         assert_eq!(state.jobs["q5-1"].node, Some(1));
         assert_eq!(state.jobs["q5-1"].moving_to, Some(2));
-        // A second move while one is under way does nothing.
+        // A second move while one is under way does nothing, of this job
+        // or another.
         state.add_node(3, "a:3".into());
         state.apply(Command::Move {
             job: "q5-1".into(),
@@ -438,6 +447,18 @@ mod tests {
             to: 3,
         });
         assert_eq!(state.jobs["q5-1"].moving_to, Some(2));
+        submit(&mut state, 2, "b");
+        state.apply(Command::Assign {
+            job: "q5-2".into(),
+            node: 1,
+            epoch: 1,
+        });
+        state.apply(Command::Move {
+            job: "q5-2".into(),
+            epoch: 1,
+            to: 3,
+        });
+        assert_eq!(state.jobs["q5-2"].moving_to, None);
         state.apply(Command::Released {
             job: "q5-1".into(),
             epoch: 1,
