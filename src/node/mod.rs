@@ -39,6 +39,7 @@
 
 pub mod client;
 pub mod jobs;
+pub mod lease;
 pub mod state;
 
 use std::cell::{Cell, RefCell};
@@ -68,6 +69,7 @@ use client::{
     REQUEST_KIND,
 };
 use jobs::{monotonic_ns, Run};
+use lease::{FollowerLease, LEASE};
 use state::{data_dir_of, Answer, ClusterState, Command, JobState, Outcome};
 
 /// Raft's clock: one tick.
@@ -76,12 +78,10 @@ const TICK: Duration = Duration::from_millis(30);
 const ELECTION_TICKS: usize = 10;
 /// Raft's heartbeat in ticks.
 const HEARTBEAT_TICKS: usize = 2;
-/// How long a lease runs.
-pub const LEASE: Duration = Duration::from_millis(500);
 /// Silence after which the leader declares a node lost.
 pub const LOST_AFTER: Duration = Duration::from_millis(900);
-/// How often a follower asks the leader for its lease.
-const LEASE_ASK_EVERY: Duration = Duration::from_millis(100);
+// A lost node's lease ended `LOST_AFTER - LEASE` before its jobs move.
+const _: () = assert!(LOST_AFTER.as_millis() >= LEASE.as_millis() + 300);
 /// A proposal not applied within this is proposed again.
 const PROPOSE_AGAIN_AFTER: Duration = Duration::from_secs(2);
 /// How long a client's request waits for its command to be proposed and
@@ -228,17 +228,12 @@ struct Core {
     /// Per peer: when a message from it last arrived.
     heard: HashMap<u64, Instant>,
     leader_since: Option<Instant>,
-    /// The follower's lease; the leader computes its own.
-    lease_until: Option<Instant>,
-    /// The leader's commit index when it granted the lease: the lease is
-    /// used only once this node has applied that far (it must know of
-    /// every placement made before the grant).
-    lease_commit: u64,
+    /// The follower's lease; the leader computes its own. A grant names the
+    /// leader's commit index: it counts only once this node has applied
+    /// that far (it must know of every placement made before the grant).
+    lease: FollowerLease,
     /// The last log index applied to `state`.
     applied: u64,
-    lease_asked: Vec<(u64, Instant)>,
-    lease_seq: u64,
-    last_lease_ask: Option<Instant>,
     /// What the leader proposed and when, not proposed again before
     /// `PROPOSE_AGAIN_AFTER`.
     proposed: HashMap<String, Instant>,
@@ -366,12 +361,8 @@ impl Node {
                 waiting: HashMap::new(),
                 heard: HashMap::new(),
                 leader_since: None,
-                lease_until: None,
-                lease_commit: 0,
+                lease: FollowerLease::default(),
                 applied: 0,
-                lease_asked: Vec::new(),
-                lease_seq: 0,
-                last_lease_ask: None,
                 proposed: HashMap::new(),
                 runs: Vec::new(),
                 ended: BTreeMap::new(),
@@ -546,18 +537,18 @@ impl Node {
                 }
                 LEASE_REQUEST_KIND if body.len() == 8 => {
                     let now = Instant::now();
-                    if let Some(until) = self.leader_lease_until(&core, now) {
-                        let left = until.saturating_duration_since(now).min(LEASE);
-                        if !left.is_zero() {
-                            let mut grant = body.clone();
-                            grant.extend_from_slice(&(left.as_micros() as u64).to_le_bytes());
-                            let commit = core.raft.raft.raft_log.committed;
-                            grant.extend_from_slice(&commit.to_le_bytes());
-                            drop(core);
-                            let _ = session.send(LEASE_GRANT_KIND, grant);
-                            self.handle_ready();
-                            continue;
-                        }
+                    let left = self
+                        .leader_lease_until(&core, now)
+                        .and_then(|until| lease::grant(until, now));
+                    if let Some(left) = left {
+                        let mut grant = body.clone();
+                        grant.extend_from_slice(&(left.as_micros() as u64).to_le_bytes());
+                        let commit = core.raft.raft.raft_log.committed;
+                        grant.extend_from_slice(&commit.to_le_bytes());
+                        drop(core);
+                        let _ = session.send(LEASE_GRANT_KIND, grant);
+                        self.handle_ready();
+                        continue;
                     }
                 }
                 LEASE_GRANT_KIND if body.len() == 24 => {
@@ -565,13 +556,7 @@ impl Node {
                     let (seq, valid, commit) = (word(0), Duration::from_micros(word(8)), word(16));
                     if core.raft.raft.leader_id == peer && core.raft.raft.state != StateRole::Leader
                     {
-                        if let Some((_, sent)) = core.lease_asked.iter().find(|(s, _)| *s == seq) {
-                            let until = *sent + valid.min(LEASE);
-                            if core.lease_until.is_none_or(|u| u < until) {
-                                core.lease_until = Some(until);
-                            }
-                            core.lease_commit = core.lease_commit.max(commit);
-                        }
+                        core.lease.on_grant(seq, valid, commit);
                     }
                 }
                 _ => {}
@@ -593,23 +578,7 @@ impl Node {
         if raft.raft_log.term(core.applied).ok() != Some(raft.term) {
             return None;
         }
-        let mut times: Vec<Instant> = core
-            .voters
-            .iter()
-            .filter_map(|v| {
-                if *v == self.id {
-                    Some(now)
-                } else {
-                    core.heard.get(v).copied()
-                }
-            })
-            .collect();
-        let quorum = core.voters.len() / 2 + 1;
-        if times.len() < quorum {
-            return None;
-        }
-        times.sort_unstable_by(|a, b| b.cmp(a));
-        Some(times[quorum - 1] + LEASE)
+        lease::leader_until(self.id, &core.voters, |v| core.heard.get(&v).copied(), now)
     }
 
     fn has_lease(&self, core: &Core, now: Instant) -> bool {
@@ -618,7 +587,7 @@ impl Node {
                 .leader_lease_until(core, now)
                 .is_some_and(|until| until > now);
         }
-        core.lease_until.is_some_and(|until| until > now) && core.applied >= core.lease_commit
+        core.lease.holds(now, core.applied)
     }
 
     fn isolated(&self) -> bool {
@@ -843,19 +812,9 @@ impl Node {
         if leader == 0 || leader == self.id {
             return;
         }
-        if core
-            .last_lease_ask
-            .is_some_and(|at| now.duration_since(at) < LEASE_ASK_EVERY)
-        {
+        let Some(seq) = core.lease.ask(now) else {
             return;
-        }
-        core.last_lease_ask = Some(now);
-        core.lease_seq += 1;
-        let seq = core.lease_seq;
-        core.lease_asked.push((seq, now));
-        if core.lease_asked.len() > 32 {
-            core.lease_asked.remove(0);
-        }
+        };
         drop(core);
         self.send_peer(leader, LEASE_REQUEST_KIND, seq.to_le_bytes().to_vec());
     }

@@ -1,0 +1,182 @@
+//! Leases, the arithmetic alone (no clock of its own, no I/O): a node runs
+//! its jobs only while it holds one (see the node's module header for why
+//! this fences a moved job's old run).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// How long a lease runs.
+pub const LEASE: Duration = Duration::from_millis(500);
+/// How often a follower asks the leader for its lease.
+pub const ASK_EVERY: Duration = Duration::from_millis(100);
+/// Requests remembered until their grant comes.
+const ASKED_MAX: usize = 32;
+
+/// A follower's lease: the requests it sent, and what the grants gave.
+#[derive(Debug, Default)]
+pub struct FollowerLease {
+    asked: VecDeque<(u64, Instant)>,
+    seq: u64,
+    last_ask: Option<Instant>,
+    until: Option<Instant>,
+    /// The highest commit index a counted grant named.
+    commit: u64,
+}
+
+impl FollowerLease {
+    /// The number of a request to send now, if one is due.
+    pub fn ask(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last_ask
+            .is_some_and(|at| now.duration_since(at) < ASK_EVERY)
+        {
+            return None;
+        }
+        self.last_ask = Some(now);
+        self.seq += 1;
+        self.asked.push_back((self.seq, now));
+        if self.asked.len() > ASKED_MAX {
+            self.asked.pop_front();
+        }
+        Some(self.seq)
+    }
+
+    /// A grant of request `seq` from the leader: `valid` from when the
+    /// request was sent (never more than [`LEASE`]), once this node has
+    /// applied the log up to `commit`. A grant of a request it does not
+    /// remember gives nothing.
+    pub fn on_grant(&mut self, seq: u64, valid: Duration, commit: u64) {
+        let Some((_, sent)) = self.asked.iter().find(|(s, _)| *s == seq) else {
+            return;
+        };
+        let until = *sent + valid.min(LEASE);
+        if self.until.is_none_or(|u| u < until) {
+            self.until = Some(until);
+        }
+        self.commit = self.commit.max(commit);
+    }
+
+    /// Whether the lease holds at `now` for a node that applied the log up
+    /// to `applied`.
+    pub fn holds(&self, now: Instant, applied: u64) -> bool {
+        self.until.is_some_and(|until| until > now) && applied >= self.commit
+    }
+}
+
+/// The leader's own lease: [`LEASE`] past the time it last heard from a
+/// majority of `voters`, itself (`me`, heard `now`) included. None when
+/// fewer than a majority were ever heard.
+pub fn leader_until(
+    me: u64,
+    voters: &[u64],
+    heard: impl Fn(u64) -> Option<Instant>,
+    now: Instant,
+) -> Option<Instant> {
+    let mut times: Vec<Instant> = voters
+        .iter()
+        .filter_map(|v| if *v == me { Some(now) } else { heard(*v) })
+        .collect();
+    let quorum = voters.len() / 2 + 1;
+    if times.len() < quorum {
+        return None;
+    }
+    times.sort_unstable_by(|a, b| b.cmp(a));
+    Some(times[quorum - 1] + LEASE)
+}
+
+/// What the leader grants at `now`, holding its own lease until
+/// `leader_until`: what is left of it, at most [`LEASE`]; nothing once it
+/// ended.
+pub fn grant(leader_until: Instant, now: Instant) -> Option<Duration> {
+    let left = leader_until.saturating_duration_since(now).min(LEASE);
+    (!left.is_zero()).then_some(left)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_grant_counts_from_the_request_and_never_past_the_lease() {
+        let t0 = Instant::now();
+        let mut lease = FollowerLease::default();
+        let seq = lease.ask(t0).unwrap();
+        // Not due again before ASK_EVERY.
+        assert_eq!(lease.ask(t0 + ms(50)), None);
+        assert!(!lease.holds(t0, 0));
+        // The grant arrives 200 ms later: it still counts from t0.
+        lease.on_grant(seq, ms(10_000), 0);
+        assert!(lease.holds(t0 + ms(499), 0));
+        assert!(!lease.holds(t0 + ms(500), 0));
+        // A shorter grant (what was left of the leader's) counts as given.
+        let seq = lease.ask(t0 + ms(600)).unwrap();
+        lease.on_grant(seq, ms(100), 0);
+        assert!(lease.holds(t0 + ms(699), 0));
+        assert!(!lease.holds(t0 + ms(700), 0));
+        // A grant of a request never sent gives nothing.
+        lease.on_grant(seq + 7, ms(500), 0);
+        assert!(!lease.holds(t0 + ms(701), 0));
+    }
+
+    #[test]
+    fn a_grant_counts_only_once_the_log_is_applied_as_far_as_it_names() {
+        let t0 = Instant::now();
+        let mut lease = FollowerLease::default();
+        let seq = lease.ask(t0).unwrap();
+        lease.on_grant(seq, LEASE, 42);
+        assert!(!lease.holds(t0 + ms(10), 41));
+        assert!(lease.holds(t0 + ms(10), 42));
+        // A later grant naming less does not lower the bar.
+        let seq = lease.ask(t0 + ms(100)).unwrap();
+        lease.on_grant(seq, LEASE, 7);
+        assert!(!lease.holds(t0 + ms(110), 41));
+    }
+
+    #[test]
+    fn an_old_request_is_forgotten() {
+        let t0 = Instant::now();
+        let mut lease = FollowerLease::default();
+        let first = lease.ask(t0).unwrap();
+        for i in 1..=ASKED_MAX as u64 {
+            lease.ask(t0 + ASK_EVERY * i as u32).unwrap();
+        }
+        lease.on_grant(first, LEASE, 0);
+        assert!(!lease.holds(t0 + ms(1), 0));
+    }
+
+    #[test]
+    fn the_leaders_lease_follows_the_majority_it_heard() {
+        let t0 = Instant::now();
+        let now = t0 + ms(1000);
+        let heard = |v: u64| match v {
+            2 => Some(t0 + ms(900)),
+            3 => Some(t0 + ms(300)),
+            _ => None,
+        };
+        // Three voters: itself (now) and node 2 (900) are a majority.
+        assert_eq!(leader_until(1, &[1, 2, 3], heard, now), Some(t0 + ms(1400)));
+        // Five: the third most recent counts (node 3 at 300).
+        assert_eq!(
+            leader_until(1, &[1, 2, 3, 4, 5], heard, now),
+            Some(t0 + ms(800))
+        );
+        // Five with only two ever heard: no lease.
+        let two = |v: u64| (v == 2).then_some(t0);
+        assert_eq!(leader_until(1, &[1, 2, 3, 4, 5], two, now), None);
+        // Alone, it holds its own.
+        assert_eq!(leader_until(1, &[1], |_| None, now), Some(now + LEASE));
+    }
+
+    #[test]
+    fn a_grant_is_what_is_left_of_the_leaders_lease() {
+        let t0 = Instant::now();
+        assert_eq!(grant(t0 + ms(800), t0), Some(LEASE));
+        assert_eq!(grant(t0 + ms(120), t0), Some(ms(120)));
+        assert_eq!(grant(t0, t0), None);
+        assert_eq!(grant(t0, t0 + ms(5)), None);
+    }
+}
