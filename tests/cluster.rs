@@ -228,22 +228,48 @@ fn cluster(dir: &Path, secret: &Path, n: usize) -> Vec<NodeProcess> {
     nodes
 }
 
-fn submit(addr: &str, secret: &Path, cwd: &Path, query: &str, flags: &[&str]) -> String {
-    let out = dirigo()
+/// `dirigo COMMAND --to ADDR --secret-file SECRET ARGS`, run in `cwd`.
+fn client(
+    command: &str,
+    addr: &str,
+    secret: &Path,
+    cwd: &Path,
+    args: &[&str],
+) -> std::process::Output {
+    dirigo()
         .current_dir(cwd)
-        .args(["submit", "--to", addr])
+        .args([command, "--to", addr])
         .arg("--secret-file")
         .arg(secret)
-        .arg(query)
-        .args(flags)
+        .args(args)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+fn submit(addr: &str, secret: &Path, cwd: &Path, query: &str, flags: &[&str]) -> String {
+    let mut args = vec![query];
+    args.extend(flags);
+    let out = client("submit", addr, secret, cwd, &args);
     assert!(
         out.status.success(),
         "submit {query} {flags:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A cluster job's flags: `query` over the events file at `rate`, rows to
+/// `QUERY.jsonl` and checkpoints (every 100 ms) to `QUERY-data`, both in
+/// the directory the job is submitted from.
+fn file_job(events: &Path, query: &str, rate: u64) -> Vec<String> {
+    vec![
+        format!("--source=file:{}", events.display()),
+        format!("--sink=file:{query}.jsonl"),
+        format!("--data-dir={query}-data"),
+        "--cores=1".into(),
+        format!("--rate={rate}"),
+        "--checkpoint-interval=100ms".into(),
+    ]
 }
 
 fn sorted_lines(path: &Path) -> Vec<String> {
@@ -412,17 +438,8 @@ fn a_node_killed_mid_run_loses_nothing_and_repeats_nothing() {
     let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
     let mut names = BTreeMap::new();
     for (i, query) in ["q5", "q8"].into_iter().enumerate() {
-        let source = format!("--source=file:{}", events_path.display());
-        let sink = format!("--sink=file:{query}.jsonl");
-        let data = format!("--data-dir={query}-data");
-        let flags = [
-            source.as_str(),
-            &sink,
-            &data,
-            "--cores=1",
-            "--rate=250000",
-            "--checkpoint-interval=100ms",
-        ];
+        let flags = file_job(&events_path, query, 250_000);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         // Submitted to different nodes: any node takes a job.
         names.insert(query, submit(addrs[i + 1], &secret, &dir, query, &flags));
     }
@@ -544,15 +561,8 @@ fn a_partitioned_node_gives_its_job_up_before_the_majority_runs_it() {
     let plain = uninterrupted(&dir, "q5", &events_path);
     let nodes = cluster(&dir, &secret, 3);
     let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
-    let source = format!("--source=file:{}", events_path.display());
-    let flags = [
-        source.as_str(),
-        "--sink=file:q5.jsonl",
-        "--data-dir=q5-data",
-        "--cores=1",
-        "--rate=150000",
-        "--checkpoint-interval=100ms",
-    ];
+    let flags = file_job(&events_path, "q5", 150_000);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let name = submit(addrs[0], &secret, &dir, "q5", &flags);
     let placed = wait_for(&addrs, &secret, Duration::from_secs(20), "q5 placed", |s| {
         job(s, &name)["node"].as_u64().is_some()
@@ -658,29 +668,13 @@ fn a_wrong_secret_or_cluster_is_refused_and_never_listed() {
         intruder.log()
     );
     // A client with the wrong secret, or of another cluster.
-    for args in [
-        vec!["--secret-file".to_string(), wrong.display().to_string()],
-        vec![
-            "--secret-file".to_string(),
-            secret.display().to_string(),
-            "--cluster".into(),
-            "other".into(),
-        ],
-    ] {
-        let out = dirigo()
-            .args(["status", "--to", &addr])
-            .args(&args)
-            .output()
-            .unwrap();
+    for (secret_file, cluster) in [(&wrong, "dirigo"), (&secret, "other")] {
+        let out = client("status", &addr, secret_file, &dir, &["--cluster", cluster]);
         assert_eq!(out.status.code(), Some(1));
         let error = String::from_utf8_lossy(&out.stderr);
         assert!(error.contains(&format!("connecting to {addr}")), "{error}");
-        let submit = dirigo()
-            .args(["submit", "--to", &addr])
-            .args(&args)
-            .args(["q0", "--data-dir=d", "--cores=1"])
-            .output()
-            .unwrap();
+        let args = ["--cluster", cluster, "q0", "--data-dir=d", "--cores=1"];
+        let submit = client("submit", &addr, secret_file, &dir, &args);
         assert_eq!(submit.status.code(), Some(1));
     }
     let s = status(&addr, &secret).unwrap();
@@ -714,14 +708,13 @@ fn cancel_stops_a_job_and_bad_submissions_are_refused() {
         job(s, &name)["node"].as_u64().is_some()
     });
     // The same data directory again: refused, naming the job that has it.
-    let clash = dirigo()
-        .current_dir(&dir)
-        .args(["submit", "--to", &addr])
-        .arg("--secret-file")
-        .arg(&secret)
-        .args(["q1", "--data-dir=d1", "--cores=1"])
-        .output()
-        .unwrap();
+    let clash = client(
+        "submit",
+        &addr,
+        &secret,
+        &dir,
+        &["q1", "--data-dir=d1", "--cores=1"],
+    );
     assert_eq!(clash.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&clash.stderr).contains("q1-1"));
     for (flags, says) in [
@@ -737,24 +730,12 @@ fn cancel_stops_a_job_and_bad_submissions_are_refused() {
             "--rate",
         ),
     ] {
-        let out = dirigo()
-            .args(["submit", "--to", &addr])
-            .arg("--secret-file")
-            .arg(&secret)
-            .args(&flags)
-            .output()
-            .unwrap();
+        let out = client("submit", &addr, &secret, &dir, &flags);
         assert_eq!(out.status.code(), Some(1), "{flags:?}");
         let error = String::from_utf8_lossy(&out.stderr);
         assert!(error.contains(says), "{flags:?}: {error}");
     }
-    let cancel = dirigo()
-        .args(["cancel", "--to", &addr])
-        .arg("--secret-file")
-        .arg(&secret)
-        .arg(&name)
-        .output()
-        .unwrap();
+    let cancel = client("cancel", &addr, &secret, &dir, &[&name]);
     assert!(
         cancel.status.success(),
         "{}",
@@ -773,13 +754,7 @@ fn cancel_stops_a_job_and_bad_submissions_are_refused() {
         assert!(start.elapsed() < Duration::from_secs(5), "{all:?} {s}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let again = dirigo()
-        .args(["cancel", "--to", &addr])
-        .arg("--secret-file")
-        .arg(&secret)
-        .arg(&name)
-        .output()
-        .unwrap();
+    let again = client("cancel", &addr, &secret, &dir, &[&name]);
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("cancelled already"));
     drop(nodes);
@@ -863,17 +838,8 @@ fn a_joining_node_takes_a_job_from_a_busy_one() {
     let first = nodes[0].addr.clone();
     let mut names = BTreeMap::new();
     for query in ["q5", "q8"] {
-        let source = format!("--source=file:{}", events_path.display());
-        let sink = format!("--sink=file:{query}.jsonl");
-        let data = format!("--data-dir={query}-data");
-        let flags = [
-            source.as_str(),
-            &sink,
-            &data,
-            "--cores=1",
-            "--rate=200000",
-            "--checkpoint-interval=100ms",
-        ];
+        let flags = file_job(&events_path, query, 200_000);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         names.insert(query, submit(&first, &secret, &dir, query, &flags));
     }
     wait_for(
