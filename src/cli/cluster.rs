@@ -89,13 +89,18 @@ pub fn status(args: StatusArgs) -> Result<(), String> {
     println!("leader  node {}", status["leader"]);
     for node in status["nodes"].as_array().into_iter().flatten() {
         println!(
-            "node    {:<20} {:<22} {}",
+            "node    {:<20} {:<22} {:<6} {}",
             node["id"],
             node["addr"].as_str().unwrap_or(""),
             if node["alive"] == true {
                 "alive"
             } else {
                 "lost"
+            },
+            if node["voter"] == true {
+                "voter"
+            } else {
+                "learner"
             }
         );
     }
