@@ -379,3 +379,78 @@ fn a_relative_data_directory_takes_checkpoints() {
     assert!(dir.join("data/checkpoints").is_dir());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A run fenced as one placement of a cluster's job commits no checkpoint
+/// once a later placement has claimed its data directory, and fails saying
+/// so; a run of the old placement is refused at start; the later one
+/// resumes and ends with an uninterrupted run's rows.
+#[test]
+fn a_fenced_run_commits_nothing_once_a_later_placement_claims_it() {
+    let dir = temp_dir("fence");
+    let (out, data) = (dir.join("q5.jsonl"), dir.join("data"));
+    let reference_out = dir.join("reference.jsonl");
+    let source = ["--events=600000".to_string(), "--seed=5".into()];
+    let plain = dirigo()
+        .args(run_args("q5", &source, &reference_out))
+        .output()
+        .unwrap();
+    assert!(plain.status.success());
+    let mut args = run_args("q5", &source, &out);
+    args.push(format!("--data-dir={}", data.display()));
+    args.push("--checkpoint-interval=100ms".into());
+    let placement = |epoch: u64| {
+        let mut with = args.clone();
+        with.push(format!("--fence-epoch={epoch}"));
+        with
+    };
+    let first = dirigo()
+        .args(placement(1))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let it commit a few checkpoints, then claim the directory for
+    // placement 2 (as a new run would) behind its back.
+    let start = Instant::now();
+    while checkpoint_epochs(&data).len() < 3 {
+        assert!(start.elapsed() < Duration::from_secs(20), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::write(data.join("fence"), "2").unwrap();
+    let claimed = checkpoint_epochs(&data).last().copied().unwrap();
+    let first = first.wait_with_output().unwrap();
+    assert!(!first.status.success(), "the fenced run failed");
+    let error = String::from_utf8_lossy(&first.stderr);
+    assert!(error.contains("fenced: placement 2"), "{error}");
+    // At most the commit already under way when the fence moved.
+    let after = checkpoint_epochs(&data).last().copied().unwrap();
+    assert!(
+        after <= claimed + 1,
+        "committed {claimed}..{after} after the fence"
+    );
+    // The old placement again: refused before it runs.
+    let stale = dirigo().args(placement(1)).output().unwrap();
+    assert!(!stale.status.success());
+    assert!(
+        String::from_utf8_lossy(&stale.stderr).contains("placement 2 has taken"),
+        "{}",
+        String::from_utf8_lossy(&stale.stderr)
+    );
+    // The new placement resumes and ends exact.
+    let second = dirigo().args(placement(2)).output().unwrap();
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert_eq!(sorted_lines(&out), sorted_lines(&reference_out));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The epochs of the committed checkpoints in `data`.
+fn checkpoint_epochs(data: &Path) -> Vec<u64> {
+    if !data.join("checkpoints").is_dir() {
+        return Vec::new();
+    }
+    dirigo_engine::dataflow::checkpoint::manifest_epochs(data).unwrap_or_default()
+}

@@ -42,6 +42,7 @@ pub struct RunArgs {
         conflicts_with_all = [
             "query", "events", "rate", "slo", "source", "sink", "seed", "skip_malformed",
             "max_line_bytes", "data_dir", "checkpoint_interval", "fresh", "parallelism",
+            "fence_epoch",
         ]
     )]
     jobs: Vec<JobSpec>,
@@ -112,6 +113,11 @@ pub struct JobArgs {
     /// the autoscaler off it; default: two per shard, placed by the autoscaler.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
     parallelism: Option<u32>,
+    /// The cluster's placement of this run (`dirigo node` sets it): the run
+    /// claims the data directory with it and commits no checkpoint once a
+    /// later placement has claimed it.
+    #[arg(long, hide = true, requires = "data_dir")]
+    fence_epoch: Option<u64>,
 }
 
 /// One job: a query and its flags.
@@ -549,7 +555,10 @@ fn prepare(spec: &JobSpec, cores: usize) -> Result<Prepared, String> {
                         dir.display()
                     )));
                 }
-                DataDir::Run(options) => Some(options),
+                DataDir::Run(options) => Some(CheckpointOptions {
+                    fence: args.fence_epoch,
+                    ..options
+                }),
             }
         }
     };
@@ -1017,6 +1026,9 @@ pub fn check_cluster_job(query: &str, flags: &[String]) -> Result<(), String> {
     }
     if args.job.fresh {
         return Err("a cluster job resumes from its checkpoints: --fresh is refused".into());
+    }
+    if args.job.fence_epoch.is_some() {
+        return Err("--fence-epoch is the node's to set".into());
     }
     if matches!(args.job.sink, SinkArg::Stdout) {
         return Err("a cluster job writes rows to file:PATH (or null), not stdout".into());

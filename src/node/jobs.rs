@@ -54,6 +54,9 @@ pub fn run_args(job: &Job) -> Vec<String> {
     if !job.args.iter().any(|a| a == "--json") {
         args.push("--json".into());
     }
+    // The run claims the data directory for this placement, and commits
+    // nothing once a later one has claimed it.
+    args.push(format!("--fence-epoch={}", job.epoch));
     args
 }
 

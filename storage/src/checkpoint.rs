@@ -141,6 +141,8 @@ pub const STAGED_RETRY_FOR_DEFAULT: Duration = Duration::from_secs(60);
 /// The longest pause between two tries of a staged write.
 const STAGED_RETRY_BACKOFF_MAX: Duration = Duration::from_millis(250);
 
+/// The file of a data directory's fence (see [`CheckpointDir::fence`]).
+const FENCE_FILE_NAME: &str = "fence";
 const CHECKPOINTS_DIR_NAME: &str = "checkpoints";
 const STAGED_DIR_NAME: &str = "staged";
 const MANIFEST_PREFIX: &str = "MANIFEST-";
@@ -297,6 +299,34 @@ impl CheckpointDir {
             faults: Faults::default(),
             staged_retry_for: STAGED_RETRY_FOR_DEFAULT,
         })
+    }
+
+    /// The placement the directory's fence holds (`root/fence`), if any:
+    /// the newest run of a cluster's job that claimed it.
+    pub fn fence(&self) -> Result<Option<u64>, StorageError> {
+        let path = self.root.join(FENCE_FILE_NAME);
+        match fs::read_to_string(&path) {
+            Ok(text) => text
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| StorageError::Invalid {
+                    path,
+                    offset: 0,
+                    what: format!("a fence of {text:?}, not a placement number"),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StorageError::io("read", path, None, e)),
+        }
+    }
+
+    /// Set the fence to `placement`, atomically and durably.
+    pub fn set_fence(&self, placement: u64) -> Result<(), StorageError> {
+        manifest::commit_atomic(
+            &self.root,
+            FENCE_FILE_NAME,
+            placement.to_string().as_bytes(),
+        )
     }
 
     /// The same directories with `faults` armed (see [`Faults`]).

@@ -89,6 +89,10 @@ pub struct CheckpointOptions {
     pub interval: Duration,
     /// Injected storage faults, for tests.
     pub faults: Faults,
+    /// This run's placement (a cluster's epoch for the job): the run claims
+    /// the directory's fence with it at open, and commits no checkpoint
+    /// once the fence holds a later placement. None: no fence.
+    pub fence: Option<u64>,
 }
 
 impl CheckpointOptions {
@@ -97,8 +101,24 @@ impl CheckpointOptions {
             dir: dir.into(),
             interval,
             faults: Faults::default(),
+            fence: None,
         }
     }
+}
+
+/// Claim `store` for placement `epoch`: refused if a later placement
+/// holds it.
+fn claim_fence(store: &CheckpointDir, dir: &Path, epoch: u64) -> Result<(), String> {
+    let holder = store.fence().map_err(|e| e.to_string())?;
+    if let Some(holder) = holder.filter(|h| *h > epoch) {
+        return Err(format!(
+            "placement {holder} has taken {} over (this run is placement {epoch})",
+            dir.display()
+        ));
+    }
+    store
+        .set_fence(epoch)
+        .map_err(|e| format!("claiming {}: {e}", dir.display()))
 }
 
 /// Rows a sink partition staged for one checkpoint: appended to `output` once the
@@ -416,6 +436,8 @@ struct Inbox {
 /// disk), and hands restored parts to actors at activation.
 pub struct Checkpointer {
     store: CheckpointDir,
+    /// The data directory and this run's placement, when fenced.
+    fence: Option<(PathBuf, u64)>,
     interval: Duration,
     shape: Shape,
     /// The epoch sources should inject next; 0 before the first request.
@@ -453,6 +475,11 @@ impl Checkpointer {
         let store = CheckpointDir::open(dir)
             .map_err(|e| format!("data directory {}: {e}", dir.display()))?
             .with_faults(options.faults.clone());
+        // Claimed before anything is read: a run of an earlier placement
+        // still going sees the claim before its next commit.
+        if let Some(epoch) = options.fence {
+            claim_fence(&store, dir, epoch)?;
+        }
         let shape = Shape {
             job: job.to_string(),
             key_groups,
@@ -550,6 +577,7 @@ impl Checkpointer {
         let first_epoch = epochs.last().copied().unwrap_or(0) + 1;
         Ok(Checkpointer {
             store,
+            fence: options.fence.map(|epoch| (options.dir.clone(), epoch)),
             interval: options.interval.max(Duration::from_millis(1)),
             shape,
             requested: AtomicU64::new(0),
@@ -1118,6 +1146,26 @@ impl Checkpointer {
             outputs,
         };
         let body = crate::actor::encode_state(&manifest);
+        // A later placement of the job took the directory over: this run
+        // commits nothing more (it may still be going only because its node
+        // stalled past its lease).
+        if let Some((dir, placement)) = &self.fence {
+            match self.store.fence().map_err(|e| e.to_string()) {
+                Ok(Some(holder)) if holder > *placement => {
+                    self.fail_job(format!(
+                        "fenced: placement {holder} has taken {} over (this run is placement \
+                         {placement}); checkpoint {epoch} not committed",
+                        dir.display()
+                    ));
+                    return false;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.note_failure(epoch, &e);
+                    return false;
+                }
+            }
+        }
         if let Err(e) = self.store.commit_manifest(epoch, &body) {
             self.note_failure(epoch, &e.to_string());
             return false;
