@@ -15,12 +15,15 @@
 //! # Liveness and fencing
 //!
 //! A node runs its jobs only while it holds a lease:
-//! - a follower asks the leader every [`LEASE_ASK_EVERY`]; the leader's
+//! - a follower asks the leader every [`lease::ASK_EVERY`]; the leader's
 //!   grant is valid for `min(LEASE, what is left of the leader's own)`
 //!   counted from when the follower *sent* the request, so it ends before
 //!   the leader's record of having heard the follower ages by `LEASE`;
 //! - the leader's own lease runs `LEASE` past the time it last heard from
 //!   a majority of the voters (itself included);
+//! - a grant counts only once the follower has applied the log as far as
+//!   the leader had committed when granting, and a new leader's own only
+//!   once it applied an entry of its term ([`lease`] has the arithmetic);
 //! - the leader declares a node lost when it has heard nothing from it for
 //!   [`LOST_AFTER`] (> `LEASE`), counting a new leader's reign as heard;
 //!   only then does it place the node's jobs elsewhere (a new epoch).
@@ -28,13 +31,15 @@
 //! So by the time a job is placed anew, the node that ran it has held no
 //! lease for `LOST_AFTER - LEASE`, and it stops a run (SIGKILL, reaped)
 //! within a tick of its lease's end. This rests on the nodes' monotonic
-//! clocks running at the same rate, within the margin, and on a node not
-//! stalling longer than the margin between a lease check and a kill.
+//! clocks running at the same rate, within the margin. A node stalled
+//! past the margin with its run going is caught by the run itself: it
+//! claimed the job's data directory with its placement (`--fence-epoch`)
+//! and commits nothing once a later placement has claimed it.
 //!
 //! # Connections
 //!
 //! Between two nodes, the one with the lower id dials; the other serves
-//! what it accepts. A client (id 0) gets a session per connection, for one
+//! what it accepts (from any node that proved the secret). A client (id 0) gets a session per connection, for one
 //! request and its reply.
 
 pub mod client;
@@ -42,7 +47,7 @@ pub mod jobs;
 pub mod lease;
 pub mod state;
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::net::SocketAddr;
@@ -256,7 +261,6 @@ struct Node {
     incarnation: u64,
     core: RefCell<Core>,
     peers: RefCell<HashMap<u64, Session>>,
-    stopped: Cell<bool>,
 }
 
 fn storage_error(e: dirigo_storage::StorageError) -> String {
@@ -370,7 +374,6 @@ impl Node {
                 isolated_checked: None,
             }),
             peers: RefCell::new(HashMap::new()),
-            stopped: Cell::new(false),
         }))
     }
 
@@ -471,7 +474,7 @@ impl Node {
         let mut backoff = Backoff::new(10_000_000, 1_000_000_000, self.incarnation ^ peer);
         let config = SessionConfig::default();
         let mut failures = 0u64;
-        while !self.stopped.get() {
+        loop {
             let addr = self.addr_of(peer);
             if let Some(addr) = addr {
                 match connect(addr, &self.identity, &config.conn).await {
@@ -787,7 +790,7 @@ impl Node {
 
     async fn tick_loop(self: Rc<Self>) {
         let mut next = Instant::now();
-        while !self.stopped.get() {
+        loop {
             next += TICK;
             let now = Instant::now();
             if next > now {
