@@ -1,6 +1,6 @@
 //! `dirigo bench net`: messages from one node process to another over
 //! loopback through `dirigo-net`'s session (the handshake, then the link:
-//! 64-byte headers, a tag of HMAC-SHA256 per frame, acks and credit), against
+//! 64-byte headers, every frame sealed with AES-256-GCM, acks and credit), against
 //! a raw loopback TCP stream carrying the same message bodies in plain
 //! frames (`encode_frame`: length, crc32c, kind, padding; the link adds its
 //! 64-byte header with the tag to each) and writes of up to the same
@@ -137,7 +137,7 @@ pub struct Report {
 }
 
 pub const NOTE: &str = "two processes on loopback; cross_node: dirigo-net's session (handshake, \
-64-byte link header, HMAC-SHA256 tag per frame, acks and credit); raw_tcp: the same bodies in \
+64-byte link header, every frame sealed with AES-256-GCM: body encrypted, header authenticated; acks and credit); raw_tcp: the same bodies in \
 plain frames and writes of the same size bound on a TCP stream; each timed from the first send \
 until the receiving process has taken every message and said so; medians over the runs, the order alternated; \
 failover_ms: three node processes, a paced q1 (200,000 events/s, checkpoints every 100 ms) into an exactly-once \

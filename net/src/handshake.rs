@@ -19,7 +19,7 @@
 //! could replay. Both sides then hold the connection's session key,
 //! `HMAC(secret, "dirigo session" | Hello | Challenge)`: fresh with each
 //! pair of nonces, known only to holders of the secret, and what
-//! [`crate::link`] authenticates every frame after the handshake with.
+//! [`crate::link`] seals every frame after the handshake with (AES-256-GCM).
 //!
 //! A wrong magic, version or cluster, a message of the wrong length or a
 //! proof that does not verify is a [`HandshakeError`]; the side that finds

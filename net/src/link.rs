@@ -19,18 +19,25 @@
 //! 16 credit u64       the highest number the peer may send
 //! 24 incarnation u64  this side's link (a new one per process start)
 //! 32 kind u8          data: the caller's kind of message; 15 reserved bytes (0)
-//! 48 tag [u8; 16]     the first 16 bytes of HMAC-SHA256(session key,
-//!                     role | frame kind | bytes 0..48 | body)
-//! 64 body             (data only; 16-aligned in the frame)
+//! 48 tag [u8; 16]     AES-256-GCM's tag (below)
+//! 64 body             (data only; 16-aligned in the frame), encrypted
 //! ```
+//!
+//! Every frame is sealed with AES-256-GCM under the connection's session
+//! key (from the handshake, new for each connection): the body is
+//! encrypted, and the tag covers the frame kind and bytes 0..48 (associated
+//! data) and the body. The nonce is the sender's role (client or server of
+//! the handshake) and the frame's number on this connection in this
+//! direction, from 0: the receiver counts the frames it took, so a frame
+//! replayed, dropped or moved within a connection fails its tag, and so
+//! does one reflected back to its sender (the other role). No nonce repeats
+//! under a key: each direction has its own role byte and counts up.
 //!
 //! Frame kinds: [`DATA_KIND`], [`ACK_KIND`] (acks and credit alone; also
 //! the heartbeat) and [`RESUME_KIND`] (the first frame each side sends on a
 //! connection). The tag is checked before any field is read: a frame that
-//! fails it (another session's, a forged or a changed one) is a
-//! [`LinkError`], and the caller drops the connection. The role (client or
-//! server of the handshake) is in the tag, so a frame reflected back to its
-//! sender fails too.
+//! fails it (another session's, a forged, changed, replayed or reordered
+//! one) is a [`LinkError`], and the caller drops the connection.
 //!
 //! # Delivery
 //!
@@ -75,8 +82,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
 
 use crate::frame::{begin_frame, finish_frame, Frame, FrameConfig};
 use crate::handshake::SessionKey;
@@ -92,8 +98,6 @@ pub const LINK_HEADER_BYTES: usize = 64;
 /// Bytes of the header the tag covers.
 const FIELD_BYTES: usize = 48;
 const TAG_BYTES: usize = 16;
-
-type HmacSha256 = Hmac<Sha256>;
 
 /// Which end of the handshake this side was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,9 +219,13 @@ struct Outgoing {
 }
 
 struct Conn {
-    /// HMAC-SHA256 keyed with the session key, cloned for each frame.
-    mac: HmacSha256,
+    /// AES-256-GCM under the session key.
+    key: LessSafeKey,
     role: Role,
+    /// Frames sealed for this connection, and frames opened from it: the
+    /// nonces of the next frame each way.
+    sealed: u64,
+    opened: u64,
     resume_sent: bool,
     /// The peer's resume came: data may flow.
     resumed: bool,
@@ -346,8 +354,12 @@ impl Link {
     pub fn connected(&mut self, key: SessionKey, role: Role, now_ns: u64) {
         self.stats.connections += 1;
         self.conn = Some(Conn {
-            mac: HmacSha256::new_from_slice(&key.0).expect("HMAC takes a key of any length"),
+            key: LessSafeKey::new(
+                UnboundKey::new(&AES_256_GCM, &key.0).expect("a 32-byte key fits AES-256"),
+            ),
             role,
+            sealed: 0,
+            opened: 0,
             resume_sent: false,
             resumed: false,
             sent_up_to: 0,
@@ -513,7 +525,7 @@ impl Link {
 
     fn take(&mut self, frame: &Frame<'_>, now_ns: u64) -> Result<(), LinkError> {
         let conn = self.conn.as_mut().ok_or(LinkError::NotConnected)?;
-        let header = verify(conn, frame)?;
+        let (header, body) = verify(conn, frame)?;
         conn.last_rx_ns = now_ns;
         match frame.kind {
             RESUME_KIND => {
@@ -553,8 +565,7 @@ impl Link {
                     self.credit()
                 )));
             }
-            let body = &frame.payload[LINK_HEADER_BYTES..];
-            self.inbox.push_back((header.kind, body.to_vec()));
+            self.inbox.push_back((header.kind, body));
             self.delivered = header.seq;
             self.stats.delivered += 1;
         }
@@ -640,41 +651,62 @@ impl Link {
     }
 }
 
-fn tag(keyed: &HmacSha256, role: Role, kind: u8, fields: &[u8], body: &[u8]) -> [u8; TAG_BYTES] {
-    let mut mac = keyed.clone();
-    mac.update(&[role.byte(), kind]);
-    mac.update(fields);
-    mac.update(body);
-    let full = mac.finalize().into_bytes();
-    full[..TAG_BYTES].try_into().expect("16 of 32 bytes")
+/// The nonce of frame `number` sent by `role` on a connection.
+fn nonce(role: Role, number: u64) -> Nonce {
+    let mut bytes = [0u8; 12];
+    bytes[0] = role.byte();
+    bytes[4..].copy_from_slice(&number.to_le_bytes());
+    Nonce::assume_unique_for_key(bytes)
 }
 
-/// Encode one link frame of `frame_kind` into `out`.
+/// The associated data of a frame: its kind, then the header's fields.
+fn associated(frame_kind: u8, fields: &[u8]) -> [u8; 1 + FIELD_BYTES] {
+    let mut aad = [0u8; 1 + FIELD_BYTES];
+    aad[0] = frame_kind;
+    aad[1..].copy_from_slice(fields);
+    aad
+}
+
+/// Encode one link frame of `frame_kind` into `out`, sealed as the next
+/// frame this side sends on `conn`.
 fn encode(
     config: &LinkConfig,
-    conn: &Conn,
+    conn: &mut Conn,
     frame_kind: u8,
     header: [u64; 4],
     message_kind: u8,
     body: &[u8],
     out: &mut Vec<u8>,
 ) {
-    // Written in place: the frame header, the link header, the tag, the body.
+    // Written in place: the frame header, the link header, the tag, the
+    // body, which is then encrypted where it lies.
     let start = begin_frame(out);
     let fields = out.len();
     for field in header {
         out.extend_from_slice(&field.to_le_bytes());
     }
     out.push(message_kind);
-    out.resize(fields + FIELD_BYTES, 0);
-    let tag = tag(&conn.mac, conn.role, frame_kind, &out[fields..], body);
-    out.extend_from_slice(&tag);
+    out.resize(fields + LINK_HEADER_BYTES, 0);
     out.extend_from_slice(body);
+    let aad = associated(frame_kind, &out[fields..fields + FIELD_BYTES]);
+    let nonce = nonce(conn.role, conn.sealed);
+    conn.sealed += 1;
+    let tag = conn
+        .key
+        .seal_in_place_separate_tag(
+            nonce,
+            Aad::from(&aad),
+            &mut out[fields + LINK_HEADER_BYTES..],
+        )
+        .expect("a frame's body is far below AES-GCM's bound");
+    out[fields + FIELD_BYTES..fields + LINK_HEADER_BYTES].copy_from_slice(tag.as_ref());
     finish_frame(&config.frame, frame_kind, start, out)
         .expect("a body within body_bytes_max fits a frame");
 }
 
-fn verify(conn: &Conn, frame: &Frame<'_>) -> Result<Header, LinkError> {
+/// Open the next frame from the peer on `conn`: its header and its body,
+/// decrypted; nothing of it is read before the tag verified.
+fn verify(conn: &mut Conn, frame: &Frame<'_>) -> Result<(Header, Vec<u8>), LinkError> {
     let payload = frame.payload;
     if frame.flags != 0 {
         // Under the crc only, not the tag: link frames keep them 0.
@@ -690,24 +722,32 @@ fn verify(conn: &Conn, frame: &Frame<'_>) -> Result<Header, LinkError> {
         )));
     }
     let (fields, rest) = payload.split_at(FIELD_BYTES);
-    let (their_tag, body) = rest.split_at(TAG_BYTES);
-    let mut mac = conn.mac.clone();
-    mac.update(&[conn.role.other().byte(), frame.kind]);
-    mac.update(fields);
-    mac.update(body);
-    mac.verify_truncated_left(their_tag)
+    let (their_tag, sealed) = rest.split_at(TAG_BYTES);
+    let tag: [u8; TAG_BYTES] = their_tag.try_into().expect("16 bytes");
+    let aad = associated(frame.kind, fields);
+    let mut body = sealed.to_vec();
+    conn.key
+        .open_in_place_separate_tag(
+            nonce(conn.role.other(), conn.opened),
+            Aad::from(&aad),
+            Tag::from(tag),
+            &mut body,
+            0..,
+        )
         .map_err(|_| LinkError::BadTag { kind: frame.kind })?;
+    conn.opened += 1;
     if fields[33..FIELD_BYTES].iter().any(|&b| b != 0) {
         return Err(LinkError::Malformed("reserved header bytes set".into()));
     }
     let field = |i: usize| u64::from_le_bytes(fields[i * 8..i * 8 + 8].try_into().expect("8"));
-    Ok(Header {
+    let header = Header {
         seq: field(0),
         acked: field(1),
         credit: field(2),
         incarnation: field(3),
         kind: fields[32],
-    })
+    };
+    Ok((header, body))
 }
 
 /// Delays between attempts to connect again: doubling from `base_ns` up to

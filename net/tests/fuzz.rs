@@ -16,9 +16,8 @@ use dirigo_net::handshake::{
 };
 use dirigo_net::link::{Link, LinkConfig, Role};
 use dirigo_net::{encode_frame, FrameConfig, FrameDecoder};
-use hmac::{Hmac, Mac};
 use proptest::prelude::*;
-use sha2::Sha256;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
 const SECRET: &[u8] = b"a secret of sixteen bytes or more";
 
@@ -225,12 +224,15 @@ proptest! {
         let config = LinkConfig { window_msgs: 4, ..LinkConfig::default() };
         let key = SessionKey([5; 32]);
         let mut link = Link::new(config, 5);
-        let resume = tagged(&config, &key, 3, [0, 0, 4, 6], &[]);
-        let connect = |link: &mut Link| {
+        // Frames the peer sealed on the current connection.
+        let mut sealed = 0;
+        let connect = |link: &mut Link, sealed: &mut u64| {
             link.connected(key, Role::Server, 0);
+            *sealed = 0;
+            let resume = tagged(&config, &key, sealed, 3, [0, 0, 4, 6], &[]);
             take(&config, link, &resume).expect("a valid resume");
         };
-        connect(&mut link);
+        connect(&mut link, &mut sealed);
         for (kind, mut fields, near, body) in frames {
             let before = link.stats().delivered;
             // Mostly numbers near where the link stands, sometimes anything.
@@ -239,8 +241,9 @@ proptest! {
                 fields[1] = 0;
                 fields[3] = 6;
             }
-            if take(&config, &mut link, &tagged(&config, &key, kind, fields, &body)).is_err() {
-                connect(&mut link);
+            let frame = tagged(&config, &key, &mut sealed, kind, fields, &body);
+            if take(&config, &mut link, &frame).is_err() {
+                connect(&mut link, &mut sealed);
             }
             prop_assert!(link.inbox_len() <= 4);
             prop_assert!(link.stats().delivered <= before + 1);
@@ -251,11 +254,15 @@ proptest! {
     }
 }
 
-/// A link frame of `kind` with these header fields and body, tagged with
-/// `key` as the client would.
+/// A link frame of `kind` with these header fields and body, sealed with
+/// `key` as the client's frame number `sealed` (counted up) on its
+/// connection: AES-256-GCM, the nonce the client's role (0) and that number,
+/// the associated data the kind and the 48 bytes of fields, the body
+/// encrypted (written here from the link's module header, not its code).
 fn tagged(
     config: &LinkConfig,
     key: &SessionKey,
+    sealed: &mut u64,
     kind: u8,
     fields: [u64; 4],
     body: &[u8],
@@ -265,12 +272,22 @@ fn tagged(
         payload.extend_from_slice(&field.to_le_bytes());
     }
     payload.resize(48, 0);
-    let mut mac = Hmac::<Sha256>::new_from_slice(&key.0).unwrap();
-    mac.update(&[0, kind]); // the client's role
-    mac.update(&payload);
-    mac.update(body);
-    payload.extend_from_slice(&mac.finalize().into_bytes()[..16]);
-    payload.extend_from_slice(body);
+    let mut aad = vec![kind];
+    aad.extend_from_slice(&payload);
+    let mut nonce = [0u8; 12];
+    nonce[4..].copy_from_slice(&sealed.to_le_bytes());
+    *sealed += 1;
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key.0).unwrap());
+    let mut sealed_body = body.to_vec();
+    let tag = key
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(&aad),
+            &mut sealed_body,
+        )
+        .unwrap();
+    payload.extend_from_slice(tag.as_ref());
+    payload.extend_from_slice(&sealed_body);
     let mut bytes = Vec::new();
     encode_frame(&config.frame, kind, &payload, &mut bytes).unwrap();
     bytes

@@ -26,7 +26,9 @@ use std::collections::VecDeque;
 
 use dirigo_net::frame::{encode_frame, FrameConfig, FrameDecoder};
 use dirigo_net::handshake::SessionKey;
-use dirigo_net::link::{Backoff, Link, LinkConfig, LinkStats, Role, SendError};
+use dirigo_net::link::{
+    Backoff, Link, LinkConfig, LinkError, LinkStats, Role, SendError, DATA_KIND,
+};
 
 const STEP_NS: u64 = 100_000;
 
@@ -535,4 +537,86 @@ fn a_resume_lost_with_its_connection_is_no_error_on_the_next() {
     take(&mut a, 1, 1, 1);
     assert_eq!(a.stats().peer_restarts, 1);
     assert_eq!(a.stats().refused_frames + b.stats().refused_frames, 0);
+}
+
+/// `bytes` cut into its frames, each whole.
+fn frames_of(bytes: &[u8]) -> Vec<Vec<u8>> {
+    let mut decoder = FrameDecoder::new(config().frame);
+    assert_eq!(decoder.push(bytes), bytes.len());
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while let Some(frame) = decoder.next_frame().unwrap() {
+        let end = at + dirigo_net::frame_bytes(frame.payload.len());
+        frames.push(bytes[at..end].to_vec());
+        at = end;
+    }
+    assert_eq!(at, bytes.len());
+    frames
+}
+
+/// Hand one whole frame to `link`.
+fn feed(link: &mut Link, frame: &[u8]) -> Result<(), LinkError> {
+    let mut decoder = FrameDecoder::new(config().frame);
+    decoder.push(frame);
+    link.on_frame(&decoder.next_frame().unwrap().unwrap(), 0)
+}
+
+/// Frames are sealed for their connection, direction and place: a body
+/// never crosses the wire in clear, and a frame replayed, skipped ahead,
+/// or reflected back to its sender on the same connection (where the
+/// session key is right) fails its tag and takes nothing.
+#[test]
+fn frames_are_encrypted_and_bound_to_their_place_on_the_connection() {
+    let marker = b"a body nobody on the path may read".to_vec();
+    // Two messages from `a`, after both resumes; the wire's frames.
+    let setup = |key: u8| {
+        let mut a = Link::new(config(), 11);
+        let mut b = Link::new(config(), 22);
+        connect(&mut a, &mut b, key);
+        exchange(&mut a, &mut b, 1);
+        a.send(7, marker.clone()).unwrap();
+        a.send(7, marker.clone()).unwrap();
+        let mut wire = Vec::new();
+        a.poll_transmit(0, &mut wire, 1 << 20);
+        (a, b, wire)
+    };
+    let (_, mut b, wire) = setup(1);
+    assert!(
+        !wire.windows(marker.len()).any(|w| w == &marker[..]),
+        "a body in clear on the wire"
+    );
+    let frames = frames_of(&wire);
+    assert_eq!(frames.len(), 2);
+    // Delivered as sent: both, whole.
+    for frame in &frames {
+        feed(&mut b, frame).unwrap();
+    }
+    assert_eq!(b.recv().map(|m| m.1), Some(marker.clone()));
+    assert_eq!(b.recv().map(|m| m.1), Some(marker.clone()));
+    // Replayed: the first frame again after it.
+    let (_, mut b, wire) = setup(2);
+    let frames = frames_of(&wire);
+    feed(&mut b, &frames[0]).unwrap();
+    assert_eq!(
+        feed(&mut b, &frames[0]),
+        Err(LinkError::BadTag { kind: DATA_KIND })
+    );
+    // Skipped ahead: the second frame first.
+    let (_, mut b, wire) = setup(3);
+    let frames = frames_of(&wire);
+    assert_eq!(
+        feed(&mut b, &frames[1]),
+        Err(LinkError::BadTag { kind: DATA_KIND })
+    );
+    assert!(b.recv().is_none());
+    // Reflected: `a` is handed its own first data frame, which has the
+    // number `a` expects next from `b` (each side sent one resume): only
+    // the role tells them apart.
+    let (mut a, _, wire) = setup(4);
+    let frames = frames_of(&wire);
+    assert_eq!(
+        feed(&mut a, &frames[0]),
+        Err(LinkError::BadTag { kind: DATA_KIND })
+    );
+    assert!(a.recv().is_none());
 }

@@ -4,7 +4,7 @@
 //!
 //! A client authenticates like a node (the handshake over the shared
 //! secret) under node id 0, which no node has; its messages go over a
-//! session link, tagged with the session key like every node's.
+//! session link, sealed with the session key like every node's.
 
 use std::net::SocketAddr;
 use std::time::Duration;
