@@ -74,6 +74,18 @@ impl NodeProcess {
         join: Option<&str>,
         addr: &str,
     ) -> NodeProcess {
+        Self::start_with(dir, name, secret, join, addr, &[])
+    }
+
+    /// Start a node with `extra` flags too.
+    fn start_with(
+        dir: &Path,
+        name: &str,
+        secret: &Path,
+        join: Option<&str>,
+        addr: &str,
+        extra: &[&str],
+    ) -> NodeProcess {
         let addr = addr.to_string();
         let log = dir.join(format!("{name}-{}.log", log_serial()));
         let isolate = dir.join(format!("{name}.isolated"));
@@ -91,6 +103,7 @@ impl NodeProcess {
         if let Some(join) = join {
             command.args(["--join", join]);
         }
+        command.args(extra);
         let child = command.spawn().expect("dirigo node starts");
         NodeProcess {
             addr,
@@ -818,6 +831,113 @@ fn a_node_joins_a_cluster_with_a_long_history() {
     assert!(error.contains("another running node"), "{error}");
     drop(second);
     drop(nodes);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The consensus log is compacted: once `--compact-every` entries were
+/// applied past the last snapshot, a node keeps a snapshot of the state and
+/// the entries after it only. A node that joins later, past what the leader
+/// keeps, gets the snapshot (over 64 KiB here: in parts, each within a
+/// frame), and a node restarted on its data directory starts from its own.
+#[test]
+fn the_log_is_compacted_and_a_late_node_starts_from_a_snapshot() {
+    let _one = one_at_a_time();
+    let dir = temp_dir("compact");
+    let secret = write_secret(&dir, "secret", SECRET);
+    let every = 16;
+    let compact = ["--compact-every", "16"];
+    let first = NodeProcess::start_with(&dir, "n1", &secret, None, &free_addr(), &compact);
+    let addr = first.addr.clone();
+    wait_for(
+        &[&addr],
+        &secret,
+        Duration::from_secs(20),
+        "the first node",
+        |s| alive_nodes(s) == 1,
+    );
+    // 45 short jobs, each with a data directory 1,800 bytes long: a state
+    // of over 64 KiB.
+    let mut names = Vec::new();
+    for i in 0..45 {
+        let deep = format!("--data-dir=d{i}/{}", "x/".repeat(900));
+        names.push(submit(
+            &addr,
+            &secret,
+            &dir,
+            "q0",
+            &[&deep, "--events=1", "--cores=1"],
+        ));
+    }
+    wait_for(
+        &[&addr],
+        &secret,
+        Duration::from_secs(120),
+        "all finished",
+        |s| names.iter().all(|n| job(s, n)["state"] == "finished"),
+    );
+    // Three entries a job at least (submit, place, end): compacted often.
+    let compactions = first.log().matches("compacted the consensus log").count();
+    assert!(compactions >= 45 * 3 / every, "{}", first.log());
+    // What n1's log file holds: a snapshot, and fewer entries after it
+    // than make the next one (read from a copy: n1 is running).
+    let copy = dir.join("n1-raft.log");
+    std::fs::copy(dir.join("n1/raft.log"), &copy).unwrap();
+    let (_, replayed) = dirigo_storage::raftlog::RaftLog::open(&copy).unwrap();
+    let (at, _) = replayed.snapshot.expect("a snapshot in n1's log");
+    let entries = replayed.entries.len() as u64;
+    assert!(
+        at + entries >= 45 * 3,
+        "a snapshot through entry {at} and {entries} entries: not the whole history"
+    );
+    assert!(
+        replayed.entries.len() < every + 4,
+        "{} entries after the snapshot",
+        replayed.entries.len()
+    );
+    // A node joins: n1 no longer has the entries from the start, so the
+    // new node must install its snapshot.
+    let second_addr = free_addr();
+    let second = NodeProcess::start_at(&dir, "n2", &secret, Some(&addr), &second_addr);
+    let caught_up =
+        |s: &Value| alive_nodes(s) == 2 && names.iter().all(|n| job(s, n)["state"] == "finished");
+    wait_for(
+        &[&second_addr],
+        &secret,
+        Duration::from_secs(30),
+        "the second caught up",
+        caught_up,
+    );
+    let log = second.log();
+    let installed = log
+        .lines()
+        .find_map(|line| {
+            line.split_once("installed the leader's snapshot through entry ")
+                .and_then(|(_, rest)| rest.split_once(" ("))
+                .and_then(|(_, bytes)| bytes.split(' ').next())
+                .and_then(|bytes| bytes.parse::<usize>().ok())
+        })
+        .unwrap_or_else(|| panic!("n2 installed no snapshot: {log}"));
+    assert!(installed > 65_536, "a snapshot of {installed} bytes only");
+    // n2 restarted: it starts from its own snapshot, and knows every job.
+    drop(second);
+    let second = NodeProcess::start_at(&dir, "n2", &secret, Some(&addr), &second_addr);
+    wait_for(
+        &[&second_addr],
+        &secret,
+        Duration::from_secs(30),
+        "the second restarted",
+        caught_up,
+    );
+    let log = second.log();
+    assert!(
+        log.lines()
+            .next()
+            .unwrap_or_default()
+            .contains("a snapshot through entry"),
+        "{log}"
+    );
+    drop(second);
+    drop(first);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

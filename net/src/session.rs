@@ -144,6 +144,11 @@ impl Session {
         self.shared.link.borrow().is_connected()
     }
 
+    /// Largest body a message may have.
+    pub fn body_bytes_max(&self) -> usize {
+        self.shared.link.borrow().body_bytes_max()
+    }
+
     /// Queue a message; `Full` while `send_buffer_msgs` wait for acks,
     /// `Stopped` once the session is.
     pub fn send(&self, kind: u8, body: Vec<u8>) -> Result<u64, SendError> {

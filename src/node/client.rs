@@ -20,6 +20,9 @@ use dirigo_net::session::{Session, SessionConfig};
 pub const RAFT_KIND: u8 = 10;
 pub const LEASE_REQUEST_KIND: u8 = 11;
 pub const LEASE_GRANT_KIND: u8 = 12;
+/// One part of a Raft message too large for a frame (a snapshot):
+/// `[part u32 LE][parts u32 LE][bytes]`, the parts in order.
+pub const RAFT_PART_KIND: u8 = 13;
 pub const REQUEST_KIND: u8 = 20;
 pub const REPLY_KIND: u8 = 21;
 

@@ -36,6 +36,14 @@
 //! claimed the job's data directory with its placement (`--fence-epoch`)
 //! and commits nothing once a later placement has claimed it.
 //!
+//! # The log
+//!
+//! Every node compacts its own log (`--compact-every` entries applied past
+//! its last snapshot, and after each membership change): a snapshot of the
+//! state, with the entries after it kept. A follower behind what the
+//! leader keeps gets the leader's snapshot, in parts when it is larger
+//! than a frame ([`client::RAFT_PART_KIND`], [`Assembly`]).
+//!
 //! # Connections
 //!
 //! Between two nodes, the one with the lower id dials; the other serves
@@ -59,9 +67,12 @@ use clap::Args;
 use glommio::channels::local_channel::{self, LocalSender};
 use glommio::net::TcpListener;
 use protobuf::Message as _;
-use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState, Message};
+use raft::prelude::{
+    ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState, Message, MessageType,
+    Snapshot,
+};
 use raft::storage::MemStorage;
-use raft::{RawNode, StateRole};
+use raft::{GetEntriesContext, RaftState, RawNode, SnapshotStatus, StateRole, Storage};
 
 use dirigo_net::conn::{accept, connect, Connection};
 use dirigo_net::handshake::Identity;
@@ -70,12 +81,12 @@ use dirigo_net::session::{Session, SessionConfig};
 use dirigo_storage::raftlog::RaftLog;
 
 use client::{
-    Reply, Request, CLIENT_NODE, LEASE_GRANT_KIND, LEASE_REQUEST_KIND, RAFT_KIND, REPLY_KIND,
-    REQUEST_KIND,
+    Reply, Request, CLIENT_NODE, LEASE_GRANT_KIND, LEASE_REQUEST_KIND, RAFT_KIND, RAFT_PART_KIND,
+    REPLY_KIND, REQUEST_KIND,
 };
 use jobs::{monotonic_ns, Run};
 use lease::{FollowerLease, LEASE};
-use state::{data_dir_of, Answer, ClusterState, Command, JobState, Outcome};
+use state::{data_dir_of, submission_number, Answer, ClusterState, Command, JobState, Outcome};
 
 /// Raft's clock: one tick.
 const TICK: Duration = Duration::from_millis(30);
@@ -100,6 +111,13 @@ const COMMAND_BYTES_MAX: usize = 16 * 1024;
 const RAFT_MESSAGE_BYTES: u64 = 24 * 1024;
 /// The most bytes of jobs a status reply lists (it must fit a frame).
 const STATUS_JOBS_BYTES_MAX: usize = 40 * 1024;
+/// A Raft message over a link frame's body (a snapshot of the state) goes
+/// in parts of this many bytes, [`RAFT_PART_KIND`] messages.
+const RAFT_PART_BYTES: usize = 48 * 1024;
+/// The largest Raft message put together from parts. The state is bounded
+/// ([`state::RUNNING_JOBS_MAX`], [`state::ENDED_JOBS_KEPT`], each job's
+/// command at most `COMMAND_BYTES_MAX`): its snapshot stays well below.
+const RAFT_ASSEMBLED_BYTES_MAX: usize = 14 * 1024 * 1024;
 
 #[derive(Args, Debug)]
 pub struct NodeArgs {
@@ -123,14 +141,59 @@ pub struct NodeArgs {
     /// and from other nodes (a partition).
     #[arg(long, hide = true)]
     isolate_file: Option<PathBuf>,
+    /// Compact the consensus log into a snapshot of the state once this
+    /// many entries were applied since the last snapshot.
+    #[arg(long, hide = true, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    compact_every: u64,
 }
 
-/// The number of a job's name (`q5-12`: 12), its order of submission.
-fn job_number(name: &str) -> u64 {
-    name.rsplit('-')
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
+/// Raft's storage: the entries and hard state in memory (`MemStorage`,
+/// kept in step with the durable [`RaftLog`]), and the latest snapshot of
+/// the state, which `MemStorage` cannot build (it knows no state). A
+/// follower too far behind for the entries kept gets this snapshot.
+#[derive(Clone, Default)]
+struct NodeStorage {
+    mem: MemStorage,
+    snapshot: Rc<RefCell<Snapshot>>,
+}
+
+impl Storage for NodeStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        self.mem.initial_state()
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        self.mem.entries(low, high, max_size, context)
+    }
+
+    fn term(&self, index: u64) -> raft::Result<u64> {
+        self.mem.term(index)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        self.mem.first_index()
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        self.mem.last_index()
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let snapshot = self.snapshot.borrow();
+        let index = snapshot.get_metadata().index;
+        if index == 0 || index < request_index {
+            return Err(raft::Error::Store(
+                raft::StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        Ok(snapshot.clone())
+    }
 }
 
 /// A command as the log holds it, if it is not too large.
@@ -218,10 +281,69 @@ pub fn run(args: NodeArgs) -> Result<(), String> {
         .map_err(|e| format!("the node's executor failed: {e}"))?
 }
 
+/// A Raft message put together from its parts ([`RAFT_PART_KIND`]), which
+/// a session delivers in order; a part 0 starts a new one (the parts of an
+/// earlier one lost with a peer's restart are dropped).
+#[derive(Default)]
+struct Assembly {
+    bytes: Vec<u8>,
+    next: u32,
+    parts: u32,
+}
+
+impl Assembly {
+    /// Take one part: the whole message once its last part came.
+    fn take(&mut self, body: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        if body.len() < 8 {
+            return Err(format!(
+                "a part of {} bytes, short of its header",
+                body.len()
+            ));
+        }
+        let word = |i: usize| u32::from_le_bytes(body[i..i + 4].try_into().expect("4 bytes"));
+        let (part, parts) = (word(0), word(4));
+        if part == 0 {
+            self.bytes.clear();
+            self.next = 0;
+            self.parts = parts;
+        }
+        let fits = (parts as usize).saturating_mul(RAFT_PART_BYTES)
+            <= RAFT_ASSEMBLED_BYTES_MAX + RAFT_PART_BYTES;
+        if part != self.next || parts != self.parts || part >= parts || !fits {
+            let why = format!(
+                "part {part} of {parts} where part {} of {} was next",
+                self.next, self.parts
+            );
+            *self = Assembly::default();
+            return Err(why);
+        }
+        self.bytes.extend_from_slice(&body[8..]);
+        if self.bytes.len() > RAFT_ASSEMBLED_BYTES_MAX {
+            *self = Assembly::default();
+            return Err(format!("over {RAFT_ASSEMBLED_BYTES_MAX} bytes"));
+        }
+        self.next += 1;
+        if self.next < parts {
+            return Ok(None);
+        }
+        let whole = std::mem::take(&mut self.bytes);
+        *self = Assembly::default();
+        Ok(Some(whole))
+    }
+}
+
 /// Whatever the node is and knows; one `RefCell` in [`Node`].
 struct Core {
-    raft: RawNode<MemStorage>,
+    raft: RawNode<NodeStorage>,
     log: RaftLog,
+    /// The index the latest snapshot stands for (0: none), and how many
+    /// entries applied past it make the next.
+    compacted: u64,
+    compact_every: u64,
+    /// The membership changed since the last snapshot: take one now. A
+    /// node restores a snapshot only if its membership names it, so one
+    /// that joins must get a snapshot taken after it was added.
+    membership_changed: bool,
     voters: Vec<u64>,
     /// Members still catching up: they get the log but do not vote.
     learners: Vec<u64>,
@@ -277,19 +399,42 @@ impl Node {
         let identity = Identity::new(&args.cluster, id, &secret)?;
         let (mut log, replayed) =
             RaftLog::open(&args.data_dir.join("raft.log")).map_err(storage_error)?;
-        let storage = MemStorage::new();
-        let fresh = replayed.entries.is_empty()
+        let storage = NodeStorage::default();
+        let fresh = replayed.snapshot.is_none()
+            && replayed.entries.is_empty()
             && replayed.hard_state.is_none()
             && replayed.membership.is_none();
         let mut voters = Vec::new();
         let mut learners = Vec::new();
+        // The state as of the snapshot the log starts with, if any; the
+        // entries after it are applied again as Raft hands them over.
+        let mut state = ClusterState::default();
+        let mut compacted = 0;
+        if let Some((index, bytes)) = &replayed.snapshot {
+            let mut snapshot = Snapshot::default();
+            snapshot
+                .merge_from_bytes(bytes)
+                .map_err(|e| format!("the consensus log's snapshot at {index}: {e}"))?;
+            state = serde_json::from_slice(&snapshot.data)
+                .map_err(|e| format!("the state in the consensus log's snapshot: {e}"))?;
+            let cs = snapshot.get_metadata().get_conf_state();
+            voters = cs.voters.clone();
+            learners = cs.learners.clone();
+            compacted = *index;
+            storage
+                .mem
+                .wl()
+                .apply_snapshot(snapshot.clone())
+                .map_err(|e| format!("replaying the consensus log's snapshot: {e}"))?;
+            *storage.snapshot.borrow_mut() = snapshot;
+        }
         if let Some(bytes) = &replayed.membership {
             let mut cs = ConfState::default();
             cs.merge_from_bytes(bytes)
                 .map_err(|e| format!("the consensus log's membership: {e}"))?;
             voters = cs.voters.clone();
             learners = cs.learners.clone();
-            storage.wl().set_conf_state(cs);
+            storage.mem.wl().set_conf_state(cs);
         } else if fresh && args.join.is_none() {
             // The first node: a cluster of one.
             let cs = ConfState {
@@ -300,7 +445,7 @@ impl Node {
                 .and_then(|_| log.sync())
                 .map_err(storage_error)?;
             voters = cs.voters.clone();
-            storage.wl().set_conf_state(cs);
+            storage.mem.wl().set_conf_state(cs);
         }
         let mut entries = Vec::with_capacity(replayed.entries.len());
         for (index, bytes) in &replayed.entries {
@@ -311,6 +456,7 @@ impl Node {
             entries.push(entry);
         }
         storage
+            .mem
             .wl()
             .append(&entries)
             .map_err(|e| format!("replaying the consensus log: {e}"))?;
@@ -318,7 +464,7 @@ impl Node {
             let mut hs = HardState::default();
             hs.merge_from_bytes(bytes)
                 .map_err(|e| format!("the consensus log's hard state: {e}"))?;
-            storage.wl().set_hardstate(hs);
+            storage.mem.wl().set_hardstate(hs);
         }
         let config = raft::Config {
             id,
@@ -336,8 +482,13 @@ impl Node {
         let raft = RawNode::new(&config, storage, &logger)
             .map_err(|e| format!("starting consensus: {e}"))?;
         eprintln!(
-            "dirigo node {id}: listening on {}, {} consensus entries replayed{}",
+            "dirigo node {id}: listening on {}, {}{} consensus entries replayed{}",
             args.listen,
+            if compacted > 0 {
+                format!("a snapshot through entry {compacted} and ")
+            } else {
+                String::new()
+            },
             entries.len(),
             if voters.is_empty() && learners.is_empty() {
                 format!(", joining through {:?}", args.join)
@@ -358,15 +509,18 @@ impl Node {
             core: RefCell::new(Core {
                 raft,
                 log,
+                compacted,
+                compact_every: args.compact_every,
+                membership_changed: false,
                 voters,
                 learners,
-                state: ClusterState::default(),
+                state,
                 known_addrs: BTreeMap::new(),
                 waiting: HashMap::new(),
                 heard: HashMap::new(),
                 leader_since: None,
                 lease: FollowerLease::default(),
-                applied: 0,
+                applied: compacted,
                 proposed: HashMap::new(),
                 runs: Vec::new(),
                 ended: BTreeMap::new(),
@@ -520,6 +674,8 @@ impl Node {
     }
 
     async fn read_loop(self: Rc<Self>, peer: u64, session: Session) {
+        // A Raft message arriving in parts: the parts so far.
+        let mut assembly = Assembly::default();
         while let Some((kind, body)) = session.recv_wait().await {
             if self.isolated() {
                 continue;
@@ -527,17 +683,15 @@ impl Node {
             let mut core = self.core.borrow_mut();
             core.heard.insert(peer, Instant::now());
             match kind {
-                RAFT_KIND => {
-                    let mut message = Message::default();
-                    if message.merge_from_bytes(&body).is_err() || message.from != peer {
-                        eprintln!(
-                            "dirigo node {}: a malformed message from node {peer}",
-                            self.id
-                        );
-                        continue;
-                    }
-                    let _ = core.raft.step(message);
-                }
+                RAFT_KIND => self.step_raft(&mut core, peer, &body),
+                RAFT_PART_KIND => match assembly.take(&body) {
+                    Ok(Some(whole)) => self.step_raft(&mut core, peer, &whole),
+                    Ok(None) => {}
+                    Err(why) => eprintln!(
+                        "dirigo node {}: a consensus message in parts from node {peer}: {why}; dropped",
+                        self.id
+                    ),
+                },
                 LEASE_REQUEST_KIND if body.len() == 8 => {
                     let now = Instant::now();
                     let left = self
@@ -567,6 +721,18 @@ impl Node {
             drop(core);
             self.handle_ready();
         }
+    }
+
+    fn step_raft(&self, core: &mut Core, peer: u64, bytes: &[u8]) {
+        let mut message = Message::default();
+        if message.merge_from_bytes(bytes).is_err() || message.from != peer {
+            eprintln!(
+                "dirigo node {}: a malformed message from node {peer}",
+                self.id
+            );
+            return;
+        }
+        let _ = core.raft.step(message);
     }
 
     /// The leader's own lease: `LEASE` past the time it last heard from a
@@ -621,33 +787,45 @@ impl Node {
         core.isolated
     }
 
-    fn send_peer(self: &Rc<Self>, peer: u64, kind: u8, body: Vec<u8>) {
+    /// Queue a message to a peer; whether it was taken.
+    fn send_peer(self: &Rc<Self>, peer: u64, kind: u8, body: Vec<u8>) -> bool {
         if peer == self.id || self.isolated() {
-            return;
+            return false;
         }
         // A full send buffer drops the message: Raft sends again. One too
         // large for a frame would be dropped every time: said, not hidden
         // (the bounds above keep it from happening).
-        if let Err(SendError::TooLarge { body_bytes, max }) = self.session(peer).send(kind, body) {
-            eprintln!(
-                "dirigo node {}: a message of kind {kind} to node {peer} is {body_bytes} bytes, \
-                 over the {max} a frame takes; dropped",
-                self.id
-            );
+        match self.session(peer).send(kind, body) {
+            Ok(_) => true,
+            Err(SendError::TooLarge { body_bytes, max }) => {
+                eprintln!(
+                    "dirigo node {}: a message of kind {kind} to node {peer} is {body_bytes} bytes, \
+                     over the {max} a frame takes; dropped",
+                    self.id
+                );
+                false
+            }
+            Err(_) => false,
         }
     }
 
-    /// Persist, send and apply what Raft has ready, until it has nothing.
+    /// Persist, send and apply what Raft has ready, until it has nothing;
+    /// then compact the log if it is due.
     fn handle_ready(self: &Rc<Self>) {
         loop {
             let mut core = self.core.borrow_mut();
             if !core.raft.has_ready() {
+                drop(core);
+                self.maybe_compact();
                 return;
             }
             let mut ready = core.raft.ready();
             let mut outgoing = ready.take_messages();
             let committed = ready.take_committed_entries();
             let store = core.raft.raft.raft_log.store.clone();
+            if !ready.snapshot().is_empty() {
+                self.install_snapshot(&mut core, ready.snapshot().clone());
+            }
             if !ready.entries().is_empty() {
                 for entry in ready.entries() {
                     let bytes = entry.write_to_bytes().expect("entries encode");
@@ -656,6 +834,7 @@ impl Node {
                     }
                 }
                 store
+                    .mem
                     .wl()
                     .append(ready.entries())
                     .expect("entries follow the log");
@@ -665,7 +844,7 @@ impl Node {
                 if let Err(e) = core.log.set_hard_state(&bytes) {
                     self.fail(&format!("writing the consensus log: {e}"));
                 }
-                store.wl().set_hardstate(hs.clone());
+                store.mem.wl().set_hardstate(hs.clone());
             }
             // Durable before any message that promises it goes out.
             if !ready.entries().is_empty() || ready.hs().is_some() {
@@ -676,19 +855,185 @@ impl Node {
             outgoing.extend(ready.take_persisted_messages());
             let mut light = core.raft.advance(ready);
             if let Some(commit) = light.commit_index() {
-                store.wl().mut_hard_state().set_commit(commit);
+                store.mem.wl().mut_hard_state().set_commit(commit);
             }
             outgoing.extend(light.take_messages());
             let mut committed = committed;
             committed.extend(light.take_committed_entries());
             drop(core);
+            let mut snapshots_sent = Vec::new();
             for message in outgoing {
                 let bytes = message.write_to_bytes().expect("messages encode");
-                self.send_peer(message.to, RAFT_KIND, bytes);
+                let sent = self.send_raft(message.to, bytes);
+                if message.get_msg_type() == MessageType::MsgSnapshot {
+                    snapshots_sent.push((message.to, sent));
+                }
             }
             self.apply(committed);
-            self.core.borrow_mut().raft.advance_apply();
+            let mut core = self.core.borrow_mut();
+            core.raft.advance_apply();
+            // The link delivers what it took, in order, unless the peer
+            // restarts (then it asks again): a snapshot queued counts as
+            // sent, one refused as failed, and Raft tries again.
+            for (to, sent) in snapshots_sent {
+                let status = if sent {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                core.raft.report_snapshot(to, status);
+            }
         }
+    }
+
+    /// Send one Raft message, in parts if it is larger than a frame (a
+    /// snapshot); whether every part was queued.
+    fn send_raft(self: &Rc<Self>, peer: u64, bytes: Vec<u8>) -> bool {
+        if peer == self.id || self.isolated() {
+            return false;
+        }
+        let session = self.session(peer);
+        if bytes.len() <= session.body_bytes_max() {
+            return self.send_peer(peer, RAFT_KIND, bytes);
+        }
+        if bytes.len() > RAFT_ASSEMBLED_BYTES_MAX {
+            eprintln!(
+                "dirigo node {}: a consensus message to node {peer} is {} bytes, over the {} \
+                 a node takes; dropped",
+                self.id,
+                bytes.len(),
+                RAFT_ASSEMBLED_BYTES_MAX
+            );
+            return false;
+        }
+        let parts = bytes.len().div_ceil(RAFT_PART_BYTES);
+        for (part, chunk) in bytes.chunks(RAFT_PART_BYTES).enumerate() {
+            let mut body = Vec::with_capacity(8 + chunk.len());
+            body.extend_from_slice(&(part as u32).to_le_bytes());
+            body.extend_from_slice(&(parts as u32).to_le_bytes());
+            body.extend_from_slice(chunk);
+            if !self.send_peer(peer, RAFT_PART_KIND, body) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// A snapshot from the leader: this node was too far behind for the
+    /// entries the leader keeps. It replaces the log and the state.
+    fn install_snapshot(&self, core: &mut Core, snapshot: Snapshot) {
+        let index = snapshot.get_metadata().index;
+        let state: ClusterState = match serde_json::from_slice(&snapshot.data) {
+            Ok(state) => state,
+            Err(e) => self.fail(&format!(
+                "the leader's snapshot at {index} holds no state: {e}"
+            )),
+        };
+        let store = core.raft.raft.raft_log.store.clone();
+        if let Err(e) = store.mem.wl().apply_snapshot(snapshot.clone()) {
+            self.fail(&format!("installing the leader's snapshot at {index}: {e}"));
+        }
+        let cs = snapshot.get_metadata().get_conf_state().clone();
+        let hs = store.mem.rl().hard_state().clone();
+        let written = core.log.rewrite(
+            (index, &snapshot.write_to_bytes().expect("snapshots encode")),
+            &cs.write_to_bytes().expect("membership encodes"),
+            &hs.write_to_bytes().expect("hard state encodes"),
+            &[],
+        );
+        if let Err(e) = written {
+            self.fail(&format!("writing the leader's snapshot at {index}: {e}"));
+        }
+        eprintln!(
+            "dirigo node {}: installed the leader's snapshot through entry {index} ({} bytes of state)",
+            self.id,
+            snapshot.data.len()
+        );
+        core.state = state;
+        core.applied = index;
+        core.compacted = index;
+        core.voters = cs.voters.clone();
+        core.learners = cs.learners.clone();
+        *store.snapshot.borrow_mut() = snapshot;
+    }
+
+    /// Once `compact_every` entries were applied past the last snapshot,
+    /// take a snapshot of the state and keep only the entries after it,
+    /// in memory and on disk (the log file rewritten whole, atomically).
+    fn maybe_compact(&self) {
+        let mut core = self.core.borrow_mut();
+        let index = core.applied;
+        let due = index >= core.compacted + core.compact_every
+            || (core.membership_changed && index > core.compacted);
+        if !due {
+            return;
+        }
+        let store = core.raft.raft.raft_log.store.clone();
+        let Ok(term) = store.mem.term(index) else {
+            return;
+        };
+        let Ok(RaftState {
+            hard_state,
+            conf_state,
+        }) = store.mem.initial_state()
+        else {
+            return;
+        };
+        let Ok(last) = store.mem.last_index() else {
+            return;
+        };
+        let later =
+            match store
+                .mem
+                .entries(index + 1, last + 1, None, GetEntriesContext::empty(false))
+            {
+                Ok(later) => later,
+                Err(_) => return,
+            };
+        let mut snapshot = Snapshot {
+            data: serde_json::to_vec(&core.state)
+                .expect("the state serializes")
+                .into(),
+            ..Default::default()
+        };
+        let metadata = snapshot.mut_metadata();
+        metadata.index = index;
+        metadata.term = term;
+        metadata.set_conf_state(conf_state.clone());
+        let encoded: Vec<Vec<u8>> = later
+            .iter()
+            .map(|e| e.write_to_bytes().expect("entries encode"))
+            .collect();
+        let entries: Vec<(u64, &[u8])> = later
+            .iter()
+            .zip(&encoded)
+            .map(|(e, bytes)| (e.index, &bytes[..]))
+            .collect();
+        let written = core.log.rewrite(
+            (index, &snapshot.write_to_bytes().expect("snapshots encode")),
+            &conf_state.write_to_bytes().expect("membership encodes"),
+            &hard_state.write_to_bytes().expect("hard state encodes"),
+            &entries,
+        );
+        if let Err(e) = written {
+            self.fail(&format!("compacting the consensus log: {e}"));
+        }
+        {
+            let mut mem = store.mem.wl();
+            mem.apply_snapshot(snapshot.clone())
+                .expect("a snapshot at the applied index is not out of date");
+            mem.append(&later).expect("the entries after it follow");
+            mem.set_hardstate(hard_state);
+        }
+        eprintln!(
+            "dirigo node {}: compacted the consensus log through entry {index} ({} bytes of state, {} entries after it)",
+            self.id,
+            snapshot.data.len(),
+            later.len()
+        );
+        *store.snapshot.borrow_mut() = snapshot;
+        core.compacted = index;
+        core.membership_changed = false;
     }
 
     /// An I/O failure of the consensus log: a node that cannot keep its
@@ -724,7 +1069,8 @@ impl Node {
                     }
                     core.voters = cs.voters.clone();
                     core.learners = cs.learners.clone();
-                    core.raft.raft.raft_log.store.wl().set_conf_state(cs);
+                    core.raft.raft.raft_log.store.mem.wl().set_conf_state(cs);
+                    core.membership_changed = true;
                     let node = change.node_id;
                     match change.get_change_type() {
                         // A node joins as a learner (it takes the log and
@@ -973,7 +1319,7 @@ impl Node {
                         .jobs
                         .values()
                         .filter(|j| j.state == JobState::Running && j.node == Some(from))
-                        .max_by_key(|j| job_number(&j.name));
+                        .max_by_key(|j| submission_number(&j.name));
                     if let Some(job) = newest {
                         commands.push((
                             "move".to_string(),
@@ -1349,7 +1695,7 @@ impl Node {
         // fit a reply.
         let mut ordered: Vec<&state::Job> = core.state.jobs.values().collect();
         ordered.sort_by_key(|job| {
-            let number = job_number(&job.name);
+            let number = submission_number(&job.name);
             (job.state != JobState::Running, std::cmp::Reverse(number))
         });
         let mut jobs = Vec::new();
@@ -1384,5 +1730,47 @@ impl Node {
             "jobs": jobs,
             "jobs_omitted": omitted,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(part: u32, parts: u32, bytes: &[u8]) -> Vec<u8> {
+        let mut body = part.to_le_bytes().to_vec();
+        body.extend_from_slice(&parts.to_le_bytes());
+        body.extend_from_slice(bytes);
+        body
+    }
+
+    /// Parts come together in order; a part out of place drops what was
+    /// gathered, a part 0 starts again, and nothing past the bound is kept.
+    #[test]
+    fn a_message_in_parts_is_put_together_in_order_only() {
+        let mut assembly = Assembly::default();
+        assert_eq!(assembly.take(&part(0, 3, b"ab")), Ok(None));
+        assert_eq!(assembly.take(&part(1, 3, b"cd")), Ok(None));
+        assert_eq!(
+            assembly.take(&part(2, 3, b"e")),
+            Ok(Some(b"abcde".to_vec()))
+        );
+        // Out of place: part 2 where 1 was next.
+        assert_eq!(assembly.take(&part(0, 3, b"ab")), Ok(None));
+        let error = assembly.take(&part(2, 3, b"e")).unwrap_err();
+        assert!(
+            error.contains("part 2 of 3 where part 1 of 3 was next"),
+            "{error}"
+        );
+        assert!(assembly.take(&part(1, 3, b"cd")).is_err());
+        // A new message from part 0 on, also over an unfinished one.
+        assert_eq!(assembly.take(&part(0, 2, b"x")), Ok(None));
+        assert_eq!(assembly.take(&part(0, 2, b"y")), Ok(None));
+        assert_eq!(assembly.take(&part(1, 2, b"z")), Ok(Some(b"yz".to_vec())));
+        // Short, or announcing more parts than the bound allows.
+        assert!(assembly.take(&[0, 0, 0]).is_err());
+        let too_many = (RAFT_ASSEMBLED_BYTES_MAX / RAFT_PART_BYTES + 2) as u32;
+        assert!(assembly.take(&part(0, too_many, b"a")).is_err());
+        assert!(assembly.take(&part(0, 0, b"a")).is_err());
     }
 }

@@ -11,6 +11,14 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// The most jobs running (or waiting for a node) at once: a submission past
+/// it is refused. With [`ENDED_JOBS_KEPT`] and the command's bound, this
+/// bounds the state, and so a snapshot of it.
+pub const RUNNING_JOBS_MAX: usize = 256;
+/// Jobs that ended (finished, failed or cancelled) kept for `status`: the
+/// latest submitted ones; older ones are forgotten.
+pub const ENDED_JOBS_KEPT: usize = 128;
+
 /// A change to the state, agreed through the consensus log.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub enum Command {
@@ -147,6 +155,32 @@ impl ClusterState {
     /// Apply one committed command; the answer goes to whoever waits on its
     /// request.
     pub fn apply(&mut self, command: Command) -> Option<(u64, Answer)> {
+        let ends = matches!(command, Command::Ended { .. } | Command::Cancel { .. });
+        let answer = self.apply_one(command);
+        if ends {
+            self.forget_old_ended();
+        }
+        answer
+    }
+
+    /// Keep the latest [`ENDED_JOBS_KEPT`] of the jobs that ended.
+    fn forget_old_ended(&mut self) {
+        let mut ended: Vec<(u64, String)> = self
+            .jobs
+            .values()
+            .filter(|job| job.state != JobState::Running)
+            .map(|job| (submission_number(&job.name), job.name.clone()))
+            .collect();
+        if ended.len() <= ENDED_JOBS_KEPT {
+            return;
+        }
+        ended.sort_unstable();
+        for (_, name) in &ended[..ended.len() - ENDED_JOBS_KEPT] {
+            self.jobs.remove(name);
+        }
+    }
+
+    fn apply_one(&mut self, command: Command) -> Option<(u64, Answer)> {
         match command {
             Command::SetAddr { node, addr } => {
                 if let Some(info) = self.nodes.get_mut(&node) {
@@ -165,6 +199,19 @@ impl ClusterState {
                     job.state == JobState::Running
                         && data_dir_of(&job.args).map(|d| resolve(&job.cwd, d)) == dir
                 });
+                let running = self
+                    .jobs
+                    .values()
+                    .filter(|job| job.state == JobState::Running)
+                    .count();
+                if running >= RUNNING_JOBS_MAX {
+                    return Some((
+                        request,
+                        Answer::Refused(format!(
+                            "the cluster runs {running} jobs, its most; cancel one or wait for one to end"
+                        )),
+                    ));
+                }
                 if let Some(other) = clash {
                     return Some((
                         request,
@@ -292,6 +339,14 @@ impl ClusterState {
             .map(|j| (j.name.clone(), j.epoch))
             .collect()
     }
+}
+
+/// The number of a job's name (`q5-12`: 12), its order of submission.
+pub fn submission_number(name: &str) -> u64 {
+    name.rsplit('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 pub fn state_name(state: JobState) -> &'static str {
@@ -505,6 +560,41 @@ mod tests {
         assert_eq!(
             cancel(&mut state, "q9-1"),
             Answer::Refused("no job is named q9-1".into())
+        );
+    }
+
+    /// The state is bounded: a submission past `RUNNING_JOBS_MAX` running
+    /// jobs is refused, and only the latest `ENDED_JOBS_KEPT` ended jobs
+    /// are kept.
+    #[test]
+    fn running_jobs_are_capped_and_old_ended_ones_forgotten() {
+        let mut state = ClusterState::default();
+        for i in 0..RUNNING_JOBS_MAX as u64 {
+            assert!(matches!(
+                submit(&mut state, i, &format!("d{i}")),
+                Answer::Submitted(_)
+            ));
+        }
+        let refused = submit(&mut state, 999, "over");
+        assert!(
+            matches!(&refused, Answer::Refused(why) if why.contains("its most")),
+            "{refused:?}"
+        );
+        // Every job ends; the oldest are forgotten, the latest kept.
+        for i in 1..=RUNNING_JOBS_MAX {
+            state.apply(Command::Cancel {
+                request: 0,
+                job: format!("q5-{i}"),
+            });
+        }
+        assert_eq!(state.jobs.len(), ENDED_JOBS_KEPT);
+        let oldest_kept = RUNNING_JOBS_MAX - ENDED_JOBS_KEPT + 1;
+        assert!(state.jobs.contains_key(&format!("q5-{oldest_kept}")));
+        assert!(!state.jobs.contains_key(&format!("q5-{}", oldest_kept - 1)));
+        // Room again: names go on from the count.
+        assert_eq!(
+            submit(&mut state, 1000, "again"),
+            Answer::Submitted(format!("q5-{}", RUNNING_JOBS_MAX + 1))
         );
     }
 }
