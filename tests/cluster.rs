@@ -941,6 +941,51 @@ fn the_log_is_compacted_and_a_late_node_starts_from_a_snapshot() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A node restarted on another address, on its data directory, is
+/// reached again: it tells a member its new address, the cluster agrees on
+/// it, and the others dial it there. The node restarted is the one with
+/// the highest id, which the others dial (the lower id dials): without
+/// telling them, it would never be reached.
+#[test]
+fn a_node_restarted_on_another_address_is_reached_again() {
+    let _one = one_at_a_time();
+    let dir = temp_dir("moved");
+    let secret = write_secret(&dir, "secret", SECRET);
+    let mut nodes = cluster(&dir, &secret, 3);
+    let highest = (0..3).max_by_key(|&i| nodes[i].id()).unwrap();
+    let moved_id = nodes[highest].id();
+    let name = format!("n{}", highest + 1);
+    drop(nodes.remove(highest));
+    let new_addr = free_addr();
+    nodes.push(NodeProcess::start_at(&dir, &name, &secret, None, &new_addr));
+    let at_new_address = |s: &Value| {
+        alive_nodes(s) == 3
+            && s["nodes"].as_array().is_some_and(|nodes| {
+                nodes
+                    .iter()
+                    .any(|n| n["id"] == moved_id && n["addr"] == new_addr.as_str())
+            })
+    };
+    let others = [nodes[0].addr.as_str(), nodes[1].addr.as_str()];
+    wait_for(
+        &others,
+        &secret,
+        Duration::from_secs(20),
+        "the others list it at its new address, alive",
+        at_new_address,
+    );
+    // It hears the leader again (the others reach it).
+    wait_for(
+        &[&new_addr],
+        &secret,
+        Duration::from_secs(20),
+        "it follows a leader",
+        |s| at_new_address(s) && s["leader"].as_u64().unwrap_or(0) != 0,
+    );
+    drop(nodes);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Two jobs on a one-node cluster; a second node joins, and the leader
 /// moves one job to it: the old run stops before the new one starts, the
 /// moved job resumes from its checkpoint, and both outputs are exact.

@@ -49,6 +49,11 @@ pub enum Request {
         node: u64,
         addr: String,
     },
+    /// A member restarted on another address says where it is now.
+    Moved {
+        node: u64,
+        addr: String,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -66,6 +71,7 @@ pub enum Reply {
     Joined {
         nodes: Vec<(u64, String)>,
     },
+    Moved,
     Error {
         message: String,
     },

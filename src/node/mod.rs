@@ -543,6 +543,8 @@ impl Node {
             if let Some(addr) = self.join {
                 glommio::spawn_local(self.clone().join_loop(addr)).detach();
             }
+        } else {
+            glommio::spawn_local(self.clone().announce_loop()).detach();
         }
         loop {
             let stream = match listener.accept().await {
@@ -1193,6 +1195,7 @@ impl Node {
                         &Command::SetAddr {
                             node: self.id,
                             addr,
+                            request: 0,
                         },
                     );
                 }
@@ -1526,7 +1529,10 @@ impl Node {
                     args,
                     cwd,
                 };
-                match self.propose_and_wait(request, &command).await {
+                match self
+                    .propose_and_wait(request, &command, APPLY_TIMEOUT)
+                    .await
+                {
                     Ok(Answer::Submitted(job)) => Reply::Submitted { job },
                     Ok(Answer::Refused(message)) | Err(message) => Reply::Error { message },
                     Ok(other) => Reply::Error {
@@ -1537,7 +1543,7 @@ impl Node {
             Request::Cancel { job } => {
                 let request = random_u64();
                 match self
-                    .propose_and_wait(request, &Command::Cancel { request, job })
+                    .propose_and_wait(request, &Command::Cancel { request, job }, APPLY_TIMEOUT)
                     .await
                 {
                     Ok(Answer::Cancelled(job)) => Reply::Cancelled { job },
@@ -1548,20 +1554,110 @@ impl Node {
                 }
             }
             Request::Join { node, addr } => self.admit(node, addr).await,
+            Request::Moved { node, addr } => {
+                if node == CLIENT_NODE || addr.parse::<SocketAddr>().is_err() {
+                    return Reply::Error {
+                        message: format!("node {node} cannot be at {addr:?}"),
+                    };
+                }
+                let request = random_u64();
+                let command = Command::SetAddr {
+                    node,
+                    addr,
+                    request,
+                };
+                // Saying an address again is harmless: the node asks again
+                // soon rather than wait out a proposal lost with a leader.
+                match self
+                    .propose_and_wait(request, &command, PROPOSE_AGAIN_AFTER)
+                    .await
+                {
+                    Ok(Answer::Moved) => Reply::Moved,
+                    Ok(Answer::Refused(message)) | Err(message) => Reply::Error { message },
+                    Ok(other) => Reply::Error {
+                        message: format!("unexpected answer {other:?}"),
+                    },
+                }
+            }
         }
     }
 
+    /// A member restarted on another address than the state has for it:
+    /// tell the other members, as a client, until one has it agreed. Until
+    /// then the members that dial it (those with lower ids) dial the old
+    /// address, and it may hear from nobody.
+    async fn announce_loop(self: Rc<Self>) {
+        let client = Identity::new(&self.cluster, CLIENT_NODE, &self.secret)
+            .expect("the node's identity was valid");
+        let addr = self.listen.to_string();
+        // The state as of what the log had committed when the node
+        // started: replayed first.
+        let replayed = self.core.borrow().raft.raft.raft_log.committed;
+        while self.core.borrow().applied < replayed {
+            glommio::timer::sleep(TICK).await;
+        }
+        loop {
+            let peers: Vec<(u64, String)> = {
+                let core = self.core.borrow();
+                if core
+                    .state
+                    .nodes
+                    .get(&self.id)
+                    .is_none_or(|n| n.addr == addr)
+                {
+                    return;
+                }
+                core.state
+                    .nodes
+                    .iter()
+                    .filter(|(id, _)| **id != self.id)
+                    .map(|(id, info)| (*id, info.addr.clone()))
+                    .collect()
+            };
+            for (peer, peer_addr) in peers {
+                let Ok(to) = peer_addr.parse::<SocketAddr>() else {
+                    continue;
+                };
+                let request = Request::Moved {
+                    node: self.id,
+                    addr: addr.clone(),
+                };
+                match client::request_on_executor(to, &client, &request).await {
+                    Ok(Reply::Moved) => {
+                        eprintln!(
+                            "dirigo node {}: node {peer} had the cluster agree on this node's new address {addr}",
+                            self.id
+                        );
+                        return;
+                    }
+                    Ok(other) => eprintln!(
+                        "dirigo node {}: telling node {peer} the new address: {other:?}",
+                        self.id
+                    ),
+                    Err(e) => eprintln!(
+                        "dirigo node {}: telling node {peer} the new address: {e}",
+                        self.id
+                    ),
+                }
+            }
+            glommio::timer::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Propose `command` and wait, `timeout` at most, for the answer its
+    /// application gives `request`.
     async fn propose_and_wait(
         self: &Rc<Self>,
         request: u64,
         command: &Command,
+        timeout: Duration,
     ) -> Result<Answer, String> {
         encode_command(command)?;
         let (sender, receiver) = local_channel::new_bounded(1);
         let mut sender = Some(sender);
         // A node that knows no leader yet (just started, or an election
         // under way) proposes again each tick until one takes it.
-        let deadline = Instant::now() + APPLY_TIMEOUT;
+        let deadline = Instant::now() + timeout;
         loop {
             let proposed = {
                 let mut core = self.core.borrow_mut();
@@ -1589,7 +1685,7 @@ impl Node {
         let timeout = async {
             glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
             Err(format!(
-                "not agreed within {APPLY_TIMEOUT:?} (no leader, or no majority); it may \
+                "not agreed within {timeout:?} (no leader, or no majority); it may \
                  still be agreed later: see status"
             ))
         };

@@ -22,10 +22,13 @@ pub const ENDED_JOBS_KEPT: usize = 128;
 /// A change to the state, agreed through the consensus log.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub enum Command {
-    /// A node's address (a node says it when it starts, and when it moved).
+    /// A node's address (a node says it when it starts, and when it moved;
+    /// a member says it for a node that asked, `request` nonzero).
     SetAddr {
         node: u64,
         addr: String,
+        #[serde(default)]
+        request: u64,
     },
     /// A job, as `dirigo run QUERY ARGS` run in `cwd`; `request` names the
     /// request that waits for the answer.
@@ -120,6 +123,7 @@ pub struct NodeInfo {
 pub enum Answer {
     Submitted(String),
     Cancelled(String),
+    Moved,
     Refused(String),
 }
 
@@ -182,11 +186,19 @@ impl ClusterState {
 
     fn apply_one(&mut self, command: Command) -> Option<(u64, Answer)> {
         match command {
-            Command::SetAddr { node, addr } => {
-                if let Some(info) = self.nodes.get_mut(&node) {
-                    info.addr = addr;
-                }
-                None
+            Command::SetAddr {
+                node,
+                addr,
+                request,
+            } => {
+                let answer = match self.nodes.get_mut(&node) {
+                    Some(info) => {
+                        info.addr = addr;
+                        Answer::Moved
+                    }
+                    None => Answer::Refused(format!("node {node} is no member")),
+                };
+                (request != 0).then_some((request, answer))
             }
             Command::Submit {
                 request,
@@ -596,5 +608,28 @@ mod tests {
             submit(&mut state, 1000, "again"),
             Answer::Submitted(format!("q5-{}", RUNNING_JOBS_MAX + 1))
         );
+    }
+
+    /// A member's new address is answered when asked for, refused for a
+    /// stranger, and silent when the node says it itself (request 0).
+    #[test]
+    fn an_address_is_set_for_members_only() {
+        let mut state = ClusterState::default();
+        state.add_node(7, "127.0.0.1:1".into());
+        let set = |state: &mut ClusterState, node: u64, request: u64| {
+            state.apply(Command::SetAddr {
+                node,
+                addr: "127.0.0.1:2".into(),
+                request,
+            })
+        };
+        assert_eq!(set(&mut state, 7, 5), Some((5, Answer::Moved)));
+        assert_eq!(state.nodes[&7].addr, "127.0.0.1:2");
+        assert_eq!(
+            set(&mut state, 8, 6),
+            Some((6, Answer::Refused("node 8 is no member".into())))
+        );
+        assert!(!state.nodes.contains_key(&8));
+        assert_eq!(set(&mut state, 7, 0), None);
     }
 }
