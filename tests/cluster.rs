@@ -834,6 +834,134 @@ fn a_node_joins_a_cluster_with_a_long_history() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A node taken out of the cluster (`dirigo remove`) while it runs q5:
+/// it holds no lease from then on, so it stops its run; the job moves to
+/// another node once that lease has surely ended, resumes from its
+/// checkpoint and ends with the exact output; the node leaves the
+/// membership and exits, and no two runs of q5 were ever alive at once.
+#[test]
+fn a_removed_node_hands_its_job_over_and_leaves() {
+    let _one = one_at_a_time();
+    let dir = temp_dir("remove");
+    let secret = write_secret(&dir, "secret", SECRET);
+    let (events_path, events) = input(&dir, 1_000_000, 17);
+    let plain = uninterrupted(&dir, "q5", &events_path);
+    let mut nodes = cluster(&dir, &secret, 3);
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+    let flags = file_job(&events_path, "q5", 250_000);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let q5 = submit(&addrs[0], &secret, &dir, "q5", &flags);
+    let placed = wait_for(
+        &[&addrs[0]],
+        &secret,
+        Duration::from_secs(20),
+        "q5 placed",
+        |s| job(s, &q5)["node"].as_u64().is_some(),
+    );
+    let owner_id = job(&placed, &q5)["node"].as_u64().unwrap();
+    let owner = nodes.iter().position(|n| n.id() == owner_id).unwrap();
+    let other = (owner + 1) % 3;
+    // Refused: a node that is no member.
+    let out = client("remove", &addrs[other], &secret, &dir, &["12345"]);
+    assert_eq!(out.status.code(), Some(1));
+    let error = String::from_utf8_lossy(&out.stderr);
+    assert!(error.contains("node 12345 is no member"), "{error}");
+    // Let the run take checkpoints, then take its node out.
+    std::thread::sleep(Duration::from_millis(1500));
+    let owner_text = owner_id.to_string();
+    let out = client("remove", &addrs[other], &secret, &dir, &[&owner_text]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("is leaving"));
+    let again = client("remove", &addrs[other], &secret, &dir, &[&owner_text]);
+    assert_eq!(again.status.code(), Some(1));
+    let staying: Vec<&str> = (0..3)
+        .filter(|i| *i != owner)
+        .map(|i| addrs[i].as_str())
+        .collect();
+    let done = wait_for(
+        &staying,
+        &secret,
+        Duration::from_secs(120),
+        "q5 finished elsewhere, the node gone",
+        |s| {
+            job(s, &q5)["state"] == "finished"
+                && s["nodes"]
+                    .as_array()
+                    .is_some_and(|n| n.len() == 2 && n.iter().all(|n| n["id"] != owner_id))
+        },
+    );
+    assert_ne!(job(&done, &q5)["node"].as_u64(), Some(owner_id));
+    assert!(
+        job(&done, &q5)["checkpoints"]["resumed_from"]
+            .as_u64()
+            .is_some(),
+        "q5 resumed from a checkpoint: {done}"
+    );
+    // The removed node stopped by itself, cleanly.
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = nodes[owner].child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the removed node still runs: {}",
+            nodes[owner].log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}: {}", nodes[owner].log());
+    assert!(nodes[owner].log().contains("removed from the cluster"));
+    assert_exact("q5", &dir.join("q5.jsonl"), &plain, &events);
+    let runs = activations(&nodes, &q5);
+    assert!(runs.len() >= 2, "{runs:?}");
+    assert_never_twice(&runs, &q5);
+    // Of the two left, the leader is taken out: it hands the lead to the
+    // other, which then stands alone; the last cannot leave.
+    let leader_id = done["leader"].as_u64().unwrap();
+    let leader = nodes.iter().position(|n| n.id() == leader_id).unwrap();
+    let last = (0..3).find(|i| *i != owner && *i != leader).unwrap();
+    let leader_text = leader_id.to_string();
+    let out = client("remove", &addrs[last], &secret, &dir, &[&leader_text]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last_id = nodes[last].id();
+    wait_for(
+        &[&addrs[last]],
+        &secret,
+        Duration::from_secs(30),
+        "the last node alone, leading",
+        |s| {
+            s["leader"].as_u64() == Some(last_id)
+                && s["nodes"].as_array().is_some_and(|n| n.len() == 1)
+        },
+    );
+    let start = Instant::now();
+    while nodes[leader].child.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the removed leader still runs: {}",
+            nodes[leader].log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(nodes[leader].log().contains("handing the lead to node"));
+    let last_text = last_id.to_string();
+    let out = client("remove", &addrs[last], &secret, &dir, &[&last_text]);
+    assert_eq!(out.status.code(), Some(1));
+    let error = String::from_utf8_lossy(&out.stderr);
+    assert!(error.contains("the last member staying"), "{error}");
+    drop(nodes.drain(..));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The consensus log is compacted: once `--compact-every` entries were
 /// applied past the last snapshot, a node keeps a snapshot of the state and
 /// the entries after it only. A node that joins later, past what the leader

@@ -29,15 +29,17 @@
 //! data) and the body. The nonce is the sender's role (client or server of
 //! the handshake) and the frame's number on this connection in this
 //! direction, from 0: the receiver counts the frames it took, so a frame
-//! replayed, dropped or moved within a connection fails its tag, and so
-//! does one reflected back to its sender (the other role). No nonce repeats
-//! under a key: each direction has its own role byte and counts up.
+//! replayed or moved within a connection fails its tag, as does the frame
+//! after one dropped, and one reflected back to its sender (the other
+//! role). No nonce repeats under a key: each direction has its own role
+//! byte and counts up.
 //!
 //! Frame kinds: [`DATA_KIND`], [`ACK_KIND`] (acks and credit alone; also
 //! the heartbeat) and [`RESUME_KIND`] (the first frame each side sends on a
-//! connection). The tag is checked before any field is read: a frame that
-//! fails it (another session's, a forged, changed, replayed or reordered
-//! one) is a [`LinkError`], and the caller drops the connection.
+//! connection). Only the frame's flags, length and kind are read before
+//! the tag is checked: a frame that fails it (another session's, a forged,
+//! changed, replayed or reordered one) is a [`LinkError`], and the caller
+//! drops the connection.
 //!
 //! # Delivery
 //!

@@ -1,5 +1,6 @@
-//! The cluster's client commands: `dirigo submit`, `status` and `cancel`,
-//! each one authenticated request to a node (`crate::node::client`).
+//! The cluster's client commands: `dirigo submit`, `status`, `cancel` and
+//! `remove`, each one authenticated request to a node
+//! (`crate::node::client`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -92,7 +93,13 @@ pub fn status(args: StatusArgs) -> Result<(), String> {
             "node    {:<20} {:<22} {:<6} {}",
             node["id"],
             node["addr"].as_str().unwrap_or(""),
-            if node["alive"] == true {
+            if node["leaving"] == true {
+                if node["alive"] == true {
+                    "leaving"
+                } else {
+                    "left"
+                }
+            } else if node["alive"] == true {
                 "alive"
             } else {
                 "lost"
@@ -135,6 +142,24 @@ pub fn cancel(args: CancelArgs) -> Result<(), String> {
     match args.client.request(Request::Cancel { job: args.job })? {
         Reply::Cancelled { job } => {
             println!("{job} cancelled");
+            Ok(())
+        }
+        other => Err(format!("an unexpected reply: {other:?}")),
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct RemoveArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The node's id, as `status` lists it.
+    node: u64,
+}
+
+pub fn remove(args: RemoveArgs) -> Result<(), String> {
+    match args.client.request(Request::Remove { node: args.node })? {
+        Reply::Removing { node } => {
+            println!("node {node} is leaving: its jobs move, then it stops");
             Ok(())
         }
         other => Err(format!("an unexpected reply: {other:?}")),

@@ -45,6 +45,9 @@ enum Command {
     Status(cluster::StatusArgs),
     /// Cancel a cluster's job.
     Cancel(cluster::CancelArgs),
+    /// Take a node out of its cluster: its jobs move to the others, then it
+    /// leaves the membership and stops.
+    Remove(cluster::RemoveArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -61,6 +64,7 @@ pub fn main() -> ExitCode {
         Command::Submit(args) => cluster::submit(args),
         Command::Status(args) => cluster::status(args),
         Command::Cancel(args) => cluster::cancel(args),
+        Command::Remove(args) => cluster::remove(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

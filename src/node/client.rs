@@ -54,6 +54,10 @@ pub enum Request {
         node: u64,
         addr: String,
     },
+    /// A node is to leave the cluster.
+    Remove {
+        node: u64,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -72,6 +76,10 @@ pub enum Reply {
         nodes: Vec<(u64, String)>,
     },
     Moved,
+    /// The cluster agreed that the node leaves; it goes once its jobs moved.
+    Removing {
+        node: u64,
+    },
     Error {
         message: String,
     },

@@ -98,6 +98,11 @@ const HEARTBEAT_TICKS: usize = 2;
 pub const LOST_AFTER: Duration = Duration::from_millis(900);
 // A lost node's lease ended `LOST_AFTER - LEASE` before its jobs move.
 const _: () = assert!(LOST_AFTER.as_millis() >= LEASE.as_millis() + 300);
+/// Entries kept in memory up to a snapshot's index (see `maybe_compact`).
+const KEEP_BEHIND: u64 = 128;
+/// A node leaving the cluster that heard from no other for this long goes:
+/// the leader stops speaking to a node once it is removed.
+const LEFT_AFTER: Duration = Duration::from_secs(3);
 /// A proposal not applied within this is proposed again.
 const PROPOSE_AGAIN_AFTER: Duration = Duration::from_secs(2);
 /// How long a client's request waits for its command to be proposed and
@@ -354,6 +359,8 @@ struct Core {
     waiting: HashMap<u64, LocalSender<Answer>>,
     /// Per peer: when a message from it last arrived.
     heard: HashMap<u64, Instant>,
+    /// Nodes leaving (`Retire`): when this node applied that.
+    retired_at: HashMap<u64, Instant>,
     leader_since: Option<Instant>,
     /// The follower's lease; the leader computes its own. A grant names the
     /// leader's commit index: it counts only once this node has applied
@@ -518,6 +525,7 @@ impl Node {
                 known_addrs: BTreeMap::new(),
                 waiting: HashMap::new(),
                 heard: HashMap::new(),
+                retired_at: HashMap::new(),
                 leader_since: None,
                 lease: FollowerLease::default(),
                 applied: compacted,
@@ -630,7 +638,8 @@ impl Node {
         let mut backoff = Backoff::new(10_000_000, 1_000_000_000, self.incarnation ^ peer);
         let config = SessionConfig::default();
         let mut failures = 0u64;
-        loop {
+        // Until the peer left the cluster (its session dropped).
+        while self.peers.borrow().contains_key(&peer) {
             let addr = self.addr_of(peer);
             if let Some(addr) = addr {
                 match connect(addr, &self.identity, &config.conn).await {
@@ -694,7 +703,10 @@ impl Node {
                         self.id
                     ),
                 },
-                LEASE_REQUEST_KIND if body.len() == 8 => {
+                LEASE_REQUEST_KIND
+                    if body.len() == 8
+                        && core.state.nodes.get(&peer).is_some_and(|n| !n.retired) =>
+                {
                     let now = Instant::now();
                     let left = self
                         .leader_lease_until(&core, now)
@@ -753,6 +765,9 @@ impl Node {
     }
 
     fn has_lease(&self, core: &Core, now: Instant) -> bool {
+        if core.state.nodes.get(&self.id).is_some_and(|n| n.retired) {
+            return false;
+        }
         if core.raft.raft.state == StateRole::Leader {
             return self
                 .leader_lease_until(core, now)
@@ -959,9 +974,12 @@ impl Node {
         *store.snapshot.borrow_mut() = snapshot;
     }
 
-    /// Once `compact_every` entries were applied past the last snapshot,
-    /// take a snapshot of the state and keep only the entries after it,
-    /// in memory and on disk (the log file rewritten whole, atomically).
+    /// Once `compact_every` entries were applied past the last snapshot
+    /// (or the membership changed), take a snapshot of the state: the log
+    /// file is rewritten whole, atomically, with the snapshot and the
+    /// entries after it; memory keeps `KEEP_BEHIND` entries more. This
+    /// holds the node's thread for the time it takes to write (and fsync)
+    /// the state, which its bounds keep small.
     fn maybe_compact(&self) {
         let mut core = self.core.borrow_mut();
         let index = core.applied;
@@ -1020,13 +1038,14 @@ impl Node {
         if let Err(e) = written {
             self.fail(&format!("compacting the consensus log: {e}"));
         }
-        {
-            let mut mem = store.mem.wl();
-            mem.apply_snapshot(snapshot.clone())
-                .expect("a snapshot at the applied index is not out of date");
-            mem.append(&later).expect("the entries after it follow");
-            mem.set_hardstate(hard_state);
-        }
+        // In memory, `KEEP_BEHIND` entries up to the snapshot stay too: a
+        // follower a little behind (as most are right after a membership
+        // change) gets entries, not the whole snapshot.
+        store
+            .mem
+            .wl()
+            .compact(index.saturating_sub(KEEP_BEHIND) + 1)
+            .expect("compacting within the log");
         eprintln!(
             "dirigo node {}: compacted the consensus log through entry {index} ({} bytes of state, {} entries after it)",
             self.id,
@@ -1036,6 +1055,20 @@ impl Node {
         *store.snapshot.borrow_mut() = snapshot;
         core.compacted = index;
         core.membership_changed = false;
+    }
+
+    /// This node left the cluster: its runs are stopped (they ran on no
+    /// lease already) and it exits.
+    fn leave(&self, core: &mut Core) -> ! {
+        for mut run in core.runs.drain(..) {
+            run.kill();
+            run.reap();
+        }
+        eprintln!(
+            "dirigo node {}: removed from the cluster; stopping (start a node afresh, on an empty data directory, to join again)",
+            self.id
+        );
+        std::process::exit(0);
     }
 
     /// An I/O failure of the consensus log: a node that cannot keep its
@@ -1096,7 +1129,19 @@ impl Node {
                             // it speaks).
                             core.heard.entry(node).or_insert_with(Instant::now);
                         }
-                        _ => {}
+                        ConfChangeType::RemoveNode => {
+                            eprintln!("dirigo node {}: node {node} left the cluster", self.id);
+                            core.state.remove_node(node);
+                            core.retired_at.remove(&node);
+                            core.known_addrs.remove(&node);
+                            core.heard.remove(&node);
+                            if node == self.id {
+                                self.leave(&mut core);
+                            }
+                            if let Some(session) = self.peers.borrow_mut().remove(&node) {
+                                session.stop();
+                            }
+                        }
                     }
                 }
                 EntryType::EntryNormal => {
@@ -1117,6 +1162,13 @@ impl Node {
                             "dirigo node {}: {job} placed on node {node} (epoch {epoch})",
                             self.id
                         );
+                    }
+                    if let Command::Retire { node, .. } = &command {
+                        let node = *node;
+                        if core.state.nodes.get(&node).is_some_and(|n| !n.retired) {
+                            eprintln!("dirigo node {}: node {node} is leaving", self.id);
+                            core.retired_at.insert(node, Instant::now());
+                        }
                     }
                     if let Some((request, answer)) = core.state.apply(command) {
                         if let Some(waiter) = core.waiting.remove(&request) {
@@ -1201,8 +1253,49 @@ impl Node {
                 }
             }
         }
+        // A node leaving that heard from nobody for `LEFT_AFTER` was
+        // removed (the leader no longer speaks to it) or is cut off: it
+        // goes.
+        if let Some(&at) = core.retired_at.get(&self.id) {
+            let last = core.heard.values().copied().max().unwrap_or(at).max(at);
+            if now.duration_since(last) >= LEFT_AFTER {
+                self.leave(core);
+            }
+        }
         if core.raft.raft.state != StateRole::Leader {
             core.leader_since = None;
+            return;
+        }
+        // A leader leaving hands the lead to a staying voter (it holds no
+        // lease, and runs nothing; someone else must).
+        if core.state.nodes.get(&self.id).is_some_and(|n| n.retired) {
+            let heir = core
+                .voters
+                .iter()
+                .copied()
+                .filter(|v| *v != self.id)
+                .filter(|v| {
+                    core.state
+                        .nodes
+                        .get(v)
+                        .is_some_and(|n| n.alive && !n.retired)
+                })
+                .max_by_key(|v| core.raft.raft.prs().get(*v).map_or(0, |p| p.matched));
+            if let Some(heir) = heir {
+                let key = "transfer".to_string();
+                if core
+                    .proposed
+                    .get(&key)
+                    .is_none_or(|at| now.duration_since(*at) > PROPOSE_AGAIN_AFTER)
+                {
+                    core.proposed.insert(key, now);
+                    eprintln!(
+                        "dirigo node {}: leaving; handing the lead to node {heir}",
+                        self.id
+                    );
+                    core.raft.transfer_leader(heir);
+                }
+            }
             return;
         }
         let since = *core.leader_since.get_or_insert(now);
@@ -1252,6 +1345,12 @@ impl Node {
             let heard = core.heard.get(id).copied();
             let alive = if *id == self.id {
                 true
+            } else if info.retired {
+                // Leaving: it is granted no lease from the time this node
+                // applied that (or this reign began), so its last lease has
+                // surely ended `LOST_AFTER` later; then its jobs move.
+                let from = core.retired_at.get(id).map_or(since, |at| (*at).max(since));
+                info.alive && now.duration_since(from) < LOST_AFTER
             } else if info.alive {
                 now.duration_since(heard.map_or(since, |h| h.max(since))) < LOST_AFTER
             } else {
@@ -1271,6 +1370,7 @@ impl Node {
             .iter()
             .filter(|(id, info)| {
                 info.alive
+                    && !info.retired
                     && !commands
                         .iter()
                         .any(|(_, c)| matches!(c, Command::Liveness { node, alive: false } if node == *id))
@@ -1334,6 +1434,36 @@ impl Node {
                         ));
                     }
                 }
+            }
+        }
+        // A node leaving, declared not alive, with no job left on it: out of
+        // the membership (one change at a time).
+        let gone = core
+            .state
+            .nodes
+            .iter()
+            .filter(|(_, info)| info.retired && !info.alive)
+            .map(|(id, _)| *id)
+            .find(|id| {
+                !core
+                    .state
+                    .jobs
+                    .values()
+                    .any(|j| j.state == JobState::Running && j.node == Some(*id))
+            });
+        if let Some(node) = gone {
+            let key = format!("remove {node}");
+            if !core.raft.raft.has_pending_conf()
+                && core
+                    .proposed
+                    .get(&key)
+                    .is_none_or(|at| now.duration_since(*at) > PROPOSE_AGAIN_AFTER)
+            {
+                core.proposed.insert(key, now);
+                let mut change = ConfChange::default();
+                change.set_change_type(ConfChangeType::RemoveNode);
+                change.node_id = node;
+                let _ = core.raft.propose_conf_change(Vec::new(), change);
             }
         }
         for (key, command) in commands {
@@ -1554,6 +1684,19 @@ impl Node {
                 }
             }
             Request::Join { node, addr } => self.admit(node, addr).await,
+            Request::Remove { node } => {
+                let request = random_u64();
+                match self
+                    .propose_and_wait(request, &Command::Retire { request, node }, APPLY_TIMEOUT)
+                    .await
+                {
+                    Ok(Answer::Retired(node)) => Reply::Removing { node },
+                    Ok(Answer::Refused(message)) | Err(message) => Reply::Error { message },
+                    Ok(other) => Reply::Error {
+                        message: format!("unexpected answer {other:?}"),
+                    },
+                }
+            }
             Request::Moved { node, addr } => {
                 if node == CLIENT_NODE || addr.parse::<SocketAddr>().is_err() {
                     return Reply::Error {
@@ -1784,6 +1927,7 @@ impl Node {
                     "addr": info.addr,
                     "alive": info.alive,
                     "voter": core.voters.contains(id),
+                    "leaving": info.retired,
                 })
             })
             .collect();

@@ -72,6 +72,13 @@ pub enum Command {
         node: u64,
         alive: bool,
     },
+    /// A client asks that `node` leave the cluster: from now on it holds no
+    /// lease; the leader moves its jobs once its last lease has surely
+    /// ended, then removes it from the membership.
+    Retire {
+        request: u64,
+        node: u64,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -110,12 +117,20 @@ pub struct Job {
     pub state: JobState,
     pub report: Option<serde_json::Value>,
     pub error: Option<String>,
+    /// When it ended, as the count of jobs that had ended then (0 while
+    /// running): the oldest ended are forgotten first.
+    #[serde(default)]
+    pub ended_as: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct NodeInfo {
     pub addr: String,
     pub alive: bool,
+    /// Leaving the cluster (`Retire`): it runs nothing, and is removed
+    /// from the membership once its jobs moved.
+    #[serde(default)]
+    pub retired: bool,
 }
 
 /// What applying a command answers the request that proposed it.
@@ -124,6 +139,7 @@ pub enum Answer {
     Submitted(String),
     Cancelled(String),
     Moved,
+    Retired(u64),
     Refused(String),
 }
 
@@ -133,6 +149,9 @@ pub struct ClusterState {
     pub jobs: BTreeMap<String, Job>,
     /// Jobs submitted so far: names are `QUERY-N`.
     pub submitted: u64,
+    /// Jobs that ended so far.
+    #[serde(default)]
+    pub ended: u64,
 }
 
 /// The data directory a job's arguments name (`--data-dir D` or
@@ -153,7 +172,19 @@ pub fn data_dir_of(args: &[String]) -> Option<&str> {
 impl ClusterState {
     /// A node joined the membership (the consensus layer's change).
     pub fn add_node(&mut self, node: u64, addr: String) {
-        self.nodes.insert(node, NodeInfo { addr, alive: true });
+        self.nodes.insert(
+            node,
+            NodeInfo {
+                addr,
+                alive: true,
+                retired: false,
+            },
+        );
+    }
+
+    /// A node left the membership (the consensus layer's change).
+    pub fn remove_node(&mut self, node: u64) {
+        self.nodes.remove(&node);
     }
 
     /// Apply one committed command; the answer goes to whoever waits on its
@@ -162,18 +193,25 @@ impl ClusterState {
         let ends = matches!(command, Command::Ended { .. } | Command::Cancel { .. });
         let answer = self.apply_one(command);
         if ends {
+            // Number what just ended, then keep the latest.
+            for job in self.jobs.values_mut() {
+                if job.state != JobState::Running && job.ended_as == 0 {
+                    self.ended += 1;
+                    job.ended_as = self.ended;
+                }
+            }
             self.forget_old_ended();
         }
         answer
     }
 
-    /// Keep the latest [`ENDED_JOBS_KEPT`] of the jobs that ended.
+    /// Keep the [`ENDED_JOBS_KEPT`] jobs that ended last.
     fn forget_old_ended(&mut self) {
         let mut ended: Vec<(u64, String)> = self
             .jobs
             .values()
             .filter(|job| job.state != JobState::Running)
-            .map(|job| (submission_number(&job.name), job.name.clone()))
+            .map(|job| (job.ended_as, job.name.clone()))
             .collect();
         if ended.len() <= ENDED_JOBS_KEPT {
             return;
@@ -249,6 +287,7 @@ impl ClusterState {
                         state: JobState::Running,
                         report: None,
                         error: None,
+                        ended_as: 0,
                     },
                 );
                 Some((request, Answer::Submitted(name)))
@@ -332,9 +371,27 @@ impl ClusterState {
             }
             Command::Liveness { node, alive } => {
                 if let Some(info) = self.nodes.get_mut(&node) {
-                    info.alive = alive;
+                    // A node leaving is never back.
+                    info.alive = alive && !info.retired;
                 }
                 None
+            }
+            Command::Retire { request, node } => {
+                let staying = self.nodes.values().filter(|n| !n.retired).count();
+                let answer = match self.nodes.get_mut(&node) {
+                    None => Answer::Refused(format!("node {node} is no member")),
+                    Some(info) if info.retired => {
+                        Answer::Refused(format!("node {node} is leaving already"))
+                    }
+                    Some(_) if staying <= 1 => Answer::Refused(format!(
+                        "node {node} is the last member staying; it cannot leave"
+                    )),
+                    Some(info) => {
+                        info.retired = true;
+                        Answer::Retired(node)
+                    }
+                };
+                Some((request, answer))
             }
         }
     }
@@ -608,6 +665,25 @@ mod tests {
             submit(&mut state, 1000, "again"),
             Answer::Submitted(format!("q5-{}", RUNNING_JOBS_MAX + 1))
         );
+        // What ended last is kept, however early it was submitted: a job
+        // that ran long next to many short ones.
+        let mut state = ClusterState::default();
+        for i in 0..=ENDED_JOBS_KEPT as u64 {
+            submit(&mut state, i, &format!("d{i}"));
+        }
+        for i in 2..=ENDED_JOBS_KEPT + 1 {
+            state.apply(Command::Cancel {
+                request: 0,
+                job: format!("q5-{i}"),
+            });
+        }
+        state.apply(Command::Cancel {
+            request: 0,
+            job: "q5-1".into(),
+        });
+        assert_eq!(state.jobs.len(), ENDED_JOBS_KEPT);
+        assert_eq!(state.jobs["q5-1"].state, JobState::Cancelled);
+        assert!(!state.jobs.contains_key("q5-2"));
     }
 
     /// A member's new address is answered when asked for, refused for a
@@ -631,5 +707,42 @@ mod tests {
         );
         assert!(!state.nodes.contains_key(&8));
         assert_eq!(set(&mut state, 7, 0), None);
+    }
+
+    /// A node leaves only if it is a member, not leaving already, and not
+    /// the last staying; once leaving it is never declared alive again.
+    #[test]
+    fn a_node_retires_once_and_never_the_last() {
+        let mut state = ClusterState::default();
+        state.add_node(1, "a".into());
+        state.add_node(2, "b".into());
+        let retire = |state: &mut ClusterState, node: u64| {
+            state.apply(Command::Retire { request: 3, node }).unwrap().1
+        };
+        assert_eq!(
+            retire(&mut state, 9),
+            Answer::Refused("node 9 is no member".into())
+        );
+        assert_eq!(retire(&mut state, 2), Answer::Retired(2));
+        assert!(state.nodes[&2].retired);
+        assert_eq!(
+            retire(&mut state, 2),
+            Answer::Refused("node 2 is leaving already".into())
+        );
+        assert_eq!(
+            retire(&mut state, 1),
+            Answer::Refused("node 1 is the last member staying; it cannot leave".into())
+        );
+        state.apply(Command::Liveness {
+            node: 2,
+            alive: false,
+        });
+        state.apply(Command::Liveness {
+            node: 2,
+            alive: true,
+        });
+        assert!(!state.nodes[&2].alive);
+        state.remove_node(2);
+        assert!(!state.nodes.contains_key(&2));
     }
 }
