@@ -886,9 +886,10 @@ fn a_removed_node_hands_its_job_over_and_leaves() {
         &staying,
         &secret,
         Duration::from_secs(120),
-        "q5 finished elsewhere, the node gone",
+        "q5 finished elsewhere, the node gone, a leader known",
         |s| {
             job(s, &q5)["state"] == "finished"
+                && s["leader"].as_u64().unwrap_or(0) != 0
                 && s["nodes"]
                     .as_array()
                     .is_some_and(|n| n.len() == 2 && n.iter().all(|n| n["id"] != owner_id))
@@ -915,7 +916,13 @@ fn a_removed_node_hands_its_job_over_and_leaves() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status}: {}", nodes[owner].log());
-    assert!(nodes[owner].log().contains("removed from the cluster"));
+    assert!(
+        nodes[owner]
+            .log()
+            .contains("left the cluster (its removal a"),
+        "{}",
+        nodes[owner].log()
+    );
     assert_exact("q5", &dir.join("q5.jsonl"), &plain, &events);
     let runs = activations(&nodes, &q5);
     assert!(runs.len() >= 2, "{runs:?}");

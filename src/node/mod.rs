@@ -286,6 +286,22 @@ pub fn run(args: NodeArgs) -> Result<(), String> {
         .map_err(|e| format!("the node's executor failed: {e}"))?
 }
 
+/// Nodes the state says are leaving, with no time yet for it (a state from
+/// a snapshot): counted from now, which is later than when it was applied.
+fn note_leaving(core: &mut Core) {
+    let now = Instant::now();
+    let leaving: Vec<u64> = core
+        .state
+        .nodes
+        .iter()
+        .filter(|(_, info)| info.retired)
+        .map(|(id, _)| *id)
+        .collect();
+    for id in leaving {
+        core.retired_at.entry(id).or_insert(now);
+    }
+}
+
 /// A Raft message put together from its parts ([`RAFT_PART_KIND`]), which
 /// a session delivers in order; a part 0 starts a new one (the parts of an
 /// earlier one lost with a peer's restart are dropped).
@@ -361,6 +377,10 @@ struct Core {
     heard: HashMap<u64, Instant>,
     /// Nodes leaving (`Retire`): when this node applied that.
     retired_at: HashMap<u64, Instant>,
+    /// This node, leaving, is asking the others whether it was removed,
+    /// and when it last finished asking.
+    confirming: bool,
+    removal_asked: Option<Instant>,
     leader_since: Option<Instant>,
     /// The follower's lease; the leader computes its own. A grant names the
     /// leader's commit index: it counts only once this node has applied
@@ -526,6 +546,8 @@ impl Node {
                 waiting: HashMap::new(),
                 heard: HashMap::new(),
                 retired_at: HashMap::new(),
+                confirming: false,
+                removal_asked: None,
                 leader_since: None,
                 lease: FollowerLease::default(),
                 applied: compacted,
@@ -967,6 +989,7 @@ impl Node {
             snapshot.data.len()
         );
         core.state = state;
+        note_leaving(core);
         core.applied = index;
         core.compacted = index;
         core.voters = cs.voters.clone();
@@ -1057,15 +1080,68 @@ impl Node {
         core.membership_changed = false;
     }
 
+    /// A node leaving, which heard from no member for `LEFT_AFTER`, asks
+    /// the others for their status: one that no longer lists it confirms
+    /// its removal, and it goes. If none answers, it goes too, unless the
+    /// others may still need its vote to agree on its removal (as one of
+    /// two voters, or fewer); then it asks again later.
+    async fn confirm_removal(self: Rc<Self>) {
+        // Spawned from `lead`, which holds the core: begin once it is done.
+        futures_lite::future::yield_now().await;
+        let client = Identity::new(&self.cluster, CLIENT_NODE, &self.secret)
+            .expect("the node's identity was valid");
+        let peers: Vec<(u64, String)> = {
+            let core = self.core.borrow();
+            core.state
+                .nodes
+                .iter()
+                .filter(|(id, _)| **id != self.id)
+                .map(|(id, info)| (*id, info.addr.clone()))
+                .collect()
+        };
+        let mut answered = false;
+        for (peer, addr) in peers {
+            let Ok(to) = addr.parse::<SocketAddr>() else {
+                continue;
+            };
+            let Ok(Reply::Status { status }) =
+                client::request_on_executor(to, &client, &Request::Status).await
+            else {
+                continue;
+            };
+            answered = true;
+            let listed = status["nodes"]
+                .as_array()
+                .is_some_and(|nodes| nodes.iter().any(|n| n["id"] == self.id));
+            if !listed {
+                let why = format!(
+                    "its removal agreed, as node {peer} says; to join again, start a node on an empty data directory"
+                );
+                self.leave(&mut self.core.borrow_mut(), &why);
+            }
+        }
+        let mut core = self.core.borrow_mut();
+        let needed = core.voters.contains(&self.id) && core.voters.len() <= 2;
+        if !answered && !needed {
+            self.leave(
+                &mut core,
+                "heard from no member for 3 s while leaving, and none answered: taken as removed",
+            );
+        }
+        core.confirming = false;
+        // Ask again `LEFT_AFTER` from now if nothing is heard meanwhile.
+        core.removal_asked = Some(Instant::now());
+    }
+
     /// This node left the cluster: its runs are stopped (they ran on no
     /// lease already) and it exits.
-    fn leave(&self, core: &mut Core) -> ! {
+    fn leave(&self, core: &mut Core, why: &str) -> ! {
         for mut run in core.runs.drain(..) {
             run.kill();
             run.reap();
         }
         eprintln!(
-            "dirigo node {}: removed from the cluster; stopping (start a node afresh, on an empty data directory, to join again)",
+            "dirigo node {}: left the cluster ({why}); stopping",
             self.id
         );
         std::process::exit(0);
@@ -1136,7 +1212,10 @@ impl Node {
                             core.known_addrs.remove(&node);
                             core.heard.remove(&node);
                             if node == self.id {
-                                self.leave(&mut core);
+                                self.leave(
+                                    &mut core,
+                                    "its removal applied; to join again, start a node on an empty data directory",
+                                );
                             }
                             if let Some(session) = self.peers.borrow_mut().remove(&node) {
                                 session.stop();
@@ -1253,13 +1332,22 @@ impl Node {
                 }
             }
         }
-        // A node leaving that heard from nobody for `LEFT_AFTER` was
-        // removed (the leader no longer speaks to it) or is cut off: it
-        // goes.
+        // A node leaving that heard from no other for `LEFT_AFTER` was
+        // most likely removed: the leader no longer speaks to a node it
+        // removed, and the entry saying so may not have reached it. It
+        // asks the others (`confirm_removal`).
         if let Some(&at) = core.retired_at.get(&self.id) {
-            let last = core.heard.values().copied().max().unwrap_or(at).max(at);
-            if now.duration_since(last) >= LEFT_AFTER {
-                self.leave(core);
+            let last = core
+                .heard
+                .values()
+                .copied()
+                .chain(core.removal_asked)
+                .max()
+                .unwrap_or(at)
+                .max(at);
+            if now.duration_since(last) >= LEFT_AFTER && !core.confirming {
+                core.confirming = true;
+                glommio::spawn_local(self.clone().confirm_removal()).detach();
             }
         }
         if core.raft.raft.state != StateRole::Leader {
@@ -1267,8 +1355,11 @@ impl Node {
             return;
         }
         // A leader leaving hands the lead to a staying voter (it holds no
-        // lease, and runs nothing; someone else must).
-        if core.state.nodes.get(&self.id).is_some_and(|n| n.retired) {
+        // lease, and runs nothing; someone else must). With none to take
+        // it (a learner still catching up, the others lost), it leads on:
+        // it promotes learners and moves jobs, but never removes itself.
+        let leaving = core.state.nodes.get(&self.id).is_some_and(|n| n.retired);
+        if leaving {
             let heir = core
                 .voters
                 .iter()
@@ -1295,8 +1386,8 @@ impl Node {
                     );
                     core.raft.transfer_leader(heir);
                 }
+                return;
             }
-            return;
         }
         let since = *core.leader_since.get_or_insert(now);
         // Decide nothing on a state that may lack entries of earlier terms:
@@ -1312,6 +1403,7 @@ impl Node {
             .learners
             .iter()
             .copied()
+            .filter(|id| core.state.nodes.get(id).is_none_or(|n| !n.retired))
             .find(|id| raft.prs().get(*id).is_some_and(|p| p.matched >= committed));
         if let Some(id) = caught_up.filter(|_| !raft.has_pending_conf()) {
             let mut change = ConfChange::default();
@@ -1343,7 +1435,7 @@ impl Node {
             // heard. Back: heard within LOST_AFTER, in this reign (a new
             // leader does not call a node alive for want of time to miss it).
             let heard = core.heard.get(id).copied();
-            let alive = if *id == self.id {
+            let alive = if *id == self.id && !info.retired {
                 true
             } else if info.retired {
                 // Leaving: it is granted no lease from the time this node
@@ -1442,7 +1534,7 @@ impl Node {
             .state
             .nodes
             .iter()
-            .filter(|(_, info)| info.retired && !info.alive)
+            .filter(|(id, info)| info.retired && !info.alive && **id != self.id)
             .map(|(id, _)| *id)
             .find(|id| {
                 !core

@@ -303,7 +303,7 @@ impl ClusterState {
                 None
             }
             Command::Move { job, epoch, to } => {
-                let target_alive = self.nodes.get(&to).is_some_and(|n| n.alive);
+                let target_alive = self.nodes.get(&to).is_some_and(|n| n.alive && !n.retired);
                 // One move at a time, whoever proposed it.
                 let moving = self
                     .jobs
