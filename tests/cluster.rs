@@ -271,6 +271,32 @@ fn submit(addr: &str, secret: &Path, cwd: &Path, query: &str, flags: &[&str]) ->
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// Submit `count` one-event q0 jobs to the node at `addr`, each with a data
+/// directory `2 * depth` bytes deep (long commands, a large state), and
+/// wait until all finished; their names.
+fn long_named_jobs(
+    addr: &str,
+    secret: &Path,
+    dir: &Path,
+    count: usize,
+    depth: usize,
+) -> Vec<String> {
+    let names: Vec<String> = (0..count)
+        .map(|i| {
+            let deep = format!("--data-dir=d{i}/{}", "x/".repeat(depth));
+            submit(addr, secret, dir, "q0", &[&deep, "--events=1", "--cores=1"])
+        })
+        .collect();
+    wait_for(
+        &[addr],
+        secret,
+        Duration::from_secs(120),
+        "all finished",
+        |s| names.iter().all(|n| job(s, n)["state"] == "finished"),
+    );
+    names
+}
+
 /// A cluster job's flags: `query` over the events file at `rate`, rows to
 /// `QUERY.jsonl` and checkpoints (every 100 ms) to `QUERY-data`, both in
 /// the directory the job is submitted from.
@@ -785,24 +811,7 @@ fn a_node_joins_a_cluster_with_a_long_history() {
     let nodes = cluster(&dir, &secret, 1);
     let addr = nodes[0].addr.clone();
     // 40 short jobs, each with a data directory 1,500 bytes long.
-    let mut names = Vec::new();
-    for i in 0..40 {
-        let deep = format!("--data-dir=d{i}/{}", "x/".repeat(750));
-        names.push(submit(
-            &addr,
-            &secret,
-            &dir,
-            "q0",
-            &[&deep, "--events=1", "--cores=1"],
-        ));
-    }
-    wait_for(
-        &[&addr],
-        &secret,
-        Duration::from_secs(120),
-        "all finished",
-        |s| names.iter().all(|n| job(s, n)["state"] == "finished"),
-    );
+    let names = long_named_jobs(&addr, &secret, &dir, 40, 750);
     let log_bytes = std::fs::metadata(dir.join("n1/raft.log")).unwrap().len();
     assert!(log_bytes > 65_536, "the log holds {log_bytes} bytes");
     let second = NodeProcess::start(&dir, "n2", &secret, Some(&addr));
@@ -992,24 +1001,7 @@ fn the_log_is_compacted_and_a_late_node_starts_from_a_snapshot() {
     );
     // 45 short jobs, each with a data directory 1,800 bytes long: a state
     // of over 64 KiB.
-    let mut names = Vec::new();
-    for i in 0..45 {
-        let deep = format!("--data-dir=d{i}/{}", "x/".repeat(900));
-        names.push(submit(
-            &addr,
-            &secret,
-            &dir,
-            "q0",
-            &[&deep, "--events=1", "--cores=1"],
-        ));
-    }
-    wait_for(
-        &[&addr],
-        &secret,
-        Duration::from_secs(120),
-        "all finished",
-        |s| names.iter().all(|n| job(s, n)["state"] == "finished"),
-    );
+    let names = long_named_jobs(&addr, &secret, &dir, 45, 900);
     // Three entries a job at least (submit, place, end): compacted often.
     let compactions = first.log().matches("compacted the consensus log").count();
     assert!(compactions >= 45 * 3 / every, "{}", first.log());

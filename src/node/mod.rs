@@ -286,6 +286,21 @@ pub fn run(args: NodeArgs) -> Result<(), String> {
         .map_err(|e| format!("the node's executor failed: {e}"))?
 }
 
+/// A client's reply to a command agreed (or not): what `expected` makes of
+/// the answer, the refusal or failure as an error, or any other answer as
+/// an unexpected one.
+fn reply(agreed: Result<Answer, String>, expected: impl FnOnce(Answer) -> Option<Reply>) -> Reply {
+    match agreed {
+        Ok(Answer::Refused(message)) | Err(message) => Reply::Error { message },
+        Ok(answer) => {
+            let text = format!("{answer:?}");
+            expected(answer).unwrap_or_else(|| Reply::Error {
+                message: format!("unexpected answer {text}"),
+            })
+        }
+    }
+}
+
 /// Nodes the state says are leaving, with no time yet for it (a state from
 /// a snapshot): counted from now, which is later than when it was applied.
 fn note_leaving(core: &mut Core) {
@@ -1751,43 +1766,36 @@ impl Node {
                     args,
                     cwd,
                 };
-                match self
+                let agreed = self
                     .propose_and_wait(request, &command, APPLY_TIMEOUT)
-                    .await
-                {
-                    Ok(Answer::Submitted(job)) => Reply::Submitted { job },
-                    Ok(Answer::Refused(message)) | Err(message) => Reply::Error { message },
-                    Ok(other) => Reply::Error {
-                        message: format!("unexpected answer {other:?}"),
-                    },
-                }
+                    .await;
+                reply(agreed, |answer| match answer {
+                    Answer::Submitted(job) => Some(Reply::Submitted { job }),
+                    _ => None,
+                })
             }
             Request::Cancel { job } => {
                 let request = random_u64();
-                match self
-                    .propose_and_wait(request, &Command::Cancel { request, job }, APPLY_TIMEOUT)
-                    .await
-                {
-                    Ok(Answer::Cancelled(job)) => Reply::Cancelled { job },
-                    Ok(Answer::Refused(message)) | Err(message) => Reply::Error { message },
-                    Ok(other) => Reply::Error {
-                        message: format!("unexpected answer {other:?}"),
-                    },
-                }
+                let command = Command::Cancel { request, job };
+                let agreed = self
+                    .propose_and_wait(request, &command, APPLY_TIMEOUT)
+                    .await;
+                reply(agreed, |answer| match answer {
+                    Answer::Cancelled(job) => Some(Reply::Cancelled { job }),
+                    _ => None,
+                })
             }
             Request::Join { node, addr } => self.admit(node, addr).await,
             Request::Remove { node } => {
                 let request = random_u64();
-                match self
-                    .propose_and_wait(request, &Command::Retire { request, node }, APPLY_TIMEOUT)
-                    .await
-                {
-                    Ok(Answer::Retired(node)) => Reply::Removing { node },
-                    Ok(Answer::Refused(message)) | Err(message) => Reply::Error { message },
-                    Ok(other) => Reply::Error {
-                        message: format!("unexpected answer {other:?}"),
-                    },
-                }
+                let command = Command::Retire { request, node };
+                let agreed = self
+                    .propose_and_wait(request, &command, APPLY_TIMEOUT)
+                    .await;
+                reply(agreed, |answer| match answer {
+                    Answer::Retired(node) => Some(Reply::Removing { node }),
+                    _ => None,
+                })
             }
             Request::Moved { node, addr } => {
                 if node == CLIENT_NODE || addr.parse::<SocketAddr>().is_err() {
@@ -1803,16 +1811,13 @@ impl Node {
                 };
                 // Saying an address again is harmless: the node asks again
                 // soon rather than wait out a proposal lost with a leader.
-                match self
+                let agreed = self
                     .propose_and_wait(request, &command, PROPOSE_AGAIN_AFTER)
-                    .await
-                {
-                    Ok(Answer::Moved) => Reply::Moved,
-                    Ok(Answer::Refused(message)) | Err(message) => Reply::Error { message },
-                    Ok(other) => Reply::Error {
-                        message: format!("unexpected answer {other:?}"),
-                    },
-                }
+                    .await;
+                reply(agreed, |answer| match answer {
+                    Answer::Moved => Some(Reply::Moved),
+                    _ => None,
+                })
             }
         }
     }
