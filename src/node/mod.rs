@@ -2073,6 +2073,48 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any parts a peer sends (any header, any order, any sizes): no
+        /// panic, never more gathered than the bound, and a whole message
+        /// only from parts 0..n in order.
+        #[test]
+        fn any_parts_are_taken_without_a_panic_or_overgrowth(
+            parts in proptest::collection::vec(
+                (0u32..6, 0u32..6, 0usize..300, any::<bool>()),
+                1..40,
+            ),
+        ) {
+            let mut assembly = Assembly::default();
+            let mut expected: Option<(u32, u32)> = None;
+            for (part, parts_total, len, huge) in parts {
+                let total = if huge { u32::MAX } else { parts_total };
+                let mut body = part.to_le_bytes().to_vec();
+                body.extend_from_slice(&total.to_le_bytes());
+                body.extend(std::iter::repeat_n(part as u8, len));
+                let result = assembly.take(&body);
+                prop_assert!(assembly.bytes.len() <= RAFT_ASSEMBLED_BYTES_MAX);
+                // What a correct sender's sequence would allow.
+                let in_order = if part == 0 {
+                    true
+                } else {
+                    expected == Some((part, total))
+                };
+                match result {
+                    Ok(Some(_)) => {
+                        prop_assert!(in_order && part + 1 == total);
+                        expected = None;
+                    }
+                    Ok(None) => {
+                        prop_assert!(in_order && part + 1 < total);
+                        expected = Some((part + 1, total));
+                    }
+                    Err(_) => expected = None,
+                }
+            }
+        }
+    }
 
     fn part(part: u32, parts: u32, bytes: &[u8]) -> Vec<u8> {
         let mut body = part.to_le_bytes().to_vec();
