@@ -23,6 +23,10 @@ pub const LEASE_GRANT_KIND: u8 = 12;
 /// One part of a Raft message too large for a frame (a snapshot):
 /// `[part u32 LE][parts u32 LE][bytes]`, the parts in order.
 pub const RAFT_PART_KIND: u8 = 13;
+/// The leader's numbered probe to a voter (8 bytes), and the voter's echo
+/// of it while it follows that leader: the leader's own lease.
+pub const LEASE_PROBE_KIND: u8 = 14;
+pub const LEASE_ECHO_KIND: u8 = 15;
 pub const REQUEST_KIND: u8 = 20;
 pub const REPLY_KIND: u8 = 21;
 

@@ -2,7 +2,7 @@
 //! its jobs only while it holds one (see the node's module header for why
 //! this fences a moved job's old run).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// How long a lease runs.
@@ -63,9 +63,71 @@ impl FollowerLease {
     }
 }
 
+/// What the leader knows of its voters' acknowledgments. Every
+/// [`ASK_EVERY`] it sends each voter a numbered probe; a voter that still
+/// follows it echoes the number. The voter counts as heard at the probe's
+/// *send* time: an echo that arrives late (sent again after a reconnect)
+/// never makes the leader's lease look fresher than it is, which counting
+/// any message's arrival would.
+#[derive(Debug, Default)]
+pub struct LeaderAcks {
+    sent: VecDeque<(u64, Instant)>,
+    seq: u64,
+    last_probe: Option<Instant>,
+    acked: HashMap<u64, Instant>,
+}
+
+impl LeaderAcks {
+    /// The number of a probe to send now, if one is due.
+    pub fn probe(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last_probe
+            .is_some_and(|at| now.duration_since(at) < ASK_EVERY)
+        {
+            return None;
+        }
+        self.last_probe = Some(now);
+        self.seq += 1;
+        self.sent.push_back((self.seq, now));
+        if self.sent.len() > ASKED_MAX {
+            self.sent.pop_front();
+        }
+        Some(self.seq)
+    }
+
+    /// `voter` echoed probe `seq`: heard as of the probe's send time. An
+    /// echo of a probe not remembered counts for nothing.
+    pub fn on_echo(&mut self, voter: u64, seq: u64) {
+        let Some((_, sent)) = self.sent.iter().find(|(s, _)| *s == seq) else {
+            return;
+        };
+        let at = self.acked.entry(voter).or_insert(*sent);
+        *at = (*at).max(*sent);
+    }
+
+    /// `voter` counts as heard at `at` (a voter just added: it was caught
+    /// up a moment ago), unless heard later already.
+    pub fn assume(&mut self, voter: u64, at: Instant) {
+        let known = self.acked.entry(voter).or_insert(at);
+        *known = (*known).max(at);
+    }
+
+    /// When `voter` last acknowledged this leader, as of its probe's send.
+    pub fn acked(&self, voter: u64) -> Option<Instant> {
+        self.acked.get(&voter).copied()
+    }
+
+    /// No longer the leader: what was acknowledged is void.
+    pub fn reset(&mut self) {
+        self.sent.clear();
+        self.acked.clear();
+        self.last_probe = None;
+    }
+}
+
 /// The leader's own lease: [`LEASE`] past the time it last heard from a
-/// majority of `voters`, itself (`me`, heard `now`) included. None when
-/// fewer than a majority were ever heard.
+/// majority of `voters`, itself (`me`, heard `now`) included (`heard`:
+/// [`LeaderAcks::acked`]). None when fewer than a majority were ever heard.
 pub fn leader_until(
     me: u64,
     voters: &[u64],
@@ -178,5 +240,40 @@ mod tests {
         assert_eq!(grant(t0 + ms(120), t0), Some(ms(120)));
         assert_eq!(grant(t0, t0), None);
         assert_eq!(grant(t0, t0 + ms(5)), None);
+    }
+
+    /// An echo counts as of its probe's send time: a late one (of an older
+    /// probe) never moves a voter's time forward, and an unknown or
+    /// forgotten probe counts for nothing.
+    #[test]
+    fn an_echo_counts_from_its_probe_and_a_late_one_adds_nothing() {
+        let t0 = Instant::now();
+        let mut acks = LeaderAcks::default();
+        let first = acks.probe(t0).unwrap();
+        assert_eq!(acks.probe(t0 + ms(50)), None);
+        let second = acks.probe(t0 + ms(100)).unwrap();
+        acks.on_echo(7, second);
+        assert_eq!(acks.acked(7), Some(t0 + ms(100)));
+        // The first probe's echo, sent again after a reconnect, arrives
+        // now: it says nothing newer.
+        acks.on_echo(7, first);
+        assert_eq!(acks.acked(7), Some(t0 + ms(100)));
+        acks.on_echo(8, 999);
+        assert_eq!(acks.acked(8), None);
+        // Probes are remembered up to ASKED_MAX.
+        for i in 2..2 + ASKED_MAX as u64 {
+            acks.probe(t0 + ms(100 * i)).unwrap();
+        }
+        acks.on_echo(9, first);
+        assert_eq!(acks.acked(9), None);
+        // The leader's lease of voters {1, 7, 9}, itself 1: a majority is
+        // itself and 7, as of 7's echo.
+        let now = t0 + ms(300);
+        assert_eq!(
+            leader_until(1, &[1, 7, 9], |v| acks.acked(v), now),
+            Some(t0 + ms(100) + LEASE)
+        );
+        acks.reset();
+        assert_eq!(leader_until(1, &[1, 7, 9], |v| acks.acked(v), now), None);
     }
 }

@@ -19,8 +19,9 @@
 //!   grant is valid for `min(LEASE, what is left of the leader's own)`
 //!   counted from when the follower *sent* the request, so it ends before
 //!   the leader's record of having heard the follower ages by `LEASE`;
-//! - the leader's own lease runs `LEASE` past the time it last heard from
-//!   a majority of the voters (itself included);
+//! - the leader's own lease runs `LEASE` past the time it *sent* the
+//!   latest probe a majority of the voters echoed (itself included; a
+//!   voter echoes its own leader's probes only: [`lease::LeaderAcks`]);
 //! - a grant counts only once the follower has applied the log as far as
 //!   the leader had committed when granting, and a new leader's own only
 //!   once it applied an entry of its term ([`lease`] has the arithmetic);
@@ -81,11 +82,11 @@ use dirigo_net::session::{Session, SessionConfig};
 use dirigo_storage::raftlog::RaftLog;
 
 use client::{
-    Reply, Request, CLIENT_NODE, LEASE_GRANT_KIND, LEASE_REQUEST_KIND, RAFT_KIND, RAFT_PART_KIND,
-    REPLY_KIND, REQUEST_KIND,
+    Reply, Request, CLIENT_NODE, LEASE_ECHO_KIND, LEASE_GRANT_KIND, LEASE_PROBE_KIND,
+    LEASE_REQUEST_KIND, RAFT_KIND, RAFT_PART_KIND, REPLY_KIND, REQUEST_KIND,
 };
 use jobs::{monotonic_ns, Run};
-use lease::{FollowerLease, LEASE};
+use lease::{FollowerLease, LeaderAcks, LEASE};
 use state::{data_dir_of, submission_number, Answer, ClusterState, Command, JobState, Outcome};
 
 /// Raft's clock: one tick.
@@ -401,6 +402,8 @@ struct Core {
     /// leader's commit index: it counts only once this node has applied
     /// that far (it must know of every placement made before the grant).
     lease: FollowerLease,
+    /// The leader's: its voters' echoes of its probes, for its own lease.
+    acks: LeaderAcks,
     /// The last log index applied to `state`.
     applied: u64,
     /// What the leader proposed and when, not proposed again before
@@ -565,6 +568,7 @@ impl Node {
                 removal_asked: None,
                 leader_since: None,
                 lease: FollowerLease::default(),
+                acks: LeaderAcks::default(),
                 applied: compacted,
                 proposed: HashMap::new(),
                 runs: Vec::new(),
@@ -759,6 +763,23 @@ impl Node {
                         continue;
                     }
                 }
+                // A follower echoes its leader's probes only: one that moved
+                // on to another leader (or none yet) no longer vouches.
+                LEASE_PROBE_KIND
+                    if body.len() == 8
+                        && core.raft.raft.leader_id == peer
+                        && core.raft.raft.state != StateRole::Leader =>
+                {
+                    drop(core);
+                    let _ = session.send(LEASE_ECHO_KIND, body);
+                    continue;
+                }
+                LEASE_ECHO_KIND
+                    if body.len() == 8 && core.raft.raft.state == StateRole::Leader =>
+                {
+                    let seq = u64::from_le_bytes(body[..8].try_into().unwrap());
+                    core.acks.on_echo(peer, seq);
+                }
                 LEASE_GRANT_KIND if body.len() == 24 => {
                     let word = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().unwrap());
                     let (seq, valid, commit) = (word(0), Duration::from_micros(word(8)), word(16));
@@ -798,7 +819,7 @@ impl Node {
         if raft.raft_log.term(core.applied).ok() != Some(raft.term) {
             return None;
         }
-        lease::leader_until(self.id, &core.voters, |v| core.heard.get(&v).copied(), now)
+        lease::leader_until(self.id, &core.voters, |v| core.acks.acked(v), now)
     }
 
     fn has_lease(&self, core: &Core, now: Instant) -> bool {
@@ -1219,6 +1240,7 @@ impl Node {
                             // added (the leader's lease must not lapse before
                             // it speaks).
                             core.heard.entry(node).or_insert_with(Instant::now);
+                            core.acks.assume(node, Instant::now());
                         }
                         ConfChangeType::RemoveNode => {
                             eprintln!("dirigo node {}: node {node} left the cluster", self.id);
@@ -1295,6 +1317,7 @@ impl Node {
             self.core.borrow_mut().raft.tick();
             self.handle_ready();
             self.ask_lease();
+            self.probe_voters();
             self.lead();
             self.supervise();
             self.handle_ready();
@@ -1302,6 +1325,28 @@ impl Node {
     }
 
     /// A follower asks the leader for its lease.
+    /// The leader: probe every voter, every `ASK_EVERY` (its own lease
+    /// counts their echoes).
+    fn probe_voters(self: &Rc<Self>) {
+        let mut core = self.core.borrow_mut();
+        if core.raft.raft.state != StateRole::Leader {
+            return;
+        }
+        let Some(seq) = core.acks.probe(Instant::now()) else {
+            return;
+        };
+        let voters: Vec<u64> = core
+            .voters
+            .iter()
+            .copied()
+            .filter(|v| *v != self.id)
+            .collect();
+        drop(core);
+        for voter in voters {
+            self.send_peer(voter, LEASE_PROBE_KIND, seq.to_le_bytes().to_vec());
+        }
+    }
+
     fn ask_lease(self: &Rc<Self>) {
         let now = Instant::now();
         let mut core = self.core.borrow_mut();
@@ -1367,6 +1412,7 @@ impl Node {
         }
         if core.raft.raft.state != StateRole::Leader {
             core.leader_since = None;
+            core.acks.reset();
             return;
         }
         // A leader leaving hands the lead to a staying voter (it holds no
