@@ -304,7 +304,10 @@ fn reply(agreed: Result<Answer, String>, expected: impl FnOnce(Answer) -> Option
 
 /// Nodes the state says are leaving, with no time yet for it (a state from
 /// a snapshot): counted from now, which is later than when it was applied.
-fn note_leaving(core: &mut Core) {
+fn note_leaving(core: &mut Core, id: u64, snapshot: u64) {
+    if core.state.nodes.get(&id).is_some_and(|n| n.retired) && core.retired_index == 0 {
+        core.retired_index = snapshot;
+    }
     let now = Instant::now();
     let leaving: Vec<u64> = core
         .state
@@ -393,6 +396,9 @@ struct Core {
     heard: HashMap<u64, Instant>,
     /// Nodes leaving (`Retire`): when this node applied that.
     retired_at: HashMap<u64, Instant>,
+    /// The index of this node's own `Retire`, or of the snapshot that holds
+    /// it (0: not leaving).
+    retired_index: u64,
     /// This node, leaving, is asking the others whether it was removed,
     /// and when it last finished asking.
     confirming: bool,
@@ -541,7 +547,7 @@ impl Node {
                 format!(", voters {voters:?}, learners {learners:?}")
             }
         );
-        Ok(Rc::new(Node {
+        let node = Rc::new(Node {
             id,
             listen: args.listen,
             identity,
@@ -564,6 +570,7 @@ impl Node {
                 waiting: HashMap::new(),
                 heard: HashMap::new(),
                 retired_at: HashMap::new(),
+                retired_index: 0,
                 confirming: false,
                 removal_asked: None,
                 leader_since: None,
@@ -577,7 +584,9 @@ impl Node {
                 isolated_checked: None,
             }),
             peers: RefCell::new(HashMap::new()),
-        }))
+        });
+        note_leaving(&mut node.core.borrow_mut(), id, compacted);
+        Ok(node)
     }
 
     async fn serve(self: Rc<Self>) -> Result<(), String> {
@@ -1025,7 +1034,7 @@ impl Node {
             snapshot.data.len()
         );
         core.state = state;
-        note_leaving(core);
+        note_leaving(core, self.id, index);
         core.applied = index;
         core.compacted = index;
         core.voters = cs.voters.clone();
@@ -1117,10 +1126,10 @@ impl Node {
     }
 
     /// A node leaving, which heard from no member for `LEFT_AFTER`, asks
-    /// the others for their status: one that no longer lists it confirms
-    /// its removal, and it goes. If none answers, it goes too, unless the
-    /// others may still need its vote to agree on its removal (as one of
-    /// two voters, or fewer); then it asks again later.
+    /// the others for their status: one that applied this node's `Retire`
+    /// and no longer lists it confirms its removal, and it goes. Otherwise
+    /// it stays (its vote may still be needed to agree on its removal) and
+    /// asks again later.
     async fn confirm_removal(self: Rc<Self>) {
         // Spawned from `lead`, which holds the core: begin once it is done.
         futures_lite::future::yield_now().await;
@@ -1135,7 +1144,6 @@ impl Node {
                 .map(|(id, info)| (*id, info.addr.clone()))
                 .collect()
         };
-        let mut answered = false;
         for (peer, addr) in peers {
             let Ok(to) = addr.parse::<SocketAddr>() else {
                 continue;
@@ -1145,7 +1153,13 @@ impl Node {
             else {
                 continue;
             };
-            answered = true;
+            // Only a node that applied this node's `Retire` can tell: one
+            // behind it (joining, restarted on an old log) may not list
+            // this node for want of knowing it.
+            let retired_index = self.core.borrow().retired_index;
+            if retired_index == 0 || status["applied"].as_u64().unwrap_or(0) < retired_index {
+                continue;
+            }
             let listed = status["nodes"]
                 .as_array()
                 .is_some_and(|nodes| nodes.iter().any(|n| n["id"] == self.id));
@@ -1156,14 +1170,9 @@ impl Node {
                 self.leave(&mut self.core.borrow_mut(), &why);
             }
         }
+        // Not confirmed: it stays (leaseless, running nothing), since its
+        // vote may still be needed to agree on its removal, and asks again.
         let mut core = self.core.borrow_mut();
-        let needed = core.voters.contains(&self.id) && core.voters.len() <= 2;
-        if !answered && !needed {
-            self.leave(
-                &mut core,
-                "heard from no member for 3 s while leaving, and none answered: taken as removed",
-            );
-        }
         core.confirming = false;
         // Ask again `LEFT_AFTER` from now if nothing is heard meanwhile.
         core.removal_asked = Some(Instant::now());
@@ -1240,7 +1249,12 @@ impl Node {
                             // added (the leader's lease must not lapse before
                             // it speaks).
                             core.heard.entry(node).or_insert_with(Instant::now);
-                            core.acks.assume(node, Instant::now());
+                            // Only the leader that added it, just now: one
+                            // that applies an older term's add knows
+                            // nothing of the voter's recent echoes.
+                            if entry.term == core.raft.raft.term {
+                                core.acks.assume(node, Instant::now());
+                            }
                         }
                         ConfChangeType::RemoveNode => {
                             eprintln!("dirigo node {}: node {node} left the cluster", self.id);
@@ -1284,6 +1298,9 @@ impl Node {
                         if core.state.nodes.get(&node).is_some_and(|n| !n.retired) {
                             eprintln!("dirigo node {}: node {node} is leaving", self.id);
                             core.retired_at.insert(node, Instant::now());
+                            if node == self.id {
+                                core.retired_index = entry.index;
+                            }
                         }
                     }
                     if let Some((request, answer)) = core.state.apply(command) {
@@ -1432,7 +1449,19 @@ impl Node {
                         .get(v)
                         .is_some_and(|n| n.alive && !n.retired)
                 })
-                .max_by_key(|v| core.raft.raft.prs().get(*v).map_or(0, |p| p.matched));
+                // Heard lately: the state's `alive` is not kept while the
+                // leader hands over (and a dead heir would never take it).
+                .filter(|v| {
+                    core.heard
+                        .get(v)
+                        .is_some_and(|at| now.duration_since(*at) < LOST_AFTER)
+                })
+                .max_by_key(|v| {
+                    (
+                        core.raft.raft.prs().get(*v).map_or(0, |p| p.matched),
+                        std::cmp::Reverse(*v),
+                    )
+                });
             if let Some(heir) = heir {
                 let key = "transfer".to_string();
                 if core
@@ -2109,6 +2138,7 @@ impl Node {
         serde_json::json!({
             "node": self.id,
             "leader": core.raft.raft.leader_id,
+            "applied": core.applied,
             "nodes": nodes,
             "jobs": jobs,
             "jobs_omitted": omitted,
