@@ -474,6 +474,12 @@ impl Link {
     /// told of (the caller took messages); true if it was not running, so
     /// that whoever drives the link can wake to keep it.
     pub fn note_unreported(&mut self, now_ns: u64) -> bool {
+        self.note_unreported_at(|| now_ns)
+    }
+
+    /// [`Link::note_unreported`], reading the clock only if the `ack_delay_ns`
+    /// clock is to start (not for every message taken while it runs).
+    pub fn note_unreported_at(&mut self, now_ns: impl FnOnce() -> u64) -> bool {
         let credit = self.credit();
         let acked = self.delivered;
         let Some(conn) = self.conn.as_mut() else {
@@ -482,7 +488,7 @@ impl Link {
         if conn.told == (acked, credit) || conn.unreported_since_ns.is_some() {
             return false;
         }
-        conn.unreported_since_ns = Some(now_ns);
+        conn.unreported_since_ns = Some(now_ns());
         true
     }
 

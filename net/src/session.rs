@@ -181,7 +181,7 @@ impl Session {
         // Room in the inbox: more credit to tell the peer. The pump hears of
         // it once a quarter of the window is owed, or once to start the
         // `ack_delay_ns` clock for less.
-        if link.acks_due() || link.note_unreported(self.now_ns()) {
+        if link.acks_due() || link.note_unreported_at(|| self.now_ns()) {
             let _ = self.shared.doorbell.try_send(());
         }
         if link.inbox_len() > 0 {
