@@ -36,8 +36,9 @@
 //!
 //! Frame kinds: [`DATA_KIND`], [`ACK_KIND`] (acks and credit alone; also
 //! the heartbeat) and [`RESUME_KIND`] (the first frame each side sends on a
-//! connection). Only the frame's flags, length and kind are read before
-//! the tag is checked: a frame that fails it (another session's, a forged,
+//! connection). Before the tag is checked, only the frame's flags, length
+//! and kind are looked at (the frame decoder checked its length and crc):
+//! a frame that fails it (another session's, a forged,
 //! changed, replayed or reordered one) is a [`LinkError`], and the caller
 //! drops the connection.
 //!
@@ -713,7 +714,8 @@ fn encode(
 }
 
 /// Open the next frame from the peer on `conn`: its header and its body,
-/// decrypted; nothing of it is read before the tag verified.
+/// decrypted; nothing of the header fields or body is read before the tag
+/// verified (the flags and the length are checked first).
 fn verify(conn: &mut Conn, frame: &Frame<'_>) -> Result<(Header, Vec<u8>), LinkError> {
     let payload = frame.payload;
     if frame.flags != 0 {
