@@ -932,6 +932,12 @@ fn a_removed_node_hands_its_job_over_and_leaves() {
         "{}",
         nodes[owner].log()
     );
+    // Its data directory is not taken up again: a node started on it
+    // refuses, saying why.
+    let mut again = NodeProcess::start(&dir, &format!("n{}", owner + 1), &secret, None);
+    let status = again.child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{}", again.log());
+    assert!(again.log().contains("left its cluster"), "{}", again.log());
     assert_exact("q5", &dir.join("q5.jsonl"), &plain, &events);
     let runs = activations(&nodes, &q5);
     assert!(runs.len() >= 2, "{runs:?}");

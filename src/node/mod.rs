@@ -99,6 +99,9 @@ const HEARTBEAT_TICKS: usize = 2;
 pub const LOST_AFTER: Duration = Duration::from_millis(900);
 // A lost node's lease ended `LOST_AFTER - LEASE` before its jobs move.
 const _: () = assert!(LOST_AFTER.as_millis() >= LEASE.as_millis() + 300);
+/// The file in a node's data directory that says it left its cluster: a
+/// node is not started on it again.
+const REMOVED_FILE: &str = "removed";
 /// Entries kept in memory up to a snapshot's index (see `maybe_compact`).
 const KEEP_BEHIND: u64 = 128;
 /// A node leaving the cluster that heard from no other for this long goes:
@@ -272,6 +275,14 @@ pub fn run(args: NodeArgs) -> Result<(), String> {
     let _lock = lock_data_dir(&args.data_dir)?;
     let secret = client::read_secret(&args.secret_file)?;
     let id = node_id(&args.data_dir)?;
+    let removed = args.data_dir.join(REMOVED_FILE);
+    if removed.exists() {
+        return Err(format!(
+            "node {id} left its cluster ({} says how); start a node on an empty data \
+             directory to join again",
+            removed.display()
+        ));
+    }
     // Checked before anything starts.
     Identity::new(&args.cluster, id, &secret)?;
     let program = std::env::current_exe().map_err(|e| format!("finding this binary: {e}"))?;
@@ -424,6 +435,7 @@ struct Core {
 
 struct Node {
     id: u64,
+    data_dir: PathBuf,
     listen: SocketAddr,
     identity: Identity,
     cluster: String,
@@ -549,6 +561,7 @@ impl Node {
         );
         let node = Rc::new(Node {
             id,
+            data_dir: args.data_dir.clone(),
             listen: args.listen,
             identity,
             cluster: args.cluster,
@@ -1189,6 +1202,15 @@ impl Node {
             "dirigo node {}: left the cluster ({why}); stopping",
             self.id
         );
+        if let Err(e) =
+            dirigo_storage::manifest::commit_atomic(&self.data_dir, REMOVED_FILE, why.as_bytes())
+        {
+            eprintln!(
+                "dirigo node {}: writing {}: {e} (do not start a node on this directory again)",
+                self.id,
+                self.data_dir.join(REMOVED_FILE).display()
+            );
+        }
         std::process::exit(0);
     }
 
