@@ -117,6 +117,22 @@ impl NodeProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Its exit status, once it exited by itself within `within`.
+    fn exited_within(&mut self, within: Duration, what: &str) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < within,
+                "{what} still runs: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// This node's id, as its first log line says (waiting for the line
     /// to be whole).
     fn id(&self) -> u64 {
@@ -912,18 +928,7 @@ fn a_removed_node_hands_its_job_over_and_leaves() {
         "q5 resumed from a checkpoint: {done}"
     );
     // The removed node stopped by itself, cleanly.
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = nodes[owner].child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the removed node still runs: {}",
-            nodes[owner].log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = nodes[owner].exited_within(Duration::from_secs(20), "the removed node");
     assert!(status.success(), "{status}: {}", nodes[owner].log());
     assert!(
         nodes[owner]
@@ -965,15 +970,7 @@ fn a_removed_node_hands_its_job_over_and_leaves() {
                 && s["nodes"].as_array().is_some_and(|n| n.len() == 1)
         },
     );
-    let start = Instant::now();
-    while nodes[leader].child.try_wait().unwrap().is_none() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the removed leader still runs: {}",
-            nodes[leader].log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    nodes[leader].exited_within(Duration::from_secs(20), "the removed leader");
     assert!(nodes[leader].log().contains("handing the lead to node"));
     let last_text = last_id.to_string();
     let out = client("remove", &addrs[last], &secret, &dir, &[&last_text]);

@@ -12,12 +12,51 @@ pub const ASK_EVERY: Duration = Duration::from_millis(100);
 /// Requests remembered until their grant comes.
 const ASKED_MAX: usize = 32;
 
+/// Numbered messages sent every [`ASK_EVERY`], the last [`ASKED_MAX`]
+/// remembered with their send time: a follower's lease requests and the
+/// leader's probes, each answered by number.
+#[derive(Debug, Default)]
+struct Numbered {
+    sent: VecDeque<(u64, Instant)>,
+    seq: u64,
+    last: Option<Instant>,
+}
+
+impl Numbered {
+    /// The number of one to send now, if one is due.
+    fn next(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|at| now.duration_since(at) < ASK_EVERY)
+        {
+            return None;
+        }
+        self.last = Some(now);
+        self.seq += 1;
+        self.sent.push_back((self.seq, now));
+        if self.sent.len() > ASKED_MAX {
+            self.sent.pop_front();
+        }
+        Some(self.seq)
+    }
+
+    /// When number `seq` was sent, if it is remembered.
+    fn sent_at(&self, seq: u64) -> Option<Instant> {
+        self.sent.iter().find(|(s, _)| *s == seq).map(|(_, at)| *at)
+    }
+
+    /// Forget what was sent (numbers go on: an answer to an old one never
+    /// matches a new one).
+    fn forget(&mut self) {
+        self.sent.clear();
+        self.last = None;
+    }
+}
+
 /// A follower's lease: the requests it sent, and what the grants gave.
 #[derive(Debug, Default)]
 pub struct FollowerLease {
-    asked: VecDeque<(u64, Instant)>,
-    seq: u64,
-    last_ask: Option<Instant>,
+    asked: Numbered,
     until: Option<Instant>,
     /// The highest commit index a counted grant named.
     commit: u64,
@@ -26,19 +65,7 @@ pub struct FollowerLease {
 impl FollowerLease {
     /// The number of a request to send now, if one is due.
     pub fn ask(&mut self, now: Instant) -> Option<u64> {
-        if self
-            .last_ask
-            .is_some_and(|at| now.duration_since(at) < ASK_EVERY)
-        {
-            return None;
-        }
-        self.last_ask = Some(now);
-        self.seq += 1;
-        self.asked.push_back((self.seq, now));
-        if self.asked.len() > ASKED_MAX {
-            self.asked.pop_front();
-        }
-        Some(self.seq)
+        self.asked.next(now)
     }
 
     /// A grant of request `seq` from the leader: `valid` from when the
@@ -46,10 +73,10 @@ impl FollowerLease {
     /// applied the log up to `commit`. A grant of a request it does not
     /// remember gives nothing.
     pub fn on_grant(&mut self, seq: u64, valid: Duration, commit: u64) {
-        let Some((_, sent)) = self.asked.iter().find(|(s, _)| *s == seq) else {
+        let Some(sent) = self.asked.sent_at(seq) else {
             return;
         };
-        let until = *sent + valid.min(LEASE);
+        let until = sent + valid.min(LEASE);
         if self.until.is_none_or(|u| u < until) {
             self.until = Some(until);
         }
@@ -71,38 +98,23 @@ impl FollowerLease {
 /// any message's arrival would.
 #[derive(Debug, Default)]
 pub struct LeaderAcks {
-    sent: VecDeque<(u64, Instant)>,
-    seq: u64,
-    last_probe: Option<Instant>,
+    probes: Numbered,
     acked: HashMap<u64, Instant>,
 }
 
 impl LeaderAcks {
     /// The number of a probe to send now, if one is due.
     pub fn probe(&mut self, now: Instant) -> Option<u64> {
-        if self
-            .last_probe
-            .is_some_and(|at| now.duration_since(at) < ASK_EVERY)
-        {
-            return None;
-        }
-        self.last_probe = Some(now);
-        self.seq += 1;
-        self.sent.push_back((self.seq, now));
-        if self.sent.len() > ASKED_MAX {
-            self.sent.pop_front();
-        }
-        Some(self.seq)
+        self.probes.next(now)
     }
 
     /// `voter` echoed probe `seq`: heard as of the probe's send time. An
     /// echo of a probe not remembered counts for nothing.
     pub fn on_echo(&mut self, voter: u64, seq: u64) {
-        let Some((_, sent)) = self.sent.iter().find(|(s, _)| *s == seq) else {
+        let Some(sent) = self.probes.sent_at(seq) else {
             return;
         };
-        let at = self.acked.entry(voter).or_insert(*sent);
-        *at = (*at).max(*sent);
+        self.assume(voter, sent);
     }
 
     /// `voter` counts as heard at `at` (a voter just added: it was caught
@@ -119,9 +131,8 @@ impl LeaderAcks {
 
     /// No longer the leader: what was acknowledged is void.
     pub fn reset(&mut self) {
-        self.sent.clear();
+        self.probes.forget();
         self.acked.clear();
-        self.last_probe = None;
     }
 }
 

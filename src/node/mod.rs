@@ -1146,21 +1146,9 @@ impl Node {
     async fn confirm_removal(self: Rc<Self>) {
         // Spawned from `lead`, which holds the core: begin once it is done.
         futures_lite::future::yield_now().await;
-        let client = Identity::new(&self.cluster, CLIENT_NODE, &self.secret)
-            .expect("the node's identity was valid");
-        let peers: Vec<(u64, String)> = {
-            let core = self.core.borrow();
-            core.state
-                .nodes
-                .iter()
-                .filter(|(id, _)| **id != self.id)
-                .map(|(id, info)| (*id, info.addr.clone()))
-                .collect()
-        };
-        for (peer, addr) in peers {
-            let Ok(to) = addr.parse::<SocketAddr>() else {
-                continue;
-            };
+        let client = self.client_identity();
+        let peers = self.other_members(&self.core.borrow());
+        for (peer, to) in peers {
             let Ok(Reply::Status { status }) =
                 client::request_on_executor(to, &client, &Request::Status).await
             else {
@@ -1315,17 +1303,16 @@ impl Node {
                             self.id
                         );
                     }
-                    if let Command::Retire { node, .. } = &command {
-                        let node = *node;
-                        if core.state.nodes.get(&node).is_some_and(|n| !n.retired) {
+                    if let Some((request, answer)) = core.state.apply(command) {
+                        // The state took a `Retire`: the node's leaving
+                        // counts from now.
+                        if let Answer::Retired(node) = answer {
                             eprintln!("dirigo node {}: node {node} is leaving", self.id);
                             core.retired_at.insert(node, Instant::now());
                             if node == self.id {
                                 core.retired_index = entry.index;
                             }
                         }
-                    }
-                    if let Some((request, answer)) = core.state.apply(command) {
                         if let Some(waiter) = core.waiting.remove(&request) {
                             let _ = waiter.try_send(answer);
                         }
@@ -1924,8 +1911,7 @@ impl Node {
     /// then the members that dial it (those with lower ids) dial the old
     /// address, and it may hear from nobody.
     async fn announce_loop(self: Rc<Self>) {
-        let client = Identity::new(&self.cluster, CLIENT_NODE, &self.secret)
-            .expect("the node's identity was valid");
+        let client = self.client_identity();
         let addr = self.listen.to_string();
         // The state as of what the log had committed when the node
         // started: replayed first.
@@ -1934,7 +1920,7 @@ impl Node {
             glommio::timer::sleep(TICK).await;
         }
         loop {
-            let peers: Vec<(u64, String)> = {
+            let peers = {
                 let core = self.core.borrow();
                 if core
                     .state
@@ -1944,17 +1930,9 @@ impl Node {
                 {
                     return;
                 }
-                core.state
-                    .nodes
-                    .iter()
-                    .filter(|(id, _)| **id != self.id)
-                    .map(|(id, info)| (*id, info.addr.clone()))
-                    .collect()
+                self.other_members(&core)
             };
-            for (peer, peer_addr) in peers {
-                let Ok(to) = peer_addr.parse::<SocketAddr>() else {
-                    continue;
-                };
+            for (peer, to) in peers {
                 let request = Request::Moved {
                     node: self.id,
                     addr: addr.clone(),
@@ -2075,10 +2053,25 @@ impl Node {
         }
     }
 
+    /// What this node is as a client of its cluster (node id 0).
+    fn client_identity(&self) -> Identity {
+        Identity::new(&self.cluster, CLIENT_NODE, &self.secret)
+            .expect("the node's identity was valid")
+    }
+
+    /// The other members the state names, with their addresses.
+    fn other_members(&self, core: &Core) -> Vec<(u64, SocketAddr)> {
+        core.state
+            .nodes
+            .iter()
+            .filter(|(id, _)| **id != self.id)
+            .filter_map(|(id, info)| Some((*id, info.addr.parse().ok()?)))
+            .collect()
+    }
+
     /// Ask the member at `addr` to admit this node, until it has.
     async fn join_loop(self: Rc<Self>, addr: SocketAddr) {
-        let client = Identity::new(&self.cluster, CLIENT_NODE, &self.secret)
-            .expect("the node's identity was valid");
+        let client = self.client_identity();
         loop {
             let request = Request::Join {
                 node: self.id,

@@ -156,18 +156,11 @@ impl RaftLog {
         }
         {
             let mut writer = LogWriter::open(&temp, LogConfig::default())?;
-            let mut payload = Vec::with_capacity(8 + bytes.len());
-            payload.extend_from_slice(&index.to_le_bytes());
-            payload.extend_from_slice(bytes);
-            writer.append(SNAPSHOT, &payload)?;
+            writer.append(SNAPSHOT, &indexed(index, bytes))?;
             writer.append(MEMBERSHIP, membership)?;
             writer.append(HARD_STATE, hard_state)?;
-            let mut entry_payload = Vec::new();
             for (entry_index, entry) in entries {
-                entry_payload.clear();
-                entry_payload.extend_from_slice(&entry_index.to_le_bytes());
-                entry_payload.extend_from_slice(entry);
-                writer.append(ENTRY, &entry_payload)?;
+                writer.append(ENTRY, &indexed(*entry_index, entry))?;
             }
             writer.sync()?;
         }
@@ -180,10 +173,7 @@ impl RaftLog {
 
     /// Appends an entry at `index` (replacing any from `index` on).
     pub fn append_entry(&mut self, index: u64, entry: &[u8]) -> Result<(), StorageError> {
-        let mut payload = Vec::with_capacity(8 + entry.len());
-        payload.extend_from_slice(&index.to_le_bytes());
-        payload.extend_from_slice(entry);
-        self.writer.append(ENTRY, &payload).map(drop)
+        self.writer.append(ENTRY, &indexed(index, entry)).map(drop)
     }
 
     pub fn set_hard_state(&mut self, hard_state: &[u8]) -> Result<(), StorageError> {
@@ -198,6 +188,14 @@ impl RaftLog {
     pub fn sync(&mut self) -> Result<(), StorageError> {
         self.writer.sync()
     }
+}
+
+/// A record's payload of an index and bytes: `[index u64 LE][bytes]`.
+fn indexed(index: u64, bytes: &[u8]) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(8 + bytes.len());
+    payload.extend_from_slice(&index.to_le_bytes());
+    payload.extend_from_slice(bytes);
+    payload
 }
 
 #[cfg(test)]
