@@ -144,6 +144,12 @@ impl Session {
         self.shared.link.borrow().is_connected()
     }
 
+    /// Whether `send` would take a message now (fewer than
+    /// `send_buffer_msgs` wait for acks).
+    pub fn has_room(&self) -> bool {
+        self.shared.link.borrow().has_room()
+    }
+
     /// Largest body a message may have.
     pub fn body_bytes_max(&self) -> usize {
         self.shared.link.borrow().body_bytes_max()

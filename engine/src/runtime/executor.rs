@@ -46,9 +46,13 @@ const PASS_NS_MAX: u64 = 300_000;
 const IO_YIELD_EVERY_NS: u64 = 500_000;
 
 pub(super) struct ShardThread<M: Send + 'static> {
+    /// The shard's id in the run (global across nodes).
     pub id: ShardId,
-    pub shards: u16,
+    /// Its index among this process's shards.
+    pub local: usize,
+    pub layout: super::remote::Layout,
     pub config: RuntimeConfig,
+    /// Per shard of the run, by global id (`None` for this one).
     pub outputs: Vec<Option<Producer<Packet<M>>>>,
     pub inputs: Vec<Option<Consumer<Packet<M>>>>,
     pub factory: Arc<dyn ActorFactory<M>>,
@@ -72,7 +76,7 @@ impl ReadyGuard {
         }
     }
 
-    fn signal(&mut self, up: bool) {
+    pub fn signal(&mut self, up: bool) {
         if let Some(ready) = self.ready.take() {
             // `start` may have given up waiting; nothing to do then.
             let _ = ready.send((self.shard, up));
@@ -129,15 +133,16 @@ impl<M: Send + 'static> ShardThread<M> {
     async fn run(mut self) {
         let mut core = ShardCore::new(
             self.id,
-            self.shards,
+            self.layout.total(),
             self.config.shard.clone(),
             Clock::Monotonic,
             self.factory.clone(),
             self.store.clone(),
         );
         core.set_failure_hook(self.config.on_failure.clone());
+        core.set_local_shards(self.layout.local_range());
         super::enter_shard();
-        if self.config.fail_start_of_shard_for_test == Some(self.id.index()) {
+        if self.config.fail_start_of_shard_for_test == Some(self.local) {
             return; // the ready guard, dropped, says this shard did not come up
         }
         self.ready.signal(true);
@@ -206,7 +211,7 @@ impl<M: Send + 'static> ShardThread<M> {
             let doorbell = self.shared.doorbells[self.id.index()].clone();
             let inputs = &self.inputs;
             let shared = &self.shared;
-            let me = self.id.index();
+            let me = self.local;
             // Requests from outside count as work only if the injector can take them;
             // while it waits for credit, an acknowledgement on a ring wakes the shard.
             let injector_ready = core.injector_ready();
@@ -249,7 +254,7 @@ impl<M: Send + 'static> ShardThread<M> {
     /// and a park costs the peer an eventfd write and this shard an io_uring wait.
     fn spin_for_work(&self, core: &ShardCore<M>, now_ns: u64) -> bool {
         let spin_ns = saturating_ns(self.config.spin_before_park);
-        let me = self.id.index();
+        let me = self.local;
         let until_ns = now_ns.saturating_add(spin_ns);
         let mut polls = 0u32;
         loop {
@@ -280,7 +285,7 @@ impl<M: Send + 'static> ShardThread<M> {
         for input in self.inputs.iter_mut().flatten() {
             progress |= input.drain(RING_DRAIN_MAX, |packet| core.receive(packet)) > 0;
         }
-        let queue = &self.shared.external[self.id.index()];
+        let queue = &self.shared.external[self.local];
         if queue.len.load(Ordering::Acquire) > 0 {
             let mut q = queue.lock();
             let mut taken = 0;

@@ -33,6 +33,7 @@
 
 pub mod directory;
 mod executor;
+pub mod remote;
 pub mod sched;
 pub mod shard;
 pub mod sim;
@@ -51,6 +52,7 @@ use crate::ids::{ActorId, JobId, ShardId};
 use crate::ring;
 
 pub use directory::{Directory, Placement};
+pub use remote::{RemoteConfig, RemoteNode, RemoteStats, Wire};
 pub use sched::PolicyKind;
 pub use shard::{External, Packet, ShardConfig, ShardCore};
 pub use stats::{Counters, RuntimeStats, ShardReport};
@@ -261,12 +263,19 @@ impl std::error::Error for StartError {}
 pub enum SendError {
     /// The shard that should take it has died (see `Failure`).
     ShardDead(ShardId),
+    /// The shard runs on another node: an actor moves only between the
+    /// shards of its node.
+    Remote(ShardId),
 }
 
 impl std::fmt::Display for SendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SendError::ShardDead(shard) => write!(f, "{shard} has died"),
+            SendError::Remote(shard) => write!(
+                f,
+                "{shard} runs on another node: actors move only between the shards of their node"
+            ),
         }
     }
 }
@@ -290,18 +299,29 @@ impl<M> ExternalQueue<M> {
 }
 
 struct Shared<M> {
+    /// Which shards of the run are this process's (all of them without a
+    /// remote config).
+    layout: remote::Layout,
+    /// Per local shard (indexed by `layout.local_index`).
     external: Vec<ExternalQueue<M>>,
     external_max: usize,
+    /// Per shard of the run: a local shard's own, the gateway's for every
+    /// shard of another node (what a flush toward it wakes).
     doorbells: Vec<Arc<Doorbell>>,
     stop: AtomicBool,
-    /// Set once by a shard whose thread panicked outside actor code; read on the
-    /// control path and when a ring toward that shard is full, never per message.
+    /// Per local shard: set once by a shard whose thread panicked outside
+    /// actor code; read on the control path and when a ring toward that
+    /// shard is full, never per message.
     dead: Vec<AtomicBool>,
 }
 
 impl<M> Shared<M> {
+    /// Whether a local shard has died; a shard of another node is never
+    /// called dead here (the gateway holds what is sent to it).
     fn is_dead(&self, shard: ShardId) -> bool {
-        self.dead[shard.index()].load(Ordering::Acquire)
+        self.layout
+            .local_index(shard)
+            .is_some_and(|i| self.dead[i].load(Ordering::Acquire))
     }
 
     /// Mark `shard` dead and drop its queued requests (their reply channels close,
@@ -309,15 +329,21 @@ impl<M> Shared<M> {
     /// `push_external` reads it under the lock: a request is either dropped here or
     /// refused there, never left behind.
     fn mark_dead(&self, shard: ShardId) {
-        self.dead[shard.index()].store(true, Ordering::SeqCst);
-        let queue = &self.external[shard.index()];
+        let Some(local) = self.layout.local_index(shard) else {
+            return;
+        };
+        self.dead[local].store(true, Ordering::SeqCst);
+        let queue = &self.external[local];
         let dropped = std::mem::take(&mut *queue.lock());
         queue.len.store(0, Ordering::Release);
         drop(dropped);
     }
 
     fn push_external(&self, shard: ShardId, request: External<M>) -> Result<(), SendError> {
-        let queue = &self.external[shard.index()];
+        let Some(local) = self.layout.local_index(shard) else {
+            return Err(SendError::Remote(shard));
+        };
+        let queue = &self.external[local];
         let mut request = Some(request);
         let mut backoff_us = 1;
         loop {
@@ -348,13 +374,59 @@ pub struct Runtime<M: Send + 'static> {
     shared: Arc<Shared<M>>,
     homes: Directory,
     threads: Vec<glommio::ExecutorJoinHandle<()>>,
+    remote: Option<Arc<RemoteStats>>,
 }
+
+/// What `Runtime::start_with` needs of a gateway: a way to start it on the
+/// rings made for it (built where `M: Wire` is known).
+type StartGateway<M> =
+    Box<dyn FnOnce(remote::GatewayParts<M>) -> Result<glommio::ExecutorJoinHandle<()>, String>>;
 
 impl<M: Send + 'static> Runtime<M> {
     /// Start every shard and wait until each runs. If one cannot start, the ones
     /// already started are stopped and joined before the error returns.
     pub fn start(
         config: RuntimeConfig,
+        factory: Arc<dyn ActorFactory<M>>,
+        store: Arc<dyn StateStore>,
+    ) -> Result<Self, StartError> {
+        let layout = remote::Layout::single(config.shards);
+        Self::start_with(config, layout, None, factory, store)
+    }
+
+    /// Start this node's part of a run that spans several nodes (see
+    /// `remote`): `config.shards` must be what `remote.nodes` gives this
+    /// node. Actors are named across the whole run: a send to an actor
+    /// placed on another node's shard goes through this node's gateway.
+    pub fn start_remote(
+        config: RuntimeConfig,
+        remote: RemoteConfig,
+        factory: Arc<dyn ActorFactory<M>>,
+        store: Arc<dyn StateStore>,
+    ) -> Result<Self, StartError>
+    where
+        M: Wire,
+    {
+        let layout = remote::Layout::of(&remote.nodes, remote.me).map_err(StartError)?;
+        if usize::from(layout.local) != config.shards {
+            return Err(StartError(format!(
+                "node {} of the run has {} shards, not {}",
+                remote.me, layout.local, config.shards
+            )));
+        }
+        let stats = Arc::new(RemoteStats::default());
+        let gateway_stats = stats.clone();
+        let start_gateway: StartGateway<M> =
+            Box::new(move |parts| remote::start_gateway(remote, parts, gateway_stats));
+        let mut runtime = Self::start_with(config, layout, Some(start_gateway), factory, store)?;
+        runtime.remote = Some(stats);
+        Ok(runtime)
+    }
+
+    fn start_with(
+        config: RuntimeConfig,
+        layout: remote::Layout,
+        start_gateway: Option<StartGateway<M>>,
         factory: Arc<dyn ActorFactory<M>>,
         store: Arc<dyn StateStore>,
     ) -> Result<Self, StartError> {
@@ -373,7 +445,11 @@ impl<M: Send + 'static> Runtime<M> {
             )));
         }
         let shards = config.shards;
+        let total = usize::from(layout.total());
+        let first = usize::from(layout.first);
+        let gateway_doorbell = Arc::new(Doorbell::default());
         let shared = Arc::new(Shared {
+            layout: layout.clone(),
             external: (0..shards)
                 .map(|_| ExternalQueue {
                     queue: Mutex::new(VecDeque::new()),
@@ -381,24 +457,67 @@ impl<M: Send + 'static> Runtime<M> {
                 })
                 .collect(),
             external_max: config.external_requests_max.max(1),
-            doorbells: (0..shards).map(|_| Arc::new(Doorbell::default())).collect(),
+            doorbells: (0..total)
+                .map(|s| match layout.local_index(ShardId(s as u16)) {
+                    Some(_) => Arc::new(Doorbell::default()),
+                    None => gateway_doorbell.clone(),
+                })
+                .collect(),
             stop: AtomicBool::new(false),
             dead: (0..shards).map(|_| AtomicBool::new(false)).collect(),
         });
-        let capacity = config.ring_capacity(std::mem::size_of::<Packet<M>>());
-        // producers[i][j] sends from i to j; consumers[j][i] receives it.
-        let mut producers: Vec<Vec<Option<ring::Producer<Packet<M>>>>> = (0..shards)
-            .map(|_| (0..shards).map(|_| None).collect())
+        // Rings are sized for every shard of the run that may send to one.
+        let sizing = RuntimeConfig {
+            shards: total,
+            ..config.clone()
+        };
+        let capacity = sizing.ring_capacity(std::mem::size_of::<Packet<M>>());
+        // For local shard i (global id first + i), outputs[i][t] sends to
+        // global shard t and inputs[i][s] receives from global shard s; a
+        // ring to or from another node's shard has the gateway at its other end.
+        let mut outputs: Vec<Vec<Option<ring::Producer<Packet<M>>>>> = (0..shards)
+            .map(|_| (0..total).map(|_| None).collect())
             .collect();
-        let mut consumers: Vec<Vec<Option<ring::Consumer<Packet<M>>>>> = (0..shards)
-            .map(|_| (0..shards).map(|_| None).collect())
+        let mut inputs: Vec<Vec<Option<ring::Consumer<Packet<M>>>>> = (0..shards)
+            .map(|_| (0..total).map(|_| None).collect())
             .collect();
+        let mut parts = remote::GatewayParts {
+            layout: layout.clone(),
+            outbound: Vec::new(),
+            inbound: Vec::new(),
+            shared_stop: shared.clone(),
+            doorbell: gateway_doorbell,
+            on_failure: config.on_failure.clone(),
+            ready: None,
+        };
         for source in 0..shards {
-            for target in 0..shards {
-                if source != target {
-                    let (p, c) = ring::ring(capacity);
-                    producers[source][target] = Some(p);
-                    consumers[target][source] = Some(c);
+            for target in 0..total {
+                let global_source = first + source;
+                if global_source == target {
+                    continue;
+                }
+                let (p, c) = ring::ring(capacity);
+                match layout.local_index(ShardId(target as u16)) {
+                    Some(local_target) => {
+                        outputs[source][target] = Some(p);
+                        inputs[local_target][global_source] = Some(c);
+                    }
+                    None => {
+                        outputs[source][target] = Some(p);
+                        parts.outbound.push((
+                            ShardId(global_source as u16),
+                            ShardId(target as u16),
+                            c,
+                        ));
+                        // And the way back, from that shard to this one.
+                        let (p, c) = ring::ring(capacity);
+                        inputs[source][target] = Some(c);
+                        parts.inbound.push((
+                            ShardId(target as u16),
+                            ShardId(global_source as u16),
+                            p,
+                        ));
+                    }
                 }
             }
         }
@@ -410,18 +529,20 @@ impl<M: Send + 'static> Runtime<M> {
         let (ready, readies) = mpsc::channel();
         let mut runtime = Runtime {
             shared: shared.clone(),
-            homes: Directory::new(shards as u16),
-            threads: Vec::with_capacity(shards),
+            homes: Directory::new(total as u16),
+            threads: Vec::with_capacity(shards + 1),
+            remote: None,
         };
-        for (i, (outputs, inputs)) in producers.into_iter().zip(consumers).enumerate() {
+        for (i, (outputs, inputs)) in outputs.into_iter().zip(inputs).enumerate() {
             let placement = if config.pin && !cores.is_empty() {
                 glommio::Placement::Fixed(cores[i % cores.len()])
             } else {
                 glommio::Placement::Unbound
             };
             let shard = executor::ShardThread {
-                id: ShardId(i as u16),
-                shards: shards as u16,
+                id: ShardId((first + i) as u16),
+                local: i,
+                layout: layout.clone(),
                 config: config.clone(),
                 outputs,
                 inputs,
@@ -431,7 +552,7 @@ impl<M: Send + 'static> Runtime<M> {
                 ready: executor::ReadyGuard::new(i, ready.clone()),
             };
             let spawned = glommio::LocalExecutorBuilder::new(placement)
-                .name(&format!("dirigo-shard{i}"))
+                .name(&format!("dirigo-shard{}", first + i))
                 .io_memory(config.io_memory_bytes)
                 .spawn(move || shard.run_supervised());
             match spawned {
@@ -442,14 +563,29 @@ impl<M: Send + 'static> Runtime<M> {
                 }
             }
         }
+        let mut expected = shards;
+        if let Some(start_gateway) = start_gateway {
+            parts.ready = Some(executor::ReadyGuard::new(shards, ready.clone()));
+            match start_gateway(parts) {
+                Ok(handle) => {
+                    runtime.threads.push(handle);
+                    expected += 1;
+                }
+                Err(e) => {
+                    let errors = runtime.stop_and_join();
+                    return Err(StartError(format!("cannot start the gateway: {e}{errors}")));
+                }
+            }
+        }
         drop(ready);
         // Every shard says whether it came up; one that failed inside its thread
         // (the executor could not be built) says no when its closure is dropped.
         let deadline = Instant::now() + START_WAIT_MAX;
-        for _ in 0..shards {
+        for _ in 0..expected {
             let wait = deadline.saturating_duration_since(Instant::now());
             let failed = match readies.recv_timeout(wait) {
                 Ok((_, true)) => continue,
+                Ok((shard, false)) if shard == shards => "the gateway failed to start".to_string(),
                 Ok((shard, false)) => format!("shard {shard} of {shards} failed to start"),
                 Err(_) => format!("a shard of {shards} did not start within {START_WAIT_MAX:?}"),
             };
@@ -459,8 +595,31 @@ impl<M: Send + 'static> Runtime<M> {
         Ok(runtime)
     }
 
+    /// The shards of this process.
     pub fn shards(&self) -> usize {
-        self.threads.len()
+        self.shared.external.len()
+    }
+
+    /// The global id of this process's first shard (0 unless the run spans
+    /// nodes: its shards are `first_shard()..first_shard() + shards()`).
+    pub fn first_shard(&self) -> ShardId {
+        ShardId(self.shared.layout.first)
+    }
+
+    /// Every shard of the run, on every node.
+    pub fn total_shards(&self) -> usize {
+        usize::from(self.shared.layout.total())
+    }
+
+    /// This process's shards, by global id.
+    fn local_shards(&self) -> impl Iterator<Item = ShardId> {
+        let first = self.shared.layout.first;
+        (0..self.shards() as u16).map(move |i| ShardId(first + i))
+    }
+
+    /// The gateway's counts, for a run that spans nodes.
+    pub fn remote_stats(&self) -> Option<remote::RemoteSnapshot> {
+        self.remote.as_ref().map(|stats| stats.snapshot())
     }
 
     /// Send from outside. Waits while the receiving shard's queue is full; every
@@ -475,17 +634,34 @@ impl<M: Send + 'static> Runtime<M> {
             uncredited: false,
         };
         self.shared
-            .push_external(self.homes.home(to), External::Send(out))
+            .push_external(self.entry_shard(to), External::Send(out))
+    }
+
+    /// The shard that takes a request from outside about `actor`: its home,
+    /// or, for an actor homed on another node, one local shard chosen by
+    /// the home (always the same one, so that one thread's messages to one
+    /// actor keep their order), which routes it on.
+    fn entry_shard(&self, actor: ActorId) -> ShardId {
+        let home = self.homes.home(actor);
+        let layout = &self.shared.layout;
+        if layout.local_index(home).is_some() {
+            home
+        } else {
+            ShardId(layout.first + home.0 % layout.local)
+        }
     }
 
     /// Move an actor to another shard, live. Fails if either shard has died.
     pub fn migrate(&self, actor: ActorId, to: ShardId) -> Result<(), SendError> {
-        assert!(to.index() < self.shards(), "{to} out of range");
+        assert!(to.index() < self.total_shards(), "{to} out of range");
+        if self.shared.layout.local_index(to).is_none() {
+            return Err(SendError::Remote(to));
+        }
         if self.shared.is_dead(to) {
             return Err(SendError::ShardDead(to));
         }
         self.shared
-            .push_external(self.homes.home(actor), External::Migrate { actor, to })
+            .push_external(self.entry_shard(actor), External::Migrate { actor, to })
     }
 
     /// Deactivate now every idle actor of `job` (empty mailbox, nothing in
@@ -493,8 +669,7 @@ impl<M: Send + 'static> Runtime<M> {
     /// state saved to the store, as the idle timeout would: scale to zero.
     /// Does not wait; an actor that is busy stays.
     pub fn deactivate_job(&self, job: JobId) {
-        for i in 0..self.shards() {
-            let shard = ShardId(i as u16);
+        for shard in self.local_shards() {
             if !self.is_dead(shard) {
                 // A shard that died since is nothing to deactivate.
                 let _ = self
@@ -514,8 +689,7 @@ impl<M: Send + 'static> Runtime<M> {
     pub fn retire_job(&self, job: JobId) -> bool {
         let confirmed = self.ask_every_shard(|done| External::RetireJob(job, done));
         // A dead shard holds nothing any more.
-        (0..self.shards())
-            .map(|i| ShardId(i as u16))
+        self.local_shards()
             .all(|shard| confirmed.contains(&shard) || self.is_dead(shard))
     }
 
@@ -530,8 +704,8 @@ impl<M: Send + 'static> Runtime<M> {
     pub fn stats(&self) -> RuntimeStats {
         let mut shards = self.ask_every_shard(External::Report);
         shards.sort_by_key(|r| r.shard);
-        let dead = (0..self.shards())
-            .map(|i| ShardId(i as u16))
+        let dead = self
+            .local_shards()
             .filter(|id| !shards.iter().any(|r| r.shard == *id))
             .collect();
         RuntimeStats { shards, dead }
@@ -541,11 +715,9 @@ impl<M: Send + 'static> Runtime<M> {
     /// answer within `STATS_WAIT_MAX` (a dead shard drops its reply channel).
     fn ask_every_shard<T>(&self, request: impl Fn(mpsc::Sender<T>) -> External<M>) -> Vec<T> {
         let (reply, replies) = mpsc::channel();
-        for shard in 0..self.shards() {
+        for shard in self.local_shards() {
             // A dead shard is found missing by the caller.
-            let _ = self
-                .shared
-                .push_external(ShardId(shard as u16), request(reply.clone()));
+            let _ = self.shared.push_external(shard, request(reply.clone()));
         }
         drop(reply);
         let deadline = Instant::now() + STATS_WAIT_MAX;

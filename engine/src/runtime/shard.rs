@@ -233,10 +233,44 @@ pub struct Run<M> {
     messages: Vec<(SchedCtx, M)>,
 }
 
+/// A `Run`'s fields, for the gateway that carries it between nodes.
+pub(crate) struct RunParts<M> {
+    pub to: ActorId,
+    pub from: ActorId,
+    pub first_seq: u64,
+    pub credit_shard: u16,
+    pub route_epoch: u64,
+    pub messages: Vec<(SchedCtx, M)>,
+}
+
 /// Messages one `Run` packet carries at most.
 const RUN_MESSAGES_MAX: usize = 256;
 
 impl<M> Run<M> {
+    pub(crate) fn into_parts(self) -> RunParts<M> {
+        RunParts {
+            to: self.to,
+            from: self.from,
+            first_seq: self.first_seq,
+            credit_shard: self.credit_shard,
+            route_epoch: self.route_epoch,
+            messages: self.messages,
+        }
+    }
+
+    /// A run as the gateway took it off the wire (it may hold more than
+    /// `RUN_MESSAGES_MAX` only if a peer sent it so; delivery does not care).
+    pub(crate) fn from_parts(parts: RunParts<M>) -> Self {
+        Run {
+            to: parts.to,
+            from: parts.from,
+            first_seq: parts.first_seq,
+            credit_shard: parts.credit_shard,
+            route_epoch: parts.route_epoch,
+            messages: parts.messages,
+        }
+    }
+
     /// Start a run with its first message.
     fn start(first: Envelope<M>) -> Self {
         let mut messages = Vec::with_capacity(64);
@@ -577,6 +611,9 @@ pub struct ShardCore<M> {
     store: Arc<dyn StateStore>,
     jobs: JobTable,
     report: ShardReport,
+    /// The shards of this node (an actor moves only among them); every
+    /// shard when the run is on one node.
+    local: std::ops::Range<u16>,
 }
 
 impl<M: Send + 'static> ShardCore<M> {
@@ -632,6 +669,7 @@ impl<M: Send + 'static> ShardCore<M> {
                 parks: 0,
                 migrations_out: 0,
                 migrations_in: 0,
+                migrations_refused: 0,
                 forwarded: 0,
                 run_messages: 0,
                 activations: 0,
@@ -647,7 +685,20 @@ impl<M: Send + 'static> ShardCore<M> {
                 actors: Vec::new(),
                 jobs: Vec::new(),
             },
+            local: 0..shards,
         }
+    }
+
+    /// Say which shards are this node's when the run spans nodes: a
+    /// migration to another node's shard is refused (counted in
+    /// `migrations_refused`), as an actor's slot moves by ownership.
+    pub fn set_local_shards(&mut self, local: std::ops::Range<u16>) {
+        assert!(
+            local.contains(&self.id.0),
+            "{} outside its own node",
+            self.id
+        );
+        self.local = local;
     }
 
     pub fn id(&self) -> ShardId {
@@ -1331,6 +1382,10 @@ impl<M: Send + 'static> ShardCore<M> {
     /// Move `actor` to `to`, or pass the request on towards the actor's owner.
     pub fn route_migrate(&mut self, actor: ActorId, to: ShardId) {
         if self.refuses(actor) {
+            return;
+        }
+        if !self.local.contains(&to.0) {
+            self.report.migrations_refused += 1;
             return;
         }
         if self.index.contains_key(&actor) {

@@ -75,6 +75,9 @@ pub struct ShardReport {
     pub parks: u64,
     pub migrations_out: u64,
     pub migrations_in: u64,
+    /// Migrations to a shard of another node, refused (see
+    /// `ShardCore::set_local_shards`).
+    pub migrations_refused: u64,
     /// Messages that reached this shard for an actor living elsewhere.
     pub forwarded: u64,
     /// Remote sends that joined a run of their channel (crossed the ring in a batch).

@@ -34,7 +34,7 @@ pub fn sched() -> SchedCtx {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum Msg {
     /// Sources: start (or keep) producing.
     Tick,

@@ -1,0 +1,1072 @@
+//! Remote actor sends: one run's shards spread over several nodes.
+//!
+//! A run that spans nodes numbers its shards across all of them: node 0's
+//! shards first, then node 1's, and so on (`RemoteConfig::nodes`, the same
+//! list on every node). The directory places actors over that whole range,
+//! so an actor is named, homed and routed the same way wherever it is sent
+//! from. Each process runs its own shards and one more thread, the
+//! *gateway*: for every pair (local shard, shard of another node) the shard
+//! has an ordinary ring out to the gateway and one in from it, so a shard
+//! stages and flushes a packet for a remote shard exactly as for a local
+//! one, and the gateway is the other end. Everything the shard protocol
+//! carries between shards crosses the same way: messages (alone or as a
+//! channel's run), acks (credits), placement updates and migration requests.
+//! Per-channel order and exactly-once delivery are the shard protocol's
+//! (sequence numbers, credits), over a session that delivers each frame
+//! once and in order (`dirigo_net::session`, every frame sealed).
+//!
+//! # Frames
+//!
+//! The gateway drains its rings toward one node into a batch of at most
+//! `BATCH_MESSAGES_MAX` messages, encodes it as one rkyv archive (a
+//! `WireBatch`: per packet, its source and target shard and the packet),
+//! and sends it as one session message; a batch over the frame's body bound
+//! is split in halves (a channel's run splits too, its sequence numbers
+//! following). A message that alone does not fit a frame cannot cross: it
+//! is dropped and the failure hook is told (naming the sender), which ends
+//! its job in the dataflow layer rather than lose it silently. The
+//! receiving gateway checks the archive once (rkyv validation), checks that
+//! each packet comes from a shard of the node that sent it and goes to a
+//! shard of this one (an error drops the batch, logged and counted), and
+//! pushes the packets into the target shards' rings.
+//!
+//! # Deadlines
+//!
+//! A message's deadline and origin are points on its node's clock, which
+//! means nothing on another node. The gateway sends what is left of them
+//! instead: the slack (deadline minus now, negative when late) and the age
+//! (now minus origin), and the receiving gateway puts them back on its own
+//! clock. So a message keeps its place in the receiver's deadline order,
+//! and its latency counts from its input's arrival on the first node. The
+//! time between the two gateways (encoding, the network, decoding) is not
+//! charged: the clocks of two nodes are not compared.
+//!
+//! # Bounds
+//!
+//! The shards' rings toward the gateway bound what it is handed; a session
+//! holds at most `SEND_BUFFER_FRAMES` frames unacked and takes at most
+//! `WINDOW_FRAMES` from the peer, of at most `FRAME_BYTES_MAX` each; while
+//! a peer's session is full the gateway stops draining the rings toward
+//! that peer (the shards' staging and credits hold the rest), and while a
+//! target shard's ring is full it stops taking that peer's frames (the
+//! session's credit stops the peer). Nothing grows without bound.
+//!
+//! # Not here
+//!
+//! Moving an actor between nodes (its slot moves by ownership between the
+//! shards of one node), and what happens when a node of the run is lost:
+//! what was in flight to it stays unacked (its senders run out of credit
+//! for its actors); recovering a run is the checkpoints' job.
+
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rkyv::api::high::{HighSerializer, HighValidator};
+use rkyv::bytecheck::CheckBytes;
+use rkyv::de::Pool;
+use rkyv::rancor::{Error as RkyvError, Strategy};
+use rkyv::ser::allocator::ArenaHandle;
+use rkyv::util::AlignedVec;
+use rkyv::{Archive, Deserialize, Serialize};
+
+use dirigo_net::conn::{accept, connect, ConnConfig};
+use dirigo_net::handshake::Identity;
+use dirigo_net::link::{Backoff, LinkConfig, Role, SendError as LinkSendError};
+use dirigo_net::session::{Session, SessionConfig};
+use dirigo_net::FrameConfig;
+
+use crate::actor::SchedCtx;
+use crate::doorbell::Doorbell;
+use crate::ids::{ActorId, JobId, ShardId};
+use crate::ring::{Consumer, Producer};
+
+use super::directory::Placement;
+use super::executor::ReadyGuard;
+use super::shard::{Envelope, Packet, Run};
+use super::{Failure, FailureHook, Shared};
+
+/// The session message kind of a batch of packets.
+const BATCH_KIND: u8 = 1;
+/// Messages one batch carries at most (a run counts each of its messages).
+const BATCH_MESSAGES_MAX: usize = 512;
+/// A frame's bound between gateways.
+pub const FRAME_BYTES_MAX: usize = 256 * 1024;
+/// Frames a gateway takes from one peer before its caller drains them.
+const WINDOW_FRAMES: u32 = 64;
+/// Frames a gateway holds for one peer, sent and not yet acked.
+const SEND_BUFFER_FRAMES: u32 = 64;
+/// How often a gateway with frames waiting for a full session looks again.
+const FULL_RETRY: Duration = Duration::from_micros(100);
+/// How long an idle gateway parks before it looks again anyway.
+const PARK_MAX: Duration = Duration::from_millis(50);
+/// How often a gateway looks again at a full ring to a local shard.
+const RING_RETRY: Duration = Duration::from_micros(20);
+
+/// One node of a run.
+#[derive(Clone, Debug)]
+pub struct RemoteNode {
+    /// Where its gateway listens.
+    pub addr: SocketAddr,
+    /// How many shards it runs.
+    pub shards: u16,
+}
+
+/// This node's part in a run that spans nodes.
+#[derive(Debug)]
+pub struct RemoteConfig {
+    /// Every node of the run, in the same order on every node: global shard
+    /// ids run through them in this order.
+    pub nodes: Vec<RemoteNode>,
+    /// This node's place in `nodes`.
+    pub me: usize,
+    /// Where this node's gateway takes connections (bound to
+    /// `nodes[me].addr`): a node dials those after it in `nodes` and
+    /// accepts those before it.
+    pub listener: std::net::TcpListener,
+    /// The cluster's name and shared secret: every connection is
+    /// authenticated both ways (`dirigo_net::handshake`); node `i` of
+    /// `nodes` authenticates as node id `i + 1`.
+    pub cluster: String,
+    pub secret: Vec<u8>,
+    /// Changes each time this node's part starts (a restarted peer's
+    /// session drops what it held, see `dirigo_net::link`).
+    pub incarnation: u64,
+}
+
+/// Which shards of a run are this process's.
+#[derive(Clone, Debug)]
+pub(crate) struct Layout {
+    /// The global id of this node's first shard.
+    pub first: u16,
+    /// How many shards this node runs.
+    pub local: u16,
+    /// Per shard of the run, the node that runs it.
+    pub node_of: Vec<u16>,
+}
+
+impl Layout {
+    /// A run on one node.
+    pub fn single(shards: usize) -> Layout {
+        Layout {
+            first: 0,
+            local: shards.min(u16::MAX as usize) as u16,
+            node_of: vec![0; shards],
+        }
+    }
+
+    pub fn of(nodes: &[RemoteNode], me: usize) -> Result<Layout, String> {
+        if me >= nodes.len() {
+            return Err(format!("node {me} of a run of {} nodes", nodes.len()));
+        }
+        let total: usize = nodes.iter().map(|n| usize::from(n.shards)).sum();
+        if total > 1024 || nodes.iter().any(|n| n.shards == 0) {
+            return Err(format!(
+                "a run needs 1 to 1024 shards on each node and at most 1024 in all, not {:?}",
+                nodes.iter().map(|n| n.shards).collect::<Vec<_>>()
+            ));
+        }
+        let mut node_of = Vec::with_capacity(total);
+        let mut first = 0;
+        for (i, node) in nodes.iter().enumerate() {
+            if i == me {
+                first = node_of.len() as u16;
+            }
+            node_of.extend(std::iter::repeat_n(i as u16, usize::from(node.shards)));
+        }
+        Ok(Layout {
+            first,
+            local: nodes[me].shards,
+            node_of,
+        })
+    }
+
+    pub fn total(&self) -> u16 {
+        self.node_of.len() as u16
+    }
+
+    pub fn local_range(&self) -> std::ops::Range<u16> {
+        self.first..self.first + self.local
+    }
+
+    /// `shard`'s index among this node's shards, if it is one of them.
+    pub fn local_index(&self, shard: ShardId) -> Option<usize> {
+        self.local_range()
+            .contains(&shard.0)
+            .then(|| usize::from(shard.0 - self.first))
+    }
+}
+
+/// What a message can be to cross nodes: rkyv-encodable and checked on
+/// the way in. Implemented for every such type; nothing to write by hand.
+pub trait Wire: Send + Sized + 'static {
+    #[doc(hidden)]
+    fn encode_batch(batch: &WireBatch<Self>) -> AlignedVec;
+    #[doc(hidden)]
+    fn decode_batch(bytes: &[u8]) -> Result<WireBatch<Self>, RkyvError>;
+}
+
+impl<M> Wire for M
+where
+    M: Archive + Send + 'static,
+    M: for<'a> Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, RkyvError>>,
+    M::Archived: for<'a> CheckBytes<HighValidator<'a, RkyvError>>
+        + Deserialize<M, Strategy<Pool, RkyvError>>,
+{
+    fn encode_batch(batch: &WireBatch<Self>) -> AlignedVec {
+        rkyv::to_bytes::<RkyvError>(batch).expect("encoding into memory cannot fail")
+    }
+
+    fn decode_batch(bytes: &[u8]) -> Result<WireBatch<Self>, RkyvError> {
+        rkyv::from_bytes::<WireBatch<M>, RkyvError>(bytes)
+    }
+}
+
+/// A message's scheduling context as it crosses nodes: what is left of its
+/// deadline, and how long ago its input arrived (see "Deadlines").
+#[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[doc(hidden)]
+pub struct WireSched {
+    job: u32,
+    /// Deadline minus now (ns); meaningless unless `deadline_set`.
+    slack_ns: i64,
+    /// Now minus origin (ns); meaningless unless `origin_set`.
+    age_ns: u64,
+    deadline_set: bool,
+    origin_set: bool,
+}
+
+impl WireSched {
+    fn from_sched(sched: SchedCtx, now_ns: u64) -> WireSched {
+        let slack = i128::from(sched.deadline_ns) - i128::from(now_ns);
+        WireSched {
+            job: sched.job.0,
+            slack_ns: slack.clamp(i64::MIN.into(), i64::MAX.into()) as i64,
+            age_ns: now_ns.saturating_sub(sched.origin_ns),
+            deadline_set: sched.deadline_ns != 0,
+            origin_set: sched.origin_ns != 0,
+        }
+    }
+
+    /// Back on the receiving clock; a time that would fall before its
+    /// start is its start (1 ns: 0 means "none").
+    fn to_sched(self, now_ns: u64) -> SchedCtx {
+        let deadline = i128::from(now_ns) + i128::from(self.slack_ns);
+        SchedCtx {
+            job: JobId(self.job),
+            deadline_ns: if self.deadline_set {
+                deadline.clamp(1, u64::MAX.into()) as u64
+            } else {
+                0
+            },
+            origin_ns: if self.origin_set {
+                now_ns.saturating_sub(self.age_ns).max(1)
+            } else {
+                0
+            },
+        }
+    }
+}
+
+/// One packet of a batch, as the shard protocol has it.
+#[derive(Archive, Serialize, Deserialize)]
+#[doc(hidden)]
+pub enum WirePacket<M> {
+    Message {
+        to: ActorId,
+        from: ActorId,
+        seq: u64,
+        credit_shard: u16,
+        route_epoch: u64,
+        sched: WireSched,
+        message: M,
+    },
+    Run {
+        to: ActorId,
+        from: ActorId,
+        first_seq: u64,
+        credit_shard: u16,
+        route_epoch: u64,
+        messages: Vec<(WireSched, M)>,
+    },
+    Ack {
+        actor: ActorId,
+        messages: u32,
+    },
+    Placement {
+        actor: ActorId,
+        shard: u16,
+        epoch: u64,
+    },
+    Migrate {
+        actor: ActorId,
+        to: u16,
+    },
+}
+
+#[derive(Archive, Serialize, Deserialize)]
+#[doc(hidden)]
+pub struct WireItem<M> {
+    from_shard: u16,
+    to_shard: u16,
+    packet: WirePacket<M>,
+}
+
+/// What crosses between two gateways in one frame.
+#[derive(Archive, Serialize, Deserialize)]
+#[doc(hidden)]
+pub struct WireBatch<M> {
+    items: Vec<WireItem<M>>,
+}
+
+impl<M> WirePacket<M> {
+    /// The packet for the wire; `None` for a handoff, which never crosses
+    /// nodes (`ShardCore::route_migrate` refuses a remote target).
+    fn from_packet(packet: Packet<M>, now_ns: u64) -> Option<WirePacket<M>> {
+        Some(match packet {
+            Packet::Message(env) => WirePacket::Message {
+                to: env.to,
+                from: env.from,
+                seq: env.seq,
+                credit_shard: env.credit_shard,
+                route_epoch: env.route_epoch,
+                sched: WireSched::from_sched(env.sched, now_ns),
+                message: env.message,
+            },
+            Packet::Run(run) => {
+                let parts = run.into_parts();
+                WirePacket::Run {
+                    to: parts.to,
+                    from: parts.from,
+                    first_seq: parts.first_seq,
+                    credit_shard: parts.credit_shard,
+                    route_epoch: parts.route_epoch,
+                    messages: parts
+                        .messages
+                        .into_iter()
+                        .map(|(sched, m)| (WireSched::from_sched(sched, now_ns), m))
+                        .collect(),
+                }
+            }
+            Packet::Ack { actor, messages } => WirePacket::Ack { actor, messages },
+            Packet::Placement { actor, placement } => WirePacket::Placement {
+                actor,
+                shard: placement.shard.0,
+                epoch: placement.epoch,
+            },
+            Packet::Migrate { actor, to } => WirePacket::Migrate { actor, to: to.0 },
+            Packet::Handoff(..) => return None,
+        })
+    }
+
+    fn into_packet(self, now_ns: u64) -> Packet<M> {
+        match self {
+            WirePacket::Message {
+                to,
+                from,
+                seq,
+                credit_shard,
+                route_epoch,
+                sched,
+                message,
+            } => Packet::Message(Envelope {
+                to,
+                from,
+                seq,
+                credit_shard,
+                route_epoch,
+                sched: sched.to_sched(now_ns),
+                message,
+            }),
+            WirePacket::Run {
+                to,
+                from,
+                first_seq,
+                credit_shard,
+                route_epoch,
+                messages,
+            } => Packet::Run(Run::from_parts(super::shard::RunParts {
+                to,
+                from,
+                first_seq,
+                credit_shard,
+                route_epoch,
+                messages: messages
+                    .into_iter()
+                    .map(|(sched, m)| (sched.to_sched(now_ns), m))
+                    .collect(),
+            })),
+            WirePacket::Ack { actor, messages } => Packet::Ack { actor, messages },
+            WirePacket::Placement {
+                actor,
+                shard,
+                epoch,
+            } => Packet::Placement {
+                actor,
+                placement: Placement {
+                    shard: ShardId(shard),
+                    epoch,
+                },
+            },
+            WirePacket::Migrate { actor, to } => Packet::Migrate {
+                actor,
+                to: ShardId(to),
+            },
+        }
+    }
+
+    fn messages(&self) -> usize {
+        match self {
+            WirePacket::Message { .. } => 1,
+            WirePacket::Run { messages, .. } => messages.len(),
+            _ => 0,
+        }
+    }
+
+    /// The shards a packet names besides its ends, which must be shards of
+    /// the run.
+    fn named_shards(&self) -> [Option<u16>; 2] {
+        match self {
+            WirePacket::Message { credit_shard, .. } | WirePacket::Run { credit_shard, .. } => {
+                [Some(*credit_shard).filter(|&s| s != u16::MAX), None]
+            }
+            WirePacket::Placement { shard, .. } => [Some(*shard), None],
+            WirePacket::Migrate { to, .. } => [Some(*to), None],
+            WirePacket::Ack { .. } => [None, None],
+        }
+    }
+
+    /// The sender of the packet's messages, for a failure report.
+    fn sender(&self) -> Option<ActorId> {
+        match self {
+            WirePacket::Message { from, .. } | WirePacket::Run { from, .. } => Some(*from),
+            _ => None,
+        }
+    }
+}
+
+/// The gateway's counts (cumulative, since the start).
+#[derive(Debug, Default)]
+pub struct RemoteStats {
+    frames_out: AtomicU64,
+    frames_in: AtomicU64,
+    bytes_out: AtomicU64,
+    bytes_in: AtomicU64,
+    messages_out: AtomicU64,
+    messages_in: AtomicU64,
+    /// Frames split because they were over the bound.
+    splits: AtomicU64,
+    /// Messages dropped because one alone is over the frame's bound.
+    oversized: AtomicU64,
+    /// Batches refused: not an archive, or naming shards they may not.
+    refused: AtomicU64,
+}
+
+/// A copy of [`RemoteStats`] at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemoteSnapshot {
+    pub frames_out: u64,
+    pub frames_in: u64,
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    pub messages_out: u64,
+    pub messages_in: u64,
+    pub splits: u64,
+    pub oversized: u64,
+    pub refused: u64,
+}
+
+impl RemoteStats {
+    pub fn snapshot(&self) -> RemoteSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        RemoteSnapshot {
+            frames_out: get(&self.frames_out),
+            frames_in: get(&self.frames_in),
+            bytes_out: get(&self.bytes_out),
+            bytes_in: get(&self.bytes_in),
+            messages_out: get(&self.messages_out),
+            messages_in: get(&self.messages_in),
+            splits: get(&self.splits),
+            oversized: get(&self.oversized),
+            refused: get(&self.refused),
+        }
+    }
+}
+
+fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+/// A ring between a shard of this node and one of another node, with its
+/// two ends' global ids (source, target).
+pub(super) type Crossing<R> = (ShardId, ShardId, R);
+
+/// The rings and handles `Runtime::start_with` makes for the gateway.
+pub(super) struct GatewayParts<M: Send + 'static> {
+    pub layout: Layout,
+    /// From a local shard to another node's shard: the gateway drains it.
+    pub outbound: Vec<Crossing<Consumer<Packet<M>>>>,
+    /// From another node's shard to a local one: the gateway fills it.
+    pub inbound: Vec<Crossing<Producer<Packet<M>>>>,
+    pub shared_stop: Arc<Shared<M>>,
+    pub doorbell: Arc<Doorbell>,
+    pub on_failure: Option<FailureHook>,
+    pub ready: Option<ReadyGuard>,
+}
+
+/// The session settings between gateways (see "Bounds").
+fn session_config() -> SessionConfig {
+    let frame = FrameConfig::new(FRAME_BYTES_MAX).expect("a valid frame bound");
+    SessionConfig {
+        link: LinkConfig {
+            window_msgs: WINDOW_FRAMES,
+            send_buffer_msgs: SEND_BUFFER_FRAMES,
+            frame,
+            ..LinkConfig::default()
+        },
+        conn: ConnConfig {
+            frame,
+            ..ConnConfig::default()
+        },
+        ..SessionConfig::default()
+    }
+}
+
+pub(super) fn start_gateway<M: Wire>(
+    config: RemoteConfig,
+    parts: GatewayParts<M>,
+    stats: Arc<RemoteStats>,
+) -> Result<glommio::ExecutorJoinHandle<()>, String> {
+    let identity = Identity::new(&config.cluster, config.me as u64 + 1, &config.secret)?;
+    let me = config.me;
+    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .name(&format!("dirigo-gateway{me}"))
+        .io_memory(64 << 10)
+        .spawn(move || gateway(config, identity, parts, stats))
+        .map_err(|e| e.to_string())
+}
+
+async fn gateway<M: Wire>(
+    config: RemoteConfig,
+    identity: Identity,
+    mut parts: GatewayParts<M>,
+    stats: Arc<RemoteStats>,
+) {
+    let me = config.me;
+    let listener_fd = config.listener.into_raw_fd();
+    // SAFETY: the descriptor is a bound TCP listener that this call owns
+    // from `into_raw_fd` on.
+    let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listener_fd) };
+    let sessions: Rc<Vec<Option<Session>>> = Rc::new(
+        (0..config.nodes.len())
+            .map(|j| (j != me).then(|| Session::new(session_config(), config.incarnation)))
+            .collect(),
+    );
+    let identity = Rc::new(identity);
+    let mut tasks = Vec::new();
+    for (j, node) in config.nodes.iter().enumerate().skip(me + 1) {
+        let session = sessions[j].clone().expect("a peer's session");
+        tasks.push(glommio::spawn_local(dial(
+            session,
+            node.addr,
+            identity.clone(),
+            j as u64 + 1,
+            config.incarnation ^ j as u64,
+        )));
+    }
+    tasks.push(glommio::spawn_local(accept_loop(
+        listener,
+        sessions.clone(),
+        identity.clone(),
+        me,
+    )));
+    // Each peer's receiver fills the rings from that peer's shards.
+    let mut inbound: Vec<Vec<Crossing<Producer<Packet<M>>>>> =
+        (0..config.nodes.len()).map(|_| Vec::new()).collect();
+    for (from, to, producer) in std::mem::take(&mut parts.inbound) {
+        inbound[usize::from(parts.layout.node_of[from.index()])].push((from, to, producer));
+    }
+    for (j, rings) in inbound.into_iter().enumerate() {
+        if let Some(session) = &sessions[j] {
+            tasks.push(glommio::spawn_local(receive(
+                session.clone(),
+                j,
+                rings,
+                parts.layout.clone(),
+                parts.shared_stop.clone(),
+                stats.clone(),
+            )));
+        }
+    }
+    if let Some(mut ready) = parts.ready.take() {
+        ready.signal(true);
+    }
+    send_loop(&mut parts, &sessions, &stats).await;
+    for session in sessions.iter().flatten() {
+        session.stop();
+    }
+    // The other tasks end with the sessions (or are dropped with the executor).
+    drop(tasks);
+}
+
+/// Drain the rings toward other nodes into frames until the runtime stops.
+async fn send_loop<M: Wire>(
+    parts: &mut GatewayParts<M>,
+    sessions: &[Option<Session>],
+    stats: &RemoteStats,
+) {
+    let nodes = sessions.len();
+    // Frames made and not yet taken by a full session, per peer.
+    let mut waiting: Vec<std::collections::VecDeque<Vec<u8>>> =
+        (0..nodes).map(|_| Default::default()).collect();
+    let shared = parts.shared_stop.clone();
+    loop {
+        if shared.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let now_ns = crate::clock::monotonic_ns();
+        let mut progress = false;
+        for (j, session) in sessions.iter().enumerate() {
+            let Some(session) = session else {
+                continue;
+            };
+            if !offer(session, &mut waiting[j], stats) {
+                continue; // full: leave this peer's rings to the shards' staging
+            }
+            let mut items = Vec::new();
+            let mut messages = 0;
+            for (from, to, consumer) in parts.outbound.iter_mut() {
+                if usize::from(parts.layout.node_of[to.index()]) != j {
+                    continue;
+                }
+                while messages < BATCH_MESSAGES_MAX {
+                    let taken = consumer.drain(16, |packet| {
+                        match WirePacket::from_packet(packet, now_ns) {
+                            Some(packet) => {
+                                messages += packet.messages();
+                                items.push(WireItem {
+                                    from_shard: from.0,
+                                    to_shard: to.0,
+                                    packet,
+                                });
+                            }
+                            None => debug_assert!(false, "a handoff toward another node"),
+                        }
+                    });
+                    if taken == 0 {
+                        break;
+                    }
+                }
+            }
+            if items.is_empty() {
+                continue;
+            }
+            progress = true;
+            add(&stats.messages_out, messages as u64);
+            let body_max = session.body_bytes_max();
+            encode_frames(items, body_max, &mut waiting[j], stats, &parts.on_failure);
+            offer(session, &mut waiting[j], stats);
+        }
+        if progress {
+            glommio::yield_if_needed().await;
+            continue;
+        }
+        let any_waiting = waiting.iter().any(|w| !w.is_empty());
+        let outbound = &parts.outbound;
+        let park = parts.doorbell.park(|| {
+            shared.stop.load(Ordering::Acquire) || outbound.iter().any(|(_, _, c)| !c.is_empty())
+        });
+        let wait = if any_waiting { FULL_RETRY } else { PARK_MAX };
+        let _ = glommio::timer::timeout(wait, async {
+            park.await;
+            Ok(())
+        })
+        .await;
+    }
+}
+
+/// Hand a peer's waiting frames to its session; whether all were taken.
+fn offer(
+    session: &Session,
+    waiting: &mut std::collections::VecDeque<Vec<u8>>,
+    stats: &RemoteStats,
+) -> bool {
+    while !waiting.is_empty() {
+        if !session.has_room() {
+            return false;
+        }
+        let frame = waiting.pop_front().expect("not empty");
+        let bytes = frame.len() as u64;
+        match session.send(BATCH_KIND, frame) {
+            Ok(_) => {
+                add(&stats.frames_out, 1);
+                add(&stats.bytes_out, bytes);
+            }
+            // Stopped: the runtime is stopping.
+            Err(LinkSendError::Stopped) => return false,
+            // Full was ruled out above; a frame too large cannot be made
+            // (`encode_frames` keeps within the bound).
+            Err(e) => debug_assert!(false, "a gateway frame refused: {e:?}"),
+        }
+    }
+    true
+}
+
+/// Encode `items` as frames of at most `body_max` bytes each, in order,
+/// splitting a batch (and a run) that is over it.
+fn encode_frames<M: Wire>(
+    items: Vec<WireItem<M>>,
+    body_max: usize,
+    out: &mut std::collections::VecDeque<Vec<u8>>,
+    stats: &RemoteStats,
+    on_failure: &Option<FailureHook>,
+) {
+    let batch = WireBatch { items };
+    let bytes = M::encode_batch(&batch);
+    if bytes.len() <= body_max {
+        out.push_back(bytes.to_vec());
+        return;
+    }
+    add(&stats.splits, 1);
+    let mut items = batch.items;
+    if items.len() > 1 {
+        let second = items.split_off(items.len() / 2);
+        encode_frames(items, body_max, out, stats, on_failure);
+        encode_frames(second, body_max, out, stats, on_failure);
+        return;
+    }
+    let Some(item) = items.pop() else {
+        return;
+    };
+    match item.packet {
+        WirePacket::Run {
+            to,
+            from,
+            first_seq,
+            credit_shard,
+            route_epoch,
+            mut messages,
+        } if messages.len() > 1 => {
+            let second = messages.split_off(messages.len() / 2);
+            let half = |first_seq, messages| WireItem {
+                from_shard: item.from_shard,
+                to_shard: item.to_shard,
+                packet: WirePacket::Run {
+                    to,
+                    from,
+                    first_seq,
+                    credit_shard,
+                    route_epoch,
+                    messages,
+                },
+            };
+            let second_seq = first_seq + messages.len() as u64;
+            encode_frames(
+                vec![half(first_seq, messages)],
+                body_max,
+                out,
+                stats,
+                on_failure,
+            );
+            encode_frames(
+                vec![half(second_seq, second)],
+                body_max,
+                out,
+                stats,
+                on_failure,
+            );
+        }
+        packet => {
+            add(&stats.oversized, packet.messages() as u64);
+            let message = format!(
+                "a message of more than {body_max} bytes (encoded) cannot cross nodes; it was dropped"
+            );
+            eprintln!("dirigo gateway: {message}");
+            if let Some(hook) = on_failure {
+                hook(Failure {
+                    actor: packet.sender(),
+                    shard: ShardId(item.from_shard),
+                    message,
+                });
+            }
+        }
+    }
+}
+
+/// Take `peer`'s frames and push their packets into the local shards'
+/// rings, in order, waiting while a ring is full.
+async fn receive<M: Wire>(
+    session: Session,
+    peer: usize,
+    mut rings: Vec<Crossing<Producer<Packet<M>>>>,
+    layout: Layout,
+    shared: Arc<Shared<M>>,
+    stats: Arc<RemoteStats>,
+) {
+    let mut aligned = AlignedVec::<16>::new();
+    while let Some((kind, body)) = session.recv_wait().await {
+        add(&stats.frames_in, 1);
+        add(&stats.bytes_in, body.len() as u64);
+        if kind != BATCH_KIND {
+            add(&stats.refused, 1);
+            eprintln!("dirigo gateway: a message of kind {kind} from node {peer} refused");
+            continue;
+        }
+        aligned.clear();
+        aligned.extend_from_slice(&body);
+        drop(body);
+        let batch = match M::decode_batch(&aligned) {
+            Ok(batch) => batch,
+            Err(e) => {
+                add(&stats.refused, 1);
+                eprintln!("dirigo gateway: a malformed batch from node {peer} refused: {e}");
+                continue;
+            }
+        };
+        let in_run = |s: u16| usize::from(s) < layout.node_of.len();
+        let valid = batch.items.iter().all(|item| {
+            in_run(item.from_shard)
+                && usize::from(layout.node_of[usize::from(item.from_shard)]) == peer
+                && layout.local_index(ShardId(item.to_shard)).is_some()
+                && item
+                    .packet
+                    .named_shards()
+                    .iter()
+                    .flatten()
+                    .all(|&s| in_run(s))
+        });
+        if !valid {
+            add(&stats.refused, 1);
+            eprintln!("dirigo gateway: a batch from node {peer} naming shards it may not refused");
+            continue;
+        }
+        let now_ns = crate::clock::monotonic_ns();
+        let mut woken = 0u128; // bit per local shard rung (up to 128), the rest at once
+        for item in batch.items {
+            add(&stats.messages_in, item.packet.messages() as u64);
+            let mut packet = item.packet.into_packet(now_ns);
+            let to = ShardId(item.to_shard);
+            let Some((_, _, ring)) = rings
+                .iter_mut()
+                .find(|(from, t, _)| from.0 == item.from_shard && *t == to)
+            else {
+                continue; // checked above: every pair has its ring
+            };
+            loop {
+                match ring.push(packet) {
+                    Ok(()) => break,
+                    Err(back) => {
+                        packet = back;
+                        shared.doorbells[to.index()].ring();
+                        if shared.stop.load(Ordering::Acquire) {
+                            return;
+                        }
+                        glommio::timer::sleep(RING_RETRY).await;
+                    }
+                }
+            }
+            let local = layout.local_index(to).unwrap_or(0);
+            if local < 128 {
+                woken |= 1 << local;
+            } else {
+                shared.doorbells[to.index()].ring();
+            }
+        }
+        for local in 0..128.min(usize::from(layout.local)) {
+            if woken & (1 << local) != 0 {
+                shared.doorbells[usize::from(layout.first) + local].ring();
+            }
+        }
+    }
+}
+
+/// Dial `peer` (node index + 1 as its id) until the session stops.
+async fn dial(session: Session, addr: SocketAddr, identity: Rc<Identity>, peer: u64, seed: u64) {
+    let config = session_config();
+    let mut backoff = Backoff::new(
+        config.backoff_base.as_nanos() as u64,
+        config.backoff_max.as_nanos() as u64,
+        seed,
+    );
+    let mut failures = 0u64;
+    loop {
+        match connect(addr, &identity, &config.conn).await {
+            Ok(conn) if conn.peer().node == peer => {
+                failures = 0;
+                let before = session.stats().delivered + session.stats().sent;
+                let ended = session.serve(conn, Role::Client).await;
+                if matches!(ended, dirigo_net::session::Ended::Stopped) {
+                    return;
+                }
+                if session.stats().delivered + session.stats().sent > before {
+                    backoff.reset();
+                }
+            }
+            Ok(conn) => eprintln!(
+                "dirigo gateway: {addr} is node {}, not node {peer}",
+                conn.peer().node
+            ),
+            Err(e) => {
+                failures += 1;
+                if failures % 50 == 1 {
+                    eprintln!(
+                        "dirigo gateway: dialing node {peer} at {addr} ({failures} tries): {e}"
+                    );
+                }
+            }
+        }
+        glommio::timer::sleep(Duration::from_nanos(backoff.next_delay_ns())).await;
+    }
+}
+
+/// Take the connections of the nodes before this one in the run.
+async fn accept_loop(
+    listener: glommio::net::TcpListener,
+    sessions: Rc<Vec<Option<Session>>>,
+    identity: Rc<Identity>,
+    me: usize,
+) {
+    let config = session_config();
+    loop {
+        let stream = match listener.accept().await {
+            Ok(stream) => stream,
+            Err(e) => {
+                eprintln!("dirigo gateway: accept: {e}");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let sessions = sessions.clone();
+        let identity = identity.clone();
+        let conn_config = config.conn.clone();
+        glommio::spawn_local(async move {
+            match accept(stream, &identity, &conn_config).await {
+                Ok(conn) => {
+                    let peer = conn.peer().node;
+                    let index = peer.checked_sub(1).map(|i| i as usize);
+                    match index.filter(|&i| i < me).and_then(|i| sessions[i].clone()) {
+                        Some(session) => {
+                            session.serve(conn, Role::Server).await;
+                        }
+                        None => eprintln!(
+                            "dirigo gateway: refused node {peer}: only the nodes before this one ({me}) dial it"
+                        ),
+                    }
+                }
+                Err((addr, e)) => eprintln!(
+                    "dirigo gateway: refused a connection from {}: {e}",
+                    addr.map_or("an unknown address".into(), |a| a.to_string())
+                ),
+            }
+        })
+        .detach();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deadline_crosses_as_slack_and_an_origin_as_age() {
+        let sched = SchedCtx {
+            job: JobId(3),
+            deadline_ns: 5_000_000,
+            origin_ns: 1_000_000,
+        };
+        // Sent at 2 ms on one clock, taken at 10 s on another.
+        let wire = WireSched::from_sched(sched, 2_000_000);
+        let back = wire.to_sched(10_000_000_000);
+        assert_eq!(back.job, JobId(3));
+        assert_eq!(back.deadline_ns, 10_000_000_000 + 3_000_000);
+        assert_eq!(back.origin_ns, 10_000_000_000 - 1_000_000);
+        // Late: the slack is negative and stays so.
+        let late = WireSched::from_sched(sched, 7_000_000).to_sched(10_000_000_000);
+        assert_eq!(late.deadline_ns, 10_000_000_000 - 2_000_000);
+        // None stays none; a deadline before the receiver's clock began is its start.
+        let none = WireSched::from_sched(SchedCtx::default(), 7).to_sched(9);
+        assert_eq!(none, SchedCtx::default());
+        let early = WireSched::from_sched(sched, 9_000_000).to_sched(1_000);
+        assert_eq!(early.deadline_ns, 1);
+        assert_eq!(early.origin_ns, 1);
+    }
+
+    #[test]
+    fn the_layout_numbers_shards_across_nodes_in_order() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let nodes = [
+            RemoteNode { addr, shards: 2 },
+            RemoteNode { addr, shards: 3 },
+            RemoteNode { addr, shards: 1 },
+        ];
+        let layout = Layout::of(&nodes, 1).unwrap();
+        assert_eq!(layout.first, 2);
+        assert_eq!(layout.total(), 6);
+        assert_eq!(layout.node_of, vec![0, 0, 1, 1, 1, 2]);
+        assert_eq!(layout.local_index(ShardId(1)), None);
+        assert_eq!(layout.local_index(ShardId(4)), Some(2));
+        assert_eq!(layout.local_index(ShardId(5)), None);
+        assert!(Layout::of(&nodes, 3).is_err());
+        let empty = [RemoteNode { addr, shards: 0 }];
+        assert!(Layout::of(&empty, 0).is_err());
+    }
+
+    #[test]
+    fn a_batch_over_the_bound_is_split_in_order_and_a_run_with_it() {
+        let stats = RemoteStats::default();
+        let actor = ActorId::new(JobId(1), 1, 0);
+        let sched = WireSched::from_sched(SchedCtx::default(), 0);
+        let run = |first_seq: u64, n: usize| WireItem {
+            from_shard: 0,
+            to_shard: 1,
+            packet: WirePacket::Run {
+                to: actor,
+                from: actor,
+                first_seq,
+                credit_shard: 0,
+                route_epoch: 0,
+                messages: (0..n).map(|i| (sched, vec![i as u8; 1000])).collect(),
+            },
+        };
+        let mut frames = std::collections::VecDeque::new();
+        encode_frames(
+            vec![run(1, 40), run(41, 10)],
+            8_192,
+            &mut frames,
+            &stats,
+            &None,
+        );
+        assert!(frames.len() > 2, "{} frames", frames.len());
+        let mut next = 1;
+        for frame in &frames {
+            assert!(frame.len() <= 8_192);
+            let mut aligned = AlignedVec::<16>::new();
+            aligned.extend_from_slice(frame);
+            for item in Vec::<u8>::decode_batch(&aligned).unwrap().items {
+                let WirePacket::Run {
+                    first_seq,
+                    messages,
+                    ..
+                } = item.packet
+                else {
+                    panic!("runs only");
+                };
+                assert_eq!(first_seq, next);
+                for (i, (_, m)) in messages.iter().enumerate() {
+                    assert_eq!(u64::from(m[0]), (first_seq - 1 + i as u64) % 40);
+                }
+                next += messages.len() as u64;
+            }
+        }
+        assert_eq!(next, 51);
+        assert_eq!(stats.snapshot().oversized, 0);
+        // One message over the bound alone is dropped and counted.
+        let mut frames = std::collections::VecDeque::new();
+        encode_frames(vec![run(1, 1)], 512, &mut frames, &stats, &None);
+        assert!(frames.is_empty());
+        assert_eq!(stats.snapshot().oversized, 1);
+    }
+}

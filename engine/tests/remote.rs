@@ -1,0 +1,254 @@
+//! Remote actor sends: two runtimes, each one node of a run, in one process,
+//! their gateways connected over loopback TCP (authenticated sessions,
+//! sealed frames). Actors on either node send to actors on both; the
+//! shared ledger checks every channel exactly, also while actors move
+//! between the shards of their node.
+
+mod common;
+
+use std::net::TcpListener;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use dirigo_engine::runtime::{
+    MemoryStateStore, RemoteConfig, RemoteNode, RuntimeConfig, SendError, ShardConfig,
+};
+use dirigo_engine::{
+    Actor, ActorFactory, ActorId, BoxActor, Context, JobId, Runtime, SchedCtx, ShardId,
+};
+
+const SECRET: &[u8] = b"a test secret of at least thirty-two bytes";
+
+fn config(shards: usize) -> RuntimeConfig {
+    RuntimeConfig {
+        shards,
+        oversubscribe: true,
+        pin: false,
+        ring_packets: 256,
+        shard: ShardConfig {
+            mailbox_credit_messages: 64,
+            ..ShardConfig::default()
+        },
+        ..RuntimeConfig::default()
+    }
+}
+
+/// Listeners for a run of `nodes` nodes of `shards` shards each.
+fn listeners(nodes: usize, shards: u16) -> (Vec<TcpListener>, Vec<RemoteNode>) {
+    let listeners: Vec<TcpListener> = (0..nodes)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("a loopback port"))
+        .collect();
+    let run = listeners
+        .iter()
+        .map(|l| RemoteNode {
+            addr: l.local_addr().expect("bound"),
+            shards,
+        })
+        .collect();
+    (listeners, run)
+}
+
+fn start_node<M: dirigo_engine::runtime::Wire>(
+    me: usize,
+    listener: TcpListener,
+    nodes: &[RemoteNode],
+    secret: &[u8],
+    factory: Arc<dyn ActorFactory<M>>,
+) -> Runtime<M> {
+    let remote = RemoteConfig {
+        nodes: nodes.to_vec(),
+        me,
+        listener,
+        cluster: "remote-test".into(),
+        secret: secret.to_vec(),
+        incarnation: 1 + me as u64,
+    };
+    Runtime::start_remote(
+        config(usize::from(nodes[me].shards)),
+        remote,
+        factory,
+        Arc::new(MemoryStateStore::default()),
+    )
+    .expect("the node's runtime starts")
+}
+
+#[test]
+fn actors_on_two_nodes_exchange_messages_exactly_in_order_while_they_move() {
+    let workload = Workload {
+        sources: 4,
+        targets: 8,
+        per_channel: 10_000,
+        batch: 64,
+        target_spin_ns: 0,
+    };
+    let built = build(&workload);
+    let (mut ls, nodes) = listeners(2, 2);
+    let b = start_node(1, ls.pop().unwrap(), &nodes, SECRET, built.factory.clone());
+    let a = start_node(0, ls.pop().unwrap(), &nodes, SECRET, built.factory.clone());
+    assert_eq!((a.first_shard(), b.first_shard()), (ShardId(0), ShardId(2)));
+    assert_eq!((a.total_shards(), a.shards()), (4, 2));
+    // Every source is ticked through node 0; those homed on node 1 (sources
+    // 2 and 3) get their tick through the gateway.
+    for s in 0..workload.sources {
+        a.send(source(s), Msg::Tick, sched()).expect("shard alive");
+    }
+    assert_eq!(
+        a.migrate(target(0), ShardId(2)),
+        Err(SendError::Remote(ShardId(2))),
+        "an actor does not move between nodes"
+    );
+    let total = workload.per_channel * u64::from(workload.sources * workload.targets);
+    let mut rng = dirigo_engine::runtime::sim::SimRng::new(7);
+    let start = Instant::now();
+    while built.ledger.received.load(Ordering::Acquire) < total {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "stuck at {} of {total}",
+            built.ledger.received.load(Ordering::Acquire)
+        );
+        // Each node moves an actor among its own shards (one it does not
+        // hold is refused where it lives).
+        let pick = rng.below(u64::from(workload.sources + workload.targets)) as u32;
+        let actor = if pick < workload.sources {
+            source(pick)
+        } else {
+            target(pick - workload.sources)
+        };
+        a.migrate(actor, ShardId(rng.below(2) as u16))
+            .expect("alive");
+        b.migrate(actor, ShardId(2 + rng.below(2) as u16))
+            .expect("alive");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    built.ledger.assert_complete(workload.per_channel);
+    for (name, node) in [("node 0", &a), ("node 1", &b)] {
+        let remote = node.remote_stats().expect("a remote run");
+        assert!(
+            remote.messages_out > 0 && remote.messages_in > 0,
+            "{name} sent and took messages: {remote:?}"
+        );
+        assert_eq!((remote.oversized, remote.refused), (0, 0), "{name}");
+        let stats = node.stats();
+        assert!(stats.dead.is_empty());
+        let moved: u64 = stats.shards.iter().map(|s| s.migrations_in).sum();
+        assert!(moved > 0, "{name} moved actors among its shards");
+        assert!(stats
+            .shards
+            .iter()
+            .all(|s| (s.shard.0 >= node.first_shard().0) && s.shard.0 < node.first_shard().0 + 2));
+    }
+    a.shutdown();
+    b.shutdown();
+}
+
+/// What the probe saw of one message.
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    sched: SchedCtx,
+    now_ns: u64,
+    shard: ShardId,
+}
+
+#[derive(Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct Probe(u64);
+
+struct Recorder(Arc<Mutex<Vec<Seen>>>);
+
+impl Actor for Recorder {
+    type Message = Probe;
+
+    fn handle(&mut self, _message: Probe, ctx: &mut Context<'_, Probe>) {
+        self.0.lock().unwrap().push(Seen {
+            sched: ctx.sched(),
+            now_ns: ctx.now_ns(),
+            shard: ctx.shard(),
+        });
+    }
+
+    fn snapshot(&mut self) -> Option<dirigo_engine::StateBytes> {
+        None
+    }
+}
+
+fn recorder(seen: Arc<Mutex<Vec<Seen>>>) -> Arc<dyn ActorFactory<Probe>> {
+    Arc::new(move |_: ActorId, _: Option<&[u8]>| -> BoxActor<Probe> {
+        Box::new(Recorder(seen.clone()))
+    })
+}
+
+#[test]
+fn a_deadline_crosses_nodes_as_the_slack_left() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (mut ls, nodes) = listeners(2, 1);
+    let b = start_node(1, ls.pop().unwrap(), &nodes, SECRET, recorder(seen.clone()));
+    let a = start_node(0, ls.pop().unwrap(), &nodes, SECRET, recorder(seen.clone()));
+    // Partition 1 lives on shard 1: node 1's.
+    let far = ActorId::new(JobId(9), 1, 1);
+    let clock = dirigo_engine::clock::Clock::Monotonic;
+    let mut sent = Vec::new();
+    for i in 0..20 {
+        let now = clock.now_ns();
+        let sched = SchedCtx {
+            job: JobId(9),
+            deadline_ns: now + 50_000_000,
+            origin_ns: now,
+        };
+        a.send(far, Probe(i), sched).expect("alive");
+        sent.push(sched);
+    }
+    let start = Instant::now();
+    while seen.lock().unwrap().len() < sent.len() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "probes not delivered"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let seen = seen.lock().unwrap();
+    for (s, got) in sent.iter().zip(seen.iter()) {
+        assert_eq!(got.shard, ShardId(1));
+        assert_eq!(got.sched.job, JobId(9));
+        // The slack is re-based on the taking node's clock: never more than
+        // it was when sent, the time between the gateways not charged (so
+        // the deadline only moves later on one shared clock, by that time).
+        let slack_left = got.sched.deadline_ns as i128 - got.now_ns as i128;
+        assert!(slack_left <= 50_000_000, "{got:?}");
+        assert!(got.sched.deadline_ns >= s.deadline_ns, "{got:?} {s:?}");
+        assert!(got.sched.deadline_ns - s.deadline_ns < 5_000_000_000);
+        // The age carries over: the origin is in the taker's past.
+        assert!(got.sched.origin_ns >= s.origin_ns && got.sched.origin_ns <= got.now_ns);
+        assert_eq!(
+            got.sched.deadline_ns - got.sched.origin_ns,
+            50_000_000,
+            "slack plus age is what the sender gave"
+        );
+    }
+    a.shutdown();
+    b.shutdown();
+}
+
+#[test]
+fn a_node_with_the_wrong_secret_gets_nothing_across() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (mut ls, nodes) = listeners(2, 1);
+    let wrong: Vec<u8> = SECRET.iter().map(|b| b ^ 1).collect();
+    let b = start_node(1, ls.pop().unwrap(), &nodes, &wrong, recorder(seen.clone()));
+    let a = start_node(0, ls.pop().unwrap(), &nodes, SECRET, recorder(seen.clone()));
+    let far = ActorId::new(JobId(9), 1, 1);
+    let near = ActorId::new(JobId(9), 1, 0);
+    let sched = SchedCtx::default();
+    for i in 0..10 {
+        a.send(far, Probe(i), sched).expect("alive");
+    }
+    a.send(near, Probe(99), sched).expect("alive");
+    std::thread::sleep(Duration::from_millis(500));
+    let got = seen.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "only the local probe: {got:?}");
+    assert_eq!(got[0].shard, ShardId(0));
+    let (ra, rb) = (a.remote_stats().unwrap(), b.remote_stats().unwrap());
+    assert_eq!((ra.frames_in, rb.frames_in, rb.messages_in), (0, 0, 0));
+    a.shutdown();
+    b.shutdown();
+}
