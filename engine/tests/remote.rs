@@ -21,14 +21,14 @@ use dirigo_engine::{
 
 const SECRET: &[u8] = b"a test secret of at least thirty-two bytes";
 
-fn config(shards: usize) -> RuntimeConfig {
+fn config(shards: usize, credit: u32) -> RuntimeConfig {
     RuntimeConfig {
         shards,
         oversubscribe: true,
         pin: false,
         ring_packets: 256,
         shard: ShardConfig {
-            mailbox_credit_messages: 64,
+            mailbox_credit_messages: credit,
             ..ShardConfig::default()
         },
         ..RuntimeConfig::default()
@@ -57,6 +57,17 @@ fn start_node<M: dirigo_engine::runtime::Wire>(
     secret: &[u8],
     factory: Arc<dyn ActorFactory<M>>,
 ) -> Runtime<M> {
+    start_node_with(me, listener, nodes, secret, factory, 64)
+}
+
+fn start_node_with<M: dirigo_engine::runtime::Wire>(
+    me: usize,
+    listener: TcpListener,
+    nodes: &[RemoteNode],
+    secret: &[u8],
+    factory: Arc<dyn ActorFactory<M>>,
+    credit: u32,
+) -> Runtime<M> {
     let remote = RemoteConfig {
         nodes: nodes.to_vec(),
         me,
@@ -66,7 +77,7 @@ fn start_node<M: dirigo_engine::runtime::Wire>(
         incarnation: 1 + me as u64,
     };
     Runtime::start_remote(
-        config(usize::from(nodes[me].shards)),
+        config(usize::from(nodes[me].shards), credit),
         remote,
         factory,
         Arc::new(MemoryStateStore::default()),
@@ -249,6 +260,47 @@ fn a_node_with_the_wrong_secret_gets_nothing_across() {
     assert_eq!(got[0].shard, ShardId(0));
     let (ra, rb) = (a.remote_stats().unwrap(), b.remote_stats().unwrap());
     assert_eq!((ra.frames_in, rb.frames_in, rb.messages_in), (0, 0, 0));
+    a.shutdown();
+    b.shutdown();
+}
+
+/// A node that starts sending before its peer runs fills its session
+/// (nothing is acked: 32 targets on the other node with credit for 1,024
+/// messages each from each shard, far over the session's 64 frames) and
+/// must wait without holding its thread, so that it connects once the
+/// peer is up and everything then arrives exactly.
+#[test]
+fn sends_made_before_the_peer_runs_arrive_once_it_does() {
+    let workload = Workload {
+        sources: 4,
+        targets: 64,
+        per_channel: 2_000,
+        batch: 64,
+        target_spin_ns: 0,
+    };
+    let built = build(&workload);
+    let (mut ls, nodes) = listeners(2, 2);
+    let b_listener = ls.pop().unwrap();
+    let a = start_node_with(
+        0,
+        ls.pop().unwrap(),
+        &nodes,
+        SECRET,
+        built.factory.clone(),
+        1024,
+    );
+    for s in 0..workload.sources {
+        a.send(source(s), Msg::Tick, sched()).expect("shard alive");
+    }
+    // Node 0's sources run; half of what they send is for node 1, which is
+    // not up: far more than the session holds.
+    std::thread::sleep(Duration::from_millis(300));
+    let received = built.ledger.received.load(Ordering::Acquire);
+    let total = workload.per_channel * u64::from(workload.sources * workload.targets);
+    assert!(received < total, "nothing can be complete yet");
+    let b = start_node_with(1, b_listener, &nodes, SECRET, built.factory.clone(), 1024);
+    wait_for(&built.ledger, total, Duration::from_secs(60));
+    built.ledger.assert_complete(workload.per_channel);
     a.shutdown();
     b.shutdown();
 }

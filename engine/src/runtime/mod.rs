@@ -263,8 +263,9 @@ impl std::error::Error for StartError {}
 pub enum SendError {
     /// The shard that should take it has died (see `Failure`).
     ShardDead(ShardId),
-    /// The shard runs on another node: an actor moves only between the
-    /// shards of its node.
+    /// `Runtime::migrate` was given a shard of another node: a runtime
+    /// moves actors only to its own shards (and the actor's owner only
+    /// among the shards of its node, see `ShardReport::migrations_refused`).
     Remote(ShardId),
 }
 
@@ -274,7 +275,7 @@ impl std::fmt::Display for SendError {
             SendError::ShardDead(shard) => write!(f, "{shard} has died"),
             SendError::Remote(shard) => write!(
                 f,
-                "{shard} runs on another node: actors move only between the shards of their node"
+                "{shard} runs on another node: a runtime moves actors only to its own shards"
             ),
         }
     }
@@ -651,7 +652,11 @@ impl<M: Send + 'static> Runtime<M> {
         }
     }
 
-    /// Move an actor to another shard, live. Fails if either shard has died.
+    /// Move an actor to another shard, live. Fails if either shard has died,
+    /// or (`SendError::Remote`) if `to` is a shard of another node. In a
+    /// run that spans nodes, an actor that lives on another node is not
+    /// moved: the request reaches its owner, which refuses a shard that is
+    /// not its node's and counts it (`ShardReport::migrations_refused`).
     pub fn migrate(&self, actor: ActorId, to: ShardId) -> Result<(), SendError> {
         assert!(to.index() < self.total_shards(), "{to} out of range");
         if self.shared.layout.local_index(to).is_none() {

@@ -22,9 +22,12 @@
 //! `WireBatch`: per packet, its source and target shard and the packet),
 //! and sends it as one session message; a batch over the frame's body bound
 //! is split in halves (a channel's run splits too, its sequence numbers
-//! following). A message that alone does not fit a frame cannot cross: it
-//! is dropped and the failure hook is told (naming the sender), which ends
-//! its job in the dataflow layer rather than lose it silently. The
+//! following). A message that alone does not fit a frame (or that its
+//! type fails to encode) cannot cross: it is dropped, counted
+//! (`oversized`), logged, and the failure hook is told, naming the sender.
+//! Its channel stops there (the target holds every later message of the
+//! channel until the missing one), so the hook's owner must end the
+//! sender's job; the dataflow layer's hook does. The
 //! receiving gateway checks the archive once (rkyv validation), checks that
 //! each packet comes from a shard of the node that sent it and goes to a
 //! shard of this one (an error drops the batch, logged and counted), and
@@ -37,24 +40,33 @@
 //! instead: the slack (deadline minus now, negative when late) and the age
 //! (now minus origin), and the receiving gateway puts them back on its own
 //! clock. So a message keeps its place in the receiver's deadline order,
-//! and its latency counts from its input's arrival on the first node. The
-//! time between the two gateways (encoding, the network, decoding) is not
-//! charged: the clocks of two nodes are not compared.
+//! and its latency counts from its input's arrival on the first node.
+//! The slack is read when the gateway takes the message from its ring, and
+//! put back when the other gateway decodes it: the time in between (a
+//! batch waiting for room in a full session, the network, a resend after
+//! a reconnect) is not charged, as the clocks of two nodes are never
+//! compared.
 //!
 //! # Bounds
 //!
 //! The shards' rings toward the gateway bound what it is handed; a session
 //! holds at most `SEND_BUFFER_FRAMES` frames unacked and takes at most
-//! `WINDOW_FRAMES` from the peer, of at most `FRAME_BYTES_MAX` each; while
+//! `WINDOW_FRAMES` from the peer, of at most `FRAME_BYTES_MAX` each; each
+//! pass over a peer's rings starts at the next ring, so none waits behind
+//! busier ones; while
 //! a peer's session is full the gateway stops draining the rings toward
 //! that peer (the shards' staging and credits hold the rest), and while a
 //! target shard's ring is full it stops taking that peer's frames (the
-//! session's credit stops the peer). Nothing grows without bound.
+//! session's credit stops the peer), unless that shard has died: what is
+//! for it is dropped and counted, as the shards do. Nothing grows
+//! without bound.
 //!
 //! # Not here
 //!
 //! Moving an actor between nodes (its slot moves by ownership between the
-//! shards of one node), and what happens when a node of the run is lost:
+//! shards of one node: `Runtime::migrate` refuses a target shard of
+//! another node, and the actor's owner refuses a move to a shard that is
+//! not its own node's), and what happens when a node of the run is lost:
 //! what was in flight to it stays unacked (its senders run out of credit
 //! for its actors); recovering a run is the checkpoints' job.
 
@@ -204,7 +216,7 @@ impl Layout {
 /// the way in. Implemented for every such type; nothing to write by hand.
 pub trait Wire: Send + Sized + 'static {
     #[doc(hidden)]
-    fn encode_batch(batch: &WireBatch<Self>) -> AlignedVec;
+    fn encode_batch(batch: &WireBatch<Self>, out: Vec<u8>) -> Result<Vec<u8>, RkyvError>;
     #[doc(hidden)]
     fn decode_batch(bytes: &[u8]) -> Result<WireBatch<Self>, RkyvError>;
 }
@@ -212,12 +224,14 @@ pub trait Wire: Send + Sized + 'static {
 impl<M> Wire for M
 where
     M: Archive + Send + 'static,
-    M: for<'a> Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, RkyvError>>,
+    M: for<'a> Serialize<HighSerializer<Vec<u8>, ArenaHandle<'a>, RkyvError>>,
     M::Archived: for<'a> CheckBytes<HighValidator<'a, RkyvError>>
         + Deserialize<M, Strategy<Pool, RkyvError>>,
 {
-    fn encode_batch(batch: &WireBatch<Self>) -> AlignedVec {
-        rkyv::to_bytes::<RkyvError>(batch).expect("encoding into memory cannot fail")
+    fn encode_batch(batch: &WireBatch<Self>, out: Vec<u8>) -> Result<Vec<u8>, RkyvError> {
+        // Positions in the archive are relative to its start: the receiver
+        // copies it to an aligned buffer before it reads it.
+        rkyv::api::high::to_bytes_in::<_, RkyvError>(batch, out)
     }
 
     fn decode_batch(bytes: &[u8]) -> Result<WireBatch<Self>, RkyvError> {
@@ -463,6 +477,8 @@ pub struct RemoteStats {
     oversized: AtomicU64,
     /// Batches refused: not an archive, or naming shards they may not.
     refused: AtomicU64,
+    /// Packets for a local shard that died, dropped.
+    dropped_to_dead_shards: AtomicU64,
 }
 
 /// A copy of [`RemoteStats`] at one moment.
@@ -477,6 +493,7 @@ pub struct RemoteSnapshot {
     pub splits: u64,
     pub oversized: u64,
     pub refused: u64,
+    pub dropped_to_dead_shards: u64,
 }
 
 impl RemoteStats {
@@ -492,6 +509,7 @@ impl RemoteStats {
             splits: get(&self.splits),
             oversized: get(&self.oversized),
             refused: get(&self.refused),
+            dropped_to_dead_shards: get(&self.dropped_to_dead_shards),
         }
     }
 }
@@ -622,6 +640,17 @@ async fn send_loop<M: Wire>(
     // Frames made and not yet taken by a full session, per peer.
     let mut waiting: Vec<std::collections::VecDeque<Vec<u8>>> =
         (0..nodes).map(|_| Default::default()).collect();
+    // Per peer, the ring its next batch starts draining from: each pass
+    // starts one further, so that no ring waits behind busier ones.
+    let mut cursor = vec![0usize; nodes];
+    // Per peer, its rings' places in `outbound`.
+    let rings: Vec<Vec<usize>> = (0..nodes)
+        .map(|j| {
+            (0..parts.outbound.len())
+                .filter(|&r| usize::from(parts.layout.node_of[parts.outbound[r].1.index()]) == j)
+                .collect()
+        })
+        .collect();
     let shared = parts.shared_stop.clone();
     loop {
         if shared.stop.load(Ordering::Acquire) {
@@ -638,10 +667,10 @@ async fn send_loop<M: Wire>(
             }
             let mut items = Vec::new();
             let mut messages = 0;
-            for (from, to, consumer) in parts.outbound.iter_mut() {
-                if usize::from(parts.layout.node_of[to.index()]) != j {
-                    continue;
-                }
+            let peer_rings = &rings[j];
+            for k in 0..peer_rings.len() {
+                let r = peer_rings[(cursor[j] + k) % peer_rings.len()];
+                let (from, to, consumer) = &mut parts.outbound[r];
                 while messages < BATCH_MESSAGES_MAX {
                     let taken = consumer.drain(16, |packet| {
                         match WirePacket::from_packet(packet, now_ns) {
@@ -653,7 +682,12 @@ async fn send_loop<M: Wire>(
                                     packet,
                                 });
                             }
-                            None => debug_assert!(false, "a handoff toward another node"),
+                            None => {
+                                // `ShardCore::route_migrate` refuses a
+                                // shard of another node; never made.
+                                add(&stats.refused, 1);
+                                eprintln!("dirigo gateway: a handoff toward another node dropped");
+                            }
                         }
                     });
                     if taken == 0 {
@@ -661,25 +695,35 @@ async fn send_loop<M: Wire>(
                     }
                 }
             }
+            cursor[j] = cursor[j].wrapping_add(1);
             if items.is_empty() {
                 continue;
             }
             progress = true;
-            add(&stats.messages_out, messages as u64);
             let body_max = session.body_bytes_max();
             encode_frames(items, body_max, &mut waiting[j], stats, &parts.on_failure);
             offer(session, &mut waiting[j], stats);
         }
         if progress {
-            glommio::yield_if_needed().await;
+            // Let the sessions' pumps (tasks of this executor) write what
+            // was queued and read acks before the next pass.
+            glommio::executor().yield_now().await;
             continue;
         }
-        let any_waiting = waiting.iter().any(|w| !w.is_empty());
+        // Park until a shard hands over more for a peer whose session has
+        // room, or time out; a full session's room shows only by looking
+        // again (its pump runs while this task waits).
+        let full: Vec<bool> = waiting.iter().map(|w| !w.is_empty()).collect();
+        let any_full = full.iter().any(|&f| f);
         let outbound = &parts.outbound;
+        let layout = &parts.layout;
         let park = parts.doorbell.park(|| {
-            shared.stop.load(Ordering::Acquire) || outbound.iter().any(|(_, _, c)| !c.is_empty())
+            shared.stop.load(Ordering::Acquire)
+                || outbound.iter().any(|(_, to, c)| {
+                    !full[usize::from(layout.node_of[to.index()])] && !c.is_empty()
+                })
         });
-        let wait = if any_waiting { FULL_RETRY } else { PARK_MAX };
+        let wait = if any_full { FULL_RETRY } else { PARK_MAX };
         let _ = glommio::timer::timeout(wait, async {
             park.await;
             Ok(())
@@ -725,10 +769,28 @@ fn encode_frames<M: Wire>(
     on_failure: &Option<FailureHook>,
 ) {
     let batch = WireBatch { items };
-    let bytes = M::encode_batch(&batch);
-    if bytes.len() <= body_max {
-        out.push_back(bytes.to_vec());
-        return;
+    let messages: usize = batch.items.iter().map(|i| i.packet.messages()).sum();
+    let encoded = M::encode_batch(&batch, Vec::with_capacity(body_max.min(64 << 10)));
+    match encoded {
+        Ok(bytes) if bytes.len() <= body_max => {
+            add(&stats.messages_out, messages as u64);
+            out.push_back(bytes);
+            return;
+        }
+        Ok(_) => {}
+        Err(e) if batch.items.len() == 1 && messages <= 1 => {
+            let item = &batch.items[0];
+            fail(
+                stats,
+                on_failure,
+                &item.packet,
+                item.from_shard,
+                format!("a message could not be encoded to cross nodes ({e}); it was dropped"),
+            );
+            return;
+        }
+        // Split until the message that fails is alone.
+        Err(_) => {}
     }
     add(&stats.splits, 1);
     let mut items = batch.items;
@@ -779,20 +841,38 @@ fn encode_frames<M: Wire>(
                 on_failure,
             );
         }
-        packet => {
-            add(&stats.oversized, packet.messages() as u64);
-            let message = format!(
+        packet => fail(
+            stats,
+            on_failure,
+            &packet,
+            item.from_shard,
+            format!(
                 "a message of more than {body_max} bytes (encoded) cannot cross nodes; it was dropped"
-            );
-            eprintln!("dirigo gateway: {message}");
-            if let Some(hook) = on_failure {
-                hook(Failure {
-                    actor: packet.sender(),
-                    shard: ShardId(item.from_shard),
-                    message,
-                });
-            }
-        }
+            ),
+        ),
+    }
+}
+
+/// A message that cannot cross: counted, logged and told to the failure
+/// hook, naming its sender. Its channel stops there: the target holds
+/// every later message of the channel until the one missing, so the
+/// hook's owner must end the sender's job (the dataflow layer's hook
+/// does).
+fn fail<M>(
+    stats: &RemoteStats,
+    on_failure: &Option<FailureHook>,
+    packet: &WirePacket<M>,
+    from_shard: u16,
+    message: String,
+) {
+    add(&stats.oversized, packet.messages() as u64);
+    eprintln!("dirigo gateway: {message}");
+    if let Some(hook) = on_failure {
+        hook(Failure {
+            actor: packet.sender(),
+            shard: ShardId(from_shard),
+            message,
+        });
     }
 }
 
@@ -863,6 +943,13 @@ async fn receive<M: Wire>(
                         shared.doorbells[to.index()].ring();
                         if shared.stop.load(Ordering::Acquire) {
                             return;
+                        }
+                        // A dead shard never drains its ring: drop what
+                        // is for it, as the shards do, rather than hold
+                        // up everything else from this peer.
+                        if shared.is_dead(to) {
+                            add(&stats.dropped_to_dead_shards, 1);
+                            break;
                         }
                         glommio::timer::sleep(RING_RETRY).await;
                     }
