@@ -687,11 +687,22 @@ fn bench_net_json_has_every_figure_and_every_message_arrives() {
             "cross_node_msgs_per_s",
             "raw_tcp_msgs_per_s",
             "cross_node_ratio",
+            "session_msgs_per_s",
+            "session_ratio",
             "lost",
             "duplicated",
             "failover_ms",
         ],
     );
+    // Each kind measured once: actor messages, the session alone, raw TCP.
+    let mut modes: Vec<&str> = report["samples"]
+        .as_array()
+        .expect("samples")
+        .iter()
+        .map(|s| s["mode"].as_str().expect("a mode"))
+        .collect();
+    modes.sort();
+    assert_eq!(modes, ["actors", "link", "raw"], "{report}");
     // The failover was measured: the job processed again, after a while.
     let failover = report["failover_ms"].as_f64().unwrap();
     assert!(failover > 0.0 && failover < 60_000.0, "{report}");

@@ -48,6 +48,7 @@ pub mod isolation;
 pub use dirigo_nexmark::machine;
 pub mod migrate;
 pub mod net;
+pub mod net_actors;
 pub mod nexmark;
 pub mod scaling;
 

@@ -45,7 +45,7 @@ use crate::machine::Machine;
 use crate::{median, progress, BenchError};
 
 /// The bench's own cluster secret (both processes are this binary).
-const SECRET: &[u8] = b"dirigo bench net: not a production secret";
+pub(crate) const SECRET: &[u8] = b"dirigo bench net: not a production secret";
 const MESSAGE_KIND: u8 = 7;
 const DONE_KIND: u8 = 8;
 
@@ -79,6 +79,9 @@ pub enum Mode {
     Link,
     /// The same bodies in plain frames on a TCP stream.
     Raw,
+    /// Actor messages between two node processes: the engine's remote
+    /// sends (see `net_actors`).
+    Actors,
 }
 
 impl std::str::FromStr for Mode {
@@ -87,7 +90,8 @@ impl std::str::FromStr for Mode {
         match s {
             "link" => Ok(Mode::Link),
             "raw" => Ok(Mode::Raw),
-            other => Err(format!("mode {other:?}: link or raw")),
+            "actors" => Ok(Mode::Actors),
+            other => Err(format!("mode {other:?}: link, raw or actors")),
         }
     }
 }
@@ -119,9 +123,14 @@ pub struct Report {
     pub messages: u64,
     pub message_bytes: usize,
     pub runs: usize,
+    /// Actor messages from an actor on one node to one on another.
     pub cross_node_msgs_per_s: f64,
     pub raw_tcp_msgs_per_s: f64,
+    /// `cross_node_msgs_per_s / raw_tcp_msgs_per_s`.
     pub cross_node_ratio: f64,
+    /// The same bodies as messages of one session, no actors.
+    pub session_msgs_per_s: f64,
+    pub session_ratio: f64,
     pub lost: u64,
     pub duplicated: u64,
     pub out_of_order: u64,
@@ -136,7 +145,9 @@ pub struct Report {
     pub failover_samples: Vec<crate::failover::FailoverSample>,
 }
 
-pub const NOTE: &str = "two processes on loopback; cross_node: dirigo-net's session (handshake, \
+pub const NOTE: &str = "two processes on loopback; cross_node: actor messages from an actor on one node process to \
+an actor on the other (each process one shard and its gateway; the engine's credits and acks; batches of packets as \
+rkyv archives, at most 512 messages a frame, over the session); session: the same bodies as messages of dirigo-net's session (handshake, \
 64-byte link header, every frame sealed with AES-256-GCM: body encrypted, header authenticated; acks and credit); raw_tcp: the same bodies in \
 plain frames and writes of the same size bound on a TCP stream; each timed from the first send \
 until the receiving process has taken every message and said so; medians over the runs, the order alternated; \
@@ -159,8 +170,13 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "  cross-node (session)  {:>8.3} M msgs/s",
+            "  cross-node (actors)   {:>8.3} M msgs/s",
             self.cross_node_msgs_per_s / 1e6
+        )?;
+        writeln!(
+            f,
+            "  session alone         {:>8.3} M msgs/s",
+            self.session_msgs_per_s / 1e6
         )?;
         writeln!(
             f,
@@ -168,6 +184,7 @@ impl fmt::Display for Report {
             self.raw_tcp_msgs_per_s / 1e6
         )?;
         writeln!(f, "  cross_node_ratio      {:>8.3}", self.cross_node_ratio)?;
+        writeln!(f, "  session_ratio         {:>8.3}", self.session_ratio)?;
         writeln!(
             f,
             "  lost {}, duplicated {}, out of order {}, damaged {}",
@@ -184,7 +201,7 @@ impl fmt::Display for Report {
 
 /// The body of message `index` (from 1): its number, then filler that
 /// follows from it.
-fn body(index: u64, bytes: usize) -> Vec<u8> {
+pub(crate) fn body(index: u64, bytes: usize) -> Vec<u8> {
     let mut body = index.to_le_bytes().to_vec();
     body.resize(bytes.max(8), (index as u8) ^ 0x5a);
     body
@@ -192,7 +209,12 @@ fn body(index: u64, bytes: usize) -> Vec<u8> {
 
 /// Check one received body against what message `expected` should be;
 /// counts into `counts`. Its number comes from the body.
-fn check(body_bytes: &[u8], message_bytes: usize, expected: &mut u64, counts: &mut Counts) {
+pub(crate) fn check(
+    body_bytes: &[u8],
+    message_bytes: usize,
+    expected: &mut u64,
+    counts: &mut Counts,
+) {
     let Some(number) = body_bytes.get(..8) else {
         counts.damaged += 1;
         return;
@@ -225,7 +247,18 @@ fn identity(node: u64) -> Identity {
 
 /// `dirigo bench net-peer`: listen, print `listening ADDR`, take `messages`
 /// messages of one connection, answer "done", print the counts as JSON.
-pub fn peer(mode: Mode, messages: u64, message_bytes: usize) -> Result<Counts, BenchError> {
+/// For `Mode::Actors`, node 1 of a run whose node 0 is at `node0`.
+pub fn peer(
+    mode: Mode,
+    messages: u64,
+    message_bytes: usize,
+    node0: Option<SocketAddr>,
+) -> Result<Counts, BenchError> {
+    if mode == Mode::Actors {
+        let node0 = node0
+            .ok_or_else(|| BenchError("bench net peer: --mode actors needs --node0".into()))?;
+        return crate::net_actors::peer(node0, messages, message_bytes);
+    }
     let counts = LocalExecutorBuilder::default()
         .name("bench-net-peer")
         .io_memory(1 << 20)
@@ -307,6 +340,7 @@ async fn serve_peer(mode: Mode, messages: u64, message_bytes: usize) -> Result<C
             stream.write_all(b"d").await.map_err(io)?;
             stream.close().await.map_err(io)?;
         }
+        Mode::Actors => unreachable!("`peer` runs the actor mode's peer"),
     }
     counts.lost = messages.saturating_sub(counts.received);
     Ok(counts)
@@ -320,6 +354,7 @@ fn start_peer(
     let mode_name = match mode {
         Mode::Link => "link",
         Mode::Raw => "raw",
+        Mode::Actors => "actors",
     };
     let mut child = Command::new(&config.program)
         .args(["bench", "net-peer", "--mode", mode_name])
@@ -357,11 +392,14 @@ impl Drop for PeerProcess {
 
 /// How long one measurement may take before it is an error (a peer or a
 /// session that stopped answering).
-const MEASUREMENT_MAX: Duration = Duration::from_secs(300);
+pub(crate) const MEASUREMENT_MAX: Duration = Duration::from_secs(300);
 
 /// One measurement: send every message to a fresh peer process; the rate
 /// and what the peer counted.
 fn measure(config: &Config, mode: Mode) -> Result<(f64, f64, Counts), BenchError> {
+    if mode == Mode::Actors {
+        return crate::net_actors::measure(config);
+    }
     let (addr, child) = start_peer(config, mode)?;
     let mut child = PeerProcess(Some(child));
     let (messages, message_bytes) = (config.messages, config.message_bytes);
@@ -463,6 +501,7 @@ async fn send_all(
             stream.read_exact(&mut done).await.map_err(io)?;
             Ok(started.elapsed())
         }
+        Mode::Actors => unreachable!("`measure` runs the actor mode"),
     }
 }
 
@@ -482,9 +521,9 @@ pub fn run(config: &Config) -> Result<Report, BenchError> {
     let mut samples = Vec::new();
     for run in 1..=config.runs {
         let order = if run % 2 == 1 {
-            [Mode::Link, Mode::Raw]
+            [Mode::Actors, Mode::Raw, Mode::Link]
         } else {
-            [Mode::Raw, Mode::Link]
+            [Mode::Link, Mode::Raw, Mode::Actors]
         };
         for mode in order {
             let (rate, elapsed_s, counts) = measure(config, mode)?;
@@ -526,7 +565,8 @@ pub fn run(config: &Config) -> Result<Report, BenchError> {
     }
     let failover: Vec<f64> = failover_samples.iter().map(|s| s.failover_ms).collect();
     let placed: Vec<f64> = failover_samples.iter().map(|s| s.placed_ms).collect();
-    let cross = median(&rates(Mode::Link));
+    let cross = median(&rates(Mode::Actors));
+    let session = median(&rates(Mode::Link));
     let raw = median(&rates(Mode::Raw));
     let sum = |f: fn(&Counts) -> u64| samples.iter().map(|s| f(&s.counts)).sum();
     Ok(Report {
@@ -538,6 +578,8 @@ pub fn run(config: &Config) -> Result<Report, BenchError> {
         cross_node_msgs_per_s: cross,
         raw_tcp_msgs_per_s: raw,
         cross_node_ratio: cross / raw,
+        session_msgs_per_s: session,
+        session_ratio: session / raw,
         lost: sum(|c| c.lost),
         duplicated: sum(|c| c.duplicated),
         out_of_order: sum(|c| c.out_of_order),

@@ -61,6 +61,9 @@ enum BenchName {
         messages: u64,
         #[arg(long)]
         message_bytes: u64,
+        /// `--mode actors`: where node 0's gateway listens.
+        #[arg(long)]
+        node0: Option<std::net::SocketAddr>,
     },
     /// A keyed count over `--keys` keys with a checkpoint every second against
     /// the same job without (B, C, B, C), then the recovery of the stopped job
@@ -348,8 +351,9 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
             mode,
             messages,
             message_bytes,
+            node0,
         } => {
-            net::peer(mode, messages, message_bytes as usize)?;
+            net::peer(mode, messages, message_bytes as usize, node0)?;
             Ok(())
         }
         BenchName::Migrate { json, migrations } => {
