@@ -29,6 +29,7 @@ fn config(shards: usize, credit: u32) -> RuntimeConfig {
         ring_packets: 256,
         shard: ShardConfig {
             mailbox_credit_messages: credit,
+            remote_credit_messages: credit * 3 / 2,
             ..ShardConfig::default()
         },
         ..RuntimeConfig::default()
@@ -301,6 +302,66 @@ fn sends_made_before_the_peer_runs_arrive_once_it_does() {
     let b = start_node_with(1, b_listener, &nodes, SECRET, built.factory.clone(), 1024);
     wait_for(&built.ledger, total, Duration::from_secs(60));
     built.ledger.assert_complete(workload.per_channel);
+    a.shutdown();
+    b.shutdown();
+}
+
+/// A slow target makes senders on both nodes wait: its mailbox holds at
+/// most the local credit from each shard of its node and the remote
+/// credit from each shard of the other (32 and 48 here), and every
+/// message still arrives, in order.
+#[test]
+fn a_slow_actor_bounds_what_both_nodes_send_it() {
+    let credit = 32u32;
+    let workload = Workload {
+        sources: 4,
+        targets: 4,
+        per_channel: 1_500,
+        batch: 16,
+        target_spin_ns: 20_000,
+    };
+    let built = build(&workload);
+    let (mut ls, nodes) = listeners(2, 2);
+    let b = start_node_with(
+        1,
+        ls.pop().unwrap(),
+        &nodes,
+        SECRET,
+        built.factory.clone(),
+        credit,
+    );
+    let a = start_node_with(
+        0,
+        ls.pop().unwrap(),
+        &nodes,
+        SECRET,
+        built.factory.clone(),
+        credit,
+    );
+    for s in 0..workload.sources {
+        a.send(source(s), Msg::Tick, sched()).expect("shard alive");
+    }
+    let total = workload.per_channel * u64::from(workload.sources * workload.targets);
+    let start = Instant::now();
+    let mut max_mailbox = 0;
+    while built.ledger.received.load(Ordering::Acquire) < total {
+        assert!(start.elapsed() < Duration::from_secs(60), "stuck");
+        for node in [&a, &b] {
+            for shard in node.stats().shards {
+                for actor in shard.actors {
+                    max_mailbox = max_mailbox.max(actor.mailbox + actor.early);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    built.ledger.assert_complete(workload.per_channel);
+    let bound = 2 * credit as usize + 2 * (credit * 3 / 2) as usize;
+    assert!(
+        max_mailbox <= bound,
+        "a mailbox grew to {max_mailbox} > {bound}"
+    );
+    assert!(max_mailbox > 0, "the targets were slow enough to queue");
     a.shutdown();
     b.shutdown();
 }

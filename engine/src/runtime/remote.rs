@@ -115,6 +115,8 @@ const SEND_BUFFER_FRAMES: u32 = 64;
 const FULL_RETRY: Duration = Duration::from_micros(100);
 /// How long an idle gateway parks before it looks again anyway.
 const PARK_MAX: Duration = Duration::from_millis(50);
+/// The alignment an archive is read at.
+const ARCHIVE_ALIGN: usize = 16;
 /// How often a gateway looks again at a full ring to a local shard.
 const RING_RETRY: Duration = Duration::from_micros(20);
 
@@ -770,7 +772,7 @@ fn encode_frames<M: Wire>(
 ) {
     let batch = WireBatch { items };
     let messages: usize = batch.items.iter().map(|i| i.packet.messages()).sum();
-    let encoded = M::encode_batch(&batch, Vec::with_capacity(body_max.min(64 << 10)));
+    let encoded = M::encode_batch(&batch, Vec::with_capacity(body_max));
     match encoded {
         Ok(bytes) if bytes.len() <= body_max => {
             add(&stats.messages_out, messages as u64);
@@ -886,7 +888,7 @@ async fn receive<M: Wire>(
     shared: Arc<Shared<M>>,
     stats: Arc<RemoteStats>,
 ) {
-    let mut aligned = AlignedVec::<16>::new();
+    let mut aligned = AlignedVec::<ARCHIVE_ALIGN>::new();
     while let Some((kind, body)) = session.recv_wait().await {
         add(&stats.frames_in, 1);
         add(&stats.bytes_in, body.len() as u64);
@@ -895,10 +897,19 @@ async fn receive<M: Wire>(
             eprintln!("dirigo gateway: a message of kind {kind} from node {peer} refused");
             continue;
         }
-        aligned.clear();
-        aligned.extend_from_slice(&body);
+        // The archive is read where it lies when the allocator gave the
+        // body an aligned buffer (mimalloc does, for any body this large),
+        // else from an aligned copy.
+        let bytes: &[u8] = if (body.as_ptr() as usize).is_multiple_of(ARCHIVE_ALIGN) {
+            &body
+        } else {
+            aligned.clear();
+            aligned.extend_from_slice(&body);
+            &aligned
+        };
+        let decoded = M::decode_batch(bytes);
         drop(body);
-        let batch = match M::decode_batch(&aligned) {
+        let batch = match decoded {
             Ok(batch) => batch,
             Err(e) => {
                 add(&stats.refused, 1);

@@ -31,9 +31,10 @@
 //! drained, so a full actor never blocks traffic to other actors (no head-of-line
 //! blocking), and in an acyclic dataflow a blocked sender always waits on a target
 //! that can run: no deadlock. Memory is bounded: a target holds at most
-//! `mailbox_credit_messages` from each shard plus as many from its own shard
-//! (early arrivals included), and a sender's blocked queue holds at most what one
-//! handled message sent.
+//! `mailbox_credit_messages` from each shard (`remote_credit_messages` from
+//! each shard of another node, when the run spans nodes) plus as many from
+//! its own shard (early arrivals included), and a sender's blocked queue
+//! holds at most what one handled message sent.
 //!
 //! # Migration
 //!
@@ -115,6 +116,11 @@ pub struct ShardConfig {
     /// Messages a target accepts from one shard before that shard must wait for
     /// acknowledgements (and the local mailbox bound).
     pub mailbox_credit_messages: u32,
+    /// The same for a sender on another node of the run (see
+    /// `runtime::remote`): acks take longer to come back across nodes, so
+    /// more may be on the way before the sender waits. A target holds at
+    /// most this many from each shard of another node.
+    pub remote_credit_messages: u32,
     /// Messages one turn handles at most before the actor yields the core.
     pub turn_messages_max: u32,
     /// Time one turn runs at most (checked after the first message, then as
@@ -135,6 +141,7 @@ impl Default for ShardConfig {
     fn default() -> Self {
         ShardConfig {
             mailbox_credit_messages: 1024,
+            remote_credit_messages: 4096,
             turn_messages_max: 256,
             turn_ns_max: 200_000,
             stall_ns: 10_000_000,
@@ -626,7 +633,11 @@ impl<M: Send + 'static> ShardCore<M> {
         store: Arc<dyn StateStore>,
     ) -> Self {
         assert!(id.0 < shards, "{id} out of {shards} shards");
-        assert!(config.mailbox_credit_messages > 0 && config.turn_messages_max > 0);
+        assert!(
+            config.mailbox_credit_messages > 0
+                && config.remote_credit_messages > 0
+                && config.turn_messages_max > 0
+        );
         let now_ns = clock.now_ns();
         ShardCore {
             id,
@@ -1107,6 +1118,11 @@ impl<M: Send + 'static> ShardCore<M> {
             let credit_shard = if send.uncredited {
                 NO_SHARD
             } else {
+                let credit_max = if self.local.contains(&placement.shard.0) {
+                    credit_max
+                } else {
+                    self.config.remote_credit_messages
+                };
                 let used = self.credits.entry(send.to);
                 if *used >= credit_max {
                     return Err(send);
