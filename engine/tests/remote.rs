@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use dirigo_engine::runtime::{
-    MemoryStateStore, RemoteConfig, RemoteNode, RuntimeConfig, SendError, ShardConfig,
+    MemoryStateStore, RemoteConfig, RemoteNode, RuntimeConfig, ShardConfig,
 };
 use dirigo_engine::{
     Actor, ActorFactory, ActorId, BoxActor, Context, JobId, Runtime, SchedCtx, ShardId,
@@ -87,7 +87,8 @@ fn start_node_with<M: dirigo_engine::runtime::Wire>(
 }
 
 #[test]
-fn actors_on_two_nodes_exchange_messages_exactly_in_order_while_they_move() {
+fn actors_on_two_nodes_exchange_messages_exactly_in_order_while_they_move_within_and_across_nodes()
+{
     let workload = Workload {
         sources: 4,
         targets: 8,
@@ -106,11 +107,6 @@ fn actors_on_two_nodes_exchange_messages_exactly_in_order_while_they_move() {
     for s in 0..workload.sources {
         a.send(source(s), Msg::Tick, sched()).expect("shard alive");
     }
-    assert_eq!(
-        a.migrate(target(0), ShardId(2)),
-        Err(SendError::Remote(ShardId(2))),
-        "an actor does not move between nodes"
-    );
     let total = workload.per_channel * u64::from(workload.sources * workload.targets);
     let mut rng = dirigo_engine::runtime::sim::SimRng::new(7);
     let start = Instant::now();
@@ -120,17 +116,16 @@ fn actors_on_two_nodes_exchange_messages_exactly_in_order_while_they_move() {
             "stuck at {} of {total}",
             built.ledger.received.load(Ordering::Acquire)
         );
-        // Each node moves an actor among its own shards (one it does not
-        // hold is refused where it lives).
+        // Either node moves any actor to any shard of the run: within its
+        // node, or to the other node by value (a source with its count).
         let pick = rng.below(u64::from(workload.sources + workload.targets)) as u32;
         let actor = if pick < workload.sources {
             source(pick)
         } else {
             target(pick - workload.sources)
         };
-        a.migrate(actor, ShardId(rng.below(2) as u16))
-            .expect("alive");
-        b.migrate(actor, ShardId(2 + rng.below(2) as u16))
+        let node = if rng.below(2) == 0 { &a } else { &b };
+        node.migrate(actor, ShardId(rng.below(4) as u16))
             .expect("alive");
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -145,7 +140,13 @@ fn actors_on_two_nodes_exchange_messages_exactly_in_order_while_they_move() {
         let stats = node.stats();
         assert!(stats.dead.is_empty());
         let moved: u64 = stats.shards.iter().map(|s| s.migrations_in).sum();
-        assert!(moved > 0, "{name} moved actors among its shards");
+        let from_nodes: u64 = stats
+            .shards
+            .iter()
+            .map(|s| s.migrations_in_from_nodes)
+            .sum();
+        assert!(moved > from_nodes, "{name} moved actors among its shards");
+        assert!(from_nodes > 0, "{name} took actors from the other node");
         assert!(stats
             .shards
             .iter()
@@ -362,6 +363,142 @@ fn a_slow_actor_bounds_what_both_nodes_send_it() {
         "a mailbox grew to {max_mailbox} > {bound}"
     );
     assert!(max_mailbox > 0, "the targets were slow enough to queue");
+    a.shutdown();
+    b.shutdown();
+}
+
+/// Actors move between the nodes many times while slow targets keep
+/// their mailboxes full: what a moving actor held (its mailbox, early
+/// arrivals, blocked sends, channel tables, a source's count) goes with
+/// it, and every channel stays exact and in order.
+#[test]
+fn actors_with_full_mailboxes_move_between_nodes_exactly() {
+    let workload = Workload {
+        sources: 4,
+        targets: 8,
+        per_channel: 2_500,
+        batch: 32,
+        target_spin_ns: 2_000,
+    };
+    let built = build(&workload);
+    let (mut ls, nodes) = listeners(2, 2);
+    let b = start_node(1, ls.pop().unwrap(), &nodes, SECRET, built.factory.clone());
+    let a = start_node(0, ls.pop().unwrap(), &nodes, SECRET, built.factory.clone());
+    for s in 0..workload.sources {
+        a.send(source(s), Msg::Tick, sched()).expect("shard alive");
+    }
+    let total = workload.per_channel * u64::from(workload.sources * workload.targets);
+    let mut rng = dirigo_engine::runtime::sim::SimRng::new(11);
+    let start = Instant::now();
+    while built.ledger.received.load(Ordering::Acquire) < total {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "stuck at {} of {total}",
+            built.ledger.received.load(Ordering::Acquire)
+        );
+        let pick = rng.below(u64::from(workload.sources + workload.targets)) as u32;
+        let actor = if pick < workload.sources {
+            source(pick)
+        } else {
+            target(pick - workload.sources)
+        };
+        // Always to the other half of the run from the actor's home, so
+        // most requests cross nodes.
+        let node = if rng.below(2) == 0 { &a } else { &b };
+        node.migrate(actor, ShardId(rng.below(4) as u16))
+            .expect("alive");
+        std::thread::sleep(Duration::from_micros(300));
+    }
+    built.ledger.assert_complete(workload.per_channel);
+    let across: u64 = [&a, &b]
+        .iter()
+        .flat_map(|node| node.stats().shards)
+        .map(|s| s.migrations_in_from_nodes)
+        .sum();
+    assert!(across >= 20, "only {across} moves across nodes");
+    a.shutdown();
+    b.shutdown();
+}
+
+/// An actor deactivated on one node (its state in that node's store)
+/// moves to the other by value: a finished source, moved and ticked
+/// again, sends nothing more (its count came with it; a source that
+/// lost it would send every message again, which the ledger catches).
+#[test]
+fn a_deactivated_actor_moves_to_the_other_node_with_its_state() {
+    let workload = Workload {
+        sources: 4,
+        targets: 4,
+        per_channel: 500,
+        batch: 32,
+        target_spin_ns: 0,
+    };
+    let built = build(&workload);
+    let (mut ls, nodes) = listeners(2, 2);
+    let start = |me: usize, listener| {
+        let remote = RemoteConfig {
+            nodes: nodes.clone(),
+            me,
+            listener,
+            cluster: "remote-test".into(),
+            secret: SECRET.to_vec(),
+            incarnation: 1 + me as u64,
+        };
+        let mut config = config(2, 64);
+        config.shard.idle_timeout_ns = Some(20_000_000);
+        config.housekeeping_interval = Duration::from_millis(5);
+        Runtime::start_remote(
+            config,
+            remote,
+            built.factory.clone(),
+            Arc::new(MemoryStateStore::default()),
+        )
+        .expect("starts")
+    };
+    let b = start(1, ls.pop().unwrap());
+    let a = start(0, ls.pop().unwrap());
+    for s in 0..workload.sources {
+        a.send(source(s), Msg::Tick, sched()).expect("shard alive");
+    }
+    let total = workload.per_channel * u64::from(workload.sources * workload.targets);
+    wait_for(&built.ledger, total, Duration::from_secs(60));
+    // Wait until every actor went idle and was deactivated.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let active: usize = [&a, &b]
+            .iter()
+            .flat_map(|node| node.stats().shards)
+            .map(|s| s.actors.len())
+            .sum();
+        if active == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{active} actors still active");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Each source to a shard of the other node than its home's.
+    for s in 0..workload.sources {
+        let other = (s + 2) % 4;
+        a.migrate(source(s), ShardId(other as u16)).expect("alive");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let across: u64 = [&a, &b]
+            .iter()
+            .flat_map(|node| node.stats().shards)
+            .map(|s| s.migrations_in_from_nodes)
+            .sum();
+        if across == u64::from(workload.sources) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{across} sources moved");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for s in 0..workload.sources {
+        a.send(source(s), Msg::Tick, sched()).expect("alive");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    built.ledger.assert_complete(workload.per_channel);
     a.shutdown();
     b.shutdown();
 }

@@ -263,20 +263,12 @@ impl std::error::Error for StartError {}
 pub enum SendError {
     /// The shard that should take it has died (see `Failure`).
     ShardDead(ShardId),
-    /// `Runtime::migrate` was given a shard of another node: a runtime
-    /// moves actors only to its own shards (and the actor's owner only
-    /// among the shards of its node, see `ShardReport::migrations_refused`).
-    Remote(ShardId),
 }
 
 impl std::fmt::Display for SendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SendError::ShardDead(shard) => write!(f, "{shard} has died"),
-            SendError::Remote(shard) => write!(
-                f,
-                "{shard} runs on another node: a runtime moves actors only to its own shards"
-            ),
         }
     }
 }
@@ -341,9 +333,11 @@ impl<M> Shared<M> {
     }
 
     fn push_external(&self, shard: ShardId, request: External<M>) -> Result<(), SendError> {
-        let Some(local) = self.layout.local_index(shard) else {
-            return Err(SendError::Remote(shard));
-        };
+        // Callers pick this node's shards (`Runtime::entry_shard`).
+        let local = self
+            .layout
+            .local_index(shard)
+            .expect("requests from outside go to this node's shards");
         let queue = &self.external[local];
         let mut request = Some(request);
         let mut backoff_us = 1;
@@ -652,16 +646,15 @@ impl<M: Send + 'static> Runtime<M> {
         }
     }
 
-    /// Move an actor to another shard, live. Fails if either shard has died,
-    /// or (`SendError::Remote`) if `to` is a shard of another node. In a
-    /// run that spans nodes, an actor that lives on another node is not
-    /// moved: the request reaches its owner, which refuses a shard that is
-    /// not its node's and counts it (`ShardReport::migrations_refused`).
+    /// Move an actor to another shard, live. Fails if either shard has died
+    /// (as far as this node knows: a shard of another node is never called
+    /// dead here). In a run that spans nodes, `to` may be any shard of the
+    /// run: the request reaches the actor's owner, wherever it is, and an
+    /// actor moving to another node goes by value (see `runtime::remote`;
+    /// refused, and counted in `ShardReport::migrations_refused`, while the
+    /// actor says it may not be deactivated).
     pub fn migrate(&self, actor: ActorId, to: ShardId) -> Result<(), SendError> {
         assert!(to.index() < self.total_shards(), "{to} out of range");
-        if self.shared.layout.local_index(to).is_none() {
-            return Err(SendError::Remote(to));
-        }
         if self.shared.is_dead(to) {
             return Err(SendError::ShardDead(to));
         }

@@ -10,7 +10,8 @@
 //! stages and flushes a packet for a remote shard exactly as for a local
 //! one, and the gateway is the other end. Everything the shard protocol
 //! carries between shards crosses the same way: messages (alone or as a
-//! channel's run), acks (credits), placement updates and migration requests.
+//! channel's run), acks (credits), placement updates, migration requests
+//! and actors moving between nodes.
 //! Per-channel order and exactly-once delivery are the shard protocol's
 //! (sequence numbers, credits), over a session that delivers each frame
 //! once and in order (`dirigo_net::session`, every frame sealed).
@@ -61,14 +62,28 @@
 //! for it is dropped and counted, as the shards do. Nothing grows
 //! without bound.
 //!
+//! # Moving an actor to another node
+//!
+//! Within a node an actor's slot moves by ownership; to another node it
+//! moves by value (`shard::RemoteSlot`, a `Handoff` on the wire): its
+//! owner snapshots it (`Actor::snapshot`, as for a deactivation) and sends
+//! the snapshot with its channel tables, its mailbox (each message with
+//! the credit it holds), its early arrivals and its sends not admitted
+//! yet; the new owner rebuilds it with the factory from the snapshot and
+//! takes all of that as its own, so order, credits and exactly-once
+//! delivery carry over as in a local move (messages still on their way to
+//! the old owner are forwarded, placement updates broadcast to every
+//! shard of the run). An actor that says it may not be deactivated is
+//! not moved to another node (counted in `migrations_refused`); one
+//! deactivated on its node is activated there from its saved state first.
+//! The actor's timers stay with the shard that set them and still reach it.
+//!
 //! # Not here
 //!
-//! Moving an actor between nodes (its slot moves by ownership between the
-//! shards of one node: `Runtime::migrate` refuses a target shard of
-//! another node, and the actor's owner refuses a move to a shard that is
-//! not its own node's), and what happens when a node of the run is lost:
-//! what was in flight to it stays unacked (its senders run out of credit
-//! for its actors); recovering a run is the checkpoints' job.
+//! What happens when a node of the run is lost: what was in flight to it
+//! stays unacked (its senders run out of credit for its actors), and an
+//! actor moving to it is gone with it; recovering a run is the
+//! checkpoints' job.
 
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
@@ -91,14 +106,14 @@ use dirigo_net::link::{Backoff, LinkConfig, Role, SendError as LinkSendError};
 use dirigo_net::session::{Session, SessionConfig};
 use dirigo_net::FrameConfig;
 
-use crate::actor::SchedCtx;
+use crate::actor::{Outgoing, SchedCtx};
 use crate::doorbell::Doorbell;
 use crate::ids::{ActorId, JobId, ShardId};
 use crate::ring::{Consumer, Producer};
 
 use super::directory::Placement;
 use super::executor::ReadyGuard;
-use super::shard::{Envelope, Packet, Run};
+use super::shard::{Envelope, Packet, RemoteSlot, Run};
 use super::{Failure, FailureHook, Shared};
 
 /// The session message kind of a batch of packets.
@@ -321,6 +336,138 @@ pub enum WirePacket<M> {
         actor: ActorId,
         to: u16,
     },
+    /// An actor moving to the receiving node (`shard::RemoteSlot`).
+    Handoff(Box<WireSlot<M>>),
+}
+
+/// An early arrival of a moving actor: an envelope to it.
+#[derive(Archive, Serialize, Deserialize)]
+#[doc(hidden)]
+pub struct WireEarly<M> {
+    from: ActorId,
+    seq: u64,
+    credit_shard: u16,
+    route_epoch: u64,
+    sched: WireSched,
+    message: M,
+}
+
+/// A send of a moving actor not admitted yet.
+#[derive(Archive, Serialize, Deserialize)]
+#[doc(hidden)]
+pub struct WireBlocked<M> {
+    to: ActorId,
+    sched: WireSched,
+    uncredited: bool,
+    message: M,
+}
+
+/// `shard::RemoteSlot` on the wire.
+#[derive(Archive, Serialize, Deserialize)]
+#[doc(hidden)]
+pub struct WireSlot<M> {
+    id: ActorId,
+    epoch: u64,
+    state: Option<Vec<u8>>,
+    in_seq: Vec<(ActorId, u64)>,
+    out_seq: Vec<(ActorId, u64)>,
+    mailbox: Vec<(WireSched, u16, M)>,
+    early: Vec<WireEarly<M>>,
+    blocked: Vec<WireBlocked<M>>,
+}
+
+impl<M> WireSlot<M> {
+    fn from_slot(slot: RemoteSlot<M>, now_ns: u64) -> WireSlot<M> {
+        let wire = |sched| WireSched::from_sched(sched, now_ns);
+        WireSlot {
+            id: slot.id,
+            epoch: slot.epoch,
+            state: slot.state,
+            in_seq: slot.in_seq,
+            out_seq: slot.out_seq,
+            mailbox: slot
+                .mailbox
+                .into_iter()
+                .map(|(sched, credit, m)| (wire(sched), credit, m))
+                .collect(),
+            early: slot
+                .early
+                .into_iter()
+                .map(|env| WireEarly {
+                    from: env.from,
+                    seq: env.seq,
+                    credit_shard: env.credit_shard,
+                    route_epoch: env.route_epoch,
+                    sched: wire(env.sched),
+                    message: env.message,
+                })
+                .collect(),
+            blocked: slot
+                .blocked
+                .into_iter()
+                .map(|out| WireBlocked {
+                    to: out.to,
+                    sched: wire(out.sched),
+                    uncredited: out.uncredited,
+                    message: out.message,
+                })
+                .collect(),
+        }
+    }
+
+    fn into_slot(self, now_ns: u64) -> RemoteSlot<M> {
+        let id = self.id;
+        RemoteSlot {
+            id,
+            epoch: self.epoch,
+            state: self.state,
+            in_seq: self.in_seq,
+            out_seq: self.out_seq,
+            mailbox: self
+                .mailbox
+                .into_iter()
+                .map(|(sched, credit, m)| (sched.to_sched(now_ns), credit, m))
+                .collect(),
+            early: self
+                .early
+                .into_iter()
+                .map(|e| Envelope {
+                    to: id,
+                    from: e.from,
+                    seq: e.seq,
+                    credit_shard: e.credit_shard,
+                    route_epoch: e.route_epoch,
+                    sched: e.sched.to_sched(now_ns),
+                    message: e.message,
+                })
+                .collect(),
+            blocked: self
+                .blocked
+                .into_iter()
+                .map(|b| Outgoing {
+                    to: b.to,
+                    sched: b.sched.to_sched(now_ns),
+                    message: b.message,
+                    due_ns: 0,
+                    uncredited: b.uncredited,
+                })
+                .collect(),
+        }
+    }
+
+    /// The shards whose credit its messages hold (besides "none" and
+    /// "a self-send").
+    fn credit_shards(&self) -> impl Iterator<Item = u16> + '_ {
+        self.mailbox
+            .iter()
+            .map(|(_, credit, _)| *credit)
+            .chain(self.early.iter().map(|e| e.credit_shard))
+            .filter(|&s| s < u16::MAX - 1)
+    }
+
+    fn messages(&self) -> usize {
+        self.mailbox.len() + self.early.len() + self.blocked.len()
+    }
 }
 
 #[derive(Archive, Serialize, Deserialize)]
@@ -374,6 +521,9 @@ impl<M> WirePacket<M> {
                 epoch: placement.epoch,
             },
             Packet::Migrate { actor, to } => WirePacket::Migrate { actor, to: to.0 },
+            Packet::RemoteHandoff(slot) => {
+                WirePacket::Handoff(Box::new(WireSlot::from_slot(*slot, now_ns)))
+            }
             Packet::Handoff(..) => return None,
         })
     }
@@ -431,6 +581,7 @@ impl<M> WirePacket<M> {
                 actor,
                 to: ShardId(to),
             },
+            WirePacket::Handoff(slot) => Packet::RemoteHandoff(Box::new(slot.into_slot(now_ns))),
         }
     }
 
@@ -438,6 +589,7 @@ impl<M> WirePacket<M> {
         match self {
             WirePacket::Message { .. } => 1,
             WirePacket::Run { messages, .. } => messages.len(),
+            WirePacket::Handoff(slot) => slot.messages(),
             _ => 0,
         }
     }
@@ -451,7 +603,17 @@ impl<M> WirePacket<M> {
             }
             WirePacket::Placement { shard, .. } => [Some(*shard), None],
             WirePacket::Migrate { to, .. } => [Some(*to), None],
-            WirePacket::Ack { .. } => [None, None],
+            WirePacket::Ack { .. } | WirePacket::Handoff(_) => [None, None],
+        }
+    }
+
+    /// Whether every shard the packet names is one of the run's `total`.
+    fn names_shards_within(&self, total: usize) -> bool {
+        let within = |s: u16| usize::from(s) < total;
+        let named = self.named_shards().iter().flatten().all(|&s| within(s));
+        match self {
+            WirePacket::Handoff(slot) => named && slot.credit_shards().all(within),
+            _ => named,
         }
     }
 
@@ -922,12 +1084,7 @@ async fn receive<M: Wire>(
             in_run(item.from_shard)
                 && usize::from(layout.node_of[usize::from(item.from_shard)]) == peer
                 && layout.local_index(ShardId(item.to_shard)).is_some()
-                && item
-                    .packet
-                    .named_shards()
-                    .iter()
-                    .flatten()
-                    .all(|&s| in_run(s))
+                && item.packet.names_shards_within(layout.node_of.len())
         });
         if !valid {
             add(&stats.refused, 1);

@@ -41,8 +41,14 @@
 //! `migrate_out` runs between two turns of the actor: the slot (actor object,
 //! mailbox, channel sequence tables, blocked sends) is removed and handed to the
 //! new shard as one `Handoff` packet: within a node state moves by ownership,
-//! nothing is serialised. The old owner bumps the actor's placement epoch, applies
-//! it to its own directory and broadcasts it. Messages that still reach the old
+//! nothing is serialised. To a shard of another node (a run that spans
+//! nodes) it moves by value instead: `migrate_to_node` snapshots the actor
+//! and sends a `RemoteHandoff` with its channel tables, mailbox, early
+//! arrivals and blocked sends; `install_remote` rebuilds it (see
+//! `runtime::remote`). The rest below holds for both.
+//!
+//! The old owner bumps the actor's placement epoch, applies it to its own
+//! directory and broadcasts it. Messages that still reach the old
 //! owner are forwarded along its directory. A message that reaches a shard whose
 //! directory is older than the sender's (`route_epoch` ahead) waits there in
 //! `pending` until the handoff or the placement update arrives. Because the old
@@ -356,6 +362,9 @@ pub enum Packet<M> {
     },
     /// An actor moving in, with its new placement epoch.
     Handoff(Box<Slot<M>>, u64),
+    /// An actor moving in from another node: its state and what it held,
+    /// by value (see `RemoteSlot`).
+    RemoteHandoff(Box<RemoteSlot<M>>),
     Placement {
         actor: ActorId,
         placement: Placement,
@@ -365,6 +374,25 @@ pub enum Packet<M> {
         actor: ActorId,
         to: ShardId,
     },
+}
+
+/// An actor on its way to another node: what a `Slot` holds, by value,
+/// for the gateway to encode. Its object is rebuilt there by the factory
+/// from `state` (what `Actor::snapshot` gave), as after a deactivation.
+pub struct RemoteSlot<M> {
+    pub(crate) id: ActorId,
+    /// Its placement epoch at the new owner.
+    pub(crate) epoch: u64,
+    pub(crate) state: Option<Vec<u8>>,
+    pub(crate) in_seq: Vec<(ActorId, u64)>,
+    pub(crate) out_seq: Vec<(ActorId, u64)>,
+    /// Its mailbox in order: each message's context, the shard whose
+    /// credit it holds (or `SELF_SEND`, `NO_SHARD`) and the message.
+    pub(crate) mailbox: Vec<(SchedCtx, u16, M)>,
+    /// Early arrivals, each waiting for the gap before it.
+    pub(crate) early: Vec<Envelope<M>>,
+    /// Its sends not admitted yet, in order.
+    pub(crate) blocked: Vec<Outgoing<M>>,
 }
 
 /// A request from outside the runtime, queued to one shard.
@@ -681,6 +709,7 @@ impl<M: Send + 'static> ShardCore<M> {
                 migrations_out: 0,
                 migrations_in: 0,
                 migrations_refused: 0,
+                migrations_in_from_nodes: 0,
                 forwarded: 0,
                 run_messages: 0,
                 activations: 0,
@@ -700,9 +729,9 @@ impl<M: Send + 'static> ShardCore<M> {
         }
     }
 
-    /// Say which shards are this node's when the run spans nodes: a
-    /// migration to another node's shard is refused (counted in
-    /// `migrations_refused`), as an actor's slot moves by ownership.
+    /// Say which shards are this node's when the run spans nodes: an
+    /// actor moves to another node's shard by value (`RemoteHandoff`), and
+    /// a sender to an actor there has `remote_credit_messages`.
     pub fn set_local_shards(&mut self, local: std::ops::Range<u16>) {
         assert!(
             local.contains(&self.id.0),
@@ -822,6 +851,7 @@ impl<M: Send + 'static> ShardCore<M> {
                 }
             }
             Packet::Migrate { actor, to } => self.route_migrate(actor, to),
+            Packet::RemoteHandoff(moving) => self.install_remote(*moving),
         }
     }
 
@@ -1400,15 +1430,19 @@ impl<M: Send + 'static> ShardCore<M> {
         if self.refuses(actor) {
             return;
         }
-        if !self.local.contains(&to.0) {
-            self.report.migrations_refused += 1;
-            return;
-        }
         if self.index.contains_key(&actor) {
             self.migrate_out(actor, to);
             return;
         }
         let placement = self.directory.lookup(actor);
+        if placement.shard == self.id && !self.local.contains(&to.0) {
+            // Deactivated here, going to another node: its state is in
+            // this node's store, so it moves as an active actor does.
+            if self.activate(actor).is_some() {
+                self.migrate_out(actor, to);
+            }
+            return;
+        }
         if placement.shard != self.id {
             if let Some(waiting) = self.pending.get_mut(&actor) {
                 waiting.push(Packet::Migrate { actor, to });
@@ -1431,6 +1465,10 @@ impl<M: Send + 'static> ShardCore<M> {
         if to == self.id {
             return;
         }
+        if !self.local.contains(&to.0) {
+            self.migrate_to_node(actor, to);
+            return;
+        }
         let mut slot = self.remove(actor).expect("migrating an active actor");
         slot.pause_from_ns = Some(slot.last_handled_ns);
         slot.handed_off_ns = self.now_ns;
@@ -1449,6 +1487,127 @@ impl<M: Send + 'static> ShardCore<M> {
         // Local senders blocked on its full mailbox now send remotely, with credits.
         if self.waiters.contains_key(&actor) {
             self.wake_waiters(actor);
+        }
+    }
+
+    /// Move an active actor to a shard of another node: snapshot it and
+    /// send what its slot holds by value. Refused (counted in
+    /// `migrations_refused`) while the actor says it may not be
+    /// deactivated: its snapshot would not hold all it needs.
+    fn migrate_to_node(&mut self, actor: ActorId, to: ShardId) {
+        let willing = self
+            .index
+            .get(&actor)
+            .and_then(|&i| self.slots[i as usize].as_ref())
+            .and_then(|slot| slot.actor.as_ref())
+            .is_some_and(|a| a.may_deactivate());
+        if !willing {
+            self.report.migrations_refused += 1;
+            return;
+        }
+        let mut slot = self.remove(actor).expect("migrating an active actor");
+        let object = slot.actor.as_mut();
+        let state = match catch_unwind(AssertUnwindSafe(|| object.and_then(|a| a.snapshot()))) {
+            Ok(state) => state.map(|s| s.to_vec()),
+            Err(payload) => {
+                self.record_failure(actor, panic_message(payload.as_ref()));
+                self.release(slot);
+                return;
+            }
+        };
+        let placement = Placement {
+            shard: to,
+            epoch: self.directory.lookup(actor).epoch + 1,
+        };
+        let mut early = Vec::with_capacity(slot.early);
+        for (_, waiting) in std::mem::take(&mut slot.reorder) {
+            early.extend(waiting.into_values());
+        }
+        let moving = RemoteSlot {
+            id: actor,
+            epoch: placement.epoch,
+            state,
+            in_seq: slot.in_seq.iter().copied().collect(),
+            out_seq: slot.out_seq.iter().copied().collect(),
+            mailbox: slot
+                .mailbox
+                .drain(..)
+                .map(|q| (q.sched, q.credit_shard, q.message))
+                .collect(),
+            early,
+            blocked: slot.blocked.drain(..).collect(),
+        };
+        self.directory.apply(actor, placement);
+        self.staging[to.index()].push_back(Packet::RemoteHandoff(Box::new(moving)));
+        self.broadcast_placement(actor, placement, Some(to));
+        self.report.migrations_out += 1;
+        if self.waiters.contains_key(&actor) {
+            self.wake_waiters(actor);
+        }
+    }
+
+    /// An actor moving in from another node: rebuilt by the factory from
+    /// its state, with its mailbox, early arrivals and blocked sends.
+    fn install_remote(&mut self, moving: RemoteSlot<M>) {
+        let RemoteSlot {
+            id,
+            epoch,
+            state,
+            in_seq,
+            out_seq,
+            mailbox,
+            early,
+            blocked,
+        } = moving;
+        let mut slot = Slot::new(id, None, self.now_ns);
+        slot.in_seq = in_seq.into_iter().collect();
+        slot.out_seq = out_seq.into_iter().collect();
+        for (sched, credit_shard, message) in mailbox {
+            self.arrivals += 1;
+            if credit_shard == SELF_SEND {
+                slot.self_pending += 1;
+            }
+            slot.mailbox.push_back(Queued {
+                sched,
+                enqueued_ns: self.now_ns,
+                arrival: self.arrivals,
+                credit_shard,
+                message,
+            });
+        }
+        for env in early {
+            slot.early += 1;
+            slot.reorder
+                .entry(env.from)
+                .or_default()
+                .insert(env.seq, env);
+        }
+        slot.blocked = blocked.into();
+        slot.handed_off_ns = self.clock.now_ns();
+        if self.refuses(id) {
+            self.release(slot);
+            return;
+        }
+        let factory = &self.factory;
+        match catch_unwind(AssertUnwindSafe(|| factory.activate(id, state.as_deref()))) {
+            Ok(actor) => {
+                slot.actor = Some(actor);
+                self.report.activations += 1;
+                self.report.migrations_in_from_nodes += 1;
+                self.install(slot, epoch);
+            }
+            Err(payload) => {
+                self.record_failure(id, panic_message(payload.as_ref()));
+                // Its place is here now; its messages will never be handled.
+                self.directory.apply(
+                    id,
+                    Placement {
+                        shard: self.id,
+                        epoch,
+                    },
+                );
+                self.release(slot);
+            }
         }
     }
 

@@ -75,9 +75,12 @@ pub struct ShardReport {
     pub parks: u64,
     pub migrations_out: u64,
     pub migrations_in: u64,
-    /// Migrations to a shard of another node, refused (see
-    /// `ShardCore::set_local_shards`).
+    /// Migrations to a shard of another node refused because the actor
+    /// said it may not be deactivated (its snapshot would not hold all it
+    /// needs).
     pub migrations_refused: u64,
+    /// Of `migrations_in`, those from another node (by value).
+    pub migrations_in_from_nodes: u64,
     /// Messages that reached this shard for an actor living elsewhere.
     pub forwarded: u64,
     /// Remote sends that joined a run of their channel (crossed the ring in a batch).
