@@ -73,9 +73,16 @@
 //! takes all of that as its own, so order, credits and exactly-once
 //! delivery carry over as in a local move (messages still on their way to
 //! the old owner are forwarded, placement updates broadcast to every
-//! shard of the run). An actor that says it may not be deactivated is
-//! not moved to another node (counted in `migrations_refused`); one
-//! deactivated on its node is activated there from its saved state first.
+//! shard of the run). Its per-actor counters start again there. The move
+//! crosses in one frame, so it is refused (counted in
+//! `migrations_refused`, the actor left as it was) while the actor holds
+//! more than `shard::REMOTE_HANDOFF_MESSAGES_MAX` (64) messages, its
+//! snapshot is over `shard::REMOTE_HANDOFF_STATE_BYTES_MAX` (64 KiB), or
+//! it says it may not be deactivated. Should the encoded move still not
+//! fit (messages of over 3 KiB each), it is dropped like an oversized
+//! message: the actor is lost with what it held, and the failure hook is
+//! told its name. An actor deactivated on its node is activated there
+//! from its saved state first; one with nothing saved moves by name only.
 //! The actor's timers stay with the shard that set them and still reach it.
 //!
 //! # Not here
@@ -486,8 +493,9 @@ pub struct WireBatch<M> {
 }
 
 impl<M> WirePacket<M> {
-    /// The packet for the wire; `None` for a handoff, which never crosses
-    /// nodes (`ShardCore::route_migrate` refuses a remote target).
+    /// The packet for the wire; `None` for a handoff by ownership, which
+    /// never crosses nodes (`ShardCore::migrate_out` sends an actor to
+    /// another node as a `RemoteHandoff`).
     fn from_packet(packet: Packet<M>, now_ns: u64) -> Option<WirePacket<M>> {
         Some(match packet {
             Packet::Message(env) => WirePacket::Message {
@@ -621,6 +629,7 @@ impl<M> WirePacket<M> {
     fn sender(&self) -> Option<ActorId> {
         match self {
             WirePacket::Message { from, .. } | WirePacket::Run { from, .. } => Some(*from),
+            WirePacket::Handoff(slot) => Some(slot.id),
             _ => None,
         }
     }
@@ -847,8 +856,8 @@ async fn send_loop<M: Wire>(
                                 });
                             }
                             None => {
-                                // `ShardCore::route_migrate` refuses a
-                                // shard of another node; never made.
+                                // `ShardCore::migrate_out` sends a
+                                // `RemoteHandoff` instead; never made.
                                 add(&stats.refused, 1);
                                 eprintln!("dirigo gateway: a handoff toward another node dropped");
                             }

@@ -395,6 +395,14 @@ pub struct RemoteSlot<M> {
     pub(crate) blocked: Vec<Outgoing<M>>,
 }
 
+/// An actor moves to another node only while its mailbox, early arrivals
+/// and blocked sends hold at most this many messages together, and its
+/// snapshot at most `REMOTE_HANDOFF_STATE_BYTES_MAX`: it crosses in one
+/// frame (`runtime::remote::FRAME_BYTES_MAX`, 256 KiB). Otherwise the move
+/// is refused (`migrations_refused`) and may be asked again.
+pub const REMOTE_HANDOFF_MESSAGES_MAX: usize = 64;
+pub const REMOTE_HANDOFF_STATE_BYTES_MAX: usize = 64 * 1024;
+
 /// A request from outside the runtime, queued to one shard.
 pub enum External<M> {
     Send(Outgoing<M>),
@@ -646,8 +654,8 @@ pub struct ShardCore<M> {
     store: Arc<dyn StateStore>,
     jobs: JobTable,
     report: ShardReport,
-    /// The shards of this node (an actor moves only among them); every
-    /// shard when the run is on one node.
+    /// The shards of this node (an actor moves to another node's by value);
+    /// every shard when the run is on one node.
     local: std::ops::Range<u16>,
 }
 
@@ -1436,12 +1444,18 @@ impl<M: Send + 'static> ShardCore<M> {
         }
         let placement = self.directory.lookup(actor);
         if placement.shard == self.id && !self.local.contains(&to.0) {
-            // Deactivated here, going to another node: its state is in
-            // this node's store, so it moves as an active actor does.
-            if self.activate(actor).is_some() {
-                self.migrate_out(actor, to);
+            // Deactivated here, going to another node: a state saved in
+            // this node's store moves with the actor, which is activated
+            // from it to move as an active actor does. With nothing saved
+            // (never activated, or nothing to keep), only the name moves,
+            // below, as within a node.
+            if let Some(saved) = self.store.take(actor) {
+                self.store.put(actor, saved);
+                if self.activate(actor).is_some() {
+                    self.migrate_out(actor, to);
+                }
+                return;
             }
-            return;
         }
         if placement.shard != self.id {
             if let Some(waiting) = self.pending.get_mut(&actor) {
@@ -1495,13 +1509,16 @@ impl<M: Send + 'static> ShardCore<M> {
     /// `migrations_refused`) while the actor says it may not be
     /// deactivated: its snapshot would not hold all it needs.
     fn migrate_to_node(&mut self, actor: ActorId, to: ShardId) {
-        let willing = self
+        let movable = self
             .index
             .get(&actor)
             .and_then(|&i| self.slots[i as usize].as_ref())
-            .and_then(|slot| slot.actor.as_ref())
-            .is_some_and(|a| a.may_deactivate());
-        if !willing {
+            .is_some_and(|slot| {
+                slot.actor.as_ref().is_some_and(|a| a.may_deactivate())
+                    && slot.mailbox.len() + slot.early + slot.blocked.len()
+                        <= REMOTE_HANDOFF_MESSAGES_MAX
+            });
+        if !movable {
             self.report.migrations_refused += 1;
             return;
         }
@@ -1515,6 +1532,21 @@ impl<M: Send + 'static> ShardCore<M> {
                 return;
             }
         };
+        if state
+            .as_ref()
+            .is_some_and(|s| s.len() > REMOTE_HANDOFF_STATE_BYTES_MAX)
+        {
+            // Too large for one frame with room to spare: it stays, as
+            // it was (a snapshot has no effect on the actor).
+            self.report.migrations_refused += 1;
+            let index = self.insert(slot);
+            if let Some(slot) = self.slots[index as usize].as_ref() {
+                if !slot.mailbox.is_empty() && slot.blocked.is_empty() {
+                    self.enqueue_run(index);
+                }
+            }
+            return;
+        }
         let placement = Placement {
             shard: to,
             epoch: self.directory.lookup(actor).epoch + 1,
@@ -1583,9 +1615,9 @@ impl<M: Send + 'static> ShardCore<M> {
                 .insert(env.seq, env);
         }
         slot.blocked = blocked.into();
-        slot.handed_off_ns = self.clock.now_ns();
         if self.refuses(id) {
             self.release(slot);
+            self.reroute_pending(id);
             return;
         }
         let factory = &self.factory;
@@ -1598,7 +1630,9 @@ impl<M: Send + 'static> ShardCore<M> {
             }
             Err(payload) => {
                 self.record_failure(id, panic_message(payload.as_ref()));
-                // Its place is here now; its messages will never be handled.
+                // Its place is here now; its messages, and those that
+                // waited here for it, will never be handled: dropped,
+                // their credits returned.
                 self.directory.apply(
                     id,
                     Placement {
@@ -1607,6 +1641,7 @@ impl<M: Send + 'static> ShardCore<M> {
                     },
                 );
                 self.release(slot);
+                self.reroute_pending(id);
             }
         }
     }
@@ -1622,8 +1657,11 @@ impl<M: Send + 'static> ShardCore<M> {
 
     fn install(&mut self, mut slot: Box<Slot<M>>, epoch: u64) {
         let id = slot.id;
-        let transfer_ns = self.clock.now_ns().saturating_sub(slot.handed_off_ns);
-        record_us(&mut self.report.migration_transfer_us, transfer_ns, 1);
+        // A move from another node has no handoff time on this clock.
+        if slot.handed_off_ns != 0 {
+            let transfer_ns = self.clock.now_ns().saturating_sub(slot.handed_off_ns);
+            record_us(&mut self.report.migration_transfer_us, transfer_ns, 1);
+        }
         self.directory.apply(
             id,
             Placement {
