@@ -86,6 +86,39 @@ fn start_node_with<M: dirigo_engine::runtime::Wire>(
     .expect("the node's runtime starts")
 }
 
+/// Until every message of `workload` arrived (at most 120 s), ask node
+/// `a` or `b` at random to move a random actor to a random shard of the
+/// run (of its own node or of the other), every `pause`.
+fn move_at_random_until_done(
+    a: &Runtime<Msg>,
+    b: &Runtime<Msg>,
+    ledger: &Ledger,
+    workload: &Workload,
+    seed: u64,
+    pause: Duration,
+) {
+    let total = workload.per_channel * u64::from(workload.sources * workload.targets);
+    let mut rng = dirigo_engine::runtime::sim::SimRng::new(seed);
+    let start = Instant::now();
+    while ledger.received.load(Ordering::Acquire) < total {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "stuck at {} of {total}",
+            ledger.received.load(Ordering::Acquire)
+        );
+        let pick = rng.below(u64::from(workload.sources + workload.targets)) as u32;
+        let actor = if pick < workload.sources {
+            source(pick)
+        } else {
+            target(pick - workload.sources)
+        };
+        let node = if rng.below(2) == 0 { a } else { b };
+        let to = ShardId(rng.below(a.total_shards() as u64) as u16);
+        node.migrate(actor, to).expect("alive");
+        std::thread::sleep(pause);
+    }
+}
+
 #[test]
 fn actors_on_two_nodes_exchange_messages_exactly_in_order_while_they_move_within_and_across_nodes()
 {
@@ -107,28 +140,14 @@ fn actors_on_two_nodes_exchange_messages_exactly_in_order_while_they_move_within
     for s in 0..workload.sources {
         a.send(source(s), Msg::Tick, sched()).expect("shard alive");
     }
-    let total = workload.per_channel * u64::from(workload.sources * workload.targets);
-    let mut rng = dirigo_engine::runtime::sim::SimRng::new(7);
-    let start = Instant::now();
-    while built.ledger.received.load(Ordering::Acquire) < total {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "stuck at {} of {total}",
-            built.ledger.received.load(Ordering::Acquire)
-        );
-        // Either node moves any actor to any shard of the run: within its
-        // node, or to the other node by value (a source with its count).
-        let pick = rng.below(u64::from(workload.sources + workload.targets)) as u32;
-        let actor = if pick < workload.sources {
-            source(pick)
-        } else {
-            target(pick - workload.sources)
-        };
-        let node = if rng.below(2) == 0 { &a } else { &b };
-        node.migrate(actor, ShardId(rng.below(4) as u16))
-            .expect("alive");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    move_at_random_until_done(
+        &a,
+        &b,
+        &built.ledger,
+        &workload,
+        7,
+        Duration::from_millis(1),
+    );
     built.ledger.assert_complete(workload.per_channel);
     for (name, node) in [("node 0", &a), ("node 1", &b)] {
         let remote = node.remote_stats().expect("a remote run");
@@ -390,28 +409,14 @@ fn actors_with_full_mailboxes_move_between_nodes_exactly() {
     for s in 0..workload.sources {
         a.send(source(s), Msg::Tick, sched()).expect("shard alive");
     }
-    let total = workload.per_channel * u64::from(workload.sources * workload.targets);
-    let mut rng = dirigo_engine::runtime::sim::SimRng::new(11);
-    let start = Instant::now();
-    while built.ledger.received.load(Ordering::Acquire) < total {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "stuck at {} of {total}",
-            built.ledger.received.load(Ordering::Acquire)
-        );
-        let pick = rng.below(u64::from(workload.sources + workload.targets)) as u32;
-        let actor = if pick < workload.sources {
-            source(pick)
-        } else {
-            target(pick - workload.sources)
-        };
-        // Always to the other half of the run from the actor's home, so
-        // most requests cross nodes.
-        let node = if rng.below(2) == 0 { &a } else { &b };
-        node.migrate(actor, ShardId(rng.below(4) as u16))
-            .expect("alive");
-        std::thread::sleep(Duration::from_micros(300));
-    }
+    move_at_random_until_done(
+        &a,
+        &b,
+        &built.ledger,
+        &workload,
+        11,
+        Duration::from_micros(300),
+    );
     built.ledger.assert_complete(workload.per_channel);
     let across: u64 = [&a, &b]
         .iter()

@@ -1088,14 +1088,7 @@ async fn receive<M: Wire>(
                 continue;
             }
         };
-        let in_run = |s: u16| usize::from(s) < layout.node_of.len();
-        let valid = batch.items.iter().all(|item| {
-            in_run(item.from_shard)
-                && usize::from(layout.node_of[usize::from(item.from_shard)]) == peer
-                && layout.local_index(ShardId(item.to_shard)).is_some()
-                && item.packet.names_shards_within(layout.node_of.len())
-        });
-        if !valid {
+        if !batch_is_valid(&batch, &layout, peer) {
             add(&stats.refused, 1);
             eprintln!("dirigo gateway: a batch from node {peer} naming shards it may not refused");
             continue;
@@ -1145,6 +1138,19 @@ async fn receive<M: Wire>(
             }
         }
     }
+}
+
+/// Whether every packet of a batch from `peer` comes from one of that
+/// node's shards, goes to one of this node's, and names only shards of
+/// the run.
+fn batch_is_valid<M>(batch: &WireBatch<M>, layout: &Layout, peer: usize) -> bool {
+    let total = layout.node_of.len();
+    batch.items.iter().all(|item| {
+        usize::from(item.from_shard) < total
+            && usize::from(layout.node_of[usize::from(item.from_shard)]) == peer
+            && layout.local_index(ShardId(item.to_shard)).is_some()
+            && item.packet.names_shards_within(total)
+    })
 }
 
 /// Dial `peer` (node index + 1 as its id) until the session stops.
@@ -1233,6 +1239,157 @@ async fn accept_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn two_nodes() -> Layout {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let nodes = [
+            RemoteNode { addr, shards: 2 },
+            RemoteNode { addr, shards: 2 },
+        ];
+        Layout::of(&nodes, 1).unwrap()
+    }
+
+    /// What a peer's bytes can become: decoded (validated) or refused,
+    /// checked against the layout, and turned into packets when valid;
+    /// never a panic.
+    fn take(bytes: &[u8]) {
+        let mut aligned = AlignedVec::<ARCHIVE_ALIGN>::new();
+        aligned.extend_from_slice(bytes);
+        if let Ok(batch) = Vec::<u8>::decode_batch(&aligned) {
+            if batch_is_valid(&batch, &two_nodes(), 0) {
+                for item in batch.items {
+                    let _ = item.packet.into_packet(1_000);
+                }
+            }
+        }
+    }
+
+    /// A valid batch of every kind of packet, from node 0 to node 1.
+    fn every_kind() -> Vec<u8> {
+        let actor = ActorId::new(JobId(1), 1, 2);
+        let sched = WireSched::from_sched(SchedCtx::default(), 0);
+        let item = |packet| WireItem {
+            from_shard: 0,
+            to_shard: 2,
+            packet,
+        };
+        let slot = WireSlot {
+            id: actor,
+            epoch: 3,
+            state: Some(vec![1, 2, 3]),
+            in_seq: vec![(actor, 4)],
+            out_seq: vec![(actor, 5)],
+            mailbox: vec![(sched, 1, vec![6; 9])],
+            early: vec![WireEarly {
+                from: actor,
+                seq: 7,
+                credit_shard: 0,
+                route_epoch: 1,
+                sched,
+                message: vec![8; 3],
+            }],
+            blocked: vec![WireBlocked {
+                to: actor,
+                sched,
+                uncredited: false,
+                message: vec![9],
+            }],
+        };
+        let batch = WireBatch {
+            items: vec![
+                item(WirePacket::Message {
+                    to: actor,
+                    from: actor,
+                    seq: 1,
+                    credit_shard: 0,
+                    route_epoch: 0,
+                    sched,
+                    message: vec![1; 20],
+                }),
+                item(WirePacket::Run {
+                    to: actor,
+                    from: actor,
+                    first_seq: 2,
+                    credit_shard: 1,
+                    route_epoch: 0,
+                    messages: vec![(sched, vec![2; 5]), (sched, vec![3; 7])],
+                }),
+                item(WirePacket::Ack { actor, messages: 3 }),
+                item(WirePacket::Placement {
+                    actor,
+                    shard: 3,
+                    epoch: 2,
+                }),
+                item(WirePacket::Migrate { actor, to: 1 }),
+                item(WirePacket::Handoff(Box::new(slot))),
+            ],
+        };
+        Vec::<u8>::encode_batch(&batch, Vec::new()).unwrap()
+    }
+
+    #[test]
+    fn a_batch_of_every_kind_decodes_as_sent_and_valid_only_from_its_node() {
+        let bytes = every_kind();
+        let mut aligned = AlignedVec::<ARCHIVE_ALIGN>::new();
+        aligned.extend_from_slice(&bytes);
+        let batch = Vec::<u8>::decode_batch(&aligned).unwrap();
+        assert_eq!(batch.items.len(), 6);
+        assert!(batch_is_valid(&batch, &two_nodes(), 0));
+        // From node 1's own shards, or to shards not of this node: refused.
+        assert!(!batch_is_valid(&batch, &two_nodes(), 1));
+        let layout0 = Layout::of(
+            &[
+                RemoteNode {
+                    addr: "127.0.0.1:1".parse().unwrap(),
+                    shards: 2,
+                },
+                RemoteNode {
+                    addr: "127.0.0.1:1".parse().unwrap(),
+                    shards: 2,
+                },
+            ],
+            0,
+        )
+        .unwrap();
+        assert!(!batch_is_valid(&batch, &layout0, 1));
+        let Some(WirePacket::Handoff(slot)) = batch.items.into_iter().last().map(|i| i.packet)
+        else {
+            panic!("the last is the handoff");
+        };
+        let slot = slot.into_slot(5);
+        assert_eq!((slot.id.partition, slot.epoch), (2, 3));
+        assert_eq!(slot.state.as_deref(), Some(&[1u8, 2, 3][..]));
+        assert_eq!(slot.mailbox[0].1, 1);
+        assert_eq!((slot.early[0].seq, slot.early[0].to), (7, slot.id));
+        assert_eq!(slot.blocked[0].message, vec![9]);
+    }
+
+    proptest! {
+        /// Any bytes from a peer: no panic (`scripts/fuzz` runs a million).
+        #[test]
+        fn any_bytes_from_a_peer_are_taken_or_refused_without_a_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..2048)
+        ) {
+            take(&bytes);
+        }
+
+        /// A valid batch with bytes changed or cut: no panic.
+        #[test]
+        fn a_changed_batch_is_taken_or_refused_without_a_panic(
+            changes in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+            cut in any::<usize>(),
+        ) {
+            let mut bytes = every_kind();
+            for (at, value) in changes {
+                let at = at % bytes.len();
+                bytes[at] = value;
+            }
+            take(&bytes);
+            let cut = cut % (bytes.len() + 1);
+            take(&bytes[..cut]);
+        }
+    }
 
     #[test]
     fn a_deadline_crosses_as_slack_and_an_origin_as_age() {
