@@ -510,3 +510,44 @@ fn a_deactivated_actor_moves_to_the_other_node_with_its_state() {
     a.shutdown();
     b.shutdown();
 }
+
+/// A node of the run that stops: the other sees its session drop, its
+/// senders to the lost node's actors wait (nothing of theirs is lost or
+/// delivered twice), and it still shuts down promptly.
+#[test]
+fn a_node_that_stops_is_seen_disconnected_and_the_other_stops_cleanly() {
+    let workload = Workload {
+        sources: 4,
+        targets: 8,
+        per_channel: 1_000_000,
+        batch: 64,
+        target_spin_ns: 0,
+    };
+    let built = build(&workload);
+    let (mut ls, nodes) = listeners(2, 2);
+    let b = start_node(1, ls.pop().unwrap(), &nodes, SECRET, built.factory.clone());
+    let a = start_node(0, ls.pop().unwrap(), &nodes, SECRET, built.factory.clone());
+    for s in 0..workload.sources {
+        a.send(source(s), Msg::Tick, sched()).expect("shard alive");
+    }
+    wait_for(&built.ledger, 50_000, Duration::from_secs(60));
+    assert_eq!(a.remote_stats().unwrap().connected, vec![true, true]);
+    b.shutdown();
+    let start = Instant::now();
+    while a.remote_stats().unwrap().connected[1] {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "node 1 still seen connected"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // What arrived, arrived once and in order.
+    assert!(built.ledger.violations.lock().unwrap().is_empty());
+    let stopping = Instant::now();
+    a.shutdown();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        stopping.elapsed()
+    );
+}

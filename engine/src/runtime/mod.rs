@@ -409,7 +409,7 @@ impl<M: Send + 'static> Runtime<M> {
                 remote.me, layout.local, config.shards
             )));
         }
-        let stats = Arc::new(RemoteStats::default());
+        let stats = Arc::new(RemoteStats::new(remote.nodes.len(), remote.me));
         let gateway_stats = stats.clone();
         let start_gateway: StartGateway<M> =
             Box::new(move |parts| remote::start_gateway(remote, parts, gateway_stats));

@@ -90,7 +90,8 @@
 //! What happens when a node of the run is lost: what was in flight to it
 //! stays unacked (its senders run out of credit for its actors), and an
 //! actor moving to it is gone with it; recovering a run is the
-//! checkpoints' job.
+//! checkpoints' job. The gateway only says, per node, whether its session
+//! is connected (`RemoteSnapshot::connected`).
 
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
@@ -652,10 +653,14 @@ pub struct RemoteStats {
     refused: AtomicU64,
     /// Packets for a local shard that died, dropped.
     dropped_to_dead_shards: AtomicU64,
+    /// Per node of the run, whether this node's session to it is connected
+    /// (this node's own entry is always set), as of the gateway's last pass
+    /// (at most `PARK_MAX` ago).
+    connected: Vec<std::sync::atomic::AtomicBool>,
 }
 
 /// A copy of [`RemoteStats`] at one moment.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RemoteSnapshot {
     pub frames_out: u64,
     pub frames_in: u64,
@@ -667,9 +672,20 @@ pub struct RemoteSnapshot {
     pub oversized: u64,
     pub refused: u64,
     pub dropped_to_dead_shards: u64,
+    /// Per node of the run: connected to it (this node: `true`).
+    pub connected: Vec<bool>,
 }
 
 impl RemoteStats {
+    pub(crate) fn new(nodes: usize, me: usize) -> RemoteStats {
+        RemoteStats {
+            connected: (0..nodes)
+                .map(|j| std::sync::atomic::AtomicBool::new(j == me))
+                .collect(),
+            ..RemoteStats::default()
+        }
+    }
+
     pub fn snapshot(&self) -> RemoteSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         RemoteSnapshot {
@@ -683,6 +699,11 @@ impl RemoteStats {
             oversized: get(&self.oversized),
             refused: get(&self.refused),
             dropped_to_dead_shards: get(&self.dropped_to_dead_shards),
+            connected: self
+                .connected
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect(),
         }
     }
 }
@@ -835,6 +856,9 @@ async fn send_loop<M: Wire>(
             let Some(session) = session else {
                 continue;
             };
+            if let Some(connected) = stats.connected.get(j) {
+                connected.store(session.is_connected(), Ordering::Relaxed);
+            }
             if !offer(session, &mut waiting[j], stats) {
                 continue; // full: leave this peer's rings to the shards' staging
             }
