@@ -75,14 +75,19 @@
 //! the old owner are forwarded, placement updates broadcast to every
 //! shard of the run). Its per-actor counters start again there. The move
 //! crosses in one frame, so it is refused (counted in
-//! `migrations_refused`, the actor left as it was) while the actor holds
-//! more than `shard::REMOTE_HANDOFF_MESSAGES_MAX` (64) messages, its
+//! `migrations_refused`; an active actor stays as it was, a deactivated
+//! one stays, activated) while the actor holds more than
+//! `shard::REMOTE_HANDOFF_MESSAGES_MAX` (64) messages, its channel tables
+//! more than `shard::REMOTE_HANDOFF_CHANNELS_MAX` (4,096) entries, its
 //! snapshot is over `shard::REMOTE_HANDOFF_STATE_BYTES_MAX` (64 KiB), or
 //! it says it may not be deactivated. Should the encoded move still not
-//! fit (messages of over 3 KiB each), it is dropped like an oversized
-//! message: the actor is lost with what it held, and the failure hook is
-//! told its name. An actor deactivated on its node is activated there
-//! from its saved state first; one with nothing saved moves by name only.
+//! fit the frame's body (large messages: 64 of over about 1.5 KiB each
+//! with the rest at its bounds), it is dropped like an oversized
+//! message: the actor is lost with what it held, the failure hook is told
+//! its name, and the credits its messages held are not returned (the
+//! hook's owner must end its job). An actor deactivated on its node is
+//! activated there from its saved state first; one never activated there
+//! moves by name only.
 //! The actor's timers stay with the shard that set them and still reach it.
 //!
 //! # Not here

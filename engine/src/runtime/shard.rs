@@ -396,12 +396,16 @@ pub struct RemoteSlot<M> {
 }
 
 /// An actor moves to another node only while its mailbox, early arrivals
-/// and blocked sends hold at most this many messages together, and its
-/// snapshot at most `REMOTE_HANDOFF_STATE_BYTES_MAX`: it crosses in one
+/// and blocked sends hold at most this many messages together, its
+/// snapshot at most `REMOTE_HANDOFF_STATE_BYTES_MAX` and its channel
+/// tables at most `REMOTE_HANDOFF_CHANNELS_MAX` entries: it crosses in one
 /// frame (`runtime::remote::FRAME_BYTES_MAX`, 256 KiB). Otherwise the move
 /// is refused (`migrations_refused`) and may be asked again.
 pub const REMOTE_HANDOFF_MESSAGES_MAX: usize = 64;
 pub const REMOTE_HANDOFF_STATE_BYTES_MAX: usize = 64 * 1024;
+/// The same for its channel tables (`in_seq` and `out_seq` together, 24
+/// bytes an entry on the wire): 96 KiB at most.
+pub const REMOTE_HANDOFF_CHANNELS_MAX: usize = 4_096;
 
 /// A request from outside the runtime, queued to one shard.
 pub enum External<M> {
@@ -1446,8 +1450,9 @@ impl<M: Send + 'static> ShardCore<M> {
         if placement.shard == self.id && !self.local.contains(&to.0) {
             // Deactivated here, going to another node: a state saved in
             // this node's store moves with the actor, which is activated
-            // from it to move as an active actor does. With nothing saved
-            // (never activated, or nothing to keep), only the name moves,
+            // from it to move as an active actor does (and stays active
+            // here if the move is refused). With nothing saved (never
+            // activated here), only the name moves,
             // below, as within a node.
             if let Some(saved) = self.store.take(actor) {
                 self.store.put(actor, saved);
@@ -1507,7 +1512,11 @@ impl<M: Send + 'static> ShardCore<M> {
     /// Move an active actor to a shard of another node: snapshot it and
     /// send what its slot holds by value. Refused (counted in
     /// `migrations_refused`) while the actor says it may not be
-    /// deactivated: its snapshot would not hold all it needs.
+    /// deactivated (its snapshot would not hold all it needs), or while
+    /// what it holds may not fit one frame: over
+    /// `REMOTE_HANDOFF_MESSAGES_MAX` messages, over
+    /// `REMOTE_HANDOFF_CHANNELS_MAX` channel-table entries, or a snapshot
+    /// over `REMOTE_HANDOFF_STATE_BYTES_MAX`.
     fn migrate_to_node(&mut self, actor: ActorId, to: ShardId) {
         let movable = self
             .index
@@ -1517,6 +1526,7 @@ impl<M: Send + 'static> ShardCore<M> {
                 slot.actor.as_ref().is_some_and(|a| a.may_deactivate())
                     && slot.mailbox.len() + slot.early + slot.blocked.len()
                         <= REMOTE_HANDOFF_MESSAGES_MAX
+                    && slot.in_seq.len() + slot.out_seq.len() <= REMOTE_HANDOFF_CHANNELS_MAX
             });
         if !movable {
             self.report.migrations_refused += 1;

@@ -89,6 +89,11 @@ impl<V: Default> SmallMap<V> {
         }
     }
 
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &(ActorId, V)> {
         self.entries.iter()
     }
