@@ -147,7 +147,7 @@ pub struct Report {
 
 pub const NOTE: &str = "two processes on loopback; cross_node: actor messages from an actor on one node process to \
 an actor on the other (each process one shard and its gateway; the engine's credits and acks; batches of packets as \
-rkyv archives, at most 512 messages a frame, over the session); session: the same bodies as messages of dirigo-net's session (handshake, \
+rkyv archives of about 512 messages, at most 256 KiB a frame, over the session); session: the same bodies as messages of dirigo-net's session (handshake, \
 64-byte link header, every frame sealed with AES-256-GCM: body encrypted, header authenticated; acks and credit); raw_tcp: the same bodies in \
 plain frames and writes of the same size bound on a TCP stream; each timed from the first send \
 until the receiving process has taken every message and said so; medians over the runs, the order alternated; \

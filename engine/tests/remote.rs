@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use dirigo_engine::runtime::{
-    MemoryStateStore, RemoteConfig, RemoteNode, RuntimeConfig, ShardConfig,
+    MemoryStateStore, RemoteConfig, RemoteNode, RuntimeConfig, ShardConfig, ShardReport,
 };
 use dirigo_engine::{
     Actor, ActorFactory, ActorId, BoxActor, Context, JobId, Runtime, SchedCtx, ShardId,
@@ -58,7 +58,8 @@ fn start_node<M: dirigo_engine::runtime::Wire>(
     secret: &[u8],
     factory: Arc<dyn ActorFactory<M>>,
 ) -> Runtime<M> {
-    start_node_with(me, listener, nodes, secret, factory, 64)
+    let config = config(usize::from(nodes[me].shards), 64);
+    start_node_with(me, listener, nodes, secret, factory, config)
 }
 
 fn start_node_with<M: dirigo_engine::runtime::Wire>(
@@ -67,7 +68,7 @@ fn start_node_with<M: dirigo_engine::runtime::Wire>(
     nodes: &[RemoteNode],
     secret: &[u8],
     factory: Arc<dyn ActorFactory<M>>,
-    credit: u32,
+    config: RuntimeConfig,
 ) -> Runtime<M> {
     let remote = RemoteConfig {
         nodes: nodes.to_vec(),
@@ -78,12 +79,45 @@ fn start_node_with<M: dirigo_engine::runtime::Wire>(
         incarnation: 1 + me as u64,
     };
     Runtime::start_remote(
-        config(usize::from(nodes[me].shards), credit),
+        config,
         remote,
         factory,
         Arc::new(MemoryStateStore::default()),
     )
     .expect("the node's runtime starts")
+}
+
+/// Two nodes of two shards each (node 1 started first) running the
+/// workload's actors with `config`, every source ticked through node 0
+/// (those homed on node 1 get their tick through the gateway).
+fn two_nodes(workload: &Workload, config: RuntimeConfig) -> (Built, Runtime<Msg>, Runtime<Msg>) {
+    let built = build(workload);
+    let (mut ls, nodes) = listeners(2, 2);
+    let start = |me, listener| {
+        start_node_with(
+            me,
+            listener,
+            &nodes,
+            SECRET,
+            built.factory.clone(),
+            config.clone(),
+        )
+    };
+    let b = start(1, ls.pop().unwrap());
+    let a = start(0, ls.pop().unwrap());
+    for s in 0..workload.sources {
+        a.send(source(s), Msg::Tick, sched()).expect("shard alive");
+    }
+    (built, a, b)
+}
+
+/// A shard counter summed over both nodes.
+fn sum_over_shards(nodes: [&Runtime<Msg>; 2], count: impl Fn(&ShardReport) -> u64) -> u64 {
+    nodes
+        .iter()
+        .flat_map(|node| node.stats().shards)
+        .map(|s| count(&s))
+        .sum()
 }
 
 /// Until every message of `workload` arrived (at most 120 s), ask node
@@ -129,17 +163,9 @@ fn actors_on_two_nodes_exchange_messages_exactly_in_order_while_they_move_within
         batch: 64,
         target_spin_ns: 0,
     };
-    let built = build(&workload);
-    let (mut ls, nodes) = listeners(2, 2);
-    let b = start_node(1, ls.pop().unwrap(), &nodes, SECRET, built.factory.clone());
-    let a = start_node(0, ls.pop().unwrap(), &nodes, SECRET, built.factory.clone());
+    let (built, a, b) = two_nodes(&workload, config(2, 64));
     assert_eq!((a.first_shard(), b.first_shard()), (ShardId(0), ShardId(2)));
     assert_eq!((a.total_shards(), a.shards()), (4, 2));
-    // Every source is ticked through node 0; those homed on node 1 (sources
-    // 2 and 3) get their tick through the gateway.
-    for s in 0..workload.sources {
-        a.send(source(s), Msg::Tick, sched()).expect("shard alive");
-    }
     move_at_random_until_done(
         &a,
         &b,
@@ -308,7 +334,7 @@ fn sends_made_before_the_peer_runs_arrive_once_it_does() {
         &nodes,
         SECRET,
         built.factory.clone(),
-        1024,
+        config(2, 1024),
     );
     for s in 0..workload.sources {
         a.send(source(s), Msg::Tick, sched()).expect("shard alive");
@@ -319,7 +345,14 @@ fn sends_made_before_the_peer_runs_arrive_once_it_does() {
     let received = built.ledger.received.load(Ordering::Acquire);
     let total = workload.per_channel * u64::from(workload.sources * workload.targets);
     assert!(received < total, "nothing can be complete yet");
-    let b = start_node_with(1, b_listener, &nodes, SECRET, built.factory.clone(), 1024);
+    let b = start_node_with(
+        1,
+        b_listener,
+        &nodes,
+        SECRET,
+        built.factory.clone(),
+        config(2, 1024),
+    );
     wait_for(&built.ledger, total, Duration::from_secs(60));
     built.ledger.assert_complete(workload.per_channel);
     a.shutdown();
@@ -340,27 +373,7 @@ fn a_slow_actor_bounds_what_both_nodes_send_it() {
         batch: 16,
         target_spin_ns: 20_000,
     };
-    let built = build(&workload);
-    let (mut ls, nodes) = listeners(2, 2);
-    let b = start_node_with(
-        1,
-        ls.pop().unwrap(),
-        &nodes,
-        SECRET,
-        built.factory.clone(),
-        credit,
-    );
-    let a = start_node_with(
-        0,
-        ls.pop().unwrap(),
-        &nodes,
-        SECRET,
-        built.factory.clone(),
-        credit,
-    );
-    for s in 0..workload.sources {
-        a.send(source(s), Msg::Tick, sched()).expect("shard alive");
-    }
+    let (built, a, b) = two_nodes(&workload, config(2, credit));
     let total = workload.per_channel * u64::from(workload.sources * workload.targets);
     let start = Instant::now();
     let mut max_mailbox = 0;
@@ -402,13 +415,7 @@ fn actors_with_full_mailboxes_move_between_nodes_exactly() {
         batch: 32,
         target_spin_ns: 2_000,
     };
-    let built = build(&workload);
-    let (mut ls, nodes) = listeners(2, 2);
-    let b = start_node(1, ls.pop().unwrap(), &nodes, SECRET, built.factory.clone());
-    let a = start_node(0, ls.pop().unwrap(), &nodes, SECRET, built.factory.clone());
-    for s in 0..workload.sources {
-        a.send(source(s), Msg::Tick, sched()).expect("shard alive");
-    }
+    let (built, a, b) = two_nodes(&workload, config(2, 64));
     move_at_random_until_done(
         &a,
         &b,
@@ -418,11 +425,7 @@ fn actors_with_full_mailboxes_move_between_nodes_exactly() {
         Duration::from_micros(300),
     );
     built.ledger.assert_complete(workload.per_channel);
-    let across: u64 = [&a, &b]
-        .iter()
-        .flat_map(|node| node.stats().shards)
-        .map(|s| s.migrations_in_from_nodes)
-        .sum();
+    let across = sum_over_shards([&a, &b], |s| s.migrations_in_from_nodes);
     assert!(across >= 20, "only {across} moves across nodes");
     a.shutdown();
     b.shutdown();
@@ -441,43 +444,16 @@ fn a_deactivated_actor_moves_to_the_other_node_with_its_state() {
         batch: 32,
         target_spin_ns: 0,
     };
-    let built = build(&workload);
-    let (mut ls, nodes) = listeners(2, 2);
-    let start = |me: usize, listener| {
-        let remote = RemoteConfig {
-            nodes: nodes.clone(),
-            me,
-            listener,
-            cluster: "remote-test".into(),
-            secret: SECRET.to_vec(),
-            incarnation: 1 + me as u64,
-        };
-        let mut config = config(2, 64);
-        config.shard.idle_timeout_ns = Some(20_000_000);
-        config.housekeeping_interval = Duration::from_millis(5);
-        Runtime::start_remote(
-            config,
-            remote,
-            built.factory.clone(),
-            Arc::new(MemoryStateStore::default()),
-        )
-        .expect("starts")
-    };
-    let b = start(1, ls.pop().unwrap());
-    let a = start(0, ls.pop().unwrap());
-    for s in 0..workload.sources {
-        a.send(source(s), Msg::Tick, sched()).expect("shard alive");
-    }
+    let mut config = config(2, 64);
+    config.shard.idle_timeout_ns = Some(20_000_000);
+    config.housekeeping_interval = Duration::from_millis(5);
+    let (built, a, b) = two_nodes(&workload, config);
     let total = workload.per_channel * u64::from(workload.sources * workload.targets);
     wait_for(&built.ledger, total, Duration::from_secs(60));
     // Wait until every actor went idle and was deactivated.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let active: usize = [&a, &b]
-            .iter()
-            .flat_map(|node| node.stats().shards)
-            .map(|s| s.actors.len())
-            .sum();
+        let active = sum_over_shards([&a, &b], |s| s.actors.len() as u64);
         if active == 0 {
             break;
         }
@@ -491,11 +467,7 @@ fn a_deactivated_actor_moves_to_the_other_node_with_its_state() {
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let across: u64 = [&a, &b]
-            .iter()
-            .flat_map(|node| node.stats().shards)
-            .map(|s| s.migrations_in_from_nodes)
-            .sum();
+        let across = sum_over_shards([&a, &b], |s| s.migrations_in_from_nodes);
         if across == u64::from(workload.sources) {
             break;
         }
@@ -523,13 +495,7 @@ fn a_node_that_stops_is_seen_disconnected_and_the_other_stops_cleanly() {
         batch: 64,
         target_spin_ns: 0,
     };
-    let built = build(&workload);
-    let (mut ls, nodes) = listeners(2, 2);
-    let b = start_node(1, ls.pop().unwrap(), &nodes, SECRET, built.factory.clone());
-    let a = start_node(0, ls.pop().unwrap(), &nodes, SECRET, built.factory.clone());
-    for s in 0..workload.sources {
-        a.send(source(s), Msg::Tick, sched()).expect("shard alive");
-    }
+    let (built, a, b) = two_nodes(&workload, config(2, 64));
     wait_for(&built.ledger, 50_000, Duration::from_secs(60));
     assert_eq!(a.remote_stats().unwrap().connected, vec![true, true]);
     b.shutdown();

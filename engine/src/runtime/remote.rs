@@ -18,8 +18,10 @@
 //!
 //! # Frames
 //!
-//! The gateway drains its rings toward one node into a batch of at most
-//! `BATCH_MESSAGES_MAX` messages, encodes it as one rkyv archive (a
+//! The gateway drains its rings toward one node into a batch, 16 packets
+//! at a time, until it holds `BATCH_MESSAGES_MAX` (512) messages or more
+//! (a run counts each of its messages) or the rings are empty, encodes
+//! it as one rkyv archive (a
 //! `WireBatch`: per packet, its source and target shard and the packet),
 //! and sends it as one session message; a batch over the frame's body bound
 //! is split in halves (a channel's run splits too, its sequence numbers
@@ -131,7 +133,9 @@ use super::{Failure, FailureHook, Shared};
 
 /// The session message kind of a batch of packets.
 const BATCH_KIND: u8 = 1;
-/// Messages one batch carries at most (a run counts each of its messages).
+/// A batch stops taking packets once it holds this many messages (a run
+/// counts each of its messages; the last drain of 16 packets may take it
+/// past); frames stay within their byte bound by splitting.
 const BATCH_MESSAGES_MAX: usize = 512;
 /// A frame's bound between gateways.
 pub const FRAME_BYTES_MAX: usize = 256 * 1024;
@@ -513,21 +517,18 @@ impl<M> WirePacket<M> {
                 sched: WireSched::from_sched(env.sched, now_ns),
                 message: env.message,
             },
-            Packet::Run(run) => {
-                let parts = run.into_parts();
-                WirePacket::Run {
-                    to: parts.to,
-                    from: parts.from,
-                    first_seq: parts.first_seq,
-                    credit_shard: parts.credit_shard,
-                    route_epoch: parts.route_epoch,
-                    messages: parts
-                        .messages
-                        .into_iter()
-                        .map(|(sched, m)| (WireSched::from_sched(sched, now_ns), m))
-                        .collect(),
-                }
-            }
+            Packet::Run(run) => WirePacket::Run {
+                to: run.to,
+                from: run.from,
+                first_seq: run.first_seq,
+                credit_shard: run.credit_shard,
+                route_epoch: run.route_epoch,
+                messages: run
+                    .messages
+                    .into_iter()
+                    .map(|(sched, m)| (WireSched::from_sched(sched, now_ns), m))
+                    .collect(),
+            },
             Packet::Ack { actor, messages } => WirePacket::Ack { actor, messages },
             Packet::Placement { actor, placement } => WirePacket::Placement {
                 actor,
@@ -568,7 +569,7 @@ impl<M> WirePacket<M> {
                 credit_shard,
                 route_epoch,
                 messages,
-            } => Packet::Run(Run::from_parts(super::shard::RunParts {
+            } => Packet::Run(Run {
                 to,
                 from,
                 first_seq,
@@ -578,7 +579,7 @@ impl<M> WirePacket<M> {
                     .into_iter()
                     .map(|(sched, m)| (sched.to_sched(now_ns), m))
                     .collect(),
-            })),
+            }),
             WirePacket::Ack { actor, messages } => Packet::Ack { actor, messages },
             WirePacket::Placement {
                 actor,
@@ -608,26 +609,20 @@ impl<M> WirePacket<M> {
         }
     }
 
-    /// The shards a packet names besides its ends, which must be shards of
-    /// the run.
-    fn named_shards(&self) -> [Option<u16>; 2] {
-        match self {
-            WirePacket::Message { credit_shard, .. } | WirePacket::Run { credit_shard, .. } => {
-                [Some(*credit_shard).filter(|&s| s != u16::MAX), None]
-            }
-            WirePacket::Placement { shard, .. } => [Some(*shard), None],
-            WirePacket::Migrate { to, .. } => [Some(*to), None],
-            WirePacket::Ack { .. } | WirePacket::Handoff(_) => [None, None],
-        }
-    }
-
-    /// Whether every shard the packet names is one of the run's `total`.
+    /// Whether every shard the packet names besides its ends (the shard
+    /// whose credit a message holds, a placement's, a migration's target)
+    /// is one of the run's `total`.
     fn names_shards_within(&self, total: usize) -> bool {
         let within = |s: u16| usize::from(s) < total;
-        let named = self.named_shards().iter().flatten().all(|&s| within(s));
         match self {
-            WirePacket::Handoff(slot) => named && slot.credit_shards().all(within),
-            _ => named,
+            // A message that holds no credit names `NO_SHARD`.
+            WirePacket::Message { credit_shard, .. } | WirePacket::Run { credit_shard, .. } => {
+                *credit_shard == u16::MAX || within(*credit_shard)
+            }
+            WirePacket::Placement { shard, .. } => within(*shard),
+            WirePacket::Migrate { to, .. } => within(*to),
+            WirePacket::Handoff(slot) => slot.credit_shards().all(within),
+            WirePacket::Ack { .. } => true,
         }
     }
 
@@ -1083,11 +1078,28 @@ fn fail<M>(
 async fn receive<M: Wire>(
     session: Session,
     peer: usize,
-    mut rings: Vec<Crossing<Producer<Packet<M>>>>,
+    rings: Vec<Crossing<Producer<Packet<M>>>>,
     layout: Layout,
     shared: Arc<Shared<M>>,
     stats: Arc<RemoteStats>,
 ) {
+    // The rings from `peer`'s shards, by (its shard - its first) * local
+    // shards + (local shard - first local): every pair has one.
+    let peer_first = layout
+        .node_of
+        .iter()
+        .position(|&n| usize::from(n) == peer)
+        .unwrap_or(0);
+    let local = usize::from(layout.local);
+    let place = |from: u16, to: u16| {
+        (usize::from(from) - peer_first) * local + (usize::from(to) - usize::from(layout.first))
+    };
+    let mut by_pair: Vec<Option<Producer<Packet<M>>>> = (0..rings.len()).map(|_| None).collect();
+    for (from, to, ring) in rings {
+        let at = place(from.0, to.0);
+        by_pair[at] = Some(ring);
+    }
+    let mut woken = vec![false; local];
     let mut aligned = AlignedVec::<ARCHIVE_ALIGN>::new();
     while let Some((kind, body)) = session.recv_wait().await {
         add(&stats.frames_in, 1);
@@ -1123,16 +1135,13 @@ async fn receive<M: Wire>(
             continue;
         }
         let now_ns = crate::clock::monotonic_ns();
-        let mut woken = 0u128; // bit per local shard rung (up to 128), the rest at once
         for item in batch.items {
             add(&stats.messages_in, item.packet.messages() as u64);
             let mut packet = item.packet.into_packet(now_ns);
             let to = ShardId(item.to_shard);
-            let Some((_, _, ring)) = rings
-                .iter_mut()
-                .find(|(from, t, _)| from.0 == item.from_shard && *t == to)
-            else {
-                continue; // checked above: every pair has its ring
+            // `batch_is_valid` checked both ends: every such pair has its ring.
+            let Some(ring) = by_pair[place(item.from_shard, item.to_shard)].as_mut() else {
+                continue;
             };
             loop {
                 match ring.push(packet) {
@@ -1154,16 +1163,12 @@ async fn receive<M: Wire>(
                     }
                 }
             }
-            let local = layout.local_index(to).unwrap_or(0);
-            if local < 128 {
-                woken |= 1 << local;
-            } else {
-                shared.doorbells[to.index()].ring();
-            }
+            woken[usize::from(item.to_shard - layout.first)] = true;
         }
-        for local in 0..128.min(usize::from(layout.local)) {
-            if woken & (1 << local) != 0 {
-                shared.doorbells[usize::from(layout.first) + local].ring();
+        // Each shard that got packets is rung once per batch.
+        for (i, rung) in woken.iter_mut().enumerate() {
+            if std::mem::take(rung) {
+                shared.doorbells[usize::from(layout.first) + i].ring();
             }
         }
     }

@@ -238,52 +238,20 @@ impl<M> Queued<M> {
 
 /// Consecutive messages of one channel: envelope `i` has sequence `first_seq + i`.
 pub struct Run<M> {
-    to: ActorId,
-    from: ActorId,
-    first_seq: u64,
-    credit_shard: u16,
-    route_epoch: u64,
-    messages: Vec<(SchedCtx, M)>,
-}
-
-/// A `Run`'s fields, for the gateway that carries it between nodes.
-pub(crate) struct RunParts<M> {
-    pub to: ActorId,
-    pub from: ActorId,
-    pub first_seq: u64,
-    pub credit_shard: u16,
-    pub route_epoch: u64,
-    pub messages: Vec<(SchedCtx, M)>,
+    pub(crate) to: ActorId,
+    pub(crate) from: ActorId,
+    pub(crate) first_seq: u64,
+    pub(crate) credit_shard: u16,
+    pub(crate) route_epoch: u64,
+    /// At most `RUN_MESSAGES_MAX` when made here; a run taken from another
+    /// node holds what its sender put in it (delivery does not care).
+    pub(crate) messages: Vec<(SchedCtx, M)>,
 }
 
 /// Messages one `Run` packet carries at most.
 const RUN_MESSAGES_MAX: usize = 256;
 
 impl<M> Run<M> {
-    pub(crate) fn into_parts(self) -> RunParts<M> {
-        RunParts {
-            to: self.to,
-            from: self.from,
-            first_seq: self.first_seq,
-            credit_shard: self.credit_shard,
-            route_epoch: self.route_epoch,
-            messages: self.messages,
-        }
-    }
-
-    /// A run as the gateway took it off the wire (it may hold more than
-    /// `RUN_MESSAGES_MAX` only if a peer sent it so; delivery does not care).
-    pub(crate) fn from_parts(parts: RunParts<M>) -> Self {
-        Run {
-            to: parts.to,
-            from: parts.from,
-            first_seq: parts.first_seq,
-            credit_shard: parts.credit_shard,
-            route_epoch: parts.route_epoch,
-            messages: parts.messages,
-        }
-    }
-
     /// Start a run with its first message.
     fn start(first: Envelope<M>) -> Self {
         let mut messages = Vec::with_capacity(64);
