@@ -112,7 +112,10 @@ fn two_nodes(workload: &Workload, config: RuntimeConfig) -> (Built, Runtime<Msg>
 }
 
 /// A shard counter summed over both nodes.
-fn sum_over_shards(nodes: [&Runtime<Msg>; 2], count: impl Fn(&ShardReport) -> u64) -> u64 {
+fn sum_over_shards<M: Send + 'static>(
+    nodes: [&Runtime<M>; 2],
+    count: impl Fn(&ShardReport) -> u64,
+) -> u64 {
     nodes
         .iter()
         .flat_map(|node| node.stats().shards)
@@ -516,4 +519,161 @@ fn a_node_that_stops_is_seen_disconnected_and_the_other_stops_cleanly() {
         "shutdown took {:?}",
         stopping.elapsed()
     );
+}
+
+#[derive(Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+enum Big {
+    /// The pusher: send this many more.
+    Go(u32),
+    Data(Vec<u8>),
+}
+
+const BIG_BYTES: usize = 8 * 1024;
+
+/// A pusher that sends `Big::Data` to the sink in chunks of 8, and a
+/// sink that takes its time with each.
+struct BigActor {
+    me: ActorId,
+    sink: ActorId,
+    handled: Arc<std::sync::atomic::AtomicU64>,
+    finished: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Actor for BigActor {
+    type Message = Big;
+
+    fn handle(&mut self, message: Big, ctx: &mut Context<'_, Big>) {
+        match message {
+            Big::Go(left) => {
+                let chunk = left.min(8);
+                for _ in 0..chunk {
+                    ctx.send(self.sink, Big::Data(vec![7; BIG_BYTES]));
+                }
+                if left > chunk {
+                    ctx.send(self.me, Big::Go(left - chunk));
+                } else {
+                    self.finished.store(true, Ordering::Release);
+                }
+            }
+            Big::Data(bytes) => {
+                assert_eq!(bytes.len(), BIG_BYTES);
+                let until = Instant::now() + Duration::from_micros(300);
+                while Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+                self.handled.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    fn snapshot(&mut self) -> Option<dirigo_engine::StateBytes> {
+        None
+    }
+}
+
+/// A move whose encoding is over the frame (40 and more queued messages
+/// of 8 KiB each, under the 64-message bound but over 256 KiB) cannot
+/// cross: the actor is lost, and the new owner learns it from a small
+/// packet sent in its place. Its place is there, as a failed actor: the
+/// credits its messages held go back (the pusher, out of credit without
+/// them, finishes), every message is either handled or counted dropped,
+/// and later moves of it stop there instead of bouncing between nodes.
+#[test]
+fn a_move_too_large_for_a_frame_loses_the_actor_and_returns_its_credits() {
+    let handled = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let pusher = ActorId::new(JobId(5), 1, 0);
+    let sink = ActorId::new(JobId(5), 2, 2);
+    let factory: Arc<dyn ActorFactory<Big>> = {
+        let (handled, finished) = (handled.clone(), finished.clone());
+        Arc::new(move |me: ActorId, _: Option<&[u8]>| -> BoxActor<Big> {
+            Box::new(BigActor {
+                me,
+                sink,
+                handled: handled.clone(),
+                finished: finished.clone(),
+            })
+        })
+    };
+    let mut config = config(2, 40);
+    let seen = failures.clone();
+    config.on_failure = Some(Arc::new(move |f| seen.lock().unwrap().push(f)));
+    let (mut ls, nodes) = listeners(2, 2);
+    let start = |me, listener| {
+        start_node_with(
+            me,
+            listener,
+            &nodes,
+            SECRET,
+            factory.clone(),
+            config.clone(),
+        )
+    };
+    let b = start(1, ls.pop().unwrap());
+    let a = start(0, ls.pop().unwrap());
+    const SENT: u64 = 400;
+    a.send(pusher, Big::Go(SENT as u32), sched())
+        .expect("alive");
+    // Until the sink, on node 1, holds over a frame's worth.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let queued = b
+            .stats()
+            .shards
+            .iter()
+            .flat_map(|s| s.actors.iter())
+            .filter(|actor| actor.id == sink)
+            .map(|actor| actor.mailbox + actor.early)
+            .sum::<usize>();
+        if queued >= 40 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the sink holds only {queued}");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    b.migrate(sink, ShardId(0)).expect("alive");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let dropped = || sum_over_shards([&a, &b], |s| s.dropped);
+    while !finished.load(Ordering::Acquire) || handled.load(Ordering::Acquire) + dropped() < SENT {
+        assert!(
+            Instant::now() < deadline,
+            "pusher finished: {}, handled {} and dropped {} of {SENT}",
+            finished.load(Ordering::Acquire),
+            handled.load(Ordering::Acquire),
+            dropped()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(handled.load(Ordering::Acquire) + dropped(), SENT);
+    assert!(dropped() >= 40, "the lost mailbox is counted dropped");
+    assert!(b.remote_stats().unwrap().oversized >= 40);
+    let told: Vec<(Option<ActorId>, ShardId)> = failures
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|f| (f.actor, f.shard))
+        .collect();
+    assert!(
+        told.contains(&(Some(sink), ShardId(0))),
+        "the new owner holds it as failed: {told:?}"
+    );
+    assert_eq!(sum_over_shards([&a, &b], |s| s.migrations_in_from_nodes), 0);
+    // Later moves, asked of either node, end at its new place.
+    a.migrate(sink, ShardId(3)).expect("alive");
+    b.migrate(sink, ShardId(1)).expect("alive");
+    std::thread::sleep(Duration::from_millis(200));
+    let frames = || {
+        let (ra, rb) = (a.remote_stats().unwrap(), b.remote_stats().unwrap());
+        ra.frames_out + rb.frames_out
+    };
+    let before = frames();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        frames(),
+        before,
+        "nothing goes on crossing once all is done"
+    );
+    a.shutdown();
+    b.shutdown();
 }

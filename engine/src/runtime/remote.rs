@@ -85,9 +85,12 @@
 //! it says it may not be deactivated. Should the encoded move still not
 //! fit the frame's body (large messages: 64 of over about 1.5 KiB each
 //! with the rest at its bounds), it is dropped like an oversized
-//! message: the actor is lost with what it held, the failure hook is told
-//! its name, and the credits its messages held are not returned (the
-//! hook's owner must end its job). An actor deactivated on its node is
+//! message: the actor is lost with what it held and the failure hook is
+//! told its name (the hook's owner must end its job). In its place goes a
+//! `Lost` packet (the actor, its new epoch, the credits its messages held
+//! per shard): the new owner holds its place as a failed actor, so the
+//! credits go back, later messages to it are dropped with theirs, and a
+//! later move of it stops there. An actor deactivated on its node is
 //! activated there from its saved state first; one never activated there
 //! moves by name only.
 //! The actor's timers stay with the shard that set them and still reach it.
@@ -355,6 +358,14 @@ pub enum WirePacket<M> {
     },
     /// An actor moving to the receiving node (`shard::RemoteSlot`).
     Handoff(Box<WireSlot<M>>),
+    /// In place of a `Handoff` that did not fit a frame: the actor is
+    /// lost, placed at the target as failed, and the credits its messages
+    /// held, `(shard, messages)`, go back (`Packet::LostHandoff`).
+    Lost {
+        actor: ActorId,
+        epoch: u64,
+        credits: Vec<(u16, u32)>,
+    },
 }
 
 /// An early arrival of a moving actor: an envelope to it.
@@ -485,6 +496,22 @@ impl<M> WireSlot<M> {
     fn messages(&self) -> usize {
         self.mailbox.len() + self.early.len() + self.blocked.len()
     }
+
+    /// What a lost move leaves: the credits its messages hold, per shard.
+    fn lost(&self) -> WirePacket<M> {
+        let mut credits: Vec<(u16, u32)> = Vec::new();
+        for shard in self.credit_shards() {
+            match credits.iter_mut().find(|(s, _)| *s == shard) {
+                Some((_, messages)) => *messages += 1,
+                None => credits.push((shard, 1)),
+            }
+        }
+        WirePacket::Lost {
+            actor: self.id,
+            epoch: self.epoch,
+            credits,
+        }
+    }
 }
 
 #[derive(Archive, Serialize, Deserialize)]
@@ -539,6 +566,15 @@ impl<M> WirePacket<M> {
             Packet::RemoteHandoff(slot) => {
                 WirePacket::Handoff(Box::new(WireSlot::from_slot(*slot, now_ns)))
             }
+            Packet::LostHandoff {
+                actor,
+                epoch,
+                credits,
+            } => WirePacket::Lost {
+                actor,
+                epoch,
+                credits,
+            },
             Packet::Handoff(..) => return None,
         })
     }
@@ -597,6 +633,15 @@ impl<M> WirePacket<M> {
                 to: ShardId(to),
             },
             WirePacket::Handoff(slot) => Packet::RemoteHandoff(Box::new(slot.into_slot(now_ns))),
+            WirePacket::Lost {
+                actor,
+                epoch,
+                credits,
+            } => Packet::LostHandoff {
+                actor,
+                epoch,
+                credits,
+            },
         }
     }
 
@@ -622,6 +667,7 @@ impl<M> WirePacket<M> {
             WirePacket::Placement { shard, .. } => within(*shard),
             WirePacket::Migrate { to, .. } => within(*to),
             WirePacket::Handoff(slot) => slot.credit_shards().all(within),
+            WirePacket::Lost { credits, .. } => credits.iter().all(|&(s, _)| within(s)),
             WirePacket::Ack { .. } => true,
         }
     }
@@ -631,6 +677,7 @@ impl<M> WirePacket<M> {
         match self {
             WirePacket::Message { from, .. } | WirePacket::Run { from, .. } => Some(*from),
             WirePacket::Handoff(slot) => Some(slot.id),
+            WirePacket::Lost { actor, .. } => Some(*actor),
             _ => None,
         }
     }
@@ -976,14 +1023,10 @@ fn encode_frames<M: Wire>(
         }
         Ok(_) => {}
         Err(e) if batch.items.len() == 1 && messages <= 1 => {
-            let item = &batch.items[0];
-            fail(
-                stats,
-                on_failure,
-                &item.packet,
-                item.from_shard,
-                format!("a message could not be encoded to cross nodes ({e}); it was dropped"),
-            );
+            let item = batch.items.into_iter().next().expect("one item");
+            let message =
+                format!("a message could not be encoded to cross nodes ({e}); it was dropped");
+            drop_item(item, body_max, out, stats, on_failure, message);
             return;
         }
         // Split until the message that fails is alone.
@@ -1038,15 +1081,36 @@ fn encode_frames<M: Wire>(
                 on_failure,
             );
         }
-        packet => fail(
-            stats,
-            on_failure,
-            &packet,
-            item.from_shard,
-            format!(
+        packet => {
+            let message = format!(
                 "a message of more than {body_max} bytes (encoded) cannot cross nodes; it was dropped"
-            ),
-        ),
+            );
+            let item = WireItem { packet, ..item };
+            drop_item(item, body_max, out, stats, on_failure, message);
+        }
+    }
+}
+
+/// Drop an item that cannot cross (`fail`). A move dropped so leaves in
+/// its place a `Lost` packet, small enough to cross, so that the new
+/// owner holds the actor's place as failed and returns the credits its
+/// messages held.
+fn drop_item<M: Wire>(
+    item: WireItem<M>,
+    body_max: usize,
+    out: &mut std::collections::VecDeque<Vec<u8>>,
+    stats: &RemoteStats,
+    on_failure: &Option<FailureHook>,
+    message: String,
+) {
+    fail(stats, on_failure, &item.packet, item.from_shard, message);
+    if let WirePacket::Handoff(slot) = &item.packet {
+        let lost = WireItem {
+            from_shard: item.from_shard,
+            to_shard: item.to_shard,
+            packet: slot.lost(),
+        };
+        encode_frames(vec![lost], body_max, out, stats, on_failure);
     }
 }
 
@@ -1356,6 +1420,11 @@ mod tests {
                     epoch: 2,
                 }),
                 item(WirePacket::Migrate { actor, to: 1 }),
+                item(WirePacket::Lost {
+                    actor,
+                    epoch: 4,
+                    credits: vec![(0, 2), (3, 1)],
+                }),
                 item(WirePacket::Handoff(Box::new(slot))),
             ],
         };
@@ -1368,7 +1437,7 @@ mod tests {
         let mut aligned = AlignedVec::<ARCHIVE_ALIGN>::new();
         aligned.extend_from_slice(&bytes);
         let batch = Vec::<u8>::decode_batch(&aligned).unwrap();
-        assert_eq!(batch.items.len(), 6);
+        assert_eq!(batch.items.len(), 7);
         assert!(batch_is_valid(&batch, &two_nodes(), 0));
         // From node 1's own shards, or to shards not of this node: refused.
         assert!(!batch_is_valid(&batch, &two_nodes(), 1));
@@ -1523,5 +1592,68 @@ mod tests {
         encode_frames(vec![run(1, 1)], 512, &mut frames, &stats, &None);
         assert!(frames.is_empty());
         assert_eq!(stats.snapshot().oversized, 1);
+    }
+
+    #[test]
+    fn a_move_over_the_bound_leaves_a_lost_packet_with_its_credits() {
+        let stats = RemoteStats::default();
+        let actor = ActorId::new(JobId(1), 1, 2);
+        let sched = WireSched::from_sched(SchedCtx::default(), 0);
+        let slot = WireSlot {
+            id: actor,
+            epoch: 6,
+            state: None,
+            in_seq: vec![],
+            out_seq: vec![],
+            // Credits of shards 0, 0, 3, none and a self-send.
+            mailbox: [0u16, 0, 3, u16::MAX, u16::MAX - 1]
+                .into_iter()
+                .map(|credit| (sched, credit, vec![1u8; 1000]))
+                .collect(),
+            early: vec![WireEarly {
+                from: actor,
+                seq: 9,
+                credit_shard: 3,
+                route_epoch: 0,
+                sched,
+                message: vec![2; 1000],
+            }],
+            blocked: vec![],
+        };
+        let item = WireItem {
+            from_shard: 0,
+            to_shard: 2,
+            packet: WirePacket::Handoff(Box::new(slot)),
+        };
+        let told = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let hook: FailureHook = {
+            let told = told.clone();
+            Arc::new(move |f: Failure| told.lock().unwrap().push(f.actor))
+        };
+        let mut frames = std::collections::VecDeque::new();
+        encode_frames(vec![item], 2_048, &mut frames, &stats, &Some(hook));
+        assert_eq!(stats.snapshot().oversized, 6);
+        assert_eq!(*told.lock().unwrap(), vec![Some(actor)]);
+        assert_eq!(frames.len(), 1);
+        let mut aligned = AlignedVec::<16>::new();
+        aligned.extend_from_slice(&frames[0]);
+        let batch = Vec::<u8>::decode_batch(&aligned).unwrap();
+        assert!(batch_is_valid(&batch, &two_nodes(), 0));
+        let packet = batch
+            .items
+            .into_iter()
+            .next()
+            .unwrap()
+            .packet
+            .into_packet(0);
+        let Packet::LostHandoff {
+            actor: lost,
+            epoch,
+            credits,
+        } = packet
+        else {
+            panic!("a lost move");
+        };
+        assert_eq!((lost, epoch, credits), (actor, 6, vec![(0, 2), (3, 2)]));
     }
 }

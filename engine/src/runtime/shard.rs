@@ -333,6 +333,15 @@ pub enum Packet<M> {
     /// An actor moving in from another node: its state and what it held,
     /// by value (see `RemoteSlot`).
     RemoteHandoff(Box<RemoteSlot<M>>),
+    /// An actor whose move from another node could not cross (the
+    /// gateway found it over the frame): it is placed here at `epoch` as
+    /// failed, and the credits its messages held (`(shard, messages)`)
+    /// go back to their senders.
+    LostHandoff {
+        actor: ActorId,
+        epoch: u64,
+        credits: Vec<(u16, u32)>,
+    },
     Placement {
         actor: ActorId,
         placement: Placement,
@@ -832,6 +841,11 @@ impl<M: Send + 'static> ShardCore<M> {
             }
             Packet::Migrate { actor, to } => self.route_migrate(actor, to),
             Packet::RemoteHandoff(moving) => self.install_remote(*moving),
+            Packet::LostHandoff {
+                actor,
+                epoch,
+                credits,
+            } => self.lost_remote(actor, epoch, credits),
         }
     }
 
@@ -1622,6 +1636,39 @@ impl<M: Send + 'static> ShardCore<M> {
                 self.reroute_pending(id);
             }
         }
+    }
+
+    /// An actor lost on its way in from another node: its place is here
+    /// now, as a failed actor, so that what is sent to it (and what
+    /// waited here for it) is dropped with its credits returned, and a
+    /// later move of it goes nowhere.
+    fn lost_remote(&mut self, actor: ActorId, epoch: u64, credits: Vec<(u16, u32)>) {
+        if !self.refuses(actor) {
+            self.record_failure(
+                actor,
+                format!(
+                    "{actor} was lost moving to {}: it did not fit a frame",
+                    self.id
+                ),
+            );
+        }
+        self.directory.apply(
+            actor,
+            Placement {
+                shard: self.id,
+                epoch,
+            },
+        );
+        for (shard, messages) in credits {
+            self.report.dropped += u64::from(messages);
+            if credit_index(shard).is_some() && usize::from(shard) < self.staging.len() {
+                self.return_credits(actor, shard, messages);
+            }
+        }
+        if self.waiters.contains_key(&actor) {
+            self.wake_waiters(actor);
+        }
+        self.reroute_pending(actor);
     }
 
     fn broadcast_placement(&mut self, actor: ActorId, placement: Placement, skip: Option<ShardId>) {
