@@ -152,6 +152,7 @@ impl<M: Send + 'static> ShardThread<M> {
         let upkeep = super::upkeep_hook();
         let upkeep_every_ns = saturating_ns(super::UPKEEP_EVERY);
         let mut last_upkeep_ns = 0u64;
+        let mut spare = SpareCores::new(super::online_cores());
         loop {
             core.tick();
             let mut progress = self.drain_inputs(&mut core);
@@ -204,7 +205,7 @@ impl<M: Send + 'static> ShardThread<M> {
                 }
                 continue;
             }
-            if self.spin_for_work(&core, now_ns) {
+            if spare.now(now_ns) && self.spin_for_work(&core, now_ns) {
                 continue;
             }
             core.count_park();
@@ -334,5 +335,102 @@ impl<M: Send + 'static> ShardThread<M> {
             }
             core.trim_staging(target_id);
         }
+    }
+}
+
+/// Whether the machine has a core to spare for a shard's spin before it
+/// parks: no more threads runnable than the cores this process may use
+/// (the spinning thread among them) at each of the last
+/// `SPARE_READINGS` readings of the kernel's count of runnable threads
+/// (`/proc/loadavg`), taken at most every `SPARE_CHECK_NS`. Where threads
+/// wait for a core (more shards and gateways than cores, or another
+/// process busy), a spin only delays the thread that would bring the
+/// work. Spare when the count cannot be read.
+pub(super) struct SpareCores {
+    cores: usize,
+    checked_ns: Option<u64>,
+    /// One bit per reading, the latest lowest: set where the count was
+    /// over `cores`.
+    over: u32,
+}
+
+/// How often `SpareCores` reads the count (a read costs a few
+/// microseconds; a spin, up to `spin_before_park`).
+const SPARE_CHECK_NS: u64 = 5_000_000;
+
+/// The readings `SpareCores` remembers: a count seen over the cores
+/// stops the spins for this many readings (80 ms): the count is of one
+/// moment, and a busy machine shows some moments with a core free.
+const SPARE_READINGS: u32 = 16;
+
+impl SpareCores {
+    pub fn new(cores: usize) -> SpareCores {
+        SpareCores {
+            cores,
+            checked_ns: None,
+            over: 0,
+        }
+    }
+
+    /// Whether a core is spare as of the last readings (read again when
+    /// the last is `SPARE_CHECK_NS` old).
+    pub fn now(&mut self, now_ns: u64) -> bool {
+        if self
+            .checked_ns
+            .is_none_or(|at| now_ns.saturating_sub(at) >= SPARE_CHECK_NS)
+        {
+            self.checked_ns = Some(now_ns);
+            let running = std::fs::read_to_string("/proc/loadavg")
+                .ok()
+                .and_then(|text| runnable_threads(&text));
+            self.record(running);
+        }
+        self.over == 0
+    }
+
+    fn record(&mut self, running: Option<usize>) {
+        let over = running.is_some_and(|running| running > self.cores);
+        self.over = ((self.over << 1) | u32::from(over)) & ((1 << SPARE_READINGS) - 1);
+    }
+}
+
+/// The runnable threads in `/proc/loadavg`'s text: the number before the
+/// slash of its fourth field ("0.41 0.32 0.30 3/412 12345").
+fn runnable_threads(loadavg: &str) -> Option<usize> {
+    let field = loadavg.split_whitespace().nth(3)?;
+    field.split('/').next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_runnable_threads_are_read_from_loadavg() {
+        assert_eq!(runnable_threads("1.41 1.49 1.62 3/101 13309\n"), Some(3));
+        assert_eq!(runnable_threads("0.00 0.00 0.00 1/57 1"), Some(1));
+        assert_eq!(runnable_threads("0.00 0.00 0.00"), None);
+        assert_eq!(runnable_threads("a b c x/57 1"), None);
+    }
+
+    #[test]
+    fn a_core_is_spare_while_no_more_threads_ran_than_cores_at_the_last_readings() {
+        let mut spare = SpareCores::new(2);
+        spare.checked_ns = Some(0);
+        assert!(spare.now(1), "spare until a reading says otherwise");
+        spare.record(Some(3));
+        assert!(!spare.now(2), "kept until the next reading is due");
+        for _ in 1..SPARE_READINGS {
+            spare.record(Some(2));
+            assert_ne!(spare.over, 0, "the reading over is remembered");
+        }
+        spare.record(Some(1));
+        assert_eq!(spare.over, 0, "forgotten after SPARE_READINGS readings");
+        spare.record(None);
+        assert_eq!(spare.over, 0, "an unreadable count leaves the cores spare");
+        // Read again once SPARE_CHECK_NS passed: at least this thread runs.
+        let mut none = SpareCores::new(0);
+        assert_eq!(none.now(1), std::fs::metadata("/proc/loadavg").is_err());
+        assert!(!none.now(1 + SPARE_CHECK_NS));
     }
 }

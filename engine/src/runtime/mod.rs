@@ -172,7 +172,10 @@ pub struct RuntimeConfig {
     pub io_memory_bytes: usize,
     /// How often a shard looks for idle actors to deactivate.
     pub housekeeping_interval: Duration,
-    /// How long a shard that ran out of work polls its inputs before it parks.
+    /// How long a shard that ran out of work polls its inputs before it
+    /// parks, while the machine has a spare core (`executor::SpareCores`:
+    /// no more threads runnable than cores); otherwise it parks at once,
+    /// as a spin would only take the core from a thread with work.
     pub spin_before_park: Duration,
     pub shard: ShardConfig,
     /// Told about every actor panic and every shard death (see `Failure`).
