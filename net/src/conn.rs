@@ -222,6 +222,13 @@ impl Connection {
         }
     }
 
+    /// Take frames flagged `frame::FLAG_SEALED` (no crc) from now on: for
+    /// a caller that authenticates every frame's payload itself (a
+    /// session's link does).
+    pub fn allow_sealed_frames(&mut self) {
+        self.decoder.allow_sealed();
+    }
+
     /// The authenticated peer.
     pub fn peer(&self) -> Peer {
         self.peer

@@ -13,9 +13,18 @@
 //!   [`frame_bytes`]`(length)` = 16 + `length` rounded up to 16 bytes.
 //! - crc32c covers header bytes 8..16 (kind, flags, reserved, pad) and the
 //!   payload; not the padding, which the decoder skips unread.
-//! - `flags`, `reserved` and pad are written as zero. The decoder passes
-//!   `flags` through and rejects a nonzero `reserved` or pad, so that a
-//!   future use of those bits cannot be silently misread by an old peer.
+//! - `flags`, `reserved` and pad are written as zero, except
+//!   [`FLAG_SEALED`]. The decoder passes `flags` through and rejects a
+//!   nonzero `reserved` or pad, so that a future use of those bits cannot
+//!   be silently misread by an old peer.
+//! - A frame flagged [`FLAG_SEALED`] has a crc field of 0 and no crc: its
+//!   payload is sealed by the layer above (the link's AES-256-GCM tag
+//!   covers the frame's kind, its link header and its body, so a changed
+//!   byte fails the tag where it would have failed the crc). A decoder
+//!   takes such frames only once told to ([`FrameDecoder::allow_sealed`]:
+//!   a session does, on a connection that carries only link frames);
+//!   elsewhere one is refused ([`FrameError::Unsealed`]), so a frame with
+//!   the bit flipped on is never taken unchecked.
 //!
 //! # Alignment guarantee
 //!
@@ -57,6 +66,10 @@ pub const FRAME_ALIGNMENT_BYTES: usize = 16;
 
 /// Default bound on a whole frame.
 pub const FRAME_BYTES_MAX_DEFAULT: usize = 16 * 1024 * 1024;
+
+/// The frame's payload is sealed by the layer above and carries no crc
+/// (see the module header).
+pub const FLAG_SEALED: u8 = 0x80;
 
 /// Largest `frame_bytes_max` accepted: 1 GiB, far under what the u32
 /// length field can express, so that offset arithmetic never overflows.
@@ -146,6 +159,12 @@ pub enum FrameError {
         frame_number: u64,
         stream_offset: u64,
     },
+    /// A frame flagged [`FLAG_SEALED`] where sealed frames are not
+    /// allowed, or with a crc field other than 0.
+    Unsealed {
+        frame_number: u64,
+        stream_offset: u64,
+    },
     /// The payload's rkyv archive failed validation.
     Archive {
         frame_number: u64,
@@ -195,6 +214,13 @@ impl fmt::Display for FrameError {
             } => write!(
                 f,
                 "frame {frame_number} at stream offset {stream_offset}: reserved header bits are not zero"
+            ),
+            FrameError::Unsealed {
+                frame_number,
+                stream_offset,
+            } => write!(
+                f,
+                "frame {frame_number} at stream offset {stream_offset}: flagged sealed (no crc) where sealed frames are not allowed, or with a crc field set"
             ),
             FrameError::Archive {
                 frame_number,
@@ -263,6 +289,27 @@ pub(crate) fn finish_frame(
     start: usize,
     out: &mut Vec<u8>,
 ) -> Result<(), FrameError> {
+    finish(config, kind, false, start, out)
+}
+
+/// [`finish_frame`] for a payload sealed by the caller: flagged
+/// [`FLAG_SEALED`], with no crc.
+pub(crate) fn finish_sealed_frame(
+    config: &FrameConfig,
+    kind: u8,
+    start: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), FrameError> {
+    finish(config, kind, true, start, out)
+}
+
+fn finish(
+    config: &FrameConfig,
+    kind: u8,
+    sealed: bool,
+    start: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), FrameError> {
     let payload_bytes = out.len() - start - FRAME_HEADER_BYTES;
     if payload_bytes > config.payload_bytes_max() {
         out.truncate(start);
@@ -272,8 +319,13 @@ pub(crate) fn finish_frame(
         });
     }
     let (header, payload) = out[start..].split_at_mut(FRAME_HEADER_BYTES);
-    header[8] = kind; // flags, reserved and pad stay zero
-    let crc = frame_crc(&header[8..], payload);
+    header[8] = kind; // reserved and pad stay zero
+    let crc = if sealed {
+        header[9] = FLAG_SEALED;
+        0
+    } else {
+        frame_crc(&header[8..], payload)
+    };
     header[0..4].copy_from_slice(&(payload_bytes as u32).to_le_bytes());
     header[4..8].copy_from_slice(&crc.to_le_bytes());
     out.resize(start + frame_bytes(payload_bytes), 0);
@@ -312,6 +364,8 @@ pub struct FrameDecoder {
     stream_offset: u64,
     /// Set by the first error; every later call returns it again.
     failed: Option<FrameError>,
+    /// Whether frames flagged `FLAG_SEALED` are taken (without a crc).
+    sealed_allowed: bool,
 }
 
 impl FrameDecoder {
@@ -323,7 +377,15 @@ impl FrameDecoder {
             frame_number: 0,
             stream_offset: 0,
             failed: None,
+            sealed_allowed: false,
         }
+    }
+
+    /// From now on take frames flagged [`FLAG_SEALED`], whose payload the
+    /// caller authenticates itself, without a crc (see the module
+    /// header); before, such a frame is an error.
+    pub fn allow_sealed(&mut self) {
+        self.sealed_allowed = true;
     }
 
     pub fn config(&self) -> &FrameConfig {
@@ -439,14 +501,23 @@ impl FrameDecoder {
         let header = &available[..FRAME_HEADER_BYTES];
         let payload_range = FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + length as usize;
         let crc_expected = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        let crc_actual = frame_crc(&header[8..], &available[payload_range.clone()]);
-        if crc_actual != crc_expected {
-            return self.fail(FrameError::Checksum {
-                frame_number: self.frame_number,
-                stream_offset: self.stream_offset,
-                crc_expected,
-                crc_actual,
-            });
+        if header[9] & FLAG_SEALED != 0 {
+            if !self.sealed_allowed || crc_expected != 0 {
+                return self.fail(FrameError::Unsealed {
+                    frame_number: self.frame_number,
+                    stream_offset: self.stream_offset,
+                });
+            }
+        } else {
+            let crc_actual = frame_crc(&header[8..], &available[payload_range.clone()]);
+            if crc_actual != crc_expected {
+                return self.fail(FrameError::Checksum {
+                    frame_number: self.frame_number,
+                    stream_offset: self.stream_offset,
+                    crc_expected,
+                    crc_actual,
+                });
+            }
         }
         if header[10..].iter().any(|&b| b != 0) {
             return self.fail(FrameError::ReservedNotZero {

@@ -43,8 +43,9 @@ use sha2::{Digest, Sha256};
 /// `"DRGO"`: the first bytes of every connection.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"DRGO");
 /// The protocol version this build speaks; a peer with another is refused.
-/// 2: link frames sealed with AES-256-GCM (1: tagged with HMAC-SHA256).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 3: link frames flagged sealed, with no crc (2: sealed with
+/// AES-256-GCM and a crc; 1: tagged with HMAC-SHA256).
+pub const PROTOCOL_VERSION: u16 = 3;
 pub const HELLO_BYTES: usize = 84;
 pub const CHALLENGE_BYTES: usize = 116;
 pub const PROOF_BYTES: usize = 32;

@@ -36,8 +36,10 @@
 //!
 //! Frame kinds: [`DATA_KIND`], [`ACK_KIND`] (acks and credit alone; also
 //! the heartbeat) and [`RESUME_KIND`] (the first frame each side sends on a
-//! connection). Before the tag is checked, only the frame's flags, length
-//! and kind are looked at (the frame decoder checked its length and crc):
+//! connection). Every link frame is flagged `frame::FLAG_SEALED`: its tag
+//! takes the place of the frame's crc (one pass less over each body on
+//! each side). Before the tag is checked, only the frame's flags, length
+//! and kind are looked at (the frame decoder checked its length):
 //! a frame that fails it (another session's, a forged,
 //! changed, replayed or reordered one) is a [`LinkError`], and the caller
 //! drops the connection.
@@ -87,7 +89,7 @@ use std::fmt;
 
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
 
-use crate::frame::{begin_frame, finish_frame, Frame, FrameConfig};
+use crate::frame::{begin_frame, finish_sealed_frame, Frame, FrameConfig, FLAG_SEALED};
 use crate::handshake::SessionKey;
 
 /// A message.
@@ -709,7 +711,7 @@ fn encode(
         )
         .expect("a frame's body is far below AES-GCM's bound");
     out[fields + FIELD_BYTES..fields + LINK_HEADER_BYTES].copy_from_slice(tag.as_ref());
-    finish_frame(&config.frame, frame_kind, start, out)
+    finish_sealed_frame(&config.frame, frame_kind, start, out)
         .expect("a body within body_bytes_max fits a frame");
 }
 
@@ -718,10 +720,10 @@ fn encode(
 /// verified (the flags and the length are checked first).
 fn verify(conn: &mut Conn, frame: &Frame<'_>) -> Result<(Header, Vec<u8>), LinkError> {
     let payload = frame.payload;
-    if frame.flags != 0 {
-        // Under the crc only, not the tag: link frames keep them 0.
+    if frame.flags != FLAG_SEALED {
+        // Under neither crc nor tag: link frames are flagged sealed only.
         return Err(LinkError::Malformed(format!(
-            "flags {:#04x} set",
+            "flags {:#04x}, not sealed only",
             frame.flags
         )));
     }

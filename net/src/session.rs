@@ -264,6 +264,8 @@ impl Session {
     /// handshake) until it ends; the link is told of its start and of its
     /// end, also if this future is dropped (the connection with it).
     pub async fn serve(&self, mut conn: Connection, role: Role) -> Ended {
+        // The connection carries link frames only from now: sealed, no crc.
+        conn.allow_sealed_frames();
         let shared = &self.shared;
         let generation = shared.generation.get() + 1;
         shared.generation.set(generation);

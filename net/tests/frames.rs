@@ -359,3 +359,70 @@ fn payload_passing_crc_but_not_an_archive_is_a_validation_error() {
     let frame = decoder.next_frame().unwrap().unwrap();
     assert_eq!(access_frame::<Batch>(&frame).unwrap().seq, 7);
 }
+
+/// A frame as a link writes it: flagged sealed, its crc field 0.
+fn sealed(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut wire = Vec::new();
+    encode_frame(&FrameConfig::default(), kind, payload, &mut wire).unwrap();
+    wire[4..8].fill(0);
+    wire[9] = dirigo_net::frame::FLAG_SEALED;
+    wire
+}
+
+/// A frame flagged sealed carries no crc: a decoder takes it only once
+/// allowed to (a session's connection), then without a crc check; with
+/// its crc field set, or where not allowed, it is refused, so a frame
+/// whose flag bit flips on is never taken unchecked.
+#[test]
+fn a_sealed_frame_is_taken_without_a_crc_only_where_allowed() {
+    let wire = sealed(5, b"sealed above");
+    let mut plain = FrameDecoder::new(FrameConfig::default());
+    plain.push(&wire);
+    assert!(matches!(
+        plain.next_frame(),
+        Err(FrameError::Unsealed {
+            frame_number: 0,
+            stream_offset: 0
+        })
+    ));
+
+    let mut allowed = FrameDecoder::new(FrameConfig::default());
+    allowed.allow_sealed();
+    let mut two = wire.clone();
+    // A changed payload byte passes the frame layer: the seal's tag is
+    // what checks it.
+    let mut changed = wire.clone();
+    changed[FRAME_HEADER_BYTES] ^= 1;
+    two.extend_from_slice(&changed);
+    allowed.push(&two);
+    let frame = allowed.next_frame().unwrap().unwrap();
+    assert_eq!(
+        (frame.kind, frame.flags, frame.payload),
+        (5, dirigo_net::frame::FLAG_SEALED, &b"sealed above"[..])
+    );
+    let frame = allowed.next_frame().unwrap().unwrap();
+    assert_eq!(frame.payload[0], b's' ^ 1);
+
+    // Plain frames are still checked there.
+    let mut wire = Vec::new();
+    encode_frame(&FrameConfig::default(), 6, b"plain", &mut wire).unwrap();
+    wire[FRAME_HEADER_BYTES] ^= 1;
+    let mut allowed = FrameDecoder::new(FrameConfig::default());
+    allowed.allow_sealed();
+    allowed.push(&wire);
+    assert!(matches!(
+        allowed.next_frame(),
+        Err(FrameError::Checksum { .. })
+    ));
+
+    // Flagged sealed but with a crc field: refused.
+    let mut wire = sealed(5, b"x");
+    wire[4] = 1;
+    let mut allowed = FrameDecoder::new(FrameConfig::default());
+    allowed.allow_sealed();
+    allowed.push(&wire);
+    assert!(matches!(
+        allowed.next_frame(),
+        Err(FrameError::Unsealed { .. })
+    ));
+}

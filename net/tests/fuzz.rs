@@ -182,7 +182,7 @@ proptest! {
     #[test]
     fn a_link_takes_any_frame_without_a_panic(
         resumed in any::<bool>(),
-        frames in proptest::collection::vec((any::<u8>(), proptest::collection::vec(any::<u8>(), 0..200)), 1..4),
+        frames in proptest::collection::vec((any::<u8>(), proptest::collection::vec(any::<u8>(), 0..200), any::<bool>()), 1..4),
     ) {
         let config = LinkConfig::default();
         let mut link = Link::new(config, 5);
@@ -194,14 +194,21 @@ proptest! {
             let mut out = Vec::new();
             peer.poll_transmit(0, &mut out, 1 << 16);
             let mut decoder = FrameDecoder::new(config.frame);
+            decoder.allow_sealed();
             decoder.push(&out);
             let frame = decoder.next_frame().unwrap().unwrap();
             prop_assert!(link.on_frame(&frame, 0).is_ok());
         }
-        for (kind, payload) in frames {
+        for (kind, payload, sealed) in frames {
             let mut bytes = Vec::new();
             encode_frame(&config.frame, kind, &payload, &mut bytes).unwrap();
+            if sealed {
+                // As a link writes them: flagged sealed, no crc.
+                bytes[4..8].fill(0);
+                bytes[9] = dirigo_net::frame::FLAG_SEALED;
+            }
             let mut decoder = FrameDecoder::new(config.frame);
+            decoder.allow_sealed();
             decoder.push(&bytes);
             let frame = decoder.next_frame().unwrap().unwrap();
             prop_assert!(link.on_frame(&frame, 0).is_err(), "an untagged frame was taken");
@@ -258,7 +265,8 @@ proptest! {
 /// `key` as the client's frame number `sealed` (counted up) on its
 /// connection: AES-256-GCM, the nonce the client's role (0) and that number,
 /// the associated data the kind and the 48 bytes of fields, the body
-/// encrypted (written here from the link's module header, not its code).
+/// encrypted, the frame flagged sealed with no crc (written here from the
+/// link's and the frame's module headers, not their code).
 fn tagged(
     config: &LinkConfig,
     key: &SessionKey,
@@ -290,6 +298,8 @@ fn tagged(
     payload.extend_from_slice(&sealed_body);
     let mut bytes = Vec::new();
     encode_frame(&config.frame, kind, &payload, &mut bytes).unwrap();
+    bytes[4..8].fill(0);
+    bytes[9] = dirigo_net::frame::FLAG_SEALED;
     bytes
 }
 
@@ -300,6 +310,7 @@ fn take(
     bytes: &[u8],
 ) -> Result<(), dirigo_net::link::LinkError> {
     let mut decoder = FrameDecoder::new(config.frame);
+    decoder.allow_sealed();
     decoder.push(bytes);
     let frame = decoder.next_frame().unwrap().unwrap();
     link.on_frame(&frame, 0)

@@ -113,12 +113,29 @@ fn config() -> LinkConfig {
     }
 }
 
+/// A decoder as a session's connection has: link frames are sealed.
+fn sealed_decoder() -> FrameDecoder {
+    let mut decoder = FrameDecoder::new(config().frame);
+    decoder.allow_sealed();
+    decoder
+}
+
+/// A frame of `kind` carrying `payload` as a link writes it (the frame
+/// module's header): flagged `FLAG_SEALED`, its crc field 0.
+fn sealed_frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    encode_frame(&config().frame, kind, payload, &mut bytes).unwrap();
+    bytes[4..8].fill(0);
+    bytes[9] = dirigo_net::frame::FLAG_SEALED;
+    bytes
+}
+
 fn break_connection(net: &mut Net, sides: &mut [Side; 2], now_ns: u64) {
     net.up = false;
     net.pipes = [VecDeque::new(), VecDeque::new()];
     for side in sides.iter_mut() {
         side.link.disconnected();
-        side.decoder = FrameDecoder::new(config().frame);
+        side.decoder = sealed_decoder();
     }
     net.connect_at_ns = now_ns + net.backoff.next_delay_ns();
 }
@@ -161,10 +178,11 @@ fn deliver(net: &mut Net, sides: &mut [Side; 2], to: usize, now_ns: u64, rng: &m
     true
 }
 
-/// `chunk` with its first frame changed and its crc made good again; `None`
-/// if it was broken already (a flipped bit).
+/// `chunk` with its first frame's payload changed (a link frame has no
+/// crc to make good again: its tag is what must catch it); `None` if it
+/// was broken already (a flipped bit).
 fn forge(chunk: &[u8], rng: &mut Rng) -> Option<Vec<u8>> {
-    let mut decoder = FrameDecoder::new(config().frame);
+    let mut decoder = sealed_decoder();
     decoder.push(chunk);
     let frame = decoder.next_frame().ok()??;
     let (kind, mut payload) = (frame.kind, frame.payload.to_vec());
@@ -174,8 +192,7 @@ fn forge(chunk: &[u8], rng: &mut Rng) -> Option<Vec<u8>> {
         16 // the credit field
     };
     payload[at] = payload[at].wrapping_add(1 + rng.below(255) as u8);
-    let mut forged = Vec::new();
-    encode_frame(&config().frame, kind, &payload, &mut forged).unwrap();
+    let mut forged = sealed_frame(kind, &payload);
     let first = dirigo_net::frame_bytes(frame.payload.len());
     forged.extend_from_slice(&chunk[first..]);
     Some(forged)
@@ -197,7 +214,7 @@ fn simulate(seed: u64, messages: u64) -> ([LinkStats; 2], Faults) {
         total: messages,
         taken: 0,
         paused_until_ns: 0,
-        decoder: FrameDecoder::new(config().frame),
+        decoder: sealed_decoder(),
     };
     let mut sides = [
         new_side(Role::Client, (seed << 1) + 1),
@@ -417,7 +434,7 @@ fn every_message_arrives_once_in_order_through_lost_connections_partitions_and_f
 fn pass(from: &mut Link, to: &mut Link) {
     let mut out = Vec::new();
     from.poll_transmit(0, &mut out, 1 << 20);
-    let mut decoder = FrameDecoder::new(config().frame);
+    let mut decoder = sealed_decoder();
     assert_eq!(decoder.push(&out), out.len());
     while let Some(frame) = decoder.next_frame().unwrap() {
         to.on_frame(&frame, 0).unwrap();
@@ -541,7 +558,7 @@ fn a_resume_lost_with_its_connection_is_no_error_on_the_next() {
 
 /// `bytes` cut into its frames, each whole.
 fn frames_of(bytes: &[u8]) -> Vec<Vec<u8>> {
-    let mut decoder = FrameDecoder::new(config().frame);
+    let mut decoder = sealed_decoder();
     assert_eq!(decoder.push(bytes), bytes.len());
     let mut frames = Vec::new();
     let mut at = 0;
@@ -556,7 +573,7 @@ fn frames_of(bytes: &[u8]) -> Vec<Vec<u8>> {
 
 /// Hand one whole frame to `link`.
 fn feed(link: &mut Link, frame: &[u8]) -> Result<(), LinkError> {
-    let mut decoder = FrameDecoder::new(config().frame);
+    let mut decoder = sealed_decoder();
     decoder.push(frame);
     link.on_frame(&decoder.next_frame().unwrap().unwrap(), 0)
 }
