@@ -16,7 +16,11 @@
 //! `busy = cpu_ns / elapsed` (the fraction of a core it used), `rate =
 //! messages / elapsed`, and its true
 //! processing rate `rate / busy` (what it would handle with a core to itself,
-//! as in DS2). A shard's load is the sum of its actors' busy fractions. An
+//! as in DS2). In a running engine an actor's CPU time includes its share
+//! of its shard's own time (rings, delivery, flushes), in proportion to
+//! its turns' time, so that the busy fractions of a shard's actors add up
+//! to the time the shard was not idle (`dataflow::scaling`). A shard's
+//! load is the sum of its actors' busy fractions. An
 //! actor is *late* when its queueing delay (p99 over the interval) ate more
 //! than [`AutoscaleConfig::late_slack_fraction`] of its job's SLO.
 //!

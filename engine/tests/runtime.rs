@@ -44,6 +44,75 @@ fn per_sender_fifo_across_shards_under_load() {
     runtime.shutdown();
 }
 
+/// A shard measures the time its loop has nothing to do: idle, nearly all
+/// of it; under load, its busy time (what is not idle) holds its actors'
+/// turns and more (the runtime's own work), which the autoscaler charges
+/// to the actors.
+#[test]
+fn a_shard_measures_its_idle_time_and_its_busy_time_holds_its_actors_turns() {
+    let idle = |runtime: &Runtime<Msg>| -> Vec<(u64, u64)> {
+        runtime
+            .stats()
+            .shards
+            .iter()
+            .map(|s| (s.at_ns, s.idle_ns.expect("a shard's loop measures it")))
+            .collect()
+    };
+    let workload = Workload {
+        sources: 4,
+        targets: 8,
+        per_channel: 6_000,
+        batch: 64,
+        target_spin_ns: 2_000,
+    };
+    let (runtime, built) = start(&workload, config(2, 64));
+    let turns_ns = |runtime: &Runtime<Msg>| -> Vec<u64> {
+        runtime
+            .stats()
+            .shards
+            .iter()
+            .map(|s| s.actors.iter().map(|a| a.counters.cpu_ns).sum())
+            .collect()
+    };
+    // Under load: from a first report to one near the end.
+    while built.ledger.received.load(Ordering::Acquire) < 20_000 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (before, turns_before) = (idle(&runtime), turns_ns(&runtime));
+    while built.ledger.received.load(Ordering::Acquire) < 150_000 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (after, turns_after) = (idle(&runtime), turns_ns(&runtime));
+    let mut busiest = 0.0f64;
+    for shard in 0..2 {
+        let wall = after[shard].0 - before[shard].0;
+        let busy = wall - (after[shard].1 - before[shard].1);
+        let turns = turns_after[shard].saturating_sub(turns_before[shard]);
+        assert!(
+            turns <= busy + 1_000_000,
+            "shard {shard}: turns of {turns} ns within a busy time of {busy} of {wall}"
+        );
+        busiest = busiest.max(busy as f64 / wall as f64);
+    }
+    assert!(busiest > 0.3, "a shard was busy under load ({busiest:.2})");
+    wait_for(&built.ledger, 192_000, Duration::from_secs(60));
+    built.ledger.assert_complete(workload.per_channel);
+    // Idle: nearly all of the time.
+    std::thread::sleep(Duration::from_millis(50));
+    let before = idle(&runtime);
+    std::thread::sleep(Duration::from_millis(300));
+    let after = idle(&runtime);
+    for shard in 0..2 {
+        let wall = after[shard].0 - before[shard].0;
+        let idle = after[shard].1 - before[shard].1;
+        assert!(
+            idle as f64 >= 0.8 * wall as f64,
+            "shard {shard} idle {idle} ns of {wall}"
+        );
+    }
+    runtime.shutdown();
+}
+
 /// Durations and times at their largest overflow nothing: housekeeping, the
 /// spin before parking, the idle timeout and the turn bound set to the maximum
 /// still deliver every message exactly, and the runtime stops promptly.

@@ -154,7 +154,8 @@ fn run(
     let mut model = Autoscaler::new(options.model.clone());
     let mut seen: BTreeMap<ActorId, Seen> = BTreeMap::new();
     let mut step = 0u64;
-    let mut reported_at: BTreeMap<ShardId, u64> = BTreeMap::new();
+    // Per shard, its last report's clock and idle time.
+    let mut reported_at: BTreeMap<ShardId, (u64, Option<u64>)> = BTreeMap::new();
     let mut last = Instant::now();
     let mut records_before = u64::MAX;
     let mut splits = Splits::default();
@@ -202,10 +203,22 @@ fn run(
         for report in &stats.shards {
             // The time between this shard's two reports, on its clock (a
             // shard busy in a long turn answers late).
-            let interval_ns = match reported_at.insert(report.shard, report.at_ns) {
-                Some(before) if report.at_ns > before => report.at_ns - before,
+            let last = reported_at.insert(report.shard, (report.at_ns, report.idle_ns));
+            let interval_ns = match last {
+                Some((before, _)) if report.at_ns > before => report.at_ns - before,
                 _ => elapsed_ns,
             };
+            // The shard's busy time over the interval, where its loop
+            // measures it and the last report is of the same interval.
+            let busy_ns = match (last, report.idle_ns) {
+                (Some((before, Some(idle_before))), Some(idle))
+                    if report.at_ns > before && idle >= idle_before =>
+                {
+                    Some(interval_ns.saturating_sub(idle - idle_before))
+                }
+                _ => None,
+            };
+            let first = sample.actors.len();
             for actor in &report.actors {
                 if actor.id.operator == INJECTOR_OPERATOR {
                     continue;
@@ -225,6 +238,9 @@ fn run(
                     queue_us: counters.queue_us.clone(),
                 };
                 seen.insert(actor.id, now_seen);
+            }
+            if let Some(busy_ns) = busy_ns {
+                charge_runtime_time(&mut sample.actors[first..], busy_ns);
             }
         }
         // An actor not reported for a while is gone (deactivated, or its
@@ -410,6 +426,24 @@ fn carry_out(
     kept.push_back(decision);
 }
 
+/// Charge a shard's own time (what it was busy with besides its actors'
+/// turns: draining rings, delivering, flushing, timers, the injector) to
+/// its actors in proportion to their CPU time, so that their loads add up
+/// to the shard's busy fraction (`busy_ns` of the interval) and an actor
+/// moved takes its share of that time with it. Each stays within its
+/// interval. Nothing changes where the actors' time is already the busy
+/// time or more (the two clocks read apart), or where they used none.
+fn charge_runtime_time(actors: &mut [ActorSample], busy_ns: u64) {
+    let turns_ns: u64 = actors.iter().map(|a| a.cpu_ns).sum();
+    if turns_ns == 0 || busy_ns <= turns_ns {
+        return;
+    }
+    let scale = busy_ns as f64 / turns_ns as f64;
+    for actor in actors {
+        actor.cpu_ns = ((actor.cpu_ns as f64 * scale) as u64).min(actor.interval_ns);
+    }
+}
+
 /// One actor's figures since `before` (its counters when last reported, on
 /// whichever shard), over the time since then; a counter below its last value
 /// (the actor was made anew after a deactivation) is taken whole, over its
@@ -449,5 +483,46 @@ fn interval(
         cpu_ns: (counters.cpu_ns - b.cpu_ns).min(interval_ns),
         messages: counters.messages - b.messages,
         queue_p99_us,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::JobId;
+
+    fn actor(partition: u32, cpu_ns: u64) -> ActorSample {
+        ActorSample {
+            id: ActorId::new(JobId(1), 1, partition),
+            shard: ShardId(0),
+            interval_ns: 50_000_000,
+            cpu_ns,
+            messages: 100,
+            queue_p99_us: 0,
+        }
+    }
+
+    #[test]
+    fn a_shards_own_time_is_charged_to_its_actors_by_their_cpu_time() {
+        // Turns took 10 and 30 ms of a 50 ms interval the shard was busy
+        // for 48: the 8 ms of its own go a quarter and three quarters.
+        let mut actors = vec![actor(0, 10_000_000), actor(1, 30_000_000)];
+        charge_runtime_time(&mut actors, 48_000_000);
+        assert_eq!(actors[0].cpu_ns, 12_000_000);
+        assert_eq!(actors[1].cpu_ns, 36_000_000);
+        let sum: u64 = actors.iter().map(|a| a.cpu_ns).sum();
+        assert_eq!(sum, 48_000_000);
+        // Never past an actor's interval.
+        let mut actors = vec![actor(0, 40_000_000), actor(1, 1_000_000)];
+        charge_runtime_time(&mut actors, 50_000_000 * 2);
+        assert_eq!(actors[0].cpu_ns, 50_000_000);
+        // Busy time at or under the turns' (clocks read apart), or no
+        // turns at all: unchanged.
+        let mut actors = vec![actor(0, 10_000_000)];
+        charge_runtime_time(&mut actors, 9_000_000);
+        assert_eq!(actors[0].cpu_ns, 10_000_000);
+        let mut actors = vec![actor(0, 0), actor(1, 0)];
+        charge_runtime_time(&mut actors, 40_000_000);
+        assert!(actors.iter().all(|a| a.cpu_ns == 0));
     }
 }

@@ -205,7 +205,10 @@ impl<M: Send + 'static> ShardThread<M> {
                 }
                 continue;
             }
+            // From here until work comes the shard is idle (its load, for
+            // the autoscaler, is the time it is not).
             if spare.now(now_ns) && self.spin_for_work(&core, now_ns) {
+                core.add_idle_ns(crate::clock::monotonic_ns().saturating_sub(now_ns));
                 continue;
             }
             core.count_park();
@@ -247,6 +250,7 @@ impl<M: Send + 'static> ShardThread<M> {
                 }
                 None => park.await,
             }
+            core.add_idle_ns(crate::clock::monotonic_ns().saturating_sub(now_ns));
         }
     }
 

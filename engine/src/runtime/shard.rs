@@ -695,6 +695,7 @@ impl<M: Send + 'static> ShardCore<M> {
                 messages: 0,
                 stalls: 0,
                 parks: 0,
+                idle_ns: None,
                 migrations_out: 0,
                 migrations_in: 0,
                 migrations_refused: 0,
@@ -812,6 +813,11 @@ impl<M: Send + 'static> ShardCore<M> {
 
     pub fn count_park(&mut self) {
         self.report.parks += 1;
+    }
+
+    /// The shard's loop had nothing to do for `ns` (see `ShardReport::idle_ns`).
+    pub fn add_idle_ns(&mut self, ns: u64) {
+        *self.report.idle_ns.get_or_insert(0) += ns;
     }
 
     // ---- inputs ----------------------------------------------------------------

@@ -73,6 +73,12 @@ pub struct ShardReport {
     /// Turns that ran past the stall threshold.
     pub stalls: u64,
     pub parks: u64,
+    /// Time the shard's loop had nothing to do (spinning for work, or
+    /// parked), cumulative, ns; what is not idle between two reports is
+    /// the shard's busy time, the runtime's own work (rings, flushes,
+    /// timers, delivery) with its actors' turns. `None` where no loop
+    /// measures it (a shard driven by the simulator).
+    pub idle_ns: Option<u64>,
     pub migrations_out: u64,
     pub migrations_in: u64,
     /// Migrations to a shard of another node refused because the actor
