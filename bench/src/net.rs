@@ -1,10 +1,9 @@
 //! `dirigo bench net`: messages from one node process to another over
 //! loopback through `dirigo-net`'s session (the handshake, then the link:
 //! 64-byte headers, every frame sealed with AES-256-GCM, acks and credit), against
-//! a raw loopback TCP stream carrying the same message bodies in plain
-//! frames (`encode_frame`: length, crc32c, kind, padding; the link adds its
-//! 64-byte header with the tag to each) and writes of up to the same
-//! `write_bytes`, in the same run.
+//! a raw loopback TCP stream carrying the same message bodies, each after
+//! its length (4 bytes) and nothing else (no checksum, header or seal),
+//! in writes of up to the same `write_bytes`, in the same run.
 //!
 //! Each measurement starts a second process, this binary's hidden `dirigo
 //! bench net-peer`, which listens on 127.0.0.1, takes `messages` messages
@@ -39,7 +38,6 @@ use dirigo_net::conn::{accept, connect};
 use dirigo_net::handshake::Identity;
 use dirigo_net::link::Role;
 use dirigo_net::session::{Session, SessionConfig};
-use dirigo_net::{encode_frame, FrameDecoder};
 
 use crate::machine::Machine;
 use crate::{median, progress, BenchError};
@@ -77,7 +75,7 @@ impl Default for Config {
 pub enum Mode {
     /// `dirigo-net`'s session: handshake, link frames, acks, credit.
     Link,
-    /// The same bodies in plain frames on a TCP stream.
+    /// The same bodies on a TCP stream, each after its length.
     Raw,
     /// Actor messages between two node processes: the engine's remote
     /// sends (see `net_actors`).
@@ -148,8 +146,8 @@ pub struct Report {
 pub const NOTE: &str = "two processes on loopback; cross_node: actor messages from an actor on one node process to \
 an actor on the other (each process one shard and its gateway; the engine's credits and acks; batches of packets as \
 rkyv archives of about 512 messages, at most 256 KiB a frame, over the session); session: the same bodies as messages of dirigo-net's session (handshake, \
-64-byte link header, every frame sealed with AES-256-GCM: body encrypted, header authenticated; acks and credit); raw_tcp: the same bodies in \
-plain frames and writes of the same size bound on a TCP stream; each timed from the first send \
+64-byte link header, every frame sealed with AES-256-GCM: body encrypted, header authenticated; acks and credit); raw_tcp: the same bodies \
+on a TCP stream, each after its 4-byte length and nothing else, in writes of the same size bound; each timed from the first send \
 until the receiving process has taken every message and said so; medians over the runs, the order alternated; \
 failover_ms: three node processes, a paced q1 (200,000 events/s, checkpoints every 100 ms) into an exactly-once \
 file sink, the job's node killed with SIGKILL, timed until the output grows again";
@@ -314,28 +312,36 @@ async fn serve_peer(mode: Mode, messages: u64, message_bytes: usize) -> Result<C
         }
         Mode::Raw => {
             let mut stream = stream;
-            let config = SessionConfig::default();
-            let mut decoder = FrameDecoder::new(config.link.frame);
+            // Bodies read and not yet taken, from `taken` on.
+            let mut buffer: Vec<u8> = Vec::with_capacity(128 * 1024);
+            let mut taken = 0;
             let mut chunk = vec![0u8; 64 * 1024];
             'read: while counts.received + counts.duplicated < messages {
                 let read = stream.read(&mut chunk).await.map_err(io)?;
                 if read == 0 {
                     break;
                 }
-                let mut offered = &chunk[..read];
-                while !offered.is_empty() {
-                    let took = decoder.push(offered);
-                    offered = &offered[took..];
-                    while let Some(frame) = decoder
-                        .next_frame()
-                        .map_err(|e| BenchError(format!("bench net peer: {e}")))?
-                    {
-                        check(frame.payload, message_bytes, &mut expected, &mut counts);
-                        if counts.received + counts.duplicated >= messages {
-                            break 'read;
-                        }
+                buffer.extend_from_slice(&chunk[..read]);
+                while let Some(length) = buffer
+                    .get(taken..taken + 4)
+                    .map(|l| u32::from_le_bytes(l.try_into().expect("4 bytes")) as usize)
+                {
+                    if length != message_bytes {
+                        return Err(BenchError(format!(
+                            "bench net peer: a raw body of {length} bytes, not {message_bytes}"
+                        )));
+                    }
+                    let Some(got) = buffer.get(taken + 4..taken + 4 + length) else {
+                        break;
+                    };
+                    check(got, message_bytes, &mut expected, &mut counts);
+                    taken += 4 + length;
+                    if counts.received + counts.duplicated >= messages {
+                        break 'read;
                     }
                 }
+                buffer.drain(..taken);
+                taken = 0;
             }
             stream.write_all(b"d").await.map_err(io)?;
             stream.close().await.map_err(io)?;
@@ -485,12 +491,12 @@ async fn send_all(
             let mut stream = TcpStream::connect(addr).await.map_err(|e| io(e.into()))?;
             stream.set_nodelay(true).map_err(|e| io(e.into()))?;
             let write_bytes = config.write_bytes;
-            let frame = config.link.frame;
-            let mut out = Vec::with_capacity(write_bytes + frame.frame_bytes_max());
+            let mut out = Vec::with_capacity(write_bytes + 4 + message_bytes);
             let started = Instant::now();
             for i in 1..=messages {
-                encode_frame(&frame, MESSAGE_KIND, &body(i, message_bytes), &mut out)
-                    .map_err(|e| BenchError(format!("bench net: {e}")))?;
+                // A raw stream: each body after its length, nothing else.
+                out.extend_from_slice(&(message_bytes as u32).to_le_bytes());
+                out.extend_from_slice(&body(i, message_bytes));
                 if out.len() >= write_bytes {
                     stream.write_all(&out).await.map_err(io)?;
                     out.clear();

@@ -583,7 +583,11 @@ fn a_move_too_large_for_a_frame_loses_the_actor_and_returns_its_credits() {
     let handled = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let failures = Arc::new(Mutex::new(Vec::new()));
-    let pusher = ActorId::new(JobId(5), 1, 0);
+    // The pusher on shard 1 (node 0), the sink on shard 2 (node 1), moved
+    // to shard 0: the pusher then has a local credit (40) below what it
+    // has out to the sink (up to the remote credit, 60), and goes on only
+    // with the credits the lost move returns.
+    let pusher = ActorId::new(JobId(5), 1, 1);
     let sink = ActorId::new(JobId(5), 2, 2);
     let factory: Arc<dyn ActorFactory<Big>> = {
         let (handled, finished) = (handled.clone(), finished.clone());

@@ -22,13 +22,15 @@
 //!   call dropped while pending took nothing. The same holds of
 //!   [`Connection::poll_read_more`] and [`Connection::poll_write_some`],
 //!   which `net::session` races against each other and its doorbell.
-//! - Frames after the handshake carry a crc32c; a connection's frame is
-//!   authenticated by [`crate::link`], which tags each with the session key
-//!   ([`Peer::session`]). A caller that sends raw frames with
-//!   [`Connection::send`] gets no such check: an attacker on the path could
-//!   inject them.
-//! - A broken frame (bad crc, reserved bits) ends the connection: the
-//!   stream cannot be resynchronized.
+//! - Frames after the handshake carry a crc32c, except a session's link
+//!   frames, which [`crate::link`] seals with the session key
+//!   ([`Peer::session`]) and flags sealed, with no crc; a connection takes
+//!   sealed frames only once a session serves it
+//!   ([`Connection::allow_sealed_frames`]). A caller that sends raw frames
+//!   with [`Connection::send`] gets no such check: an attacker on the path
+//!   could inject them.
+//! - A broken frame (bad crc, reserved bits, flagged sealed where not
+//!   allowed) ends the connection: the stream cannot be resynchronized.
 //! - [`Connection::send`] writes a frame whole before it returns: a sender
 //!   waits for the socket (TCP's own flow control), so nothing queues
 //!   without bound here.

@@ -14,9 +14,10 @@
 //! - crc32c covers header bytes 8..16 (kind, flags, reserved, pad) and the
 //!   payload; not the padding, which the decoder skips unread.
 //! - `flags`, `reserved` and pad are written as zero, except
-//!   [`FLAG_SEALED`]. The decoder passes `flags` through and rejects a
-//!   nonzero `reserved` or pad, so that a future use of those bits cannot
-//!   be silently misread by an old peer.
+//!   [`FLAG_SEALED`]. The decoder passes `flags` through (a sealed frame
+//!   only where allowed, below) and rejects a nonzero `reserved` or pad,
+//!   so that a future use of those bits cannot be silently misread by an
+//!   old peer.
 //! - A frame flagged [`FLAG_SEALED`] has a crc field of 0 and no crc: its
 //!   payload is sealed by the layer above (the link's AES-256-GCM tag
 //!   covers the frame's kind, its link header and its body, so a changed
@@ -48,7 +49,8 @@
 //!
 //! # Errors
 //!
-//! An oversize length, a bad crc or nonzero reserved bits is a [`FrameError`]
+//! An oversize length, a bad crc, nonzero reserved bits or a frame flagged
+//! sealed where sealed frames are not allowed is a [`FrameError`]
 //! naming the frame number (from 0) and its byte offset in the stream. The
 //! stream cannot be resynchronized after that (the next frame boundary is
 //! unknown): the decoder stays failed and the connection must be closed.

@@ -40,7 +40,8 @@
 //! # Bad input
 //!
 //! Everything read from a peer is untrusted: oversize lengths, crc
-//! mismatches, reserved bits and invalid archives are a [`FrameError`]
+//! mismatches, reserved bits, frames flagged sealed where not allowed and
+//! invalid archives are a [`FrameError`]
 //! naming the frame number and stream offset, never a panic.
 
 pub mod codec;

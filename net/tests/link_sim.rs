@@ -10,8 +10,8 @@
 //! - reordering: frames recorded on this and earlier connections are
 //!   injected into the current one (replays, and frames under another
 //!   session's key);
-//! - forgery and corruption: a frame's body changed with its crc made good
-//!   again (only the tag can tell), or a bit flipped on the wire;
+//! - forgery and corruption: a frame's body changed (link frames carry no
+//!   crc: only the tag can tell), or a bit flipped on the wire;
 //! - slow receivers: each side takes its messages at its own pace, with
 //!   long pauses, so credit runs out.
 //!
@@ -311,8 +311,8 @@ fn simulate(seed: u64, messages: u64) -> ([LinkStats; 2], Faults) {
                     1 => {
                         // An on-path forger without the key: the first
                         // frame of the last chunk in flight gets a changed
-                        // body (or, with none, a larger credit), and a crc
-                        // computed again, so only the tag can tell.
+                        // body (or, with none, a larger credit); a link
+                        // frame has no crc, so only the tag can tell.
                         if let Some((_, bytes)) = net.pipes[1 - to].back_mut() {
                             if let Some(forged) = forge(bytes, &mut rng) {
                                 faults.forged += 1;

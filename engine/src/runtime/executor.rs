@@ -59,6 +59,8 @@ pub(super) struct ShardThread<M: Send + 'static> {
     pub store: Arc<dyn StateStore>,
     pub shared: Arc<Shared<M>>,
     pub ready: ReadyGuard,
+    /// The machine's online cores (`machine_cores`), for `SpareCores`.
+    pub machine_cores: usize,
 }
 
 /// Tells `Runtime::start` whether this shard came up: `true` once its loop runs,
@@ -152,7 +154,8 @@ impl<M: Send + 'static> ShardThread<M> {
         let upkeep = super::upkeep_hook();
         let upkeep_every_ns = saturating_ns(super::UPKEEP_EVERY);
         let mut last_upkeep_ns = 0u64;
-        let mut spare = SpareCores::new(super::online_cores());
+        let mut spare = SpareCores::new(self.machine_cores);
+        let spins = !self.config.spin_before_park.is_zero();
         loop {
             core.tick();
             let mut progress = self.drain_inputs(&mut core);
@@ -207,7 +210,7 @@ impl<M: Send + 'static> ShardThread<M> {
             }
             // From here until work comes the shard is idle (its load, for
             // the autoscaler, is the time it is not).
-            if spare.now(now_ns) && self.spin_for_work(&core, now_ns) {
+            if spins && spare.now(now_ns) && self.spin_for_work(&core, now_ns) {
                 core.add_idle_ns(crate::clock::monotonic_ns().saturating_sub(now_ns));
                 continue;
             }
@@ -343,13 +346,14 @@ impl<M: Send + 'static> ShardThread<M> {
 }
 
 /// Whether the machine has a core to spare for a shard's spin before it
-/// parks: no more threads runnable than the cores this process may use
+/// parks: no more threads runnable on the machine than its online cores
 /// (the spinning thread among them) at each of the last
 /// `SPARE_READINGS` readings of the kernel's count of runnable threads
-/// (`/proc/loadavg`), taken at most every `SPARE_CHECK_NS`. Where threads
-/// wait for a core (more shards and gateways than cores, or another
-/// process busy), a spin only delays the thread that would bring the
-/// work. Spare when the count cannot be read.
+/// (`/proc/loadavg`, machine-wide), taken when the shard is about to spin,
+/// at most every `SPARE_CHECK_NS`. Where threads wait for a core (more
+/// shards and gateways than cores, or another process busy), a spin only
+/// delays the thread that would bring the work. Spare when the count
+/// cannot be read.
 pub(super) struct SpareCores {
     cores: usize,
     checked_ns: Option<u64>,
@@ -363,8 +367,9 @@ pub(super) struct SpareCores {
 const SPARE_CHECK_NS: u64 = 5_000_000;
 
 /// The readings `SpareCores` remembers: a count seen over the cores
-/// stops the spins for this many readings (80 ms): the count is of one
-/// moment, and a busy machine shows some moments with a core free.
+/// stops the spins for this many readings (at least 80 ms; readings are
+/// taken only as the shard is about to spin): the count is of one moment,
+/// and a busy machine shows some moments with a core free.
 const SPARE_READINGS: u32 = 16;
 
 impl SpareCores {
@@ -398,6 +403,30 @@ impl SpareCores {
     }
 }
 
+/// The machine's online cores, from `/sys/devices/system/cpu/online`
+/// (whatever this thread's affinity); `None` if it cannot be read.
+pub(super) fn machine_cores() -> Option<usize> {
+    cpu_list_len(&std::fs::read_to_string("/sys/devices/system/cpu/online").ok()?)
+}
+
+/// The CPUs in a kernel CPU list ("0-3,6,8-9" holds 7).
+fn cpu_list_len(list: &str) -> Option<usize> {
+    let mut cpus = 0;
+    for part in list.trim().split(',') {
+        cpus += match part.split_once('-') {
+            Some((from, to)) => {
+                let (from, to): (usize, usize) = (from.parse().ok()?, to.parse().ok()?);
+                to.checked_sub(from)? + 1
+            }
+            None => {
+                part.parse::<usize>().ok()?;
+                1
+            }
+        };
+    }
+    (cpus > 0).then_some(cpus)
+}
+
 /// The runnable threads in `/proc/loadavg`'s text: the number before the
 /// slash of its fourth field ("0.41 0.32 0.30 3/412 12345").
 fn runnable_threads(loadavg: &str) -> Option<usize> {
@@ -408,6 +437,19 @@ fn runnable_threads(loadavg: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cpu_list_is_counted() {
+        assert_eq!(cpu_list_len("0-1\n"), Some(2));
+        assert_eq!(cpu_list_len("0-3,6,8-9"), Some(7));
+        assert_eq!(cpu_list_len("5"), Some(1));
+        assert_eq!(cpu_list_len(""), None);
+        assert_eq!(cpu_list_len("3-1"), None);
+        assert_eq!(cpu_list_len("a-b"), None);
+        if std::path::Path::new("/sys/devices/system/cpu/online").exists() {
+            assert!(machine_cores().is_some_and(|n| n >= 1));
+        }
+    }
 
     #[test]
     fn the_runnable_threads_are_read_from_loadavg() {

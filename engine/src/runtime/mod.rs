@@ -174,7 +174,8 @@ pub struct RuntimeConfig {
     pub housekeeping_interval: Duration,
     /// How long a shard that ran out of work polls its inputs before it
     /// parks, while the machine has a spare core (`executor::SpareCores`:
-    /// no more threads runnable than cores); otherwise it parks at once,
+    /// no more threads runnable on the machine than its online cores);
+    /// otherwise it parks at once,
     /// as a spin would only take the core from a thread with work.
     pub spin_before_park: Duration,
     pub shard: ShardConfig,
@@ -241,7 +242,8 @@ impl Default for RuntimeConfig {
     }
 }
 
-/// Cores this process may run on.
+/// Cores the calling thread may run on (on a pinned shard's thread, its
+/// one core).
 pub fn online_cores() -> usize {
     core_affinity::get_core_ids()
         .map(|ids| ids.len())
@@ -435,6 +437,8 @@ impl<M: Send + 'static> Runtime<M> {
             )));
         }
         let cores_online = online_cores();
+        // Read here, before any shard thread is pinned to one of them.
+        let machine_cores = executor::machine_cores().unwrap_or(cores_online);
         if config.shards > cores_online && !config.oversubscribe {
             return Err(StartError(format!(
                 "{} shards but only {cores_online} cores online: one shard per core, or \
@@ -548,6 +552,7 @@ impl<M: Send + 'static> Runtime<M> {
                 store: store.clone(),
                 shared: shared.clone(),
                 ready: executor::ReadyGuard::new(i, ready.clone()),
+                machine_cores,
             };
             let spawned = glommio::LocalExecutorBuilder::new(placement)
                 .name(&format!("dirigo-shard{}", first + i))

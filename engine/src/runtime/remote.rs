@@ -86,9 +86,10 @@
 //! fit the frame's body (large messages: 64 of over about 1.5 KiB each
 //! with the rest at its bounds), it is dropped like an oversized
 //! message: the actor is lost with what it held and the failure hook is
-//! told its name (the hook's owner must end its job). In its place goes a
-//! `Lost` packet (the actor, its new epoch, the credits its messages held
-//! per shard): the new owner holds its place as a failed actor, so the
+//! told its name on both nodes (the hook's owner must end its job). In its
+//! place goes a `Lost` packet (the actor, its new epoch, the credits its
+//! messages held per shard, how many held none): the new owner counts
+//! them all dropped and holds its place as a failed actor, so the
 //! credits go back, later messages to it are dropped with theirs, and a
 //! later move of it stops there. An actor deactivated on its node is
 //! activated there from its saved state first; one never activated there
@@ -365,6 +366,7 @@ pub enum WirePacket<M> {
         actor: ActorId,
         epoch: u64,
         credits: Vec<(u16, u32)>,
+        uncredited: u32,
     },
 }
 
@@ -506,10 +508,12 @@ impl<M> WireSlot<M> {
                 None => credits.push((shard, 1)),
             }
         }
+        let credited: u32 = credits.iter().map(|&(_, m)| m).sum();
         WirePacket::Lost {
             actor: self.id,
             epoch: self.epoch,
             credits,
+            uncredited: (self.messages() as u32).saturating_sub(credited),
         }
     }
 }
@@ -570,10 +574,12 @@ impl<M> WirePacket<M> {
                 actor,
                 epoch,
                 credits,
+                uncredited,
             } => WirePacket::Lost {
                 actor,
                 epoch,
                 credits,
+                uncredited,
             },
             Packet::Handoff(..) => return None,
         })
@@ -637,10 +643,12 @@ impl<M> WirePacket<M> {
                 actor,
                 epoch,
                 credits,
+                uncredited,
             } => Packet::LostHandoff {
                 actor,
                 epoch,
                 credits,
+                uncredited,
             },
         }
     }
@@ -1424,6 +1432,7 @@ mod tests {
                     actor,
                     epoch: 4,
                     credits: vec![(0, 2), (3, 1)],
+                    uncredited: 1,
                 }),
                 item(WirePacket::Handoff(Box::new(slot))),
             ],
@@ -1650,10 +1659,13 @@ mod tests {
             actor: lost,
             epoch,
             credits,
+            uncredited,
         } = packet
         else {
             panic!("a lost move");
         };
         assert_eq!((lost, epoch, credits), (actor, 6, vec![(0, 2), (3, 2)]));
+        // The message that held no credit and the self-send.
+        assert_eq!(uncredited, 2);
     }
 }

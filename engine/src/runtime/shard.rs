@@ -51,7 +51,8 @@
 //! directory and broadcasts it. Messages that still reach the old
 //! owner are forwarded along its directory. A message that reaches a shard whose
 //! directory is older than the sender's (`route_epoch` ahead) waits there in
-//! `pending` until the handoff or the placement update arrives. Because the old
+//! `pending` until the handoff, the placement update, or (for a move from
+//! another node that could not cross) the lost move's notice arrives. Because the old
 //! owner updates its own directory before anything else, a message is forwarded at
 //! most to a shard that knows more: every message reaches the owner exactly once.
 //!
@@ -88,7 +89,8 @@
 //! - `timers`: at most `timers_per_actor_max` pending per actor (per shard where
 //!   they were set); more are refused and counted in `timers_refused`.
 //! - `pending`: packets for actors whose handoff is on its way; drained by the
-//!   handoff or placement update, dropped when their job retires.
+//!   handoff, a placement update or a lost move's notice, dropped when their
+//!   job retires.
 //! - `failed`: at most `FAILED_ACTORS_MAX` actors (oldest job first out); emptied
 //!   of a job's actors when it retires.
 //! - `retired`: at most `RETIRED_JOBS_MAX` jobs (the lowest id is forgotten first).
@@ -341,6 +343,8 @@ pub enum Packet<M> {
         actor: ActorId,
         epoch: u64,
         credits: Vec<(u16, u32)>,
+        /// Its messages that held no credit (self-sends, blocked sends).
+        uncredited: u32,
     },
     Placement {
         actor: ActorId,
@@ -851,7 +855,8 @@ impl<M: Send + 'static> ShardCore<M> {
                 actor,
                 epoch,
                 credits,
-            } => self.lost_remote(actor, epoch, credits),
+                uncredited,
+            } => self.lost_remote(actor, epoch, credits, uncredited),
         }
     }
 
@@ -1647,8 +1652,34 @@ impl<M: Send + 'static> ShardCore<M> {
     /// An actor lost on its way in from another node: its place is here
     /// now, as a failed actor, so that what is sent to it (and what
     /// waited here for it) is dropped with its credits returned, and a
-    /// later move of it goes nowhere.
-    fn lost_remote(&mut self, actor: ActorId, epoch: u64, credits: Vec<(u16, u32)>) {
+    /// later move of it goes nowhere. The messages it held are counted
+    /// dropped and their credits (`(shard, messages)`) go back whatever
+    /// else holds; the place is taken only for a newer epoch, of an actor
+    /// not active here, of a job not retired.
+    fn lost_remote(
+        &mut self,
+        actor: ActorId,
+        epoch: u64,
+        credits: Vec<(u16, u32)>,
+        uncredited: u32,
+    ) {
+        self.report.dropped += u64::from(uncredited);
+        for (shard, messages) in credits {
+            self.report.dropped += u64::from(messages);
+            if credit_index(shard).is_some() && usize::from(shard) < self.staging.len() {
+                self.return_credits(actor, shard, messages);
+            }
+        }
+        if self.retired.contains(&actor.job) || self.index.contains_key(&actor) {
+            return;
+        }
+        let placement = Placement {
+            shard: self.id,
+            epoch,
+        };
+        if !self.directory.apply(actor, placement) {
+            return;
+        }
         if !self.refuses(actor) {
             self.record_failure(
                 actor,
@@ -1657,19 +1688,6 @@ impl<M: Send + 'static> ShardCore<M> {
                     self.id
                 ),
             );
-        }
-        self.directory.apply(
-            actor,
-            Placement {
-                shard: self.id,
-                epoch,
-            },
-        );
-        for (shard, messages) in credits {
-            self.report.dropped += u64::from(messages);
-            if credit_index(shard).is_some() && usize::from(shard) < self.staging.len() {
-                self.return_credits(actor, shard, messages);
-            }
         }
         if self.waiters.contains_key(&actor) {
             self.wake_waiters(actor);
