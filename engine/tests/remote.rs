@@ -526,17 +526,30 @@ enum Big {
     /// The pusher: send this many more.
     Go(u32),
     Data(Vec<u8>),
+    /// The keeper: take a state of this many bytes.
+    Fill(u32),
+    /// The keeper: check its state and say where it is.
+    Check,
 }
 
-const BIG_BYTES: usize = 8 * 1024;
-
-/// A pusher that sends `Big::Data` to the sink in chunks of 8, and a
-/// sink that takes its time with each.
+/// A pusher that sends `Big::Data` of `bytes` each to the sink in chunks of
+/// 8; a sink that takes its time with each; a keeper that holds a large
+/// state (its snapshot) and checks it.
 struct BigActor {
     me: ActorId,
     sink: ActorId,
+    bytes: usize,
+    /// How long the sink takes with each message.
+    spin: Duration,
     handled: Arc<std::sync::atomic::AtomicU64>,
     finished: Arc<std::sync::atomic::AtomicBool>,
+    state: Vec<u8>,
+    checks: Arc<Mutex<Vec<(ShardId, usize, bool)>>>,
+}
+
+/// The keeper's state: byte `i` of `len` is `i * 7 % 251`.
+fn kept(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 % 251) as u8).collect()
 }
 
 impl Actor for BigActor {
@@ -547,7 +560,7 @@ impl Actor for BigActor {
             Big::Go(left) => {
                 let chunk = left.min(8);
                 for _ in 0..chunk {
-                    ctx.send(self.sink, Big::Data(vec![7; BIG_BYTES]));
+                    ctx.send(self.sink, Big::Data(vec![7; self.bytes]));
                 }
                 if left > chunk {
                     ctx.send(self.me, Big::Go(left - chunk));
@@ -556,51 +569,62 @@ impl Actor for BigActor {
                 }
             }
             Big::Data(bytes) => {
-                assert_eq!(bytes.len(), BIG_BYTES);
-                let until = Instant::now() + Duration::from_micros(300);
+                assert_eq!(bytes.len(), self.bytes);
+                let until = Instant::now() + self.spin;
                 while Instant::now() < until {
                     std::hint::spin_loop();
                 }
                 self.handled.fetch_add(1, Ordering::AcqRel);
             }
+            Big::Fill(len) => self.state = kept(len as usize),
+            Big::Check => self.checks.lock().unwrap().push((
+                ctx.shard(),
+                self.state.len(),
+                self.state == kept(self.state.len()),
+            )),
         }
     }
 
     fn snapshot(&mut self) -> Option<dirigo_engine::StateBytes> {
-        None
+        let mut bytes = dirigo_engine::StateBytes::new();
+        bytes.extend_from_slice(&self.state);
+        (!self.state.is_empty()).then_some(bytes)
     }
 }
 
-/// A move whose encoding is over the frame (40 and more queued messages
-/// of 8 KiB each, under the 64-message bound but over 256 KiB) cannot
-/// cross: the actor is lost, and the new owner learns it from a small
-/// packet sent in its place. Its place is there, as a failed actor: the
-/// credits its messages held go back (the pusher, out of credit without
-/// them, finishes), every message is either handled or counted dropped,
-/// and later moves of it stop there instead of bouncing between nodes.
-#[test]
-fn a_move_too_large_for_a_frame_loses_the_actor_and_returns_its_credits() {
+struct Big2 {
+    a: Runtime<Big>,
+    b: Runtime<Big>,
+    handled: Arc<std::sync::atomic::AtomicU64>,
+    finished: Arc<std::sync::atomic::AtomicBool>,
+    failures: Arc<Mutex<Vec<dirigo_engine::runtime::Failure>>>,
+    checks: Arc<Mutex<Vec<(ShardId, usize, bool)>>>,
+}
+
+/// Two nodes of two shards each with `credit` (the remote credit half as
+/// much again), running `BigActor`s whose pusher sends `bytes` a message
+/// to `sink`, which takes `spin` with each.
+fn big_nodes(credit: u32, sink: ActorId, bytes: usize, spin: Duration) -> Big2 {
     let handled = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let failures = Arc::new(Mutex::new(Vec::new()));
-    // The pusher on shard 1 (node 0), the sink on shard 2 (node 1), moved
-    // to shard 0: the pusher then has a local credit (40) below what it
-    // has out to the sink (up to the remote credit, 60), and goes on only
-    // with the credits the lost move returns.
-    let pusher = ActorId::new(JobId(5), 1, 1);
-    let sink = ActorId::new(JobId(5), 2, 2);
+    let checks = Arc::new(Mutex::new(Vec::new()));
     let factory: Arc<dyn ActorFactory<Big>> = {
-        let (handled, finished) = (handled.clone(), finished.clone());
-        Arc::new(move |me: ActorId, _: Option<&[u8]>| -> BoxActor<Big> {
+        let (handled, finished, checks) = (handled.clone(), finished.clone(), checks.clone());
+        Arc::new(move |me: ActorId, state: Option<&[u8]>| -> BoxActor<Big> {
             Box::new(BigActor {
                 me,
                 sink,
+                bytes,
+                spin,
                 handled: handled.clone(),
                 finished: finished.clone(),
+                state: state.map(<[u8]>::to_vec).unwrap_or_default(),
+                checks: checks.clone(),
             })
         })
     };
-    let mut config = config(2, 40);
+    let mut config = config(2, credit);
     let seen = failures.clone();
     config.on_failure = Some(Arc::new(move |f| seen.lock().unwrap().push(f)));
     let (mut ls, nodes) = listeners(2, 2);
@@ -616,43 +640,154 @@ fn a_move_too_large_for_a_frame_loses_the_actor_and_returns_its_credits() {
     };
     let b = start(1, ls.pop().unwrap());
     let a = start(0, ls.pop().unwrap());
-    const SENT: u64 = 400;
-    a.send(pusher, Big::Go(SENT as u32), sched())
-        .expect("alive");
-    // Until the sink, on node 1, holds over a frame's worth.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let queued = b
-            .stats()
-            .shards
-            .iter()
-            .flat_map(|s| s.actors.iter())
-            .filter(|actor| actor.id == sink)
-            .map(|actor| actor.mailbox + actor.early)
-            .sum::<usize>();
-        if queued >= 40 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the sink holds only {queued}");
-        std::thread::sleep(Duration::from_micros(200));
+    Big2 {
+        a,
+        b,
+        handled,
+        finished,
+        failures,
+        checks,
     }
-    b.migrate(sink, ShardId(0)).expect("alive");
+}
+
+impl Big2 {
+    /// Until `actor`, on node 1, holds `queued` messages or more.
+    fn wait_until_holding(&self, actor: ActorId, queued: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let holds = self
+                .b
+                .stats()
+                .shards
+                .iter()
+                .flat_map(|s| s.actors.iter())
+                .filter(|a| a.id == actor)
+                .map(|a| a.mailbox + a.early)
+                .sum::<usize>();
+            if holds >= queued {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{actor} holds only {holds}");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Until the pusher finished and each of `sent` messages was handled
+    /// or counted dropped; the number dropped.
+    fn wait_until_all_accounted(&self, sent: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let dropped = || sum_over_shards([&self.a, &self.b], |s| s.dropped);
+        loop {
+            let handled = self.handled.load(Ordering::Acquire);
+            let finished = self.finished.load(Ordering::Acquire);
+            if finished && handled + dropped() >= sent {
+                assert_eq!(handled + dropped(), sent);
+                return dropped();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pusher finished: {finished}, handled {handled} and dropped {} of {sent}",
+                dropped()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// A move over a frame (40 and more queued messages of 8 KiB each, over
+/// 256 KiB encoded) crosses in parts: the sink goes on at its new place
+/// and handles every message once.
+#[test]
+fn a_move_over_a_frame_crosses_in_parts_with_everything_it_held() {
+    // The pusher on shard 1 (node 0), the sink on shard 2 (node 1).
+    let pusher = ActorId::new(JobId(5), 1, 1);
+    let sink = ActorId::new(JobId(5), 2, 2);
+    let nodes = big_nodes(40, sink, 8 * 1024, Duration::from_micros(300));
+    const SENT: u64 = 400;
+    nodes
+        .a
+        .send(pusher, Big::Go(SENT as u32), sched())
+        .expect("alive");
+    nodes.wait_until_holding(sink, 40);
+    nodes.b.migrate(sink, ShardId(0)).expect("alive");
+    assert_eq!(nodes.wait_until_all_accounted(SENT), 0, "nothing dropped");
+    assert_eq!(nodes.handled.load(Ordering::Acquire), SENT);
+    let remote = nodes.b.remote_stats().unwrap();
+    assert!(remote.handoff_parts_out >= 2, "{remote:?}");
+    assert_eq!(remote.oversized, 0);
+    assert_eq!(nodes.a.remote_stats().unwrap().refused, 0);
+    assert_eq!(
+        sum_over_shards([&nodes.a, &nodes.b], |s| s.migrations_in_from_nodes),
+        1
+    );
+    assert!(nodes.failures.lock().unwrap().is_empty());
+    nodes.a.shutdown();
+    nodes.b.shutdown();
+}
+
+/// An actor with a state of 4 MiB (far over a frame) moves to the other
+/// node in parts and has all of it there.
+#[test]
+fn an_actor_with_a_large_state_moves_to_the_other_node_whole() {
+    let keeper = ActorId::new(JobId(5), 3, 2); // shard 2: node 1
+    let nodes = big_nodes(64, keeper, 0, Duration::ZERO);
+    nodes
+        .a
+        .send(keeper, Big::Fill(4 << 20), sched())
+        .expect("alive");
+    nodes.a.send(keeper, Big::Check, sched()).expect("alive");
     let deadline = Instant::now() + Duration::from_secs(30);
-    let dropped = || sum_over_shards([&a, &b], |s| s.dropped);
-    while !finished.load(Ordering::Acquire) || handled.load(Ordering::Acquire) + dropped() < SENT {
-        assert!(
-            Instant::now() < deadline,
-            "pusher finished: {}, handled {} and dropped {} of {SENT}",
-            finished.load(Ordering::Acquire),
-            handled.load(Ordering::Acquire),
-            dropped()
-        );
+    while nodes.checks.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "no check");
         std::thread::sleep(Duration::from_millis(1));
     }
-    assert_eq!(handled.load(Ordering::Acquire) + dropped(), SENT);
-    assert!(dropped() >= 40, "the lost mailbox is counted dropped");
-    assert!(b.remote_stats().unwrap().oversized >= 40);
-    let told: Vec<(Option<ActorId>, ShardId)> = failures
+    nodes.b.migrate(keeper, ShardId(1)).expect("alive");
+    while sum_over_shards([&nodes.a, &nodes.b], |s| s.migrations_in_from_nodes) == 0 {
+        assert!(Instant::now() < deadline, "not moved");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    nodes.a.send(keeper, Big::Check, sched()).expect("alive");
+    while nodes.checks.lock().unwrap().len() < 2 {
+        assert!(Instant::now() < deadline, "no check after the move");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(
+        *nodes.checks.lock().unwrap(),
+        vec![(ShardId(2), 4 << 20, true), (ShardId(1), 4 << 20, true)]
+    );
+    assert!(nodes.b.remote_stats().unwrap().handoff_parts_out >= 16);
+    nodes.a.shutdown();
+    nodes.b.shutdown();
+}
+
+/// A move over what crosses even in parts (over 32 MiB encoded: 170 and
+/// more queued messages of 200 KiB each) cannot cross: the actor is lost,
+/// and the new owner learns it from a small packet sent in its place. Its
+/// place is there, as a failed actor: the credits its messages held go
+/// back (the pusher, on the other shard of the new owner's node, has a
+/// local credit below what it has out and finishes only with them),
+/// every message is either handled or counted dropped, and later moves of
+/// it stop there instead of bouncing between nodes.
+#[test]
+fn a_move_too_large_to_cross_loses_the_actor_and_returns_its_credits() {
+    let pusher = ActorId::new(JobId(5), 1, 1);
+    let sink = ActorId::new(JobId(5), 2, 2);
+    let nodes = big_nodes(160, sink, 200 * 1024, Duration::from_millis(5));
+    const SENT: u64 = 400;
+    nodes
+        .a
+        .send(pusher, Big::Go(SENT as u32), sched())
+        .expect("alive");
+    nodes.wait_until_holding(sink, 170);
+    nodes.b.migrate(sink, ShardId(0)).expect("alive");
+    let dropped = nodes.wait_until_all_accounted(SENT);
+    assert!(
+        dropped >= 170,
+        "the lost mailbox is counted dropped ({dropped})"
+    );
+    assert!(nodes.b.remote_stats().unwrap().oversized >= 170);
+    let told: Vec<(Option<ActorId>, ShardId)> = nodes
+        .failures
         .lock()
         .unwrap()
         .iter()
@@ -662,13 +797,19 @@ fn a_move_too_large_for_a_frame_loses_the_actor_and_returns_its_credits() {
         told.contains(&(Some(sink), ShardId(0))),
         "the new owner holds it as failed: {told:?}"
     );
-    assert_eq!(sum_over_shards([&a, &b], |s| s.migrations_in_from_nodes), 0);
+    assert_eq!(
+        sum_over_shards([&nodes.a, &nodes.b], |s| s.migrations_in_from_nodes),
+        0
+    );
     // Later moves, asked of either node, end at its new place.
-    a.migrate(sink, ShardId(3)).expect("alive");
-    b.migrate(sink, ShardId(1)).expect("alive");
+    nodes.a.migrate(sink, ShardId(3)).expect("alive");
+    nodes.b.migrate(sink, ShardId(1)).expect("alive");
     std::thread::sleep(Duration::from_millis(200));
     let frames = || {
-        let (ra, rb) = (a.remote_stats().unwrap(), b.remote_stats().unwrap());
+        let (ra, rb) = (
+            nodes.a.remote_stats().unwrap(),
+            nodes.b.remote_stats().unwrap(),
+        );
         ra.frames_out + rb.frames_out
     };
     let before = frames();
@@ -678,6 +819,6 @@ fn a_move_too_large_for_a_frame_loses_the_actor_and_returns_its_credits() {
         before,
         "nothing goes on crossing once all is done"
     );
-    a.shutdown();
-    b.shutdown();
+    nodes.a.shutdown();
+    nodes.b.shutdown();
 }

@@ -75,17 +75,21 @@
 //! takes all of that as its own, so order, credits and exactly-once
 //! delivery carry over as in a local move (messages still on their way to
 //! the old owner are forwarded, placement updates broadcast to every
-//! shard of the run). Its per-actor counters start again there. The move
-//! crosses in one frame, so it is refused (counted in
+//! shard of the run). Its per-actor counters start again there. A move
+//! over a frame's body crosses in parts (`WirePacket::HandoffPart`): the
+//! gateway encodes it alone, as a batch of one, and sends the encoding in
+//! parts of a frame's body less 1 KiB each, back to back; the receiving
+//! gateway assembles one move per peer at a time (`Assembly`, at most
+//! `HANDOFF_BYTES_MAX`, 32 MiB), checks the whole as it checks a batch,
+//! and hands it on as one packet. A move is refused (counted in
 //! `migrations_refused`; an active actor stays as it was, a deactivated
 //! one stays, activated) while the actor holds more than
-//! `shard::REMOTE_HANDOFF_MESSAGES_MAX` (64) messages, its channel tables
-//! more than `shard::REMOTE_HANDOFF_CHANNELS_MAX` (4,096) entries, its
-//! snapshot is over `shard::REMOTE_HANDOFF_STATE_BYTES_MAX` (64 KiB), or
-//! it says it may not be deactivated. Should the encoded move still not
-//! fit the frame's body (large messages: 64 of over about 1.5 KiB each
-//! with the rest at its bounds), it is dropped like an oversized
-//! message: the actor is lost with what it held and the failure hook is
+//! `shard::REMOTE_HANDOFF_MESSAGES_MAX` (1,024) messages, its channel
+//! tables more than `shard::REMOTE_HANDOFF_CHANNELS_MAX` (4,096) entries,
+//! its snapshot is over `shard::REMOTE_HANDOFF_STATE_BYTES_MAX` (16 MiB),
+//! or it says it may not be deactivated. Should the encoded move still be
+//! over `HANDOFF_BYTES_MAX` (many large messages), it is dropped like an
+//! oversized message: the actor is lost with what it held and the failure hook is
 //! told its name on both nodes (the hook's owner must end its job). In its
 //! place goes a `Lost` packet (the actor, its new epoch, the credits its
 //! messages held per shard, how many held none): the new owner counts
@@ -155,6 +159,18 @@ const PARK_MAX: Duration = Duration::from_millis(50);
 const ARCHIVE_ALIGN: usize = 16;
 /// How often a gateway looks again at a full ring to a local shard.
 const RING_RETRY: Duration = Duration::from_micros(20);
+
+/// A move to another node whose packet is over a frame crosses as parts
+/// (`WirePacket::HandoffPart`), each a frame's body less this much (room
+/// for the part's own fields, under 100 bytes encoded) of its encoding.
+const HANDOFF_PART_ROOM: usize = 1024;
+
+/// The largest encoded move that crosses in parts: over it (with
+/// `shard::REMOTE_HANDOFF_STATE_BYTES_MAX`, 16 MiB, of state, only many
+/// large messages get there) the move is lost (`Lost`), as an oversized
+/// message is. A receiving gateway holds at most this much of a peer's
+/// move at once.
+pub const HANDOFF_BYTES_MAX: usize = 32 * 1024 * 1024;
 
 /// One node of a run.
 #[derive(Clone, Debug)]
@@ -359,6 +375,16 @@ pub enum WirePacket<M> {
     },
     /// An actor moving to the receiving node (`shard::RemoteSlot`).
     Handoff(Box<WireSlot<M>>),
+    /// One part of a `Handoff` over a frame: `bytes` is part `part` of
+    /// `parts` of the encoding of a batch holding that one `Handoff` (see
+    /// `Assembly`). The parts of a move go out back to back, in order.
+    HandoffPart {
+        actor: ActorId,
+        epoch: u64,
+        part: u32,
+        parts: u32,
+        bytes: Vec<u8>,
+    },
     /// In place of a `Handoff` that did not fit a frame: the actor is
     /// lost, placed at the target as failed, and the credits its messages
     /// held, `(shard, messages)`, go back (`Packet::LostHandoff`).
@@ -585,8 +611,10 @@ impl<M> WirePacket<M> {
         })
     }
 
-    fn into_packet(self, now_ns: u64) -> Packet<M> {
-        match self {
+    /// The packet for the target shard; `None` for a part of a move,
+    /// which the receiving gateway assembles first (`Assembly`).
+    fn into_packet(self, now_ns: u64) -> Option<Packet<M>> {
+        Some(match self {
             WirePacket::Message {
                 to,
                 from,
@@ -650,7 +678,8 @@ impl<M> WirePacket<M> {
                 credits,
                 uncredited,
             },
-        }
+            WirePacket::HandoffPart { .. } => return None,
+        })
     }
 
     fn messages(&self) -> usize {
@@ -676,6 +705,7 @@ impl<M> WirePacket<M> {
             WirePacket::Migrate { to, .. } => within(*to),
             WirePacket::Handoff(slot) => slot.credit_shards().all(within),
             WirePacket::Lost { credits, .. } => credits.iter().all(|&(s, _)| within(s)),
+            WirePacket::HandoffPart { .. } => true,
             WirePacket::Ack { .. } => true,
         }
     }
@@ -685,7 +715,7 @@ impl<M> WirePacket<M> {
         match self {
             WirePacket::Message { from, .. } | WirePacket::Run { from, .. } => Some(*from),
             WirePacket::Handoff(slot) => Some(slot.id),
-            WirePacket::Lost { actor, .. } => Some(*actor),
+            WirePacket::Lost { actor, .. } | WirePacket::HandoffPart { actor, .. } => Some(*actor),
             _ => None,
         }
     }
@@ -704,6 +734,8 @@ pub struct RemoteStats {
     splits: AtomicU64,
     /// Messages dropped because one alone is over the frame's bound.
     oversized: AtomicU64,
+    /// Parts of moves over a frame sent (`WirePacket::HandoffPart`).
+    handoff_parts_out: AtomicU64,
     /// Batches refused: not an archive, or naming shards they may not.
     refused: AtomicU64,
     /// Packets for a local shard that died, dropped.
@@ -725,6 +757,7 @@ pub struct RemoteSnapshot {
     pub messages_in: u64,
     pub splits: u64,
     pub oversized: u64,
+    pub handoff_parts_out: u64,
     pub refused: u64,
     pub dropped_to_dead_shards: u64,
     /// Per node of the run: connected to it (this node: `true`).
@@ -752,6 +785,7 @@ impl RemoteStats {
             messages_in: get(&self.messages_in),
             splits: get(&self.splits),
             oversized: get(&self.oversized),
+            handoff_parts_out: get(&self.handoff_parts_out),
             refused: get(&self.refused),
             dropped_to_dead_shards: get(&self.dropped_to_dead_shards),
             connected: self
@@ -1089,6 +1123,15 @@ fn encode_frames<M: Wire>(
                 on_failure,
             );
         }
+        packet @ WirePacket::Handoff(_) => {
+            send_in_parts(
+                WireItem { packet, ..item },
+                body_max,
+                out,
+                stats,
+                on_failure,
+            );
+        }
         packet => {
             let message = format!(
                 "a message of more than {body_max} bytes (encoded) cannot cross nodes; it was dropped"
@@ -1096,6 +1139,148 @@ fn encode_frames<M: Wire>(
             let item = WireItem { packet, ..item };
             drop_item(item, body_max, out, stats, on_failure, message);
         }
+    }
+}
+
+/// A move over a frame: encoded alone as a batch of one, and sent as
+/// parts of a frame's body less `HANDOFF_PART_ROOM` each, back to back; over `HANDOFF_BYTES_MAX` encoded, or not encodable, it is
+/// lost (`drop_item`).
+fn send_in_parts<M: Wire>(
+    item: WireItem<M>,
+    body_max: usize,
+    out: &mut std::collections::VecDeque<Vec<u8>>,
+    stats: &RemoteStats,
+    on_failure: &Option<FailureHook>,
+) {
+    let (from_shard, to_shard) = (item.from_shard, item.to_shard);
+    let whole = WireBatch { items: vec![item] };
+    let encoded = M::encode_batch(&whole, Vec::new());
+    let item = whole.items.into_iter().next().expect("one item");
+    let WirePacket::Handoff(slot) = &item.packet else {
+        return drop_item(item, body_max, out, stats, on_failure, "not a move".into());
+    };
+    let (actor, epoch) = (slot.id, slot.epoch);
+    let bytes = match encoded {
+        Ok(bytes) if bytes.len() <= HANDOFF_BYTES_MAX => bytes,
+        Ok(bytes) => {
+            let message = format!(
+                "{actor}'s move to another node is {} bytes encoded, over {HANDOFF_BYTES_MAX}: it was lost",
+                bytes.len()
+            );
+            return drop_item(item, body_max, out, stats, on_failure, message);
+        }
+        Err(e) => {
+            let message =
+                format!("{actor}'s move could not be encoded to cross nodes ({e}): it was lost");
+            return drop_item(item, body_max, out, stats, on_failure, message);
+        }
+    };
+    drop(item);
+    let part_bytes = body_max
+        .saturating_sub(HANDOFF_PART_ROOM)
+        .max(body_max / 2)
+        .max(1);
+    let parts = bytes.len().div_ceil(part_bytes) as u32;
+    add(&stats.handoff_parts_out, u64::from(parts));
+    for (part, chunk) in bytes.chunks(part_bytes).enumerate() {
+        let packet = WirePacket::<M>::HandoffPart {
+            actor,
+            epoch,
+            part: part as u32,
+            parts,
+            bytes: chunk.to_vec(),
+        };
+        let item = WireItem {
+            from_shard,
+            to_shard,
+            packet,
+        };
+        encode_frames(vec![item], body_max, out, stats, on_failure);
+    }
+}
+
+/// A peer's move arriving in parts (`WirePacket::HandoffPart`): one at a
+/// time per peer (a sender sends a move's parts back to back), at most
+/// `HANDOFF_BYTES_MAX` bytes.
+#[derive(Default)]
+struct Assembly {
+    /// `(from shard, to shard, actor, epoch, parts, next part)` of the
+    /// move under way, and its bytes so far.
+    under_way: Option<(u16, u16, ActorId, u64, u32, u32)>,
+    bytes: AlignedVec<ARCHIVE_ALIGN>,
+}
+
+impl Assembly {
+    /// Take `item` from `peer` (its batch checked already): a part of a
+    /// move gives the whole move's packet once its last part came, checked
+    /// to be the move its parts said, between the same shards, naming only
+    /// shards of the run; any other packet is given back. A part out
+    /// of place, over the bound, or a whole that is no such move is an
+    /// error, and what was under way is dropped.
+    fn take<M: Wire>(
+        &mut self,
+        item: WireItem<M>,
+        layout: &Layout,
+        peer: usize,
+    ) -> Result<Option<WirePacket<M>>, String> {
+        let WirePacket::HandoffPart {
+            actor,
+            epoch,
+            part,
+            parts,
+            bytes,
+        } = item.packet
+        else {
+            return Ok(Some(item.packet));
+        };
+        let (from, to) = (item.from_shard, item.to_shard);
+        if part == 0 {
+            if self.under_way.is_some() {
+                self.drop_under_way();
+                return Err(format!(
+                    "a move from node {peer} began before the last ended"
+                ));
+            }
+            self.under_way = Some((from, to, actor, epoch, parts, 0));
+        }
+        let Some((f, t, a, e, n, next)) = self.under_way.as_mut() else {
+            return Err(format!(
+                "part {part} of a move from node {peer} with no first part"
+            ));
+        };
+        if (*f, *t, *a, *e, *n, *next) != (from, to, actor, epoch, parts, part)
+            || self.bytes.len() + bytes.len() > HANDOFF_BYTES_MAX
+        {
+            self.drop_under_way();
+            return Err(format!(
+                "part {part} of {parts} of {actor}'s move from node {peer} out of place or over {HANDOFF_BYTES_MAX} bytes"
+            ));
+        }
+        *next += 1;
+        self.bytes.extend_from_slice(&bytes);
+        if *next < parts {
+            return Ok(None);
+        }
+        let decoded = M::decode_batch(&self.bytes);
+        self.drop_under_way();
+        let batch = decoded.map_err(|e| format!("{actor}'s move from node {peer}: {e}"))?;
+        match <[WireItem<M>; 1]>::try_from(batch.items) {
+            Ok([whole])
+                if (whole.from_shard, whole.to_shard) == (from, to)
+                    && matches!(&whole.packet, WirePacket::Handoff(slot) if slot.id == actor && slot.epoch == epoch)
+                    && whole.packet.names_shards_within(layout.node_of.len()) =>
+            {
+                Ok(Some(whole.packet))
+            }
+            _ => Err(format!(
+                "{actor}'s move from node {peer} is not the move its parts said"
+            )),
+        }
+    }
+
+    fn drop_under_way(&mut self) {
+        self.under_way = None;
+        self.bytes = AlignedVec::new();
     }
 }
 
@@ -1173,6 +1358,7 @@ async fn receive<M: Wire>(
     }
     let mut woken = vec![false; local];
     let mut aligned = AlignedVec::<ARCHIVE_ALIGN>::new();
+    let mut assembly = Assembly::default();
     while let Some((kind, body)) = session.recv_wait().await {
         add(&stats.frames_in, 1);
         add(&stats.bytes_in, body.len() as u64);
@@ -1208,11 +1394,23 @@ async fn receive<M: Wire>(
         }
         let now_ns = crate::clock::monotonic_ns();
         for item in batch.items {
-            add(&stats.messages_in, item.packet.messages() as u64);
-            let mut packet = item.packet.into_packet(now_ns);
-            let to = ShardId(item.to_shard);
+            let (from_shard, to_shard) = (item.from_shard, item.to_shard);
+            let packet = match assembly.take(item, &layout, peer) {
+                Ok(Some(packet)) => packet,
+                Ok(None) => continue, // a part of a move; more to come
+                Err(why) => {
+                    add(&stats.refused, 1);
+                    eprintln!("dirigo gateway: refused: {why}");
+                    continue;
+                }
+            };
+            add(&stats.messages_in, packet.messages() as u64);
+            let Some(mut packet) = packet.into_packet(now_ns) else {
+                continue;
+            };
+            let to = ShardId(to_shard);
             // `batch_is_valid` checked both ends: every such pair has its ring.
-            let Some(ring) = by_pair[place(item.from_shard, item.to_shard)].as_mut() else {
+            let Some(ring) = by_pair[place(from_shard, to_shard)].as_mut() else {
                 continue;
             };
             loop {
@@ -1235,7 +1433,7 @@ async fn receive<M: Wire>(
                     }
                 }
             }
-            woken[usize::from(item.to_shard - layout.first)] = true;
+            woken[usize::from(to_shard - layout.first)] = true;
         }
         // Each shard that got packets is rung once per batch.
         for (i, rung) in woken.iter_mut().enumerate() {
@@ -1364,8 +1562,11 @@ mod tests {
         aligned.extend_from_slice(bytes);
         if let Ok(batch) = Vec::<u8>::decode_batch(&aligned) {
             if batch_is_valid(&batch, &two_nodes(), 0) {
+                let mut assembly = Assembly::default();
                 for item in batch.items {
-                    let _ = item.packet.into_packet(1_000);
+                    if let Ok(Some(packet)) = assembly.take(item, &two_nodes(), 0) {
+                        let _ = packet.into_packet(1_000);
+                    }
                 }
             }
         }
@@ -1434,6 +1635,13 @@ mod tests {
                     credits: vec![(0, 2), (3, 1)],
                     uncredited: 1,
                 }),
+                item(WirePacket::HandoffPart {
+                    actor,
+                    epoch: 3,
+                    part: 0,
+                    parts: 2,
+                    bytes: vec![4; 10],
+                }),
                 item(WirePacket::Handoff(Box::new(slot))),
             ],
         };
@@ -1446,7 +1654,7 @@ mod tests {
         let mut aligned = AlignedVec::<ARCHIVE_ALIGN>::new();
         aligned.extend_from_slice(&bytes);
         let batch = Vec::<u8>::decode_batch(&aligned).unwrap();
-        assert_eq!(batch.items.len(), 7);
+        assert_eq!(batch.items.len(), 8);
         assert!(batch_is_valid(&batch, &two_nodes(), 0));
         // From node 1's own shards, or to shards not of this node: refused.
         assert!(!batch_is_valid(&batch, &two_nodes(), 1));
@@ -1611,7 +1819,8 @@ mod tests {
         let slot = WireSlot {
             id: actor,
             epoch: 6,
-            state: None,
+            // Over what crosses even in parts.
+            state: Some(vec![5; HANDOFF_BYTES_MAX]),
             in_seq: vec![],
             out_seq: vec![],
             // Credits of shards 0, 0, 3, none and a self-send.
@@ -1654,7 +1863,8 @@ mod tests {
             .next()
             .unwrap()
             .packet
-            .into_packet(0);
+            .into_packet(0)
+            .expect("not a part");
         let Packet::LostHandoff {
             actor: lost,
             epoch,
@@ -1667,5 +1877,138 @@ mod tests {
         assert_eq!((lost, epoch, credits), (actor, 6, vec![(0, 2), (3, 2)]));
         // The message that held no credit and the self-send.
         assert_eq!(uncredited, 2);
+    }
+
+    /// A move over a frame's body: the parts of its encoding.
+    fn move_in_parts(body_max: usize) -> Vec<WireItem<Vec<u8>>> {
+        let actor = ActorId::new(JobId(1), 1, 2);
+        let sched = WireSched::from_sched(SchedCtx::default(), 0);
+        let slot = WireSlot {
+            id: actor,
+            epoch: 4,
+            state: Some((0..50_000u32).map(|i| i as u8).collect()),
+            in_seq: vec![(actor, 8)],
+            out_seq: vec![],
+            mailbox: (0..20).map(|i| (sched, 0, vec![i as u8; 900])).collect(),
+            early: vec![],
+            blocked: vec![],
+        };
+        let item = WireItem {
+            from_shard: 0,
+            to_shard: 2,
+            packet: WirePacket::Handoff(Box::new(slot)),
+        };
+        let stats = RemoteStats::default();
+        let mut frames = std::collections::VecDeque::new();
+        encode_frames(vec![item], body_max, &mut frames, &stats, &None);
+        assert_eq!(stats.snapshot().oversized, 0);
+        assert_eq!(stats.snapshot().handoff_parts_out, frames.len() as u64);
+        frames
+            .iter()
+            .flat_map(|frame| {
+                assert!(frame.len() <= body_max);
+                let mut aligned = AlignedVec::<16>::new();
+                aligned.extend_from_slice(frame);
+                let batch = Vec::<u8>::decode_batch(&aligned).unwrap();
+                assert!(batch_is_valid(&batch, &two_nodes(), 0));
+                batch.items
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_move_over_a_frame_crosses_in_parts_and_is_assembled_whole() {
+        let parts = move_in_parts(8_192);
+        assert!(parts.len() > 8, "{} parts", parts.len());
+        let mut assembly = Assembly::default();
+        let last = parts.len() - 1;
+        for (i, part) in parts.into_iter().enumerate() {
+            let taken = assembly.take(part, &two_nodes(), 0).unwrap();
+            assert_eq!(taken.is_some(), i == last, "part {i}");
+            if let Some(WirePacket::Handoff(slot)) = taken {
+                let slot = slot.into_slot(0);
+                assert_eq!((slot.id.partition, slot.epoch), (2, 4));
+                let state = slot.state.unwrap();
+                assert!(state.iter().enumerate().all(|(i, &b)| b == i as u8));
+                assert_eq!(state.len(), 50_000);
+                assert_eq!(slot.mailbox.len(), 20);
+                assert_eq!(slot.mailbox[19].2, vec![19u8; 900]);
+            }
+        }
+        assert!(assembly.under_way.is_none() && assembly.bytes.is_empty());
+    }
+
+    #[test]
+    fn parts_out_of_place_are_refused_and_what_was_under_way_dropped() {
+        let parts = move_in_parts(8_192);
+        let take = |assembly: &mut Assembly, i: usize| {
+            assembly.take(parts[i].clone_part(), &two_nodes(), 0)
+        };
+        // No first part.
+        let mut assembly = Assembly::default();
+        assert!(take(&mut assembly, 1).is_err());
+        // A part skipped.
+        assert!(matches!(take(&mut assembly, 0), Ok(None)));
+        assert!(take(&mut assembly, 2).is_err());
+        assert!(assembly.under_way.is_none() && assembly.bytes.is_empty());
+        // A second move begun before the first ended.
+        assert!(matches!(take(&mut assembly, 0), Ok(None)));
+        assert!(take(&mut assembly, 0).is_err());
+        // From another pair of shards, or for another move.
+        assert!(matches!(take(&mut assembly, 0), Ok(None)));
+        let mut other = parts[1].clone_part();
+        other.to_shard = 3;
+        assert!(assembly.take(other, &two_nodes(), 0).is_err());
+        // Whole, but the parts said another actor: refused.
+        let mut assembly = Assembly::default();
+        let n = parts.len();
+        for (i, part) in parts.iter().enumerate() {
+            let mut part = part.clone_part();
+            if let WirePacket::HandoffPart { actor, .. } = &mut part.packet {
+                actor.partition = 3;
+            }
+            let taken = assembly.take(part, &two_nodes(), 0);
+            assert_eq!(taken.is_err(), i == n - 1, "part {i}");
+        }
+        // Any other packet is given back.
+        let mut assembly = Assembly::default();
+        let ack = WireItem::<Vec<u8>> {
+            from_shard: 0,
+            to_shard: 2,
+            packet: WirePacket::Ack {
+                actor: ActorId::new(JobId(1), 1, 2),
+                messages: 1,
+            },
+        };
+        assert!(matches!(
+            assembly.take(ack, &two_nodes(), 0),
+            Ok(Some(WirePacket::Ack { messages: 1, .. }))
+        ));
+    }
+
+    impl WireItem<Vec<u8>> {
+        fn clone_part(&self) -> WireItem<Vec<u8>> {
+            let WirePacket::HandoffPart {
+                actor,
+                epoch,
+                part,
+                parts,
+                bytes,
+            } = &self.packet
+            else {
+                panic!("a part");
+            };
+            WireItem {
+                from_shard: self.from_shard,
+                to_shard: self.to_shard,
+                packet: WirePacket::HandoffPart {
+                    actor: *actor,
+                    epoch: *epoch,
+                    part: *part,
+                    parts: *parts,
+                    bytes: bytes.clone(),
+                },
+            }
+        }
     }
 }

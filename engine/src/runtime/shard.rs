@@ -380,10 +380,12 @@ pub struct RemoteSlot<M> {
 /// and blocked sends hold at most this many messages together, its
 /// snapshot at most `REMOTE_HANDOFF_STATE_BYTES_MAX` and its channel
 /// tables at most `REMOTE_HANDOFF_CHANNELS_MAX` entries: it crosses in one
-/// frame (`runtime::remote::FRAME_BYTES_MAX`, 256 KiB). Otherwise the move
-/// is refused (`migrations_refused`) and may be asked again.
-pub const REMOTE_HANDOFF_MESSAGES_MAX: usize = 64;
-pub const REMOTE_HANDOFF_STATE_BYTES_MAX: usize = 64 * 1024;
+/// frame (`runtime::remote::FRAME_BYTES_MAX`, 256 KiB), or in parts when
+/// over it (at most `runtime::remote::HANDOFF_BYTES_MAX`, 32 MiB, encoded).
+/// Otherwise the move is refused (`migrations_refused`) and may be asked
+/// again.
+pub const REMOTE_HANDOFF_MESSAGES_MAX: usize = 1_024;
+pub const REMOTE_HANDOFF_STATE_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// The same for its channel tables (`in_seq` and `out_seq` together, 24
 /// bytes an entry on the wire): 96 KiB at most.
 pub const REMOTE_HANDOFF_CHANNELS_MAX: usize = 4_096;
