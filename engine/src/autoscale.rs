@@ -19,7 +19,8 @@
 //! as in DS2). In a running engine an actor's CPU time includes its share
 //! of its shard's own time (rings, delivery, flushes), in proportion to
 //! its turns' time, so that the busy fractions of a shard's actors add up
-//! to the time the shard was not idle (`dataflow::scaling`). A shard's
+//! to the time the shard was not idle, each at most doubled
+//! (`dataflow::scaling`). A shard's
 //! load is the sum of its actors' busy fractions. An
 //! actor is *late* when its queueing delay (p99 over the interval) ate more
 //! than [`AutoscaleConfig::late_slack_fraction`] of its job's SLO.

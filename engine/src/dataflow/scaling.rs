@@ -429,20 +429,27 @@ fn carry_out(
 /// Charge a shard's own time (what it was busy with besides its actors'
 /// turns: draining rings, delivering, flushing, timers, the injector) to
 /// its actors in proportion to their CPU time, so that their loads add up
-/// to the shard's busy fraction (`busy_ns` of the interval) and an actor
-/// moved takes its share of that time with it. Each stays within its
-/// interval. Nothing changes where the actors' time is already the busy
-/// time or more (the two clocks read apart), or where they used none.
+/// to the shard's busy fraction (`busy_ns` of the interval), and an actor
+/// moved takes its share of that time with it from the next interval on.
+/// Some of it does not move with an actor (the injector's, timers'
+/// firing, forwarding after a move): so that it cannot make a shard of
+/// light actors look like a heavy one, an actor's time is at most
+/// doubled (`RUNTIME_CHARGE_MAX`). Each stays within its interval.
+/// Nothing changes where the actors' time is already the busy time or
+/// more (the two clocks read apart), or where they used none.
 fn charge_runtime_time(actors: &mut [ActorSample], busy_ns: u64) {
     let turns_ns: u64 = actors.iter().map(|a| a.cpu_ns).sum();
     if turns_ns == 0 || busy_ns <= turns_ns {
         return;
     }
-    let scale = busy_ns as f64 / turns_ns as f64;
+    let scale = (busy_ns as f64 / turns_ns as f64).min(RUNTIME_CHARGE_MAX);
     for actor in actors {
         actor.cpu_ns = ((actor.cpu_ns as f64 * scale) as u64).min(actor.interval_ns);
     }
 }
+
+/// The most `charge_runtime_time` multiplies an actor's time by.
+const RUNTIME_CHARGE_MAX: f64 = 2.0;
 
 /// One actor's figures since `before` (its counters when last reported, on
 /// whichever shard), over the time since then; a counter below its last value
@@ -516,6 +523,10 @@ mod tests {
         let mut actors = vec![actor(0, 40_000_000), actor(1, 1_000_000)];
         charge_runtime_time(&mut actors, 50_000_000 * 2);
         assert_eq!(actors[0].cpu_ns, 50_000_000);
+        // At most doubled: 5 ms of turns on a shard busy 45 ms read as 10.
+        let mut actors = vec![actor(0, 2_000_000), actor(1, 3_000_000)];
+        charge_runtime_time(&mut actors, 45_000_000);
+        assert_eq!((actors[0].cpu_ns, actors[1].cpu_ns), (4_000_000, 6_000_000));
         // Busy time at or under the turns' (clocks read apart), or no
         // turns at all: unchanged.
         let mut actors = vec![actor(0, 10_000_000)];

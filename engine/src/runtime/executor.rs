@@ -155,8 +155,12 @@ impl<M: Send + 'static> ShardThread<M> {
         let upkeep_every_ns = saturating_ns(super::UPKEEP_EVERY);
         let mut last_upkeep_ns = 0u64;
         let mut spare = SpareCores::new(self.machine_cores);
+        // Measured from the start, so that a shard busy from its first
+        // pass reports its (zero) idle time too.
+        core.add_idle_ns(0);
         let spins = !self.config.spin_before_park.is_zero();
         loop {
+            let top_ns = crate::clock::monotonic_ns();
             core.tick();
             let mut progress = self.drain_inputs(&mut core);
             progress |= core.fire_timers() > 0;
@@ -205,6 +209,10 @@ impl<M: Send + 'static> ShardThread<M> {
                     glommio::timer::sleep(Duration::from_micros(1)).await;
                 } else {
                     glommio::yield_if_needed().await;
+                }
+                if !progress && !core.has_runnable() {
+                    // Only waiting for room in a full ring: idle, as a park is.
+                    core.add_idle_ns(crate::clock::monotonic_ns().saturating_sub(top_ns));
                 }
                 continue;
             }

@@ -31,7 +31,8 @@
 //! Its channel stops there (the target holds every later message of the
 //! channel until the missing one), so the hook's owner must end the
 //! sender's job; the dataflow layer's hook does. The
-//! receiving gateway checks the archive once (rkyv validation), checks that
+//! receiving gateway checks the archive once (rkyv validation; a move in
+//! parts is checked again whole once assembled), checks that
 //! each packet comes from a shard of the node that sent it and goes to a
 //! shard of this one (an error drops the batch, logged and counted), and
 //! pushes the packets into the target shards' rings.
@@ -61,8 +62,12 @@
 //! that peer (the shards' staging and credits hold the rest), and while a
 //! target shard's ring is full it stops taking that peer's frames (the
 //! session's credit stops the peer), unless that shard has died: what is
-//! for it is dropped and counted, as the shards do. Nothing grows
-//! without bound.
+//! for it is dropped and counted, as the shards do. A move over a frame
+//! is the exception in size, within bounds: its sender holds its
+//! encoding and its parts (at most `HANDOFF_BYTES_MAX` each, and a batch
+//! stops taking packets after a move), its receiver at most one move per
+//! peer under way, of at most `HANDOFF_BYTES_MAX`. Nothing grows without
+//! bound.
 //!
 //! # Moving an actor to another node
 //!
@@ -78,10 +83,15 @@
 //! shard of the run). Its per-actor counters start again there. A move
 //! over a frame's body crosses in parts (`WirePacket::HandoffPart`): the
 //! gateway encodes it alone, as a batch of one, and sends the encoding in
-//! parts of a frame's body less 1 KiB each, back to back; the receiving
-//! gateway assembles one move per peer at a time (`Assembly`, at most
-//! `HANDOFF_BYTES_MAX`, 32 MiB), checks the whole as it checks a batch,
-//! and hands it on as one packet. A move is refused (counted in
+//! parts of a frame's body less 1 KiB each (or half a body, whichever is
+//! more), back to back; the receiving gateway assembles one move per peer
+//! at a time (`Assembly`, at most `HANDOFF_BYTES_MAX`, 32 MiB), checks the
+//! whole as it checks a batch, and hands it on as one packet. A move whose
+//! parts do not all come whole (out of place, over the bound, a first
+//! part while another move is under way, the peer restarted midway, or a
+//! whole that is not the move its parts said) is dropped, and the
+//! receiving gateway hands the target shard a `Lost` notice in its place
+//! (with no credits: those its messages held are not known there). A move is refused (counted in
 //! `migrations_refused`; an active actor stays as it was, a deactivated
 //! one stays, activated) while the actor holds more than
 //! `shard::REMOTE_HANDOFF_MESSAGES_MAX` (1,024) messages, its channel
@@ -385,7 +395,9 @@ pub enum WirePacket<M> {
         parts: u32,
         bytes: Vec<u8>,
     },
-    /// In place of a `Handoff` that did not fit a frame: the actor is
+    /// In place of a `Handoff` that could not cross (over
+    /// `HANDOFF_BYTES_MAX` encoded, or not encodable; or, made by the
+    /// receiving gateway, one whose parts did not all come whole): the actor is
     /// lost, placed at the target as failed, and the credits its messages
     /// held, `(shard, messages)`, go back (`Packet::LostHandoff`).
     Lost {
@@ -732,11 +744,14 @@ pub struct RemoteStats {
     messages_in: AtomicU64,
     /// Frames split because they were over the bound.
     splits: AtomicU64,
-    /// Messages dropped because one alone is over the frame's bound.
+    /// Messages dropped because one alone is over the frame's bound, or
+    /// held by a move that could not cross.
     oversized: AtomicU64,
     /// Parts of moves over a frame sent (`WirePacket::HandoffPart`).
     handoff_parts_out: AtomicU64,
-    /// Batches refused: not an archive, or naming shards they may not.
+    /// Batches refused (not an archive, or naming shards they may not),
+    /// and parts of moves refused (out of place, over the bound, or a
+    /// whole that is not the move its parts said).
     refused: AtomicU64,
     /// Packets for a local shard that died, dropped.
     dropped_to_dead_shards: AtomicU64,
@@ -961,7 +976,13 @@ async fn send_loop<M: Wire>(
                     let taken = consumer.drain(16, |packet| {
                         match WirePacket::from_packet(packet, now_ns) {
                             Some(packet) => {
-                                messages += packet.messages();
+                                // A move fills a batch alone (it may be
+                                // many frames' worth): the drain under way
+                                // is the last of this batch.
+                                messages += match packet {
+                                    WirePacket::Handoff(_) => BATCH_MESSAGES_MAX,
+                                    _ => packet.messages(),
+                                };
                                 items.push(WireItem {
                                     from_shard: from.0,
                                     to_shard: to.0,
@@ -1063,7 +1084,8 @@ fn encode_frames<M: Wire>(
             out.push_back(bytes);
             return;
         }
-        Ok(_) => {}
+        // Freed here, not held through the halves below.
+        Ok(bytes) => drop(bytes),
         Err(e) if batch.items.len() == 1 && messages <= 1 => {
             let item = batch.items.into_iter().next().expect("one item");
             let message =
@@ -1210,18 +1232,36 @@ struct Assembly {
     bytes: AlignedVec<ARCHIVE_ALIGN>,
 }
 
+/// The notice that a move from `from` to `to` was lost on the way in:
+/// the target holds the actor as failed (`Packet::LostHandoff`; the
+/// credits its messages held are not known here).
+fn lost_notice<M>(from: u16, to: u16, actor: ActorId, epoch: u64) -> WireItem<M> {
+    WireItem {
+        from_shard: from,
+        to_shard: to,
+        packet: WirePacket::Lost {
+            actor,
+            epoch,
+            credits: Vec::new(),
+            uncredited: 0,
+        },
+    }
+}
+
 impl Assembly {
     /// Take `item` from `peer` (its batch checked already): a part of a
     /// move gives the whole move's packet once its last part came, checked
     /// to be the move its parts said, between the same shards, naming only
-    /// shards of the run; any other packet is given back. A part out
-    /// of place, over the bound, or a whole that is no such move is an
-    /// error, and what was under way is dropped.
+    /// shards of the run; any other packet is given back. A first part
+    /// while another move is under way drops that one; a part out of
+    /// place, over the bound, or a whole that is no such move is an error
+    /// and drops its move. Each move dropped leaves a notice in `lost`.
     fn take<M: Wire>(
         &mut self,
         item: WireItem<M>,
         layout: &Layout,
         peer: usize,
+        lost: &mut Vec<WireItem<M>>,
     ) -> Result<Option<WirePacket<M>>, String> {
         let WirePacket::HandoffPart {
             actor,
@@ -1235,23 +1275,19 @@ impl Assembly {
         };
         let (from, to) = (item.from_shard, item.to_shard);
         if part == 0 {
-            if self.under_way.is_some() {
-                self.drop_under_way();
-                return Err(format!(
-                    "a move from node {peer} began before the last ended"
-                ));
-            }
+            self.abandon(lost);
             self.under_way = Some((from, to, actor, epoch, parts, 0));
         }
         let Some((f, t, a, e, n, next)) = self.under_way.as_mut() else {
+            lost.push(lost_notice(from, to, actor, epoch));
             return Err(format!(
-                "part {part} of a move from node {peer} with no first part"
+                "part {part} of {actor}'s move from node {peer} with no first part"
             ));
         };
         if (*f, *t, *a, *e, *n, *next) != (from, to, actor, epoch, parts, part)
             || self.bytes.len() + bytes.len() > HANDOFF_BYTES_MAX
         {
-            self.drop_under_way();
+            self.abandon(lost);
             return Err(format!(
                 "part {part} of {parts} of {actor}'s move from node {peer} out of place or over {HANDOFF_BYTES_MAX} bytes"
             ));
@@ -1262,24 +1298,34 @@ impl Assembly {
             return Ok(None);
         }
         let decoded = M::decode_batch(&self.bytes);
-        self.drop_under_way();
-        let batch = decoded.map_err(|e| format!("{actor}'s move from node {peer}: {e}"))?;
-        match <[WireItem<M>; 1]>::try_from(batch.items) {
-            Ok([whole])
+        self.under_way = None;
+        self.bytes = AlignedVec::new();
+        let whole = decoded
+            .ok()
+            .and_then(|batch| <[WireItem<M>; 1]>::try_from(batch.items).ok());
+        match whole {
+            Some([whole])
                 if (whole.from_shard, whole.to_shard) == (from, to)
                     && matches!(&whole.packet, WirePacket::Handoff(slot) if slot.id == actor && slot.epoch == epoch)
                     && whole.packet.names_shards_within(layout.node_of.len()) =>
             {
                 Ok(Some(whole.packet))
             }
-            _ => Err(format!(
-                "{actor}'s move from node {peer} is not the move its parts said"
-            )),
+            _ => {
+                lost.push(lost_notice(from, to, actor, epoch));
+                Err(format!(
+                    "{actor}'s move from node {peer} is not the move its parts said"
+                ))
+            }
         }
     }
 
-    fn drop_under_way(&mut self) {
-        self.under_way = None;
+    /// Drop the move under way, if any, leaving its notice in `lost` (its
+    /// peer restarted, or its parts came out of place).
+    fn abandon<M>(&mut self, lost: &mut Vec<WireItem<M>>) {
+        if let Some((from, to, actor, epoch, _, _)) = self.under_way.take() {
+            lost.push(lost_notice(from, to, actor, epoch));
+        }
         self.bytes = AlignedVec::new();
     }
 }
@@ -1359,8 +1405,18 @@ async fn receive<M: Wire>(
     let mut woken = vec![false; local];
     let mut aligned = AlignedVec::<ARCHIVE_ALIGN>::new();
     let mut assembly = Assembly::default();
+    // Notices of moves lost on the way in, and the packets ready for the
+    // shards, of the item at hand.
+    let mut lost: Vec<WireItem<M>> = Vec::new();
+    let mut ready: Vec<WireItem<M>> = Vec::new();
+    let mut restarts = session.stats().peer_restarts;
     while let Some((kind, body)) = session.recv_wait().await {
         add(&stats.frames_in, 1);
+        // A peer that restarted sends none of a move it had under way.
+        if session.stats().peer_restarts != restarts {
+            restarts = session.stats().peer_restarts;
+            assembly.abandon(&mut lost);
+        }
         add(&stats.bytes_in, body.len() as u64);
         if kind != BATCH_KIND {
             add(&stats.refused, 1);
@@ -1395,45 +1451,57 @@ async fn receive<M: Wire>(
         let now_ns = crate::clock::monotonic_ns();
         for item in batch.items {
             let (from_shard, to_shard) = (item.from_shard, item.to_shard);
-            let packet = match assembly.take(item, &layout, peer) {
-                Ok(Some(packet)) => packet,
-                Ok(None) => continue, // a part of a move; more to come
+            match assembly.take(item, &layout, peer, &mut lost) {
+                Ok(Some(packet)) => ready.push(WireItem {
+                    from_shard,
+                    to_shard,
+                    packet,
+                }),
+                Ok(None) => {} // a part of a move; more to come
                 Err(why) => {
                     add(&stats.refused, 1);
                     eprintln!("dirigo gateway: refused: {why}");
-                    continue;
-                }
-            };
-            add(&stats.messages_in, packet.messages() as u64);
-            let Some(mut packet) = packet.into_packet(now_ns) else {
-                continue;
-            };
-            let to = ShardId(to_shard);
-            // `batch_is_valid` checked both ends: every such pair has its ring.
-            let Some(ring) = by_pair[place(from_shard, to_shard)].as_mut() else {
-                continue;
-            };
-            loop {
-                match ring.push(packet) {
-                    Ok(()) => break,
-                    Err(back) => {
-                        packet = back;
-                        shared.doorbells[to.index()].ring();
-                        if shared.stop.load(Ordering::Acquire) {
-                            return;
-                        }
-                        // A dead shard never drains its ring: drop what
-                        // is for it, as the shards do, rather than hold
-                        // up everything else from this peer.
-                        if shared.is_dead(to) {
-                            add(&stats.dropped_to_dead_shards, 1);
-                            break;
-                        }
-                        glommio::timer::sleep(RING_RETRY).await;
-                    }
                 }
             }
-            woken[usize::from(to_shard - layout.first)] = true;
+            for notice in lost.drain(..) {
+                eprintln!(
+                    "dirigo gateway: {:?}'s move from node {peer} was lost on the way in",
+                    notice.packet.sender()
+                );
+                ready.push(notice);
+            }
+            for item in ready.drain(..) {
+                add(&stats.messages_in, item.packet.messages() as u64);
+                let Some(mut packet) = item.packet.into_packet(now_ns) else {
+                    continue;
+                };
+                let to = ShardId(item.to_shard);
+                // `batch_is_valid` checked both ends: every such pair has its ring.
+                let Some(ring) = by_pair[place(item.from_shard, item.to_shard)].as_mut() else {
+                    continue;
+                };
+                loop {
+                    match ring.push(packet) {
+                        Ok(()) => break,
+                        Err(back) => {
+                            packet = back;
+                            shared.doorbells[to.index()].ring();
+                            if shared.stop.load(Ordering::Acquire) {
+                                return;
+                            }
+                            // A dead shard never drains its ring: drop what
+                            // is for it, as the shards do, rather than hold
+                            // up everything else from this peer.
+                            if shared.is_dead(to) {
+                                add(&stats.dropped_to_dead_shards, 1);
+                                break;
+                            }
+                            glommio::timer::sleep(RING_RETRY).await;
+                        }
+                    }
+                }
+                woken[usize::from(item.to_shard - layout.first)] = true;
+            }
         }
         // Each shard that got packets is rung once per batch.
         for (i, rung) in woken.iter_mut().enumerate() {
@@ -1564,8 +1632,12 @@ mod tests {
             if batch_is_valid(&batch, &two_nodes(), 0) {
                 let mut assembly = Assembly::default();
                 for item in batch.items {
-                    if let Ok(Some(packet)) = assembly.take(item, &two_nodes(), 0) {
+                    let mut lost = Vec::new();
+                    if let Ok(Some(packet)) = assembly.take(item, &two_nodes(), 0, &mut lost) {
                         let _ = packet.into_packet(1_000);
+                    }
+                    for notice in lost {
+                        let _ = notice.packet.into_packet(1_000);
                     }
                 }
             }
@@ -1923,7 +1995,9 @@ mod tests {
         let mut assembly = Assembly::default();
         let last = parts.len() - 1;
         for (i, part) in parts.into_iter().enumerate() {
-            let taken = assembly.take(part, &two_nodes(), 0).unwrap();
+            let taken = assembly
+                .take(part, &two_nodes(), 0, &mut Vec::new())
+                .unwrap();
             assert_eq!(taken.is_some(), i == last, "part {i}");
             if let Some(WirePacket::Handoff(slot)) = taken {
                 let slot = slot.into_slot(0);
@@ -1939,49 +2013,100 @@ mod tests {
     }
 
     #[test]
-    fn parts_out_of_place_are_refused_and_what_was_under_way_dropped() {
+    fn parts_out_of_place_are_refused_and_each_move_dropped_leaves_a_notice() {
         let parts = move_in_parts(8_192);
-        let take = |assembly: &mut Assembly, i: usize| {
-            assembly.take(parts[i].clone_part(), &two_nodes(), 0)
+        let mut lost = Vec::new();
+        let mut take = |assembly: &mut Assembly, part: WireItem<Vec<u8>>| {
+            let taken = assembly.take(part, &two_nodes(), 0, &mut lost);
+            let notices: Vec<(ActorId, u64, u16)> = lost
+                .drain(..)
+                .map(|n| match n.packet {
+                    WirePacket::Lost {
+                        actor,
+                        epoch,
+                        credits,
+                        uncredited,
+                    } => {
+                        assert!(credits.is_empty() && uncredited == 0);
+                        (actor, epoch, n.to_shard)
+                    }
+                    _ => panic!("a notice"),
+                })
+                .collect();
+            (taken, notices)
         };
+        let actor = ActorId::new(JobId(1), 1, 2);
+        let notice = vec![(actor, 4, 2)];
         // No first part.
         let mut assembly = Assembly::default();
-        assert!(take(&mut assembly, 1).is_err());
+        let (taken, notices) = take(&mut assembly, parts[1].clone_part());
+        assert!(taken.is_err());
+        assert_eq!(notices, notice);
         // A part skipped.
-        assert!(matches!(take(&mut assembly, 0), Ok(None)));
-        assert!(take(&mut assembly, 2).is_err());
+        assert!(
+            matches!(take(&mut assembly, parts[0].clone_part()), (Ok(None), n) if n.is_empty())
+        );
+        let (taken, notices) = take(&mut assembly, parts[2].clone_part());
+        assert!(taken.is_err());
+        assert_eq!(notices, notice);
         assert!(assembly.under_way.is_none() && assembly.bytes.is_empty());
-        // A second move begun before the first ended.
-        assert!(matches!(take(&mut assembly, 0), Ok(None)));
-        assert!(take(&mut assembly, 0).is_err());
-        // From another pair of shards, or for another move.
-        assert!(matches!(take(&mut assembly, 0), Ok(None)));
+        // A move begun before the last ended: the last is dropped, the new
+        // one goes on to the end.
+        assert!(matches!(
+            take(&mut assembly, parts[0].clone_part()),
+            (Ok(None), _)
+        ));
+        assert!(matches!(
+            take(&mut assembly, parts[1].clone_part()),
+            (Ok(None), _)
+        ));
+        let (taken, notices) = take(&mut assembly, parts[0].clone_part());
+        assert!(matches!(taken, Ok(None)));
+        assert_eq!(notices, notice);
+        for (i, part) in parts.iter().enumerate().skip(1) {
+            let (taken, notices) = take(&mut assembly, part.clone_part());
+            assert!(notices.is_empty());
+            assert_eq!(taken.unwrap().is_some(), i == parts.len() - 1);
+        }
+        // From another pair of shards.
+        assert!(matches!(
+            take(&mut assembly, parts[0].clone_part()),
+            (Ok(None), _)
+        ));
         let mut other = parts[1].clone_part();
         other.to_shard = 3;
-        assert!(assembly.take(other, &two_nodes(), 0).is_err());
-        // Whole, but the parts said another actor: refused.
-        let mut assembly = Assembly::default();
+        let (taken, notices) = take(&mut assembly, other);
+        assert!(taken.is_err());
+        assert_eq!(notices, notice);
+        // Whole, but the parts said another actor: refused, with a notice
+        // for the actor the parts named.
         let n = parts.len();
         for (i, part) in parts.iter().enumerate() {
             let mut part = part.clone_part();
             if let WirePacket::HandoffPart { actor, .. } = &mut part.packet {
                 actor.partition = 3;
             }
-            let taken = assembly.take(part, &two_nodes(), 0);
+            let (taken, notices) = take(&mut assembly, part);
             assert_eq!(taken.is_err(), i == n - 1, "part {i}");
+            assert_eq!(notices.len(), usize::from(i == n - 1));
         }
+        // A peer that restarted: what was under way is abandoned.
+        assert!(matches!(
+            take(&mut assembly, parts[0].clone_part()),
+            (Ok(None), _)
+        ));
+        let mut lost = Vec::new();
+        assembly.abandon(&mut lost);
+        assert_eq!(lost.len(), 1);
+        assert!(assembly.under_way.is_none());
         // Any other packet is given back.
-        let mut assembly = Assembly::default();
         let ack = WireItem::<Vec<u8>> {
             from_shard: 0,
             to_shard: 2,
-            packet: WirePacket::Ack {
-                actor: ActorId::new(JobId(1), 1, 2),
-                messages: 1,
-            },
+            packet: WirePacket::Ack { actor, messages: 1 },
         };
         assert!(matches!(
-            assembly.take(ack, &two_nodes(), 0),
+            assembly.take(ack, &two_nodes(), 0, &mut lost),
             Ok(Some(WirePacket::Ack { messages: 1, .. }))
         ));
     }

@@ -336,7 +336,8 @@ pub enum Packet<M> {
     /// by value (see `RemoteSlot`).
     RemoteHandoff(Box<RemoteSlot<M>>),
     /// An actor whose move from another node could not cross (the
-    /// gateway found it over the frame): it is placed here at `epoch` as
+    /// gateway found it over `remote::HANDOFF_BYTES_MAX` encoded, or its
+    /// parts did not all arrive whole): it is placed here at `epoch` as
     /// failed, and the credits its messages held (`(shard, messages)`)
     /// go back to their senders.
     LostHandoff {
@@ -379,11 +380,13 @@ pub struct RemoteSlot<M> {
 /// An actor moves to another node only while its mailbox, early arrivals
 /// and blocked sends hold at most this many messages together, its
 /// snapshot at most `REMOTE_HANDOFF_STATE_BYTES_MAX` and its channel
-/// tables at most `REMOTE_HANDOFF_CHANNELS_MAX` entries: it crosses in one
-/// frame (`runtime::remote::FRAME_BYTES_MAX`, 256 KiB), or in parts when
-/// over it (at most `runtime::remote::HANDOFF_BYTES_MAX`, 32 MiB, encoded).
-/// Otherwise the move is refused (`migrations_refused`) and may be asked
-/// again.
+/// tables at most `REMOTE_HANDOFF_CHANNELS_MAX` entries; otherwise the
+/// move is refused (`migrations_refused`) and may be asked again. A move
+/// crosses in one frame (`runtime::remote::FRAME_BYTES_MAX`, 256 KiB), or
+/// in parts when over it; the shard does not know its messages' sizes,
+/// so a move whose encoding is still over
+/// `runtime::remote::HANDOFF_BYTES_MAX` (32 MiB: many large messages) is
+/// lost, not refused (see `runtime::remote`).
 pub const REMOTE_HANDOFF_MESSAGES_MAX: usize = 1_024;
 pub const REMOTE_HANDOFF_STATE_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// The same for its channel tables (`in_seq` and `out_seq` together, 24
@@ -1508,7 +1511,7 @@ impl<M: Send + 'static> ShardCore<M> {
     /// send what its slot holds by value. Refused (counted in
     /// `migrations_refused`) while the actor says it may not be
     /// deactivated (its snapshot would not hold all it needs), or while
-    /// what it holds may not fit one frame: over
+    /// what it holds may be too much to cross: over
     /// `REMOTE_HANDOFF_MESSAGES_MAX` messages, over
     /// `REMOTE_HANDOFF_CHANNELS_MAX` channel-table entries, or a snapshot
     /// over `REMOTE_HANDOFF_STATE_BYTES_MAX`.
@@ -1541,7 +1544,7 @@ impl<M: Send + 'static> ShardCore<M> {
             .as_ref()
             .is_some_and(|s| s.len() > REMOTE_HANDOFF_STATE_BYTES_MAX)
         {
-            // Too large for one frame with room to spare: it stays, as
+            // Too large to cross with room to spare: it stays, as
             // it was (a snapshot has no effect on the actor).
             self.report.migrations_refused += 1;
             let index = self.insert(slot);
@@ -1686,7 +1689,7 @@ impl<M: Send + 'static> ShardCore<M> {
             self.record_failure(
                 actor,
                 format!(
-                    "{actor} was lost moving to {}: it did not fit a frame",
+                    "{actor} was lost moving to {}: its move could not cross",
                     self.id
                 ),
             );
