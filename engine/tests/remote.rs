@@ -592,6 +592,11 @@ impl Actor for BigActor {
     }
 }
 
+/// The pusher of the tests with a pusher and a sink: shard 1 (node 0).
+const PUSHER: ActorId = ActorId::new(JobId(5), 1, 1);
+/// Their sink: shard 2 (node 1).
+const SINK: ActorId = ActorId::new(JobId(5), 2, 2);
+
 struct Big2 {
     a: Runtime<Big>,
     b: Runtime<Big>,
@@ -651,6 +656,17 @@ fn big_nodes(credit: u32, sink: ActorId, bytes: usize, spin: Duration) -> Big2 {
 }
 
 impl Big2 {
+    /// The pusher on shard 1 (node 0) sends `sent` messages to the sink on
+    /// shard 2 (node 1); once the sink holds `queued` or more, node 1
+    /// moves it to shard 0 (node 0).
+    fn push_and_move_the_sink(&self, sent: u64, queued: usize) {
+        self.a
+            .send(PUSHER, Big::Go(sent as u32), sched())
+            .expect("alive");
+        self.wait_until_holding(SINK, queued);
+        self.b.migrate(SINK, ShardId(0)).expect("alive");
+    }
+
     /// Until `actor`, on node 1, holds `queued` messages or more.
     fn wait_until_holding(&self, actor: ActorId, queued: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -699,17 +715,9 @@ impl Big2 {
 /// and handles every message once.
 #[test]
 fn a_move_over_a_frame_crosses_in_parts_with_everything_it_held() {
-    // The pusher on shard 1 (node 0), the sink on shard 2 (node 1).
-    let pusher = ActorId::new(JobId(5), 1, 1);
-    let sink = ActorId::new(JobId(5), 2, 2);
-    let nodes = big_nodes(40, sink, 8 * 1024, Duration::from_micros(300));
+    let nodes = big_nodes(40, SINK, 8 * 1024, Duration::from_micros(300));
     const SENT: u64 = 400;
-    nodes
-        .a
-        .send(pusher, Big::Go(SENT as u32), sched())
-        .expect("alive");
-    nodes.wait_until_holding(sink, 40);
-    nodes.b.migrate(sink, ShardId(0)).expect("alive");
+    nodes.push_and_move_the_sink(SENT, 40);
     assert_eq!(nodes.wait_until_all_accounted(SENT), 0, "nothing dropped");
     assert_eq!(nodes.handled.load(Ordering::Acquire), SENT);
     let remote = nodes.b.remote_stats().unwrap();
@@ -770,16 +778,10 @@ fn an_actor_with_a_large_state_moves_to_the_other_node_whole() {
 /// it stop there instead of bouncing between nodes.
 #[test]
 fn a_move_too_large_to_cross_loses_the_actor_and_returns_its_credits() {
-    let pusher = ActorId::new(JobId(5), 1, 1);
-    let sink = ActorId::new(JobId(5), 2, 2);
+    let sink = SINK;
     let nodes = big_nodes(160, sink, 200 * 1024, Duration::from_millis(5));
     const SENT: u64 = 400;
-    nodes
-        .a
-        .send(pusher, Big::Go(SENT as u32), sched())
-        .expect("alive");
-    nodes.wait_until_holding(sink, 170);
-    nodes.b.migrate(sink, ShardId(0)).expect("alive");
+    nodes.push_and_move_the_sink(SENT, 170);
     let dropped = nodes.wait_until_all_accounted(SENT);
     assert!(
         dropped >= 170,

@@ -1165,8 +1165,9 @@ fn encode_frames<M: Wire>(
 }
 
 /// A move over a frame: encoded alone as a batch of one, and sent as
-/// parts of a frame's body less `HANDOFF_PART_ROOM` each, back to back; over `HANDOFF_BYTES_MAX` encoded, or not encodable, it is
-/// lost (`drop_item`).
+/// parts of a frame's body less `HANDOFF_PART_ROOM` each (or half a body,
+/// whichever is more), back to back; over `HANDOFF_BYTES_MAX` encoded,
+/// or not encodable, it is lost (`drop_item`).
 fn send_in_parts<M: Wire>(
     item: WireItem<M>,
     body_max: usize,
