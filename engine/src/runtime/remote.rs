@@ -91,9 +91,10 @@
 //! part while another move is under way, the peer restarted midway, or a
 //! whole that is not the move its parts said) is dropped, and the
 //! receiving gateway hands the target shard a `Lost` notice in its place
-//! (with no credits: those its messages held are not known there). A move is refused (counted in
-//! `migrations_refused`; an active actor stays as it was, a deactivated
-//! one stays, activated) while the actor holds more than
+//! (with no credits: those its messages held are not known there). A
+//! move is refused (counted in `migrations_refused`; an active actor
+//! stays as it was, a deactivated one stays, activated) while the actor
+//! holds more than
 //! `shard::REMOTE_HANDOFF_MESSAGES_MAX` (1,024) messages, its channel
 //! tables more than `shard::REMOTE_HANDOFF_CHANNELS_MAX` (4,096) entries,
 //! its snapshot is over `shard::REMOTE_HANDOFF_STATE_BYTES_MAX` (16 MiB),
@@ -1186,9 +1187,10 @@ fn send_in_parts<M: Wire>(
     let bytes = match encoded {
         Ok(bytes) if bytes.len() <= HANDOFF_BYTES_MAX => bytes,
         Ok(bytes) => {
+            let encoded_bytes = bytes.len();
+            drop(bytes);
             let message = format!(
-                "{actor}'s move to another node is {} bytes encoded, over {HANDOFF_BYTES_MAX}: it was lost",
-                bytes.len()
+                "{actor}'s move to another node is {encoded_bytes} bytes encoded, over {HANDOFF_BYTES_MAX}: it was lost"
             );
             return drop_item(item, body_max, out, stats, on_failure, message);
         }
