@@ -87,11 +87,12 @@ fn start_node_with<M: dirigo_engine::runtime::Wire>(
     .expect("the node's runtime starts")
 }
 
-/// Two nodes of two shards each (node 1 started first) running the
-/// workload's actors with `config`, every source ticked through node 0
-/// (those homed on node 1 get their tick through the gateway).
-fn two_nodes(workload: &Workload, config: RuntimeConfig) -> (Built, Runtime<Msg>, Runtime<Msg>) {
-    let built = build(workload);
+/// Nodes 0 and 1 of a run of two nodes of two shards each (node 1
+/// started first), both with `factory` and `config`.
+fn start_two_nodes<M: dirigo_engine::runtime::Wire>(
+    factory: Arc<dyn ActorFactory<M>>,
+    config: RuntimeConfig,
+) -> (Runtime<M>, Runtime<M>) {
     let (mut ls, nodes) = listeners(2, 2);
     let start = |me, listener| {
         start_node_with(
@@ -99,12 +100,21 @@ fn two_nodes(workload: &Workload, config: RuntimeConfig) -> (Built, Runtime<Msg>
             listener,
             &nodes,
             SECRET,
-            built.factory.clone(),
+            factory.clone(),
             config.clone(),
         )
     };
     let b = start(1, ls.pop().unwrap());
     let a = start(0, ls.pop().unwrap());
+    (a, b)
+}
+
+/// Two nodes of two shards each (node 1 started first) running the
+/// workload's actors with `config`, every source ticked through node 0
+/// (those homed on node 1 get their tick through the gateway).
+fn two_nodes(workload: &Workload, config: RuntimeConfig) -> (Built, Runtime<Msg>, Runtime<Msg>) {
+    let built = build(workload);
+    let (a, b) = start_two_nodes(built.factory.clone(), config);
     for s in 0..workload.sources {
         a.send(source(s), Msg::Tick, sched()).expect("shard alive");
     }
@@ -632,19 +642,7 @@ fn big_nodes(credit: u32, sink: ActorId, bytes: usize, spin: Duration) -> Big2 {
     let mut config = config(2, credit);
     let seen = failures.clone();
     config.on_failure = Some(Arc::new(move |f| seen.lock().unwrap().push(f)));
-    let (mut ls, nodes) = listeners(2, 2);
-    let start = |me, listener| {
-        start_node_with(
-            me,
-            listener,
-            &nodes,
-            SECRET,
-            factory.clone(),
-            config.clone(),
-        )
-    };
-    let b = start(1, ls.pop().unwrap());
-    let a = start(0, ls.pop().unwrap());
+    let (a, b) = start_two_nodes(factory, config);
     Big2 {
         a,
         b,

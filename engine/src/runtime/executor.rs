@@ -160,7 +160,6 @@ impl<M: Send + 'static> ShardThread<M> {
         core.add_idle_ns(0);
         let spins = !self.config.spin_before_park.is_zero();
         loop {
-            let top_ns = crate::clock::monotonic_ns();
             core.tick();
             let mut progress = self.drain_inputs(&mut core);
             progress |= core.fire_timers() > 0;
@@ -212,7 +211,7 @@ impl<M: Send + 'static> ShardThread<M> {
                 }
                 if !progress && !core.has_runnable() {
                     // Only waiting for room in a full ring: idle, as a park is.
-                    core.add_idle_ns(crate::clock::monotonic_ns().saturating_sub(top_ns));
+                    core.add_idle_ns(crate::clock::monotonic_ns().saturating_sub(pass_start_ns));
                 }
                 continue;
             }
