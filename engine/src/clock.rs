@@ -2,8 +2,10 @@
 //! shard of the process, so a time stamped on one shard can be compared on another
 //! (migration pauses, queueing delay of forwarded messages).
 //!
-//! A shard reads the clock once per turn and once per drain of its inputs, never per
-//! message: the per-message cost stays a subtraction. Tests use `Clock::manual`, a
+//! A shard reads the clock once per pass and turn, and within a turn only as often
+//! as its messages' pace needs (`clock_gap` in `runtime/shard.rs`: after each one of
+//! an actor whose messages are slow, every 16 of one whose messages are tiny), so
+//! the per-message cost of tiny messages stays a subtraction. Tests use `Clock::manual`, a
 //! clock that moves only when told to, so scheduling can be checked without timing.
 
 use std::cell::Cell;

@@ -25,7 +25,7 @@ use super::graph::{
     Source, SourceBatch, SourceFactory,
 };
 use super::pace::RateSchedule;
-use super::state::{encode_groups, Stateful};
+use super::state::{encode_groups, MovedGroup, Stateful};
 use super::{DataMsg, END_OF_INPUT};
 
 pub(crate) fn activate(plan: Arc<Plan>, id: ActorId, state: Option<&[u8]>) -> BoxActor<DataMsg> {
@@ -1263,8 +1263,9 @@ struct StageActor<Out, Op> {
     gate: Gate,
 }
 
-/// Key groups as `(group, Stateful::encode_group bytes)`.
-type EncodedGroups = Vec<(u32, Vec<u8>)>;
+/// Key groups handed to another partition of the stage, as they were held
+/// (`None`: empty).
+type MovedGroups = Vec<(u32, Option<MovedGroup>)>;
 
 /// A reroute of a keyed stage at one of its partitions (see `reroute`): from
 /// the first word of it (a channel's `Rerouted`, or a peer's `Handoff`) until
@@ -1284,7 +1285,7 @@ struct Rescale {
     awaiting: Vec<u32>,
     /// Handoffs that came before this partition gave its own groups: taken
     /// right after it gave.
-    early: Vec<(u32, EncodedGroups)>,
+    early: Vec<(u32, MovedGroups)>,
     /// What came on channels already rerouted while a handoff was awaited
     /// (records of the groups it takes among them), in arrival order.
     held: Vec<DataMsg>,
@@ -1481,26 +1482,24 @@ impl<Out: Data, Op: StageOp<Out>> StageActor<Out, Op> {
         }
         let (version, owners) = (rescale.version, rescale.owners.clone());
         self.settle(ctx);
-        let mut handoffs: Vec<(u32, EncodedGroups)> = Vec::new();
+        let mut handoffs: Vec<(u32, MovedGroups)> = Vec::new();
         let mut state = self.operator.state();
         for (group, (&old, &new)) in self.own.1.iter().zip(owners.iter()).enumerate() {
             if old != me || new == me {
                 continue;
             }
             let group = group as u32;
-            let mut bytes = Vec::new();
-            if let Some(state) = state.as_deref_mut() {
-                state.encode_group(group, &mut bytes);
-                if !bytes.is_empty() {
-                    state
-                        .restore(group, &[])
-                        .expect("an empty group always restores");
-                }
+            // The group's state itself goes, not an encoding of it: what a
+            // burst left behind can be hundreds of megabytes, and encoding it
+            // here held the shard for most of a second.
+            let moved = state.as_deref_mut().and_then(|state| {
+                let moved = state.take_group(group);
                 state.mark_changed(group);
-            }
+                moved
+            });
             match handoffs.iter_mut().find(|(to, _)| *to == new) {
-                Some((_, groups)) => groups.push((group, bytes)),
-                None => handoffs.push((new, vec![(group, bytes)])),
+                Some((_, groups)) => groups.push((group, moved)),
+                None => handoffs.push((new, vec![(group, moved)])),
             }
         }
         if !handoffs.is_empty() {
@@ -1531,7 +1530,7 @@ impl<Out: Data, Op: StageOp<Out>> StageActor<Out, Op> {
 
     /// A peer's `Handoff`: take its groups; consumers hold what this
     /// partition sends from now on until they have the giver's rows.
-    fn take(&mut self, from: u32, groups: Vec<(u32, Vec<u8>)>, ctx: &mut Context<'_, DataMsg>) {
+    fn take(&mut self, from: u32, groups: MovedGroups, ctx: &mut Context<'_, DataMsg>) {
         let id = self.id;
         let version = self.rescale.as_ref().expect("under way").version;
         broadcast(&self.plan, id.operator, false, ctx, |input| {
@@ -1543,8 +1542,12 @@ impl<Out: Data, Op: StageOp<Out>> StageActor<Out, Op> {
             }
         });
         if let Some(state) = self.operator.state() {
-            for (group, bytes) in groups {
-                if let Err(e) = state.restore(group, &bytes) {
+            for (group, moved) in groups {
+                let taken = match moved {
+                    Some(moved) => state.put_group(group, moved),
+                    None => state.restore(group, &[]),
+                };
+                if let Err(e) = taken {
                     panic!("{id}: taking key group {group} from partition {from}: {e}");
                 }
                 state.mark_changed(group);

@@ -124,14 +124,14 @@ pub enum DataMsg {
         version: u64,
     },
     /// Partition `from` of the same stage hands over the key groups it gave
-    /// up to this one under `version` (by `owners`), encoded as
-    /// `Stateful::encode_group` writes them: it has handled every record
+    /// up to this one under `version` (by `owners`), each as it held it
+    /// (`Stateful::take_group`; `None`: empty): it has handled every record
     /// routed to it by the old table.
     Handoff {
         from: u32,
         version: u64,
         owners: Arc<[u32]>,
-        groups: Vec<(u32, Vec<u8>)>,
+        groups: Vec<(u32, Option<state::MovedGroup>)>,
     },
 }
 

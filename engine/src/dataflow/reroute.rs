@@ -18,14 +18,16 @@
 //!    handled every record the old table sent it, and its watermark is the
 //!    least of the channels' watermarks at their markers, so it fired no
 //!    window that a record sent after a marker belongs to. It finishes any
-//!    fire under way, encodes each group it gives up
-//!    (`Stateful::encode_group`), empties it, says `Handed` on its output
+//!    fire under way, takes each group it gives up out of its state as it
+//!    is held (`Stateful::take_group`: no encoding, the partitions are in
+//!    one process), leaving it empty, says `Handed` on its output
 //!    channels, and sends one `Handoff` to each new owner (also when the
 //!    groups are empty: the owner waits for it). A handoff takes no credit
 //!    (`Context::send_uncredited`): two partitions of a stage may each be
 //!    blocked on the other's full mailbox.
 //! 3. A partition that takes groups holds what comes after each marker
-//!    until every handoff it expects came; then it restores the groups,
+//!    until every handoff it expects came; then it puts the groups in
+//!    (`Stateful::put_group`),
 //!    says `After` on its output channels, and handles what it held, in
 //!    order. A partition that also gives takes nothing before it gave, so
 //!    on every channel a partition's `Handed` comes before its `After`:

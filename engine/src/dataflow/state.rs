@@ -109,6 +109,40 @@ pub trait Stateful {
     fn encode_group(&self, group: u32, out: &mut Vec<u8>);
     /// Put back one group as `encode_group` wrote it (empty bytes: empty).
     fn restore(&mut self, group: u32, bytes: &[u8]) -> Result<(), String>;
+    /// Take `group` out, leaving it empty: `None` when it holds nothing.
+    /// For another partition of the same stage in this process
+    /// ([`Stateful::put_group`]). `KeyGroups` moves the group's state as it
+    /// is held, without encoding it, so a handoff of hundreds of megabytes
+    /// is a few pointers; by default it is encoded.
+    fn take_group(&mut self, group: u32) -> Option<MovedGroup> {
+        let mut bytes = Vec::new();
+        self.encode_group(group, &mut bytes);
+        if bytes.is_empty() {
+            return None;
+        }
+        self.restore(group, &[])
+            .expect("an empty group always restores");
+        Some(MovedGroup::Encoded(bytes))
+    }
+    /// Put in a group [`Stateful::take_group`] took out of a partition of the
+    /// same stage (what `group` held here is dropped).
+    fn put_group(&mut self, group: u32, moved: MovedGroup) -> Result<(), String> {
+        match moved {
+            MovedGroup::Encoded(bytes) => self.restore(group, &bytes),
+            MovedGroup::Held(_) => Err(format!(
+                "key group {group}: moved as held from an operator of another kind"
+            )),
+        }
+    }
+}
+
+/// One key group's state taken out of a partition to move to another
+/// partition of the same stage ([`Stateful::take_group`]).
+pub enum MovedGroup {
+    /// As the partition held it (`KeyGroups`).
+    Held(Box<dyn std::any::Any + Send>),
+    /// Encoded as `Stateful::encode_group` writes it.
+    Encoded(Vec<u8>),
 }
 
 /// Per key group an `S`, and which groups changed since the last snapshot.
@@ -236,6 +270,30 @@ impl<S: GroupState> Stateful for KeyGroups<S> {
             S::default()
         } else {
             S::decode(bytes).map_err(|e| format!("key group {group}: {e}"))?
+        };
+        Ok(())
+    }
+
+    fn take_group(&mut self, group: u32) -> Option<MovedGroup> {
+        let slot = self.groups.get_mut(group as usize)?;
+        let taken = std::mem::take(slot);
+        (!taken.is_empty()).then(|| MovedGroup::Held(Box::new(taken)))
+    }
+
+    fn put_group(&mut self, group: u32, moved: MovedGroup) -> Result<(), String> {
+        let groups = self.len();
+        let slot = self
+            .groups
+            .get_mut(group as usize)
+            .ok_or_else(|| format!("key group {group} beyond the job's {groups}"))?;
+        *slot = match moved {
+            MovedGroup::Held(held) => *held.downcast::<S>().map_err(|_| {
+                format!("key group {group}: moved from an operator of another kind")
+            })?,
+            MovedGroup::Encoded(bytes) if bytes.is_empty() => S::default(),
+            MovedGroup::Encoded(bytes) => {
+                S::decode(&bytes).map_err(|e| format!("key group {group}: {e}"))?
+            }
         };
         Ok(())
     }
@@ -594,6 +652,102 @@ mod tests {
             let expect = state.get(group).clone();
             assert_eq!(restored.get(group), &expect);
         }
+    }
+
+    #[test]
+    fn a_group_moves_whole_to_a_partition_of_its_own_kind_only() {
+        let mut giver: KeyedState<String> = KeyGroups::default();
+        giver.init(16);
+        for key in 0..200u64 {
+            giver.for_key(key).insert(key, format!("v{key}"));
+        }
+        let groups = giver.non_empty();
+        let held: Vec<IdMap<u64, String>> = groups.iter().map(|&g| giver.get(g).clone()).collect();
+        let mut taker: KeyedState<String> = KeyGroups::default();
+        taker.init(16);
+        for &group in &groups {
+            let moved = giver.take_group(group).expect("a group that holds keys");
+            taker.put_group(group, moved).unwrap();
+        }
+        assert!(
+            giver.non_empty().is_empty(),
+            "the giver keeps nothing it gave"
+        );
+        assert_eq!(taker.non_empty(), groups);
+        for (&group, held) in groups.iter().zip(&held) {
+            assert_eq!(taker.get(group), held, "group {group} arrived as it was");
+        }
+        assert!(
+            giver.take_group(groups[0]).is_none(),
+            "an empty group moves as None"
+        );
+        assert!(taker.take_group(16).is_none(), "no group beyond the job's");
+
+        // Into a state of another kind, or beyond the job's groups: refused.
+        let moved = taker.take_group(groups[0]).unwrap();
+        let mut other: KeyedState<u64> = KeyGroups::default();
+        other.init(16);
+        assert!(other.put_group(groups[0], moved).is_err());
+        let moved = taker.take_group(groups[1]).unwrap();
+        assert!(taker.put_group(16, moved).is_err());
+    }
+
+    /// A `Stateful` with the trait's default moves: its groups go encoded.
+    struct Encoding(KeyedState<String>);
+
+    impl Stateful for Encoding {
+        fn init(&mut self, key_groups: u32) {
+            self.0.init(key_groups)
+        }
+        fn changed(&self) -> Vec<u32> {
+            self.0.changed()
+        }
+        fn clear_changed(&mut self) {
+            self.0.clear_changed()
+        }
+        fn mark_changed(&mut self, group: u32) {
+            self.0.mark_changed(group)
+        }
+        fn non_empty(&self) -> Vec<u32> {
+            self.0.non_empty()
+        }
+        fn encode_group(&self, group: u32, out: &mut Vec<u8>) {
+            self.0.encode_group(group, out)
+        }
+        fn restore(&mut self, group: u32, bytes: &[u8]) -> Result<(), String> {
+            self.0.restore(group, bytes)
+        }
+    }
+
+    #[test]
+    fn a_state_of_another_kind_moves_its_groups_encoded() {
+        let mut giver = Encoding(KeyGroups::default());
+        giver.init(8);
+        for key in 0..50u64 {
+            giver.0.for_key(key).insert(key, format!("v{key}"));
+        }
+        let groups = giver.non_empty();
+        let held: Vec<IdMap<u64, String>> =
+            groups.iter().map(|&g| giver.0.get(g).clone()).collect();
+        let mut taker = Encoding(KeyGroups::default());
+        taker.init(8);
+        for &group in &groups {
+            let moved = giver.take_group(group).expect("a group that holds keys");
+            assert!(matches!(moved, MovedGroup::Encoded(_)));
+            taker.put_group(group, moved).unwrap();
+        }
+        assert!(giver.non_empty().is_empty());
+        for (&group, held) in groups.iter().zip(&held) {
+            assert_eq!(taker.0.get(group), held);
+        }
+        assert!(giver.take_group(groups[0]).is_none());
+        // A group held by a `KeyGroups` cannot go into it.
+        let mut keyed: KeyedState<String> = KeyGroups::default();
+        keyed.init(8);
+        keyed.for_key(1).insert(1, "one".into());
+        let group = keyed.group_of(1);
+        let moved = keyed.take_group(group).unwrap();
+        assert!(taker.put_group(group, moved).is_err());
     }
 
     #[test]

@@ -166,18 +166,35 @@ const TURN_CLOCK_EVERY: u32 = 16;
 
 /// Messages a turn handles before it reads the clock again, having handled
 /// `handled` in `elapsed_ns`: as many as fit in what is left of `turn_ns_max`
-/// at the pace so far, between 1 and `TURN_CLOCK_EVERY`. The clock is first
-/// read after one message, so a turn of slow messages (a batch of records
-/// each) stops soon after `turn_ns_max` rather than after 16 of them (6 ms
-/// and more were seen), and one of tiny messages reads it once more than
-/// every 16.
+/// at the pace so far or at `message_ns` (what the actor's messages took in
+/// its last turns), whichever is slower, and at most as many as it handled
+/// so far (1, 2, 4, ... up to `TURN_CLOCK_EVERY`). The clock is first read
+/// after one message, so a turn of slow messages (a batch of records each)
+/// stops soon after `turn_ns_max` rather than after 16 of them (6 ms and
+/// more were seen); and a fast first message (a watermark) ahead of slow
+/// ones lets no more than one more through before the next reading (before,
+/// a turn of a watermark and 16 batches took 15 to 43 ms in a burst).
 #[inline]
-fn clock_gap(handled: u32, elapsed_ns: u64, turn_ns_max: u64) -> u32 {
-    let per_message_ns = elapsed_ns / handled.max(1) as u64;
+fn clock_gap(handled: u32, elapsed_ns: u64, turn_ns_max: u64, message_ns: u64) -> u32 {
+    let per_message_ns = (elapsed_ns / handled.max(1) as u64).max(message_ns);
     let left_ns = turn_ns_max.saturating_sub(elapsed_ns);
+    let most = handled.clamp(1, TURN_CLOCK_EVERY) as u64;
     match left_ns.checked_div(per_message_ns) {
-        Some(fit) => fit.clamp(1, TURN_CLOCK_EVERY as u64) as u32,
-        None => TURN_CLOCK_EVERY,
+        Some(fit) => fit.clamp(1, most) as u32,
+        None => most as u32,
+    }
+}
+
+/// What an actor's messages take, about, after a turn whose messages took
+/// `mean_ns` each: up to it at once, else an eighth of the way down to it,
+/// so that one turn of fast messages (watermarks) does not hide that its
+/// messages can be slow.
+#[inline]
+fn ease_message_ns(message_ns: u64, mean_ns: u64) -> u64 {
+    if mean_ns >= message_ns {
+        mean_ns
+    } else {
+        message_ns - (message_ns - mean_ns) / 8
     }
 }
 
@@ -431,6 +448,9 @@ pub struct Slot<M> {
     queued: bool,
     last_active_ns: u64,
     last_handled_ns: u64,
+    /// What one of its messages takes, about: the mean of its last turn when
+    /// that was higher, else easing down to it (see `clock_gap`).
+    message_ns: u64,
     /// Set by a handoff: when the old owner last handled a message.
     pause_from_ns: Option<u64>,
     /// Set by a handoff: when the old owner handed the actor over.
@@ -453,6 +473,7 @@ impl<M> Slot<M> {
             queued: false,
             last_active_ns: now_ns,
             last_handled_ns: now_ns,
+            message_ns: 0,
             pause_from_ns: None,
             handed_off_ns: 0,
             counters: Counters::default(),
@@ -1020,7 +1041,13 @@ impl<M: Send + 'static> ShardCore<M> {
                     if elapsed_ns > self.config.turn_ns_max {
                         break;
                     }
-                    next_clock = handled + clock_gap(handled, elapsed_ns, self.config.turn_ns_max);
+                    next_clock = handled
+                        + clock_gap(
+                            handled,
+                            elapsed_ns,
+                            self.config.turn_ns_max,
+                            slot.message_ns,
+                        );
                 }
             }
         }));
@@ -1099,6 +1126,7 @@ impl<M: Send + 'static> ShardCore<M> {
         slot.last_active_ns = end_ns;
         if handled > 0 {
             slot.last_handled_ns = end_ns;
+            slot.message_ns = ease_message_ns(slot.message_ns, duration_ns / handled as u64);
         }
     }
 
@@ -1921,5 +1949,60 @@ impl<M: Send + 'static> ShardCore<M> {
         report.actors.sort_by_key(|a| a.id);
         report.jobs = self.jobs.report();
         report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TURN: u64 = 200_000;
+
+    #[test]
+    fn the_clock_is_read_again_sooner_after_fast_messages_than_sixteen_later() {
+        // After one fast message, one more before the next reading; then 2, 4,
+        // 8 and 16 at most, however fast they were.
+        assert_eq!(clock_gap(1, 100, TURN, 0), 1);
+        assert_eq!(clock_gap(2, 200, TURN, 0), 2);
+        assert_eq!(clock_gap(4, 400, TURN, 0), 4);
+        assert_eq!(clock_gap(16, 1_600, TURN, 0), TURN_CLOCK_EVERY);
+        assert_eq!(clock_gap(64, 6_400, TURN, 0), TURN_CLOCK_EVERY);
+    }
+
+    #[test]
+    fn an_actor_whose_messages_were_slow_reads_the_clock_after_each() {
+        // A fast first message (a watermark) of an actor whose batches took
+        // 150 µs in its last turns: one message until the next reading.
+        assert_eq!(clock_gap(1, 100, TURN, 150_000), 1);
+        assert_eq!(clock_gap(8, 800, TURN, 150_000), 1);
+        // Without that memory, eight more would have fit.
+        assert_eq!(clock_gap(8, 800, TURN, 0), 8);
+        // At its own pace: what fits in what is left of the turn.
+        assert_eq!(clock_gap(4, 40_000, TURN, 0), 4);
+        assert_eq!(clock_gap(4, 120_000, TURN, 0), 2);
+        assert_eq!(clock_gap(4, 40_000, TURN, 50_000), 3);
+        // Past the turn: still at least one (the caller stops the turn).
+        assert_eq!(clock_gap(4, 300_000, TURN, 0), 1);
+        // A clock that did not move (the manual clock of tests): no pace
+        // known, the doubling alone bounds the gap.
+        assert_eq!(clock_gap(4, 0, TURN, 0), 4);
+        assert_eq!(clock_gap(32, 0, TURN, 0), TURN_CLOCK_EVERY);
+    }
+
+    #[test]
+    fn an_actors_message_cost_rises_at_once_and_eases_down() {
+        assert_eq!(ease_message_ns(0, 150_000), 150_000, "up at once");
+        assert_eq!(ease_message_ns(100_000, 150_000), 150_000);
+        // Down an eighth of the way a turn: after one turn of watermarks
+        // it still counts its messages as slow.
+        assert_eq!(ease_message_ns(160_000, 0), 140_000);
+        let mut cost = 160_000;
+        let mut turns = 0;
+        while cost > 16_000 {
+            cost = ease_message_ns(cost, 0);
+            turns += 1;
+        }
+        assert_eq!(turns, 18, "a tenth of it after 18 turns of tiny messages");
+        assert_eq!(ease_message_ns(7, 0), 7, "never below by rounding down");
     }
 }
