@@ -31,6 +31,34 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// `MIMALLOC_PURGE_DELAY` in the environment overrides it (in ms).
 const PURGE_DELAY_MS: std::ffi::c_long = -1;
 
+/// mimalloc's `mi_option_generic_collect`: its place in the option enum (a
+/// test checks it against the option's documented default).
+const MI_OPTION_GENERIC_COLLECT: libmimalloc_sys::mi_option_t = 34;
+
+/// Allocations on mimalloc's slow path (a page's free list ran out, or any
+/// block over 1 KiB) between two collections of the thread's heap, which
+/// mimalloc runs inside the allocation that comes next: its largest value
+/// (the default is 10,000). Under a burst a million can still come within
+/// seconds: the stall is made rarer, not removed.
+/// A collection visits every page of the heap that is not full, so its
+/// cost grows with the heap, whatever it finds: after a burst of `dirigo
+/// bench isolation`'s q5 (half a GiB of window state, then freed as the
+/// windows fire) single collections took 7 to 43 ms, a shard's every
+/// actor waiting, the latency-critical job's rows among them (in an
+/// actor's turn, 63-78 ms were seen). Nothing calls it on a timer either
+/// (until this build each shard collected between passes every
+/// millisecond, with those same stalls: `bench isolation --lc-slo 3ms`, two
+/// invocations of three runs each alternated, the LC job's worst row
+/// 9.5-44 ms with it and 2.7-10 ms without it and with this value,
+/// violations 0.26-1.51% and 0.00-0.62%; the process's peak memory in four
+/// two-job runs the same within 10%). The cost: a page emptied by other
+/// threads' frees stays with its thread for blocks of its size, until
+/// that thread's allocations of that size come to it, its next
+/// collection, or its exit; memory a shard stops using for one size is
+/// not reused for another meanwhile. `MIMALLOC_GENERIC_COLLECT` in the
+/// environment overrides it.
+const GENERIC_COLLECT: std::ffi::c_long = 1_000_000;
+
 /// The process's memory is not backed by transparent huge pages. A job's
 /// state grows by many small allocations (hash tables, B-tree nodes, lists
 /// per key), and each first touch of a huge page has the kernel zero 2 MiB
@@ -60,33 +88,25 @@ fn disable_transparent_huge_pages() {
 
 fn main() -> std::process::ExitCode {
     disable_transparent_huge_pages();
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: sets one option value, read by mimalloc on its own threads
-        // as a plain long; any value is valid for this option.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
+    for (option, env, value) in [
+        (
+            MI_OPTION_PURGE_DELAY,
+            "MIMALLOC_PURGE_DELAY",
+            PURGE_DELAY_MS,
+        ),
+        (
+            MI_OPTION_GENERIC_COLLECT,
+            "MIMALLOC_GENERIC_COLLECT",
+            GENERIC_COLLECT,
+        ),
+    ] {
+        if std::env::var_os(env).is_none() {
+            // SAFETY: sets one option value, read by mimalloc on its own
+            // threads as a plain long; any value is valid for these options.
+            unsafe { libmimalloc_sys::mi_option_set(option, value) };
+        }
     }
-    dirigo_engine::runtime::set_upkeep_hook(collect_heap);
     cli::main()
-}
-
-/// Every shard's upkeep (at most every millisecond, between passes):
-/// mimalloc collects the shard's heap, taking back the blocks other threads
-/// freed into it. Left to itself, mimalloc does so every 10,000 slow-path
-/// allocations, inside whichever allocation comes next, and the work grows
-/// with what other shards freed since. A keyed window state holds a list
-/// per key, allocated on the shard where the key first came; once the
-/// autoscaler has moved the state, firing its windows frees those lists on
-/// the other shard. In traces of the two jobs of `dirigo bench isolation`
-/// (`dirigo run --job "q1 --rate 200000 --slo 10ms --events 1400000" --job
-/// "q5 --rate 50000/1s,30000000/2s,50000 --events 60100000 --slo 2s"`), that
-/// one collection took 63-78 ms in three runs of four, after q5's last
-/// windows fired, in a turn of q1's source. Collected every millisecond,
-/// three runs of five had no q1 row over its SLO and two had rows of up to
-/// 14 and 27 ms; collections during a burst still take over 10 ms at
-/// times (a perf trace).
-fn collect_heap() {
-    // SAFETY: collects the calling thread's own heap; no pointer is passed.
-    unsafe { libmimalloc_sys::mi_collect(false) };
 }
 
 #[cfg(test)]
@@ -105,5 +125,18 @@ mod tests {
         assert_eq!(get(MI_OPTION_PURGE_DELAY), 1000);
         assert_eq!(get(MI_OPTION_PURGE_DELAY - 1), 1);
         assert_eq!(get(MI_OPTION_PURGE_DELAY + 1), 0);
+    }
+
+    #[test]
+    fn the_generic_collect_option_is_the_one_mimalloc_documents() {
+        if std::env::var_os("MIMALLOC_GENERIC_COLLECT").is_some() {
+            return;
+        }
+        // 10,000 by default; the options around it (guarded_sample_seed,
+        // page_reclaim_on_free) default to 0.
+        let get = |option| unsafe { libmimalloc_sys::mi_option_get(option) };
+        assert_eq!(get(MI_OPTION_GENERIC_COLLECT), 10_000);
+        assert_eq!(get(MI_OPTION_GENERIC_COLLECT - 1), 0);
+        assert_eq!(get(MI_OPTION_GENERIC_COLLECT + 1), 0);
     }
 }

@@ -99,8 +99,9 @@ pub const UPKEEP_EVERY: Duration = Duration::from_millis(1);
 /// Set, once for the process, what every shard runs between two passes (at
 /// most every [`UPKEEP_EVERY`], whether the passes ran turns or not; never
 /// inside an actor's turn, and not while the shard is parked): upkeep of the process's own whose cost grows when it is put off.
-/// The binary has mimalloc collect the shard's heap there (see
-/// `src/main.rs`). False if a hook was set already.
+/// (The binary sets none: mimalloc's collection of a heap, which it ran
+/// here every millisecond, took up to 43 ms at a time; see `src/main.rs`.)
+/// False if a hook was set already.
 pub fn set_upkeep_hook(hook: fn()) -> bool {
     UPKEEP_HOOK.set(hook).is_ok()
 }
