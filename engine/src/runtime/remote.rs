@@ -1068,7 +1068,7 @@ fn offer(
 }
 
 /// Encode `items` as frames of at most `body_max` bytes each, in order,
-/// splitting a batch (and a run) that is over it.
+/// splitting a batch (and a run) that is over it (`Framer::encode`).
 fn encode_frames<M: Wire>(
     items: Vec<WireItem<M>>,
     body_max: usize,
@@ -1076,151 +1076,177 @@ fn encode_frames<M: Wire>(
     stats: &RemoteStats,
     on_failure: &Option<FailureHook>,
 ) {
-    let batch = WireBatch { items };
-    let messages: usize = batch.items.iter().map(|i| i.packet.messages()).sum();
-    let encoded = M::encode_batch(&batch, Vec::with_capacity(body_max));
-    match encoded {
-        Ok(bytes) if bytes.len() <= body_max => {
-            add(&stats.messages_out, messages as u64);
-            out.push_back(bytes);
-            return;
-        }
-        // Freed here, not held through the halves below.
-        Ok(bytes) => drop(bytes),
-        Err(e) if batch.items.len() == 1 && messages <= 1 => {
-            let item = batch.items.into_iter().next().expect("one item");
-            let message =
-                format!("a message could not be encoded to cross nodes ({e}); it was dropped");
-            drop_item(item, body_max, out, stats, on_failure, message);
-            return;
-        }
-        // Split until the message that fails is alone.
-        Err(_) => {}
+    Framer {
+        body_max,
+        out,
+        stats,
+        on_failure,
     }
-    add(&stats.splits, 1);
-    let mut items = batch.items;
-    if items.len() > 1 {
-        let second = items.split_off(items.len() / 2);
-        encode_frames(items, body_max, out, stats, on_failure);
-        encode_frames(second, body_max, out, stats, on_failure);
-        return;
-    }
-    let Some(item) = items.pop() else {
-        return;
-    };
-    match item.packet {
-        WirePacket::Run {
-            to,
-            from,
-            first_seq,
-            credit_shard,
-            route_epoch,
-            mut messages,
-        } if messages.len() > 1 => {
-            let second = messages.split_off(messages.len() / 2);
-            let half = |first_seq, messages| WireItem {
-                from_shard: item.from_shard,
-                to_shard: item.to_shard,
-                packet: WirePacket::Run {
-                    to,
-                    from,
-                    first_seq,
-                    credit_shard,
-                    route_epoch,
-                    messages,
-                },
-            };
-            let second_seq = first_seq + messages.len() as u64;
-            encode_frames(
-                vec![half(first_seq, messages)],
-                body_max,
-                out,
-                stats,
-                on_failure,
-            );
-            encode_frames(
-                vec![half(second_seq, second)],
-                body_max,
-                out,
-                stats,
-                on_failure,
-            );
-        }
-        packet @ WirePacket::Handoff(_) => {
-            send_in_parts(
-                WireItem { packet, ..item },
-                body_max,
-                out,
-                stats,
-                on_failure,
-            );
-        }
-        packet => {
-            let message = format!(
-                "a message of more than {body_max} bytes (encoded) cannot cross nodes; it was dropped"
-            );
-            let item = WireItem { packet, ..item };
-            drop_item(item, body_max, out, stats, on_failure, message);
-        }
-    }
+    .encode(items);
 }
 
-/// A move over a frame: encoded alone as a batch of one, and sent as
-/// parts of a frame's body less `HANDOFF_PART_ROOM` each (or half a body,
-/// whichever is more), back to back; over `HANDOFF_BYTES_MAX` encoded,
-/// or not encodable, it is lost (`drop_item`).
-fn send_in_parts<M: Wire>(
-    item: WireItem<M>,
+/// Where the frames encoded for one peer go, their bound, and whom a
+/// message that cannot cross is told to.
+struct Framer<'a> {
     body_max: usize,
-    out: &mut std::collections::VecDeque<Vec<u8>>,
-    stats: &RemoteStats,
-    on_failure: &Option<FailureHook>,
-) {
-    let (from_shard, to_shard) = (item.from_shard, item.to_shard);
-    let whole = WireBatch { items: vec![item] };
-    let encoded = M::encode_batch(&whole, Vec::new());
-    let item = whole.items.into_iter().next().expect("one item");
-    let WirePacket::Handoff(slot) = &item.packet else {
-        return drop_item(item, body_max, out, stats, on_failure, "not a move".into());
-    };
-    let (actor, epoch) = (slot.id, slot.epoch);
-    let bytes = match encoded {
-        Ok(bytes) if bytes.len() <= HANDOFF_BYTES_MAX => bytes,
-        Ok(bytes) => {
-            let encoded_bytes = bytes.len();
-            drop(bytes);
-            let message = format!(
-                "{actor}'s move to another node is {encoded_bytes} bytes encoded, over {HANDOFF_BYTES_MAX}: it was lost"
-            );
-            return drop_item(item, body_max, out, stats, on_failure, message);
+    out: &'a mut std::collections::VecDeque<Vec<u8>>,
+    stats: &'a RemoteStats,
+    on_failure: &'a Option<FailureHook>,
+}
+
+impl Framer<'_> {
+    /// Encode `items` as frames in order, splitting a batch (and a run)
+    /// that is over the bound.
+    fn encode<M: Wire>(&mut self, items: Vec<WireItem<M>>) {
+        let (body_max, stats) = (self.body_max, self.stats);
+        let batch = WireBatch { items };
+        let messages: usize = batch.items.iter().map(|i| i.packet.messages()).sum();
+        let encoded = M::encode_batch(&batch, Vec::with_capacity(body_max));
+        match encoded {
+            Ok(bytes) if bytes.len() <= body_max => {
+                add(&stats.messages_out, messages as u64);
+                self.out.push_back(bytes);
+                return;
+            }
+            // Freed here, not held through the halves below.
+            Ok(bytes) => drop(bytes),
+            Err(e) if batch.items.len() == 1 && messages <= 1 => {
+                let item = batch.items.into_iter().next().expect("one item");
+                let message =
+                    format!("a message could not be encoded to cross nodes ({e}); it was dropped");
+                self.drop_item(item, message);
+                return;
+            }
+            // Split until the message that fails is alone.
+            Err(_) => {}
         }
-        Err(e) => {
-            let message =
-                format!("{actor}'s move could not be encoded to cross nodes ({e}): it was lost");
-            return drop_item(item, body_max, out, stats, on_failure, message);
+        add(&stats.splits, 1);
+        let mut items = batch.items;
+        if items.len() > 1 {
+            let second = items.split_off(items.len() / 2);
+            self.encode(items);
+            self.encode(second);
+            return;
         }
-    };
-    drop(item);
-    let part_bytes = body_max
-        .saturating_sub(HANDOFF_PART_ROOM)
-        .max(body_max / 2)
-        .max(1);
-    let parts = bytes.len().div_ceil(part_bytes) as u32;
-    add(&stats.handoff_parts_out, u64::from(parts));
-    for (part, chunk) in bytes.chunks(part_bytes).enumerate() {
-        let packet = WirePacket::<M>::HandoffPart {
-            actor,
-            epoch,
-            part: part as u32,
-            parts,
-            bytes: chunk.to_vec(),
+        let Some(item) = items.pop() else {
+            return;
         };
-        let item = WireItem {
-            from_shard,
-            to_shard,
-            packet,
+        match item.packet {
+            WirePacket::Run {
+                to,
+                from,
+                first_seq,
+                credit_shard,
+                route_epoch,
+                mut messages,
+            } if messages.len() > 1 => {
+                let second = messages.split_off(messages.len() / 2);
+                let half = |first_seq, messages| WireItem {
+                    from_shard: item.from_shard,
+                    to_shard: item.to_shard,
+                    packet: WirePacket::Run {
+                        to,
+                        from,
+                        first_seq,
+                        credit_shard,
+                        route_epoch,
+                        messages,
+                    },
+                };
+                let second_seq = first_seq + messages.len() as u64;
+                self.encode(vec![half(first_seq, messages)]);
+                self.encode(vec![half(second_seq, second)]);
+            }
+            packet @ WirePacket::Handoff(_) => {
+                self.send_in_parts(WireItem { packet, ..item });
+            }
+            packet => {
+                let message = format!(
+                    "a message of more than {body_max} bytes (encoded) cannot cross nodes; \
+                     it was dropped"
+                );
+                let item = WireItem { packet, ..item };
+                self.drop_item(item, message);
+            }
+        }
+    }
+
+    /// A move over a frame: encoded alone as a batch of one, and sent as
+    /// parts of a frame's body less `HANDOFF_PART_ROOM` each (or half a body,
+    /// whichever is more), back to back; over `HANDOFF_BYTES_MAX` encoded,
+    /// or not encodable, it is lost (`drop_item`).
+    fn send_in_parts<M: Wire>(&mut self, item: WireItem<M>) {
+        let body_max = self.body_max;
+        let (from_shard, to_shard) = (item.from_shard, item.to_shard);
+        let whole = WireBatch { items: vec![item] };
+        let encoded = M::encode_batch(&whole, Vec::new());
+        let item = whole.items.into_iter().next().expect("one item");
+        let WirePacket::Handoff(slot) = &item.packet else {
+            return self.drop_item(item, "not a move".into());
         };
-        encode_frames(vec![item], body_max, out, stats, on_failure);
+        let (actor, epoch) = (slot.id, slot.epoch);
+        let bytes = match encoded {
+            Ok(bytes) if bytes.len() <= HANDOFF_BYTES_MAX => bytes,
+            Ok(bytes) => {
+                let encoded_bytes = bytes.len();
+                drop(bytes);
+                let message = format!(
+                    "{actor}'s move to another node is {encoded_bytes} bytes encoded, \
+                     over {HANDOFF_BYTES_MAX}: it was lost"
+                );
+                return self.drop_item(item, message);
+            }
+            Err(e) => {
+                let message = format!(
+                    "{actor}'s move could not be encoded to cross nodes ({e}): it was lost"
+                );
+                return self.drop_item(item, message);
+            }
+        };
+        drop(item);
+        let part_bytes = body_max
+            .saturating_sub(HANDOFF_PART_ROOM)
+            .max(body_max / 2)
+            .max(1);
+        let parts = bytes.len().div_ceil(part_bytes) as u32;
+        add(&self.stats.handoff_parts_out, u64::from(parts));
+        for (part, chunk) in bytes.chunks(part_bytes).enumerate() {
+            let packet = WirePacket::<M>::HandoffPart {
+                actor,
+                epoch,
+                part: part as u32,
+                parts,
+                bytes: chunk.to_vec(),
+            };
+            let item = WireItem {
+                from_shard,
+                to_shard,
+                packet,
+            };
+            self.encode(vec![item]);
+        }
+    }
+
+    /// Drop an item that cannot cross (`fail`). A move dropped so leaves in
+    /// its place a `Lost` packet, small enough to cross, so that the new
+    /// owner holds the actor's place as failed and returns the credits its
+    /// messages held.
+    fn drop_item<M: Wire>(&mut self, item: WireItem<M>, message: String) {
+        fail(
+            self.stats,
+            self.on_failure,
+            &item.packet,
+            item.from_shard,
+            message,
+        );
+        if let WirePacket::Handoff(slot) = &item.packet {
+            let lost = WireItem {
+                from_shard: item.from_shard,
+                to_shard: item.to_shard,
+                packet: slot.lost(),
+            };
+            self.encode(vec![lost]);
+        }
     }
 }
 
@@ -1330,29 +1356,6 @@ impl Assembly {
             lost.push(lost_notice(from, to, actor, epoch));
         }
         self.bytes = AlignedVec::new();
-    }
-}
-
-/// Drop an item that cannot cross (`fail`). A move dropped so leaves in
-/// its place a `Lost` packet, small enough to cross, so that the new
-/// owner holds the actor's place as failed and returns the credits its
-/// messages held.
-fn drop_item<M: Wire>(
-    item: WireItem<M>,
-    body_max: usize,
-    out: &mut std::collections::VecDeque<Vec<u8>>,
-    stats: &RemoteStats,
-    on_failure: &Option<FailureHook>,
-    message: String,
-) {
-    fail(stats, on_failure, &item.packet, item.from_shard, message);
-    if let WirePacket::Handoff(slot) = &item.packet {
-        let lost = WireItem {
-            from_shard: item.from_shard,
-            to_shard: item.to_shard,
-            packet: slot.lost(),
-        };
-        encode_frames(vec![lost], body_max, out, stats, on_failure);
     }
 }
 
