@@ -65,7 +65,8 @@
 //! for it is dropped and counted, as the shards do. A move over a frame
 //! is the exception in size, within bounds: its sender holds its
 //! encoding and its parts (at most `HANDOFF_BYTES_MAX` each, and a batch
-//! stops taking packets after a move), its receiver at most one move per
+//! takes no more from the rings after a move, past the drain under way),
+//! its receiver at most one move per
 //! peer under way, of at most `HANDOFF_BYTES_MAX`. Nothing grows without
 //! bound.
 //!
