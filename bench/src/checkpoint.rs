@@ -221,7 +221,7 @@ pub struct Report {
 // ---- the workload ------------------------------------------------------------
 
 /// One event: a key.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Event {
     pub key: u64,
 }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dirigo_engine::runtime::{
-    MemoryStateStore, RemoteConfig, RemoteNode, RuntimeConfig, ShardConfig,
+    MemoryStateStore, RemoteConfig, RemoteNode, RuntimeConfig, ShardConfig, WireValue,
 };
 use dirigo_engine::{Actor, ActorId, BoxActor, Context, JobId, Runtime, SchedCtx};
 
@@ -55,6 +55,8 @@ pub enum NetMsg {
         damaged: u64,
     },
 }
+
+impl WireValue for NetMsg {}
 
 /// What the reporter (node 0) or the receiver (node 1) tells its process.
 enum Heard {

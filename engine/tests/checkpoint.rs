@@ -36,7 +36,7 @@ const FIRE_STEP_KEYS: usize = 13;
 /// for a few checkpoints even when the test threads share two cores.
 const FAST: u64 = 100_000;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 struct Reading {
     n: u64,
     key: u64,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use dirigo_engine::runtime::{
-    MemoryStateStore, RemoteConfig, RemoteNode, RuntimeConfig, ShardConfig, ShardReport,
+    MemoryStateStore, RemoteConfig, RemoteNode, RuntimeConfig, ShardConfig, ShardReport, WireValue,
 };
 use dirigo_engine::{
     Actor, ActorFactory, ActorId, BoxActor, Context, JobId, Runtime, SchedCtx, ShardId,
@@ -224,6 +224,8 @@ struct Seen {
 
 #[derive(Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 struct Probe(u64);
+
+impl WireValue for Probe {}
 
 struct Recorder(Arc<Mutex<Vec<Seen>>>);
 
@@ -541,6 +543,8 @@ enum Big {
     /// The keeper: check its state and say where it is.
     Check,
 }
+
+impl WireValue for Big {}
 
 /// A pusher that sends `Big::Data` of `bytes` each to the sink in chunks of
 /// 8; a sink that takes its time with each; a keeper that holds a large

@@ -25,7 +25,7 @@ use dirigo_engine::{ActorId, JobId, ShardId};
 const EVENTS: u64 = 6_000;
 const WINDOW_MS: i64 = 100;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 struct Reading {
     sensor: u64,
     time_ms: i64,

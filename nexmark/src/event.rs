@@ -17,23 +17,35 @@ pub type Text = Cow<'static, str>;
 const NOMINAL_NUMERIC_BYTES: usize = 8;
 
 /// A person registering. `date_time` is in milliseconds since the Unix epoch.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub struct Person {
     pub id: u64,
+    #[rkyv(with = rkyv::with::AsOwned)]
     pub name: Text,
+    #[rkyv(with = rkyv::with::AsOwned)]
     pub email_address: Text,
+    #[rkyv(with = rkyv::with::AsOwned)]
     pub credit_card: Text,
+    #[rkyv(with = rkyv::with::AsOwned)]
     pub city: Text,
+    #[rkyv(with = rkyv::with::AsOwned)]
     pub state: Text,
     pub date_time: i64,
+    #[rkyv(with = rkyv::with::AsOwned)]
     pub extra: Text,
 }
 
 /// An auction opening. `date_time` and `expires` are in milliseconds since the epoch.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub struct Auction {
     pub id: u64,
+    #[rkyv(with = rkyv::with::AsOwned)]
     pub item_name: Text,
+    #[rkyv(with = rkyv::with::AsOwned)]
     pub description: Text,
     pub initial_bid: u64,
     pub reserve: u64,
@@ -41,18 +53,24 @@ pub struct Auction {
     pub expires: i64,
     pub seller: u64,
     pub category: u64,
+    #[rkyv(with = rkyv::with::AsOwned)]
     pub extra: Text,
 }
 
 /// A bid on an auction. `date_time` is in milliseconds since the epoch.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub struct Bid {
     pub auction: u64,
     pub bidder: u64,
     pub price: u64,
+    #[rkyv(with = rkyv::with::AsOwned)]
     pub channel: Text,
+    #[rkyv(with = rkyv::with::AsOwned)]
     pub url: Text,
     pub date_time: i64,
+    #[rkyv(with = rkyv::with::AsOwned)]
     pub extra: Text,
 }
 
@@ -61,7 +79,9 @@ pub struct Bid {
 /// Persons and auctions are boxed: they are 4 in 50 events but up to 1.5 times a bid's
 /// size, and every event of a batch is moved a few times on its way through a
 /// query, so a bid-sized `Event` (112 bytes, not 160) saves a third of that copying.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Event {
     Person(Box<Person>),

@@ -56,7 +56,7 @@ const EUROS_PER_DOLLAR: f64 = 0.908;
 const CHUNK_EVENTS: u64 = 1024;
 
 /// q1: a bid's price in euros.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Q1 {
     pub auction: u64,
     pub bidder: u64,
@@ -65,7 +65,7 @@ pub struct Q1 {
 }
 
 /// q2: bids of every 123rd auction.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Q2 {
     pub auction: u64,
     pub price: u64,
@@ -92,7 +92,7 @@ pub struct Q3Auction {
 }
 
 /// q4's projection of an auction.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Q4Auction {
     pub id: u64,
     pub date_time: i64,
@@ -101,7 +101,7 @@ pub struct Q4Auction {
 }
 
 /// q4's projection of a bid.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Q4Bid {
     pub auction: u64,
     pub date_time: i64,
@@ -109,28 +109,28 @@ pub struct Q4Bid {
 }
 
 /// q4, between its phases: one closed auction's price.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Q4Closing {
     pub category: u64,
     pub price: u64,
 }
 
 /// q4: the running average closing price of a category.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Q4 {
     pub category: u64,
     pub avg: f64,
 }
 
 /// q5's projection of a bid.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct AuctionTime {
     pub auction: u64,
     pub date_time: i64,
 }
 
 /// q5: an auction with the most bids in a sliding window.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Q5 {
     pub auction: u64,
     pub num: u64,

@@ -21,10 +21,10 @@
 //! use dirigo_engine::dataflow::{Dataflow, DataflowConfig, Job, Operator, Sink, Source, SourceBatch};
 //! use dirigo_engine::dataflow::state::{KeyedState, Stateful};
 //!
-//! /// A user's own record types.
-//! #[derive(Clone)]
+//! /// A user's own record types (rkyv-encodable, to cross nodes).
+//! #[derive(Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 //! struct Reading { sensor: u64, celsius: i64 }
-//! #[derive(Clone, Debug, PartialEq)]
+//! #[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 //! struct Total { sensor: u64, sum: i64 }
 //!
 //! /// Readings 0..1000 (reading n comes from sensor n % 10), as two partitions.
@@ -100,10 +100,7 @@ use super::pace::RateSchedule;
 use super::state::Stateful;
 use super::{key_group, partition_of_group, DataMsg, JobMetrics};
 
-/// What a record type must be to travel on an edge: owned, cloneable (a stage
-/// with several consumers gives each its copy) and sendable between shards.
-pub trait Data: Clone + Send + 'static {}
-impl<T: Clone + Send + 'static> Data for T {}
+pub use super::batch::Data;
 
 /// What a source produced.
 pub enum SourceBatch {
@@ -603,6 +600,11 @@ impl Job {
     pub fn autoscale(&mut self, on: bool) -> &mut Self {
         self.autoscale = on;
         self
+    }
+
+    /// Whether it takes checkpoints (`Job::checkpoints`).
+    pub fn takes_checkpoints(&self) -> bool {
+        self.checkpoints.is_some()
     }
 
     /// Whether the autoscaler may move the job's actors (`autoscale`).
@@ -1121,7 +1123,10 @@ impl<T: Data> KeyedStream<T> {
         time: impl Fn(&T) -> i64 + Send + Sync + 'static,
         key: impl Fn(&T) -> u64 + Send + Sync + 'static,
         aggregate: A,
-    ) -> Stream<A::Out> {
+    ) -> Stream<A::Out>
+    where
+        PartialRow<A::Acc>: Data,
+    {
         let aggregate = Arc::new(aggregate);
         let partial = WindowPartial::shared(spec, Arc::new(time), Arc::new(key), aggregate.clone());
         self.process(&format!("{name}-partial"), parallelism, partial.factory())

@@ -33,6 +33,7 @@ pub mod reroute;
 pub mod scaling;
 pub mod state;
 pub mod window;
+pub mod wire;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -439,7 +440,7 @@ impl Registry {
             deadline_ns: now_ns.saturating_add(plan.slo_ns),
             origin_ns: now_ns,
         };
-        let ticks = plan
+        let ticks: Vec<(ActorId, SchedCtx)> = plan
             .source_stages()
             .into_iter()
             .flat_map(|(stage, partitions)| {
@@ -454,6 +455,9 @@ impl Registry {
             sinks: plan.sink_partitions(),
             started: Instant::now(),
             started_ns: now_ns,
+            ticks: ticks.iter().map(|&(actor, _)| actor).collect(),
+            slo_ns: plan.slo_ns,
+            spans_nodes: false,
         };
         Ok((handle, ticks))
     }
@@ -720,12 +724,32 @@ impl Registry {
     }
 }
 
+/// The runtime's failure hook of a dataflow: a panic in an actor ends its
+/// job; a shard that dies ends every job; then `outer`, if any.
+fn supervise(
+    registry: &Registry,
+    outer: Option<crate::runtime::FailureHook>,
+) -> crate::runtime::FailureHook {
+    let supervisor = registry.clone();
+    Arc::new(move |failure: Failure| {
+        match failure.actor {
+            Some(actor) => supervisor.fail_actor(actor, &failure.message),
+            None => supervisor.fail_all(&format!("{} died: {}", failure.shard, failure.message)),
+        }
+        if let Some(outer) = &outer {
+            outer(failure);
+        }
+    })
+}
+
 /// A dataflow engine: a runtime whose actors are the stages of submitted jobs.
 pub struct Dataflow {
     runtime: Arc<Runtime<DataMsg>>,
     registry: Registry,
     next_job: u32,
     scaler: Option<scaling::Driver>,
+    /// This node's place in a run that spans nodes (`start_remote`).
+    node: Option<usize>,
 }
 
 /// A submitted job.
@@ -737,6 +761,11 @@ pub struct JobHandle {
     sinks: u64,
     started: Instant,
     started_ns: u64,
+    /// Its source partitions, sent their first message by `Dataflow::start_job`.
+    ticks: Vec<ActorId>,
+    slo_ns: u64,
+    /// Its dataflow spans nodes: this handle sees this node's part.
+    spans_nodes: bool,
 }
 
 /// What a finished job reports.
@@ -757,7 +786,10 @@ pub struct JobReport {
 impl JobHandle {
     /// Every sink has seen the end of its input and, for a job that takes
     /// checkpoints, the final one has committed (every output holds all its
-    /// rows); or the job failed.
+    /// rows); or the job failed. For a job whose dataflow spans nodes, the
+    /// sinks that finished on this node are all this handle sees
+    /// ([`JobHandle::sinks_done_here`]): the job is done when the nodes'
+    /// counts add up to [`JobHandle::sinks`].
     pub fn is_done(&self) -> bool {
         if self.metrics.has_failed() {
             return true;
@@ -773,6 +805,23 @@ impl JobHandle {
         self.metrics.sinks_done.load(Ordering::Acquire) >= self.sinks
     }
 
+    /// The job's sink partitions, over every node.
+    pub fn sinks(&self) -> u64 {
+        self.sinks
+    }
+
+    /// Sink partitions that have seen the end of their input on this
+    /// node's shards.
+    pub fn sinks_done_here(&self) -> u64 {
+        self.metrics.sinks_done.load(Ordering::Acquire)
+    }
+
+    /// Whether the job's dataflow spans nodes (`Dataflow::start_remote`):
+    /// its figures are this node's part.
+    pub fn spans_nodes(&self) -> bool {
+        self.spans_nodes
+    }
+
     /// What the job's checkpoints measured (`None`: it takes none).
     pub fn checkpoint_stats(&self) -> Option<checkpoint::CheckpointStats> {
         self.checkpointer.as_ref().map(|c| c.stats())
@@ -783,8 +832,16 @@ impl JobHandle {
     }
 
     /// Wait until every sink has seen the end of its input, the job fails, or
-    /// `limit` passes.
+    /// `limit` passes. Refused at once for a job over nodes: this node sees
+    /// only its own sinks (see [`JobHandle::is_done`]).
     pub fn wait(&self, limit: Duration) -> Result<JobReport, String> {
+        if self.spans_nodes {
+            return Err(format!(
+                "job {} spans nodes: its end is its nodes' sinks together \
+                 (sinks_done_here on each)",
+                self.name
+            ));
+        }
         let mut pause_us = 10;
         while !self.is_done() {
             if self.started.elapsed() > limit {
@@ -829,19 +886,7 @@ impl Dataflow {
     pub fn start(config: DataflowConfig) -> Result<Self, StartError> {
         let mut runtime_config = config.runtime;
         let registry = Registry::new(runtime_config.shards);
-        let supervisor = registry.clone();
-        let outer = runtime_config.on_failure.take();
-        runtime_config.on_failure = Some(Arc::new(move |failure: Failure| {
-            match failure.actor {
-                Some(actor) => supervisor.fail_actor(actor, &failure.message),
-                None => {
-                    supervisor.fail_all(&format!("{} died: {}", failure.shard, failure.message))
-                }
-            }
-            if let Some(outer) = &outer {
-                outer(failure);
-            }
-        }));
+        runtime_config.on_failure = Some(supervise(&registry, runtime_config.on_failure.take()));
         let runtime = Arc::new(Runtime::start(
             runtime_config,
             registry.factory(),
@@ -855,20 +900,106 @@ impl Dataflow {
             registry,
             next_job: 1,
             scaler,
+            node: None,
         })
     }
 
+    /// Start this node's part of a dataflow that spans nodes: its shards
+    /// are numbered within the whole run (see `runtime::remote`), and a
+    /// job's actors are placed over every node's shards, messages crossing
+    /// through the gateways (`wire`). Every node of the run registers the
+    /// same jobs in the same order ([`Dataflow::register`]: the same ids
+    /// and plans everywhere), then one node starts each
+    /// ([`Dataflow::start_job`]). Not yet over nodes: the autoscaler (refused
+    /// here), checkpoints (a job that takes them is refused), and a job's
+    /// end and figures as one: each node's handle sees the sinks and
+    /// counts of its own shards.
+    pub fn start_remote(
+        config: DataflowConfig,
+        remote: crate::runtime::RemoteConfig,
+    ) -> Result<Self, StartError> {
+        if config.autoscale.is_some() {
+            return Err(StartError(
+                "the autoscaler does not run over a dataflow that spans nodes yet".into(),
+            ));
+        }
+        let node = remote.me;
+        let total = remote
+            .nodes
+            .iter()
+            .map(|n| usize::from(n.shards))
+            .sum::<usize>();
+        let mut runtime_config = config.runtime;
+        let registry = Registry::new(total);
+        runtime_config.on_failure = Some(supervise(&registry, runtime_config.on_failure.take()));
+        let runtime = Arc::new(Runtime::start_remote(
+            runtime_config,
+            remote,
+            registry.factory(),
+            Arc::new(MemoryStateStore::default()),
+        )?);
+        Ok(Dataflow {
+            runtime,
+            registry,
+            next_job: 1,
+            scaler: None,
+            node: Some(node),
+        })
+    }
+
+    /// This node's shards.
     pub fn shards(&self) -> usize {
         self.runtime.shards()
     }
 
-    /// Submit a job; its sources start at once.
+    /// The shards of the run: over every node of a dataflow that spans
+    /// nodes (shard ids are the run's, and a job's per-shard figures have a
+    /// slot for each), else `shards()`.
+    pub fn shards_in_run(&self) -> usize {
+        self.registry.shards
+    }
+
+    /// What this node's gateway carried (`None` unless the dataflow spans
+    /// nodes).
+    pub fn remote_stats(&self) -> Option<crate::runtime::remote::RemoteSnapshot> {
+        self.runtime.remote_stats()
+    }
+
+    /// Submit a job; its sources start at once. Refused over nodes, where
+    /// every node registers the job before one starts it
+    /// ([`Dataflow::register`], [`Dataflow::start_job`]).
     pub fn submit(&mut self, job: Job) -> Result<JobHandle, String> {
+        if let Some(node) = self.node {
+            return Err(format!(
+                "job {}: a dataflow that spans nodes takes a job registered on every node, \
+                 then started from one (node {node})",
+                job.name()
+            ));
+        }
+        let handle = self.register(job)?;
+        self.start_job(&handle);
+        Ok(handle)
+    }
+
+    /// Register a job without starting it ([`Dataflow::submit`] does both):
+    /// over nodes, every node registers it before one starts it, so that no
+    /// actor of it is asked for on a node that has not its plan yet.
+    pub fn register(&mut self, job: Job) -> Result<JobHandle, String> {
+        if let Some(node) = self.node {
+            if job.takes_checkpoints() {
+                return Err(format!(
+                    "job {}: checkpoints of a dataflow that spans nodes are not supported yet \
+                     (node {node})",
+                    job.name()
+                ));
+            }
+        }
         let id = JobId(self.next_job);
         self.next_job += 1;
         let now_ns = crate::clock::monotonic_ns();
         let scalable = job.scalable();
-        let (handle, ticks) = self.registry.register(job, id, now_ns)?;
+        let (mut handle, _) = self.registry.register(job, id, now_ns)?;
+        handle.spans_nodes = self.node.is_some();
         // Serverless sizing: under the autoscaler a scalable job starts on
         // one shard, and is spread from there as its load needs. Its actors
         // are not active yet: each move only renames their shard, before the
@@ -884,11 +1015,22 @@ impl Dataflow {
                 }
             }
         }
-        for (actor, sched) in ticks {
+        Ok(handle)
+    }
+
+    /// Start a registered job: the first message of each of its source
+    /// partitions, wherever they are placed.
+    pub fn start_job(&self, handle: &JobHandle) {
+        let now_ns = crate::clock::monotonic_ns();
+        let sched = SchedCtx {
+            job: handle.id,
+            deadline_ns: now_ns.saturating_add(handle.slo_ns),
+            origin_ns: now_ns,
+        };
+        for &actor in &handle.ticks {
             // A dead shard fails every job through the failure hook.
             let _ = self.runtime.send(actor, DataMsg::Tick, sched);
         }
-        Ok(handle)
     }
 
     /// Wait for a job as [`JobHandle::wait`] does, then retire it: its actors,
@@ -931,6 +1073,11 @@ impl Dataflow {
     /// sent; [`Dataflow::routing`] says when every partition has completed
     /// it.
     pub fn reroute(&self, job: JobId, stage: u32, owners: Vec<u32>) -> Result<(), String> {
+        if self.node.is_some() {
+            // Each node's plan counts the partitions that completed a
+            // reroute on its own shards: none would see one end.
+            return Err("a dataflow that spans nodes does not reroute key groups yet".into());
+        }
         deliver_orders(
             &self.runtime,
             job,

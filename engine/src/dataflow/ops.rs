@@ -83,7 +83,7 @@ pub type Accs<A> = IdMap<u64, A>;
 pub type Fired<A> = Vec<(u64, A)>;
 
 /// One key's partial accumulator of one window, between the two phases.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct PartialRow<Acc> {
     pub key: u64,
     pub window: Window,
@@ -223,7 +223,7 @@ where
     V: Ord + Clone + Send + 'static,
     F: Fn(&In) -> V + Send + Sync + 'static,
     Out: Data,
-    Option<(V, Vec<Out>)>: Persist,
+    Option<(V, Vec<Out>)>: Persist + Data,
 {
     /// The maximum so far and the kept rows that reach it.
     type Acc = Option<(V, Vec<Out>)>;

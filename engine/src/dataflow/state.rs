@@ -23,6 +23,7 @@
 //! The whole encoded group is checksummed by the storage layer, so a flipped bit
 //! is found before any of it is decoded.
 
+use std::any::Any;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -129,7 +130,7 @@ pub trait Stateful {
     fn put_group(&mut self, group: u32, moved: MovedGroup) -> Result<(), String> {
         match moved {
             MovedGroup::Encoded(bytes) => self.restore(group, &bytes),
-            MovedGroup::Held(_) => Err(format!(
+            MovedGroup::Held { .. } => Err(format!(
                 "key group {group}: moved as held from an operator of another kind"
             )),
         }
@@ -139,10 +140,38 @@ pub trait Stateful {
 /// One key group's state taken out of a partition to move to another
 /// partition of the same stage ([`Stateful::take_group`]).
 pub enum MovedGroup {
-    /// As the partition held it (`KeyGroups`).
-    Held(Box<dyn std::any::Any + Send>),
+    /// As the partition held it (`KeyGroups`), and how to encode it should
+    /// it cross to another node (as `Stateful::encode_group` would).
+    Held {
+        state: Box<dyn Any + Send>,
+        encode: fn(&(dyn Any + Send), &mut Vec<u8>),
+    },
     /// Encoded as `Stateful::encode_group` writes it.
     Encoded(Vec<u8>),
+}
+
+impl MovedGroup {
+    /// The group encoded (to cross nodes).
+    pub fn into_bytes(self) -> Vec<u8> {
+        match self {
+            MovedGroup::Held { state, encode } => {
+                let mut bytes = Vec::new();
+                encode(&*state, &mut bytes);
+                bytes
+            }
+            MovedGroup::Encoded(bytes) => bytes,
+        }
+    }
+}
+
+/// `MovedGroup::Held`'s encoder for a `KeyGroups<S>`'s group.
+fn encode_held<S: GroupState>(state: &(dyn Any + Send), out: &mut Vec<u8>) {
+    let state = state
+        .downcast_ref::<S>()
+        .expect("a held group is encoded by its own kind's encoder");
+    if !state.is_empty() {
+        state.encode(out);
+    }
 }
 
 /// Per key group an `S`, and which groups changed since the last snapshot.
@@ -277,7 +306,10 @@ impl<S: GroupState> Stateful for KeyGroups<S> {
     fn take_group(&mut self, group: u32) -> Option<MovedGroup> {
         let slot = self.groups.get_mut(group as usize)?;
         let taken = std::mem::take(slot);
-        (!taken.is_empty()).then(|| MovedGroup::Held(Box::new(taken)))
+        (!taken.is_empty()).then(|| MovedGroup::Held {
+            state: Box::new(taken),
+            encode: encode_held::<S>,
+        })
     }
 
     fn put_group(&mut self, group: u32, moved: MovedGroup) -> Result<(), String> {
@@ -287,7 +319,7 @@ impl<S: GroupState> Stateful for KeyGroups<S> {
             .get_mut(group as usize)
             .ok_or_else(|| format!("key group {group} beyond the job's {groups}"))?;
         *slot = match moved {
-            MovedGroup::Held(held) => *held.downcast::<S>().map_err(|_| {
+            MovedGroup::Held { state, .. } => *state.downcast::<S>().map_err(|_| {
                 format!("key group {group}: moved from an operator of another kind")
             })?,
             MovedGroup::Encoded(bytes) if bytes.is_empty() => S::default(),

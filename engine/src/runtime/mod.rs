@@ -52,7 +52,7 @@ use crate::ids::{ActorId, JobId, ShardId};
 use crate::ring;
 
 pub use directory::{Directory, Placement};
-pub use remote::{RemoteConfig, RemoteNode, RemoteStats, Wire};
+pub use remote::{RemoteConfig, RemoteNode, RemoteStats, Wire, WireRepr, WireValue};
 pub use sched::PolicyKind;
 pub use shard::{External, Packet, ShardConfig, ShardCore};
 pub use stats::{Counters, RuntimeStats, ShardReport};

@@ -22,7 +22,10 @@
 //! at a time, until it holds `BATCH_MESSAGES_MAX` (512) messages or more
 //! (a run counts each of its messages) or the rings are empty, encodes
 //! it as one rkyv archive (a
-//! `WireBatch`: per packet, its source and target shard and the packet),
+//! `WireBatch`: per packet, its source and target shard and the packet,
+//! each message in its type's wire form, `Wire::Repr`, made as the
+//! gateway takes it from the ring and undone as the receiving gateway
+//! hands it on),
 //! and sends it as one session message; a batch over the frame's body bound
 //! is split in halves (a channel's run splits too, its sequence numbers
 //! following). A message that alone does not fit a frame (or that its
@@ -278,16 +281,47 @@ impl Layout {
     }
 }
 
-/// What a message can be to cross nodes: rkyv-encodable and checked on
-/// the way in. Implemented for every such type; nothing to write by hand.
+/// A message that crosses nodes: it becomes its `Repr` (an rkyv-encodable
+/// value, checked on the way in) as the gateway takes it from its ring, and
+/// is made again from it on the other node. A type that is its own
+/// representation says so with [`WireValue`]; the dataflow layer's
+/// `DataMsg` has a representation of its own (its record batches encoded).
 pub trait Wire: Send + Sized + 'static {
+    type Repr: WireRepr;
+    fn into_wire(self) -> Self::Repr;
+    fn from_wire(repr: Self::Repr) -> Self;
+}
+
+/// A message type that crosses nodes as itself (rkyv-encodable): `impl
+/// WireValue for MyMessage {}` makes it [`Wire`].
+pub trait WireValue: WireRepr {}
+
+impl<M: WireValue> Wire for M {
+    type Repr = M;
+
+    #[inline]
+    fn into_wire(self) -> M {
+        self
+    }
+
+    #[inline]
+    fn from_wire(repr: M) -> M {
+        repr
+    }
+}
+
+impl WireValue for Vec<u8> {}
+
+/// What crosses: rkyv-encodable and checked on the way in. Implemented for
+/// every such type; nothing to write by hand.
+pub trait WireRepr: Send + Sized + 'static {
     #[doc(hidden)]
     fn encode_batch(batch: &WireBatch<Self>, out: Vec<u8>) -> Result<Vec<u8>, RkyvError>;
     #[doc(hidden)]
     fn decode_batch(bytes: &[u8]) -> Result<WireBatch<Self>, RkyvError>;
 }
 
-impl<M> Wire for M
+impl<M> WireRepr for M
 where
     M: Archive + Send + 'static,
     M: for<'a> Serialize<HighSerializer<Vec<u8>, ArenaHandle<'a>, RkyvError>>,
@@ -446,8 +480,8 @@ pub struct WireSlot<M> {
     blocked: Vec<WireBlocked<M>>,
 }
 
-impl<M> WireSlot<M> {
-    fn from_slot(slot: RemoteSlot<M>, now_ns: u64) -> WireSlot<M> {
+impl<R> WireSlot<R> {
+    fn from_slot<M: Wire<Repr = R>>(slot: RemoteSlot<M>, now_ns: u64) -> WireSlot<R> {
         let wire = |sched| WireSched::from_sched(sched, now_ns);
         WireSlot {
             id: slot.id,
@@ -458,7 +492,7 @@ impl<M> WireSlot<M> {
             mailbox: slot
                 .mailbox
                 .into_iter()
-                .map(|(sched, credit, m)| (wire(sched), credit, m))
+                .map(|(sched, credit, m)| (wire(sched), credit, m.into_wire()))
                 .collect(),
             early: slot
                 .early
@@ -469,7 +503,7 @@ impl<M> WireSlot<M> {
                     credit_shard: env.credit_shard,
                     route_epoch: env.route_epoch,
                     sched: wire(env.sched),
-                    message: env.message,
+                    message: env.message.into_wire(),
                 })
                 .collect(),
             blocked: slot
@@ -479,13 +513,13 @@ impl<M> WireSlot<M> {
                     to: out.to,
                     sched: wire(out.sched),
                     uncredited: out.uncredited,
-                    message: out.message,
+                    message: out.message.into_wire(),
                 })
                 .collect(),
         }
     }
 
-    fn into_slot(self, now_ns: u64) -> RemoteSlot<M> {
+    fn into_slot<M: Wire<Repr = R>>(self, now_ns: u64) -> RemoteSlot<M> {
         let id = self.id;
         RemoteSlot {
             id,
@@ -496,7 +530,7 @@ impl<M> WireSlot<M> {
             mailbox: self
                 .mailbox
                 .into_iter()
-                .map(|(sched, credit, m)| (sched.to_sched(now_ns), credit, m))
+                .map(|(sched, credit, m)| (sched.to_sched(now_ns), credit, M::from_wire(m)))
                 .collect(),
             early: self
                 .early
@@ -508,7 +542,7 @@ impl<M> WireSlot<M> {
                     credit_shard: e.credit_shard,
                     route_epoch: e.route_epoch,
                     sched: e.sched.to_sched(now_ns),
-                    message: e.message,
+                    message: M::from_wire(e.message),
                 })
                 .collect(),
             blocked: self
@@ -517,7 +551,7 @@ impl<M> WireSlot<M> {
                 .map(|b| Outgoing {
                     to: b.to,
                     sched: b.sched.to_sched(now_ns),
-                    message: b.message,
+                    message: M::from_wire(b.message),
                     due_ns: 0,
                     uncredited: b.uncredited,
                 })
@@ -540,7 +574,7 @@ impl<M> WireSlot<M> {
     }
 
     /// What a lost move leaves: the credits its messages hold, per shard.
-    fn lost(&self) -> WirePacket<M> {
+    fn lost(&self) -> WirePacket<R> {
         let mut credits: Vec<(u16, u32)> = Vec::new();
         for shard in self.credit_shards() {
             match credits.iter_mut().find(|(s, _)| *s == shard) {
@@ -573,11 +607,49 @@ pub struct WireBatch<M> {
     items: Vec<WireItem<M>>,
 }
 
-impl<M> WirePacket<M> {
+#[cfg(test)]
+impl<R> WireBatch<R> {
+    /// A batch of `messages`, each alone in a packet between two shards,
+    /// for tests of a message type's wire form.
+    pub(crate) fn of_messages(messages: Vec<R>) -> WireBatch<R> {
+        let actor = ActorId::new(JobId(1), 0, 0);
+        let items = messages
+            .into_iter()
+            .enumerate()
+            .map(|(seq, message)| WireItem {
+                from_shard: 0,
+                to_shard: 1,
+                packet: WirePacket::Message {
+                    to: actor,
+                    from: actor,
+                    seq: seq as u64,
+                    credit_shard: 0,
+                    route_epoch: 0,
+                    sched: WireSched::from_sched(SchedCtx::default(), 0),
+                    message,
+                },
+            })
+            .collect();
+        WireBatch { items }
+    }
+
+    /// The messages of a batch `of_messages` made, in order.
+    pub(crate) fn into_messages(self) -> Vec<R> {
+        self.items
+            .into_iter()
+            .filter_map(|item| match item.packet {
+                WirePacket::Message { message, .. } => Some(message),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl<R> WirePacket<R> {
     /// The packet for the wire; `None` for a handoff by ownership, which
     /// never crosses nodes (`ShardCore::migrate_out` sends an actor to
     /// another node as a `RemoteHandoff`).
-    fn from_packet(packet: Packet<M>, now_ns: u64) -> Option<WirePacket<M>> {
+    fn from_packet<M: Wire<Repr = R>>(packet: Packet<M>, now_ns: u64) -> Option<WirePacket<R>> {
         Some(match packet {
             Packet::Message(env) => WirePacket::Message {
                 to: env.to,
@@ -586,7 +658,7 @@ impl<M> WirePacket<M> {
                 credit_shard: env.credit_shard,
                 route_epoch: env.route_epoch,
                 sched: WireSched::from_sched(env.sched, now_ns),
-                message: env.message,
+                message: env.message.into_wire(),
             },
             Packet::Run(run) => WirePacket::Run {
                 to: run.to,
@@ -597,7 +669,7 @@ impl<M> WirePacket<M> {
                 messages: run
                     .messages
                     .into_iter()
-                    .map(|(sched, m)| (WireSched::from_sched(sched, now_ns), m))
+                    .map(|(sched, m)| (WireSched::from_sched(sched, now_ns), m.into_wire()))
                     .collect(),
             },
             Packet::Ack { actor, messages } => WirePacket::Ack { actor, messages },
@@ -627,7 +699,7 @@ impl<M> WirePacket<M> {
 
     /// The packet for the target shard; `None` for a part of a move,
     /// which the receiving gateway assembles first (`Assembly`).
-    fn into_packet(self, now_ns: u64) -> Option<Packet<M>> {
+    fn into_packet<M: Wire<Repr = R>>(self, now_ns: u64) -> Option<Packet<M>> {
         Some(match self {
             WirePacket::Message {
                 to,
@@ -644,7 +716,7 @@ impl<M> WirePacket<M> {
                 credit_shard,
                 route_epoch,
                 sched: sched.to_sched(now_ns),
-                message,
+                message: M::from_wire(message),
             }),
             WirePacket::Run {
                 to,
@@ -661,7 +733,7 @@ impl<M> WirePacket<M> {
                 route_epoch,
                 messages: messages
                     .into_iter()
-                    .map(|(sched, m)| (sched.to_sched(now_ns), m))
+                    .map(|(sched, m)| (sched.to_sched(now_ns), M::from_wire(m)))
                     .collect(),
             }),
             WirePacket::Ack { actor, messages } => Packet::Ack { actor, messages },
@@ -1070,8 +1142,8 @@ fn offer(
 
 /// Encode `items` as frames of at most `body_max` bytes each, in order,
 /// splitting a batch (and a run) that is over it (`Framer::encode`).
-fn encode_frames<M: Wire>(
-    items: Vec<WireItem<M>>,
+fn encode_frames<R: WireRepr>(
+    items: Vec<WireItem<R>>,
     body_max: usize,
     out: &mut std::collections::VecDeque<Vec<u8>>,
     stats: &RemoteStats,
@@ -1098,11 +1170,11 @@ struct Framer<'a> {
 impl Framer<'_> {
     /// Encode `items` as frames in order, splitting a batch (and a run)
     /// that is over the bound.
-    fn encode<M: Wire>(&mut self, items: Vec<WireItem<M>>) {
+    fn encode<R: WireRepr>(&mut self, items: Vec<WireItem<R>>) {
         let (body_max, stats) = (self.body_max, self.stats);
         let batch = WireBatch { items };
         let messages: usize = batch.items.iter().map(|i| i.packet.messages()).sum();
-        let encoded = M::encode_batch(&batch, Vec::with_capacity(body_max));
+        let encoded = R::encode_batch(&batch, Vec::with_capacity(body_max));
         match encoded {
             Ok(bytes) if bytes.len() <= body_max => {
                 add(&stats.messages_out, messages as u64);
@@ -1176,11 +1248,11 @@ impl Framer<'_> {
     /// parts of a frame's body less `HANDOFF_PART_ROOM` each (or half a body,
     /// whichever is more), back to back; over `HANDOFF_BYTES_MAX` encoded,
     /// or not encodable, it is lost (`drop_item`).
-    fn send_in_parts<M: Wire>(&mut self, item: WireItem<M>) {
+    fn send_in_parts<R: WireRepr>(&mut self, item: WireItem<R>) {
         let body_max = self.body_max;
         let (from_shard, to_shard) = (item.from_shard, item.to_shard);
         let whole = WireBatch { items: vec![item] };
-        let encoded = M::encode_batch(&whole, Vec::new());
+        let encoded = R::encode_batch(&whole, Vec::new());
         let item = whole.items.into_iter().next().expect("one item");
         let WirePacket::Handoff(slot) = &item.packet else {
             return self.drop_item(item, "not a move".into());
@@ -1212,7 +1284,7 @@ impl Framer<'_> {
         let parts = bytes.len().div_ceil(part_bytes) as u32;
         add(&self.stats.handoff_parts_out, u64::from(parts));
         for (part, chunk) in bytes.chunks(part_bytes).enumerate() {
-            let packet = WirePacket::<M>::HandoffPart {
+            let packet = WirePacket::<R>::HandoffPart {
                 actor,
                 epoch,
                 part: part as u32,
@@ -1232,7 +1304,7 @@ impl Framer<'_> {
     /// its place a `Lost` packet, small enough to cross, so that the new
     /// owner holds the actor's place as failed and returns the credits its
     /// messages held.
-    fn drop_item<M: Wire>(&mut self, item: WireItem<M>, message: String) {
+    fn drop_item<R: WireRepr>(&mut self, item: WireItem<R>, message: String) {
         fail(
             self.stats,
             self.on_failure,
@@ -1286,13 +1358,13 @@ impl Assembly {
     /// while another move is under way drops that one; a part out of
     /// place, over the bound, or a whole that is no such move is an error
     /// and drops its move. Each move dropped leaves a notice in `lost`.
-    fn take<M: Wire>(
+    fn take<R: WireRepr>(
         &mut self,
-        item: WireItem<M>,
+        item: WireItem<R>,
         layout: &Layout,
         peer: usize,
-        lost: &mut Vec<WireItem<M>>,
-    ) -> Result<Option<WirePacket<M>>, String> {
+        lost: &mut Vec<WireItem<R>>,
+    ) -> Result<Option<WirePacket<R>>, String> {
         let WirePacket::HandoffPart {
             actor,
             epoch,
@@ -1327,12 +1399,12 @@ impl Assembly {
         if *next < parts {
             return Ok(None);
         }
-        let decoded = M::decode_batch(&self.bytes);
+        let decoded = R::decode_batch(&self.bytes);
         self.under_way = None;
         self.bytes = AlignedVec::new();
         let whole = decoded
             .ok()
-            .and_then(|batch| <[WireItem<M>; 1]>::try_from(batch.items).ok());
+            .and_then(|batch| <[WireItem<R>; 1]>::try_from(batch.items).ok());
         match whole {
             Some([whole])
                 if (whole.from_shard, whole.to_shard) == (from, to)
@@ -1414,8 +1486,8 @@ async fn receive<M: Wire>(
     let mut assembly = Assembly::default();
     // Notices of moves lost on the way in, and the packets ready for the
     // shards, of the item at hand.
-    let mut lost: Vec<WireItem<M>> = Vec::new();
-    let mut ready: Vec<WireItem<M>> = Vec::new();
+    let mut lost: Vec<WireItem<M::Repr>> = Vec::new();
+    let mut ready: Vec<WireItem<M::Repr>> = Vec::new();
     let mut restarts = session.stats().peer_restarts;
     while let Some((kind, body)) = session.recv_wait().await {
         add(&stats.frames_in, 1);
@@ -1440,7 +1512,7 @@ async fn receive<M: Wire>(
             aligned.extend_from_slice(&body);
             &aligned
         };
-        let decoded = M::decode_batch(bytes);
+        let decoded = M::Repr::decode_batch(bytes);
         drop(body);
         let batch = match decoded {
             Ok(batch) => batch,
@@ -1479,7 +1551,7 @@ async fn receive<M: Wire>(
             }
             for item in ready.drain(..) {
                 add(&stats.messages_in, item.packet.messages() as u64);
-                let Some(mut packet) = item.packet.into_packet(now_ns) else {
+                let Some(mut packet) = item.packet.into_packet::<M>(now_ns) else {
                     continue;
                 };
                 let to = ShardId(item.to_shard);
@@ -1641,10 +1713,10 @@ mod tests {
                 for item in batch.items {
                     let mut lost = Vec::new();
                     if let Ok(Some(packet)) = assembly.take(item, &two_nodes(), 0, &mut lost) {
-                        let _ = packet.into_packet(1_000);
+                        let _ = packet.into_packet::<Vec<u8>>(1_000);
                     }
                     for notice in lost {
-                        let _ = notice.packet.into_packet(1_000);
+                        let _ = notice.packet.into_packet::<Vec<u8>>(1_000);
                     }
                 }
             }
@@ -1756,7 +1828,7 @@ mod tests {
         else {
             panic!("the last is the handoff");
         };
-        let slot = slot.into_slot(5);
+        let slot = slot.into_slot::<Vec<u8>>(5);
         assert_eq!((slot.id.partition, slot.epoch), (2, 3));
         assert_eq!(slot.state.as_deref(), Some(&[1u8, 2, 3][..]));
         assert_eq!(slot.mailbox[0].1, 1);
@@ -1942,7 +2014,7 @@ mod tests {
             .next()
             .unwrap()
             .packet
-            .into_packet(0)
+            .into_packet::<Vec<u8>>(0)
             .expect("not a part");
         let Packet::LostHandoff {
             actor: lost,
@@ -2007,7 +2079,7 @@ mod tests {
                 .unwrap();
             assert_eq!(taken.is_some(), i == last, "part {i}");
             if let Some(WirePacket::Handoff(slot)) = taken {
-                let slot = slot.into_slot(0);
+                let slot = slot.into_slot::<Vec<u8>>(0);
                 assert_eq!((slot.id.partition, slot.epoch), (2, 4));
                 let state = slot.state.unwrap();
                 assert!(state.iter().enumerate().all(|(i, &b)| b == i as u8));

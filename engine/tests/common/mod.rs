@@ -42,6 +42,8 @@ pub enum Msg {
     Data { source: u32, n: u64 },
 }
 
+impl dirigo_engine::runtime::WireValue for Msg {}
+
 /// What every channel `(source, target)` has delivered so far.
 pub struct Ledger {
     pub sources: u32,
