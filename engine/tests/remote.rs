@@ -735,6 +735,27 @@ fn a_move_over_a_frame_crosses_in_parts_with_everything_it_held() {
     nodes.b.shutdown();
 }
 
+/// Messages of 1 MiB each (four frames' worth) cross in parts: every one
+/// arrives once, whole, the sink never moving.
+#[test]
+fn messages_over_a_frame_cross_in_parts_each_once() {
+    let nodes = big_nodes(8, SINK, 1 << 20, Duration::ZERO);
+    const SENT: u64 = 40;
+    nodes
+        .a
+        .send(PUSHER, Big::Go(SENT as u32), sched())
+        .expect("alive");
+    assert_eq!(nodes.wait_until_all_accounted(SENT), 0, "nothing dropped");
+    assert_eq!(nodes.handled.load(Ordering::Acquire), SENT);
+    let remote = nodes.a.remote_stats().unwrap();
+    assert!(remote.message_parts_out >= 4 * SENT, "{remote:?}");
+    assert_eq!(remote.oversized, 0);
+    assert_eq!(nodes.b.remote_stats().unwrap().refused, 0);
+    assert!(nodes.failures.lock().unwrap().is_empty());
+    nodes.a.shutdown();
+    nodes.b.shutdown();
+}
+
 /// An actor with a state of 4 MiB (far over a frame) moves to the other
 /// node in parts and has all of it there.
 #[test]

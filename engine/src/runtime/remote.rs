@@ -28,9 +28,11 @@
 //! hands it on),
 //! and sends it as one session message; a batch over the frame's body bound
 //! is split in halves (a channel's run splits too, its sequence numbers
-//! following). A message that alone does not fit a frame (or that its
-//! type fails to encode) cannot cross: it is dropped, counted
-//! (`oversized`), logged, and the failure hook is told, naming the sender.
+//! following). A message that alone does not fit a frame crosses in
+//! parts, as a move does (below; `WirePacket::MessagePart`), up to
+//! `HANDOFF_BYTES_MAX` encoded. One over that, or that its type fails to
+//! encode, cannot cross: it is dropped, counted (`oversized`), logged, and
+//! the failure hook is told, naming the sender.
 //! Its channel stops there (the target holds every later message of the
 //! channel until the missing one), so the hook's owner must end the
 //! sender's job; the dataflow layer's hook does. The
@@ -65,13 +67,15 @@
 //! that peer (the shards' staging and credits hold the rest), and while a
 //! target shard's ring is full it stops taking that peer's frames (the
 //! session's credit stops the peer), unless that shard has died: what is
-//! for it is dropped and counted, as the shards do. A move over a frame
-//! is the exception in size, within bounds: its sender holds its
-//! encoding and its parts (at most `HANDOFF_BYTES_MAX` each, and a batch
-//! takes no more from the rings after a move, past the drain under way),
-//! its receiver at most one move per
-//! peer under way, of at most `HANDOFF_BYTES_MAX`. Nothing grows without
-//! bound.
+//! for it is dropped and counted, as the shards do. A move or a message
+//! over a frame is the exception in size, within bounds: its sender holds
+//! its encoding and its parts (at most `HANDOFF_BYTES_MAX` each, and a
+//! batch takes no more from the rings after a move, past the drain under
+//! way; a batch of messages holds at most `BATCH_MESSAGES_MAX` and a few,
+//! so a batch of messages each near that size is the most a peer's
+//! frames waiting to be sent come to), its receiver at most one move or
+//! message per peer under way, of at most `HANDOFF_BYTES_MAX`. Nothing
+//! grows without bound.
 //!
 //! # Moving an actor to another node
 //!
@@ -180,11 +184,11 @@ const RING_RETRY: Duration = Duration::from_micros(20);
 /// for the part's own fields, under 100 bytes encoded) of its encoding.
 const HANDOFF_PART_ROOM: usize = 1024;
 
-/// The largest encoded move that crosses in parts: over it (with
-/// `shard::REMOTE_HANDOFF_STATE_BYTES_MAX`, 16 MiB, of state, only many
-/// large messages get there) the move is lost (`Lost`), as an oversized
-/// message is. A receiving gateway holds at most this much of a peer's
-/// move at once.
+/// The largest encoded move or message that crosses in parts: over it
+/// (with `shard::REMOTE_HANDOFF_STATE_BYTES_MAX`, 16 MiB, of state, only
+/// many large messages get a move there) a move is lost (`Lost`), and a
+/// message dropped. A receiving gateway holds at most this much of a
+/// peer's move or message at once.
 pub const HANDOFF_BYTES_MAX: usize = 32 * 1024 * 1024;
 
 /// One node of a run.
@@ -427,6 +431,17 @@ pub enum WirePacket<M> {
     HandoffPart {
         actor: ActorId,
         epoch: u64,
+        part: u32,
+        parts: u32,
+        bytes: Vec<u8>,
+    },
+    /// One part of a message (alone, or a run of one) over a frame:
+    /// `bytes` is part `part` of `parts` of the encoding of a batch
+    /// holding that one message to `to`, number `seq` on its channel. The
+    /// parts of a message go out back to back, in order.
+    MessagePart {
+        to: ActorId,
+        seq: u64,
         part: u32,
         parts: u32,
         bytes: Vec<u8>,
@@ -764,7 +779,7 @@ impl<R> WirePacket<R> {
                 credits,
                 uncredited,
             },
-            WirePacket::HandoffPart { .. } => return None,
+            WirePacket::HandoffPart { .. } | WirePacket::MessagePart { .. } => return None,
         })
     }
 
@@ -791,7 +806,7 @@ impl<R> WirePacket<R> {
             WirePacket::Migrate { to, .. } => within(*to),
             WirePacket::Handoff(slot) => slot.credit_shards().all(within),
             WirePacket::Lost { credits, .. } => credits.iter().all(|&(s, _)| within(s)),
-            WirePacket::HandoffPart { .. } => true,
+            WirePacket::HandoffPart { .. } | WirePacket::MessagePart { .. } => true,
             WirePacket::Ack { .. } => true,
         }
     }
@@ -823,6 +838,8 @@ pub struct RemoteStats {
     oversized: AtomicU64,
     /// Parts of moves over a frame sent (`WirePacket::HandoffPart`).
     handoff_parts_out: AtomicU64,
+    /// Parts of messages over a frame sent (`WirePacket::MessagePart`).
+    message_parts_out: AtomicU64,
     /// Batches refused (not an archive, or naming shards they may not),
     /// and parts of moves refused (out of place, over the bound, or a
     /// whole that is not the move its parts said).
@@ -847,6 +864,7 @@ pub struct RemoteSnapshot {
     pub splits: u64,
     pub oversized: u64,
     pub handoff_parts_out: u64,
+    pub message_parts_out: u64,
     pub refused: u64,
     pub dropped_to_dead_shards: u64,
     /// Per node of the run: connected to it (this node: `true`).
@@ -875,6 +893,7 @@ impl RemoteStats {
             splits: get(&self.splits),
             oversized: get(&self.oversized),
             handoff_parts_out: get(&self.handoff_parts_out),
+            message_parts_out: get(&self.message_parts_out),
             refused: get(&self.refused),
             dropped_to_dead_shards: get(&self.dropped_to_dead_shards),
             connected: self
@@ -1230,7 +1249,9 @@ impl Framer<'_> {
                 self.encode(vec![half(first_seq, messages)]);
                 self.encode(vec![half(second_seq, second)]);
             }
-            packet @ WirePacket::Handoff(_) => {
+            packet @ (WirePacket::Handoff(_)
+            | WirePacket::Message { .. }
+            | WirePacket::Run { .. }) => {
                 self.send_in_parts(WireItem { packet, ..item });
             }
             packet => {
@@ -1244,35 +1265,34 @@ impl Framer<'_> {
         }
     }
 
-    /// A move over a frame: encoded alone as a batch of one, and sent as
-    /// parts of a frame's body less `HANDOFF_PART_ROOM` each (or half a body,
-    /// whichever is more), back to back; over `HANDOFF_BYTES_MAX` encoded,
-    /// or not encodable, it is lost (`drop_item`).
+    /// A move or a message over a frame: encoded alone as a batch of one,
+    /// and sent as parts of a frame's body less `HANDOFF_PART_ROOM` each (or
+    /// half a body, whichever is more), back to back; over
+    /// `HANDOFF_BYTES_MAX` encoded, or not encodable, it is lost
+    /// (`drop_item`).
     fn send_in_parts<R: WireRepr>(&mut self, item: WireItem<R>) {
         let body_max = self.body_max;
         let (from_shard, to_shard) = (item.from_shard, item.to_shard);
+        let Some(of) = PartsOf::of(&item.packet) else {
+            return self.drop_item(item, "neither a move nor a message".into());
+        };
         let whole = WireBatch { items: vec![item] };
         let encoded = R::encode_batch(&whole, Vec::new());
         let item = whole.items.into_iter().next().expect("one item");
-        let WirePacket::Handoff(slot) = &item.packet else {
-            return self.drop_item(item, "not a move".into());
-        };
-        let (actor, epoch) = (slot.id, slot.epoch);
         let bytes = match encoded {
             Ok(bytes) if bytes.len() <= HANDOFF_BYTES_MAX => bytes,
             Ok(bytes) => {
                 let encoded_bytes = bytes.len();
                 drop(bytes);
                 let message = format!(
-                    "{actor}'s move to another node is {encoded_bytes} bytes encoded, \
-                     over {HANDOFF_BYTES_MAX}: it was lost"
+                    "{of} is {encoded_bytes} bytes encoded, over {HANDOFF_BYTES_MAX}: \
+                     it cannot cross nodes and was dropped"
                 );
                 return self.drop_item(item, message);
             }
             Err(e) => {
-                let message = format!(
-                    "{actor}'s move could not be encoded to cross nodes ({e}): it was lost"
-                );
+                let message =
+                    format!("{of} could not be encoded to cross nodes ({e}): it was dropped");
                 return self.drop_item(item, message);
             }
         };
@@ -1282,19 +1302,16 @@ impl Framer<'_> {
             .max(body_max / 2)
             .max(1);
         let parts = bytes.len().div_ceil(part_bytes) as u32;
-        add(&self.stats.handoff_parts_out, u64::from(parts));
+        let counter = match of {
+            PartsOf::Move { .. } => &self.stats.handoff_parts_out,
+            PartsOf::Message { .. } => &self.stats.message_parts_out,
+        };
+        add(counter, u64::from(parts));
         for (part, chunk) in bytes.chunks(part_bytes).enumerate() {
-            let packet = WirePacket::<R>::HandoffPart {
-                actor,
-                epoch,
-                part: part as u32,
-                parts,
-                bytes: chunk.to_vec(),
-            };
             let item = WireItem {
                 from_shard,
                 to_shard,
-                packet,
+                packet: of.part::<R>(part as u32, parts, chunk.to_vec()),
             };
             self.encode(vec![item]);
         }
@@ -1323,14 +1340,85 @@ impl Framer<'_> {
     }
 }
 
-/// A peer's move arriving in parts (`WirePacket::HandoffPart`): one at a
-/// time per peer (a sender sends a move's parts back to back), at most
-/// `HANDOFF_BYTES_MAX` bytes.
+/// What crosses in parts: a move (an actor, its new epoch) or a message
+/// (its target, its number on its channel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PartsOf {
+    Move { actor: ActorId, epoch: u64 },
+    Message { to: ActorId, seq: u64 },
+}
+
+impl PartsOf {
+    /// What `packet` would cross in parts as: a move, a message or a run
+    /// of one; `None` for anything else.
+    fn of<R>(packet: &WirePacket<R>) -> Option<PartsOf> {
+        match packet {
+            WirePacket::Handoff(slot) => Some(PartsOf::Move {
+                actor: slot.id,
+                epoch: slot.epoch,
+            }),
+            WirePacket::Message { to, seq, .. } => Some(PartsOf::Message { to: *to, seq: *seq }),
+            WirePacket::Run {
+                to,
+                first_seq,
+                messages,
+                ..
+            } if messages.len() == 1 => Some(PartsOf::Message {
+                to: *to,
+                seq: *first_seq,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Part `part` of `parts` of it.
+    fn part<R>(self, part: u32, parts: u32, bytes: Vec<u8>) -> WirePacket<R> {
+        match self {
+            PartsOf::Move { actor, epoch } => WirePacket::HandoffPart {
+                actor,
+                epoch,
+                part,
+                parts,
+                bytes,
+            },
+            PartsOf::Message { to, seq } => WirePacket::MessagePart {
+                to,
+                seq,
+                part,
+                parts,
+                bytes,
+            },
+        }
+    }
+
+    /// What a move from `from` to `to` lost on the way in leaves for its
+    /// target (`lost_notice`); a message lost so leaves nothing: its
+    /// channel stops there.
+    fn lost<R>(self, from: u16, to: u16) -> Option<WireItem<R>> {
+        match self {
+            PartsOf::Move { actor, epoch } => Some(lost_notice(from, to, actor, epoch)),
+            PartsOf::Message { .. } => None,
+        }
+    }
+}
+
+impl std::fmt::Display for PartsOf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PartsOf::Move { actor, .. } => write!(f, "{actor}'s move"),
+            PartsOf::Message { to, seq } => write!(f, "a message to {to} (number {seq})"),
+        }
+    }
+}
+
+/// A peer's move or message arriving in parts (`WirePacket::HandoffPart`,
+/// `WirePacket::MessagePart`): one at a time per peer (a sender sends the
+/// parts of one back to back), at most `HANDOFF_BYTES_MAX` bytes.
 #[derive(Default)]
 struct Assembly {
-    /// `(from shard, to shard, actor, epoch, parts, next part)` of the
-    /// move under way, and its bytes so far.
-    under_way: Option<(u16, u16, ActorId, u64, u32, u32)>,
+    /// `(from shard, to shard, what, parts, next part)` of the one under
+    /// way, and its bytes so far.
+    under_way: Option<(u16, u16, PartsOf, u32, u32)>,
     bytes: AlignedVec<ARCHIVE_ALIGN>,
 }
 
@@ -1352,12 +1440,13 @@ fn lost_notice<M>(from: u16, to: u16, actor: ActorId, epoch: u64) -> WireItem<M>
 
 impl Assembly {
     /// Take `item` from `peer` (its batch checked already): a part of a
-    /// move gives the whole move's packet once its last part came, checked
-    /// to be the move its parts said, between the same shards, naming only
-    /// shards of the run; any other packet is given back. A first part
-    /// while another move is under way drops that one; a part out of
-    /// place, over the bound, or a whole that is no such move is an error
-    /// and drops its move. Each move dropped leaves a notice in `lost`.
+    /// move or message gives the whole one's packet once its last part
+    /// came, checked to be what its parts said, between the same shards,
+    /// naming only shards of the run; any other packet is given back. A
+    /// first part while another is under way drops that one; a part out of
+    /// place, over the bound, or a whole that is not what its parts said is
+    /// an error and drops it. Each move dropped leaves a notice in `lost`
+    /// (a message dropped so leaves nothing: its channel stops there).
     fn take<R: WireRepr>(
         &mut self,
         item: WireItem<R>,
@@ -1365,33 +1454,40 @@ impl Assembly {
         peer: usize,
         lost: &mut Vec<WireItem<R>>,
     ) -> Result<Option<WirePacket<R>>, String> {
-        let WirePacket::HandoffPart {
-            actor,
-            epoch,
-            part,
-            parts,
-            bytes,
-        } = item.packet
-        else {
-            return Ok(Some(item.packet));
+        let (of, part, parts, bytes) = match item.packet {
+            WirePacket::HandoffPart {
+                actor,
+                epoch,
+                part,
+                parts,
+                bytes,
+            } => (PartsOf::Move { actor, epoch }, part, parts, bytes),
+            WirePacket::MessagePart {
+                to,
+                seq,
+                part,
+                parts,
+                bytes,
+            } => (PartsOf::Message { to, seq }, part, parts, bytes),
+            packet => return Ok(Some(packet)),
         };
         let (from, to) = (item.from_shard, item.to_shard);
         if part == 0 {
             self.abandon(lost);
-            self.under_way = Some((from, to, actor, epoch, parts, 0));
+            self.under_way = Some((from, to, of, parts, 0));
         }
-        let Some((f, t, a, e, n, next)) = self.under_way.as_mut() else {
-            lost.push(lost_notice(from, to, actor, epoch));
+        let Some((f, t, o, n, next)) = self.under_way.as_mut() else {
+            lost.extend(of.lost(from, to));
             return Err(format!(
-                "part {part} of {actor}'s move from node {peer} with no first part"
+                "part {part} of {of} from node {peer} with no first part"
             ));
         };
-        if (*f, *t, *a, *e, *n, *next) != (from, to, actor, epoch, parts, part)
+        if (*f, *t, *o, *n, *next) != (from, to, of, parts, part)
             || self.bytes.len() + bytes.len() > HANDOFF_BYTES_MAX
         {
             self.abandon(lost);
             return Err(format!(
-                "part {part} of {parts} of {actor}'s move from node {peer} out of place or over {HANDOFF_BYTES_MAX} bytes"
+                "part {part} of {parts} of {of} from node {peer} out of place or over {HANDOFF_BYTES_MAX} bytes"
             ));
         }
         *next += 1;
@@ -1408,25 +1504,24 @@ impl Assembly {
         match whole {
             Some([whole])
                 if (whole.from_shard, whole.to_shard) == (from, to)
-                    && matches!(&whole.packet, WirePacket::Handoff(slot) if slot.id == actor && slot.epoch == epoch)
+                    && PartsOf::of(&whole.packet) == Some(of)
                     && whole.packet.names_shards_within(layout.node_of.len()) =>
             {
                 Ok(Some(whole.packet))
             }
             _ => {
-                lost.push(lost_notice(from, to, actor, epoch));
-                Err(format!(
-                    "{actor}'s move from node {peer} is not the move its parts said"
-                ))
+                lost.extend(of.lost(from, to));
+                Err(format!("{of} from node {peer} is not what its parts said"))
             }
         }
     }
 
-    /// Drop the move under way, if any, leaving its notice in `lost` (its
-    /// peer restarted, or its parts came out of place).
+    /// Drop what is under way, if anything, leaving a move's notice in
+    /// `lost` (its peer restarted, or its parts came out of place).
     fn abandon<M>(&mut self, lost: &mut Vec<WireItem<M>>) {
-        if let Some((from, to, actor, epoch, _, _)) = self.under_way.take() {
-            lost.push(lost_notice(from, to, actor, epoch));
+        if let Some((from, to, of, _, _)) = self.under_way.take() {
+            eprintln!("dirigo gateway: {of} was dropped before all of its parts came");
+            lost.extend(of.lost(from, to));
         }
         self.bytes = AlignedVec::new();
     }
@@ -1955,11 +2050,148 @@ mod tests {
         }
         assert_eq!(next, 51);
         assert_eq!(stats.snapshot().oversized, 0);
-        // One message over the bound alone is dropped and counted.
+    }
+
+    /// The items of `frames` as the receiving gateway takes them: each
+    /// frame checked, parts assembled.
+    fn received(frames: &std::collections::VecDeque<Vec<u8>>) -> Vec<WirePacket<Vec<u8>>> {
+        let mut assembly = Assembly::default();
+        let mut whole = Vec::new();
+        for frame in frames {
+            let mut aligned = AlignedVec::<16>::new();
+            aligned.extend_from_slice(frame);
+            let batch = Vec::<u8>::decode_batch(&aligned).unwrap();
+            assert!(batch_is_valid(&batch, &two_nodes(), 0));
+            for item in batch.items {
+                let mut lost = Vec::new();
+                if let Some(packet) = assembly.take(item, &two_nodes(), 0, &mut lost).unwrap() {
+                    whole.push(packet);
+                }
+                assert!(lost.is_empty());
+            }
+        }
+        assert!(assembly.under_way.is_none());
+        whole
+    }
+
+    #[test]
+    fn a_message_over_the_bound_crosses_in_parts_between_the_others_in_order() {
+        let stats = RemoteStats::default();
+        let actor = ActorId::new(JobId(1), 1, 0);
+        let sched = WireSched::from_sched(SchedCtx::default(), 0);
+        let message = |seq: u64, bytes: usize| WireItem {
+            from_shard: 0,
+            to_shard: 2,
+            packet: WirePacket::Message {
+                to: actor,
+                from: actor,
+                seq,
+                credit_shard: 0,
+                route_epoch: 0,
+                sched,
+                message: vec![seq as u8; bytes],
+            },
+        };
         let mut frames = std::collections::VecDeque::new();
-        encode_frames(vec![run(1, 1)], 512, &mut frames, &stats, &None);
+        // A small one, one of 20 frames' worth, a small one, and a run of one
+        // over the bound.
+        let mut run_of_one = message(4, 9_000);
+        if let WirePacket::Message { message, .. } = run_of_one.packet {
+            run_of_one.packet = WirePacket::Run {
+                to: actor,
+                from: actor,
+                first_seq: 4,
+                credit_shard: 0,
+                route_epoch: 0,
+                messages: vec![(sched, message)],
+            };
+        }
+        let items = vec![
+            message(1, 10),
+            message(2, 20_000),
+            message(3, 30),
+            run_of_one,
+        ];
+        encode_frames(items, 1_024, &mut frames, &stats, &None);
+        assert!(frames.iter().all(|f| f.len() <= 1_024));
+        let snapshot = stats.snapshot();
+        assert_eq!(snapshot.oversized, 0);
+        assert!(snapshot.message_parts_out >= 20 + 9, "{snapshot:?}");
+        let got: Vec<(u64, Vec<u8>)> = received(&frames)
+            .into_iter()
+            .map(|packet| match packet {
+                WirePacket::Message { seq, message, .. } => (seq, message),
+                WirePacket::Run {
+                    first_seq,
+                    mut messages,
+                    ..
+                } => {
+                    assert_eq!(messages.len(), 1);
+                    (first_seq, messages.pop().unwrap().1)
+                }
+                _ => panic!("messages only"),
+            })
+            .collect();
+        let expected: Vec<(u64, Vec<u8>)> = [(1, 10), (2, 20_000), (3, 30), (4, 9_000)]
+            .into_iter()
+            .map(|(seq, bytes)| (seq, vec![seq as u8; bytes]))
+            .collect();
+        assert_eq!(got, expected);
+
+        // A part of another message in the middle of one: both dropped,
+        // and neither leaves a notice (only a move's target is told).
+        let mut frames = std::collections::VecDeque::new();
+        encode_frames(vec![message(5, 5_000)], 1_024, &mut frames, &stats, &None);
+        let mut other = std::collections::VecDeque::new();
+        encode_frames(vec![message(6, 5_000)], 1_024, &mut other, &stats, &None);
+        let mut assembly = Assembly::default();
+        let mut errors = 0;
+        for frame in [&frames[0], &other[1], &frames[1]] {
+            let mut aligned = AlignedVec::<16>::new();
+            aligned.extend_from_slice(frame);
+            for item in Vec::<u8>::decode_batch(&aligned).unwrap().items {
+                let mut lost = Vec::new();
+                match assembly.take(item, &two_nodes(), 0, &mut lost) {
+                    Ok(packet) => assert!(packet.is_none()),
+                    Err(_) => errors += 1,
+                }
+                assert!(lost.is_empty());
+            }
+        }
+        assert_eq!(errors, 2);
+    }
+
+    #[test]
+    fn a_message_over_what_crosses_in_parts_is_dropped_and_its_sender_named() {
+        let stats = RemoteStats::default();
+        let actor = ActorId::new(JobId(1), 1, 0);
+        let told = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let hook: FailureHook = {
+            let told = told.clone();
+            Arc::new(move |f: Failure| told.lock().unwrap().push(f.actor))
+        };
+        let item = WireItem {
+            from_shard: 0,
+            to_shard: 1,
+            packet: WirePacket::Message {
+                to: actor,
+                from: ActorId::new(JobId(1), 0, 3),
+                seq: 1,
+                credit_shard: 0,
+                route_epoch: 0,
+                sched: WireSched::from_sched(SchedCtx::default(), 0),
+                message: vec![1u8; HANDOFF_BYTES_MAX],
+            },
+        };
+        let mut frames = std::collections::VecDeque::new();
+        encode_frames(vec![item], 64 * 1024, &mut frames, &stats, &Some(hook));
         assert!(frames.is_empty());
         assert_eq!(stats.snapshot().oversized, 1);
+        assert_eq!(stats.snapshot().message_parts_out, 0);
+        assert_eq!(
+            *told.lock().unwrap(),
+            vec![Some(ActorId::new(JobId(1), 0, 3))]
+        );
     }
 
     #[test]
