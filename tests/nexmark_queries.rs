@@ -555,12 +555,14 @@ struct Spanning {
 
 /// `query` registered on both nodes (same ids: every node registers the
 /// same jobs in the same order), then started from node 0. Parallelism
-/// counts the run's shards.
+/// counts the run's shards; `sinks` sink partitions (the run's shards if
+/// `None`).
 fn submit_spanning(
     nodes: [&mut Dataflow; 2],
     query: &'static str,
     source: EventSource,
     rate: Option<u64>,
+    sinks: Option<u32>,
 ) -> Spanning {
     let mut parts = Vec::new();
     for dataflow in nodes {
@@ -574,7 +576,7 @@ fn submit_spanning(
             slo: Duration::from_millis(50),
             pace: rate.map(dirigo_engine::dataflow::RateSchedule::constant),
             output: Output::JsonLines(Arc::new(move |_| Box::new(CollectJson(collected.clone())))),
-            sink_parallelism: shards,
+            sink_parallelism: sinks.unwrap_or(shards),
         };
         let job = build(query, &options).expect("query builds");
         let handle = dataflow.register(job).expect("job registers");
@@ -597,41 +599,36 @@ fn submit_spanning(
     }
 }
 
-/// Whether both nodes' sinks of the job have all finished (their counts
-/// add up), or a part failed.
+/// Whether the job is done on both nodes: each node's monitor of it has
+/// heard every sink partition end (or its part failed).
 fn spanning_done(s: &Spanning) -> bool {
-    let [a, b] = &s.parts;
-    a.handle.metrics().error().is_some()
-        || b.handle.metrics().error().is_some()
-        || a.handle.sinks_done_here() + b.handle.sinks_done_here() >= a.handle.sinks()
+    s.parts.iter().all(|part| part.handle.is_done())
 }
 
-/// Wait for every job on both nodes, retire each, and compare the rows
-/// both nodes' sinks collected with the reference's.
-fn check_spanning(nodes: [&Dataflow; 2], submitted: Vec<Spanning>, input: &[Event], context: &str) {
-    let started = std::time::Instant::now();
-    while !submitted.iter().all(spanning_done) {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "{context}: not finished after 120 s"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+/// Wait for every job on both nodes (each node's handle: every sink
+/// partition's end reaches both), retire each, and compare the rows both
+/// nodes' sinks collected with the reference's; with `sinks_on_both`,
+/// q0's and q1's sink partitions are on both nodes, and both have rows.
+fn check_spanning(
+    nodes: [&Dataflow; 2],
+    submitted: Vec<Spanning>,
+    input: &[Event],
+    context: &str,
+    sinks_on_both: bool,
+) {
     for s in submitted {
-        for (node, part) in s.parts.iter().enumerate() {
-            if let Some(error) = part.handle.metrics().error() {
-                panic!("{context} {} on node {node}: {error}", s.query);
-            }
-        }
-        for dataflow in nodes {
-            dataflow.retire(s.parts[0].handle.id);
+        for (node, (dataflow, part)) in nodes.iter().zip(&s.parts).enumerate() {
+            dataflow
+                .wait(&part.handle, Duration::from_secs(120))
+                .unwrap_or_else(|e| panic!("{context} {} on node {node}: {e}", s.query));
+            assert_eq!(part.handle.sinks_done(), part.handle.sinks());
         }
         // Rows of a sink partition are on the node it ran on: each node's
         // in the order its sinks emitted them.
         let mut rows = s.parts[0].rows.lock().unwrap().clone();
         let here = rows.len();
         rows.extend(s.parts[1].rows.lock().unwrap().iter().cloned());
-        if matches!(s.query, "q0" | "q1") {
+        if sinks_on_both && matches!(s.query, "q0" | "q1") {
             // Their sinks are on both nodes: rows made on one node reached
             // the other's sinks.
             assert!(
@@ -680,7 +677,7 @@ fn every_query_matches_the_reference_over_two_nodes_while_actors_move_between_th
                     config: config.clone(),
                     events: events_n,
                 };
-                submit_spanning([&mut a, &mut b], q, source, rate)
+                submit_spanning([&mut a, &mut b], q, source, rate, None)
             })
             .collect();
         let mut moves = 0;
@@ -709,7 +706,7 @@ fn every_query_matches_the_reference_over_two_nodes_while_actors_move_between_th
             }
         }
         let context = format!("two nodes, seed {seed}, {moves} moves asked");
-        check_spanning([&a, &b], submitted, &input, &context);
+        check_spanning([&a, &b], submitted, &input, &context, true);
         let (sa, sb) = (a.remote_stats().unwrap(), b.remote_stats().unwrap());
         // Records crossed both ways, not only ticks, watermarks and acks.
         assert!(
@@ -737,4 +734,97 @@ fn every_query_matches_the_reference_over_two_nodes_while_actors_move_between_th
         a.shutdown();
         b.shutdown();
     }
+}
+
+/// Key groups of every keyed stage change owner at random, ordered from
+/// node 0, while every query runs as one job over two nodes (two shards
+/// each, in this process): a group's state crosses between the nodes when
+/// its new owner is on the other one, and keyed stages are moved between
+/// the nodes too. Node 0 sees each reroute end (every partition, wherever
+/// it ran, tells node 0's monitor), and node 1 may not order one. Every
+/// query's rows equal the reference's (one sink partition, as for the
+/// reroutes on one node, for q4's order per category).
+#[test]
+fn every_query_matches_the_reference_over_two_nodes_while_key_groups_reroute_between_them() {
+    let seed = 13u64;
+    let (mut a, mut b) = two_nodes(2);
+    let events_n = 30_000;
+    let (config, input) = generated(seed, events_n);
+    let submitted: Vec<Spanning> = QUERIES
+        .iter()
+        .map(|q| {
+            let source = EventSource::Generator {
+                config: config.clone(),
+                events: events_n,
+            };
+            submit_spanning([&mut a, &mut b], q, source, Some(40_000), Some(1))
+        })
+        .collect();
+    let stages: Vec<_> = submitted
+        .iter()
+        .flat_map(|s| {
+            let job = s.parts[0].handle.id;
+            a.keyed_stages(job).into_iter().map(move |k| (job, k))
+        })
+        .collect();
+    let keyed: Vec<_> = stages
+        .iter()
+        .flat_map(|&(job, k)| {
+            (0..k.parallelism).map(move |p| dirigo_engine::ActorId::new(job, k.stage, p))
+        })
+        .collect();
+    let refused = b
+        .reroute(stages[0].0, stages[0].1.stage, vec![0; 256])
+        .expect_err("node 1 orders no reroute");
+    assert!(refused.contains("node 0"), "{refused}");
+    let mut rng = dirigo_engine::runtime::sim::SimRng::new(seed);
+    let (mut reroutes, mut parallel, mut rounds) = (0u64, 0u64, 0u64);
+    while !submitted.iter().all(spanning_done) && rounds < 20_000 {
+        rounds += 1;
+        let (ordered, to_parallel) = reroute_at_random(&a, &mut rng, &stages, &[]);
+        reroutes += ordered as u64;
+        parallel += to_parallel as u64;
+        if rng.below(4) == 0 {
+            let actor = keyed[rng.below(keyed.len() as u64) as usize];
+            a.migrate(actor, ShardId(rng.below(4) as u16));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    assert!(reroutes >= 20, "only {reroutes} reroutes");
+    let context = format!(
+        "two nodes rerouting, seed {seed} ({reroutes} reroutes, {parallel} to parallel mode)"
+    );
+    // Every reroute ordered completes: node 0's monitor hears every
+    // partition of it, wherever it ran (a partition on the other node tells
+    // it by a message, which may come after the sinks' ends).
+    let started = std::time::Instant::now();
+    for &(job, keyed) in &stages {
+        loop {
+            let (owners, settled) = a.routing(job, keyed.stage).expect("a keyed stage");
+            if settled {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                let next = owners
+                    .iter()
+                    .map(|&o| (o + 1) % keyed.parallelism)
+                    .collect();
+                panic!(
+                    "{context}: a reroute of stage {} of job {job:?} never completed: {:?}",
+                    keyed.stage,
+                    a.reroute(job, keyed.stage, next)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let crossed: u64 = [&a, &b]
+        .iter()
+        .flat_map(|node| node.stats().shards)
+        .map(|s| s.migrations_in_from_nodes)
+        .sum();
+    assert!(crossed > 0, "{context}: no keyed partition crossed nodes");
+    check_spanning([&a, &b], submitted, &input, &context, false);
+    a.shutdown();
+    b.shutdown();
 }

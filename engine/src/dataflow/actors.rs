@@ -29,6 +29,9 @@ use super::state::{encode_groups, MovedGroup, Stateful};
 use super::{DataMsg, END_OF_INPUT};
 
 pub(crate) fn activate(plan: Arc<Plan>, id: ActorId, state: Option<&[u8]>) -> BoxActor<DataMsg> {
+    if id.operator == super::graph::MONITOR_STAGE {
+        return Box::new(Monitor { plan });
+    }
     let stage = &plan.stages[id.operator as usize];
     assert!(
         id.partition < stage.parallelism,
@@ -54,6 +57,30 @@ pub(crate) fn activate(plan: Arc<Plan>, id: ActorId, state: Option<&[u8]>) -> Bo
             }),
     };
     (stage.activate)(&plan, id, saved)
+}
+
+/// A job's monitor on one node of a dataflow over nodes (`Plan::monitors`):
+/// this node's view of the job's end (every sink partition's, wherever it
+/// ran) and, on node 0, of its reroutes' completion. All it knows is in
+/// the plan: it saves nothing, and may deactivate.
+struct Monitor {
+    plan: Arc<Plan>,
+}
+
+impl Actor for Monitor {
+    type Message = DataMsg;
+
+    fn handle(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>) {
+        match message {
+            DataMsg::SinkDone => self.plan.metrics.sink_done(ctx.clock_ns()),
+            DataMsg::RerouteDone { stage, version } => self.plan.rerouted(stage, version),
+            _ => {}
+        }
+    }
+
+    fn snapshot(&mut self) -> Option<crate::actor::StateBytes> {
+        None
+    }
 }
 
 /// The table a keyed stage's partition routed by at a checkpoint and its
@@ -1432,7 +1459,8 @@ impl<Out: Data, Op: StageOp<Out>> StageActor<Out, Op> {
     /// routes by the new table (or ended), hand the groups it gives up to
     /// their new owners; as soon as nothing is left to wait for (given, and
     /// taken), go on with what was held, before anything that comes after
-    /// it on its channel; once every channel is rerouted too, tell the plan.
+    /// it on its channel; once every channel is rerouted too, tell the plan
+    /// (`Plan::reroute_done`).
     fn rescale_progress(&mut self, ctx: &mut Context<'_, DataMsg>) {
         let Some(rescale) = &self.rescale else {
             return;
@@ -1464,7 +1492,8 @@ impl<Out: Data, Op: StageOp<Out>> StageActor<Out, Op> {
         if rerouted && rescale.awaiting.is_empty() {
             let rescale = self.rescale.take().expect("under way");
             self.own = (rescale.version, rescale.owners);
-            self.plan.rerouted(self.id.operator, rescale.version);
+            self.plan
+                .reroute_done(self.id.operator, rescale.version, ctx);
         }
         self.resume(released, ctx);
     }
@@ -1669,9 +1698,12 @@ impl<Out: Data, Op: StageOp<Out>> Aligning for StageActor<Out, Op> {
         let stage = self.id.operator;
         match message {
             // The gate takes its own (`ordered`).
-            DataMsg::Tick | DataMsg::Replay | DataMsg::Handed { .. } | DataMsg::After { .. } => {
-                return
-            }
+            DataMsg::Tick
+            | DataMsg::Replay
+            | DataMsg::Handed { .. }
+            | DataMsg::After { .. }
+            | DataMsg::SinkDone
+            | DataMsg::RerouteDone { .. } => return,
             DataMsg::Snapshot { epoch } => return self.snapshot_now(epoch, ctx),
             DataMsg::Reroute {
                 stage: target,
@@ -1906,7 +1938,9 @@ impl<T: Data> Aligning for SinkActor<T> {
             | DataMsg::Rerouted { .. }
             | DataMsg::Handoff { .. }
             | DataMsg::Handed { .. }
-            | DataMsg::After { .. } => {}
+            | DataMsg::After { .. }
+            | DataMsg::SinkDone
+            | DataMsg::RerouteDone { .. } => {}
             DataMsg::Snapshot { epoch } => self.snapshot_now(epoch, ctx),
             DataMsg::Records { batch, .. } => {
                 let records = batch.into_vec::<T>();
@@ -1949,7 +1983,7 @@ impl<T: Data> Aligning for SinkActor<T> {
                             )),
                         }
                     }
-                    self.plan.metrics.sink_done(ctx.clock_ns());
+                    self.plan.sink_done(ctx);
                 }
                 if watermark_ms == END_OF_INPUT {
                     self.try_complete(ctx);

@@ -102,6 +102,10 @@ use super::{key_group, partition_of_group, DataMsg, JobMetrics};
 
 pub use super::batch::Data;
 
+/// The stage number of a job's monitors over nodes (`Plan::monitors`);
+/// `u32::MAX` is the runtime's injector's (`ids::INJECTOR_OPERATOR`).
+pub(crate) const MONITOR_STAGE: u32 = u32::MAX - 1;
+
 /// What a source produced.
 pub enum SourceBatch {
     /// Records were appended; none will follow with an earlier time than this.
@@ -408,6 +412,12 @@ pub struct Plan {
     pub(crate) reroutes: Vec<super::reroute::RerouteSlot>,
     /// Held while a reroute of the job is checked and ordered.
     pub(crate) reroute_order: std::sync::Mutex<()>,
+    /// Over nodes, the job's monitor on each node, in node order
+    /// (partition: the node's first shard, stage `MONITOR_STAGE`): sink
+    /// partitions tell every one that they ended, and keyed partitions
+    /// tell node 0's that they completed a reroute. Empty on one node,
+    /// where the plan itself is told.
+    pub(crate) monitors: Vec<ActorId>,
 }
 
 impl Plan {
@@ -458,6 +468,40 @@ impl Plan {
             let (version, _, done) = self.reroutes[i].get();
             (version > 0 && done < s.parallelism).then_some((i as u32, version, done))
         })
+    }
+
+    /// A sink partition saw the end of its input: told to the plan, or over
+    /// nodes to every node's monitor of the job.
+    pub(crate) fn sink_done(&self, ctx: &mut crate::actor::Context<'_, DataMsg>) {
+        if self.monitors.is_empty() {
+            return self.metrics.sink_done(ctx.clock_ns());
+        }
+        // Uncredited (one per sink partition and monitor): a send waiting
+        // for credit would be dropped with the sink if its node retired the
+        // job first, and the other node would never see it end.
+        let sched = ctx.sched();
+        for &monitor in &self.monitors {
+            ctx.send_uncredited(monitor, DataMsg::SinkDone, sched);
+        }
+    }
+
+    /// A partition of `stage` completed its reroute to `version`: told to
+    /// the plan, or over nodes to node 0's monitor, where reroutes are
+    /// ordered.
+    pub(crate) fn reroute_done(
+        &self,
+        stage: u32,
+        version: u64,
+        ctx: &mut crate::actor::Context<'_, DataMsg>,
+    ) {
+        match self.monitors.first() {
+            None => self.rerouted(stage, version),
+            // Uncredited: one per partition and reroute.
+            Some(&monitor) => {
+                let sched = ctx.sched();
+                ctx.send_uncredited(monitor, DataMsg::RerouteDone { stage, version }, sched);
+            }
+        }
     }
 
     /// A partition of `stage` completed its reroute to `version`.
@@ -733,6 +777,7 @@ impl Job {
             checkpointer,
             reroutes,
             reroute_order: std::sync::Mutex::new(()),
+            monitors: Vec::new(),
         })
     }
 }

@@ -134,6 +134,12 @@ pub enum DataMsg {
         owners: Arc<[u32]>,
         groups: Vec<(u32, Option<state::MovedGroup>)>,
     },
+    /// To the job's monitor on every node of a dataflow over nodes
+    /// (`Plan::monitors`): a sink partition saw the end of its input.
+    SinkDone,
+    /// To the job's monitor on node 0 of a dataflow over nodes: a partition
+    /// of `stage` completed its reroute to `version`.
+    RerouteDone { stage: u32, version: u64 },
 }
 
 impl DataMsg {
@@ -153,7 +159,9 @@ impl DataMsg {
             | DataMsg::Replay
             | DataMsg::Fire
             | DataMsg::Reroute { .. }
-            | DataMsg::Handoff { .. } => None,
+            | DataMsg::Handoff { .. }
+            | DataMsg::SinkDone
+            | DataMsg::RerouteDone { .. } => None,
         }
     }
 }
@@ -378,6 +386,9 @@ impl Default for DataflowConfig {
 pub struct Registry {
     plans: Arc<RwLock<IdMap<JobId, Arc<graph::Plan>>>>,
     shards: usize,
+    /// Over nodes: each node's first shard, where its jobs' monitors live
+    /// (`Plan::monitors`); empty on one node.
+    node_firsts: Vec<u32>,
 }
 
 impl Registry {
@@ -385,6 +396,7 @@ impl Registry {
         Registry {
             plans: Arc::new(RwLock::new(IdMap::default())),
             shards,
+            node_firsts: Vec::new(),
         }
     }
 
@@ -411,7 +423,15 @@ impl Registry {
         id: JobId,
         now_ns: u64,
     ) -> Result<(JobHandle, Vec<(ActorId, SchedCtx)>), String> {
-        let plan = Arc::new(job.into_plan(id, self.shards)?);
+        let mut plan = job.into_plan(id, self.shards)?;
+        // Partition p of any stage is homed on shard p (`Directory::home`):
+        // the monitor of node n on n's first shard, never moved.
+        plan.monitors = self
+            .node_firsts
+            .iter()
+            .map(|&first| ActorId::new(id, graph::MONITOR_STAGE, first))
+            .collect();
+        let plan = Arc::new(plan);
         if let Some(checkpointer) = &plan.checkpointer {
             let actors: Vec<_> = plan
                 .actor_ids(id)
@@ -764,7 +784,7 @@ pub struct JobHandle {
     /// Its source partitions, sent their first message by `Dataflow::start_job`.
     ticks: Vec<ActorId>,
     slo_ns: u64,
-    /// Its dataflow spans nodes: this handle sees this node's part.
+    /// Its dataflow spans nodes: its figures are this node's part.
     spans_nodes: bool,
 }
 
@@ -786,10 +806,9 @@ pub struct JobReport {
 impl JobHandle {
     /// Every sink has seen the end of its input and, for a job that takes
     /// checkpoints, the final one has committed (every output holds all its
-    /// rows); or the job failed. For a job whose dataflow spans nodes, the
-    /// sinks that finished on this node are all this handle sees
-    /// ([`JobHandle::sinks_done_here`]): the job is done when the nodes'
-    /// counts add up to [`JobHandle::sinks`].
+    /// rows); or the job failed. Over nodes, every sink partition's end
+    /// reaches this node's monitor of the job, wherever it ran; a failure
+    /// is this node's own.
     pub fn is_done(&self) -> bool {
         if self.metrics.has_failed() {
             return true;
@@ -810,9 +829,9 @@ impl JobHandle {
         self.sinks
     }
 
-    /// Sink partitions that have seen the end of their input on this
-    /// node's shards.
-    pub fn sinks_done_here(&self) -> u64 {
+    /// Sink partitions that have seen the end of their input (over nodes,
+    /// those this node's monitor has heard of).
+    pub fn sinks_done(&self) -> u64 {
         self.metrics.sinks_done.load(Ordering::Acquire)
     }
 
@@ -832,16 +851,8 @@ impl JobHandle {
     }
 
     /// Wait until every sink has seen the end of its input, the job fails, or
-    /// `limit` passes. Refused at once for a job over nodes: this node sees
-    /// only its own sinks (see [`JobHandle::is_done`]).
+    /// `limit` passes.
     pub fn wait(&self, limit: Duration) -> Result<JobReport, String> {
-        if self.spans_nodes {
-            return Err(format!(
-                "job {} spans nodes: its end is its nodes' sinks together \
-                 (sinks_done_here on each)",
-                self.name
-            ));
-        }
         let mut pause_us = 10;
         while !self.is_done() {
             if self.started.elapsed() > limit {
@@ -910,10 +921,11 @@ impl Dataflow {
     /// through the gateways (`wire`). Every node of the run registers the
     /// same jobs in the same order ([`Dataflow::register`]: the same ids
     /// and plans everywhere), then one node starts each
-    /// ([`Dataflow::start_job`]). Not yet over nodes: the autoscaler (refused
-    /// here), checkpoints (a job that takes them is refused), and a job's
-    /// end and figures as one: each node's handle sees the sinks and
-    /// counts of its own shards.
+    /// ([`Dataflow::start_job`]). Each node's handle of a job ends when every
+    /// sink partition has, wherever it ran (the job's monitors,
+    /// `Plan::monitors`); its figures are its own shards'. Reroutes are
+    /// ordered from node 0 only. Not yet over nodes: the autoscaler
+    /// (refused here) and checkpoints (a job that takes them is refused).
     pub fn start_remote(
         config: DataflowConfig,
         remote: crate::runtime::RemoteConfig,
@@ -930,7 +942,16 @@ impl Dataflow {
             .map(|n| usize::from(n.shards))
             .sum::<usize>();
         let mut runtime_config = config.runtime;
-        let registry = Registry::new(total);
+        let mut registry = Registry::new(total);
+        registry.node_firsts = remote
+            .nodes
+            .iter()
+            .scan(0u32, |first, n| {
+                let this = *first;
+                *first += u32::from(n.shards);
+                Some(this)
+            })
+            .collect();
         runtime_config.on_failure = Some(supervise(&registry, runtime_config.on_failure.take()));
         let runtime = Arc::new(Runtime::start_remote(
             runtime_config,
@@ -1034,9 +1055,10 @@ impl Dataflow {
     }
 
     /// Wait for a job as [`JobHandle::wait`] does, then retire it: its actors,
-    /// saved bookkeeping and routing entries are dropped on every shard, and
-    /// messages still on their way to it are dropped (a failed job's leftovers
-    /// included).
+    /// saved bookkeeping and routing entries are dropped on every shard of
+    /// this node, and messages still on their way to it are dropped (a failed
+    /// job's leftovers included). Over nodes, each node waits and retires its
+    /// own part.
     pub fn wait(&self, handle: &JobHandle, limit: Duration) -> Result<JobReport, String> {
         let outcome = handle.wait(limit);
         self.retire(handle.id);
@@ -1063,7 +1085,12 @@ impl Dataflow {
         self.registry.jobs()
     }
 
+    /// Move `actor` to shard `to` (of the run). A job's monitor over nodes
+    /// stays on its node: asked to move, it does not.
     pub fn migrate(&self, actor: ActorId, to: ShardId) {
+        if actor.operator == graph::MONITOR_STAGE {
+            return;
+        }
         // A dead shard is the runtime's to report (`RuntimeConfig::on_failure`).
         let _ = self.runtime.migrate(actor, to);
     }
@@ -1071,12 +1098,15 @@ impl Dataflow {
     /// Reroute a keyed stage's key groups live (see [`Registry::reroute`]):
     /// `owners[g]` owns group `g` from now on. Returns once the orders are
     /// sent; [`Dataflow::routing`] says when every partition has completed
-    /// it.
+    /// it. Over nodes, only on node 0 (where `routing` is kept: another
+    /// node's says the first table, settled).
     pub fn reroute(&self, job: JobId, stage: u32, owners: Vec<u32>) -> Result<(), String> {
-        if self.node.is_some() {
-            // Each node's plan counts the partitions that completed a
-            // reroute on its own shards: none would see one end.
-            return Err("a dataflow that spans nodes does not reroute key groups yet".into());
+        if let Some(node) = self.node.filter(|&n| n != 0) {
+            // Node 0's monitor counts the partitions that completed a reroute,
+            // wherever they ran: there alone a reroute is seen to end.
+            return Err(format!(
+                "a dataflow over nodes reroutes key groups from node 0, not node {node}"
+            ));
         }
         deliver_orders(
             &self.runtime,

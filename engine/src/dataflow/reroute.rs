@@ -19,8 +19,9 @@
 //!    least of the channels' watermarks at their markers, so it fired no
 //!    window that a record sent after a marker belongs to. It finishes any
 //!    fire under way, takes each group it gives up out of its state as it
-//!    is held (`Stateful::take_group`: no encoding, the partitions are in
-//!    one process), leaving it empty, says `Handed` on its output
+//!    is held (`Stateful::take_group`: no encoding within a process; a
+//!    handoff to a partition on another node crosses encoded, see
+//!    `wire`), leaving it empty, says `Handed` on its output
 //!    channels, and sends one `Handoff` to each new owner (also when the
 //!    groups are empty: the owner waits for it). A handoff takes no credit
 //!    (`Context::send_uncredited`): two partitions of a stage may each be
@@ -36,7 +37,8 @@
 //!    watermark is then no later than the giver's, so nothing in the groups
 //!    it takes is overdue.
 //! 4. A partition has completed `v` once every channel has sent its marker
-//!    or ended, it has given and it has taken; it tells the plan. A new
+//!    or ended, it has given and it has taken; it tells the plan (over
+//!    nodes, node 0's monitor of the job, `Plan::reroute_done`). A new
 //!    reroute of the job is ordered only once every partition of every
 //!    stage completed the last.
 //!

@@ -85,6 +85,11 @@ pub enum WireData {
         owners: Vec<u32>,
         groups: Vec<(u32, Option<Vec<u8>>)>,
     },
+    SinkDone,
+    RerouteDone {
+        stage: u32,
+        version: u64,
+    },
 }
 
 impl Wire for DataMsg {
@@ -182,6 +187,8 @@ impl Wire for DataMsg {
                     .map(|(group, moved)| (group, moved.map(MovedGroup::into_bytes)))
                     .collect(),
             },
+            DataMsg::SinkDone => WireData::SinkDone,
+            DataMsg::RerouteDone { stage, version } => WireData::RerouteDone { stage, version },
         }
     }
 
@@ -278,6 +285,8 @@ impl Wire for DataMsg {
                     .map(|(group, bytes)| (group, bytes.map(MovedGroup::Encoded)))
                     .collect(),
             },
+            WireData::SinkDone => DataMsg::SinkDone,
+            WireData::RerouteDone { stage, version } => DataMsg::RerouteDone { stage, version },
         }
     }
 }
@@ -351,9 +360,14 @@ mod tests {
                 giver: 0,
                 version: 3,
             },
+            DataMsg::SinkDone,
+            DataMsg::RerouteDone {
+                stage: 4,
+                version: 5,
+            },
         ];
         let got = crossed(sent);
-        assert_eq!(got.len(), 11);
+        assert_eq!(got.len(), 13);
         let mut got = got.into_iter();
         assert!(matches!(got.next(), Some(DataMsg::Tick)));
         match got.next() {
@@ -415,6 +429,14 @@ mod tests {
                 from: 1,
                 giver: 0,
                 version: 3
+            })
+        ));
+        assert!(matches!(got.next(), Some(DataMsg::SinkDone)));
+        assert!(matches!(
+            got.next(),
+            Some(DataMsg::RerouteDone {
+                stage: 4,
+                version: 5
             })
         ));
     }
