@@ -402,20 +402,20 @@ fn run_json_reports_the_figures() {
     }
 }
 
-/// `gen` writes a file, `run` reads it back and writes the rows: the rows equal
-/// the plain reference implementation's on the same events.
-#[test]
-fn gen_then_run_from_a_file_to_a_file_gives_the_reference_rows() {
-    let dir = std::env::temp_dir().join(format!("dirigo-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+/// 30,000 events of `seed` at 1,000 events/s written by `gen` to a file in
+/// `dir` (made if need be): its path, and the events read back.
+fn generated_file(
+    dir: &std::path::Path,
+    seed: u64,
+) -> (std::path::PathBuf, Vec<dirigo_nexmark::Event>) {
+    std::fs::create_dir_all(dir).expect("temp dir");
     let events = dir.join("events.jsonl");
-    let rows = dir.join("rows.jsonl");
     let gen = dirigo(&[
         "gen",
         "--events",
         "30000",
         "--seed",
-        "3",
+        &seed.to_string(),
         "--rate",
         "1000",
         "--out",
@@ -427,6 +427,16 @@ fn gen_then_run_from_a_file_to_a_file_gives_the_reference_rows() {
         .map(|e| e.expect("gen writes valid events"))
         .collect();
     assert_eq!(input.len(), 30_000);
+    (events, input)
+}
+
+/// `gen` writes a file, `run` reads it back and writes the rows: the rows equal
+/// the plain reference implementation's on the same events.
+#[test]
+fn gen_then_run_from_a_file_to_a_file_gives_the_reference_rows() {
+    let dir = std::env::temp_dir().join(format!("dirigo-cli-{}", std::process::id()));
+    let (events, input) = generated_file(&dir, 3);
+    let rows = dir.join("rows.jsonl");
     for query in ["q3", "q5", "q8"] {
         let run = dirigo(&[
             "run",
@@ -447,6 +457,133 @@ fn gen_then_run_from_a_file_to_a_file_gives_the_reference_rows() {
         reference::assert_same_rows(&reference::query(query, &input), &actual);
     }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `run` over two processes (`--nodes`, one shard each, over loopback,
+/// from a file): each node writes the rows of the sink partitions it ran
+/// to its own file (a file sink is one partition, on node 0), and the two
+/// files together hold the reference's rows, for a join (q3), a window
+/// over one key (q5) and a windowed join (q8). Each node reports its own
+/// part: both nodes' sources read some of the file, and their events add
+/// up to the file's.
+#[test]
+fn run_over_two_processes_gives_the_reference_rows() {
+    let dir = std::env::temp_dir().join(format!("dirigo-cli-nodes-{}", std::process::id()));
+    let (events, input) = generated_file(&dir, 5);
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "the two nodes' shared secret\n").expect("secret written");
+    // A node whose peer never comes gives up (after 30 s), naming it.
+    let alone = dirigo(&[
+        "run",
+        "q0",
+        "--events",
+        "10",
+        "--cores",
+        "1",
+        "--nodes",
+        "127.0.0.1:1,127.0.0.1:2",
+        "--node",
+        "1",
+        "--secret-file",
+        secret.to_str().unwrap(),
+    ]);
+    assert!(!alone.status.success());
+    assert!(
+        stderr(&alone).contains("node 0 (127.0.0.1:1) did not connect"),
+        "{}",
+        stderr(&alone)
+    );
+    for query in ["q3", "q5", "q8"] {
+        // Two free loopback ports (released just before the nodes bind them).
+        let ports: Vec<u16> = (0..2)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a port"))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(|l| l.local_addr().expect("bound").port())
+            .collect();
+        let nodes = format!("127.0.0.1:{},127.0.0.1:{}", ports[0], ports[1]);
+        let rows = |node: usize| dir.join(format!("{query}-{node}.jsonl"));
+        let args = |node: usize| -> Vec<String> {
+            [
+                "run",
+                query,
+                "--source",
+                &format!("file:{}", events.display()),
+                "--sink",
+                &format!("file:{}", rows(node).display()),
+                "--cores",
+                "1",
+                "--nodes",
+                &nodes,
+                "--node",
+                &node.to_string(),
+                "--secret-file",
+                secret.to_str().unwrap(),
+                "--json",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+        };
+        let second = Command::new(env!("CARGO_BIN_EXE_dirigo"))
+            .args(args(1))
+            .output_in_background();
+        let first = Command::new(env!("CARGO_BIN_EXE_dirigo"))
+            .args(args(0))
+            .output()
+            .expect("node 0 runs");
+        let second = second.join().expect("node 1 runs");
+        let mut events_in = 0;
+        for (node, output) in [(0, &first), (1, &second)] {
+            assert!(
+                output.status.success(),
+                "{query} node {node} failed: {}",
+                stderr(output)
+            );
+            let report: serde_json::Value =
+                serde_json::from_str(stdout(output).lines().last().expect("a summary"))
+                    .expect("the summary is JSON");
+            assert_eq!(report["node"], node, "{report}");
+            assert_eq!(report["nodes"], 2, "{report}");
+            // Each node's sources read part of the file: node 1's records
+            // reach the sink (one partition, on node 0) across the nodes.
+            let events = report["events"].as_u64().expect("events");
+            assert!(events > 0, "{query} node {node} read nothing: {report}");
+            events_in += events;
+        }
+        assert_eq!(
+            events_in, 30_000,
+            "{query}: every event read once, over both nodes"
+        );
+        let actual: Vec<serde_json::Value> = [rows(0), rows(1)]
+            .iter()
+            .flat_map(|path| {
+                std::fs::read_to_string(path)
+                    .expect("rows written")
+                    .lines()
+                    .map(|l| serde_json::from_str(l).expect("rows are JSON"))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        reference::assert_same_rows(&reference::query(query, &input), &actual);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A command's output, gathered on a thread of its own.
+trait OutputInBackground {
+    fn output_in_background(&mut self) -> std::thread::JoinHandle<Output>;
+}
+
+impl OutputInBackground for Command {
+    fn output_in_background(&mut self) -> std::thread::JoinHandle<Output> {
+        let child = self
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the command starts");
+        std::thread::spawn(move || child.wait_with_output().expect("the command ends"))
+    }
 }
 
 #[test]

@@ -129,14 +129,21 @@ fn check(submitted: Vec<Submitted>, input: &[Event], context: &str) {
         s.handle
             .wait(Duration::from_secs(120))
             .unwrap_or_else(|e| panic!("{context}: {e}"));
-        let expected = reference::query(s.query, input);
-        let actual = comparable(s.query, &s.rows.lock().unwrap());
-        eprintln!("{context} {}: {} rows", s.query, actual.len());
-        let outcome = std::panic::catch_unwind(|| reference::assert_same_rows(&expected, &actual));
-        if let Err(e) = outcome {
-            let message = e.downcast_ref::<String>().cloned().unwrap_or_default();
-            panic!("{context} {}: {message}", s.query);
-        }
+        assert_reference_rows(s.query, input, &s.rows.lock().unwrap(), context, "");
+    }
+}
+
+/// `rows` are `query`'s reference rows on `input` (as `comparable` has
+/// them); a mismatch names `context` and the query. `note` goes after the
+/// count of rows printed.
+fn assert_reference_rows(query: &str, input: &[Event], rows: &[Value], context: &str, note: &str) {
+    let expected = reference::query(query, input);
+    let actual = comparable(query, rows);
+    eprintln!("{context} {query}: {} rows{note}", actual.len());
+    let outcome = std::panic::catch_unwind(|| reference::assert_same_rows(&expected, &actual));
+    if let Err(e) = outcome {
+        let message = e.downcast_ref::<String>().cloned().unwrap_or_default();
+        panic!("{context} {query}: {message}");
     }
 }
 
@@ -638,20 +645,8 @@ fn check_spanning(
                 rows.len() - here
             );
         }
-        let expected = reference::query(s.query, input);
-        let actual = comparable(s.query, &rows);
-        eprintln!(
-            "{context} {}: {} rows ({} on node 0, {} on node 1)",
-            s.query,
-            actual.len(),
-            s.parts[0].rows.lock().unwrap().len(),
-            s.parts[1].rows.lock().unwrap().len()
-        );
-        let outcome = std::panic::catch_unwind(|| reference::assert_same_rows(&expected, &actual));
-        if let Err(e) = outcome {
-            let message = e.downcast_ref::<String>().cloned().unwrap_or_default();
-            panic!("{context} {}: {message}", s.query);
-        }
+        let note = format!(" ({here} on node 0, {} on node 1)", rows.len() - here);
+        assert_reference_rows(s.query, input, &rows, context, &note);
     }
 }
 

@@ -181,6 +181,7 @@ fn time_shared(config: &Config, jobs: usize) -> Result<Vec<Outcome>, BenchError>
         autoscale: Some(AutoscaleOptions::default()),
         progress: Some(Arc::new(|_, _| {})),
         time_limit: config.time_max,
+        nodes: None,
     };
     let reports = run_jobs(&engine, &vec![job_config(config); jobs])
         .map_err(|e| BenchError(format!("time-shared: the engine did not start: {e}")))?;

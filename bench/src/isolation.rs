@@ -283,6 +283,7 @@ fn measure(config: &Config, jobs: &[JobConfig], dirigo: bool) -> Result<Figures,
         // of every millisecond: less of a third thread on the shards' cores.
         progress: Some(Arc::new(|_, _| {})),
         time_limit: config.time_max,
+        nodes: None,
     };
     let name = if dirigo { "dirigo" } else { "baseline" };
     let mut reports = run_jobs(&engine, jobs)

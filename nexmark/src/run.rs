@@ -33,6 +33,75 @@ pub struct EngineOptions {
     pub progress: Option<Progress>,
     /// How long to wait for the jobs, from their start.
     pub time_limit: Duration,
+    /// This process's part of a run over several processes (`--nodes`).
+    pub nodes: Option<NodesOptions>,
+}
+
+/// A run over several processes (nodes), each running `cores` shards: the
+/// jobs' actors placed over all of them (`Dataflow::start_remote`).
+#[derive(Clone, Debug)]
+pub struct NodesOptions {
+    /// Every node's address, in the same order on every node.
+    pub addrs: Vec<std::net::SocketAddr>,
+    /// This process's place in `addrs`.
+    pub me: usize,
+    /// The run's shared secret: every connection is authenticated both ways.
+    pub secret: Vec<u8>,
+    /// The run's name, the same on every node that runs the same jobs on
+    /// the same layout (the handshake refuses a peer with another).
+    pub cluster: String,
+}
+
+/// How long a run over nodes waits for a peer to connect, and for its jobs
+/// to end once a peer that was connected is gone.
+const PEER_CONNECT_MAX: Duration = Duration::from_secs(30);
+const PEER_GONE_GRACE: Duration = Duration::from_secs(2);
+
+/// A run over nodes gives up on a peer that never connects, or that left
+/// while its jobs run on (its process ended: failed, or killed).
+struct PeerWatch {
+    started: Instant,
+    seen: Vec<bool>,
+    gone_since: Vec<Option<Instant>>,
+}
+
+impl PeerWatch {
+    fn new(nodes: usize) -> PeerWatch {
+        PeerWatch {
+            started: Instant::now(),
+            seen: vec![false; nodes],
+            gone_since: vec![None; nodes],
+        }
+    }
+
+    /// Why the run must stop, if it must.
+    fn check(&mut self, dataflow: &Dataflow, nodes: &NodesOptions) -> Result<(), String> {
+        let Some(stats) = dataflow.remote_stats() else {
+            return Ok(());
+        };
+        for (j, &connected) in stats.connected.iter().enumerate() {
+            if j == nodes.me {
+                continue;
+            }
+            let addr = nodes.addrs[j];
+            if connected {
+                self.seen[j] = true;
+                self.gone_since[j] = None;
+            } else if self.seen[j] {
+                // A peer whose jobs all ended exits once what it sent was
+                // acked; this node's own end may trail it by a moment.
+                let since = *self.gone_since[j].get_or_insert_with(Instant::now);
+                if since.elapsed() > PEER_GONE_GRACE {
+                    return Err(format!("node {j} ({addr}) left before the jobs ended"));
+                }
+            } else if self.started.elapsed() > PEER_CONNECT_MAX {
+                return Err(format!(
+                    "node {j} ({addr}) did not connect within {PEER_CONNECT_MAX:?}"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One job of a run.
@@ -99,6 +168,13 @@ pub struct RunReport {
     /// autoscaler off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scale_actions: Option<u64>,
+    /// Over nodes (`--nodes`): this process's place and the number of
+    /// nodes; its figures (`cores`, `events`, `outputs`, latency) are its
+    /// own part.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<usize>,
     /// Messages of the job handled after their deadline had passed.
     pub deadline_misses: u64,
     /// Messages of the job handled.
@@ -173,6 +249,7 @@ pub fn run_query(config: &RunConfig) -> Result<RunReport, String> {
         autoscale: None,
         progress: config.progress.clone(),
         time_limit: config.time_limit,
+        nodes: None,
     };
     let job = JobConfig {
         query: config.query.clone(),
@@ -190,6 +267,11 @@ pub fn run_query(config: &RunConfig) -> Result<RunReport, String> {
 
 /// Build `job` and submit it to `dataflow` (of `cores` shards).
 fn submit(dataflow: &mut Dataflow, job: &JobConfig, cores: u32) -> Result<JobHandle, String> {
+    dataflow.submit(build_job(job, cores)?)
+}
+
+/// Build `job` for a run of `cores` shards.
+fn build_job(job: &JobConfig, cores: u32) -> Result<dirigo_engine::dataflow::Job, String> {
     let options = QueryOptions {
         source: job.source.clone(),
         source_parallelism: cores,
@@ -204,7 +286,52 @@ fn submit(dataflow: &mut Dataflow, job: &JobConfig, cores: u32) -> Result<JobHan
     if let Some(checkpoints) = &job.checkpoints {
         built.checkpoints(checkpoints.clone());
     }
-    dataflow.submit(built)
+    Ok(built)
+}
+
+/// This process's part of a run over nodes: every job registered before
+/// the runtime starts (so that no actor of it is asked for here before its
+/// plan is), then started from node 0; the autoscaler stays off.
+fn start_over_nodes(
+    mut config: DataflowConfig,
+    nodes: &NodesOptions,
+    jobs: &[JobConfig],
+) -> Result<(Dataflow, Vec<Result<JobHandle, String>>), String> {
+    use dirigo_engine::runtime::{RemoteConfig, RemoteNode};
+    config.autoscale = None;
+    let shards = u16::try_from(config.runtime.shards).map_err(|_| "too many cores".to_string())?;
+    let listener = std::net::TcpListener::bind(nodes.addrs[nodes.me])
+        .map_err(|e| format!("listening on {}: {e}", nodes.addrs[nodes.me]))?;
+    let remote = RemoteConfig {
+        nodes: nodes
+            .addrs
+            .iter()
+            .map(|&addr| RemoteNode { addr, shards })
+            .collect(),
+        me: nodes.me,
+        listener,
+        cluster: nodes.cluster.clone(),
+        secret: nodes.secret.clone(),
+        incarnation: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64),
+    };
+    let cores = (usize::from(shards) * nodes.addrs.len()) as u32;
+    let mut built = Vec::new();
+    for job in jobs {
+        built.push(build_job(job, cores).map(|mut b| {
+            b.autoscale(false);
+            b
+        }));
+    }
+    let (dataflow, handles) =
+        Dataflow::start_remote_with(config, remote, built).map_err(|e| e.to_string())?;
+    if nodes.me == 0 {
+        for handle in handles.iter().flatten() {
+            dataflow.start_job(handle);
+        }
+    }
+    Ok((dataflow, handles))
 }
 
 /// A finished job's report and its checkpoints' figures, before the engine's
@@ -224,20 +351,35 @@ pub fn run_jobs(
     engine_config.runtime.oversubscribe = engine.oversubscribe;
     engine_config.runtime.shard.policy = engine.scheduler.clone();
     engine_config.autoscale = engine.autoscale.clone();
-    let mut dataflow = Dataflow::start(engine_config).map_err(|e| e.to_string())?;
+    let (dataflow, handles) = match &engine.nodes {
+        None => {
+            let mut dataflow = Dataflow::start(engine_config).map_err(|e| e.to_string())?;
+            let cores = dataflow.shards() as u32;
+            let handles: Vec<Result<JobHandle, String>> = jobs
+                .iter()
+                .map(|job| submit(&mut dataflow, job, cores))
+                .collect();
+            (dataflow, handles)
+        }
+        Some(nodes) => start_over_nodes(engine_config, nodes, jobs)?,
+    };
+    // This node's shards: its figures are its part of a run over nodes.
     let cores = dataflow.shards() as u32;
-    let handles: Vec<Result<JobHandle, String>> = jobs
-        .iter()
-        .map(|job| submit(&mut dataflow, job, cores))
-        .collect();
     let started = Instant::now();
     let running = || handles.iter().flatten().any(|h| !h.is_done());
+    let mut peers = engine.nodes.as_ref().map(|n| PeerWatch::new(n.addrs.len()));
     while running() && started.elapsed() <= engine.time_limit {
         std::thread::sleep(Duration::from_millis(if engine.progress.is_some() {
             250
         } else {
             1
         }));
+        if let (Some(peers), Some(nodes)) = (peers.as_mut(), engine.nodes.as_ref()) {
+            if let Err(e) = peers.check(&dataflow, nodes) {
+                dataflow.shutdown();
+                return Err(e);
+            }
+        }
         if let Some(progress) = &engine.progress {
             let (records, outputs) = handles.iter().flatten().fold((0, 0), |(r, o), h| {
                 (r + h.metrics().source_records(), o + h.metrics().outputs())
@@ -284,7 +426,13 @@ pub fn run_jobs(
             slo_us,
             slo_violation_pct: slo_violation_pct(&report.latency_us, slo_us),
             scheduler: engine.scheduler.name().to_string(),
-            scale_actions: engine.autoscale.as_ref().map(|_| report.scale_actions),
+            scale_actions: engine
+                .autoscale
+                .as_ref()
+                .filter(|_| engine.nodes.is_none())
+                .map(|_| report.scale_actions),
+            node: engine.nodes.as_ref().map(|n| n.me),
+            nodes: engine.nodes.as_ref().map(|n| n.addrs.len()),
             deadline_misses: job.deadline_misses,
             messages: job.messages,
             queue_us_p99: job.queue_us.value_at_quantile(0.99),

@@ -8,6 +8,7 @@
 //! per-job flags with the same defaults and errors; the process-wide flags
 //! (`--cores`, `--oversubscribe`, `--json`, `--scheduler`) stay outside.
 
+use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -21,7 +22,7 @@ use dirigo_engine::dataflow::{RateSchedule, RateStep};
 use dirigo_engine::runtime::PolicyKind;
 use dirigo_nexmark::machine::Machine;
 use dirigo_nexmark::queries::{EventSource, LineWriter, Output, StagedLines};
-use dirigo_nexmark::run::{run_jobs, EngineOptions, JobConfig, RunReport};
+use dirigo_nexmark::run::{run_jobs, EngineOptions, JobConfig, NodesOptions, RunReport};
 use dirigo_nexmark::GeneratorConfig;
 use dirigo_storage::spool::{Spool, SPOOL_BUFFERS_MAX};
 
@@ -67,6 +68,22 @@ pub struct RunArgs {
     /// Print the summary as one JSON object on the last line of stdout.
     #[arg(long)]
     json: bool,
+    /// Run over several processes: every node's address (`IP:PORT`,
+    /// comma-separated, the same list on every node), each running
+    /// `--cores` shards; the jobs' actors are placed over all of them.
+    /// Each node prints its own part (its sources' records, its sinks'
+    /// rows, written to its own `--sink`); the job ends on every node when
+    /// every sink partition has. Needs `--node` and `--secret-file`; the
+    /// autoscaler and checkpoints stay off.
+    #[arg(long, value_delimiter = ',', requires_all = ["node", "secret_file"], conflicts_with = "data_dir")]
+    nodes: Vec<std::net::SocketAddr>,
+    /// This process's place (from 0) in `--nodes`; node 0 starts the jobs.
+    #[arg(long, requires = "nodes")]
+    node: Option<usize>,
+    /// The run's shared secret (at least 16 bytes): every connection between
+    /// the nodes is authenticated both ways with it.
+    #[arg(long, requires = "nodes")]
+    secret_file: Option<PathBuf>,
 }
 
 /// The flags of one job: those of `dirigo run QUERY`, and those a `--job`
@@ -697,6 +714,14 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         None => args.jobs,
     };
     check_distinct(&specs)?;
+    // Before any output file is opened.
+    let nodes = nodes_options(
+        &args.nodes,
+        args.node,
+        args.secret_file.as_deref(),
+        cores,
+        &specs,
+    )?;
     let mut prepared = Vec::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
         prepared.push(prepare(spec, cores).map_err(|e| match single {
@@ -733,6 +758,7 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         }),
         progress: Some(progress(expected)),
         time_limit: Duration::from_secs(24 * 3600),
+        nodes,
     };
     let mut reports = run_jobs(&engine, &configs)?.into_iter();
     if started.elapsed() >= Duration::from_secs(1) {
@@ -768,6 +794,77 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         &engine.scheduler,
         args.json,
     )
+}
+
+/// `--nodes`, `--node` and `--secret-file` as a run over nodes (`None`
+/// without `--nodes`).
+fn nodes_options(
+    addrs: &[std::net::SocketAddr],
+    node: Option<usize>,
+    secret_file: Option<&std::path::Path>,
+    cores: usize,
+    specs: &[JobSpec],
+) -> Result<Option<NodesOptions>, String> {
+    if addrs.is_empty() {
+        return Ok(None);
+    }
+    if let Some(spec) = specs.iter().find(|s| s.args.data_dir.is_some()) {
+        return Err(format!(
+            "job {}: --data-dir (checkpoints) is not supported with --nodes yet",
+            spec.text
+        ));
+    }
+    for (i, addr) in addrs.iter().enumerate() {
+        if addrs[..i].contains(addr) {
+            return Err(format!("--nodes lists {addr} twice"));
+        }
+    }
+    let me = node.ok_or("--nodes needs --node")?;
+    if me >= addrs.len() {
+        return Err(format!(
+            "--node {me}: --nodes lists {} nodes (0 to {})",
+            addrs.len(),
+            addrs.len() - 1
+        ));
+    }
+    let path = secret_file.ok_or("--nodes needs --secret-file")?;
+    let secret = crate::node::client::read_secret(path)?;
+    let min = dirigo_net::handshake::SECRET_BYTES_MIN;
+    if secret.len() < min {
+        return Err(format!(
+            "--secret-file {}: {} bytes, fewer than the {min} a secret needs",
+            path.display(),
+            secret.len()
+        ));
+    }
+    // What every node must agree on: the nodes, each one's shards, and the
+    // jobs as their queries and the flags that make their records (not
+    // their sinks: each node writes its own). A peer that differs is
+    // refused at the handshake, which checks the run's name.
+    let mut identity = std::collections::hash_map::DefaultHasher::new();
+    (addrs, cores).hash(&mut identity);
+    for spec in specs {
+        let a = &spec.args;
+        let shape = format!(
+            "{} {} {:?} {} {:?} {} {} {} {:?}",
+            spec.query,
+            a.events,
+            a.rate,
+            a.slo.as_nanos(),
+            a.source,
+            a.seed,
+            a.skip_malformed,
+            a.max_line_bytes,
+            a.parallelism
+        );
+        shape.hash(&mut identity);
+    }
+    Ok(Some(NodesOptions {
+        addrs: addrs.to_vec(),
+        me,
+        secret,
+        cluster: format!("dirigo-run-{:016x}", identity.finish()),
+    }))
 }
 
 /// The summary of `dirigo run QUERY`: one JSON object, or the lines of the job.

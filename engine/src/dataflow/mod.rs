@@ -744,6 +744,31 @@ impl Registry {
     }
 }
 
+/// Register `job` in `registry` as the next id (`next_job`); over nodes
+/// (`node`), a job that takes checkpoints is refused.
+fn register_job(
+    registry: &Registry,
+    node: Option<usize>,
+    next_job: &mut u32,
+    job: Job,
+) -> Result<JobHandle, String> {
+    // The id is taken whatever the outcome (see `start_remote_with`).
+    let id = JobId(*next_job);
+    *next_job += 1;
+    if let Some(node) = node {
+        if job.takes_checkpoints() {
+            return Err(format!(
+                "job {}: checkpoints of a dataflow that spans nodes are not supported yet \
+                 (node {node})",
+                job.name()
+            ));
+        }
+    }
+    let (mut handle, _) = registry.register(job, id, crate::clock::monotonic_ns())?;
+    handle.spans_nodes = node.is_some();
+    Ok(handle)
+}
+
 /// The runtime's failure hook of a dataflow: a panic in an actor ends its
 /// job; a shard that dies ends every job; then `outer`, if any.
 fn supervise(
@@ -930,6 +955,19 @@ impl Dataflow {
         config: DataflowConfig,
         remote: crate::runtime::RemoteConfig,
     ) -> Result<Self, StartError> {
+        Ok(Self::start_remote_with(config, remote, Vec::new())?.0)
+    }
+
+    /// As [`Dataflow::start_remote`], with `jobs` registered (in order)
+    /// before the runtime starts: a node whose peers may start a job as soon
+    /// as they run (each node a process of its own) has every plan before
+    /// any of its actors can be asked for. One outcome per job, as
+    /// [`Dataflow::register`]'s; a job that did not build stays an error.
+    pub fn start_remote_with(
+        config: DataflowConfig,
+        remote: crate::runtime::RemoteConfig,
+        jobs: Vec<Result<Job, String>>,
+    ) -> Result<(Self, Vec<Result<JobHandle, String>>), StartError> {
         if config.autoscale.is_some() {
             return Err(StartError(
                 "the autoscaler does not run over a dataflow that spans nodes yet".into(),
@@ -952,6 +990,19 @@ impl Dataflow {
                 Some(this)
             })
             .collect();
+        let mut next_job = 1;
+        // Job `i` of the list is id `i + 1` whatever its outcome, so that a
+        // job that fails on one node only does not shift the others' ids.
+        let handles = jobs
+            .into_iter()
+            .map(|job| match job {
+                Ok(job) => register_job(&registry, Some(node), &mut next_job, job),
+                Err(e) => {
+                    next_job += 1;
+                    Err(e)
+                }
+            })
+            .collect();
         runtime_config.on_failure = Some(supervise(&registry, runtime_config.on_failure.take()));
         let runtime = Arc::new(Runtime::start_remote(
             runtime_config,
@@ -959,13 +1010,14 @@ impl Dataflow {
             registry.factory(),
             Arc::new(MemoryStateStore::default()),
         )?);
-        Ok(Dataflow {
+        let dataflow = Dataflow {
             runtime,
             registry,
-            next_job: 1,
+            next_job,
             scaler: None,
             node: Some(node),
-        })
+        };
+        Ok((dataflow, handles))
     }
 
     /// This node's shards.
@@ -1006,21 +1058,9 @@ impl Dataflow {
     /// over nodes, every node registers it before one starts it, so that no
     /// actor of it is asked for on a node that has not its plan yet.
     pub fn register(&mut self, job: Job) -> Result<JobHandle, String> {
-        if let Some(node) = self.node {
-            if job.takes_checkpoints() {
-                return Err(format!(
-                    "job {}: checkpoints of a dataflow that spans nodes are not supported yet \
-                     (node {node})",
-                    job.name()
-                ));
-            }
-        }
-        let id = JobId(self.next_job);
-        self.next_job += 1;
-        let now_ns = crate::clock::monotonic_ns();
         let scalable = job.scalable();
-        let (mut handle, _) = self.registry.register(job, id, now_ns)?;
-        handle.spans_nodes = self.node.is_some();
+        let handle = register_job(&self.registry, self.node, &mut self.next_job, job)?;
+        let id = handle.id;
         // Serverless sizing: under the autoscaler a scalable job starts on
         // one shard, and is spread from there as its load needs. Its actors
         // are not active yet: each move only renames their shard, before the
@@ -1137,10 +1177,35 @@ impl Dataflow {
         if let Some(mut scaler) = self.scaler.take() {
             scaler.stop();
         }
+        self.linger(Duration::from_secs(5));
         self.registry.stop_checkpoints();
         // The autoscaler held the only other reference, and it has stopped.
         if let Ok(runtime) = Arc::try_unwrap(self.runtime) {
             runtime.shutdown();
+        }
+    }
+
+    /// Over nodes, wait at most `limit` until everything this node's shards
+    /// handed its gateway for a node still connected was sent and acked
+    /// (read after two more of the gateway's passes): a job's last notices
+    /// (a sink's end to the other nodes' monitors) reach them before this
+    /// node stops.
+    fn linger(&self, limit: Duration) {
+        let Some(first) = self.runtime.remote_stats() else {
+            return;
+        };
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            let now = self.runtime.remote_stats().expect("over nodes");
+            let settled = now
+                .sent_all
+                .iter()
+                .zip(&now.connected)
+                .all(|(&sent, &connected)| sent || !connected);
+            if now.passes >= first.passes + 2 && settled {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 

@@ -850,6 +850,12 @@ pub struct RemoteStats {
     /// (this node's own entry is always set), as of the gateway's last pass
     /// (at most `PARK_MAX` ago).
     connected: Vec<std::sync::atomic::AtomicBool>,
+    /// Per node of the run, whether everything for it was sent and acked at
+    /// the gateway's last pass (its rings empty, no frame waiting, none
+    /// unacked by its session; this node's own entry is always set).
+    sent_all: Vec<std::sync::atomic::AtomicBool>,
+    /// The gateway's passes over its peers so far.
+    passes: AtomicU64,
 }
 
 /// A copy of [`RemoteStats`] at one moment.
@@ -869,6 +875,12 @@ pub struct RemoteSnapshot {
     pub dropped_to_dead_shards: u64,
     /// Per node of the run: connected to it (this node: `true`).
     pub connected: Vec<bool>,
+    /// Per node of the run: everything for it sent and acked as of the
+    /// gateway's last pass (this node: `true`).
+    pub sent_all: Vec<bool>,
+    /// The gateway's passes over its peers so far: a figure read after
+    /// two more passes is newer than anything a shard handed it before.
+    pub passes: u64,
 }
 
 impl RemoteStats {
@@ -877,11 +889,15 @@ impl RemoteStats {
             connected: (0..nodes)
                 .map(|j| std::sync::atomic::AtomicBool::new(j == me))
                 .collect(),
+            sent_all: (0..nodes)
+                .map(|j| std::sync::atomic::AtomicBool::new(j == me))
+                .collect(),
             ..RemoteStats::default()
         }
     }
 
     pub fn snapshot(&self) -> RemoteSnapshot {
+        let passes = self.passes.load(Ordering::Acquire);
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         RemoteSnapshot {
             frames_out: get(&self.frames_out),
@@ -900,6 +916,14 @@ impl RemoteStats {
                 .connected
                 .iter()
                 .map(|c| c.load(Ordering::Relaxed))
+                .collect(),
+            // Read before `sent_all`: a pass counted here ended before
+            // the flags read below were stored.
+            passes,
+            sent_all: self
+                .sent_all
+                .iter()
+                .map(|c| c.load(Ordering::Acquire))
                 .collect(),
         }
     }
@@ -1056,7 +1080,11 @@ async fn send_loop<M: Wire>(
             if let Some(connected) = stats.connected.get(j) {
                 connected.store(session.is_connected(), Ordering::Relaxed);
             }
+            let sent_all = stats.sent_all.get(j);
             if !offer(session, &mut waiting[j], stats) {
+                if let Some(sent_all) = sent_all {
+                    sent_all.store(false, Ordering::Release);
+                }
                 continue; // full: leave this peer's rings to the shards' staging
             }
             let mut items = Vec::new();
@@ -1096,6 +1124,10 @@ async fn send_loop<M: Wire>(
                 }
             }
             cursor[j] = cursor[j].wrapping_add(1);
+            if let Some(sent_all) = sent_all {
+                let done = items.is_empty() && waiting[j].is_empty() && session.unacked() == 0;
+                sent_all.store(done, Ordering::Release);
+            }
             if items.is_empty() {
                 continue;
             }
@@ -1104,6 +1136,7 @@ async fn send_loop<M: Wire>(
             encode_frames(items, body_max, &mut waiting[j], stats, &parts.on_failure);
             offer(session, &mut waiting[j], stats);
         }
+        stats.passes.fetch_add(1, Ordering::Release);
         if progress {
             // Let the sessions' pumps (tasks of this executor) write what
             // was queued and read acks before the next pass.
