@@ -837,11 +837,17 @@ fn nodes_options(
             secret.len()
         ));
     }
-    // What every node must agree on: the nodes, each one's shards, and the
-    // jobs as their queries and the flags that make their records (not
-    // their sinks: each node writes its own). A peer that differs is
-    // refused at the handshake, which checks the run's name.
+    // What every node must agree on: the build (record batches cross as
+    // archives checked by their type's name), the nodes, each one's
+    // shards, and the jobs as their queries and the flags that make their
+    // records (not their sinks: each node writes its own). A peer that
+    // differs is refused at the handshake, which checks the run's name.
     let mut identity = std::collections::hash_map::DefaultHasher::new();
+    let exe = std::env::current_exe()
+        .and_then(std::fs::read)
+        .map_err(|e| format!("reading this program, for the run's name: {e}"))?;
+    exe.hash(&mut identity);
+    drop(exe);
     (addrs, cores).hash(&mut identity);
     for spec in specs {
         let a = &spec.args;
