@@ -333,14 +333,14 @@ fn run_moved(seed: u64, shards: u16, mut mover: Mover) -> (Outcome, [u64; 2]) {
     let mut sim = Sim::new(shards, config, 16, registry.factory(), store.clone(), seed);
     let counts: Counts = Arc::default();
     let maxima: Maxima = Arc::default();
-    let (handle, ticks) = registry
+    let handle = registry
         .register(
             job(seed, counts.clone(), maxima.clone()),
             JobId(1),
             sim.now_ns(),
         )
         .expect("the job is valid");
-    for (actor, sched) in ticks {
+    for (actor, sched) in handle.first_messages(sim.now_ns()) {
         sim.send(ShardId(0), actor, DataMsg::Tick, sched);
     }
     let actors = registry.actors(JobId(1));

@@ -843,11 +843,11 @@ fn nodes_options(
     // records (not their sinks: each node writes its own). A peer that
     // differs is refused at the handshake, which checks the run's name.
     let mut identity = std::collections::hash_map::DefaultHasher::new();
-    let exe = std::env::current_exe()
-        .and_then(std::fs::read)
-        .map_err(|e| format!("reading this program, for the run's name: {e}"))?;
-    exe.hash(&mut identity);
-    drop(exe);
+    hash_file(
+        &mut identity,
+        &std::env::current_exe().map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| format!("reading this program, for the run's name: {e}"))?;
     (addrs, cores).hash(&mut identity);
     for spec in specs {
         let a = &spec.args;
@@ -871,6 +871,21 @@ fn nodes_options(
         secret,
         cluster: format!("dirigo-run-{:016x}", identity.finish()),
     }))
+}
+
+/// Feed the bytes of the file at `path` to `hasher`, 64 KiB at a time.
+fn hash_file(hasher: &mut impl Hasher, path: &Path) -> std::io::Result<()> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        match file.read(&mut chunk) {
+            Ok(0) => return Ok(()),
+            Ok(n) => hasher.write(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// The summary of `dirigo run QUERY`: one JSON object, or the lines of the job.

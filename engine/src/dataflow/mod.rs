@@ -414,15 +414,9 @@ impl Registry {
         })
     }
 
-    /// Register `job` as `id`; returns its handle and the first message of each
-    /// source partition, to be sent by whoever drives the shards (`now_ns` on
-    /// their clock).
-    pub fn register(
-        &self,
-        job: Job,
-        id: JobId,
-        now_ns: u64,
-    ) -> Result<(JobHandle, Vec<(ActorId, SchedCtx)>), String> {
+    /// Register `job` as `id` (`now_ns` on the shards' clock); whoever drives
+    /// the shards starts it with [`JobHandle::first_messages`].
+    pub fn register(&self, job: Job, id: JobId, now_ns: u64) -> Result<JobHandle, String> {
         let mut plan = job.into_plan(id, self.shards)?;
         // Partition p of any stage is homed on shard p (`Directory::home`):
         // the monitor of node n on n's first shard, never moved.
@@ -455,19 +449,14 @@ impl Registry {
             .write()
             .expect("plan registry poisoned")
             .insert(id, plan.clone());
-        let sched = SchedCtx {
-            job: id,
-            deadline_ns: now_ns.saturating_add(plan.slo_ns),
-            origin_ns: now_ns,
-        };
-        let ticks: Vec<(ActorId, SchedCtx)> = plan
+        let sources = plan
             .source_stages()
             .into_iter()
             .flat_map(|(stage, partitions)| {
-                (0..partitions).map(move |p| (ActorId::new(id, stage, p), sched))
+                (0..partitions).map(move |p| ActorId::new(id, stage, p))
             })
             .collect();
-        let handle = JobHandle {
+        Ok(JobHandle {
             id,
             name: plan.name.clone(),
             metrics: plan.metrics.clone(),
@@ -475,11 +464,10 @@ impl Registry {
             sinks: plan.sink_partitions(),
             started: Instant::now(),
             started_ns: now_ns,
-            ticks: ticks.iter().map(|&(actor, _)| actor).collect(),
+            sources,
             slo_ns: plan.slo_ns,
             spans_nodes: false,
-        };
-        Ok((handle, ticks))
+        })
     }
 
     /// Order a split of `actor`'s key groups: the upper half of those it
@@ -764,7 +752,7 @@ fn register_job(
             ));
         }
     }
-    let (mut handle, _) = registry.register(job, id, crate::clock::monotonic_ns())?;
+    let mut handle = registry.register(job, id, crate::clock::monotonic_ns())?;
     handle.spans_nodes = node.is_some();
     Ok(handle)
 }
@@ -806,8 +794,8 @@ pub struct JobHandle {
     sinks: u64,
     started: Instant,
     started_ns: u64,
-    /// Its source partitions, sent their first message by `Dataflow::start_job`.
-    ticks: Vec<ActorId>,
+    /// Its source partitions (`JobHandle::first_messages`).
+    sources: Vec<ActorId>,
     slo_ns: u64,
     /// Its dataflow spans nodes: its figures are this node's part.
     spans_nodes: bool,
@@ -847,6 +835,17 @@ impl JobHandle {
             }
         }
         self.metrics.sinks_done.load(Ordering::Acquire) >= self.sinks
+    }
+
+    /// What starts the job: a tick to each of its source partitions, due
+    /// within its SLO of `now_ns` (on the clock of whoever sends them).
+    pub fn first_messages(&self, now_ns: u64) -> Vec<(ActorId, SchedCtx)> {
+        let sched = SchedCtx {
+            job: self.id,
+            deadline_ns: now_ns.saturating_add(self.slo_ns),
+            origin_ns: now_ns,
+        };
+        self.sources.iter().map(|&actor| (actor, sched)).collect()
     }
 
     /// The job's sink partitions, over every node.
@@ -1082,13 +1081,7 @@ impl Dataflow {
     /// Start a registered job: the first message of each of its source
     /// partitions, wherever they are placed.
     pub fn start_job(&self, handle: &JobHandle) {
-        let now_ns = crate::clock::monotonic_ns();
-        let sched = SchedCtx {
-            job: handle.id,
-            deadline_ns: now_ns.saturating_add(handle.slo_ns),
-            origin_ns: now_ns,
-        };
-        for &actor in &handle.ticks {
+        for (actor, sched) in handle.first_messages(crate::clock::monotonic_ns()) {
             // A dead shard fails every job through the failure hook.
             let _ = self.runtime.send(actor, DataMsg::Tick, sched);
         }

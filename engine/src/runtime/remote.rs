@@ -2128,17 +2128,18 @@ mod tests {
         let mut frames = std::collections::VecDeque::new();
         // A small one, one of 20 frames' worth, a small one, and a run of one
         // over the bound.
-        let mut run_of_one = message(4, 9_000);
-        if let WirePacket::Message { message, .. } = run_of_one.packet {
-            run_of_one.packet = WirePacket::Run {
+        let run_of_one = WireItem {
+            from_shard: 0,
+            to_shard: 2,
+            packet: WirePacket::Run {
                 to: actor,
                 from: actor,
                 first_seq: 4,
                 credit_shard: 0,
                 route_epoch: 0,
-                messages: vec![(sched, message)],
-            };
-        }
+                messages: vec![(sched, vec![4u8; 9_000])],
+            },
+        };
         let items = vec![
             message(1, 10),
             message(2, 20_000),
