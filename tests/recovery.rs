@@ -454,3 +454,163 @@ fn checkpoint_epochs(data: &Path) -> Vec<u64> {
     }
     dirigo_engine::dataflow::checkpoint::manifest_epochs(data).unwrap_or_default()
 }
+
+/// Wait for `child` at most `limit`; killed and reported if it takes longer.
+fn wait_within(child: std::process::Child, limit: Duration, what: &str) -> std::process::Output {
+    let id = child.id();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = done.clone();
+    let watchdog = std::thread::spawn(move || {
+        let started = Instant::now();
+        while !flag.load(std::sync::atomic::Ordering::Acquire) {
+            if started.elapsed() > limit {
+                // SIGKILL; the wait below then returns and the caller fails.
+                let _ = Command::new("kill").args(["-9", &id.to_string()]).status();
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    });
+    let output = child.wait_with_output().expect("the command ends");
+    done.store(true, std::sync::atomic::Ordering::Release);
+    assert!(
+        !watchdog.join().unwrap(),
+        "{what} did not end within {limit:?}"
+    );
+    output
+}
+
+/// One job over two `dirigo run --nodes` processes (one shard each) that
+/// share a data directory: node 0 commits the checkpoints, node 1's actors
+/// write their state there and hand their parts to node 0. Both processes
+/// are killed with SIGKILL (twice, each time at a random point up to 300 ms
+/// after the pair committed 1 to 6 checkpoints) and the pair run again
+/// until it ends: after each kill the output (node 0's `--sink`, the only
+/// sink partition) holds only rows of the reference, each at most as often
+/// as there; the last run resumed from a checkpoint (its report says
+/// which); and at the end the output holds exactly the reference's rows.
+/// For q5 and q8, over the paced generator.
+#[test]
+fn kill_9_of_both_nodes_and_resume_over_two_processes_gives_the_reference_rows() {
+    let dir = temp_dir("nodes");
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "two nodes of one checkpointed run\n").unwrap();
+    let input = events(5, RATE.parse().unwrap());
+    let mut rng = Rng(41);
+    for query in ["q5", "q8"] {
+        let out = dir.join(format!("{query}.jsonl"));
+        let data = dir.join(format!("{query}-data"));
+        let expected: Vec<String> = reference::query(query, &input)
+            .iter()
+            .map(|row| row.to_string())
+            .collect();
+        let args = |ports: &[u16], node: usize| -> Vec<String> {
+            let sink = match node {
+                0 => out.clone(),
+                _ => dir.join(format!("{query}-node{node}.jsonl")),
+            };
+            vec![
+                "run".into(),
+                query.into(),
+                format!("--events={EVENTS}"),
+                "--seed=5".into(),
+                format!("--rate={RATE}"),
+                "--cores=1".into(),
+                format!("--sink=file:{}", sink.display()),
+                format!("--data-dir={}", data.display()),
+                "--checkpoint-interval=100ms".into(),
+                format!("--nodes=127.0.0.1:{},127.0.0.1:{}", ports[0], ports[1]),
+                format!("--node={node}"),
+                format!("--secret-file={}", secret.display()),
+                "--json".into(),
+            ]
+        };
+        let mut kills = 0;
+        let resumed_from = loop {
+            let ports: Vec<u16> = (0..2)
+                .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+                .collect::<Vec<_>>()
+                .iter()
+                .map(|l| l.local_addr().unwrap().port())
+                .collect();
+            let mut children: Vec<std::process::Child> = [1, 0]
+                .iter()
+                .map(|&node| {
+                    dirigo()
+                        .args(args(&ports, node))
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::piped())
+                        .spawn()
+                        .expect("dirigo runs")
+                })
+                .collect();
+            if kills < 2 {
+                // Into the run: once this pair committed 1 to 6
+                // checkpoints, a moment later.
+                let due = checkpoint_epochs(&data).last().copied().unwrap_or(0) + 1 + rng.below(6);
+                let started = Instant::now();
+                while checkpoint_epochs(&data).last().copied().unwrap_or(0) < due
+                    && started.elapsed() < Duration::from_secs(30)
+                    && children.iter_mut().all(|c| c.try_wait().unwrap().is_none())
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                std::thread::sleep(Duration::from_millis(rng.below(300)));
+                if children.iter_mut().all(|c| c.try_wait().unwrap().is_none()) {
+                    for child in &mut children {
+                        child.kill().expect("SIGKILL");
+                        child.wait().unwrap();
+                    }
+                    kills += 1;
+                    // Committed rows only: a sub-multiset of the reference's
+                    // (rows compared as JSON values printed alike; q5's and
+                    // q8's rows hold no floats).
+                    let mut left = expected.clone();
+                    let whole = whole_lines(&out);
+                    for line in &whole {
+                        let row: serde_json::Value =
+                            serde_json::from_str(line).expect("a JSON row");
+                        let text = row.to_string();
+                        let at = left.iter().position(|r| *r == text).unwrap_or_else(|| {
+                            panic!("{query} after kill {kills}: {line} is no reference row, or one too many")
+                        });
+                        left.swap_remove(at);
+                    }
+                    eprintln!(
+                        "{query}: kill {kills}: {} committed rows, checkpoints {:?}",
+                        whole.len(),
+                        checkpoint_epochs(&data)
+                    );
+                    continue;
+                }
+            }
+            let mut reports = Vec::new();
+            for (child, node) in children.into_iter().zip([1, 0]) {
+                let output = wait_within(
+                    child,
+                    Duration::from_secs(120),
+                    &format!("{query} node {node}"),
+                );
+                assert!(
+                    output.status.success(),
+                    "{query} node {node}: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+                let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+                let report: serde_json::Value =
+                    serde_json::from_str(stdout.lines().last().expect("a summary")).expect("JSON");
+                reports.push(report);
+            }
+            // Node 0's report (the second): the checkpoint it resumed from.
+            break reports[1]["checkpoints"]["resumed_from"].as_u64();
+        };
+        assert_eq!(kills, 2, "{query}: the run ended before both kills");
+        assert!(
+            resumed_from.is_some_and(|epoch| epoch > 0),
+            "{query}: the last run did not resume from a checkpoint"
+        );
+        assert_matches_reference(query, &out, &input);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -328,7 +328,7 @@ fn start_over_nodes(
         Dataflow::start_remote_with(config, remote, built).map_err(|e| e.to_string())?;
     if nodes.me == 0 {
         for handle in handles.iter().flatten() {
-            dataflow.start_job(handle);
+            dataflow.start_job(handle).expect("node 0 starts its jobs");
         }
     }
     Ok((dataflow, handles))

@@ -74,8 +74,11 @@ pub struct RunArgs {
     /// Each node prints its own part (its sources' records, its sinks'
     /// rows, written to its own `--sink`); the job ends on every node when
     /// every sink partition has. Needs `--node` and `--secret-file`; the
-    /// autoscaler and checkpoints stay off.
-    #[arg(long, value_delimiter = ',', requires_all = ["node", "secret_file"], conflicts_with = "data_dir")]
+    /// autoscaler stays off. With `--data-dir` (the same directory on every
+    /// node: one file system, or a shared one) node 0 commits the job's
+    /// checkpoints, each node's actors writing their own state there, and
+    /// its `--sink file:` holds the exactly-once output.
+    #[arg(long, value_delimiter = ',', requires_all = ["node", "secret_file"])]
     nodes: Vec<std::net::SocketAddr>,
     /// This process's place (from 0) in `--nodes`; node 0 starts the jobs.
     #[arg(long, requires = "nodes")]
@@ -307,6 +310,43 @@ fn prepare_data_dir(spec: &JobSpec, dir: &Path, cores: usize) -> Result<DataDir,
     )))
 }
 
+/// As `prepare_data_dir` for a node other than node 0 of a run over nodes,
+/// which changes nothing there: the directory's run, if node 0 wrote it
+/// already, must be this one; and whether it has finished (node 0 redoes
+/// its last append).
+fn check_data_dir(spec: &JobSpec, dir: &Path, cores: usize) -> Result<DataDir, String> {
+    let run_file = dir.join("run.json");
+    match std::fs::read(&run_file) {
+        Ok(bytes) => {
+            let mut saved: RunIdentity = serde_json::from_slice(&bytes).map_err(|e| {
+                format!(
+                    "{} is not a Dirigo run description: {e}",
+                    run_file.display()
+                )
+            })?;
+            let now = RunIdentity::of(spec, cores);
+            // The output is node 0's (its sink partition, the only one): this
+            // node's `--sink` is its own.
+            saved.sink.clone_from(&now.sink);
+            if let Some(difference) = saved.difference(&now) {
+                return Err(format!(
+                    "the run in {} is a different run ({difference})",
+                    dir.display()
+                ));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot read {}: {e}", run_file.display())),
+    }
+    if let Some(status) = checkpoint::inspect(dir)?.filter(|s| s.finished) {
+        return Ok(DataDir::Finished(status.epoch));
+    }
+    Ok(DataDir::Run(CheckpointOptions::new(
+        dir,
+        spec.args.checkpoint_interval,
+    )))
+}
+
 #[derive(Clone, Debug)]
 pub enum Rate {
     Max,
@@ -519,7 +559,9 @@ enum Prepared {
 }
 
 /// Make one job ready to run: its source, its data directory, its output.
-fn prepare(spec: &JobSpec, cores: usize) -> Result<Prepared, String> {
+/// A `peer` (a node other than node 0 of a run over nodes) only reads the
+/// data directory.
+fn prepare(spec: &JobSpec, cores: usize, peer: bool) -> Result<Prepared, String> {
     dirigo_nexmark::queries::check(&spec.query)?;
     let args = &spec.args;
     let pace = match &args.rate {
@@ -561,7 +603,11 @@ fn prepare(spec: &JobSpec, cores: usize) -> Result<Prepared, String> {
                         .into(),
                 );
             }
-            match prepare_data_dir(spec, dir, cores)? {
+            let prepared = match peer {
+                true => check_data_dir(spec, dir, cores)?,
+                false => prepare_data_dir(spec, dir, cores)?,
+            };
+            match prepared {
                 DataDir::Finished(epoch) => {
                     let output = match &args.sink {
                         SinkArg::File(path) => format!("; its output is in {}", path.display()),
@@ -722,9 +768,11 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         cores,
         &specs,
     )?;
+    // Over nodes, node 0 alone writes to a data directory before the run.
+    let peer = nodes.as_ref().is_some_and(|n| n.me != 0);
     let mut prepared = Vec::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
-        prepared.push(prepare(spec, cores).map_err(|e| match single {
+        prepared.push(prepare(spec, cores, peer).map_err(|e| match single {
             true => e,
             false => format!("job {} ({}): {e}", i + 1, spec.text),
         })?);
@@ -808,9 +856,10 @@ fn nodes_options(
     if addrs.is_empty() {
         return Ok(None);
     }
-    if let Some(spec) = specs.iter().find(|s| s.args.data_dir.is_some()) {
+    if let Some(spec) = specs.iter().find(|s| s.args.fresh) {
         return Err(format!(
-            "job {}: --data-dir (checkpoints) is not supported with --nodes yet",
+            "job {}: --fresh with --nodes: another node may be reading the data directory; \
+             remove it instead, with every node stopped",
             spec.text
         ));
     }
@@ -840,8 +889,9 @@ fn nodes_options(
     // What every node must agree on: the build (record batches cross as
     // archives checked by their type's name), the nodes, each one's
     // shards, and the jobs as their queries and the flags that make their
-    // records (not their sinks: each node writes its own). A peer that
-    // differs is refused at the handshake, which checks the run's name.
+    // records and checkpoints (of their sinks only the kind: each node
+    // writes its own). A peer that differs is refused at the handshake,
+    // which checks the run's name.
     let mut identity = std::collections::hash_map::DefaultHasher::new();
     hash_file(
         &mut identity,
@@ -851,8 +901,22 @@ fn nodes_options(
     (addrs, cores).hash(&mut identity);
     for spec in specs {
         let a = &spec.args;
+        // The sink's kind sets its partitions (a file is one); with a data
+        // directory, what it holds: every node must resume from the same
+        // checkpoint (and skip the same finished runs, so that the jobs'
+        // ids agree), which a node given another directory would not.
+        let sink = match &a.sink {
+            SinkArg::Null => "null",
+            SinkArg::Stdout => "stdout",
+            SinkArg::File(_) => "file",
+        };
+        let data = match &a.data_dir {
+            Some(dir) => checkpoint::inspect(dir)?.map(|s| (s.epoch, s.finished)),
+            None => None,
+        };
+        (sink, data).hash(&mut identity);
         let shape = format!(
-            "{} {} {:?} {} {:?} {} {} {} {:?}",
+            "{} {} {:?} {} {:?} {} {} {} {:?} {} {}",
             spec.query,
             a.events,
             a.rate,
@@ -861,7 +925,9 @@ fn nodes_options(
             a.seed,
             a.skip_malformed,
             a.max_line_bytes,
-            a.parallelism
+            a.parallelism,
+            a.data_dir.is_some(),
+            a.checkpoint_interval.as_nanos(),
         );
         shape.hash(&mut identity);
     }

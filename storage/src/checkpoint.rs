@@ -113,9 +113,11 @@ pub const MANIFEST_MAGIC: u32 = u32::from_le_bytes(*b"DGMF");
 /// The format of a checkpoint this code writes and reads: the manifest's,
 /// and the encodings of the parts it refers to. 2: an actor's bookkeeping
 /// also holds its routing tables and reroute marks. 3: q4's key groups no
-/// longer carry their closing index (derived when read). A checkpoint of
-/// another version is refused, naming the version, rather than misread.
-pub const MANIFEST_FORMAT_VERSION: u32 = 3;
+/// longer carry their closing index (derived when read). 4: an actor's
+/// bookkeeping also counts the checkpoint parts it handed over. A
+/// checkpoint of another version is refused, naming the version, rather
+/// than misread.
+pub const MANIFEST_FORMAT_VERSION: u32 = 4;
 
 /// Bytes of a manifest's header: magic (4), version (4), epoch (8), len (8),
 /// crc32c (4).

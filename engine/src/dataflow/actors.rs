@@ -53,6 +53,8 @@ pub(crate) fn activate(plan: Arc<Plan>, id: ActorId, state: Option<&[u8]>) -> Bo
                     panic!("{id}: its checkpointed bookkeeping does not decode: {e}")
                 });
                 saved.groups = restored.groups;
+                // Parts are numbered per run (the coordinator counts from 1).
+                saved.parts = 0;
                 saved
             }),
     };
@@ -74,6 +76,21 @@ impl Actor for Monitor {
         match message {
             DataMsg::SinkDone => self.plan.metrics.sink_done(ctx.clock_ns()),
             DataMsg::RerouteDone { stage, version } => self.plan.rerouted(stage, version),
+            DataMsg::CheckpointPart(part) => {
+                if let Some(checkpointer) = &self.plan.checkpointer {
+                    checkpointer.report_remote(*part);
+                }
+            }
+            DataMsg::CheckpointRequest { epoch, restored } => {
+                if let Some(checkpointer) = &self.plan.checkpointer {
+                    checkpointer.note_requested(epoch, restored);
+                }
+            }
+            DataMsg::CheckpointOver { error } => {
+                if let Some(checkpointer) = &self.plan.checkpointer {
+                    checkpointer.note_over(error);
+                }
+            }
             _ => {}
         }
     }
@@ -108,6 +125,9 @@ pub(crate) struct Saved {
     last_watermark_ms: i64,
     /// Newest checkpoint epoch this actor completed, declined or gave up.
     last_epoch: u64,
+    /// Checkpoint parts it handed over in this run (`Part::seq`; a restore
+    /// starts it again at 0).
+    parts: u64,
     /// The operator's key groups: every non-empty one at a deactivation; the
     /// ones a checkpoint holds at a restore.
     groups: Vec<(u32, Vec<u8>)>,
@@ -133,6 +153,7 @@ impl Default for Saved {
             position: None,
             last_watermark_ms: i64::MIN,
             last_epoch: 0,
+            parts: 0,
             groups: Vec::new(),
             changed: Vec::new(),
             routing: Vec::new(),
@@ -425,6 +446,7 @@ pub(crate) fn source_actor<T: Data>(
         done: saved.done,
         resume_at: saved.position,
         injected: saved.last_epoch,
+        parts: saved.parts,
         empty_asks: 0,
         routing: Owners::from_saved(&saved.routing),
     })
@@ -449,6 +471,8 @@ struct SourceActor<T> {
     resume_at: Option<Vec<u8>>,
     /// Newest checkpoint epoch whose barrier this partition sent.
     injected: u64,
+    /// Checkpoint parts handed over (`Part::seq`).
+    parts: u64,
     /// `Pending` answers with no record in a row.
     empty_asks: u32,
     /// Tables of the rerouted stages it feeds.
@@ -536,6 +560,7 @@ impl<T: Data> SourceActor<T> {
         };
         Some(Part {
             actor: (self.id.operator, self.id.partition),
+            seq: 0,
             epoch,
             kind,
             meta: encode_state(&saved).to_vec(),
@@ -552,7 +577,7 @@ impl<T: Data> SourceActor<T> {
             return;
         };
         if let Some(checkpointer) = &self.plan.checkpointer {
-            checkpointer.report(part);
+            checkpointer.report(part, &mut self.parts);
         }
         let key = (self.id.operator, self.id.partition);
         broadcast_barrier(&self.plan, key, epoch, false, ctx);
@@ -568,7 +593,7 @@ impl<T: Data> SourceActor<T> {
                     .checkpointer
                     .as_ref()
                     .expect("checked")
-                    .report(part);
+                    .report(part, &mut self.parts);
             }
         }
         self.done = true;
@@ -706,6 +731,7 @@ impl<T: Data> Actor for SourceActor<T> {
         let saved = Saved {
             done: self.done,
             last_epoch: self.injected,
+            parts: self.parts,
             last_watermark_ms: self.last_watermark_ms,
             routing: self.routing.to_saved(),
             ..Saved::default()
@@ -827,13 +853,16 @@ struct Aligner {
     /// (every channel stays held until it is taken).
     snapshot_due: bool,
     alignment_ns: u64,
+    /// Checkpoint parts the actor handed over (`Part::seq`).
+    parts: u64,
 }
 
 impl Aligner {
-    fn new(inputs: &[u32], last: u64) -> Self {
+    fn new(inputs: &[u32], saved: Option<&Saved>) -> Self {
         Aligner {
             epoch: 0,
-            last,
+            last: saved.map_or(0, |s| s.last_epoch),
+            parts: saved.map_or(0, |s| s.parts),
             arrived: inputs.iter().map(|&n| vec![false; n as usize]).collect(),
             buffer: Vec::new(),
             replay: VecDeque::new(),
@@ -900,6 +929,8 @@ trait Aligning {
     fn dispatch(&mut self, message: DataMsg, ctx: &mut Context<'_, DataMsg>);
     /// The part of a completed epoch (bookkeeping, changed groups, sealed output).
     fn part(&mut self, epoch: u64, kind: PartKind) -> Result<Part, String>;
+    /// Hand `part` to the job's checkpointer, numbered in this actor's order.
+    fn hand_over(&mut self, part: Part);
     /// Encode some of the changed groups for the part being taken; true once
     /// all are (a large snapshot takes several turns, so that the shard's
     /// other actors run in between). In a `hurry` (half the bound of held
@@ -992,17 +1023,16 @@ trait Aligning {
             aligner.last = aligner.last.max(epoch);
             let (plan_key, plan) = (self.key(), self.plan());
             broadcast_barrier(plan, plan_key, epoch, true, ctx);
-            if let Some(checkpointer) = &plan.checkpointer {
-                checkpointer.report(Part {
-                    actor: plan_key,
-                    epoch,
-                    kind: PartKind::Passed,
-                    meta: Vec::new(),
-                    groups: Groups::none(),
-                    sealed: Vec::new(),
-                    alignment_ns: None,
-                });
-            }
+            self.hand_over(Part {
+                actor: plan_key,
+                seq: 0,
+                epoch,
+                kind: PartKind::Passed,
+                meta: Vec::new(),
+                groups: Groups::none(),
+                sealed: Vec::new(),
+                alignment_ns: None,
+            });
             self.resume(held, ctx);
             return;
         }
@@ -1057,9 +1087,7 @@ trait Aligning {
         match self.part(epoch, PartKind::Regular) {
             Ok(mut part) => {
                 part.alignment_ns = Some(alignment_ns);
-                if let Some(checkpointer) = &self.plan().checkpointer {
-                    checkpointer.report(part);
-                }
+                self.hand_over(part);
             }
             Err(e) => {
                 self.decline(epoch, e, ctx);
@@ -1074,17 +1102,16 @@ trait Aligning {
     /// stops waiting for it.
     fn decline(&mut self, epoch: u64, reason: String, ctx: &mut Context<'_, DataMsg>) {
         let key = self.key();
-        if let Some(checkpointer) = &self.plan().checkpointer {
-            checkpointer.report(Part {
-                actor: key,
-                epoch,
-                kind: PartKind::Declined(reason),
-                meta: Vec::new(),
-                groups: Groups::none(),
-                sealed: Vec::new(),
-                alignment_ns: None,
-            });
-        }
+        self.hand_over(Part {
+            actor: key,
+            seq: 0,
+            epoch,
+            kind: PartKind::Declined(reason),
+            meta: Vec::new(),
+            groups: Groups::none(),
+            sealed: Vec::new(),
+            alignment_ns: None,
+        });
         broadcast_barrier(self.plan(), key, epoch, true, ctx);
         self.drop_snapshot();
         let held = self.aligner().finish();
@@ -1246,7 +1273,7 @@ fn stage_actor<Out: Data, Op: StageOp<Out>>(
         out.clear();
     }
     Box::new(StageActor {
-        align: Aligner::new(&stage.inputs, saved.last_epoch),
+        align: Aligner::new(&stage.inputs, Some(&saved)),
         inputs,
         routes: stage.routes::<Out>(),
         plan: plan.clone(),
@@ -1362,11 +1389,7 @@ impl<Out: Data, Op: StageOp<Out>> StageActor<Out, Op> {
         if current == END_OF_INPUT && self.plan.checkpointer.is_some() {
             let last = self.align.last;
             let part = self.part(last, PartKind::Final).expect("infallible");
-            self.plan
-                .checkpointer
-                .as_ref()
-                .expect("checked")
-                .report(part);
+            self.hand_over(part);
         }
     }
 
@@ -1396,6 +1419,7 @@ impl<Out: Data, Op: StageOp<Out>> StageActor<Out, Op> {
             per_input: self.inputs.per_input.clone(),
             current_ms: self.inputs.current_ms,
             last_epoch: epoch,
+            parts: self.align.parts,
             routing: self.routing.to_saved(),
             own: (*version > 0).then(|| (*version, owners.to_vec())),
             handed: self.gate.handed.clone(),
@@ -1588,6 +1612,12 @@ impl<Out: Data, Op: StageOp<Out>> StageActor<Out, Op> {
 }
 
 impl<Out: Data, Op: StageOp<Out>> Aligning for StageActor<Out, Op> {
+    fn hand_over(&mut self, part: Part) {
+        if let Some(checkpointer) = &self.plan.checkpointer {
+            checkpointer.report(part, &mut self.align.parts);
+        }
+    }
+
     fn aligner(&mut self) -> &mut Aligner {
         &mut self.align
     }
@@ -1677,6 +1707,7 @@ impl<Out: Data, Op: StageOp<Out>> Aligning for StageActor<Out, Op> {
         };
         Ok(Part {
             actor: self.key(),
+            seq: 0,
             epoch,
             kind,
             meta,
@@ -1703,7 +1734,10 @@ impl<Out: Data, Op: StageOp<Out>> Aligning for StageActor<Out, Op> {
             | DataMsg::Handed { .. }
             | DataMsg::After { .. }
             | DataMsg::SinkDone
-            | DataMsg::RerouteDone { .. } => return,
+            | DataMsg::RerouteDone { .. }
+            | DataMsg::CheckpointPart(_)
+            | DataMsg::CheckpointRequest { .. }
+            | DataMsg::CheckpointOver { .. } => return,
             DataMsg::Snapshot { epoch } => return self.snapshot_now(epoch, ctx),
             DataMsg::Reroute {
                 stage: target,
@@ -1844,7 +1878,7 @@ pub(crate) fn sink_actor<T: Data>(
         inputs: Watermarks::restore(&stage.inputs, &saved),
         gate: Gate::new(&stage.inputs, &saved),
         finished: saved.as_ref().is_some_and(|s| s.done),
-        align: Aligner::new(&stage.inputs, saved.as_ref().map_or(0, |s| s.last_epoch)),
+        align: Aligner::new(&stage.inputs, saved.as_ref()),
         plan: plan.clone(),
         id,
         sink,
@@ -1887,6 +1921,12 @@ impl<T> SinkActor<T> {
 }
 
 impl<T: Data> Aligning for SinkActor<T> {
+    fn hand_over(&mut self, part: Part) {
+        if let Some(checkpointer) = &self.plan.checkpointer {
+            checkpointer.report(part, &mut self.align.parts);
+        }
+    }
+
     fn aligner(&mut self) -> &mut Aligner {
         &mut self.align
     }
@@ -1915,6 +1955,7 @@ impl<T: Data> Aligning for SinkActor<T> {
         };
         Ok(Part {
             actor: self.key(),
+            seq: 0,
             epoch,
             kind,
             meta: encode_state(&saved).to_vec(),
@@ -1940,7 +1981,10 @@ impl<T: Data> Aligning for SinkActor<T> {
             | DataMsg::Handed { .. }
             | DataMsg::After { .. }
             | DataMsg::SinkDone
-            | DataMsg::RerouteDone { .. } => {}
+            | DataMsg::RerouteDone { .. }
+            | DataMsg::CheckpointPart(_)
+            | DataMsg::CheckpointRequest { .. }
+            | DataMsg::CheckpointOver { .. } => {}
             DataMsg::Snapshot { epoch } => self.snapshot_now(epoch, ctx),
             DataMsg::Records { batch, .. } => {
                 let records = batch.into_vec::<T>();
@@ -1971,12 +2015,7 @@ impl<T: Data> Aligning for SinkActor<T> {
                     if self.plan.checkpointer.is_some() {
                         let last = self.align.last;
                         match self.part(last, PartKind::Final) {
-                            Ok(part) => self
-                                .plan
-                                .checkpointer
-                                .as_ref()
-                                .expect("checked")
-                                .report(part),
+                            Ok(part) => self.hand_over(part),
                             Err(e) => self.plan.metrics.fail(format!(
                                 "sink {} partition {}: sealing its output: {e}",
                                 self.plan.stages[self.id.operator as usize].name, self.id.partition
@@ -2031,6 +2070,7 @@ impl<T: Data> Actor for SinkActor<T> {
             done: self.finished,
             latency_us,
             last_epoch: self.align.last,
+            parts: self.align.parts,
             handed: self.gate.handed.clone(),
             ..Saved::default()
         };

@@ -59,13 +59,16 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub use dirigo_storage::checkpoint::Faults;
 use dirigo_storage::checkpoint::{CheckpointDir, PartRef, StagedRef, StagedWriter};
 use dirigo_storage::spool::{Spool, SPOOL_BUFFERS_MAX};
 use hdrhistogram::Histogram;
+
+mod nodes;
+pub use nodes::RemotePart;
 
 /// Messages an aligning actor holds at most before it declines the checkpoint.
 pub const ALIGN_BUFFER_MESSAGES_MAX: usize = 1024;
@@ -140,6 +143,20 @@ pub struct SealedFile {
 /// A stage and partition.
 pub(crate) type ActorKey = (u32, u32);
 
+/// A checkpointer's part in its job's checkpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// The job runs on one node: this checkpointer does everything.
+    Alone,
+    /// Node 0 of a dataflow over nodes: requests epochs (and tells the
+    /// other nodes), takes every node's parts, commits and appends.
+    Coordinator,
+    /// Another node: restores its actors from the committed checkpoint,
+    /// and sends its actors' parts to the coordinator, their groups
+    /// written and their sealed output durable (see `nodes`).
+    Participant,
+}
+
 pub(crate) enum PartKind {
     /// The actor's part of `epoch`.
     Regular,
@@ -155,6 +172,10 @@ pub(crate) enum PartKind {
 /// What an actor hands over at a barrier.
 pub(crate) struct Part {
     pub actor: ActorKey,
+    /// The actor's count of parts handed over, this one included (it
+    /// travels with the actor): over nodes, an actor's parts may reach the
+    /// coordinator by different ways, and it takes them in this order.
+    pub seq: u64,
     pub epoch: u64,
     pub kind: PartKind,
     /// The actor's bookkeeping (source position, watermarks), encoded.
@@ -196,8 +217,12 @@ pub(crate) struct Written {
     pub epoch: u64,
     /// Where each group went, or the error and the groups' bytes (which the
     /// next checkpoint then writes).
-    pub result: Result<GroupsAt, (String, EncodedGroups)>,
+    pub result: WriteOutcome,
 }
+
+/// Where a chunk write put each group, or why it failed and the groups'
+/// bytes.
+pub(crate) type WriteOutcome = Result<GroupsAt, (String, EncodedGroups)>;
 
 /// What an actor gets back at its first activation after a restore.
 pub(crate) struct Restored {
@@ -229,6 +254,10 @@ pub struct CheckpointStats {
     /// Steps after the first in which a stage or sink handed back what had
     /// waited for an alignment (each a `Replay` it sent itself).
     pub replay_steps: u64,
+    /// Over nodes, at node 0: parts taken from other nodes, and parts held
+    /// until an earlier part of their actor came (see `nodes`).
+    pub parts_from_nodes: u64,
+    pub parts_held: u64,
 }
 
 impl Default for CheckpointStats {
@@ -246,6 +275,8 @@ impl Default for CheckpointStats {
             restored_epoch: None,
             warnings: Vec::new(),
             replay_steps: 0,
+            parts_from_nodes: 0,
+            parts_held: 0,
         }
     }
 }
@@ -259,7 +290,7 @@ struct Shape {
     stages: Vec<(String, u32)>,
 }
 
-#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Clone)]
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Clone, Debug)]
 struct GroupRef {
     group: u32,
     file: String,
@@ -278,7 +309,7 @@ struct ActorEntry {
     groups: Vec<GroupRef>,
 }
 
-#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Clone)]
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Clone, Debug)]
 struct StagedEntry {
     file: String,
     len: u64,
@@ -458,6 +489,20 @@ pub struct Checkpointer {
     /// Actors whose input had ended at the restored checkpoint.
     ended: Vec<ActorKey>,
     turns: Mutex<Turns>,
+    role: Role,
+    /// Over nodes: how to reach the job's monitors (set once the runtime
+    /// runs, `connect`).
+    link: OnceLock<nodes::Link>,
+    /// The coordinator's parts in each actor's order (`nodes::InOrder`).
+    in_order: Mutex<nodes::InOrder>,
+    /// The coordinator's parts from other nodes still coming in pieces.
+    pieces: Mutex<nodes::Pieces>,
+    /// The coordinator's job was started (`Dataflow::start_job`): every
+    /// node has registered it, so its monitors may be told.
+    started: AtomicBool,
+    /// Over nodes, the end or the failure was told to the others (or
+    /// came from them).
+    told: AtomicBool,
 }
 
 impl Checkpointer {
@@ -465,19 +510,26 @@ impl Checkpointer {
     /// complete checkpoint (falling back past corrupt ones with a warning), or
     /// start empty. A checkpoint of a different job shape is an error naming the
     /// difference, as is a directory whose run has finished.
+    ///
+    /// A participant (`role`) only reads: the coordinator alone claims the
+    /// fence, brings the outputs to the checkpoint and deletes what no kept
+    /// manifest refers to (every node opens before any starts the job, so
+    /// all read the same manifests).
     pub(crate) fn open(
         options: CheckpointOptions,
         job: &str,
         stages: Vec<(String, u32)>,
         key_groups: u32,
+        role: Role,
     ) -> Result<Checkpointer, String> {
+        let reads_only = role == Role::Participant;
         let dir = &options.dir;
         let store = CheckpointDir::open(dir)
             .map_err(|e| format!("data directory {}: {e}", dir.display()))?
             .with_faults(options.faults.clone());
         // Claimed before anything is read: a run of an earlier placement
         // still going sees the claim before its next commit.
-        if let Some(epoch) = options.fence {
+        if let Some(epoch) = options.fence.filter(|_| !reads_only) {
             claim_fence(&store, dir, epoch)?;
         }
         let shape = Shape {
@@ -539,7 +591,7 @@ impl Checkpointer {
                 ));
             }
             // Bring every output to what this manifest committed.
-            for output in &manifest.outputs {
+            for output in manifest.outputs.iter().filter(|_| !reads_only) {
                 let staged: Vec<StagedRef> = output.staged.iter().map(|s| s.staged()).collect();
                 let len = store
                     .append_output(Path::new(&output.path), output.len_before, &staged)
@@ -571,9 +623,11 @@ impl Checkpointer {
         // never committed: the restored sources produce them again.
         let (live_chunks, live_staged) = live_files(&committed.kept);
         let keep: Vec<u64> = committed.kept.iter().map(|m| m.epoch).collect();
-        store
-            .retain(&keep, &live_chunks, Some(&live_staged))
-            .map_err(|e| format!("cleaning {}: {e}", dir.display()))?;
+        if !reads_only {
+            store
+                .retain(&keep, &live_chunks, Some(&live_staged))
+                .map_err(|e| format!("cleaning {}: {e}", dir.display()))?;
+        }
         let first_epoch = epochs.last().copied().unwrap_or(0) + 1;
         Ok(Checkpointer {
             store,
@@ -593,6 +647,12 @@ impl Checkpointer {
             first_epoch,
             ended,
             turns: Mutex::default(),
+            role,
+            link: OnceLock::new(),
+            in_order: Mutex::default(),
+            pieces: Mutex::default(),
+            started: AtomicBool::new(false),
+            told: AtomicBool::new(false),
         })
     }
 
@@ -608,7 +668,16 @@ impl Checkpointer {
         let this = self.clone();
         let thread = std::thread::Builder::new()
             .name(format!("checkpoint-{}", self.shape.job))
-            .spawn(move || this.run(committed, actors, sources))
+            .spawn(move || match this.role {
+                Role::Participant => this.forward(),
+                Role::Alone => this.run(committed, actors, sources),
+                Role::Coordinator => {
+                    if this.await_start() {
+                        this.run(committed, actors, sources);
+                    }
+                    this.tell_over();
+                }
+            })
             .expect("spawning the checkpoint thread");
         *self.thread.lock().expect("checkpointer poisoned") = Some(thread);
     }
@@ -625,18 +694,42 @@ impl Checkpointer {
         self.requested.load(Ordering::Acquire)
     }
 
-    /// An actor's part (called once per actor and checkpoint, never per message).
-    pub(crate) fn report(&self, part: Part) {
+    /// An actor's part (called once per actor and checkpoint, never per
+    /// message); `parts` is the actor's count of parts handed over, which
+    /// numbers this one.
+    pub(crate) fn report(&self, mut part: Part, parts: &mut u64) {
+        *parts += 1;
+        part.seq = *parts;
+        match self.role {
+            Role::Coordinator => self.admit_in_order(part),
+            Role::Alone | Role::Participant => self.take_parts(std::iter::once(part)),
+        }
+    }
+
+    /// Parts into the thread's inbox, in the order given.
+    fn take_parts(&self, parts: impl IntoIterator<Item = Part>) {
         self.inbox
             .lock()
             .expect("checkpointer poisoned")
             .parts
-            .push(part);
+            .extend(parts);
         self.wake.notify_one();
     }
 
     /// The end of a part's chunk write on its shard.
     pub(crate) fn report_written(&self, written: Written) {
+        if self.role == Role::Coordinator {
+            // Its part may be held for an earlier one of its actor; once
+            // taken it must not wait for this report any more.
+            if let Some(written) = self.written_for_held(written) {
+                self.take_written(written);
+            }
+            return;
+        }
+        self.take_written(written);
+    }
+
+    fn take_written(&self, written: Written) {
         self.inbox
             .lock()
             .expect("checkpointer poisoned")
@@ -718,8 +811,19 @@ impl Checkpointer {
         self.finished.load(Ordering::Acquire)
     }
 
-    /// An error that ends the job (output could not be made durable).
+    /// An error that ends the job (output could not be made durable). Over
+    /// nodes, once the other nodes were told (see `nodes`): the job is
+    /// retired when its handle sees it, and a message for it sent after
+    /// that is dropped.
     pub fn error(&self) -> Option<String> {
+        if self.role != Role::Alone && !self.told.load(Ordering::Acquire) {
+            return None;
+        }
+        self.failure()
+    }
+
+    /// The error that ends the job, told or not.
+    fn failure(&self) -> Option<String> {
         self.error.lock().expect("checkpointer poisoned").clone()
     }
 
@@ -734,7 +838,7 @@ impl Checkpointer {
         self.replay_steps.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn fail_job(&self, message: String) {
+    pub(crate) fn fail_job(&self, message: String) {
         self.error
             .lock()
             .expect("checkpointer poisoned")
@@ -776,6 +880,7 @@ impl Checkpointer {
                 key,
                 Part {
                     actor: key,
+                    seq: 0,
                     epoch: 0,
                     kind: PartKind::Final,
                     meta,
@@ -956,7 +1061,7 @@ impl Checkpointer {
                     carry.staged.entry(path).or_default().push(staged);
                 }
             }
-            if self.error().is_some() {
+            if self.failure().is_some() {
                 return;
             }
             if in_flight.is_none() && all_final && writing.is_empty() {
@@ -972,6 +1077,9 @@ impl Checkpointer {
                 );
                 next_epoch += 1;
                 if ok {
+                    // Told before it shows: the handle that sees it retires
+                    // the job, and a message for it after that is dropped.
+                    self.tell_finished();
                     self.finished.store(true, Ordering::Release);
                     return;
                 }
@@ -988,7 +1096,11 @@ impl Checkpointer {
                 continue;
             }
             let sources_done = sources.iter().all(|s| finals.contains_key(s));
-            if in_flight.is_none() && !sources_done && Instant::now() >= next_request {
+            if in_flight.is_none()
+                && !sources_done
+                && Instant::now() >= next_request
+                && self.may_request()
+            {
                 let mut turns = self.turns.lock().expect("checkpointer poisoned");
                 // While a reroute is under way the request waits (the loop
                 // looks again in 2 ms).
@@ -1000,6 +1112,10 @@ impl Checkpointer {
                     reported.clear();
                     in_flight = Some((epoch, Instant::now(), BTreeMap::new()));
                     self.requested.store(epoch, Ordering::Release);
+                    drop(turns);
+                    // Not under the lock: a send may wait for room, and a
+                    // monitor takes the lock at a reroute's end.
+                    self.tell_requested(epoch);
                     next_request = Instant::now() + self.interval;
                 } else {
                     next_request = Instant::now() + Duration::from_millis(2);
@@ -1041,7 +1157,7 @@ impl Checkpointer {
             alignment.extend(part.alignment_ns);
             carry.absorb(part, self);
         }
-        if self.error().is_some() {
+        if self.failure().is_some() {
             return false;
         }
         let mut table = committed.table.clone();

@@ -94,7 +94,7 @@ use crate::ids::{ActorId, JobId, ShardId};
 
 use super::actors;
 use super::batch::Batch;
-use super::checkpoint::{CheckpointOptions, Checkpointer, Sealed};
+use super::checkpoint::{CheckpointOptions, Checkpointer, Role, Sealed};
 use super::ops::{Aggregate, PartialRow, WindowAggregate, WindowMerge, WindowPartial, WindowSpec};
 use super::pace::RateSchedule;
 use super::state::Stateful;
@@ -714,7 +714,14 @@ impl Job {
         Stream::of_stage(self.graph.clone(), stage)
     }
 
+    #[cfg(test)]
     pub(crate) fn into_plan(self, id: JobId, shards: usize) -> Result<Plan, String> {
+        self.into_plan_as(id, shards, Role::Alone)
+    }
+
+    /// As `into_plan`, its checkpointer taking `role` in a dataflow over
+    /// nodes.
+    pub(crate) fn into_plan_as(self, id: JobId, shards: usize, role: Role) -> Result<Plan, String> {
         let stages = std::mem::take(&mut self.graph.borrow_mut().stages);
         if stages.is_empty() {
             return Err(format!("job {} has no stages", self.name));
@@ -742,7 +749,8 @@ impl Job {
                     .iter()
                     .map(|s| (s.name.clone(), s.parallelism))
                     .collect();
-                let checkpointer = Checkpointer::open(options, &self.name, shape, self.key_groups)?;
+                let checkpointer =
+                    Checkpointer::open(options, &self.name, shape, self.key_groups, role)?;
                 Some(Arc::new(checkpointer))
             }
             None => None,

@@ -140,6 +140,16 @@ pub enum DataMsg {
     /// To the job's monitor on node 0 of a dataflow over nodes: a partition
     /// of `stage` completed its reroute to `version`.
     RerouteDone { stage: u32, version: u64 },
+    /// To the job's monitor on node 0 of a dataflow over nodes: an actor's
+    /// checkpoint part from another node (`checkpoint::nodes`).
+    CheckpointPart(Box<checkpoint::RemotePart>),
+    /// From node 0 to the job's monitor on each other node: checkpoint
+    /// `epoch` is requested (its sources there inject its barrier); node 0
+    /// resumed from checkpoint `restored` (0: none).
+    CheckpointRequest { epoch: u64, restored: u64 },
+    /// Between node 0's monitor of a job and the others': the final
+    /// checkpoint committed (`None`), or the job failed.
+    CheckpointOver { error: Option<String> },
 }
 
 impl DataMsg {
@@ -161,7 +171,10 @@ impl DataMsg {
             | DataMsg::Reroute { .. }
             | DataMsg::Handoff { .. }
             | DataMsg::SinkDone
-            | DataMsg::RerouteDone { .. } => None,
+            | DataMsg::RerouteDone { .. }
+            | DataMsg::CheckpointPart(_)
+            | DataMsg::CheckpointRequest { .. }
+            | DataMsg::CheckpointOver { .. } => None,
         }
     }
 }
@@ -389,6 +402,8 @@ pub struct Registry {
     /// Over nodes: each node's first shard, where its jobs' monitors live
     /// (`Plan::monitors`); empty on one node.
     node_firsts: Vec<u32>,
+    /// Over nodes: this node's place (node 0 coordinates checkpoints).
+    me: Option<usize>,
 }
 
 impl Registry {
@@ -397,6 +412,7 @@ impl Registry {
             plans: Arc::new(RwLock::new(IdMap::default())),
             shards,
             node_firsts: Vec::new(),
+            me: None,
         }
     }
 
@@ -417,7 +433,12 @@ impl Registry {
     /// Register `job` as `id` (`now_ns` on the shards' clock); whoever drives
     /// the shards starts it with [`JobHandle::first_messages`].
     pub fn register(&self, job: Job, id: JobId, now_ns: u64) -> Result<JobHandle, String> {
-        let mut plan = job.into_plan(id, self.shards)?;
+        let role = match self.me {
+            None => checkpoint::Role::Alone,
+            Some(0) => checkpoint::Role::Coordinator,
+            Some(_) => checkpoint::Role::Participant,
+        };
+        let mut plan = job.into_plan_as(id, self.shards, role)?;
         // Partition p of any stage is homed on shard p (`Directory::home`):
         // the monitor of node n on n's first shard, never moved.
         plan.monitors = self
@@ -638,6 +659,14 @@ impl Registry {
             .map_or(Vec::new(), |plan| plan.actor_ids(job))
     }
 
+    /// A job's monitor on each node, node 0's first (empty on one node).
+    pub(crate) fn monitors(&self, job: JobId) -> Vec<ActorId> {
+        let plans = self.plans.read().expect("plan registry poisoned");
+        plans
+            .get(&job)
+            .map_or(Vec::new(), |plan| plan.monitors.clone())
+    }
+
     /// End a job with an error about one of its actors (a panic in an operator,
     /// source or sink): the job's handle returns the error, its sources stop.
     pub fn fail_actor(&self, actor: ActorId, message: &str) {
@@ -732,8 +761,7 @@ impl Registry {
     }
 }
 
-/// Register `job` in `registry` as the next id (`next_job`); over nodes
-/// (`node`), a job that takes checkpoints is refused.
+/// Register `job` in `registry` as the next id (`next_job`).
 fn register_job(
     registry: &Registry,
     node: Option<usize>,
@@ -743,15 +771,6 @@ fn register_job(
     // The id is taken whatever the outcome (see `start_remote_with`).
     let id = JobId(*next_job);
     *next_job += 1;
-    if let Some(node) = node {
-        if job.takes_checkpoints() {
-            return Err(format!(
-                "job {}: checkpoints of a dataflow that spans nodes are not supported yet \
-                 (node {node})",
-                job.name()
-            ));
-        }
-    }
     let mut handle = registry.register(job, id, crate::clock::monotonic_ns())?;
     handle.spans_nodes = node.is_some();
     Ok(handle)
@@ -948,8 +967,10 @@ impl Dataflow {
     /// ([`Dataflow::start_job`]). Each node's handle of a job ends when every
     /// sink partition has, wherever it ran (the job's monitors,
     /// `Plan::monitors`); its figures are its own shards'. Reroutes are
-    /// ordered from node 0 only. Not yet over nodes: the autoscaler
-    /// (refused here) and checkpoints (a job that takes them is refused).
+    /// ordered from node 0 only, and node 0 commits the checkpoints of a
+    /// job that takes them (into a data directory every node reaches, see
+    /// `checkpoint::nodes`). Not yet over nodes: the autoscaler (refused
+    /// here).
     pub fn start_remote(
         config: DataflowConfig,
         remote: crate::runtime::RemoteConfig,
@@ -980,6 +1001,7 @@ impl Dataflow {
             .sum::<usize>();
         let mut runtime_config = config.runtime;
         let mut registry = Registry::new(total);
+        registry.me = Some(node);
         registry.node_firsts = remote
             .nodes
             .iter()
@@ -992,7 +1014,7 @@ impl Dataflow {
         let mut next_job = 1;
         // Job `i` of the list is id `i + 1` whatever its outcome, so that a
         // job that fails on one node only does not shift the others' ids.
-        let handles = jobs
+        let handles: Vec<Result<JobHandle, String>> = jobs
             .into_iter()
             .map(|job| match job {
                 Ok(job) => register_job(&registry, Some(node), &mut next_job, job),
@@ -1003,12 +1025,20 @@ impl Dataflow {
             })
             .collect();
         runtime_config.on_failure = Some(supervise(&registry, runtime_config.on_failure.take()));
-        let runtime = Arc::new(Runtime::start_remote(
+        let runtime = Runtime::start_remote(
             runtime_config,
             remote,
             registry.factory(),
             Arc::new(MemoryStateStore::default()),
-        )?);
+        );
+        let runtime = match runtime {
+            Ok(runtime) => Arc::new(runtime),
+            Err(e) => {
+                // The registered jobs' checkpointers run already.
+                registry.stop_checkpoints();
+                return Err(e);
+            }
+        };
         let dataflow = Dataflow {
             runtime,
             registry,
@@ -1016,6 +1046,9 @@ impl Dataflow {
             scaler: None,
             node: Some(node),
         };
+        for handle in handles.iter().flatten() {
+            dataflow.connect_checkpoints(handle);
+        }
         Ok((dataflow, handles))
     }
 
@@ -1049,7 +1082,7 @@ impl Dataflow {
             ));
         }
         let handle = self.register(job)?;
-        self.start_job(&handle);
+        self.start_job(&handle)?;
         Ok(handle)
     }
 
@@ -1059,6 +1092,7 @@ impl Dataflow {
     pub fn register(&mut self, job: Job) -> Result<JobHandle, String> {
         let scalable = job.scalable();
         let handle = register_job(&self.registry, self.node, &mut self.next_job, job)?;
+        self.connect_checkpoints(&handle);
         let id = handle.id;
         // Serverless sizing: under the autoscaler a scalable job starts on
         // one shard, and is spread from there as its load needs. Its actors
@@ -1078,13 +1112,56 @@ impl Dataflow {
         Ok(handle)
     }
 
+    /// Over nodes, a job's checkpointer reaches the job's monitors through
+    /// this node's runtime (see `checkpoint::nodes`).
+    fn connect_checkpoints(&self, handle: &JobHandle) {
+        let Some(checkpointer) = handle.checkpointer.as_ref().filter(|_| self.node.is_some())
+        else {
+            return;
+        };
+        let monitors = self.registry.monitors(handle.id);
+        let runtime = Arc::downgrade(&self.runtime);
+        let job = handle.id;
+        checkpointer.connect(
+            Arc::new(move |to, message| {
+                // Gone: the dataflow is shutting down.
+                if let Some(runtime) = runtime.upgrade() {
+                    let now_ns = crate::clock::monotonic_ns();
+                    let sched = SchedCtx {
+                        job,
+                        deadline_ns: now_ns,
+                        origin_ns: now_ns,
+                    };
+                    // A dead shard fails every job through the failure hook.
+                    let _ = runtime.send(to, message, sched);
+                }
+            }),
+            monitors,
+        );
+    }
+
     /// Start a registered job: the first message of each of its source
     /// partitions, wherever they are placed.
-    pub fn start_job(&self, handle: &JobHandle) {
+    ///
+    /// Over nodes, a job that takes checkpoints is started from node 0,
+    /// whose checkpointer coordinates them once the job has started
+    /// (refused on another node).
+    pub fn start_job(&self, handle: &JobHandle) -> Result<(), String> {
+        if let Some(checkpointer) = &handle.checkpointer {
+            if let Some(node) = self.node.filter(|&n| n != 0) {
+                return Err(format!(
+                    "job {}: a job that takes checkpoints over nodes is started from node 0, \
+                     not node {node}",
+                    handle.name
+                ));
+            }
+            checkpointer.mark_started();
+        }
         for (actor, sched) in handle.first_messages(crate::clock::monotonic_ns()) {
             // A dead shard fails every job through the failure hook.
             let _ = self.runtime.send(actor, DataMsg::Tick, sched);
         }
+        Ok(())
     }
 
     /// Wait for a job as [`JobHandle::wait`] does, then retire it: its actors,
@@ -1170,8 +1247,10 @@ impl Dataflow {
         if let Some(mut scaler) = self.scaler.take() {
             scaler.stop();
         }
-        self.linger(Duration::from_secs(5));
+        // Checkpoints stop first: over nodes, jobs run on while this node
+        // lingers, and none may commit after the stop was asked for.
         self.registry.stop_checkpoints();
+        self.linger(Duration::from_secs(5));
         // The autoscaler held the only other reference, and it has stopped.
         if let Ok(runtime) = Arc::try_unwrap(self.runtime) {
             runtime.shutdown();

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use rkyv::{Archive, Deserialize, Serialize};
 
 use super::batch::Batch;
+use super::checkpoint::RemotePart;
 use super::state::MovedGroup;
 use super::DataMsg;
 use crate::runtime::Wire;
@@ -89,6 +90,14 @@ pub enum WireData {
     RerouteDone {
         stage: u32,
         version: u64,
+    },
+    CheckpointPart(RemotePart),
+    CheckpointRequest {
+        epoch: u64,
+        restored: u64,
+    },
+    CheckpointOver {
+        error: Option<String>,
     },
 }
 
@@ -189,6 +198,11 @@ impl Wire for DataMsg {
             },
             DataMsg::SinkDone => WireData::SinkDone,
             DataMsg::RerouteDone { stage, version } => WireData::RerouteDone { stage, version },
+            DataMsg::CheckpointPart(part) => WireData::CheckpointPart(*part),
+            DataMsg::CheckpointRequest { epoch, restored } => {
+                WireData::CheckpointRequest { epoch, restored }
+            }
+            DataMsg::CheckpointOver { error } => WireData::CheckpointOver { error },
         }
     }
 
@@ -287,6 +301,11 @@ impl Wire for DataMsg {
             },
             WireData::SinkDone => DataMsg::SinkDone,
             WireData::RerouteDone { stage, version } => DataMsg::RerouteDone { stage, version },
+            WireData::CheckpointPart(part) => DataMsg::CheckpointPart(Box::new(part)),
+            WireData::CheckpointRequest { epoch, restored } => {
+                DataMsg::CheckpointRequest { epoch, restored }
+            }
+            WireData::CheckpointOver { error } => DataMsg::CheckpointOver { error },
         }
     }
 }
