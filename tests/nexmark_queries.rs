@@ -344,6 +344,59 @@ fn reroute_at_random(
     }
 }
 
+/// `query` over the generator's first `events` events of `config`, paced at
+/// `rate` over `shards` source partitions, taking checkpoints every 20 ms
+/// into `dir/QUERY-data`, its rows staged there and appended to
+/// `dir/QUERY.jsonl` when their checkpoint commits (exactly once), through
+/// `sinks` sink partitions.
+fn checkpointed_job(
+    query: &str,
+    dir: &std::path::Path,
+    (config, events): (&GeneratorConfig, u64),
+    shards: u32,
+    rate: u64,
+    sinks: u32,
+) -> dirigo_engine::dataflow::Job {
+    use dirigo_engine::dataflow::checkpoint::{CheckpointOptions, StagedOutput};
+    use dirigo_nexmark::queries::StagedLines;
+    let data = dir.join(format!("{query}-data"));
+    let path = dir.join(format!("{query}.jsonl"));
+    let staged_in = data.clone();
+    let factory: dirigo_nexmark::queries::LineWriterFactory = Arc::new(move |partition| {
+        let staged = StagedOutput::new(&staged_in, path.clone(), &format!("sink-{partition}"))
+            .expect("staging directory");
+        Box::new(StagedLines(staged))
+    });
+    let options = QueryOptions {
+        source: EventSource::Generator {
+            config: config.clone(),
+            events,
+        },
+        source_parallelism: shards,
+        parallelism: 2 * shards + 1,
+        slo: Duration::from_millis(50),
+        pace: Some(dirigo_engine::dataflow::RateSchedule::constant(rate)),
+        output: Output::JsonLines(factory),
+        sink_parallelism: sinks,
+    };
+    let mut job = build(query, &options).expect("query builds");
+    job.checkpoints(CheckpointOptions::new(&data, Duration::from_millis(20)));
+    job
+}
+
+/// Every query's file in `dir` (`checkpointed_job`) holds exactly the
+/// reference's rows over `input`.
+fn assert_files_hold_the_reference_rows(dir: &std::path::Path, input: &[Event], context: &str) {
+    for query in QUERIES {
+        let text = std::fs::read_to_string(dir.join(format!("{query}.jsonl"))).unwrap_or_default();
+        let rows: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON row"))
+            .collect();
+        assert_reference_rows(query, input, &rows, context, "");
+    }
+}
+
 /// Every query as a job that takes checkpoints (every 20 ms) into its own
 /// data directory, its rows staged there and appended to its file when
 /// their checkpoint commits, while key groups reroute at random (parallel
@@ -352,8 +405,6 @@ fn reroute_at_random(
 /// each file ends with exactly the reference's rows.
 #[test]
 fn every_query_resumes_exactly_after_stops_while_key_groups_reroute() {
-    use dirigo_engine::dataflow::checkpoint::{CheckpointOptions, StagedOutput};
-    use dirigo_nexmark::queries::StagedLines;
     for (shards, seed) in [(1usize, 12u64), (2, 13)] {
         let events_n = 40_000;
         let (config, input) = generated(seed, events_n);
@@ -368,33 +419,8 @@ fn every_query_resumes_exactly_after_stops_while_key_groups_reroute() {
             let mut dataflow = engine(shards);
             let mut handles = Vec::new();
             for query in QUERIES {
-                let data = dir.join(format!("{query}-data"));
-                let path = dir.join(format!("{query}.jsonl"));
-                let staged_in = data.clone();
-                let factory: dirigo_nexmark::queries::LineWriterFactory =
-                    Arc::new(move |partition| {
-                        let staged = StagedOutput::new(
-                            &staged_in,
-                            path.clone(),
-                            &format!("sink-{partition}"),
-                        )
-                        .expect("staging directory");
-                        Box::new(StagedLines(staged))
-                    });
-                let options = QueryOptions {
-                    source: EventSource::Generator {
-                        config: config.clone(),
-                        events: events_n,
-                    },
-                    source_parallelism: shards as u32,
-                    parallelism: 2 * shards as u32 + 1,
-                    slo: Duration::from_millis(50),
-                    pace: Some(dirigo_engine::dataflow::RateSchedule::constant(50_000)),
-                    output: Output::JsonLines(factory),
-                    sink_parallelism: 1,
-                };
-                let mut job = build(query, &options).expect("query builds");
-                job.checkpoints(CheckpointOptions::new(&data, Duration::from_millis(20)));
+                let job =
+                    checkpointed_job(query, &dir, (&config, events_n), shards as u32, 50_000, 1);
                 match dataflow.submit(job) {
                     Ok(handle) => {
                         let restored = handle.checkpoint_stats().and_then(|s| s.restored_epoch);
@@ -460,22 +486,7 @@ fn every_query_resumes_exactly_after_stops_while_key_groups_reroute() {
             resumed >= 8,
             "{context}: few jobs were stopped before their end"
         );
-        for query in QUERIES {
-            let text =
-                std::fs::read_to_string(dir.join(format!("{query}.jsonl"))).unwrap_or_default();
-            let rows: Vec<Value> = text
-                .lines()
-                .map(|l| serde_json::from_str(l).expect("a JSON row"))
-                .collect();
-            let expected = reference::query(query, &input);
-            let actual = comparable(query, &rows);
-            let outcome =
-                std::panic::catch_unwind(|| reference::assert_same_rows(&expected, &actual));
-            if let Err(e) = outcome {
-                let message = e.downcast_ref::<String>().cloned().unwrap_or_default();
-                panic!("{context} {query}: {message}");
-            }
-        }
+        assert_files_hold_the_reference_rows(&dir, &input, &context);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
@@ -497,6 +508,40 @@ fn a_malformed_line_fails_the_job_with_its_line_number() {
         .expect("the job fails");
     assert!(error.contains("line 2"), "{error}");
     dataflow.shutdown();
+    std::fs::remove_file(&path).ok();
+}
+
+/// Over two nodes, a malformed last line of the input is read by a source
+/// partition on node 1 (the file's last range): the job fails there, and
+/// node 1 tells node 0, whose handle ends with the same error (before, it
+/// waited for an end that would never come).
+#[test]
+fn a_malformed_line_read_on_one_node_fails_the_job_on_both() {
+    let (_, input) = generated(16, 4_000);
+    let mut lines = Vec::new();
+    for event in &input {
+        write_json_line(event, &mut lines);
+    }
+    lines.extend_from_slice(b"{\"type\":\"bid\",\"auction\":1000}\n");
+    let path = temp_file("malformed-nodes.jsonl", &lines);
+    let (mut a, mut b) = two_nodes(2);
+    let source = EventSource::File {
+        path: path.clone(),
+        options: FileOptions::default(),
+    };
+    let job = submit_spanning([&mut a, &mut b], "q0", source, None, None);
+    for (node, (dataflow, part)) in [&a, &b].iter().zip(&job.parts).enumerate() {
+        let error = dataflow
+            .wait(&part.handle, Duration::from_secs(30))
+            .err()
+            .unwrap_or_else(|| panic!("node {node}: the job fails"));
+        assert!(
+            error.contains("line 4001") && error.contains("partition 3"),
+            "node {node}: {error}"
+        );
+    }
+    a.shutdown();
+    b.shutdown();
     std::fs::remove_file(&path).ok();
 }
 
@@ -841,8 +886,6 @@ fn every_query_matches_the_reference_over_two_nodes_while_key_groups_reroute_bet
 /// with exactly the reference's rows.
 #[test]
 fn every_query_resumes_exactly_over_two_nodes_and_then_on_one() {
-    use dirigo_engine::dataflow::checkpoint::{CheckpointOptions, StagedOutput};
-    use dirigo_nexmark::queries::StagedLines;
     for (seed, rerouting) in [(14u64, false), (15, true)] {
         let events_n = 40_000;
         let (config, input) = generated(seed, events_n);
@@ -857,31 +900,8 @@ fn every_query_resumes_exactly_over_two_nodes_and_then_on_one() {
         // one of their actor.
         let (mut from_node_1, mut held) = (0u64, 0u64);
         let sinks = if rerouting { 1 } else { 4 };
-        let job_of = |query: &'static str, shards: u32| {
-            let data = dir.join(format!("{query}-data"));
-            let path = dir.join(format!("{query}.jsonl"));
-            let staged_in = data.clone();
-            let factory: dirigo_nexmark::queries::LineWriterFactory = Arc::new(move |partition| {
-                let staged =
-                    StagedOutput::new(&staged_in, path.clone(), &format!("sink-{partition}"))
-                        .expect("staging directory");
-                Box::new(StagedLines(staged))
-            });
-            let options = QueryOptions {
-                source: EventSource::Generator {
-                    config: config.clone(),
-                    events: events_n,
-                },
-                source_parallelism: shards,
-                parallelism: 2 * shards + 1,
-                slo: Duration::from_millis(50),
-                pace: Some(dirigo_engine::dataflow::RateSchedule::constant(25_000)),
-                output: Output::JsonLines(factory),
-                sink_parallelism: sinks,
-            };
-            let mut job = build(query, &options).expect("query builds");
-            job.checkpoints(CheckpointOptions::new(&data, Duration::from_millis(20)));
-            job
+        let job_of = |query: &'static str| {
+            checkpointed_job(query, &dir, (&config, events_n), 4, 25_000, sinks)
         };
         for round in 0..3 {
             let last = round == 2;
@@ -900,7 +920,7 @@ fn every_query_resumes_exactly_over_two_nodes_and_then_on_one() {
             for query in QUERIES {
                 let outcomes: Vec<Result<JobHandle, String>> = nodes
                     .iter_mut()
-                    .map(|node| node.register(job_of(query, 4)))
+                    .map(|node| node.register(job_of(query)))
                     .collect();
                 match &outcomes[0] {
                     Err(e) if round > 0 && e.contains("already finished") => {
@@ -1043,15 +1063,7 @@ fn every_query_resumes_exactly_over_two_nodes_and_then_on_one() {
         if rerouting {
             assert!(reroutes >= 10, "{context}: too few reroutes");
         }
-        for query in QUERIES {
-            let text =
-                std::fs::read_to_string(dir.join(format!("{query}.jsonl"))).unwrap_or_default();
-            let rows: Vec<Value> = text
-                .lines()
-                .map(|l| serde_json::from_str(l).expect("a JSON row"))
-                .collect();
-            assert_reference_rows(query, &input, &rows, &context, "");
-        }
+        assert_files_hold_the_reference_rows(&dir, &input, &context);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

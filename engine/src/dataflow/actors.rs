@@ -76,6 +76,7 @@ impl Actor for Monitor {
         match message {
             DataMsg::SinkDone => self.plan.metrics.sink_done(ctx.clock_ns()),
             DataMsg::RerouteDone { stage, version } => self.plan.rerouted(stage, version),
+            DataMsg::JobFailed { error } => self.plan.failed_elsewhere(error),
             DataMsg::CheckpointPart(part) => {
                 if let Some(checkpointer) = &self.plan.checkpointer {
                     checkpointer.report_remote(*part);
@@ -526,7 +527,7 @@ impl<T: Data> SourceActor<T> {
     fn fail(&mut self, message: String) {
         let partition = self.id.partition;
         let message = format!("source {} partition {partition}: {message}", self.name());
-        self.plan.metrics.fail(message);
+        self.plan.fail(message);
         self.done = true;
         self.source = None;
     }
@@ -1735,6 +1736,7 @@ impl<Out: Data, Op: StageOp<Out>> Aligning for StageActor<Out, Op> {
             | DataMsg::After { .. }
             | DataMsg::SinkDone
             | DataMsg::RerouteDone { .. }
+            | DataMsg::JobFailed { .. }
             | DataMsg::CheckpointPart(_)
             | DataMsg::CheckpointRequest { .. }
             | DataMsg::CheckpointOver { .. } => return,
@@ -1982,6 +1984,7 @@ impl<T: Data> Aligning for SinkActor<T> {
             | DataMsg::After { .. }
             | DataMsg::SinkDone
             | DataMsg::RerouteDone { .. }
+            | DataMsg::JobFailed { .. }
             | DataMsg::CheckpointPart(_)
             | DataMsg::CheckpointRequest { .. }
             | DataMsg::CheckpointOver { .. } => {}
@@ -2016,7 +2019,7 @@ impl<T: Data> Aligning for SinkActor<T> {
                         let last = self.align.last;
                         match self.part(last, PartKind::Final) {
                             Ok(part) => self.hand_over(part),
-                            Err(e) => self.plan.metrics.fail(format!(
+                            Err(e) => self.plan.fail(format!(
                                 "sink {} partition {}: sealing its output: {e}",
                                 self.plan.stages[self.id.operator as usize].name, self.id.partition
                             )),

@@ -68,6 +68,7 @@ use dirigo_storage::spool::{Spool, SPOOL_BUFFERS_MAX};
 use hdrhistogram::Histogram;
 
 mod nodes;
+pub(crate) use nodes::Post;
 pub use nodes::RemotePart;
 
 /// Messages an aligning actor holds at most before it declines the checkpoint.

@@ -418,6 +418,13 @@ pub struct Plan {
     /// tell node 0's that they completed a reroute. Empty on one node,
     /// where the plan itself is told.
     pub(crate) monitors: Vec<ActorId>,
+    /// Over nodes: this node's place, and how to reach the other nodes'
+    /// monitors (set once the runtime runs).
+    pub(crate) me: Option<usize>,
+    pub(crate) post: Arc<std::sync::OnceLock<super::checkpoint::Post>>,
+    /// A failure of the job here was told to the other nodes (or needs no
+    /// telling): the job may be retired here (see `Plan::fail`).
+    pub(crate) failure_told: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Plan {
@@ -468,6 +475,49 @@ impl Plan {
             let (version, _, done) = self.reroutes[i].get();
             (version > 0 && done < s.parallelism).then_some((i as u32, version, done))
         })
+    }
+
+    /// End the job with `message` (the first failure stands). Over nodes
+    /// the other nodes' monitors are told too (`DataMsg::JobFailed`), from
+    /// a thread of its own (the caller may be a shard, which must not wait
+    /// on its own queue); `Dataflow::wait` retires the job here only once
+    /// they were (a message for a retired job is dropped, even one on its
+    /// way to another node), for 2 s at most.
+    pub(crate) fn fail(&self, message: String) {
+        use std::sync::atomic::Ordering;
+        if !self.metrics.fail(message.clone()) {
+            return;
+        }
+        let Some((me, post)) = self.me.zip(self.post.get().cloned()) else {
+            self.failure_told.store(true, Ordering::Release);
+            return;
+        };
+        let others: Vec<ActorId> = (self.monitors.iter().enumerate())
+            .filter(|&(node, _)| node != me)
+            .map(|(_, &monitor)| monitor)
+            .collect();
+        let told = self.failure_told.clone();
+        std::thread::spawn(move || {
+            for monitor in others {
+                post(
+                    monitor,
+                    DataMsg::JobFailed {
+                        error: message.clone(),
+                    },
+                );
+            }
+            told.store(true, Ordering::Release);
+        });
+    }
+
+    /// The job failed on another node, which told this one (and the
+    /// others). If it had failed here first, this node's own telling is
+    /// under way and sets `failure_told` when done.
+    pub(crate) fn failed_elsewhere(&self, message: String) {
+        if self.metrics.fail(message) {
+            self.failure_told
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
     }
 
     /// A sink partition saw the end of its input: told to the plan, or over
@@ -786,6 +836,9 @@ impl Job {
             reroutes,
             reroute_order: std::sync::Mutex::new(()),
             monitors: Vec::new(),
+            me: None,
+            post: Arc::new(std::sync::OnceLock::new()),
+            failure_told: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 }

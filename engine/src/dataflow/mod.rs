@@ -140,6 +140,9 @@ pub enum DataMsg {
     /// To the job's monitor on node 0 of a dataflow over nodes: a partition
     /// of `stage` completed its reroute to `version`.
     RerouteDone { stage: u32, version: u64 },
+    /// To the job's monitors on the other nodes of a dataflow over nodes:
+    /// the job failed on the sender's node (`Plan::fail`).
+    JobFailed { error: String },
     /// To the job's monitor on node 0 of a dataflow over nodes: an actor's
     /// checkpoint part from another node (`checkpoint::nodes`).
     CheckpointPart(Box<checkpoint::RemotePart>),
@@ -172,6 +175,7 @@ impl DataMsg {
             | DataMsg::Handoff { .. }
             | DataMsg::SinkDone
             | DataMsg::RerouteDone { .. }
+            | DataMsg::JobFailed { .. }
             | DataMsg::CheckpointPart(_)
             | DataMsg::CheckpointRequest { .. }
             | DataMsg::CheckpointOver { .. } => None,
@@ -340,10 +344,13 @@ impl JobMetrics {
     }
 
     /// End the job with `message` (the first error wins).
-    pub(crate) fn fail(&self, message: String) {
+    /// Record the job's failure; true if it is the first.
+    pub(crate) fn fail(&self, message: String) -> bool {
         let mut error = self.error.lock().expect("error lock poisoned");
+        let first = error.is_none();
         error.get_or_insert(message);
         self.failed.store(true, Ordering::Release);
+        first
     }
 
     #[inline]
@@ -404,6 +411,9 @@ pub struct Registry {
     node_firsts: Vec<u32>,
     /// Over nodes: this node's place (node 0 coordinates checkpoints).
     me: Option<usize>,
+    /// Over nodes: how to reach another node's actors (set once the
+    /// runtime runs), for every job's plan.
+    post: Arc<std::sync::OnceLock<checkpoint::Post>>,
 }
 
 impl Registry {
@@ -413,6 +423,7 @@ impl Registry {
             shards,
             node_firsts: Vec::new(),
             me: None,
+            post: Arc::new(std::sync::OnceLock::new()),
         }
     }
 
@@ -446,6 +457,8 @@ impl Registry {
             .iter()
             .map(|&first| ActorId::new(id, graph::MONITOR_STAGE, first))
             .collect();
+        plan.me = self.me;
+        plan.post = self.post.clone();
         let plan = Arc::new(plan);
         if let Some(checkpointer) = &plan.checkpointer {
             let actors: Vec<_> = plan
@@ -659,6 +672,16 @@ impl Registry {
             .map_or(Vec::new(), |plan| plan.actor_ids(job))
     }
 
+    /// Whether a failure of `job` here was told to the other nodes (set
+    /// for a job no longer registered).
+    pub(crate) fn failure_told(&self, job: JobId) -> Arc<std::sync::atomic::AtomicBool> {
+        let plans = self.plans.read().expect("plan registry poisoned");
+        plans.get(&job).map_or_else(
+            || Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            |plan| plan.failure_told.clone(),
+        )
+    }
+
     /// A job's monitor on each node, node 0's first (empty on one node).
     pub(crate) fn monitors(&self, job: JobId) -> Vec<ActorId> {
         let plans = self.plans.read().expect("plan registry poisoned");
@@ -678,7 +701,7 @@ impl Registry {
             .stages
             .get(actor.operator as usize)
             .map_or("?", |s| s.name.as_str());
-        plan.metrics.fail(format!(
+        plan.fail(format!(
             "stage {stage} (#{}) partition {}: {message}",
             actor.operator, actor.partition
         ));
@@ -692,7 +715,7 @@ impl Registry {
             let finished =
                 plan.metrics.sinks_done.load(Ordering::Acquire) >= plan.sink_partitions();
             if !finished {
-                plan.metrics.fail(message.to_string());
+                plan.fail(message.to_string());
             }
         }
     }
@@ -776,6 +799,25 @@ fn register_job(
     Ok(handle)
 }
 
+/// Sends from outside through `runtime`, while it runs (a message to an
+/// actor of the run, due now).
+fn post_through(runtime: &Arc<Runtime<DataMsg>>) -> checkpoint::Post {
+    let runtime = Arc::downgrade(runtime);
+    Arc::new(move |to: ActorId, message| {
+        // Gone: the dataflow is shutting down.
+        if let Some(runtime) = runtime.upgrade() {
+            let now_ns = crate::clock::monotonic_ns();
+            let sched = SchedCtx {
+                job: to.job,
+                deadline_ns: now_ns,
+                origin_ns: now_ns,
+            };
+            // A dead shard fails every job through the failure hook.
+            let _ = runtime.send(to, message, sched);
+        }
+    })
+}
+
 /// The runtime's failure hook of a dataflow: a panic in an actor ends its
 /// job; a shard that dies ends every job; then `outer`, if any.
 fn supervise(
@@ -840,7 +882,7 @@ impl JobHandle {
     /// checkpoints, the final one has committed (every output holds all its
     /// rows); or the job failed. Over nodes, every sink partition's end
     /// reaches this node's monitor of the job, wherever it ran; a failure
-    /// is this node's own.
+    /// on any node ends it on every node (`Plan::fail`).
     pub fn is_done(&self) -> bool {
         if self.metrics.has_failed() {
             return true;
@@ -1046,6 +1088,7 @@ impl Dataflow {
             scaler: None,
             node: Some(node),
         };
+        let _ = dataflow.registry.post.set(post_through(&dataflow.runtime));
         for handle in handles.iter().flatten() {
             dataflow.connect_checkpoints(handle);
         }
@@ -1120,24 +1163,7 @@ impl Dataflow {
             return;
         };
         let monitors = self.registry.monitors(handle.id);
-        let runtime = Arc::downgrade(&self.runtime);
-        let job = handle.id;
-        checkpointer.connect(
-            Arc::new(move |to, message| {
-                // Gone: the dataflow is shutting down.
-                if let Some(runtime) = runtime.upgrade() {
-                    let now_ns = crate::clock::monotonic_ns();
-                    let sched = SchedCtx {
-                        job,
-                        deadline_ns: now_ns,
-                        origin_ns: now_ns,
-                    };
-                    // A dead shard fails every job through the failure hook.
-                    let _ = runtime.send(to, message, sched);
-                }
-            }),
-            monitors,
-        );
+        checkpointer.connect(post_through(&self.runtime), monitors);
     }
 
     /// Start a registered job: the first message of each of its source
@@ -1171,6 +1197,14 @@ impl Dataflow {
     /// own part.
     pub fn wait(&self, handle: &JobHandle, limit: Duration) -> Result<JobReport, String> {
         let outcome = handle.wait(limit);
+        if self.node.is_some() && handle.metrics.has_failed() {
+            // Not before the other nodes were told of a failure here.
+            let told = self.registry.failure_told(handle.id);
+            let started = Instant::now();
+            while !told.load(Ordering::Acquire) && started.elapsed() < Duration::from_secs(2) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         self.retire(handle.id);
         outcome
     }

@@ -91,6 +91,9 @@ pub enum WireData {
         stage: u32,
         version: u64,
     },
+    JobFailed {
+        error: String,
+    },
     CheckpointPart(RemotePart),
     CheckpointRequest {
         epoch: u64,
@@ -198,6 +201,7 @@ impl Wire for DataMsg {
             },
             DataMsg::SinkDone => WireData::SinkDone,
             DataMsg::RerouteDone { stage, version } => WireData::RerouteDone { stage, version },
+            DataMsg::JobFailed { error } => WireData::JobFailed { error },
             DataMsg::CheckpointPart(part) => WireData::CheckpointPart(*part),
             DataMsg::CheckpointRequest { epoch, restored } => {
                 WireData::CheckpointRequest { epoch, restored }
@@ -301,6 +305,7 @@ impl Wire for DataMsg {
             },
             WireData::SinkDone => DataMsg::SinkDone,
             WireData::RerouteDone { stage, version } => DataMsg::RerouteDone { stage, version },
+            WireData::JobFailed { error } => DataMsg::JobFailed { error },
             WireData::CheckpointPart(part) => DataMsg::CheckpointPart(Box::new(part)),
             WireData::CheckpointRequest { epoch, restored } => {
                 DataMsg::CheckpointRequest { epoch, restored }
@@ -384,9 +389,19 @@ mod tests {
                 stage: 4,
                 version: 5,
             },
+            DataMsg::JobFailed {
+                error: "source s partition 3: line 9".into(),
+            },
+            DataMsg::CheckpointRequest {
+                epoch: 6,
+                restored: 2,
+            },
+            DataMsg::CheckpointOver {
+                error: Some("staging".into()),
+            },
         ];
         let got = crossed(sent);
-        assert_eq!(got.len(), 13);
+        assert_eq!(got.len(), 16);
         let mut got = got.into_iter();
         assert!(matches!(got.next(), Some(DataMsg::Tick)));
         match got.next() {
@@ -458,6 +473,19 @@ mod tests {
                 version: 5
             })
         ));
+        assert!(
+            matches!(got.next(), Some(DataMsg::JobFailed { error }) if error == "source s partition 3: line 9")
+        );
+        assert!(matches!(
+            got.next(),
+            Some(DataMsg::CheckpointRequest {
+                epoch: 6,
+                restored: 2
+            })
+        ));
+        assert!(
+            matches!(got.next(), Some(DataMsg::CheckpointOver { error: Some(e) }) if e == "staging")
+        );
     }
 
     #[test]
