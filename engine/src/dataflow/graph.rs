@@ -481,8 +481,10 @@ impl Plan {
     /// the other nodes' monitors are told too (`DataMsg::JobFailed`), from
     /// a thread of its own (the caller may be a shard, which must not wait
     /// on its own queue); `Dataflow::wait` retires the job here only once
-    /// they were (a message for a retired job is dropped, even one on its
-    /// way to another node), for 2 s at most.
+    /// the notices were handed to the runtime (a message for a retired job
+    /// is dropped, even one on its way to another node), for 2 s at most.
+    /// Handed over is not yet sent: see ARCHITECTURE.md, "A dataflow over
+    /// nodes", for the cases a notice is lost.
     pub(crate) fn fail(&self, message: String) {
         use std::sync::atomic::Ordering;
         if !self.metrics.fail(message.clone()) {
