@@ -57,6 +57,37 @@ pub struct NodesOptions {
 const PEER_CONNECT_MAX: Duration = Duration::from_secs(30);
 const PEER_GONE_GRACE: Duration = Duration::from_secs(2);
 
+/// Why [`run_jobs`] gave no reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunError {
+    /// The engine did not start, or the jobs could not be set up.
+    Failed(String),
+    /// A run over nodes lost a peer: one never connected, or one left while
+    /// the jobs ran on. The same run started again on every node may
+    /// succeed (a cluster restarts it, from its last checkpoint).
+    PeerLost(String),
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::Failed(e) | RunError::PeerLost(e) => f.write_str(e),
+        }
+    }
+}
+
+impl From<String> for RunError {
+    fn from(error: String) -> RunError {
+        RunError::Failed(error)
+    }
+}
+
+impl From<RunError> for String {
+    fn from(error: RunError) -> String {
+        error.to_string()
+    }
+}
+
 /// A run over nodes gives up on a peer that never connects, or that left
 /// while its jobs run on (its process ended: failed, or killed).
 struct PeerWatch {
@@ -84,6 +115,14 @@ impl PeerWatch {
                 continue;
             }
             let addr = nodes.addrs[j];
+            // A peer that came back as a new process resumed from a
+            // checkpoint while this one ran on: their states no longer
+            // agree, and the run must start again on every node.
+            if stats.peer_restarts.get(j).is_some_and(|r| *r > 0) {
+                return Err(format!(
+                    "node {j} ({addr}) started again while the jobs ran"
+                ));
+            }
             if connected {
                 self.seen[j] = true;
                 self.gone_since[j] = None;
@@ -345,7 +384,7 @@ type Finished = (JobHandle, JobReport, Option<Checkpoints>);
 pub fn run_jobs(
     engine: &EngineOptions,
     jobs: &[JobConfig],
-) -> Result<Vec<Result<RunReport, String>>, String> {
+) -> Result<Vec<Result<RunReport, String>>, RunError> {
     let mut engine_config = DataflowConfig::default();
     engine_config.runtime.shards = engine.cores;
     engine_config.runtime.oversubscribe = engine.oversubscribe;
@@ -377,7 +416,7 @@ pub fn run_jobs(
         if let (Some(peers), Some(nodes)) = (peers.as_mut(), engine.nodes.as_ref()) {
             if let Err(e) = peers.check(&dataflow, nodes) {
                 dataflow.shutdown();
-                return Err(e);
+                return Err(RunError::PeerLost(e));
             }
         }
         if let Some(progress) = &engine.progress {

@@ -7,7 +7,7 @@
 mod bench;
 mod cluster;
 mod gen;
-mod run;
+pub mod run;
 
 pub use run::check_cluster_job;
 
@@ -57,7 +57,14 @@ pub fn main() -> ExitCode {
             println!("dirigo {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => match run::run(args) {
+            Ok(()) => Ok(()),
+            Err(run::RunFailure::Failed(error)) => Err(error),
+            Err(run::RunFailure::PeerLost(error)) => {
+                eprintln!("dirigo: {error}");
+                return ExitCode::from(run::EXIT_PEER_LOST);
+            }
+        },
         Command::Gen(args) => gen::run(args),
         Command::Bench(args) => bench::run(args).map_err(|e| e.to_string()),
         Command::Node(args) => crate::node::run(args),

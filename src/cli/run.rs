@@ -22,7 +22,7 @@ use dirigo_engine::dataflow::{RateSchedule, RateStep};
 use dirigo_engine::runtime::PolicyKind;
 use dirigo_nexmark::machine::Machine;
 use dirigo_nexmark::queries::{EventSource, LineWriter, Output, StagedLines};
-use dirigo_nexmark::run::{run_jobs, EngineOptions, JobConfig, NodesOptions, RunReport};
+use dirigo_nexmark::run::{run_jobs, EngineOptions, JobConfig, NodesOptions, RunError, RunReport};
 use dirigo_nexmark::GeneratorConfig;
 use dirigo_storage::spool::{Spool, SPOOL_BUFFERS_MAX};
 
@@ -182,7 +182,10 @@ struct RunIdentity {
     events: u64,
     seed: u64,
     rate: String,
-    cores: usize,
+    /// Shards over all the run's nodes (a run over nodes resumes over
+    /// another number of nodes with as many shards in all).
+    #[serde(alias = "cores")]
+    shards: usize,
     skip_malformed: bool,
     max_line_bytes: u64,
     /// Stages' activations (`--parallelism`); key groups are owned by
@@ -192,7 +195,7 @@ struct RunIdentity {
 }
 
 impl RunIdentity {
-    fn of(spec: &JobSpec, cores: usize) -> RunIdentity {
+    fn of(spec: &JobSpec, shards: usize) -> RunIdentity {
         let args = &spec.args;
         RunIdentity {
             query: spec.query.clone(),
@@ -215,7 +218,7 @@ impl RunIdentity {
                 Rate::Max => "max".into(),
                 Rate::Paced(schedule) => schedule.to_string(),
             },
-            cores,
+            shards,
             skip_malformed: args.skip_malformed,
             max_line_bytes: args.max_line_bytes,
             parallelism: args.parallelism,
@@ -248,9 +251,9 @@ enum DataDir {
 
 /// Check `dir` against this command: create it, or discard it (`--fresh`), or
 /// make sure it holds this same run; and say whether that run has finished.
-fn prepare_data_dir(spec: &JobSpec, dir: &Path, cores: usize) -> Result<DataDir, String> {
+fn prepare_data_dir(spec: &JobSpec, dir: &Path, shards: usize) -> Result<DataDir, String> {
     let args = &spec.args;
-    let identity = RunIdentity::of(spec, cores);
+    let identity = RunIdentity::of(spec, shards);
     let run_file = dir.join("run.json");
     if args.fresh {
         for inner in ["checkpoints", "staged"] {
@@ -314,7 +317,7 @@ fn prepare_data_dir(spec: &JobSpec, dir: &Path, cores: usize) -> Result<DataDir,
 /// which changes nothing there: the directory's run, if node 0 wrote it
 /// already, must be this one; and whether it has finished (node 0 redoes
 /// its last append).
-fn check_data_dir(spec: &JobSpec, dir: &Path, cores: usize) -> Result<DataDir, String> {
+fn check_data_dir(spec: &JobSpec, dir: &Path, shards: usize) -> Result<DataDir, String> {
     let run_file = dir.join("run.json");
     match std::fs::read(&run_file) {
         Ok(bytes) => {
@@ -324,7 +327,7 @@ fn check_data_dir(spec: &JobSpec, dir: &Path, cores: usize) -> Result<DataDir, S
                     run_file.display()
                 )
             })?;
-            let now = RunIdentity::of(spec, cores);
+            let now = RunIdentity::of(spec, shards);
             // The output is node 0's (its sink partition, the only one): this
             // node's `--sink` is its own.
             saved.sink.clone_from(&now.sink);
@@ -560,8 +563,8 @@ enum Prepared {
 
 /// Make one job ready to run: its source, its data directory, its output.
 /// A `peer` (a node other than node 0 of a run over nodes) only reads the
-/// data directory.
-fn prepare(spec: &JobSpec, cores: usize, peer: bool) -> Result<Prepared, String> {
+/// data directory. `shards`: over all the run's nodes.
+fn prepare(spec: &JobSpec, shards: usize, peer: bool) -> Result<Prepared, String> {
     dirigo_nexmark::queries::check(&spec.query)?;
     let args = &spec.args;
     let pace = match &args.rate {
@@ -604,8 +607,8 @@ fn prepare(spec: &JobSpec, cores: usize, peer: bool) -> Result<Prepared, String>
                 );
             }
             let prepared = match peer {
-                true => check_data_dir(spec, dir, cores)?,
-                false => prepare_data_dir(spec, dir, cores)?,
+                true => check_data_dir(spec, dir, shards)?,
+                false => prepare_data_dir(spec, dir, shards)?,
             };
             match prepared {
                 DataDir::Finished(epoch) => {
@@ -638,7 +641,7 @@ fn prepare(spec: &JobSpec, cores: usize, peer: bool) -> Result<Prepared, String>
             });
             (Output::JsonLines(factory), 1)
         }
-        (sink, _) => plain_output(sink, cores, &error)?,
+        (sink, _) => plain_output(sink, shards, &error)?,
     };
     let config = JobConfig {
         query: spec.query.clone(),
@@ -746,7 +749,26 @@ fn progress(expected: Option<u64>) -> dirigo_nexmark::run::Progress {
     })
 }
 
-pub fn run(args: RunArgs) -> Result<(), String> {
+/// `dirigo run`'s exit status when a run over nodes lost a peer (see
+/// [`RunFailure::PeerLost`]); any other failure exits with 1.
+pub const EXIT_PEER_LOST: u8 = 3;
+
+/// Why `dirigo run` failed.
+pub enum RunFailure {
+    Failed(String),
+    /// A run over nodes lost a peer (one never connected, or one left while
+    /// the jobs ran on): the same run started again may succeed. A cluster
+    /// node restarts it rather than failing the job.
+    PeerLost(String),
+}
+
+impl From<String> for RunFailure {
+    fn from(error: String) -> RunFailure {
+        RunFailure::Failed(error)
+    }
+}
+
+pub fn run(args: RunArgs) -> Result<(), RunFailure> {
     let cores = args
         .cores
         .map_or_else(dirigo_engine::runtime::online_cores, |n| n as usize);
@@ -770,9 +792,10 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     )?;
     // Over nodes, node 0 alone writes to a data directory before the run.
     let peer = nodes.as_ref().is_some_and(|n| n.me != 0);
+    let shards = cores * nodes.as_ref().map_or(1, |n| n.addrs.len());
     let mut prepared = Vec::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
-        prepared.push(prepare(spec, cores, peer).map_err(|e| match single {
+        prepared.push(prepare(spec, shards, peer).map_err(|e| match single {
             true => e,
             false => format!("job {} ({}): {e}", i + 1, spec.text),
         })?);
@@ -808,10 +831,17 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         time_limit: Duration::from_secs(24 * 3600),
         nodes,
     };
-    let mut reports = run_jobs(&engine, &configs)?.into_iter();
+    let reports = run_jobs(&engine, &configs);
+    // The progress line ends, whatever follows (a summary, or an error).
     if started.elapsed() >= Duration::from_secs(1) {
         eprintln!();
     }
+    let mut reports = reports
+        .map_err(|e| match e {
+            RunError::PeerLost(e) => RunFailure::PeerLost(e),
+            RunError::Failed(e) => RunFailure::Failed(e),
+        })?
+        .into_iter();
     let outcomes: Vec<Outcome> = prepared
         .into_iter()
         .map(|p| match p {
@@ -829,19 +859,19 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     let machine = Machine::detect();
     if single {
         return match outcomes.into_iter().next().expect("one job") {
-            Outcome::Ran(report) => print_single(&report, &machine, args.json),
-            Outcome::Failed(error) => Err(error),
+            Outcome::Ran(report) => Ok(print_single(&report, &machine, args.json)?),
+            Outcome::Failed(error) => Err(error.into()),
             Outcome::Finished(_) => unreachable!("a finished single run returned above"),
         };
     }
-    print_jobs(
+    Ok(print_jobs(
         &specs,
         &outcomes,
         &machine,
         cores,
         &engine.scheduler,
         args.json,
-    )
+    )?)
 }
 
 /// `--nodes`, `--node` and `--secret-file` as a run over nodes (`None`
@@ -1214,11 +1244,22 @@ pub fn check_cluster_job(query: &str, flags: &[String]) -> Result<(), String> {
     if args.job.fence_epoch.is_some() {
         return Err("--fence-epoch is the node's to set".into());
     }
+    if !args.nodes.is_empty() || args.node.is_some() || args.secret_file.is_some() {
+        return Err(
+            "--nodes, --node and --secret-file are the cluster's to set: a job runs over \
+             the nodes it is placed on"
+                .into(),
+        );
+    }
     if matches!(args.job.sink, SinkArg::Stdout) {
         return Err("a cluster job writes rows to file:PATH (or null), not stdout".into());
     }
     if args.cores.is_none() {
-        return Err("a cluster job names its --cores: a run resumes only on as many shards".into());
+        return Err(
+            "a cluster job names its --cores: its shards over all the nodes it runs on (it \
+             runs on as many nodes as divide them, and resumes only on as many shards)"
+                .into(),
+        );
     }
     Ok(())
 }

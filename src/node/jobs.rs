@@ -6,16 +6,24 @@
 //! cancelled) and reaps it before it counts the run as stopped. A run
 //! resumes from its data directory's last complete checkpoint, so stopping
 //! one anywhere loses nothing committed.
+//!
+//! A job placed on several nodes runs as `dirigo run --nodes ... --node I`
+//! on each: part 0 takes the job's checkpoints and writes its output, and
+//! reports its end; a part that lost a peer exits with
+//! [`EXIT_PEER_LOST`], and its node runs the placement again rather than
+//! failing the job.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use super::state::{Job, Outcome};
+use crate::cli::run::EXIT_PEER_LOST;
 
 /// Lines of a child's stderr kept for the error of a failed run, and the
 /// bytes kept of each.
@@ -41,16 +49,61 @@ pub fn monotonic_ns() -> u64 {
 pub struct Run {
     pub job: String,
     pub epoch: u64,
+    /// Its part of a run over nodes (0 for a run on one node).
+    pub part: usize,
+    /// A part of a run over nodes.
+    pub spans: bool,
+    /// When it was started.
+    pub started: std::time::Instant,
     child: Child,
     last_stdout: Arc<Mutex<Option<String>>>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
     readers: Vec<JoinHandle<()>>,
 }
 
-/// The arguments of the child's `dirigo run`.
-pub fn run_args(job: &Job) -> Vec<String> {
+/// This node's part of a run over nodes.
+#[derive(Debug, Clone)]
+pub struct Part {
+    /// Every part's address, in part order.
+    pub addrs: Vec<SocketAddr>,
+    /// This node's part.
+    pub me: usize,
+    pub secret_file: PathBuf,
+}
+
+/// How a run ended by itself.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunEnd {
+    Outcome(Outcome),
+    /// A part of a run over nodes lost a peer (why: its last words).
+    PeerLost(String),
+}
+
+/// The arguments of the child's `dirigo run`: the job's, its shards
+/// (`--cores`) shared out over the parts of a run over nodes.
+pub fn run_args(job: &Job, part: Option<&Part>, online: usize) -> Vec<String> {
     let mut args = vec!["run".to_string(), job.query.clone()];
-    args.extend(job.args.iter().cloned());
+    let mut words = job.args.iter();
+    while let Some(word) = words.next() {
+        if word == "--cores" {
+            words.next();
+        } else if !word.starts_with("--cores=") {
+            args.push(word.clone());
+        }
+    }
+    let parts = part.map_or(1, |p| p.addrs.len() as u64);
+    let shards = (job.shards() / parts).max(1);
+    args.push(format!("--cores={shards}"));
+    // A placement over fewer nodes (some lost) gives each more shards.
+    if shards > online as u64 && !job.args.iter().any(|a| a == "--oversubscribe") {
+        args.push("--oversubscribe".into());
+    }
+    if let Some(part) = part {
+        let addrs: Vec<String> = part.addrs.iter().map(SocketAddr::to_string).collect();
+        args.push(format!("--nodes={}", addrs.join(",")));
+        args.push(format!("--node={}", part.me));
+        args.push(format!("--secret-file={}", part.secret_file.display()));
+    }
     if !job.args.iter().any(|a| a == "--json") {
         args.push("--json".into());
     }
@@ -62,10 +115,16 @@ pub fn run_args(job: &Job) -> Vec<String> {
 
 impl Run {
     /// Start `program run ...` for `job`'s placement `epoch`.
-    pub fn start(program: &Path, job: &Job, node: u64) -> Result<Run, String> {
+    pub fn start(
+        program: &Path,
+        job: &Job,
+        node: u64,
+        part: Option<&Part>,
+        online: usize,
+    ) -> Result<Run, String> {
         let mut command = Command::new(program);
         command
-            .args(run_args(job))
+            .args(run_args(job, part, online))
             .current_dir(&job.cwd)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -126,6 +185,9 @@ impl Run {
         Ok(Run {
             job: job.name.clone(),
             epoch: job.epoch,
+            part: part.map_or(0, |p| p.me),
+            spans: part.is_some(),
+            started: std::time::Instant::now(),
             child,
             last_stdout,
             stderr_tail,
@@ -137,20 +199,29 @@ impl Run {
         self.child.id()
     }
 
-    /// The run's outcome once it has ended by itself.
-    pub fn try_end(&mut self) -> Option<Outcome> {
+    /// How the run ended, once it has ended by itself.
+    pub fn try_end(&mut self) -> Option<RunEnd> {
         let status = match self.child.try_wait() {
             Ok(Some(status)) => status,
             Ok(None) => return None,
             Err(e) => {
-                return Some(Outcome::Failed {
+                return Some(RunEnd::Outcome(Outcome::Failed {
                     error: format!("waiting for the run: {e}"),
-                })
+                }))
             }
         };
         for reader in self.readers.drain(..) {
             let _ = reader.join();
         }
+        if self.spans && status.code() == Some(i32::from(EXIT_PEER_LOST)) {
+            let words = self.last_words();
+            let last = words.rsplit(" / ").next().unwrap_or_default().to_string();
+            return Some(RunEnd::PeerLost(last));
+        }
+        Some(RunEnd::Outcome(self.outcome(status)))
+    }
+
+    fn outcome(&self, status: std::process::ExitStatus) -> Outcome {
         if status.success() {
             let report = self
                 .last_stdout
@@ -160,13 +231,26 @@ impl Run {
                 .filter(|line| line.len() <= REPORT_BYTES_MAX)
                 .and_then(|line| serde_json::from_str::<serde_json::Value>(line).ok())
                 .filter(serde_json::Value::is_object);
-            Some(Outcome::Finished { report })
+            Outcome::Finished { report }
         } else {
-            let tail: Vec<String> = self.stderr_tail.lock().unwrap().iter().cloned().collect();
-            Some(Outcome::Failed {
-                error: format!("the run exited with {status}: {}", tail.join(" / ")),
-            })
+            Outcome::Failed {
+                error: format!("the run exited with {status}: {}", self.last_words()),
+            }
         }
+    }
+
+    /// The last lines of its stderr (of each, what follows its last
+    /// carriage return: the progress a run redraws is left out).
+    fn last_words(&self) -> String {
+        let lines = self.stderr_tail.lock().unwrap();
+        let mut tail: Vec<&str> = Vec::new();
+        for line in lines.iter() {
+            let shown = line.rsplit('\r').next().unwrap_or("").trim();
+            if !shown.is_empty() {
+                tail.push(shown);
+            }
+        }
+        tail.join(" / ")
     }
 
     /// SIGKILL the run (it dies at once, whatever it was doing); [`Run::reap`]
@@ -181,5 +265,116 @@ impl Run {
         for reader in self.readers.drain(..) {
             let _ = reader.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(args: &[&str]) -> Job {
+        Job {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            ..serde_json::from_value(serde_json::json!({
+                "name": "q5-1", "query": "q5", "args": [], "cwd": "/", "node": 1,
+                "epoch": 4, "state": "running", "report": null, "error": null
+            }))
+            .unwrap()
+        }
+    }
+
+    /// A part of a run over nodes runs its share of the job's shards,
+    /// oversubscribed past the machine's cores, with the placement's
+    /// addresses, its place and the secret.
+    #[test]
+    fn a_part_runs_its_share_of_the_shards_over_the_placement() {
+        let alone = run_args(&job(&["--cores", "4", "--rate=5"]), None, 4);
+        assert_eq!(
+            alone,
+            [
+                "run",
+                "q5",
+                "--rate=5",
+                "--cores=4",
+                "--json",
+                "--fence-epoch=4"
+            ]
+        );
+        // Alone on a machine of fewer cores (the job's other nodes lost).
+        let alone = run_args(&job(&["--cores", "4"]), None, 2);
+        assert!(alone.contains(&"--oversubscribe".to_string()), "{alone:?}");
+        let part = Part {
+            addrs: vec![
+                "127.0.0.1:7700".parse().unwrap(),
+                "127.0.0.1:7701".parse().unwrap(),
+            ],
+            me: 1,
+            secret_file: "/s".into(),
+        };
+        let args = run_args(&job(&["--cores=4", "--json"]), Some(&part), 1);
+        assert_eq!(
+            args,
+            [
+                "run",
+                "q5",
+                "--json",
+                "--cores=2",
+                "--oversubscribe",
+                "--nodes=127.0.0.1:7700,127.0.0.1:7701",
+                "--node=1",
+                "--secret-file=/s",
+                "--fence-epoch=4"
+            ]
+        );
+        let args = run_args(&job(&["--cores", "4"]), Some(&part), 2);
+        assert!(!args.contains(&"--oversubscribe".to_string()), "{args:?}");
+    }
+
+    /// A part of a run over nodes that exits with `EXIT_PEER_LOST` lost a
+    /// peer (its node runs it again); a run on one node that exits so
+    /// failed, as does any other failure.
+    #[test]
+    fn a_part_that_lost_a_peer_is_told_from_a_failure() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("dirigo-run-end-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = |name: &str, code: u8| {
+            let path = dir.join(name);
+            std::fs::write(
+                &path,
+                format!(
+                    "#!/bin/sh\necho before >&2\nprintf '1 event\\r2 events\\r' >&2\necho why >&2\nexit {code}\n"
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            path
+        };
+        let part = Part {
+            addrs: vec![
+                "127.0.0.1:1".parse().unwrap(),
+                "127.0.0.1:2".parse().unwrap(),
+            ],
+            me: 1,
+            secret_file: "/s".into(),
+        };
+        let end = |program: &Path, part: Option<&Part>| {
+            let mut run = Run::start(program, &job(&[]), 1, part, 1).unwrap();
+            loop {
+                if let Some(end) = run.try_end() {
+                    return end;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        };
+        let lost = script("lost", EXIT_PEER_LOST);
+        assert_eq!(end(&lost, Some(&part)), RunEnd::PeerLost("why".into()));
+        let failed = |end: RunEnd| match end {
+            RunEnd::Outcome(Outcome::Failed { error }) => error,
+            other => panic!("{other:?}"),
+        };
+        assert!(failed(end(&lost, None)).ends_with("before / why"));
+        assert!(failed(end(&script("failed", 1), Some(&part))).contains("why"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -57,7 +57,7 @@ pub mod lease;
 pub mod state;
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -85,7 +85,7 @@ use client::{
     Reply, Request, CLIENT_NODE, LEASE_ECHO_KIND, LEASE_GRANT_KIND, LEASE_PROBE_KIND,
     LEASE_REQUEST_KIND, RAFT_KIND, RAFT_PART_KIND, REPLY_KIND, REQUEST_KIND,
 };
-use jobs::{monotonic_ns, Run};
+use jobs::{monotonic_ns, Part, Run, RunEnd};
 use lease::{FollowerLease, LeaderAcks, LEASE};
 use state::{data_dir_of, submission_number, Answer, ClusterState, Command, JobState, Outcome};
 
@@ -107,6 +107,13 @@ const KEEP_BEHIND: u64 = 128;
 /// A node leaving the cluster that heard from no other for this long goes:
 /// the leader stops speaking to a node once it is removed.
 const LEFT_AFTER: Duration = Duration::from_secs(3);
+/// A part that lost a peer after running less than this counts toward the
+/// job's `RESTARTS_MAX` (one that never connects gives up after 30 s).
+const QUICK_RUN: Duration = Duration::from_secs(60);
+/// A part of a run over nodes that lost a peer waits this long for the
+/// leader to move the job off a lost node before running it again where it
+/// is (its peer may have left for a moment only).
+const RESTART_AFTER: Duration = Duration::from_millis(600);
 /// A proposal not applied within this is proposed again.
 const PROPOSE_AGAIN_AFTER: Duration = Duration::from_secs(2);
 /// How long a client's request waits for its command to be proposed and
@@ -154,6 +161,12 @@ pub struct NodeArgs {
     /// many entries were applied since the last snapshot.
     #[arg(long, hide = true, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     compact_every: u64,
+    /// Ports for the runs of jobs placed over several nodes, FIRST-LAST:
+    /// the leader gives each part of such a placement one, on its node's
+    /// address, no two running placements the same (the leader's range
+    /// counts; give every node the same).
+    #[arg(long, default_value = "7700-7999")]
+    run_ports: PortRange,
 }
 
 /// Raft's storage: the entries and hard state in memory (`MemStorage`,
@@ -298,6 +311,251 @@ pub fn run(args: NodeArgs) -> Result<(), String> {
         .map_err(|e| format!("the node's executor failed: {e}"))?
 }
 
+/// A part of a run over nodes that lost a peer.
+#[derive(Debug, Clone)]
+struct Lost {
+    at: Instant,
+    /// Its last words.
+    why: String,
+    /// It had run less than [`QUICK_RUN`] (a placement that loses a peer
+    /// quickly again and again fails).
+    quick: bool,
+}
+
+/// Where a node records the placements it started parts of.
+const STARTED_DIR: &str = "started";
+
+/// The placements this node's earlier processes started parts of: file
+/// `DIR/started/N` (N a job's submission number) holds the epoch.
+fn read_started(data_dir: &Path) -> Result<BTreeMap<u64, u64>, String> {
+    let dir = data_dir.join(STARTED_DIR);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(format!("reading {}: {e}", dir.display())),
+    };
+    let mut started = BTreeMap::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("reading {}: {e}", dir.display()))?;
+        let Some(number) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue; // a temporary file left by a crash
+        };
+        let text = std::fs::read_to_string(entry.path())
+            .map_err(|e| format!("reading {}: {e}", entry.path().display()))?;
+        let epoch = text
+            .trim()
+            .parse()
+            .map_err(|_| format!("{} holds no epoch", entry.path().display()))?;
+        started.insert(number, epoch);
+    }
+    Ok(started)
+}
+
+/// Record, durably, that this node starts a part of placement `epoch` of
+/// the job numbered `number` (before it does).
+fn write_started(data_dir: &Path, number: u64, epoch: u64) -> Result<(), String> {
+    use std::io::Write;
+    let dir = data_dir.join(STARTED_DIR);
+    let io = |what: &Path, e: std::io::Error| format!("{}: {e}", what.display());
+    std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+    let path = dir.join(number.to_string());
+    let tmp = dir.join(format!("{number}.tmp"));
+    let mut file = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
+    file.write_all(epoch.to_string().as_bytes())
+        .and_then(|_| file.sync_all())
+        .map_err(|e| io(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
+    std::fs::File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io(&dir, e))
+}
+
+/// Keep what a run that ended by itself says: an outcome to report; a
+/// part other than part 0 that finished, which part 0 reports; or a part
+/// that lost a peer, which is run again ([`RESTART_AFTER`]).
+fn note_end(core: &mut Core, run: &Run, end: RunEnd, now: Instant) {
+    let key = (run.job.clone(), run.epoch);
+    match end {
+        RunEnd::Outcome(Outcome::Finished { .. }) if run.part > 0 => {
+            core.parts_done.insert(key);
+        }
+        RunEnd::Outcome(outcome) => {
+            core.ended.insert(key, outcome);
+        }
+        RunEnd::PeerLost(why) => {
+            let quick = now.duration_since(run.started) < QUICK_RUN;
+            core.peer_lost.insert(
+                key,
+                Lost {
+                    at: now,
+                    why,
+                    quick,
+                },
+            );
+        }
+    }
+}
+
+/// ", and nodes 3, 4" for a placement's other nodes (nothing for none).
+fn and_peers(peers: &[u64]) -> String {
+    if peers.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = peers.iter().map(u64::to_string).collect();
+    format!(
+        " and node{} {}",
+        if peers.len() > 1 { "s" } else { "" },
+        list.join(", ")
+    )
+}
+
+/// The leader's choice of a placement for a job of `shards` shards: the
+/// least loaded live nodes in `load`, as many as [`state::width`] allows,
+/// part 0 the least loaded; for more than one, a port each from `range`
+/// that no running placement uses (from `cursor` on, which moves past
+/// them, so that a port is taken again only after the range went round).
+/// `load` and `in_use` count what it chose. None: no live node, or too
+/// few free ports.
+fn place(
+    load: &mut BTreeMap<u64, usize>,
+    shards: u64,
+    in_use: &mut BTreeSet<u16>,
+    cursor: &mut u16,
+    range: PortRange,
+) -> Option<(u64, Vec<u64>, Vec<u16>)> {
+    let k = state::width(shards, load.len());
+    let mut by_load: Vec<(usize, u64)> = load.iter().map(|(id, count)| (*count, *id)).collect();
+    by_load.sort_unstable();
+    let nodes: Vec<u64> = by_load.iter().take(k).map(|(_, id)| *id).collect();
+    if nodes.is_empty() {
+        return None;
+    }
+    let mut ports = Vec::new();
+    if k > 1 {
+        let size = u32::from(range.last - range.first) + 1;
+        for step in 0..size {
+            let port = range.first + ((u32::from(*cursor) + step) % size) as u16;
+            if !in_use.contains(&port) {
+                ports.push(port);
+                if ports.len() == k {
+                    *cursor = ((u32::from(port - range.first) + 1) % size) as u16;
+                    break;
+                }
+            }
+        }
+        if ports.len() < k {
+            return None;
+        }
+        in_use.extend(&ports);
+    }
+    for node in &nodes {
+        *load.get_mut(node).expect("chosen from load") += 1;
+    }
+    Some((nodes[0], nodes[1..].to_vec(), ports))
+}
+
+/// The ports a placement command gives (none for another command).
+fn ports_of(command: &Command) -> Vec<u16> {
+    match command {
+        Command::Assign { ports, .. } | Command::Move { ports, .. } => ports.clone(),
+        _ => Vec::new(),
+    }
+}
+
+/// The leader's one move while nothing else moves or is placed: widen the
+/// oldest job that runs on fewer nodes than it could (a node joined or
+/// came back; its own parts count for nothing where it goes), or else,
+/// while the busiest live node in `load` runs two parts more than the
+/// idlest, move the busiest's part of its newest job there to the idlest.
+fn widen_or_rebalance(
+    state: &ClusterState,
+    load: &BTreeMap<u64, usize>,
+    in_use: &mut BTreeSet<u16>,
+    cursor: &mut u16,
+    range: PortRange,
+) -> Option<Command> {
+    let whole = |j: &&state::Job| {
+        j.state == JobState::Running
+            && j.node.is_some()
+            && j.moving_to.is_none()
+            && j.placement().iter().all(|n| load.contains_key(n))
+    };
+    let live = load.len();
+    let narrow = state
+        .jobs
+        .values()
+        .filter(whole)
+        .filter(|j| j.placement().len() < state::width(j.shards(), live))
+        .min_by_key(|j| submission_number(&j.name));
+    if let Some(job) = narrow {
+        let mut load = load.clone();
+        for node in job.placement() {
+            *load.get_mut(&node).expect("whole") -= 1;
+        }
+        let mut free = in_use.clone();
+        for port in &job.ports {
+            free.remove(port);
+        }
+        if let Some((to, peers, ports)) = place(&mut load, job.shards(), &mut free, cursor, range) {
+            in_use.extend(&ports);
+            return Some(Command::Move {
+                job: job.name.clone(),
+                epoch: job.epoch,
+                to,
+                peers,
+                ports,
+                quick: false,
+            });
+        }
+        // No ports free for it: rebalance instead.
+    }
+    let busiest = load
+        .iter()
+        .max_by_key(|(id, count)| (**count, std::cmp::Reverse(**id)));
+    let idlest = load.iter().min_by_key(|(id, count)| (**count, **id));
+    let ((&from, &most), (&to, &least)) = (busiest?, idlest?);
+    if most < least + 2 {
+        return None;
+    }
+    let job = state
+        .jobs
+        .values()
+        .filter(whole)
+        .filter(|j| j.runs_on(from) && !j.runs_on(to))
+        .max_by_key(|j| submission_number(&j.name))?;
+    let swap = |n: u64| if n == from { to } else { n };
+    Some(Command::Move {
+        job: job.name.clone(),
+        epoch: job.epoch,
+        to: swap(job.node.expect("whole")),
+        peers: job.peers.iter().map(|n| swap(*n)).collect(),
+        ports: job.ports.clone(),
+        quick: false,
+    })
+}
+
+/// Ports `FIRST-LAST`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<PortRange, String> {
+        let bad = || format!("{text:?} is not a port range FIRST-LAST (e.g. 7700-7999)");
+        let (first, last) = text.split_once('-').ok_or_else(bad)?;
+        let first: u16 = first.trim().parse().map_err(|_| bad())?;
+        let last: u16 = last.trim().parse().map_err(|_| bad())?;
+        if first == 0 || last < first {
+            return Err(bad());
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
 /// A client's reply to a command agreed (or not): what `expected` makes of
 /// the answer, the refusal or failure as an error, or any other answer as
 /// an unexpected one.
@@ -429,6 +687,23 @@ struct Core {
     runs: Vec<Run>,
     /// Runs that ended by themselves, until the log records it.
     ended: BTreeMap<(String, u64), Outcome>,
+    /// Parts other than part 0 of a run over nodes that finished: part 0
+    /// reports the job's end (and its figures); these are not run again.
+    parts_done: BTreeSet<(String, u64)>,
+    /// Parts of a run over nodes that lost a peer, and when: if the
+    /// placement still stands after [`RESTART_AFTER`], this node moves the
+    /// job to the same placement, to run it again.
+    peer_lost: BTreeMap<(String, u64), Lost>,
+    /// Per job (by its submission number): the latest placement this node
+    /// started a part of a run over nodes for, kept in `DIR/started/` so
+    /// that no process of this node starts a part twice in one placement
+    /// (its peers would have run on without it).
+    started: BTreeMap<u64, u64>,
+    /// The leader's next run port to try (an offset in `run_ports`).
+    port_cursor: u16,
+    /// The leader's placements proposed lately, by key, and their ports:
+    /// taken until applied (or `PROPOSE_AGAIN_AFTER`).
+    promised: BTreeMap<String, (Instant, Vec<u16>)>,
     isolated: bool,
     isolated_checked: Option<Instant>,
 }
@@ -440,6 +715,11 @@ struct Node {
     identity: Identity,
     cluster: String,
     secret: Vec<u8>,
+    /// The secret's file, for runs over nodes (`dirigo run --secret-file`).
+    secret_file: PathBuf,
+    run_ports: PortRange,
+    /// This machine's online cores: a run with more shards oversubscribes.
+    online: usize,
     program: PathBuf,
     join: Option<SocketAddr>,
     isolate_file: Option<PathBuf>,
@@ -566,6 +846,10 @@ impl Node {
             identity,
             cluster: args.cluster,
             secret,
+            secret_file: std::path::absolute(&args.secret_file)
+                .unwrap_or_else(|_| args.secret_file.clone()),
+            run_ports: args.run_ports,
+            online: dirigo_engine::runtime::online_cores(),
             program,
             join: args.join,
             isolate_file: args.isolate_file,
@@ -593,6 +877,11 @@ impl Node {
                 proposed: HashMap::new(),
                 runs: Vec::new(),
                 ended: BTreeMap::new(),
+                parts_done: BTreeSet::new(),
+                peer_lost: BTreeMap::new(),
+                started: read_started(&args.data_dir)?,
+                port_cursor: 0,
+                promised: BTreeMap::new(),
                 isolated: false,
                 isolated_checked: None,
             }),
@@ -1296,11 +1585,29 @@ impl Node {
                             if *alive { "alive" } else { "lost" }
                         );
                     }
-                    if let Command::Assign { job, node, epoch } = &command {
+                    if let Command::Assign {
+                        job,
+                        node,
+                        epoch,
+                        peers,
+                        ..
+                    } = &command
+                    {
                         core.proposed.remove(job);
                         eprintln!(
-                            "dirigo node {}: {job} placed on node {node} (epoch {epoch})",
-                            self.id
+                            "dirigo node {}: {job} placed on node {node}{} (epoch {epoch})",
+                            self.id,
+                            and_peers(peers)
+                        );
+                    }
+                    if let Command::Move { job, to, peers, .. } = &command {
+                        // A failover's key: what is placed next may need
+                        // placing again soon (a target lost meanwhile).
+                        core.proposed.remove(job);
+                        eprintln!(
+                            "dirigo node {}: {job} to move to node {to}{}",
+                            self.id,
+                            and_peers(peers)
                         );
                     }
                     if let Some((request, answer)) = core.state.apply(command) {
@@ -1554,7 +1861,8 @@ impl Node {
                 ));
             }
         }
-        // Place what has no live node, spreading by load.
+        // Place what has no placement, or a lost node in it, spreading the
+        // parts by load (parts per live node).
         let mut load: BTreeMap<u64, usize> = core
             .state
             .nodes
@@ -1568,63 +1876,107 @@ impl Node {
             })
             .map(|(id, _)| (*id, 0))
             .collect();
+        let mut in_use = BTreeSet::new();
         for job in core.state.jobs.values() {
             if job.state == JobState::Running {
-                if let Some(count) = job.node.and_then(|n| load.get_mut(&n)) {
-                    *count += 1;
+                for node in job.placement() {
+                    if let Some(count) = load.get_mut(&node) {
+                        *count += 1;
+                    }
                 }
+                in_use.extend(job.ports.iter().chain(&job.moving_ports).copied());
             }
         }
-        for (job, epoch) in core.state.unplaced() {
-            let Some((&node, _)) = load.iter().min_by_key(|(id, count)| (**count, **id)) else {
+        // Ports of placements proposed but not yet applied are taken too.
+        core.promised
+            .retain(|_, (at, _)| now.duration_since(*at) < PROPOSE_AGAIN_AFTER);
+        for (_, ports) in core.promised.values() {
+            in_use.extend(ports);
+        }
+        let mut placing = false;
+        for (name, epoch, none_alive) in core.state.unplaced() {
+            // Proposed already: not placed again before it is answered.
+            if core
+                .proposed
+                .get(&name)
+                .is_some_and(|at| now.duration_since(*at) < PROPOSE_AGAIN_AFTER)
+            {
+                placing = true;
+                continue;
+            }
+            if load.is_empty() {
                 break;
+            }
+            let shards = core.state.jobs[&name].shards();
+            // None: too few free ports for it; the others may need fewer.
+            let Some((node, peers, ports)) = place(
+                &mut load,
+                shards,
+                &mut in_use,
+                &mut core.port_cursor,
+                self.run_ports,
+            ) else {
+                let key = format!("no ports {name}");
+                if let std::collections::hash_map::Entry::Vacant(entry) = core.proposed.entry(key) {
+                    eprintln!(
+                        "dirigo node {}: {name} waits for {} free ports of --run-ports {}-{}",
+                        self.id,
+                        state::width(shards, load.len()),
+                        self.run_ports.first,
+                        self.run_ports.last
+                    );
+                    entry.insert(now);
+                }
+                continue;
             };
-            *load.get_mut(&node).unwrap() += 1;
-            commands.push((
-                job.clone(),
+            placing = true;
+            core.promised.insert(name.clone(), (now, ports.clone()));
+            let command = if none_alive {
                 Command::Assign {
-                    job,
+                    job: name.clone(),
                     node,
                     epoch: epoch + 1,
-                },
-            ));
+                    peers,
+                    ports,
+                }
+            } else {
+                Command::Move {
+                    job: name.clone(),
+                    epoch,
+                    to: node,
+                    peers,
+                    ports,
+                    quick: false,
+                }
+            };
+            commands.push((name, command));
         }
-        // Rebalance: one move at a time, from the busiest live node to the
-        // idlest, while they differ by two jobs or more (a node that joined
-        // or came back takes work).
         let moving = core
             .state
             .jobs
             .values()
             .any(|j| j.state == JobState::Running && j.moving_to.is_some());
-        if !moving
-            && commands
-                .iter()
-                .all(|(_, c)| !matches!(c, Command::Assign { .. }))
-        {
-            let busiest = load
-                .iter()
-                .max_by_key(|(id, count)| (**count, std::cmp::Reverse(**id)));
-            let idlest = load.iter().min_by_key(|(id, count)| (**count, **id));
-            if let (Some((&from, &most)), Some((&to, &least))) = (busiest, idlest) {
-                if most >= least + 2 {
-                    let newest = core
-                        .state
-                        .jobs
-                        .values()
-                        .filter(|j| j.state == JobState::Running && j.node == Some(from))
-                        .max_by_key(|j| submission_number(&j.name));
-                    if let Some(job) = newest {
-                        commands.push((
-                            "move".to_string(),
-                            Command::Move {
-                                job: job.name.clone(),
-                                epoch: job.epoch,
-                                to,
-                            },
-                        ));
-                    }
+        let moving_proposed = core
+            .proposed
+            .get("move")
+            .is_some_and(|at| now.duration_since(*at) < PROPOSE_AGAIN_AFTER);
+        if !moving && !placing && !moving_proposed {
+            if let Some(command) = widen_or_rebalance(
+                &core.state,
+                &load,
+                &mut in_use,
+                &mut core.port_cursor,
+                self.run_ports,
+            ) {
+                if let Command::Move { job, to, peers, .. } = &command {
+                    eprintln!(
+                        "dirigo node {}: moving {job} to node {to}{} (widening or rebalance)",
+                        self.id,
+                        and_peers(peers)
+                    );
+                    core.promised.insert(job.clone(), (now, ports_of(&command)));
                 }
+                commands.push(("move".to_string(), command));
             }
         }
         // A node leaving, declared not alive, with no job left on it: out of
@@ -1640,7 +1992,7 @@ impl Node {
                     .state
                     .jobs
                     .values()
-                    .any(|j| j.state == JobState::Running && j.node == Some(*id))
+                    .any(|j| j.state == JobState::Running && j.runs_on(*id))
             });
         if let Some(node) = gone {
             let key = format!("remove {node}");
@@ -1665,12 +2017,6 @@ impl Node {
             {
                 continue;
             }
-            if let Command::Move { job, to, .. } = &command {
-                eprintln!(
-                    "dirigo node {}: moving {job} to node {to} (rebalance)",
-                    self.id
-                );
-            }
             core.proposed.insert(key, now);
             let _ = self.propose(core, &command);
         }
@@ -1691,15 +2037,15 @@ impl Node {
             let keep = leased
                 && core.state.jobs.get(&run.job).is_some_and(|job| {
                     job.state == JobState::Running
-                        && job.node == Some(self.id)
+                        && job.runs_on(self.id)
                         && job.epoch == run.epoch
                         && job.moving_to.is_none()
                 });
             if !keep {
                 let mut run = core.runs.swap_remove(i);
                 // One that just ended by itself keeps its outcome.
-                if let Some(outcome) = run.try_end() {
-                    core.ended.insert((run.job.clone(), run.epoch), outcome);
+                if let Some(end) = run.try_end() {
+                    note_end(core, &run, end, now);
                     continue;
                 }
                 run.kill();
@@ -1724,21 +2070,52 @@ impl Node {
         }
         let mut i = 0;
         while i < core.runs.len() {
-            if let Some(outcome) = core.runs[i].try_end() {
+            if let Some(end) = core.runs[i].try_end() {
                 let run = core.runs.swap_remove(i);
                 eprintln!(
-                    "dirigo node {}: activation {} epoch {} pid {} ended at {}: {outcome:?}",
+                    "dirigo node {}: activation {} epoch {} pid {} ended at {}: {end:?}",
                     self.id,
                     run.job,
                     run.epoch,
                     run.pid(),
                     monotonic_ns()
                 );
-                core.ended.insert((run.job.clone(), run.epoch), outcome);
+                note_end(core, &run, end, now);
                 continue;
             }
             i += 1;
         }
+        // What no longer stands is forgotten.
+        let state = &core.state;
+        let current = |(job, epoch): &(String, u64)| {
+            state
+                .jobs
+                .get(job)
+                .is_some_and(|j| j.state == JobState::Running && j.epoch == *epoch)
+        };
+        core.parts_done.retain(|key| current(key));
+        // Records of starts of jobs that ended go (those of jobs this node
+        // does not know yet stay).
+        let over: Vec<u64> = state
+            .jobs
+            .values()
+            .filter(|j| j.state != JobState::Running)
+            .map(|j| submission_number(&j.name))
+            .filter(|n| core.started.contains_key(n))
+            .collect();
+        for number in over {
+            let path = self.data_dir.join(STARTED_DIR).join(number.to_string());
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    core.started.remove(&number);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    core.started.remove(&number);
+                }
+                Err(e) => eprintln!("dirigo node {}: {}: {e}", self.id, path.display()),
+            }
+        }
+        core.peer_lost.retain(|key, _| current(key));
         // Report ended runs until the log has them.
         let ended: Vec<((String, u64), Outcome)> = core
             .ended
@@ -1773,26 +2150,90 @@ impl Node {
                 },
             );
         }
+        // A part that lost a peer: run the placement again, unless the
+        // leader moved it meanwhile (or is about to: a node of it is lost
+        // or leaving). Past `RESTARTS_MAX` quick losses in a row (a peer
+        // that can never connect), the job fails.
+        let restarts: Vec<(state::Job, Lost)> = core
+            .peer_lost
+            .iter()
+            .filter(|(_, lost)| now.duration_since(lost.at) >= RESTART_AFTER)
+            .filter_map(|((job, _), lost)| Some((core.state.jobs.get(job)?.clone(), lost.clone())))
+            .filter(|(job, _)| job.moving_to.is_none())
+            .filter(|(job, _)| {
+                job.placement().iter().all(|n| {
+                    core.state
+                        .nodes
+                        .get(n)
+                        .is_some_and(|info| info.alive && !info.retired)
+                })
+            })
+            .collect();
+        for (job, lost) in restarts {
+            if lost.quick && job.restarts >= state::RESTARTS_MAX {
+                let key = (job.name.clone(), job.epoch);
+                core.peer_lost.remove(&key);
+                core.ended.insert(
+                    key,
+                    Outcome::Failed {
+                        error: format!(
+                            "a part lost a peer soon after it started, {} times in a row on \
+                             the same nodes: {}",
+                            state::RESTARTS_MAX + 1,
+                            lost.why
+                        ),
+                    },
+                );
+                continue;
+            }
+            let key = format!("restart {} {}", job.name, job.epoch);
+            if core.proposed.contains_key(&key) {
+                continue;
+            }
+            eprintln!(
+                "dirigo node {}: {} lost a peer ({}); running it again",
+                self.id, job.name, lost.why
+            );
+            core.proposed.insert(key, now);
+            let _ = self.propose(
+                core,
+                &Command::Move {
+                    job: job.name.clone(),
+                    epoch: job.epoch,
+                    to: job.node.expect("placed"),
+                    peers: job.peers.clone(),
+                    ports: job.ports.clone(),
+                    quick: lost.quick,
+                },
+            );
+        }
         // Release what moves away once no run of it is left here (a lease
         // is not needed to give a job up).
         let releases: Vec<(String, u64)> = core
             .state
             .jobs
             .values()
-            .filter(|job| job.state == JobState::Running && job.node == Some(self.id))
-            .filter(|job| job.moving_to.is_some())
+            .filter(|job| job.state == JobState::Running && job.runs_on(self.id))
+            .filter(|job| job.moving_to.is_some() && !job.released.contains(&self.id))
             .filter(|job| !core.runs.iter().any(|r| r.job == job.name))
             // A run that ended by itself is reported, not released.
             .filter(|job| !core.ended.contains_key(&(job.name.clone(), job.epoch)))
             .map(|job| (job.name.clone(), job.epoch))
             .collect();
         for (job, epoch) in releases {
-            let key = format!("released {job}");
+            let key = format!("released {job} {epoch}");
             if core.proposed.contains_key(&key) {
                 continue;
             }
             core.proposed.insert(key, now);
-            let _ = self.propose(core, &Command::Released { job, epoch });
+            let _ = self.propose(
+                core,
+                &Command::Released {
+                    job,
+                    epoch,
+                    node: self.id,
+                },
+            );
         }
         if !leased {
             return;
@@ -1801,15 +2242,48 @@ impl Node {
             .state
             .jobs
             .values()
-            .filter(|job| job.state == JobState::Running && job.node == Some(self.id))
+            .filter(|job| job.state == JobState::Running && job.runs_on(self.id))
             .filter(|job| job.moving_to.is_none())
             .filter(|job| !core.runs.iter().any(|r| r.job == job.name))
-            .filter(|job| !core.ended.contains_key(&(job.name.clone(), job.epoch)))
+            .filter(|job| {
+                let key = (job.name.clone(), job.epoch);
+                !core.ended.contains_key(&key)
+                    && !core.parts_done.contains(&key)
+                    && !core.peer_lost.contains_key(&key)
+            })
             .cloned()
             .collect();
         for job in to_start {
+            let number = submission_number(&job.name);
+            let spans = !job.peers.is_empty();
+            if spans && core.started.get(&number).is_some_and(|e| *e >= job.epoch) {
+                // Started here before, and stopped (a lease lapsed, or this
+                // node's process restarted): its peers ran on without it.
+                // The placement runs again whole, as the next.
+                core.peer_lost.insert(
+                    (job.name.clone(), job.epoch),
+                    Lost {
+                        at: now,
+                        why: "this node's part stopped while the others ran".into(),
+                        quick: false,
+                    },
+                );
+                continue;
+            }
+            if spans {
+                if let Err(error) = write_started(&self.data_dir, number, job.epoch) {
+                    eprintln!("dirigo node {}: recording a start: {error}", self.id);
+                    core.ended
+                        .insert((job.name.clone(), job.epoch), Outcome::Failed { error });
+                    continue;
+                }
+                core.started.insert(number, job.epoch);
+            }
             let started = monotonic_ns();
-            match Run::start(&self.program, &job, self.id) {
+            let run = self.part_of(&core.state, &job).and_then(|part| {
+                Run::start(&self.program, &job, self.id, part.as_ref(), self.online)
+            });
+            match run {
                 Ok(run) => {
                     eprintln!(
                         "dirigo node {}: activation {} epoch {} pid {} started at {started}",
@@ -1826,6 +2300,37 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// This node's part of `job`'s run over nodes (None: it runs on this
+    /// node alone): every part's address, its node's with the part's port.
+    fn part_of(&self, state: &ClusterState, job: &state::Job) -> Result<Option<Part>, String> {
+        if job.peers.is_empty() {
+            return Ok(None);
+        }
+        let placement = job.placement();
+        let me = placement
+            .iter()
+            .position(|n| *n == self.id)
+            .ok_or("not placed here")?;
+        let mut addrs = Vec::with_capacity(placement.len());
+        for (node, port) in placement.iter().zip(&job.ports) {
+            let addr = state
+                .nodes
+                .get(node)
+                .map(|info| info.addr.as_str())
+                .ok_or_else(|| format!("node {node} of the placement is no member"))?;
+            let mut addr: SocketAddr = addr
+                .parse()
+                .map_err(|e| format!("node {node}'s address {addr:?}: {e}"))?;
+            addr.set_port(*port);
+            addrs.push(addr);
+        }
+        Ok(Some(Part {
+            addrs,
+            me,
+            secret_file: self.secret_file.clone(),
+        }))
     }
 
     /// Answer a client's request.
@@ -2137,6 +2642,7 @@ impl Node {
             object.insert("query".into(), job.query.clone().into());
             object.insert("state".into(), state::state_name(job.state).into());
             object.insert("node".into(), job.node.into());
+            object.insert("peers".into(), job.peers.clone().into());
             object.insert("epoch".into(), job.epoch.into());
             if let Some(error) = &job.error {
                 object.insert("error".into(), error.clone().into());
@@ -2242,5 +2748,134 @@ mod tests {
         let too_many = (RAFT_ASSEMBLED_BYTES_MAX / RAFT_PART_BYTES + 2) as u32;
         assert!(assembly.take(&part(0, too_many, b"a")).is_err());
         assert!(assembly.take(&part(0, 0, b"a")).is_err());
+    }
+
+    /// The leader places a job on the least loaded nodes, as many as
+    /// divide its shards, with a port each that no running placement uses,
+    /// going round the range.
+    #[test]
+    fn placements_take_the_idlest_nodes_and_free_ports() {
+        let range: PortRange = "100-103".parse().unwrap();
+        let mut load: BTreeMap<u64, usize> = [(1, 2), (2, 0), (3, 1)].into();
+        let mut in_use: BTreeSet<u16> = [101].into();
+        let mut cursor = 0;
+        let placed = place(&mut load, 2, &mut in_use, &mut cursor, range);
+        assert_eq!(placed, Some((2, vec![3], vec![100, 102])));
+        assert_eq!(load, [(1, 2), (2, 1), (3, 2)].into());
+        assert_eq!(in_use, [100, 101, 102].into());
+        // One shard: one node, no port.
+        let placed = place(&mut load, 1, &mut in_use, &mut cursor, range);
+        assert_eq!(placed, Some((2, vec![], vec![])));
+        // Three shards over three nodes: one port is left, too few.
+        assert_eq!(place(&mut load, 3, &mut in_use, &mut cursor, range), None);
+        in_use.remove(&100);
+        assert_eq!(place(&mut load, 3, &mut in_use, &mut cursor, range), None);
+        in_use.remove(&101);
+        // The cursor went past 102: 103 first, then round to 100.
+        let placed = place(&mut load, 3, &mut in_use, &mut cursor, range).unwrap();
+        assert_eq!(placed.2, vec![103, 100, 101]);
+        assert_eq!(
+            place(&mut BTreeMap::new(), 1, &mut in_use, &mut cursor, range),
+            None
+        );
+        for bad in ["", "7", "0-5", "9-8", "a-b", "1-70000"] {
+            assert!(bad.parse::<PortRange>().is_err(), "{bad}");
+        }
+    }
+
+    /// The leader's one move: widen the oldest job that could run on more
+    /// nodes, else move a part from the busiest node to the idlest while
+    /// they differ by two parts or more.
+    #[test]
+    fn the_leader_widens_a_narrow_job_before_it_rebalances() {
+        let range: PortRange = "100-199".parse().unwrap();
+        let mut state = ClusterState::default();
+        for n in 1..=3 {
+            state.add_node(n, format!("127.0.0.1:{n}"));
+        }
+        let add = |state: &mut ClusterState, number: u64, cores: &str| {
+            state.apply(Command::Submit {
+                request: number,
+                query: "q5".into(),
+                args: vec![
+                    "--data-dir".into(),
+                    format!("d{number}"),
+                    "--cores".into(),
+                    cores.into(),
+                ],
+                cwd: "/".into(),
+            });
+            state.apply(Command::Assign {
+                job: format!("q5-{number}"),
+                node: 1,
+                epoch: 1,
+                peers: vec![],
+                ports: vec![],
+            });
+        };
+        let load = |state: &ClusterState| {
+            let mut load: BTreeMap<u64, usize> = state.nodes.keys().map(|n| (*n, 0)).collect();
+            for job in state.jobs.values() {
+                for node in job.placement() {
+                    *load.get_mut(&node).unwrap() += 1;
+                }
+            }
+            load
+        };
+        // All three on node 1, as placed on a cluster of one; q5-1 has two
+        // shards.
+        add(&mut state, 1, "2");
+        add(&mut state, 2, "1");
+        add(&mut state, 3, "1");
+        let (mut in_use, mut cursor) = (BTreeSet::new(), 0);
+        let first = widen_or_rebalance(&state, &load(&state), &mut in_use, &mut cursor, range);
+        let Some(Command::Move {
+            job,
+            epoch,
+            to,
+            peers,
+            ports,
+            ..
+        }) = first.clone()
+        else {
+            panic!("{first:?}");
+        };
+        assert_eq!((job.as_str(), epoch, to, peers), ("q5-1", 1, 2, vec![3]));
+        assert_eq!(ports, vec![100, 101]);
+        assert_eq!(in_use, [100, 101].into());
+        state.apply(first.unwrap());
+        state.apply(Command::Released {
+            job: "q5-1".into(),
+            epoch: 1,
+            node: 1,
+        });
+        assert_eq!(state.jobs["q5-1"].placement(), vec![2, 3]);
+        // Parts now 2, 1, 1: nothing to do.
+        let next = widen_or_rebalance(&state, &load(&state), &mut in_use, &mut cursor, range);
+        assert_eq!(next, None);
+        // A fourth on node 1 (3, 1, 1): the newest there moves to the
+        // idlest (the lower id of a tie).
+        add(&mut state, 4, "1");
+        let next = widen_or_rebalance(&state, &load(&state), &mut in_use, &mut cursor, range);
+        assert_eq!(
+            next,
+            Some(Command::Move {
+                job: "q5-4".into(),
+                epoch: 1,
+                to: 2,
+                peers: vec![],
+                ports: vec![],
+                quick: false,
+            })
+        );
+        // A lost node does not count: with node 3 out of `load`, q5-1
+        // (on 2 and 3) is no candidate, and node 2's part count is 1.
+        let mut without_3 = load(&state);
+        without_3.remove(&3);
+        let next = widen_or_rebalance(&state, &without_3, &mut in_use, &mut cursor, range);
+        assert!(
+            matches!(&next, Some(Command::Move { job, to: 2, .. }) if job == "q5-4"),
+            "{next:?}"
+        );
     }
 }

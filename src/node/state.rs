@@ -6,6 +6,14 @@
 //! A job's placement carries an epoch: each `Assign` raises it, and a report
 //! of a job's end counts only for the epoch it names, so a node that ran an
 //! older placement cannot end (or fail) the current one.
+//!
+//! A placement is one node, or several: the job then runs as one `dirigo
+//! run --nodes` over them, part 0 (`Job::node`, which takes the job's
+//! checkpoints and writes its output) and the others (`Job::peers`), each
+//! part listening on its placement's port. A placement with a live node in
+//! it changes only by a move: every live node of it stops its part and says
+//! so (`Released`) before the next placement takes effect, so no two
+//! placements' parts ever run at once.
 
 use std::collections::BTreeMap;
 
@@ -15,6 +23,9 @@ use serde::{Deserialize, Serialize};
 /// it is refused. With [`ENDED_JOBS_KEPT`] and the command's bound, this
 /// bounds the state, and so a snapshot of it.
 pub const RUNNING_JOBS_MAX: usize = 256;
+/// Times in a row a job runs again on the same placement because a part
+/// lost a peer before its nodes fail it (a peer that can never connect).
+pub const RESTARTS_MAX: u32 = 5;
 /// Jobs that ended (finished, failed or cancelled) kept for `status`: the
 /// latest submitted ones; older ones are forgotten.
 pub const ENDED_JOBS_KEPT: usize = 128;
@@ -38,24 +49,45 @@ pub enum Command {
         args: Vec<String>,
         cwd: String,
     },
-    /// The leader places a job on a node, as placement `epoch`.
+    /// The leader places a job on `node`, and `peers` for a run over
+    /// nodes, as placement `epoch`: a job with no placement, or none of
+    /// whose nodes is alive.
     Assign {
         job: String,
         node: u64,
         epoch: u64,
+        #[serde(default)]
+        peers: Vec<u64>,
+        /// Each part's port, for a run over nodes (empty for one node).
+        #[serde(default)]
+        ports: Vec<u16>,
     },
-    /// The leader moves a running job (placement `epoch`) to node `to`:
-    /// its node stops the run first, then says so with `Released`.
+    /// A running job (placement `epoch`) moves to node `to` and `peers`:
+    /// each live node of its placement stops its part first, then says so
+    /// with `Released`. The leader moves jobs to rebalance, and off a lost
+    /// node; a node moves its job to the same placement to run it again
+    /// when its part lost a peer.
     Move {
         job: String,
         epoch: u64,
         to: u64,
+        #[serde(default)]
+        peers: Vec<u64>,
+        #[serde(default)]
+        ports: Vec<u16>,
+        /// A move to the same placement because a part lost a peer soon
+        /// after it started: it counts toward `RESTARTS_MAX`.
+        #[serde(default)]
+        quick: bool,
     },
-    /// The job's node stopped its run of placement `epoch` for a move: the
-    /// job's next placement is the move's target.
+    /// `node` stopped its part of placement `epoch` for a move: once every
+    /// live node of the placement has, the move's target is the job's next
+    /// placement. (Node 0: the job's `node`, as logs of older builds say.)
     Released {
         job: String,
         epoch: u64,
+        #[serde(default)]
+        node: u64,
     },
     /// The job's run of placement `epoch` ended.
     Ended {
@@ -107,13 +139,35 @@ pub struct Job {
     pub query: String,
     pub args: Vec<String>,
     pub cwd: String,
-    /// The node it is placed on, none before its first placement.
+    /// The node it is placed on (part 0 of a run over nodes), none before
+    /// its first placement.
     pub node: Option<u64>,
+    /// The other nodes of a run over nodes: part `i + 1` is `peers[i]`.
+    #[serde(default)]
+    pub peers: Vec<u64>,
+    /// Each part's port for a run over nodes, in part order (empty for a
+    /// run on one node).
+    #[serde(default)]
+    pub ports: Vec<u16>,
     /// Placements so far: the current one's epoch.
     pub epoch: u64,
-    /// A move under way: the node it goes to once its node has released it.
+    /// A move under way: where part 0 goes once the placement's live nodes
+    /// have released it, and the other parts.
     #[serde(default)]
     pub moving_to: Option<u64>,
+    #[serde(default)]
+    pub moving_peers: Vec<u64>,
+    #[serde(default)]
+    pub moving_ports: Vec<u16>,
+    /// Nodes of the placement that released it for the move under way.
+    #[serde(default)]
+    pub released: Vec<u64>,
+    /// Moves in a row to the same placement because a part lost a peer
+    /// soon after it started (`Move::quick`): its nodes give up past
+    /// `RESTARTS_MAX`. A move elsewhere, or one after a part ran a while,
+    /// starts the count again.
+    #[serde(default)]
+    pub restarts: u32,
     pub state: JobState,
     pub report: Option<serde_json::Value>,
     pub error: Option<String>,
@@ -152,6 +206,64 @@ pub struct ClusterState {
     /// Jobs that ended so far.
     #[serde(default)]
     pub ended: u64,
+}
+
+impl Job {
+    /// The nodes of its placement, part 0 first (none before the first).
+    pub fn placement(&self) -> Vec<u64> {
+        self.node
+            .into_iter()
+            .chain(self.peers.iter().copied())
+            .collect()
+    }
+
+    /// Whether `node` runs a part of its placement.
+    pub fn runs_on(&self, node: u64) -> bool {
+        self.node == Some(node) || self.peers.contains(&node)
+    }
+
+    /// Its shards over all the nodes it runs on (`--cores`; 1 if none).
+    pub fn shards(&self) -> u64 {
+        cores_of(&self.args).unwrap_or(1).max(1)
+    }
+}
+
+/// The shard count a job's arguments name (`--cores N` or `--cores=N`).
+pub fn cores_of(args: &[String]) -> Option<u64> {
+    let mut words = args.iter();
+    while let Some(word) = words.next() {
+        if word == "--cores" {
+            return words.next().and_then(|n| n.parse().ok());
+        }
+        if let Some(n) = word.strip_prefix("--cores=") {
+            return n.parse().ok();
+        }
+    }
+    None
+}
+
+/// The most nodes a job of `shards` shards runs on with `live` nodes: the
+/// largest count that divides its shards evenly (every part runs as many).
+pub fn width(shards: u64, live: usize) -> usize {
+    let most = (live as u64).min(shards).max(1);
+    (1..=most)
+        .rev()
+        .find(|k| shards.is_multiple_of(*k))
+        .unwrap_or(1) as usize
+}
+
+/// Whether `node`, `peers` and `ports` make a placement: distinct nodes,
+/// and a port per part when there is more than one.
+fn well_formed(node: u64, peers: &[u64], ports: &[u16]) -> bool {
+    let mut nodes: Vec<u64> = std::iter::once(node).chain(peers.iter().copied()).collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    nodes.len() == peers.len() + 1
+        && if peers.is_empty() {
+            ports.is_empty()
+        } else {
+            ports.len() == peers.len() + 1
+        }
 }
 
 /// The data directory a job's arguments name (`--data-dir D` or
@@ -282,8 +394,14 @@ impl ClusterState {
                         args,
                         cwd,
                         node: None,
+                        peers: Vec::new(),
+                        ports: Vec::new(),
                         epoch: 0,
                         moving_to: None,
+                        moving_peers: Vec::new(),
+                        moving_ports: Vec::new(),
+                        released: Vec::new(),
+                        restarts: 0,
                         state: JobState::Running,
                         report: None,
                         error: None,
@@ -292,45 +410,93 @@ impl ClusterState {
                 );
                 Some((request, Answer::Submitted(name)))
             }
-            Command::Assign { job, node, epoch } => {
+            Command::Assign {
+                job,
+                node,
+                epoch,
+                peers,
+                ports,
+            } => {
+                // Only where no live node runs a part of it.
+                let live = self
+                    .jobs
+                    .get(&job)
+                    .is_some_and(|j| j.placement().iter().any(|n| self.is_alive(*n)));
                 if let Some(job) = self.jobs.get_mut(&job) {
-                    if job.state == JobState::Running && epoch == job.epoch + 1 {
+                    if job.state == JobState::Running
+                        && epoch == job.epoch + 1
+                        && !live
+                        && well_formed(node, &peers, &ports)
+                    {
                         job.node = Some(node);
+                        job.peers = peers;
+                        job.ports = ports;
+                        job.restarts = 0;
                         job.epoch = epoch;
                         job.moving_to = None;
+                        job.moving_peers.clear();
+                        job.moving_ports.clear();
+                        job.released.clear();
                     }
                 }
                 None
             }
-            Command::Move { job, epoch, to } => {
-                let target_alive = self.nodes.get(&to).is_some_and(|n| n.alive && !n.retired);
-                // One move at a time, whoever proposed it.
+            Command::Move {
+                job,
+                epoch,
+                to,
+                peers,
+                ports,
+                quick,
+            } => {
+                let targets_alive = std::iter::once(to)
+                    .chain(peers.iter().copied())
+                    .all(|n| self.nodes.get(&n).is_some_and(|n| n.alive && !n.retired));
+                let current = self.jobs.get(&job)?;
+                // A job whose nodes all live moves only while no other
+                // does (a rebalance, whoever proposed it); one off a lost
+                // node moves at once.
+                let whole = current.placement().iter().all(|n| self.is_alive(*n));
                 let moving = self
                     .jobs
                     .values()
                     .any(|j| j.state == JobState::Running && j.moving_to.is_some());
-                if moving {
+                if whole && moving {
                     return None;
                 }
-                if let Some(job) = self.jobs.get_mut(&job) {
-                    if job.state == JobState::Running
-                        && job.epoch == epoch
-                        && job.moving_to.is_none()
-                        && job.node.is_some_and(|n| n != to)
-                        && target_alive
-                    {
-                        job.moving_to = Some(to);
-                    }
+                if current.state == JobState::Running
+                    && current.epoch == epoch
+                    && current.moving_to.is_none()
+                    && current.node.is_some()
+                    && targets_alive
+                    && well_formed(to, &peers, &ports)
+                {
+                    let job = self.jobs.get_mut(&job).expect("looked up above");
+                    let again = job.node == Some(to) && job.peers == peers && job.ports == ports;
+                    job.restarts = match (again, quick) {
+                        (true, true) => job.restarts + 1,
+                        _ => 0,
+                    };
+                    job.moving_to = Some(to);
+                    job.moving_peers = peers;
+                    job.moving_ports = ports;
+                    job.released.clear();
+                    let name = job.name.clone();
+                    self.complete_move(&name);
                 }
                 None
             }
-            Command::Released { job, epoch } => {
-                if let Some(job) = self.jobs.get_mut(&job) {
-                    if job.state == JobState::Running && job.epoch == epoch {
-                        if let Some(to) = job.moving_to.take() {
-                            job.node = Some(to);
-                            job.epoch += 1;
-                        }
+            Command::Released { job, epoch, node } => {
+                if let Some(j) = self.jobs.get_mut(&job) {
+                    let node = if node == 0 { j.node.unwrap_or(0) } else { node };
+                    if j.state == JobState::Running
+                        && j.epoch == epoch
+                        && j.moving_to.is_some()
+                        && j.runs_on(node)
+                        && !j.released.contains(&node)
+                    {
+                        j.released.push(node);
+                        self.complete_move(&job);
                     }
                 }
                 None
@@ -374,6 +540,16 @@ impl ClusterState {
                     // A node leaving is never back.
                     info.alive = alive && !info.retired;
                 }
+                // A lost node releases nothing: the moves it held up go on.
+                let moving: Vec<String> = self
+                    .jobs
+                    .values()
+                    .filter(|j| j.state == JobState::Running && j.moving_to.is_some())
+                    .map(|j| j.name.clone())
+                    .collect();
+                for job in moving {
+                    self.complete_move(&job);
+                }
                 None
             }
             Command::Retire { request, node } => {
@@ -396,16 +572,45 @@ impl ClusterState {
         }
     }
 
-    /// Running jobs with no live node: the leader places them (again).
-    pub fn unplaced(&self) -> Vec<(String, u64)> {
+    /// Whether `node` is a member and not declared lost.
+    pub fn is_alive(&self, node: u64) -> bool {
+        self.nodes.get(&node).is_some_and(|info| info.alive)
+    }
+
+    /// The move under way of `job` takes effect once every node of its
+    /// placement released it or is lost (a lost node's lease has ended, and
+    /// its part with it).
+    fn complete_move(&mut self, job: &str) {
+        let Some(j) = self.jobs.get(job) else {
+            return;
+        };
+        let done = j.moving_to.is_some()
+            && j.placement()
+                .iter()
+                .all(|n| j.released.contains(n) || !self.is_alive(*n));
+        if !done {
+            return;
+        }
+        let j = self.jobs.get_mut(job).expect("looked up above");
+        j.node = j.moving_to.take();
+        j.peers = std::mem::take(&mut j.moving_peers);
+        j.ports = std::mem::take(&mut j.moving_ports);
+        j.released.clear();
+        j.epoch += 1;
+    }
+
+    /// Running jobs, not moving, with no placement or a lost node in it:
+    /// the leader places them (again), with whether none of their nodes
+    /// lives (an `Assign`; otherwise a `Move`, which the live ones release).
+    pub fn unplaced(&self) -> Vec<(String, u64, bool)> {
         self.jobs
             .values()
-            .filter(|j| j.state == JobState::Running)
-            .filter(|j| match j.node {
-                None => true,
-                Some(n) => !self.nodes.get(&n).is_some_and(|info| info.alive),
+            .filter(|j| j.state == JobState::Running && j.moving_to.is_none())
+            .filter(|j| j.node.is_none() || j.placement().iter().any(|n| !self.is_alive(*n)))
+            .map(|j| {
+                let none_alive = !j.placement().iter().any(|n| self.is_alive(*n));
+                (j.name.clone(), j.epoch, none_alive)
             })
-            .map(|j| (j.name.clone(), j.epoch))
             .collect()
     }
 }
@@ -496,13 +701,17 @@ mod tests {
             job: "q5-1".into(),
             node: 1,
             epoch: 1,
+            peers: vec![],
+            ports: vec![],
         });
-        assert_eq!(state.unplaced(), vec![("q5-2".to_string(), 0)]);
+        assert_eq!(state.unplaced(), vec![("q5-2".to_string(), 0, true)]);
         // A second Assign of the same epoch (a repeated proposal) is ignored.
         state.apply(Command::Assign {
             job: "q5-1".into(),
             node: 2,
             epoch: 1,
+            peers: vec![],
+            ports: vec![],
         });
         assert_eq!(state.jobs["q5-1"].node, Some(1));
         // Node 1 is lost: its job is unplaced again.
@@ -512,12 +721,14 @@ mod tests {
         });
         assert_eq!(
             state.unplaced(),
-            vec![("q5-1".to_string(), 1), ("q5-2".to_string(), 0)]
+            vec![("q5-1".to_string(), 1, true), ("q5-2".to_string(), 0, true)]
         );
         state.apply(Command::Assign {
             job: "q5-1".into(),
             node: 2,
             epoch: 2,
+            peers: vec![],
+            ports: vec![],
         });
         // The old placement's end does not end the new one.
         state.apply(Command::Ended {
@@ -546,18 +757,26 @@ mod tests {
             job: "q5-1".into(),
             node: 1,
             epoch: 1,
+            peers: vec![],
+            ports: vec![],
         });
         // A move of a stale placement does nothing.
         state.apply(Command::Move {
             job: "q5-1".into(),
             epoch: 0,
             to: 2,
+            peers: vec![],
+            ports: vec![],
+            quick: false,
         });
         assert_eq!(state.jobs["q5-1"].moving_to, None);
         state.apply(Command::Move {
             job: "q5-1".into(),
             epoch: 1,
             to: 2,
+            peers: vec![],
+            ports: vec![],
+            quick: false,
         });
         // Still on node 1 until it releases it.
         assert_eq!(state.jobs["q5-1"].node, Some(1));
@@ -569,6 +788,9 @@ mod tests {
             job: "q5-1".into(),
             epoch: 1,
             to: 3,
+            peers: vec![],
+            ports: vec![],
+            quick: false,
         });
         assert_eq!(state.jobs["q5-1"].moving_to, Some(2));
         submit(&mut state, 2, "b");
@@ -576,16 +798,22 @@ mod tests {
             job: "q5-2".into(),
             node: 1,
             epoch: 1,
+            peers: vec![],
+            ports: vec![],
         });
         state.apply(Command::Move {
             job: "q5-2".into(),
             epoch: 1,
             to: 3,
+            peers: vec![],
+            ports: vec![],
+            quick: false,
         });
         assert_eq!(state.jobs["q5-2"].moving_to, None);
         state.apply(Command::Released {
             job: "q5-1".into(),
             epoch: 1,
+            node: 0,
         });
         let job = &state.jobs["q5-1"];
         assert_eq!((job.node, job.epoch, job.moving_to), (Some(2), 2, None));
@@ -593,6 +821,7 @@ mod tests {
         state.apply(Command::Released {
             job: "q5-1".into(),
             epoch: 1,
+            node: 0,
         });
         assert_eq!(state.jobs["q5-1"].epoch, 2);
         // A move to a lost node does nothing.
@@ -604,8 +833,160 @@ mod tests {
             job: "q5-1".into(),
             epoch: 2,
             to: 1,
+            peers: vec![],
+            ports: vec![],
+            quick: false,
         });
         assert_eq!(state.jobs["q5-1"].moving_to, None);
+    }
+
+    /// A job over several nodes: placed whole, moved only once every live
+    /// node of it released it (a lost one counts as released), and never
+    /// assigned anew while a node of it lives.
+    #[test]
+    fn a_placement_over_nodes_moves_once_each_live_node_released_it() {
+        let mut state = ClusterState::default();
+        for n in 1..=3 {
+            state.add_node(n, format!("127.0.0.1:{n}"));
+        }
+        submit(&mut state, 1, "a");
+        // Malformed placements are refused: a node twice, a port missing.
+        for (peers, ports) in [(vec![1], vec![7, 8]), (vec![2], vec![7])] {
+            state.apply(Command::Assign {
+                job: "q5-1".into(),
+                node: 1,
+                epoch: 1,
+                peers,
+                ports,
+            });
+            assert_eq!(state.jobs["q5-1"].node, None);
+        }
+        state.apply(Command::Assign {
+            job: "q5-1".into(),
+            node: 1,
+            epoch: 1,
+            peers: vec![2],
+            ports: vec![7, 8],
+        });
+        let job = &state.jobs["q5-1"];
+        assert_eq!(job.placement(), vec![1, 2]);
+        assert!(job.runs_on(2) && !job.runs_on(3));
+        assert_eq!(state.unplaced(), vec![]);
+        // Node 2 is lost: the job needs a placement, by a move (node 1
+        // lives), and an Assign is refused.
+        state.apply(Command::Liveness {
+            node: 2,
+            alive: false,
+        });
+        assert_eq!(state.unplaced(), vec![("q5-1".to_string(), 1, false)]);
+        state.apply(Command::Assign {
+            job: "q5-1".into(),
+            node: 3,
+            epoch: 2,
+            peers: vec![],
+            ports: vec![],
+        });
+        assert_eq!(state.jobs["q5-1"].epoch, 1);
+        state.apply(Command::Move {
+            job: "q5-1".into(),
+            epoch: 1,
+            to: 3,
+            peers: vec![1],
+            ports: vec![9, 10],
+            quick: false,
+        });
+        // Node 1 runs its part until it releases it; node 2's release is
+        // not awaited.
+        let job = &state.jobs["q5-1"];
+        assert_eq!((job.epoch, job.moving_to), (1, Some(3)));
+        assert!(state.unplaced().is_empty());
+        // A release by a node not in the placement does nothing.
+        state.apply(Command::Released {
+            job: "q5-1".into(),
+            epoch: 1,
+            node: 3,
+        });
+        assert_eq!(state.jobs["q5-1"].epoch, 1);
+        state.apply(Command::Released {
+            job: "q5-1".into(),
+            epoch: 1,
+            node: 1,
+        });
+        let job = &state.jobs["q5-1"];
+        assert_eq!(
+            (job.node, job.peers.clone(), job.ports.clone(), job.epoch),
+            (Some(3), vec![1], vec![9, 10], 2)
+        );
+        assert_eq!(job.moving_to, None);
+        assert!(job.released.is_empty());
+        // A move to the same placement (a part lost a peer) runs it again
+        // as the next epoch; here node 3 is lost before releasing.
+        state.apply(Command::Move {
+            job: "q5-1".into(),
+            epoch: 2,
+            to: 3,
+            peers: vec![1],
+            ports: vec![9, 10],
+            quick: true,
+        });
+        state.apply(Command::Released {
+            job: "q5-1".into(),
+            epoch: 2,
+            node: 1,
+        });
+        assert_eq!(state.jobs["q5-1"].epoch, 2);
+        state.apply(Command::Liveness {
+            node: 3,
+            alive: false,
+        });
+        assert_eq!(state.jobs["q5-1"].epoch, 3);
+        assert_eq!(state.jobs["q5-1"].restarts, 1);
+        // Now on a lost node again: placed anew.
+        assert_eq!(state.unplaced(), vec![("q5-1".to_string(), 3, false)]);
+        // Moved elsewhere: the count starts again.
+        state.apply(Command::Liveness {
+            node: 2,
+            alive: true,
+        });
+        state.apply(Command::Move {
+            job: "q5-1".into(),
+            epoch: 3,
+            to: 2,
+            peers: vec![1],
+            ports: vec![9, 10],
+            quick: false,
+        });
+        assert_eq!(state.jobs["q5-1"].restarts, 0);
+        state.apply(Command::Released {
+            job: "q5-1".into(),
+            epoch: 3,
+            node: 1,
+        });
+        assert_eq!(state.jobs["q5-1"].placement(), vec![2, 1]);
+        assert_eq!(state.jobs["q5-1"].epoch, 4);
+    }
+
+    #[test]
+    fn a_job_runs_on_as_many_nodes_as_divide_its_shards() {
+        assert_eq!(width(1, 3), 1);
+        assert_eq!(width(2, 3), 2);
+        assert_eq!(width(3, 2), 1);
+        assert_eq!(width(4, 3), 2);
+        assert_eq!(width(6, 3), 3);
+        assert_eq!(width(6, 5), 3);
+        assert_eq!(width(8, 0), 1);
+        let job = |args: &[&str]| Job {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            ..serde_json::from_value(serde_json::json!({
+                "name": "q5-1", "query": "q5", "args": [], "cwd": "/", "node": null,
+                "epoch": 0, "state": "running", "report": null, "error": null
+            }))
+            .unwrap()
+        };
+        assert_eq!(job(&["--cores", "4"]).shards(), 4);
+        assert_eq!(job(&["--rate=5", "--cores=6"]).shards(), 6);
+        assert_eq!(job(&[]).shards(), 1);
+        assert_eq!(job(&["--cores=0"]).shards(), 1);
     }
 
     #[test]

@@ -850,6 +850,9 @@ pub struct RemoteStats {
     /// (this node's own entry is always set), as of the gateway's last pass
     /// (at most `PARK_MAX` ago).
     connected: Vec<std::sync::atomic::AtomicBool>,
+    /// Per node of the run, the times it came back as a new process (its
+    /// session's peer restarts), as of the gateway's last pass.
+    peer_restarts: Vec<AtomicU64>,
     /// Per node of the run, whether everything for it was sent and acked at
     /// the gateway's last pass (its rings empty, no frame waiting, none
     /// unacked by its session; this node's own entry is always set).
@@ -875,6 +878,9 @@ pub struct RemoteSnapshot {
     pub dropped_to_dead_shards: u64,
     /// Per node of the run: connected to it (this node: `true`).
     pub connected: Vec<bool>,
+    /// Per node of the run: the times it came back as a new process (its
+    /// part of the run started again, with none of this one's state).
+    pub peer_restarts: Vec<u64>,
     /// Per node of the run: everything for it sent and acked as of the
     /// gateway's last pass (this node: `true`).
     pub sent_all: Vec<bool>,
@@ -892,6 +898,7 @@ impl RemoteStats {
             sent_all: (0..nodes)
                 .map(|j| std::sync::atomic::AtomicBool::new(j == me))
                 .collect(),
+            peer_restarts: (0..nodes).map(|_| AtomicU64::new(0)).collect(),
             ..RemoteStats::default()
         }
     }
@@ -917,6 +924,7 @@ impl RemoteStats {
                 .iter()
                 .map(|c| c.load(Ordering::Relaxed))
                 .collect(),
+            peer_restarts: self.peer_restarts.iter().map(get).collect(),
             // Read before `sent_all`: a pass counted here ended before
             // the flags read below were stored.
             passes,
@@ -1079,6 +1087,9 @@ async fn send_loop<M: Wire>(
             };
             if let Some(connected) = stats.connected.get(j) {
                 connected.store(session.is_connected(), Ordering::Relaxed);
+            }
+            if let Some(restarts) = stats.peer_restarts.get(j) {
+                restarts.store(session.stats().peer_restarts, Ordering::Relaxed);
             }
             let sent_all = stats.sent_all.get(j);
             if !offer(session, &mut waiting[j], stats) {
