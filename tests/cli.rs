@@ -829,6 +829,7 @@ fn bench_net_json_has_every_figure_and_every_message_arrives() {
             "lost",
             "duplicated",
             "failover_ms",
+            "failover_over_nodes_ms",
         ],
     );
     // Each kind measured once: actor messages, the session alone, raw TCP.
@@ -840,10 +841,18 @@ fn bench_net_json_has_every_figure_and_every_message_arrives() {
         .collect();
     modes.sort();
     assert_eq!(modes, ["actors", "link", "raw"], "{report}");
-    // The failover was measured: the job processed again, after a while.
-    let failover = report["failover_ms"].as_f64().unwrap();
-    assert!(failover > 0.0 && failover < 60_000.0, "{report}");
-    assert_eq!(report["failover_samples"].as_array().unwrap().len(), 1);
+    // The failover was measured, of a job on one node and of one over two.
+    for key in ["failover_ms", "failover_over_nodes_ms"] {
+        let failover = report[key].as_f64().unwrap();
+        assert!(failover > 0.0 && failover < 60_000.0, "{key} in {report}");
+    }
+    let shards: Vec<u64> = report["failover_samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["shards"].as_u64().unwrap())
+        .collect();
+    assert_eq!(shards, [1, 2], "{report}");
     for key in ["lost", "duplicated", "out_of_order", "damaged"] {
         assert_eq!(report[key], 0, "{key} in {report}");
     }

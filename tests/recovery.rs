@@ -485,8 +485,9 @@ fn wait_within(child: std::process::Child, limit: Duration, what: &str) -> std::
 /// share a data directory: node 0 commits the checkpoints, node 1's actors
 /// write their state there and hand their parts to node 0. Both processes
 /// are killed with SIGKILL (twice, each time at a random point up to 300 ms
-/// after the pair committed 1 to 6 checkpoints) and the pair run again
-/// until it ends: after each kill the output (node 0's `--sink`, the only
+/// after the pair committed 1 to 6 checkpoints) and run again, the last
+/// time as one process of two shards, until it ends: after each kill the
+/// output (node 0's `--sink`, the only
 /// sink partition) holds only rows of the reference, each at most as often
 /// as there; the last run resumed from a checkpoint (its report says
 /// which); and at the end the output holds exactly the reference's rows.

@@ -7,6 +7,10 @@
 //! and committing the next one (`CHECKPOINT_INTERVAL` apart). Also timed:
 //! until the cluster's status shows the job placed anew (`placed_ms`).
 //!
+//! With two shards the job runs over two of the three nodes, and the node
+//! killed is its part 0's (the one writing the output): the job is placed
+//! anew over the two nodes left, both parts started and resumed.
+//!
 //! Everything goes through the binary as a user would run it: `node`,
 //! `submit`, `status --json`.
 
@@ -27,6 +31,8 @@ const WAIT_LIMIT: Duration = Duration::from_secs(60);
 #[derive(Clone, Debug, Serialize)]
 pub struct FailoverSample {
     pub run: usize,
+    /// The job's shards (`--cores`): 2 runs it over two nodes.
+    pub shards: u32,
     /// From the kill until the output grew again.
     pub failover_ms: f64,
     /// From the kill until the status showed the job on another node (the
@@ -180,9 +186,9 @@ fn process_gone(pid: u32) -> bool {
 }
 
 /// One measurement (see the module header).
-pub fn measure(program: &Path, run: usize) -> Result<FailoverSample, BenchError> {
+pub fn measure(program: &Path, run: usize, shards: u32) -> Result<FailoverSample, BenchError> {
     let dir = std::env::temp_dir().join(format!(
-        "dirigo-bench-failover-{}-{run}",
+        "dirigo-bench-failover-{}-{run}-{shards}",
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&dir);
@@ -196,14 +202,30 @@ pub fn measure(program: &Path, run: usize) -> Result<FailoverSample, BenchError>
         dir: dir.clone(),
         secret,
     };
-    let result = measure_in(&bench, run);
+    let result = measure_in(&bench, run, shards);
     if result.is_ok() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     result
 }
 
-fn measure_in(bench: &Bench, run: usize) -> Result<FailoverSample, BenchError> {
+/// A job's nodes in a status, part 0 first.
+fn placement(status: &serde_json::Value, name: &str) -> Vec<u64> {
+    let job = job(status, name);
+    job["node"]
+        .as_u64()
+        .into_iter()
+        .chain(
+            job["peers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(serde_json::Value::as_u64),
+        )
+        .collect()
+}
+
+fn measure_in(bench: &Bench, run: usize, shards: u32) -> Result<FailoverSample, BenchError> {
     let first = bench.start_node("n1", None)?;
     let seed = first.addr.clone();
     bench.wait_for(&[&seed], "the first node up", |s| alive(s) == 1)?;
@@ -218,6 +240,7 @@ fn measure_in(bench: &Bench, run: usize) -> Result<FailoverSample, BenchError> {
         alive(s) == 3 && voters == 3 && s["leader"].as_u64().unwrap_or(0) != 0
     })?;
     let interval = format!("--checkpoint-interval={CHECKPOINT_INTERVAL}");
+    let cores = format!("--cores={shards}");
     let name = bench
         .client(&[
             "submit",
@@ -228,7 +251,7 @@ fn measure_in(bench: &Bench, run: usize) -> Result<FailoverSample, BenchError> {
             "--rate=200000",
             "--sink=file:out.jsonl",
             "--data-dir=data",
-            "--cores=1",
+            &cores,
             &interval,
         ])
         .map_err(|e| BenchError(format!("failover: submit: {e}")))?
@@ -237,8 +260,10 @@ fn measure_in(bench: &Bench, run: usize) -> Result<FailoverSample, BenchError> {
     let out = bench.dir.join("out.jsonl");
     let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
     let addr_refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    // Two shards over three nodes: two nodes of one shard each.
+    let parts = if shards == 2 { 2 } else { 1 };
     let placed = bench.wait_for(&addr_refs, "the job placed", |s| {
-        job(s, &name)["node"].as_u64().is_some()
+        placement(s, &name).len() == parts
     })?;
     let start = Instant::now();
     while file_len(&out) == 0 {
@@ -255,11 +280,14 @@ fn measure_in(bench: &Bench, run: usize) -> Result<FailoverSample, BenchError> {
         .iter()
         .position(|n| n.id() == owner_id)
         .ok_or_else(|| BenchError("failover: the job's node is none of the three".into()))?;
-    let run_pid: Option<u32> = nodes[owner].log().lines().find_map(|line| {
-        let rest = line
-            .split(&format!("activation {name} epoch 1 pid "))
-            .nth(1)?;
-        rest.split(' ').next()?.parse().ok()
+    // Its latest run of the job (a part that lost a peer may have run
+    // again as a later placement).
+    let run_pid: Option<u32> = nodes[owner].log().lines().rev().find_map(|line| {
+        let rest = line.split(&format!("activation {name} epoch ")).nth(1)?;
+        if !rest.contains(" started at ") {
+            return None;
+        }
+        rest.split(" pid ").nth(1)?.split(' ').next()?.parse().ok()
     });
     let mut victim = nodes.remove(owner);
     let killed = Instant::now();
@@ -293,7 +321,9 @@ fn measure_in(bench: &Bench, run: usize) -> Result<FailoverSample, BenchError> {
             last_status = Instant::now();
             for addr in &addrs {
                 if let Some(s) = bench.status(addr) {
-                    if job(&s, &name)["epoch"].as_u64() >= Some(2) {
+                    if job(&s, &name)["epoch"].as_u64() >= Some(2)
+                        && !placement(&s, &name).contains(&owner_id.unwrap_or(0))
+                    {
                         placed_ms = Some(killed.elapsed().as_secs_f64() * 1e3);
                         break;
                     }
@@ -308,6 +338,7 @@ fn measure_in(bench: &Bench, run: usize) -> Result<FailoverSample, BenchError> {
             let addr_refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
             bench.wait_for(&addr_refs, "the job placed again", |s| {
                 job(s, &name)["epoch"].as_u64() >= Some(2)
+                    && !placement(s, &name).contains(&owner_id.unwrap_or(0))
             })?;
             killed.elapsed().as_secs_f64() * 1e3
         }
@@ -317,6 +348,7 @@ fn measure_in(bench: &Bench, run: usize) -> Result<FailoverSample, BenchError> {
     drop(victim);
     Ok(FailoverSample {
         run,
+        shards,
         failover_ms,
         placed_ms,
         leader_killed,

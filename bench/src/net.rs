@@ -138,6 +138,10 @@ pub struct Report {
     pub failover_ms: f64,
     /// Median over the runs: from the kill until the job is placed anew.
     pub failover_placed_ms: f64,
+    /// As `failover_ms`, for a job of two shards running over two of the
+    /// three nodes, its part 0's node killed.
+    pub failover_over_nodes_ms: f64,
+    pub failover_over_nodes_placed_ms: f64,
     pub note: &'static str,
     pub samples: Vec<Sample>,
     pub failover_samples: Vec<crate::failover::FailoverSample>,
@@ -150,7 +154,8 @@ rkyv archives of about 512 messages, at most 256 KiB a frame, over the session);
 on a TCP stream, each after its 4-byte length and nothing else, in writes of the same size bound; each timed from the first send \
 until the receiving process has taken every message and said so; medians over the runs, the order alternated; \
 failover_ms: three node processes, a paced q1 (200,000 events/s, checkpoints every 100 ms) into an exactly-once \
-file sink, the job's node killed with SIGKILL, timed until the output grows again";
+file sink, the job's node killed with SIGKILL, timed until the output grows again; failover_over_nodes_ms: the same \
+job with two shards, over two of the three nodes, its part 0's node killed";
 
 impl Report {
     /// Every message arrived once, in order, whole, in every measurement.
@@ -192,6 +197,11 @@ impl fmt::Display for Report {
             f,
             "  failover              {:>8.0} ms (placed anew after {:.0} ms)",
             self.failover_ms, self.failover_placed_ms
+        )?;
+        writeln!(
+            f,
+            "  failover over nodes   {:>8.0} ms (placed anew after {:.0} ms)",
+            self.failover_over_nodes_ms, self.failover_over_nodes_placed_ms
         )?;
         write!(f, "note: {}", self.note)
     }
@@ -559,18 +569,25 @@ pub fn run(config: &Config) -> Result<Report, BenchError> {
     };
     let mut failover_samples = Vec::new();
     for run in 1..=config.runs {
-        let sample = crate::failover::measure(&config.program, run)?;
-        progress(
-            config.progress,
-            format_args!(
-                "net: failover {run}/{}: {:.0} ms (placed after {:.0} ms, leader killed: {})",
-                config.runs, sample.failover_ms, sample.placed_ms, sample.leader_killed
-            ),
-        );
-        failover_samples.push(sample);
+        for shards in [1, 2] {
+            let sample = crate::failover::measure(&config.program, run, shards)?;
+            progress(
+                config.progress,
+                format_args!(
+                    "net: failover {run}/{} ({shards} shards): {:.0} ms (placed after {:.0} ms, leader killed: {})",
+                    config.runs, sample.failover_ms, sample.placed_ms, sample.leader_killed
+                ),
+            );
+            failover_samples.push(sample);
+        }
     }
-    let failover: Vec<f64> = failover_samples.iter().map(|s| s.failover_ms).collect();
-    let placed: Vec<f64> = failover_samples.iter().map(|s| s.placed_ms).collect();
+    let failover_of = |shards: u32, placed: bool| -> Vec<f64> {
+        failover_samples
+            .iter()
+            .filter(|s| s.shards == shards)
+            .map(|s| if placed { s.placed_ms } else { s.failover_ms })
+            .collect()
+    };
     let cross = median(&rates(Mode::Actors));
     let session = median(&rates(Mode::Link));
     let raw = median(&rates(Mode::Raw));
@@ -590,8 +607,10 @@ pub fn run(config: &Config) -> Result<Report, BenchError> {
         duplicated: sum(|c| c.duplicated),
         out_of_order: sum(|c| c.out_of_order),
         damaged: sum(|c| c.damaged),
-        failover_ms: median(&failover),
-        failover_placed_ms: median(&placed),
+        failover_ms: median(&failover_of(1, false)),
+        failover_placed_ms: median(&failover_of(1, true)),
+        failover_over_nodes_ms: median(&failover_of(2, false)),
+        failover_over_nodes_placed_ms: median(&failover_of(2, true)),
         note: NOTE,
         samples,
         failover_samples,

@@ -3,7 +3,8 @@
 //! (the consensus log), so every node holds the same state; nothing here
 //! reads a clock or does I/O.
 //!
-//! A job's placement carries an epoch: each `Assign` raises it, and a report
+//! A job's placement carries an epoch: each placement (an `Assign`, or a
+//! move taking effect) raises it, and a report
 //! of a job's end counts only for the epoch it names, so a node that ran an
 //! older placement cannot end (or fail) the current one.
 //!
