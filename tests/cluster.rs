@@ -770,6 +770,14 @@ fn jobs_run_over_several_nodes_and_survive_the_loss_of_one() {
         .filter(|n| placement(&placed, &names["q8"]).contains(n))
         .collect();
     assert_eq!(both.len(), 1, "{placed}");
+    // The human status names both nodes of each, part 0's first.
+    let human = client("status", addrs[0], &secret, &dir, &[]);
+    let human = String::from_utf8_lossy(&human.stdout);
+    for name in names.values() {
+        let nodes = placement(&placed, name);
+        let line = format!("nodes {}, {} epoch 1", nodes[0], nodes[1]);
+        assert!(human.contains(&line), "{line:?} in {human}");
+    }
     let victim_id = both[0];
     let victim = nodes.iter().position(|n| n.id() == victim_id).unwrap();
     // Both runs take checkpoints before the kill.
@@ -981,6 +989,52 @@ fn a_node_restarted_mid_run_does_not_start_its_part_twice() {
     eprintln!("node restart: activations {all:?}");
     drop(nodes);
     drop(old);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The first run port is held by another process: the part placed on it
+/// cannot listen, exits saying so, and its node runs the job again on
+/// other ports; it ends exact.
+#[test]
+fn a_run_port_another_process_holds_is_left_for_another() {
+    let _one = one_at_a_time();
+    let dir = temp_dir("port-taken");
+    let secret = write_secret(&dir, "secret", SECRET);
+    let (events_path, events) = input(&dir, 300_000, 19);
+    let plain = uninterrupted(&dir, "q5", &events_path);
+    let nodes = cluster(&dir, &secret, 2);
+    let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+    // A fresh leader gives the range's first ports first.
+    let first: u16 = run_ports().split('-').next().unwrap().parse().unwrap();
+    let _holder = std::net::TcpListener::bind(("127.0.0.1", first)).unwrap();
+    let (name, placed) = submit_over_two(&addrs, &secret, &dir, &events_path, 200_000);
+    let ports = |s: &Value| -> Vec<u64> {
+        job(s, &name)["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_u64().unwrap())
+            .collect()
+    };
+    assert!(ports(&placed).contains(&u64::from(first)), "{placed}");
+    let done = wait_for(
+        &addrs,
+        &secret,
+        Duration::from_secs(120),
+        "q5 finished",
+        |s| job(s, &name)["state"] == "finished",
+    );
+    assert!(!ports(&done).contains(&u64::from(first)), "{done}");
+    assert_eq!(placement(&done, &name), placement(&placed, &name));
+    let logs: String = nodes.iter().map(NodeProcess::log).collect();
+    assert!(
+        logs.contains(&format!(
+            "{name} could not listen (dirigo: listening on 127.0.0.1:{first}"
+        )),
+        "{logs}"
+    );
+    assert_exact("q5", &dir.join("q5.jsonl"), &plain, &events);
+    drop(nodes);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -66,12 +66,15 @@ pub enum RunError {
     /// the jobs ran on. The same run started again on every node may
     /// succeed (a cluster restarts it, from its last checkpoint).
     PeerLost(String),
+    /// A run over nodes could not listen on its address: another process
+    /// holds the port (a cluster runs it again on other ports).
+    PortTaken(String),
 }
 
 impl std::fmt::Display for RunError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            RunError::Failed(e) | RunError::PeerLost(e) => f.write_str(e),
+            RunError::Failed(e) | RunError::PeerLost(e) | RunError::PortTaken(e) => f.write_str(e),
         }
     }
 }
@@ -335,12 +338,18 @@ fn start_over_nodes(
     mut config: DataflowConfig,
     nodes: &NodesOptions,
     jobs: &[JobConfig],
-) -> Result<(Dataflow, Vec<Result<JobHandle, String>>), String> {
+) -> Result<(Dataflow, Vec<Result<JobHandle, String>>), RunError> {
     use dirigo_engine::runtime::{RemoteConfig, RemoteNode};
     config.autoscale = None;
     let shards = u16::try_from(config.runtime.shards).map_err(|_| "too many cores".to_string())?;
-    let listener = std::net::TcpListener::bind(nodes.addrs[nodes.me])
-        .map_err(|e| format!("listening on {}: {e}", nodes.addrs[nodes.me]))?;
+    let addr = nodes.addrs[nodes.me];
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| {
+        let error = format!("listening on {addr}: {e}");
+        match e.kind() {
+            std::io::ErrorKind::AddrInUse => RunError::PortTaken(error),
+            _ => RunError::Failed(error),
+        }
+    })?;
     let remote = RemoteConfig {
         nodes: nodes
             .addrs

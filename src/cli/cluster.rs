@@ -112,11 +112,17 @@ pub fn status(args: StatusArgs) -> Result<(), String> {
         );
     }
     for job in status["jobs"].as_array().into_iter().flatten() {
+        // Part 0's node first, then the others of a job over several.
+        let nodes: Vec<String> = std::iter::once(&job["node"])
+            .chain(job["peers"].as_array().into_iter().flatten())
+            .map(serde_json::Value::to_string)
+            .collect();
         let mut line = format!(
-            "job     {:<12} {:<10} node {} epoch {}",
+            "job     {:<12} {:<10} node{} {} epoch {}",
             job["name"].as_str().unwrap_or(""),
             job["state"].as_str().unwrap_or(""),
-            job["node"],
+            if nodes.len() > 1 { "s" } else { "" },
+            nodes.join(", "),
             job["epoch"]
         );
         if let Some(outputs) = job["outputs"].as_u64() {

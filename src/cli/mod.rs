@@ -64,6 +64,10 @@ pub fn main() -> ExitCode {
                 eprintln!("dirigo: {error}");
                 return ExitCode::from(run::EXIT_PEER_LOST);
             }
+            Err(run::RunFailure::PortTaken(error)) => {
+                eprintln!("dirigo: {error}");
+                return ExitCode::from(run::EXIT_PORT_TAKEN);
+            }
         },
         Command::Gen(args) => gen::run(args),
         Command::Bench(args) => bench::run(args).map_err(|e| e.to_string()),

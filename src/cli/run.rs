@@ -750,8 +750,12 @@ fn progress(expected: Option<u64>) -> dirigo_nexmark::run::Progress {
 }
 
 /// `dirigo run`'s exit status when a run over nodes lost a peer (see
-/// [`RunFailure::PeerLost`]); any other failure exits with 1.
+/// [`RunFailure::PeerLost`]); [`EXIT_PORT_TAKEN`] when it could not
+/// listen; any other failure exits with 1.
 pub const EXIT_PEER_LOST: u8 = 3;
+/// `dirigo run`'s exit status when a run over nodes could not listen on
+/// its address, another process holding the port.
+pub const EXIT_PORT_TAKEN: u8 = 4;
 
 /// Why `dirigo run` failed.
 pub enum RunFailure {
@@ -760,6 +764,9 @@ pub enum RunFailure {
     /// the jobs ran on): the same run started again may succeed. A cluster
     /// node restarts it rather than failing the job.
     PeerLost(String),
+    /// A run over nodes could not listen: its port is taken. A cluster
+    /// node runs it again on other ports.
+    PortTaken(String),
 }
 
 impl From<String> for RunFailure {
@@ -839,6 +846,7 @@ pub fn run(args: RunArgs) -> Result<(), RunFailure> {
     let mut reports = reports
         .map_err(|e| match e {
             RunError::PeerLost(e) => RunFailure::PeerLost(e),
+            RunError::PortTaken(e) => RunFailure::PortTaken(e),
             RunError::Failed(e) => RunFailure::Failed(e),
         })?
         .into_iter();

@@ -11,7 +11,8 @@
 //! on each: part 0 takes the job's checkpoints and writes its output, and
 //! reports its end; a part that lost a peer exits with
 //! [`EXIT_PEER_LOST`], and its node runs the placement again rather than
-//! failing the job.
+//! failing the job; one that could not listen exits with
+//! [`EXIT_PORT_TAKEN`], and its node runs the job again on other ports.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
@@ -23,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use super::state::{Job, Outcome};
-use crate::cli::run::EXIT_PEER_LOST;
+use crate::cli::run::{EXIT_PEER_LOST, EXIT_PORT_TAKEN};
 
 /// Lines of a child's stderr kept for the error of a failed run, and the
 /// bytes kept of each.
@@ -77,6 +78,8 @@ pub enum RunEnd {
     Outcome(Outcome),
     /// A part of a run over nodes lost a peer (why: its last words).
     PeerLost(String),
+    /// A part of a run over nodes could not listen: its port is taken.
+    PortTaken(String),
 }
 
 /// The arguments of the child's `dirigo run`: the job's, its shards
@@ -214,9 +217,10 @@ impl Run {
             let _ = reader.join();
         }
         if self.spans && status.code() == Some(i32::from(EXIT_PEER_LOST)) {
-            let words = self.last_words();
-            let last = words.rsplit(" / ").next().unwrap_or_default().to_string();
-            return Some(RunEnd::PeerLost(last));
+            return Some(RunEnd::PeerLost(self.last_line()));
+        }
+        if self.spans && status.code() == Some(i32::from(EXIT_PORT_TAKEN)) {
+            return Some(RunEnd::PortTaken(self.last_line()));
         }
         Some(RunEnd::Outcome(self.outcome(status)))
     }
@@ -237,6 +241,12 @@ impl Run {
                 error: format!("the run exited with {status}: {}", self.last_words()),
             }
         }
+    }
+
+    /// The last line of its stderr.
+    fn last_line(&self) -> String {
+        let words = self.last_words();
+        words.rsplit(" / ").next().unwrap_or_default().to_string()
     }
 
     /// The last lines of its stderr (of each, what follows its last
@@ -369,11 +379,14 @@ mod tests {
         };
         let lost = script("lost", EXIT_PEER_LOST);
         assert_eq!(end(&lost, Some(&part)), RunEnd::PeerLost("why".into()));
+        let taken = script("taken", EXIT_PORT_TAKEN);
+        assert_eq!(end(&taken, Some(&part)), RunEnd::PortTaken("why".into()));
         let failed = |end: RunEnd| match end {
             RunEnd::Outcome(Outcome::Failed { error }) => error,
             other => panic!("{other:?}"),
         };
         assert!(failed(end(&lost, None)).ends_with("before / why"));
+        assert!(failed(end(&taken, None)).ends_with("before / why"));
         assert!(failed(end(&script("failed", 1), Some(&part))).contains("why"));
         let _ = std::fs::remove_dir_all(&dir);
     }

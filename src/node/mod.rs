@@ -320,6 +320,9 @@ struct Lost {
     /// It had run less than [`QUICK_RUN`] (a placement that loses a peer
     /// quickly again and again fails).
     quick: bool,
+    /// It could not listen on its port: the placement runs again on other
+    /// ports (from this node's `--run-ports`).
+    new_ports: bool,
 }
 
 /// Where a node records the placements it started parts of.
@@ -384,14 +387,22 @@ fn note_end(core: &mut Core, run: &Run, end: RunEnd, now: Instant) {
         }
         RunEnd::PeerLost(why) => {
             let quick = now.duration_since(run.started) < QUICK_RUN;
-            core.peer_lost.insert(
-                key,
-                Lost {
-                    at: now,
-                    why,
-                    quick,
-                },
-            );
+            let lost = Lost {
+                at: now,
+                why,
+                quick,
+                new_ports: false,
+            };
+            core.peer_lost.insert(key, lost);
+        }
+        RunEnd::PortTaken(why) => {
+            let lost = Lost {
+                at: now,
+                why,
+                quick: true,
+                new_ports: true,
+            };
+            core.peer_lost.insert(key, lost);
         }
     }
 }
@@ -430,28 +441,49 @@ fn place(
     if nodes.is_empty() {
         return None;
     }
-    let mut ports = Vec::new();
-    if k > 1 {
-        let size = u32::from(range.last - range.first) + 1;
-        for step in 0..size {
-            let port = range.first + ((u32::from(*cursor) + step) % size) as u16;
-            if !in_use.contains(&port) {
-                ports.push(port);
-                if ports.len() == k {
-                    *cursor = ((u32::from(port - range.first) + 1) % size) as u16;
-                    break;
-                }
-            }
-        }
-        if ports.len() < k {
-            return None;
-        }
-        in_use.extend(&ports);
-    }
+    let ports = if k > 1 {
+        free_ports(k, in_use, cursor, range)?
+    } else {
+        Vec::new()
+    };
     for node in &nodes {
         *load.get_mut(node).expect("chosen from load") += 1;
     }
     Some((nodes[0], nodes[1..].to_vec(), ports))
+}
+
+/// `k` ports of `range` not in `in_use`, from `cursor` on (which moves past
+/// them), taken into `in_use`; None if fewer are free.
+fn free_ports(
+    k: usize,
+    in_use: &mut BTreeSet<u16>,
+    cursor: &mut u16,
+    range: PortRange,
+) -> Option<Vec<u16>> {
+    let size = u32::from(range.last - range.first) + 1;
+    let mut ports = Vec::with_capacity(k);
+    for step in 0..size {
+        let port = range.first + ((u32::from(*cursor) + step) % size) as u16;
+        if !in_use.contains(&port) {
+            ports.push(port);
+            if ports.len() == k {
+                *cursor = ((u32::from(port - range.first) + 1) % size) as u16;
+                in_use.extend(&ports);
+                return Some(ports);
+            }
+        }
+    }
+    None
+}
+
+/// The ports of every running placement (and of moves under way).
+fn ports_in_use(state: &ClusterState) -> BTreeSet<u16> {
+    state
+        .jobs
+        .values()
+        .filter(|j| j.state == JobState::Running)
+        .flat_map(|j| j.ports.iter().chain(&j.moving_ports).copied())
+        .collect()
 }
 
 /// The ports a placement command gives (none for another command).
@@ -699,7 +731,8 @@ struct Core {
     /// that no process of this node starts a part twice in one placement
     /// (its peers would have run on without it).
     started: BTreeMap<u64, u64>,
-    /// The leader's next run port to try (an offset in `run_ports`).
+    /// The next run port to try (an offset in `run_ports`): the leader's
+    /// placements and this node's runs again on other ports take from it.
     port_cursor: u16,
     /// The leader's placements proposed lately, by key, and their ports:
     /// taken until applied (or `PROPOSE_AGAIN_AFTER`).
@@ -2177,8 +2210,8 @@ impl Node {
                     key,
                     Outcome::Failed {
                         error: format!(
-                            "a part lost a peer soon after it started, {} times in a row on \
-                             the same nodes: {}",
+                            "a part lost a peer soon after it started, or could not listen, \
+                             {} times in a row on the same nodes: {}",
                             state::RESTARTS_MAX + 1,
                             lost.why
                         ),
@@ -2190,8 +2223,35 @@ impl Node {
             if core.proposed.contains_key(&key) {
                 continue;
             }
+            let ports = if lost.new_ports {
+                let mut in_use = ports_in_use(&core.state);
+                let k = job.ports.len();
+                match free_ports(k, &mut in_use, &mut core.port_cursor, self.run_ports) {
+                    Some(ports) => ports,
+                    None => {
+                        // None free now: tried again each tick.
+                        let waiting = format!("no ports {}", job.name);
+                        if let std::collections::hash_map::Entry::Vacant(entry) =
+                            core.proposed.entry(waiting)
+                        {
+                            eprintln!(
+                                "dirigo node {}: {} waits for {k} free ports of --run-ports {}-{}",
+                                self.id, job.name, self.run_ports.first, self.run_ports.last
+                            );
+                            entry.insert(now);
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                job.ports.clone()
+            };
+            let (what, on) = match lost.new_ports {
+                true => ("could not listen", format!(" on ports {ports:?}")),
+                false => ("lost a peer", String::new()),
+            };
             eprintln!(
-                "dirigo node {}: {} lost a peer ({}); running it again",
+                "dirigo node {}: {} {what} ({}); running it again{on}",
                 self.id, job.name, lost.why
             );
             core.proposed.insert(key, now);
@@ -2202,7 +2262,7 @@ impl Node {
                     epoch: job.epoch,
                     to: job.node.expect("placed"),
                     peers: job.peers.clone(),
-                    ports: job.ports.clone(),
+                    ports,
                     quick: lost.quick,
                 },
             );
@@ -2266,6 +2326,7 @@ impl Node {
                         at: now,
                         why: "this node's part stopped while the others ran".into(),
                         quick: false,
+                        new_ports: false,
                     },
                 );
                 continue;
@@ -2643,6 +2704,7 @@ impl Node {
             object.insert("state".into(), state::state_name(job.state).into());
             object.insert("node".into(), job.node.into());
             object.insert("peers".into(), job.peers.clone().into());
+            object.insert("ports".into(), job.ports.clone().into());
             object.insert("epoch".into(), job.epoch.into());
             if let Some(error) = &job.error {
                 object.insert("error".into(), error.clone().into());

@@ -24,8 +24,9 @@ use serde::{Deserialize, Serialize};
 /// it is refused. With [`ENDED_JOBS_KEPT`] and the command's bound, this
 /// bounds the state, and so a snapshot of it.
 pub const RUNNING_JOBS_MAX: usize = 256;
-/// Times in a row a job runs again on the same placement because a part
-/// lost a peer before its nodes fail it (a peer that can never connect).
+/// Times in a row a job runs again on the same nodes because a part lost
+/// a peer soon after it started (or could not listen) before its nodes
+/// fail it (a peer that can never connect, ports all taken).
 pub const RESTARTS_MAX: u32 = 5;
 /// Jobs that ended (finished, failed or cancelled) kept for `status`: the
 /// latest submitted ones; older ones are forgotten.
@@ -67,7 +68,8 @@ pub enum Command {
     /// each live node of its placement stops its part first, then says so
     /// with `Released`. The leader moves jobs to rebalance, and off a lost
     /// node; a node moves its job to the same placement to run it again
-    /// when its part lost a peer.
+    /// when its part lost a peer (or to the same nodes on other ports when
+    /// its part could not listen).
     Move {
         job: String,
         epoch: u64,
@@ -76,8 +78,9 @@ pub enum Command {
         peers: Vec<u64>,
         #[serde(default)]
         ports: Vec<u16>,
-        /// A move to the same placement because a part lost a peer soon
-        /// after it started: it counts toward `RESTARTS_MAX`.
+        /// A move to the same nodes because a part lost a peer soon after
+        /// it started, or could not listen: it counts toward
+        /// `RESTARTS_MAX`.
         #[serde(default)]
         quick: bool,
     },
@@ -163,10 +166,10 @@ pub struct Job {
     /// Nodes of the placement that released it for the move under way.
     #[serde(default)]
     pub released: Vec<u64>,
-    /// Moves in a row to the same placement because a part lost a peer
-    /// soon after it started (`Move::quick`): its nodes give up past
-    /// `RESTARTS_MAX`. A move elsewhere, or one after a part ran a while,
-    /// starts the count again.
+    /// Moves in a row to the same nodes because a part lost a peer soon
+    /// after it started, or could not listen (`Move::quick`): its nodes
+    /// give up past `RESTARTS_MAX`. A move to other nodes, or one after a
+    /// part ran a while, starts the count again.
     #[serde(default)]
     pub restarts: u32,
     pub state: JobState,
@@ -423,10 +426,12 @@ impl ClusterState {
                     .jobs
                     .get(&job)
                     .is_some_and(|j| j.placement().iter().any(|n| self.is_alive(*n)));
+                let taken = self.ports_taken(&job, &ports);
                 if let Some(job) = self.jobs.get_mut(&job) {
                     if job.state == JobState::Running
                         && epoch == job.epoch + 1
                         && !live
+                        && !taken
                         && well_formed(node, &peers, &ports)
                     {
                         job.node = Some(node);
@@ -471,9 +476,12 @@ impl ClusterState {
                     && current.node.is_some()
                     && targets_alive
                     && well_formed(to, &peers, &ports)
+                    && !self.ports_taken(&job, &ports)
                 {
                     let job = self.jobs.get_mut(&job).expect("looked up above");
-                    let again = job.node == Some(to) && job.peers == peers && job.ports == ports;
+                    // On the same nodes (on other ports if a part could not
+                    // listen).
+                    let again = job.node == Some(to) && job.peers == peers;
                     job.restarts = match (again, quick) {
                         (true, true) => job.restarts + 1,
                         _ => 0,
@@ -571,6 +579,18 @@ impl ClusterState {
                 Some((request, answer))
             }
         }
+    }
+
+    /// Whether another running job's placement (or move under way) holds
+    /// one of `ports`: two proposers may choose the same (the leader and a
+    /// node running a job again); the later proposal is refused, and made
+    /// again on what the state then holds.
+    fn ports_taken(&self, job: &str, ports: &[u16]) -> bool {
+        self.jobs
+            .values()
+            .filter(|j| j.name != job && j.state == JobState::Running)
+            .flat_map(|j| j.ports.iter().chain(&j.moving_ports))
+            .any(|p| ports.contains(p))
     }
 
     /// Whether `node` is a member and not declared lost.
@@ -965,6 +985,45 @@ mod tests {
         });
         assert_eq!(state.jobs["q5-1"].placement(), vec![2, 1]);
         assert_eq!(state.jobs["q5-1"].epoch, 4);
+    }
+
+    /// A placement whose ports another running job holds is refused.
+    #[test]
+    fn ports_another_job_holds_are_refused() {
+        let mut state = ClusterState::default();
+        for n in 1..=2 {
+            state.add_node(n, format!("127.0.0.1:{n}"));
+        }
+        submit(&mut state, 1, "a");
+        submit(&mut state, 2, "b");
+        let assign = |state: &mut ClusterState, job: &str, ports: Vec<u16>| {
+            state.apply(Command::Assign {
+                job: job.into(),
+                node: 1,
+                epoch: 1,
+                peers: vec![2],
+                ports,
+            });
+        };
+        assign(&mut state, "q5-1", vec![7, 8]);
+        assign(&mut state, "q5-2", vec![8, 9]);
+        assert_eq!(state.jobs["q5-2"].node, None);
+        assign(&mut state, "q5-2", vec![9, 10]);
+        assert_eq!(state.jobs["q5-2"].ports, vec![9, 10]);
+        // A move onto another's ports is refused; onto its own, taken.
+        let to = |state: &mut ClusterState, ports: Vec<u16>| {
+            state.apply(Command::Move {
+                job: "q5-1".into(),
+                epoch: 1,
+                to: 1,
+                peers: vec![2],
+                ports,
+                quick: true,
+            });
+            state.jobs["q5-1"].moving_ports.clone()
+        };
+        assert!(to(&mut state, vec![10, 11]).is_empty());
+        assert_eq!(to(&mut state, vec![8, 11]), vec![8, 11]);
     }
 
     #[test]
