@@ -1038,6 +1038,70 @@ fn a_run_port_another_process_holds_is_left_for_another() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// q5 of two shards on a cluster of one runs there; a second node joins:
+/// the leader widens q5 over both (its run stopped, then both parts
+/// started, resumed from the checkpoint), and it ends exact.
+#[test]
+fn a_job_widens_over_a_node_that_joins() {
+    let _one = one_at_a_time();
+    let dir = temp_dir("widen");
+    let secret = write_secret(&dir, "secret", SECRET);
+    let (events_path, events) = input(&dir, 1_000_000, 23);
+    let plain = uninterrupted(&dir, "q5", &events_path);
+    let mut nodes = cluster(&dir, &secret, 1);
+    let first = nodes[0].addr.clone();
+    let flags = over_two(file_job(&events_path, "q5", 200_000));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let name = submit(&first, &secret, &dir, "q5", &flags);
+    let placed = wait_for(
+        &[&first],
+        &secret,
+        Duration::from_secs(20),
+        "q5 placed",
+        |s| job(s, &name)["epoch"] == 1,
+    );
+    // Two shards on the one node.
+    assert_eq!(placement(&placed, &name), vec![nodes[0].id()]);
+    std::thread::sleep(Duration::from_millis(1200));
+    nodes.push(NodeProcess::start(&dir, "n2", &secret, Some(&first)));
+    let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+    let wide = wait_for(
+        &addrs,
+        &secret,
+        Duration::from_secs(30),
+        "q5 over both nodes",
+        |s| placement(s, &name).len() == 2,
+    );
+    let mut both = placement(&wide, &name);
+    both.sort_unstable();
+    let mut ids: Vec<u64> = nodes.iter().map(NodeProcess::id).collect();
+    ids.sort_unstable();
+    assert_eq!(both, ids);
+    let done = wait_for(
+        &addrs,
+        &secret,
+        Duration::from_secs(120),
+        "q5 finished",
+        |s| job(s, &name)["state"] == "finished",
+    );
+    assert_eq!(job(&done, &name)["nodes"].as_u64(), Some(2), "{done}");
+    assert!(
+        job(&done, &name)["checkpoints"]["resumed_from"]
+            .as_u64()
+            .is_some(),
+        "{done}"
+    );
+    // The leader's widening, logged.
+    let logs: String = nodes.iter().map(NodeProcess::log).collect();
+    assert!(logs.contains(&format!("moving {name} to node")), "{logs}");
+    assert_exact("q5", &dir.join("q5.jsonl"), &plain, &events);
+    let all = activations(&nodes, &name);
+    assert_placements_never_overlap(&all, &name);
+    eprintln!("widen: activations {all:?}");
+    drop(nodes);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_partitioned_node_gives_its_job_up_before_the_majority_runs_it() {
     let _one = one_at_a_time();
