@@ -2,7 +2,9 @@
 //! loopback run a paced q1 into an exactly-once file sink; the node running
 //! it is killed with SIGKILL, and the clock runs from the kill until the
 //! job is processing again: until the output file grows past what it held
-//! when the killed node's run was gone, which takes another node placing
+//! when the killed node's run was gone, and past what its last committed
+//! checkpoint brings it to (a resumed run first appends those rows, if
+//! the killed one had not: no processing). That takes another node placing
 //! the job, starting its run, restoring the last checkpoint, processing
 //! and committing the next one (`CHECKPOINT_INTERVAL` apart). Also timed:
 //! until the cluster's status shows the job placed anew (`placed_ms`).
@@ -303,7 +305,18 @@ fn measure_in(bench: &Bench, run: usize, shards: u32) -> Result<FailoverSample, 
             std::thread::sleep(Duration::from_millis(1));
         }
     }
-    let baseline = file_len(&out);
+    // What the job had committed: a resumed run first appends the rows of
+    // its last checkpoint that the killed one had not appended yet, which
+    // is no processing.
+    let committed =
+        dirigo_engine::dataflow::checkpoint::committed_output_lens(&bench.dir.join("data"))
+            .map_err(|e| BenchError(format!("failover: the job's checkpoints: {e}")))?
+            .into_iter()
+            .filter(|(path, _)| Path::new(path).file_name() == out.file_name())
+            .map(|(_, len)| len)
+            .max()
+            .unwrap_or(0);
+    let baseline = file_len(&out).max(committed);
     let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
     let mut placed_ms = None;
     let mut last_status = Instant::now();

@@ -387,6 +387,16 @@ fn a_stopped_job_resumes_to_exactly_the_uninterrupted_output() {
                 partial.len() < expected.len(),
                 "shards {shards}: the run was stopped before its end"
             );
+            // The newest manifest says what its checkpoint makes the output:
+            // all of it, appended.
+            let committed = checkpoint::committed_output_lens(&data).unwrap();
+            let len = std::fs::metadata(&output).unwrap().len();
+            assert!(
+                committed
+                    .iter()
+                    .any(|(path, l)| Path::new(path) == output && *l == len),
+                "{committed:?} against {len} bytes"
+            );
             assert!(is_part_of(&partial, &expected), "uncommitted or wrong rows");
             let second = run(
                 FAST,

@@ -397,6 +397,27 @@ pub fn manifest_files(dir: &Path, epoch: u64) -> Result<(Vec<String>, Vec<String
     Ok((chunks, staged))
 }
 
+/// Per output of the newest readable manifest in `dir`: its path and its
+/// length once that checkpoint's rows are appended (what a run resumed
+/// from it brings the output to before it processes anything).
+pub fn committed_output_lens(dir: &Path) -> Result<Vec<(String, u64)>, String> {
+    let store = CheckpointDir::open(dir).map_err(|e| e.to_string())?;
+    let epochs = store.manifest_epochs().map_err(|e| e.to_string())?;
+    for &epoch in epochs.iter().rev() {
+        if let Ok(manifest) = read_manifest(&store, epoch) {
+            return Ok(manifest
+                .outputs
+                .iter()
+                .map(|o| {
+                    let staged: u64 = o.staged.iter().map(|s| s.len).sum();
+                    (o.path.clone(), o.len_before + staged)
+                })
+                .collect());
+        }
+    }
+    Ok(Vec::new())
+}
+
 /// Epochs of the manifests in `dir`, ascending (readable or not).
 pub fn manifest_epochs(dir: &Path) -> Result<Vec<u64>, String> {
     let store = CheckpointDir::open(dir).map_err(|e| e.to_string())?;
