@@ -543,6 +543,30 @@ fn process_alive(pid: i32) -> bool {
     }
 }
 
+/// A test's directory and secret, an events file, its events, and q5's
+/// rows over them run uninterrupted outside any cluster.
+struct Q5Input {
+    dir: PathBuf,
+    secret: PathBuf,
+    events_path: PathBuf,
+    events: Vec<dirigo_nexmark::Event>,
+    plain: Vec<String>,
+}
+
+fn q5_input(name: &str, events: u64, seed: u64) -> Q5Input {
+    let dir = temp_dir(name);
+    let secret = write_secret(&dir, "secret", SECRET);
+    let (events_path, events) = input(&dir, events, seed);
+    let plain = uninterrupted(&dir, "q5", &events_path);
+    Q5Input {
+        dir,
+        secret,
+        events_path,
+        events,
+        plain,
+    }
+}
+
 /// A cluster of three running q5 and q8 over a file of a million events.
 struct QueriesOnThree {
     dir: PathBuf,
@@ -879,10 +903,13 @@ fn jobs_run_over_several_nodes_and_survive_the_loss_of_one() {
 #[test]
 fn a_part_that_lost_its_peer_is_run_again_on_the_same_nodes() {
     let _one = one_at_a_time();
-    let dir = temp_dir("peer-lost");
-    let secret = write_secret(&dir, "secret", SECRET);
-    let (events_path, events) = input(&dir, 1_000_000, 11);
-    let plain = uninterrupted(&dir, "q5", &events_path);
+    let Q5Input {
+        dir,
+        secret,
+        events_path,
+        events,
+        plain,
+    } = q5_input("peer-lost", 1_000_000, 11);
     let nodes = cluster(&dir, &secret, 2);
     let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
     // Two shards: the job runs over two nodes.
@@ -939,10 +966,13 @@ fn a_part_that_lost_its_peer_is_run_again_on_the_same_nodes() {
 #[test]
 fn a_node_restarted_mid_run_does_not_start_its_part_twice() {
     let _one = one_at_a_time();
-    let dir = temp_dir("node-restart");
-    let secret = write_secret(&dir, "secret", SECRET);
-    let (events_path, events) = input(&dir, 1_000_000, 13);
-    let plain = uninterrupted(&dir, "q5", &events_path);
+    let Q5Input {
+        dir,
+        secret,
+        events_path,
+        events,
+        plain,
+    } = q5_input("node-restart", 1_000_000, 13);
     let mut nodes = cluster(&dir, &secret, 3);
     let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
     let addr_refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
@@ -998,10 +1028,13 @@ fn a_node_restarted_mid_run_does_not_start_its_part_twice() {
 #[test]
 fn a_run_port_another_process_holds_is_left_for_another() {
     let _one = one_at_a_time();
-    let dir = temp_dir("port-taken");
-    let secret = write_secret(&dir, "secret", SECRET);
-    let (events_path, events) = input(&dir, 300_000, 19);
-    let plain = uninterrupted(&dir, "q5", &events_path);
+    let Q5Input {
+        dir,
+        secret,
+        events_path,
+        events,
+        plain,
+    } = q5_input("port-taken", 300_000, 19);
     let nodes = cluster(&dir, &secret, 2);
     let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
     // A fresh leader gives the range's first ports first.
@@ -1044,10 +1077,13 @@ fn a_run_port_another_process_holds_is_left_for_another() {
 #[test]
 fn a_job_widens_over_a_node_that_joins() {
     let _one = one_at_a_time();
-    let dir = temp_dir("widen");
-    let secret = write_secret(&dir, "secret", SECRET);
-    let (events_path, events) = input(&dir, 1_000_000, 23);
-    let plain = uninterrupted(&dir, "q5", &events_path);
+    let Q5Input {
+        dir,
+        secret,
+        events_path,
+        events,
+        plain,
+    } = q5_input("widen", 1_000_000, 23);
     let mut nodes = cluster(&dir, &secret, 1);
     let first = nodes[0].addr.clone();
     let flags = over_two(file_job(&events_path, "q5", 200_000));
@@ -1105,10 +1141,13 @@ fn a_job_widens_over_a_node_that_joins() {
 #[test]
 fn a_partitioned_node_gives_its_job_up_before_the_majority_runs_it() {
     let _one = one_at_a_time();
-    let dir = temp_dir("partition");
-    let secret = write_secret(&dir, "secret", SECRET);
-    let (events_path, events) = input(&dir, 600_000, 9);
-    let plain = uninterrupted(&dir, "q5", &events_path);
+    let Q5Input {
+        dir,
+        secret,
+        events_path,
+        events,
+        plain,
+    } = q5_input("partition", 600_000, 9);
     let nodes = cluster(&dir, &secret, 3);
     let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
     // Two shards: the job runs over two nodes.
@@ -1362,10 +1401,13 @@ fn a_node_joins_a_cluster_with_a_long_history() {
 #[test]
 fn a_removed_node_hands_its_job_over_and_leaves() {
     let _one = one_at_a_time();
-    let dir = temp_dir("remove");
-    let secret = write_secret(&dir, "secret", SECRET);
-    let (events_path, events) = input(&dir, 1_000_000, 17);
-    let plain = uninterrupted(&dir, "q5", &events_path);
+    let Q5Input {
+        dir,
+        secret,
+        events_path,
+        events,
+        plain,
+    } = q5_input("remove", 1_000_000, 17);
     let mut nodes = cluster(&dir, &secret, 3);
     let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
     let flags = file_job(&events_path, "q5", 250_000);

@@ -14,6 +14,7 @@ pub use run::check_cluster_job;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use dirigo_nexmark::run::RunError;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -59,12 +60,12 @@ pub fn main() -> ExitCode {
         }
         Command::Run(args) => match run::run(args) {
             Ok(()) => Ok(()),
-            Err(run::RunFailure::Failed(error)) => Err(error),
-            Err(run::RunFailure::PeerLost(error)) => {
+            Err(RunError::Failed(error)) => Err(error),
+            Err(RunError::PeerLost(error)) => {
                 eprintln!("dirigo: {error}");
                 return ExitCode::from(run::EXIT_PEER_LOST);
             }
-            Err(run::RunFailure::PortTaken(error)) => {
+            Err(RunError::PortTaken(error)) => {
                 eprintln!("dirigo: {error}");
                 return ExitCode::from(run::EXIT_PORT_TAKEN);
             }

@@ -749,33 +749,16 @@ fn progress(expected: Option<u64>) -> dirigo_nexmark::run::Progress {
     })
 }
 
-/// `dirigo run`'s exit status when a run over nodes lost a peer (see
-/// [`RunFailure::PeerLost`]); [`EXIT_PORT_TAKEN`] when it could not
-/// listen; any other failure exits with 1.
+/// `dirigo run`'s exit status when a run over nodes lost a peer
+/// ([`RunError::PeerLost`]: a cluster node runs it again rather than
+/// failing the job); [`EXIT_PORT_TAKEN`] when it could not listen; any
+/// other failure exits with 1.
 pub const EXIT_PEER_LOST: u8 = 3;
 /// `dirigo run`'s exit status when a run over nodes could not listen on
-/// its address, another process holding the port.
+/// its address, another process holding the port ([`RunError::PortTaken`]).
 pub const EXIT_PORT_TAKEN: u8 = 4;
 
-/// Why `dirigo run` failed.
-pub enum RunFailure {
-    Failed(String),
-    /// A run over nodes lost a peer (one never connected, or one left while
-    /// the jobs ran on): the same run started again may succeed. A cluster
-    /// node restarts it rather than failing the job.
-    PeerLost(String),
-    /// A run over nodes could not listen: its port is taken. A cluster
-    /// node runs it again on other ports.
-    PortTaken(String),
-}
-
-impl From<String> for RunFailure {
-    fn from(error: String) -> RunFailure {
-        RunFailure::Failed(error)
-    }
-}
-
-pub fn run(args: RunArgs) -> Result<(), RunFailure> {
+pub fn run(args: RunArgs) -> Result<(), RunError> {
     let cores = args
         .cores
         .map_or_else(dirigo_engine::runtime::online_cores, |n| n as usize);
@@ -843,13 +826,7 @@ pub fn run(args: RunArgs) -> Result<(), RunFailure> {
     if started.elapsed() >= Duration::from_secs(1) {
         eprintln!();
     }
-    let mut reports = reports
-        .map_err(|e| match e {
-            RunError::PeerLost(e) => RunFailure::PeerLost(e),
-            RunError::PortTaken(e) => RunFailure::PortTaken(e),
-            RunError::Failed(e) => RunFailure::Failed(e),
-        })?
-        .into_iter();
+    let mut reports = reports?.into_iter();
     let outcomes: Vec<Outcome> = prepared
         .into_iter()
         .map(|p| match p {

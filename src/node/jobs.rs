@@ -245,22 +245,25 @@ impl Run {
 
     /// The last line of its stderr.
     fn last_line(&self) -> String {
-        let words = self.last_words();
-        words.rsplit(" / ").next().unwrap_or_default().to_string()
+        self.shown_lines().pop().unwrap_or_default()
     }
 
-    /// The last lines of its stderr (of each, what follows its last
-    /// carriage return: the progress a run redraws is left out).
+    /// The last lines of its stderr.
     fn last_words(&self) -> String {
+        self.shown_lines().join(" / ")
+    }
+
+    /// The lines of its stderr's tail as a terminal shows them (of each,
+    /// what follows its last carriage return: the progress a run redraws
+    /// is left out), the empty ones left out.
+    fn shown_lines(&self) -> Vec<String> {
         let lines = self.stderr_tail.lock().unwrap();
-        let mut tail: Vec<&str> = Vec::new();
-        for line in lines.iter() {
-            let shown = line.rsplit('\r').next().unwrap_or("").trim();
-            if !shown.is_empty() {
-                tail.push(shown);
-            }
-        }
-        tail.join(" / ")
+        lines
+            .iter()
+            .map(|line| line.rsplit('\r').next().unwrap_or("").trim())
+            .filter(|shown| !shown.is_empty())
+            .map(str::to_string)
+            .collect()
     }
 
     /// SIGKILL the run (it dies at once, whatever it was doing); [`Run::reap`]

@@ -476,6 +476,21 @@ fn free_ports(
     None
 }
 
+/// Parts of running jobs per node of `live` (nodes not in it count none).
+fn load_of(state: &ClusterState, live: impl Iterator<Item = u64>) -> BTreeMap<u64, usize> {
+    let mut load: BTreeMap<u64, usize> = live.map(|id| (id, 0)).collect();
+    for job in state.jobs.values() {
+        if job.state == JobState::Running {
+            for node in job.placement() {
+                if let Some(count) = load.get_mut(&node) {
+                    *count += 1;
+                }
+            }
+        }
+    }
+    load
+}
+
 /// The ports of every running placement (and of moves under way).
 fn ports_in_use(state: &ClusterState) -> BTreeSet<u16> {
     state
@@ -1896,30 +1911,15 @@ impl Node {
         }
         // Place what has no placement, or a lost node in it, spreading the
         // parts by load (parts per live node).
-        let mut load: BTreeMap<u64, usize> = core
-            .state
-            .nodes
-            .iter()
-            .filter(|(id, info)| {
-                info.alive
-                    && !info.retired
-                    && !commands
-                        .iter()
-                        .any(|(_, c)| matches!(c, Command::Liveness { node, alive: false } if node == *id))
-            })
-            .map(|(id, _)| (*id, 0))
-            .collect();
-        let mut in_use = BTreeSet::new();
-        for job in core.state.jobs.values() {
-            if job.state == JobState::Running {
-                for node in job.placement() {
-                    if let Some(count) = load.get_mut(&node) {
-                        *count += 1;
-                    }
-                }
-                in_use.extend(job.ports.iter().chain(&job.moving_ports).copied());
-            }
-        }
+        let live = core.state.nodes.iter().filter(|(id, info)| {
+            info.alive
+                && !info.retired
+                && !commands.iter().any(
+                    |(_, c)| matches!(c, Command::Liveness { node, alive: false } if node == *id),
+                )
+        });
+        let mut load = load_of(&core.state, live.map(|(id, _)| *id));
+        let mut in_use = ports_in_use(&core.state);
         // Ports of placements proposed but not yet applied are taken too.
         core.promised
             .retain(|_, (at, _)| now.duration_since(*at) < PROPOSE_AGAIN_AFTER);
@@ -2875,15 +2875,7 @@ mod tests {
                 ports: vec![],
             });
         };
-        let load = |state: &ClusterState| {
-            let mut load: BTreeMap<u64, usize> = state.nodes.keys().map(|n| (*n, 0)).collect();
-            for job in state.jobs.values() {
-                for node in job.placement() {
-                    *load.get_mut(&node).unwrap() += 1;
-                }
-            }
-            load
-        };
+        let load = |state: &ClusterState| load_of(state, state.nodes.keys().copied());
         // All three on node 1, as placed on a cluster of one; q5-1 has two
         // shards.
         add(&mut state, 1, "2");
