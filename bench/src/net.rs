@@ -1,6 +1,6 @@
 //! `dirigo bench net`: messages from one node process to another over
 //! loopback through `dirigo-net`'s session (the handshake, then the link:
-//! 64-byte headers, every frame sealed with AES-256-GCM, acks and credit), against
+//! 64-byte headers, every frame sealed with AES-128-GCM, acks and credit), against
 //! a raw loopback TCP stream carrying the same message bodies, each after
 //! its length (4 bytes) and nothing else (no checksum, header or seal),
 //! in writes of up to the same `write_bytes`, in the same run.
@@ -148,9 +148,9 @@ pub struct Report {
 }
 
 pub const NOTE: &str = "two processes on loopback; cross_node: actor messages from an actor on one node process to \
-an actor on the other (each process one shard and its gateway; the engine's credits and acks; batches of packets as \
-rkyv archives of about 512 messages, at most 256 KiB a frame, over the session); session: the same bodies as messages of dirigo-net's session (handshake, \
-64-byte link header, every frame sealed with AES-256-GCM: body encrypted, header authenticated; acks and credit); raw_tcp: the same bodies \
+an actor on the other (each process one shard and its gateway; the engine's credits and acks; batches of packets sized to \
+about three quarters of a frame, at most about 512 messages, as rkyv archives split to fit 256 KiB frames, over the session); session: the same bodies as messages of dirigo-net's session (handshake, \
+64-byte link header, every frame sealed with AES-128-GCM: body encrypted, header authenticated; acks and credit); raw_tcp: the same bodies \
 on a TCP stream, each after its 4-byte length and nothing else, in writes of the same size bound; each timed from the first send \
 until the receiving process has taken every message and said so; medians over the runs, the order alternated; \
 failover_ms: three node processes, a paced q1 (200,000 events/s, checkpoints every 100 ms) into an exactly-once \

@@ -19,7 +19,7 @@
 //!   so that a future use of those bits cannot be silently misread by an
 //!   old peer.
 //! - A frame flagged [`FLAG_SEALED`] has a crc field of 0 and no crc: its
-//!   payload is sealed by the layer above (the link's AES-256-GCM tag
+//!   payload is sealed by the layer above (the link's AES-128-GCM tag
 //!   covers the frame's kind, its link header and its body, so a changed
 //!   byte fails the tag where it would have failed the crc). A decoder
 //!   takes such frames only once told to ([`FrameDecoder::allow_sealed`]:

@@ -19,7 +19,8 @@
 //! could replay. Both sides then hold the connection's session key,
 //! `HMAC(secret, "dirigo session" | Hello | Challenge)`: fresh with each
 //! pair of nonces, known only to holders of the secret, and what
-//! [`crate::link`] seals every frame after the handshake with (AES-256-GCM).
+//! [`crate::link`] seals every frame after the handshake with (AES-128-GCM
+//! under its first 16 bytes).
 //!
 //! A wrong magic, version or cluster, a message of the wrong length or a
 //! proof that does not verify is a [`HandshakeError`]; the side that finds
@@ -43,9 +44,10 @@ use sha2::{Digest, Sha256};
 /// `"DRGO"`: the first bytes of every connection.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"DRGO");
 /// The protocol version this build speaks; a peer with another is refused.
-/// 3: link frames flagged sealed, with no crc (2: sealed with
-/// AES-256-GCM and a crc; 1: tagged with HMAC-SHA256).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// 4: link frames sealed with AES-128-GCM (3: with AES-256-GCM, flagged
+/// sealed, with no crc; 2: AES-256-GCM and a crc; 1: tagged with
+/// HMAC-SHA256).
+pub const PROTOCOL_VERSION: u16 = 4;
 pub const HELLO_BYTES: usize = 84;
 pub const CHALLENGE_BYTES: usize = 116;
 pub const PROOF_BYTES: usize = 32;

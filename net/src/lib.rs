@@ -22,7 +22,7 @@
 //!   through `encode_frame` and a `FrameDecoder`; heartbeat frames.
 //! - [`link`]: sans I/O, a link to one peer that outlives its connections:
 //!   messages numbered and kept until acked, sent again after a reconnect,
-//!   delivered once each and in order; every frame sealed with AES-256-GCM
+//!   delivered once each and in order; every frame sealed with AES-128-GCM
 //!   under the handshake's session key (the body encrypted, the header
 //!   authenticated, each frame bound to its place on the connection); the receiver's inbox bounded by credits; a
 //!   peer's restart detected; heartbeats and a dead-connection check;

@@ -19,12 +19,14 @@
 //! 16 credit u64       the highest number the peer may send
 //! 24 incarnation u64  this side's link (a new one per process start)
 //! 32 kind u8          data: the caller's kind of message; 15 reserved bytes (0)
-//! 48 tag [u8; 16]     AES-256-GCM's tag (below)
+//! 48 tag [u8; 16]     AES-128-GCM's tag (below)
 //! 64 body             (data only; 16-aligned in the frame), encrypted
 //! ```
 //!
-//! Every frame is sealed with AES-256-GCM under the connection's session
-//! key (from the handshake, new for each connection): the body is
+//! Every frame is sealed with AES-128-GCM under the connection's session
+//! key (its first 16 bytes; from the handshake, new for each connection;
+//! AES-128 as TLS 1.3's mandatory suite, and about a fifth cheaper a byte
+//! than AES-256 on the AMD EPYC VM measured): the body is
 //! encrypted, and the tag covers the frame kind and bytes 0..48 (associated
 //! data) and the body. The nonce is the sender's role (client or server of
 //! the handshake) and the frame's number on this connection in this
@@ -87,7 +89,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 
-use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_128_GCM};
 
 use crate::frame::{begin_frame, finish_sealed_frame, Frame, FrameConfig, FLAG_SEALED};
 use crate::handshake::SessionKey;
@@ -224,7 +226,7 @@ struct Outgoing {
 }
 
 struct Conn {
-    /// AES-256-GCM under the session key.
+    /// AES-128-GCM under the session key's first 16 bytes.
     key: LessSafeKey,
     role: Role,
     /// Frames sealed for this connection, and frames opened from it: the
@@ -360,7 +362,7 @@ impl Link {
         self.stats.connections += 1;
         self.conn = Some(Conn {
             key: LessSafeKey::new(
-                UnboundKey::new(&AES_256_GCM, &key.0).expect("a 32-byte key fits AES-256"),
+                UnboundKey::new(&AES_128_GCM, &key.0[..16]).expect("16 bytes fit AES-128"),
             ),
             role,
             sealed: 0,

@@ -17,7 +17,7 @@ use dirigo_net::handshake::{
 use dirigo_net::link::{Link, LinkConfig, Role};
 use dirigo_net::{encode_frame, FrameConfig, FrameDecoder};
 use proptest::prelude::*;
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
 
 const SECRET: &[u8] = b"a secret of sixteen bytes or more";
 
@@ -263,8 +263,8 @@ proptest! {
 
 /// A link frame of `kind` with these header fields and body, sealed with
 /// `key` as the client's frame number `sealed` (counted up) on its
-/// connection: AES-256-GCM, the nonce the client's role (0) and that number,
-/// the associated data the kind and the 48 bytes of fields, the body
+/// connection: AES-128-GCM under the key's first 16 bytes, the nonce the
+/// client's role (0) and that number, the associated data the kind and the 48 bytes of fields, the body
 /// encrypted, the frame flagged sealed with no crc (written here from the
 /// link's and the frame's module headers, not their code).
 fn tagged(
@@ -285,7 +285,7 @@ fn tagged(
     let mut nonce = [0u8; 12];
     nonce[4..].copy_from_slice(&sealed.to_le_bytes());
     *sealed += 1;
-    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key.0).unwrap());
+    let key = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &key.0[..16]).unwrap());
     let mut sealed_body = body.to_vec();
     let tag = key
         .seal_in_place_separate_tag(

@@ -20,7 +20,10 @@
 //!
 //! The gateway drains its rings toward one node into a batch, 16 packets
 //! at a time, until it holds `BATCH_MESSAGES_MAX` (512) messages or more
-//! (a run counts each of its messages) or the rings are empty, encodes
+//! (a run counts each of its messages), or as many as fill three
+//! quarters of a frame's body at the bytes a message took in the last
+//! batch of messages with no move and no message in parts
+//! (`batch_budget`), or the rings are empty, encodes
 //! it as one rkyv archive (a
 //! `WireBatch`: per packet, its source and target shard and the packet,
 //! each message in its type's wire form, `Wire::Repr`, made as the
@@ -28,7 +31,10 @@
 //! hands it on),
 //! and sends it as one session message; a batch over the frame's body bound
 //! is split in halves (a channel's run splits too, its sequence numbers
-//! following). A message that alone does not fit a frame crosses in
+//! following): before it is encoded when the last batch's bytes a message
+//! say it is over (without it, most frames of a busy channel of 512-byte
+//! messages were encoded twice: two runs of 256 just passed a frame),
+//! after when only its encoding shows it. A message that alone does not fit a frame crosses in
 //! parts, as a move does (below; `WirePacket::MessagePart`), up to
 //! `HANDOFF_BYTES_MAX` encoded. One over that, or that its type fails to
 //! encode, cannot cross: it is dropped, counted (`oversized`), logged, and
@@ -162,7 +168,8 @@ use super::{Failure, FailureHook, Shared};
 const BATCH_KIND: u8 = 1;
 /// A batch stops taking packets once it holds this many messages (a run
 /// counts each of its messages; the last drain of 16 packets may take it
-/// past); frames stay within their byte bound by splitting.
+/// past), or fewer where its messages are large (`batch_budget`); frames
+/// stay within their byte bound by splitting.
 const BATCH_MESSAGES_MAX: usize = 512;
 /// A frame's bound between gateways.
 pub const FRAME_BYTES_MAX: usize = 256 * 1024;
@@ -831,7 +838,8 @@ pub struct RemoteStats {
     bytes_in: AtomicU64,
     messages_out: AtomicU64,
     messages_in: AtomicU64,
-    /// Frames split because they were over the bound.
+    /// Batches split because they were over the bound, or would be by the
+    /// last batch's measure of a message.
     splits: AtomicU64,
     /// Messages dropped because one alone is over the frame's bound, or
     /// held by a move that could not cross.
@@ -1066,6 +1074,10 @@ async fn send_loop<M: Wire>(
     // Per peer, the ring its next batch starts draining from: each pass
     // starts one further, so that no ring waits behind busier ones.
     let mut cursor = vec![0usize; nodes];
+    // Per peer, the bytes a message took in its last batch: a batch
+    // takes as many messages as fill `BATCH_FILL` of a frame's body, so
+    // that it is seldom encoded twice (split).
+    let mut message_bytes = vec![0usize; nodes];
     // Per peer, its rings' places in `outbound`.
     let rings: Vec<Vec<usize>> = (0..nodes)
         .map(|j| {
@@ -1100,11 +1112,14 @@ async fn send_loop<M: Wire>(
             }
             let mut items = Vec::new();
             let mut messages = 0;
+            let body_max = session.body_bytes_max();
+            let budget = batch_budget(body_max, message_bytes[j]);
+            let mut moves = false;
             let peer_rings = &rings[j];
             for k in 0..peer_rings.len() {
                 let r = peer_rings[(cursor[j] + k) % peer_rings.len()];
                 let (from, to, consumer) = &mut parts.outbound[r];
-                while messages < BATCH_MESSAGES_MAX {
+                while messages < budget {
                     let taken = consumer.drain(16, |packet| {
                         match WirePacket::from_packet(packet, now_ns) {
                             Some(packet) => {
@@ -1112,7 +1127,10 @@ async fn send_loop<M: Wire>(
                                 // many frames' worth): the drain under way
                                 // is the last of this batch.
                                 messages += match packet {
-                                    WirePacket::Handoff(_) => BATCH_MESSAGES_MAX,
+                                    WirePacket::Handoff(_) => {
+                                        moves = true;
+                                        BATCH_MESSAGES_MAX
+                                    }
                                     _ => packet.messages(),
                                 };
                                 items.push(WireItem {
@@ -1143,8 +1161,23 @@ async fn send_loop<M: Wire>(
                 continue;
             }
             progress = true;
-            let body_max = session.body_bytes_max();
-            encode_frames(items, body_max, &mut waiting[j], stats, &parts.on_failure);
+            let before = waiting[j].len();
+            let in_parts = stats.message_parts_out.load(Ordering::Relaxed);
+            Framer {
+                body_max,
+                message_bytes: message_bytes[j],
+                out: &mut waiting[j],
+                stats,
+                on_failure: &parts.on_failure,
+            }
+            .encode(items);
+            // A move, or a message sent in parts, says nothing of the
+            // next batch's messages: the measure stays.
+            let parted = stats.message_parts_out.load(Ordering::Relaxed) != in_parts;
+            if !moves && !parted && messages > 0 {
+                let bytes: usize = waiting[j].iter().skip(before).map(Vec::len).sum();
+                message_bytes[j] = bytes.div_ceil(messages);
+            }
             offer(session, &mut waiting[j], stats);
         }
         stats.passes.fetch_add(1, Ordering::Release);
@@ -1176,6 +1209,20 @@ async fn send_loop<M: Wire>(
     }
 }
 
+/// The share of a frame's body a batch aims to fill.
+const BATCH_FILL: (usize, usize) = (3, 4);
+
+/// How many messages the next batch toward a peer takes: as many as fill
+/// `BATCH_FILL` of `body_max` at `message_bytes` each (as the last batch
+/// took; 0 before the first), within 1 and `BATCH_MESSAGES_MAX`.
+fn batch_budget(body_max: usize, message_bytes: usize) -> usize {
+    let aim = body_max / BATCH_FILL.1 * BATCH_FILL.0;
+    match aim.checked_div(message_bytes) {
+        Some(fit) => fit.clamp(1, BATCH_MESSAGES_MAX),
+        None => BATCH_MESSAGES_MAX,
+    }
+}
+
 /// Hand a peer's waiting frames to its session; whether all were taken.
 fn offer(
     session: &Session,
@@ -1196,35 +1243,21 @@ fn offer(
             // Stopped: the runtime is stopping.
             Err(LinkSendError::Stopped) => return false,
             // Full was ruled out above; a frame too large cannot be made
-            // (`encode_frames` keeps within the bound).
+            // (`Framer::encode` keeps within the bound).
             Err(e) => debug_assert!(false, "a gateway frame refused: {e:?}"),
         }
     }
     true
 }
 
-/// Encode `items` as frames of at most `body_max` bytes each, in order,
-/// splitting a batch (and a run) that is over it (`Framer::encode`).
-fn encode_frames<R: WireRepr>(
-    items: Vec<WireItem<R>>,
-    body_max: usize,
-    out: &mut std::collections::VecDeque<Vec<u8>>,
-    stats: &RemoteStats,
-    on_failure: &Option<FailureHook>,
-) {
-    Framer {
-        body_max,
-        out,
-        stats,
-        on_failure,
-    }
-    .encode(items);
-}
-
 /// Where the frames encoded for one peer go, their bound, and whom a
 /// message that cannot cross is told to.
 struct Framer<'a> {
     body_max: usize,
+    /// The bytes a message took in the peer's last batch (0: not known): a
+    /// batch of messages that would take more than `body_max` at that is
+    /// split before it is encoded, not after.
+    message_bytes: usize,
     out: &'a mut std::collections::VecDeque<Vec<u8>>,
     stats: &'a RemoteStats,
     on_failure: &'a Option<FailureHook>,
@@ -1237,24 +1270,32 @@ impl Framer<'_> {
         let (body_max, stats) = (self.body_max, self.stats);
         let batch = WireBatch { items };
         let messages: usize = batch.items.iter().map(|i| i.packet.messages()).sum();
-        let encoded = R::encode_batch(&batch, Vec::with_capacity(body_max));
-        match encoded {
-            Ok(bytes) if bytes.len() <= body_max => {
-                add(&stats.messages_out, messages as u64);
-                self.out.push_back(bytes);
-                return;
+        let splittable = match &batch.items[..] {
+            [one] => matches!(&one.packet, WirePacket::Run { messages, .. } if messages.len() > 1),
+            _ => true,
+        };
+        // Over the bound by the last batch's measure: split unencoded.
+        let over = splittable && messages.saturating_mul(self.message_bytes) > body_max;
+        if !over {
+            match R::encode_batch(&batch, Vec::with_capacity(body_max)) {
+                Ok(bytes) if bytes.len() <= body_max => {
+                    add(&stats.messages_out, messages as u64);
+                    self.out.push_back(bytes);
+                    return;
+                }
+                // Freed here, not held through the halves below.
+                Ok(bytes) => drop(bytes),
+                Err(e) if batch.items.len() == 1 && messages <= 1 => {
+                    let item = batch.items.into_iter().next().expect("one item");
+                    let message = format!(
+                        "a message could not be encoded to cross nodes ({e}); it was dropped"
+                    );
+                    self.drop_item(item, message);
+                    return;
+                }
+                // Split until the message that fails is alone.
+                Err(_) => {}
             }
-            // Freed here, not held through the halves below.
-            Ok(bytes) => drop(bytes),
-            Err(e) if batch.items.len() == 1 && messages <= 1 => {
-                let item = batch.items.into_iter().next().expect("one item");
-                let message =
-                    format!("a message could not be encoded to cross nodes ({e}); it was dropped");
-                self.drop_item(item, message);
-                return;
-            }
-            // Split until the message that fails is alone.
-            Err(_) => {}
         }
         add(&stats.splits, 1);
         let mut items = batch.items;
@@ -2025,6 +2066,40 @@ mod tests {
         assert_eq!(early.origin_ns, 1);
     }
 
+    /// Encode `items` as frames of at most `body_max` bytes each, in order,
+    /// splitting a batch (and a run) that is over it (`Framer::encode`, with
+    /// no measure of a message's bytes yet).
+    fn encode_frames<R: WireRepr>(
+        items: Vec<WireItem<R>>,
+        body_max: usize,
+        out: &mut std::collections::VecDeque<Vec<u8>>,
+        stats: &RemoteStats,
+        on_failure: &Option<FailureHook>,
+    ) {
+        Framer {
+            body_max,
+            message_bytes: 0,
+            out,
+            stats,
+            on_failure,
+        }
+        .encode(items);
+    }
+
+    /// A batch takes what fills three quarters of a frame's body at the
+    /// last batch's bytes per message: large messages make smaller batches,
+    /// small ones stop at the message bound, and the first takes the bound.
+    #[test]
+    fn a_batch_takes_what_fills_three_quarters_of_a_frame() {
+        let body = FRAME_BYTES_MAX - 1024;
+        assert_eq!(batch_budget(body, 0), BATCH_MESSAGES_MAX);
+        assert_eq!(batch_budget(body, 16), BATCH_MESSAGES_MAX);
+        let fit = batch_budget(body, 540);
+        assert!(fit * 540 <= body * 3 / 4 && (fit + 1) * 540 > body * 3 / 4 - 540);
+        assert!(fit < BATCH_MESSAGES_MAX);
+        assert_eq!(batch_budget(body, 10 * body), 1);
+    }
+
     #[test]
     fn the_layout_numbers_shards_across_nodes_in_order() {
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
@@ -2047,7 +2122,6 @@ mod tests {
 
     #[test]
     fn a_batch_over_the_bound_is_split_in_order_and_a_run_with_it() {
-        let stats = RemoteStats::default();
         let actor = ActorId::new(JobId(1), 1, 0);
         let sched = WireSched::from_sched(SchedCtx::default(), 0);
         let run = |first_seq: u64, n: usize| WireItem {
@@ -2062,38 +2136,49 @@ mod tests {
                 messages: (0..n).map(|i| (sched, vec![i as u8; 1000])).collect(),
             },
         };
-        let mut frames = std::collections::VecDeque::new();
-        encode_frames(
-            vec![run(1, 40), run(41, 10)],
-            8_192,
-            &mut frames,
-            &stats,
-            &None,
-        );
-        assert!(frames.len() > 2, "{} frames", frames.len());
-        let mut next = 1;
-        for frame in &frames {
-            assert!(frame.len() <= 8_192);
-            let mut aligned = AlignedVec::<16>::new();
-            aligned.extend_from_slice(frame);
-            for item in Vec::<u8>::decode_batch(&aligned).unwrap().items {
-                let WirePacket::Run {
-                    first_seq,
-                    messages,
-                    ..
-                } = item.packet
-                else {
-                    panic!("runs only");
-                };
-                assert_eq!(first_seq, next);
-                for (i, (_, m)) in messages.iter().enumerate() {
-                    assert_eq!(u64::from(m[0]), (first_seq - 1 + i as u64) % 40);
-                }
-                next += messages.len() as u64;
+        // Split after encoding (no measure yet), and before it at the
+        // last batch's measure: under it, near it, far over it.
+        for message_bytes in [0, 500, 1_100, 20_000] {
+            let stats = RemoteStats::default();
+            let mut frames = std::collections::VecDeque::new();
+            Framer {
+                body_max: 8_192,
+                message_bytes,
+                out: &mut frames,
+                stats: &stats,
+                on_failure: &None,
             }
+            .encode(vec![run(1, 40), run(41, 10)]);
+            // Runs of 5 fit 8 KiB; a measure of 20,000 bytes a message
+            // splits down to one message a frame, unencoded.
+            let expected = if message_bytes == 20_000 { 50 } else { 10 };
+            assert_eq!(frames.len(), expected, "measure {message_bytes}");
+            let splits = stats.snapshot().splits;
+            assert!(splits >= expected as u64 - 1, "{splits} splits");
+            let mut next = 1;
+            for frame in &frames {
+                assert!(frame.len() <= 8_192);
+                let mut aligned = AlignedVec::<16>::new();
+                aligned.extend_from_slice(frame);
+                for item in Vec::<u8>::decode_batch(&aligned).unwrap().items {
+                    let WirePacket::Run {
+                        first_seq,
+                        messages,
+                        ..
+                    } = item.packet
+                    else {
+                        panic!("runs only");
+                    };
+                    assert_eq!(first_seq, next, "measure {message_bytes}");
+                    for (i, (_, m)) in messages.iter().enumerate() {
+                        assert_eq!(u64::from(m[0]), (first_seq - 1 + i as u64) % 40);
+                    }
+                    next += messages.len() as u64;
+                }
+            }
+            assert_eq!(next, 51, "measure {message_bytes}");
+            assert_eq!(stats.snapshot().oversized, 0);
         }
-        assert_eq!(next, 51);
-        assert_eq!(stats.snapshot().oversized, 0);
     }
 
     /// The items of `frames` as the receiving gateway takes them: each
