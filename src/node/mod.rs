@@ -54,6 +54,7 @@
 pub mod client;
 pub mod jobs;
 pub mod lease;
+pub mod load;
 pub mod state;
 
 use std::cell::RefCell;
@@ -87,7 +88,19 @@ use client::{
 };
 use jobs::{monotonic_ns, Part, Run, RunEnd};
 use lease::{FollowerLease, LeaderAcks, LEASE};
+use load::{CpuMeter, Load, UNMEASURED_MILLI};
 use state::{data_dir_of, submission_number, Answer, ClusterState, Command, JobState, Outcome};
+
+/// Why the leader moves a job when nothing else moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MoveKind {
+    /// Over more nodes (a node joined or came back).
+    Widen,
+    /// For load: the job then stays for `load::LOAD_MOVE_QUIET`.
+    Load,
+    /// By parts.
+    Parts,
+}
 
 /// Raft's clock: one tick.
 const TICK: Duration = Duration::from_millis(30);
@@ -421,23 +434,26 @@ fn and_peers(peers: &[u64]) -> String {
 }
 
 /// The leader's choice of a placement for a job of `shards` shards: the
-/// least loaded live nodes in `load`, as many as [`state::width`] allows,
+/// least loaded live nodes in `load` (by the CPU their parts use, then by
+/// their parts, then by id), as many as [`state::width`] allows,
 /// part 0 the least loaded; for more than one, a port each from `range`
 /// that no running placement uses (from `cursor` on, which moves past
 /// them, so that a port is taken again only after the range went round).
-/// `load` and `in_use` count what it chose. None: no live node, or too
-/// few free ports.
+/// `load` and `in_use` count what it chose (a part not measured yet
+/// weighs [`UNMEASURED_MILLI`]). None: no live node, or too few free
+/// ports.
 fn place(
-    load: &mut BTreeMap<u64, usize>,
+    load: &mut BTreeMap<u64, Load>,
     shards: u64,
     in_use: &mut BTreeSet<u16>,
     cursor: &mut u16,
     range: PortRange,
 ) -> Option<(u64, Vec<u64>, Vec<u16>)> {
     let k = state::width(shards, load.len());
-    let mut by_load: Vec<(usize, u64)> = load.iter().map(|(id, count)| (*count, *id)).collect();
+    let mut by_load: Vec<(u32, usize, u64)> =
+        load.iter().map(|(id, l)| (l.milli, l.parts, *id)).collect();
     by_load.sort_unstable();
-    let nodes: Vec<u64> = by_load.iter().take(k).map(|(_, id)| *id).collect();
+    let nodes: Vec<u64> = by_load.iter().take(k).map(|(_, _, id)| *id).collect();
     if nodes.is_empty() {
         return None;
     }
@@ -447,7 +463,7 @@ fn place(
         Vec::new()
     };
     for node in &nodes {
-        *load.get_mut(node).expect("chosen from load") += 1;
+        load.get_mut(node).expect("chosen from load").add(None);
     }
     Some((nodes[0], nodes[1..].to_vec(), ports))
 }
@@ -476,14 +492,58 @@ fn free_ports(
     None
 }
 
-/// Parts of running jobs per node of `live` (nodes not in it count none).
-fn load_of(state: &ClusterState, live: impl Iterator<Item = u64>) -> BTreeMap<u64, usize> {
-    let mut load: BTreeMap<u64, usize> = live.map(|id| (id, 0)).collect();
+/// The CPU each running job's part uses on each node, as measured: the
+/// leader's own runs from its meter, the others' from their fresh reports
+/// (by job number). Parts not in it are not measured.
+type CpuView = BTreeMap<(u64, String), u32>;
+
+fn cpu_view(
+    me: u64,
+    state: &ClusterState,
+    own: BTreeMap<String, u32>,
+    reports: &HashMap<u64, (BTreeMap<u64, u32>, Instant)>,
+) -> CpuView {
+    let mut cpu: CpuView = own
+        .into_iter()
+        .map(|(job, milli)| ((me, job), milli))
+        .collect();
+    let by_number: HashMap<u64, &str> = state
+        .jobs
+        .values()
+        .filter(|j| j.state == JobState::Running)
+        .map(|j| (submission_number(&j.name), j.name.as_str()))
+        .collect();
+    for (node, (parts, _)) in reports {
+        for (number, milli) in parts {
+            if let Some(name) = by_number.get(number) {
+                cpu.insert((*node, name.to_string()), *milli);
+            }
+        }
+    }
+    cpu
+}
+
+/// The weight of a part of `job` on `node`: as measured, else
+/// [`UNMEASURED_MILLI`].
+fn part_milli(cpu: &CpuView, node: u64, job: &str) -> u32 {
+    cpu.get(&(node, job.to_string()))
+        .copied()
+        .unwrap_or(UNMEASURED_MILLI)
+}
+
+/// Per node of `live` (nodes not in it count none): the parts of running
+/// jobs it has, and what they weigh ([`part_milli`]).
+fn load_of(
+    state: &ClusterState,
+    live: impl Iterator<Item = u64>,
+    cpu: &CpuView,
+) -> BTreeMap<u64, Load> {
+    let mut load: BTreeMap<u64, Load> = live.map(|id| (id, Load::default())).collect();
     for job in state.jobs.values() {
         if job.state == JobState::Running {
             for node in job.placement() {
-                if let Some(count) = load.get_mut(&node) {
-                    *count += 1;
+                if let Some(l) = load.get_mut(&node) {
+                    l.add(cpu.get(&(node, job.name.clone())).copied());
                 }
             }
         }
@@ -509,18 +569,32 @@ fn ports_of(command: &Command) -> Vec<u16> {
     }
 }
 
-/// The leader's one move while nothing else moves or is placed: widen the
-/// oldest job that runs on fewer nodes than it could (a node joined or
-/// came back; its own parts count for nothing where it goes), or else,
-/// while the busiest live node in `load` runs two parts more than the
-/// idlest, move the busiest's part of its newest job there to the idlest.
+/// The leader's one move while nothing else moves or is placed, and why:
+/// - widen the oldest job that runs on fewer nodes than it could (a node
+///   joined or came back; its own parts count for nothing where it goes);
+/// - else, for load ([`load::rebalance`]): move the part that narrows the
+///   gap between the busiest node by CPU and the idlest most, while that
+///   gap is half a core or more and the move narrows it by a quarter or
+///   more (measured parts only, and only while every part on both nodes
+///   is measured);
+/// - else, while the live node with the most parts runs two more than the
+///   one with the fewest, move its newest job's part there, if that part's
+///   CPU leaves the target no busier than the source (a part not measured
+///   counts [`UNMEASURED_MILLI`]), and only onto a node whose parts are
+///   all measured unless no part anywhere is (a part just moved for load
+///   weighs that guess, and its node must not take another on it).
+///
+/// A job in `quiet` (moved for load lately) moves for neither of the last
+/// two.
 fn widen_or_rebalance(
     state: &ClusterState,
-    load: &BTreeMap<u64, usize>,
+    load: &BTreeMap<u64, Load>,
+    cpu: &CpuView,
+    quiet: &BTreeSet<String>,
     in_use: &mut BTreeSet<u16>,
     cursor: &mut u16,
     range: PortRange,
-) -> Option<Command> {
+) -> Option<(Command, MoveKind, String)> {
     let whole = |j: &&state::Job| {
         j.state == JobState::Running
             && j.node.is_some()
@@ -537,7 +611,8 @@ fn widen_or_rebalance(
     if let Some(job) = narrow {
         let mut load = load.clone();
         for node in job.placement() {
-            *load.get_mut(&node).expect("whole") -= 1;
+            let l = load.get_mut(&node).expect("whole");
+            l.remove(cpu.get(&(node, job.name.clone())).copied());
         }
         let mut free = in_use.clone();
         for port in &job.ports {
@@ -545,40 +620,80 @@ fn widen_or_rebalance(
         }
         if let Some((to, peers, ports)) = place(&mut load, job.shards(), &mut free, cursor, range) {
             in_use.extend(&ports);
-            return Some(Command::Move {
+            let why = format!("widening it over {} nodes", peers.len() + 1);
+            let command = Command::Move {
                 job: job.name.clone(),
                 epoch: job.epoch,
                 to,
                 peers,
                 ports,
                 quick: false,
-            });
+            };
+            return Some((command, MoveKind::Widen, why));
         }
         // No ports free for it: rebalance instead.
     }
+    let swap = |job: &state::Job, from: u64, to: u64| {
+        let swap = |n: u64| if n == from { to } else { n };
+        Command::Move {
+            job: job.name.clone(),
+            epoch: job.epoch,
+            to: swap(job.node.expect("whole")),
+            peers: job.peers.iter().map(|n| swap(*n)).collect(),
+            ports: job.ports.clone(),
+            quick: false,
+        }
+    };
+    let movable = || {
+        state
+            .jobs
+            .values()
+            .filter(whole)
+            .filter(|j| !quiet.contains(&j.name))
+    };
+    let candidates: Vec<(String, BTreeMap<u64, Option<u32>>)> = movable()
+        .map(|j| {
+            let parts = j
+                .placement()
+                .into_iter()
+                .map(|n| (n, cpu.get(&(n, j.name.clone())).copied()))
+                .collect();
+            (j.name.clone(), parts)
+        })
+        .collect();
+    if let Some(chosen) = load::rebalance(load, &candidates) {
+        let why = format!(
+            "rebalance by load: node {} uses {:.2} cores, node {} {:.2}; its part there {:.2}",
+            chosen.from,
+            f64::from(chosen.from_milli) / 1e3,
+            chosen.to,
+            f64::from(chosen.to_milli) / 1e3,
+            f64::from(chosen.part_milli) / 1e3
+        );
+        let command = swap(&state.jobs[&chosen.job], chosen.from, chosen.to);
+        return Some((command, MoveKind::Load, why));
+    }
     let busiest = load
         .iter()
-        .max_by_key(|(id, count)| (**count, std::cmp::Reverse(**id)));
-    let idlest = load.iter().min_by_key(|(id, count)| (**count, **id));
-    let ((&from, &most), (&to, &least)) = (busiest?, idlest?);
-    if most < least + 2 {
+        .max_by_key(|(id, l)| (l.parts, std::cmp::Reverse(**id)));
+    let idlest = load.iter().min_by_key(|(id, l)| (l.parts, **id));
+    let ((&from, most), (&to, least)) = (busiest?, idlest?);
+    let any_measured = load.values().any(|l| l.parts > l.unmeasured);
+    if most.parts < least.parts + 2 || (least.unmeasured > 0 && any_measured) {
         return None;
     }
-    let job = state
-        .jobs
-        .values()
-        .filter(whole)
+    let job = movable()
         .filter(|j| j.runs_on(from) && !j.runs_on(to))
+        .filter(|j| {
+            let part = part_milli(cpu, from, &j.name);
+            least.milli.saturating_add(part) <= most.milli.saturating_sub(part)
+        })
         .max_by_key(|j| submission_number(&j.name))?;
-    let swap = |n: u64| if n == from { to } else { n };
-    Some(Command::Move {
-        job: job.name.clone(),
-        epoch: job.epoch,
-        to: swap(job.node.expect("whole")),
-        peers: job.peers.iter().map(|n| swap(*n)).collect(),
-        ports: job.ports.clone(),
-        quick: false,
-    })
+    let why = format!(
+        "rebalance by parts: node {from} runs {}, node {to} {}",
+        most.parts, least.parts
+    );
+    Some((swap(job, from, to), MoveKind::Parts, why))
 }
 
 /// Ports `FIRST-LAST`.
@@ -752,6 +867,14 @@ struct Core {
     /// The leader's placements proposed lately, by key, and their ports:
     /// taken until applied (or `PROPOSE_AGAIN_AFTER`).
     promised: BTreeMap<String, (Instant, Vec<u16>)>,
+    /// The CPU this node's runs use.
+    meter: CpuMeter,
+    /// The leader's: each follower's latest report of its parts' CPU (by
+    /// job number), and when it came.
+    reports: HashMap<u64, (BTreeMap<u64, u32>, Instant)>,
+    /// The leader's: jobs it moved for load, and when (not moved for load
+    /// again within `load::LOAD_MOVE_QUIET`).
+    load_moved: HashMap<String, Instant>,
     isolated: bool,
     isolated_checked: Option<Instant>,
 }
@@ -930,6 +1053,9 @@ impl Node {
                 started: read_started(&args.data_dir)?,
                 port_cursor: 0,
                 promised: BTreeMap::new(),
+                meter: CpuMeter::default(),
+                reports: HashMap::new(),
+                load_moved: HashMap::new(),
                 isolated: false,
                 isolated_checked: None,
             }),
@@ -1087,6 +1213,7 @@ impl Node {
     async fn read_loop(self: Rc<Self>, peer: u64, session: Session) {
         // A Raft message arriving in parts: the parts so far.
         let mut assembly = Assembly::default();
+        let mut malformed_leases: u64 = 0;
         while let Some((kind, body)) = session.recv_wait().await {
             if self.isolated() {
                 continue;
@@ -1104,15 +1231,30 @@ impl Node {
                     ),
                 },
                 LEASE_REQUEST_KIND
-                    if body.len() == 8
-                        && core.state.nodes.get(&peer).is_some_and(|n| !n.retired) =>
+                    if core.state.nodes.get(&peer).is_some_and(|n| !n.retired) =>
                 {
+                    let Some((seq, parts)) = load::decode_request(&body) else {
+                        // The first, then one in a hundred.
+                        if malformed_leases.is_multiple_of(100) {
+                            eprintln!(
+                                "dirigo node {}: a malformed lease request from node {peer} ({} bytes); ignored ({} so far)",
+                                self.id,
+                                body.len(),
+                                malformed_leases + 1
+                            );
+                        }
+                        malformed_leases += 1;
+                        continue;
+                    };
                     let now = Instant::now();
+                    if core.raft.raft.state == StateRole::Leader {
+                        core.reports.insert(peer, (parts, now));
+                    }
                     let left = self
                         .leader_lease_until(&core, now)
                         .and_then(|until| lease::grant(until, now));
                     if let Some(left) = left {
-                        let mut grant = body.clone();
+                        let mut grant = seq.to_le_bytes().to_vec();
                         grant.extend_from_slice(&(left.as_micros() as u64).to_le_bytes());
                         let commit = core.raft.raft.raft_log.committed;
                         grant.extend_from_slice(&commit.to_le_bytes());
@@ -1738,8 +1880,18 @@ impl Node {
         let Some(seq) = core.lease.ask(now) else {
             return;
         };
+        let parts: BTreeMap<u64, u32> = core
+            .meter
+            .parts()
+            .into_iter()
+            .map(|(job, milli)| (submission_number(&job), milli))
+            .collect();
         drop(core);
-        self.send_peer(leader, LEASE_REQUEST_KIND, seq.to_le_bytes().to_vec());
+        self.send_peer(
+            leader,
+            LEASE_REQUEST_KIND,
+            load::encode_request(seq, &parts),
+        );
     }
 
     /// Every member: say its address if it moved. The leader: say who is
@@ -1910,7 +2062,7 @@ impl Node {
             }
         }
         // Place what has no placement, or a lost node in it, spreading the
-        // parts by load (parts per live node).
+        // parts by load (the CPU of each live node's parts, `load_of`).
         let live = core.state.nodes.iter().filter(|(id, info)| {
             info.alive
                 && !info.retired
@@ -1918,7 +2070,12 @@ impl Node {
                     |(_, c)| matches!(c, Command::Liveness { node, alive: false } if node == *id),
                 )
         });
-        let mut load = load_of(&core.state, live.map(|(id, _)| *id));
+        core.reports
+            .retain(|_, (_, at)| now.duration_since(*at) < load::REPORT_FRESH);
+        core.load_moved
+            .retain(|_, at| now.duration_since(*at) < load::LOAD_MOVE_QUIET);
+        let cpu = cpu_view(self.id, &core.state, core.meter.parts(), &core.reports);
+        let mut load = load_of(&core.state, live.map(|(id, _)| *id), &cpu);
         let mut in_use = ports_in_use(&core.state);
         // Ports of placements proposed but not yet applied are taken too.
         core.promised
@@ -1994,20 +2151,28 @@ impl Node {
             .get("move")
             .is_some_and(|at| now.duration_since(*at) < PROPOSE_AGAIN_AFTER);
         if !moving && !placing && !moving_proposed {
-            if let Some(command) = widen_or_rebalance(
+            let quiet: BTreeSet<String> = core.load_moved.keys().cloned().collect();
+            if let Some((command, kind, why)) = widen_or_rebalance(
                 &core.state,
                 &load,
+                &cpu,
+                &quiet,
                 &mut in_use,
                 &mut core.port_cursor,
                 self.run_ports,
             ) {
                 if let Command::Move { job, to, peers, .. } = &command {
                     eprintln!(
-                        "dirigo node {}: moving {job} to node {to}{} (widening or rebalance)",
+                        "dirigo node {}: moving {job} to node {to}{} ({why})",
                         self.id,
                         and_peers(peers)
                     );
                     core.promised.insert(job.clone(), (now, ports_of(&command)));
+                    // Kept still from the proposal on (one the log refuses
+                    // too: the figures that asked for it still hold).
+                    if kind == MoveKind::Load {
+                        core.load_moved.insert(job.clone(), now);
+                    }
                 }
                 commands.push(("move".to_string(), command));
             }
@@ -2061,6 +2226,12 @@ impl Node {
         let now = Instant::now();
         let mut core = self.core.borrow_mut();
         let core = &mut *core;
+        let runs: Vec<(String, u64, u32)> = core
+            .runs
+            .iter()
+            .map(|r| (r.job.clone(), r.epoch, r.pid()))
+            .collect();
+        core.meter.sample(&runs, now);
         let leased = self.has_lease(core, now);
         // Kill every run that must stop before waiting for any.
         let mut stopping = Vec::new();
@@ -2670,17 +2841,36 @@ impl Node {
 
     fn status_json(&self) -> serde_json::Value {
         let core = self.core.borrow();
+        // CPU figures where this node knows them: its own runs', and (the
+        // leader) the fresh reports of the others.
+        let now = Instant::now();
+        let fresh: HashMap<u64, (BTreeMap<u64, u32>, Instant)> = core
+            .reports
+            .iter()
+            .filter(|(_, (_, at))| now.duration_since(*at) < load::REPORT_FRESH)
+            .map(|(id, report)| (*id, report.clone()))
+            .collect();
+        let cpu = cpu_view(self.id, &core.state, core.meter.parts(), &fresh);
         let nodes: Vec<serde_json::Value> = core
             .state
             .nodes
             .iter()
             .map(|(id, info)| {
+                let sum = |parts: &mut dyn Iterator<Item = &u32>| {
+                    parts.fold(0u32, |sum, milli| sum.saturating_add(*milli))
+                };
+                let cpu_milli = if *id == self.id {
+                    Some(sum(&mut core.meter.parts().values()))
+                } else {
+                    fresh.get(id).map(|(parts, _)| sum(&mut parts.values()))
+                };
                 serde_json::json!({
                     "id": id,
                     "addr": info.addr,
                     "alive": info.alive,
                     "voter": core.voters.contains(id),
                     "leaving": info.retired,
+                    "cpu_milli": cpu_milli,
                 })
             })
             .collect();
@@ -2706,6 +2896,17 @@ impl Node {
             object.insert("peers".into(), job.peers.clone().into());
             object.insert("ports".into(), job.ports.clone().into());
             object.insert("epoch".into(), job.epoch.into());
+            if job.state == JobState::Running {
+                let parts: Vec<u32> = job
+                    .placement()
+                    .into_iter()
+                    .filter_map(|n| cpu.get(&(n, job.name.clone())).copied())
+                    .collect();
+                if !parts.is_empty() {
+                    let sum = parts.iter().fold(0u32, |sum, m| sum.saturating_add(*m));
+                    object.insert("cpu_milli".into(), sum.into());
+                }
+            }
             if let Some(error) = &job.error {
                 object.insert("error".into(), error.clone().into());
             }
@@ -2818,12 +3019,12 @@ mod tests {
     #[test]
     fn placements_take_the_idlest_nodes_and_free_ports() {
         let range: PortRange = "100-103".parse().unwrap();
-        let mut load: BTreeMap<u64, usize> = [(1, 2), (2, 0), (3, 1)].into();
+        let mut load = unmeasured(&[(1, 2), (2, 0), (3, 1)]);
         let mut in_use: BTreeSet<u16> = [101].into();
         let mut cursor = 0;
         let placed = place(&mut load, 2, &mut in_use, &mut cursor, range);
         assert_eq!(placed, Some((2, vec![3], vec![100, 102])));
-        assert_eq!(load, [(1, 2), (2, 1), (3, 2)].into());
+        assert_eq!(load, unmeasured(&[(1, 2), (2, 1), (3, 2)]));
         assert_eq!(in_use, [100, 101, 102].into());
         // One shard: one node, no port.
         let placed = place(&mut load, 1, &mut in_use, &mut cursor, range);
@@ -2845,6 +3046,211 @@ mod tests {
         }
     }
 
+    /// Nodes of these parts, none measured.
+    fn unmeasured(parts: &[(u64, usize)]) -> BTreeMap<u64, Load> {
+        parts
+            .iter()
+            .map(|&(id, parts)| {
+                let milli = UNMEASURED_MILLI * parts as u32;
+                let unmeasured = parts;
+                (
+                    id,
+                    Load {
+                        parts,
+                        milli,
+                        unmeasured,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// A job of `cores` shards placed on `node` alone.
+    fn add_job(state: &mut ClusterState, number: u64, cores: &str, node: u64) {
+        state.apply(Command::Submit {
+            request: number,
+            query: "q5".into(),
+            args: vec![
+                "--data-dir".into(),
+                format!("d{number}"),
+                "--cores".into(),
+                cores.into(),
+            ],
+            cwd: "/".into(),
+        });
+        state.apply(Command::Assign {
+            job: format!("q5-{number}"),
+            node,
+            epoch: 1,
+            peers: vec![],
+            ports: vec![],
+        });
+    }
+
+    /// A new job goes to the node whose parts use the least CPU, though it
+    /// runs more of them; one not measured weighs a quarter of a core.
+    #[test]
+    fn placements_take_the_node_whose_parts_use_the_least_cpu() {
+        let range: PortRange = "100-199".parse().unwrap();
+        let mut state = ClusterState::default();
+        for n in 1..=3 {
+            state.add_node(n, format!("127.0.0.1:{n}"));
+        }
+        add_job(&mut state, 1, "1", 1);
+        add_job(&mut state, 2, "1", 2);
+        add_job(&mut state, 3, "1", 2);
+        let cpu: CpuView = [
+            ((1, "q5-1".to_string()), 1_400),
+            ((2, "q5-2".to_string()), 30),
+            ((2, "q5-3".to_string()), 20),
+        ]
+        .into();
+        let mut load = load_of(&state, 1..=3, &cpu);
+        assert_eq!(
+            load[&1],
+            Load {
+                parts: 1,
+                milli: 1_400,
+                unmeasured: 0
+            }
+        );
+        assert_eq!(
+            load[&2],
+            Load {
+                parts: 2,
+                milli: 50,
+                unmeasured: 0
+            }
+        );
+        let (mut in_use, mut cursor) = (BTreeSet::new(), 0);
+        // Node 3 (nothing); then node 2 (0.05 cores, less than the
+        // quarter of a core node 3's new part weighs).
+        let first = place(&mut load, 1, &mut in_use, &mut cursor, range);
+        assert_eq!(first, Some((3, vec![], vec![])));
+        let second = place(&mut load, 1, &mut in_use, &mut cursor, range);
+        assert_eq!(second, Some((2, vec![], vec![])));
+        // By parts alone node 1 would have been next; by CPU it is last.
+        let third = place(&mut load, 1, &mut in_use, &mut cursor, range);
+        assert_eq!(third, Some((3, vec![], vec![])));
+    }
+
+    /// The leader's view of the CPU: its own runs' by name, the others'
+    /// reports by job number, of running jobs only.
+    #[test]
+    fn the_leader_reads_reports_by_job_number() {
+        let mut state = ClusterState::default();
+        for n in 1..=2 {
+            state.add_node(n, format!("127.0.0.1:{n}"));
+        }
+        add_job(&mut state, 1, "1", 1);
+        add_job(&mut state, 2, "1", 2);
+        add_job(&mut state, 3, "1", 2);
+        state.apply(Command::Cancel {
+            request: 9,
+            job: "q5-3".into(),
+        });
+        let own: BTreeMap<String, u32> = [("q5-1".to_string(), 700)].into();
+        let report: BTreeMap<u64, u32> = [(2, 300), (3, 40), (99, 50)].into();
+        let reports = [(2, (report, Instant::now()))].into_iter().collect();
+        let cpu = cpu_view(1, &state, own, &reports);
+        let expected: CpuView = [
+            ((1, "q5-1".to_string()), 700),
+            ((2, "q5-2".to_string()), 300),
+        ]
+        .into();
+        assert_eq!(cpu, expected);
+        let load = load_of(&state, 1..=2, &cpu);
+        assert_eq!(
+            load[&2],
+            Load {
+                parts: 1,
+                milli: 300,
+                unmeasured: 0
+            }
+        );
+    }
+
+    /// For load: the measured part that narrows the CPU gap most moves to
+    /// the idlest node, and says so; a job moved for load lately stays;
+    /// by parts, no move that would leave the target busier than the
+    /// source.
+    #[test]
+    fn the_leader_moves_a_part_for_load_and_never_onto_a_busier_node() {
+        let range: PortRange = "100-199".parse().unwrap();
+        let mut state = ClusterState::default();
+        for n in 1..=2 {
+            state.add_node(n, format!("127.0.0.1:{n}"));
+        }
+        add_job(&mut state, 1, "1", 1);
+        add_job(&mut state, 2, "1", 1);
+        let cpu: CpuView = [
+            ((1, "q5-1".to_string()), 900),
+            ((1, "q5-2".to_string()), 700),
+        ]
+        .into();
+        let load = load_of(&state, 1..=2, &cpu);
+        let (mut in_use, mut cursor) = (BTreeSet::new(), 0);
+        let quiet = BTreeSet::new();
+        let (command, kind, why) =
+            widen_or_rebalance(&state, &load, &cpu, &quiet, &mut in_use, &mut cursor, range)
+                .unwrap();
+        assert_eq!(
+            command,
+            Command::Move {
+                job: "q5-2".into(),
+                epoch: 1,
+                to: 2,
+                peers: vec![],
+                ports: vec![],
+                quick: false,
+            }
+        );
+        assert_eq!(kind, MoveKind::Load);
+        assert!(why.starts_with("rebalance by load"), "{why}");
+        assert!(why.contains("node 1 uses 1.60 cores, node 2 0.00"), "{why}");
+        // Moved lately: not again, for load or by parts.
+        let quiet: BTreeSet<String> = ["q5-1".to_string(), "q5-2".to_string()].into();
+        let none = widen_or_rebalance(&state, &load, &cpu, &quiet, &mut in_use, &mut cursor, range);
+        assert_eq!(none, None);
+        // Three light parts on node 1, one heavy on node 2: two parts
+        // more, but a light part on node 2 would leave it the busier.
+        let mut state = ClusterState::default();
+        for n in 1..=2 {
+            state.add_node(n, format!("127.0.0.1:{n}"));
+        }
+        for number in 1..=3 {
+            add_job(&mut state, number, "1", 1);
+        }
+        add_job(&mut state, 4, "1", 2);
+        let mut cpu: CpuView = (1..=3).map(|n| ((1, format!("q5-{n}")), 10)).collect();
+        cpu.insert((2, "q5-4".to_string()), 1_000);
+        let load = load_of(&state, 1..=2, &cpu);
+        let quiet = BTreeSet::new();
+        let none = widen_or_rebalance(&state, &load, &cpu, &quiet, &mut in_use, &mut cursor, range);
+        assert_eq!(none, None);
+        // Not measured (a quarter of a core each), the same parts move.
+        let cpu = CpuView::new();
+        let load = load_of(&state, 1..=2, &cpu);
+        let (command, kind, why) =
+            widen_or_rebalance(&state, &load, &cpu, &quiet, &mut in_use, &mut cursor, range)
+                .unwrap();
+        assert_eq!(kind, MoveKind::Parts);
+        // Right after a move for load: node 2's part not yet measured
+        // (weighing a quarter of a core where it may weigh much more),
+        // node 1's three are: no part moves onto node 2 by parts.
+        let mut cpu: CpuView = (1..=3).map(|n| ((1, format!("q5-{n}")), 300)).collect();
+        cpu.remove(&(2, "q5-4".to_string()));
+        let load = load_of(&state, 1..=2, &cpu);
+        assert_eq!(load[&2].unmeasured, 1);
+        let none = widen_or_rebalance(&state, &load, &cpu, &quiet, &mut in_use, &mut cursor, range);
+        assert_eq!(none, None);
+        assert!(
+            matches!(&command, Command::Move { job, to: 2, .. } if job == "q5-3"),
+            "{command:?}"
+        );
+        assert!(why.starts_with("rebalance by parts"), "{why}");
+    }
+
     /// The leader's one move: widen the oldest job that could run on more
     /// nodes, else move a part from the busiest node to the idlest while
     /// they differ by two parts or more.
@@ -2855,27 +3261,19 @@ mod tests {
         for n in 1..=3 {
             state.add_node(n, format!("127.0.0.1:{n}"));
         }
-        let add = |state: &mut ClusterState, number: u64, cores: &str| {
-            state.apply(Command::Submit {
-                request: number,
-                query: "q5".into(),
-                args: vec![
-                    "--data-dir".into(),
-                    format!("d{number}"),
-                    "--cores".into(),
-                    cores.into(),
-                ],
-                cwd: "/".into(),
-            });
-            state.apply(Command::Assign {
-                job: format!("q5-{number}"),
-                node: 1,
-                epoch: 1,
-                peers: vec![],
-                ports: vec![],
-            });
+        let add =
+            |state: &mut ClusterState, number: u64, cores: &str| add_job(state, number, cores, 1);
+        let none = CpuView::new();
+        let load = |state: &ClusterState| load_of(state, state.nodes.keys().copied(), &none);
+        let quiet = BTreeSet::new();
+        let widen_or_rebalance = |state: &ClusterState,
+                                  load: &BTreeMap<u64, Load>,
+                                  in_use: &mut BTreeSet<u16>,
+                                  cursor: &mut u16,
+                                  range: PortRange| {
+            super::widen_or_rebalance(state, load, &none, &quiet, in_use, cursor, range)
+                .map(|(command, _, _)| command)
         };
-        let load = |state: &ClusterState| load_of(state, state.nodes.keys().copied());
         // All three on node 1, as placed on a cluster of one; q5-1 has two
         // shards.
         add(&mut state, 1, "2");

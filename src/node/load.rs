@@ -1,0 +1,448 @@
+//! What the runs of each node cost in CPU, and the leader's use of it.
+//!
+//! Every node measures the CPU time of its own runs (`/proc/PID/stat`:
+//! user and system time of all the run's threads) every
+//! [`SAMPLE_EVERY`], smoothed ([`CpuMeter`]), and tells the leader with
+//! each lease request ([`encode_request`]: per part, the job's submission
+//! number and the thousandths of a core it used). The leader keeps the
+//! latest report of each node for [`REPORT_FRESH`], and weighs each node
+//! by the CPU of the parts it runs ([`Load`]; a part not measured yet, or
+//! of a node whose report is stale, counts [`UNMEASURED_MILLI`]). New
+//! placements take the least loaded nodes by that weight, and the leader
+//! moves a part from a busy node to an idle one ([`rebalance`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+/// How often a node samples its runs' CPU time.
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(500);
+/// A node's report counts this long after it arrived.
+pub const REPORT_FRESH: Duration = Duration::from_secs(1);
+/// What a part not measured yet weighs: a quarter of a core.
+pub const UNMEASURED_MILLI: u32 = 250;
+/// The leader moves a part for load when the busiest node's weight is at
+/// least this much over the idlest's (half a core)...
+pub const LOAD_GAP_MILLI: u32 = 500;
+/// ...and the move narrows that gap by at least this much.
+pub const LOAD_GAIN_MILLI: u32 = 250;
+/// A job moved for load is not moved for load again within this.
+pub const LOAD_MOVE_QUIET: Duration = Duration::from_secs(30);
+/// Parts a lease request reports at most.
+pub const REPORTED_PARTS_MAX: usize = 64;
+
+/// The weight of one node: the parts of running jobs it has, and the
+/// CPU they use, in thousandths of a core (measured, or
+/// [`UNMEASURED_MILLI`] a part), and how many of them are not measured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Load {
+    pub parts: usize,
+    pub milli: u32,
+    pub unmeasured: usize,
+}
+
+impl Load {
+    /// One more part, of `milli` as measured, or not measured (None).
+    pub fn add(&mut self, milli: Option<u32>) {
+        self.parts += 1;
+        self.unmeasured += usize::from(milli.is_none());
+        let milli = milli.unwrap_or(UNMEASURED_MILLI);
+        self.milli = self.milli.saturating_add(milli);
+    }
+
+    /// One part fewer, of `milli` as `add` took it.
+    pub fn remove(&mut self, milli: Option<u32>) {
+        self.parts = self.parts.saturating_sub(1);
+        self.unmeasured = self.unmeasured.saturating_sub(usize::from(milli.is_none()));
+        let milli = milli.unwrap_or(UNMEASURED_MILLI);
+        self.milli = self.milli.saturating_sub(milli);
+    }
+}
+
+/// A lease request: its number, then this node's parts' CPU: a count
+/// (`u16`), then per part the job's submission number (`u64`) and its
+/// thousandths of a core (`u32`), little endian; at most
+/// [`REPORTED_PARTS_MAX`] parts.
+pub fn encode_request(seq: u64, parts: &BTreeMap<u64, u32>) -> Vec<u8> {
+    let parts: Vec<(&u64, &u32)> = parts.iter().take(REPORTED_PARTS_MAX).collect();
+    let mut body = Vec::with_capacity(10 + 12 * parts.len());
+    body.extend_from_slice(&seq.to_le_bytes());
+    body.extend_from_slice(&(parts.len() as u16).to_le_bytes());
+    for (number, milli) in parts {
+        body.extend_from_slice(&number.to_le_bytes());
+        body.extend_from_slice(&milli.to_le_bytes());
+    }
+    body
+}
+
+/// A lease request's number and its parts' CPU (none from a request of
+/// its number alone); None when it is not one (the wrong length for its
+/// count, or a count over the bound).
+pub fn decode_request(body: &[u8]) -> Option<(u64, BTreeMap<u64, u32>)> {
+    let seq = u64::from_le_bytes(body.get(..8)?.try_into().ok()?);
+    if body.len() == 8 {
+        return Some((seq, BTreeMap::new()));
+    }
+    let count = usize::from(u16::from_le_bytes(body.get(8..10)?.try_into().ok()?));
+    if count > REPORTED_PARTS_MAX || body.len() != 10 + 12 * count {
+        return None;
+    }
+    let parts = body[10..]
+        .chunks_exact(12)
+        .map(|part| {
+            let number = u64::from_le_bytes(part[..8].try_into().expect("8 bytes"));
+            let milli = u32::from_le_bytes(part[8..].try_into().expect("4 bytes"));
+            (number, milli)
+        })
+        .collect();
+    Some((seq, parts))
+}
+
+/// The user and system CPU time of process `pid` so far, in clock ticks
+/// (`/proc/PID/stat`, fields 14 and 15: every thread of it).
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_ticks(&stat)
+}
+
+/// Fields 14 and 15 of a `/proc/PID/stat` line, summed. The second field
+/// (the command, in parentheses) may hold spaces and parentheses: the
+/// fields are counted from its last `)`.
+fn parse_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // After the command: field 3 (state) is the first.
+    let mut fields = rest.split_ascii_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(user + system)
+}
+
+/// Clock ticks a second (`sysconf(_SC_CLK_TCK)`; 100 where it says
+/// nothing).
+fn ticks_per_s() -> u64 {
+    // SAFETY: sysconf reads a constant of the system; no memory is passed.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 {
+        ticks as u64
+    } else {
+        100
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    ticks: u64,
+    at: Instant,
+    /// Smoothed thousandths of a core; None before a whole interval.
+    milli: Option<u32>,
+}
+
+/// The CPU this node's runs use, per job: sampled every
+/// [`SAMPLE_EVERY`], each new figure averaged with the one before
+/// (half each), so that a run's figure follows a change within a second
+/// or two.
+#[derive(Debug)]
+pub struct CpuMeter {
+    /// Per run (job, placement epoch, process).
+    samples: HashMap<(String, u64, u32), Sample>,
+    last: Option<Instant>,
+    ticks_per_s: u64,
+}
+
+impl Default for CpuMeter {
+    fn default() -> Self {
+        CpuMeter {
+            samples: HashMap::new(),
+            last: None,
+            ticks_per_s: ticks_per_s(),
+        }
+    }
+}
+
+impl CpuMeter {
+    /// Sample `runs` (job, epoch, pid) if [`SAMPLE_EVERY`] passed since the
+    /// last time; runs no longer given are forgotten.
+    pub fn sample(&mut self, runs: &[(String, u64, u32)], now: Instant) {
+        if self
+            .last
+            .is_some_and(|at| now.duration_since(at) < SAMPLE_EVERY)
+        {
+            return;
+        }
+        self.last = Some(now);
+        let read: Vec<_> = runs
+            .iter()
+            .filter_map(|(job, epoch, pid)| {
+                cpu_ticks(*pid).map(|ticks| ((job.clone(), *epoch, *pid), ticks))
+            })
+            .collect();
+        self.take(read, now);
+    }
+
+    /// What `sample` read: each run's ticks at `now`.
+    fn take(&mut self, read: Vec<((String, u64, u32), u64)>, now: Instant) {
+        let mut samples = HashMap::with_capacity(read.len());
+        for (key, ticks) in read {
+            let sample = match self.samples.get(&key) {
+                Some(before) if now > before.at && ticks >= before.ticks => {
+                    let seconds = now.duration_since(before.at).as_secs_f64();
+                    let cores = (ticks - before.ticks) as f64 / self.ticks_per_s as f64 / seconds;
+                    let new = (cores * 1000.0).round().min(f64::from(u32::MAX)) as u32;
+                    let milli = match before.milli {
+                        Some(old) => ((u64::from(old) + u64::from(new)) / 2) as u32,
+                        None => new,
+                    };
+                    Sample {
+                        ticks,
+                        at: now,
+                        milli: Some(milli),
+                    }
+                }
+                _ => Sample {
+                    ticks,
+                    at: now,
+                    milli: None,
+                },
+            };
+            samples.insert(key, sample);
+        }
+        self.samples = samples;
+    }
+
+    /// Per job: the thousandths of a core its run here uses (measured ones
+    /// only).
+    pub fn parts(&self) -> BTreeMap<String, u32> {
+        let mut parts = BTreeMap::new();
+        for ((job, _, _), sample) in &self.samples {
+            if let Some(milli) = sample.milli {
+                let sum = parts.entry(job.clone()).or_insert(0u32);
+                *sum = sum.saturating_add(milli);
+            }
+        }
+        parts
+    }
+}
+
+/// A move for load: `job`'s part on `from` goes to `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadMove {
+    pub job: String,
+    pub from: u64,
+    pub to: u64,
+    /// The part's CPU, and both nodes' weights before the move.
+    pub part_milli: u32,
+    pub from_milli: u32,
+    pub to_milli: u32,
+}
+
+/// The leader's move for load, if one is worth a restart: every part on
+/// the busiest node by weight and on the idlest is measured (a part just
+/// placed or moved, or of a node whose report is stale or was never had,
+/// as after an election, weighs a guess), the busiest is at least
+/// [`LOAD_GAP_MILLI`] over the idlest, and one
+/// of its parts (`candidates`: the jobs that may move, with each node of
+/// their placement and their part's CPU there where measured; only a
+/// measured part moves, and none to a node its job is on) narrows that gap
+/// by at least
+/// [`LOAD_GAIN_MILLI`] where it goes (the one that narrows it most; a part
+/// larger than the gap would only turn it around). After such a move the
+/// gap is less than it was by the gain; if the move turned the pair
+/// around, the new gap (twice the part less the old gap) is less than the
+/// part, and otherwise the part's new node is still the idler one: either
+/// way the rule does not move it straight back.
+pub fn rebalance(
+    load: &BTreeMap<u64, Load>,
+    candidates: &[(String, BTreeMap<u64, Option<u32>>)],
+) -> Option<LoadMove> {
+    let (&from, busiest) = load
+        .iter()
+        .max_by_key(|(id, l)| (l.milli, std::cmp::Reverse(**id)))?;
+    let (&to, idlest) = load.iter().min_by_key(|(id, l)| (l.milli, **id))?;
+    let gap = busiest.milli.saturating_sub(idlest.milli);
+    if from == to || gap < LOAD_GAP_MILLI || busiest.unmeasured > 0 || idlest.unmeasured > 0 {
+        return None;
+    }
+    candidates
+        .iter()
+        .filter(|(_, parts)| !parts.contains_key(&to))
+        .filter_map(|(job, parts)| {
+            let part = (*parts.get(&from)?)?;
+            // The gap after the move is |gap - 2 part|.
+            let gain = 2 * part.min(gap.saturating_sub(part));
+            (part < gap && gain >= LOAD_GAIN_MILLI).then_some((gain, job, part))
+        })
+        // Of equal gains, the smaller part (less to restore), then the
+        // first job by name.
+        .max_by_key(|&(gain, job, part)| (gain, std::cmp::Reverse(part), std::cmp::Reverse(job)))
+        .map(|(_, job, part)| LoadMove {
+            job: job.clone(),
+            from,
+            to,
+            part_milli: part,
+            from_milli: busiest.milli,
+            to_milli: idlest.milli,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_decodes_as_encoded_and_a_malformed_one_not_at_all() {
+        let parts: BTreeMap<u64, u32> = [(3, 1_250), (7, 0), (u64::MAX, u32::MAX)].into();
+        let body = encode_request(42, &parts);
+        assert_eq!(decode_request(&body), Some((42, parts.clone())));
+        assert_eq!(
+            decode_request(&encode_request(1, &BTreeMap::new())),
+            Some((1, BTreeMap::new()))
+        );
+        // Short, long, a count that does not match, a count over the bound.
+        assert_eq!(decode_request(&body[..9]), None);
+        assert_eq!(decode_request(&body[..body.len() - 1]), None);
+        let mut long = body.clone();
+        long.push(0);
+        assert_eq!(decode_request(&long), None);
+        let mut over = 1u64.to_le_bytes().to_vec();
+        over.extend_from_slice(&((REPORTED_PARTS_MAX + 1) as u16).to_le_bytes());
+        over.resize(10 + 12 * (REPORTED_PARTS_MAX + 1), 0);
+        assert_eq!(decode_request(&over), None);
+        // At most the bound is reported.
+        let many: BTreeMap<u64, u32> = (0..100).map(|n| (n, 1)).collect();
+        let (_, got) = decode_request(&encode_request(9, &many)).unwrap();
+        assert_eq!(got.len(), REPORTED_PARTS_MAX);
+    }
+
+    #[test]
+    fn the_ticks_are_read_past_a_command_with_spaces_and_parentheses() {
+        let stat = "1234 (dirigo (run) x) S 1 2 3 4 5 6 7 8 9 10 250 17 0 0 20 0 9";
+        assert_eq!(parse_ticks(stat), Some(267));
+        assert_eq!(parse_ticks("1234 (short) S 1 2"), None);
+        // This process's own line parses.
+        assert!(cpu_ticks(std::process::id()).is_some());
+    }
+
+    /// A run's figure: none after its first sample, the rate over the
+    /// interval after the second, then half the old and half the new;
+    /// runs gone are forgotten.
+    #[test]
+    fn the_meter_averages_each_interval_with_the_one_before() {
+        let mut meter = CpuMeter {
+            ticks_per_s: 100,
+            ..CpuMeter::default()
+        };
+        let t0 = Instant::now();
+        let key = |job: &str| (job.to_string(), 1, 10);
+        meter.take(vec![(key("a"), 1_000), (key("b"), 50)], t0);
+        assert!(meter.parts().is_empty());
+        // a: 50 ticks in 0.5 s = 1 core; b: none.
+        let t1 = t0 + Duration::from_millis(500);
+        meter.take(vec![(key("a"), 1_050), (key("b"), 50)], t1);
+        assert_eq!(meter.parts(), [("a".into(), 1_000), ("b".into(), 0)].into());
+        // a: 10 ticks in 0.5 s = 0.2 core, averaged with 1 core.
+        let t2 = t1 + Duration::from_millis(500);
+        meter.take(vec![(key("a"), 1_060)], t2);
+        assert_eq!(meter.parts(), [("a".into(), 600)].into());
+    }
+
+    /// Nodes of measured parts: (id, parts, milli).
+    fn loads(of: &[(u64, usize, u32)]) -> BTreeMap<u64, Load> {
+        of.iter()
+            .map(|&(id, parts, milli)| {
+                let load = Load {
+                    parts,
+                    milli,
+                    unmeasured: 0,
+                };
+                (id, load)
+            })
+            .collect()
+    }
+
+    fn job(name: &str, parts: &[(u64, u32)]) -> (String, BTreeMap<u64, Option<u32>>) {
+        let parts = parts.iter().map(|&(node, milli)| (node, Some(milli)));
+        (name.to_string(), parts.collect())
+    }
+
+    /// The part that halves the gap best moves; one that would turn it
+    /// around, or gain little, does not; a small gap moves nothing.
+    #[test]
+    fn the_part_that_narrows_the_gap_most_moves_to_the_idlest_node() {
+        let load = loads(&[(1, 3, 1_900), (2, 1, 100), (3, 1, 400)]);
+        let candidates = [
+            job("heavy", &[(1, 1_700)]),
+            job("middle", &[(1, 150)]),
+            job("small", &[(1, 50)]),
+            job("elsewhere", &[(3, 400)]),
+        ];
+        // Gap 1,800: heavy gains 2 x 100, middle 300, small 100.
+        let chosen = rebalance(&load, &candidates).unwrap();
+        assert_eq!(
+            chosen,
+            LoadMove {
+                job: "middle".into(),
+                from: 1,
+                to: 2,
+                part_milli: 150,
+                from_milli: 1_900,
+                to_milli: 100,
+            }
+        );
+        // A job already on the idlest does not move there, measured there
+        // or not; a part not measured does not move.
+        let on_both = [job("middle", &[(1, 150), (2, 50)])];
+        assert_eq!(rebalance(&load, &on_both), None);
+        let unmeasured_there = [(
+            "middle".to_string(),
+            [(1, Some(150)), (2, None)].into_iter().collect(),
+        )];
+        assert_eq!(rebalance(&load, &unmeasured_there), None);
+        let unmeasured = [("middle".to_string(), [(1, None)].into_iter().collect())];
+        assert_eq!(rebalance(&load, &unmeasured), None);
+        // A gap under the bound moves nothing.
+        let close = loads(&[(1, 2, 700), (2, 1, 300)]);
+        assert_eq!(rebalance(&close, &[job("a", &[(1, 350)])]), None);
+        // A part not measured on either node: no move for load (its
+        // weight is a guess).
+        for node in [1, 2] {
+            let mut guessed = load.clone();
+            guessed.get_mut(&node).unwrap().unmeasured = 1;
+            assert_eq!(rebalance(&guessed, &candidates), None, "node {node}");
+        }
+        // No node, one node: nothing.
+        assert_eq!(rebalance(&BTreeMap::new(), &candidates), None);
+        assert_eq!(rebalance(&loads(&[(1, 3, 1_900)]), &candidates), None);
+    }
+
+    /// After a move, the same rule does not move the part straight back:
+    /// a part that turned the pair around is larger than the gap it left,
+    /// one that did not is on the idler node.
+    #[test]
+    fn a_move_for_load_is_not_undone_by_the_next() {
+        // Turned around: 2.0 and 0 cores; the part of 1.8 moves (gain 0.4;
+        // the other part, of 0.2, may not move), leaving 0.2 and 1.8: the
+        // gap (1.6) is less than the part.
+        let mut load = loads(&[(1, 2, 2_000), (2, 0, 0)]);
+        let mut candidates = vec![job("x", &[(1, 1_800)])];
+        let first = rebalance(&load, &candidates).unwrap();
+        assert_eq!((first.job.as_str(), first.to), ("x", 2));
+        load.get_mut(&1).unwrap().remove(Some(1_800));
+        load.get_mut(&2).unwrap().add(Some(1_800));
+        candidates[0] = job("x", &[(2, 1_800)]);
+        assert_eq!(rebalance(&load, &candidates), None);
+        // Not turned around: 3.0 and 0; the part of 1.2 moves (gain 2.4),
+        // leaving 1.8 and 1.2: the gap (0.6) is under either part left,
+        // and the part moved is on the idler node.
+        let mut load = loads(&[(1, 3, 3_000), (2, 0, 0)]);
+        let mut candidates = vec![
+            job("a", &[(1, 1_200)]),
+            job("b", &[(1, 1_000)]),
+            job("c", &[(1, 800)]),
+        ];
+        let first = rebalance(&load, &candidates).unwrap();
+        assert_eq!((first.job.as_str(), first.to), ("a", 2));
+        load.get_mut(&1).unwrap().remove(Some(1_200));
+        load.get_mut(&2).unwrap().add(Some(1_200));
+        candidates[0] = job("a", &[(2, 1_200)]);
+        assert_eq!(rebalance(&load, &candidates), None);
+    }
+}
