@@ -853,10 +853,11 @@ fn jobs_run_over_several_nodes_and_survive_the_loss_of_one() {
     );
     for (query, name) in &names {
         let report = job(&done, name);
-        // Part 0's figures (its `node` is the status's: the job's node): a
-        // run over the two nodes, resumed.
+        // A run over the two nodes, resumed: part 0's figures, and part
+        // 1's added once its summary is in the log (`parts_reported`).
         assert_eq!(report["nodes"].as_u64(), Some(2), "{done}");
-        assert_eq!(report["cores"].as_u64(), Some(1), "{done}");
+        let parts = report["parts_reported"].as_u64().unwrap_or(1);
+        assert_eq!(report["cores"].as_u64(), Some(parts), "{done}");
         assert!(
             report["checkpoints"]["resumed_from"].as_u64().is_some(),
             "{query} resumed from a checkpoint: {done}"
@@ -1836,6 +1837,55 @@ fn a_new_job_goes_to_the_node_whose_runs_use_the_least_cpu() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    drop(nodes);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A job over two nodes that runs through: its figures in `status` are
+/// both parts' (each part's node puts its summary in the log): every
+/// event of the file counted once, every row written counted, both
+/// nodes' shards.
+#[test]
+fn a_job_over_two_nodes_reports_the_figures_of_both_parts() {
+    let _one = one_at_a_time();
+    let Q5Input {
+        dir,
+        secret,
+        events_path,
+        events,
+        plain,
+    } = q5_input("figures", 200_000, 29);
+    let nodes = cluster(&dir, &secret, 2);
+    let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+    let (name, _) = submit_over_two(&addrs, &secret, &dir, &events_path, 1_000_000);
+    let done = wait_for(
+        &addrs,
+        &secret,
+        Duration::from_secs(60),
+        "q5 finished with both parts' figures",
+        |s| job(s, &name)["state"] == "finished" && job(s, &name)["parts_reported"] == 2,
+    );
+    let figures = job(&done, &name);
+    // It ran through in its first placement: no part ran twice.
+    assert_eq!(figures["epoch"], 1, "{done}");
+    assert_eq!(
+        figures["events"].as_u64(),
+        Some(events.len() as u64),
+        "{done}"
+    );
+    assert_eq!(
+        figures["outputs"].as_u64(),
+        Some(plain.len() as u64),
+        "{done}"
+    );
+    assert_eq!(figures["cores"].as_u64(), Some(2), "{done}");
+    let per_s = figures["events_per_s"].as_f64().unwrap();
+    let elapsed_s = figures["elapsed_s"].as_f64().unwrap();
+    assert!(
+        (per_s * elapsed_s - events.len() as f64).abs() < 1.0,
+        "{done}"
+    );
+    assert_exact("q5", &dir.join("q5.jsonl"), &plain, &events);
     drop(nodes);
     let _ = std::fs::remove_dir_all(&dir);
 }

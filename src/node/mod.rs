@@ -127,6 +127,10 @@ const QUICK_RUN: Duration = Duration::from_secs(60);
 /// leader to move the job off a lost node before running it again where it
 /// is (its peer may have left for a moment only).
 const RESTART_AFTER: Duration = Duration::from_millis(600);
+/// A part other than 0 of a run over nodes still running when part 0
+/// reported the job's end is left this long to end by itself (and give
+/// its summary) before it is stopped.
+const PART_GRACE: Duration = Duration::from_secs(5);
 /// A proposal not applied within this is proposed again.
 const PROPOSE_AGAIN_AFTER: Duration = Duration::from_secs(2);
 /// How long a client's request waits for its command to be proposed and
@@ -145,7 +149,8 @@ const STATUS_JOBS_BYTES_MAX: usize = 40 * 1024;
 const RAFT_PART_BYTES: usize = 48 * 1024;
 /// The largest Raft message put together from parts. The state is bounded
 /// ([`state::RUNNING_JOBS_MAX`], [`state::ENDED_JOBS_KEPT`], each job's
-/// command at most `COMMAND_BYTES_MAX`): its snapshot stays well below.
+/// command at most `COMMAND_BYTES_MAX`, its report `jobs::REPORT_BYTES_MAX`
+/// and its parts' summaries 16 of 512 bytes): its snapshot stays below.
 const RAFT_ASSEMBLED_BYTES_MAX: usize = 14 * 1024 * 1024;
 
 #[derive(Args, Debug)]
@@ -392,8 +397,8 @@ fn write_started(data_dir: &Path, number: u64, epoch: u64) -> Result<(), String>
 fn note_end(core: &mut Core, run: &Run, end: RunEnd, now: Instant) {
     let key = (run.job.clone(), run.epoch);
     match end {
-        RunEnd::Outcome(Outcome::Finished { .. }) if run.part > 0 => {
-            core.parts_done.insert(key);
+        RunEnd::Outcome(Outcome::Finished { report }) if run.part > 0 => {
+            core.parts_done.insert(key, report);
         }
         RunEnd::Outcome(outcome) => {
             core.ended.insert(key, outcome);
@@ -696,6 +701,104 @@ fn widen_or_rebalance(
     Some((swap(job, from, to), MoveKind::Parts, why))
 }
 
+type JsonMap = serde_json::Map<String, serde_json::Value>;
+
+/// The figures of a part's summary that `merged_report` adds up.
+const SUMMED: [&str; 9] = [
+    "events",
+    "skipped",
+    "late",
+    "outputs",
+    "deadline_misses",
+    "messages",
+    "cores",
+    "stalls",
+    "deactivations",
+];
+
+/// What of a part's summary goes in the log: the figures
+/// [`merged_report`] reads (a few hundred bytes).
+fn part_summary(report: &serde_json::Value) -> serde_json::Value {
+    let mut kept = JsonMap::new();
+    let Some(report) = report.as_object() else {
+        return serde_json::Value::Object(kept);
+    };
+    for key in SUMMED.iter().chain(&["elapsed_s", "slo_violation_pct"]) {
+        if let Some(value) = report.get(*key) {
+            kept.insert((*key).into(), value.clone());
+        }
+    }
+    if let Some(max) = report.get("latency_us").and_then(|l| l.get("max")) {
+        kept.insert("latency_us".into(), serde_json::json!({ "max": max }));
+    }
+    serde_json::Value::Object(kept)
+}
+
+/// The figures of a job: part 0's summary, with those of the other parts
+/// of a run over nodes that reported (`PartEnded`) added in: counts
+/// summed, `elapsed_s` the longest and the rates from those,
+/// `slo_violation_pct` over every part's rows, `latency_us.max` the
+/// largest; the latency percentiles and `queue_us_p99` stay part 0's (a
+/// percentile of the whole cannot be made from the parts'). With the
+/// number of parts whose figures these are (`parts_reported`).
+fn merged_report(part0: &JsonMap, others: &[&JsonMap]) -> JsonMap {
+    let mut merged = part0.clone();
+    if others.is_empty() {
+        return merged;
+    }
+    let all: Vec<&JsonMap> = std::iter::once(part0)
+        .chain(others.iter().copied())
+        .collect();
+    let sum = |key: &str| {
+        all.iter()
+            .filter_map(|r| r.get(key)?.as_u64())
+            .fold(0u64, u64::saturating_add)
+    };
+    for key in SUMMED {
+        if part0.get(key).is_some_and(serde_json::Value::is_u64) {
+            merged.insert(key.into(), sum(key).into());
+        }
+    }
+    let elapsed_s = all
+        .iter()
+        .filter_map(|r| r.get("elapsed_s")?.as_f64())
+        .fold(0.0, f64::max);
+    if elapsed_s > 0.0 {
+        let events_per_s = sum("events") as f64 / elapsed_s;
+        merged.insert("elapsed_s".into(), elapsed_s.into());
+        merged.insert("events_per_s".into(), events_per_s.into());
+        let cores = sum("cores");
+        if cores > 0 {
+            merged.insert(
+                "events_per_s_per_core".into(),
+                (events_per_s / cores as f64).into(),
+            );
+        }
+    }
+    let rows = sum("outputs");
+    if rows > 0 && part0.contains_key("slo_violation_pct") {
+        let violating: f64 = all
+            .iter()
+            .filter_map(|r| {
+                let pct = r.get("slo_violation_pct")?.as_f64()?;
+                Some(pct * r.get("outputs")?.as_u64()? as f64)
+            })
+            .sum();
+        merged.insert("slo_violation_pct".into(), (violating / rows as f64).into());
+    }
+    let max = all
+        .iter()
+        .filter_map(|r| r.get("latency_us")?.get("max")?.as_u64())
+        .max();
+    if let (Some(serde_json::Value::Object(latency)), Some(max)) =
+        (merged.get_mut("latency_us"), max)
+    {
+        latency.insert("max".into(), max.into());
+    }
+    merged.insert("parts_reported".into(), all.len().into());
+    merged
+}
+
 /// Ports `FIRST-LAST`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortRange {
@@ -849,9 +952,14 @@ struct Core {
     runs: Vec<Run>,
     /// Runs that ended by themselves, until the log records it.
     ended: BTreeMap<(String, u64), Outcome>,
-    /// Parts other than part 0 of a run over nodes that finished: part 0
-    /// reports the job's end (and its figures); these are not run again.
-    parts_done: BTreeSet<(String, u64)>,
+    /// Parts other than part 0 of a run over nodes that finished, with
+    /// their summaries: part 0 reports the job's end (and its figures);
+    /// these are not run again, and their summaries go in the log
+    /// (`PartEnded`) for `status` to add up.
+    parts_done: BTreeMap<(String, u64), Option<serde_json::Value>>,
+    /// Runs of parts other than 0 of jobs that finished, and since when:
+    /// left [`PART_GRACE`] to end by themselves.
+    finishing: HashMap<(String, u64), Instant>,
     /// Parts of a run over nodes that lost a peer, and when: if the
     /// placement still stands after [`RESTART_AFTER`], this node moves the
     /// job to the same placement, to run it again.
@@ -1048,7 +1156,8 @@ impl Node {
                 proposed: HashMap::new(),
                 runs: Vec::new(),
                 ended: BTreeMap::new(),
-                parts_done: BTreeSet::new(),
+                parts_done: BTreeMap::new(),
+                finishing: HashMap::new(),
                 peer_lost: BTreeMap::new(),
                 started: read_started(&args.data_dir)?,
                 port_cursor: 0,
@@ -2235,16 +2344,39 @@ impl Node {
         let leased = self.has_lease(core, now);
         // Kill every run that must stop before waiting for any.
         let mut stopping = Vec::new();
+        // A part other than 0 of a job that finished (part 0 reported the
+        // end) is left `PART_GRACE` to end by itself, with its summary.
+        let finishing: Vec<(String, u64)> =
+            core.runs
+                .iter()
+                .filter(|run| run.part > 0)
+                .filter(|run| {
+                    core.state.jobs.get(&run.job).is_some_and(|job| {
+                        job.state == JobState::Finished && job.epoch == run.epoch
+                    })
+                })
+                .map(|run| (run.job.clone(), run.epoch))
+                .collect();
+        core.finishing.retain(|key, _| finishing.contains(key));
+        for key in finishing {
+            core.finishing.entry(key).or_insert(now);
+        }
         let mut i = 0;
         while i < core.runs.len() {
             let run = &core.runs[i];
+            let key = (run.job.clone(), run.epoch);
+            let grace = core
+                .finishing
+                .get(&key)
+                .is_some_and(|at| now.duration_since(*at) < PART_GRACE);
             let keep = leased
-                && core.state.jobs.get(&run.job).is_some_and(|job| {
-                    job.state == JobState::Running
-                        && job.runs_on(self.id)
-                        && job.epoch == run.epoch
-                        && job.moving_to.is_none()
-                });
+                && (grace
+                    || core.state.jobs.get(&run.job).is_some_and(|job| {
+                        job.state == JobState::Running
+                            && job.runs_on(self.id)
+                            && job.epoch == run.epoch
+                            && job.moving_to.is_none()
+                    }));
             if !keep {
                 let mut run = core.runs.swap_remove(i);
                 // One that just ended by itself keeps its outcome.
@@ -2297,7 +2429,18 @@ impl Node {
                 .get(job)
                 .is_some_and(|j| j.state == JobState::Running && j.epoch == *epoch)
         };
-        core.parts_done.retain(|key| current(key));
+        // A finished part's summary is kept until the log has it (the job
+        // may have finished meanwhile).
+        let me = self.id;
+        core.parts_done.retain(|(job, epoch), report| {
+            let Some(j) = state.jobs.get(job) else {
+                return false;
+            };
+            let unreported = report.is_some()
+                && j.state == JobState::Finished
+                && !j.part_reports.contains_key(&me);
+            j.epoch == *epoch && (j.state == JobState::Running || unreported)
+        });
         // Records of starts of jobs that ended go (those of jobs this node
         // does not know yet stay).
         let over: Vec<u64> = state
@@ -2353,6 +2496,36 @@ impl Node {
                     outcome,
                 },
             );
+        }
+        // Finished parts' summaries, until the log has them.
+        let parts: Vec<((String, u64), serde_json::Value)> = core
+            .parts_done
+            .iter()
+            .filter_map(|(key, report)| Some((key.clone(), part_summary(report.as_ref()?))))
+            .filter(|((job, _), _)| {
+                core.state
+                    .jobs
+                    .get(job)
+                    .is_some_and(|j| !j.part_reports.contains_key(&me))
+            })
+            .collect();
+        for ((job, epoch), report) in parts {
+            let key = format!("part ended {job}");
+            if core
+                .proposed
+                .get(&key)
+                .is_some_and(|at| now.duration_since(*at) < PROPOSE_AGAIN_AFTER)
+            {
+                continue;
+            }
+            core.proposed.insert(key, now);
+            let command = Command::PartEnded {
+                job,
+                epoch,
+                node: me,
+                report,
+            };
+            let _ = self.propose(core, &command);
         }
         // A part that lost a peer: run the placement again, unless the
         // leader moved it meanwhile (or is about to: a node of it is lost
@@ -2479,7 +2652,7 @@ impl Node {
             .filter(|job| {
                 let key = (job.name.clone(), job.epoch);
                 !core.ended.contains_key(&key)
-                    && !core.parts_done.contains(&key)
+                    && !core.parts_done.contains_key(&key)
                     && !core.peer_lost.contains_key(&key)
             })
             .cloned()
@@ -2887,7 +3060,12 @@ impl Node {
         for job in ordered {
             let mut object = serde_json::Map::new();
             if let Some(serde_json::Value::Object(report)) = &job.report {
-                object.extend(report.clone());
+                let others: Vec<&JsonMap> = job
+                    .part_reports
+                    .values()
+                    .filter_map(serde_json::Value::as_object)
+                    .collect();
+                object.extend(merged_report(report, &others));
             }
             object.insert("name".into(), job.name.clone().into());
             object.insert("query".into(), job.query.clone().into());
@@ -3132,6 +3310,49 @@ mod tests {
         // By parts alone node 1 would have been next; by CPU it is last.
         let third = place(&mut load, 1, &mut in_use, &mut cursor, range);
         assert_eq!(third, Some((3, vec![], vec![])));
+    }
+
+    /// A job's figures over its parts: counts summed, the longest
+    /// elapsed time and the rates from it, SLO violations over every
+    /// part's rows, the largest latency; percentiles stay part 0's.
+    #[test]
+    fn the_parts_figures_add_up() {
+        let part = |events: u64, outputs: u64, elapsed_s: f64, pct: f64, max: u64| {
+            serde_json::json!({
+                "query": "q5", "cores": 1, "events": events, "outputs": outputs,
+                "elapsed_s": elapsed_s, "events_per_s": events as f64 / elapsed_s,
+                "slo_violation_pct": pct, "deadline_misses": 1,
+                "latency_us": {"p50": 10, "p99": 20, "max": max},
+                "checkpoints": {"completed": 4},
+            })
+            .as_object()
+            .unwrap()
+            .clone()
+        };
+        let part0 = part(600, 300, 2.0, 10.0, 50);
+        let part1 = part(400, 100, 4.0, 50.0, 90);
+        let merged = merged_report(&part0, &[&part1]);
+        assert_eq!(merged["events"], 1_000);
+        assert_eq!(merged["outputs"], 400);
+        assert_eq!(merged["cores"], 2);
+        assert_eq!(merged["deadline_misses"], 2);
+        assert_eq!(merged["elapsed_s"], 4.0);
+        assert_eq!(merged["events_per_s"], 250.0);
+        assert_eq!(merged["events_per_s_per_core"], 125.0);
+        // (300 rows x 10% + 100 x 50%) / 400 rows.
+        assert_eq!(merged["slo_violation_pct"], 20.0);
+        assert_eq!(merged["latency_us"]["max"], 90);
+        assert_eq!(merged["latency_us"]["p99"], 20);
+        assert_eq!(merged["checkpoints"], part0["checkpoints"]);
+        assert_eq!(merged["parts_reported"], 2);
+        // One part: its figures as they are.
+        assert_eq!(merged_report(&part0, &[]), part0);
+        // What goes in the log of a part's summary is what is added up.
+        let summary = part_summary(&serde_json::Value::Object(part1.clone()));
+        assert!(summary.to_string().len() <= state::PART_REPORT_BYTES_MAX);
+        assert!(summary.get("checkpoints").is_none() && summary.get("query").is_none());
+        let from_summary = merged_report(&part0, &[summary.as_object().unwrap()]);
+        assert_eq!(from_summary, merged);
     }
 
     /// The leader's view of the CPU: its own runs' by name, the others'

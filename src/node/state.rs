@@ -21,8 +21,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// The most jobs running (or waiting for a node) at once: a submission past
-/// it is refused. With [`ENDED_JOBS_KEPT`] and the command's bound, this
-/// bounds the state, and so a snapshot of it.
+/// it is refused. With [`ENDED_JOBS_KEPT`], the command's bound and the
+/// part summaries' ([`PART_REPORT_BYTES_MAX`], [`PART_REPORTS_MAX`]),
+/// this bounds the state, and so a snapshot of it.
 pub const RUNNING_JOBS_MAX: usize = 256;
 /// Times in a row a job runs again on the same nodes because a part lost
 /// a peer soon after it started (or could not listen) before its nodes
@@ -99,6 +100,15 @@ pub enum Command {
         epoch: u64,
         outcome: Outcome,
     },
+    /// A part other than 0 of the run over nodes of placement `epoch`
+    /// finished on `node`, with its summary (part 0's comes with `Ended`):
+    /// kept for `status` to add to the job's figures.
+    PartEnded {
+        job: String,
+        epoch: u64,
+        node: u64,
+        report: serde_json::Value,
+    },
     Cancel {
         request: u64,
         job: String,
@@ -174,6 +184,10 @@ pub struct Job {
     pub restarts: u32,
     pub state: JobState,
     pub report: Option<serde_json::Value>,
+    /// The summaries of the parts other than 0 of the current placement
+    /// that finished, by node (`PartEnded`; none for a run on one node).
+    #[serde(default)]
+    pub part_reports: BTreeMap<u64, serde_json::Value>,
     pub error: Option<String>,
     /// When it ended, as the count of jobs that had ended then (0 while
     /// running): the oldest ended are forgotten first.
@@ -190,6 +204,13 @@ pub struct NodeInfo {
     #[serde(default)]
     pub retired: bool,
 }
+
+/// The largest part summary kept (`PartEnded`; its node sends only the
+/// figures `status` adds up, a few hundred bytes), and the most kept for
+/// one job: with [`RUNNING_JOBS_MAX`] and [`ENDED_JOBS_KEPT`], at most
+/// 3 MiB of the state.
+pub const PART_REPORT_BYTES_MAX: usize = 512;
+pub const PART_REPORTS_MAX: usize = 16;
 
 /// What applying a command answers the request that proposed it.
 #[derive(Debug, Clone, PartialEq)]
@@ -408,6 +429,7 @@ impl ClusterState {
                         restarts: 0,
                         state: JobState::Running,
                         report: None,
+                        part_reports: BTreeMap::new(),
                         error: None,
                         ended_as: 0,
                     },
@@ -443,6 +465,7 @@ impl ClusterState {
                         job.moving_peers.clear();
                         job.moving_ports.clear();
                         job.released.clear();
+                        job.part_reports.clear();
                     }
                 }
                 None
@@ -527,6 +550,28 @@ impl ClusterState {
                                 job.error = Some(error);
                             }
                         }
+                    }
+                }
+                None
+            }
+            Command::PartEnded {
+                job,
+                epoch,
+                node,
+                report,
+            } => {
+                if let Some(job) = self.jobs.get_mut(&job) {
+                    let ended_or_running =
+                        matches!(job.state, JobState::Running | JobState::Finished);
+                    if ended_or_running
+                        && epoch == job.epoch
+                        && job.peers.contains(&node)
+                        && report.is_object()
+                        && report.to_string().len() <= PART_REPORT_BYTES_MAX
+                        && (job.part_reports.len() < PART_REPORTS_MAX
+                            || job.part_reports.contains_key(&node))
+                    {
+                        job.part_reports.insert(node, report);
                     }
                 }
                 None
@@ -617,6 +662,7 @@ impl ClusterState {
         j.peers = std::mem::take(&mut j.moving_peers);
         j.ports = std::mem::take(&mut j.moving_ports);
         j.released.clear();
+        j.part_reports.clear();
         j.epoch += 1;
     }
 
@@ -1047,6 +1093,78 @@ mod tests {
         assert_eq!(job(&["--rate=5", "--cores=6"]).shards(), 6);
         assert_eq!(job(&[]).shards(), 1);
         assert_eq!(job(&["--cores=0"]).shards(), 1);
+    }
+
+    /// A part's summary is kept for a peer of the current placement, while
+    /// the job runs or after it finished, and dropped with the placement.
+    #[test]
+    fn a_part_summary_is_kept_for_its_placement_only() {
+        let mut state = ClusterState::default();
+        for n in 1..=3 {
+            state.add_node(n, format!("a:{n}"));
+        }
+        submit(&mut state, 1, "a");
+        state.apply(Command::Assign {
+            job: "q5-1".into(),
+            node: 1,
+            epoch: 1,
+            peers: vec![2],
+            ports: vec![7700, 7701],
+        });
+        let summary = serde_json::json!({"events": 5});
+        let part = |epoch, node, report: &serde_json::Value| Command::PartEnded {
+            job: "q5-1".into(),
+            epoch,
+            node,
+            report: report.clone(),
+        };
+        // Not a peer (part 0's node, another node), another epoch, not an
+        // object: nothing kept.
+        state.apply(part(1, 1, &summary));
+        state.apply(part(1, 3, &summary));
+        state.apply(part(2, 2, &summary));
+        state.apply(part(1, 2, &serde_json::json!(5)));
+        let long = serde_json::json!({ "x": "y".repeat(PART_REPORT_BYTES_MAX) });
+        state.apply(part(1, 2, &long));
+        assert!(state.jobs["q5-1"].part_reports.is_empty());
+        state.apply(part(1, 2, &summary));
+        assert_eq!(state.jobs["q5-1"].part_reports[&2], summary);
+        // After the job finished too.
+        state.apply(Command::Ended {
+            job: "q5-1".into(),
+            epoch: 1,
+            outcome: Outcome::Finished { report: None },
+        });
+        let later = serde_json::json!({"events": 7});
+        state.apply(part(1, 2, &later));
+        assert_eq!(state.jobs["q5-1"].part_reports[&2], later);
+        // A new placement drops them.
+        submit(&mut state, 2, "b");
+        state.apply(Command::Assign {
+            job: "q5-2".into(),
+            node: 1,
+            epoch: 1,
+            peers: vec![2],
+            ports: vec![7702, 7703],
+        });
+        state.apply(part(1, 2, &summary));
+        state.apply(Command::Move {
+            job: "q5-2".into(),
+            epoch: 1,
+            to: 2,
+            peers: vec![3],
+            ports: vec![7704, 7705],
+            quick: false,
+        });
+        for node in [1, 2] {
+            state.apply(Command::Released {
+                job: "q5-2".into(),
+                epoch: 1,
+                node,
+            });
+        }
+        assert_eq!(state.jobs["q5-2"].epoch, 2);
+        assert!(state.jobs["q5-2"].part_reports.is_empty());
     }
 
     #[test]
