@@ -799,6 +799,14 @@ fn merged_report(part0: &JsonMap, others: &[&JsonMap]) -> JsonMap {
     merged
 }
 
+/// Whether `key` was proposed less than [`PROPOSE_AGAIN_AFTER`] ago (its
+/// proposal may still be applied: not proposed again before).
+fn proposed_lately(proposed: &HashMap<String, Instant>, key: &str, now: Instant) -> bool {
+    proposed
+        .get(key)
+        .is_some_and(|at| now.duration_since(*at) < PROPOSE_AGAIN_AFTER)
+}
+
 /// Ports `FIRST-LAST`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortRange {
@@ -2017,11 +2025,7 @@ impl Node {
             let mine = core.state.nodes.get(&self.id).map(|n| n.addr.as_str());
             if mine.is_some_and(|mine| mine != addr) && core.raft.raft.leader_id != 0 {
                 let key = "addr".to_string();
-                if core
-                    .proposed
-                    .get(&key)
-                    .is_none_or(|at| now.duration_since(*at) > PROPOSE_AGAIN_AFTER)
-                {
+                if !proposed_lately(&core.proposed, &key, now) {
                     core.proposed.insert(key, now);
                     let _ = self.propose(
                         core,
@@ -2089,11 +2093,7 @@ impl Node {
                 });
             if let Some(heir) = heir {
                 let key = "transfer".to_string();
-                if core
-                    .proposed
-                    .get(&key)
-                    .is_none_or(|at| now.duration_since(*at) > PROPOSE_AGAIN_AFTER)
-                {
+                if !proposed_lately(&core.proposed, &key, now) {
                     core.proposed.insert(key, now);
                     eprintln!(
                         "dirigo node {}: leaving; handing the lead to node {heir}",
@@ -2131,11 +2131,7 @@ impl Node {
         // where the nodes that join later read it.
         if !core.state.nodes.contains_key(&self.id) {
             let key = "member".to_string();
-            if core
-                .proposed
-                .get(&key)
-                .is_none_or(|at| now.duration_since(*at) > PROPOSE_AGAIN_AFTER)
-            {
+            if !proposed_lately(&core.proposed, &key, now) {
                 core.proposed.insert(key, now);
                 let mut change = ConfChange::default();
                 change.set_change_type(ConfChangeType::AddNode);
@@ -2195,11 +2191,7 @@ impl Node {
         let mut placing = false;
         for (name, epoch, none_alive) in core.state.unplaced() {
             // Proposed already: not placed again before it is answered.
-            if core
-                .proposed
-                .get(&name)
-                .is_some_and(|at| now.duration_since(*at) < PROPOSE_AGAIN_AFTER)
-            {
+            if proposed_lately(&core.proposed, &name, now) {
                 placing = true;
                 continue;
             }
@@ -2255,10 +2247,7 @@ impl Node {
             .jobs
             .values()
             .any(|j| j.state == JobState::Running && j.moving_to.is_some());
-        let moving_proposed = core
-            .proposed
-            .get("move")
-            .is_some_and(|at| now.duration_since(*at) < PROPOSE_AGAIN_AFTER);
+        let moving_proposed = proposed_lately(&core.proposed, "move", now);
         if !moving && !placing && !moving_proposed {
             let quiet: BTreeSet<String> = core.load_moved.keys().cloned().collect();
             if let Some((command, kind, why)) = widen_or_rebalance(
@@ -2303,12 +2292,7 @@ impl Node {
             });
         if let Some(node) = gone {
             let key = format!("remove {node}");
-            if !core.raft.raft.has_pending_conf()
-                && core
-                    .proposed
-                    .get(&key)
-                    .is_none_or(|at| now.duration_since(*at) > PROPOSE_AGAIN_AFTER)
-            {
+            if !core.raft.raft.has_pending_conf() && !proposed_lately(&core.proposed, &key, now) {
                 core.proposed.insert(key, now);
                 let mut change = ConfChange::default();
                 change.set_change_type(ConfChangeType::RemoveNode);
@@ -2317,11 +2301,7 @@ impl Node {
             }
         }
         for (key, command) in commands {
-            if core
-                .proposed
-                .get(&key)
-                .is_some_and(|at| now.duration_since(*at) < PROPOSE_AGAIN_AFTER)
-            {
+            if proposed_lately(&core.proposed, &key, now) {
                 continue;
             }
             core.proposed.insert(key, now);
@@ -2480,11 +2460,7 @@ impl Node {
                 continue;
             }
             let key = format!("ended {job}");
-            if core
-                .proposed
-                .get(&key)
-                .is_some_and(|at| now.duration_since(*at) < PROPOSE_AGAIN_AFTER)
-            {
+            if proposed_lately(&core.proposed, &key, now) {
                 continue;
             }
             core.proposed.insert(key, now);
@@ -2511,11 +2487,7 @@ impl Node {
             .collect();
         for ((job, epoch), report) in parts {
             let key = format!("part ended {job}");
-            if core
-                .proposed
-                .get(&key)
-                .is_some_and(|at| now.duration_since(*at) < PROPOSE_AGAIN_AFTER)
-            {
+            if proposed_lately(&core.proposed, &key, now) {
                 continue;
             }
             core.proposed.insert(key, now);
