@@ -556,14 +556,43 @@ fn load_of(
     load
 }
 
-/// The ports of every running placement (and of moves under way).
-fn ports_in_use(state: &ClusterState) -> BTreeSet<u16> {
+/// The ports of every running placement (and of moves under way), and
+/// of each job over nodes that finished less than [`PART_GRACE`] (and a
+/// second) before now by `finished_seen` (a part of it may still be
+/// ending, listening on its port).
+fn ports_in_use(
+    state: &ClusterState,
+    finished_seen: &HashMap<String, Instant>,
+    now: Instant,
+) -> BTreeSet<u16> {
+    let ending = |j: &state::Job| {
+        j.state == JobState::Finished
+            && finished_seen
+                .get(&j.name)
+                .is_some_and(|at| now.duration_since(*at) < PART_GRACE + Duration::from_secs(1))
+    };
     state
         .jobs
         .values()
-        .filter(|j| j.state == JobState::Running)
+        .filter(|j| j.state == JobState::Running || ending(j))
         .flat_map(|j| j.ports.iter().chain(&j.moving_ports).copied())
         .collect()
+}
+
+/// Note when this node first saw each job over nodes finished (for
+/// `ports_in_use`); forget those the state no longer holds as finished.
+fn note_finished(state: &ClusterState, finished_seen: &mut HashMap<String, Instant>, now: Instant) {
+    finished_seen.retain(|name, _| {
+        state
+            .jobs
+            .get(name)
+            .is_some_and(|j| j.state == JobState::Finished)
+    });
+    for job in state.jobs.values() {
+        if job.state == JobState::Finished && !job.ports.is_empty() {
+            finished_seen.entry(job.name.clone()).or_insert(now);
+        }
+    }
 }
 
 /// The ports a placement command gives (none for another command).
@@ -968,6 +997,9 @@ struct Core {
     /// Runs of parts other than 0 of jobs that finished, and since when:
     /// left [`PART_GRACE`] to end by themselves.
     finishing: HashMap<(String, u64), Instant>,
+    /// Jobs over nodes that finished, and when this node first saw it:
+    /// their ports stay taken a while (`ports_in_use`).
+    finished_seen: HashMap<String, Instant>,
     /// Parts of a run over nodes that lost a peer, and when: if the
     /// placement still stands after [`RESTART_AFTER`], this node moves the
     /// job to the same placement, to run it again.
@@ -1166,6 +1198,7 @@ impl Node {
                 ended: BTreeMap::new(),
                 parts_done: BTreeMap::new(),
                 finishing: HashMap::new(),
+                finished_seen: HashMap::new(),
                 peer_lost: BTreeMap::new(),
                 started: read_started(&args.data_dir)?,
                 port_cursor: 0,
@@ -2181,7 +2214,8 @@ impl Node {
             .retain(|_, at| now.duration_since(*at) < load::LOAD_MOVE_QUIET);
         let cpu = cpu_view(self.id, &core.state, core.meter.parts(), &core.reports);
         let mut load = load_of(&core.state, live.map(|(id, _)| *id), &cpu);
-        let mut in_use = ports_in_use(&core.state);
+        note_finished(&core.state, &mut core.finished_seen, now);
+        let mut in_use = ports_in_use(&core.state, &core.finished_seen, now);
         // Ports of placements proposed but not yet applied are taken too.
         core.promised
             .retain(|_, (at, _)| now.duration_since(*at) < PROPOSE_AGAIN_AFTER);
@@ -2540,7 +2574,8 @@ impl Node {
                 continue;
             }
             let ports = if lost.new_ports {
-                let mut in_use = ports_in_use(&core.state);
+                note_finished(&core.state, &mut core.finished_seen, now);
+                let mut in_use = ports_in_use(&core.state, &core.finished_seen, now);
                 let k = job.ports.len();
                 match free_ports(k, &mut in_use, &mut core.port_cursor, self.run_ports) {
                     Some(ports) => ports,
@@ -3325,6 +3360,51 @@ mod tests {
         assert!(summary.get("checkpoints").is_none() && summary.get("query").is_none());
         let from_summary = merged_report(&part0, &[summary.as_object().unwrap()]);
         assert_eq!(from_summary, merged);
+    }
+
+    /// A finished job's ports stay taken while a part of it may still be
+    /// ending; a running job's always.
+    #[test]
+    fn a_finished_jobs_ports_stay_taken_a_while() {
+        let mut state = ClusterState::default();
+        for n in 1..=2 {
+            state.add_node(n, format!("127.0.0.1:{n}"));
+        }
+        for (number, ports) in [(1u64, [7700u16, 7701]), (2, [7702, 7703])] {
+            state.apply(Command::Submit {
+                request: number,
+                query: "q5".into(),
+                args: vec!["--data-dir".into(), format!("d{number}")],
+                cwd: "/".into(),
+            });
+            state.apply(Command::Assign {
+                job: format!("q5-{number}"),
+                node: 1,
+                epoch: 1,
+                peers: vec![2],
+                ports: ports.to_vec(),
+            });
+        }
+        state.apply(Command::Ended {
+            job: "q5-1".into(),
+            epoch: 1,
+            outcome: Outcome::Finished { report: None },
+        });
+        let mut seen = HashMap::new();
+        let t0 = Instant::now();
+        note_finished(&state, &mut seen, t0);
+        assert_eq!(seen.len(), 1);
+        let all: BTreeSet<u16> = [7700, 7701, 7702, 7703].into();
+        assert_eq!(ports_in_use(&state, &seen, t0), all);
+        // Noted once: later looks do not restart the clock.
+        note_finished(&state, &mut seen, t0 + Duration::from_secs(3));
+        assert_eq!(seen["q5-1"], t0);
+        let later = t0 + PART_GRACE + Duration::from_secs(1);
+        assert_eq!(ports_in_use(&state, &seen, later), [7702, 7703].into());
+        // A job no longer finished in the state (forgotten) is forgotten.
+        state.jobs.remove("q5-1");
+        note_finished(&state, &mut seen, later);
+        assert!(seen.is_empty());
     }
 
     /// The leader's view of the CPU: its own runs' by name, the others'
