@@ -160,8 +160,13 @@ impl Default for CpuMeter {
 
 impl CpuMeter {
     /// Sample `runs` (job, epoch, pid) if [`SAMPLE_EVERY`] passed since the
-    /// last time; runs no longer given are forgotten.
-    pub fn sample(&mut self, runs: &[(String, u64, u32)], now: Instant) {
+    /// last time (they are not gone through otherwise); runs no longer
+    /// given are forgotten.
+    pub fn sample<'a>(
+        &mut self,
+        runs: impl IntoIterator<Item = (&'a str, u64, u32)>,
+        now: Instant,
+    ) {
         if self
             .last
             .is_some_and(|at| now.duration_since(at) < SAMPLE_EVERY)
@@ -170,9 +175,9 @@ impl CpuMeter {
         }
         self.last = Some(now);
         let read: Vec<_> = runs
-            .iter()
+            .into_iter()
             .filter_map(|(job, epoch, pid)| {
-                cpu_ticks(*pid).map(|ticks| ((job.clone(), *epoch, *pid), ticks))
+                cpu_ticks(pid).map(|ticks| ((job.to_string(), epoch, pid), ticks))
             })
             .collect();
         self.take(read, now);

@@ -403,22 +403,17 @@ fn note_end(core: &mut Core, run: &Run, end: RunEnd, now: Instant) {
         RunEnd::Outcome(outcome) => {
             core.ended.insert(key, outcome);
         }
-        RunEnd::PeerLost(why) => {
-            let quick = now.duration_since(run.started) < QUICK_RUN;
-            let lost = Lost {
-                at: now,
-                why,
-                quick,
-                new_ports: false,
+        // A port taken is run again on other ports, and counts as quick.
+        end @ (RunEnd::PeerLost(_) | RunEnd::PortTaken(_)) => {
+            let new_ports = matches!(end, RunEnd::PortTaken(_));
+            let (RunEnd::PeerLost(why) | RunEnd::PortTaken(why)) = end else {
+                unreachable!("matched above");
             };
-            core.peer_lost.insert(key, lost);
-        }
-        RunEnd::PortTaken(why) => {
             let lost = Lost {
                 at: now,
                 why,
-                quick: true,
-                new_ports: true,
+                quick: new_ports || now.duration_since(run.started) < QUICK_RUN,
+                new_ports,
             };
             core.peer_lost.insert(key, lost);
         }
@@ -592,14 +587,6 @@ fn note_finished(state: &ClusterState, finished_seen: &mut HashMap<String, Insta
         if job.state == JobState::Finished && !job.ports.is_empty() {
             finished_seen.entry(job.name.clone()).or_insert(now);
         }
-    }
-}
-
-/// The ports a placement command gives (none for another command).
-fn ports_of(command: &Command) -> Vec<u16> {
-    match command {
-        Command::Assign { ports, .. } | Command::Move { ports, .. } => ports.clone(),
-        _ => Vec::new(),
     }
 }
 
@@ -994,11 +981,10 @@ struct Core {
     /// these are not run again, and their summaries go in the log
     /// (`PartEnded`) for `status` to add up.
     parts_done: BTreeMap<(String, u64), Option<serde_json::Value>>,
-    /// Runs of parts other than 0 of jobs that finished, and since when:
-    /// left [`PART_GRACE`] to end by themselves.
-    finishing: HashMap<(String, u64), Instant>,
-    /// Jobs over nodes that finished, and when this node first saw it:
-    /// their ports stay taken a while (`ports_in_use`).
+    /// Jobs over nodes that finished, and when this node first saw it
+    /// (noted each tick): their ports stay taken a while
+    /// (`ports_in_use`), and a part of one still running here is left
+    /// [`PART_GRACE`] to end by itself.
     finished_seen: HashMap<String, Instant>,
     /// Parts of a run over nodes that lost a peer, and when: if the
     /// placement still stands after [`RESTART_AFTER`], this node moves the
@@ -1197,7 +1183,6 @@ impl Node {
                 runs: Vec::new(),
                 ended: BTreeMap::new(),
                 parts_done: BTreeMap::new(),
-                finishing: HashMap::new(),
                 finished_seen: HashMap::new(),
                 peer_lost: BTreeMap::new(),
                 started: read_started(&args.data_dir)?,
@@ -1977,6 +1962,25 @@ impl Node {
             .map_err(|e| format!("no leader takes the proposal ({e}): the cluster has no majority"))
     }
 
+    /// Log, once per `PROPOSE_AGAIN_AFTER`, that job `name` waits for `k`
+    /// free ports of `--run-ports`.
+    fn note_no_ports(
+        &self,
+        proposed: &mut HashMap<String, Instant>,
+        name: &str,
+        k: usize,
+        now: Instant,
+    ) {
+        let key = format!("no ports {name}");
+        if let std::collections::hash_map::Entry::Vacant(entry) = proposed.entry(key) {
+            eprintln!(
+                "dirigo node {}: {name} waits for {k} free ports of --run-ports {}-{}",
+                self.id, self.run_ports.first, self.run_ports.last
+            );
+            entry.insert(now);
+        }
+    }
+
     async fn tick_loop(self: Rc<Self>) {
         let mut next = Instant::now();
         loop {
@@ -1989,6 +1993,11 @@ impl Node {
             }
             self.core.borrow_mut().raft.tick();
             self.handle_ready();
+            {
+                let mut core = self.core.borrow_mut();
+                let core = &mut *core;
+                note_finished(&core.state, &mut core.finished_seen, Instant::now());
+            }
             self.ask_lease();
             self.probe_voters();
             self.lead();
@@ -2214,7 +2223,6 @@ impl Node {
             .retain(|_, at| now.duration_since(*at) < load::LOAD_MOVE_QUIET);
         let cpu = cpu_view(self.id, &core.state, core.meter.parts(), &core.reports);
         let mut load = load_of(&core.state, live.map(|(id, _)| *id), &cpu);
-        note_finished(&core.state, &mut core.finished_seen, now);
         let mut in_use = ports_in_use(&core.state, &core.finished_seen, now);
         // Ports of placements proposed but not yet applied are taken too.
         core.promised
@@ -2241,17 +2249,8 @@ impl Node {
                 &mut core.port_cursor,
                 self.run_ports,
             ) else {
-                let key = format!("no ports {name}");
-                if let std::collections::hash_map::Entry::Vacant(entry) = core.proposed.entry(key) {
-                    eprintln!(
-                        "dirigo node {}: {name} waits for {} free ports of --run-ports {}-{}",
-                        self.id,
-                        state::width(shards, load.len()),
-                        self.run_ports.first,
-                        self.run_ports.last
-                    );
-                    entry.insert(now);
-                }
+                let k = state::width(shards, load.len());
+                self.note_no_ports(&mut core.proposed, &name, k, now);
                 continue;
             };
             placing = true;
@@ -2293,13 +2292,20 @@ impl Node {
                 &mut core.port_cursor,
                 self.run_ports,
             ) {
-                if let Command::Move { job, to, peers, .. } = &command {
+                if let Command::Move {
+                    job,
+                    to,
+                    peers,
+                    ports,
+                    ..
+                } = &command
+                {
                     eprintln!(
                         "dirigo node {}: moving {job} to node {to}{} ({why})",
                         self.id,
                         and_peers(peers)
                     );
-                    core.promised.insert(job.clone(), (now, ports_of(&command)));
+                    core.promised.insert(job.clone(), (now, ports.clone()));
                     // Kept still from the proposal on (one the log refuses
                     // too: the figures that asked for it still hold).
                     if kind == MoveKind::Load {
@@ -2349,40 +2355,26 @@ impl Node {
         let now = Instant::now();
         let mut core = self.core.borrow_mut();
         let core = &mut *core;
-        let runs: Vec<(String, u64, u32)> = core
-            .runs
-            .iter()
-            .map(|r| (r.job.clone(), r.epoch, r.pid()))
-            .collect();
-        core.meter.sample(&runs, now);
+        let runs = core.runs.iter().map(|r| (r.job.as_str(), r.epoch, r.pid()));
+        core.meter.sample(runs, now);
         let leased = self.has_lease(core, now);
         // Kill every run that must stop before waiting for any.
         let mut stopping = Vec::new();
-        // A part other than 0 of a job that finished (part 0 reported the
-        // end) is left `PART_GRACE` to end by itself, with its summary.
-        let finishing: Vec<(String, u64)> =
-            core.runs
-                .iter()
-                .filter(|run| run.part > 0)
-                .filter(|run| {
-                    core.state.jobs.get(&run.job).is_some_and(|job| {
-                        job.state == JobState::Finished && job.epoch == run.epoch
-                    })
-                })
-                .map(|run| (run.job.clone(), run.epoch))
-                .collect();
-        core.finishing.retain(|key, _| finishing.contains(key));
-        for key in finishing {
-            core.finishing.entry(key).or_insert(now);
-        }
         let mut i = 0;
         while i < core.runs.len() {
             let run = &core.runs[i];
-            let key = (run.job.clone(), run.epoch);
-            let grace = core
-                .finishing
-                .get(&key)
-                .is_some_and(|at| now.duration_since(*at) < PART_GRACE);
+            // A part other than 0 of a job that finished (part 0 reported
+            // the end) is left `PART_GRACE` to end by itself, with its
+            // summary.
+            let grace =
+                run.part > 0
+                    && core.state.jobs.get(&run.job).is_some_and(|job| {
+                        job.state == JobState::Finished && job.epoch == run.epoch
+                    })
+                    && core
+                        .finished_seen
+                        .get(&run.job)
+                        .is_some_and(|at| now.duration_since(*at) < PART_GRACE);
             let keep = leased
                 && (grace
                     || core.state.jobs.get(&run.job).is_some_and(|job| {
@@ -2574,23 +2566,13 @@ impl Node {
                 continue;
             }
             let ports = if lost.new_ports {
-                note_finished(&core.state, &mut core.finished_seen, now);
                 let mut in_use = ports_in_use(&core.state, &core.finished_seen, now);
                 let k = job.ports.len();
                 match free_ports(k, &mut in_use, &mut core.port_cursor, self.run_ports) {
                     Some(ports) => ports,
                     None => {
                         // None free now: tried again each tick.
-                        let waiting = format!("no ports {}", job.name);
-                        if let std::collections::hash_map::Entry::Vacant(entry) =
-                            core.proposed.entry(waiting)
-                        {
-                            eprintln!(
-                                "dirigo node {}: {} waits for {k} free ports of --run-ports {}-{}",
-                                self.id, job.name, self.run_ports.first, self.run_ports.last
-                            );
-                            entry.insert(now);
-                        }
+                        self.note_no_ports(&mut core.proposed, &job.name, k, now);
                         continue;
                     }
                 }
@@ -3030,17 +3012,19 @@ impl Node {
             .filter(|(_, (_, at))| now.duration_since(*at) < load::REPORT_FRESH)
             .map(|(id, report)| (*id, report.clone()))
             .collect();
-        let cpu = cpu_view(self.id, &core.state, core.meter.parts(), &fresh);
+        let sum = |parts: &mut dyn Iterator<Item = &u32>| {
+            parts.fold(0u32, |sum, milli| sum.saturating_add(*milli))
+        };
+        let own = core.meter.parts();
+        let own_milli = sum(&mut own.values());
+        let cpu = cpu_view(self.id, &core.state, own, &fresh);
         let nodes: Vec<serde_json::Value> = core
             .state
             .nodes
             .iter()
             .map(|(id, info)| {
-                let sum = |parts: &mut dyn Iterator<Item = &u32>| {
-                    parts.fold(0u32, |sum, milli| sum.saturating_add(*milli))
-                };
                 let cpu_milli = if *id == self.id {
-                    Some(sum(&mut core.meter.parts().values()))
+                    Some(own_milli)
                 } else {
                     fresh.get(id).map(|(parts, _)| sum(&mut parts.values()))
                 };
@@ -3250,6 +3234,15 @@ mod tests {
             .collect()
     }
 
+    /// A cluster state of nodes 1 to `n`.
+    fn nodes(n: u64) -> ClusterState {
+        let mut state = ClusterState::default();
+        for id in 1..=n {
+            state.add_node(id, format!("127.0.0.1:{id}"));
+        }
+        state
+    }
+
     /// A job of `cores` shards placed on `node` alone.
     fn add_job(state: &mut ClusterState, number: u64, cores: &str, node: u64) {
         state.apply(Command::Submit {
@@ -3277,10 +3270,7 @@ mod tests {
     #[test]
     fn placements_take_the_node_whose_parts_use_the_least_cpu() {
         let range: PortRange = "100-199".parse().unwrap();
-        let mut state = ClusterState::default();
-        for n in 1..=3 {
-            state.add_node(n, format!("127.0.0.1:{n}"));
-        }
+        let mut state = nodes(3);
         add_job(&mut state, 1, "1", 1);
         add_job(&mut state, 2, "1", 2);
         add_job(&mut state, 3, "1", 2);
@@ -3366,10 +3356,7 @@ mod tests {
     /// ending; a running job's always.
     #[test]
     fn a_finished_jobs_ports_stay_taken_a_while() {
-        let mut state = ClusterState::default();
-        for n in 1..=2 {
-            state.add_node(n, format!("127.0.0.1:{n}"));
-        }
+        let mut state = nodes(2);
         for (number, ports) in [(1u64, [7700u16, 7701]), (2, [7702, 7703])] {
             state.apply(Command::Submit {
                 request: number,
@@ -3411,10 +3398,7 @@ mod tests {
     /// reports by job number, of running jobs only.
     #[test]
     fn the_leader_reads_reports_by_job_number() {
-        let mut state = ClusterState::default();
-        for n in 1..=2 {
-            state.add_node(n, format!("127.0.0.1:{n}"));
-        }
+        let mut state = nodes(2);
         add_job(&mut state, 1, "1", 1);
         add_job(&mut state, 2, "1", 2);
         add_job(&mut state, 3, "1", 2);
@@ -3450,10 +3434,7 @@ mod tests {
     #[test]
     fn the_leader_moves_a_part_for_load_and_never_onto_a_busier_node() {
         let range: PortRange = "100-199".parse().unwrap();
-        let mut state = ClusterState::default();
-        for n in 1..=2 {
-            state.add_node(n, format!("127.0.0.1:{n}"));
-        }
+        let mut state = nodes(2);
         add_job(&mut state, 1, "1", 1);
         add_job(&mut state, 2, "1", 1);
         let cpu: CpuView = [
@@ -3487,10 +3468,7 @@ mod tests {
         assert_eq!(none, None);
         // Three light parts on node 1, one heavy on node 2: two parts
         // more, but a light part on node 2 would leave it the busier.
-        let mut state = ClusterState::default();
-        for n in 1..=2 {
-            state.add_node(n, format!("127.0.0.1:{n}"));
-        }
+        let mut state = nodes(2);
         for number in 1..=3 {
             add_job(&mut state, number, "1", 1);
         }
@@ -3530,10 +3508,7 @@ mod tests {
     #[test]
     fn the_leader_widens_a_narrow_job_before_it_rebalances() {
         let range: PortRange = "100-199".parse().unwrap();
-        let mut state = ClusterState::default();
-        for n in 1..=3 {
-            state.add_node(n, format!("127.0.0.1:{n}"));
-        }
+        let mut state = nodes(3);
         let add =
             |state: &mut ClusterState, number: u64, cores: &str| add_job(state, number, cores, 1);
         let none = CpuView::new();

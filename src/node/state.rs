@@ -255,13 +255,18 @@ impl Job {
 
 /// The shard count a job's arguments name (`--cores N` or `--cores=N`).
 pub fn cores_of(args: &[String]) -> Option<u64> {
+    flag_of(args, "--cores")?.parse().ok()
+}
+
+/// The value of the first `FLAG V` or `FLAG=V` in `args`.
+fn flag_of<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
     let mut words = args.iter();
     while let Some(word) = words.next() {
-        if word == "--cores" {
-            return words.next().and_then(|n| n.parse().ok());
+        if word == flag {
+            return words.next().map(String::as_str);
         }
-        if let Some(n) = word.strip_prefix("--cores=") {
-            return n.parse().ok();
+        if let Some(value) = word.strip_prefix(flag).and_then(|w| w.strip_prefix('=')) {
+            return Some(value);
         }
     }
     None
@@ -294,16 +299,7 @@ fn well_formed(node: u64, peers: &[u64], ports: &[u16]) -> bool {
 /// The data directory a job's arguments name (`--data-dir D` or
 /// `--data-dir=D`).
 pub fn data_dir_of(args: &[String]) -> Option<&str> {
-    let mut words = args.iter();
-    while let Some(word) = words.next() {
-        if word == "--data-dir" {
-            return words.next().map(String::as_str);
-        }
-        if let Some(dir) = word.strip_prefix("--data-dir=") {
-            return Some(dir);
-        }
-    }
-    None
+    flag_of(args, "--data-dir")
 }
 
 impl ClusterState {
