@@ -201,7 +201,9 @@ pub struct JobSample {
     /// `false`: the job's placement is fixed (`--parallelism`, `--autoscale
     /// off` for it); it is measured but never moved.
     pub scalable: bool,
-    /// Records that entered the job so far (its sources' counts).
+    /// Records that entered the job so far (its sources' counts; over
+    /// nodes, this node's sources' and the records its stages and sinks
+    /// took from other nodes).
     pub records_in: u64,
     /// Every sink has seen the end of input: the job is about to be retired.
     pub ended: bool,
@@ -578,7 +580,12 @@ impl Autoscaler {
         let step = self.tick();
         self.splits
             .retain(|(spread, _)| sample.jobs.contains_key(&spread.job()));
-        if sample.shards < 2 {
+        // Nothing to move to with one live shard (over nodes, one of this
+        // node's own).
+        let live_shards = (0..sample.shards)
+            .filter(|s| !sample.dead.contains(&ShardId(*s as u16)))
+            .count();
+        if live_shards < 2 {
             return Vec::new();
         }
         let measured = self.measure(sample);

@@ -7,7 +7,9 @@
 //! Scale to zero: a paused job's stages are deactivated by the autoscaler
 //! (the shards' own idle timeout off) and wake with their state. A hot
 //! partition no move relieves is split live into a partition on the other
-//! shard.
+//! shard. Over two nodes, each node's autoscaler spreads the actors packed
+//! on its first shard among its own shards only, and only node 0's splits
+//! a hot partition, into another of its own; the output stays exact.
 
 #[path = "common/readings.rs"]
 mod readings;
@@ -20,7 +22,9 @@ use dirigo_engine::autoscale::{Action, Scale};
 use dirigo_engine::dataflow::checkpoint::CheckpointOptions;
 use dirigo_engine::dataflow::ops::{Count, WindowSpec};
 use dirigo_engine::dataflow::pace::{RateSchedule, RateStep};
-use dirigo_engine::dataflow::{AutoscaleOptions, Dataflow, DataflowConfig, Job};
+use dirigo_engine::dataflow::{
+    AutoscaleOptions, Dataflow, DataflowConfig, Job, JobHandle, JobReport,
+};
 use dirigo_engine::{JobId, ShardId};
 use readings::{reference, Collect, Rows, WINDOW_MS};
 
@@ -301,6 +305,11 @@ impl dirigo_engine::dataflow::ops::Aggregate<(u64, i64)> for SlowCount {
 /// groups (so partition 0 does all its work), counting slowly; in two
 /// phases, the first keeps partials. Its rows, and the rows it must give.
 fn hot_job(two_phase: bool, events: u64) -> (Job, Rows, Vec<(u64, i64, u64)>) {
+    hot_job_in(two_phase, events, 0)
+}
+
+/// `hot_job` with every key in partition `hot`'s range.
+fn hot_job_in(two_phase: bool, events: u64, hot: u32) -> (Job, Rows, Vec<(u64, i64, u64)>) {
     const PARTITIONS: u32 = 4;
     let groups = dirigo_engine::dataflow::KEY_GROUPS_DEFAULT;
     // Reading key k becomes the k-th key whose group partition 0 owns.
@@ -308,7 +317,7 @@ fn hot_job(two_phase: bool, events: u64) -> (Job, Rows, Vec<(u64, i64, u64)>) {
         (0u64..)
             .filter(|&k| {
                 let group = dirigo_engine::dataflow::key_group(k, groups);
-                dirigo_engine::dataflow::partition_of_group(group, PARTITIONS, groups) == 0
+                dirigo_engine::dataflow::partition_of_group(group, PARTITIONS, groups) == hot
             })
             .take(readings::KEYS as usize)
             .collect(),
@@ -418,4 +427,216 @@ fn a_hot_stage_that_keeps_partials_goes_parallel_live_and_the_output_stays_exact
     rows.sort();
     assert_eq!(rows, expected, "exact output in parallel mode");
     assert_eq!(report.late_records, 0);
+}
+
+/// Nodes 0 and 1 of a dataflow over two nodes of two shards each, in this
+/// process over loopback (node 1 started first), each with its autoscaler.
+fn two_nodes() -> [Dataflow; 2] {
+    use dirigo_engine::runtime::{RemoteConfig, RemoteNode};
+    let mut listeners: Vec<std::net::TcpListener> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port"))
+        .collect();
+    let nodes: Vec<RemoteNode> = listeners
+        .iter()
+        .map(|l| RemoteNode {
+            addr: l.local_addr().expect("bound"),
+            shards: 2,
+        })
+        .collect();
+    let start = |me: usize, listener| {
+        let mut config = DataflowConfig::default();
+        config.runtime.shards = 2;
+        config.runtime.oversubscribe = true;
+        config.runtime.pin = false;
+        config.autoscale = Some(AutoscaleOptions {
+            interval: Duration::from_millis(20),
+            ..AutoscaleOptions::default()
+        });
+        let remote = RemoteConfig {
+            nodes: nodes.clone(),
+            me,
+            listener,
+            cluster: "autoscale".into(),
+            secret: b"two nodes, two autoscalers".to_vec(),
+            incarnation: 1 + me as u64,
+        };
+        Dataflow::start_remote(config, remote).expect("the node starts")
+    };
+    let b = start(1, listeners.pop().expect("two"));
+    let a = start(0, listeners.pop().expect("two"));
+    [a, b]
+}
+
+/// Register the job `make` builds on both nodes (the same id on each),
+/// then start it from node 0 and wait for it on both; `pack` first moves,
+/// on each node, every actor placed on its second shard to its first (a
+/// stage's partition `p` is placed on shard `p % 4` of the run). Each
+/// node's handle, rows and report.
+fn run_over_two_nodes(
+    nodes: &mut [Dataflow; 2],
+    make: impl Fn() -> (Job, Rows),
+    pack: bool,
+) -> (Vec<JobHandle>, Vec<Rows>, Vec<JobReport>) {
+    let (mut handles, mut rows) = (Vec::new(), Vec::new());
+    for node in nodes.iter_mut() {
+        let (job, collected) = make();
+        handles.push(node.register(job).expect("registers"));
+        rows.push(collected);
+    }
+    assert_eq!(handles[0].id, handles[1].id);
+    if pack {
+        for (i, node) in nodes.iter().enumerate() {
+            let first = 2 * i as u32;
+            for actor in node.actors(handles[i].id) {
+                if actor.partition % 4 == first + 1 {
+                    node.migrate(actor, ShardId(first as u16));
+                }
+            }
+        }
+    }
+    nodes[0].start_job(&handles[0]).expect("node 0 starts it");
+    let reports = nodes
+        .iter()
+        .zip(&handles)
+        .map(|(node, handle)| {
+            node.wait(handle, Duration::from_secs(120))
+                .expect("the job ends on both nodes")
+        })
+        .collect();
+    (handles, rows, reports)
+}
+
+/// Node `i`'s decisions: every move is between two of its own shards, and
+/// none reroutes unless `i` is node 0.
+fn assert_on_own_shards(i: usize, decisions: &[dirigo_engine::autoscale::Decision]) {
+    let own = |s: ShardId| usize::from(s.0) / 2 == i;
+    for d in decisions {
+        match &d.action {
+            Action::Move { from, to, .. } => {
+                assert!(own(*from) && own(*to), "node {i} moved off its shards: {d}")
+            }
+            Action::Split { .. } | Action::Merge { .. } => {
+                assert_eq!(i, 0, "only node 0 reroutes: {d}")
+            }
+            Action::Parallel { .. } | Action::Ordered { .. } => {
+                panic!("node {i} switched a stage's mode over nodes: {d}")
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Over two nodes of two shards each, every actor of a slow windowed count
+/// packed on each node's first shard: each node's autoscaler spreads its
+/// own actors to its other shard, never to the other node's, and the rows
+/// of both nodes' sinks are exactly the reference's. Node 1 runs no
+/// source: its count partitions take only records from node 0, which is
+/// what tells its autoscaler the job has input.
+#[test]
+fn over_two_nodes_each_nodes_autoscaler_spreads_its_own_actors_on_its_own_shards() {
+    const EVENTS: u64 = 1_000_000;
+    let mut nodes = two_nodes();
+    let make = || {
+        let rows: Rows = Default::default();
+        let collected = rows.clone();
+        let mut job = Job::new("spread", Duration::from_millis(200));
+        readings::source(&mut job, EVENTS)
+            .key_by(|r: &(u64, i64)| r.0)
+            .window_aggregate(
+                "slow-count",
+                4,
+                WindowSpec::Tumbling { size_ms: WINDOW_MS },
+                |r| r.1,
+                |r| r.0,
+                SlowCount { spin_ns: 500 },
+            )
+            .sink(
+                "out",
+                2,
+                Arc::new(move |_| Box::new(Collect(collected.clone()))),
+            );
+        (job, rows)
+    };
+    let (_, rows, reports) = run_over_two_nodes(&mut nodes, make, true);
+    let decisions = [nodes[0].decisions(), nodes[1].decisions()];
+    for node in nodes {
+        node.shutdown();
+    }
+    for (i, decisions) in decisions.iter().enumerate() {
+        assert_on_own_shards(i, decisions);
+        let (first, second) = (ShardId(2 * i as u16), ShardId(2 * i as u16 + 1));
+        assert!(
+            decisions.iter().any(|d| matches!(d.action,
+                Action::Move { from, to, scale: Scale::Out, .. } if from == first && to == second)),
+            "node {i} spreads its packed shard: {decisions:#?}"
+        );
+        assert!(
+            reports[i].scale_actions >= 1,
+            "node {i} counts its actions: {}",
+            reports[i].scale_actions
+        );
+    }
+    let mut all: Vec<_> = rows
+        .iter()
+        .flat_map(|r| r.lock().unwrap().clone())
+        .collect();
+    all.sort();
+    assert_eq!(all, reference(EVENTS), "exact output over both nodes");
+}
+
+/// Over two nodes, a hot partition no move relieves: on node 0 (partition
+/// 0, on its first shard) node 0's autoscaler splits it into partition 1,
+/// on its other shard, also when the stage keeps partials (split, never
+/// switched to parallel mode over nodes); on node 1 (partition 2) node 1's
+/// autoscaler does not reroute (only node 0 orders reroutes) and reports
+/// the operator that needs more activations. No move leaves a node, and
+/// the rows are exactly the reference's.
+#[test]
+fn over_two_nodes_only_node_0s_autoscaler_splits_a_hot_partition_and_into_one_of_its_own() {
+    const EVENTS: u64 = 1_000_000;
+    for (hot, two_phase) in [(0, false), (0, true), (2, false)] {
+        let context = format!("hot partition {hot}, two phases: {two_phase}");
+        let mut nodes = two_nodes();
+        let expected = hot_job_in(two_phase, EVENTS, hot).2;
+        let (handles, rows, _) = run_over_two_nodes(
+            &mut nodes,
+            || {
+                let (job, rows, _) = hot_job_in(two_phase, EVENTS, hot);
+                (job, rows)
+            },
+            false,
+        );
+        let job = handles[0].id;
+        let decisions = [nodes[0].decisions(), nodes[1].decisions()];
+        for node in nodes {
+            node.shutdown();
+        }
+        for (i, decisions) in decisions.iter().enumerate() {
+            assert_on_own_shards(i, decisions);
+        }
+        if hot == 0 {
+            assert!(
+                decisions[0].iter().any(|d| matches!(d.action,
+                    Action::Split { actor, into } if actor.job == job && actor.operator == 1
+                        && actor.partition == 0 && into.partition == 1)
+                    && !d.reason.contains("not carried out")),
+                "{context}: node 0 splits partition 0 into partition 1: {:#?}",
+                &decisions[0]
+            );
+        } else {
+            assert!(
+                decisions[1].iter().any(|d| matches!(&d.action,
+                    Action::NeedsParallelism { shard, operators }
+                        if *shard == ShardId(2) && !operators.is_empty())),
+                "{context}: node 1 reports what needs more activations: {:#?}",
+                &decisions[1]
+            );
+        }
+        let mut all: Vec<_> = rows
+            .iter()
+            .flat_map(|r| r.lock().unwrap().clone())
+            .collect();
+        all.sort();
+        assert_eq!(all, expected, "{context}: exact output over nodes");
+    }
 }

@@ -333,14 +333,15 @@ fn build_job(job: &JobConfig, cores: u32) -> Result<dirigo_engine::dataflow::Job
 
 /// This process's part of a run over nodes: every job registered before
 /// the runtime starts (so that no actor of it is asked for here before its
-/// plan is), then started from node 0; the autoscaler stays off.
+/// plan is), then started from node 0. Under `--autoscale on` each node's
+/// autoscaler moves the actors on its own shards (and node 0's splits
+/// key-group ranges); `--parallelism` keeps it off a job, as on one node.
 fn start_over_nodes(
-    mut config: DataflowConfig,
+    config: DataflowConfig,
     nodes: &NodesOptions,
     jobs: &[JobConfig],
 ) -> Result<(Dataflow, Vec<Result<JobHandle, String>>), RunError> {
     use dirigo_engine::runtime::{RemoteConfig, RemoteNode};
-    config.autoscale = None;
     let shards = u16::try_from(config.runtime.shards).map_err(|_| "too many cores".to_string())?;
     let addr = nodes.addrs[nodes.me];
     let listener = std::net::TcpListener::bind(addr).map_err(|e| {
@@ -365,13 +366,7 @@ fn start_over_nodes(
             .map_or(1, |d| d.as_nanos() as u64),
     };
     let cores = (usize::from(shards) * nodes.addrs.len()) as u32;
-    let mut built = Vec::new();
-    for job in jobs {
-        built.push(build_job(job, cores).map(|mut b| {
-            b.autoscale(false);
-            b
-        }));
-    }
+    let built = jobs.iter().map(|job| build_job(job, cores)).collect();
     let (dataflow, handles) =
         Dataflow::start_remote_with(config, remote, built).map_err(|e| e.to_string())?;
     if nodes.me == 0 {
@@ -474,11 +469,7 @@ pub fn run_jobs(
             slo_us,
             slo_violation_pct: slo_violation_pct(&report.latency_us, slo_us),
             scheduler: engine.scheduler.name().to_string(),
-            scale_actions: engine
-                .autoscale
-                .as_ref()
-                .filter(|_| engine.nodes.is_none())
-                .map(|_| report.scale_actions),
+            scale_actions: engine.autoscale.as_ref().map(|_| report.scale_actions),
             node: engine.nodes.as_ref().map(|n| n.me),
             nodes: engine.nodes.as_ref().map(|n| n.addrs.len()),
             deadline_misses: job.deadline_misses,

@@ -73,8 +73,9 @@ pub struct RunArgs {
     /// `--cores` shards; the jobs' actors are placed over all of them.
     /// Each node prints its own part (its sources' records, its sinks'
     /// rows, written to its own `--sink`); the job ends on every node when
-    /// every sink partition has. Needs `--node` and `--secret-file`; the
-    /// autoscaler stays off. With `--data-dir` (the same directory on every
+    /// every sink partition has. Needs `--node` and `--secret-file`; each
+    /// node's autoscaler moves actors among its own shards (node 0's also
+    /// splits key-group ranges). With `--data-dir` (the same directory on every
     /// node: one file system, or a shared one) node 0 commits the job's
     /// checkpoints, each node's actors writing their own state there, and
     /// its `--sink file:` holds the exactly-once output.

@@ -720,7 +720,7 @@ fn widen_or_rebalance(
 type JsonMap = serde_json::Map<String, serde_json::Value>;
 
 /// The figures of a part's summary that `merged_report` adds up.
-const SUMMED: [&str; 9] = [
+const SUMMED: [&str; 10] = [
     "events",
     "skipped",
     "late",
@@ -730,6 +730,7 @@ const SUMMED: [&str; 9] = [
     "cores",
     "stalls",
     "deactivations",
+    "scale_actions",
 ];
 
 /// What of a part's summary goes in the log: the figures

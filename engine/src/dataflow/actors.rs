@@ -1784,6 +1784,10 @@ impl<Out: Data, Op: StageOp<Out>> Aligning for StageActor<Out, Op> {
                 }
             }
             DataMsg::Records { input, batch, .. } => {
+                if batch.crossed() {
+                    let slot = self.plan.metrics.shard(ctx.shard());
+                    slot.remote_records.add(batch.len() as u64);
+                }
                 self.operator.records(input, batch, &mut self.out);
                 let out = std::mem::take(&mut self.out);
                 self.emit_out(out, ctx);
@@ -1990,10 +1994,14 @@ impl<T: Data> Aligning for SinkActor<T> {
             | DataMsg::CheckpointOver { .. } => {}
             DataMsg::Snapshot { epoch } => self.snapshot_now(epoch, ctx),
             DataMsg::Records { batch, .. } => {
+                let crossed = batch.crossed();
                 let records = batch.into_vec::<T>();
                 self.sink.write(&records);
                 let slot = self.plan.metrics.shard(ctx.shard());
                 slot.outputs.add(records.len() as u64);
+                if crossed {
+                    slot.remote_records.add(records.len() as u64);
+                }
                 let latency_ns = start_ns.saturating_sub(ctx.sched().origin_ns);
                 crate::runtime::stats::record_us(
                     &mut self.latency_us,

@@ -157,6 +157,11 @@ impl Batch {
         self.len() == 0
     }
 
+    /// Whether the records came encoded from another node.
+    pub fn crossed(&self) -> bool {
+        matches!(self.0, Repr::Encoded { .. })
+    }
+
     /// The name of the records' type.
     pub fn type_name(&self) -> &str {
         match &self.0 {

@@ -249,6 +249,10 @@ pub(crate) struct ShardSlot {
     pub skipped_records: ShardCounter,
     pub outputs: ShardCounter,
     pub late_records: ShardCounter,
+    /// Over nodes: records this shard's stages and sinks took from another
+    /// node (as the batch crossed, encoded): with `source_records`, what
+    /// tells the autoscaler a job here has input.
+    pub remote_records: ShardCounter,
     /// Average handling time per message of each stage as measured on this shard,
     /// in ns (an exponential average): the deadline estimates of this shard.
     stage_cost_ns: Box<[AtomicU64]>,
@@ -279,6 +283,7 @@ impl JobMetrics {
                 skipped_records: ShardCounter::default(),
                 outputs: ShardCounter::default(),
                 late_records: ShardCounter::default(),
+                remote_records: ShardCounter::default(),
                 stage_cost_ns: (0..stages).map(|_| AtomicU64::new(0)).collect(),
                 latency_us: Mutex::new(crate::runtime::stats::new_histogram()),
             })
@@ -308,6 +313,11 @@ impl JobMetrics {
 
     pub fn skipped_records(&self) -> u64 {
         self.sum(|s| &s.skipped_records)
+    }
+
+    /// Over nodes: records this node's stages and sinks took from others.
+    pub fn remote_records(&self) -> u64 {
+        self.sum(|s| &s.remote_records)
     }
 
     pub fn outputs(&self) -> u64 {
@@ -723,19 +733,40 @@ impl Registry {
     /// Stop every job's checkpointer (see `Dataflow::shutdown`).
     /// Every registered job as the autoscaler sees it: its SLO and whether
     /// it may be moved.
+    ///
+    /// Over nodes, as this node's autoscaler sees it: its records in are
+    /// those its sources here read and those its stages and sinks here took
+    /// from other nodes (a node may have no source of a job and still be
+    /// busy with it); a stage is split only from node 0, where reroutes are
+    /// ordered, and never switched to parallel mode (that spreads the
+    /// stage over every node's partitions, on the load of one node's).
     pub fn scaling_view(&self) -> std::collections::BTreeMap<JobId, crate::autoscale::JobSample> {
         let plans = self.plans.read().expect("plan registry poisoned");
         plans
             .iter()
             .map(|(&id, plan)| {
+                let (records_in, splittable, parallelizable) = match self.me {
+                    None => (
+                        plan.metrics.source_records(),
+                        plan.splittable(),
+                        plan.parallelizable(),
+                    ),
+                    Some(node) => (
+                        plan.metrics
+                            .source_records()
+                            .wrapping_add(plan.metrics.remote_records()),
+                        if node == 0 { plan.splittable() } else { 0 },
+                        0,
+                    ),
+                };
                 let job = crate::autoscale::JobSample {
                     slo_ns: plan.slo_ns,
                     scalable: plan.autoscale,
-                    records_in: plan.metrics.source_records(),
+                    records_in,
                     ended: plan.metrics.sinks_done.load(Ordering::Acquire)
                         >= plan.sink_partitions(),
-                    splittable: plan.splittable(),
-                    parallelizable: plan.parallelizable(),
+                    splittable,
+                    parallelizable,
                 };
                 (id, job)
             })
@@ -1011,8 +1042,9 @@ impl Dataflow {
     /// `Plan::monitors`); its figures are its own shards'. Reroutes are
     /// ordered from node 0 only, and node 0 commits the checkpoints of a
     /// job that takes them (into a data directory every node reaches, see
-    /// `checkpoint::nodes`). Not yet over nodes: the autoscaler (refused
-    /// here).
+    /// `checkpoint::nodes`). With `DataflowConfig::autoscale`, each node
+    /// runs its own autoscaler over its own shards (`scaling`): it moves
+    /// this node's actors among them, and on node 0 splits key-group ranges.
     pub fn start_remote(
         config: DataflowConfig,
         remote: crate::runtime::RemoteConfig,
@@ -1030,11 +1062,6 @@ impl Dataflow {
         remote: crate::runtime::RemoteConfig,
         jobs: Vec<Result<Job, String>>,
     ) -> Result<(Self, Vec<Result<JobHandle, String>>), StartError> {
-        if config.autoscale.is_some() {
-            return Err(StartError(
-                "the autoscaler does not run over a dataflow that spans nodes yet".into(),
-            ));
-        }
         let node = remote.me;
         let total = remote
             .nodes
@@ -1081,11 +1108,14 @@ impl Dataflow {
                 return Err(e);
             }
         };
+        let scaler = config
+            .autoscale
+            .map(|options| scaling::Driver::start(options, runtime.clone(), registry.clone()));
         let dataflow = Dataflow {
             runtime,
             registry,
             next_job,
-            scaler: None,
+            scaler,
             node: Some(node),
         };
         let _ = dataflow.registry.post.set(post_through(&dataflow.runtime));
@@ -1140,8 +1170,11 @@ impl Dataflow {
         // Serverless sizing: under the autoscaler a scalable job starts on
         // one shard, and is spread from there as its load needs. Its actors
         // are not active yet: each move only renames their shard, before the
-        // first message.
-        if let Some(scaler) = self.scaler.as_ref().filter(|_| scalable) {
+        // first message. Not over nodes: there every node places a job's
+        // actors alike over all the run's shards, and each node's
+        // autoscaler moves only those on its own.
+        let starts_small = scalable && self.node.is_none();
+        if let Some(scaler) = self.scaler.as_ref().filter(|_| starts_small) {
             let live: Vec<ShardId> = (0..self.runtime.shards())
                 .map(|s| ShardId(s as u16))
                 .filter(|s| !self.runtime.is_dead(*s))

@@ -8,6 +8,13 @@
 //! and kept in a bounded log ([`Dataflow::decisions`](super::Dataflow)); with
 //! [`AutoscaleOptions::log_decisions`] it is also printed to stderr as it is
 //! made.
+//!
+//! Over nodes each node runs one over its own shards: the model's shards
+//! are the run's up to this node's last, those of the nodes before it
+//! given as dead (never a destination, and no actor of theirs is in this
+//! node's reports), so every move it makes is between two of this node's
+//! shards. Across nodes, the cluster's leader places a job's parts by the
+//! CPU their nodes use (`dirigo node`).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -193,9 +200,15 @@ fn run(
         let now = Instant::now();
         let elapsed_ns = now.duration_since(last).as_nanos() as u64;
         last = now;
+        // Over nodes, this node's shards are `first..first + shards()` of
+        // the run's: those before are other nodes', never a destination.
+        let first = runtime.first_shard().index();
         let mut sample = Sample {
-            shards: runtime.shards(),
-            dead: stats.dead.clone(),
+            shards: first + runtime.shards(),
+            dead: (0..first)
+                .map(|s| ShardId(s as u16))
+                .chain(stats.dead.iter().copied())
+                .collect(),
             actors: Vec::new(),
             jobs,
         };
@@ -218,9 +231,13 @@ fn run(
                 }
                 _ => None,
             };
-            let first = sample.actors.len();
+            let reported_from = sample.actors.len();
             for actor in &report.actors {
-                if actor.id.operator == INJECTOR_OPERATOR {
+                // The injector is the shard's; a job's monitor over nodes
+                // stays on its node's first shard (`Plan::monitors`).
+                if actor.id.operator == INJECTOR_OPERATOR
+                    || actor.id.operator == super::graph::MONITOR_STAGE
+                {
                     continue;
                 }
                 let counters = &actor.counters;
@@ -240,7 +257,7 @@ fn run(
                 seen.insert(actor.id, now_seen);
             }
             if let Some(busy_ns) = busy_ns {
-                charge_runtime_time(&mut sample.actors[first..], busy_ns);
+                charge_runtime_time(&mut sample.actors[reported_from..], busy_ns);
             }
         }
         // An actor not reported for a while is gone (deactivated, or its
