@@ -567,6 +567,14 @@ fn an_unknown_query_is_a_clear_error() {
 /// each, in this process and connected over loopback (node 1 started
 /// first).
 fn two_nodes(shards: u16) -> (Dataflow, Dataflow) {
+    two_nodes_with(shards, None)
+}
+
+/// `two_nodes`, each node running its autoscaler with `autoscale`.
+fn two_nodes_with(
+    shards: u16,
+    autoscale: Option<dirigo_engine::dataflow::AutoscaleOptions>,
+) -> (Dataflow, Dataflow) {
     use dirigo_engine::runtime::{RemoteConfig, RemoteNode};
     let mut listeners: Vec<std::net::TcpListener> = (0..2)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port"))
@@ -583,6 +591,7 @@ fn two_nodes(shards: u16) -> (Dataflow, Dataflow) {
         config.runtime.shards = usize::from(shards);
         config.runtime.oversubscribe = true;
         config.runtime.pin = false;
+        config.autoscale = autoscale.clone();
         let remote = RemoteConfig {
             nodes: nodes.clone(),
             me,
@@ -616,6 +625,22 @@ fn submit_spanning(
     rate: Option<u64>,
     sinks: Option<u32>,
 ) -> Spanning {
+    let (node0, spanning) = register_spanning(nodes, query, source, rate, sinks);
+    node0
+        .start_job(&spanning.parts[0].handle)
+        .expect("node 0 starts it");
+    spanning
+}
+
+/// `submit_spanning` up to the start: the job registered on both nodes;
+/// node 0, to start it.
+fn register_spanning<'a>(
+    nodes: [&'a mut Dataflow; 2],
+    query: &'static str,
+    source: EventSource,
+    rate: Option<u64>,
+    sinks: Option<u32>,
+) -> (&'a Dataflow, Spanning) {
     let mut parts = Vec::new();
     for dataflow in nodes {
         let rows = Arc::new(Mutex::new(Vec::new()));
@@ -643,15 +668,14 @@ fn submit_spanning(
         ));
     }
     assert_eq!(parts[0].1.handle.id, parts[1].1.handle.id);
-    parts[0]
-        .0
-        .start_job(&parts[0].1.handle)
-        .expect("node 0 starts it");
-    let parts: Vec<Submitted> = parts.into_iter().map(|(_, s)| s).collect();
-    Spanning {
+    let mut parts = parts.into_iter();
+    let (node0, first) = parts.next().expect("two parts");
+    let (_, second) = parts.next().expect("two parts");
+    let spanning = Spanning {
         query,
-        parts: parts.try_into().ok().expect("two parts"),
-    }
+        parts: [first, second],
+    };
+    (node0, spanning)
 }
 
 /// Whether the job is done on both nodes: each node's monitor of it has
@@ -777,6 +801,72 @@ fn every_query_matches_the_reference_over_two_nodes_while_actors_move_between_th
         a.shutdown();
         b.shutdown();
     }
+}
+
+/// Every query as one job over two nodes of two shards each (in this
+/// process), each node running its own autoscaler (every 10 ms), and every
+/// actor of each node placed on its first shard before the start: each
+/// node's autoscaler spreads its own actors to its other shard while the
+/// queries run at full speed, no move leaves a node, and every query's
+/// rows equal the reference's.
+#[test]
+fn every_query_matches_the_reference_over_two_nodes_while_each_nodes_autoscaler_moves_actors() {
+    use dirigo_engine::autoscale::Action;
+    let autoscale = dirigo_engine::dataflow::AutoscaleOptions {
+        interval: Duration::from_millis(10),
+        ..Default::default()
+    };
+    let (mut a, mut b) = two_nodes_with(2, Some(autoscale));
+    let events_n = 100_000;
+    let (config, input) = generated(21, events_n);
+    let mut submitted = Vec::new();
+    for q in QUERIES {
+        let source = EventSource::Generator {
+            config: config.clone(),
+            events: events_n,
+        };
+        let (_, spanning) = register_spanning([&mut a, &mut b], q, source, None, None);
+        // Partition `p` of a stage is placed on shard `p % 4` of the run:
+        // node 0 has shards 0 and 1, node 1 shards 2 and 3.
+        for (i, node) in [&a, &b].into_iter().enumerate() {
+            let first = 2 * i as u32;
+            for actor in node.actors(spanning.parts[i].handle.id) {
+                if actor.partition % 4 == first + 1 {
+                    node.migrate(actor, ShardId(first as u16));
+                }
+            }
+        }
+        submitted.push(spanning);
+    }
+    for spanning in &submitted {
+        a.start_job(&spanning.parts[0].handle)
+            .expect("node 0 starts it");
+    }
+    check_spanning(
+        [&a, &b],
+        submitted,
+        &input,
+        "autoscaled over two nodes",
+        true,
+    );
+    for (i, node) in [&a, &b].into_iter().enumerate() {
+        let decisions = node.decisions();
+        let own = |s: ShardId| usize::from(s.0) / 2 == i;
+        let moves = decisions
+            .iter()
+            .filter(|d| match d.action {
+                Action::Move { from, to, .. } => {
+                    assert!(own(from) && own(to), "node {i} moved off its shards: {d}");
+                    !d.reason.contains("not carried out")
+                }
+                _ => false,
+            })
+            .count();
+        eprintln!("node {i}: {moves} moves of {} decisions", decisions.len());
+        assert!(moves >= 1, "node {i}'s autoscaler moves: {decisions:#?}");
+    }
+    a.shutdown();
+    b.shutdown();
 }
 
 /// Key groups of every keyed stage change owner at random, ordered from
