@@ -1879,6 +1879,9 @@ fn a_job_over_two_nodes_reports_the_figures_of_both_parts() {
         "{done}"
     );
     assert_eq!(figures["cores"].as_u64(), Some(2), "{done}");
+    // Each part runs its node's autoscaler over its one shard: nothing to
+    // move to, and the parts' counts added up.
+    assert_eq!(figures["scale_actions"].as_u64(), Some(0), "{done}");
     let per_s = figures["events_per_s"].as_f64().unwrap();
     let elapsed_s = figures["elapsed_s"].as_f64().unwrap();
     assert!(

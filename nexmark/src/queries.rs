@@ -223,7 +223,8 @@ pub enum Output {
 #[derive(Clone)]
 pub struct QueryOptions {
     pub source: EventSource,
-    /// Partitions of the generator source (a reader always has one).
+    /// Partitions of the source: the generator's, or a file's (each reads
+    /// its own split of the file).
     pub source_parallelism: u32,
     /// Partitions of each keyed stage.
     pub parallelism: u32,

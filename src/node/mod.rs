@@ -3319,7 +3319,7 @@ mod tests {
             serde_json::json!({
                 "query": "q5", "cores": 1, "events": events, "outputs": outputs,
                 "elapsed_s": elapsed_s, "events_per_s": events as f64 / elapsed_s,
-                "slo_violation_pct": pct, "deadline_misses": 1,
+                "slo_violation_pct": pct, "deadline_misses": 1, "scale_actions": max / 10,
                 "latency_us": {"p50": 10, "p99": 20, "max": max},
                 "checkpoints": {"completed": 4},
             })
@@ -3334,6 +3334,8 @@ mod tests {
         assert_eq!(merged["outputs"], 400);
         assert_eq!(merged["cores"], 2);
         assert_eq!(merged["deadline_misses"], 2);
+        // Each node's autoscaler acts on its own part: 5 and 9 actions.
+        assert_eq!(merged["scale_actions"], 14);
         assert_eq!(merged["elapsed_s"], 4.0);
         assert_eq!(merged["events_per_s"], 250.0);
         assert_eq!(merged["events_per_s_per_core"], 125.0);
