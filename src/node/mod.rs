@@ -396,6 +396,7 @@ fn write_started(data_dir: &Path, number: u64, epoch: u64) -> Result<(), String>
 /// that lost a peer, which is run again ([`RESTART_AFTER`]).
 fn note_end(core: &mut Core, run: &Run, end: RunEnd, now: Instant) {
     let key = (run.job.clone(), run.epoch);
+    let new_ports = matches!(end, RunEnd::PortTaken(_));
     match end {
         RunEnd::Outcome(Outcome::Finished { report }) if run.part > 0 => {
             core.parts_done.insert(key, report);
@@ -404,11 +405,7 @@ fn note_end(core: &mut Core, run: &Run, end: RunEnd, now: Instant) {
             core.ended.insert(key, outcome);
         }
         // A port taken is run again on other ports, and counts as quick.
-        end @ (RunEnd::PeerLost(_) | RunEnd::PortTaken(_)) => {
-            let new_ports = matches!(end, RunEnd::PortTaken(_));
-            let (RunEnd::PeerLost(why) | RunEnd::PortTaken(why)) = end else {
-                unreachable!("matched above");
-            };
+        RunEnd::PeerLost(why) | RunEnd::PortTaken(why) => {
             let lost = Lost {
                 at: now,
                 why,
@@ -523,12 +520,22 @@ fn cpu_view(
     cpu
 }
 
+/// The CPU of `job`'s part on `node`, where measured.
+fn measured(cpu: &CpuView, node: u64, job: &str) -> Option<u32> {
+    cpu.get(&(node, job.to_string())).copied()
+}
+
 /// The weight of a part of `job` on `node`: as measured, else
 /// [`UNMEASURED_MILLI`].
 fn part_milli(cpu: &CpuView, node: u64, job: &str) -> u32 {
-    cpu.get(&(node, job.to_string()))
-        .copied()
-        .unwrap_or(UNMEASURED_MILLI)
+    measured(cpu, node, job).unwrap_or(UNMEASURED_MILLI)
+}
+
+/// Thousandths of a core added up (saturating).
+fn total_milli<'a>(milli: impl IntoIterator<Item = &'a u32>) -> u32 {
+    milli
+        .into_iter()
+        .fold(0u32, |sum, m| sum.saturating_add(*m))
 }
 
 /// Per node of `live` (nodes not in it count none): the parts of running
@@ -543,7 +550,7 @@ fn load_of(
         if job.state == JobState::Running {
             for node in job.placement() {
                 if let Some(l) = load.get_mut(&node) {
-                    l.add(cpu.get(&(node, job.name.clone())).copied());
+                    l.add(measured(cpu, node, &job.name));
                 }
             }
         }
@@ -633,7 +640,7 @@ fn widen_or_rebalance(
         let mut load = load.clone();
         for node in job.placement() {
             let l = load.get_mut(&node).expect("whole");
-            l.remove(cpu.get(&(node, job.name.clone())).copied());
+            l.remove(measured(cpu, node, &job.name));
         }
         let mut free = in_use.clone();
         for port in &job.ports {
@@ -677,7 +684,7 @@ fn widen_or_rebalance(
             let parts = j
                 .placement()
                 .into_iter()
-                .map(|n| (n, cpu.get(&(n, j.name.clone())).copied()))
+                .map(|n| (n, measured(cpu, n, &j.name)))
                 .collect();
             (j.name.clone(), parts)
         })
@@ -3013,11 +3020,8 @@ impl Node {
             .filter(|(_, (_, at))| now.duration_since(*at) < load::REPORT_FRESH)
             .map(|(id, report)| (*id, report.clone()))
             .collect();
-        let sum = |parts: &mut dyn Iterator<Item = &u32>| {
-            parts.fold(0u32, |sum, milli| sum.saturating_add(*milli))
-        };
         let own = core.meter.parts();
-        let own_milli = sum(&mut own.values());
+        let own_milli = total_milli(own.values());
         let cpu = cpu_view(self.id, &core.state, own, &fresh);
         let nodes: Vec<serde_json::Value> = core
             .state
@@ -3027,7 +3031,7 @@ impl Node {
                 let cpu_milli = if *id == self.id {
                     Some(own_milli)
                 } else {
-                    fresh.get(id).map(|(parts, _)| sum(&mut parts.values()))
+                    fresh.get(id).map(|(parts, _)| total_milli(parts.values()))
                 };
                 serde_json::json!({
                     "id": id,
@@ -3070,11 +3074,10 @@ impl Node {
                 let parts: Vec<u32> = job
                     .placement()
                     .into_iter()
-                    .filter_map(|n| cpu.get(&(n, job.name.clone())).copied())
+                    .filter_map(|n| measured(&cpu, n, &job.name))
                     .collect();
                 if !parts.is_empty() {
-                    let sum = parts.iter().fold(0u32, |sum, m| sum.saturating_add(*m));
-                    object.insert("cpu_milli".into(), sum.into());
+                    object.insert("cpu_milli".into(), total_milli(&parts).into());
                 }
             }
             if let Some(error) = &job.error {

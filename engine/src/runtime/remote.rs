@@ -1162,18 +1162,18 @@ async fn send_loop<M: Wire>(
             }
             progress = true;
             let before = waiting[j].len();
-            let in_parts = stats.message_parts_out.load(Ordering::Relaxed);
-            Framer {
+            let mut framer = Framer {
                 body_max,
                 message_bytes: message_bytes[j],
                 out: &mut waiting[j],
                 stats,
                 on_failure: &parts.on_failure,
-            }
-            .encode(items);
+                parted: false,
+            };
+            framer.encode(items);
             // A move, or a message sent in parts, says nothing of the
             // next batch's messages: the measure stays.
-            let parted = stats.message_parts_out.load(Ordering::Relaxed) != in_parts;
+            let parted = framer.parted;
             if !moves && !parted && messages > 0 {
                 let bytes: usize = waiting[j].iter().skip(before).map(Vec::len).sum();
                 message_bytes[j] = bytes.div_ceil(messages);
@@ -1261,6 +1261,8 @@ struct Framer<'a> {
     out: &'a mut std::collections::VecDeque<Vec<u8>>,
     stats: &'a RemoteStats,
     on_failure: &'a Option<FailureHook>,
+    /// A message went in parts (`send_in_parts`).
+    parted: bool,
 }
 
 impl Framer<'_> {
@@ -1389,7 +1391,10 @@ impl Framer<'_> {
         let parts = bytes.len().div_ceil(part_bytes) as u32;
         let counter = match of {
             PartsOf::Move { .. } => &self.stats.handoff_parts_out,
-            PartsOf::Message { .. } => &self.stats.message_parts_out,
+            PartsOf::Message { .. } => {
+                self.parted = true;
+                &self.stats.message_parts_out
+            }
         };
         add(counter, u64::from(parts));
         for (part, chunk) in bytes.chunks(part_bytes).enumerate() {
@@ -2082,6 +2087,7 @@ mod tests {
             out,
             stats,
             on_failure,
+            parted: false,
         }
         .encode(items);
     }
@@ -2147,6 +2153,7 @@ mod tests {
                 out: &mut frames,
                 stats: &stats,
                 on_failure: &None,
+                parted: false,
             }
             .encode(vec![run(1, 40), run(41, 10)]);
             // Runs of 5 fit 8 KiB; a measure of 20,000 bytes a message
