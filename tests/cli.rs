@@ -319,6 +319,40 @@ fn bench_density_json_has_every_figure() {
 }
 
 #[test]
+fn bench_relays_json_has_every_figure_and_equal_rows() {
+    let report = json_report(&[
+        "bench", "relays", "--json", "--runs", "1", "--events", "300000", "--cores", "2",
+    ]);
+    assert_keys(
+        &report,
+        &[
+            "fused_events_per_s",
+            "relays_events_per_s",
+            "ratio",
+            "unchain_actions",
+            "rechain_actions",
+            "rows_equal",
+            "rows",
+            "fused_samples",
+            "relays_samples",
+            "events",
+            "rounds",
+            "runs",
+            "cores",
+            "machine",
+        ],
+    );
+    assert_eq!(report["rows_equal"], true, "{report}");
+    // 300,000 numbers are 3 windows of 100 ms; each has every key of 1,000.
+    assert_eq!(report["rows"], 3_000, "{report}");
+    for key in ["fused_events_per_s", "relays_events_per_s", "ratio"] {
+        assert!(report[key].as_f64().unwrap() > 0.0, "{key} in {report}");
+    }
+    assert!(report["unchain_actions"].is_u64(), "{report}");
+    assert!(report["rechain_actions"].is_u64(), "{report}");
+}
+
+#[test]
 fn bench_ingest_json_has_every_figure_and_reads_every_event() {
     let report = json_report(&[
         "bench", "ingest", "--json", "--events", "20000", "--runs", "1",

@@ -21,9 +21,11 @@ fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
     path
 }
 
+/// An engine of `shards` (more than the machine's cores share them).
 fn engine(shards: usize) -> Dataflow {
     let mut config = DataflowConfig::default();
     config.runtime.shards = shards;
+    config.runtime.oversubscribe = true;
     Dataflow::start(config).expect("engine starts")
 }
 
@@ -60,30 +62,35 @@ fn submit(
     rate: Option<u64>,
 ) -> Submitted {
     let sinks = dataflow.shards() as u32;
-    submit_with(dataflow, query, source, rate, sinks)
+    let shards = dataflow.shards() as u32;
+    submit_with(dataflow, query, source, rate, (shards, sinks))
 }
 
-/// As `submit`, with `sink_parallelism` sink partitions.
+/// As `submit`, with `source_parallelism` source and `sink_parallelism`
+/// sink partitions.
 fn submit_with(
     dataflow: &mut Dataflow,
     query: &'static str,
     source: EventSource,
     rate: Option<u64>,
-    sink_parallelism: u32,
+    (source_parallelism, sink_parallelism): (u32, u32),
 ) -> Submitted {
     let rows = Arc::new(Mutex::new(Vec::new()));
     let collected = rows.clone();
     let shards = dataflow.shards() as u32;
     let options = QueryOptions {
         source,
-        source_parallelism: shards,
+        source_parallelism,
         parallelism: 2 * shards + 1,
         slo: Duration::from_millis(50),
         pace: rate.map(dirigo_engine::dataflow::RateSchedule::constant),
         output: Output::JsonLines(Arc::new(move |_| Box::new(CollectJson(collected.clone())))),
         sink_parallelism,
     };
-    let job = build(query, &options).expect("query builds");
+    let mut job = build(query, &options).expect("query builds");
+    // No autoscaler here: relays (where a source has fewer partitions than
+    // shards) only if asked for.
+    job.relays(true);
     let handle = dataflow.submit(job).expect("job submits");
     Submitted {
         query,
@@ -256,7 +263,7 @@ fn every_query_matches_the_reference_while_key_groups_reroute() {
                     events: events_n,
                 };
                 // Paced to run about 0.8 s, to be rerouted many times.
-                submit_with(&mut dataflow, q, source, Some(50_000), 1)
+                submit_with(&mut dataflow, q, source, Some(50_000), (shards as u32, 1))
             })
             .collect();
         let stages: Vec<_> = submitted
@@ -304,6 +311,91 @@ fn every_query_matches_the_reference_while_key_groups_reroute() {
                 keyed.stage
             );
         }
+        dataflow.shutdown();
+    }
+}
+
+/// Every query from a source of one partition, on 2 and 3 shards: the steps
+/// fused into a stage of fewer partitions than shards (the source's
+/// filters and maps, before a sink or a window of a mergeable aggregate)
+/// are split out onto their relays and fused back at random, while key
+/// groups reroute and actors migrate: every query's rows equal the
+/// reference's (q4 to one sink partition, as above; its averages keep
+/// their order, so its steps are never split out).
+#[test]
+fn every_query_matches_the_reference_while_steps_switch_between_fused_and_relays() {
+    for (shards, seed) in [(2usize, 9u64), (3, 10)] {
+        let mut dataflow = engine(shards);
+        let events_n = 40_000;
+        let (config, input) = generated(seed, events_n);
+        let submitted: Vec<Submitted> = QUERIES
+            .iter()
+            .map(|q| {
+                let source = EventSource::Generator {
+                    config: config.clone(),
+                    events: events_n,
+                };
+                let sinks = if *q == "q4" { 1 } else { shards as u32 };
+                submit_with(&mut dataflow, q, source, Some(50_000), (1, sinks))
+            })
+            .collect();
+        // The stages with relays: those a switch is not refused for.
+        let (mut relayed, mut queries) = (Vec::new(), Vec::new());
+        for s in &submitted {
+            let job = s.handle.id;
+            let stages: std::collections::BTreeSet<u32> = dataflow
+                .actors(job)
+                .into_iter()
+                .map(|a| a.operator)
+                .collect();
+            let with_relays: Vec<u32> = stages
+                .into_iter()
+                .filter(|&stage| dataflow.unchain(job, stage, false).is_ok())
+                .collect();
+            if !with_relays.is_empty() {
+                queries.push(s.query);
+            }
+            relayed.extend(with_relays.into_iter().map(|stage| (job, stage)));
+        }
+        // Their source's steps feed a sink (q0-q2) or a window of a
+        // mergeable aggregate (q5, q7); q3, q4 and q8 feed joins first.
+        assert_eq!(queries, ["q0", "q1", "q2", "q5", "q7"], "{relayed:?}");
+        let stages: Vec<_> = submitted
+            .iter()
+            .flat_map(|s| {
+                let job = s.handle.id;
+                dataflow
+                    .keyed_stages(job)
+                    .into_iter()
+                    .map(move |k| (job, k))
+            })
+            .collect();
+        let actors: Vec<_> = submitted
+            .iter()
+            .flat_map(|s| dataflow.actors(s.handle.id))
+            .collect();
+        let mut rng = dirigo_engine::runtime::sim::SimRng::new(seed);
+        let (mut switches, mut reroutes, mut rounds) = (0u64, 0u64, 0u64);
+        while !submitted.iter().all(|s| s.handle.is_done()) && rounds < 20_000 {
+            rounds += 1;
+            let (job, stage) = relayed[rng.below(relayed.len() as u64) as usize];
+            if dataflow.unchain(job, stage, rng.below(2) == 0).is_ok() {
+                switches += 1;
+            }
+            if rng.below(4) == 0 {
+                let (ordered, _) = reroute_at_random(&dataflow, &mut rng, &stages, &actors);
+                reroutes += ordered as u64;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        assert!(switches >= 100, "seed {seed}: only {switches} switches");
+        check(
+            submitted,
+            &input,
+            &format!(
+                "switching seed {seed} on {shards} shards ({switches} switches, {reroutes} reroutes)"
+            ),
+        );
         dataflow.shutdown();
     }
 }

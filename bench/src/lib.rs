@@ -27,6 +27,10 @@
 //!   window p99 stays over the SLO after the step, the autoscaler's moves,
 //!   every row checked against the baseline's, the process's CPU while the
 //!   job idles, and the time to the first row after the pause.
+//! - [`relays`]: a job whose cost is a step fused into a source of one
+//!   partition, with the step kept fused (the baseline) and with the
+//!   autoscaler free to split it out onto relays: throughput, splits, and
+//!   the rows of every run equal.
 //! - [`migrate`]: the pause of a live migration of an actor with 1 MiB of state,
 //!   under a steady stream of messages from both shards, and the exactly-once,
 //!   in-order check of every message across 1000 moves.
@@ -50,6 +54,7 @@ pub mod migrate;
 pub mod net;
 pub mod net_actors;
 pub mod nexmark;
+pub mod relays;
 pub mod scaling;
 
 use std::fmt;

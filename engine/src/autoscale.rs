@@ -116,6 +116,14 @@ use std::fmt;
 
 use crate::ids::{ActorId, JobId, ShardId};
 
+/// A split of steps out, to be judged: its step, its job's records in per
+/// step before it, and its job's records in at it.
+type Unchained = (u64, f64, u64);
+
+/// Steps over which a job's input rate before a split of steps out is
+/// taken (`Autoscaler::check_unchained`).
+const RATE_STEPS: usize = 4;
+
 /// The model's knobs. The defaults suit 50 ms steps.
 #[derive(Clone, Debug)]
 pub struct AutoscaleConfig {
@@ -213,6 +221,11 @@ pub struct JobSample {
     /// Bit `s` set: stage `s` is splittable and keeps partials or no state,
     /// so it may run in parallel mode.
     pub parallelizable: u64,
+    /// Bit `s` set: stage `s` has fused steps toward a relay of some
+    /// partitions, and they may be split out onto it (`Action::Unchain`).
+    pub unchainable: u64,
+    /// Bit `s` set: stage `s` is a relay of some partitions.
+    pub relays: u64,
 }
 
 /// What the runtime measured over one interval.
@@ -248,6 +261,13 @@ pub enum Action {
     Parallel { job: JobId, stage: u32 },
     /// Back from parallel mode to the stage's table of key groups.
     Ordered { job: JobId, stage: u32 },
+    /// Split the stateless steps fused into `stage` out onto its relays:
+    /// each output batch goes to the relay partition with the least
+    /// backlog, which runs them (a stage of fewer partitions than shards,
+    /// busy with its steps, that nothing else can spread).
+    Unchain { job: JobId, stage: u32 },
+    /// Fuse them back into `stage` once load fell.
+    Rechain { job: JobId, stage: u32 },
     /// `shard` is overloaded and no move or split can relieve it: the
     /// operators on it need these activations (job, stage, activations
     /// now, needed).
@@ -287,10 +307,13 @@ impl Action {
     pub fn scale(&self) -> Option<Scale> {
         match self {
             Action::Move { scale, .. } => Some(*scale),
-            Action::Split { .. } | Action::Parallel { .. } => Some(Scale::Out),
-            Action::Merge { .. } | Action::Ordered { .. } | Action::ScaleToZero { .. } => {
-                Some(Scale::In)
+            Action::Split { .. } | Action::Parallel { .. } | Action::Unchain { .. } => {
+                Some(Scale::Out)
             }
+            Action::Merge { .. }
+            | Action::Ordered { .. }
+            | Action::Rechain { .. }
+            | Action::ScaleToZero { .. } => Some(Scale::In),
             Action::NeedsParallelism { .. } | Action::Wake { .. } => None,
         }
     }
@@ -317,7 +340,9 @@ impl Decision {
             Action::ScaleToZero { job }
             | Action::Wake { job }
             | Action::Parallel { job, .. }
-            | Action::Ordered { job, .. } => Some(*job),
+            | Action::Ordered { job, .. }
+            | Action::Unchain { job, .. }
+            | Action::Rechain { job, .. } => Some(*job),
             Action::NeedsParallelism { .. } => None,
         }
     }
@@ -359,6 +384,16 @@ impl fmt::Display for Decision {
             Action::Ordered { job, stage } => write!(
                 f,
                 "step {}: scale in: ordered mode for job {} stage {stage}: {}",
+                self.step, job.0, self.reason
+            ),
+            Action::Unchain { job, stage } => write!(
+                f,
+                "step {}: scale out: job {} stage {stage}'s fused steps to its relays: {}",
+                self.step, job.0, self.reason
+            ),
+            Action::Rechain { job, stage } => write!(
+                f,
+                "step {}: scale in: job {} stage {stage}'s steps fused back: {}",
                 self.step, job.0, self.reason
             ),
             Action::NeedsParallelism { shard, operators } => {
@@ -431,6 +466,16 @@ pub struct Autoscaler {
     splitting: BTreeMap<ActorId, u64>,
     /// Steps in a row with no shard over the target load or late.
     calm_steps: u64,
+    /// Stages whose steps were split out and not yet checked: the step of
+    /// the split, its job's records in per step before it, and its job's
+    /// records in at it.
+    unchained_at: BTreeMap<(JobId, u32), Unchained>,
+    /// Per job, its records in at the last step and over the last
+    /// `RATE_STEPS` steps (each step's).
+    rates: BTreeMap<JobId, (u64, std::collections::VecDeque<u64>)>,
+    /// Stages whose split out relieved nothing, with the step until which
+    /// they are not split out again.
+    unchain_refused: BTreeMap<(JobId, u32), u64>,
 }
 
 /// What a split or a switch to parallel mode did, to be undone.
@@ -440,13 +485,15 @@ enum Spread {
     Split(ActorId, ActorId),
     /// A stage in parallel mode.
     Parallel(JobId, u32),
+    /// A stage whose fused steps run on its relays.
+    Unchained(JobId, u32),
 }
 
 impl Spread {
     fn job(&self) -> JobId {
         match *self {
             Spread::Split(actor, _) => actor.job,
-            Spread::Parallel(job, _) => job,
+            Spread::Parallel(job, _) | Spread::Unchained(job, _) => job,
         }
     }
 }
@@ -471,6 +518,10 @@ struct Measured {
     splittable: bool,
     /// Its stage may run in parallel mode (`JobSample::parallelizable`).
     parallelizable: bool,
+    /// Its stage's fused steps may be split out (`JobSample::unchainable`).
+    unchainable: bool,
+    /// Its stage is a relay (`JobSample::relays`).
+    relay: bool,
 }
 
 impl Autoscaler {
@@ -487,6 +538,9 @@ impl Autoscaler {
             splits: Vec::new(),
             splitting: BTreeMap::new(),
             calm_steps: 0,
+            unchained_at: BTreeMap::new(),
+            rates: BTreeMap::new(),
+            unchain_refused: BTreeMap::new(),
         }
     }
 
@@ -588,6 +642,7 @@ impl Autoscaler {
         if live_shards < 2 {
             return Vec::new();
         }
+        self.track_rates(&sample.jobs);
         let measured = self.measure(sample);
         let mut load = vec![0.0f64; sample.shards];
         let mut late = vec![false; sample.shards];
@@ -730,6 +785,7 @@ impl Autoscaler {
             decisions.push(move_decision(step, m, (hot, cool), Scale::Out, reason));
             self.spread(m, (hot, cool), &mut load, &mut place);
         }
+        decisions.extend(self.check_unchained(step, &sample.jobs));
         self.cold_steps.resize(sample.shards, 0);
         for (s, &l) in load.iter().enumerate() {
             self.cold_steps[s] = if l < self.config.low_load {
@@ -756,6 +812,12 @@ impl Autoscaler {
                 last_load: &last_load,
             };
             if let Some(decision) = self.split(step, shard, &measured, &mut load, &mut place, room)
+            {
+                decisions.push(decision);
+                continue;
+            }
+            if let Some(decision) =
+                self.unchain_busiest(step, (shard, load[shard]), &measured, &place)
             {
                 decisions.push(decision);
                 continue;
@@ -923,6 +985,12 @@ impl Autoscaler {
                     parallelizable: job.is_some_and(|j| {
                         a.id.operator < 64 && j.parallelizable & (1 << a.id.operator) != 0
                     }),
+                    unchainable: job.is_some_and(|j| {
+                        a.id.operator < 64 && j.unchainable & (1 << a.id.operator) != 0
+                    }),
+                    relay: job.is_some_and(|j| {
+                        a.id.operator < 64 && j.relays & (1 << a.id.operator) != 0
+                    }),
                 }
             })
             .collect()
@@ -944,12 +1012,20 @@ impl Autoscaler {
         room: Room<'_>,
     ) -> Option<Decision> {
         let free = |id: &ActorId| !self.splitting.contains_key(id);
+        let unchained = |m: &Measured| {
+            let spread = Spread::Unchained(m.id.job, m.id.operator);
+            self.splits.iter().any(|(s, _)| *s == spread)
+        };
         let m = measured
             .iter()
-            .filter(|m| place.get(&m.id) == Some(&hot) && m.scalable && m.splittable)
+            .filter(|m| place.get(&m.id) == Some(&hot) && m.scalable)
+            .filter(|m| m.splittable || (m.unchainable && !unchained(m) && self.may_unchain(m)))
             .filter(|m| m.busy >= self.config.min_gain && free(&m.id))
             .max_by(|a, b| a.busy.total_cmp(&b.busy).then(b.id.cmp(&a.id)))?;
         let stage = (m.id.job, m.id.operator);
+        if !m.splittable {
+            return Some(self.unchain(step, (hot, load[hot]), m, measured));
+        }
         if m.parallelizable {
             // Its partials merge downstream: every partition may take any
             // batch, so the stage's load spreads over all its partitions at
@@ -1060,6 +1136,145 @@ impl Autoscaler {
         Some(decision)
     }
 
+    /// The busiest actor on the stuck shard `hot` whose stage's steps may
+    /// still be split out onto relays: for when a split found no partition
+    /// to take half (a keyed producer of fewer partitions than shards).
+    fn unchain_busiest(
+        &mut self,
+        step: u64,
+        (hot, hot_load): (usize, f64),
+        measured: &[Measured],
+        place: &BTreeMap<ActorId, usize>,
+    ) -> Option<Decision> {
+        let m = measured
+            .iter()
+            .filter(|m| place.get(&m.id) == Some(&hot) && m.scalable && m.unchainable)
+            .filter(|m| m.busy >= self.config.min_gain && !self.splitting.contains_key(&m.id))
+            .filter(|m| {
+                let spread = Spread::Unchained(m.id.job, m.id.operator);
+                !self.splits.iter().any(|(s, _)| *s == spread) && self.may_unchain(m)
+            })
+            .max_by(|a, b| a.busy.total_cmp(&b.busy).then(b.id.cmp(&a.id)))?;
+        Some(self.unchain(step, (hot, hot_load), m, measured))
+    }
+
+    /// Whether `m`'s stage may have its steps split out: once its job's
+    /// input rate is known (`RATE_STEPS` steps: the split is judged against
+    /// it), and not while a split of them that slowed the job is recent.
+    fn may_unchain(&self, m: &Measured) -> bool {
+        let rate_known = self
+            .rates
+            .get(&m.id.job)
+            .is_some_and(|(_, deltas)| deltas.len() == RATE_STEPS);
+        rate_known
+            && self
+                .unchain_refused
+                .get(&(m.id.job, m.id.operator))
+                .is_none_or(|&until| self.step >= until)
+    }
+
+    /// Each job's records in over the last `RATE_STEPS` steps.
+    fn track_rates(&mut self, jobs: &BTreeMap<JobId, JobSample>) {
+        self.rates.retain(|job, _| jobs.contains_key(job));
+        for (&job, sample) in jobs {
+            let Some((records, deltas)) = self.rates.get_mut(&job) else {
+                // First seen: its rate from the next step on.
+                self.rates
+                    .insert(job, (sample.records_in, Default::default()));
+                continue;
+            };
+            if deltas.len() == RATE_STEPS {
+                deltas.pop_front();
+            }
+            deltas.push_back(sample.records_in.saturating_sub(*records));
+            *records = sample.records_in;
+        }
+    }
+
+    /// Steps split out `cooldown_steps` ago whose job has since taken fewer
+    /// records in per step than before (by a tenth) are fused back at once:
+    /// the producer's own work, not its steps, filled its core (a source
+    /// reading as fast as it can, its steps cheap), and the relays only add
+    /// a hop. The stage is not split out again for `repack_steps`. A job
+    /// that took no input before the split is not judged.
+    fn check_unchained(&mut self, step: u64, jobs: &BTreeMap<JobId, JobSample>) -> Vec<Decision> {
+        self.unchained_at
+            .retain(|(job, _), _| jobs.contains_key(job));
+        self.unchain_refused.retain(|_, until| *until > step);
+        let cooldown = self.config.cooldown_steps;
+        let due: Vec<((JobId, u32), Unchained)> = self
+            .unchained_at
+            .iter()
+            .filter(|(_, (at, _, _))| step >= at + cooldown)
+            .map(|(&stage, &figures)| (stage, figures))
+            .collect();
+        let mut decisions = Vec::new();
+        for ((job, stage), (at, before, records_then)) in due {
+            self.unchained_at.remove(&(job, stage));
+            let records_now = jobs.get(&job).map_or(records_then, |j| j.records_in);
+            let after = records_now.saturating_sub(records_then) as f64 / (step - at) as f64;
+            if before <= 0.0 || after >= before * 0.9 {
+                continue;
+            }
+            self.splits
+                .retain(|(s, _)| *s != Spread::Unchained(job, stage));
+            self.unchain_refused
+                .insert((job, stage), step + self.config.repack_steps);
+            decisions.push(Decision {
+                step,
+                action: Action::Rechain { job, stage },
+                reason: format!(
+                    "its steps went to relays at step {at}, and since then the job took \
+                     {after:.0} records in a step against {before:.0} before: the relays cost \
+                     more than they relieve; not split out again for {} steps",
+                    self.config.repack_steps
+                ),
+            });
+        }
+        decisions
+    }
+
+    /// Split `m`'s stage's fused steps out onto its relays: each batch to
+    /// the least backlogged relay partition (where those run is the moves'
+    /// business). Its actors take part in nothing else for a cooldown.
+    fn unchain(
+        &mut self,
+        step: u64,
+        (hot, hot_load): (usize, f64),
+        m: &Measured,
+        measured: &[Measured],
+    ) -> Decision {
+        let stage = (m.id.job, m.id.operator);
+        for s in measured
+            .iter()
+            .filter(|s| (s.id.job, s.id.operator) == stage)
+        {
+            self.splitting
+                .insert(s.id, step + self.config.cooldown_steps);
+        }
+        self.splits
+            .push((Spread::Unchained(stage.0, stage.1), step));
+        // Judged later against the job's input rate now.
+        if let Some((records, deltas)) = self.rates.get(&stage.0) {
+            let before = deltas.iter().sum::<u64>() as f64 / deltas.len().max(1) as f64;
+            self.unchained_at.insert(stage, (step, before, *records));
+        }
+        Decision {
+            step,
+            action: Action::Unchain {
+                job: stage.0,
+                stage: stage.1,
+            },
+            reason: format!(
+                "{} load {hot_load:.2}, no move relieves it; {} is {:.0}% busy and its stage has \
+                 fewer partitions than shards: its fused steps go to relays",
+                ShardId(hot as u16),
+                m.id,
+                m.busy * 100.0
+            ),
+        }
+    }
+
     /// Undo the newest split once the engine has been calm for
     /// `scale_in_steps` and the split is `repack_steps` old, if its old
     /// owner's shard can take back all the partition's load and stay under
@@ -1068,7 +1283,29 @@ impl Autoscaler {
         if self.calm_steps < self.config.scale_in_steps {
             return None;
         }
-        let &(spread, at) = self.splits.last()?;
+        // Newest first. Steps on relays change no table: one that must stay
+        // split out is passed over for what came before it.
+        for i in (0..self.splits.len()).rev() {
+            let entry = self.splits[i];
+            if let Some(decision) = self.undo(step, entry, measured, load) {
+                self.splits.remove(i);
+                return Some(decision);
+            }
+            if !matches!(entry.0, Spread::Unchained(..)) {
+                return None;
+            }
+        }
+        None
+    }
+
+    /// Undo `spread`, made at step `at`, if it may be now (see `merge_back`).
+    fn undo(
+        &mut self,
+        step: u64,
+        (spread, at): (Spread, u64),
+        measured: &[Measured],
+        load: &[f64],
+    ) -> Option<Decision> {
         if step < at + self.config.repack_steps {
             return None;
         }
@@ -1134,8 +1371,34 @@ impl Autoscaler {
                     ),
                 }
             }
+            Spread::Unchained(job, stage) => {
+                // Fused again, the producer runs what its relays ran: the two
+                // together must fit one partition's share of a core.
+                let producer = |m: &&Measured| (m.id.job, m.id.operator) == (job, stage);
+                let relay = |m: &&Measured| m.id.job == job && m.relay;
+                let (ran, relayed): (f64, f64) = (
+                    measured.iter().filter(producer).map(|m| m.busy).sum(),
+                    measured.iter().filter(relay).map(|m| m.busy).sum(),
+                );
+                let total = ran + relayed;
+                if measured.iter().filter(producer).any(|m| resting(&m.id))
+                    || total > self.config.packed_load
+                {
+                    return None;
+                }
+                Decision {
+                    step,
+                    action: Action::Rechain { job, stage },
+                    reason: format!(
+                        "calm for {} steps, its steps on relays since step {at}; the stage and \
+                         its relays are {:.0}% busy in all (at most {:.2})",
+                        self.calm_steps,
+                        total * 100.0,
+                        self.config.packed_load
+                    ),
+                }
+            }
         };
-        self.splits.pop();
         Some(decision)
     }
 

@@ -152,7 +152,8 @@ fn job_with(
     disorder: Arc<AtomicU64>,
 ) -> Job {
     let mut job = Job::new("counts", Duration::from_millis(50));
-    job.rate(rate).source_batch_records(256);
+    // With no autoscaler, relays only if asked for.
+    job.rate(rate).source_batch_records(256).relays(true);
     let mut options = CheckpointOptions::new(dir, Duration::from_millis(25));
     options.faults = faults.clone();
     job.checkpoints(options);
@@ -167,6 +168,9 @@ fn job_with(
             })
         }),
     )
+    // A step (it drops nothing): on more shards than the source's two
+    // partitions, it may be split out onto a relay (`Moves::MigrateAndUnchain`).
+    .filter(|r: &Reading| r.time_ms >= 0)
     .key_by(|r: &Reading| r.key)
     .process(
         "count",
@@ -262,6 +266,9 @@ enum Moves {
     /// merged, scattered): counts the reroutes carried out and those refused
     /// because a checkpoint was under way.
     MigrateAndReroute(Arc<Reroutes>),
+    /// And switches the source's step between fused and its relay at
+    /// random: counts the switches.
+    MigrateAndUnchain(Arc<AtomicU64>),
 }
 
 #[derive(Default)]
@@ -305,6 +312,10 @@ fn run(
             while !stop.load(Ordering::Relaxed) {
                 let actor = actors[rng.below(actors.len() as u64) as usize];
                 dataflow.migrate(actor, ShardId(rng.below(shards as u64) as u16));
+                if let Moves::MigrateAndUnchain(switches) = &moves {
+                    dataflow.unchain(job, 0, rng.below(2) == 0).unwrap();
+                    switches.fetch_add(1, Ordering::Relaxed);
+                }
                 if let Moves::MigrateAndReroute(reroutes) = &moves {
                     let stage = keyed[rng.below(keyed.len() as u64) as usize];
                     let change = match dataflow.routing(job, stage.stage) {
@@ -581,6 +592,58 @@ fn checkpoints_taken_while_key_groups_reroute_restore_exactly() {
         // Some 150 of about 2,300 were asked for while a checkpoint was
         // under way; none refused would mean the turns were never taken.
         assert!(refused >= 1, "shards {shards}: no reroute met a checkpoint");
+        assert_eq!(lines_of(&output), expected, "shards {shards}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// The source's step (2 partitions) is split out onto its relay (a
+/// partition per shard) and fused back at random while actors migrate and
+/// checkpoints are taken; the job is stopped after some checkpoints and
+/// resumed, twice: the output is exactly the uninterrupted run's. Barriers
+/// cross the direct path and the relays, which align them like any stage.
+#[test]
+fn checkpoints_taken_while_steps_switch_between_fused_and_relays_restore_exactly() {
+    let expected = reference();
+    for shards in [3usize, 4] {
+        let dir = temp_dir(&format!("unchain-{shards}"));
+        let (data, output) = (dir.join("data"), dir.join("out.txt"));
+        let switches = Arc::new(AtomicU64::new(0));
+        let moves = Moves::MigrateAndUnchain(switches.clone());
+        let mut committed = 0;
+        for stop_after in [3u64, 3] {
+            let stats = run(
+                FAST,
+                shards,
+                &data,
+                &output,
+                Until::Checkpoints(stop_after),
+                moves.clone(),
+                Faults::default(),
+            )
+            .unwrap();
+            assert_eq!(stats.failed, 0, "{:?}", stats.last_error);
+            committed += stats.completed;
+            let partial = lines_of(&output);
+            assert!(is_part_of(&partial, &expected), "uncommitted or wrong rows");
+        }
+        let last = run(
+            FAST,
+            shards,
+            &data,
+            &output,
+            Until::End,
+            moves,
+            Faults::default(),
+        )
+        .unwrap();
+        let switches = switches.load(Ordering::Relaxed);
+        eprintln!(
+            "shards {shards}: {} checkpoints committed, {switches} switches",
+            committed + last.completed
+        );
+        assert!(committed >= 6, "checkpoints commit while steps switch");
+        assert!(switches >= 100, "shards {shards}: only {switches} switches");
         assert_eq!(lines_of(&output), expected, "shards {shards}");
         let _ = std::fs::remove_dir_all(&dir);
     }

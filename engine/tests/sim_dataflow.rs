@@ -1,7 +1,8 @@
 //! Whole dataflows under the deterministic simulator: a typed job (source ->
 //! filter -> keyed relay that keeps no state -> keyed windowed count -> sink,
-//! and a two-phase maximum from the same
-//! source) runs on several simulated shards while its actors are migrated at
+//! and a filter into a two-phase maximum from the same source, a step
+//! that on more shards than the source's partitions is switched onto its
+//! relay stage and back) runs on several simulated shards while its actors are migrated at
 //! random and idle actors (window operators holding state included: their key
 //! groups go to the store) are deactivated and brought back, over many seeds and
 //! shard counts; every run's output is checked exactly against a plain reference.
@@ -102,6 +103,8 @@ fn job(seed: u64, counts: Counts, maxima: Maxima) -> Job {
     let mut job = Job::new("sensors", Duration::from_millis(5));
     // Paced on the simulated clock: 2 events per simulated µs over both partitions.
     job.rate(Some(2_000_000)).source_batch_records(64);
+    // The model is stepped by hand here: the job asks for its relays.
+    job.relays(true);
     let readings = job.source(
         "readings",
         2,
@@ -132,7 +135,11 @@ fn job(seed: u64, counts: Counts, maxima: Maxima) -> Job {
             2,
             Arc::new(move |_| Box::new(Collect(counts.clone()))),
         );
+    // A step (it drops nothing): on more shards than the source's two
+    // partitions, its edge to the maximum's first phase has a hidden relay
+    // stage, and the step is switched onto it and back at random.
     readings
+        .filter(|r| r.value < 1_000)
         .key_by(|r| r.sensor)
         .window_aggregate_two_phase(
             "max",
@@ -230,6 +237,9 @@ struct Outcome {
     to_parallel: u64,
     /// Splits and merges the autoscaler ordered.
     splits: [u64; 2],
+    /// The source's step split out onto its relay and fused back (at
+    /// random, or by the autoscaler).
+    unchains: [u64; 2],
 }
 
 /// What moves the job's actors while it runs.
@@ -266,7 +276,7 @@ fn sim_sample(
     shards: u16,
     seen: &mut BTreeMap<ActorId, (u64, u64)>,
     last_ns: &mut u64,
-    (slo_ns, message_ns, [splittable, parallelizable]): (u64, u64, [u64; 2]),
+    (slo_ns, message_ns, [splittable, parallelizable, unchainable, relays]): (u64, u64, [u64; 4]),
 ) -> Sample {
     let now = sim.now_ns();
     let shard_interval_ns = now.saturating_sub(*last_ns).max(1);
@@ -285,6 +295,8 @@ fn sim_sample(
             ended: false,
             splittable,
             parallelizable,
+            unchainable,
+            relays,
         },
     );
     for shard in 0..shards {
@@ -351,6 +363,7 @@ fn run_moved(seed: u64, shards: u16, mut mover: Mover) -> (Outcome, [u64; 2]) {
     let mut reroutes = 0u64;
     let mut to_parallel = 0u64;
     let (mut splits, mut before_splits) = ([0u64; 2], BTreeMap::new());
+    let mut unchains = [0u64; 2];
     let mut before_parallel = BTreeMap::new();
     while !handle.is_done() {
         assert!(
@@ -365,7 +378,12 @@ fn run_moved(seed: u64, shards: u16, mut mover: Mover) -> (Outcome, [u64; 2]) {
         if let Mover::Autoscaler(scaler, message_ns) = &mut mover {
             if steps.is_multiple_of(AUTOSCALE_STEPS) {
                 let view = registry.scaling_view()[&JobId(1)];
-                let masks = [view.splittable, view.parallelizable];
+                let masks = [
+                    view.splittable,
+                    view.parallelizable,
+                    view.unchainable,
+                    view.relays,
+                ];
                 let figures = (5_000_000, *message_ns, masks);
                 let sample = sim_sample(&mut sim, shards, &mut seen, &mut last_ns, figures);
                 for decision in scaler.step(&sample) {
@@ -413,6 +431,14 @@ fn run_moved(seed: u64, shards: u16, mut mover: Mover) -> (Outcome, [u64; 2]) {
                                 }
                                 Err(_) => continue,
                             }
+                        }
+                        Action::Unchain { job, stage } | Action::Rechain { job, stage } => {
+                            let on = matches!(decision.action, Action::Unchain { .. });
+                            registry
+                                .unchain(job, stage, on)
+                                .expect("a stage with a relay");
+                            unchains[!on as usize] += 1;
+                            continue;
                         }
                         Action::Merge { into, from } => {
                             let Some(before) = before_splits.remove(&(into, from.partition)) else {
@@ -479,6 +505,14 @@ fn run_moved(seed: u64, shards: u16, mut mover: Mover) -> (Outcome, [u64; 2]) {
                 let shard = ShardId(rng.below(shards as u64) as u16);
                 sim.core(shard).deactivate_idle();
             }
+            2 if !matches!(mover, Mover::Autoscaler(..)) => {
+                let on = rng.below(2) == 0;
+                // Refused on as many shards as source partitions, or fewer:
+                // the relay has no partitions there.
+                if registry.unchain(JobId(1), 0, on).is_ok() {
+                    unchains[!on as usize] += 1;
+                }
+            }
             _ => {}
         }
     }
@@ -535,6 +569,7 @@ fn run_moved(seed: u64, shards: u16, mut mover: Mover) -> (Outcome, [u64; 2]) {
         reroutes,
         to_parallel,
         splits,
+        unchains,
     };
     for shard in 0..shards {
         let report = sim.core(ShardId(shard)).report();
@@ -555,9 +590,14 @@ fn a_dataflow_is_exact_while_its_actors_move_and_deactivate() {
     let mut deactivations = 0;
     let mut stateful = 0;
     let mut reactivations = 0;
+    let mut switches = 0;
     for seed in 1..=30u64 {
         for shards in [1u16, 2, 3] {
             let outcome = run(seed, shards);
+            if shards < 3 {
+                assert_eq!(outcome.unchains, [0, 0], "no relay on {shards} shards");
+            }
+            switches += outcome.unchains[0] + outcome.unchains[1];
             total_migrations += outcome.migrations;
             // Activations beyond one per actor are actors brought back.
             reactivations += outcome.activations - outcome.actors;
@@ -567,7 +607,12 @@ fn a_dataflow_is_exact_while_its_actors_move_and_deactivate() {
     }
     eprintln!(
         "90 runs: {total_migrations} migrations, {deactivations} deactivations while jobs ran \
-         ({stateful} of keyed stages holding window state), {reactivations} reactivations"
+         ({stateful} of keyed stages holding window state), {reactivations} reactivations, \
+         {switches} switches of the source's step to its relay or back (3 shards)"
+    );
+    assert!(
+        switches > 100,
+        "only {switches} switches to the relay or back"
     );
     // Window operators went to the store mid-job with their state and came
     // back with it: the outputs above are exact.
@@ -589,15 +634,23 @@ fn a_dataflow_is_exact_while_its_actors_move_and_deactivate() {
 /// nothing is late.
 #[test]
 fn a_dataflow_is_exact_while_its_key_groups_reroute() {
-    let (mut reroutes, mut to_parallel) = (0, 0);
+    let (mut reroutes, mut to_parallel, mut switches) = (0, 0, 0);
     for seed in 1..=20u64 {
         for shards in [1u16, 2, 8] {
             let (outcome, _) = run_moved(seed, shards, Mover::Rerouting);
             reroutes += outcome.reroutes;
             to_parallel += outcome.to_parallel;
+            switches += outcome.unchains[0] + outcome.unchains[1];
         }
     }
-    eprintln!("60 runs: {reroutes} reroutes, {to_parallel} of the relay to parallel mode");
+    eprintln!(
+        "60 runs: {reroutes} reroutes, {to_parallel} of the relay to parallel mode, {switches} \
+         switches of the source's step to its relay or back (8 shards)"
+    );
+    assert!(
+        switches > 100,
+        "only {switches} switches to the relay or back"
+    );
     assert!(reroutes > 300, "only {reroutes} reroutes");
     assert!(
         to_parallel > 10,
@@ -608,14 +661,16 @@ fn a_dataflow_is_exact_while_its_key_groups_reroute() {
 /// The autoscaler's model drives the placement of a job on 8 and 12
 /// simulated shards (more shards than this machine has cores), from the
 /// cores' own reports with a simulated cost per message: with a heavy cost
-/// it moves actors off loaded shards and splits a partition too busy to move
-/// (its reroute carried out in the simulator), with a light one it drains
+/// it moves actors off loaded shards, splits a partition too busy to move
+/// (its reroute carried out in the simulator) and splits the source's step
+/// out onto its relay, with a light one it drains
 /// cold shards (after 3 cold steps here, so that it happens in a short run),
 /// and every output is still exactly the reference's.
 #[test]
 fn the_autoscaler_in_the_simulator_moves_actors_and_outputs_stay_exact() {
     let [mut out, mut ins] = [0, 0];
     let [mut split, mut merged] = [0, 0];
+    let [mut unchained, mut rechained] = [0, 0];
     for seed in 1..=6u64 {
         for shards in [8u16, 12] {
             for message_ns in [SIMULATED_MESSAGE_NS, SIMULATED_LIGHT_MESSAGE_NS] {
@@ -629,16 +684,22 @@ fn the_autoscaler_in_the_simulator_moves_actors_and_outputs_stay_exact() {
                 ins += i;
                 split += outcome.splits[0];
                 merged += outcome.splits[1];
+                unchained += outcome.unchains[0];
+                rechained += outcome.unchains[1];
             }
         }
     }
     eprintln!(
         "24 runs: {out} moves out and {ins} in, {split} splits or switches to parallel mode and \
-         {merged} merges or switches back by the autoscaler"
+         {merged} merges or switches back, {unchained} steps split out onto relays and \
+         {rechained} fused back by the autoscaler"
     );
     assert!(out >= 12, "only {out} moves out by the autoscaler");
     // A partition too busy for any shard to take is split (or its stage,
     // which keeps partials, switched to parallel mode), live.
     assert!(split >= 1, "no split by the autoscaler");
     assert!(ins >= 12, "only {ins} moves in by the autoscaler");
+    // A source partition no move relieves (its cost here is its messages,
+    // which a relay does not take over) has its step split out, once each.
+    assert!(unchained >= 1, "no step split out by the autoscaler");
 }

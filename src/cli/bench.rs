@@ -7,7 +7,8 @@ use serde::Serialize;
 use std::path::PathBuf;
 
 use dirigo_bench::{
-    actors, checkpoint, density, ingest, isolation, migrate, net, nexmark, scaling, BenchError,
+    actors, checkpoint, density, ingest, isolation, migrate, net, nexmark, relays, scaling,
+    BenchError,
 };
 
 use super::run::parse_duration;
@@ -172,6 +173,26 @@ enum BenchName {
         /// Moves of the actor between shard 0 and shard 1.
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
         migrations: u64,
+    },
+    /// A job whose cost is a step fused into its one source partition, with
+    /// the autoscaler on: the step kept fused (the baseline) against the
+    /// autoscaler free to split it out onto relays; every run's rows equal.
+    Relays {
+        /// Print the report as one JSON object on the last line of stdout.
+        #[arg(long)]
+        json: bool,
+        /// Runs, each measuring both configurations; the medians are reported.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+        runs: u64,
+        /// Shards (cores); default: every online core.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+        cores: Option<u64>,
+        /// Numbers the source makes.
+        #[arg(long, default_value_t = 4_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+        events: u64,
+        /// Rounds of splitmix64 the step spends on each number.
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+        rounds: u32,
     },
     /// A paced q2 whose input steps up (4x), back down, pauses and resumes,
     /// with the autoscaler off (the baseline) and on, alternated: the window
@@ -372,6 +393,29 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
                     "messages were lost ({}), duplicated ({}) or reordered ({})",
                     report.lost, report.duplicated, report.out_of_order
                 )))
+            }
+        }
+        BenchName::Relays {
+            json,
+            runs,
+            cores,
+            events,
+            rounds,
+        } => {
+            let config = relays::Config {
+                cores: cores.map_or_else(dirigo_engine::runtime::online_cores, |n| n as usize),
+                runs: runs as usize,
+                events,
+                rounds,
+                ..relays::Config::default()
+            };
+            let report = relays::run(&config)?;
+            print(&report, json);
+            match report.rows_equal {
+                true => Ok(()),
+                false => Err(BenchError(
+                    "the rows differ between runs or configurations".to_string(),
+                )),
             }
         }
         BenchName::Scaling {

@@ -15,6 +15,9 @@ struct World {
     /// (actor, shard, demand)
     actors: Vec<(ActorId, usize, f64)>,
     jobs: BTreeMap<JobId, JobSample>,
+    /// The share of a producer's demand its fused steps are, which relays
+    /// take over when they are split out.
+    steps_share: f64,
 }
 
 fn actor(job: JobId, operator: u32, partition: u32) -> ActorId {
@@ -37,6 +40,8 @@ impl World {
                 ended: false,
                 splittable: 0,
                 parallelizable: 0,
+                unchainable: 0,
+                relays: 0,
             },
         );
         jobs.insert(
@@ -48,6 +53,8 @@ impl World {
                 ended: false,
                 splittable: 0,
                 parallelizable: 0,
+                unchainable: 0,
+                relays: 0,
             },
         );
         World {
@@ -55,6 +62,7 @@ impl World {
             dead: Vec::new(),
             actors: Vec::new(),
             jobs,
+            steps_share: 0.75,
         }
     }
 
@@ -140,6 +148,48 @@ impl World {
                     for a in &mut self.actors {
                         if ids.contains(&a.0) {
                             a.2 = if a.0.partition == 0 { total } else { 0.0 };
+                        }
+                    }
+                }
+                // Steps out onto relays: the producer keeps what is not its
+                // steps' (its own work), the rest evens out over the job's
+                // relay partitions; fused back, it takes it all again.
+                Action::Unchain { job, stage } => {
+                    let relays = self.jobs[&job].relays;
+                    let moved: f64 = self
+                        .actors
+                        .iter_mut()
+                        .filter(|a| a.0.job == job && a.0.operator == stage)
+                        .map(|a| {
+                            let moved = a.2 * self.steps_share;
+                            a.2 -= moved;
+                            moved
+                        })
+                        .sum();
+                    let ids: Vec<ActorId> = self
+                        .actors
+                        .iter()
+                        .map(|a| a.0)
+                        .filter(|id| id.job == job && relays & (1 << id.operator) != 0)
+                        .collect();
+                    for a in &mut self.actors {
+                        if ids.contains(&a.0) {
+                            a.2 += moved / ids.len() as f64;
+                        }
+                    }
+                }
+                Action::Rechain { job, stage } => {
+                    let relays = self.jobs[&job].relays;
+                    let mut back = 0.0;
+                    for a in &mut self.actors {
+                        if a.0.job == job && relays & (1 << a.0.operator) != 0 {
+                            back += std::mem::take(&mut a.2);
+                        }
+                    }
+                    let producer = self.stage_actors(job, stage)[0];
+                    for a in &mut self.actors {
+                        if a.0 == producer {
+                            a.2 += back;
                         }
                     }
                 }
@@ -724,6 +774,8 @@ fn a_trickle_a_fixed_job_an_ended_job_and_one_never_fed_stay_up() {
         ended,
         splittable: 0,
         parallelizable: 0,
+        unchainable: 0,
+        relays: 0,
     };
     let (trickle, fixed, ended, never) = (JobId(1), JobId(2), JobId(3), JobId(4));
     let mut jobs = BTreeMap::new();
@@ -922,4 +974,285 @@ fn a_hot_stage_that_keeps_partials_goes_parallel_and_back_to_ordered_lazily() {
         1,
         "no flapping: {log:?}"
     );
+}
+
+/// A world of `shards` where BULK's source (stage 0, one partition, on
+/// shard 0) wants `demand` cores, three quarters of it the steps fused into
+/// it, with a relay partition (stage 3) on every shard; an LC actor on the
+/// last shard.
+fn busy_chain(shards: usize, demand: f64) -> World {
+    let mut world = World::new(shards);
+    let bulk = world.jobs.get_mut(&BULK).unwrap();
+    bulk.unchainable = 1 << 0;
+    bulk.relays = 1 << 3;
+    world.add(actor(BULK, 0, 0), 0, demand);
+    for shard in 0..shards {
+        world.add(actor(BULK, 3, shard as u32), shard, 0.0);
+    }
+    world.add(actor(LC, 1, 0), shards - 1, 0.1);
+    world
+}
+
+#[test]
+fn a_producer_busy_with_its_fused_steps_has_them_split_out_at_once_and_fused_back_lazily() {
+    for shards in [2, 4, 8] {
+        let config = AutoscaleConfig {
+            scale_in_steps: 5,
+            repack_steps: 30,
+            ..AutoscaleConfig::default()
+        };
+        // Light for 5 steps (the job's input rate is known by then: a split
+        // out is judged against it), then a load step.
+        let mut world = busy_chain(shards, 0.3);
+        let mut scaler = Autoscaler::new(config);
+        let mut log = Vec::new();
+        for step in 1..=200u64 {
+            if step == 6 {
+                for a in &mut world.actors {
+                    if a.0 == actor(BULK, 0, 0) {
+                        a.2 = 1.3;
+                    }
+                }
+            }
+            if step == 25 {
+                // Load falls: 0.05 cores on each of BULK's actors.
+                world.set_demand(BULK, 0.05);
+            }
+            let decisions = scaler.step(&world.sample());
+            world.apply(&decisions);
+            if step == 7 {
+                // Converged in two steps at most.
+                assert!(
+                    world.max_load() <= 0.85,
+                    "{shards} shards: {}",
+                    world.max_load()
+                );
+            }
+            log.extend(decisions.into_iter().map(|d| (step, d)));
+        }
+        let unchain = Action::Unchain {
+            job: BULK,
+            stage: 0,
+        };
+        let rechain = Action::Rechain {
+            job: BULK,
+            stage: 0,
+        };
+        let kinds: Vec<(u64, &Action)> = log.iter().map(|(s, d)| (*s, &d.action)).collect();
+        // Split out at the load step (cold shards were drained before it).
+        assert_eq!(
+            kinds.iter().find(|(_, a)| **a == unchain),
+            Some(&(6, &unchain)),
+            "{shards} shards: {log:?}"
+        );
+        assert_eq!(
+            kinds.iter().filter(|(_, a)| **a == unchain).count(),
+            1,
+            "{shards} shards: no flapping: {log:?}"
+        );
+        let back: Vec<u64> = kinds
+            .iter()
+            .filter(|(_, a)| **a == rechain)
+            .map(|(s, _)| *s)
+            .collect();
+        assert_eq!(back.len(), 1, "{shards} shards: fused back once: {log:?}");
+        assert!(
+            back[0] >= 36,
+            "{shards} shards: not before the split is 30 steps old: {log:?}"
+        );
+        // Fused back, the source runs it all: 0.05 + 0.05 per relay.
+        let source = world.demand(actor(BULK, 0, 0));
+        assert!(
+            (source - 0.05 * (shards as f64 + 1.0)).abs() < 1e-9,
+            "{shards} shards: {source}"
+        );
+    }
+}
+
+#[test]
+fn a_producer_whose_relays_would_not_fit_one_core_stays_split() {
+    let config = AutoscaleConfig {
+        scale_in_steps: 5,
+        repack_steps: 30,
+        ..AutoscaleConfig::default()
+    };
+    let mut world = busy_chain(4, 1.3);
+    let mut scaler = Autoscaler::new(config);
+    let mut log = Vec::new();
+    for step in 1..=200u64 {
+        if step == 20 {
+            // Calm (every shard under the target), but the source and its
+            // relays together want 0.2 + 4 x 0.15 = 0.8 cores: more than a
+            // packed shard takes.
+            world.set_demand(BULK, 0.15);
+            for a in &mut world.actors {
+                if a.0 == actor(BULK, 0, 0) {
+                    a.2 = 0.2;
+                }
+            }
+        }
+        let decisions = scaler.step(&world.sample());
+        world.apply(&decisions);
+        log.extend(decisions.into_iter().map(|d| (step, d)));
+    }
+    let actions: Vec<&Action> = log.iter().map(|(_, d)| &d.action).collect();
+    assert!(
+        actions.contains(&&Action::Unchain {
+            job: BULK,
+            stage: 0
+        }),
+        "{log:?}"
+    );
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::Rechain { .. })),
+        "{log:?}"
+    );
+}
+
+#[test]
+fn a_keyed_producer_whose_split_finds_no_room_has_its_steps_split_out() {
+    // BULK stage 2 (keyed, 2 partitions, both on shard 0) wants 1.3 cores in
+    // partition 0, three quarters of it its fused steps; shard 1 is at 0.4,
+    // so no partition can take half of its measured core there.
+    let mut world = World::new(2);
+    let bulk = world.jobs.get_mut(&BULK).unwrap();
+    bulk.splittable = 1 << 2;
+    bulk.unchainable = 1 << 2;
+    bulk.relays = 1 << 5;
+    world.add(actor(BULK, 2, 0), 0, 1.3);
+    world.add(actor(BULK, 2, 1), 0, 0.0);
+    world.add(actor(BULK, 5, 0), 0, 0.0);
+    world.add(actor(BULK, 5, 1), 1, 0.0);
+    world.add(actor(LC, 1, 0), 1, 0.4);
+    let mut scaler = Autoscaler::new(AutoscaleConfig::default());
+    // Split out once the job's input rate is known (5 steps in); never
+    // split: no partition found room.
+    let mut decisions = Vec::new();
+    for _ in 0..5 {
+        decisions.extend(scaler.step(&world.sample()));
+    }
+    assert_eq!(splits_and_merges(&decisions), (0, 0), "{decisions:?}");
+    assert!(
+        decisions.iter().any(|d| d.step == 5
+            && d.action
+                == Action::Unchain {
+                    job: BULK,
+                    stage: 2
+                }),
+        "{decisions:?}"
+    );
+}
+
+#[test]
+fn steps_that_must_stay_on_relays_do_not_hold_back_an_older_split_s_merge() {
+    let config = AutoscaleConfig {
+        scale_in_steps: 5,
+        repack_steps: 30,
+        ..AutoscaleConfig::default()
+    };
+    // A hot keyed partition on shard 0 (split at step 1), and a source on
+    // shard 1 whose steps get busy at step 5 (split out then: the newer).
+    let mut world = hot_partition(4, 1.2, &[3]);
+    let bulk = world.jobs.get_mut(&BULK).unwrap();
+    bulk.unchainable = 1 << 0;
+    bulk.relays = 1 << 5;
+    world.add(actor(BULK, 0, 0), 1, 0.1);
+    for shard in 0..4 {
+        world.add(actor(BULK, 5, shard as u32), shard, 0.0);
+    }
+    let mut scaler = Autoscaler::new(config);
+    let mut log = Vec::new();
+    for step in 1..=200u64 {
+        if step == 5 {
+            for a in &mut world.actors {
+                if a.0 == actor(BULK, 0, 0) {
+                    a.2 = 1.3;
+                }
+            }
+        }
+        if step == 20 {
+            // Calm, but the source and its relays want 0.2 + 4 x 0.12 cores
+            // in all: more than a packed shard takes. The split's halves are
+            // light.
+            world.set_demand(BULK, 0.12);
+            for a in &mut world.actors {
+                if a.0 == actor(BULK, 0, 0) {
+                    a.2 = 0.2;
+                } else if a.0.job == BULK && a.0.operator == 2 {
+                    a.2 = 0.02;
+                }
+            }
+        }
+        let decisions = scaler.step(&world.sample());
+        world.apply(&decisions);
+        log.extend(decisions.into_iter().map(|d| (step, d)));
+    }
+    let at = |want: fn(&Action) -> bool| {
+        log.iter()
+            .filter(|(_, d)| want(&d.action))
+            .map(|(s, _)| *s)
+            .collect::<Vec<u64>>()
+    };
+    let (splits, unchains) = (
+        at(|a| matches!(a, Action::Split { .. })),
+        at(|a| matches!(a, Action::Unchain { .. })),
+    );
+    assert_eq!(splits, vec![1], "{log:?}");
+    assert_eq!(unchains.len(), 1, "{log:?}");
+    assert!(unchains[0] > splits[0], "{log:?}");
+    assert_eq!(
+        at(|a| matches!(a, Action::Merge { .. })).len(),
+        1,
+        "{log:?}"
+    );
+    assert!(
+        at(|a| matches!(a, Action::Rechain { .. })).is_empty(),
+        "{log:?}"
+    );
+}
+
+#[test]
+fn steps_split_out_that_slow_their_job_down_are_fused_back_and_not_split_out_again_soon() {
+    let cooldown = AutoscaleConfig::default().cooldown_steps;
+    // The job takes 1,000 records in a step fused; split out, 800 (the
+    // relays cost more than the cheap steps they take) or 1,500.
+    for (after, fused_back) in [(800u64, true), (1_500, false)] {
+        // The source light for 5 steps (its input rate is known by then),
+        // then busy.
+        let mut world = busy_chain(2, 0.3);
+        let mut scaler = Autoscaler::new(AutoscaleConfig::default());
+        let mut log = Vec::new();
+        for step in 1..=150u64 {
+            if step == 6 {
+                for a in &mut world.actors {
+                    if a.0 == actor(BULK, 0, 0) {
+                        a.2 = 1.3;
+                    }
+                }
+            }
+            let split = log
+                .iter()
+                .any(|(_, d): &(u64, Decision)| matches!(d.action, Action::Unchain { .. }));
+            world.jobs.get_mut(&BULK).unwrap().records_in += if split { after } else { 1_000 };
+            let decisions = scaler.step(&world.sample());
+            world.apply(&decisions);
+            log.extend(decisions.into_iter().map(|d| (step, d)));
+        }
+        let at = |want: fn(&Action) -> bool| {
+            log.iter()
+                .filter(|(_, d)| want(&d.action))
+                .map(|(s, _)| *s)
+                .collect::<Vec<u64>>()
+        };
+        // Split out as soon as the source is busy; fused back once the
+        // figures show the job slower, and not split out again within
+        // `repack_steps` (200).
+        let unchains = at(|a| matches!(a, Action::Unchain { .. }));
+        assert_eq!(unchains, vec![6], "{log:?}");
+        let back = at(|a| matches!(a, Action::Rechain { .. }));
+        match fused_back {
+            true => assert_eq!(back, vec![6 + cooldown], "{log:?}"),
+            false => assert!(back.is_empty(), "{log:?}"),
+        }
+    }
 }

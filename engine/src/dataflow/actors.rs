@@ -189,7 +189,12 @@ struct Wait {
 impl Gate {
     fn new(inputs: &[u32], saved: &Option<Saved>) -> Self {
         let handed = match saved {
-            Some(saved) if !saved.handed.is_empty() => saved.handed.clone(),
+            Some(saved) if !saved.handed.is_empty() => {
+                let mut handed = saved.handed.clone();
+                // A relay's channel never says `Handed`.
+                fit_channels(&mut handed, inputs, 0);
+                handed
+            }
             _ => inputs.iter().map(|&n| vec![0; n as usize]).collect(),
         };
         Gate {
@@ -257,6 +262,14 @@ struct Watermarks {
     current_ms: i64,
 }
 
+/// Per input, `inputs[i]` channels: those beyond are dropped, those
+/// missing added as `fill` (see `Watermarks::restore`).
+fn fit_channels<T: Clone>(per_input: &mut [Vec<T>], inputs: &[u32], fill: T) {
+    for (channels, &n) in per_input.iter_mut().zip(inputs) {
+        channels.resize(n as usize, fill.clone());
+    }
+}
+
 impl Watermarks {
     fn new(inputs: &[u32]) -> Self {
         Watermarks {
@@ -265,13 +278,23 @@ impl Watermarks {
         }
     }
 
-    /// As saved, or new.
+    /// As saved, or new. A checkpoint taken with other relays on an input
+    /// (their number follows the run's shards: channels after the
+    /// producer's, `StagePlan::from_base`) is fitted to the channels there
+    /// are now: a channel gone is dropped, a new one starts at the restored
+    /// watermark. Nothing is in flight at a restore, and what the
+    /// producers replay comes after their watermarks at the cut, which the
+    /// restored one is not past.
     fn restore(inputs: &[u32], saved: &Option<Saved>) -> Self {
         match saved {
-            Some(saved) if !saved.per_input.is_empty() => Watermarks {
-                per_input: saved.per_input.clone(),
-                current_ms: saved.current_ms,
-            },
+            Some(saved) if !saved.per_input.is_empty() => {
+                let mut per_input = saved.per_input.clone();
+                fit_channels(&mut per_input, inputs, saved.current_ms);
+                Watermarks {
+                    per_input,
+                    current_ms: saved.current_ms,
+                }
+            }
             _ => Watermarks::new(inputs),
         }
     }
@@ -332,6 +355,7 @@ fn reroute_out(
         return;
     }
     routing.set(stage, version, owners.clone());
+    let partition = partition + plan.stages[from_stage as usize].from_base;
     for &(target, input) in &plan.stages[from_stage as usize].targets {
         if target != stage {
             continue;
@@ -358,6 +382,7 @@ fn broadcast_watermark(
     watermark_ms: i64,
     ctx: &mut Context<'_, DataMsg>,
 ) {
+    let partition = partition + plan.stages[stage as usize].from_base;
     broadcast(plan, stage, false, ctx, |input| DataMsg::Watermark {
         input,
         from: partition,
@@ -381,6 +406,7 @@ fn broadcast_barrier(
     declined: bool,
     ctx: &mut Context<'_, DataMsg>,
 ) {
+    let partition = partition + plan.stages[stage as usize].from_base;
     broadcast(plan, stage, true, ctx, |input| DataMsg::Barrier {
         input,
         from: partition,
@@ -1430,7 +1456,7 @@ impl<Out: Data, Op: StageOp<Out>> StageActor<Out, Op> {
 
     fn emit_out(&mut self, out: Vec<Out>, ctx: &mut Context<'_, DataMsg>) {
         let sender = Sender {
-            partition: self.id.partition,
+            partition: self.id.partition + self.plan.stages[self.id.operator as usize].from_base,
             owners: &self.routing,
         };
         emit(&self.routes, &self.plan, &sender, out, ctx);

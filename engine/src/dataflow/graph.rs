@@ -188,6 +188,15 @@ pub trait Operator<In, Out>: Send + 'static {
     fn keeps_partials(&self) -> bool {
         false
     }
+    /// Whether its output is the same whatever the order its records come
+    /// in between two watermarks (a window's aggregate: it emits only when
+    /// the watermark fires a window). Then the stateless steps fused into
+    /// the stage that feeds it may be split out of that stage onto relays
+    /// (see `Stream` and "The autoscaler" in ARCHITECTURE.md), which mixes
+    /// the order of records of one key; the default, no, keeps them fused.
+    fn accepts_unordered(&self) -> bool {
+        false
+    }
 }
 
 /// A partition of a keyed stage with two inputs, partitioned alike so that equal
@@ -361,6 +370,11 @@ pub(crate) enum StageKind {
     Source,
     Operator,
     Sink,
+    /// A hidden stage that runs the steps fused into a producer's edge when
+    /// the autoscaler splits them out of it (`Plan::unchained`): stateless,
+    /// never rerouted, as many partitions as the run has shards (none when
+    /// the job is fixed or its producer has that many already).
+    Relay,
 }
 
 pub(crate) struct StagePlan {
@@ -371,6 +385,11 @@ pub(crate) struct StagePlan {
     pub inputs: Vec<u32>,
     /// `(target stage, input)` of every consumer, in the order of `routes`.
     pub targets: Vec<(u32, u8)>,
+    /// What its partition `p` is called on its output channels: `p +
+    /// from_base`. 0 but for a relay, whose partitions follow its
+    /// producer's on the consumer's input (the consumer keeps a watermark,
+    /// marker and barrier per channel, direct ones first).
+    pub from_base: u32,
     /// A keyed stage whose operator keeps partials (`keeps_partials`) or no
     /// state (`state` is `None`): it may run in parallel mode.
     pub parallelizable: bool,
@@ -412,6 +431,9 @@ pub struct Plan {
     pub(crate) reroutes: Vec<super::reroute::RerouteSlot>,
     /// Held while a reroute of the job is checked and ordered.
     pub(crate) reroute_order: std::sync::Mutex<()>,
+    /// Per stage, whether its fused steps toward consumers with relays go
+    /// through the relays (`Plan::unchain`); read once per output batch.
+    pub(crate) unchained: Vec<std::sync::atomic::AtomicBool>,
     /// Over nodes, the job's monitor on each node, in node order
     /// (partition: the node's first shard, stage `MONITOR_STAGE`): sink
     /// partitions tell every one that they ended, and keyed partitions
@@ -446,6 +468,42 @@ impl Plan {
     /// no state.
     pub(crate) fn parallelizable(&self) -> u64 {
         self.stage_bits(|s| s.parallelizable) & self.splittable()
+    }
+
+    /// `JobSample::unchainable`: stages with a relay of some partitions on
+    /// an edge, whose fused steps may be split out onto it.
+    pub(crate) fn unchainable(&self) -> u64 {
+        self.stage_bits(|s| {
+            s.targets.iter().any(|&(t, _)| {
+                let target = &self.stages[t as usize];
+                target.kind == StageKind::Relay && target.parallelism > 0
+            })
+        })
+    }
+
+    /// `JobSample::relays`: the relay stages of some partitions.
+    pub(crate) fn relays(&self) -> u64 {
+        self.stage_bits(|s| s.kind == StageKind::Relay && s.parallelism > 0)
+    }
+
+    /// Whether `stage` sends what its fused steps take through its relays.
+    #[inline]
+    pub(crate) fn unchained(&self, stage: u32) -> bool {
+        self.unchained[stage as usize].load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Split `stage`'s fused steps out onto their relays (`on`), or fuse
+    /// them back. Each output batch goes one way whole: a batch already
+    /// routed one way is not sent the other. Watermarks, barriers and
+    /// markers go down both ways whatever the mode, so the consumer, which
+    /// keeps the least over every channel, stays exact across the switch.
+    /// Returns whether `stage` has relays to switch to.
+    pub(crate) fn unchain(&self, stage: u32, on: bool) -> bool {
+        if self.unchainable() & 1u64.checked_shl(stage).unwrap_or(0) == 0 {
+            return false;
+        }
+        self.unchained[stage as usize].store(on, std::sync::atomic::Ordering::Relaxed);
+        true
     }
 
     /// Bit `i` set for each of the first 64 stages that passes `keep`.
@@ -626,7 +684,16 @@ impl Plan {
 #[derive(Default)]
 struct Builder {
     stages: Vec<StagePlan>,
+    /// Relay stages (`add_relay`), numbered after every stage of the job
+    /// when the plan is made, so that the job's own stages keep the numbers
+    /// they were built with (and a checkpoint of the job before relays
+    /// existed still matches it). Each with the cell its number goes in.
+    relays: Vec<(StagePlan, Arc<std::sync::OnceLock<u32>>)>,
 }
+
+/// The target a producer names its relay `i` by until the plan numbers it
+/// (`Job::into_plan_as`).
+const RELAY_PENDING: u32 = 1 << 30;
 
 /// A job under construction.
 pub struct Job {
@@ -638,19 +705,32 @@ pub struct Job {
     pace: Option<RateSchedule>,
     key_groups: u32,
     autoscale: bool,
+    relays: Option<bool>,
     checkpoints: Option<CheckpointOptions>,
 }
 
 /// Attaches a consumer (`target`, `input`, the route of `T` records) to the stage
-/// that produces the stream, through the steps fused so far.
-type Attach<T> = Rc<dyn Fn(&mut Builder, u32, u8, Route<T>)>;
+/// that produces the stream, through the steps fused so far; with a relay
+/// the steps may be split out onto (the last argument).
+type Attach<T> = Rc<dyn Fn(&mut Builder, u32, u8, Route<T>, bool)>;
 
 /// A stream of `T` records produced by a stage, with the stateless steps applied
 /// so far.
+///
+/// The steps run in the producing stage's actors, so they have its
+/// parallelism. Where the consumer takes its input in any order (a sink, an
+/// operator that `accepts_unordered`) and the job may scale, the edge also
+/// gets a hidden *relay* stage: the producer sends its watermarks, barriers
+/// and markers to the relay's partitions too, and once the autoscaler finds
+/// the producer's shard overloaded by them it splits the steps out
+/// (`Plan::unchain`): each output batch then goes whole to the relay
+/// partition with the least backlog, which runs the steps and sends on.
 pub struct Stream<T> {
     graph: Rc<RefCell<Builder>>,
     stage: u32,
     attach: Attach<T>,
+    /// Steps were applied since the stage.
+    chained: bool,
 }
 
 impl<T> Clone for Stream<T> {
@@ -659,6 +739,7 @@ impl<T> Clone for Stream<T> {
             graph: self.graph.clone(),
             stage: self.stage,
             attach: self.attach.clone(),
+            chained: self.chained,
         }
     }
 }
@@ -680,6 +761,7 @@ impl Job {
             pace: None,
             key_groups: super::KEY_GROUPS_DEFAULT,
             autoscale: true,
+            relays: None,
             checkpoints: None,
         }
     }
@@ -695,6 +777,18 @@ impl Job {
     /// yes); a job whose placement is fixed for an experiment says no.
     pub fn autoscale(&mut self, on: bool) -> &mut Self {
         self.autoscale = on;
+        self
+    }
+
+    /// Whether the job's steps may be split out onto relays (see `Stream`).
+    /// By default they may where the engine runs an autoscaler, on one node
+    /// (over nodes every node must make the same plan, whatever its own
+    /// autoscaler: say yes on every node). A job whose sinks need each
+    /// producer partition's rows in the order it made them says no: its
+    /// steps always run fused. Yes builds the relays with no autoscaler too,
+    /// for `Dataflow::unchain`.
+    pub fn relays(&mut self, on: bool) -> &mut Self {
+        self.relays = Some(on);
         self
     }
 
@@ -766,20 +860,58 @@ impl Job {
         Stream::of_stage(self.graph.clone(), stage)
     }
 
+    /// The plan on `shards`, as under an autoscaler (relays by default).
     #[cfg(test)]
     pub(crate) fn into_plan(self, id: JobId, shards: usize) -> Result<Plan, String> {
-        self.into_plan_as(id, shards, Role::Alone)
+        self.into_plan_as(id, shards, Role::Alone, true)
     }
 
     /// As `into_plan`, its checkpointer taking `role` in a dataflow over
-    /// nodes.
-    pub(crate) fn into_plan_as(self, id: JobId, shards: usize, role: Role) -> Result<Plan, String> {
-        let stages = std::mem::take(&mut self.graph.borrow_mut().stages);
+    /// nodes; relays unless the job says otherwise where `relays_by_default`
+    /// (`Job::relays`).
+    pub(crate) fn into_plan_as(
+        self,
+        id: JobId,
+        shards: usize,
+        role: Role,
+        relays_by_default: bool,
+    ) -> Result<Plan, String> {
+        let (mut stages, relays) = {
+            let mut builder = self.graph.borrow_mut();
+            let relays = std::mem::take(&mut builder.relays);
+            (std::mem::take(&mut builder.stages), relays)
+        };
         if stages.is_empty() {
             return Err(format!("job {} has no stages", self.name));
         }
+        // The relays come after the job's own stages.
+        let first_relay = stages.len() as u32;
+        for (i, (relay, number)) in relays.into_iter().enumerate() {
+            let _ = number.set(first_relay + i as u32);
+            stages.push(relay);
+        }
+        for stage in &mut stages {
+            for target in stage.targets.iter_mut().filter(|t| t.0 >= RELAY_PENDING) {
+                target.0 = target.0 - RELAY_PENDING + first_relay;
+            }
+        }
+        // A relay has a partition per shard of the run where its producer has
+        // fewer and the autoscaler may split its steps out; else none (its
+        // producer always runs them).
+        let relays_on = self.autoscale && self.relays.unwrap_or(relays_by_default);
+        for relay in first_relay as usize..stages.len() {
+            let producers = stages[relay].inputs[0];
+            let partitions = match relays_on && shards as u32 > producers {
+                true => shards as u32,
+                false => 0,
+            };
+            stages[relay].parallelism = partitions;
+            stages[relay].from_base = producers;
+            let (target, input) = stages[relay].targets[0];
+            stages[target as usize].inputs[input as usize] += partitions;
+        }
         for stage in &stages {
-            if stage.parallelism == 0 {
+            if stage.parallelism == 0 && stage.kind != StageKind::Relay {
                 return Err(format!(
                     "stage {} of job {} has parallelism 0",
                     stage.name, self.name
@@ -797,8 +929,13 @@ impl Job {
         let metrics = Arc::new(JobMetrics::new(shards, stages.len()));
         let checkpointer = match self.checkpoints {
             Some(options) => {
+                // Relays keep nothing but their channels' watermarks, and how
+                // many there are follows the shards: a checkpoint is the
+                // job's own stages' (a restored consumer meets the relays it
+                // has now, `actors::Watermarks::restore`).
                 let shape = stages
                     .iter()
+                    .filter(|s| s.kind != StageKind::Relay)
                     .map(|s| (s.name.clone(), s.parallelism))
                     .collect();
                 let checkpointer =
@@ -837,6 +974,7 @@ impl Job {
             checkpointer,
             reroutes,
             reroute_order: std::sync::Mutex::new(()),
+            unchained: (0..stages_len).map(|_| Default::default()).collect(),
             monitors: Vec::new(),
             me: None,
             post: Arc::new(std::sync::OnceLock::new()),
@@ -861,6 +999,7 @@ fn add_stage<Out: Data>(
         kind,
         inputs,
         targets: Vec::new(),
+        from_base: 0,
         parallelizable: false,
         routes: Box::new(Vec::<Route<Out>>::new()),
         activate,
@@ -982,21 +1121,115 @@ pub(crate) fn initial_owners(parallelism: u32, groups: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Add `route` as the route of `stage`'s output to `(target, input)`.
+fn push_route<T: Data>(builder: &mut Builder, stage: u32, target: (u32, u8), route: Route<T>) {
+    let plan = &mut builder.stages[stage as usize];
+    plan.targets.push(target);
+    plan.routes
+        .downcast_mut::<Vec<Route<T>>>()
+        .expect("a stream's type is its stage's output type")
+        .push(route);
+}
+
+/// A relay of `T` records: hands each batch on as it came, to run its
+/// edge's steps (its route) in its own partition. Keeps nothing.
+struct Relay;
+
+impl<T: Data> Operator<T, T> for Relay {
+    fn on_records(&mut self, records: Vec<T>, out: &mut Vec<T>) {
+        if out.is_empty() {
+            *out = records;
+        } else {
+            out.extend(records);
+        }
+    }
+    fn state(&mut self) -> Option<&mut dyn Stateful> {
+        None
+    }
+}
+
+/// Give `producer`'s edge to `(target, input)` a relay stage (sized at
+/// `Job::into_plan_as`): the relay takes the producer's records as they
+/// are and runs the edge's `route` (its steps, then the consumer's
+/// partitioning) in its own partitions. The producer is also a feeder of
+/// the relay (an empty route: it gets the producer's watermarks, barriers
+/// and markers whatever the mode). Returns the producer's route of the
+/// edge: `route` itself while the steps are fused, else each batch whole
+/// to the relay partition with the least backlog.
+fn add_relay<T: Data>(
+    builder: &mut Builder,
+    producer: u32,
+    (target, input): (u32, u8),
+    route: Route<T>,
+) -> Route<T> {
+    let name = format!(
+        "{}-{}-relay",
+        builder.stages[producer as usize].name, builder.stages[target as usize].name
+    );
+    let activate: Activate = Box::new(move |plan, id, saved| {
+        actors::unary_actor::<T, T>(plan, id, Box::new(Relay), saved)
+    });
+    let number = Arc::new(std::sync::OnceLock::new());
+    let pending = RELAY_PENDING + builder.relays.len() as u32;
+    let relay = StagePlan {
+        name,
+        parallelism: 0,
+        kind: StageKind::Relay,
+        inputs: vec![builder.stages[producer as usize].parallelism],
+        targets: vec![(target, input)],
+        from_base: 0,
+        parallelizable: false,
+        routes: Box::new(vec![route.clone()]),
+        activate,
+    };
+    builder.relays.push((relay, number.clone()));
+    let nothing: Route<T> = Arc::new(|_, _, _, _| {});
+    push_route(builder, producer, (pending, 0), nothing);
+    let to_relay = relay_route::<T>(number);
+    Arc::new(
+        move |records: Records<'_, T>, plan, sender, ctx| match plan.unchained(producer) {
+            true => to_relay(records, plan, sender, ctx),
+            false => route(records, plan, sender, ctx),
+        },
+    )
+}
+
+/// Each batch whole to the partition of the relay numbered `relay` with the
+/// least backlog (ties from a start that moves with time), as parallel mode
+/// sends.
+fn relay_route<T: Data>(relay: Arc<std::sync::OnceLock<u32>>) -> Route<T> {
+    Arc::new(move |records: Records<'_, T>, plan, sender, ctx| {
+        let relay = *relay.get().expect("a plan numbers its relays");
+        let partitions = plan.stages[relay as usize].parallelism;
+        if records.is_empty() || partitions == 0 {
+            return;
+        }
+        let sched = plan.stamp(ctx.sched(), ctx.shard(), relay);
+        let from = sender.partition;
+        let start = (from as u64 ^ ctx.now_ns() >> 10) % partitions as u64;
+        let p = (0..partitions)
+            .map(|i| (start as u32 + i) % partitions)
+            .min_by_key(|&p| ctx.backlog(ActorId::new(plan.id, relay, p)))
+            .unwrap_or(0);
+        send_records(plan, sched, ctx, (relay, 0), (from, p), records.into_vec());
+    })
+}
+
 impl<T: Data> Stream<T> {
     /// The output of `stage` itself, with no steps yet.
     fn of_stage(graph: Rc<RefCell<Builder>>, stage: u32) -> Stream<T> {
-        let attach: Attach<T> = Rc::new(move |builder, target, input, route| {
-            let plan = &mut builder.stages[stage as usize];
-            plan.targets.push((target, input));
-            plan.routes
-                .downcast_mut::<Vec<Route<T>>>()
-                .expect("a stream's type is its stage's output type")
-                .push(route);
+        let attach: Attach<T> = Rc::new(move |builder, target, input, route, relay| {
+            let route = match relay {
+                true => add_relay(builder, stage, (target, input), route),
+                false => route,
+            };
+            push_route(builder, stage, (target, input), route);
         });
         Stream {
             graph,
             stage,
             attach,
+            chained: false,
         }
     }
 
@@ -1007,9 +1240,10 @@ impl<T: Data> Stream<T> {
         Stream {
             graph: self.graph.clone(),
             stage: self.stage,
-            attach: Rc::new(move |builder, target, input, next: Route<U>| {
-                attach(builder, target, input, step(next))
+            attach: Rc::new(move |builder, target, input, next: Route<U>, relay| {
+                attach(builder, target, input, step(next), relay)
             }),
+            chained: true,
         }
     }
 
@@ -1111,13 +1345,22 @@ impl<T: Data> Stream<T> {
         self.graph.borrow().stages[self.stage as usize].parallelism
     }
 
-    fn connect(&self, target: u32, input: u8, route: Route<T>) {
+    /// Attach consumer `(target, input)`; one that `unordered` takes its
+    /// records in any order, so the steps may go through a relay.
+    fn connect(&self, target: u32, input: u8, route: Route<T>, unordered: bool) {
         let mut builder = self.graph.borrow_mut();
-        (self.attach)(&mut builder, target, input, route);
+        (self.attach)(
+            &mut builder,
+            target,
+            input,
+            route,
+            self.chained && unordered,
+        );
     }
 
     /// End the stream in a sink; upstream partition i feeds sink partition
-    /// i modulo `parallelism`.
+    /// i modulo `parallelism`. A sink takes its rows in any order: the steps
+    /// before it may be split out onto a relay (see `Stream`).
     pub fn sink(&self, name: &str, parallelism: u32, factory: SinkFactory<T>) {
         let inputs = vec![self.upstream_parallelism()];
         let activate: Activate = Box::new(move |plan, id, saved| {
@@ -1131,7 +1374,7 @@ impl<T: Data> Stream<T> {
             inputs,
             activate,
         );
-        self.connect(stage, 0, forward_route((stage, 0), parallelism));
+        self.connect(stage, 0, forward_route((stage, 0), parallelism), true);
     }
 }
 
@@ -1150,6 +1393,7 @@ impl<T: Data> KeyedStream<T> {
         // that keeps partials or no state may run in parallel mode.
         let mut probe = factory(0);
         let parallelizable = probe.keeps_partials() || probe.state().is_none();
+        let unordered = probe.accepts_unordered();
         let activate: Activate = Box::new(move |plan, id, saved| {
             actors::unary_actor::<T, Out>(plan, id, factory(id.partition), saved)
         });
@@ -1163,7 +1407,7 @@ impl<T: Data> KeyedStream<T> {
         );
         graph.borrow_mut().stages[stage as usize].parallelizable = parallelizable;
         let route = keyed_route((stage, 0), parallelism, self.key.clone());
-        self.stream.connect(stage, 0, route);
+        self.stream.connect(stage, 0, route, unordered);
         Stream::of_stage(graph, stage)
     }
 
@@ -1199,8 +1443,9 @@ impl<T: Data> KeyedStream<T> {
         );
         let left = keyed_route((stage, 0), parallelism, self.key.clone());
         let right = keyed_route((stage, 1), parallelism, other.key.clone());
-        self.stream.connect(stage, 0, left);
-        other.stream.connect(stage, 1, right);
+        // A join's rows follow the order its inputs come in: no relays.
+        self.stream.connect(stage, 0, left, false);
+        other.stream.connect(stage, 1, right, false);
         Stream::of_stage(graph, stage)
     }
 
@@ -1354,8 +1599,79 @@ mod tests {
             Arc::new(|_| Box::new(Collect::<usize>(Vec::new()))),
         );
         let plan = job.into_plan(JobId(1), 1).expect("valid job");
+        // The sink takes any order: the steps' edge has a relay (stage 2),
+        // with no partitions on one shard.
+        assert_eq!(plan.stages[0].targets, vec![(2, 0), (1, 0)]);
+        assert_eq!(plan.stages[0].routes::<u64>().len(), 2);
+        assert_eq!(plan.stages[2].kind, StageKind::Relay);
+        assert_eq!(plan.stages[2].parallelism, 0);
+        assert_eq!(plan.stages[2].routes::<u64>().len(), 1);
+    }
+
+    /// source (0) -> map -> a (1, keeps its input's order) -> map -> sink
+    /// (2); the relay of a's edge to the sink is stage 3.
+    fn relayed(autoscale: bool) -> Job {
+        let mut job = Job::new("relayed", Duration::from_millis(10));
+        job.autoscale(autoscale);
+        job.source("source", 1, Arc::new(|_, _| Box::new(Nothing)))
+            .map(|n| n + 1)
+            .key_by(|r| *r)
+            .process("a", 2, Arc::new(|_| Box::new(Pass)))
+            .map(|n| n * 2)
+            .sink("sink", 1, Arc::new(|_| Box::new(Discard)));
+        job
+    }
+
+    #[test]
+    fn a_chained_edge_into_a_consumer_of_any_order_gets_a_relay_of_a_partition_per_shard() {
+        let plan = relayed(true).into_plan(JobId(1), 4).expect("valid job");
+        assert_eq!(plan.stages.len(), 4, "no relay before a, which keeps order");
         assert_eq!(plan.stages[0].targets, vec![(1, 0)]);
-        assert_eq!(plan.stages[0].routes::<u64>().len(), 1);
+        assert_eq!(plan.stages[1].targets, vec![(3, 0), (2, 0)]);
+        let relay = &plan.stages[3];
+        assert_eq!(
+            (relay.kind, relay.parallelism, relay.from_base),
+            (StageKind::Relay, 4, 2)
+        );
+        assert_eq!(relay.inputs, vec![2]);
+        assert_eq!(relay.targets, vec![(2, 0)]);
+        // The sink counts a's two channels and the relay's four.
+        assert_eq!(plan.stages[2].inputs, vec![6]);
+        assert_eq!(plan.unchainable(), 1 << 1);
+        assert_eq!(plan.relays(), 1 << 3);
+        assert_eq!(plan.splittable(), 1 << 1, "a relay is never rerouted");
+        assert!(!plan.unchain(0, true), "the source's edge has no relay");
+        assert!(plan.unchain(1, true));
+        assert!(plan.unchained(1));
+        assert!(plan.unchain(1, false));
+        assert!(!plan.unchained(1));
+        // As many producer partitions as shards, a job that may not scale,
+        // or one that keeps its steps fused: the relay has none, and nothing
+        // switches.
+        let mut fused = relayed(true);
+        fused.relays(false);
+        let role = Role::Alone;
+        for plan in [
+            relayed(true).into_plan(JobId(1), 2).expect("valid job"),
+            relayed(false).into_plan(JobId(1), 4).expect("valid job"),
+            fused.into_plan(JobId(1), 4).expect("valid job"),
+            // No autoscaler: none unless the job asks.
+            relayed(true)
+                .into_plan_as(JobId(1), 4, role, false)
+                .expect("valid job"),
+        ] {
+            assert_eq!(plan.stages[3].parallelism, 0);
+            assert_eq!(plan.stages[2].inputs, vec![2]);
+            assert_eq!(plan.unchainable(), 0);
+            assert!(!plan.unchain(1, true));
+            assert!(!plan.unchained(1));
+        }
+        let mut asked = relayed(true);
+        asked.relays(true);
+        let plan = asked
+            .into_plan_as(JobId(1), 4, role, false)
+            .expect("valid job");
+        assert_eq!(plan.stages[3].parallelism, 4);
     }
 
     struct Collect<T>(Vec<T>);

@@ -424,6 +424,9 @@ pub struct Registry {
     /// Over nodes: how to reach another node's actors (set once the
     /// runtime runs), for every job's plan.
     post: Arc<std::sync::OnceLock<checkpoint::Post>>,
+    /// An autoscaler runs over these shards: jobs get relays by default
+    /// (`Job::relays`; on one node only).
+    pub autoscaled: bool,
 }
 
 impl Registry {
@@ -434,6 +437,7 @@ impl Registry {
             node_firsts: Vec::new(),
             me: None,
             post: Arc::new(std::sync::OnceLock::new()),
+            autoscaled: false,
         }
     }
 
@@ -459,7 +463,8 @@ impl Registry {
             Some(0) => checkpoint::Role::Coordinator,
             Some(_) => checkpoint::Role::Participant,
         };
-        let mut plan = job.into_plan_as(id, self.shards, role)?;
+        let relays = self.autoscaled && self.me.is_none();
+        let mut plan = job.into_plan_as(id, self.shards, role, relays)?;
         // Partition p of any stage is homed on shard p (`Directory::home`):
         // the monitor of node n on n's first shard, never moved.
         plan.monitors = self
@@ -635,6 +640,36 @@ impl Registry {
         Ok(orders)
     }
 
+    /// Split `stage`'s fused steps out onto its relays (`on`), or fuse them
+    /// back (see `Stream`): its partitions here read the switch at their
+    /// next output batch. Over nodes each node switches its own partitions.
+    /// Refused for an unknown job or stage, and a stage with no relay of
+    /// any partitions (a job that may not scale, or a producer with as many
+    /// partitions as shards).
+    pub fn unchain(&self, job: JobId, stage: u32, on: bool) -> Result<(), String> {
+        let plans = self.plans.read().expect("plan registry poisoned");
+        let plan = plans.get(&job).ok_or_else(|| format!("no job {job:?}"))?;
+        let name = &plan
+            .stages
+            .get(stage as usize)
+            .ok_or_else(|| format!("job {} has no stage {stage}", plan.name))?
+            .name;
+        match plan.unchain(stage, on) {
+            true => Ok(()),
+            false => Err(format!(
+                "stage {name} has no relay to split its steps out onto"
+            )),
+        }
+    }
+
+    /// Whether `stage`'s fused steps run on its relays here.
+    pub fn unchained(&self, job: JobId, stage: u32) -> bool {
+        let plans = self.plans.read().expect("plan registry poisoned");
+        plans
+            .get(&job)
+            .is_some_and(|plan| (stage as usize) < plan.stages.len() && plan.unchained(stage))
+    }
+
     /// A checkpoint of `job` is under way (an actor may align for it): a
     /// reroute of it would be refused now.
     pub fn checkpoint_under_way(&self, job: JobId) -> bool {
@@ -767,6 +802,8 @@ impl Registry {
                         >= plan.sink_partitions(),
                     splittable,
                     parallelizable,
+                    unchainable: plan.unchainable(),
+                    relays: plan.relays(),
                 };
                 (id, job)
             })
@@ -1012,7 +1049,8 @@ impl Dataflow {
     /// panic message) and no other; a shard that dies ends every job.
     pub fn start(config: DataflowConfig) -> Result<Self, StartError> {
         let mut runtime_config = config.runtime;
-        let registry = Registry::new(runtime_config.shards);
+        let mut registry = Registry::new(runtime_config.shards);
+        registry.autoscaled = config.autoscale.is_some();
         runtime_config.on_failure = Some(supervise(&registry, runtime_config.on_failure.take()));
         let runtime = Arc::new(Runtime::start(
             runtime_config,
@@ -1291,6 +1329,18 @@ impl Dataflow {
             self.registry.reroute(job, stage, owners)?,
         );
         Ok(())
+    }
+
+    /// Split a stage's fused steps out onto its relays, or fuse them back
+    /// (see [`Registry::unchain`]); what the autoscaler does with
+    /// `Action::Unchain` and `Action::Rechain`.
+    pub fn unchain(&self, job: JobId, stage: u32, on: bool) -> Result<(), String> {
+        self.registry.unchain(job, stage, on)
+    }
+
+    /// See [`Registry::unchained`].
+    pub fn unchained(&self, job: JobId, stage: u32) -> bool {
+        self.registry.unchained(job, stage)
     }
 
     /// See [`Registry::keyed_stages`].

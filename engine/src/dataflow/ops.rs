@@ -769,6 +769,12 @@ impl<In: Data, A: Aggregate<In>> Operator<In, A::Out> for WindowAggregate<In, A>
     fn state(&mut self) -> Option<&mut dyn Stateful> {
         Some(&mut self.state.windows)
     }
+
+    /// A mergeable aggregate adds up alike in any order, and a window
+    /// emits only when the watermark fires it.
+    fn accepts_unordered(&self) -> bool {
+        A::MERGEABLE
+    }
 }
 
 /// Phase 1 of two: per window and key an accumulator, emitted as a
@@ -879,6 +885,11 @@ impl<In: Data, A: Aggregate<In>> Operator<In, PartialRow<A::Acc>> for WindowPart
     fn keeps_partials(&self) -> bool {
         !self.select
     }
+
+    /// Its aggregate is mergeable (it runs in two phases).
+    fn accepts_unordered(&self) -> bool {
+        true
+    }
 }
 
 /// Phase 2 of a two-phase aggregation: merges partials per window and key, and
@@ -962,6 +973,12 @@ impl<In: Data, A: Aggregate<In>> Operator<PartialRow<A::Acc>, A::Out> for Window
 
     fn state(&mut self) -> Option<&mut dyn Stateful> {
         Some(&mut self.windows)
+    }
+
+    /// Partials merge alike in any order, and a window emits only when the
+    /// watermark fires it.
+    fn accepts_unordered(&self) -> bool {
+        true
     }
 }
 

@@ -423,6 +423,8 @@ fn carry_out(
             },
             None => Err("its split was not carried out".to_string()),
         },
+        Action::Unchain { job, stage } => registry.unchain(job, stage, true),
+        Action::Rechain { job, stage } => registry.unchain(job, stage, false),
         Action::NeedsParallelism { .. } | Action::Wake { .. } => Ok(()),
     };
     match done {
