@@ -649,6 +649,47 @@ fn checkpoints_taken_while_steps_switch_between_fused_and_relays_restore_exactly
     }
 }
 
+/// A job stopped on 3 shards (a relay of 3 partitions on its source's
+/// step, switched at random) resumes on 4 (a relay of 4) and on 2 (none):
+/// a checkpoint holds the job's own stages only, and the count's restored
+/// channels are fitted to the relays there are now. The output is exactly
+/// the uninterrupted run's.
+#[test]
+fn a_job_resumed_on_another_shard_count_meets_other_relays_and_stays_exact() {
+    let expected = reference();
+    let dir = temp_dir("relays-reshard");
+    let (data, output) = (dir.join("data"), dir.join("out.txt"));
+    let switches = Arc::new(AtomicU64::new(0));
+    let moves = Moves::MigrateAndUnchain(switches.clone());
+    for shards in [3usize, 4] {
+        let stats = run(
+            FAST,
+            shards,
+            &data,
+            &output,
+            Until::Checkpoints(3),
+            moves.clone(),
+            Faults::default(),
+        )
+        .unwrap();
+        assert_eq!(stats.failed, 0, "{:?}", stats.last_error);
+        assert!(is_part_of(&lines_of(&output), &expected), "shards {shards}");
+    }
+    run(
+        FAST,
+        2,
+        &data,
+        &output,
+        Until::End,
+        Moves::Migrate,
+        Faults::default(),
+    )
+    .unwrap();
+    assert!(switches.load(Ordering::Relaxed) >= 50, "{switches:?}");
+    assert_eq!(lines_of(&output), expected);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// What to damage, and how.
 #[derive(Clone, Copy, Debug)]
 enum Damage {
