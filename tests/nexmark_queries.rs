@@ -266,20 +266,7 @@ fn every_query_matches_the_reference_while_key_groups_reroute() {
                 submit_with(&mut dataflow, q, source, Some(50_000), (shards as u32, 1))
             })
             .collect();
-        let stages: Vec<_> = submitted
-            .iter()
-            .flat_map(|s| {
-                let job = s.handle.id;
-                dataflow
-                    .keyed_stages(job)
-                    .into_iter()
-                    .map(move |k| (job, k))
-            })
-            .collect();
-        let actors: Vec<_> = submitted
-            .iter()
-            .flat_map(|s| dataflow.actors(s.handle.id))
-            .collect();
+        let (stages, actors) = keyed_stages_and_actors(&dataflow, &submitted);
         let mut rng = dirigo_engine::runtime::sim::SimRng::new(seed);
         let (mut reroutes, mut rounds, mut parallel) = (0u64, 0u64, 0u64);
         while !submitted.iter().all(|s| s.handle.is_done()) && rounds < 20_000 {
@@ -360,20 +347,7 @@ fn every_query_matches_the_reference_while_steps_switch_between_fused_and_relays
         // Their source's steps feed a sink (q0-q2) or a window of a
         // mergeable aggregate (q5, q7); q3, q4 and q8 feed joins first.
         assert_eq!(queries, ["q0", "q1", "q2", "q5", "q7"], "{relayed:?}");
-        let stages: Vec<_> = submitted
-            .iter()
-            .flat_map(|s| {
-                let job = s.handle.id;
-                dataflow
-                    .keyed_stages(job)
-                    .into_iter()
-                    .map(move |k| (job, k))
-            })
-            .collect();
-        let actors: Vec<_> = submitted
-            .iter()
-            .flat_map(|s| dataflow.actors(s.handle.id))
-            .collect();
+        let (stages, actors) = keyed_stages_and_actors(&dataflow, &submitted);
         let mut rng = dirigo_engine::runtime::sim::SimRng::new(seed);
         let (mut switches, mut reroutes, mut rounds) = (0u64, 0u64, 0u64);
         while !submitted.iter().all(|s| s.handle.is_done()) && rounds < 20_000 {
@@ -400,6 +374,31 @@ fn every_query_matches_the_reference_while_steps_switch_between_fused_and_relays
     }
 }
 
+/// A job's keyed stage.
+type JobStage = (dirigo_engine::JobId, dirigo_engine::dataflow::KeyedStage);
+
+/// Every keyed stage and every actor of the `submitted` jobs.
+fn keyed_stages_and_actors(
+    dataflow: &Dataflow,
+    submitted: &[Submitted],
+) -> (Vec<JobStage>, Vec<dirigo_engine::ActorId>) {
+    let stages = submitted
+        .iter()
+        .flat_map(|s| {
+            let job = s.handle.id;
+            dataflow
+                .keyed_stages(job)
+                .into_iter()
+                .map(move |k| (job, k))
+        })
+        .collect();
+    let actors = submitted
+        .iter()
+        .flat_map(|s| dataflow.actors(s.handle.id))
+        .collect();
+    (stages, actors)
+}
+
 /// Reroute one random keyed stage of `stages` (a random change: split,
 /// merge, scatter, parallel mode and back), and with several shards maybe
 /// migrate one of `actors`. Whether a reroute was ordered, and whether it
@@ -408,7 +407,7 @@ fn every_query_matches_the_reference_while_steps_switch_between_fused_and_relays
 fn reroute_at_random(
     dataflow: &Dataflow,
     rng: &mut dirigo_engine::runtime::sim::SimRng,
-    stages: &[(dirigo_engine::JobId, dirigo_engine::dataflow::KeyedStage)],
+    stages: &[JobStage],
     actors: &[dirigo_engine::ActorId],
 ) -> (bool, bool) {
     let shards = dataflow.shards();

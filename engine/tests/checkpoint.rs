@@ -537,6 +537,47 @@ fn checkpoints_taken_while_actors_migrate_restore_exactly() {
     }
 }
 
+/// Run the job on `shards` in `dir` under `moves`: stopped after 3
+/// checkpoints, twice (what is committed each time a part of the
+/// reference), then resumed to the end. The checkpoints committed before
+/// the last run, and the last run's stats.
+fn stop_twice_then_finish(
+    shards: usize,
+    dir: &Path,
+    moves: Moves,
+    expected: &[String],
+) -> (u64, CheckpointStats) {
+    let (data, output) = (dir.join("data"), dir.join("out.txt"));
+    let mut committed = 0;
+    for stop_after in [3u64, 3] {
+        let stats = run(
+            FAST,
+            shards,
+            &data,
+            &output,
+            Until::Checkpoints(stop_after),
+            moves.clone(),
+            Faults::default(),
+        )
+        .unwrap();
+        assert_eq!(stats.failed, 0, "{:?}", stats.last_error);
+        committed += stats.completed;
+        let partial = lines_of(&output);
+        assert!(is_part_of(&partial, expected), "uncommitted or wrong rows");
+    }
+    let last = run(
+        FAST,
+        shards,
+        &data,
+        &output,
+        Until::End,
+        moves,
+        Faults::default(),
+    )
+    .unwrap();
+    (committed, last)
+}
+
 /// Key groups of the count stage change owner at random (ranges split and
 /// merged, groups scattered) while its actors migrate and checkpoints are
 /// taken; the job is stopped after some checkpoints and resumed (rerouting
@@ -548,36 +589,10 @@ fn checkpoints_taken_while_key_groups_reroute_restore_exactly() {
     let expected = reference();
     for shards in [1usize, 2] {
         let dir = temp_dir(&format!("reroute-{shards}"));
-        let (data, output) = (dir.join("data"), dir.join("out.txt"));
+        let output = dir.join("out.txt");
         let reroutes = Arc::new(Reroutes::default());
         let moves = Moves::MigrateAndReroute(reroutes.clone());
-        let mut committed = 0;
-        for stop_after in [3u64, 3] {
-            let stats = run(
-                FAST,
-                shards,
-                &data,
-                &output,
-                Until::Checkpoints(stop_after),
-                moves.clone(),
-                Faults::default(),
-            )
-            .unwrap();
-            assert_eq!(stats.failed, 0, "{:?}", stats.last_error);
-            committed += stats.completed;
-            let partial = lines_of(&output);
-            assert!(is_part_of(&partial, &expected), "uncommitted or wrong rows");
-        }
-        let last = run(
-            FAST,
-            shards,
-            &data,
-            &output,
-            Until::End,
-            moves,
-            Faults::default(),
-        )
-        .unwrap();
+        let (committed, last) = stop_twice_then_finish(shards, &dir, moves, &expected);
         let (done, refused) = (
             reroutes.done.load(Ordering::Relaxed),
             reroutes.refused.load(Ordering::Relaxed),
@@ -607,36 +622,10 @@ fn checkpoints_taken_while_steps_switch_between_fused_and_relays_restore_exactly
     let expected = reference();
     for shards in [3usize, 4] {
         let dir = temp_dir(&format!("unchain-{shards}"));
-        let (data, output) = (dir.join("data"), dir.join("out.txt"));
+        let output = dir.join("out.txt");
         let switches = Arc::new(AtomicU64::new(0));
         let moves = Moves::MigrateAndUnchain(switches.clone());
-        let mut committed = 0;
-        for stop_after in [3u64, 3] {
-            let stats = run(
-                FAST,
-                shards,
-                &data,
-                &output,
-                Until::Checkpoints(stop_after),
-                moves.clone(),
-                Faults::default(),
-            )
-            .unwrap();
-            assert_eq!(stats.failed, 0, "{:?}", stats.last_error);
-            committed += stats.completed;
-            let partial = lines_of(&output);
-            assert!(is_part_of(&partial, &expected), "uncommitted or wrong rows");
-        }
-        let last = run(
-            FAST,
-            shards,
-            &data,
-            &output,
-            Until::End,
-            moves,
-            Faults::default(),
-        )
-        .unwrap();
+        let (committed, last) = stop_twice_then_finish(shards, &dir, moves, &expected);
         let switches = switches.load(Ordering::Relaxed);
         eprintln!(
             "shards {shards}: {} checkpoints committed, {switches} switches",
