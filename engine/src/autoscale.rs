@@ -117,8 +117,14 @@ use std::fmt;
 use crate::ids::{ActorId, JobId, ShardId};
 
 /// A split of steps out, to be judged: its step, its job's records in per
-/// step before it, and its job's records in at it.
-type Unchained = (u64, f64, u64);
+/// measured step before it, its job's records in at it, and the job's
+/// measured steps then (`Rates`).
+type Unchained = (u64, f64, u64, u64);
+
+/// A job's input as the placement steps measure it: records in at the last
+/// one, per step over the last `RATE_STEPS`, and how many steps measured
+/// it (idle steps, which measure nothing, are not counted).
+type Rates = (u64, std::collections::VecDeque<u64>, u64);
 
 /// Steps over which a job's input rate before a split of steps out is
 /// taken (`Autoscaler::check_unchained`).
@@ -472,7 +478,7 @@ pub struct Autoscaler {
     unchained_at: BTreeMap<(JobId, u32), Unchained>,
     /// Per job, its records in at the last step and over the last
     /// `RATE_STEPS` steps (each step's).
-    rates: BTreeMap<JobId, (u64, std::collections::VecDeque<u64>)>,
+    rates: BTreeMap<JobId, Rates>,
     /// Stages whose split out relieved nothing, with the step until which
     /// they are not split out again.
     unchain_refused: BTreeMap<(JobId, u32), u64>,
@@ -632,6 +638,7 @@ impl Autoscaler {
     /// merges.
     fn place(&mut self, sample: &Sample) -> Vec<Decision> {
         let step = self.tick();
+        self.track_rates(&sample.jobs);
         self.splits
             .retain(|(spread, _)| sample.jobs.contains_key(&spread.job()));
         // Nothing to move to with one live shard (over nodes, one of this
@@ -642,7 +649,6 @@ impl Autoscaler {
         if live_shards < 2 {
             return Vec::new();
         }
-        self.track_rates(&sample.jobs);
         let measured = self.measure(sample);
         let mut load = vec![0.0f64; sample.shards];
         let mut late = vec![false; sample.shards];
@@ -1165,7 +1171,7 @@ impl Autoscaler {
         let rate_known = self
             .rates
             .get(&m.id.job)
-            .is_some_and(|(_, deltas)| deltas.len() == RATE_STEPS);
+            .is_some_and(|(_, deltas, _)| deltas.len() == RATE_STEPS);
         rate_known
             && self
                 .unchain_refused
@@ -1177,12 +1183,13 @@ impl Autoscaler {
     fn track_rates(&mut self, jobs: &BTreeMap<JobId, JobSample>) {
         self.rates.retain(|job, _| jobs.contains_key(job));
         for (&job, sample) in jobs {
-            let Some((records, deltas)) = self.rates.get_mut(&job) else {
+            let Some((records, deltas, steps)) = self.rates.get_mut(&job) else {
                 // First seen: its rate from the next step on.
                 self.rates
-                    .insert(job, (sample.records_in, Default::default()));
+                    .insert(job, (sample.records_in, Default::default(), 0));
                 continue;
             };
+            *steps += 1;
             if deltas.len() == RATE_STEPS {
                 deltas.pop_front();
             }
@@ -1205,14 +1212,18 @@ impl Autoscaler {
         let due: Vec<((JobId, u32), Unchained)> = self
             .unchained_at
             .iter()
-            .filter(|(_, (at, _, _))| step >= at + cooldown)
+            .filter(|(_, (at, _, _, _))| step >= at + cooldown)
             .map(|(&stage, &figures)| (stage, figures))
             .collect();
         let mut decisions = Vec::new();
-        for ((job, stage), (at, before, records_then)) in due {
+        for ((job, stage), (at, before, records_then, steps_then)) in due {
             self.unchained_at.remove(&(job, stage));
-            let records_now = jobs.get(&job).map_or(records_then, |j| j.records_in);
-            let after = records_now.saturating_sub(records_then) as f64 / (step - at) as f64;
+            let Some(&(records_now, _, steps_now)) = self.rates.get(&job) else {
+                continue;
+            };
+            // Per measured step, as `before` (an idle step measures nothing).
+            let steps = steps_now.saturating_sub(steps_then).max(1);
+            let after = records_now.saturating_sub(records_then) as f64 / steps as f64;
             if before <= 0.0 || after >= before * 0.9 {
                 continue;
             }
@@ -1255,9 +1266,10 @@ impl Autoscaler {
         self.splits
             .push((Spread::Unchained(stage.0, stage.1), step));
         // Judged later against the job's input rate now.
-        if let Some((records, deltas)) = self.rates.get(&stage.0) {
+        if let Some((records, deltas, steps)) = self.rates.get(&stage.0) {
             let before = deltas.iter().sum::<u64>() as f64 / deltas.len().max(1) as f64;
-            self.unchained_at.insert(stage, (step, before, *records));
+            self.unchained_at
+                .insert(stage, (step, before, *records, *steps));
         }
         Decision {
             step,
@@ -1289,6 +1301,9 @@ impl Autoscaler {
             let entry = self.splits[i];
             if let Some(decision) = self.undo(step, entry, measured, load) {
                 self.splits.remove(i);
+                if let Spread::Unchained(job, stage) = entry.0 {
+                    self.unchained_at.remove(&(job, stage));
+                }
                 return Some(decision);
             }
             if !matches!(entry.0, Spread::Unchained(..)) {

@@ -475,7 +475,7 @@ pub(crate) fn source_actor<T: Data>(
         injected: saved.last_epoch,
         parts: saved.parts,
         empty_asks: 0,
-        routing: Owners::from_saved(&saved.routing),
+        routing: Owners::from_saved(&saved.routing).at_least(&plan.restored_tables),
     })
 }
 
@@ -1311,7 +1311,7 @@ fn stage_actor<Out: Data, Op: StageOp<Out>>(
         late_seen: 0,
         snapshot: None,
         held_watermark: None,
-        routing: Owners::from_saved(&saved.routing),
+        routing: Owners::from_saved(&saved.routing).at_least(&plan.restored_tables),
         own,
         rescale: None,
         gate,

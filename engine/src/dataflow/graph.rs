@@ -299,6 +299,16 @@ impl Owners {
             .collect()
     }
 
+    /// Take `other`'s table of each stage it is newer for.
+    pub(crate) fn at_least(mut self, other: &Owners) -> Self {
+        for (stage, version, owners) in &other.0 {
+            if *version > self.version(*stage) {
+                self.set(*stage, *version, owners.clone());
+            }
+        }
+        self
+    }
+
     pub(crate) fn from_saved(saved: &[(u32, u64, Vec<u32>)]) -> Self {
         Owners(
             saved
@@ -434,6 +444,11 @@ pub struct Plan {
     /// Per stage, whether its fused steps toward consumers with relays go
     /// through the relays (`Plan::unchain`); read once per output batch.
     pub(crate) unchained: Vec<std::sync::atomic::AtomicBool>,
+    /// A restored job's tables as of its checkpoint (`RerouteSlot::restore`):
+    /// a feeder routes by these at least, whatever its own part held (a
+    /// relay partition new in this run has none, one that a run on fewer
+    /// shards did not have an older one).
+    pub(crate) restored_tables: Owners,
     /// Over nodes, the job's monitor on each node, in node order
     /// (partition: the node's first shard, stage `MONITOR_STAGE`): sink
     /// partitions tell every one that they ended, and keyed partitions
@@ -946,6 +961,7 @@ impl Job {
         };
         let reroutes: Vec<super::reroute::RerouteSlot> =
             (0..stages_len).map(|_| Default::default()).collect();
+        let mut restored_tables = Owners::default();
         if let Some(checkpointer) = &checkpointer {
             // A restored job goes on with the tables its checkpoint's
             // partitions had (every reroute had completed at the cut).
@@ -956,7 +972,9 @@ impl Job {
                     .filter_map(|meta| actors::restored_table(meta))
                     .max_by_key(|(version, _)| *version);
                 if let Some((version, owners)) = restored {
-                    reroutes[i].restore(version, owners.into(), stage.parallelism);
+                    let owners: Arc<[u32]> = owners.into();
+                    restored_tables.set(i as u32, version, owners.clone());
+                    reroutes[i].restore(version, owners, stage.parallelism);
                 }
             }
         }
@@ -975,6 +993,7 @@ impl Job {
             reroutes,
             reroute_order: std::sync::Mutex::new(()),
             unchained: (0..stages_len).map(|_| Default::default()).collect(),
+            restored_tables,
             monitors: Vec::new(),
             me: None,
             post: Arc::new(std::sync::OnceLock::new()),
