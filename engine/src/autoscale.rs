@@ -1018,14 +1018,10 @@ impl Autoscaler {
         room: Room<'_>,
     ) -> Option<Decision> {
         let free = |id: &ActorId| !self.splitting.contains_key(id);
-        let unchained = |m: &Measured| {
-            let spread = Spread::Unchained(m.id.job, m.id.operator);
-            self.splits.iter().any(|(s, _)| *s == spread)
-        };
         let m = measured
             .iter()
             .filter(|m| place.get(&m.id) == Some(&hot) && m.scalable)
-            .filter(|m| m.splittable || (m.unchainable && !unchained(m) && self.may_unchain(m)))
+            .filter(|m| m.splittable || (m.unchainable && self.may_unchain(m)))
             .filter(|m| m.busy >= self.config.min_gain && free(&m.id))
             .max_by(|a, b| a.busy.total_cmp(&b.busy).then(b.id.cmp(&a.id)))?;
         let stage = (m.id.job, m.id.operator);
@@ -1156,18 +1152,20 @@ impl Autoscaler {
             .iter()
             .filter(|m| place.get(&m.id) == Some(&hot) && m.scalable && m.unchainable)
             .filter(|m| m.busy >= self.config.min_gain && !self.splitting.contains_key(&m.id))
-            .filter(|m| {
-                let spread = Spread::Unchained(m.id.job, m.id.operator);
-                !self.splits.iter().any(|(s, _)| *s == spread) && self.may_unchain(m)
-            })
+            .filter(|m| self.may_unchain(m))
             .max_by(|a, b| a.busy.total_cmp(&b.busy).then(b.id.cmp(&a.id)))?;
         Some(self.unchain(step, (hot, hot_load), m, measured))
     }
 
-    /// Whether `m`'s stage may have its steps split out: once its job's
-    /// input rate is known (`RATE_STEPS` steps: the split is judged against
-    /// it), and not while a split of them that slowed the job is recent.
+    /// Whether `m`'s stage may have its steps split out: not if they are
+    /// already, only once its job's input rate is known (`RATE_STEPS`
+    /// steps: the split is judged against it), and not while a split of
+    /// them that slowed the job is recent.
     fn may_unchain(&self, m: &Measured) -> bool {
+        let split_out = Spread::Unchained(m.id.job, m.id.operator);
+        if self.splits.iter().any(|(s, _)| *s == split_out) {
+            return false;
+        }
         let rate_known = self
             .rates
             .get(&m.id.job)

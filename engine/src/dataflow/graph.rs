@@ -1098,12 +1098,8 @@ fn keyed_route<T: Data>(target: (u32, u8), parallelism: u32, key: KeyFn<T>) -> R
         let owners = match sender.owners.of(target.0) {
             Some([]) => {
                 // Parallel mode: the whole batch to the partition with the
-                // least backlog (ties from a start that moves with time).
-                let start = (from as u64 ^ ctx.now_ns() >> 10) % parallelism as u64;
-                let p = (0..parallelism)
-                    .map(|i| (start as u32 + i) % parallelism)
-                    .min_by_key(|&p| ctx.backlog(ActorId::new(plan.id, target.0, p)))
-                    .unwrap_or(0);
+                // least backlog.
+                let p = least_backlog(plan, ctx, (target.0, parallelism), from);
                 send_records(plan, sched, ctx, target, (from, p), records.into_vec());
                 return;
             }
@@ -1213,9 +1209,24 @@ fn add_relay<T: Data>(
     )
 }
 
+/// Of `stage`'s `parallelism` partitions, the one with the least backlog as
+/// `from`'s shard sees it (`Context::backlog`), ties broken from a start
+/// that moves with time: where parallel mode and relays send a batch.
+fn least_backlog(
+    plan: &Plan,
+    ctx: &Context<'_, DataMsg>,
+    (stage, parallelism): (u32, u32),
+    from: u32,
+) -> u32 {
+    let start = (from as u64 ^ ctx.now_ns() >> 10) % parallelism as u64;
+    (0..parallelism)
+        .map(|i| (start as u32 + i) % parallelism)
+        .min_by_key(|&p| ctx.backlog(ActorId::new(plan.id, stage, p)))
+        .unwrap_or(0)
+}
+
 /// Each batch whole to the partition of the relay numbered `relay` with the
-/// least backlog (ties from a start that moves with time), as parallel mode
-/// sends.
+/// least backlog, as parallel mode sends.
 fn relay_route<T: Data>(relay: Arc<std::sync::OnceLock<u32>>) -> Route<T> {
     Arc::new(move |records: Records<'_, T>, plan, sender, ctx| {
         let relay = *relay.get().expect("a plan numbers its relays");
@@ -1225,11 +1236,7 @@ fn relay_route<T: Data>(relay: Arc<std::sync::OnceLock<u32>>) -> Route<T> {
         }
         let sched = plan.stamp(ctx.sched(), ctx.shard(), relay);
         let from = sender.partition;
-        let start = (from as u64 ^ ctx.now_ns() >> 10) % partitions as u64;
-        let p = (0..partitions)
-            .map(|i| (start as u32 + i) % partitions)
-            .min_by_key(|&p| ctx.backlog(ActorId::new(plan.id, relay, p)))
-            .unwrap_or(0);
+        let p = least_backlog(plan, ctx, (relay, partitions), from);
         send_records(plan, sched, ctx, (relay, 0), (from, p), records.into_vec());
     })
 }

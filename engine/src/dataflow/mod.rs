@@ -662,14 +662,6 @@ impl Registry {
         }
     }
 
-    /// Whether `stage`'s fused steps run on its relays here.
-    pub fn unchained(&self, job: JobId, stage: u32) -> bool {
-        let plans = self.plans.read().expect("plan registry poisoned");
-        plans
-            .get(&job)
-            .is_some_and(|plan| (stage as usize) < plan.stages.len() && plan.unchained(stage))
-    }
-
     /// A checkpoint of `job` is under way (an actor may align for it): a
     /// reroute of it would be refused now.
     pub fn checkpoint_under_way(&self, job: JobId) -> bool {
@@ -1336,11 +1328,6 @@ impl Dataflow {
     /// `Action::Unchain` and `Action::Rechain`.
     pub fn unchain(&self, job: JobId, stage: u32, on: bool) -> Result<(), String> {
         self.registry.unchain(job, stage, on)
-    }
-
-    /// See [`Registry::unchained`].
-    pub fn unchained(&self, job: JobId, stage: u32) -> bool {
-        self.registry.unchained(job, stage)
     }
 
     /// See [`Registry::keyed_stages`].
