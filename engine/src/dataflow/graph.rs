@@ -801,7 +801,8 @@ impl Job {
     /// autoscaler: say yes on every node). A job whose sinks need each
     /// producer partition's rows in the order it made them says no: its
     /// steps always run fused. Yes builds the relays with no autoscaler too,
-    /// for `Dataflow::unchain`.
+    /// for `Dataflow::unchain`; a job that may not scale
+    /// (`Job::autoscale(false)`) never has relays.
     pub fn relays(&mut self, on: bool) -> &mut Self {
         self.relays = Some(on);
         self
