@@ -241,7 +241,12 @@ fn job<'a>(status: &'a Value, name: &str) -> &'a Value {
 
 /// Start a cluster of `n` nodes; wait until all are alive members.
 fn cluster(dir: &Path, secret: &Path, n: usize) -> Vec<NodeProcess> {
-    let first = NodeProcess::start(dir, "n1", secret, None);
+    cluster_with(dir, secret, n, &[])
+}
+
+/// `cluster`, every node started with `extra` flags too.
+fn cluster_with(dir: &Path, secret: &Path, n: usize, extra: &[&str]) -> Vec<NodeProcess> {
+    let first = NodeProcess::start_with(dir, "n1", secret, None, &free_addr(), extra);
     let seed = first.addr.clone();
     let mut nodes = vec![first];
     // The first node's listener must be up before others ask to join.
@@ -253,11 +258,13 @@ fn cluster(dir: &Path, secret: &Path, n: usize) -> Vec<NodeProcess> {
         |s| alive_nodes(s) == 1,
     );
     for i in 2..=n {
-        nodes.push(NodeProcess::start(
+        nodes.push(NodeProcess::start_with(
             dir,
             &format!("n{i}"),
             secret,
             Some(&seed),
+            &free_addr(),
+            extra,
         ));
     }
     wait_for(
@@ -1889,6 +1896,78 @@ fn a_job_over_two_nodes_reports_the_figures_of_both_parts() {
         "{done}"
     );
     assert_exact("q5", &dir.join("q5.jsonl"), &plain, &events);
+    drop(nodes);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A light q5 of two shards placed over two of three nodes, each node
+/// telling the leader its cores: once it has fit on one node with half
+/// its cores to spare for the time asked (1.5 s here, 30 s by default),
+/// the leader narrows it onto one node, where it resumes from its
+/// checkpoint and ends exact, never run in two placements at once.
+#[test]
+fn a_light_job_over_two_nodes_is_narrowed_onto_one_and_ends_exact() {
+    let _one = one_at_a_time();
+    let Q5Input {
+        dir,
+        secret,
+        events_path,
+        events,
+        plain,
+    } = q5_input("narrow", 100_000, 31);
+    let nodes = cluster_with(&dir, &secret, 3, &["--narrow-after-ms=1500"]);
+    let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+    let (name, _) = submit_over_two(&addrs, &secret, &dir, &events_path, 5_000);
+    let narrowed = wait_for(
+        &addrs,
+        &secret,
+        Duration::from_secs(30),
+        "q5 narrowed onto one node",
+        |s| placement(s, &name).len() == 1,
+    );
+    // The leader knows every node's cores (they come with the lease
+    // requests; its own from the start).
+    let leader = narrowed["leader"].as_u64().unwrap();
+    let at_leader = addrs
+        .iter()
+        .filter_map(|a| status(a, &secret))
+        .find(|s| s["node"].as_u64() == Some(leader))
+        .expect("the leader answers");
+    let cores: Vec<Option<u64>> = at_leader["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["cores"].as_u64())
+        .collect();
+    assert_eq!(cores.len(), 3, "{at_leader}");
+    assert!(cores.iter().all(|c| c >= &Some(1)), "{at_leader}");
+    let done = wait_for(
+        &addrs,
+        &secret,
+        Duration::from_secs(120),
+        "q5 finished",
+        |s| job(s, &name)["state"] == "finished",
+    );
+    assert_eq!(placement(&done, &name).len(), 1, "{done}");
+    assert_eq!(job(&done, &name)["epoch"], 2, "{done}");
+    assert!(
+        job(&done, &name)["checkpoints"]["resumed_from"]
+            .as_u64()
+            .is_some(),
+        "{done}"
+    );
+    let logs: String = nodes.iter().map(NodeProcess::log).collect();
+    assert!(
+        logs.contains(&format!("moving {name} to node"))
+            && logs.contains("(narrowing it from 2 nodes onto 1: its parts use"),
+        "{logs}"
+    );
+    // Narrowed once, and not widened again: its node never saturated.
+    assert!(!logs.contains("widening it"), "{logs}");
+    assert_exact("q5", &dir.join("q5.jsonl"), &plain, &events);
+    let all = activations(&nodes, &name);
+    assert_placements_never_overlap(&all, &name);
+    eprintln!("narrow: activations {all:?}");
     drop(nodes);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -3,13 +3,17 @@
 //! Every node measures the CPU time of its own runs (`/proc/PID/stat`:
 //! user and system time of all the run's threads) every
 //! [`SAMPLE_EVERY`], smoothed ([`CpuMeter`]), and tells the leader with
-//! each lease request ([`encode_request`]: per part, the job's submission
-//! number and the thousandths of a core it used). The leader keeps the
-//! latest report of each node for [`REPORT_FRESH`], and weighs each node
-//! by the CPU of the parts it runs ([`Load`]; a part not measured yet, or
-//! of a node whose report is stale, counts [`UNMEASURED_MILLI`]). New
-//! placements take the least loaded nodes by that weight, and the leader
-//! moves a part from a busy node to an idle one ([`rebalance`]).
+//! each lease request ([`encode_request`]: its cores, then per part the
+//! job's submission number and the thousandths of a core it used). The
+//! leader keeps the latest report of each node for [`REPORT_FRESH`], and
+//! weighs each node by the CPU of the parts it runs ([`Load`]; a part not
+//! measured yet, or of a node whose report is stale, counts
+//! [`UNMEASURED_MILLI`]). New placements take the least loaded nodes by
+//! that weight, and the leader moves a part from a busy node to an idle
+//! one ([`rebalance`]). By each node's cores it also sizes a job's span:
+//! a job that fits on fewer nodes with room to spare is narrowed onto
+//! them ([`holds`]), and one narrowed onto a node that is then saturated
+//! ([`saturated`]) widens again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -29,6 +33,17 @@ pub const LOAD_GAIN_MILLI: u32 = 250;
 pub const LOAD_MOVE_QUIET: Duration = Duration::from_secs(30);
 /// Parts a lease request reports at most.
 pub const REPORTED_PARTS_MAX: usize = 64;
+/// A job is narrowed onto fewer nodes once it has fit on them (by
+/// [`holds`]) for this long in its placement (`dirigo node
+/// --narrow-after-ms`).
+pub const NARROW_AFTER: Duration = Duration::from_secs(30);
+/// A node takes a narrowed job only if, with it, its parts use at most
+/// this share of its cores...
+pub const NARROW_FILL: (u32, u32) = (1, 2);
+/// ...and a node whose parts use this share of its cores or more is
+/// saturated: a job narrowed onto it widens again. Between the two, a job
+/// stays as it is.
+pub const SATURATED: (u32, u32) = (17, 20);
 
 /// The weight of one node: the parts of running jobs it has, and the
 /// CPU they use, in thousandths of a core (measured, or
@@ -58,12 +73,39 @@ impl Load {
     }
 }
 
-/// A lease request: its number, then this node's parts' CPU: a count
+/// What a lease request says besides its number.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Report {
+    /// The cores the node's runs may use (0: not said).
+    pub cores: u16,
+    /// Per job (by submission number), the thousandths of a core its part
+    /// there uses, for the parts measured.
+    pub parts: BTreeMap<u64, u32>,
+}
+
+/// The job number a lease request's cores ride under: no job has it (a
+/// leader of a build before cores were reported reads the entry as a
+/// part of a job it does not know, and passes over it).
+pub const CORES_ENTRY: u64 = u64::MAX;
+
+/// A lease request: its number (`u64`), then its parts' CPU: a count
 /// (`u16`), then per part the job's submission number (`u64`) and its
 /// thousandths of a core (`u32`), little endian; at most
-/// [`REPORTED_PARTS_MAX`] parts.
-pub fn encode_request(seq: u64, parts: &BTreeMap<u64, u32>) -> Vec<u8> {
-    let parts: Vec<(&u64, &u32)> = parts.iter().take(REPORTED_PARTS_MAX).collect();
+/// [`REPORTED_PARTS_MAX`] entries, the first the node's cores under
+/// [`CORES_ENTRY`] (0 cores: none said).
+pub fn encode_request(seq: u64, cores: u16, parts: &BTreeMap<u64, u32>) -> Vec<u8> {
+    let cores = (cores > 0).then_some((CORES_ENTRY, u32::from(cores)));
+    let room = REPORTED_PARTS_MAX - usize::from(cores.is_some());
+    let parts: Vec<(u64, u32)> = cores
+        .into_iter()
+        .chain(
+            parts
+                .iter()
+                .filter(|(n, _)| **n != CORES_ENTRY)
+                .take(room)
+                .map(|(n, m)| (*n, *m)),
+        )
+        .collect();
     let mut body = Vec::with_capacity(10 + 12 * parts.len());
     body.extend_from_slice(&seq.to_le_bytes());
     body.extend_from_slice(&(parts.len() as u16).to_le_bytes());
@@ -74,19 +116,19 @@ pub fn encode_request(seq: u64, parts: &BTreeMap<u64, u32>) -> Vec<u8> {
     body
 }
 
-/// A lease request's number and its parts' CPU (none from a request of
-/// its number alone); None when it is not one (the wrong length for its
+/// A lease request's number and its report (an empty one from a request
+/// of its number alone); None when it is not one (the wrong length for its
 /// count, or a count over the bound).
-pub fn decode_request(body: &[u8]) -> Option<(u64, BTreeMap<u64, u32>)> {
+pub fn decode_request(body: &[u8]) -> Option<(u64, Report)> {
     let seq = u64::from_le_bytes(body.get(..8)?.try_into().ok()?);
     if body.len() == 8 {
-        return Some((seq, BTreeMap::new()));
+        return Some((seq, Report::default()));
     }
     let count = usize::from(u16::from_le_bytes(body.get(8..10)?.try_into().ok()?));
     if count > REPORTED_PARTS_MAX || body.len() != 10 + 12 * count {
         return None;
     }
-    let parts = body[10..]
+    let mut parts: BTreeMap<u64, u32> = body[10..]
         .chunks_exact(12)
         .map(|part| {
             let number = u64::from_le_bytes(part[..8].try_into().expect("8 bytes"));
@@ -94,7 +136,44 @@ pub fn decode_request(body: &[u8]) -> Option<(u64, BTreeMap<u64, u32>)> {
             (number, milli)
         })
         .collect();
-    Some((seq, parts))
+    let cores = parts
+        .remove(&CORES_ENTRY)
+        .map_or(0, |c| c.min(u32::from(u16::MAX)) as u16);
+    Some((seq, Report { cores, parts }))
+}
+
+/// The thousandths of a core a node of `cores` cores has.
+fn capacity_milli(cores: u16) -> u32 {
+    u32::from(cores) * 1_000
+}
+
+/// Whether a node of `cores` cores (None: not known) weighing `load` is
+/// saturated: every part on it measured, and using at least [`SATURATED`]
+/// of its cores.
+pub fn saturated(load: &Load, cores: Option<u16>) -> bool {
+    let Some(cores) = cores.filter(|c| *c > 0) else {
+        return false;
+    };
+    let (num, den) = SATURATED;
+    load.unmeasured == 0
+        && u64::from(load.milli) * u64::from(den)
+            >= u64::from(capacity_milli(cores)) * u64::from(num)
+}
+
+/// Whether a node of `cores` cores (None: not known) weighing `load` (the
+/// job's own part there, if any, left out) holds a part of a job of
+/// `shards` shards that uses `milli`: a core for each shard, every part
+/// on it measured (a guess holds nothing), and with the part at most
+/// [`NARROW_FILL`] of its cores used.
+pub fn holds(load: &Load, cores: Option<u16>, shards: u64, milli: u32) -> bool {
+    let Some(cores) = cores.filter(|c| *c > 0) else {
+        return false;
+    };
+    let (num, den) = NARROW_FILL;
+    let used = u64::from(load.milli) + u64::from(milli);
+    shards <= u64::from(cores)
+        && load.unmeasured == 0
+        && used * u64::from(den) <= u64::from(capacity_milli(cores)) * u64::from(num)
 }
 
 /// The user and system CPU time of process `pid` so far, in clock ticks
@@ -295,12 +374,43 @@ mod tests {
     #[test]
     fn a_report_decodes_as_encoded_and_a_malformed_one_not_at_all() {
         let parts: BTreeMap<u64, u32> = [(3, 1_250), (7, 0), (u64::MAX, u32::MAX)].into();
-        let body = encode_request(42, &parts);
-        assert_eq!(decode_request(&body), Some((42, parts.clone())));
+        let body = encode_request(42, 16, &parts);
+        let report = Report {
+            cores: 16,
+            parts: parts.clone(),
+        };
+        assert_eq!(decode_request(&body), Some((42, report)));
         assert_eq!(
-            decode_request(&encode_request(1, &BTreeMap::new())),
-            Some((1, BTreeMap::new()))
+            decode_request(&encode_request(1, 2, &BTreeMap::new())),
+            Some((
+                1,
+                Report {
+                    cores: 2,
+                    parts: BTreeMap::new()
+                }
+            ))
         );
+        // A number alone says nothing more; no cores, none said.
+        assert_eq!(
+            decode_request(&7u64.to_le_bytes()),
+            Some((7, Report::default()))
+        );
+        assert_eq!(
+            decode_request(&encode_request(3, 0, &parts)),
+            Some((
+                3,
+                Report {
+                    cores: 0,
+                    parts: parts.clone()
+                }
+            ))
+        );
+        // The cores ride as an entry a decoder that knows no cores reads as
+        // a part of a job nobody has: the format is the one before cores.
+        let count = u16::from_le_bytes(body[8..10].try_into().unwrap());
+        assert_eq!(usize::from(count), parts.len() + 1);
+        assert_eq!(body.len(), 10 + 12 * usize::from(count));
+        assert_eq!(body[10..18], CORES_ENTRY.to_le_bytes());
         // Short, long, a count that does not match, a count over the bound.
         assert_eq!(decode_request(&body[..9]), None);
         assert_eq!(decode_request(&body[..body.len() - 1]), None);
@@ -313,8 +423,42 @@ mod tests {
         assert_eq!(decode_request(&over), None);
         // At most the bound is reported.
         let many: BTreeMap<u64, u32> = (0..100).map(|n| (n, 1)).collect();
-        let (_, got) = decode_request(&encode_request(9, &many)).unwrap();
-        assert_eq!(got.len(), REPORTED_PARTS_MAX);
+        let (_, got) = decode_request(&encode_request(9, 4, &many)).unwrap();
+        assert_eq!(got.parts.len(), REPORTED_PARTS_MAX - 1);
+        assert_eq!(got.cores, 4);
+        let (_, got) = decode_request(&encode_request(9, 0, &many)).unwrap();
+        assert_eq!(got.parts.len(), REPORTED_PARTS_MAX);
+    }
+
+    /// A node holds a narrowed part only with a core per shard, its own
+    /// parts measured, and half its cores or less used with it; it is
+    /// saturated from 0.85 of its cores, measured; unknown cores hold
+    /// nothing and saturate never.
+    #[test]
+    fn a_node_holds_a_part_within_half_its_cores_and_saturates_at_most_of_them() {
+        let load = |milli, unmeasured| Load {
+            parts: 1,
+            milli,
+            unmeasured,
+        };
+        assert!(holds(&load(400, 0), Some(2), 2, 600));
+        assert!(!holds(&load(400, 0), Some(2), 2, 601));
+        assert!(!holds(&load(0, 0), Some(2), 3, 100), "a core per shard");
+        assert!(holds(&Load::default(), Some(4), 3, 1_900));
+        assert!(
+            !holds(&load(250, 1), Some(8), 2, 100),
+            "a guess holds nothing"
+        );
+        assert!(!holds(&Load::default(), None, 1, 0));
+        assert!(!holds(&Load::default(), Some(0), 1, 0));
+        assert!(saturated(&load(1_700, 0), Some(2)));
+        assert!(!saturated(&load(1_699, 0), Some(2)));
+        assert!(
+            !saturated(&load(1_900, 1), Some(2)),
+            "a guess saturates nothing"
+        );
+        assert!(!saturated(&load(u32::MAX, 0), None));
+        assert!(saturated(&load(u32::MAX, 0), Some(u16::MAX)));
     }
 
     #[test]

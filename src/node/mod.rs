@@ -94,8 +94,12 @@ use state::{data_dir_of, submission_number, Answer, ClusterState, Command, JobSt
 /// Why the leader moves a job when nothing else moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum MoveKind {
-    /// Over more nodes (a node joined or came back).
+    /// Over more nodes (a node joined or came back, or a node of a
+    /// narrowed job's is saturated).
     Widen,
+    /// Onto fewer nodes, which hold it with room to spare: it then stays
+    /// for `load::LOAD_MOVE_QUIET`, as after a move for load.
+    Narrow,
     /// For load: the job then stays for `load::LOAD_MOVE_QUIET`.
     Load,
     /// By parts.
@@ -185,6 +189,10 @@ pub struct NodeArgs {
     /// counts; give every node the same).
     #[arg(long, default_value = "7700-7999")]
     run_ports: PortRange,
+    /// A job over several nodes that fits on fewer, with half their cores
+    /// to spare, is narrowed onto them once it has for this long.
+    #[arg(long, hide = true, default_value_t = load::NARROW_AFTER.as_millis() as u64)]
+    narrow_after_ms: u64,
 }
 
 /// Raft's storage: the entries and hard state in memory (`MemStorage`,
@@ -446,11 +454,29 @@ fn place(
     cursor: &mut u16,
     range: PortRange,
 ) -> Option<(u64, Vec<u64>, Vec<u16>)> {
-    let k = state::width(shards, load.len());
+    let nodes = least_loaded(load, state::width(shards, load.len()));
+    ports_for(load, nodes, in_use, cursor, range)
+}
+
+/// The `k` least loaded nodes of `load` (by CPU, then parts, then id).
+fn least_loaded(load: &BTreeMap<u64, Load>, k: usize) -> Vec<u64> {
     let mut by_load: Vec<(u32, usize, u64)> =
         load.iter().map(|(id, l)| (l.milli, l.parts, *id)).collect();
     by_load.sort_unstable();
-    let nodes: Vec<u64> = by_load.iter().take(k).map(|(_, _, id)| *id).collect();
+    by_load.iter().take(k).map(|(_, _, id)| *id).collect()
+}
+
+/// A placement on `nodes` (part 0 the first): a port each from `range`
+/// for more than one; `load` and `in_use` count it. None: no node, or too
+/// few free ports.
+fn ports_for(
+    load: &mut BTreeMap<u64, Load>,
+    nodes: Vec<u64>,
+    in_use: &mut BTreeSet<u16>,
+    cursor: &mut u16,
+    range: PortRange,
+) -> Option<(u64, Vec<u64>, Vec<u16>)> {
+    let k = nodes.len();
     if nodes.is_empty() {
         return None;
     }
@@ -597,9 +623,121 @@ fn note_finished(state: &ClusterState, finished_seen: &mut HashMap<String, Insta
     }
 }
 
+/// This node's cores, as it tells the leader (at most `u16::MAX`).
+fn own_cores() -> u16 {
+    dirigo_engine::runtime::online_cores().clamp(1, usize::from(u16::MAX)) as u16
+}
+
+/// What the leader weighs its one move by (`widen_or_rebalance`).
+struct Weighing<'a> {
+    /// Each live node's weight.
+    load: &'a BTreeMap<u64, Load>,
+    cpu: &'a CpuView,
+    /// Each member's cores, where known.
+    cores: &'a BTreeMap<u64, u16>,
+    /// Jobs moved for load or narrowed lately: moved for load or by parts
+    /// by neither rule, nor narrowed.
+    quiet: &'a BTreeSet<String>,
+    /// Jobs that have fit on fewer nodes for the node's `narrow_after`.
+    ripe: &'a BTreeSet<String>,
+    /// Jobs that have fit where they run for the node's `narrow_after`:
+    /// not widened merely because they could be.
+    settled: &'a BTreeSet<String>,
+}
+
+/// Whether a running job fits where it runs: every part of it measured,
+/// and each node of its placement holds its share ([`load::holds`], as
+/// for narrowing: a core per shard, and at most half its cores used with
+/// the job, its own part left out of its weight).
+fn fits_where_it_is(
+    job: &state::Job,
+    load: &BTreeMap<u64, Load>,
+    cpu: &CpuView,
+    cores: &BTreeMap<u64, u16>,
+) -> bool {
+    let placement = job.placement();
+    let Some(parts) = placement
+        .iter()
+        .map(|n| measured(cpu, *n, &job.name))
+        .collect::<Option<Vec<u32>>>()
+    else {
+        return false;
+    };
+    let k = placement.len().max(1);
+    let share = total_milli(&parts).div_ceil(k as u32);
+    let per_node = job.shards() / k as u64;
+    placement.iter().zip(&parts).all(|(n, part)| {
+        load.get(n).is_some_and(|l| {
+            let mut without = *l;
+            without.remove(Some(*part));
+            load::holds(&without, cores.get(n).copied(), per_node, share)
+        })
+    })
+}
+
+/// The nodes a running job over several nodes could run on instead:
+/// the fewest (a count that divides its shards, under its placement's)
+/// of the least loaded live nodes, each of which holds its share
+/// ([`load::holds`]: a core per shard, and with the job's CPU, measured
+/// over every part of it, split evenly, at most half its cores used; its
+/// own parts there left out of its weight). None if no narrower
+/// placement holds it, or a part of it, or of a node it would go to, is
+/// not measured.
+fn narrow_to(
+    job: &state::Job,
+    load: &BTreeMap<u64, Load>,
+    cpu: &CpuView,
+    cores: &BTreeMap<u64, u16>,
+) -> Option<Vec<u64>> {
+    let placement = job.placement();
+    let shards = job.shards();
+    if placement.len() < 2 {
+        return None;
+    }
+    let parts: Vec<u32> = placement
+        .iter()
+        .map(|n| measured(cpu, *n, &job.name))
+        .collect::<Option<_>>()?;
+    let milli = total_milli(&parts);
+    let mut without = load.clone();
+    for (node, part) in placement.iter().zip(&parts) {
+        without.get_mut(node)?.remove(Some(*part));
+    }
+    (1..placement.len())
+        .filter(|d| shards.is_multiple_of(*d as u64))
+        .find_map(|d| {
+            let nodes = least_loaded(&without, d);
+            let share = milli.div_ceil(d as u32);
+            let per_node = shards / d as u64;
+            let hold = |n: &u64| load::holds(&without[n], cores.get(n).copied(), per_node, share);
+            (nodes.len() == d && nodes.iter().all(hold)).then_some(nodes)
+        })
+}
+
+/// A node of `job`'s placement that is saturated ([`load::saturated`])
+/// with a measured part of the job of a quarter of a core or more there,
+/// and what it uses: a job narrowed onto it is widened again.
+fn saturated_node(job: &state::Job, w: &Weighing) -> Option<(u64, u32, u16)> {
+    job.placement().into_iter().find_map(|n| {
+        let cores = w.cores.get(&n).copied()?;
+        let weight = w.load.get(&n)?;
+        let part = measured(w.cpu, n, &job.name)?;
+        (load::saturated(weight, Some(cores)) && part >= UNMEASURED_MILLI).then_some((
+            n,
+            weight.milli,
+            cores,
+        ))
+    })
+}
+
 /// The leader's one move while nothing else moves or is placed, and why:
-/// - widen the oldest job that runs on fewer nodes than it could (a node
-///   joined or came back; its own parts count for nothing where it goes);
+/// - narrow the oldest job in `ripe` (it has fit on fewer nodes for a
+///   while, [`narrow_to`]) onto the fewest that hold it, unless it is in
+///   `quiet`;
+/// - else widen the oldest job that runs on fewer nodes than it could (a
+///   node joined or came back; its own parts count for nothing where it
+///   goes): one the leader narrowed, only when a node of it is saturated
+///   ([`saturated_node`]);
 /// - else, for load ([`load::rebalance`]): move the part that narrows the
 ///   gap between the busiest node by CPU and the idlest most, while that
 ///   gap is half a core or more and the move narrows it by a quarter or
@@ -612,43 +750,53 @@ fn note_finished(state: &ClusterState, finished_seen: &mut HashMap<String, Insta
 ///   all measured unless no part anywhere is (a part just moved for load
 ///   weighs that guess, and its node must not take another on it).
 ///
-/// A job in `quiet` (moved for load lately) moves for neither of the last
-/// two.
+/// A job in `quiet` (moved for load or narrowed lately) moves for neither
+/// of the last two.
 fn widen_or_rebalance(
     state: &ClusterState,
-    load: &BTreeMap<u64, Load>,
-    cpu: &CpuView,
-    quiet: &BTreeSet<String>,
+    w: &Weighing,
     in_use: &mut BTreeSet<u16>,
     cursor: &mut u16,
     range: PortRange,
 ) -> Option<(Command, MoveKind, String)> {
+    let (load, cpu, quiet) = (w.load, w.cpu, w.quiet);
     let whole = |j: &&state::Job| {
         j.state == JobState::Running
             && j.node.is_some()
             && j.moving_to.is_none()
             && j.placement().iter().all(|n| load.contains_key(n))
     };
-    let live = load.len();
-    let narrow = state
-        .jobs
-        .values()
-        .filter(whole)
-        .filter(|j| j.placement().len() < state::width(j.shards(), live))
-        .min_by_key(|j| submission_number(&j.name));
-    if let Some(job) = narrow {
-        let mut load = load.clone();
-        for node in job.placement() {
-            let l = load.get_mut(&node).expect("whole");
-            l.remove(measured(cpu, node, &job.name));
-        }
+    // Its ports free for its next placement.
+    let free_of = |job: &state::Job| {
         let mut free = in_use.clone();
         for port in &job.ports {
             free.remove(port);
         }
-        if let Some((to, peers, ports)) = place(&mut load, job.shards(), &mut free, cursor, range) {
+        free
+    };
+    let ripe = state
+        .jobs
+        .values()
+        .filter(whole)
+        .filter(|j| w.ripe.contains(&j.name) && !quiet.contains(&j.name))
+        .filter_map(|j| Some((j, narrow_to(j, load, cpu, w.cores)?)))
+        .min_by_key(|(j, _)| submission_number(&j.name));
+    if let Some((job, nodes)) = ripe {
+        let mut free = free_of(job);
+        let mut load = load.clone();
+        let milli = total_milli(
+            job.placement()
+                .iter()
+                .filter_map(|n| w.cpu.get(&(*n, job.name.clone()))),
+        );
+        if let Some((to, peers, ports)) = ports_for(&mut load, nodes, &mut free, cursor, range) {
             in_use.extend(&ports);
-            let why = format!("widening it over {} nodes", peers.len() + 1);
+            let why = format!(
+                "narrowing it from {} nodes onto {}: its parts use {:.2} cores",
+                job.placement().len(),
+                peers.len() + 1,
+                f64::from(milli) / 1e3
+            );
             let command = Command::Move {
                 job: job.name.clone(),
                 epoch: job.epoch,
@@ -656,6 +804,51 @@ fn widen_or_rebalance(
                 peers,
                 ports,
                 quick: false,
+                narrowed: true,
+            };
+            return Some((command, MoveKind::Narrow, why));
+        }
+        // No ports free for it: widen or rebalance instead.
+    }
+    let live = load.len();
+    let widen = state
+        .jobs
+        .values()
+        .filter(whole)
+        .filter(|j| j.placement().len() < state::width(j.shards(), live))
+        .filter_map(|j| match j.narrowed {
+            false if w.settled.contains(&j.name) => None,
+            false => Some((j, None)),
+            // Not right after it was narrowed: its first figures there,
+            // catching up from its checkpoint, say nothing of its load.
+            true if quiet.contains(&j.name) => None,
+            true => Some((j, Some(saturated_node(j, w)?))),
+        })
+        .min_by_key(|(j, _)| submission_number(&j.name));
+    if let Some((job, saturated)) = widen {
+        let mut load = load.clone();
+        for node in job.placement() {
+            let l = load.get_mut(&node).expect("whole");
+            l.remove(measured(cpu, node, &job.name));
+        }
+        let mut free = free_of(job);
+        if let Some((to, peers, ports)) = place(&mut load, job.shards(), &mut free, cursor, range) {
+            in_use.extend(&ports);
+            let mut why = format!("widening it over {} nodes", peers.len() + 1);
+            if let Some((node, milli, cores)) = saturated {
+                why.push_str(&format!(
+                    ": node {node} uses {:.2} of its {cores} cores",
+                    f64::from(milli) / 1e3
+                ));
+            }
+            let command = Command::Move {
+                job: job.name.clone(),
+                epoch: job.epoch,
+                to,
+                peers,
+                ports,
+                quick: false,
+                narrowed: false,
             };
             return Some((command, MoveKind::Widen, why));
         }
@@ -670,6 +863,7 @@ fn widen_or_rebalance(
             peers: job.peers.iter().map(|n| swap(*n)).collect(),
             ports: job.ports.clone(),
             quick: false,
+            narrowed: job.narrowed,
         }
     };
     let movable = || {
@@ -1014,9 +1208,20 @@ struct Core {
     /// The leader's: each follower's latest report of its parts' CPU (by
     /// job number), and when it came.
     reports: HashMap<u64, (BTreeMap<u64, u32>, Instant)>,
-    /// The leader's: jobs it moved for load, and when (not moved for load
-    /// again within `load::LOAD_MOVE_QUIET`).
+    /// The leader's: jobs it moved for load or narrowed, and when (not
+    /// moved for load again within `load::LOAD_MOVE_QUIET`).
     load_moved: HashMap<String, Instant>,
+    /// Each member's cores, as its lease requests say (this node's own
+    /// from the start).
+    cores: BTreeMap<u64, u16>,
+    /// The leader's: since when each running job (by name and placement)
+    /// has fit on fewer nodes ([`narrow_to`]); narrowed after
+    /// `narrow_after`.
+    narrowable: HashMap<(String, u64), Instant>,
+    /// The leader's: since when each running job (by name and placement)
+    /// has fit where it runs ([`fits_where_it_is`]); one that has for
+    /// `narrow_after` is not widened over a node that joins.
+    settled: HashMap<(String, u64), Instant>,
     isolated: bool,
     isolated_checked: Option<Instant>,
 }
@@ -1033,6 +1238,8 @@ struct Node {
     run_ports: PortRange,
     /// This machine's online cores: a run with more shards oversubscribes.
     online: usize,
+    /// How long a job must fit on fewer nodes before it is narrowed.
+    narrow_after: Duration,
     program: PathBuf,
     join: Option<SocketAddr>,
     isolate_file: Option<PathBuf>,
@@ -1163,6 +1370,7 @@ impl Node {
                 .unwrap_or_else(|_| args.secret_file.clone()),
             run_ports: args.run_ports,
             online: dirigo_engine::runtime::online_cores(),
+            narrow_after: Duration::from_millis(args.narrow_after_ms),
             program,
             join: args.join,
             isolate_file: args.isolate_file,
@@ -1199,6 +1407,9 @@ impl Node {
                 meter: CpuMeter::default(),
                 reports: HashMap::new(),
                 load_moved: HashMap::new(),
+                cores: [(id, own_cores())].into(),
+                narrowable: HashMap::new(),
+                settled: HashMap::new(),
                 isolated: false,
                 isolated_checked: None,
             }),
@@ -1376,7 +1587,7 @@ impl Node {
                 LEASE_REQUEST_KIND
                     if core.state.nodes.get(&peer).is_some_and(|n| !n.retired) =>
                 {
-                    let Some((seq, parts)) = load::decode_request(&body) else {
+                    let Some((seq, report)) = load::decode_request(&body) else {
                         // The first, then one in a hundred.
                         if malformed_leases.is_multiple_of(100) {
                             eprintln!(
@@ -1390,8 +1601,11 @@ impl Node {
                         continue;
                     };
                     let now = Instant::now();
+                    if report.cores > 0 {
+                        core.cores.insert(peer, report.cores);
+                    }
                     if core.raft.raft.state == StateRole::Leader {
-                        core.reports.insert(peer, (parts, now));
+                        core.reports.insert(peer, (report.parts, now));
                     }
                     let left = self
                         .leader_lease_until(&core, now)
@@ -2057,7 +2271,7 @@ impl Node {
         self.send_peer(
             leader,
             LEASE_REQUEST_KIND,
-            load::encode_request(seq, &parts),
+            load::encode_request(seq, own_cores(), &parts),
         );
     }
 
@@ -2109,6 +2323,9 @@ impl Node {
         if core.raft.raft.state != StateRole::Leader {
             core.leader_since = None;
             core.acks.reset();
+            // What it watched as leader does not count toward a later reign.
+            core.narrowable.clear();
+            core.settled.clear();
             return;
         }
         // A leader leaving hands the lead to a staying voter (it holds no
@@ -2279,6 +2496,8 @@ impl Node {
                     peers,
                     ports,
                     quick: false,
+                    // Placed anew, as wide as it may run.
+                    narrowed: false,
                 }
             };
             commands.push((name, command));
@@ -2289,13 +2508,47 @@ impl Node {
             .values()
             .any(|j| j.state == JobState::Running && j.moving_to.is_some());
         let moving_proposed = proposed_lately(&core.proposed, "move", now);
+        // Since when each job has fit on fewer nodes, and where it runs, in
+        // its placement.
+        let (mut narrowable, mut settled) = (HashMap::new(), HashMap::new());
+        for job in core.state.jobs.values() {
+            if job.state != JobState::Running || job.moving_to.is_some() {
+                continue;
+            }
+            let key = (job.name.clone(), job.epoch);
+            if narrow_to(job, &load, &cpu, &core.cores).is_some() {
+                let since = core.narrowable.get(&key).copied().unwrap_or(now);
+                narrowable.insert(key.clone(), since);
+            }
+            if fits_where_it_is(job, &load, &cpu, &core.cores) {
+                let since = core.settled.get(&key).copied().unwrap_or(now);
+                settled.insert(key, since);
+            }
+        }
+        core.narrowable = narrowable;
+        core.settled = settled;
         if !moving && !placing && !moving_proposed {
             let quiet: BTreeSet<String> = core.load_moved.keys().cloned().collect();
+            let long_enough = |since: &HashMap<(String, u64), Instant>| -> BTreeSet<String> {
+                since
+                    .iter()
+                    .filter(|(_, since)| now.duration_since(**since) >= self.narrow_after)
+                    .map(|((name, _), _)| name.clone())
+                    .collect()
+            };
+            let ripe = long_enough(&core.narrowable);
+            let settled = long_enough(&core.settled);
+            let weighing = Weighing {
+                load: &load,
+                cpu: &cpu,
+                cores: &core.cores,
+                quiet: &quiet,
+                ripe: &ripe,
+                settled: &settled,
+            };
             if let Some((command, kind, why)) = widen_or_rebalance(
                 &core.state,
-                &load,
-                &cpu,
-                &quiet,
+                &weighing,
                 &mut in_use,
                 &mut core.port_cursor,
                 self.run_ports,
@@ -2316,7 +2569,7 @@ impl Node {
                     core.promised.insert(job.clone(), (now, ports.clone()));
                     // Kept still from the proposal on (one the log refuses
                     // too: the figures that asked for it still hold).
-                    if kind == MoveKind::Load {
+                    if matches!(kind, MoveKind::Load | MoveKind::Narrow) {
                         core.load_moved.insert(job.clone(), now);
                     }
                 }
@@ -2605,6 +2858,7 @@ impl Node {
                     peers: job.peers.clone(),
                     ports,
                     quick: lost.quick,
+                    narrowed: job.narrowed,
                 },
             );
         }
@@ -3040,6 +3294,7 @@ impl Node {
                     "voter": core.voters.contains(id),
                     "leaving": info.retired,
                     "cpu_milli": cpu_milli,
+                    "cores": core.cores.get(id),
                 })
             })
             .collect();
@@ -3400,6 +3655,29 @@ mod tests {
         assert!(seen.is_empty());
     }
 
+    /// `widen_or_rebalance` with no node's cores known, and no job ripe
+    /// for narrowing.
+    fn one_move(
+        state: &ClusterState,
+        load: &BTreeMap<u64, Load>,
+        cpu: &CpuView,
+        quiet: &BTreeSet<String>,
+        in_use: &mut BTreeSet<u16>,
+        cursor: &mut u16,
+        range: PortRange,
+    ) -> Option<(Command, MoveKind, String)> {
+        let (cores, ripe) = (BTreeMap::new(), BTreeSet::new());
+        let weighing = Weighing {
+            load,
+            cpu,
+            cores: &cores,
+            quiet,
+            ripe: &ripe,
+            settled: &ripe,
+        };
+        widen_or_rebalance(state, &weighing, in_use, cursor, range)
+    }
+
     /// The leader's view of the CPU: its own runs' by name, the others'
     /// reports by job number, of running jobs only.
     #[test]
@@ -3452,8 +3730,7 @@ mod tests {
         let (mut in_use, mut cursor) = (BTreeSet::new(), 0);
         let quiet = BTreeSet::new();
         let (command, kind, why) =
-            widen_or_rebalance(&state, &load, &cpu, &quiet, &mut in_use, &mut cursor, range)
-                .unwrap();
+            one_move(&state, &load, &cpu, &quiet, &mut in_use, &mut cursor, range).unwrap();
         assert_eq!(
             command,
             Command::Move {
@@ -3463,6 +3740,7 @@ mod tests {
                 peers: vec![],
                 ports: vec![],
                 quick: false,
+                narrowed: false,
             }
         );
         assert_eq!(kind, MoveKind::Load);
@@ -3470,7 +3748,7 @@ mod tests {
         assert!(why.contains("node 1 uses 1.60 cores, node 2 0.00"), "{why}");
         // Moved lately: not again, for load or by parts.
         let quiet: BTreeSet<String> = ["q5-1".to_string(), "q5-2".to_string()].into();
-        let none = widen_or_rebalance(&state, &load, &cpu, &quiet, &mut in_use, &mut cursor, range);
+        let none = one_move(&state, &load, &cpu, &quiet, &mut in_use, &mut cursor, range);
         assert_eq!(none, None);
         // Three light parts on node 1, one heavy on node 2: two parts
         // more, but a light part on node 2 would leave it the busier.
@@ -3483,14 +3761,13 @@ mod tests {
         cpu.insert((2, "q5-4".to_string()), 1_000);
         let load = load_of(&state, 1..=2, &cpu);
         let quiet = BTreeSet::new();
-        let none = widen_or_rebalance(&state, &load, &cpu, &quiet, &mut in_use, &mut cursor, range);
+        let none = one_move(&state, &load, &cpu, &quiet, &mut in_use, &mut cursor, range);
         assert_eq!(none, None);
         // Not measured (a quarter of a core each), the same parts move.
         let cpu = CpuView::new();
         let load = load_of(&state, 1..=2, &cpu);
         let (command, kind, why) =
-            widen_or_rebalance(&state, &load, &cpu, &quiet, &mut in_use, &mut cursor, range)
-                .unwrap();
+            one_move(&state, &load, &cpu, &quiet, &mut in_use, &mut cursor, range).unwrap();
         assert_eq!(kind, MoveKind::Parts);
         // Right after a move for load: node 2's part not yet measured
         // (weighing a quarter of a core where it may weigh much more),
@@ -3499,13 +3776,218 @@ mod tests {
         cpu.remove(&(2, "q5-4".to_string()));
         let load = load_of(&state, 1..=2, &cpu);
         assert_eq!(load[&2].unmeasured, 1);
-        let none = widen_or_rebalance(&state, &load, &cpu, &quiet, &mut in_use, &mut cursor, range);
+        let none = one_move(&state, &load, &cpu, &quiet, &mut in_use, &mut cursor, range);
         assert_eq!(none, None);
         assert!(
             matches!(&command, Command::Move { job, to: 2, .. } if job == "q5-3"),
             "{command:?}"
         );
         assert!(why.starts_with("rebalance by parts"), "{why}");
+    }
+
+    /// A job over two nodes whose parts fit on one with half its cores to
+    /// spare, and a core per shard, is narrowed onto the least loaded once
+    /// ripe (not while quiet, nor with a part or the target unmeasured, nor
+    /// too heavy, nor onto too few cores or cores not known); narrowed, it
+    /// stays so until its node is saturated by a part of it of a quarter
+    /// of a core or more, and then widens again; moves by parts keep it
+    /// narrowed.
+    #[test]
+    fn the_leader_narrows_a_job_that_fits_on_fewer_nodes_and_widens_it_when_saturated() {
+        let range: PortRange = "100-199".parse().unwrap();
+        let mut state = nodes(3);
+        state.apply(Command::Submit {
+            request: 1,
+            query: "q5".into(),
+            args: ["--data-dir", "d1", "--cores", "2"]
+                .map(String::from)
+                .to_vec(),
+            cwd: "/".into(),
+        });
+        state.apply(Command::Assign {
+            job: "q5-1".into(),
+            node: 2,
+            epoch: 1,
+            peers: vec![3],
+            ports: vec![100, 101],
+        });
+        let two_cores: BTreeMap<u64, u16> = (1..=3).map(|n| (n, 2)).collect();
+        let light: CpuView = [
+            ((2, "q5-1".to_string()), 200),
+            ((3, "q5-1".to_string()), 150),
+        ]
+        .into();
+        let ripe: BTreeSet<String> = ["q5-1".to_string()].into();
+        let none = BTreeSet::new();
+        let decide = |state: &ClusterState,
+                      cpu: &CpuView,
+                      cores: &BTreeMap<u64, u16>,
+                      quiet: &BTreeSet<String>,
+                      ripe: &BTreeSet<String>| {
+            let load = load_of(state, 1..=3, cpu);
+            let settled = BTreeSet::new();
+            let weighing = Weighing {
+                load: &load,
+                cpu,
+                cores,
+                quiet,
+                ripe,
+                settled: &settled,
+            };
+            let (mut in_use, mut cursor) = (BTreeSet::new(), 0);
+            widen_or_rebalance(state, &weighing, &mut in_use, &mut cursor, range)
+        };
+        let (command, kind, why) = decide(&state, &light, &two_cores, &none, &ripe).unwrap();
+        let narrowed = Command::Move {
+            job: "q5-1".into(),
+            epoch: 1,
+            to: 1,
+            peers: vec![],
+            ports: vec![],
+            quick: false,
+            narrowed: true,
+        };
+        assert_eq!((&command, kind), (&narrowed, MoveKind::Narrow));
+        assert_eq!(
+            why, "narrowing it from 2 nodes onto 1: its parts use 0.35 cores",
+            "{why}"
+        );
+        // Not ripe, or quiet: it stays (nothing else to do either).
+        assert_eq!(decide(&state, &light, &two_cores, &none, &none), None);
+        assert_eq!(decide(&state, &light, &two_cores, &ripe, &ripe), None);
+        let load = load_of(&state, 1..=3, &light);
+        assert_eq!(
+            narrow_to(&state.jobs["q5-1"], &load, &light, &two_cores),
+            Some(vec![1])
+        );
+        // A part not measured, too heavy for half a core of two, one core
+        // for two shards, cores not known: nowhere.
+        let mut unmeasured = light.clone();
+        unmeasured.remove(&(3, "q5-1".to_string()));
+        let heavy: CpuView = [
+            ((2, "q5-1".to_string()), 600),
+            ((3, "q5-1".to_string()), 401),
+        ]
+        .into();
+        let one_core: BTreeMap<u64, u16> = (1..=3).map(|n| (n, 1)).collect();
+        let unknown = BTreeMap::new();
+        for (cpu, cores, what) in [
+            (&unmeasured, &two_cores, "unmeasured"),
+            (&heavy, &two_cores, "heavy"),
+            (&light, &one_core, "one core"),
+            (&light, &unknown, "cores not known"),
+        ] {
+            let load = load_of(&state, 1..=3, cpu);
+            assert_eq!(
+                narrow_to(&state.jobs["q5-1"], &load, cpu, cores),
+                None,
+                "{what}"
+            );
+        }
+        // Node 1 busy with another job: onto node 2 (its own part there
+        // left out of its weight), not node 1.
+        let mut busy = light.clone();
+        busy.insert((1, "q5-2".to_string()), 900);
+        add_job(&mut state, 2, "1", 1);
+        let load = load_of(&state, 1..=3, &busy);
+        assert_eq!(
+            narrow_to(&state.jobs["q5-1"], &load, &busy, &two_cores),
+            Some(vec![2])
+        );
+        state.apply(Command::Cancel {
+            request: 9,
+            job: "q5-2".into(),
+        });
+        // Narrowed onto node 1.
+        state.apply(narrowed);
+        for node in [2, 3] {
+            state.apply(Command::Released {
+                job: "q5-1".into(),
+                epoch: 1,
+                node,
+            });
+        }
+        assert_eq!(state.jobs["q5-1"].placement(), vec![1]);
+        assert!(state.jobs["q5-1"].narrowed);
+        // Busy but not saturated: it stays on one node.
+        let on_one = |milli: u32| -> CpuView { [((1, "q5-1".to_string()), milli)].into() };
+        assert_eq!(
+            decide(&state, &on_one(1_600), &two_cores, &none, &none),
+            None
+        );
+        // Saturated: widened over two nodes, no longer narrowed.
+        let (command, kind, why) =
+            decide(&state, &on_one(1_800), &two_cores, &none, &none).unwrap();
+        assert_eq!(kind, MoveKind::Widen);
+        assert!(
+            matches!(&command, Command::Move { to: 1, peers, narrowed: false, .. } if peers == &vec![2]),
+            "{command:?}"
+        );
+        assert_eq!(
+            why,
+            "widening it over 2 nodes: node 1 uses 1.80 of its 2 cores"
+        );
+        // Not while quiet (just narrowed: its first figures there, catching
+        // up, say nothing of its load).
+        let just = ["q5-1".to_string()].into();
+        assert_eq!(
+            decide(&state, &on_one(1_800), &two_cores, &just, &none),
+            None
+        );
+        // Saturated by another job, its own part small: not widened; moved
+        // by parts instead, still narrowed.
+        add_job(&mut state, 3, "1", 1);
+        let mut other = on_one(100);
+        other.insert((1, "q5-3".to_string()), 1_700);
+        let (command, kind, _) = decide(&state, &other, &two_cores, &none, &none).unwrap();
+        assert_eq!(kind, MoveKind::Parts);
+        assert!(
+            matches!(&command, Command::Move { job, to: 2, narrowed: true, .. } if job == "q5-1"),
+            "{command:?}"
+        );
+    }
+
+    /// A job not narrowed that fits where it runs is widened over a node
+    /// that joins until it has fit there for `narrow_after` (settled);
+    /// then it stays.
+    #[test]
+    fn a_job_that_has_fit_where_it_runs_is_not_widened() {
+        let range: PortRange = "100-199".parse().unwrap();
+        let mut state = nodes(2);
+        add_job(&mut state, 1, "2", 1);
+        let cpu: CpuView = [((1, "q5-1".to_string()), 600)].into();
+        let cores: BTreeMap<u64, u16> = [(1, 4), (2, 4)].into();
+        let load = load_of(&state, 1..=2, &cpu);
+        assert!(fits_where_it_is(&state.jobs["q5-1"], &load, &cpu, &cores));
+        // 600 of 2 cores is over half; not measured fits nowhere.
+        let two: BTreeMap<u64, u16> = [(1, 2), (2, 2)].into();
+        assert!(!fits_where_it_is(&state.jobs["q5-1"], &load, &cpu, &two));
+        let unmeasured = load_of(&state, 1..=2, &CpuView::new());
+        assert!(!fits_where_it_is(
+            &state.jobs["q5-1"],
+            &unmeasured,
+            &CpuView::new(),
+            &cores
+        ));
+        let none = BTreeSet::new();
+        let settled: BTreeSet<String> = ["q5-1".to_string()].into();
+        for (settled, widened) in [(&none, true), (&settled, false)] {
+            let weighing = Weighing {
+                load: &load,
+                cpu: &cpu,
+                cores: &cores,
+                quiet: &none,
+                ripe: &none,
+                settled,
+            };
+            let (mut in_use, mut cursor) = (BTreeSet::new(), 0);
+            let got = widen_or_rebalance(&state, &weighing, &mut in_use, &mut cursor, range);
+            assert_eq!(
+                got.is_some_and(|(_, kind, _)| kind == MoveKind::Widen),
+                widened,
+                "settled {settled:?}"
+            );
+        }
     }
 
     /// The leader's one move: widen the oldest job that could run on more
@@ -3525,7 +4007,7 @@ mod tests {
                                   in_use: &mut BTreeSet<u16>,
                                   cursor: &mut u16,
                                   range: PortRange| {
-            super::widen_or_rebalance(state, load, &none, &quiet, in_use, cursor, range)
+            one_move(state, load, &none, &quiet, in_use, cursor, range)
                 .map(|(command, _, _)| command)
         };
         // All three on node 1, as placed on a cluster of one; q5-1 has two
@@ -3572,6 +4054,7 @@ mod tests {
                 peers: vec![],
                 ports: vec![],
                 quick: false,
+                narrowed: false,
             })
         );
         // A lost node does not count: with node 3 out of `load`, q5-1

@@ -84,6 +84,11 @@ pub enum Command {
         /// `RESTARTS_MAX`.
         #[serde(default)]
         quick: bool,
+        /// The placement is narrower than the job could have, by the
+        /// leader's choice (it fits there): it is widened again only when
+        /// a node of it is saturated (`Job::narrowed`).
+        #[serde(default)]
+        narrowed: bool,
     },
     /// `node` stopped its part of placement `epoch` for a move: once every
     /// live node of the placement has, the move's target is the job's next
@@ -182,6 +187,11 @@ pub struct Job {
     /// part ran a while, starts the count again.
     #[serde(default)]
     pub restarts: u32,
+    /// Placed on fewer nodes than it could run on because it fits there
+    /// (the last `Move` said so; an `Assign` places it anew): the leader
+    /// widens it only when a node of its placement is saturated.
+    #[serde(default)]
+    pub narrowed: bool,
     pub state: JobState,
     pub report: Option<serde_json::Value>,
     /// The summaries of the parts other than 0 of the current placement
@@ -423,6 +433,7 @@ impl ClusterState {
                         moving_ports: Vec::new(),
                         released: Vec::new(),
                         restarts: 0,
+                        narrowed: false,
                         state: JobState::Running,
                         report: None,
                         part_reports: BTreeMap::new(),
@@ -456,6 +467,7 @@ impl ClusterState {
                         job.peers = peers;
                         job.ports = ports;
                         job.restarts = 0;
+                        job.narrowed = false;
                         job.epoch = epoch;
                         job.moving_to = None;
                         job.moving_peers.clear();
@@ -473,6 +485,7 @@ impl ClusterState {
                 peers,
                 ports,
                 quick,
+                narrowed,
             } => {
                 let targets_alive = std::iter::once(to)
                     .chain(peers.iter().copied())
@@ -505,6 +518,7 @@ impl ClusterState {
                         (true, true) => job.restarts + 1,
                         _ => 0,
                     };
+                    job.narrowed = narrowed;
                     job.moving_to = Some(to);
                     job.moving_peers = peers;
                     job.moving_ports = ports;
@@ -831,6 +845,7 @@ mod tests {
             peers: vec![],
             ports: vec![],
             quick: false,
+            narrowed: false,
         });
         assert_eq!(state.jobs["q5-1"].moving_to, None);
         state.apply(Command::Move {
@@ -840,6 +855,7 @@ mod tests {
             peers: vec![],
             ports: vec![],
             quick: false,
+            narrowed: false,
         });
         // Still on node 1 until it releases it.
         assert_eq!(state.jobs["q5-1"].node, Some(1));
@@ -854,6 +870,7 @@ mod tests {
             peers: vec![],
             ports: vec![],
             quick: false,
+            narrowed: false,
         });
         assert_eq!(state.jobs["q5-1"].moving_to, Some(2));
         submit(&mut state, 2, "b");
@@ -871,6 +888,7 @@ mod tests {
             peers: vec![],
             ports: vec![],
             quick: false,
+            narrowed: false,
         });
         assert_eq!(state.jobs["q5-2"].moving_to, None);
         state.apply(Command::Released {
@@ -899,6 +917,7 @@ mod tests {
             peers: vec![],
             ports: vec![],
             quick: false,
+            narrowed: false,
         });
         assert_eq!(state.jobs["q5-1"].moving_to, None);
     }
@@ -957,6 +976,7 @@ mod tests {
             peers: vec![1],
             ports: vec![9, 10],
             quick: false,
+            narrowed: false,
         });
         // Node 1 runs its part until it releases it; node 2's release is
         // not awaited.
@@ -991,6 +1011,7 @@ mod tests {
             peers: vec![1],
             ports: vec![9, 10],
             quick: true,
+            narrowed: false,
         });
         state.apply(Command::Released {
             job: "q5-1".into(),
@@ -1018,6 +1039,7 @@ mod tests {
             peers: vec![1],
             ports: vec![9, 10],
             quick: false,
+            narrowed: false,
         });
         assert_eq!(state.jobs["q5-1"].restarts, 0);
         state.apply(Command::Released {
@@ -1061,6 +1083,7 @@ mod tests {
                 peers: vec![2],
                 ports,
                 quick: true,
+                narrowed: false,
             });
             state.jobs["q5-1"].moving_ports.clone()
         };
@@ -1151,6 +1174,7 @@ mod tests {
             peers: vec![3],
             ports: vec![7704, 7705],
             quick: false,
+            narrowed: false,
         });
         for node in [1, 2] {
             state.apply(Command::Released {

@@ -378,10 +378,10 @@ pub struct Runtime<M: Send + 'static> {
     remote: Option<Arc<RemoteStats>>,
 }
 
-/// What `Runtime::start_with` needs of a gateway: a way to start it on the
+/// What `Runtime::start_with` needs of a gateway: a way to make it on the
 /// rings made for it (built where `M: Wire` is known).
 type StartGateway<M> =
-    Box<dyn FnOnce(remote::GatewayParts<M>) -> Result<glommio::ExecutorJoinHandle<()>, String>>;
+    Box<dyn FnOnce(remote::GatewayParts<M>) -> Result<remote::GatewayTask, String>>;
 
 impl<M: Send + 'static> Runtime<M> {
     /// Start every shard and wait until each runs. If one cannot start, the ones
@@ -418,7 +418,7 @@ impl<M: Send + 'static> Runtime<M> {
         let stats = Arc::new(RemoteStats::new(remote.nodes.len(), remote.me));
         let gateway_stats = stats.clone();
         let start_gateway: StartGateway<M> =
-            Box::new(move |parts| remote::start_gateway(remote, parts, gateway_stats));
+            Box::new(move |parts| remote::gateway_task(remote, parts, gateway_stats));
         let mut runtime = Self::start_with(config, layout, Some(start_gateway), factory, store)?;
         runtime.remote = Some(stats);
         Ok(runtime)
@@ -530,6 +530,21 @@ impl<M: Send + 'static> Runtime<M> {
             .map(|c| c.id)
             .collect();
         let (ready, readies) = mpsc::channel();
+        let mut expected = shards;
+        let mut gateway = match start_gateway {
+            Some(start_gateway) => {
+                parts.ready = Some(executor::ReadyGuard::new(shards, ready.clone()));
+                expected += 1;
+                let task = start_gateway(parts)
+                    .map_err(|e| StartError(format!("cannot start the gateway: {e}")))?;
+                Some(task)
+            }
+            None => None,
+        };
+        // A node of one shard runs its gateway's tasks on that shard's
+        // executor: one thread, where two would take turns on its core
+        // (and wake each other through the kernel at every handoff).
+        let gateway_on_shard = shards == 1 && gateway.is_some();
         let mut runtime = Runtime {
             shared: shared.clone(),
             homes: Directory::new(total as u16),
@@ -542,7 +557,13 @@ impl<M: Send + 'static> Runtime<M> {
             } else {
                 glommio::Placement::Unbound
             };
+            let gateway_here = if gateway_on_shard {
+                gateway.take()
+            } else {
+                None
+            };
             let shard = executor::ShardThread {
+                gateway_here: gateway_here.is_some(),
                 id: ShardId((first + i) as u16),
                 local: i,
                 layout: layout.clone(),
@@ -558,7 +579,14 @@ impl<M: Send + 'static> Runtime<M> {
             let spawned = glommio::LocalExecutorBuilder::new(placement)
                 .name(&format!("dirigo-shard{}", first + i))
                 .io_memory(config.io_memory_bytes)
-                .spawn(move || shard.run_supervised());
+                .spawn(move || async move {
+                    let gateway = gateway_here.map(|task| glommio::spawn_local(task.into_future()));
+                    shard.run_supervised().await;
+                    // The gateway's send loop ends with the runtime's stop.
+                    if let Some(gateway) = gateway {
+                        gateway.await;
+                    }
+                });
             match spawned {
                 Ok(handle) => runtime.threads.push(handle),
                 Err(e) => {
@@ -567,14 +595,9 @@ impl<M: Send + 'static> Runtime<M> {
                 }
             }
         }
-        let mut expected = shards;
-        if let Some(start_gateway) = start_gateway {
-            parts.ready = Some(executor::ReadyGuard::new(shards, ready.clone()));
-            match start_gateway(parts) {
-                Ok(handle) => {
-                    runtime.threads.push(handle);
-                    expected += 1;
-                }
+        if let Some(task) = gateway {
+            match remote::start_gateway(task) {
+                Ok(handle) => runtime.threads.push(handle),
                 Err(e) => {
                     let errors = runtime.stop_and_join();
                     return Err(StartError(format!("cannot start the gateway: {e}{errors}")));

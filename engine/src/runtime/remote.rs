@@ -133,8 +133,10 @@
 //! checkpoints' job. The gateway only says, per node, whether its session
 //! is connected (`RemoteSnapshot::connected`).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -984,17 +986,42 @@ fn session_config() -> SessionConfig {
     }
 }
 
-pub(super) fn start_gateway<M: Wire>(
+/// A gateway made and not yet started: its tasks, to run on a glommio
+/// executor, its own thread's (`start_gateway`) or, on a node of one
+/// shard, that shard's (`Runtime::start_with`).
+pub(super) struct GatewayTask {
+    me: usize,
+    make: Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()>>> + Send>,
+}
+
+impl GatewayTask {
+    /// The gateway's future, made on the executor that runs it (its
+    /// tasks share `Rc`s).
+    pub fn into_future(self) -> Pin<Box<dyn Future<Output = ()>>> {
+        (self.make)()
+    }
+}
+
+/// Make this node's gateway over `parts` (its identity proven at each
+/// handshake with `config`'s secret).
+pub(super) fn gateway_task<M: Wire>(
     config: RemoteConfig,
     parts: GatewayParts<M>,
     stats: Arc<RemoteStats>,
-) -> Result<glommio::ExecutorJoinHandle<()>, String> {
+) -> Result<GatewayTask, String> {
     let identity = Identity::new(&config.cluster, config.me as u64 + 1, &config.secret)?;
-    let me = config.me;
+    Ok(GatewayTask {
+        me: config.me,
+        make: Box::new(move || Box::pin(gateway(config, identity, parts, stats))),
+    })
+}
+
+/// Run a gateway on a thread of its own.
+pub(super) fn start_gateway(task: GatewayTask) -> Result<glommio::ExecutorJoinHandle<()>, String> {
     glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-        .name(&format!("dirigo-gateway{me}"))
+        .name(&format!("dirigo-gateway{}", task.me))
         .io_memory(64 << 10)
-        .spawn(move || gateway(config, identity, parts, stats))
+        .spawn(move || task.into_future())
         .map_err(|e| e.to_string())
 }
 
