@@ -1964,6 +1964,9 @@ fn a_light_job_over_two_nodes_is_narrowed_onto_one_and_ends_exact() {
     );
     // Narrowed once, and not widened again: its node never saturated.
     assert!(!logs.contains("widening it"), "{logs}");
+    for line in logs.lines().filter(|l| l.contains("(narrowing it")) {
+        eprintln!("narrow: {line}");
+    }
     assert_exact("q5", &dir.join("q5.jsonl"), &plain, &events);
     let all = activations(&nodes, &name);
     assert_placements_never_overlap(&all, &name);

@@ -3955,11 +3955,11 @@ mod tests {
         let range: PortRange = "100-199".parse().unwrap();
         let mut state = nodes(2);
         add_job(&mut state, 1, "2", 1);
-        let cpu: CpuView = [((1, "q5-1".to_string()), 600)].into();
+        let cpu: CpuView = [((1, "q5-1".to_string()), 1_200)].into();
         let cores: BTreeMap<u64, u16> = [(1, 4), (2, 4)].into();
         let load = load_of(&state, 1..=2, &cpu);
         assert!(fits_where_it_is(&state.jobs["q5-1"], &load, &cpu, &cores));
-        // 600 of 2 cores is over half; not measured fits nowhere.
+        // 1.2 of 2 cores is over half; not measured fits nowhere.
         let two: BTreeMap<u64, u16> = [(1, 2), (2, 2)].into();
         assert!(!fits_where_it_is(&state.jobs["q5-1"], &load, &cpu, &two));
         let unmeasured = load_of(&state, 1..=2, &CpuView::new());

@@ -70,6 +70,8 @@ pub(super) struct ShardThread<M: Send + 'static> {
     /// lets glommio poll its sockets every `GATEWAY_YIELD_EVERY_NS`, and
     /// at once when it only waits for room in a ring (to the gateway).
     pub gateway_here: bool,
+    /// That gateway, started by `run_supervised` as tasks of its own.
+    pub gateway: Option<super::remote::GatewayTask>,
 }
 
 /// Tells `Runtime::start` whether this shard came up: `true` once its loop runs,
@@ -123,11 +125,31 @@ impl<F: Future> Future for CatchUnwind<F> {
 }
 
 impl<M: Send + 'static> ShardThread<M> {
-    /// Run the shard; if it panics, mark it dead and tell the failure hook.
-    pub async fn run_supervised(self) {
+    /// Run the shard (and the node's gateway, when it runs here); if it
+    /// panics, or the gateway does, mark it dead and tell the failure hook
+    /// (a node without its gateway reaches no other node: its jobs fail).
+    pub async fn run_supervised(mut self) {
         let id = self.id;
         let shared = self.shared.clone();
         let hook = self.config.on_failure.clone();
+        let gateway = self.gateway.take().map(|task| {
+            let (shared, hook) = (shared.clone(), hook.clone());
+            glommio::spawn_local(async move {
+                if let Err(payload) = CatchUnwind(Box::pin(task.into_future())).await {
+                    shared.mark_dead(id);
+                    if let Some(hook) = hook {
+                        hook(Failure {
+                            actor: None,
+                            shard: id,
+                            message: format!(
+                                "its node's gateway: {}",
+                                panic_message(payload.as_ref())
+                            ),
+                        });
+                    }
+                }
+            })
+        });
         let run = CatchUnwind(Box::pin(self.run()));
         if let Err(payload) = run.await {
             shared.mark_dead(id);
@@ -138,6 +160,10 @@ impl<M: Send + 'static> ShardThread<M> {
                     message: panic_message(payload.as_ref()),
                 });
             }
+        }
+        // The gateway's send loop ends with the runtime's stop.
+        if let Some(gateway) = gateway {
+            gateway.await;
         }
     }
 

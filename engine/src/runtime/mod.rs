@@ -564,6 +564,7 @@ impl<M: Send + 'static> Runtime<M> {
             };
             let shard = executor::ShardThread {
                 gateway_here: gateway_here.is_some(),
+                gateway: gateway_here,
                 id: ShardId((first + i) as u16),
                 local: i,
                 layout: layout.clone(),
@@ -579,14 +580,7 @@ impl<M: Send + 'static> Runtime<M> {
             let spawned = glommio::LocalExecutorBuilder::new(placement)
                 .name(&format!("dirigo-shard{}", first + i))
                 .io_memory(config.io_memory_bytes)
-                .spawn(move || async move {
-                    let gateway = gateway_here.map(|task| glommio::spawn_local(task.into_future()));
-                    shard.run_supervised().await;
-                    // The gateway's send loop ends with the runtime's stop.
-                    if let Some(gateway) = gateway {
-                        gateway.await;
-                    }
-                });
+                .spawn(move || shard.run_supervised());
             match spawned {
                 Ok(handle) => runtime.threads.push(handle),
                 Err(e) => {
