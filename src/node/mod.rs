@@ -623,6 +623,21 @@ fn note_finished(state: &ClusterState, finished_seen: &mut HashMap<String, Insta
     }
 }
 
+/// The leader's move of `job` to `placement` (part 0's node, the others,
+/// their ports), narrowed or not.
+fn move_to(job: &state::Job, placement: (u64, Vec<u64>, Vec<u16>), narrowed: bool) -> Command {
+    let (to, peers, ports) = placement;
+    Command::Move {
+        job: job.name.clone(),
+        epoch: job.epoch,
+        to,
+        peers,
+        ports,
+        quick: false,
+        narrowed,
+    }
+}
+
 /// This node's cores, as it tells the leader (at most `u16::MAX`).
 fn own_cores() -> u16 {
     dirigo_engine::runtime::online_cores().clamp(1, usize::from(u16::MAX)) as u16
@@ -789,24 +804,15 @@ fn widen_or_rebalance(
                 .iter()
                 .filter_map(|n| w.cpu.get(&(*n, job.name.clone()))),
         );
-        if let Some((to, peers, ports)) = ports_for(&mut load, nodes, &mut free, cursor, range) {
-            in_use.extend(&ports);
+        if let Some(placement) = ports_for(&mut load, nodes, &mut free, cursor, range) {
+            in_use.extend(&placement.2);
             let why = format!(
                 "narrowing it from {} nodes onto {}: its parts use {:.2} cores",
                 job.placement().len(),
-                peers.len() + 1,
+                placement.1.len() + 1,
                 f64::from(milli) / 1e3
             );
-            let command = Command::Move {
-                job: job.name.clone(),
-                epoch: job.epoch,
-                to,
-                peers,
-                ports,
-                quick: false,
-                narrowed: true,
-            };
-            return Some((command, MoveKind::Narrow, why));
+            return Some((move_to(job, placement, true), MoveKind::Narrow, why));
         }
         // No ports free for it: widen or rebalance instead.
     }
@@ -832,25 +838,16 @@ fn widen_or_rebalance(
             l.remove(measured(cpu, node, &job.name));
         }
         let mut free = free_of(job);
-        if let Some((to, peers, ports)) = place(&mut load, job.shards(), &mut free, cursor, range) {
-            in_use.extend(&ports);
-            let mut why = format!("widening it over {} nodes", peers.len() + 1);
+        if let Some(placement) = place(&mut load, job.shards(), &mut free, cursor, range) {
+            in_use.extend(&placement.2);
+            let mut why = format!("widening it over {} nodes", placement.1.len() + 1);
             if let Some((node, milli, cores)) = saturated {
                 why.push_str(&format!(
                     ": node {node} uses {:.2} of its {cores} cores",
                     f64::from(milli) / 1e3
                 ));
             }
-            let command = Command::Move {
-                job: job.name.clone(),
-                epoch: job.epoch,
-                to,
-                peers,
-                ports,
-                quick: false,
-                narrowed: false,
-            };
-            return Some((command, MoveKind::Widen, why));
+            return Some((move_to(job, placement, false), MoveKind::Widen, why));
         }
         // No ports free for it: rebalance instead.
     }
