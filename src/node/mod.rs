@@ -670,24 +670,41 @@ fn fits_where_it_is(
     cpu: &CpuView,
     cores: &BTreeMap<u64, u16>,
 ) -> bool {
-    let placement = job.placement();
-    let Some(parts) = placement
-        .iter()
-        .map(|n| measured(cpu, *n, &job.name))
-        .collect::<Option<Vec<u32>>>()
+    let (Some(parts), Some(without)) = (measured_parts(job, cpu), without_job(load, job, cpu))
     else {
         return false;
     };
-    let k = placement.len().max(1);
+    let k = parts.len().max(1);
     let share = total_milli(&parts).div_ceil(k as u32);
     let per_node = job.shards() / k as u64;
-    placement.iter().zip(&parts).all(|(n, part)| {
-        load.get(n).is_some_and(|l| {
-            let mut without = *l;
-            without.remove(Some(*part));
-            load::holds(&without, cores.get(n).copied(), per_node, share)
-        })
-    })
+    job.placement()
+        .iter()
+        .all(|n| load::holds(&without[n], cores.get(n).copied(), per_node, share))
+}
+
+/// The CPU of every part of `job`, in placement order; None if a part is
+/// not measured.
+fn measured_parts(job: &state::Job, cpu: &CpuView) -> Option<Vec<u32>> {
+    job.placement()
+        .iter()
+        .map(|n| measured(cpu, *n, &job.name))
+        .collect()
+}
+
+/// `load` without `job`'s parts (each as `Load::add` took it: measured,
+/// or the guess); None if a node of its placement is not in it.
+fn without_job(
+    load: &BTreeMap<u64, Load>,
+    job: &state::Job,
+    cpu: &CpuView,
+) -> Option<BTreeMap<u64, Load>> {
+    let mut without = load.clone();
+    for node in job.placement() {
+        without
+            .get_mut(&node)?
+            .remove(measured(cpu, node, &job.name));
+    }
+    Some(without)
 }
 
 /// The nodes a running job over several nodes could run on instead:
@@ -709,15 +726,8 @@ fn narrow_to(
     if placement.len() < 2 {
         return None;
     }
-    let parts: Vec<u32> = placement
-        .iter()
-        .map(|n| measured(cpu, *n, &job.name))
-        .collect::<Option<_>>()?;
-    let milli = total_milli(&parts);
-    let mut without = load.clone();
-    for (node, part) in placement.iter().zip(&parts) {
-        without.get_mut(node)?.remove(Some(*part));
-    }
+    let milli = total_milli(&measured_parts(job, cpu)?);
+    let without = without_job(load, job, cpu)?;
     (1..placement.len())
         .filter(|d| shards.is_multiple_of(*d as u64))
         .find_map(|d| {
@@ -799,11 +809,7 @@ fn widen_or_rebalance(
     if let Some((job, nodes)) = ripe {
         let mut free = free_of(job);
         let mut load = load.clone();
-        let milli = total_milli(
-            job.placement()
-                .iter()
-                .filter_map(|n| w.cpu.get(&(*n, job.name.clone()))),
-        );
+        let milli = measured_parts(job, cpu).map_or(0, |parts| total_milli(&parts));
         if let Some(placement) = ports_for(&mut load, nodes, &mut free, cursor, range) {
             in_use.extend(&placement.2);
             let why = format!(
@@ -832,11 +838,7 @@ fn widen_or_rebalance(
         })
         .min_by_key(|(j, _)| submission_number(&j.name));
     if let Some((job, saturated)) = widen {
-        let mut load = load.clone();
-        for node in job.placement() {
-            let l = load.get_mut(&node).expect("whole");
-            l.remove(measured(cpu, node, &job.name));
-        }
+        let mut load = without_job(load, job, cpu).expect("whole");
         let mut free = free_of(job);
         if let Some(placement) = place(&mut load, job.shards(), &mut free, cursor, range) {
             in_use.extend(&placement.2);

@@ -64,13 +64,12 @@ pub(super) struct ShardThread<M: Send + 'static> {
     pub ready: ReadyGuard,
     /// The machine's online cores (`machine_cores`), for `SpareCores`.
     pub machine_cores: usize,
-    /// The node's gateway runs as tasks of this shard's executor (a node
-    /// of one shard): the shard never spins (the gateway, which brings
-    /// other nodes' packets, could not run meanwhile), and while busy it
-    /// lets glommio poll its sockets every `GATEWAY_YIELD_EVERY_NS`, and
-    /// at once when it only waits for room in a ring (to the gateway).
-    pub gateway_here: bool,
-    /// That gateway, started by `run_supervised` as tasks of its own.
+    /// The node's gateway, on a node of one shard: `run_supervised` runs
+    /// it as tasks of this shard's executor. The shard then never spins
+    /// (the gateway, which brings other nodes' packets, could not run
+    /// meanwhile), and while busy it lets glommio poll its sockets every
+    /// `GATEWAY_YIELD_EVERY_NS`, and at once when it only waits for room
+    /// in a ring (to the gateway).
     pub gateway: Option<super::remote::GatewayTask>,
 }
 
@@ -132,6 +131,7 @@ impl<M: Send + 'static> ShardThread<M> {
         let id = self.id;
         let shared = self.shared.clone();
         let hook = self.config.on_failure.clone();
+        let gateway_here = self.gateway.is_some();
         let gateway = self.gateway.take().map(|task| {
             let (shared, hook) = (shared.clone(), hook.clone());
             glommio::spawn_local(async move {
@@ -150,7 +150,7 @@ impl<M: Send + 'static> ShardThread<M> {
                 }
             })
         });
-        let run = CatchUnwind(Box::pin(self.run()));
+        let run = CatchUnwind(Box::pin(self.run(gateway_here)));
         if let Err(payload) = run.await {
             shared.mark_dead(id);
             if let Some(hook) = hook {
@@ -167,7 +167,7 @@ impl<M: Send + 'static> ShardThread<M> {
         }
     }
 
-    async fn run(mut self) {
+    async fn run(mut self, gateway_here: bool) {
         let mut core = ShardCore::new(
             self.id,
             self.layout.total(),
@@ -194,8 +194,8 @@ impl<M: Send + 'static> ShardThread<M> {
         // Measured from the start, so that a shard busy from its first
         // pass reports its (zero) idle time too.
         core.add_idle_ns(0);
-        let spins = !self.config.spin_before_park.is_zero() && !self.gateway_here;
-        let io_yield_every_ns = if self.gateway_here {
+        let spins = !self.config.spin_before_park.is_zero() && !gateway_here;
+        let io_yield_every_ns = if gateway_here {
             GATEWAY_YIELD_EVERY_NS
         } else {
             IO_YIELD_EVERY_NS
@@ -240,9 +240,9 @@ impl<M: Send + 'static> ShardThread<M> {
                 // here, that ring may be its, which drains only when this
                 // task lets it run.
                 let blocked = !progress && !core.has_runnable();
-                let io_out = self.gateway_here || super::io_pending() > 0;
+                let io_out = gateway_here || super::io_pending() > 0;
                 if io_out
-                    && ((self.gateway_here && blocked)
+                    && ((gateway_here && blocked)
                         || now_ns.saturating_sub(last_io_yield_ns) >= io_yield_every_ns)
                 {
                     // A busy shard's task is always runnable, and glommio polls

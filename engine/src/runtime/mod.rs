@@ -557,14 +557,12 @@ impl<M: Send + 'static> Runtime<M> {
             } else {
                 glommio::Placement::Unbound
             };
-            let gateway_here = if gateway_on_shard {
-                gateway.take()
-            } else {
-                None
-            };
             let shard = executor::ShardThread {
-                gateway_here: gateway_here.is_some(),
-                gateway: gateway_here,
+                gateway: if gateway_on_shard {
+                    gateway.take()
+                } else {
+                    None
+                },
                 id: ShardId((first + i) as u16),
                 local: i,
                 layout: layout.clone(),
