@@ -14,7 +14,7 @@
 
 mod reference;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -1904,7 +1904,10 @@ fn a_job_over_two_nodes_reports_the_figures_of_both_parts() {
 /// telling the leader its cores: once it has fit on one node with half
 /// its cores to spare for the time asked (1.5 s here, 30 s by default),
 /// the leader narrows it onto one node, where it resumes from its
-/// checkpoint and ends exact, never run in two placements at once.
+/// checkpoint and ends exact, never run in two placements at once. A q1
+/// as light beside it, with an SLO no run meets (10 us), tells the leader
+/// its latency and is never narrowed: it runs on two nodes to its end,
+/// exact.
 #[test]
 fn a_light_job_over_two_nodes_is_narrowed_onto_one_and_ends_exact() {
     let _one = one_at_a_time();
@@ -1915,15 +1918,37 @@ fn a_light_job_over_two_nodes_is_narrowed_onto_one_and_ends_exact() {
         events,
         plain,
     } = q5_input("narrow", 100_000, 31);
+    let q1_plain = uninterrupted(&dir, "q1", &events_path);
     let nodes = cluster_with(&dir, &secret, 3, &["--narrow-after-ms=1500"]);
     let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
     let (name, _) = submit_over_two(&addrs, &secret, &dir, &events_path, 5_000);
+    let mut late_flags = over_two(file_job(&events_path, "q1", 5_000));
+    late_flags.push("--slo=10us".into());
+    let late_flags: Vec<&str> = late_flags.iter().map(String::as_str).collect();
+    let late = submit(addrs[1], &secret, &dir, "q1", &late_flags);
+    // Every status seen: the late job on two nodes (once placed), and the
+    // most of its SLO its latency was said to take.
+    let q1_widths = std::cell::RefCell::new(BTreeSet::new());
+    let q1_of_slo = std::cell::Cell::new(0.0f64);
+    let watch = |s: &Value| {
+        let q1 = job(s, &late);
+        let width = placement(s, &late).len();
+        if q1["state"] == "running" && width > 0 {
+            q1_widths.borrow_mut().insert(width);
+        }
+        if let Some(of_slo) = q1["latency_p99_of_slo"].as_f64() {
+            q1_of_slo.set(q1_of_slo.get().max(of_slo));
+        }
+    };
     let narrowed = wait_for(
         &addrs,
         &secret,
         Duration::from_secs(30),
         "q5 narrowed onto one node",
-        |s| placement(s, &name).len() == 1,
+        |s| {
+            watch(s);
+            placement(s, &name).len() == 1
+        },
     );
     // The leader knows every node's cores (they come with the lease
     // requests; its own from the start).
@@ -1945,8 +1970,11 @@ fn a_light_job_over_two_nodes_is_narrowed_onto_one_and_ends_exact() {
         &addrs,
         &secret,
         Duration::from_secs(120),
-        "q5 finished",
-        |s| job(s, &name)["state"] == "finished",
+        "q5 and q1 finished",
+        |s| {
+            watch(s);
+            job(s, &name)["state"] == "finished" && job(s, &late)["state"] == "finished"
+        },
     );
     assert_eq!(placement(&done, &name).len(), 1, "{done}");
     assert_eq!(job(&done, &name)["epoch"], 2, "{done}");
@@ -1971,6 +1999,23 @@ fn a_light_job_over_two_nodes_is_narrowed_onto_one_and_ends_exact() {
     let all = activations(&nodes, &name);
     assert_placements_never_overlap(&all, &name);
     eprintln!("narrow: activations {all:?}");
+    // The late job: its latency seen over its SLO, never narrowed, on two
+    // nodes whenever it ran (moved off a busy node for its latency, it
+    // may be, still over two).
+    let moves: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains(&format!("moving {late} to node")))
+        .collect();
+    eprintln!(
+        "narrow: {late}: p99 up to {:.1} of its SLO; widths {:?}; moves {moves:?}",
+        q1_of_slo.get(),
+        q1_widths.borrow()
+    );
+    assert!(q1_of_slo.get() > 1.0, "{done}");
+    assert_eq!(*q1_widths.borrow(), BTreeSet::from([2]), "{logs}");
+    assert!(moves.iter().all(|m| !m.contains("(narrowing")), "{moves:?}");
+    assert_exact("q1", &dir.join("q1.jsonl"), &q1_plain, &events);
+    assert_placements_never_overlap(&activations(&nodes, &late), &late);
     drop(nodes);
     let _ = std::fs::remove_dir_all(&dir);
 }

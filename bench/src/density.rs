@@ -180,6 +180,7 @@ fn time_shared(config: &Config, jobs: usize) -> Result<Vec<Outcome>, BenchError>
         scheduler: PolicyKind::Edf,
         autoscale: Some(AutoscaleOptions::default()),
         progress: Some(Arc::new(|_, _| {})),
+        live: None,
         time_limit: config.time_max,
         nodes: None,
     };

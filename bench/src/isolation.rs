@@ -282,6 +282,7 @@ fn measure(config: &Config, jobs: &[JobConfig], dirigo: bool) -> Result<Figures,
         // A progress hook makes `run_jobs` poll its jobs every 250 ms instead
         // of every millisecond: less of a third thread on the shards' cores.
         progress: Some(Arc::new(|_, _| {})),
+        live: None,
         time_limit: config.time_max,
         nodes: None,
     };

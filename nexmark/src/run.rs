@@ -20,6 +20,26 @@ use serde::Serialize;
 /// summed over the run's jobs.
 pub type Progress = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
+/// Called every [`LIVE_EVERY`] while the jobs run, with each job's figures
+/// over the last interval, in the order of the run's jobs (None for a job
+/// that did not start): what a cluster node reads of its runs.
+pub type LiveHook = Arc<dyn Fn(&[Option<LiveFigures>]) + Send + Sync>;
+
+/// How often a [`LiveHook`] is called.
+pub const LIVE_EVERY: Duration = Duration::from_secs(1);
+
+/// One job's output latency over an interval: this process's sinks' rows
+/// (over nodes, its own part's).
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LiveFigures {
+    /// Output rows the sinks recorded in the interval.
+    pub rows: u64,
+    /// Their latency's p99 (0 with no rows).
+    pub p99_us: u64,
+    /// The job's latency target.
+    pub slo_us: u64,
+}
+
 /// The engine of a run, shared by all its jobs.
 #[derive(Clone)]
 pub struct EngineOptions {
@@ -31,6 +51,8 @@ pub struct EngineOptions {
     /// Run the autoscaler (`--autoscale on`), with these options.
     pub autoscale: Option<AutoscaleOptions>,
     pub progress: Option<Progress>,
+    /// Each job's output latency every [`LIVE_EVERY`] (`--live`).
+    pub live: Option<LiveHook>,
     /// How long to wait for the jobs, from their start.
     pub time_limit: Duration,
     /// This process's part of a run over several processes (`--nodes`).
@@ -281,6 +303,66 @@ pub fn slo_violation_pct(latency_us: &Histogram<u32>, slo_us: u64) -> f64 {
     above as f64 * 100.0 / total as f64
 }
 
+/// Each job's output latency per interval ([`LiveHook`]): the jobs'
+/// cumulative latency histograms read every [`LIVE_EVERY`], each interval's
+/// rows the difference from the one before.
+struct LiveMeter {
+    slo_us: Vec<u64>,
+    /// Each job's histogram at the last reading.
+    before: Vec<Option<Histogram<u32>>>,
+    last: Instant,
+}
+
+impl LiveMeter {
+    fn new(jobs: &[JobConfig]) -> LiveMeter {
+        LiveMeter {
+            slo_us: jobs
+                .iter()
+                .map(|j| j.slo.as_micros().min(u128::from(u64::MAX)) as u64)
+                .collect(),
+            before: vec![None; jobs.len()],
+            last: Instant::now(),
+        }
+    }
+
+    /// The interval's figures once [`LIVE_EVERY`] passed since the last.
+    fn tick(
+        &mut self,
+        handles: &[Result<JobHandle, String>],
+        now: Instant,
+    ) -> Option<Vec<Option<LiveFigures>>> {
+        if now.duration_since(self.last) < LIVE_EVERY {
+            return None;
+        }
+        self.last = now;
+        let figures = handles
+            .iter()
+            .zip(&mut self.before)
+            .zip(&self.slo_us)
+            .map(|((handle, before), &slo_us)| {
+                let total = handle.as_ref().ok()?.metrics().latency_us();
+                let mut interval = total.clone();
+                if let Some(before) = before.replace(total) {
+                    // Same bounds, and counts only grow: cannot fail.
+                    interval.subtract(&before).ok()?;
+                }
+                let rows = interval.len();
+                let p99_us = if rows == 0 {
+                    0
+                } else {
+                    interval.value_at_quantile(0.99)
+                };
+                Some(LiveFigures {
+                    rows,
+                    p99_us,
+                    slo_us,
+                })
+            })
+            .collect();
+        Some(figures)
+    }
+}
+
 /// Run one query on a fresh engine and wait for it to finish.
 pub fn run_query(config: &RunConfig) -> Result<RunReport, String> {
     let engine = EngineOptions {
@@ -290,6 +372,7 @@ pub fn run_query(config: &RunConfig) -> Result<RunReport, String> {
         // The benchmarks measure a placement that stays put.
         autoscale: None,
         progress: config.progress.clone(),
+        live: None,
         time_limit: config.time_limit,
         nodes: None,
     };
@@ -411,12 +494,13 @@ pub fn run_jobs(
     let started = Instant::now();
     let running = || handles.iter().flatten().any(|h| !h.is_done());
     let mut peers = engine.nodes.as_ref().map(|n| PeerWatch::new(n.addrs.len()));
+    let mut live = engine
+        .live
+        .as_ref()
+        .map(|hook| (hook, LiveMeter::new(jobs)));
     while running() && started.elapsed() <= engine.time_limit {
-        std::thread::sleep(Duration::from_millis(if engine.progress.is_some() {
-            250
-        } else {
-            1
-        }));
+        let hooked = engine.progress.is_some() || engine.live.is_some();
+        std::thread::sleep(Duration::from_millis(if hooked { 250 } else { 1 }));
         if let (Some(peers), Some(nodes)) = (peers.as_mut(), engine.nodes.as_ref()) {
             if let Err(e) = peers.check(&dataflow, nodes) {
                 dataflow.shutdown();
@@ -428,6 +512,11 @@ pub fn run_jobs(
                 (r + h.metrics().source_records(), o + h.metrics().outputs())
             });
             progress(records, outputs);
+        }
+        if let Some((hook, meter)) = live.as_mut() {
+            if let Some(figures) = meter.tick(&handles, Instant::now()) {
+                hook(&figures);
+            }
         }
     }
     let finished: Vec<Result<Finished, String>> = handles

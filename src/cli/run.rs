@@ -22,7 +22,9 @@ use dirigo_engine::dataflow::{RateSchedule, RateStep};
 use dirigo_engine::runtime::PolicyKind;
 use dirigo_nexmark::machine::Machine;
 use dirigo_nexmark::queries::{EventSource, LineWriter, Output, StagedLines};
-use dirigo_nexmark::run::{run_jobs, EngineOptions, JobConfig, NodesOptions, RunError, RunReport};
+use dirigo_nexmark::run::{
+    run_jobs, EngineOptions, JobConfig, LiveFigures, NodesOptions, RunError, RunReport,
+};
 use dirigo_nexmark::GeneratorConfig;
 use dirigo_storage::spool::{Spool, SPOOL_BUFFERS_MAX};
 
@@ -68,6 +70,11 @@ pub struct RunArgs {
     /// Print the summary as one JSON object on the last line of stdout.
     #[arg(long)]
     json: bool,
+    /// In place of the progress, print each job's output latency over the
+    /// last second to stderr every second, one line per job starting with
+    /// [`LIVE_PREFIX`] (`dirigo node` reads its runs' lines).
+    #[arg(long, hide = true)]
+    live: bool,
     /// Run over several processes: every node's address (`IP:PORT`,
     /// comma-separated, the same list on every node), each running
     /// `--cores` shards; the jobs' actors are placed over all of them.
@@ -750,6 +757,22 @@ fn progress(expected: Option<u64>) -> dirigo_nexmark::run::Progress {
     })
 }
 
+/// What starts a line of `--live` figures on stderr.
+pub const LIVE_PREFIX: &str = "dirigo-live: ";
+
+/// `--live`: each job's figures ([`LiveFigures`]) as a line of JSON after
+/// [`LIVE_PREFIX`], with the job's place in the run (`"job"`, from 0).
+fn live_lines() -> dirigo_nexmark::run::LiveHook {
+    Arc::new(|figures: &[Option<LiveFigures>]| {
+        for (job, figures) in figures.iter().enumerate() {
+            let Some(figures) = figures else { continue };
+            let mut line = serde_json::to_value(figures).expect("plain figures");
+            line["job"] = job.into();
+            eprintln!("{LIVE_PREFIX}{line}");
+        }
+    })
+}
+
 /// `dirigo run`'s exit status when a run over nodes lost a peer
 /// ([`RunError::PeerLost`]: a cluster node runs it again rather than
 /// failing the job); [`EXIT_PORT_TAKEN`] when it could not listen; any
@@ -818,13 +841,14 @@ pub fn run(args: RunArgs) -> Result<(), RunError> {
             log_decisions: args.log_decisions,
             ..AutoscaleOptions::default()
         }),
-        progress: Some(progress(expected)),
+        progress: (!args.live).then(|| progress(expected)),
+        live: args.live.then(live_lines),
         time_limit: Duration::from_secs(24 * 3600),
         nodes,
     };
     let reports = run_jobs(&engine, &configs);
     // The progress line ends, whatever follows (a summary, or an error).
-    if started.elapsed() >= Duration::from_secs(1) {
+    if started.elapsed() >= Duration::from_secs(1) && !args.live {
         eprintln!();
     }
     let mut reports = reports?.into_iter();

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use super::state::{Job, Outcome};
-use crate::cli::run::{EXIT_PEER_LOST, EXIT_PORT_TAKEN};
+use crate::cli::run::{EXIT_PEER_LOST, EXIT_PORT_TAKEN, LIVE_PREFIX};
 
 /// Lines of a child's stderr kept for the error of a failed run, and the
 /// bytes kept of each.
@@ -33,6 +33,12 @@ const STDERR_LINE_BYTES: usize = 512;
 /// The largest summary kept of a finished run (it goes into the cluster's
 /// log; a longer one is left out).
 const REPORT_BYTES_MAX: usize = 8 * 1024;
+/// A run's latency counts this long after the last second it had output
+/// rows in (a windowed query's part may write a row only every few
+/// seconds).
+pub const LATENCY_FRESH: std::time::Duration = std::time::Duration::from_secs(3);
+/// The most a latency figure says, in thousandths of the SLO (1,000 times it).
+const LATENCY_PERMILLE_MAX: u64 = 1_000_000;
 
 /// The monotonic clock in nanoseconds (the same clock in every process of
 /// the machine: activation logs of several nodes compare).
@@ -59,6 +65,9 @@ pub struct Run {
     child: Child,
     last_stdout: Arc<Mutex<Option<String>>>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    /// Its latest output latency (`--live`): when, and the p99 in
+    /// thousandths of the job's SLO.
+    latency: Arc<Mutex<Option<(std::time::Instant, u32)>>>,
     readers: Vec<JoinHandle<()>>,
 }
 
@@ -110,10 +119,33 @@ pub fn run_args(job: &Job, part: Option<&Part>, online: usize) -> Vec<String> {
     if !job.args.iter().any(|a| a == "--json") {
         args.push("--json".into());
     }
+    // Its latency every second on stderr, for the leader, in place of the
+    // progress.
+    args.push("--live".into());
     // The run claims the data directory for this placement, and commits
     // nothing once a later one has claimed it.
     args.push(format!("--fence-epoch={}", job.epoch));
     args
+}
+
+/// The p99 of a `--live` line's figures (of the run's first job; a
+/// cluster run has one) in thousandths of its SLO, at most
+/// [`LATENCY_PERMILLE_MAX`]; None for another job's, one of an interval
+/// without rows, or a line that does not read as figures.
+fn latency_permille(figures: &str) -> Option<u32> {
+    let figures: serde_json::Value = serde_json::from_str(figures).ok()?;
+    let field = |name: &str| figures.get(name).and_then(serde_json::Value::as_u64);
+    let (job, rows, p99_us, slo_us) = (
+        field("job")?,
+        field("rows")?,
+        field("p99_us")?,
+        field("slo_us")?,
+    );
+    if job != 0 || rows == 0 || slo_us == 0 {
+        return None;
+    }
+    let permille = u128::from(p99_us) * 1_000 / u128::from(slo_us);
+    Some(permille.min(u128::from(LATENCY_PERMILLE_MAX)) as u32)
 }
 
 impl Run {
@@ -152,6 +184,7 @@ impl Run {
             .map_err(|e| format!("starting {}: {e}", program.display()))?;
         let last_stdout = Arc::new(Mutex::new(None));
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
+        let latency = Arc::new(Mutex::new(None));
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
         let mut readers = Vec::new();
@@ -165,9 +198,18 @@ impl Run {
         }
         {
             let tail = stderr_tail.clone();
+            let latest = latency.clone();
             let name = job.name.clone();
             readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    // Its latency lines are read, not logged.
+                    let shown = line.rsplit('\r').next().unwrap_or("");
+                    if let Some(figures) = shown.strip_prefix(LIVE_PREFIX) {
+                        if let Some(permille) = latency_permille(figures) {
+                            *latest.lock().unwrap() = Some((std::time::Instant::now(), permille));
+                        }
+                        continue;
+                    }
                     eprintln!("dirigo node {node}: {name}: {line}");
                     let mut tail = tail.lock().unwrap();
                     if tail.len() == STDERR_TAIL_LINES {
@@ -194,8 +236,18 @@ impl Run {
             child,
             last_stdout,
             stderr_tail,
+            latency,
             readers,
         })
+    }
+
+    /// Its output latency p99 in thousandths of its SLO, if it had output
+    /// rows within [`LATENCY_FRESH`] of `now`.
+    pub fn latency_permille(&self, now: std::time::Instant) -> Option<u32> {
+        let latest = *self.latency.lock().unwrap();
+        latest
+            .filter(|(at, _)| now.saturating_duration_since(*at) < LATENCY_FRESH)
+            .map(|(_, permille)| permille)
     }
 
     pub fn pid(&self) -> u32 {
@@ -310,6 +362,7 @@ mod tests {
                 "--rate=5",
                 "--cores=4",
                 "--json",
+                "--live",
                 "--fence-epoch=4"
             ]
         );
@@ -336,11 +389,40 @@ mod tests {
                 "--nodes=127.0.0.1:7700,127.0.0.1:7701",
                 "--node=1",
                 "--secret-file=/s",
+                "--live",
                 "--fence-epoch=4"
             ]
         );
         let args = run_args(&job(&["--cores", "4"]), Some(&part), 2);
         assert!(!args.contains(&"--oversubscribe".to_string()), "{args:?}");
+    }
+
+    /// A `--live` line's p99 in thousandths of the SLO, bounded; none
+    /// from another job's, an interval without rows, or a line that does
+    /// not read as figures.
+    #[test]
+    fn a_live_line_gives_the_p99_in_thousandths_of_the_slo() {
+        let line = |job: u64, rows: u64, p99: u64, slo: u64| {
+            format!(r#"{{"job":{job},"rows":{rows},"p99_us":{p99},"slo_us":{slo}}}"#)
+        };
+        assert_eq!(latency_permille(&line(0, 10, 250, 1_000)), Some(250));
+        assert_eq!(latency_permille(&line(0, 1, 3_000, 1_000)), Some(3_000));
+        assert_eq!(
+            latency_permille(&line(0, 1, u64::MAX, 1)),
+            Some(LATENCY_PERMILLE_MAX as u32)
+        );
+        assert_eq!(latency_permille(&line(1, 10, 250, 1_000)), None);
+        assert_eq!(latency_permille(&line(0, 0, 0, 1_000)), None);
+        assert_eq!(latency_permille(&line(0, 10, 250, 0)), None);
+        for bad in [
+            "",
+            "{",
+            "[]",
+            r#"{"job":0,"rows":1}"#,
+            r#"{"job":"0","rows":1,"p99_us":1,"slo_us":1}"#,
+        ] {
+            assert_eq!(latency_permille(bad), None, "{bad}");
+        }
     }
 
     /// A part of a run over nodes that exits with `EXIT_PEER_LOST` lost a
@@ -356,7 +438,7 @@ mod tests {
             std::fs::write(
                 &path,
                 format!(
-                    "#!/bin/sh\necho before >&2\nprintf '1 event\\r2 events\\r' >&2\necho why >&2\nexit {code}\n"
+                    "#!/bin/sh\necho before >&2\nprintf '1 event\\r2 events\\r' >&2\necho why >&2\necho '{LIVE_PREFIX}{{\"job\":0,\"rows\":5,\"p99_us\":30,\"slo_us\":20}}' >&2\nexit {code}\n"
                 ),
             )
             .unwrap();
@@ -375,6 +457,11 @@ mod tests {
             let mut run = Run::start(program, &job(&[]), 1, part, 1).unwrap();
             loop {
                 if let Some(end) = run.try_end() {
+                    // Its latency line read, not taken for its last words.
+                    let now = std::time::Instant::now();
+                    assert_eq!(run.latency_permille(now), Some(1_500));
+                    let later = now + LATENCY_FRESH;
+                    assert_eq!(run.latency_permille(later), None);
                     return end;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(5));

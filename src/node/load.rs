@@ -44,6 +44,17 @@ pub const NARROW_FILL: (u32, u32) = (1, 2);
 /// saturated: a job narrowed onto it widens again. Between the two, a job
 /// stays as it is.
 pub const SATURATED: (u32, u32) = (17, 20);
+/// A job's latency (its parts' output latency p99, in thousandths of its
+/// SLO) over this runs late...
+pub const SLO_PERMILLE: u32 = 1_000;
+/// ...and one at most this leaves room in its SLO: only such a job (or
+/// one whose latency is not known) is narrowed.
+pub const SLO_ROOM_PERMILLE: u32 = 500;
+/// A job that has run late for this long in its placement is answered: a
+/// narrowed one widens again, another's part leaves a busy node.
+pub const LATE_AFTER: Duration = Duration::from_secs(3);
+/// A job widened as it ran late is not narrowed again within this.
+pub const LATE_WIDENED_HOLD: Duration = Duration::from_secs(600);
 
 /// The weight of one node: the parts of running jobs it has, and the
 /// CPU they use, in thousandths of a core (measured, or
@@ -81,6 +92,10 @@ pub struct Report {
     /// Per job (by submission number), the thousandths of a core its part
     /// there uses, for the parts measured.
     pub parts: BTreeMap<u64, u32>,
+    /// Per job (by submission number), its part's output latency p99
+    /// lately, in thousandths of the job's SLO (1,000: at the SLO), for
+    /// the parts that had output rows lately.
+    pub latency: BTreeMap<u64, u32>,
 }
 
 /// The job number a lease request's cores ride under: no job has it (a
@@ -88,23 +103,32 @@ pub struct Report {
 /// part of a job it does not know, and passes over it).
 pub const CORES_ENTRY: u64 = u64::MAX;
 
+/// A lease request's entry of a job's latency is its submission number
+/// with this bit set (no job's number has it: a leader of a build before
+/// latency was reported reads it as a part of a job it does not know).
+pub const LATENCY_ENTRY: u64 = 1 << 62;
+
 /// A lease request: its number (`u64`), then its parts' CPU: a count
 /// (`u16`), then per part the job's submission number (`u64`) and its
 /// thousandths of a core (`u32`), little endian; at most
-/// [`REPORTED_PARTS_MAX`] entries, the first the node's cores under
-/// [`CORES_ENTRY`] (0 cores: none said).
-pub fn encode_request(seq: u64, cores: u16, parts: &BTreeMap<u64, u32>) -> Vec<u8> {
-    let cores = (cores > 0).then_some((CORES_ENTRY, u32::from(cores)));
-    let room = REPORTED_PARTS_MAX - usize::from(cores.is_some());
+/// [`REPORTED_PARTS_MAX`] entries, the first the node's cores
+/// ([`Report::cores`]) under [`CORES_ENTRY`] (0 cores: none said), then the parts' CPU, then their
+/// latency ([`Report::latency`], each under its number with
+/// [`LATENCY_ENTRY`] set), as many as there is room for.
+pub fn encode_request(seq: u64, report: &Report) -> Vec<u8> {
+    let cores = (report.cores > 0).then_some((CORES_ENTRY, u32::from(report.cores)));
+    let job = |(n, _): &(&u64, &u32)| **n & LATENCY_ENTRY == 0;
     let parts: Vec<(u64, u32)> = cores
         .into_iter()
+        .chain(report.parts.iter().filter(job).map(|(n, m)| (*n, *m)))
         .chain(
-            parts
+            report
+                .latency
                 .iter()
-                .filter(|(n, _)| **n != CORES_ENTRY)
-                .take(room)
-                .map(|(n, m)| (*n, *m)),
+                .filter(job)
+                .map(|(n, p)| (n | LATENCY_ENTRY, *p)),
         )
+        .take(REPORTED_PARTS_MAX)
         .collect();
     let mut body = Vec::with_capacity(10 + 12 * parts.len());
     body.extend_from_slice(&seq.to_le_bytes());
@@ -139,7 +163,19 @@ pub fn decode_request(body: &[u8]) -> Option<(u64, Report)> {
     let cores = parts
         .remove(&CORES_ENTRY)
         .map_or(0, |c| c.min(u32::from(u16::MAX)) as u16);
-    Some((seq, Report { cores, parts }))
+    let latency_entries = parts.split_off(&LATENCY_ENTRY);
+    let latency = latency_entries
+        .into_iter()
+        .map(|(n, p)| (n & !LATENCY_ENTRY, p))
+        .collect();
+    Some((
+        seq,
+        Report {
+            cores,
+            parts,
+            latency,
+        },
+    ))
 }
 
 /// The thousandths of a core a node of `cores` cores has.
@@ -373,44 +409,46 @@ mod tests {
 
     #[test]
     fn a_report_decodes_as_encoded_and_a_malformed_one_not_at_all() {
-        let parts: BTreeMap<u64, u32> = [(3, 1_250), (7, 0), (u64::MAX - 1, u32::MAX)].into();
-        let body = encode_request(42, 16, &parts);
+        let parts: BTreeMap<u64, u32> = [(3, 1_250), (7, 0), (LATENCY_ENTRY - 1, u32::MAX)].into();
+        let latency: BTreeMap<u64, u32> = [(3, 420), (9, 1_000_000)].into();
         let report = Report {
             cores: 16,
             parts: parts.clone(),
+            latency: latency.clone(),
         };
-        assert_eq!(decode_request(&body), Some((42, report)));
+        let body = encode_request(42, &report);
+        assert_eq!(decode_request(&body), Some((42, report.clone())));
+        let cores_only = Report {
+            cores: 2,
+            ..Report::default()
+        };
         assert_eq!(
-            decode_request(&encode_request(1, 2, &BTreeMap::new())),
-            Some((
-                1,
-                Report {
-                    cores: 2,
-                    parts: BTreeMap::new()
-                }
-            ))
+            decode_request(&encode_request(1, &cores_only)),
+            Some((1, cores_only))
         );
         // A number alone says nothing more; no cores, none said.
         assert_eq!(
             decode_request(&7u64.to_le_bytes()),
             Some((7, Report::default()))
         );
+        let no_cores = Report {
+            cores: 0,
+            ..report.clone()
+        };
         assert_eq!(
-            decode_request(&encode_request(3, 0, &parts)),
-            Some((
-                3,
-                Report {
-                    cores: 0,
-                    parts: parts.clone()
-                }
-            ))
+            decode_request(&encode_request(3, &no_cores)),
+            Some((3, no_cores))
         );
-        // The cores ride as an entry a decoder that knows no cores reads as
-        // a part of a job nobody has: the format is the one before cores.
+        // The cores and the latency ride as entries a decoder that knows
+        // neither reads as parts of jobs nobody has: the format is the one
+        // before them.
         let count = u16::from_le_bytes(body[8..10].try_into().unwrap());
-        assert_eq!(usize::from(count), parts.len() + 1);
+        assert_eq!(usize::from(count), 1 + parts.len() + latency.len());
         assert_eq!(body.len(), 10 + 12 * usize::from(count));
         assert_eq!(body[10..18], CORES_ENTRY.to_le_bytes());
+        let last = &body[body.len() - 12..];
+        assert_eq!(last[..8], (9 | LATENCY_ENTRY).to_le_bytes());
+        assert_eq!(last[8..], 1_000_000u32.to_le_bytes());
         // Short, long, a count that does not match, a count over the bound.
         assert_eq!(decode_request(&body[..9]), None);
         assert_eq!(decode_request(&body[..body.len() - 1]), None);
@@ -421,13 +459,27 @@ mod tests {
         over.extend_from_slice(&((REPORTED_PARTS_MAX + 1) as u16).to_le_bytes());
         over.resize(10 + 12 * (REPORTED_PARTS_MAX + 1), 0);
         assert_eq!(decode_request(&over), None);
-        // At most the bound is reported.
+        // At most the bound is reported: the cores, then the CPU, then the
+        // latency as there is room.
         let many: BTreeMap<u64, u32> = (0..100).map(|n| (n, 1)).collect();
-        let (_, got) = decode_request(&encode_request(9, 4, &many)).unwrap();
+        let full = Report {
+            cores: 4,
+            parts: many.clone(),
+            latency: many.clone(),
+        };
+        let (_, got) = decode_request(&encode_request(9, &full)).unwrap();
         assert_eq!(got.parts.len(), REPORTED_PARTS_MAX - 1);
+        assert!(got.latency.is_empty());
         assert_eq!(got.cores, 4);
-        let (_, got) = decode_request(&encode_request(9, 0, &many)).unwrap();
-        assert_eq!(got.parts.len(), REPORTED_PARTS_MAX);
+        let few = Report {
+            cores: 0,
+            parts: (0..10).map(|n| (n, 1)).collect(),
+            latency: many,
+        };
+        let (_, got) = decode_request(&encode_request(9, &few)).unwrap();
+        assert_eq!(got.parts.len(), 10);
+        assert_eq!(got.latency.len(), REPORTED_PARTS_MAX - 10);
+        assert_eq!(got.latency.keys().next(), Some(&0));
     }
 
     /// A node holds a narrowed part only with a core per shard, its own

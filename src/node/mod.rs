@@ -88,7 +88,7 @@ use client::{
 };
 use jobs::{monotonic_ns, Part, Run, RunEnd};
 use lease::{FollowerLease, LeaderAcks, LEASE};
-use load::{CpuMeter, Load, UNMEASURED_MILLI};
+use load::{CpuMeter, Load, Report, UNMEASURED_MILLI};
 use state::{data_dir_of, submission_number, Answer, ClusterState, Command, JobState, Outcome};
 
 /// Why the leader moves a job when nothing else moves.
@@ -97,6 +97,12 @@ enum MoveKind {
     /// Over more nodes (a node joined or came back, or a node of a
     /// narrowed job's is saturated).
     Widen,
+    /// A narrowed job over more nodes, as it runs late: it is then not
+    /// narrowed for `load::LATE_WIDENED_HOLD`.
+    WidenLate,
+    /// A part of a job that runs late, off a node busy with other parts
+    /// onto an idler one: the job then stays for `load::LOAD_MOVE_QUIET`.
+    Late,
     /// Onto fewer nodes, which hold it with room to spare: it then stays
     /// for `load::LOAD_MOVE_QUIET`, as after a move for load.
     Narrow,
@@ -515,20 +521,27 @@ fn free_ports(
     None
 }
 
-/// The CPU each running job's part uses on each node, as measured: the
-/// leader's own runs from its meter, the others' from their fresh reports
-/// (by job number). Parts not in it are not measured.
-type CpuView = BTreeMap<(u64, String), u32>;
+/// A figure of each running job's part on each node, by (node, job): the
+/// leader's own runs' as it measures them, the others' from their fresh
+/// reports (by job number). Parts not in it are not measured.
+type PartView = BTreeMap<(u64, String), u32>;
 
-fn cpu_view(
+/// The CPU each running job's part uses, in thousandths of a core.
+type CpuView = PartView;
+
+/// Each running job's part's output latency lately, in thousandths of the
+/// job's SLO ([`Report::latency`]).
+type LatencyView = PartView;
+
+fn part_view<'a>(
     me: u64,
     state: &ClusterState,
     own: BTreeMap<String, u32>,
-    reports: &HashMap<u64, (BTreeMap<u64, u32>, Instant)>,
-) -> CpuView {
-    let mut cpu: CpuView = own
+    reports: impl IntoIterator<Item = (u64, &'a BTreeMap<u64, u32>)>,
+) -> PartView {
+    let mut view: PartView = own
         .into_iter()
-        .map(|(job, milli)| ((me, job), milli))
+        .map(|(job, figure)| ((me, job), figure))
         .collect();
     let by_number: HashMap<u64, &str> = state
         .jobs
@@ -536,14 +549,63 @@ fn cpu_view(
         .filter(|j| j.state == JobState::Running)
         .map(|j| (submission_number(&j.name), j.name.as_str()))
         .collect();
-    for (node, (parts, _)) in reports {
-        for (number, milli) in parts {
+    for (node, figures) in reports {
+        for (number, figure) in figures {
             if let Some(name) = by_number.get(number) {
-                cpu.insert((*node, name.to_string()), *milli);
+                view.insert((node, name.to_string()), *figure);
             }
         }
     }
-    cpu
+    view
+}
+
+fn cpu_view(
+    me: u64,
+    state: &ClusterState,
+    own: BTreeMap<String, u32>,
+    reports: &HashMap<u64, (Report, Instant)>,
+) -> CpuView {
+    let reports = reports.iter().map(|(node, (r, _))| (*node, &r.parts));
+    part_view(me, state, own, reports)
+}
+
+fn latency_view(
+    me: u64,
+    state: &ClusterState,
+    own: BTreeMap<String, u32>,
+    reports: &HashMap<u64, (Report, Instant)>,
+) -> LatencyView {
+    let reports = reports.iter().map(|(node, (r, _))| (*node, &r.latency));
+    part_view(me, state, own, reports)
+}
+
+/// The output latency of this node's runs lately, by job
+/// ([`Run::latency_permille`]).
+fn own_latency(runs: &[Run], now: Instant) -> BTreeMap<String, u32> {
+    runs.iter()
+        .filter_map(|run| Some((run.job.clone(), run.latency_permille(now)?)))
+        .collect()
+}
+
+/// The highest output latency of `job`'s parts lately, in thousandths of
+/// its SLO; None if no part of it had output rows lately.
+fn job_latency(job: &state::Job, latency: &LatencyView) -> Option<u32> {
+    job.placement()
+        .iter()
+        .filter_map(|n| latency.get(&(*n, job.name.clone())).copied())
+        .max()
+}
+
+/// Whether `job` leaves room in its SLO ([`load::SLO_ROOM`]: its parts'
+/// latency p99 at most half of it), or says nothing of its latency: only
+/// then may it be narrowed, or count as settled where it runs.
+fn slo_room(job: &state::Job, latency: &LatencyView) -> bool {
+    job_latency(job, latency).is_none_or(|p| p <= load::SLO_ROOM_PERMILLE)
+}
+
+/// Whether `job` runs late: a part's latency p99 over its SLO.
+fn over_slo(job: &state::Job, latency: &LatencyView) -> bool {
+    job_latency(job, latency).is_some_and(|p| p > load::SLO_PERMILLE)
 }
 
 /// The CPU of `job`'s part on `node`, where measured.
@@ -658,6 +720,23 @@ struct Weighing<'a> {
     /// Jobs that have fit where they run for the node's `narrow_after`:
     /// not widened merely because they could be.
     settled: &'a BTreeSet<String>,
+    /// Each running job's parts' output latency lately.
+    latency: &'a LatencyView,
+    /// Jobs that have run late ([`over_slo`]) for `load::LATE_AFTER` in
+    /// their placement.
+    late: &'a BTreeSet<String>,
+}
+
+/// Why a job is widened.
+enum Widen {
+    /// It runs on fewer nodes than it could, not narrowed by the leader:
+    /// a node joined or came back.
+    Joined,
+    /// Narrowed, and a node of it is saturated ([`saturated_node`]).
+    Saturated(u64, u32, u16),
+    /// Narrowed, and it runs late: its latency p99 in thousandths of its
+    /// SLO.
+    Late(u32),
 }
 
 /// Whether a running job fits where it runs: every part of it measured,
@@ -755,14 +834,42 @@ fn saturated_node(job: &state::Job, w: &Weighing) -> Option<(u64, u32, u16)> {
     })
 }
 
+/// Where a part of `job`, which runs late, would go: from the node of its
+/// placement whose other parts use the most CPU to the live node not in
+/// it whose parts use the least, when that is at least
+/// [`load::LOAD_GAIN_MILLI`] less, every part on both measured, and the
+/// target has a core per shard of the part (where its cores are known).
+/// The nodes, and what the other parts on each use.
+fn late_part_move(job: &state::Job, w: &Weighing) -> Option<(u64, u64, u32, u32)> {
+    let without = without_job(w.load, job, w.cpu)?;
+    let per_node = job.shards() / job.placement().len().max(1) as u64;
+    let (from, busy) = job
+        .placement()
+        .into_iter()
+        .map(|n| (n, without[&n]))
+        .max_by_key(|(n, l)| (l.milli, std::cmp::Reverse(*n)))?;
+    let (to, idle) = without
+        .iter()
+        .filter(|(n, l)| !job.runs_on(**n) && l.unmeasured == 0)
+        .filter(|(n, _)| w.cores.get(n).is_none_or(|c| u64::from(*c) >= per_node))
+        .min_by_key(|(n, l)| (l.milli, **n))?;
+    (busy.unmeasured == 0 && busy.milli >= idle.milli.saturating_add(load::LOAD_GAIN_MILLI))
+        .then_some((from, *to, busy.milli, idle.milli))
+}
+
 /// The leader's one move while nothing else moves or is placed, and why:
 /// - narrow the oldest job in `ripe` (it has fit on fewer nodes for a
 ///   while, [`narrow_to`]) onto the fewest that hold it, unless it is in
 ///   `quiet`;
 /// - else widen the oldest job that runs on fewer nodes than it could (a
 ///   node joined or came back; its own parts count for nothing where it
-///   goes): one the leader narrowed, only when a node of it is saturated
-///   ([`saturated_node`]);
+///   goes): one the leader narrowed, only when it runs late (in `late`)
+///   or a node of it is saturated ([`saturated_node`]);
+/// - else move a part of the oldest job in `late` off the node of its
+///   placement busiest with other jobs' parts onto the idlest node not in
+///   its placement, with a core per shard of the part, when the other
+///   parts there use at least [`load::LOAD_GAIN_MILLI`] less (every part
+///   on both nodes measured);
 /// - else, for load ([`load::rebalance`]): move the part that narrows the
 ///   gap between the busiest node by CPU and the idlest most, while that
 ///   gap is half a core or more and the move narrows it by a quarter or
@@ -775,8 +882,8 @@ fn saturated_node(job: &state::Job, w: &Weighing) -> Option<(u64, u32, u16)> {
 ///   all measured unless no part anywhere is (a part just moved for load
 ///   weighs that guess, and its node must not take another on it).
 ///
-/// A job in `quiet` (moved for load or narrowed lately) moves for neither
-/// of the last two.
+/// A job in `quiet` (moved for load or lateness, or narrowed lately) moves
+/// for none of the last three, and is not widened if narrowed.
 fn widen_or_rebalance(
     state: &ClusterState,
     w: &Weighing,
@@ -830,26 +937,41 @@ fn widen_or_rebalance(
         .filter(|j| j.placement().len() < state::width(j.shards(), live))
         .filter_map(|j| match j.narrowed {
             false if w.settled.contains(&j.name) => None,
-            false => Some((j, None)),
+            false => Some((j, Widen::Joined)),
             // Not right after it was narrowed: its first figures there,
             // catching up from its checkpoint, say nothing of its load.
             true if quiet.contains(&j.name) => None,
-            true => Some((j, Some(saturated_node(j, w)?))),
+            true if w.late.contains(&j.name) => Some((j, Widen::Late(job_latency(j, w.latency)?))),
+            true => {
+                let (node, milli, cores) = saturated_node(j, w)?;
+                Some((j, Widen::Saturated(node, milli, cores)))
+            }
         })
         .min_by_key(|(j, _)| submission_number(&j.name));
-    if let Some((job, saturated)) = widen {
+    if let Some((job, widen)) = widen {
         let mut load = without_job(load, job, cpu).expect("whole");
         let mut free = free_of(job);
         if let Some(placement) = place(&mut load, job.shards(), &mut free, cursor, range) {
             in_use.extend(&placement.2);
             let mut why = format!("widening it over {} nodes", placement.1.len() + 1);
-            if let Some((node, milli, cores)) = saturated {
-                why.push_str(&format!(
-                    ": node {node} uses {:.2} of its {cores} cores",
-                    f64::from(milli) / 1e3
-                ));
-            }
-            return Some((move_to(job, placement, false), MoveKind::Widen, why));
+            let kind = match widen {
+                Widen::Joined => MoveKind::Widen,
+                Widen::Saturated(node, milli, cores) => {
+                    why.push_str(&format!(
+                        ": node {node} uses {:.2} of its {cores} cores",
+                        f64::from(milli) / 1e3
+                    ));
+                    MoveKind::Widen
+                }
+                Widen::Late(permille) => {
+                    why.push_str(&format!(
+                        ": its latency p99 is {:.2} of its SLO",
+                        f64::from(permille) / 1e3
+                    ));
+                    MoveKind::WidenLate
+                }
+            };
+            return Some((move_to(job, placement, false), kind, why));
         }
         // No ports free for it: rebalance instead.
     }
@@ -872,6 +994,19 @@ fn widen_or_rebalance(
             .filter(whole)
             .filter(|j| !quiet.contains(&j.name))
     };
+    let late = movable()
+        .filter(|j| w.late.contains(&j.name))
+        .filter_map(|j| Some((j, late_part_move(j, w)?)))
+        .min_by_key(|(j, _)| submission_number(&j.name));
+    if let Some((job, (from, to, from_milli, to_milli))) = late {
+        let why = format!(
+            "its latency p99 is {:.2} of its SLO: the other parts on node {from} use {:.2} cores, on node {to} {:.2}",
+            f64::from(job_latency(job, w.latency).unwrap_or(0)) / 1e3,
+            f64::from(from_milli) / 1e3,
+            f64::from(to_milli) / 1e3
+        );
+        return Some((swap(job, from, to), MoveKind::Late, why));
+    }
     let candidates: Vec<(String, BTreeMap<u64, Option<u32>>)> = movable()
         .map(|j| {
             let parts = j
@@ -1204,9 +1339,9 @@ struct Core {
     promised: BTreeMap<String, (Instant, Vec<u16>)>,
     /// The CPU this node's runs use.
     meter: CpuMeter,
-    /// The leader's: each follower's latest report of its parts' CPU (by
-    /// job number), and when it came.
-    reports: HashMap<u64, (BTreeMap<u64, u32>, Instant)>,
+    /// The leader's: each follower's latest report of its parts' CPU and
+    /// latency (by job number), and when it came.
+    reports: HashMap<u64, (Report, Instant)>,
     /// The leader's: jobs it moved for load or narrowed, and when (not
     /// moved for load again within `load::LOAD_MOVE_QUIET`).
     load_moved: HashMap<String, Instant>,
@@ -1221,6 +1356,12 @@ struct Core {
     /// has fit where it runs ([`fits_where_it_is`]); one that has for
     /// `narrow_after` is not widened over a node that joins.
     settled: HashMap<(String, u64), Instant>,
+    /// The leader's: since when each running job (by name and placement)
+    /// has run late ([`over_slo`]); answered after `load::LATE_AFTER`.
+    late: HashMap<(String, u64), Instant>,
+    /// The leader's: jobs it widened as they ran late, and when (not
+    /// narrowed again within `load::LATE_WIDENED_HOLD`).
+    late_widened: HashMap<String, Instant>,
     isolated: bool,
     isolated_checked: Option<Instant>,
 }
@@ -1409,6 +1550,8 @@ impl Node {
                 cores: [(id, own_cores())].into(),
                 narrowable: HashMap::new(),
                 settled: HashMap::new(),
+                late: HashMap::new(),
+                late_widened: HashMap::new(),
                 isolated: false,
                 isolated_checked: None,
             }),
@@ -1604,7 +1747,7 @@ impl Node {
                         core.cores.insert(peer, report.cores);
                     }
                     if core.raft.raft.state == StateRole::Leader {
-                        core.reports.insert(peer, (report.parts, now));
+                        core.reports.insert(peer, (report, now));
                     }
                     let left = self
                         .leader_lease_until(&core, now)
@@ -2260,17 +2403,22 @@ impl Node {
         let Some(seq) = core.lease.ask(now) else {
             return;
         };
-        let parts: BTreeMap<u64, u32> = core
-            .meter
-            .parts()
-            .into_iter()
-            .map(|(job, milli)| (submission_number(&job), milli))
-            .collect();
+        let by_number = |figures: BTreeMap<String, u32>| -> BTreeMap<u64, u32> {
+            figures
+                .into_iter()
+                .map(|(job, figure)| (submission_number(&job), figure))
+                .collect()
+        };
+        let report = Report {
+            cores: own_cores(),
+            parts: by_number(core.meter.parts()),
+            latency: by_number(own_latency(&core.runs, now)),
+        };
         drop(core);
         self.send_peer(
             leader,
             LEASE_REQUEST_KIND,
-            load::encode_request(seq, own_cores(), &parts),
+            load::encode_request(seq, &report),
         );
     }
 
@@ -2325,6 +2473,8 @@ impl Node {
             // What it watched as leader does not count toward a later reign.
             core.narrowable.clear();
             core.settled.clear();
+            core.late.clear();
+            core.late_widened.clear();
             return;
         }
         // A leader leaving hands the lead to a staying voter (it holds no
@@ -2445,7 +2595,11 @@ impl Node {
             .retain(|_, (_, at)| now.duration_since(*at) < load::REPORT_FRESH);
         core.load_moved
             .retain(|_, at| now.duration_since(*at) < load::LOAD_MOVE_QUIET);
+        core.late_widened
+            .retain(|_, at| now.duration_since(*at) < load::LATE_WIDENED_HOLD);
         let cpu = cpu_view(self.id, &core.state, core.meter.parts(), &core.reports);
+        let own = own_latency(&core.runs, now);
+        let latency = latency_view(self.id, &core.state, own, &core.reports);
         let mut load = load_of(&core.state, live.map(|(id, _)| *id), &cpu);
         let mut in_use = ports_in_use(&core.state, &core.finished_seen, now);
         // Ports of placements proposed but not yet applied are taken too.
@@ -2507,36 +2661,47 @@ impl Node {
             .values()
             .any(|j| j.state == JobState::Running && j.moving_to.is_some());
         let moving_proposed = proposed_lately(&core.proposed, "move", now);
-        // Since when each job has fit on fewer nodes, and where it runs, in
-        // its placement.
-        let (mut narrowable, mut settled) = (HashMap::new(), HashMap::new());
+        // Since when each job has fit on fewer nodes, and where it runs,
+        // with room in its SLO, and since when it has run late, in its
+        // placement.
+        let (mut narrowable, mut settled, mut late) =
+            (HashMap::new(), HashMap::new(), HashMap::new());
+        let since = |from: &HashMap<(String, u64), Instant>, key: &(String, u64)| {
+            from.get(key).copied().unwrap_or(now)
+        };
         for job in core.state.jobs.values() {
             if job.state != JobState::Running || job.moving_to.is_some() {
                 continue;
             }
             let key = (job.name.clone(), job.epoch);
-            if narrow_to(job, &load, &cpu, &core.cores).is_some() {
-                let since = core.narrowable.get(&key).copied().unwrap_or(now);
-                narrowable.insert(key.clone(), since);
+            let room = slo_room(job, &latency);
+            if room && narrow_to(job, &load, &cpu, &core.cores).is_some() {
+                narrowable.insert(key.clone(), since(&core.narrowable, &key));
             }
-            if fits_where_it_is(job, &load, &cpu, &core.cores) {
-                let since = core.settled.get(&key).copied().unwrap_or(now);
-                settled.insert(key, since);
+            if room && fits_where_it_is(job, &load, &cpu, &core.cores) {
+                settled.insert(key.clone(), since(&core.settled, &key));
+            }
+            if over_slo(job, &latency) {
+                late.insert(key.clone(), since(&core.late, &key));
             }
         }
         core.narrowable = narrowable;
         core.settled = settled;
+        core.late = late;
         if !moving && !placing && !moving_proposed {
             let quiet: BTreeSet<String> = core.load_moved.keys().cloned().collect();
-            let long_enough = |since: &HashMap<(String, u64), Instant>| -> BTreeSet<String> {
-                since
-                    .iter()
-                    .filter(|(_, since)| now.duration_since(**since) >= self.narrow_after)
-                    .map(|((name, _), _)| name.clone())
-                    .collect()
-            };
-            let ripe = long_enough(&core.narrowable);
-            let settled = long_enough(&core.settled);
+            let long_enough =
+                |since: &HashMap<(String, u64), Instant>, after: Duration| -> BTreeSet<String> {
+                    since
+                        .iter()
+                        .filter(|(_, since)| now.duration_since(**since) >= after)
+                        .map(|((name, _), _)| name.clone())
+                        .collect()
+                };
+            let mut ripe = long_enough(&core.narrowable, self.narrow_after);
+            ripe.retain(|name| !core.late_widened.contains_key(name));
+            let settled = long_enough(&core.settled, self.narrow_after);
+            let late = long_enough(&core.late, load::LATE_AFTER);
             let weighing = Weighing {
                 load: &load,
                 cpu: &cpu,
@@ -2544,6 +2709,8 @@ impl Node {
                 quiet: &quiet,
                 ripe: &ripe,
                 settled: &settled,
+                latency: &latency,
+                late: &late,
             };
             if let Some((command, kind, why)) = widen_or_rebalance(
                 &core.state,
@@ -2568,8 +2735,11 @@ impl Node {
                     core.promised.insert(job.clone(), (now, ports.clone()));
                     // Kept still from the proposal on (one the log refuses
                     // too: the figures that asked for it still hold).
-                    if matches!(kind, MoveKind::Load | MoveKind::Narrow) {
+                    if matches!(kind, MoveKind::Load | MoveKind::Narrow | MoveKind::Late) {
                         core.load_moved.insert(job.clone(), now);
+                    }
+                    if kind == MoveKind::WidenLate {
+                        core.late_widened.insert(job.clone(), now);
                     }
                 }
                 commands.push(("move".to_string(), command));
@@ -3267,7 +3437,7 @@ impl Node {
         // CPU figures where this node knows them: its own runs', and (the
         // leader) the fresh reports of the others.
         let now = Instant::now();
-        let fresh: HashMap<u64, (BTreeMap<u64, u32>, Instant)> = core
+        let fresh: HashMap<u64, (Report, Instant)> = core
             .reports
             .iter()
             .filter(|(_, (_, at))| now.duration_since(*at) < load::REPORT_FRESH)
@@ -3276,6 +3446,8 @@ impl Node {
         let own = core.meter.parts();
         let own_milli = total_milli(own.values());
         let cpu = cpu_view(self.id, &core.state, own, &fresh);
+        let own = own_latency(&core.runs, now);
+        let latency = latency_view(self.id, &core.state, own, &fresh);
         let nodes: Vec<serde_json::Value> = core
             .state
             .nodes
@@ -3284,7 +3456,9 @@ impl Node {
                 let cpu_milli = if *id == self.id {
                     Some(own_milli)
                 } else {
-                    fresh.get(id).map(|(parts, _)| total_milli(parts.values()))
+                    fresh
+                        .get(id)
+                        .map(|(report, _)| total_milli(report.parts.values()))
                 };
                 serde_json::json!({
                     "id": id,
@@ -3332,6 +3506,10 @@ impl Node {
                     .collect();
                 if !parts.is_empty() {
                     object.insert("cpu_milli".into(), total_milli(&parts).into());
+                }
+                if let Some(permille) = job_latency(job, &latency) {
+                    let of_slo = f64::from(permille) / 1e3;
+                    object.insert("latency_p99_of_slo".into(), of_slo.into());
                 }
             }
             if let Some(error) = &job.error {
@@ -3673,6 +3851,8 @@ mod tests {
             quiet,
             ripe: &ripe,
             settled: &ripe,
+            latency: &LatencyView::new(),
+            late: &ripe,
         };
         widen_or_rebalance(state, &weighing, in_use, cursor, range)
     }
@@ -3690,15 +3870,32 @@ mod tests {
             job: "q5-3".into(),
         });
         let own: BTreeMap<String, u32> = [("q5-1".to_string(), 700)].into();
-        let report: BTreeMap<u64, u32> = [(2, 300), (3, 40), (99, 50)].into();
+        let report = Report {
+            cores: 2,
+            parts: [(2, 300), (3, 40), (99, 50)].into(),
+            latency: [(2, 1_500), (3, 10), (99, 10)].into(),
+        };
         let reports = [(2, (report, Instant::now()))].into_iter().collect();
-        let cpu = cpu_view(1, &state, own, &reports);
+        let cpu = cpu_view(1, &state, own.clone(), &reports);
         let expected: CpuView = [
             ((1, "q5-1".to_string()), 700),
             ((2, "q5-2".to_string()), 300),
         ]
         .into();
         assert_eq!(cpu, expected);
+        // The latency alike, each part's own.
+        let latency = latency_view(1, &state, [("q5-1".to_string(), 200)].into(), &reports);
+        let expected: LatencyView = [
+            ((1, "q5-1".to_string()), 200),
+            ((2, "q5-2".to_string()), 1_500),
+        ]
+        .into();
+        assert_eq!(latency, expected);
+        assert_eq!(job_latency(&state.jobs["q5-2"], &latency), Some(1_500));
+        assert!(over_slo(&state.jobs["q5-2"], &latency));
+        assert!(!slo_room(&state.jobs["q5-2"], &latency));
+        assert!(!over_slo(&state.jobs["q5-1"], &latency));
+        assert!(slo_room(&state.jobs["q5-1"], &latency));
         let load = load_of(&state, 1..=2, &cpu);
         assert_eq!(
             load[&2],
@@ -3832,6 +4029,8 @@ mod tests {
                 quiet,
                 ripe,
                 settled: &settled,
+                latency: &LatencyView::new(),
+                late: &BTreeSet::new(),
             };
             let (mut in_use, mut cursor) = (BTreeSet::new(), 0);
             widen_or_rebalance(state, &weighing, &mut in_use, &mut cursor, range)
@@ -3946,6 +4145,114 @@ mod tests {
         );
     }
 
+    /// A narrowed job that runs late widens again though no node of it is
+    /// saturated (not while quiet, nor once it no longer runs late); a job
+    /// at its full width that runs late has its part moved off the node
+    /// busiest with other parts onto the idlest node, when that one's
+    /// parts use a quarter of a core less and are all measured.
+    #[test]
+    fn the_leader_widens_a_narrowed_job_that_runs_late_and_moves_a_late_part_off_a_busy_node() {
+        let range: PortRange = "100-199".parse().unwrap();
+        let two_cores: BTreeMap<u64, u16> = (1..=3).map(|n| (n, 2)).collect();
+        let decide = |state: &ClusterState,
+                      cpu: &CpuView,
+                      latency: &LatencyView,
+                      quiet: &BTreeSet<String>,
+                      late: &BTreeSet<String>| {
+            let load = load_of(state, 1..=3, cpu);
+            let none = BTreeSet::new();
+            let weighing = Weighing {
+                load: &load,
+                cpu,
+                cores: &two_cores,
+                quiet,
+                ripe: &none,
+                settled: &none,
+                latency,
+                late,
+            };
+            let (mut in_use, mut cursor) = (BTreeSet::new(), 0);
+            widen_or_rebalance(state, &weighing, &mut in_use, &mut cursor, range)
+        };
+        // q5-1, two shards, narrowed onto node 1, light.
+        let mut state = nodes(3);
+        add_job(&mut state, 1, "2", 1);
+        state.jobs.get_mut("q5-1").unwrap().narrowed = true;
+        let cpu: CpuView = [((1, "q5-1".to_string()), 300)].into();
+        let latency: LatencyView = [((1, "q5-1".to_string()), 1_800)].into();
+        let late: BTreeSet<String> = ["q5-1".to_string()].into();
+        let none = BTreeSet::new();
+        let (command, kind, why) = decide(&state, &cpu, &latency, &none, &late).unwrap();
+        assert_eq!(kind, MoveKind::WidenLate);
+        assert!(
+            matches!(&command, Command::Move { job, peers, narrowed: false, .. } if job == "q5-1" && peers.len() == 1),
+            "{command:?}"
+        );
+        assert_eq!(
+            why,
+            "widening it over 2 nodes: its latency p99 is 1.80 of its SLO"
+        );
+        // Just narrowed, or not late (long enough): it stays.
+        assert_eq!(decide(&state, &cpu, &latency, &late, &late), None);
+        assert_eq!(decide(&state, &cpu, &latency, &none, &none), None);
+
+        // q5-1 of one shard on node 1 with q5-2, which uses 0.35 cores;
+        // node 2 runs q5-3, node 3 nothing.
+        let mut state = nodes(3);
+        add_job(&mut state, 1, "1", 1);
+        add_job(&mut state, 2, "1", 1);
+        add_job(&mut state, 3, "1", 2);
+        let mut cpu: CpuView = [
+            ((1, "q5-1".to_string()), 100),
+            ((1, "q5-2".to_string()), 350),
+            ((2, "q5-3".to_string()), 200),
+        ]
+        .into();
+        let latency: LatencyView = [((1, "q5-1".to_string()), 1_200)].into();
+        let late: BTreeSet<String> = ["q5-1".to_string()].into();
+        let (command, kind, why) = decide(&state, &cpu, &latency, &none, &late).unwrap();
+        assert_eq!(kind, MoveKind::Late);
+        assert_eq!(
+            command,
+            Command::Move {
+                job: "q5-1".into(),
+                epoch: 1,
+                to: 3,
+                peers: vec![],
+                ports: vec![],
+                quick: false,
+                narrowed: false,
+            }
+        );
+        assert_eq!(
+            why,
+            "its latency p99 is 1.20 of its SLO: the other parts on node 1 use 0.35 cores, on node 3 0.00"
+        );
+        // Not late: only the rule by parts moves it (the gap, 0.45 cores,
+        // is under the one for load); quiet: nothing.
+        let not_late = decide(&state, &cpu, &latency, &none, &none);
+        assert!(
+            matches!(not_late, Some((_, MoveKind::Parts, _))),
+            "{not_late:?}"
+        );
+        assert_eq!(decide(&state, &cpu, &latency, &late, &late), None);
+        // Node 3 busy too: node 2 is the idlest, 0.2 under 0.35: too
+        // close.
+        add_job(&mut state, 4, "1", 3);
+        cpu.insert((3, "q5-4".to_string()), 400);
+        assert_eq!(decide(&state, &cpu, &latency, &none, &late), None);
+        // Node 3 light: onto it; its part not measured: not onto it, and
+        // node 2 is too close.
+        cpu.insert((3, "q5-4".to_string()), 10);
+        let (command, ..) = decide(&state, &cpu, &latency, &none, &late).unwrap();
+        assert!(
+            matches!(&command, Command::Move { to: 3, .. }),
+            "{command:?}"
+        );
+        cpu.remove(&(3, "q5-4".to_string()));
+        assert_eq!(decide(&state, &cpu, &latency, &none, &late), None);
+    }
+
     /// A job not narrowed that fits where it runs is widened over a node
     /// that joins until it has fit there for `narrow_after` (settled);
     /// then it stays.
@@ -3978,6 +4285,8 @@ mod tests {
                 quiet: &none,
                 ripe: &none,
                 settled,
+                latency: &LatencyView::new(),
+                late: &none,
             };
             let (mut in_use, mut cursor) = (BTreeSet::new(), 0);
             let got = widen_or_rebalance(&state, &weighing, &mut in_use, &mut cursor, range);
