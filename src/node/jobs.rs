@@ -121,7 +121,9 @@ pub fn run_args(job: &Job, part: Option<&Part>, online: usize) -> Vec<String> {
     }
     // Its latency every second on stderr, for the leader, in place of the
     // progress.
-    args.push("--live".into());
+    if !job.args.iter().any(|a| a == "--live") {
+        args.push("--live".into());
+    }
     // The run claims the data directory for this placement, and commits
     // nothing once a later one has claimed it.
     args.push(format!("--fence-epoch={}", job.epoch));

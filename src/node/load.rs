@@ -51,10 +51,14 @@ pub const SLO_PERMILLE: u32 = 1_000;
 /// one whose latency is not known) is narrowed.
 pub const SLO_ROOM_PERMILLE: u32 = 500;
 /// A job that has run late for this long in its placement is answered: a
-/// narrowed one widens again, another's part leaves a busy node.
-pub const LATE_AFTER: Duration = Duration::from_secs(3);
-/// A job widened as it ran late is not narrowed again within this.
-pub const LATE_WIDENED_HOLD: Duration = Duration::from_secs(600);
+/// narrowed one widens again, another's part leaves a busy node. Longer
+/// than one late figure lasts (`jobs::LATENCY_FRESH` on its node, then
+/// [`REPORT_FRESH`] at the leader): one late second alone is not enough.
+pub const LATE_AFTER: Duration = Duration::from_secs(5);
+/// A job answered for running late is neither narrowed nor answered again
+/// within this: a job whose SLO no placement meets is moved once in it,
+/// not every time it is free to move.
+pub const LATE_HOLD: Duration = Duration::from_secs(600);
 
 /// The weight of one node: the parts of running jobs it has, and the
 /// CPU they use, in thousandths of a core (measured, or
@@ -163,7 +167,10 @@ pub fn decode_request(body: &[u8]) -> Option<(u64, Report)> {
     let cores = parts
         .remove(&CORES_ENTRY)
         .map_or(0, |c| c.min(u32::from(u16::MAX)) as u16);
-    let latency_entries = parts.split_off(&LATENCY_ENTRY);
+    // Keys with bit 62 set and bit 63 clear; those with bit 63 are no
+    // entry this build knows.
+    let mut latency_entries = parts.split_off(&LATENCY_ENTRY);
+    latency_entries.split_off(&(1 << 63));
     let latency = latency_entries
         .into_iter()
         .map(|(n, p)| (n & !LATENCY_ENTRY, p))
@@ -449,6 +456,16 @@ mod tests {
         let last = &body[body.len() - 12..];
         assert_eq!(last[..8], (9 | LATENCY_ENTRY).to_le_bytes());
         assert_eq!(last[8..], 1_000_000u32.to_le_bytes());
+        // An entry with bit 63 set is none this build knows: neither a
+        // part nor a latency.
+        let unknown = Report {
+            cores: 0,
+            parts: [(1 << 63 | 5, 7), (3, 9)].into(),
+            latency: BTreeMap::new(),
+        };
+        let (_, got) = decode_request(&encode_request(5, &unknown)).unwrap();
+        assert_eq!(got.parts, [(3, 9)].into());
+        assert!(got.latency.is_empty());
         // Short, long, a count that does not match, a count over the bound.
         assert_eq!(decode_request(&body[..9]), None);
         assert_eq!(decode_request(&body[..body.len() - 1]), None);

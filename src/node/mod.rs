@@ -97,11 +97,12 @@ enum MoveKind {
     /// Over more nodes (a node joined or came back, or a node of a
     /// narrowed job's is saturated).
     Widen,
-    /// A narrowed job over more nodes, as it runs late: it is then not
-    /// narrowed for `load::LATE_WIDENED_HOLD`.
+    /// A narrowed job over more nodes, as it runs late: it then stays for
+    /// `load::LOAD_MOVE_QUIET`, and is not narrowed or answered for running
+    /// late again within `load::LATE_HOLD`.
     WidenLate,
     /// A part of a job that runs late, off a node busy with other parts
-    /// onto an idler one: the job then stays for `load::LOAD_MOVE_QUIET`.
+    /// onto an idler one: the job then stays as after `WidenLate`.
     Late,
     /// Onto fewer nodes, which hold it with room to spare: it then stays
     /// for `load::LOAD_MOVE_QUIET`, as after a move for load.
@@ -703,6 +704,99 @@ fn move_to(job: &state::Job, placement: (u64, Vec<u64>, Vec<u16>), narrowed: boo
 /// This node's cores, as it tells the leader (at most `u16::MAX`).
 fn own_cores() -> u16 {
     dirigo_engine::runtime::online_cores().clamp(1, usize::from(u16::MAX)) as u16
+}
+
+/// What the leader measures of its nodes and jobs each tick.
+struct Figures<'a> {
+    /// Each live node's weight.
+    load: &'a BTreeMap<u64, Load>,
+    cpu: &'a CpuView,
+    /// Each member's cores, where known.
+    cores: &'a BTreeMap<u64, u16>,
+    /// Each running job's parts' output latency lately.
+    latency: &'a LatencyView,
+}
+
+/// The leader's watch over its running jobs, each by name and placement:
+/// since when it has fit on fewer nodes with room in its SLO
+/// ([`narrow_to`], [`slo_room`]), fit where it runs with room in its SLO
+/// ([`fits_where_it_is`]), and run late ([`over_slo`]); and the jobs it
+/// answered for running late, and when. Forgotten when it stops leading.
+#[derive(Debug, Default)]
+struct Watch {
+    narrowable: HashMap<(String, u64), Instant>,
+    settled: HashMap<(String, u64), Instant>,
+    late: HashMap<(String, u64), Instant>,
+    late_answered: HashMap<String, Instant>,
+}
+
+/// The jobs the leader may act on ([`Watch::answers`]).
+#[derive(Debug, PartialEq)]
+struct Answers {
+    /// Fit on fewer nodes for `narrow_after`: narrowed.
+    ripe: BTreeSet<String>,
+    /// Fit where they run for `narrow_after`: not widened over a node that
+    /// joins.
+    settled: BTreeSet<String>,
+    /// Late for [`load::LATE_AFTER`]: widened, or a part moved.
+    late: BTreeSet<String>,
+}
+
+impl Watch {
+    /// Note each running job (not moving) as the figures show it at `now`:
+    /// one that no longer fits, or no longer runs late, or runs in another
+    /// placement, starts again; answers older than [`load::LATE_HOLD`] are
+    /// forgotten.
+    fn note(&mut self, state: &ClusterState, f: &Figures, now: Instant) {
+        let (mut narrowable, mut settled, mut late) =
+            (HashMap::new(), HashMap::new(), HashMap::new());
+        let since = |from: &HashMap<(String, u64), Instant>, key: &(String, u64)| {
+            from.get(key).copied().unwrap_or(now)
+        };
+        for job in state.jobs.values() {
+            if job.state != JobState::Running || job.moving_to.is_some() {
+                continue;
+            }
+            let key = (job.name.clone(), job.epoch);
+            let room = slo_room(job, f.latency);
+            if room && narrow_to(job, f.load, f.cpu, f.cores).is_some() {
+                narrowable.insert(key.clone(), since(&self.narrowable, &key));
+            }
+            if room && fits_where_it_is(job, f.load, f.cpu, f.cores) {
+                settled.insert(key.clone(), since(&self.settled, &key));
+            }
+            if over_slo(job, f.latency) {
+                late.insert(key.clone(), since(&self.late, &key));
+            }
+        }
+        self.narrowable = narrowable;
+        self.settled = settled;
+        self.late = late;
+        self.late_answered
+            .retain(|_, at| now.duration_since(*at) < load::LATE_HOLD);
+    }
+
+    /// The jobs ripe for narrowing, settled and late at `now`; a job
+    /// answered for running late within [`load::LATE_HOLD`] is neither
+    /// ripe nor late.
+    fn answers(&self, narrow_after: Duration, now: Instant) -> Answers {
+        let long_enough = |since: &HashMap<(String, u64), Instant>, after: Duration| {
+            since
+                .iter()
+                .filter(|(_, since)| now.duration_since(**since) >= after)
+                .map(|((name, _), _)| name.clone())
+                .collect::<BTreeSet<String>>()
+        };
+        let unanswered = |mut jobs: BTreeSet<String>| {
+            jobs.retain(|name| !self.late_answered.contains_key(name));
+            jobs
+        };
+        Answers {
+            ripe: unanswered(long_enough(&self.narrowable, narrow_after)),
+            settled: long_enough(&self.settled, narrow_after),
+            late: unanswered(long_enough(&self.late, load::LATE_AFTER)),
+        }
+    }
 }
 
 /// What the leader weighs its one move by (`widen_or_rebalance`).
@@ -1348,20 +1442,9 @@ struct Core {
     /// Each member's cores, as its lease requests say (this node's own
     /// from the start).
     cores: BTreeMap<u64, u16>,
-    /// The leader's: since when each running job (by name and placement)
-    /// has fit on fewer nodes ([`narrow_to`]); narrowed after
-    /// `narrow_after`.
-    narrowable: HashMap<(String, u64), Instant>,
-    /// The leader's: since when each running job (by name and placement)
-    /// has fit where it runs ([`fits_where_it_is`]); one that has for
-    /// `narrow_after` is not widened over a node that joins.
-    settled: HashMap<(String, u64), Instant>,
-    /// The leader's: since when each running job (by name and placement)
-    /// has run late ([`over_slo`]); answered after `load::LATE_AFTER`.
-    late: HashMap<(String, u64), Instant>,
-    /// The leader's: jobs it widened as they ran late, and when (not
-    /// narrowed again within `load::LATE_WIDENED_HOLD`).
-    late_widened: HashMap<String, Instant>,
+    /// The leader's: how long each job has fit on fewer nodes, fit where
+    /// it runs, or run late.
+    watch: Watch,
     isolated: bool,
     isolated_checked: Option<Instant>,
 }
@@ -1548,10 +1631,7 @@ impl Node {
                 reports: HashMap::new(),
                 load_moved: HashMap::new(),
                 cores: [(id, own_cores())].into(),
-                narrowable: HashMap::new(),
-                settled: HashMap::new(),
-                late: HashMap::new(),
-                late_widened: HashMap::new(),
+                watch: Watch::default(),
                 isolated: false,
                 isolated_checked: None,
             }),
@@ -2471,10 +2551,7 @@ impl Node {
             core.leader_since = None;
             core.acks.reset();
             // What it watched as leader does not count toward a later reign.
-            core.narrowable.clear();
-            core.settled.clear();
-            core.late.clear();
-            core.late_widened.clear();
+            core.watch = Watch::default();
             return;
         }
         // A leader leaving hands the lead to a staying voter (it holds no
@@ -2595,8 +2672,6 @@ impl Node {
             .retain(|_, (_, at)| now.duration_since(*at) < load::REPORT_FRESH);
         core.load_moved
             .retain(|_, at| now.duration_since(*at) < load::LOAD_MOVE_QUIET);
-        core.late_widened
-            .retain(|_, at| now.duration_since(*at) < load::LATE_WIDENED_HOLD);
         let cpu = cpu_view(self.id, &core.state, core.meter.parts(), &core.reports);
         let own = own_latency(&core.runs, now);
         let latency = latency_view(self.id, &core.state, own, &core.reports);
@@ -2661,47 +2736,20 @@ impl Node {
             .values()
             .any(|j| j.state == JobState::Running && j.moving_to.is_some());
         let moving_proposed = proposed_lately(&core.proposed, "move", now);
-        // Since when each job has fit on fewer nodes, and where it runs,
-        // with room in its SLO, and since when it has run late, in its
-        // placement.
-        let (mut narrowable, mut settled, mut late) =
-            (HashMap::new(), HashMap::new(), HashMap::new());
-        let since = |from: &HashMap<(String, u64), Instant>, key: &(String, u64)| {
-            from.get(key).copied().unwrap_or(now)
+        let figures = Figures {
+            load: &load,
+            cpu: &cpu,
+            cores: &core.cores,
+            latency: &latency,
         };
-        for job in core.state.jobs.values() {
-            if job.state != JobState::Running || job.moving_to.is_some() {
-                continue;
-            }
-            let key = (job.name.clone(), job.epoch);
-            let room = slo_room(job, &latency);
-            if room && narrow_to(job, &load, &cpu, &core.cores).is_some() {
-                narrowable.insert(key.clone(), since(&core.narrowable, &key));
-            }
-            if room && fits_where_it_is(job, &load, &cpu, &core.cores) {
-                settled.insert(key.clone(), since(&core.settled, &key));
-            }
-            if over_slo(job, &latency) {
-                late.insert(key.clone(), since(&core.late, &key));
-            }
-        }
-        core.narrowable = narrowable;
-        core.settled = settled;
-        core.late = late;
+        core.watch.note(&core.state, &figures, now);
         if !moving && !placing && !moving_proposed {
             let quiet: BTreeSet<String> = core.load_moved.keys().cloned().collect();
-            let long_enough =
-                |since: &HashMap<(String, u64), Instant>, after: Duration| -> BTreeSet<String> {
-                    since
-                        .iter()
-                        .filter(|(_, since)| now.duration_since(**since) >= after)
-                        .map(|((name, _), _)| name.clone())
-                        .collect()
-                };
-            let mut ripe = long_enough(&core.narrowable, self.narrow_after);
-            ripe.retain(|name| !core.late_widened.contains_key(name));
-            let settled = long_enough(&core.settled, self.narrow_after);
-            let late = long_enough(&core.late, load::LATE_AFTER);
+            let Answers {
+                ripe,
+                settled,
+                late,
+            } = core.watch.answers(self.narrow_after, now);
             let weighing = Weighing {
                 load: &load,
                 cpu: &cpu,
@@ -2735,11 +2783,14 @@ impl Node {
                     core.promised.insert(job.clone(), (now, ports.clone()));
                     // Kept still from the proposal on (one the log refuses
                     // too: the figures that asked for it still hold).
-                    if matches!(kind, MoveKind::Load | MoveKind::Narrow | MoveKind::Late) {
+                    if matches!(
+                        kind,
+                        MoveKind::Load | MoveKind::Narrow | MoveKind::Late | MoveKind::WidenLate
+                    ) {
                         core.load_moved.insert(job.clone(), now);
                     }
-                    if kind == MoveKind::WidenLate {
-                        core.late_widened.insert(job.clone(), now);
+                    if matches!(kind, MoveKind::Late | MoveKind::WidenLate) {
+                        core.watch.late_answered.insert(job.clone(), now);
                     }
                 }
                 commands.push(("move".to_string(), command));
@@ -4251,6 +4302,181 @@ mod tests {
         );
         cpu.remove(&(3, "q5-4".to_string()));
         assert_eq!(decide(&state, &cpu, &latency, &none, &late), None);
+
+        // A late job of two shards on node 1: node 2, the idlest, has one
+        // core, so its part goes to node 3.
+        let mut state = nodes(3);
+        add_job(&mut state, 1, "2", 1);
+        add_job(&mut state, 2, "1", 1);
+        add_job(&mut state, 3, "1", 3);
+        let cpu: CpuView = [
+            ((1, "q5-1".to_string()), 100),
+            ((1, "q5-2".to_string()), 600),
+            ((3, "q5-3".to_string()), 100),
+        ]
+        .into();
+        let load = load_of(&state, 1..=3, &cpu);
+        let latency: LatencyView = [((1, "q5-1".to_string()), 2_000)].into();
+        let cores: BTreeMap<u64, u16> = [(1, 2), (2, 1), (3, 2)].into();
+        let weighing = Weighing {
+            load: &load,
+            cpu: &cpu,
+            cores: &cores,
+            quiet: &none,
+            ripe: &none,
+            settled: &none,
+            latency: &latency,
+            late: &late,
+        };
+        let job = &state.jobs["q5-1"];
+        assert_eq!(late_part_move(job, &weighing), Some((1, 3, 600, 100)));
+        let cores: BTreeMap<u64, u16> = [(1, 2), (2, 2), (3, 2)].into();
+        let weighing = Weighing {
+            cores: &cores,
+            ..weighing
+        };
+        assert_eq!(late_part_move(job, &weighing), Some((1, 2, 600, 0)));
+    }
+
+    /// The leader's watch: a job fits on fewer nodes and where it runs
+    /// only with room in its SLO (or no latency known), runs late only
+    /// over it and only for `LATE_AFTER` in one placement; a job answered
+    /// for running late is neither ripe nor late until `LATE_HOLD` has
+    /// passed.
+    #[test]
+    fn the_leader_watches_how_long_a_job_fits_and_runs_late() {
+        let mut state = nodes(3);
+        add_job(&mut state, 1, "2", 1);
+        state.apply(Command::Move {
+            job: "q5-1".into(),
+            epoch: 1,
+            to: 1,
+            peers: vec![2],
+            ports: vec![100, 101],
+            quick: false,
+            narrowed: false,
+        });
+        state.apply(Command::Released {
+            job: "q5-1".into(),
+            epoch: 1,
+            node: 1,
+        });
+        let epoch = state.jobs["q5-1"].epoch;
+        assert_eq!(state.jobs["q5-1"].placement(), vec![1, 2]);
+        let cores: BTreeMap<u64, u16> = (1..=3).map(|n| (n, 2)).collect();
+        let cpu: CpuView = [
+            ((1, "q5-1".to_string()), 200),
+            ((2, "q5-1".to_string()), 150),
+        ]
+        .into();
+        let load = load_of(&state, 1..=3, &cpu);
+        let latency_of = |permille: Option<u32>| -> LatencyView {
+            permille
+                .map(|p| ((1, "q5-1".to_string()), p))
+                .into_iter()
+                .collect()
+        };
+        let after = Duration::from_secs(2);
+        let job: BTreeSet<String> = ["q5-1".to_string()].into();
+        let none = BTreeSet::new();
+        let mut watch = Watch::default();
+        let t0 = Instant::now();
+        let note = |watch: &mut Watch, state: &ClusterState, permille, at| {
+            let latency = latency_of(permille);
+            let figures = Figures {
+                load: &load,
+                cpu: &cpu,
+                cores: &cores,
+                latency: &latency,
+            };
+            watch.note(state, &figures, at);
+        };
+        // No latency known: fits (by its CPU), not late; ripe and settled
+        // once it has for `narrow_after`.
+        note(&mut watch, &state, None, t0);
+        let answers = watch.answers(after, t0 + after - Duration::from_millis(1));
+        assert_eq!(
+            (answers.ripe, answers.settled),
+            (none.clone(), none.clone())
+        );
+        note(&mut watch, &state, Some(500), t0 + after);
+        let answers = watch.answers(after, t0 + after);
+        assert_eq!(
+            answers,
+            Answers {
+                ripe: job.clone(),
+                settled: job.clone(),
+                late: none.clone()
+            }
+        );
+        // Over half its SLO: neither, and starts again after.
+        let t1 = t0 + 3 * after;
+        note(&mut watch, &state, Some(501), t1);
+        assert_eq!(
+            watch.answers(after, t1),
+            Answers {
+                ripe: none.clone(),
+                settled: none.clone(),
+                late: none.clone()
+            }
+        );
+        note(&mut watch, &state, Some(100), t1 + after);
+        assert!(watch.answers(after, t1 + after).ripe.is_empty());
+        // Over its SLO: late once it has been for `LATE_AFTER`.
+        let t2 = t1 + 2 * after;
+        note(&mut watch, &state, Some(1_001), t2);
+        let short = t2 + load::LATE_AFTER - Duration::from_millis(1);
+        note(&mut watch, &state, Some(3_000), short);
+        assert!(watch.answers(after, short).late.is_empty());
+        let t3 = t2 + load::LATE_AFTER;
+        note(&mut watch, &state, Some(1_500), t3);
+        assert_eq!(watch.answers(after, t3).late, job);
+        // Answered: neither late nor ripe within `LATE_HOLD`, though it
+        // stays late and then fits again.
+        watch.late_answered.insert("q5-1".into(), t3);
+        assert!(watch.answers(after, t3).late.is_empty());
+        let t4 = t3 + after;
+        note(&mut watch, &state, Some(100), t4);
+        note(&mut watch, &state, Some(100), t4 + after);
+        assert!(watch.answers(after, t4 + after).ripe.is_empty());
+        assert_eq!(watch.answers(after, t4 + after).settled, job);
+        let t5 = t3 + load::LATE_HOLD;
+        note(&mut watch, &state, Some(100), t5);
+        assert_eq!(watch.answers(after, t5).ripe, job);
+        // In another placement it starts again.
+        state.apply(Command::Move {
+            job: "q5-1".into(),
+            epoch,
+            to: 2,
+            peers: vec![3],
+            ports: vec![102, 103],
+            quick: false,
+            narrowed: false,
+        });
+        for node in [1, 2] {
+            state.apply(Command::Released {
+                job: "q5-1".into(),
+                epoch,
+                node,
+            });
+        }
+        assert_eq!(state.jobs["q5-1"].placement(), vec![2, 3]);
+        let cpu_moved: CpuView = [
+            ((2, "q5-1".to_string()), 200),
+            ((3, "q5-1".to_string()), 150),
+        ]
+        .into();
+        let load_moved = load_of(&state, 1..=3, &cpu_moved);
+        let figures = Figures {
+            load: &load_moved,
+            cpu: &cpu_moved,
+            cores: &cores,
+            latency: &LatencyView::new(),
+        };
+        let t6 = t5 + Duration::from_millis(10);
+        watch.note(&state, &figures, t6);
+        assert!(watch.answers(after, t6).ripe.is_empty());
+        assert_eq!(watch.answers(after, t6 + after).ripe, job);
     }
 
     /// A job not narrowed that fits where it runs is widened over a node
