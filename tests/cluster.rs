@@ -1966,6 +1966,33 @@ fn a_light_job_over_two_nodes_is_narrowed_onto_one_and_ends_exact() {
         .collect();
     assert_eq!(cores.len(), 3, "{at_leader}");
     assert!(cores.iter().all(|c| c >= &Some(1)), "{at_leader}");
+    // The leader's human status shows each node's cores and q1's latency
+    // against its SLO (once its figures are in: within 10 s).
+    let leader_addr = nodes
+        .iter()
+        .find(|n| n.id() == leader)
+        .map(|n| n.addr.clone())
+        .unwrap();
+    let started = Instant::now();
+    let human = loop {
+        let out = client("status", &leader_addr, &secret, &dir, &[]);
+        let human = String::from_utf8_lossy(&out.stdout).to_string();
+        let q1_line = human.lines().find(|l| l.contains(&late)).unwrap_or("");
+        if q1_line.contains(" of its SLO") || started.elapsed() > Duration::from_secs(10) {
+            break human;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let q1_line = human.lines().find(|l| l.contains(&late)).unwrap_or("");
+    assert!(q1_line.contains(" of its SLO"), "{human}");
+    let node_lines = human.lines().filter(|l| l.starts_with("node "));
+    assert_eq!(
+        node_lines
+            .filter(|l| l.contains(", runs use ") && l.ends_with(" cores"))
+            .count(),
+        3,
+        "{human}"
+    );
     let done = wait_for(
         &addrs,
         &secret,

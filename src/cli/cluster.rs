@@ -89,7 +89,7 @@ pub fn status(args: StatusArgs) -> Result<(), String> {
     }
     println!("leader  node {}", status["leader"]);
     for node in status["nodes"].as_array().into_iter().flatten() {
-        println!(
+        let mut line = format!(
             "node    {:<20} {:<22} {:<6} {}",
             node["id"],
             node["addr"].as_str().unwrap_or(""),
@@ -110,6 +110,17 @@ pub fn status(args: StatusArgs) -> Result<(), String> {
                 "learner"
             }
         );
+        // Where the answering node knows them (the leader: every node's).
+        let used = node["cpu_milli"].as_u64().map(|m| m as f64 / 1e3);
+        match (used, node["cores"].as_u64()) {
+            (Some(used), Some(cores)) => {
+                line.push_str(&format!(", runs use {used:.2} of {cores} cores"))
+            }
+            (Some(used), None) => line.push_str(&format!(", runs use {used:.2} cores")),
+            (None, Some(cores)) => line.push_str(&format!(", {cores} cores")),
+            (None, None) => {}
+        }
+        println!("{line}");
     }
     for job in status["jobs"].as_array().into_iter().flatten() {
         // Part 0's node first, then the others of a job over several.
@@ -127,6 +138,12 @@ pub fn status(args: StatusArgs) -> Result<(), String> {
         );
         if let Some(outputs) = job["outputs"].as_u64() {
             line.push_str(&format!(", {outputs} rows"));
+        }
+        if let Some(milli) = job["cpu_milli"].as_u64() {
+            line.push_str(&format!(", {:.2} cores", milli as f64 / 1e3));
+        }
+        if let Some(of_slo) = job["latency_p99_of_slo"].as_f64() {
+            line.push_str(&format!(", p99 {of_slo:.2} of its SLO"));
         }
         if let Some(error) = job["error"].as_str() {
             line.push_str(&format!(": {error}"));

@@ -397,6 +397,12 @@ mod tests {
         );
         let args = run_args(&job(&["--cores", "4"]), Some(&part), 2);
         assert!(!args.contains(&"--oversubscribe".to_string()), "{args:?}");
+        // A job that asks for `--json` or `--live` itself gets each once
+        // (the run refuses a flag given twice).
+        let args = run_args(&job(&["--live", "--json"]), None, 2);
+        for flag in ["--live", "--json"] {
+            assert_eq!(args.iter().filter(|a| *a == flag).count(), 1, "{args:?}");
+        }
     }
 
     /// A `--live` line's p99 in thousandths of the SLO, bounded; none
