@@ -60,8 +60,11 @@
 //! key groups to a partition of the same stage on the least loaded shard
 //! that can take half its load ([`Action::Split`]); if no partition of the
 //! stage is on such a shard, the lightest one moves to the shard with the
-//! most room first. Only a shard that nothing can split is recorded with
-//! the activations its operators need.
+//! most room first. Over nodes, a shard that nothing here can relieve
+//! spills: one actor of a keyed stage ([`JobSample::crossable`]) moves to
+//! another node's shard with room ([`Sample::remote`]; see
+//! `Autoscaler::spill`). Only a shard that nothing can split or spill is
+//! recorded with the activations its operators need.
 //!
 //! # Scale in, lazily
 //!
@@ -232,6 +235,9 @@ pub struct JobSample {
     pub unchainable: u64,
     /// Bit `s` set: stage `s` is a relay of some partitions.
     pub relays: u64,
+    /// Bit `s` set: stage `s` is keyed, in a dataflow over nodes: its
+    /// actors may move to another node's shard, with their state.
+    pub crossable: u64,
 }
 
 /// What the runtime measured over one interval.
@@ -242,6 +248,10 @@ pub struct Sample {
     pub dead: Vec<ShardId>,
     pub actors: Vec<ActorSample>,
     pub jobs: BTreeMap<JobId, JobSample>,
+    /// Over nodes: the other nodes' shards and their loads, as their own
+    /// autoscalers measured them lately (none of their actors is in
+    /// `actors`). Only a spill (`Autoscaler::spill`) goes to one.
+    pub remote: Vec<(ShardId, f64)>,
 }
 
 /// What the model decided, and why.
@@ -482,6 +492,10 @@ pub struct Autoscaler {
     /// Stages whose split out relieved nothing, with the step until which
     /// they are not split out again.
     unchain_refused: BTreeMap<(JobId, u32), u64>,
+    /// Other nodes' shards this model spilled an actor onto: the step and
+    /// the actor's load, counted on the shard's own figure until
+    /// `cooldown_steps` later (when its node's figures show it).
+    spilled: BTreeMap<ShardId, (u64, f64)>,
 }
 
 /// What a split or a switch to parallel mode did, to be undone.
@@ -528,6 +542,8 @@ struct Measured {
     unchainable: bool,
     /// Its stage is a relay (`JobSample::relays`).
     relay: bool,
+    /// It may move to another node (`JobSample::crossable`).
+    crossable: bool,
 }
 
 impl Autoscaler {
@@ -547,6 +563,7 @@ impl Autoscaler {
             unchained_at: BTreeMap::new(),
             rates: BTreeMap::new(),
             unchain_refused: BTreeMap::new(),
+            spilled: BTreeMap::new(),
         }
     }
 
@@ -641,12 +658,14 @@ impl Autoscaler {
         self.track_rates(&sample.jobs);
         self.splits
             .retain(|(spread, _)| sample.jobs.contains_key(&spread.job()));
+        self.spilled
+            .retain(|_, (at, _)| step < *at + self.config.cooldown_steps);
         // Nothing to move to with one live shard (over nodes, one of this
-        // node's own).
+        // node's own, and no other node's).
         let live_shards = (0..sample.shards)
             .filter(|s| !sample.dead.contains(&ShardId(*s as u16)))
             .count();
-        if live_shards < 2 {
+        if live_shards + sample.remote.len() < 2 {
             return Vec::new();
         }
         let measured = self.measure(sample);
@@ -812,6 +831,7 @@ impl Autoscaler {
                 decisions.extend(self.merge_back(step, &measured, &load));
             }
         }
+        let mut spilled = false;
         for shard in stuck {
             let room = Room {
                 live: &live,
@@ -827,6 +847,18 @@ impl Autoscaler {
             {
                 decisions.push(decision);
                 continue;
+            }
+            // Over nodes, nothing here relieves it: one actor to another
+            // node, at most one a step (its node's figures must show it
+            // before another goes there).
+            if !spilled {
+                if let Some(decision) =
+                    self.spill(step, shard, &measured, &mut load, &mut place, sample)
+                {
+                    spilled = true;
+                    decisions.push(decision);
+                    continue;
+                }
             }
             let recently = self
                 .told
@@ -859,6 +891,80 @@ impl Autoscaler {
             });
         }
         decisions
+    }
+
+    /// Over nodes: a move of one actor off `hot`, a shard of this node that
+    /// no local move or split relieves, onto the least loaded shard of
+    /// another node ([`Sample::remote`], with what this model spilled onto
+    /// it lately added) that had room at its node's last figures (at most
+    /// `target_load`). The actor is of a keyed stage (`crossable`: a source
+    /// keeps its node, and so do sinks and relays), may leave its shard,
+    /// and lowers the higher of the two loads by `min_gain` while the
+    /// destination stays under the high mark, or is nearly idle; of those,
+    /// as for a local move. Its move is a scale out, and its cooldown, as
+    /// for any move.
+    fn spill(
+        &mut self,
+        step: u64,
+        hot: usize,
+        measured: &[Measured],
+        load: &mut [f64],
+        place: &mut BTreeMap<ActorId, usize>,
+        sample: &Sample,
+    ) -> Option<Decision> {
+        let taken = |shard: &ShardId| self.spilled.get(shard).map_or(0.0, |(_, busy)| *busy);
+        let (cool, cool_load) = sample
+            .remote
+            .iter()
+            .map(|(shard, l)| (*shard, l + taken(shard)))
+            .filter(|(_, l)| *l <= self.config.target_load)
+            .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))?;
+        let hot_load = load[hot];
+        let gap = hot_load - cool_load;
+        let idle = cool_load <= 1.0 - self.config.high_load;
+        let fits = |busy: f64| {
+            busy >= self.config.min_gain
+                && busy <= gap - self.config.min_gain
+                && (idle || cool_load + busy <= self.config.high_load)
+        };
+        let after = |busy: f64| (hot_load - busy).max(cool_load + busy);
+        let high_load = self.config.high_load;
+        let slos = measured
+            .iter()
+            .filter(|m| place.get(&m.id) == Some(&hot))
+            .fold((u64::MAX, 0u64), |(t, l), m| {
+                (t.min(m.slo_ns), l.max(m.slo_ns))
+            });
+        let m = measured
+            .iter()
+            .filter(|m| place.get(&m.id) == Some(&hot) && m.busy >= self.config.min_busy)
+            .filter(|m| m.crossable && self.may_leave(m, slos) && fits(m.busy))
+            .max_by(|a, b| {
+                (after(a.busy) <= high_load)
+                    .cmp(&(after(b.busy) <= high_load))
+                    .then(a.slo_ns.cmp(&b.slo_ns))
+                    .then(after(b.busy).total_cmp(&after(a.busy)))
+                    .then(b.id.cmp(&a.id))
+            })?;
+        let reason = format!(
+            "{} load {hot_load:.2}, no shard of this node relieves it, and {cool} (another \
+             node's) load {cool_load:.2}",
+            ShardId(hot as u16),
+        );
+        load[hot] -= m.busy;
+        place.insert(m.id, cool.index());
+        self.cooling
+            .insert(m.id, self.step + self.config.cooldown_steps);
+        self.last_out.insert(hot, self.step);
+        let pending = self.spilled.entry(cool).or_insert((step, 0.0));
+        *pending = (step, pending.1 + m.busy);
+        Some(move_decision(
+            step,
+            m,
+            (hot, cool.index()),
+            Scale::Out,
+            reason,
+        ))
     }
 
     /// Whether scale out may take `m` off its shard, whose jobs' tightest and
@@ -996,6 +1102,9 @@ impl Autoscaler {
                     }),
                     relay: job.is_some_and(|j| {
                         a.id.operator < 64 && j.relays & (1 << a.id.operator) != 0
+                    }),
+                    crossable: job.is_some_and(|j| {
+                        a.id.operator < 64 && j.crossable & (1 << a.id.operator) != 0
                     }),
                 }
             })

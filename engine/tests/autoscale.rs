@@ -432,6 +432,12 @@ fn a_hot_stage_that_keeps_partials_goes_parallel_live_and_the_output_stays_exact
 /// Nodes 0 and 1 of a dataflow over two nodes of two shards each, in this
 /// process over loopback (node 1 started first), each with its autoscaler.
 fn two_nodes() -> [Dataflow; 2] {
+    nodes_of(2)
+}
+
+/// Two nodes of `shards` shards each, in this process, over loopback,
+/// each with its autoscaler (20 ms steps).
+fn nodes_of(shards: usize) -> [Dataflow; 2] {
     use dirigo_engine::runtime::{RemoteConfig, RemoteNode};
     let mut listeners: Vec<std::net::TcpListener> = (0..2)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port"))
@@ -440,12 +446,12 @@ fn two_nodes() -> [Dataflow; 2] {
         .iter()
         .map(|l| RemoteNode {
             addr: l.local_addr().expect("bound"),
-            shards: 2,
+            shards: shards as u16,
         })
         .collect();
     let start = |me: usize, listener| {
         let mut config = DataflowConfig::default();
-        config.runtime.shards = 2;
+        config.runtime.shards = shards;
         config.runtime.oversubscribe = true;
         config.runtime.pin = false;
         config.autoscale = Some(AutoscaleOptions {
@@ -506,14 +512,22 @@ fn run_over_two_nodes(
     (handles, rows, reports)
 }
 
-/// Node `i`'s decisions: every move is between two of its own shards, and
-/// none reroutes unless `i` is node 0.
+/// Node `i`'s decisions: every move is from one of its own shards, to
+/// another of them or, a spill, to another node's shard when nothing of
+/// its own relieved the shard (a keyed stage's actor, scaling out); none
+/// reroutes unless `i` is node 0.
 fn assert_on_own_shards(i: usize, decisions: &[dirigo_engine::autoscale::Decision]) {
     let own = |s: ShardId| usize::from(s.0) / 2 == i;
     for d in decisions {
         match &d.action {
-            Action::Move { from, to, .. } => {
-                assert!(own(*from) && own(*to), "node {i} moved off its shards: {d}")
+            Action::Move {
+                from, to, scale, ..
+            } => {
+                assert!(own(*from), "node {i} moved off another's shard: {d}");
+                assert!(
+                    own(*to) || (*scale == Scale::Out && d.reason.contains("(another node's)")),
+                    "node {i} moved off its shards other than by a spill: {d}"
+                )
             }
             Action::Split { .. } | Action::Merge { .. } => {
                 assert_eq!(i, 0, "only node 0 reroutes: {d}")
@@ -576,6 +590,99 @@ fn over_two_nodes_each_nodes_autoscaler_spreads_its_own_actors_on_its_own_shards
             reports[i].scale_actions
         );
     }
+    let mut all: Vec<_> = rows
+        .iter()
+        .flat_map(|r| r.lock().unwrap().clone())
+        .collect();
+    all.sort();
+    assert_eq!(all, reference(EVENTS), "exact output over both nodes");
+}
+
+/// Over two nodes of one shard each, every partition of a slow windowed
+/// count packed on node 0's shard with the source: node 0's autoscaler,
+/// with no shard of its own to spread to, spills count partitions to node
+/// 1's shard, one a step while node 1 tells it has room, and the rows are
+/// exactly the reference's.
+#[test]
+fn over_two_nodes_of_one_shard_a_node_nothing_of_its_own_relieves_spills_to_the_other() {
+    const EVENTS: u64 = 1_000_000;
+    let mut nodes = nodes_of(1);
+    let make = || {
+        let rows: Rows = Default::default();
+        let collected = rows.clone();
+        let mut job = Job::new("spill", Duration::from_millis(200));
+        readings::source(&mut job, EVENTS)
+            .key_by(|r: &(u64, i64)| r.0)
+            .window_aggregate(
+                "slow-count",
+                4,
+                WindowSpec::Tumbling { size_ms: WINDOW_MS },
+                |r| r.1,
+                |r| r.0,
+                SlowCount { spin_ns: 500 },
+            )
+            .sink(
+                "out",
+                2,
+                Arc::new(move |_| Box::new(Collect(collected.clone()))),
+            );
+        (job, rows)
+    };
+    let (mut handles, mut rows) = (Vec::new(), Vec::new());
+    for node in nodes.iter_mut() {
+        let (job, collected) = make();
+        handles.push(node.register(job).expect("registers"));
+        rows.push(collected);
+    }
+    // The count's partitions placed on node 1 (odd ones) go to node 0.
+    let count: Vec<_> = nodes[1]
+        .actors(handles[1].id)
+        .into_iter()
+        .filter(|a| a.operator == 1 && a.partition % 2 == 1)
+        .collect();
+    assert_eq!(count.len(), 2, "{count:?}");
+    for actor in &count {
+        nodes[1].migrate(*actor, ShardId(0));
+    }
+    nodes[0].start_job(&handles[0]).expect("node 0 starts it");
+    for (node, handle) in nodes.iter().zip(&handles) {
+        node.wait(handle, Duration::from_secs(120))
+            .expect("the job ends on both nodes");
+    }
+    let decisions = [nodes[0].decisions(), nodes[1].decisions()];
+    for node in nodes {
+        node.shutdown();
+    }
+    let own = |i: usize, s: ShardId| usize::from(s.0) == i;
+    for (i, decisions) in decisions.iter().enumerate() {
+        for d in decisions {
+            if let Action::Move {
+                actor,
+                from,
+                to,
+                scale,
+            } = d.action
+            {
+                assert!(own(i, from), "node {i} moved off another's shard: {d}");
+                assert_eq!(scale, Scale::Out, "{d}");
+                assert!(d.reason.contains("(another node's)"), "{d}");
+                assert_eq!(actor.operator, 1, "only the keyed count crosses: {d}");
+                assert!(!own(i, to), "{d}");
+            }
+        }
+    }
+    let spills = decisions[0]
+        .iter()
+        .filter(|d| matches!(d.action, Action::Move { to: ShardId(1), .. }))
+        .count();
+    eprintln!(
+        "spill: node 0 spilled {spills}, node 1 {}",
+        decisions[1]
+            .iter()
+            .filter(|d| matches!(d.action, Action::Move { .. }))
+            .count()
+    );
+    assert!(spills >= 1, "node 0 spills to node 1: {:#?}", decisions[0]);
     let mut all: Vec<_> = rows
         .iter()
         .flat_map(|r| r.lock().unwrap().clone())

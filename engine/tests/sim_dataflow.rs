@@ -297,6 +297,7 @@ fn sim_sample(
             parallelizable,
             unchainable,
             relays,
+            crossable: 0,
         },
     );
     for shard in 0..shards {

@@ -418,7 +418,9 @@ fn build_job(job: &JobConfig, cores: u32) -> Result<dirigo_engine::dataflow::Job
 /// the runtime starts (so that no actor of it is asked for here before its
 /// plan is), then started from node 0. Under `--autoscale on` each node's
 /// autoscaler moves the actors on its own shards (and node 0's splits
-/// key-group ranges); `--parallelism` keeps it off a job, as on one node.
+/// key-group ranges), and spills a keyed stage's actor to another node's
+/// shard when nothing of its own relieves a shard; `--parallelism` keeps
+/// it off a job, as on one node.
 fn start_over_nodes(
     config: DataflowConfig,
     nodes: &NodesOptions,

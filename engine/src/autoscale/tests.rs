@@ -42,6 +42,7 @@ impl World {
                 parallelizable: 0,
                 unchainable: 0,
                 relays: 0,
+                crossable: 0,
             },
         );
         jobs.insert(
@@ -55,6 +56,7 @@ impl World {
                 parallelizable: 0,
                 unchainable: 0,
                 relays: 0,
+                crossable: 0,
             },
         );
         World {
@@ -107,6 +109,7 @@ impl World {
             dead: self.dead.clone(),
             actors,
             jobs: self.jobs.clone(),
+            remote: Vec::new(),
         }
     }
 
@@ -776,6 +779,7 @@ fn a_trickle_a_fixed_job_an_ended_job_and_one_never_fed_stay_up() {
         parallelizable: 0,
         unchainable: 0,
         relays: 0,
+        crossable: 0,
     };
     let (trickle, fixed, ended, never) = (JobId(1), JobId(2), JobId(3), JobId(4));
     let mut jobs = BTreeMap::new();
@@ -1255,4 +1259,117 @@ fn steps_split_out_that_slow_their_job_down_are_fused_back_and_not_split_out_aga
             false => assert!(back.is_empty(), "{log:?}"),
         }
     }
+}
+
+/// Over nodes: this node's two shards both overloaded, nothing here to
+/// split: one actor of a keyed stage (`crossable`) a step moves to the
+/// least loaded shard of another node that has room, counting what was
+/// spilled onto it until its node's figures show it; never an actor that
+/// may not cross, never onto a shard over the target.
+#[test]
+fn over_nodes_a_shard_nothing_here_relieves_spills_one_keyed_actor_a_step_to_another_node() {
+    let world = || {
+        let mut world = World::new(2);
+        for p in 0..4 {
+            world.add(actor(BULK, 2, p), 0, 0.4);
+            world.add(actor(LC, 1, p), 1, 0.3);
+        }
+        world.jobs.get_mut(&BULK).unwrap().crossable = 1 << 2;
+        world
+    };
+    // Shards 2 and 3 are another node's.
+    let remote = vec![(ShardId(2), 0.1), (ShardId(3), 0.5)];
+    let mut w = world();
+    let mut scaler = Autoscaler::new(AutoscaleConfig::default());
+    let mut spilled: BTreeMap<ShardId, Vec<f64>> = BTreeMap::new();
+    for _ in 0..4 {
+        let mut sample = w.sample();
+        sample.remote = remote.clone();
+        let decisions = scaler.step(&sample);
+        let spills: Vec<(ActorId, ShardId)> = decisions
+            .iter()
+            .filter_map(|d| match d.action {
+                Action::Move { actor, to, .. } if to.index() >= 2 => Some((actor, to)),
+                _ => None,
+            })
+            .collect();
+        assert!(spills.len() <= 1, "{decisions:?}");
+        for d in &decisions {
+            if let Action::Move { to, .. } = d.action {
+                if to.index() >= 2 {
+                    assert!(d.reason.contains("(another node's)"), "{d}");
+                }
+            }
+        }
+        for (moved, to) in spills {
+            assert_eq!(
+                (moved.job, moved.operator),
+                (BULK, 2),
+                "only a crossable actor"
+            );
+            let busy = w.demand(moved).min(1.0);
+            spilled.entry(to).or_default().push(busy);
+            // On the other node now: out of this node's figures.
+            w.actors.retain(|a| a.0 != moved);
+        }
+        let local: Vec<Decision> = decisions
+            .iter()
+            .filter(|d| matches!(d.action, Action::Move { to, .. } if to.index() < 2))
+            .cloned()
+            .collect();
+        w.apply(&local);
+    }
+    assert!(!spilled.is_empty(), "nothing spilled");
+    // Each remote shard took no more than it had room for, counting what
+    // was spilled onto it (its own figure stayed as told).
+    for (shard, loads) in &spilled {
+        let told = remote.iter().find(|(s, _)| s == shard).unwrap().1;
+        let before_last: f64 = loads[..loads.len() - 1].iter().sum();
+        assert!(told + before_last <= 0.7 + 1e-9, "{shard}: {loads:?}");
+    }
+    assert!(
+        spilled.contains_key(&ShardId(2)),
+        "the least loaded first: {spilled:?}"
+    );
+    // Not crossable: no spill.
+    let mut w = world();
+    w.jobs.get_mut(&BULK).unwrap().crossable = 0;
+    let mut scaler = Autoscaler::new(AutoscaleConfig::default());
+    let mut sample = w.sample();
+    sample.remote = remote.clone();
+    let decisions = scaler.step(&sample);
+    assert!(
+        !decisions
+            .iter()
+            .any(|d| matches!(d.action, Action::Move { to, .. } if to.index() >= 2)),
+        "{decisions:?}"
+    );
+    // Every other node's shard over the target: no spill.
+    let mut scaler = Autoscaler::new(AutoscaleConfig::default());
+    let mut sample = world().sample();
+    sample.remote = vec![(ShardId(2), 0.75), (ShardId(3), 0.9)];
+    let decisions = scaler.step(&sample);
+    assert!(
+        !decisions
+            .iter()
+            .any(|d| matches!(d.action, Action::Move { to, .. } if to.index() >= 2)),
+        "{decisions:?}"
+    );
+    // One shard here, another node's with room: a spill still (one shard
+    // of its own is no reason to stay stuck).
+    let mut w = World::new(1);
+    for p in 0..4 {
+        w.add(actor(BULK, 2, p), 0, 0.4);
+    }
+    w.jobs.get_mut(&BULK).unwrap().crossable = 1 << 2;
+    let mut scaler = Autoscaler::new(AutoscaleConfig::default());
+    let mut sample = w.sample();
+    sample.remote = vec![(ShardId(1), 0.0)];
+    let decisions = scaler.step(&sample);
+    assert!(
+        decisions
+            .iter()
+            .any(|d| matches!(d.action, Action::Move { to: ShardId(1), .. })),
+        "{decisions:?}"
+    );
 }

@@ -92,6 +92,18 @@ impl Actor for Monitor {
                     checkpointer.note_over(error);
                 }
             }
+            DataMsg::NodeLoads { first, loads } => {
+                let now = std::time::Instant::now();
+                let mut remote = self
+                    .plan
+                    .remote_loads
+                    .lock()
+                    .expect("remote loads poisoned");
+                for (i, load) in loads.into_iter().enumerate() {
+                    let shard = first.saturating_add(i as u16);
+                    remote.insert(shard, (now, f64::from(load) / 1e3));
+                }
+            }
             _ => {}
         }
     }
@@ -1765,7 +1777,8 @@ impl<Out: Data, Op: StageOp<Out>> Aligning for StageActor<Out, Op> {
             | DataMsg::JobFailed { .. }
             | DataMsg::CheckpointPart(_)
             | DataMsg::CheckpointRequest { .. }
-            | DataMsg::CheckpointOver { .. } => return,
+            | DataMsg::CheckpointOver { .. }
+            | DataMsg::NodeLoads { .. } => return,
             DataMsg::Snapshot { epoch } => return self.snapshot_now(epoch, ctx),
             DataMsg::Reroute {
                 stage: target,
@@ -2017,7 +2030,8 @@ impl<T: Data> Aligning for SinkActor<T> {
             | DataMsg::JobFailed { .. }
             | DataMsg::CheckpointPart(_)
             | DataMsg::CheckpointRequest { .. }
-            | DataMsg::CheckpointOver { .. } => {}
+            | DataMsg::CheckpointOver { .. }
+            | DataMsg::NodeLoads { .. } => {}
             DataMsg::Snapshot { epoch } => self.snapshot_now(epoch, ctx),
             DataMsg::Records { batch, .. } => {
                 let crossed = batch.crossed();

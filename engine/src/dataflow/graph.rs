@@ -459,6 +459,9 @@ pub struct Plan {
     /// monitors (set once the runtime runs).
     pub(crate) me: Option<usize>,
     pub(crate) post: Arc<std::sync::OnceLock<super::checkpoint::Post>>,
+    /// Over nodes: the other nodes' shards' loads, as their monitors of
+    /// this job (or any other) are told them (`DataMsg::NodeLoads`).
+    pub(crate) remote_loads: super::RemoteLoads,
     /// A failure of the job here was told to the other nodes (or needs no
     /// telling): the job may be retired here (see `Plan::fail`).
     pub(crate) failure_told: Arc<std::sync::atomic::AtomicBool>,
@@ -475,6 +478,15 @@ impl Plan {
     }
 
     /// `JobSample::splittable`: keyed stages of several partitions.
+    /// `JobSample::crossable`: keyed stages, over nodes (their actors may
+    /// move to another node's shard, with their state).
+    pub(crate) fn crossable(&self) -> u64 {
+        match self.me {
+            Some(_) => self.stage_bits(|s| s.kind == StageKind::Operator),
+            None => 0,
+        }
+    }
+
     pub(crate) fn splittable(&self) -> u64 {
         self.stage_bits(|s| s.kind == StageKind::Operator && s.parallelism > 1)
     }
@@ -998,6 +1010,7 @@ impl Job {
             monitors: Vec::new(),
             me: None,
             post: Arc::new(std::sync::OnceLock::new()),
+            remote_loads: super::RemoteLoads::default(),
             failure_told: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }

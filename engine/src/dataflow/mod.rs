@@ -153,6 +153,10 @@ pub enum DataMsg {
     /// Between node 0's monitor of a job and the others': the final
     /// checkpoint committed (`None`), or the job failed.
     CheckpointOver { error: Option<String> },
+    /// To a job's monitors on the other nodes of a dataflow over nodes: the
+    /// sender's shards from `first` on, and each one's load in thousandths,
+    /// as its autoscaler measured it (`scaling`).
+    NodeLoads { first: u16, loads: Vec<u16> },
 }
 
 impl DataMsg {
@@ -178,7 +182,8 @@ impl DataMsg {
             | DataMsg::JobFailed { .. }
             | DataMsg::CheckpointPart(_)
             | DataMsg::CheckpointRequest { .. }
-            | DataMsg::CheckpointOver { .. } => None,
+            | DataMsg::CheckpointOver { .. }
+            | DataMsg::NodeLoads { .. } => None,
         }
     }
 }
@@ -427,7 +432,18 @@ pub struct Registry {
     /// An autoscaler runs over these shards: jobs get relays by default
     /// (`Job::relays`; on one node only).
     pub autoscaled: bool,
+    /// Over nodes: the other nodes' shards' loads, as told to any job's
+    /// monitor here (every plan holds it).
+    remote_loads: RemoteLoads,
 }
+
+/// Other nodes' shards' loads (`DataMsg::NodeLoads`): per shard, when it
+/// was told and its load.
+pub(crate) type RemoteLoads =
+    Arc<std::sync::Mutex<std::collections::BTreeMap<u16, (Instant, f64)>>>;
+
+/// Shards a `DataMsg::NodeLoads` carries at most (a larger one is cut).
+const NODE_LOADS_MAX: usize = 1024;
 
 impl Registry {
     pub fn new(shards: usize) -> Self {
@@ -438,6 +454,59 @@ impl Registry {
             me: None,
             post: Arc::new(std::sync::OnceLock::new()),
             autoscaled: false,
+            remote_loads: RemoteLoads::default(),
+        }
+    }
+
+    /// Over nodes: the other nodes' shards whose loads were told within
+    /// `fresh` of now, and their loads.
+    pub fn remote_loads(&self, fresh: Duration) -> Vec<(ShardId, f64)> {
+        let now = Instant::now();
+        let mut loads = self.remote_loads.lock().expect("remote loads poisoned");
+        loads.retain(|_, (at, _)| now.duration_since(*at) < fresh);
+        loads
+            .iter()
+            .map(|(&shard, &(_, load))| (ShardId(shard), load))
+            .collect()
+    }
+
+    /// Over nodes: tell every other node this node's shards' loads (from
+    /// `first` on), through the monitors of a job that has not ended (any
+    /// job's monitor takes them for its node). Nothing with no such job,
+    /// or before the runtime runs.
+    pub fn tell_loads(&self, first: u16, loads: &[f64]) {
+        let Some(me) = self.me else {
+            return;
+        };
+        let Some(post) = self.post.get().cloned() else {
+            return;
+        };
+        let monitors: Vec<ActorId> = {
+            let plans = self.plans.read().expect("plan registry poisoned");
+            let Some(plan) = plans.values().find(|p| {
+                p.metrics.sinks_done.load(Ordering::Acquire) < p.sink_partitions()
+                    && !p.metrics.has_failed()
+            }) else {
+                return;
+            };
+            (plan.monitors.iter().enumerate())
+                .filter(|&(node, _)| node != me)
+                .map(|(_, &monitor)| monitor)
+                .collect()
+        };
+        let loads: Vec<u16> = loads
+            .iter()
+            .take(NODE_LOADS_MAX)
+            .map(|l| (l.clamp(0.0, 60.0) * 1e3).round() as u16)
+            .collect();
+        for monitor in monitors {
+            post(
+                monitor,
+                DataMsg::NodeLoads {
+                    first,
+                    loads: loads.clone(),
+                },
+            );
         }
     }
 
@@ -474,6 +543,7 @@ impl Registry {
             .collect();
         plan.me = self.me;
         plan.post = self.post.clone();
+        plan.remote_loads = self.remote_loads.clone();
         let plan = Arc::new(plan);
         if let Some(checkpointer) = &plan.checkpointer {
             let actors: Vec<_> = plan
@@ -796,6 +866,7 @@ impl Registry {
                     parallelizable,
                     unchainable: plan.unchainable(),
                     relays: plan.relays(),
+                    crossable: if plan.autoscale { plan.crossable() } else { 0 },
                 };
                 (id, job)
             })

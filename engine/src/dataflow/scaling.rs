@@ -11,10 +11,15 @@
 //!
 //! Over nodes each node runs one over its own shards: the model's shards
 //! are the run's up to this node's last, those of the nodes before it
-//! given as dead (never a destination, and no actor of theirs is in this
-//! node's reports), so every move it makes is between two of this node's
-//! shards. Across nodes, the cluster's leader places a job's parts by the
-//! CPU their nodes use (`dirigo node`).
+//! given as dead (no actor of theirs is in this node's reports), so its
+//! moves are between two of this node's shards but for a spill: every
+//! [`TELL_LOADS_EVERY`] each node tells the others its shards' loads as
+//! its model measured them (`Registry::tell_loads`, through any running
+//! job's monitors; zeros while no record comes in), and a shard that
+//! nothing on its node relieves sends one keyed actor a step to the least
+//! loaded shard of another node that had room (`Sample::remote`, loads
+//! told within [`REMOTE_LOADS_FRESH`]). Across nodes, the cluster's leader
+//! places a job's parts by the CPU their nodes use (`dirigo node`).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +33,12 @@ use crate::autoscale::{Action, ActorSample, AutoscaleConfig, Autoscaler, Decisio
 use crate::ids::{ActorId, ShardId, INJECTOR_OPERATOR};
 use crate::runtime::stats::Counters;
 use crate::runtime::Runtime;
+
+/// Over nodes, how often a node tells the others its shards' loads
+/// (`Registry::tell_loads`)...
+const TELL_LOADS_EVERY: Duration = Duration::from_millis(250);
+/// ...and how long a told load counts.
+const REMOTE_LOADS_FRESH: Duration = Duration::from_secs(1);
 
 use super::{DataMsg, Registry};
 
@@ -166,6 +177,13 @@ fn run(
     let mut last = Instant::now();
     let mut records_before = u64::MAX;
     let mut splits = Splits::default();
+    let mut told_at: Option<Instant> = None;
+    let mut tell = |loads: &[f64], every: Duration| {
+        if told_at.is_none_or(|at| at.elapsed() >= every) {
+            told_at = Some(Instant::now());
+            registry.tell_loads(runtime.first_shard().0, loads);
+        }
+    };
     let engine = (runtime, registry);
     loop {
         let next = last + options.interval;
@@ -188,11 +206,19 @@ fn run(
             .map(|job| job.records_in)
             .fold(0u64, u64::wrapping_add);
         retry_undos(engine, &mut splits, &jobs, &options);
+        // Over nodes, this node's shards are `first..first + shards()` of
+        // the run's: those before are other nodes', never a destination
+        // but of a spill.
+        let first = runtime.first_shard().index();
+        let own = first..first + runtime.shards();
         if records == records_before {
             last = Instant::now();
             for decision in model.idle_step(&jobs) {
                 carry_out(decision, engine, &mut splits, &options, decisions);
             }
+            // No record in: this node's shards are told as idle, half as
+            // often as they last (a message wakes a shard).
+            tell(&vec![0.0; own.len()], REMOTE_LOADS_FRESH / 2);
             continue;
         }
         records_before = records;
@@ -200,17 +226,20 @@ fn run(
         let now = Instant::now();
         let elapsed_ns = now.duration_since(last).as_nanos() as u64;
         last = now;
-        // Over nodes, this node's shards are `first..first + shards()` of
-        // the run's: those before are other nodes', never a destination.
-        let first = runtime.first_shard().index();
         let mut sample = Sample {
-            shards: first + runtime.shards(),
+            shards: own.end,
             dead: (0..first)
                 .map(|s| ShardId(s as u16))
                 .chain(stats.dead.iter().copied())
                 .collect(),
             actors: Vec::new(),
             jobs,
+            // What a peer says of this node's shards is not taken.
+            remote: registry
+                .remote_loads(REMOTE_LOADS_FRESH)
+                .into_iter()
+                .filter(|(shard, _)| !own.contains(&shard.index()))
+                .collect(),
         };
         step += 1;
         for report in &stats.shards {
@@ -265,6 +294,9 @@ fn run(
         seen.retain(|_, s| s.step + SEEN_STEPS_KEPT > step);
         let step_decisions = model.step(&sample);
         starts.lock().expect("starts poisoned").loads = model.loads().to_vec();
+        if let Some(loads) = model.loads().get(own.clone()) {
+            tell(loads, TELL_LOADS_EVERY);
+        }
         splits
             .split
             .retain(|(actor, _), _| sample.jobs.contains_key(&actor.job));

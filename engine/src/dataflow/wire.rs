@@ -102,6 +102,10 @@ pub enum WireData {
     CheckpointOver {
         error: Option<String>,
     },
+    NodeLoads {
+        first: u16,
+        loads: Vec<u16>,
+    },
 }
 
 impl Wire for DataMsg {
@@ -207,6 +211,7 @@ impl Wire for DataMsg {
                 WireData::CheckpointRequest { epoch, restored }
             }
             DataMsg::CheckpointOver { error } => WireData::CheckpointOver { error },
+            DataMsg::NodeLoads { first, loads } => WireData::NodeLoads { first, loads },
         }
     }
 
@@ -311,6 +316,7 @@ impl Wire for DataMsg {
                 DataMsg::CheckpointRequest { epoch, restored }
             }
             WireData::CheckpointOver { error } => DataMsg::CheckpointOver { error },
+            WireData::NodeLoads { first, loads } => DataMsg::NodeLoads { first, loads },
         }
     }
 }
@@ -399,9 +405,13 @@ mod tests {
             DataMsg::CheckpointOver {
                 error: Some("staging".into()),
             },
+            DataMsg::NodeLoads {
+                first: 2,
+                loads: vec![850, 0, 60_000],
+            },
         ];
         let got = crossed(sent);
-        assert_eq!(got.len(), 16);
+        assert_eq!(got.len(), 17);
         let mut got = got.into_iter();
         assert!(matches!(got.next(), Some(DataMsg::Tick)));
         match got.next() {
@@ -485,6 +495,9 @@ mod tests {
         ));
         assert!(
             matches!(got.next(), Some(DataMsg::CheckpointOver { error: Some(e) }) if e == "staging")
+        );
+        assert!(
+            matches!(got.next(), Some(DataMsg::NodeLoads { first: 2, loads }) if loads == [850, 0, 60_000])
         );
     }
 
