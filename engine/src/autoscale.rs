@@ -173,6 +173,10 @@ pub struct AutoscaleConfig {
     /// has not ended) after which it is scaled to zero: its idle actors are
     /// deactivated, their state saved, until a message wakes them.
     pub zero_steps: u64,
+    /// Over nodes: steps an actor spilled onto another node's shard counts
+    /// on that shard's told load (until a figure told after it has come;
+    /// the engine sets it from how often nodes tell their loads).
+    pub spill_hold_steps: u64,
 }
 
 impl Default for AutoscaleConfig {
@@ -192,6 +196,7 @@ impl Default for AutoscaleConfig {
             scale_in_steps: 20,
             packed_load: 0.6,
             zero_steps: 10,
+            spill_hold_steps: 8,
         }
     }
 }
@@ -492,9 +497,9 @@ pub struct Autoscaler {
     /// Stages whose split out relieved nothing, with the step until which
     /// they are not split out again.
     unchain_refused: BTreeMap<(JobId, u32), u64>,
-    /// Other nodes' shards this model spilled an actor onto: the step and
-    /// the actor's load, counted on the shard's own figure until
-    /// `cooldown_steps` later (when its node's figures show it).
+    /// Other nodes' shards this model spilled actors onto: the step of the
+    /// last and their loads, counted on the shard's told figure until
+    /// `spill_hold_steps` later (when a figure told since shows them).
     spilled: BTreeMap<ShardId, (u64, f64)>,
 }
 
@@ -659,15 +664,7 @@ impl Autoscaler {
         self.splits
             .retain(|(spread, _)| sample.jobs.contains_key(&spread.job()));
         self.spilled
-            .retain(|_, (at, _)| step < *at + self.config.cooldown_steps);
-        // Nothing to move to with one live shard (over nodes, one of this
-        // node's own, and no other node's).
-        let live_shards = (0..sample.shards)
-            .filter(|s| !sample.dead.contains(&ShardId(*s as u16)))
-            .count();
-        if live_shards + sample.remote.len() < 2 {
-            return Vec::new();
-        }
+            .retain(|_, (at, _)| step < *at + self.config.spill_hold_steps);
         let measured = self.measure(sample);
         let mut load = vec![0.0f64; sample.shards];
         let mut late = vec![false; sample.shards];
@@ -681,6 +678,12 @@ impl Autoscaler {
             .filter(|s| !sample.dead.contains(&ShardId(*s as u16)))
             .collect();
         let last_load = std::mem::replace(&mut self.last_load, load.clone());
+        // Nothing to move to with one live shard (over nodes, one of this
+        // node's own, and no other node's); its load is measured still (a
+        // node tells it to the others).
+        if live.len() + sample.remote.len() < 2 {
+            return Vec::new();
+        }
         // A destination had room at the last step too (at the first step
         // there is no last one).
         let target_load = self.config.target_load;
@@ -896,7 +899,7 @@ impl Autoscaler {
     /// Over nodes: a move of one actor off `hot`, a shard of this node that
     /// no local move or split relieves, onto the least loaded shard of
     /// another node ([`Sample::remote`], with what this model spilled onto
-    /// it lately added) that had room at its node's last figures (at most
+    /// it within `spill_hold_steps` added) that had room at its node's last figures (at most
     /// `target_load`). The actor is of a keyed stage (`crossable`: a source
     /// keeps its node, and so do sinks and relays), may leave its shard,
     /// and lowers the higher of the two loads by `min_gain` while the
@@ -952,7 +955,8 @@ impl Autoscaler {
             ShardId(hot as u16),
         );
         load[hot] -= m.busy;
-        place.insert(m.id, cool.index());
+        // Another node's now: no later decision of this step takes it.
+        place.remove(&m.id);
         self.cooling
             .insert(m.id, self.step + self.config.cooldown_steps);
         self.last_out.insert(hot, self.step);

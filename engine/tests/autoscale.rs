@@ -8,8 +8,10 @@
 //! (the shards' own idle timeout off) and wake with their state. A hot
 //! partition no move relieves is split live into a partition on the other
 //! shard. Over two nodes, each node's autoscaler spreads the actors packed
-//! on its first shard among its own shards only, and only node 0's splits
-//! a hot partition, into another of its own; the output stays exact.
+//! on its first shard among its own shards, moving one off its node only
+//! as a spill (nothing of its own relieves the shard), and only node 0's
+//! splits a hot partition, into another of its own; a node of one shard
+//! spills keyed actors to the other; the output stays exact.
 
 #[path = "common/readings.rs"]
 mod readings;
@@ -542,7 +544,7 @@ fn assert_on_own_shards(i: usize, decisions: &[dirigo_engine::autoscale::Decisio
 
 /// Over two nodes of two shards each, every actor of a slow windowed count
 /// packed on each node's first shard: each node's autoscaler spreads its
-/// own actors to its other shard, never to the other node's, and the rows
+/// own actors to its other shard (to the other node's only as a spill), and the rows
 /// of both nodes' sinks are exactly the reference's. Node 1 runs no
 /// source: its count partitions take only records from node 0, which is
 /// what tells its autoscaler the job has input.
@@ -650,6 +652,15 @@ fn over_two_nodes_of_one_shard_a_node_nothing_of_its_own_relieves_spills_to_the_
             .expect("the job ends on both nodes");
     }
     let decisions = [nodes[0].decisions(), nodes[1].decisions()];
+    // The spills were carried out: node 1's shard took actors in (the
+    // moves before the start went the other way).
+    let moved_in: u64 = nodes[1]
+        .stats()
+        .shards
+        .iter()
+        .filter(|s| s.shard == ShardId(1))
+        .map(|s| s.migrations_in)
+        .sum();
     for node in nodes {
         node.shutdown();
     }
@@ -676,13 +687,14 @@ fn over_two_nodes_of_one_shard_a_node_nothing_of_its_own_relieves_spills_to_the_
         .filter(|d| matches!(d.action, Action::Move { to: ShardId(1), .. }))
         .count();
     eprintln!(
-        "spill: node 0 spilled {spills}, node 1 {}",
+        "spill: node 0 spilled {spills}, node 1 {}; {moved_in} actors moved into node 1's shard",
         decisions[1]
             .iter()
             .filter(|d| matches!(d.action, Action::Move { .. }))
             .count()
     );
     assert!(spills >= 1, "node 0 spills to node 1: {:#?}", decisions[0]);
+    assert!(moved_in >= 1, "nothing moved into node 1's shard");
     let mut all: Vec<_> = rows
         .iter()
         .flat_map(|r| r.lock().unwrap().clone())
@@ -696,8 +708,8 @@ fn over_two_nodes_of_one_shard_a_node_nothing_of_its_own_relieves_spills_to_the_
 /// on its other shard, also when the stage keeps partials (split, never
 /// switched to parallel mode over nodes); on node 1 (partition 2) node 1's
 /// autoscaler does not reroute (only node 0 orders reroutes) and reports
-/// the operator that needs more activations. No move leaves a node, and
-/// the rows are exactly the reference's.
+/// the operator that needs more activations. No move leaves a node but a
+/// spill, and the rows are exactly the reference's.
 #[test]
 fn over_two_nodes_only_node_0s_autoscaler_splits_a_hot_partition_and_into_one_of_its_own() {
     const EVENTS: u64 = 1_000_000;

@@ -1373,3 +1373,47 @@ fn over_nodes_a_shard_nothing_here_relieves_spills_one_keyed_actor_a_step_to_ano
         "{decisions:?}"
     );
 }
+
+/// Over nodes, what was spilled onto another node's shard counts on its
+/// told load for `spill_hold_steps` after the last spill there, then no
+/// more (a figure told since shows it); a node of one shard measures its
+/// load though it has nowhere to move (it tells it to the others).
+#[test]
+fn a_spill_counts_on_its_shard_for_the_hold_and_a_lone_shard_is_measured() {
+    let mut w = World::new(1);
+    for p in 0..8 {
+        w.add(actor(BULK, 2, p), 0, 0.4);
+    }
+    w.jobs.get_mut(&BULK).unwrap().crossable = 1 << 2;
+    let config = AutoscaleConfig::default();
+    let hold = config.spill_hold_steps;
+    let mut scaler = Autoscaler::new(config);
+    let mut spill_steps = Vec::new();
+    for step in 1..=hold + 4 {
+        let mut sample = w.sample();
+        // Told 0.5 all along: the other node's figures never show them.
+        sample.remote = vec![(ShardId(1), 0.5)];
+        for d in scaler.step(&sample) {
+            if let Action::Move { actor, to, .. } = d.action {
+                assert_eq!(to, ShardId(1), "{d}");
+                spill_steps.push(step);
+                w.actors.retain(|a| a.0 != actor);
+            }
+        }
+    }
+    // Each actor is 0.125 busy (eight share a core): two fit under the
+    // target on 0.5, then none until the hold of the second has passed.
+    assert_eq!(spill_steps[..2], [1, 2], "{spill_steps:?}");
+    assert_eq!(spill_steps.get(2), Some(&(2 + hold)), "{spill_steps:?}");
+    // Alone, nowhere to go: no decision, but its load is measured.
+    let mut w = World::new(1);
+    w.add(actor(BULK, 2, 0), 0, 0.6);
+    let mut scaler = Autoscaler::new(AutoscaleConfig::default());
+    assert!(scaler.step(&w.sample()).is_empty());
+    assert_eq!(scaler.loads().len(), 1);
+    assert!(
+        (scaler.loads()[0] - 0.6).abs() < 1e-6,
+        "{:?}",
+        scaler.loads()
+    );
+}

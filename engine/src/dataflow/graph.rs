@@ -478,6 +478,10 @@ impl Plan {
     }
 
     /// `JobSample::splittable`: keyed stages of several partitions.
+    pub(crate) fn splittable(&self) -> u64 {
+        self.stage_bits(|s| s.kind == StageKind::Operator && s.parallelism > 1)
+    }
+
     /// `JobSample::crossable`: keyed stages, over nodes (their actors may
     /// move to another node's shard, with their state).
     pub(crate) fn crossable(&self) -> u64 {
@@ -485,10 +489,6 @@ impl Plan {
             Some(_) => self.stage_bits(|s| s.kind == StageKind::Operator),
             None => 0,
         }
-    }
-
-    pub(crate) fn splittable(&self) -> u64 {
-        self.stage_bits(|s| s.kind == StageKind::Operator && s.parallelism > 1)
     }
 
     /// `JobSample::parallelizable`: splittable stages that keep partials or

@@ -471,23 +471,31 @@ impl Registry {
     }
 
     /// Over nodes: tell every other node this node's shards' loads (from
-    /// `first` on), through the monitors of a job that has not ended (any
-    /// job's monitor takes them for its node). Nothing with no such job,
-    /// or before the runtime runs.
-    pub fn tell_loads(&self, first: u16, loads: &[f64]) {
+    /// `first` on), through the monitors of a job that took records here
+    /// and has not ended (any job's monitor takes them for its node).
+    /// Nothing with no such job, or before the runtime runs: whether it was
+    /// told.
+    pub fn tell_loads(&self, first: u16, loads: &[f64]) -> bool {
         let Some(me) = self.me else {
-            return;
+            return false;
         };
         let Some(post) = self.post.get().cloned() else {
-            return;
+            return false;
         };
         let monitors: Vec<ActorId> = {
             let plans = self.plans.read().expect("plan registry poisoned");
+            // A job that took records here has started, so every node has
+            // registered it (a monitor asked for on a node that has not
+            // would fail there).
             let Some(plan) = plans.values().find(|p| {
                 p.metrics.sinks_done.load(Ordering::Acquire) < p.sink_partitions()
                     && !p.metrics.has_failed()
+                    && p.metrics
+                        .source_records()
+                        .wrapping_add(p.metrics.remote_records())
+                        > 0
             }) else {
-                return;
+                return false;
             };
             (plan.monitors.iter().enumerate())
                 .filter(|&(node, _)| node != me)
@@ -508,6 +516,7 @@ impl Registry {
                 },
             );
         }
+        true
     }
 
     /// The actor factory of every job registered here.
@@ -1145,7 +1154,9 @@ impl Dataflow {
     /// job that takes them (into a data directory every node reaches, see
     /// `checkpoint::nodes`). With `DataflowConfig::autoscale`, each node
     /// runs its own autoscaler over its own shards (`scaling`): it moves
-    /// this node's actors among them, and on node 0 splits key-group ranges.
+    /// this node's actors among them, on node 0 splits key-group ranges, and
+    /// spills a keyed stage's actor to another node's shard with room when
+    /// nothing of its own relieves a shard.
     pub fn start_remote(
         config: DataflowConfig,
         remote: crate::runtime::RemoteConfig,

@@ -39,6 +39,8 @@ use crate::runtime::Runtime;
 const TELL_LOADS_EVERY: Duration = Duration::from_millis(250);
 /// ...and how long a told load counts.
 const REMOTE_LOADS_FRESH: Duration = Duration::from_secs(1);
+/// The load a node tells of its dead shards: over any target.
+const DEAD_LOAD: f64 = 60.0;
 
 use super::{DataMsg, Registry};
 
@@ -169,7 +171,13 @@ fn run(
     decisions: &Mutex<VecDeque<Decision>>,
     starts: &Mutex<Starts>,
 ) {
-    let mut model = Autoscaler::new(options.model.clone());
+    let mut config = options.model.clone();
+    // A spill counts on its shard until a figure told since has come: a
+    // telling, and a step on each side.
+    let interval_ns = options.interval.as_nanos().max(1);
+    let hold = (TELL_LOADS_EVERY.as_nanos() + 2 * interval_ns).div_ceil(interval_ns);
+    config.spill_hold_steps = config.spill_hold_steps.max(hold as u64);
+    let mut model = Autoscaler::new(config);
     let mut seen: BTreeMap<ActorId, Seen> = BTreeMap::new();
     let mut step = 0u64;
     // Per shard, its last report's clock and idle time.
@@ -178,10 +186,25 @@ fn run(
     let mut records_before = u64::MAX;
     let mut splits = Splits::default();
     let mut told_at: Option<Instant> = None;
-    let mut tell = |loads: &[f64], every: Duration| {
+    // This node's dead shards, as the last report said: told as full, never
+    // a destination elsewhere.
+    let mut dead_own: Vec<ShardId> = Vec::new();
+    let mut tell = |loads: &[f64], dead: &[ShardId], every: Duration| {
         if told_at.is_none_or(|at| at.elapsed() >= every) {
-            told_at = Some(Instant::now());
-            registry.tell_loads(runtime.first_shard().0, loads);
+            let first = runtime.first_shard();
+            let loads: Vec<f64> = (loads.iter().enumerate())
+                .map(|(i, &l)| {
+                    let shard = ShardId(first.0 + i as u16);
+                    if dead.contains(&shard) {
+                        DEAD_LOAD
+                    } else {
+                        l
+                    }
+                })
+                .collect();
+            if registry.tell_loads(first.0, &loads) {
+                told_at = Some(Instant::now());
+            }
         }
     };
     let engine = (runtime, registry);
@@ -218,7 +241,7 @@ fn run(
             }
             // No record in: this node's shards are told as idle, half as
             // often as they last (a message wakes a shard).
-            tell(&vec![0.0; own.len()], REMOTE_LOADS_FRESH / 2);
+            tell(&vec![0.0; own.len()], &dead_own, REMOTE_LOADS_FRESH / 2);
             continue;
         }
         records_before = records;
@@ -234,13 +257,17 @@ fn run(
                 .collect(),
             actors: Vec::new(),
             jobs,
-            // What a peer says of this node's shards is not taken.
+            // What a peer says of this node's shards, or of a shard the run
+            // does not have, is not taken.
             remote: registry
                 .remote_loads(REMOTE_LOADS_FRESH)
                 .into_iter()
-                .filter(|(shard, _)| !own.contains(&shard.index()))
+                .filter(|(shard, _)| {
+                    !own.contains(&shard.index()) && shard.index() < runtime.total_shards()
+                })
                 .collect(),
         };
+        dead_own.clone_from(&stats.dead);
         step += 1;
         for report in &stats.shards {
             // The time between this shard's two reports, on its clock (a
@@ -295,7 +322,7 @@ fn run(
         let step_decisions = model.step(&sample);
         starts.lock().expect("starts poisoned").loads = model.loads().to_vec();
         if let Some(loads) = model.loads().get(own.clone()) {
-            tell(loads, TELL_LOADS_EVERY);
+            tell(loads, &stats.dead, TELL_LOADS_EVERY);
         }
         splits
             .split
