@@ -769,35 +769,8 @@ impl Autoscaler {
                 stuck.push(hot);
                 continue;
             };
-            let gap = load[hot] - load[cool];
-            // After moving `busy`, the higher of the two is max(hot - busy,
-            // cool + busy): it must be at most `hot - min_gain`.
-            // The destination must have room for it (moving work between
-            // two overloaded shards only moves the overload), or be nearly
-            // idle: an actor that alone fills a core (its measured busy time
-            // is capped by the core it shares) may go to one.
-            let idle = load[cool] <= 1.0 - self.config.high_load;
-            let fits = |busy: f64| {
-                busy >= self.config.min_gain
-                    && busy <= gap - self.config.min_gain
-                    && (idle || load[cool] + busy <= self.config.high_load)
-            };
-            // The higher of the two loads after moving `busy`.
-            let after = |busy: f64| (load[hot] - busy).max(load[cool] + busy);
-            let high_load = self.config.high_load;
-            let candidate = measured
-                .iter()
-                .filter(|m| place[&m.id] == hot && m.busy >= self.config.min_busy)
-                .filter(|m| self.may_leave(m, slos[hot]) && fits(m.busy))
-                .max_by(|a, b| {
-                    // A move that ends the overload on both shards first; of
-                    // those, the job with the most slack; then the evener.
-                    (after(a.busy) <= high_load)
-                        .cmp(&(after(b.busy) <= high_load))
-                        .then(a.slo_ns.cmp(&b.slo_ns))
-                        .then(after(b.busy).total_cmp(&after(a.busy)))
-                        .then(b.id.cmp(&a.id))
-                });
+            let loads = (load[hot], load[cool]);
+            let candidate = self.pick_move(&measured, &place, hot, loads, slos[hot], |_| true);
             let Some(m) = candidate else {
                 stuck.push(hot);
                 continue;
@@ -923,32 +896,14 @@ impl Autoscaler {
             .filter(|(_, l)| *l <= self.config.target_load)
             .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))?;
         let hot_load = load[hot];
-        let gap = hot_load - cool_load;
-        let idle = cool_load <= 1.0 - self.config.high_load;
-        let fits = |busy: f64| {
-            busy >= self.config.min_gain
-                && busy <= gap - self.config.min_gain
-                && (idle || cool_load + busy <= self.config.high_load)
-        };
-        let after = |busy: f64| (hot_load - busy).max(cool_load + busy);
-        let high_load = self.config.high_load;
         let slos = measured
             .iter()
             .filter(|m| place.get(&m.id) == Some(&hot))
             .fold((u64::MAX, 0u64), |(t, l), m| {
                 (t.min(m.slo_ns), l.max(m.slo_ns))
             });
-        let m = measured
-            .iter()
-            .filter(|m| place.get(&m.id) == Some(&hot) && m.busy >= self.config.min_busy)
-            .filter(|m| m.crossable && self.may_leave(m, slos) && fits(m.busy))
-            .max_by(|a, b| {
-                (after(a.busy) <= high_load)
-                    .cmp(&(after(b.busy) <= high_load))
-                    .then(a.slo_ns.cmp(&b.slo_ns))
-                    .then(after(b.busy).total_cmp(&after(a.busy)))
-                    .then(b.id.cmp(&a.id))
-            })?;
+        let crossable = |m: &Measured| m.crossable;
+        let m = self.pick_move(measured, place, hot, (hot_load, cool_load), slos, crossable)?;
         let reason = format!(
             "{} load {hot_load:.2}, no shard of this node relieves it, and {cool} (another \
              node's) load {cool_load:.2}",
@@ -969,6 +924,48 @@ impl Autoscaler {
             Scale::Out,
             reason,
         ))
+    }
+
+    /// The actor a scale out moves off `hot` onto a shard, the two at
+    /// `(hot_load, cool_load)`: on `hot`, busy `min_busy` or more, allowed
+    /// by `also`, free to leave (`may_leave`, by `hot`'s tightest and
+    /// loosest SLOs `slos`), and lowering the higher of the two loads by
+    /// `min_gain` (after moving `busy` it is max(hot - busy, cool + busy))
+    /// while the destination keeps room for it (moving work between two
+    /// overloaded shards only moves the overload) or is nearly idle (an
+    /// actor that alone fills a core, its measured busy time capped by the
+    /// core it shares, may go to one). Of those: one that ends the overload
+    /// on both shards first; of those, the job with the most slack; then
+    /// the evener.
+    fn pick_move<'m>(
+        &self,
+        measured: &'m [Measured],
+        place: &BTreeMap<ActorId, usize>,
+        hot: usize,
+        (hot_load, cool_load): (f64, f64),
+        slos: (u64, u64),
+        also: impl Fn(&Measured) -> bool,
+    ) -> Option<&'m Measured> {
+        let gap = hot_load - cool_load;
+        let idle = cool_load <= 1.0 - self.config.high_load;
+        let fits = |busy: f64| {
+            busy >= self.config.min_gain
+                && busy <= gap - self.config.min_gain
+                && (idle || cool_load + busy <= self.config.high_load)
+        };
+        let after = |busy: f64| (hot_load - busy).max(cool_load + busy);
+        let high_load = self.config.high_load;
+        measured
+            .iter()
+            .filter(|m| place.get(&m.id) == Some(&hot) && m.busy >= self.config.min_busy)
+            .filter(|m| also(m) && self.may_leave(m, slos) && fits(m.busy))
+            .max_by(|a, b| {
+                (after(a.busy) <= high_load)
+                    .cmp(&(after(b.busy) <= high_load))
+                    .then(a.slo_ns.cmp(&b.slo_ns))
+                    .then(after(b.busy).total_cmp(&after(a.busy)))
+                    .then(b.id.cmp(&a.id))
+            })
     }
 
     /// Whether scale out may take `m` off its shard, whose jobs' tightest and

@@ -514,6 +514,30 @@ fn run_over_two_nodes(
     (handles, rows, reports)
 }
 
+/// A windowed count of `events` readings by 4 partitions, each record
+/// costing 500 ns, into 2 sink partitions: the job, and its rows.
+fn slow_count(name: &str, events: u64) -> (Job, Rows) {
+    let rows: Rows = Default::default();
+    let collected = rows.clone();
+    let mut job = Job::new(name, Duration::from_millis(200));
+    readings::source(&mut job, events)
+        .key_by(|r: &(u64, i64)| r.0)
+        .window_aggregate(
+            "slow-count",
+            4,
+            WindowSpec::Tumbling { size_ms: WINDOW_MS },
+            |r| r.1,
+            |r| r.0,
+            SlowCount { spin_ns: 500 },
+        )
+        .sink(
+            "out",
+            2,
+            Arc::new(move |_| Box::new(Collect(collected.clone()))),
+        );
+    (job, rows)
+}
+
 /// Node `i`'s decisions: every move is from one of its own shards, to
 /// another of them or, a spill, to another node's shard when nothing of
 /// its own relieved the shard (a keyed stage's actor, scaling out); none
@@ -552,27 +576,7 @@ fn assert_on_own_shards(i: usize, decisions: &[dirigo_engine::autoscale::Decisio
 fn over_two_nodes_each_nodes_autoscaler_spreads_its_own_actors_on_its_own_shards() {
     const EVENTS: u64 = 1_000_000;
     let mut nodes = two_nodes();
-    let make = || {
-        let rows: Rows = Default::default();
-        let collected = rows.clone();
-        let mut job = Job::new("spread", Duration::from_millis(200));
-        readings::source(&mut job, EVENTS)
-            .key_by(|r: &(u64, i64)| r.0)
-            .window_aggregate(
-                "slow-count",
-                4,
-                WindowSpec::Tumbling { size_ms: WINDOW_MS },
-                |r| r.1,
-                |r| r.0,
-                SlowCount { spin_ns: 500 },
-            )
-            .sink(
-                "out",
-                2,
-                Arc::new(move |_| Box::new(Collect(collected.clone()))),
-            );
-        (job, rows)
-    };
+    let make = || slow_count("spread", EVENTS);
     let (_, rows, reports) = run_over_two_nodes(&mut nodes, make, true);
     let decisions = [nodes[0].decisions(), nodes[1].decisions()];
     for node in nodes {
@@ -609,30 +613,9 @@ fn over_two_nodes_each_nodes_autoscaler_spreads_its_own_actors_on_its_own_shards
 fn over_two_nodes_of_one_shard_a_node_nothing_of_its_own_relieves_spills_to_the_other() {
     const EVENTS: u64 = 1_000_000;
     let mut nodes = nodes_of(1);
-    let make = || {
-        let rows: Rows = Default::default();
-        let collected = rows.clone();
-        let mut job = Job::new("spill", Duration::from_millis(200));
-        readings::source(&mut job, EVENTS)
-            .key_by(|r: &(u64, i64)| r.0)
-            .window_aggregate(
-                "slow-count",
-                4,
-                WindowSpec::Tumbling { size_ms: WINDOW_MS },
-                |r| r.1,
-                |r| r.0,
-                SlowCount { spin_ns: 500 },
-            )
-            .sink(
-                "out",
-                2,
-                Arc::new(move |_| Box::new(Collect(collected.clone()))),
-            );
-        (job, rows)
-    };
     let (mut handles, mut rows) = (Vec::new(), Vec::new());
     for node in nodes.iter_mut() {
-        let (job, collected) = make();
+        let (job, collected) = slow_count("spill", EVENTS);
         handles.push(node.register(job).expect("registers"));
         rows.push(collected);
     }

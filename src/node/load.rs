@@ -413,6 +413,35 @@ pub fn rebalance(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any bytes a peer sends as a lease request: no panic, and a
+        /// report only within the bounds; any report the node makes
+        /// decodes as it was made, cut to the bound.
+        #[test]
+        fn any_lease_request_decodes_without_a_panic_and_any_report_round_trips(
+            bytes in proptest::collection::vec(any::<u8>(), 0..1_200),
+            cores in any::<u16>(),
+            parts in proptest::collection::btree_map(0u64..1 << 40, any::<u32>(), 0..40),
+            latency in proptest::collection::btree_map(0u64..1 << 40, any::<u32>(), 0..40),
+        ) {
+            if let Some((_, report)) = decode_request(&bytes) {
+                prop_assert!(report.parts.len() + report.latency.len() <= REPORTED_PARTS_MAX);
+                prop_assert!(report.latency.keys().all(|n| n & (LATENCY_ENTRY | 1 << 63) == 0));
+            }
+            let report = Report { cores, parts, latency };
+            let (seq, got) = decode_request(&encode_request(7, &report)).expect("decodes");
+            prop_assert_eq!(seq, 7);
+            prop_assert_eq!(got.cores, report.cores);
+            let kept = REPORTED_PARTS_MAX - usize::from(report.cores > 0);
+            let parts_kept = report.parts.len().min(kept);
+            prop_assert_eq!(got.parts.len(), parts_kept);
+            prop_assert_eq!(got.latency.len(), report.latency.len().min(kept - parts_kept));
+            prop_assert!(got.parts.iter().all(|(n, m)| report.parts.get(n) == Some(m)));
+            prop_assert!(got.latency.iter().all(|(n, p)| report.latency.get(n) == Some(p)));
+        }
+    }
 
     #[test]
     fn a_report_decodes_as_encoded_and_a_malformed_one_not_at_all() {
