@@ -14,8 +14,9 @@
 //! given as dead (no actor of theirs is in this node's reports), so its
 //! moves are between two of this node's shards but for a spill: every
 //! [`TELL_LOADS_EVERY`] each node tells the others its shards' loads as
-//! its model measured them (`Registry::tell_loads`, through any running
-//! job's monitors; zeros while no record comes in), and a shard that
+//! its model measured them (`Registry::tell_loads`, through the monitors
+//! of a job that took records here; zeros while no record comes in, every
+//! half of [`REMOTE_LOADS_FRESH`]), and a shard that
 //! nothing on its node relieves sends one keyed actor a step to the least
 //! loaded shard of another node that had room (`Sample::remote`, loads
 //! told within [`REMOTE_LOADS_FRESH`]). Across nodes, the cluster's leader
