@@ -707,6 +707,7 @@ fn own_cores() -> u16 {
 }
 
 /// What the leader measures of its nodes and jobs each tick.
+#[derive(Clone, Copy)]
 struct Figures<'a> {
     /// Each live node's weight.
     load: &'a BTreeMap<u64, Load>,
@@ -801,11 +802,8 @@ impl Watch {
 
 /// What the leader weighs its one move by (`widen_or_rebalance`).
 struct Weighing<'a> {
-    /// Each live node's weight.
-    load: &'a BTreeMap<u64, Load>,
-    cpu: &'a CpuView,
-    /// Each member's cores, where known.
-    cores: &'a BTreeMap<u64, u16>,
+    /// The tick's figures of the nodes and jobs.
+    f: Figures<'a>,
     /// Jobs moved for load or narrowed lately: moved for load or by parts
     /// by neither rule, nor narrowed.
     quiet: &'a BTreeSet<String>,
@@ -814,8 +812,6 @@ struct Weighing<'a> {
     /// Jobs that have fit where they run for the node's `narrow_after`:
     /// not widened merely because they could be.
     settled: &'a BTreeSet<String>,
-    /// Each running job's parts' output latency lately.
-    latency: &'a LatencyView,
     /// Jobs that have run late ([`over_slo`]) for `load::LATE_AFTER` in
     /// their placement.
     late: &'a BTreeSet<String>,
@@ -917,9 +913,9 @@ fn narrow_to(
 /// and what it uses: a job narrowed onto it is widened again.
 fn saturated_node(job: &state::Job, w: &Weighing) -> Option<(u64, u32, u16)> {
     job.placement().into_iter().find_map(|n| {
-        let cores = w.cores.get(&n).copied()?;
-        let weight = w.load.get(&n)?;
-        let part = measured(w.cpu, n, &job.name)?;
+        let cores = w.f.cores.get(&n).copied()?;
+        let weight = w.f.load.get(&n)?;
+        let part = measured(w.f.cpu, n, &job.name)?;
         (load::saturated(weight, Some(cores)) && part >= UNMEASURED_MILLI).then_some((
             n,
             weight.milli,
@@ -935,7 +931,7 @@ fn saturated_node(job: &state::Job, w: &Weighing) -> Option<(u64, u32, u16)> {
 /// target has a core per shard of the part (where its cores are known).
 /// The nodes, and what the other parts on each use.
 fn late_part_move(job: &state::Job, w: &Weighing) -> Option<(u64, u64, u32, u32)> {
-    let without = without_job(w.load, job, w.cpu)?;
+    let without = without_job(w.f.load, job, w.f.cpu)?;
     let per_node = job.shards() / job.placement().len().max(1) as u64;
     let (from, busy) = job
         .placement()
@@ -945,7 +941,7 @@ fn late_part_move(job: &state::Job, w: &Weighing) -> Option<(u64, u64, u32, u32)
     let (to, idle) = without
         .iter()
         .filter(|(n, l)| !job.runs_on(**n) && l.unmeasured == 0)
-        .filter(|(n, _)| w.cores.get(n).is_none_or(|c| u64::from(*c) >= per_node))
+        .filter(|(n, _)| w.f.cores.get(n).is_none_or(|c| u64::from(*c) >= per_node))
         .min_by_key(|(n, l)| (l.milli, **n))?;
     (busy.unmeasured == 0 && busy.milli >= idle.milli.saturating_add(load::LOAD_GAIN_MILLI))
         .then_some((from, *to, busy.milli, idle.milli))
@@ -985,7 +981,7 @@ fn widen_or_rebalance(
     cursor: &mut u16,
     range: PortRange,
 ) -> Option<(Command, MoveKind, String)> {
-    let (load, cpu, quiet) = (w.load, w.cpu, w.quiet);
+    let (load, cpu, quiet) = (w.f.load, w.f.cpu, w.quiet);
     let whole = |j: &&state::Job| {
         j.state == JobState::Running
             && j.node.is_some()
@@ -1005,7 +1001,7 @@ fn widen_or_rebalance(
         .values()
         .filter(whole)
         .filter(|j| w.ripe.contains(&j.name) && !quiet.contains(&j.name))
-        .filter_map(|j| Some((j, narrow_to(j, load, cpu, w.cores)?)))
+        .filter_map(|j| Some((j, narrow_to(j, load, cpu, w.f.cores)?)))
         .min_by_key(|(j, _)| submission_number(&j.name));
     if let Some((job, nodes)) = ripe {
         let mut free = free_of(job);
@@ -1035,7 +1031,9 @@ fn widen_or_rebalance(
             // Not right after it was narrowed: its first figures there,
             // catching up from its checkpoint, say nothing of its load.
             true if quiet.contains(&j.name) => None,
-            true if w.late.contains(&j.name) => Some((j, Widen::Late(job_latency(j, w.latency)?))),
+            true if w.late.contains(&j.name) => {
+                Some((j, Widen::Late(job_latency(j, w.f.latency)?)))
+            }
             true => {
                 let (node, milli, cores) = saturated_node(j, w)?;
                 Some((j, Widen::Saturated(node, milli, cores)))
@@ -1095,7 +1093,7 @@ fn widen_or_rebalance(
     if let Some((job, (from, to, from_milli, to_milli))) = late {
         let why = format!(
             "its latency p99 is {:.2} of its SLO: the other parts on node {from} use {:.2} cores, on node {to} {:.2}",
-            f64::from(job_latency(job, w.latency).unwrap_or(0)) / 1e3,
+            f64::from(job_latency(job, w.f.latency).unwrap_or(0)) / 1e3,
             f64::from(from_milli) / 1e3,
             f64::from(to_milli) / 1e3
         );
@@ -2751,13 +2749,10 @@ impl Node {
                 late,
             } = core.watch.answers(self.narrow_after, now);
             let weighing = Weighing {
-                load: &load,
-                cpu: &cpu,
-                cores: &core.cores,
+                f: figures,
                 quiet: &quiet,
                 ripe: &ripe,
                 settled: &settled,
-                latency: &latency,
                 late: &late,
             };
             if let Some((command, kind, why)) = widen_or_rebalance(
@@ -3896,13 +3891,15 @@ mod tests {
     ) -> Option<(Command, MoveKind, String)> {
         let (cores, ripe) = (BTreeMap::new(), BTreeSet::new());
         let weighing = Weighing {
-            load,
-            cpu,
-            cores: &cores,
+            f: Figures {
+                load,
+                cpu,
+                cores: &cores,
+                latency: &LatencyView::new(),
+            },
             quiet,
             ripe: &ripe,
             settled: &ripe,
-            latency: &LatencyView::new(),
             late: &ripe,
         };
         widen_or_rebalance(state, &weighing, in_use, cursor, range)
@@ -4074,13 +4071,15 @@ mod tests {
             let load = load_of(state, 1..=3, cpu);
             let settled = BTreeSet::new();
             let weighing = Weighing {
-                load: &load,
-                cpu,
-                cores,
+                f: Figures {
+                    load: &load,
+                    cpu,
+                    cores,
+                    latency: &LatencyView::new(),
+                },
                 quiet,
                 ripe,
                 settled: &settled,
-                latency: &LatencyView::new(),
                 late: &BTreeSet::new(),
             };
             let (mut in_use, mut cursor) = (BTreeSet::new(), 0);
@@ -4213,13 +4212,15 @@ mod tests {
             let load = load_of(state, 1..=3, cpu);
             let none = BTreeSet::new();
             let weighing = Weighing {
-                load: &load,
-                cpu,
-                cores: &two_cores,
+                f: Figures {
+                    load: &load,
+                    cpu,
+                    cores: &two_cores,
+                    latency,
+                },
                 quiet,
                 ripe: &none,
                 settled: &none,
-                latency,
                 late,
             };
             let (mut in_use, mut cursor) = (BTreeSet::new(), 0);
@@ -4319,20 +4320,25 @@ mod tests {
         let latency: LatencyView = [((1, "q5-1".to_string()), 2_000)].into();
         let cores: BTreeMap<u64, u16> = [(1, 2), (2, 1), (3, 2)].into();
         let weighing = Weighing {
-            load: &load,
-            cpu: &cpu,
-            cores: &cores,
+            f: Figures {
+                load: &load,
+                cpu: &cpu,
+                cores: &cores,
+                latency: &latency,
+            },
             quiet: &none,
             ripe: &none,
             settled: &none,
-            latency: &latency,
             late: &late,
         };
         let job = &state.jobs["q5-1"];
         assert_eq!(late_part_move(job, &weighing), Some((1, 3, 600, 100)));
         let cores: BTreeMap<u64, u16> = [(1, 2), (2, 2), (3, 2)].into();
         let weighing = Weighing {
-            cores: &cores,
+            f: Figures {
+                cores: &cores,
+                ..weighing.f
+            },
             ..weighing
         };
         assert_eq!(late_part_move(job, &weighing), Some((1, 2, 600, 0)));
@@ -4505,13 +4511,15 @@ mod tests {
         let settled: BTreeSet<String> = ["q5-1".to_string()].into();
         for (settled, widened) in [(&none, true), (&settled, false)] {
             let weighing = Weighing {
-                load: &load,
-                cpu: &cpu,
-                cores: &cores,
+                f: Figures {
+                    load: &load,
+                    cpu: &cpu,
+                    cores: &cores,
+                    latency: &LatencyView::new(),
+                },
                 quiet: &none,
                 ripe: &none,
                 settled,
-                latency: &LatencyView::new(),
                 late: &none,
             };
             let (mut in_use, mut cursor) = (BTreeSet::new(), 0);

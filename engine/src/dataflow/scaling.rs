@@ -190,16 +190,19 @@ fn run(
     // This node's dead shards, as the last report said: told as full, never
     // a destination elsewhere.
     let mut dead_own: Vec<ShardId> = Vec::new();
-    let mut tell = |loads: &[f64], dead: &[ShardId], every: Duration| {
-        if told_at.is_none_or(|at| at.elapsed() >= every) {
+    // On one node there is nobody to tell.
+    let over_nodes = runtime.total_shards() > runtime.shards();
+    // This node's shards' loads as measured, or (None) as idle.
+    let mut tell = |loads: Option<&[f64]>, dead: &[ShardId], every: Duration| {
+        if over_nodes && told_at.is_none_or(|at| at.elapsed() >= every) {
             let first = runtime.first_shard();
-            let loads: Vec<f64> = (loads.iter().enumerate())
-                .map(|(i, &l)| {
+            let loads: Vec<f64> = (0..runtime.shards())
+                .map(|i| {
                     let shard = ShardId(first.0 + i as u16);
                     if dead.contains(&shard) {
                         DEAD_LOAD
                     } else {
-                        l
+                        loads.and_then(|l| l.get(i)).copied().unwrap_or(0.0)
                     }
                 })
                 .collect();
@@ -242,7 +245,7 @@ fn run(
             }
             // No record in: this node's shards are told as idle, half as
             // often as they last (a message wakes a shard).
-            tell(&vec![0.0; own.len()], &dead_own, REMOTE_LOADS_FRESH / 2);
+            tell(None, &dead_own, REMOTE_LOADS_FRESH / 2);
             continue;
         }
         records_before = records;
@@ -323,7 +326,7 @@ fn run(
         let step_decisions = model.step(&sample);
         starts.lock().expect("starts poisoned").loads = model.loads().to_vec();
         if let Some(loads) = model.loads().get(own.clone()) {
-            tell(loads, &stats.dead, TELL_LOADS_EVERY);
+            tell(Some(loads), &stats.dead, TELL_LOADS_EVERY);
         }
         splits
             .split
